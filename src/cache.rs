@@ -1,0 +1,275 @@
+//! Redis: reads of live entries and versioned writes through one Lua script, so that cache-aside
+//! fills, write-through sets and (later) CDC applies commute: an older version never overwrites a
+//! newer one, whatever order they arrive in.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Deserialize;
+
+use crate::config::Config;
+
+/// Why a Redis call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    /// Redis cannot be reached or the connection broke.
+    #[error("redis unavailable: {0}")]
+    Down(String),
+    /// The call did not answer within `redis.timeout_ms`: Redis is treated as down for this request.
+    #[error("redis timed out after {0:?}")]
+    Timeout(Duration),
+    /// Redis answered with an error (a script error, a wrong type): a bug or a foreign key.
+    #[error("redis error: {0}")]
+    Server(String),
+}
+
+impl From<redis::RedisError> for CacheError {
+    fn from(e: redis::RedisError) -> Self {
+        if matches!(
+            e.kind(),
+            redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+        ) {
+            CacheError::Server(e.to_string())
+        } else {
+            CacheError::Down(e.to_string())
+        }
+    }
+}
+
+/// One versioned write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Store the row's JSON unless Redis holds a version at least as new.
+    Live {
+        username: String,
+        version: i64,
+        json: String,
+    },
+    /// Remove the entry, leaving a tombstone that refuses older live writes, unless Redis holds a
+    /// newer version. `version` is at least the last version the name's row had.
+    Tombstone { username: String, version: i64 },
+}
+
+impl Write {
+    pub fn username(&self) -> &str {
+        match self {
+            Write::Live { username, .. } | Write::Tombstone { username, .. } => username,
+        }
+    }
+}
+
+/// The one script every cache write goes through.
+///
+/// KEYS[i]: the keys. ARGV[1]: TTL in seconds. For key i, ARGV[2i]: the incoming version,
+/// ARGV[2i+1]: the live JSON, or "" for a tombstone. What is stored carries its version in a
+/// `version` field: a live user JSON, or `{"tombstone":true,"version":N}`. A live write applies when
+/// newer than what is stored, a tombstone when at least as new (it removes the row of that very
+/// version). A value without a readable version (foreign, corrupt) is overwritten.
+/// Returns one 1 (applied) or 0 (refused as older) per key.
+const APPLY_SCRIPT: &str = r#"
+local ttl = ARGV[1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local incoming = tonumber(ARGV[2 * i])
+  local value = ARGV[2 * i + 1]
+  local live = value ~= ''
+  local apply = true
+  local current = redis.pcall('GET', key)
+  if type(current) == 'string' then
+    local ok, stored = pcall(cjson.decode, current)
+    if ok and type(stored) == 'table' then
+      local v = tonumber(stored['version'])
+      if v then
+        if live then apply = incoming > v else apply = incoming >= v end
+      end
+    end
+  end
+  if apply then
+    if not live then value = '{"tombstone":true,"version":' .. ARGV[2 * i] .. '}' end
+    redis.call('SET', key, value, 'EX', ttl)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"#;
+
+/// Only `id` matters: a JSON object with an `id` is a live entry, anything else (a tombstone, a
+/// foreign value) is a miss.
+#[derive(Deserialize)]
+struct LiveProbe {
+    id: Option<serde::de::IgnoredAny>,
+}
+
+/// Whether a stored value is a live user entry (DESIGN 1.5).
+pub fn is_live(value: &str) -> bool {
+    // serde would also read a struct from an array: only an object counts.
+    value.trim_start().starts_with('{')
+        && serde_json::from_str::<LiveProbe>(value).is_ok_and(|p| p.id.is_some())
+}
+
+/// The Redis side of the cache: one multiplexed, auto-reconnecting connection shared by all tasks.
+#[derive(Clone)]
+pub struct Cache {
+    conn: ConnectionManager,
+    prefix: Arc<str>,
+    ttl_secs: u64,
+    timeout: Duration,
+    script: Arc<redis::Script>,
+}
+
+impl Cache {
+    /// Prepares the connection; it is made lazily, so a Redis that is down now is not an error.
+    pub fn new(config: &Config) -> Result<Cache, CacheError> {
+        let url = config
+            .redis
+            .url
+            .as_ref()
+            .ok_or_else(|| CacheError::Down("redis.url is not set".into()))?;
+        let client = redis::Client::open(url.expose())
+            .map_err(|e| CacheError::Down(format!("redis.url {}: {e}", url.redacted())))?;
+        let timeout = config.redis_timeout();
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        Ok(Cache {
+            conn,
+            prefix: config.cache.key_prefix.as_str().into(),
+            ttl_secs: config.cache.ttl_secs,
+            timeout,
+            script: Arc::new(redis::Script::new(APPLY_SCRIPT)),
+        })
+    }
+
+    /// The key of a user: `cache.key_prefix` + username.
+    pub fn key(&self, username: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + username.len());
+        key.push_str(&self.prefix);
+        key.push_str(username);
+        key
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn bounded<T>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, CacheError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(CacheError::Timeout(self.timeout)),
+        }
+    }
+
+    /// The live entry of `username` as stored (the user's JSON), or `None` for a miss or tombstone.
+    pub async fn get_live(&self, username: &str) -> Result<Option<String>, CacheError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(username);
+        let value: Option<String> = self
+            .bounded(redis::cmd("GET").arg(&key).query_async(&mut conn))
+            .await?;
+        Ok(value.filter(|v| is_live(v)))
+    }
+
+    /// Applies `writes` in one script call; returns, per write, whether it was applied (false:
+    /// Redis already held a newer version).
+    pub async fn apply(&self, writes: &[Write]) -> Result<Vec<bool>, CacheError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(self.ttl_secs);
+        for write in writes {
+            invocation.key(self.key(write.username()));
+            match write {
+                Write::Live { version, json, .. } => invocation.arg(*version).arg(json.as_str()),
+                Write::Tombstone { version, .. } => invocation.arg(*version).arg(""),
+            };
+        }
+        let mut conn = self.conn.clone();
+        let applied: Vec<i64> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        Ok(applied.into_iter().map(|a| a == 1).collect())
+    }
+
+    pub async fn ping(&self) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        let _: String = self
+            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+
+    /// Removes every key under the prefix (SCAN in batches, never KEYS). Used when the daemon lost
+    /// track of which entries may be stale.
+    pub async fn clear_all(&self) -> Result<u64, CacheError> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}*", glob_escape(&self.prefix));
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .bounded(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            if !keys.is_empty() {
+                let n: u64 = self
+                    .bounded(redis::cmd("UNLINK").arg(&keys).query_async(&mut conn))
+                    .await?;
+                removed += n;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// Escapes Redis glob metacharacters so that a prefix matches only itself.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_entries_are_objects_with_an_id() {
+        assert!(is_live(
+            r#"{"id":1,"username":"a","created_at":"x","version":3}"#
+        ));
+        assert!(!is_live(r#"{"tombstone":true,"version":3}"#));
+        assert!(!is_live("garbage"));
+        assert!(!is_live("[1]"));
+        assert!(!is_live(r#"{"id":null,"username":"a"}"#));
+    }
+
+    #[test]
+    fn glob_metacharacters_are_escaped() {
+        assert_eq!(glob_escape("user:"), "user:");
+        assert_eq!(glob_escape("a*b?[c]"), "a\\*b\\?\\[c\\]");
+    }
+}

@@ -1,0 +1,713 @@
+//! Settings: built-in defaults, a TOML file, `CACHEWARD__SECTION__KEY`, `DATABASE_URL`/`REDIS_URL` and
+//! command-line flags, layered in that order (DESIGN 1.2), then validated key by key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a config file is looked for when `--config` is not given; the first that exists wins.
+pub const DEFAULT_FILES: [&str; 2] = ["config/cacheward.toml", "/etc/cacheward/cacheward.toml"];
+
+/// Why the configuration could not be loaded. Every variant names the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--config FILE` named a file that does not exist.
+    #[error("config file {0} does not exist")]
+    FileNotFound(PathBuf),
+    /// A file could not be read or parsed, or a value has the wrong type (config-rs names the key).
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// A key that cacheward does not know: almost always a typo.
+    #[error("unknown configuration key `{key}` (from {origin})")]
+    UnknownKey { key: String, origin: String },
+    /// A key whose value is out of range or malformed.
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration, one struct per section. Passed around as `Arc<Config>`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub socket: SocketConfig,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub cache: CacheConfig,
+    pub cdc: CdcConfig,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketConfig {
+    pub path: PathBuf,
+    pub mode: SocketMode,
+    pub max_connections: usize,
+    pub max_request_bytes: usize,
+    pub max_inflight: usize,
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            path: PathBuf::from("/run/cacheward/cacheward.sock"),
+            mode: SocketMode(0o660),
+            max_connections: 1024,
+            max_request_bytes: 65536,
+            max_inflight: 128,
+            idle_timeout_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub url: Option<SecretUrl>,
+    pub pool_size: usize,
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: None,
+            pool_size: 16,
+            statement_timeout_ms: 2000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: Option<SecretUrl>,
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            timeout_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    pub key_prefix: String,
+    pub ttl_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            key_prefix: "user:".into(),
+            ttl_secs: 3600,
+        }
+    }
+}
+
+/// What the CDC worker does with a changed row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CdcMode {
+    /// Write every changed row to its key; remove keys of deleted or renamed-away names.
+    Refresh,
+    /// Only remove the keys of changed names.
+    Invalidate,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CdcConfig {
+    pub mode: CdcMode,
+    pub channel: String,
+    pub notify: bool,
+    pub batch_size: usize,
+    pub poll_interval_ms: u64,
+    pub retention_secs: u64,
+}
+
+impl Default for CdcConfig {
+    fn default() -> Self {
+        CdcConfig {
+            mode: CdcMode::Refresh,
+            channel: "cacheward_users".into(),
+            notify: true,
+            batch_size: 500,
+            poll_interval_ms: 1000,
+            retention_secs: 86400,
+        }
+    }
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+    pub stats_interval_secs: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+            stats_interval_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: Option<SocketAddr>,
+}
+
+/// Unix permission bits of the socket file. Written as an octal string (`"0660"`) so that a TOML
+/// integer, which would be read as decimal, is refused instead of silently meaning something else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl Serialize for SocketMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:04o}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SocketMode;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an octal permission string such as \"0660\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SocketMode, E> {
+                parse_mode(v).map_err(E::custom)
+            }
+        }
+        // deserialize_any, not deserialize_str: config-rs would turn a TOML integer into a string.
+        d.deserialize_any(Visitor)
+    }
+}
+
+fn parse_mode(text: &str) -> Result<SocketMode, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return Err(format!(
+            "\"{text}\" is not an octal permission string such as \"0660\""
+        ));
+    }
+    let mode = u32::from_str_radix(digits, 8).expect("checked to be octal digits");
+    if mode > 0o777 {
+        return Err(format!("\"{text}\" has bits beyond 0777"));
+    }
+    Ok(SocketMode(mode))
+}
+
+/// A connection URL that may carry a password. `Debug`, `Display` and `Serialize` show it with the
+/// password replaced by `***`; only [`SecretUrl::expose`] gives the real text.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        SecretUrl(url.into())
+    }
+
+    /// The URL as configured, password included: for connecting, never for logging.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` and of a `password=` (libpq) or `pass=`
+/// (redis-rs Unix socket URLs) query parameter.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        let authority_end = out[rest_start..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest_start + i);
+        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+            let userinfo = &out[rest_start..rest_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest_start + colon + 1..rest_start + at, "***");
+            }
+        }
+    }
+    if let Some(query_start) = out.find('?') {
+        let (head, query) = out.split_at(query_start + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _))
+                    if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
+                {
+                    format!("{k}=***")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
+}
+
+/// What the command line adds on top of files and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--config FILE`: must exist.
+    pub file: Option<PathBuf>,
+    /// `--socket PATH`.
+    pub socket: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads the configuration from the process environment and the default file locations.
+    pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Config::load_from(overrides, &env, Path::new("."))
+    }
+
+    /// Loads the configuration with `env` as the environment and `cwd` as the working directory.
+    pub fn load_from(
+        overrides: &Overrides,
+        env: &HashMap<String, String>,
+        cwd: &Path,
+    ) -> Result<Config, ConfigError> {
+        let file = match &overrides.file {
+            Some(path) if !path.is_file() => return Err(ConfigError::FileNotFound(path.clone())),
+            Some(path) => Some(path.clone()),
+            None => DEFAULT_FILES
+                .iter()
+                .map(|f| cwd.join(f))
+                .find(|p| p.is_file()),
+        };
+
+        let cacheward_env: HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("CACHEWARD__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut builder = config::Config::builder();
+        if let Some(path) = &file {
+            builder = builder.add_source(config::File::from(path.as_path()).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("CACHEWARD")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(cacheward_env.into_iter().collect())),
+        );
+        if let Some(url) = env.get("DATABASE_URL") {
+            builder = builder.set_override("postgres.url", url.as_str())?;
+        }
+        if let Some(url) = env.get("REDIS_URL") {
+            builder = builder.set_override("redis.url", url.as_str())?;
+        }
+        if let Some(socket) = &overrides.socket {
+            builder = builder.set_override("socket.path", socket.to_string_lossy().as_ref())?;
+        }
+        let layered = builder.build()?;
+
+        let origin = match &file {
+            Some(path) => format!("{} or the environment", path.display()),
+            None => "the environment".to_owned(),
+        };
+        check_known_keys(&layered, &origin)?;
+        let config: Config = layered.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range and format checks that serde's types cannot express. Backend URLs are checked by
+    /// [`Config::require_backends`], since client commands do not need them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.socket;
+        if s.path.as_os_str().is_empty() {
+            return Err(invalid("socket.path", "must not be empty"));
+        }
+        // sockaddr_un holds 108 bytes including the terminating NUL.
+        if s.path.as_os_str().len() > 107 {
+            return Err(invalid(
+                "socket.path",
+                format!(
+                    "{} is longer than the 107 bytes a Unix socket path may have",
+                    s.path.display()
+                ),
+            ));
+        }
+        at_least("socket.max_connections", s.max_connections as u64, 1)?;
+        at_least("socket.max_request_bytes", s.max_request_bytes as u64, 64)?;
+        at_most(
+            "socket.max_request_bytes",
+            s.max_request_bytes as u64,
+            64 << 20,
+        )?;
+        at_least("socket.max_inflight", s.max_inflight as u64, 1)?;
+        at_least("postgres.pool_size", self.postgres.pool_size as u64, 1)?;
+        at_least(
+            "postgres.statement_timeout_ms",
+            self.postgres.statement_timeout_ms,
+            1,
+        )?;
+        at_least("redis.timeout_ms", self.redis.timeout_ms, 1)?;
+        at_least("cache.ttl_secs", self.cache.ttl_secs, 1)?;
+        if self.cache.key_prefix.chars().any(char::is_control) {
+            return Err(invalid(
+                "cache.key_prefix",
+                "must not contain control characters",
+            ));
+        }
+        let channel = &self.cdc.channel;
+        if channel.is_empty()
+            || channel.len() > 63
+            || !channel
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            || channel.as_bytes()[0].is_ascii_digit()
+        {
+            return Err(invalid(
+                "cdc.channel",
+                format!("\"{channel}\" must be 1-63 characters of a-z, 0-9 and _, not starting with a digit"),
+            ));
+        }
+        at_least("cdc.batch_size", self.cdc.batch_size as u64, 1)?;
+        at_least("cdc.poll_interval_ms", self.cdc.poll_interval_ms, 1)?;
+        at_least("cdc.retention_secs", self.cdc.retention_secs, 1)?;
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            return Err(invalid("log.level", format!("\"{}\": {e}", self.log.level)));
+        }
+        if let Some(url) = &self.postgres.url {
+            url.expose()
+                .parse::<tokio_postgres::Config>()
+                .map_err(|e| invalid("postgres.url", format!("{}: {e}", url.redacted())))?;
+        }
+        if let Some(url) = &self.redis.url {
+            redis::Client::open(url.expose())
+                .map_err(|e| invalid("redis.url", format!("{}: {e}", url.redacted())))?;
+        }
+        Ok(())
+    }
+
+    /// The daemon, `migrate` and `verify` need both URLs; client commands do not.
+    pub fn require_backends(&self) -> Result<(), ConfigError> {
+        if self.postgres.url.is_none() {
+            return Err(invalid(
+                "postgres.url",
+                "is not set (set DATABASE_URL or postgres.url)",
+            ));
+        }
+        if self.redis.url.is_none() {
+            return Err(invalid(
+                "redis.url",
+                "is not set (set REDIS_URL or redis.url)",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn statement_timeout(&self) -> Duration {
+        Duration::from_millis(self.postgres.statement_timeout_ms)
+    }
+
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis.timeout_ms)
+    }
+
+    /// The idle timeout of a client connection; `None` when set to 0 (never).
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.socket.idle_timeout_secs > 0)
+            .then(|| Duration::from_secs(self.socket.idle_timeout_secs))
+    }
+}
+
+fn at_least(key: &'static str, value: u64, min: u64) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(invalid(
+            key,
+            format!("{value} is below the minimum of {min}"),
+        ));
+    }
+    Ok(())
+}
+
+fn at_most(key: &'static str, value: u64, max: u64) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(invalid(
+            key,
+            format!("{value} is above the maximum of {max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses any key that [`Config`] does not have. The known keys are read off the defaults, so this
+/// list can never drift from the struct.
+fn check_known_keys(layered: &config::Config, origin: &str) -> Result<(), ConfigError> {
+    let known = serde_json::to_value(Config::default()).expect("the default config serializes");
+    let given: serde_json::Value = layered.clone().try_deserialize()?;
+    let unknown = |key: String| ConfigError::UnknownKey {
+        key,
+        origin: origin.to_owned(),
+    };
+    let Some(sections) = given.as_object() else {
+        return Ok(());
+    };
+    for (section, keys) in sections {
+        let Some(known_keys) = known.get(section).and_then(|v| v.as_object()) else {
+            return Err(unknown(section.clone()));
+        };
+        let Some(keys) = keys.as_object() else {
+            return Err(ConfigError::Invalid {
+                key: "config",
+                reason: format!("`{section}` must be a table of keys"),
+            });
+        };
+        for key in keys.keys() {
+            if !known_keys.contains_key(key) {
+                return Err(unknown(format!("{section}.{key}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut overrides = Overrides::default();
+        if let Some(text) = file {
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, text).expect("write config");
+            overrides.file = Some(path);
+        }
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_from(&overrides, &env, dir.path())
+    }
+
+    #[test]
+    fn defaults_match_design() {
+        let c = load(&[], None).expect("defaults load");
+        assert_eq!(c, Config::default());
+        assert_eq!(
+            c.socket.path,
+            PathBuf::from("/run/cacheward/cacheward.sock")
+        );
+        assert_eq!(c.socket.mode, SocketMode(0o660));
+        assert_eq!(c.cache.key_prefix, "user:");
+        assert_eq!(c.cdc.mode, CdcMode::Refresh);
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let file = "[cache]\nkey_prefix = \"file:\"\nttl_secs = 10\n[postgres]\nurl = \"postgresql://file@h/db\"\n";
+        let c = load(
+            &[
+                ("CACHEWARD__CACHE__KEY_PREFIX", "env:"),
+                ("CACHEWARD__POSTGRES__URL", "postgresql://env@h/db"),
+                ("DATABASE_URL", "postgresql://plain@h/db"),
+                ("CACHEWARD__SOCKET__MAX_CONNECTIONS", "7"),
+            ],
+            Some(file),
+        )
+        .expect("loads");
+        assert_eq!(c.cache.key_prefix, "env:");
+        assert_eq!(c.cache.ttl_secs, 10);
+        assert_eq!(c.socket.max_connections, 7);
+        assert_eq!(c.postgres.url.unwrap().expose(), "postgresql://plain@h/db");
+    }
+
+    #[test]
+    fn socket_flag_wins_over_everything() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let overrides = Overrides {
+            file: None,
+            socket: Some(PathBuf::from("/tmp/flag.sock")),
+        };
+        let env = [(
+            "CACHEWARD__SOCKET__PATH".to_string(),
+            "/tmp/env.sock".to_string(),
+        )]
+        .into();
+        let c = Config::load_from(&overrides, &env, dir.path()).expect("loads");
+        assert_eq!(c.socket.path, PathBuf::from("/tmp/flag.sock"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load(&[("CACHEWARD__CACHE__KEYPREFIX", "x")], None).unwrap_err();
+        assert!(err.to_string().contains("cache.keyprefix"), "{err}");
+        let err = load(&[], Some("[sockets]\npath = \"/x\"\n")).unwrap_err();
+        assert!(err.to_string().contains("`sockets`"), "{err}");
+        let err = load(&[], Some("[log]\nlevl = \"debug\"\n")).unwrap_err();
+        assert!(err.to_string().contains("log.levl"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>, &'a str);
+        let cases: &[Case] = &[
+            (
+                &[("CACHEWARD__SOCKET__MAX_CONNECTIONS", "many")],
+                None,
+                "socket.max_connections",
+            ),
+            (
+                &[("CACHEWARD__SOCKET__MAX_CONNECTIONS", "0")],
+                None,
+                "socket.max_connections",
+            ),
+            (&[], Some("[socket]\nmode = 660\n"), "socket.mode"),
+            (&[], Some("[socket]\nmode = \"0999\"\n"), "socket.mode"),
+            (&[("CACHEWARD__CDC__MODE", "sometimes")], None, "cdc.mode"),
+            (
+                &[("CACHEWARD__CDC__CHANNEL", "bad channel;")],
+                None,
+                "cdc.channel",
+            ),
+            (&[("CACHEWARD__LOG__FORMAT", "xml")], None, "log.format"),
+            (&[("CACHEWARD__LOG__LEVEL", "loud=[")], None, "log.level"),
+            (
+                &[("CACHEWARD__METRICS__LISTEN", "nowhere")],
+                None,
+                "metrics.listen",
+            ),
+            (&[("REDIS_URL", "http://x")], None, "redis.url"),
+            (
+                &[("CACHEWARD__REDIS__TIMEOUT_MS", "-5")],
+                None,
+                "redis.timeout_ms",
+            ),
+        ];
+        for (env, file, key) in cases {
+            let err = load(env, *file).expect_err(key);
+            assert!(
+                err.to_string().contains(key),
+                "error for {key} does not name it: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        let overrides = Overrides {
+            file: Some(PathBuf::from("/nonexistent/cacheward.toml")),
+            socket: None,
+        };
+        let err = Config::load_from(&overrides, &HashMap::new(), Path::new("/")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/cacheward.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn backends_are_required_only_on_request() {
+        let c = load(&[], None).expect("loads without URLs");
+        let err = c.require_backends().unwrap_err();
+        assert!(err.to_string().contains("postgres.url"), "{err}");
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        let url =
+            SecretUrl::new("postgresql://app:s3cret@db:5432/users?sslmode=require&password=also");
+        let shown = format!("{url} {url:?} {}", serde_json::to_string(&url).unwrap());
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("also"),
+            "{shown}"
+        );
+        assert!(shown.contains("postgresql://app:***@db:5432/users?sslmode=require&password=***"));
+        assert_eq!(
+            redact_url("redis://:pw@host:6379/2"),
+            "redis://:***@host:6379/2"
+        );
+        assert_eq!(redact_url("redis://host:6379/2"), "redis://host:6379/2");
+        let c = load(&[("DATABASE_URL", "postgresql://u:hunter2@h/db")], None).expect("loads");
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn shipped_file_documents_every_key_with_its_default() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cacheward.toml");
+        let text = std::fs::read_to_string(&shipped).expect("config/cacheward.toml exists");
+        let c = load(&[], Some(&text)).expect("shipped file loads");
+        assert_eq!(c, Config::default(), "shipped file must hold the defaults");
+        let known = serde_json::to_value(Config::default()).unwrap();
+        for (section, keys) in known.as_object().unwrap() {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "section [{section}] undocumented"
+            );
+            for key in keys.as_object().unwrap().keys() {
+                let set = format!("\n{key} = ");
+                let commented = format!("\n# {key} = ");
+                assert!(
+                    text.contains(&set) || text.contains(&commented),
+                    "{section}.{key} is not documented in config/cacheward.toml"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Wires the daemon together: pool, cache, service, the health monitor, the stats line and the
+//! socket server, all stopped by one cancellation token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::db::{self, Db};
+use crate::server::{self, BoundSocket};
+use crate::service::{Backend, Hooks, Service};
+
+/// How often the monitor checks both backends (and drains the repair queue).
+const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
+/// How long shutdown waits for open connections to finish their in-flight requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the daemon on an already-bound socket until `shutdown` fires, then drains and returns.
+pub async fn run(
+    config: Arc<Config>,
+    socket: BoundSocket,
+    shutdown: CancellationToken,
+    hooks: Hooks,
+) -> anyhow::Result<()> {
+    config.require_backends()?;
+    let db = Db::new(&config)?;
+    let cache = Cache::new(&config)?;
+    let service = Arc::new(Service::new(db, cache, hooks));
+    tracing::info!(
+        socket = %socket.path().display(),
+        postgres = %config.postgres.url.as_ref().expect("checked by require_backends"),
+        redis = %config.redis.url.as_ref().expect("checked by require_backends"),
+        key_prefix = %config.cache.key_prefix,
+        ttl_secs = config.cache.ttl_secs,
+        pool_size = config.postgres.pool_size,
+        max_connections = config.socket.max_connections,
+        "starting"
+    );
+    let background = TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    background.spawn(monitor(
+        service.clone(),
+        config.clone(),
+        stop_background.clone(),
+    ));
+    if config.log.stats_interval_secs > 0 {
+        background.spawn(stats_line(
+            service.clone(),
+            Duration::from_secs(config.log.stats_interval_secs),
+            stop_background.clone(),
+        ));
+    }
+    server::serve(socket, service.clone(), config, shutdown, DRAIN_TIMEOUT).await;
+    stop_background.cancel();
+    background.close();
+    background.wait().await;
+    let pending = service.repairs_pending();
+    if pending > 0 {
+        tracing::warn!(
+            pending,
+            "stopping with cache repairs pending; those entries expire with their TTL"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Checks both backends every [`MONITOR_INTERVAL`] (PostgreSQL on its own connection, so a busy
+/// pool never looks like an outage), latches readiness, and repairs the cache once both are up.
+async fn monitor(service: Arc<Service>, config: Arc<Config>, stop: CancellationToken) {
+    let pg_config = match db::pg_config(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "health monitor cannot start");
+            return;
+        }
+    };
+    let mut probe: Option<tokio_postgres::Client> = None;
+    let mut ticker = tokio::time::interval(MONITOR_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let (redis, postgres) = tokio::join!(
+            service.cache().ping(),
+            ping_postgres(&pg_config, &mut probe)
+        );
+        let health = &service.health;
+        match redis {
+            Ok(()) => {
+                health.set(Backend::Redis, true, "");
+            }
+            Err(e) => {
+                health.set(Backend::Redis, false, &e.to_string());
+            }
+        }
+        match postgres {
+            Ok(()) => {
+                health.set(Backend::Postgres, true, "");
+            }
+            Err(e) => {
+                health.set(Backend::Postgres, false, &e);
+            }
+        }
+        if health.both_seen() && health.set_ready() {
+            tracing::info!("ready");
+        }
+        if health.is_up(Backend::Redis) && health.is_up(Backend::Postgres) {
+            if let Err(e) = service.run_repairs().await {
+                tracing::warn!(error = %e, "cache repair failed; will retry");
+            }
+        }
+    }
+}
+
+async fn ping_postgres(
+    config: &tokio_postgres::Config,
+    probe: &mut Option<tokio_postgres::Client>,
+) -> Result<(), String> {
+    let timeout = Duration::from_secs(1);
+    if probe.as_ref().is_none_or(|c| c.is_closed()) {
+        *probe = None;
+        let client = tokio::time::timeout(timeout, db::connect(config))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        *probe = Some(client);
+    }
+    let client = probe.as_ref().expect("connected above");
+    match tokio::time::timeout(timeout, client.simple_query("SELECT 1")).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            *probe = None;
+            Err(e.to_string())
+        }
+        Err(_) => {
+            *probe = None;
+            Err("ping timed out".into())
+        }
+    }
+}
+
+/// One `stats` event per interval.
+async fn stats_line(service: Arc<Service>, every: Duration, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let s = service.stats_report();
+        tracing::info!(
+            connections = s.connections,
+            requests = s.requests,
+            errors = s.errors,
+            cache_hits = s.cache_hits,
+            cache_misses = s.cache_misses,
+            db_queries = s.db_queries,
+            repairs_pending = s.repairs_pending,
+            "stats"
+        );
+    }
+}

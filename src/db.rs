@@ -1,0 +1,316 @@
+//! PostgreSQL: the connection pool, the queries of the request path, and the embedded migrations.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+
+use crate::config::Config;
+use crate::user::User;
+
+/// Why a database call failed, classified once here for every caller.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DbError {
+    /// The server cannot be reached or the connection broke: retryable.
+    #[error("postgres unavailable: {0}")]
+    Unavailable(String),
+    /// The call did not finish in time (statement timeout or the client-side bound).
+    #[error("postgres timed out: {0}")]
+    Timeout(String),
+    /// A unique constraint refused the change (rename onto an existing name).
+    #[error("unique violation: {0}")]
+    Conflict(String),
+    /// Anything else (missing schema, bad SQL): not fixed by retrying.
+    #[error("postgres error: {0}")]
+    Other(String),
+}
+
+impl DbError {
+    fn classify(e: &tokio_postgres::Error) -> DbError {
+        let text = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |db| db.message().to_owned());
+        match e.code() {
+            Some(c) if *c == SqlState::UNIQUE_VIOLATION => DbError::Conflict(text),
+            Some(c) if *c == SqlState::QUERY_CANCELED => {
+                DbError::Timeout(format!("statement timeout: {text}"))
+            }
+            Some(c)
+                if c.code().starts_with("08")
+                    || c.code().starts_with("57P")
+                    || c.code().starts_with("53")
+                    || *c == SqlState::T_R_SERIALIZATION_FAILURE =>
+            {
+                DbError::Unavailable(text)
+            }
+            Some(_) => DbError::Other(text),
+            // No SQLSTATE: the connection itself failed (refused, closed, I/O).
+            None => DbError::Unavailable(text),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::classify(&e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => DbError::classify(&e),
+            other => DbError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+const USER_COLUMNS: &str = "id, username, created_at, version";
+
+fn user_from_row(row: &Row) -> User {
+    User {
+        id: row.get(0),
+        username: row.get(1),
+        created_at: row.get(2),
+        version: row.get(3),
+    }
+}
+
+/// Parses `postgres.url` and adds the settings every cacheward connection carries.
+pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
+    let url = config
+        .postgres
+        .url
+        .as_ref()
+        .ok_or_else(|| DbError::Other("postgres.url is not set".into()))?;
+    let mut pg: tokio_postgres::Config = url
+        .expose()
+        .parse()
+        .map_err(|e| DbError::Other(format!("postgres.url {}: {e}", url.redacted())))?;
+    pg.options(format!(
+        "-c statement_timeout={}",
+        config.postgres.statement_timeout_ms
+    ));
+    if pg.get_application_name().is_none() {
+        pg.application_name("cacheward");
+    }
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(Duration::from_secs(2));
+    }
+    Ok(pg)
+}
+
+/// The pool serving requests, with every call bounded in time.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    /// Client-side bound on one call (pool wait + query), beyond the server's statement timeout.
+    call_timeout: Duration,
+}
+
+impl Db {
+    /// Builds the pool. Connects lazily: a database that is down now is not an error.
+    pub fn new(config: &Config) -> Result<Db, DbError> {
+        let pg = pg_config(config)?;
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let call_timeout = config.statement_timeout() + Duration::from_secs(1);
+        let pool = Pool::builder(manager)
+            .max_size(config.postgres.pool_size)
+            .timeouts(Timeouts {
+                wait: Some(call_timeout),
+                create: Some(Duration::from_secs(2)),
+                recycle: Some(Duration::from_secs(1)),
+            })
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| DbError::Other(e.to_string()))?;
+        Ok(Db { pool, call_timeout })
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<T, DbError>>,
+    ) -> Result<T, DbError> {
+        match tokio::time::timeout(self.call_timeout, f).await {
+            Ok(result) => result,
+            Err(_) => Err(DbError::Timeout(format!(
+                "{what} took longer than {:?}",
+                self.call_timeout
+            ))),
+        }
+    }
+
+    /// The row named `username`, if any. Retried once on a connection that turned out to be dead
+    /// (after a server restart the pool still holds its old connections).
+    pub async fn find_user(&self, username: &str) -> Result<Option<User>, DbError> {
+        match self.find_user_once(username).await {
+            Err(DbError::Unavailable(_)) => self.find_user_once(username).await,
+            other => other,
+        }
+    }
+
+    async fn find_user_once(&self, username: &str) -> Result<Option<User>, DbError> {
+        self.bounded("select user", async {
+            let client = self.pool.get().await?;
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT {USER_COLUMNS} FROM users WHERE username = $1"
+                ))
+                .await?;
+            let row = client.query_opt(&stmt, &[&username]).await?;
+            Ok(row.as_ref().map(user_from_row))
+        })
+        .await
+    }
+
+    /// The original tool's `get_or_create_user`: the row named `username`, inserted if missing.
+    /// Returns the row and whether this call created it.
+    pub async fn get_or_create(&self, username: &str) -> Result<(User, bool), DbError> {
+        self.bounded("get or create user", async {
+            let client = self.pool.get().await?;
+            let select = client
+                .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE username = $1"))
+                .await?;
+            let insert = client
+                .prepare_cached(&format!(
+                    "INSERT INTO users (username) VALUES ($1) ON CONFLICT (username) DO NOTHING RETURNING {USER_COLUMNS}"
+                ))
+                .await?;
+            // Select first so that an existing user costs one round trip and burns no id. Between
+            // the two statements another client may insert (then the insert does nothing) or
+            // delete (then the select finds nothing): try again, a bounded number of times.
+            for _ in 0..5 {
+                if let Some(row) = client.query_opt(&select, &[&username]).await? {
+                    return Ok((user_from_row(&row), false));
+                }
+                if let Some(row) = client.query_opt(&insert, &[&username]).await? {
+                    return Ok((user_from_row(&row), true));
+                }
+            }
+            Err(DbError::Unavailable(format!(
+                "user '{username}' kept being inserted and deleted concurrently"
+            )))
+        })
+        .await
+    }
+
+    /// Renames `old` to `new`. `None` if `old` does not exist; `Conflict` if `new` does.
+    pub async fn rename(&self, old: &str, new: &str) -> Result<Option<User>, DbError> {
+        self.bounded("rename user", async {
+            let client = self.pool.get().await?;
+            let stmt = client
+                .prepare_cached(&format!(
+                    "UPDATE users SET username = $2 WHERE username = $1 RETURNING {USER_COLUMNS}"
+                ))
+                .await?;
+            let row = client.query_opt(&stmt, &[&old, &new]).await?;
+            Ok(row.as_ref().map(user_from_row))
+        })
+        .await
+    }
+
+    /// Deletes the row named `username`; returns the version it had, or `None` if there was none.
+    pub async fn delete(&self, username: &str) -> Result<Option<i64>, DbError> {
+        self.bounded("delete user", async {
+            let client = self.pool.get().await?;
+            let stmt = client
+                .prepare_cached("DELETE FROM users WHERE username = $1 RETURNING version")
+                .await?;
+            let row = client.query_opt(&stmt, &[&username]).await?;
+            Ok(row.map(|r| r.get(0)))
+        })
+        .await
+    }
+
+    /// The rows named in `usernames` that exist, and a version at least as large as any that a
+    /// missing name can have had: the tombstone version for those that do not.
+    pub async fn current_rows(&self, usernames: &[String]) -> Result<(Vec<User>, i64), DbError> {
+        self.bounded("select users", async {
+            let client = self.pool.get().await?;
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT {USER_COLUMNS}, (SELECT last_value FROM cacheward_version_seq) FROM users WHERE username = ANY($1) \
+                     UNION ALL SELECT NULL, NULL, NULL, NULL, (SELECT last_value FROM cacheward_version_seq)"
+                ))
+                .await?;
+            let rows = client.query(&stmt, &[&usernames]).await?;
+            let mut users = Vec::with_capacity(rows.len());
+            let mut horizon = 0;
+            for row in &rows {
+                horizon = horizon.max(row.get::<_, i64>(4));
+                if row.get::<_, Option<i64>>(0).is_some() {
+                    users.push(user_from_row(row));
+                }
+            }
+            Ok((users, horizon))
+        })
+        .await
+    }
+}
+
+/// The embedded migrations, applied in order, each once, each in its own transaction.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "users", include_str!("../sql/0001_users.sql"))];
+
+/// Applies every migration not yet recorded in `cacheward_migrations`. Safe to run concurrently
+/// and repeatedly. Returns the versions it applied.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, DbError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS cacheward_migrations (
+                 version    integer PRIMARY KEY,
+                 name       text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await?;
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        let tx = client.transaction().await?;
+        // One migrator at a time; the others wait here and then find the work done.
+        tx.batch_execute("LOCK TABLE cacheward_migrations IN EXCLUSIVE MODE")
+            .await?;
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM cacheward_migrations WHERE version = $1",
+                &[version],
+            )
+            .await?
+            .is_some();
+        if done {
+            continue;
+        }
+        tx.batch_execute(sql).await.map_err(|e| {
+            DbError::Other(format!(
+                "migration {version} ({name}): {}",
+                DbError::from(e)
+            ))
+        })?;
+        tx.execute(
+            "INSERT INTO cacheward_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        tx.commit().await?;
+        applied.push(*version);
+    }
+    Ok(applied)
+}
+
+/// Opens one connection outside the pool (for `migrate`, the health monitor and tests).
+pub async fn connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
+    let (client, connection) = pg.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}

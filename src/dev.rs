@@ -1,0 +1,598 @@
+//! Throwaway PostgreSQL and Redis started from the system's binaries in temp dirs this process owns
+//! (for `serve --dev`, the tests and the benchmark). Each server is a direct child, so callers can
+//! stop, kill and restart it to inject faults; dropping it kills it and removes its files.
+//!
+//! Servers get `PR_SET_PDEATHSIG`, so they die with the thread that started them: start them from a
+//! thread that outlives them (never from `spawn_blocking`).
+
+use std::fs;
+use std::io::{Read, Write as _};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::cache::{Cache, Write};
+use crate::config::{Config, SecretUrl};
+use crate::db;
+
+/// Why a throwaway server could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error(
+        "`{0}` not found on PATH{1}; install it with: apt-get install -y postgresql redis-server"
+    )]
+    MissingBinary(&'static str, &'static str),
+    #[error("{what} failed: {detail}")]
+    Failed { what: String, detail: String },
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
+    let what = what.into();
+    move |e| DevError::Io(what, e)
+}
+
+fn failed(what: impl Into<String>, detail: impl Into<String>) -> DevError {
+    DevError::Failed {
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A PostgreSQL binary: on PATH, else under the newest `/usr/lib/postgresql/*/bin`.
+fn pg_binary(name: &'static str) -> Result<PathBuf, DevError> {
+    if let Some(path) = on_path(name) {
+        return Ok(path);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e.file_name().to_str()?.parse().ok()?,
+                e.path().join("bin").join(name),
+            ))
+        })
+        .filter(|(_, p)| p.is_file())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, p)| p)
+        .ok_or(DevError::MissingBinary(
+            name,
+            " or under /usr/lib/postgresql/*/bin",
+        ))
+}
+
+/// uid/gid of the `postgres` user, when running as root (PostgreSQL refuses to run as root).
+fn server_owner() -> Result<Option<(u32, u32)>, DevError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let passwd = fs::read_to_string("/etc/passwd").map_err(io_err("read /etc/passwd"))?;
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[0] == "postgres")
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        .map(Some)
+        .ok_or_else(|| {
+            failed(
+                "running PostgreSQL as root",
+                "needs a `postgres` user to run it as; apt-get install -y postgresql creates one",
+            )
+        })
+}
+
+fn command(program: &Path, owner: Option<(u32, u32)>, death_signal: i32) -> Command {
+    let mut cmd = Command::new(program);
+    if let Some((uid, gid)) = owner {
+        cmd.uid(uid).gid(gid);
+    }
+    // SAFETY: setpgid and prctl are async-signal-safe and touch only the child's own state.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Its own process group: a Ctrl-C meant for cacheward does not stop the servers under it.
+            if libc::setpgid(0, 0) != 0 || libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<(), DevError> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .map_err(io_err(format!("chown {}", path.display())))?;
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<(), DevError> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(io_err(what))?;
+    if !out.status.success() {
+        return Err(failed(
+            what,
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill with a pid we own; an already-exited child makes it fail harmlessly.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+fn wait_with_deadline(child: &mut Child, deadline: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// A data directory made by `initdb` once per machine and PostgreSQL version, copied for every
+/// server: copying takes milliseconds where initdb takes seconds.
+fn template(owner: Option<(u32, u32)>) -> Result<PathBuf, DevError> {
+    // One builder per process; other processes build under their own name and the first rename wins.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = BUILDING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let postgres = pg_binary("postgres")?;
+    let version_out = Command::new(&postgres)
+        .arg("--version")
+        .output()
+        .map_err(io_err("postgres --version"))?;
+    let version = String::from_utf8_lossy(&version_out.stdout)
+        .split_whitespace()
+        .nth(2) // "postgres (PostgreSQL) 15.18 (Debian ...)"
+        .unwrap_or("unknown")
+        .to_owned();
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let dir = std::env::temp_dir().join(format!("cacheward-pg-template-{version}-{uid}"));
+    if dir.join("PG_VERSION").is_file() {
+        return Ok(dir);
+    }
+    let building = std::env::temp_dir().join(format!(
+        "cacheward-pg-template-{version}-{uid}.{}",
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&building);
+    run(
+        command(&pg_binary("initdb")?, owner, libc::SIGKILL)
+            .arg("-D")
+            .arg(&building)
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--wal-segsize=1",
+            ]),
+        "initdb",
+    )?;
+    if fs::rename(&building, &dir).is_err() {
+        // Another process made it first.
+        let _ = fs::remove_dir_all(&building);
+    }
+    Ok(dir)
+}
+
+/// A throwaway PostgreSQL listening only on a Unix socket in its own directory.
+pub struct Postgres {
+    dir: TempDir,
+    owner: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+/// The port only names the socket file; the directory is private, so it never collides.
+const PG_PORT: u16 = 5432;
+
+impl Postgres {
+    /// Starts a fresh server (an empty cluster with the `postgres` database).
+    pub fn start() -> Result<Postgres, DevError> {
+        let owner = server_owner()?;
+        let template = template(owner)?;
+        let dir = tempfile::Builder::new()
+            .prefix("cacheward-pg-")
+            .tempdir()
+            .map_err(io_err("create temp dir"))?;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+            .map_err(io_err("chmod temp dir"))?;
+        chown(dir.path(), owner)?;
+        run(
+            command(Path::new("cp"), owner, libc::SIGKILL)
+                .arg("-a")
+                .arg(&template)
+                .arg(dir.path().join("data")),
+            "copying the PostgreSQL template",
+        )?;
+        let mut pg = Postgres {
+            dir,
+            owner,
+            child: None,
+        };
+        pg.start_again()?;
+        Ok(pg)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts the server on its existing data (after [`Postgres::stop`] or [`Postgres::crash`]).
+    pub fn start_again(&mut self) -> Result<(), DevError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let data = self.dir.path().join("data");
+        let log_path = self.dir.path().join("server.log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err("open server.log"))?;
+        let _ = fs::remove_file(data.join("postmaster.pid"));
+        let child = command(&pg_binary("postgres")?, self.owner, libc::SIGQUIT)
+            .arg("-D")
+            .arg(&data)
+            .arg("-p")
+            .arg(PG_PORT.to_string())
+            .arg("-k")
+            .arg(self.dir.path())
+            .args(["-c", "listen_addresses="])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
+            .args([
+                "-c",
+                "shared_preload_libraries=pg_stat_statements",
+                "-c",
+                "max_connections=300",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io_err("dup log"))?)
+            .stderr(log)
+            .spawn()
+            .map_err(io_err("spawn postgres"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = fs::read_to_string(data.join("postmaster.pid")).unwrap_or_default();
+            if status.lines().nth(7).map(str::trim) == Some("ready") {
+                return Ok(());
+            }
+            let child = self.child.as_mut().expect("just spawned");
+            if let Ok(Some(code)) = child.try_wait() {
+                self.child = None;
+                return Err(failed(
+                    "starting postgres",
+                    format!("exited with {code}:\n{}", tail(&log_path)),
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(failed(
+                    "starting postgres",
+                    format!("not ready after 30 s:\n{}", tail(&log_path)),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Fast shutdown: sessions are disconnected, the server exits cleanly.
+    pub fn stop(&mut self) {
+        self.halt(libc::SIGINT);
+    }
+
+    /// Immediate shutdown, like a crash: no checkpoint, recovery at the next start.
+    pub fn crash(&mut self) {
+        self.halt(libc::SIGQUIT);
+    }
+
+    fn halt(&mut self, sig: i32) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, sig);
+            if !wait_with_deadline(&mut child, Duration::from_secs(10)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// A URL for database `db` over the Unix socket.
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgresql://postgres@localhost/{db}?host={}&port={PG_PORT}",
+            self.dir.path().display()
+        )
+    }
+
+    /// Creates database `name` and returns its URL.
+    pub async fn create_database(&self, name: &str) -> Result<String, DevError> {
+        let admin: tokio_postgres::Config = self
+            .url("postgres")
+            .parse()
+            .map_err(|e| failed("postgres url", format!("{e}")))?;
+        let client = db::connect(&admin)
+            .await
+            .map_err(|e| failed("connecting to postgres", e.to_string()))?;
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .map_err(|e| failed(format!("CREATE DATABASE {name}"), e.to_string()))?;
+        Ok(self.url(name))
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+/// Options of a throwaway Redis.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RedisOptions {
+    /// Append-only file with fsync on every write: data survives a kill, as on a production Redis.
+    pub persistent: bool,
+}
+
+/// A throwaway Redis listening only on a Unix socket in its own directory.
+pub struct Redis {
+    dir: TempDir,
+    options: RedisOptions,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Result<Redis, DevError> {
+        Redis::start_with(RedisOptions::default())
+    }
+
+    pub fn start_with(options: RedisOptions) -> Result<Redis, DevError> {
+        let dir = tempfile::Builder::new()
+            .prefix("cacheward-redis-")
+            .tempdir()
+            .map_err(io_err("create temp dir"))?;
+        let mut redis = Redis {
+            dir,
+            options,
+            child: None,
+        };
+        redis.start_again()?;
+        Ok(redis)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// Starts the server again on the same socket (and, if persistent, the same data).
+    pub fn start_again(&mut self) -> Result<(), DevError> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let binary = on_path("redis-server").ok_or(DevError::MissingBinary("redis-server", ""))?;
+        let log_path = self.dir.path().join("redis.log");
+        let mut cmd = command(&binary, None, libc::SIGKILL);
+        cmd.args(["--port", "0", "--unixsocket"])
+            .arg(self.socket())
+            .args([
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--dir",
+            ])
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log_path);
+        if self.options.persistent {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(io_err("spawn redis-server"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.ping() {
+                return Ok(());
+            }
+            let child = self.child.as_mut().expect("just spawned");
+            if let Ok(Some(code)) = child.try_wait() {
+                self.child = None;
+                return Err(failed(
+                    "starting redis",
+                    format!("exited with {code}:\n{}", tail(&log_path)),
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(failed(
+                    "starting redis",
+                    format!("no PONG after 10 s:\n{}", tail(&log_path)),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.socket()) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut answer = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok()
+            && s.read_exact(&mut answer).is_ok()
+            && &answer == b"+PONG\r\n"
+    }
+
+    /// SIGKILL: what was not persisted is lost; clients see the connection drop.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = fs::remove_file(self.socket());
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open but nothing is answered.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGSTOP);
+        }
+    }
+
+    /// Thaws a [`Redis::pause`]d server.
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGCONT);
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// A URL for logical database `db`.
+    pub fn url(&self, db: u32) -> String {
+        format!("redis+unix://{}?db={db}", self.socket().display())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+    }
+}
+
+/// The original article's users. `user01` is also cached, so the first `get user02` comes from
+/// the database.
+pub const SEED_USERS: [&str; 4] = ["user01", "user02", "user05", "user06"];
+
+/// Everything `serve --dev` runs on: both servers, the `cacheward` database migrated and seeded.
+pub struct DevStack {
+    pub postgres: Postgres,
+    pub redis: Redis,
+    pub database_url: String,
+    pub redis_url: String,
+}
+
+impl DevStack {
+    pub async fn start() -> Result<DevStack, DevError> {
+        let postgres = Postgres::start()?;
+        let redis = Redis::start()?;
+        let database_url = postgres.create_database("cacheward").await?;
+        let redis_url = redis.url(0);
+        let stack = DevStack {
+            postgres,
+            redis,
+            database_url,
+            redis_url,
+        };
+        stack.seed().await?;
+        Ok(stack)
+    }
+
+    /// A configuration pointing at this stack.
+    pub fn configure(&self, config: &mut Config) {
+        config.postgres.url = Some(SecretUrl::new(self.database_url.clone()));
+        config.redis.url = Some(SecretUrl::new(self.redis_url.clone()));
+    }
+
+    async fn seed(&self) -> Result<(), DevError> {
+        let mut config = Config::default();
+        self.configure(&mut config);
+        let pg = db::pg_config(&config).map_err(|e| failed("postgres url", e.to_string()))?;
+        let mut client = db::connect(&pg)
+            .await
+            .map_err(|e| failed("connecting to postgres", e.to_string()))?;
+        db::migrate(&mut client)
+            .await
+            .map_err(|e| failed("migrate", e.to_string()))?;
+        for name in SEED_USERS {
+            client
+                .execute(
+                    "INSERT INTO users (username) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[&name],
+                )
+                .await
+                .map_err(|e| failed("seeding users", e.to_string()))?;
+        }
+        let store = db::Db::new(&config).map_err(|e| failed("postgres pool", e.to_string()))?;
+        let user = store
+            .find_user(SEED_USERS[0])
+            .await
+            .map_err(|e| failed("seeding the cache", e.to_string()))?
+            .ok_or_else(|| failed("seeding the cache", "user01 vanished"))?;
+        let cache = Cache::new(&config).map_err(|e| failed("redis url", e.to_string()))?;
+        cache
+            .apply(&[Write::Live {
+                json: user.to_json(),
+                username: user.username,
+                version: user.version,
+            }])
+            .await
+            .map_err(|e| failed("seeding the cache", e.to_string()))?;
+        Ok(())
+    }
+}

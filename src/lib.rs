@@ -1,0 +1,15 @@
+//! cacheward keeps a Redis cache of a PostgreSQL `users` table correct: cache-aside reads and
+//! write-through writes over a JSON-RPC Unix socket, with versioned cache writes that never let an
+//! older value overwrite a newer one. See DESIGN.md for the contracts.
+
+pub mod cache;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod dev;
+pub mod protocol;
+pub mod server;
+pub mod service;
+pub mod telemetry;
+pub mod user;

@@ -1,0 +1,269 @@
+//! The `cacheward` binary: parses the command line and hands each command to the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio_util::sync::CancellationToken;
+
+use cacheward::client::{Client, ClientError};
+use cacheward::config::{Config, Overrides};
+use cacheward::dev::{DevStack, SEED_USERS};
+use cacheward::service::Hooks;
+use cacheward::{daemon, db, server, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "cacheward",
+    version,
+    about = "Keeps a Redis cache of a PostgreSQL users table correct"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Default)]
+struct Common {
+    /// Configuration file (must exist); default: ./config/cacheward.toml or /etc/cacheward/cacheward.toml
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    /// Unix socket path (overrides socket.path)
+    #[arg(long, value_name = "PATH", global = true)]
+    socket: Option<PathBuf>,
+}
+
+impl Common {
+    fn load(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(&Overrides {
+            file: self.config.clone(),
+            socket: self.socket.clone(),
+        })?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (logs to stderr)
+    Serve {
+        /// Throwaway PostgreSQL + Redis in a temp dir, seeded; socket ./cacheward.sock; Ctrl-C removes it all
+        #[arg(long)]
+        dev: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Apply the embedded migrations to the database (idempotent)
+    Migrate {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Read a user (cache-aside)
+    Get {
+        username: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Get or create a user (write-through)
+    Put {
+        username: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Rename a user (write-through)
+    Rename {
+        old: String,
+        new: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Delete a user (write-through)
+    Delete {
+        username: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print the daemon's counters
+    Stats {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print readiness; exit 0 only when ready
+    Health {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime can be built");
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cacheward: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { dev, common } => serve(dev, common).await,
+        Command::Migrate { common } => migrate(common).await,
+        Command::Get { username, common } => {
+            call(common, "get", json!({ "username": username })).await
+        }
+        Command::Put { username, common } => {
+            call(common, "put", json!({ "username": username })).await
+        }
+        Command::Rename { old, new, common } => {
+            call(
+                common,
+                "rename",
+                json!({ "username": old, "new_username": new }),
+            )
+            .await
+        }
+        Command::Delete { username, common } => {
+            call(common, "delete", json!({ "username": username })).await
+        }
+        Command::Stats { common } => call(common, "stats", Value::Null).await,
+        Command::Health { common } => call(common, "health", Value::Null).await,
+    }
+}
+
+async fn serve(dev: bool, common: Common) -> anyhow::Result<ExitCode> {
+    let mut config = common.load()?;
+    telemetry::init(&config.log)?;
+    let stack = if dev {
+        let stack = DevStack::start()
+            .await
+            .context("starting the dev servers")?;
+        stack.configure(&mut config);
+        if common.socket.is_none() {
+            config.socket.path = PathBuf::from("cacheward.sock");
+        }
+        Some(stack)
+    } else {
+        None
+    };
+    config.require_backends()?;
+    let config = Arc::new(config);
+    let socket = server::bind(&config)?;
+    if let Some(stack) = &stack {
+        dev_banner(stack, &config);
+    }
+    let shutdown = CancellationToken::new();
+    let signals = watch_signals(shutdown.clone())?;
+    let result = daemon::run(config, socket, shutdown, Hooks::default()).await;
+    signals.close();
+    drop(stack);
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+fn dev_banner(stack: &DevStack, config: &Config) {
+    let socket = config.socket.path.display();
+    eprintln!(
+        "\ncacheward dev: PostgreSQL in {pg}, Redis in {redis}\n\
+         seeded users: {users} ({first} already cached)\n\
+         socket: {socket}\n\n\
+         try:  cargo run -- get user02 --socket {socket}     (first read comes from the database)\n      \
+         cargo run -- put alice --socket {socket}\n      \
+         cargo run -- rename alice bob --socket {socket}\n      \
+         cargo run -- stats --socket {socket}\n      \
+         echo '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{{\"username\":\"user01\"}}}}' | nc -UN {socket}\n\
+         Ctrl-C stops the daemon and removes both servers and their data.\n",
+        pg = stack.postgres.dir().display(),
+        redis = stack.redis.socket().display(),
+        users = SEED_USERS.join(", "),
+        first = SEED_USERS[0],
+    );
+}
+
+/// SIGTERM/SIGINT cancel `shutdown` (a second one exits at once); SIGHUP is logged and ignored
+/// until reload exists.
+fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<signal_hook_tokio::Handle> {
+    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("installing signal handlers")?;
+    let handle = signals.handle();
+    tokio::spawn(async move {
+        while let Some(signal) = signals.next().await {
+            let name = match signal {
+                SIGTERM => "SIGTERM",
+                SIGINT => "SIGINT",
+                _ => "SIGHUP",
+            };
+            if signal == SIGHUP {
+                tracing::info!(
+                    signal = name,
+                    "signal received: reload is not implemented yet; still running"
+                );
+            } else if shutdown.is_cancelled() {
+                tracing::warn!(
+                    signal = name,
+                    "second stop signal: exiting without draining"
+                );
+                std::process::exit(1);
+            } else {
+                tracing::info!(signal = name, "shutdown requested");
+                shutdown.cancel();
+            }
+        }
+    });
+    Ok(handle)
+}
+
+async fn migrate(common: Common) -> anyhow::Result<ExitCode> {
+    let config = common.load()?;
+    anyhow::ensure!(
+        config.postgres.url.is_some(),
+        "postgres.url is not set (set DATABASE_URL or postgres.url)"
+    );
+    let pg = db::pg_config(&config)?;
+    let mut client = db::connect(&pg).await.context("connecting to postgres")?;
+    let applied = db::migrate(&mut client).await?;
+    if applied.is_empty() {
+        println!("schema is up to date ({} migrations)", db::MIGRATIONS.len());
+    } else {
+        println!("applied migrations: {applied:?}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn call(common: Common, method: &str, params: Value) -> anyhow::Result<ExitCode> {
+    let config = common.load()?;
+    let mut client = Client::connect(&config.socket.path).await?;
+    let print = |value: &Value| {
+        if std::io::stdout().is_terminal() {
+            serde_json::to_string_pretty(value)
+        } else {
+            serde_json::to_string(value)
+        }
+        .expect("JSON values serialize")
+    };
+    match client.call(method, params).await {
+        Ok(result) => {
+            println!("{}", print(&result));
+            let unready = method == "health" && result["ready"] != json!(true);
+            Ok(if unready {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Err(ClientError::Rpc(error)) => {
+            eprintln!("{}", print(&error));
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,591 @@
+//! JSON-RPC 2.0 as DESIGN 1.3 fixes it: request parsing, username validation, error codes and
+//! response encoding. No I/O here.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+/// Longest username, in Unicode scalar values.
+pub const MAX_USERNAME_CHARS: usize = 64;
+
+/// The `data.kind` of an error, with its JSON-RPC code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    ParseError,
+    InvalidRequest,
+    MethodNotFound,
+    InvalidParams,
+    NotFound,
+    Conflict,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn code(self) -> i32 {
+        match self {
+            ErrorKind::ParseError => -32700,
+            ErrorKind::InvalidRequest => -32600,
+            ErrorKind::MethodNotFound => -32601,
+            ErrorKind::InvalidParams => -32602,
+            ErrorKind::NotFound => -32001,
+            ErrorKind::Conflict => -32002,
+            ErrorKind::Unavailable => -32003,
+            ErrorKind::Internal => -32603,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::ParseError => "parse_error",
+            ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::MethodNotFound => "method_not_found",
+            ErrorKind::InvalidParams => "invalid_params",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// An error as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl RpcError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        RpcError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn invalid_params(message: impl Into<String>) -> Self {
+        RpcError::new(ErrorKind::InvalidParams, message)
+    }
+}
+
+/// A method call with its checked parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Get {
+        username: String,
+    },
+    Put {
+        username: String,
+    },
+    Rename {
+        username: String,
+        new_username: String,
+    },
+    Delete {
+        username: String,
+    },
+    Stats,
+    Health,
+}
+
+impl Call {
+    pub fn method(&self) -> &'static str {
+        match self {
+            Call::Get { .. } => "get",
+            Call::Put { .. } => "put",
+            Call::Rename { .. } => "rename",
+            Call::Delete { .. } => "delete",
+            Call::Stats => "stats",
+            Call::Health => "health",
+        }
+    }
+}
+
+/// A request id as the client sent it (string, number or null), echoed back verbatim.
+pub type Id = Value;
+
+/// What one request line turned into.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// A valid call. `id: None` marks a notification, which is executed but never answered.
+    Call { id: Option<Id>, call: Call },
+    /// A line that must be answered with an error (`id` is null when none could be read).
+    Reject { id: Id, error: RpcError },
+    /// A notification that failed: nothing is answered.
+    Ignore,
+}
+
+/// Parses one request line (without its `\n`). Blank lines are `None`.
+pub fn parse_line(line: &[u8]) -> Option<Incoming> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    let value: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return Some(Incoming::Reject {
+                id: Value::Null,
+                error: RpcError::new(ErrorKind::ParseError, format!("parse error: {e}")),
+            })
+        }
+    };
+    Some(parse_request(value))
+}
+
+fn parse_request(value: Value) -> Incoming {
+    let reject = |id: Id, message: String| Incoming::Reject {
+        id,
+        error: RpcError::new(ErrorKind::InvalidRequest, message),
+    };
+    let mut object = match value {
+        Value::Object(o) => o,
+        Value::Array(_) => {
+            return reject(
+                Value::Null,
+                "invalid request: batches are not supported".into(),
+            )
+        }
+        other => {
+            return reject(
+                Value::Null,
+                format!(
+                    "invalid request: expected a JSON-RPC request object, got {}",
+                    type_name(&other)
+                ),
+            )
+        }
+    };
+    let id = match object.remove("id") {
+        None => None,
+        Some(id @ (Value::String(_) | Value::Number(_) | Value::Null)) => Some(id),
+        Some(other) => {
+            return reject(
+                Value::Null,
+                format!(
+                    "invalid request: id must be a string, number or null, got {}",
+                    type_name(&other)
+                ),
+            )
+        }
+    };
+    let answer_id = id.clone().unwrap_or(Value::Null);
+    match object.get("jsonrpc") {
+        Some(Value::String(v)) if v == "2.0" => {}
+        Some(other) => {
+            return reject(
+                answer_id,
+                format!("invalid request: jsonrpc must be \"2.0\", got {other}"),
+            )
+        }
+        None => {
+            return reject(
+                answer_id,
+                "invalid request: missing \"jsonrpc\": \"2.0\"".into(),
+            )
+        }
+    }
+    let method = match object.remove("method") {
+        Some(Value::String(m)) => m,
+        Some(other) => {
+            return reject(
+                answer_id,
+                format!(
+                    "invalid request: method must be a string, got {}",
+                    type_name(&other)
+                ),
+            )
+        }
+        None => return reject(answer_id, "invalid request: missing method".into()),
+    };
+    if let Some(extra) = object.keys().find(|k| *k != "jsonrpc" && *k != "params") {
+        return reject(
+            answer_id,
+            format!("invalid request: unexpected member \"{extra}\""),
+        );
+    }
+    match parse_call(&method, object.remove("params")) {
+        Ok(call) => Incoming::Call { id, call },
+        Err(_) if id.is_none() => Incoming::Ignore,
+        Err(error) => Incoming::Reject {
+            id: answer_id,
+            error,
+        },
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_call(method: &str, params: Option<Value>) -> Result<Call, RpcError> {
+    let mut params = match params {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(o)) => o,
+        Some(other) => {
+            return Err(RpcError::invalid_params(format!(
+                "invalid params: params must be an object of named parameters, got {}",
+                type_name(&other)
+            )))
+        }
+    };
+    let call = match method {
+        "get" => Call::Get {
+            username: take_username(&mut params, "username")?,
+        },
+        "put" => Call::Put {
+            username: take_username(&mut params, "username")?,
+        },
+        "rename" => Call::Rename {
+            username: take_username(&mut params, "username")?,
+            new_username: take_username(&mut params, "new_username")?,
+        },
+        "delete" => Call::Delete {
+            username: take_username(&mut params, "username")?,
+        },
+        "stats" => Call::Stats,
+        "health" => Call::Health,
+        other => {
+            let shown: String = other.chars().take(64).collect();
+            return Err(RpcError::new(
+                ErrorKind::MethodNotFound,
+                format!("method not found: \"{shown}\" (methods: get, put, rename, delete, stats, health)"),
+            ));
+        }
+    };
+    if let Some(extra) = params.keys().next() {
+        return Err(RpcError::invalid_params(format!(
+            "invalid params: unknown parameter \"{extra}\" for {method}"
+        )));
+    }
+    Ok(call)
+}
+
+fn take_username(params: &mut Map<String, Value>, name: &str) -> Result<String, RpcError> {
+    match params.remove(name) {
+        Some(Value::String(s)) => {
+            validate_username(&s)
+                .map_err(|why| RpcError::invalid_params(format!("invalid params: {name} {why}")))?;
+            Ok(s)
+        }
+        Some(other) => Err(RpcError::invalid_params(format!(
+            "invalid params: {name} must be a string, got {}",
+            type_name(&other)
+        ))),
+        None => Err(RpcError::invalid_params(format!(
+            "invalid params: missing {name}"
+        ))),
+    }
+}
+
+/// Checks DESIGN's username rule: 1–64 Unicode scalar values, no control characters, no whitespace
+/// at either end. Returns the reason as a phrase that follows the parameter's name.
+pub fn validate_username(name: &str) -> Result<(), String> {
+    let count = name.chars().count();
+    if count == 0 {
+        return Err("must not be empty".into());
+    }
+    if count > MAX_USERNAME_CHARS {
+        return Err(format!(
+            "must be at most {MAX_USERNAME_CHARS} characters, got {count}"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "must not contain control characters (found U+{:04X})",
+            c as u32
+        ));
+    }
+    let starts = name.chars().next().is_some_and(char::is_whitespace);
+    let ends = name.chars().next_back().is_some_and(char::is_whitespace);
+    if starts || ends {
+        return Err("must not start or end with whitespace".into());
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct SuccessFrame<'a, T: Serialize> {
+    jsonrpc: &'static str,
+    id: &'a Id,
+    result: T,
+}
+
+#[derive(Serialize)]
+struct ErrorFrame<'a> {
+    jsonrpc: &'static str,
+    id: &'a Id,
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: i32,
+    message: &'a str,
+    data: ErrorData,
+}
+
+#[derive(Serialize)]
+struct ErrorData {
+    kind: &'static str,
+}
+
+/// A success response line, `\n` included.
+pub fn encode_result<T: Serialize>(id: &Id, result: T) -> Vec<u8> {
+    let frame = SuccessFrame {
+        jsonrpc: "2.0",
+        id,
+        result,
+    };
+    let mut out = serde_json::to_vec(&frame).expect("responses always serialize");
+    out.push(b'\n');
+    out
+}
+
+/// An error response line, `\n` included.
+pub fn encode_error(id: &Id, error: &RpcError) -> Vec<u8> {
+    let frame = ErrorFrame {
+        jsonrpc: "2.0",
+        id,
+        error: ErrorBody {
+            code: error.kind.code(),
+            message: &error.message,
+            data: ErrorData {
+                kind: error.kind.name(),
+            },
+        },
+    };
+    let mut out = serde_json::to_vec(&frame).expect("responses always serialize");
+    out.push(b'\n');
+    out
+}
+
+/// The result of `get`: the user's JSON is embedded as stored, not re-encoded.
+#[derive(Serialize)]
+pub struct GetResult<'a> {
+    pub user: &'a RawValue,
+    pub source: &'static str,
+}
+
+/// The result of `put`.
+#[derive(Serialize)]
+pub struct PutResult<'a> {
+    pub user: &'a RawValue,
+    pub created: bool,
+}
+
+/// The result of `rename`.
+#[derive(Serialize)]
+pub struct RenameResult<'a> {
+    pub user: &'a RawValue,
+}
+
+/// The result of `delete`.
+#[derive(Serialize)]
+pub struct DeleteResult {
+    pub deleted: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(text: &str) -> Incoming {
+        parse_line(text.as_bytes()).expect("not blank")
+    }
+
+    fn rejected(text: &str) -> (Id, ErrorKind) {
+        match parse(text) {
+            Incoming::Reject { id, error } => (id, error.kind),
+            other => panic!("{text} was not rejected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_every_method() {
+        let cases = [
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"user01"}}"#,
+                Call::Get {
+                    username: "user01".into(),
+                },
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"put","params":{"username":"a"}}"#,
+                Call::Put {
+                    username: "a".into(),
+                },
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"rename","params":{"username":"a","new_username":"b"}}"#,
+                Call::Rename {
+                    username: "a".into(),
+                    new_username: "b".into(),
+                },
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"delete","params":{"username":"a"}}"#,
+                Call::Delete {
+                    username: "a".into(),
+                },
+            ),
+            (r#"{"jsonrpc":"2.0","id":1,"method":"stats"}"#, Call::Stats),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"health","params":{}}"#,
+                Call::Health,
+            ),
+        ];
+        for (text, call) in cases {
+            assert_eq!(
+                parse(text),
+                Incoming::Call {
+                    id: Some(json!(1)),
+                    call
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn notifications_have_no_id_and_never_fail_loudly() {
+        let n = parse(r#"{"jsonrpc":"2.0","method":"get","params":{"username":"a"}}"#);
+        assert_eq!(
+            n,
+            Incoming::Call {
+                id: None,
+                call: Call::Get {
+                    username: "a".into()
+                }
+            }
+        );
+        assert_eq!(
+            parse(r#"{"jsonrpc":"2.0","method":"nope"}"#),
+            Incoming::Ignore
+        );
+        assert_eq!(
+            parse(r#"{"jsonrpc":"2.0","method":"get","params":{"username":""}}"#),
+            Incoming::Ignore
+        );
+    }
+
+    #[test]
+    fn null_id_is_a_request_not_a_notification() {
+        assert_eq!(
+            parse(r#"{"jsonrpc":"2.0","id":null,"method":"stats"}"#),
+            Incoming::Call {
+                id: Some(Value::Null),
+                call: Call::Stats
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_lines_get_the_designed_errors() {
+        assert_eq!(rejected("{"), (Value::Null, ErrorKind::ParseError));
+        assert_eq!(
+            rejected("\u{1}\u{2}garbage"),
+            (Value::Null, ErrorKind::ParseError)
+        );
+        assert_eq!(
+            parse_line(b"\xff\xfe{").map(|i| matches!(i, Incoming::Reject { .. })),
+            Some(true)
+        );
+        assert_eq!(rejected("[]"), (Value::Null, ErrorKind::InvalidRequest));
+        assert_eq!(
+            rejected(r#"[{"jsonrpc":"2.0","id":1,"method":"stats"}]"#),
+            (Value::Null, ErrorKind::InvalidRequest)
+        );
+        assert_eq!(rejected("42"), (Value::Null, ErrorKind::InvalidRequest));
+        assert_eq!(
+            rejected(r#"{"jsonrpc":"2.0","id":3}"#),
+            (json!(3), ErrorKind::InvalidRequest)
+        );
+        assert_eq!(
+            rejected(r#"{"jsonrpc":"2.0","id":3,"method":7}"#),
+            (json!(3), ErrorKind::InvalidRequest)
+        );
+        assert_eq!(
+            rejected(r#"{"id":3,"method":"stats"}"#),
+            (json!(3), ErrorKind::InvalidRequest)
+        );
+        assert_eq!(
+            rejected(r#"{"jsonrpc":"2.0","id":[1],"method":"stats"}"#),
+            (Value::Null, ErrorKind::InvalidRequest)
+        );
+        assert_eq!(
+            rejected(r#"{"jsonrpc":"2.0","id":"x","method":"fly"}"#),
+            (json!("x"), ErrorKind::MethodNotFound)
+        );
+        assert_eq!(
+            rejected(r#"{"jsonrpc":"2.0","id":1,"method":"get"}"#).1,
+            ErrorKind::InvalidParams
+        );
+        assert_eq!(
+            rejected(r#"{"jsonrpc":"2.0","id":1,"method":"get","params":["a"]}"#).1,
+            ErrorKind::InvalidParams
+        );
+        assert_eq!(
+            rejected(r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":5}}"#).1,
+            ErrorKind::InvalidParams
+        );
+        assert_eq!(
+            rejected(r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a","x":1}}"#)
+                .1,
+            ErrorKind::InvalidParams
+        );
+        assert_eq!(
+            rejected(r#"{"jsonrpc":"2.0","id":1,"method":"rename","params":{"username":"a"}}"#).1,
+            ErrorKind::InvalidParams
+        );
+        assert!(parse_line(b"   \r").is_none());
+    }
+
+    #[test]
+    fn usernames_follow_the_rule() {
+        assert!(validate_username("user01").is_ok());
+        assert!(validate_username(&"é".repeat(64)).is_ok());
+        assert!(validate_username("with inner space").is_ok());
+        assert!(validate_username("").is_err());
+        assert!(validate_username(&"a".repeat(65))
+            .unwrap_err()
+            .contains("65"));
+        assert!(validate_username("a\u{0}b").unwrap_err().contains("U+0000"));
+        assert!(validate_username("a\nb").is_err());
+        assert!(validate_username(" a").is_err());
+        assert!(validate_username("a\u{3000}").is_err());
+    }
+
+    #[test]
+    fn responses_are_single_lines_with_code_and_kind() {
+        let line = encode_error(
+            &json!(7),
+            &RpcError::new(ErrorKind::NotFound, "user 'x' not found"),
+        );
+        assert_eq!(line.last(), Some(&b'\n'));
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            v,
+            json!({"jsonrpc":"2.0","id":7,"error":{"code":-32001,"message":"user 'x' not found","data":{"kind":"not_found"}}})
+        );
+        let raw = RawValue::from_string(r#"{"id":1,"username":"a"}"#.into()).unwrap();
+        let line = encode_result(
+            &json!("q"),
+            GetResult {
+                user: &raw,
+                source: "cache",
+            },
+        );
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            "{\"jsonrpc\":\"2.0\",\"id\":\"q\",\"result\":{\"user\":{\"id\":1,\"username\":\"a\"},\"source\":\"cache\"}}\n"
+        );
+    }
+}

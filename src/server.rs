@@ -1,0 +1,559 @@
+//! The Unix socket: binding (never stealing a live daemon's socket), the accept loop with its
+//! connection limit, and one task per connection that frames lines, runs pipelined requests
+//! concurrently and answers them in order.
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::protocol::{self, Call, ErrorKind, Id, Incoming, RpcError};
+use crate::service::Service;
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// Another process answers on the path: a live daemon, whose socket is never taken over.
+    #[error("another cacheward is already listening on {0}")]
+    InUse(PathBuf),
+    /// Something that is not a socket sits at the path; it is left alone.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("cannot set up socket {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// A listening socket and the identity of the file it created, so that shutdown removes that file
+/// and not one a successor may have put at the same path.
+pub struct BoundSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    inode: (u64, u64),
+}
+
+impl BoundSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn remove_file(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.inode => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot remove socket file");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Binds the socket at `config.socket.path` with `config.socket.mode`. A socket file left by a
+/// crashed daemon (nobody answers on it) is replaced; a live one is an error.
+pub fn bind(config: &Config) -> Result<BoundSocket, BindError> {
+    let path = config.socket.path.clone();
+    let io_err = |source| BindError::Io {
+        path: path.clone(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_err)?;
+    }
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if !meta.file_type().is_socket() => return Err(BindError::NotASocket(path)),
+        Ok(_) => match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(_) => return Err(BindError::InUse(path)),
+            Err(e)
+                if e.kind() == io::ErrorKind::ConnectionRefused
+                    || e.kind() == io::ErrorKind::NotFound =>
+            {
+                tracing::info!(path = %path.display(), "replacing stale socket file");
+                std::fs::remove_file(&path)
+                    .or_else(|e| match e.kind() {
+                        io::ErrorKind::NotFound => Ok(()),
+                        _ => Err(e),
+                    })
+                    .map_err(io_err)?;
+            }
+            Err(e) => return Err(io_err(e)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let listener = UnixListener::bind(&path).map_err(io_err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config.socket.mode.0))
+        .map_err(io_err)?;
+    let meta = std::fs::symlink_metadata(&path).map_err(io_err)?;
+    Ok(BoundSocket {
+        listener,
+        path,
+        inode: (meta.dev(), meta.ino()),
+    })
+}
+
+/// Serves connections until `shutdown` fires, then stops accepting, removes the socket file and
+/// waits up to `drain` for the open connections to finish their in-flight requests.
+pub async fn serve(
+    socket: BoundSocket,
+    service: Arc<Service>,
+    config: Arc<Config>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let permits = Arc::new(Semaphore::new(config.socket.max_connections));
+    let connections = TaskTracker::new();
+    let mut next_id: u64 = 0;
+    loop {
+        // The permit is taken before accept: at the limit, new clients wait in the listen queue.
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let stream = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            accepted = socket.listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        next_id += 1;
+        let span = tracing::debug_span!("connection", conn = next_id);
+        let (service, config, shutdown) = (service.clone(), config.clone(), shutdown.clone());
+        connections.spawn(
+            async move {
+                service.stats.connections.fetch_add(1, Relaxed);
+                if let Err(e) = Connection::new(&config, service.clone(), shutdown)
+                    .run(stream)
+                    .await
+                {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                service.stats.connections.fetch_sub(1, Relaxed);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+    socket.remove_file();
+    drop(socket);
+    connections.close();
+    let open = connections.len();
+    tracing::info!(
+        connections = open,
+        "stopped accepting; draining connections"
+    );
+    if tokio::time::timeout(drain, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = connections.len(),
+            "drain timed out; closing remaining connections"
+        );
+    }
+}
+
+/// A frame cut from the input stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A complete line, without its `\n` (and `\r`).
+    Line(BytesMut),
+    /// A line longer than the limit; its bytes were dropped.
+    TooLong,
+}
+
+/// Cuts `\n`-terminated lines out of a byte stream, holding at most `max` bytes of an unfinished
+/// line: past that the line is reported as too long once and the rest of it is discarded as it
+/// arrives, so memory stays bounded whatever the client sends.
+#[derive(Debug)]
+pub struct LineBuffer {
+    buf: BytesMut,
+    max: usize,
+    /// Inside an over-long line: drop bytes up to the next `\n`.
+    discarding: bool,
+    /// Bytes of `buf` already searched for `\n`.
+    scanned: usize,
+}
+
+/// Bytes reserved for each read.
+const READ_CHUNK: usize = 16 * 1024;
+
+impl LineBuffer {
+    pub fn new(max: usize) -> Self {
+        LineBuffer {
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            max,
+            discarding: false,
+            scanned: 0,
+        }
+    }
+
+    /// Space to read into.
+    pub fn spare(&mut self) -> &mut BytesMut {
+        self.buf.reserve(READ_CHUNK);
+        &mut self.buf
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next frame, if one is complete.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        loop {
+            let newline = self.buf[self.scanned..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|i| self.scanned + i);
+            if self.discarding {
+                match newline {
+                    Some(at) => {
+                        self.buf.advance(at + 1);
+                        self.scanned = 0;
+                        self.discarding = false;
+                        continue;
+                    }
+                    None => {
+                        self.buf.clear();
+                        self.scanned = 0;
+                        return None;
+                    }
+                }
+            }
+            return match newline {
+                Some(at) if at > self.max => {
+                    self.buf.advance(at + 1);
+                    self.scanned = 0;
+                    Some(Frame::TooLong)
+                }
+                Some(at) => {
+                    let mut line = self.buf.split_to(at + 1);
+                    line.truncate(at);
+                    if line.last() == Some(&b'\r') {
+                        line.truncate(at - 1);
+                    }
+                    self.scanned = 0;
+                    Some(Frame::Line(line))
+                }
+                None if self.buf.len() > self.max => {
+                    self.buf.clear();
+                    self.scanned = 0;
+                    self.discarding = true;
+                    Some(Frame::TooLong)
+                }
+                None => {
+                    self.scanned = self.buf.len();
+                    None
+                }
+            };
+        }
+    }
+
+    /// At end of input: an unterminated last line is still a line.
+    pub fn finish(&mut self) -> Option<Frame> {
+        if self.discarding || self.buf.is_empty() {
+            return None;
+        }
+        self.scanned = 0;
+        Some(Frame::Line(self.buf.split()))
+    }
+}
+
+type Pending = Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send>>;
+
+/// One client connection.
+struct Connection {
+    lines: LineBuffer,
+    service: Arc<Service>,
+    shutdown: CancellationToken,
+    max_inflight: usize,
+    max_request_bytes: usize,
+    idle_timeout: Option<Duration>,
+    /// Requests running, answered in arrival order.
+    inflight: FuturesOrdered<Pending>,
+}
+
+impl Connection {
+    fn new(config: &Config, service: Arc<Service>, shutdown: CancellationToken) -> Self {
+        Connection {
+            lines: LineBuffer::new(config.socket.max_request_bytes),
+            service,
+            shutdown,
+            max_inflight: config.socket.max_inflight,
+            max_request_bytes: config.socket.max_request_bytes,
+            idle_timeout: config.idle_timeout(),
+            inflight: FuturesOrdered::new(),
+        }
+    }
+
+    async fn run(mut self, stream: UnixStream) -> io::Result<()> {
+        let (mut reader, writer) = stream.into_split();
+        let mut writer = BufWriter::with_capacity(16 * 1024, writer);
+        let mut reading = true;
+        let mut unflushed = false;
+        let idle = self.idle_timeout.unwrap_or(Duration::MAX);
+        let idle_sleep = tokio::time::sleep(idle.min(Duration::from_secs(86400 * 365)));
+        tokio::pin!(idle_sleep);
+        loop {
+            // Start every buffered request the in-flight limit allows.
+            while reading && self.inflight.len() < self.max_inflight {
+                match self.lines.next_frame() {
+                    Some(frame) => self.start(frame),
+                    None => break,
+                }
+            }
+            if !reading && self.inflight.is_empty() {
+                break;
+            }
+            let can_read = reading && self.inflight.len() < self.max_inflight;
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled(), if reading => {
+                    // Finish what is in flight, read nothing more.
+                    reading = false;
+                }
+                Some(response) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    if let Some(bytes) = response {
+                        writer.write_all(&bytes).await?;
+                        unflushed = true;
+                    }
+                }
+                read = reader.read_buf(self.lines.spare()), if can_read => {
+                    match read {
+                        Ok(0) => {
+                            reading = false;
+                            if let Some(frame) = self.lines.finish() {
+                                self.start(frame);
+                            }
+                        }
+                        Ok(_) => {
+                            if let Some(idle) = self.idle_timeout {
+                                idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                // Lowest priority: flush once nothing else is ready, so pipelined answers leave in
+                // one write.
+                flushed = writer.flush(), if unflushed => {
+                    flushed?;
+                    unflushed = false;
+                }
+                _ = &mut idle_sleep, if self.idle_timeout.is_some() && self.inflight.is_empty() && reading => {
+                    tracing::debug!("closing idle connection");
+                    reading = false;
+                }
+            }
+        }
+        writer.flush().await?;
+        writer.shutdown().await.ok();
+        Ok(())
+    }
+
+    /// Turns one frame into a pending answer, queued behind the earlier ones.
+    fn start(&mut self, frame: Frame) {
+        let line = match frame {
+            Frame::Line(line) => line,
+            Frame::TooLong => {
+                let error = RpcError::new(
+                    ErrorKind::InvalidRequest,
+                    format!(
+                        "invalid request: line longer than socket.max_request_bytes ({} bytes); discarded",
+                        self.max_request_bytes
+                    ),
+                );
+                self.service.stats.requests.fetch_add(1, Relaxed);
+                self.service.stats.errors.fetch_add(1, Relaxed);
+                let bytes = protocol::encode_error(&Id::Null, &error);
+                self.inflight
+                    .push_back(Box::pin(async move { Some(bytes) }));
+                return;
+            }
+        };
+        let Some(incoming) = protocol::parse_line(&line) else {
+            return;
+        };
+        let stats = &self.service.stats;
+        stats.requests.fetch_add(1, Relaxed);
+        match incoming {
+            Incoming::Reject { id, error } => {
+                stats.errors.fetch_add(1, Relaxed);
+                tracing::debug!(kind = error.kind.name(), message = %error.message, "request rejected");
+                let bytes = protocol::encode_error(&id, &error);
+                self.inflight
+                    .push_back(Box::pin(async move { Some(bytes) }));
+            }
+            Incoming::Ignore => {
+                stats.errors.fetch_add(1, Relaxed);
+            }
+            Incoming::Call { id, call } => {
+                let service = self.service.clone();
+                self.inflight.push_back(Box::pin(async move {
+                    let method = call.method();
+                    let outcome = answer(&service, call).await;
+                    if let Err(error) = &outcome {
+                        service.stats.errors.fetch_add(1, Relaxed);
+                        tracing::debug!(method, kind = error.kind.name(), message = %error.message, "request failed");
+                    }
+                    let id = id?;
+                    Some(match outcome {
+                        Ok(result) => result.encode(&id),
+                        Err(error) => protocol::encode_error(&id, &error),
+                    })
+                }));
+            }
+        }
+    }
+}
+
+/// A successful result, encoded once the id is known.
+enum Answer {
+    Get(String, &'static str),
+    Put(String, bool),
+    Rename(String),
+    Delete(bool),
+    Stats(crate::service::StatsReport),
+    Health(crate::service::HealthReport),
+}
+
+impl Answer {
+    fn encode(self, id: &Id) -> Vec<u8> {
+        use protocol::{DeleteResult, GetResult, PutResult, RenameResult};
+        let raw = |json: &str| -> Box<serde_json::value::RawValue> {
+            serde_json::value::RawValue::from_string(json.to_owned()).unwrap_or_else(|_| {
+                serde_json::value::RawValue::from_string("null".into()).expect("null is JSON")
+            })
+        };
+        match self {
+            Answer::Get(json, source) => protocol::encode_result(
+                id,
+                GetResult {
+                    user: &raw(&json),
+                    source,
+                },
+            ),
+            Answer::Put(json, created) => protocol::encode_result(
+                id,
+                PutResult {
+                    user: &raw(&json),
+                    created,
+                },
+            ),
+            Answer::Rename(json) => protocol::encode_result(id, RenameResult { user: &raw(&json) }),
+            Answer::Delete(deleted) => protocol::encode_result(id, DeleteResult { deleted }),
+            Answer::Stats(report) => protocol::encode_result(id, report),
+            Answer::Health(report) => protocol::encode_result(id, report),
+        }
+    }
+}
+
+async fn answer(service: &Arc<Service>, call: Call) -> Result<Answer, RpcError> {
+    tracing::debug!(method = call.method(), "request");
+    Ok(match call {
+        Call::Get { username } => {
+            let (json, source) = service.get(&username).await?;
+            Answer::Get(json, source.as_str())
+        }
+        Call::Put { username } => {
+            let (json, created) = service.put(username).await?;
+            Answer::Put(json, created)
+        }
+        Call::Rename {
+            username,
+            new_username,
+        } => Answer::Rename(service.rename(username, new_username).await?),
+        Call::Delete { username } => Answer::Delete(service.delete(username).await?),
+        Call::Stats => Answer::Stats(service.stats_report()),
+        Call::Health => Answer::Health(service.health_report()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(lines: &mut LineBuffer, bytes: &[u8]) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        for chunk in bytes.chunks(7000) {
+            lines.spare().extend_from_slice(chunk);
+            while let Some(frame) = lines.next_frame() {
+                frames.push(frame);
+            }
+        }
+        frames
+    }
+
+    fn line(text: &str) -> Frame {
+        Frame::Line(BytesMut::from(text))
+    }
+
+    #[test]
+    fn cuts_lines_and_strips_cr() {
+        let mut lines = LineBuffer::new(100);
+        assert_eq!(
+            feed(&mut lines, b"a\r\nbc\n\nd"),
+            vec![line("a"), line("bc"), line("")]
+        );
+        assert_eq!(lines.finish(), Some(line("d")));
+        assert_eq!(lines.finish(), None);
+    }
+
+    #[test]
+    fn overlong_line_is_reported_once_and_the_stream_recovers() {
+        let mut lines = LineBuffer::new(64);
+        let mut input = vec![b'x'; 10 * 1024 * 1024];
+        input.push(b'\n');
+        input.extend_from_slice(b"ok\n");
+        let mut frames = Vec::new();
+        for chunk in input.chunks(READ_CHUNK) {
+            lines.spare().extend_from_slice(chunk);
+            while let Some(frame) = lines.next_frame() {
+                frames.push(frame);
+            }
+            assert!(
+                lines.buffered() <= 64 + READ_CHUNK,
+                "buffer grew to {}",
+                lines.buffered()
+            );
+        }
+        assert_eq!(frames, vec![Frame::TooLong, line("ok")]);
+    }
+
+    #[test]
+    fn overlong_line_inside_one_read_is_dropped() {
+        let mut lines = LineBuffer::new(4);
+        assert_eq!(
+            feed(&mut lines, b"123456\nabcd\n"),
+            vec![Frame::TooLong, line("abcd")]
+        );
+    }
+
+    #[test]
+    fn unterminated_overlong_tail_is_not_a_line() {
+        let mut lines = LineBuffer::new(4);
+        assert_eq!(feed(&mut lines, b"123456"), vec![Frame::TooLong]);
+        assert_eq!(lines.finish(), None);
+    }
+}

@@ -1,0 +1,622 @@
+//! The use cases behind the socket: `get` (cache-aside, one database query per cold key), `put`,
+//! `rename` and `delete` (write-through, PostgreSQL first), and what keeps the cache honest when a
+//! Redis write fails: the repair queue.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::OnceCell;
+
+use crate::cache::{Cache, CacheError, Write};
+use crate::db::{Db, DbError};
+use crate::protocol::{ErrorKind, RpcError};
+
+/// Names queued for repair before the queue gives up on names and clears the whole cache instead.
+pub const REPAIR_CAPACITY: usize = 100_000;
+/// Names repaired per database query and Redis call.
+const REPAIR_BATCH: usize = 500;
+
+/// Why a use case failed, as the client will be told.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ServiceError {
+    #[error("user '{0}' not found")]
+    NotFound(String),
+    #[error("user '{0}' already exists")]
+    Conflict(String),
+    /// A backend the request needs is down or timed out.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ServiceError> for RpcError {
+    fn from(e: ServiceError) -> Self {
+        let kind = match e {
+            ServiceError::NotFound(_) => ErrorKind::NotFound,
+            ServiceError::Conflict(_) => ErrorKind::Conflict,
+            ServiceError::Unavailable(_) => ErrorKind::Unavailable,
+            ServiceError::Internal(_) => ErrorKind::Internal,
+        };
+        RpcError::new(kind, e.to_string())
+    }
+}
+
+/// Where a `get` found the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Db,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::Db => "db",
+        }
+    }
+}
+
+/// The two backends, as named in logs and `health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Redis,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Redis => "redis",
+        }
+    }
+}
+
+/// What the daemon currently believes about its backends. Written by the health monitor and by
+/// failing requests, read by every request.
+#[derive(Debug, Default)]
+pub struct Health {
+    postgres_up: AtomicBool,
+    redis_up: AtomicBool,
+    postgres_seen: AtomicBool,
+    redis_seen: AtomicBool,
+    /// Latched once both backends were reached while the socket listens (DESIGN: stays true while
+    /// degraded).
+    ready: AtomicBool,
+}
+
+impl Health {
+    pub fn is_up(&self, backend: Backend) -> bool {
+        match backend {
+            Backend::Postgres => self.postgres_up.load(Relaxed),
+            Backend::Redis => self.redis_up.load(Relaxed),
+        }
+    }
+
+    /// Records a backend's state; logs `backend up` / `backend down` on a change. Returns true when
+    /// this call brought the backend up.
+    pub fn set(&self, backend: Backend, up: bool, reason: &str) -> bool {
+        let (flag, seen) = match backend {
+            Backend::Postgres => (&self.postgres_up, &self.postgres_seen),
+            Backend::Redis => (&self.redis_up, &self.redis_seen),
+        };
+        let was = flag.swap(up, Relaxed);
+        if up && !was {
+            let first = !seen.swap(true, Relaxed);
+            if first {
+                tracing::info!(backend = backend.name(), "backend reached");
+            } else {
+                tracing::warn!(backend = backend.name(), "backend up");
+            }
+            return true;
+        }
+        if !up && was {
+            tracing::warn!(backend = backend.name(), reason, "backend down");
+        }
+        false
+    }
+
+    /// Both backends were reached at least once; the caller then latches readiness.
+    pub fn both_seen(&self) -> bool {
+        self.postgres_seen.load(Relaxed) && self.redis_seen.load(Relaxed)
+    }
+
+    pub fn set_ready(&self) -> bool {
+        !self.ready.swap(true, Relaxed)
+    }
+
+    pub fn ready(&self) -> bool {
+        self.ready.load(Relaxed)
+    }
+}
+
+/// Counters behind `stats` and the periodic stats log line.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub db_queries: AtomicU64,
+}
+
+/// `stats` as sent to clients (DESIGN 1.3).
+#[derive(Debug, Serialize)]
+pub struct StatsReport {
+    pub uptime_secs: u64,
+    pub connections: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub db_queries: u64,
+    pub repairs_pending: u64,
+    pub cdc: CdcReport,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct CdcReport {
+    pub applied: u64,
+    pub batches: u64,
+    pub reconnects: u64,
+    pub resyncs: u64,
+    pub lag_ms: LagReport,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct LagReport {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+/// `health` as sent to clients (DESIGN 1.3).
+#[derive(Debug, Serialize)]
+pub struct HealthReport {
+    pub ready: bool,
+    pub postgres: &'static str,
+    pub redis: &'static str,
+    pub cdc: CdcHealth,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct CdcHealth {
+    pub listening: bool,
+    pub cursor: i64,
+    pub lag_ms: u64,
+}
+
+/// A pause point for tests: runs after a cache-aside fill read its row and before it writes Redis.
+pub type FillHook = Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Test-only interleaving points; all `None` in production.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub before_fill: Option<FillHook>,
+}
+
+/// One database read shared by every concurrent miss on the same username.
+#[derive(Default)]
+struct Flight {
+    result: OnceCell<Result<Option<String>, ServiceError>>,
+}
+
+/// Names whose Redis entry may be stale because a write-through could not reach Redis. Each name
+/// carries the generation it was last queued at, so a repair that raced a newer failure keeps it.
+#[derive(Default)]
+struct RepairQueue {
+    names: HashMap<String, u64>,
+    generation: u64,
+    /// Too many names to track: the whole cache is cleared once Redis is back.
+    overflowed: bool,
+}
+
+/// The request-path use cases, shared by every connection.
+pub struct Service {
+    db: Db,
+    cache: Cache,
+    pub health: Arc<Health>,
+    pub stats: Arc<Stats>,
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    repair: Mutex<RepairQueue>,
+    /// Fast check for the read path: true while the repair queue holds anything.
+    repair_pending: AtomicBool,
+    repair_len: AtomicUsize,
+    hooks: Hooks,
+    started: Instant,
+}
+
+fn db_error(e: DbError, health: &Health) -> ServiceError {
+    match e {
+        DbError::Unavailable(reason) => {
+            health.set(Backend::Postgres, false, &reason);
+            ServiceError::Unavailable(format!("postgres unavailable: {reason}"))
+        }
+        DbError::Timeout(reason) => {
+            ServiceError::Unavailable(format!("postgres timed out: {reason}"))
+        }
+        DbError::Conflict(reason) | DbError::Other(reason) => {
+            tracing::error!(error = %reason, "postgres query failed");
+            ServiceError::Internal(format!("postgres: {reason}"))
+        }
+    }
+}
+
+impl Service {
+    pub fn new(db: Db, cache: Cache, hooks: Hooks) -> Service {
+        Service {
+            db,
+            cache,
+            health: Arc::new(Health::default()),
+            stats: Arc::new(Stats::default()),
+            flights: Mutex::new(HashMap::new()),
+            repair: Mutex::new(RepairQueue::default()),
+            repair_pending: AtomicBool::new(false),
+            repair_len: AtomicUsize::new(0),
+            hooks,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// Cache-aside read: Redis, else PostgreSQL (one query however many ask at once), then fill.
+    pub async fn get(&self, username: &str) -> Result<(String, Source), ServiceError> {
+        if self.cache_trusted_for(username) {
+            match self.cache.get_live(username).await {
+                Ok(Some(json)) => {
+                    self.stats.cache_hits.fetch_add(1, Relaxed);
+                    return Ok((json, Source::Cache));
+                }
+                Ok(None) => {}
+                Err(e) => self.cache_failed(&e, "get"),
+            }
+        }
+        self.stats.cache_misses.fetch_add(1, Relaxed);
+        match self.load_shared(username).await? {
+            Some(json) => Ok((json, Source::Db)),
+            None => Err(ServiceError::NotFound(username.to_owned())),
+        }
+    }
+
+    /// Whether Redis may answer for `username`: it is up, and no failed write left its entry in doubt.
+    fn cache_trusted_for(&self, username: &str) -> bool {
+        if !self.health.is_up(Backend::Redis) {
+            return false;
+        }
+        if !self.repair_pending.load(Relaxed) {
+            return true;
+        }
+        let queue = self.repair.lock().expect("repair lock is never poisoned");
+        !queue.overflowed && !queue.names.contains_key(username)
+    }
+
+    /// Single flight: the first miss on a name reads the database and fills Redis; every miss that
+    /// arrives meanwhile waits for that result instead of querying again. If the leader is
+    /// cancelled, a waiter takes over.
+    async fn load_shared(&self, username: &str) -> Result<Option<String>, ServiceError> {
+        let flight = {
+            let mut flights = self.flights.lock().expect("flight lock is never poisoned");
+            flights.entry(username.to_owned()).or_default().clone()
+        };
+        let result = flight
+            .result
+            .get_or_init(|| self.load_and_fill(username))
+            .await
+            .clone();
+        let mut flights = self.flights.lock().expect("flight lock is never poisoned");
+        if flights
+            .get(username)
+            .is_some_and(|f| Arc::ptr_eq(f, &flight))
+        {
+            flights.remove(username);
+        }
+        result
+    }
+
+    async fn load_and_fill(&self, username: &str) -> Result<Option<String>, ServiceError> {
+        self.stats.db_queries.fetch_add(1, Relaxed);
+        let Some(user) = self
+            .db
+            .find_user(username)
+            .await
+            .map_err(|e| db_error(e, &self.health))?
+        else {
+            return Ok(None);
+        };
+        let json = user.to_json();
+        if let Some(hook) = &self.hooks.before_fill {
+            hook(username.to_owned()).await;
+        }
+        if self.health.is_up(Backend::Redis) {
+            let fill = Write::Live {
+                username: user.username.clone(),
+                version: user.version,
+                json: json.clone(),
+            };
+            match self.cache.apply(&[fill]).await {
+                Ok(applied) if applied.first() == Some(&false) => {
+                    tracing::debug!(
+                        username,
+                        version = user.version,
+                        "cache fill refused: newer version cached"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => self.cache_failed(&e, "fill"),
+            }
+        }
+        Ok(Some(json))
+    }
+
+    /// Get-or-create, write-through. Returns the user's JSON and whether it was created.
+    pub async fn put(self: &Arc<Self>, username: String) -> Result<(String, bool), ServiceError> {
+        self.detached(move |svc| async move {
+            svc.stats.db_queries.fetch_add(1, Relaxed);
+            let (user, created) = svc
+                .db
+                .get_or_create(&username)
+                .await
+                .map_err(|e| db_error(e, &svc.health))?;
+            let json = user.to_json();
+            svc.write_through(vec![Write::Live {
+                username: user.username,
+                version: user.version,
+                json: json.clone(),
+            }])
+            .await;
+            Ok((json, created))
+        })
+        .await
+    }
+
+    /// Rename, write-through: the old name's entry becomes a tombstone, the new one is set.
+    pub async fn rename(
+        self: &Arc<Self>,
+        old: String,
+        new: String,
+    ) -> Result<String, ServiceError> {
+        self.detached(move |svc| async move {
+            svc.stats.db_queries.fetch_add(1, Relaxed);
+            let user = match svc.db.rename(&old, &new).await {
+                Ok(Some(user)) => user,
+                Ok(None) => return Err(ServiceError::NotFound(old)),
+                Err(DbError::Conflict(_)) => return Err(ServiceError::Conflict(new)),
+                Err(e) => return Err(db_error(e, &svc.health)),
+            };
+            let json = user.to_json();
+            let mut writes = Vec::with_capacity(2);
+            if old != new {
+                writes.push(Write::Tombstone {
+                    username: old,
+                    version: user.version,
+                });
+            }
+            writes.push(Write::Live {
+                username: user.username,
+                version: user.version,
+                json: json.clone(),
+            });
+            svc.write_through(writes).await;
+            Ok(json)
+        })
+        .await
+    }
+
+    /// Delete, write-through: the entry becomes a tombstone carrying the deleted row's version.
+    pub async fn delete(self: &Arc<Self>, username: String) -> Result<bool, ServiceError> {
+        self.detached(move |svc| async move {
+            svc.stats.db_queries.fetch_add(1, Relaxed);
+            let Some(version) = svc
+                .db
+                .delete(&username)
+                .await
+                .map_err(|e| db_error(e, &svc.health))?
+            else {
+                return Ok(false);
+            };
+            svc.write_through(vec![Write::Tombstone { username, version }])
+                .await;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Runs a write on its own task, so that a client that hangs up between the database commit and
+    /// the Redis write cannot cancel the second half.
+    async fn detached<T, F, Fut>(self: &Arc<Self>, f: F) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Service>) -> Fut,
+        Fut: Future<Output = Result<T, ServiceError>> + Send + 'static,
+    {
+        tokio::spawn(f(self.clone()))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("write task failed: {e}")))?
+    }
+
+    /// The Redis half of a write. A failure never fails the request (the row is the truth): the
+    /// names are queued and repaired from the database once Redis answers again.
+    async fn write_through(&self, writes: Vec<Write>) {
+        if self.health.is_up(Backend::Redis) {
+            match self.cache.apply(&writes).await {
+                Ok(_) => return,
+                Err(e) => self.cache_failed(&e, "write"),
+            }
+        }
+        let names: Vec<&str> = writes.iter().map(Write::username).collect();
+        tracing::debug!(usernames = ?names, "cache write skipped: queued for repair");
+        self.queue_repair(names);
+    }
+
+    fn cache_failed(&self, e: &CacheError, during: &'static str) {
+        match e {
+            CacheError::Down(reason) => {
+                self.health.set(Backend::Redis, false, reason);
+            }
+            CacheError::Timeout(after) => {
+                tracing::warn!(
+                    during,
+                    timeout_ms = after.as_millis() as u64,
+                    "redis call timed out"
+                );
+            }
+            CacheError::Server(reason) => {
+                tracing::error!(during, error = %reason, "redis refused a command");
+            }
+        }
+    }
+
+    fn queue_repair(&self, names: Vec<&str>) {
+        let mut queue = self.repair.lock().expect("repair lock is never poisoned");
+        if queue.overflowed {
+            return;
+        }
+        queue.generation += 1;
+        let generation = queue.generation;
+        for name in names {
+            if queue.names.len() >= REPAIR_CAPACITY {
+                tracing::error!(
+                    capacity = REPAIR_CAPACITY,
+                    "repair queue full: every cached user will be removed once redis is back"
+                );
+                queue.overflowed = true;
+                queue.names.clear();
+                break;
+            }
+            queue.names.insert(name.to_owned(), generation);
+        }
+        self.repair_len.store(queue.names.len(), Relaxed);
+        self.repair_pending.store(true, Relaxed);
+    }
+
+    /// Names waiting for repair (or the capacity, after an overflow).
+    pub fn repairs_pending(&self) -> usize {
+        let queue = self.repair.lock().expect("repair lock is never poisoned");
+        if queue.overflowed {
+            REPAIR_CAPACITY
+        } else {
+            queue.names.len()
+        }
+    }
+
+    /// Brings every queued name's entry in line with its row (or clears the cache after an
+    /// overflow). Returns how many names were repaired. Called by the health monitor while both
+    /// backends are up.
+    pub async fn run_repairs(&self) -> Result<usize, ServiceError> {
+        if !self.repair_pending.load(Relaxed) {
+            return Ok(0);
+        }
+        let overflowed = self
+            .repair
+            .lock()
+            .expect("repair lock is never poisoned")
+            .overflowed;
+        if overflowed {
+            let removed = self
+                .cache
+                .clear_all()
+                .await
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+            tracing::warn!(removed, "cache cleared after repair queue overflow");
+            let mut queue = self.repair.lock().expect("repair lock is never poisoned");
+            queue.overflowed = false;
+            self.repair_pending.store(!queue.names.is_empty(), Relaxed);
+        }
+        let mut repaired = 0;
+        loop {
+            let batch: Vec<(String, u64)> = {
+                let queue = self.repair.lock().expect("repair lock is never poisoned");
+                queue
+                    .names
+                    .iter()
+                    .take(REPAIR_BATCH)
+                    .map(|(n, g)| (n.clone(), *g))
+                    .collect()
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let names: Vec<String> = batch.iter().map(|(n, _)| n.clone()).collect();
+            let (rows, horizon) = self
+                .db
+                .current_rows(&names)
+                .await
+                .map_err(|e| db_error(e, &self.health))?;
+            let mut writes: Vec<Write> = rows
+                .into_iter()
+                .map(|u| Write::Live {
+                    json: u.to_json(),
+                    username: u.username,
+                    version: u.version,
+                })
+                .collect();
+            for name in &names {
+                if !writes.iter().any(|w| w.username() == name) {
+                    writes.push(Write::Tombstone {
+                        username: name.clone(),
+                        version: horizon,
+                    });
+                }
+            }
+            self.cache.apply(&writes).await.map_err(|e| {
+                self.cache_failed(&e, "repair");
+                ServiceError::Unavailable(e.to_string())
+            })?;
+            let mut queue = self.repair.lock().expect("repair lock is never poisoned");
+            for (name, generation) in &batch {
+                if queue.names.get(name) == Some(generation) {
+                    queue.names.remove(name);
+                    repaired += 1;
+                }
+            }
+            self.repair_len.store(queue.names.len(), Relaxed);
+            if queue.names.is_empty() && !queue.overflowed {
+                self.repair_pending.store(false, Relaxed);
+            }
+        }
+        if repaired > 0 {
+            tracing::info!(repaired, "cache entries repaired");
+        }
+        Ok(repaired)
+    }
+
+    pub fn stats_report(&self) -> StatsReport {
+        let s = &self.stats;
+        StatsReport {
+            uptime_secs: self.started.elapsed().as_secs(),
+            connections: s.connections.load(Relaxed),
+            requests: s.requests.load(Relaxed),
+            errors: s.errors.load(Relaxed),
+            cache_hits: s.cache_hits.load(Relaxed),
+            cache_misses: s.cache_misses.load(Relaxed),
+            db_queries: s.db_queries.load(Relaxed),
+            repairs_pending: self.repair_len.load(Relaxed) as u64,
+            cdc: CdcReport::default(),
+        }
+    }
+
+    pub fn health_report(&self) -> HealthReport {
+        let state = |b| if self.health.is_up(b) { "up" } else { "down" };
+        HealthReport {
+            ready: self.health.ready(),
+            postgres: state(Backend::Postgres),
+            redis: state(Backend::Redis),
+            cdc: CdcHealth::default(),
+        }
+    }
+}

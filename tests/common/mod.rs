@@ -1,0 +1,279 @@
+//! What every integration test stands on: its own throwaway PostgreSQL and Redis, the daemon
+//! started in-process on them, and a line-level JSON-RPC client.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+
+use cacheward::config::{Config, SecretUrl};
+use cacheward::dev::{Postgres, Redis, RedisOptions};
+use cacheward::service::Hooks;
+use cacheward::{daemon, db, server};
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// One test's servers and scratch directory.
+pub struct TestEnv {
+    pub pg: Postgres,
+    pub redis: Redis,
+    pub db_url: String,
+    pub redis_url: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    pub async fn start() -> TestEnv {
+        TestEnv::start_with(RedisOptions::default()).await
+    }
+
+    /// Fresh servers, the schema migrated, `pg_stat_statements` installed.
+    pub async fn start_with(redis: RedisOptions) -> TestEnv {
+        init_logs();
+        let pg = Postgres::start().expect("start postgres");
+        let redis = Redis::start_with(redis).expect("start redis");
+        let db_url = pg.create_database("cw").await.expect("create database");
+        let redis_url = redis.url(3);
+        let env = TestEnv {
+            pg,
+            redis,
+            db_url,
+            redis_url,
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        let mut client = env.pg().await;
+        db::migrate(&mut client).await.expect("migrate");
+        client
+            .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .await
+            .expect("pg_stat_statements");
+        env
+    }
+
+    /// The daemon's configuration for this environment.
+    pub fn config(&self) -> Config {
+        let mut config = Config::default();
+        config.postgres.url = Some(SecretUrl::new(self.db_url.clone()));
+        config.redis.url = Some(SecretUrl::new(self.redis_url.clone()));
+        config.socket.path = self.dir.path().join("cw.sock");
+        config.log.stats_interval_secs = 0;
+        config
+    }
+
+    pub async fn pg(&self) -> tokio_postgres::Client {
+        let pg: tokio_postgres::Config = self.db_url.parse().expect("url");
+        db::connect(&pg).await.expect("connect to postgres")
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis")
+    }
+
+    /// The raw value at `user:<name>`.
+    pub async fn cached(&self, username: &str) -> Option<String> {
+        let mut conn = self.redis().await;
+        redis::cmd("GET")
+            .arg(format!("user:{username}"))
+            .query_async(&mut conn)
+            .await
+            .expect("redis GET")
+    }
+
+    /// The row as the daemon would render it, straight from PostgreSQL.
+    pub async fn row_json(&self, username: &str) -> Option<Value> {
+        let rows = self
+            .pg()
+            .await
+            .query(
+                "SELECT id, username, created_at, version FROM users WHERE username = $1",
+                &[&username],
+            )
+            .await
+            .expect("select");
+        rows.first().map(|r| {
+            let user = cacheward::user::User {
+                id: r.get(0),
+                username: r.get(1),
+                created_at: r.get(2),
+                version: r.get(3),
+            };
+            serde_json::from_str(&user.to_json()).expect("json")
+        })
+    }
+
+    pub async fn start_daemon(&self, config: Config) -> Daemon {
+        self.start_daemon_with(config, Hooks::default()).await
+    }
+
+    pub async fn start_daemon_with(&self, config: Config, hooks: Hooks) -> Daemon {
+        let config = Arc::new(config);
+        let socket = server::bind(&config).expect("bind socket");
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(daemon::run(config.clone(), socket, token.clone(), hooks));
+        let daemon = Daemon {
+            socket: config.socket.path.clone(),
+            token,
+            handle: Some(handle),
+        };
+        wait_until("daemon ready", Duration::from_secs(10), || async {
+            match daemon.try_client().await {
+                Some(mut c) => c.call("health", json!({})).await["result"]["ready"] == json!(true),
+                None => false,
+            }
+        })
+        .await;
+        daemon
+    }
+}
+
+/// The daemon running in-process.
+pub struct Daemon {
+    pub socket: PathBuf,
+    token: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Daemon {
+    pub async fn client(&self) -> Rpc {
+        Rpc::connect(&self.socket).await
+    }
+
+    async fn try_client(&self) -> Option<Rpc> {
+        let stream = UnixStream::connect(&self.socket).await.ok()?;
+        Some(Rpc::from_stream(stream))
+    }
+
+    /// Signals shutdown and waits for the daemon to drain and return.
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        if let Some(handle) = self.handle.take() {
+            handle.await.expect("daemon task").expect("daemon run");
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// A line-level JSON-RPC client: can send anything, including garbage.
+pub struct Rpc {
+    reader: BufReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+    next_id: u64,
+}
+
+impl Rpc {
+    pub async fn connect(path: &std::path::Path) -> Rpc {
+        Rpc::from_stream(UnixStream::connect(path).await.expect("connect to daemon"))
+    }
+
+    fn from_stream(stream: UnixStream) -> Rpc {
+        let (r, w) = stream.into_split();
+        Rpc {
+            reader: BufReader::new(r),
+            writer: w,
+            next_id: 1,
+        }
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.expect("write to daemon");
+    }
+
+    pub async fn send(&mut self, request: &Value) {
+        let mut line = serde_json::to_vec(request).expect("json");
+        line.push(b'\n');
+        self.send_raw(&line).await;
+    }
+
+    /// The next response line, parsed; panics after 10 s.
+    pub async fn recv(&mut self) -> Value {
+        self.try_recv(Duration::from_secs(10))
+            .await
+            .expect("a response within 10 s")
+    }
+
+    /// The next response line, or `None` on timeout or EOF.
+    pub async fn try_recv(&mut self, within: Duration) -> Option<Value> {
+        let mut line = String::new();
+        match tokio::time::timeout(within, self.reader.read_line(&mut line)).await {
+            Ok(Ok(0)) | Err(_) => None,
+            Ok(Ok(_)) => Some(
+                serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("bad response {line:?}: {e}")),
+            ),
+            Ok(Err(e)) => panic!("read from daemon: {e}"),
+        }
+    }
+
+    /// Whether the daemon closed the connection (EOF within `within`).
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        let mut line = String::new();
+        matches!(
+            tokio::time::timeout(within, self.reader.read_line(&mut line)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    /// One request, its whole response.
+    pub async fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await;
+        let response = self.recv().await;
+        assert_eq!(
+            response["id"],
+            json!(id),
+            "response to another request: {response}"
+        );
+        response
+    }
+
+    pub async fn get(&mut self, username: &str) -> Value {
+        self.call("get", json!({ "username": username })).await
+    }
+}
+
+/// The `error.data.kind` of a response, or "" for a success.
+pub fn kind(response: &Value) -> &str {
+    response["error"]["data"]["kind"].as_str().unwrap_or("")
+}
+
+/// Polls `check` until it holds; panics with `what` after `deadline`.
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
