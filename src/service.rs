@@ -123,6 +123,13 @@ impl Health {
         false
     }
 
+    /// Marks a backend up after a call to it succeeded; a load when it already is.
+    pub fn saw_up(&self, backend: Backend) {
+        if !self.is_up(backend) {
+            self.set(backend, true, "");
+        }
+    }
+
     /// Both backends were reached at least once; the caller then latches readiness.
     pub fn both_seen(&self) -> bool {
         self.postgres_seen.load(Relaxed) && self.redis_seen.load(Relaxed)
@@ -234,6 +241,18 @@ pub struct Service {
     started: Instant,
 }
 
+/// Records the outcome of a database call in `health` and turns a failure into what the client is
+/// told.
+fn db_result<T>(result: Result<T, DbError>, health: &Health) -> Result<T, ServiceError> {
+    match result {
+        Ok(value) => {
+            health.saw_up(Backend::Postgres);
+            Ok(value)
+        }
+        Err(e) => Err(db_error(e, health)),
+    }
+}
+
 fn db_error(e: DbError, health: &Health) -> ServiceError {
     match e {
         DbError::Unavailable(reason) => {
@@ -330,12 +349,7 @@ impl Service {
 
     async fn load_and_fill(&self, username: &str) -> Result<Option<String>, ServiceError> {
         self.stats.db_queries.fetch_add(1, Relaxed);
-        let Some(user) = self
-            .db
-            .find_user(username)
-            .await
-            .map_err(|e| db_error(e, &self.health))?
-        else {
+        let Some(user) = db_result(self.db.find_user(username).await, &self.health)? else {
             return Ok(None);
         };
         let json = user.to_json();
@@ -367,11 +381,7 @@ impl Service {
     pub async fn put(self: &Arc<Self>, username: String) -> Result<(String, bool), ServiceError> {
         self.detached(move |svc| async move {
             svc.stats.db_queries.fetch_add(1, Relaxed);
-            let (user, created) = svc
-                .db
-                .get_or_create(&username)
-                .await
-                .map_err(|e| db_error(e, &svc.health))?;
+            let (user, created) = db_result(svc.db.get_or_create(&username).await, &svc.health)?;
             let json = user.to_json();
             svc.write_through(vec![Write::Live {
                 username: user.username,
@@ -393,8 +403,14 @@ impl Service {
         self.detached(move |svc| async move {
             svc.stats.db_queries.fetch_add(1, Relaxed);
             let user = match svc.db.rename(&old, &new).await {
-                Ok(Some(user)) => user,
-                Ok(None) => return Err(ServiceError::NotFound(old)),
+                Ok(Some(user)) => {
+                    svc.health.saw_up(Backend::Postgres);
+                    user
+                }
+                Ok(None) => {
+                    svc.health.saw_up(Backend::Postgres);
+                    return Err(ServiceError::NotFound(old));
+                }
                 Err(DbError::Conflict(_)) => return Err(ServiceError::Conflict(new)),
                 Err(e) => return Err(db_error(e, &svc.health)),
             };
@@ -421,12 +437,7 @@ impl Service {
     pub async fn delete(self: &Arc<Self>, username: String) -> Result<bool, ServiceError> {
         self.detached(move |svc| async move {
             svc.stats.db_queries.fetch_add(1, Relaxed);
-            let Some(version) = svc
-                .db
-                .delete(&username)
-                .await
-                .map_err(|e| db_error(e, &svc.health))?
-            else {
+            let Some(version) = db_result(svc.db.delete(&username).await, &svc.health)? else {
                 return Ok(false);
             };
             svc.write_through(vec![Write::Tombstone { username, version }])
@@ -552,11 +563,7 @@ impl Service {
                 break;
             }
             let names: Vec<String> = batch.iter().map(|(n, _)| n.clone()).collect();
-            let (rows, horizon) = self
-                .db
-                .current_rows(&names)
-                .await
-                .map_err(|e| db_error(e, &self.health))?;
+            let (rows, horizon) = db_result(self.db.current_rows(&names).await, &self.health)?;
             let mut writes: Vec<Write> = rows
                 .into_iter()
                 .map(|u| Write::Live {

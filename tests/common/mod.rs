@@ -154,6 +154,16 @@ impl Daemon {
         Rpc::connect(&self.socket).await
     }
 
+    /// The `stats` result, over a fresh connection.
+    pub async fn stats(&self) -> Value {
+        self.client().await.call("stats", Value::Null).await["result"].clone()
+    }
+
+    /// The `health` result, over a fresh connection.
+    pub async fn health(&self) -> Value {
+        self.client().await.call("health", Value::Null).await["result"].clone()
+    }
+
     async fn try_client(&self) -> Option<Rpc> {
         let stream = UnixStream::connect(&self.socket).await.ok()?;
         Some(Rpc::from_stream(stream))

@@ -1,0 +1,238 @@
+//! The guarantees that make the cache trustworthy, with the races driven on purpose: no stale
+//! fill (guarantee 3), one query per cold key (guarantee 6), and the schema's versions.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cacheward::service::{FillHook, Hooks};
+use common::{kind, wait_until, Rpc, TestEnv};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Semaphore};
+
+/// A hook that stops the fill of `name` after its database read until the test lets it go.
+fn pause_fill_of(name: &'static str) -> (Hooks, mpsc::Receiver<()>, Arc<Semaphore>) {
+    let (reached_tx, reached_rx) = mpsc::channel(1);
+    let go = Arc::new(Semaphore::new(0));
+    let hook: FillHook = {
+        let go = go.clone();
+        Arc::new(move |username: String| {
+            let (reached, go) = (reached_tx.clone(), go.clone());
+            Box::pin(async move {
+                if username == name {
+                    reached.send(()).await.expect("test is waiting");
+                    go.acquire().await.expect("never closed").forget();
+                }
+            })
+        })
+    };
+    (
+        Hooks {
+            before_fill: Some(hook),
+        },
+        reached_rx,
+        go,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_read_before_a_delete_and_reinsert_cannot_overwrite_the_new_row() {
+    let env = TestEnv::start().await;
+    env.pg()
+        .await
+        .execute("INSERT INTO users (username) VALUES ('racer')", &[])
+        .await
+        .unwrap();
+    let old = env.row_json("racer").await.unwrap();
+    let (hooks, mut reached, go) = pause_fill_of("racer");
+    let daemon = env.start_daemon_with(env.config(), hooks).await;
+
+    // Reader: misses, reads the old row, and is held before writing Redis.
+    let socket = daemon.socket.clone();
+    let reader = tokio::spawn(async move { Rpc::connect(&socket).await.get("racer").await });
+    reached.recv().await.expect("fill reached the pause");
+
+    // Meanwhile the row is deleted and a new one takes the name.
+    let mut writer = daemon.client().await;
+    assert_eq!(
+        writer.call("delete", json!({"username": "racer"})).await["result"]["deleted"],
+        json!(true)
+    );
+    let created = writer.call("put", json!({"username": "racer"})).await;
+    assert_eq!(created["result"]["created"], json!(true));
+    let new = env.row_json("racer").await.unwrap();
+    assert_ne!(new["id"], old["id"]);
+
+    // Now the stale fill runs.
+    go.add_permits(1);
+    let stale_read = reader.await.unwrap();
+    assert_eq!(
+        stale_read["result"]["user"], old,
+        "the paused read answers what it read"
+    );
+
+    let cached: Value = serde_json::from_str(&env.cached("racer").await.expect("entry")).unwrap();
+    assert_eq!(cached, new, "the newer row survives the late fill");
+    assert_eq!(
+        writer.get("racer").await["result"],
+        json!({"user": new, "source": "cache"})
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_read_before_a_rename_cannot_resurrect_the_old_name() {
+    let env = TestEnv::start().await;
+    env.pg()
+        .await
+        .execute("INSERT INTO users (username) VALUES ('before')", &[])
+        .await
+        .unwrap();
+    let (hooks, mut reached, go) = pause_fill_of("before");
+    let daemon = env.start_daemon_with(env.config(), hooks).await;
+
+    let socket = daemon.socket.clone();
+    let reader = tokio::spawn(async move { Rpc::connect(&socket).await.get("before").await });
+    reached.recv().await.expect("fill reached the pause");
+    let mut writer = daemon.client().await;
+    let renamed = writer
+        .call(
+            "rename",
+            json!({"username": "before", "new_username": "after"}),
+        )
+        .await;
+    assert_eq!(renamed["result"]["user"]["username"], json!("after"));
+    go.add_permits(1);
+    reader.await.unwrap();
+
+    let raw = env.cached("before").await.expect("a tombstone is left");
+    assert!(
+        !cacheward::cache::is_live(&raw),
+        "old name must not be live again: {raw}"
+    );
+    assert_eq!(kind(&writer.get("before").await), "not_found");
+    assert_eq!(
+        writer.get("after").await["result"]["source"],
+        json!("cache")
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_gets_share_one_database_query() {
+    let env = TestEnv::start().await;
+    let pg = env.pg().await;
+    pg.execute("INSERT INTO users (username) VALUES ('herd')", &[])
+        .await
+        .unwrap();
+    let daemon = env.start_daemon(env.config()).await;
+    pg.execute("SELECT pg_stat_statements_reset()", &[])
+        .await
+        .unwrap();
+
+    // Hold the table so the first select blocks, and every other get piles up behind it.
+    let mut locker = env.pg().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    const CONNECTIONS: usize = 10;
+    const PER_CONNECTION: usize = 20;
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut c = daemon.client().await;
+        let mut batch = Vec::new();
+        for i in 0..PER_CONNECTION {
+            batch.extend(
+                serde_json::to_vec(
+                    &json!({"jsonrpc":"2.0","id":i,"method":"get","params":{"username":"herd"}}),
+                )
+                .unwrap(),
+            );
+            batch.push(b'\n');
+        }
+        c.send_raw(&batch).await;
+        clients.push(c);
+    }
+    wait_until(
+        "all 200 gets missed the cache",
+        Duration::from_secs(10),
+        || async {
+            daemon.stats().await["cache_misses"].as_u64()
+                == Some((CONNECTIONS * PER_CONNECTION) as u64)
+        },
+    )
+    .await;
+    lock.commit().await.unwrap();
+
+    let mut users = Vec::new();
+    for c in &mut clients {
+        for _ in 0..PER_CONNECTION {
+            let r = c.recv().await;
+            assert_eq!(r["result"]["source"], json!("db"), "{r}");
+            users.push(r["result"]["user"].clone());
+        }
+    }
+    let calls: i64 = pg
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND query LIKE 'SELECT id, username, created_at, version FROM users WHERE username = $1%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(calls, 1, "200 concurrent cold gets ran the select once");
+    let row = env.row_json("herd").await.unwrap();
+    assert!(users.iter().all(|u| *u == row));
+    assert_eq!(daemon.stats().await["db_queries"], json!(1));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_idempotent_and_plain_sql_keeps_working() {
+    let env = TestEnv::start().await;
+    let mut pg = env.pg().await;
+    assert_eq!(
+        cacheward::db::migrate(&mut pg).await.unwrap(),
+        Vec::<i32>::new(),
+        "second run applies nothing"
+    );
+    let recorded: i64 = pg
+        .query_one("SELECT count(*) FROM cacheward_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded as usize, cacheward::db::MIGRATIONS.len());
+
+    pg.execute("INSERT INTO users (username) VALUES ('x')", &[])
+        .await
+        .unwrap();
+    let v1 = version_of(&pg, "x").await.unwrap();
+    pg.execute("UPDATE users SET username = 'y' WHERE username = 'x'", &[])
+        .await
+        .unwrap();
+    let v2 = version_of(&pg, "y").await.unwrap();
+    assert!(v2 > v1, "an update bumps the version");
+    pg.execute("DELETE FROM users WHERE username = 'y'", &[])
+        .await
+        .unwrap();
+    pg.execute("INSERT INTO users (username, version) VALUES ('y', 1)", &[])
+        .await
+        .unwrap();
+    let v3 = version_of(&pg, "y").await.unwrap();
+    assert!(
+        v3 > v2,
+        "a re-inserted name gets a larger version, whatever the INSERT says"
+    );
+}
+
+async fn version_of(pg: &tokio_postgres::Client, name: &str) -> Option<i64> {
+    pg.query_opt("SELECT version FROM users WHERE username = $1", &[&name])
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
