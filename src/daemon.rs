@@ -15,6 +15,8 @@ use crate::service::{Backend, Hooks, Service};
 
 /// How often the monitor checks both backends (and drains the repair queue).
 const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
+/// While a backend has never been reached, `backend unreachable` is logged every this many checks.
+const UNREACHABLE_REPORT_EVERY: u32 = 40;
 /// How long shutdown waits for open connections to finish their in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -79,6 +81,8 @@ async fn monitor(service: Arc<Service>, config: Arc<Config>, stop: CancellationT
         }
     };
     let mut probe: Option<tokio_postgres::Client> = None;
+    // Consecutive failed checks, to say so while a backend has never been reached.
+    let mut failures = [0u32; 2];
     let mut ticker = tokio::time::interval(MONITOR_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -92,20 +96,25 @@ async fn monitor(service: Arc<Service>, config: Arc<Config>, stop: CancellationT
             ping_postgres(&pg_config, &mut probe)
         );
         let health = &service.health;
-        match redis {
-            Ok(()) => {
-                health.set(Backend::Redis, true, "");
-            }
-            Err(e) => {
-                health.set(Backend::Redis, false, &e.to_string());
-            }
-        }
-        match postgres {
-            Ok(()) => {
-                health.set(Backend::Postgres, true, "");
-            }
-            Err(e) => {
-                health.set(Backend::Postgres, false, &e);
+        let outcomes = [
+            (Backend::Redis, redis.map_err(|e| e.to_string())),
+            (Backend::Postgres, postgres),
+        ];
+        for ((backend, outcome), failed) in outcomes.into_iter().zip(failures.iter_mut()) {
+            match outcome {
+                Ok(()) => {
+                    *failed = 0;
+                    health.set(backend, true, "");
+                }
+                Err(reason) => {
+                    // A transition is logged by `set`; a backend never reached yet is reported on
+                    // the first failure and then every UNREACHABLE_REPORT_EVERY checks.
+                    if !health.ever_reached(backend) && *failed % UNREACHABLE_REPORT_EVERY == 0 {
+                        tracing::warn!(backend = backend.name(), reason, "backend unreachable");
+                    }
+                    *failed += 1;
+                    health.set(backend, false, &reason);
+                }
             }
         }
         if health.both_seen() && health.set_ready() {

@@ -28,9 +28,20 @@ pub enum DbError {
 
 impl DbError {
     fn classify(e: &tokio_postgres::Error) -> DbError {
-        let text = e
-            .as_db_error()
-            .map_or_else(|| e.to_string(), |db| db.message().to_owned());
+        let text = match e.as_db_error() {
+            Some(db) => db.message().to_owned(),
+            None => {
+                // "error connecting to server" alone hides why: append the causes.
+                let mut text = e.to_string();
+                let mut cause = std::error::Error::source(e);
+                while let Some(c) = cause {
+                    text.push_str(": ");
+                    text.push_str(&c.to_string());
+                    cause = c.source();
+                }
+                text
+            }
+        };
         match e.code() {
             Some(c) if *c == SqlState::UNIQUE_VIOLATION => DbError::Conflict(text),
             Some(c) if *c == SqlState::QUERY_CANCELED => {

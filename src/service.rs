@@ -130,6 +130,14 @@ impl Health {
         }
     }
 
+    /// Whether `backend` was ever reached.
+    pub fn ever_reached(&self, backend: Backend) -> bool {
+        match backend {
+            Backend::Postgres => self.postgres_seen.load(Relaxed),
+            Backend::Redis => self.redis_seen.load(Relaxed),
+        }
+    }
+
     /// Both backends were reached at least once; the caller then latches readiness.
     pub fn both_seen(&self) -> bool {
         self.postgres_seen.load(Relaxed) && self.redis_seen.load(Relaxed)

@@ -1,0 +1,423 @@
+//! The `cacheward` binary as users and supervisors run it: signals (guarantee 7), the client
+//! commands, `migrate`, configuration errors and `serve --dev`.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{wait_until, Rpc, TestEnv};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cacheward");
+
+/// `cacheward serve` as a child process, stderr captured to a file.
+struct DaemonProcess {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl DaemonProcess {
+    fn spawn(env: &TestEnv, name: &str) -> DaemonProcess {
+        let socket = env.dir.path().join(format!("{name}.sock"));
+        let log = env.dir.path().join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .arg("serve")
+            .current_dir(env.dir.path())
+            .env("DATABASE_URL", &env.db_url)
+            .env("REDIS_URL", &env.redis_url)
+            .env("CACHEWARD__SOCKET__PATH", &socket)
+            .env("CACHEWARD__LOG__STATS_INTERVAL_SECS", "0")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn cacheward serve");
+        DaemonProcess { child, socket, log }
+    }
+
+    async fn wait_ready(&self) {
+        wait_until("daemon process ready", Duration::from_secs(15), || async {
+            match tokio::net::UnixStream::connect(&self.socket).await {
+                Ok(_) => {
+                    Rpc::connect(&self.socket)
+                        .await
+                        .call("health", Value::Null)
+                        .await["result"]["ready"]
+                        == json!(true)
+                }
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        wait_exit(&mut self.child, within)
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            start.elapsed() < within,
+            "process still running after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_cli(args: &[&str], socket: &Path) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("run cacheward")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_removes_the_socket_and_exits_zero() {
+    let env = TestEnv::start().await;
+    let mut daemon = DaemonProcess::spawn(&env, "term");
+    daemon.wait_ready().await;
+    assert!(
+        daemon.logs().contains("ready"),
+        "logs say ready:\n{}",
+        daemon.logs()
+    );
+
+    // A write held in PostgreSQL behind a table lock: in flight when SIGTERM arrives.
+    let mut locker = env.pg().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut c = Rpc::connect(&daemon.socket).await;
+    c.send(
+        &json!({"jsonrpc": "2.0", "id": 1, "method": "put", "params": {"username": "inflight"}}),
+    )
+    .await;
+    let pg = env.pg().await;
+    wait_until("the put waits on the lock", Duration::from_secs(5), || async {
+        let waiting: i64 = pg
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%users%'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        waiting > 0
+    })
+    .await;
+
+    daemon.signal(libc::SIGTERM);
+    let socket = daemon.socket.clone();
+    wait_until(
+        "socket removed: no longer accepting",
+        Duration::from_secs(5),
+        || async { !socket.exists() },
+    )
+    .await;
+    assert!(daemon.child.try_wait().unwrap().is_none(), "still draining");
+    lock.commit().await.unwrap();
+
+    let answer = c.recv().await;
+    assert_eq!(
+        answer["result"]["created"],
+        json!(true),
+        "the in-flight write finished: {answer}"
+    );
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit code 0 after SIGTERM; logs:\n{}",
+        daemon.logs()
+    );
+    assert!(env.row_json("inflight").await.is_some());
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("shutdown requested") && logs.contains("stopped"),
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_and_sighup_does_not() {
+    let env = TestEnv::start().await;
+    let mut daemon = DaemonProcess::spawn(&env, "hup");
+    daemon.wait_ready().await;
+    daemon.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the daemon"
+    );
+    let mut c = Rpc::connect(&daemon.socket).await;
+    assert_eq!(
+        c.call("health", Value::Null).await["result"]["ready"],
+        json!(true)
+    );
+    drop(c);
+    daemon.signal(libc::SIGINT);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert!(!daemon.socket.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_daemons_socket_is_reused_and_a_live_one_is_refused() {
+    let env = TestEnv::start().await;
+    let mut first = DaemonProcess::spawn(&env, "crash");
+    first.wait_ready().await;
+
+    // A second daemon on the same path must refuse, leaving the first one alone.
+    let mut second = DaemonProcess::spawn(&env, "crash");
+    let status = second.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{}", second.logs());
+    assert!(
+        second.logs().contains("already listening"),
+        "{}",
+        second.logs()
+    );
+    assert_eq!(
+        Rpc::connect(&first.socket)
+            .await
+            .call("health", Value::Null)
+            .await["result"]["ready"],
+        json!(true)
+    );
+
+    first.signal(libc::SIGKILL);
+    assert_eq!(
+        first.wait_exit(Duration::from_secs(5)).signal(),
+        Some(libc::SIGKILL)
+    );
+    assert!(
+        first.socket.exists(),
+        "a killed daemon leaves its socket file"
+    );
+    let third = DaemonProcess::spawn(&env, "crash");
+    third.wait_ready().await;
+    assert!(
+        third.logs().contains("replacing stale socket file"),
+        "{}",
+        third.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_print_json_and_exit_nonzero_on_error() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let socket = daemon.socket.clone();
+
+    let out = run_cli(&["put", "cli-user"], &socket);
+    assert!(out.status.success(), "{out:?}");
+    let put: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(put["created"], json!(true));
+    assert_eq!(put["user"], env.row_json("cli-user").await.unwrap());
+
+    let out = run_cli(&["get", "cli-user"], &socket);
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["source"], json!("cache"));
+
+    let out = run_cli(&["rename", "cli-user", "cli-renamed"], &socket);
+    assert!(out.status.success(), "{out:?}");
+    let out = run_cli(&["get", "cli-user"], &socket);
+    assert_eq!(out.status.code(), Some(1), "not found is exit 1");
+    let error: Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(error["data"]["kind"], json!("not_found"));
+    let out = run_cli(&["get", ""], &socket);
+    assert_eq!(out.status.code(), Some(1));
+
+    let out = run_cli(&["delete", "cli-renamed"], &socket);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        json!({"deleted": true})
+    );
+    let out = run_cli(&["stats"], &socket);
+    assert!(serde_json::from_slice::<Value>(&out.stdout).unwrap()["requests"].is_u64());
+    let out = run_cli(&["health"], &socket);
+    assert!(out.status.success(), "health exits 0 when ready: {out:?}");
+
+    let nowhere = env.dir.path().join("nobody-here.sock");
+    let out = run_cli(&["health"], &nowhere);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nobody-here.sock"));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_works_from_anywhere_and_bad_config_names_the_key() {
+    let env = TestEnv::start().await;
+    let url = env.pg.create_database("fresh").await.unwrap();
+    let migrate = || {
+        Command::new(BIN)
+            .arg("migrate")
+            .current_dir("/")
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap()
+    };
+    let out = migrate();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("applied"),
+        "{out:?}"
+    );
+    let out = migrate();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("up to date"),
+        "{out:?}"
+    );
+
+    let out = Command::new(BIN)
+        .arg("serve")
+        .current_dir(env.dir.path())
+        .env("DATABASE_URL", &env.db_url)
+        .env("REDIS_URL", &env.redis_url)
+        .env("CACHEWARD__SOCKET__MAX_CONNECTIONS", "lots")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("socket.max_connections"),
+        "{out:?}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["serve", "--config", "/nonexistent.toml"])
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml"),
+        "{out:?}"
+    );
+
+    let out = Command::new(BIN)
+        .arg("serve")
+        .current_dir(env.dir.path())
+        .env("DATABASE_URL", "postgresql://app:hunter2@127.0.0.1:1/db")
+        .env("REDIS_URL", "redis://:hunter3@127.0.0.1:1/0")
+        .env(
+            "CACHEWARD__SOCKET__PATH",
+            env.dir.path().join("secret.sock"),
+        )
+        .env("CACHEWARD__LOG__FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(out.id() as i32, libc::SIGTERM) };
+    let out = out.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.contains(r#""message":"starting""#), "{logs}");
+    assert!(
+        logs.contains(r#""message":"backend unreachable""#),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("hunter2") && !logs.contains("hunter3"),
+        "passwords leaked:\n{logs}"
+    );
+    for line in logs.lines() {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_dev_seeds_the_article_users_and_ctrl_c_removes_everything() {
+    common::init_logs();
+    let cwd = tempfile::tempdir().unwrap();
+    let log = cwd.path().join("dev.log");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--dev"])
+        .current_dir(cwd.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env("CACHEWARD__LOG__STATS_INTERVAL_SECS", "0")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let socket = cwd.path().join("cacheward.sock");
+    wait_until("dev daemon ready", Duration::from_secs(30), || async {
+        if tokio::net::UnixStream::connect(&socket).await.is_err() {
+            return false;
+        }
+        Rpc::connect(&socket)
+            .await
+            .call("health", Value::Null)
+            .await["result"]["ready"]
+            == json!(true)
+    })
+    .await;
+    let mut c = Rpc::connect(&socket).await;
+    assert_eq!(
+        c.get("user01").await["result"]["source"],
+        json!("cache"),
+        "user01 is seeded in Redis"
+    );
+    assert_eq!(
+        c.get("user02").await["result"]["source"],
+        json!("db"),
+        "user02 comes from the database first"
+    );
+    assert_eq!(c.get("user02").await["result"]["source"], json!("cache"));
+    for name in ["user05", "user06"] {
+        assert_eq!(c.get(name).await["result"]["user"]["username"], json!(name));
+    }
+    drop(c);
+
+    let banner = std::fs::read_to_string(&log).unwrap();
+    let pg_dir = banner
+        .split("PostgreSQL in ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .map(PathBuf::from)
+        .expect("banner names the PostgreSQL dir");
+    assert!(pg_dir.exists());
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = wait_exit(&mut child, Duration::from_secs(15));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(!socket.exists(), "socket removed");
+    wait_until(
+        "dev servers and their data removed",
+        Duration::from_secs(5),
+        || async { !pg_dir.exists() },
+    )
+    .await;
+}
