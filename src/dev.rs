@@ -165,6 +165,48 @@ fn wait_with_deadline(child: &mut Child, deadline: Duration) -> bool {
     false
 }
 
+/// Waits until `ready()` holds for a just-spawned server, or reports why it never will (it exited,
+/// or `limit` passed) with the end of its log.
+fn await_ready(
+    mut child: Child,
+    what: &str,
+    log: &Path,
+    limit: Duration,
+    ready: impl Fn() -> bool,
+) -> Result<Child, DevError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if ready() {
+            return Ok(child);
+        }
+        if let Ok(Some(code)) = child.try_wait() {
+            return Err(failed(
+                format!("starting {what}"),
+                format!("exited with {code}:\n{}", tail(log)),
+            ));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failed(
+                format!("starting {what}"),
+                format!("not ready after {limit:?}:\n{}", tail(log)),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether a Redis answers PING on `socket`.
+fn ping(socket: &Path) -> bool {
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut answer = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
+}
+
 /// A data directory made by `initdb` once per machine and PostgreSQL version, copied for every
 /// server: copying takes milliseconds where initdb takes seconds.
 fn template(owner: Option<(u32, u32)>) -> Result<PathBuf, DevError> {
@@ -300,29 +342,14 @@ impl Postgres {
             .stderr(log)
             .spawn()
             .map_err(io_err("spawn postgres"))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = fs::read_to_string(data.join("postmaster.pid")).unwrap_or_default();
-            if status.lines().nth(7).map(str::trim) == Some("ready") {
-                return Ok(());
-            }
-            let child = self.child.as_mut().expect("just spawned");
-            if let Ok(Some(code)) = child.try_wait() {
-                self.child = None;
-                return Err(failed(
-                    "starting postgres",
-                    format!("exited with {code}:\n{}", tail(&log_path)),
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(failed(
-                    "starting postgres",
-                    format!("not ready after 30 s:\n{}", tail(&log_path)),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let pid_file = data.join("postmaster.pid");
+        let ready = || {
+            let status = fs::read_to_string(&pid_file).unwrap_or_default();
+            status.lines().nth(7).map(str::trim) == Some("ready")
+        };
+        self.child =
+            await_ready(child, "postgres", &log_path, Duration::from_secs(30), ready).map(Some)?;
+        Ok(())
     }
 
     /// Fast shutdown: sessions are disconnected, the server exits cleanly.
@@ -450,39 +477,12 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .map_err(io_err("spawn redis-server"))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.ping() {
-                return Ok(());
-            }
-            let child = self.child.as_mut().expect("just spawned");
-            if let Ok(Some(code)) = child.try_wait() {
-                self.child = None;
-                return Err(failed(
-                    "starting redis",
-                    format!("exited with {code}:\n{}", tail(&log_path)),
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(failed(
-                    "starting redis",
-                    format!("no PONG after 10 s:\n{}", tail(&log_path)),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.socket()) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut answer = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok()
-            && s.read_exact(&mut answer).is_ok()
-            && &answer == b"+PONG\r\n"
+        let socket = self.socket();
+        self.child = await_ready(child, "redis", &log_path, Duration::from_secs(10), || {
+            ping(&socket)
+        })
+        .map(Some)?;
+        Ok(())
     }
 
     /// SIGKILL: what was not persisted is lost; clients see the connection drop.

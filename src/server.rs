@@ -338,6 +338,10 @@ impl Connection {
                         writer.write_all(&bytes).await?;
                         unflushed = true;
                     }
+                    // Idle counts from the last answer too, not only the last request.
+                    if let Some(idle) = self.idle_timeout {
+                        idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                    }
                 }
                 read = reader.read_buf(self.lines.spare()), if can_read => {
                     match read {
