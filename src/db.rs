@@ -7,7 +7,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
 use crate::config::Config;
-use crate::user::User;
+use crate::user::{User, USER_SELECT};
 
 /// Why a database call failed, classified once here for every caller.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -77,15 +77,8 @@ impl From<deadpool_postgres::PoolError> for DbError {
     }
 }
 
-const USER_COLUMNS: &str = "id, username, created_at, version";
-
-fn user_from_row(row: &Row) -> User {
-    User {
-        id: row.get(0),
-        username: row.get(1),
-        created_at: row.get(2),
-        version: row.get(3),
-    }
+fn user_from_row(row: &Row) -> Result<User, DbError> {
+    User::from_row(row).map_err(|e| DbError::Other(e.to_string()))
 }
 
 /// Parses `postgres.url` and adds the settings every cacheward connection carries.
@@ -99,8 +92,9 @@ pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
         .expose()
         .parse()
         .map_err(|e| DbError::Other(format!("postgres.url {}: {e}", url.redacted())))?;
+    // UTC, so that PostgreSQL's JSON of any extra timestamp column is in UTC too.
     pg.options(format!(
-        "-c statement_timeout={}",
+        "-c statement_timeout={} -c TimeZone=UTC",
         config.postgres.statement_timeout_ms
     ));
     if pg.get_application_name().is_none() {
@@ -173,11 +167,11 @@ impl Db {
             let client = self.pool.get().await?;
             let stmt = client
                 .prepare_cached(&format!(
-                    "SELECT {USER_COLUMNS} FROM users WHERE username = $1"
+                    "SELECT {USER_SELECT} FROM users u WHERE u.username = $1"
                 ))
                 .await?;
             let row = client.query_opt(&stmt, &[&username]).await?;
-            Ok(row.as_ref().map(user_from_row))
+            row.as_ref().map(user_from_row).transpose()
         })
         .await
     }
@@ -188,11 +182,11 @@ impl Db {
         self.bounded("get or create user", async {
             let client = self.pool.get().await?;
             let select = client
-                .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE username = $1"))
+                .prepare_cached(&format!("SELECT {USER_SELECT} FROM users u WHERE u.username = $1"))
                 .await?;
             let insert = client
                 .prepare_cached(&format!(
-                    "INSERT INTO users (username) VALUES ($1) ON CONFLICT (username) DO NOTHING RETURNING {USER_COLUMNS}"
+                    "INSERT INTO users AS u (username) VALUES ($1) ON CONFLICT (username) DO NOTHING RETURNING {USER_SELECT}"
                 ))
                 .await?;
             // Select first so that an existing user costs one round trip and burns no id. Between
@@ -200,10 +194,10 @@ impl Db {
             // delete (then the select finds nothing): try again, a bounded number of times.
             for _ in 0..5 {
                 if let Some(row) = client.query_opt(&select, &[&username]).await? {
-                    return Ok((user_from_row(&row), false));
+                    return Ok((user_from_row(&row)?, false));
                 }
                 if let Some(row) = client.query_opt(&insert, &[&username]).await? {
-                    return Ok((user_from_row(&row), true));
+                    return Ok((user_from_row(&row)?, true));
                 }
             }
             Err(DbError::Unavailable(format!(
@@ -219,11 +213,11 @@ impl Db {
             let client = self.pool.get().await?;
             let stmt = client
                 .prepare_cached(&format!(
-                    "UPDATE users SET username = $2 WHERE username = $1 RETURNING {USER_COLUMNS}"
+                    "UPDATE users AS u SET username = $2 WHERE u.username = $1 RETURNING {USER_SELECT}"
                 ))
                 .await?;
             let row = client.query_opt(&stmt, &[&old, &new]).await?;
-            Ok(row.as_ref().map(user_from_row))
+            row.as_ref().map(user_from_row).transpose()
         })
         .await
     }
@@ -246,21 +240,22 @@ impl Db {
     pub async fn current_rows(&self, usernames: &[String]) -> Result<(Vec<User>, i64), DbError> {
         self.bounded("select users", async {
             let client = self.pool.get().await?;
-            let stmt = client
+            let select = client
                 .prepare_cached(&format!(
-                    "SELECT {USER_COLUMNS}, (SELECT last_value FROM cacheward_version_seq) FROM users WHERE username = ANY($1) \
-                     UNION ALL SELECT NULL, NULL, NULL, NULL, (SELECT last_value FROM cacheward_version_seq)"
+                    "SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)"
                 ))
                 .await?;
-            let rows = client.query(&stmt, &[&usernames]).await?;
-            let mut users = Vec::with_capacity(rows.len());
-            let mut horizon = 0;
-            for row in &rows {
-                horizon = horizon.max(row.get::<_, i64>(4));
-                if row.get::<_, Option<i64>>(0).is_some() {
-                    users.push(user_from_row(row));
-                }
-            }
+            let rows = client.query(&select, &[&usernames]).await?;
+            let users = rows
+                .iter()
+                .map(user_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            // Read after the rows: a name missing above was removed before, so every version it
+            // ever had was drawn before this.
+            let horizon: i64 = client
+                .query_one("SELECT last_value FROM cacheward_version_seq", &[])
+                .await?
+                .get(0);
             Ok((users, horizon))
         })
         .await

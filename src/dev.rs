@@ -587,7 +587,7 @@ impl DevStack {
         let cache = Cache::new(&config).map_err(|e| failed("redis url", e.to_string()))?;
         cache
             .apply(&[Write::Live {
-                json: user.to_json(),
+                json: user.json.clone(),
                 username: user.username,
                 version: user.version,
             }])

@@ -360,7 +360,7 @@ impl Service {
         let Some(user) = db_result(self.db.find_user(username).await, &self.health)? else {
             return Ok(None);
         };
-        let json = user.to_json();
+        let json = user.json.clone();
         if let Some(hook) = &self.hooks.before_fill {
             hook(username.to_owned()).await;
         }
@@ -390,7 +390,7 @@ impl Service {
         self.detached(move |svc| async move {
             svc.stats.db_queries.fetch_add(1, Relaxed);
             let (user, created) = db_result(svc.db.get_or_create(&username).await, &svc.health)?;
-            let json = user.to_json();
+            let json = user.json.clone();
             svc.write_through(vec![Write::Live {
                 username: user.username,
                 version: user.version,
@@ -422,7 +422,7 @@ impl Service {
                 Err(DbError::Conflict(_)) => return Err(ServiceError::Conflict(new)),
                 Err(e) => return Err(db_error(e, &svc.health)),
             };
-            let json = user.to_json();
+            let json = user.json.clone();
             let mut writes = Vec::with_capacity(2);
             if old != new {
                 writes.push(Write::Tombstone {
@@ -575,7 +575,7 @@ impl Service {
             let mut writes: Vec<Write> = rows
                 .into_iter()
                 .map(|u| Write::Live {
-                    json: u.to_json(),
+                    json: u.json.clone(),
                     username: u.username,
                     version: u.version,
                 })

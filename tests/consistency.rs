@@ -179,7 +179,7 @@ async fn concurrent_cold_gets_share_one_database_query() {
         .query_one(
             "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-               AND query LIKE 'SELECT id, username, created_at, version FROM users WHERE username = $1%'",
+               AND query LIKE 'SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = $1%'",
             &[],
         )
         .await

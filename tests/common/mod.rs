@@ -97,23 +97,19 @@ impl TestEnv {
 
     /// The row as the daemon would render it, straight from PostgreSQL.
     pub async fn row_json(&self, username: &str) -> Option<Value> {
+        let query = format!(
+            "SELECT {} FROM users u WHERE u.username = $1",
+            cacheward::user::USER_SELECT
+        );
         let rows = self
             .pg()
             .await
-            .query(
-                "SELECT id, username, created_at, version FROM users WHERE username = $1",
-                &[&username],
-            )
+            .query(&query, &[&username])
             .await
             .expect("select");
         rows.first().map(|r| {
-            let user = cacheward::user::User {
-                id: r.get(0),
-                username: r.get(1),
-                created_at: r.get(2),
-                version: r.get(3),
-            };
-            serde_json::from_str(&user.to_json()).expect("json")
+            let user = cacheward::user::User::from_row(r).expect("a users row");
+            serde_json::from_str(&user.json).expect("json")
         })
     }
 
