@@ -207,38 +207,88 @@ impl Cache {
         Ok(())
     }
 
-    /// Removes every key under the prefix (SCAN in batches, never KEYS). Used when the daemon lost
-    /// track of which entries may be stale.
-    pub async fn clear_all(&self) -> Result<u64, CacheError> {
+    /// One SCAN step over the keys under the prefix: the next cursor (0 when done) and the names.
+    pub async fn scan_page(&self, cursor: u64) -> Result<(u64, Vec<String>), CacheError> {
         let mut conn = self.conn.clone();
         let pattern = format!("{}*", glob_escape(&self.prefix));
-        let mut cursor: u64 = 0;
-        let mut removed = 0;
+        let (next, keys): (u64, Vec<String>) = self
+            .bounded(
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let names = keys
+            .into_iter()
+            .filter_map(|k| k.strip_prefix(&*self.prefix).map(str::to_owned))
+            .collect();
+        Ok((next, names))
+    }
+
+    /// Walks every key under the prefix with SCAN (never KEYS), a batch of names at a time.
+    pub async fn scan_names<F, Fut>(&self, mut each_batch: F) -> Result<(), CacheError>
+    where
+        F: FnMut(Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), CacheError>>,
+    {
+        let mut cursor = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .bounded(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut conn),
-                )
-                .await?;
-            if !keys.is_empty() {
-                let n: u64 = self
-                    .bounded(redis::cmd("UNLINK").arg(&keys).query_async(&mut conn))
-                    .await?;
-                removed += n;
+            let (next, names) = self.scan_page(cursor).await?;
+            if !names.is_empty() {
+                each_batch(names).await?;
             }
             if next == 0 {
-                return Ok(removed);
+                return Ok(());
             }
             cursor = next;
         }
     }
+
+    /// Gives every entry under the prefix a tombstone at `version`: each entry no newer is dropped,
+    /// and no write older than `version` can land afterwards. Returns how many entries it saw.
+    pub async fn tombstone_all(&self, version: i64) -> Result<u64, CacheError> {
+        let mut seen = 0u64;
+        self.scan_names(|names| {
+            seen += names.len() as u64;
+            let writes: Vec<Write> = names
+                .into_iter()
+                .map(|username| Write::Tombstone { username, version })
+                .collect();
+            async move { self.apply(&writes).await.map(|_| ()) }
+        })
+        .await?;
+        Ok(seen)
+    }
+
+    /// Whether any key exists under the prefix.
+    pub async fn any_entry(&self) -> Result<bool, CacheError> {
+        let mut found = false;
+        self.scan_names(|_| {
+            found = true;
+            async { Ok(()) }
+        })
+        .await?;
+        Ok(found)
+    }
+
+    /// The stored values of `usernames` (live entries, tombstones or foreign values alike).
+    pub async fn get_raw(&self, usernames: &[String]) -> Result<Vec<Option<String>>, CacheError> {
+        if usernames.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = usernames.iter().map(|u| self.key(u)).collect();
+        let mut conn = self.conn.clone();
+        self.bounded(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
+            .await
+    }
 }
+
+/// Keys asked for per SCAN step.
+const SCAN_COUNT: usize = 1000;
 
 /// Escapes Redis glob metacharacters so that a prefix matches only itself.
 fn glob_escape(text: &str) -> String {

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::Cache;
+use crate::cdc::Applier;
 use crate::config::Config;
 use crate::db::{self, Db};
 use crate::server::{self, BoundSocket};
@@ -43,6 +44,8 @@ pub async fn run(
     );
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
+    let applier = Applier::new(config.clone(), service.cache().clone(), service.cdc.clone());
+    background.spawn(applier.run(stop_background.clone()));
     background.spawn(monitor(
         service.clone(),
         config.clone(),
@@ -165,7 +168,7 @@ async fn stats_line(service: Arc<Service>, every: Duration, stop: CancellationTo
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let s = service.stats_report();
+        let s = service.stats_report(true);
         tracing::info!(
             connections = s.connections,
             requests = s.requests,
@@ -174,6 +177,13 @@ async fn stats_line(service: Arc<Service>, every: Duration, stop: CancellationTo
             cache_misses = s.cache_misses,
             db_queries = s.db_queries,
             repairs_pending = s.repairs_pending,
+            cdc_applied = s.cdc.applied,
+            cdc_batches = s.cdc.batches,
+            cdc_reconnects = s.cdc.reconnects,
+            cdc_resyncs = s.cdc.resyncs,
+            cdc_lag_p50_ms = s.cdc.lag_ms.p50,
+            cdc_lag_p99_ms = s.cdc.lag_ms.p99,
+            cdc_lag_max_ms = s.cdc.lag_ms.max,
             "stats"
         );
     }

@@ -263,7 +263,10 @@ impl Db {
 }
 
 /// The embedded migrations, applied in order, each once, each in its own transaction.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "users", include_str!("../sql/0001_users.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "users", include_str!("../sql/0001_users.sql")),
+    (2, "cdc", include_str!("../sql/0002_cdc.sql")),
+];
 
 /// Applies every migration not yet recorded in `cacheward_migrations`. Safe to run concurrently
 /// and repeatedly. Returns the versions it applied.

@@ -3,6 +3,7 @@
 //! older value overwrite a newer one. See DESIGN.md for the contracts.
 
 pub mod cache;
+pub mod cdc;
 pub mod client;
 pub mod config;
 pub mod daemon;
@@ -13,3 +14,4 @@ pub mod server;
 pub mod service;
 pub mod telemetry;
 pub mod user;
+pub mod verify;

@@ -63,6 +63,11 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Compare every cached entry with the database; exit 1 if any differs
+    Verify {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Read a user (cache-aside)
     Get {
         username: String,
@@ -119,6 +124,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve { dev, common } => serve(dev, common).await,
         Command::Migrate { common } => migrate(common).await,
+        Command::Verify { common } => verify(common).await,
         Command::Get { username, common } => {
             call(common, "get", json!({ "username": username })).await
         }
@@ -237,6 +243,30 @@ async fn migrate(common: Common) -> anyhow::Result<ExitCode> {
         println!("applied migrations: {applied:?}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(common: Common) -> anyhow::Result<ExitCode> {
+    let config = common.load()?;
+    config.require_backends()?;
+    let report = cacheward::verify::verify(&config).await?;
+    for m in &report.mismatches {
+        println!(
+            "mismatch {}: cached {} database {}",
+            m.key,
+            m.cached,
+            m.row.as_deref().unwrap_or("(no row)")
+        );
+    }
+    println!(
+        "checked {} cached users: {} mismatches",
+        report.checked,
+        report.mismatches.len()
+    );
+    Ok(if report.mismatches.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn call(common: Common, method: &str, params: Value) -> anyhow::Result<ExitCode> {

@@ -489,7 +489,7 @@ async fn answer(service: &Arc<Service>, call: Call) -> Result<Answer, RpcError> 
             new_username,
         } => Answer::Rename(service.rename(username, new_username).await?),
         Call::Delete { username } => Answer::Delete(service.delete(username).await?),
-        Call::Stats => Answer::Stats(service.stats_report()),
+        Call::Stats => Answer::Stats(service.stats_report(false)),
         Call::Health => Answer::Health(service.health_report()),
     })
 }

@@ -240,6 +240,8 @@ pub struct Service {
     cache: Cache,
     pub health: Arc<Health>,
     pub stats: Arc<Stats>,
+    /// Written by the CDC worker, reported by `stats` and `health`.
+    pub cdc: Arc<crate::cdc::CdcStats>,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     repair: Mutex<RepairQueue>,
     /// Fast check for the read path: true while the repair queue holds anything.
@@ -284,6 +286,7 @@ impl Service {
             cache,
             health: Arc::new(Health::default()),
             stats: Arc::new(Stats::default()),
+            cdc: Arc::new(crate::cdc::CdcStats::default()),
             flights: Mutex::new(HashMap::new()),
             repair: Mutex::new(RepairQueue::default()),
             repair_pending: AtomicBool::new(false),
@@ -546,9 +549,12 @@ impl Service {
             .expect("repair lock is never poisoned")
             .overflowed;
         if overflowed {
+            // Every entry may be stale: a tombstone at the current version horizon drops them all
+            // and keeps out any fill that read before now.
+            let (_, horizon) = db_result(self.db.current_rows(&[]).await, &self.health)?;
             let removed = self
                 .cache
-                .clear_all()
+                .tombstone_all(horizon)
                 .await
                 .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
             tracing::warn!(removed, "cache cleared after repair queue overflow");
@@ -610,7 +616,8 @@ impl Service {
         Ok(repaired)
     }
 
-    pub fn stats_report(&self) -> StatsReport {
+    /// The counters; `reset_lag` starts a new window for the CDC lag percentiles.
+    pub fn stats_report(&self, reset_lag: bool) -> StatsReport {
         let s = &self.stats;
         StatsReport {
             uptime_secs: self.started.elapsed().as_secs(),
@@ -621,7 +628,7 @@ impl Service {
             cache_misses: s.cache_misses.load(Relaxed),
             db_queries: s.db_queries.load(Relaxed),
             repairs_pending: self.repair_len.load(Relaxed) as u64,
-            cdc: CdcReport::default(),
+            cdc: self.cdc.report(reset_lag),
         }
     }
 
@@ -631,7 +638,7 @@ impl Service {
             ready: self.health.ready(),
             postgres: state(Backend::Postgres),
             redis: state(Backend::Redis),
-            cdc: CdcHealth::default(),
+            cdc: self.cdc.health(),
         }
     }
 }

@@ -367,6 +367,15 @@ async fn serve_dev_seeds_the_article_users_and_ctrl_c_removes_everything() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    // Killed (with its servers, through their parent-death signal) if an assertion fails first.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: kill on our own child's pid; harmless once it has exited.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+    let _guard = KillOnDrop(child.id());
     let socket = cwd.path().join("cacheward.sock");
     wait_until("dev daemon ready", Duration::from_secs(30), || async {
         if tokio::net::UnixStream::connect(&socket).await.is_err() {

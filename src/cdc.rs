@@ -1,0 +1,851 @@
+//! The CDC worker: applies out-of-band changes to Redis. It reads `cacheward_outbox` (filled by the
+//! trigger of sql/0002_cdc.sql) after a durable cursor, on a dedicated connection that LISTENs for
+//! wake-ups and also polls, refetches the current rows of every name a batch mentions, writes them
+//! through the same versioned script as reads and writes, and only then moves the cursor.
+//!
+//! Commit order is not id order: a transaction may take outbox id 10, commit after id 11 was
+//! applied. Every batch therefore reads one snapshot and remembers the transactions that were still
+//! running in it (`pending`, with the id range their rows may hide in); once such a transaction has
+//! finished, its rows in that range are read and applied. The cursor and the pending list are stored
+//! together, so a restart resumes exactly.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, IsolationLevel, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{Cache, CacheError, Write};
+use crate::config::{CdcMode, Config};
+use crate::db::{self, DbError};
+use crate::service::{CdcHealth, CdcReport, LagReport};
+use crate::user::{User, USER_SELECT};
+
+/// Why a CDC step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CdcError {
+    /// The dedicated connection failed: reconnect with back-off.
+    #[error(transparent)]
+    Postgres(#[from] DbError),
+    /// Redis refused or is down: keep the cursor, retry the batch later.
+    #[error(transparent)]
+    Redis(#[from] CacheError),
+}
+
+impl From<tokio_postgres::Error> for CdcError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        CdcError::Postgres(e.into())
+    }
+}
+
+/// Counters and the lag histogram behind `stats` and `health`.
+pub struct CdcStats {
+    pub applied: AtomicU64,
+    pub batches: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub resyncs: AtomicU64,
+    pub listening: AtomicBool,
+    pub cursor: AtomicI64,
+    /// Largest lag of the last batch; 0 once a poll finds nothing new.
+    pub last_lag_ms: AtomicU64,
+    /// Change-to-applied lag since the last stats line.
+    lag: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Default for CdcStats {
+    fn default() -> Self {
+        CdcStats {
+            applied: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+            listening: AtomicBool::new(false),
+            cursor: AtomicI64::new(0),
+            last_lag_ms: AtomicU64::new(0),
+            lag: Mutex::new(
+                hdrhistogram::Histogram::new(3).expect("3 significant digits is valid"),
+            ),
+        }
+    }
+}
+
+impl CdcStats {
+    fn record_lag(&self, ms: u64) {
+        self.lag
+            .lock()
+            .expect("lag lock is never poisoned")
+            .saturating_record(ms);
+    }
+
+    /// Lag percentiles over the current window; `reset` starts a new window.
+    pub fn lag(&self, reset: bool) -> LagReport {
+        let mut histogram = self.lag.lock().expect("lag lock is never poisoned");
+        let report = LagReport {
+            p50: histogram.value_at_quantile(0.5),
+            p99: histogram.value_at_quantile(0.99),
+            max: histogram.max(),
+        };
+        if reset {
+            histogram.reset();
+        }
+        report
+    }
+
+    pub fn report(&self, reset_lag: bool) -> CdcReport {
+        CdcReport {
+            applied: self.applied.load(Relaxed),
+            batches: self.batches.load(Relaxed),
+            reconnects: self.reconnects.load(Relaxed),
+            resyncs: self.resyncs.load(Relaxed),
+            lag_ms: self.lag(reset_lag),
+        }
+    }
+
+    pub fn health(&self) -> CdcHealth {
+        CdcHealth {
+            listening: self.listening.load(Relaxed),
+            cursor: self.cursor.load(Relaxed),
+            lag_ms: self.last_lag_ms.load(Relaxed),
+        }
+    }
+}
+
+/// A transaction that was running when a batch read its snapshot: its outbox rows with ids in
+/// `(after, upto]` are still to be applied once it has finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub txid: u64,
+    pub after: i64,
+    pub upto: i64,
+}
+
+/// The durable position of one consumer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// Every outbox row with `id <= position` was applied, except the rows of `pending`.
+    pub position: i64,
+    pub pending: Vec<Pending>,
+}
+
+/// The transactions a snapshot saw as running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub xmin: u64,
+    pub xmax: u64,
+    pub running: HashSet<u64>,
+}
+
+impl Snapshot {
+    /// Whether `txid` had finished (committed or aborted) when the snapshot was taken.
+    pub fn finished(&self, txid: u64) -> bool {
+        txid < self.xmin || (txid < self.xmax && !self.running.contains(&txid))
+    }
+}
+
+impl Cursor {
+    /// The cursor after a batch: `fresh_upto` is the largest fresh id applied; `late_complete` says
+    /// whether the late rows of finished transactions were all read (else only up to `late_upto`).
+    pub fn advance(
+        &self,
+        snapshot: &Snapshot,
+        fresh_upto: Option<i64>,
+        late_complete: bool,
+        late_upto: i64,
+    ) -> Cursor {
+        let position = fresh_upto.map_or(self.position, |id| id.max(self.position));
+        let mut pending: Vec<Pending> = self
+            .pending
+            .iter()
+            .filter_map(|p| {
+                if !snapshot.finished(p.txid) {
+                    // Still running: its rows may hide anywhere up to the new position.
+                    return Some(Pending {
+                        upto: position,
+                        ..p.clone()
+                    });
+                }
+                if late_complete {
+                    return None;
+                }
+                let after = p.after.max(late_upto);
+                (after < p.upto).then(|| Pending { after, ..p.clone() })
+            })
+            .collect();
+        for &txid in &snapshot.running {
+            if position > self.position && !pending.iter().any(|p| p.txid == txid) {
+                // Started since the last snapshot: its ids are all above the old position.
+                pending.push(Pending {
+                    txid,
+                    after: self.position,
+                    upto: position,
+                });
+            }
+        }
+        pending.retain(|p| p.after < p.upto);
+        pending.sort_by_key(|p| p.txid);
+        Cursor { position, pending }
+    }
+
+    /// Oldest outbox id this cursor may still need.
+    pub fn low_water(&self) -> i64 {
+        self.pending
+            .iter()
+            .map(|p| p.after)
+            .min()
+            .unwrap_or(self.position)
+            .min(self.position)
+    }
+}
+
+/// One outbox row as the applier reads it.
+#[derive(Debug, Clone)]
+struct Change {
+    id: i64,
+    op: String,
+    username: Option<String>,
+    old_username: Option<String>,
+    version: i64,
+    lag_ms: i64,
+}
+
+const CHANGE_COLUMNS: &str = "o.id, o.op, o.username, o.old_username, o.version, \
+     (extract(epoch FROM clock_timestamp() - o.changed_at) * 1000)::bigint";
+
+fn change(row: &tokio_postgres::Row) -> Change {
+    Change {
+        id: row.get(0),
+        op: row.get(1),
+        username: row.get(2),
+        old_username: row.get(3),
+        version: row.get(4),
+        lag_ms: row.get(5),
+    }
+}
+
+/// What a batch decided to do to Redis.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// A TRUNCATE was seen: tombstone every entry with a version up to this.
+    pub truncate: Option<i64>,
+    pub writes: Vec<Write>,
+}
+
+/// Turns the names a batch mentions and their current rows into cache writes. A name without a row
+/// gets a tombstone with the largest version the batch recorded for it, which is at least the last
+/// version its removed row had.
+pub fn plan(
+    mode: CdcMode,
+    mentioned: &BTreeMap<String, i64>,
+    rows: Vec<User>,
+    truncate: Option<i64>,
+) -> Plan {
+    let mut found: BTreeMap<String, User> =
+        rows.into_iter().map(|u| (u.username.clone(), u)).collect();
+    let writes = mentioned
+        .iter()
+        .map(|(name, removed_version)| match (found.remove(name), mode) {
+            (Some(user), CdcMode::Refresh) => Write::Live {
+                username: user.username,
+                version: user.version,
+                json: user.json,
+            },
+            // Removes anything older than the current row, and lets the current row be filled.
+            (Some(user), CdcMode::Invalidate) => Write::Tombstone {
+                username: user.username,
+                version: user.version - 1,
+            },
+            (None, _) => Write::Tombstone {
+                username: name.clone(),
+                version: *removed_version,
+            },
+        })
+        .collect();
+    Plan { truncate, writes }
+}
+
+/// The CDC worker of one daemon.
+pub struct Applier {
+    config: Arc<Config>,
+    cache: Cache,
+    stats: Arc<CdcStats>,
+    /// The cache this worker keeps: one cursor, and one active worker, per consumer.
+    consumer: String,
+}
+
+/// How often processed outbox rows are pruned, at most.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Rows deleted per prune statement.
+const PRUNE_CHUNK: i64 = 10_000;
+
+impl Applier {
+    pub fn new(config: Arc<Config>, cache: Cache, stats: Arc<CdcStats>) -> Applier {
+        let redis = config
+            .redis
+            .url
+            .as_ref()
+            .map(|u| u.redacted())
+            .unwrap_or_default();
+        let consumer = format!("{}{}", redis, config.cache.key_prefix);
+        Applier {
+            config,
+            cache,
+            stats,
+            consumer,
+        }
+    }
+
+    /// Runs until `stop`: sessions on a dedicated connection, reconnecting with back-off.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            let outcome = self.session(&stop).await;
+            self.stats.listening.store(false, Relaxed);
+            let error = match outcome {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            self.stats.reconnects.fetch_add(1, Relaxed);
+            tracing::warn!(error = %error, retry_in_ms = backoff.as_millis() as u64, "cdc reconnecting");
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn session(&self, stop: &CancellationToken) -> Result<(), CdcError> {
+        let pg = db::pg_config(&self.config)?;
+        let (mut client, mut connection) =
+            tokio::time::timeout(Duration::from_secs(5), pg.connect(NoTls))
+                .await
+                .map_err(|_| DbError::Timeout("cdc connect".into()))??;
+        let wake = Arc::new(Notify::new());
+        let driver_wake = wake.clone();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => driver_wake.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cdc connection failed");
+                        break;
+                    }
+                }
+            }
+            // Wake the loop so that it notices the dead connection now.
+            driver_wake.notify_one();
+        });
+        let _abort_driver = AbortOnDrop(driver);
+
+        if !self.lead(&client, stop).await? {
+            return Ok(());
+        }
+        let cdc = &self.config.cdc;
+        client
+            .batch_execute(&format!("LISTEN \"{}\"", cdc.channel))
+            .await?;
+        client
+            .execute(
+                "UPDATE cacheward_cdc_settings SET channel = $1, notify = $2 WHERE channel <> $1 OR notify <> $2",
+                &[&cdc.channel, &cdc.notify],
+            )
+            .await?;
+        let mut cursor = self.load_cursor(&client).await?;
+        let mut last_prune: Option<Instant> = None;
+        self.stats.listening.store(true, Relaxed);
+        self.stats.cursor.store(cursor.position, Relaxed);
+        tracing::info!(channel = %cdc.channel, position = cursor.position, pending = cursor.pending.len(), "cdc listening");
+
+        let poll = Duration::from_millis(cdc.poll_interval_ms);
+        let prune_every = PRUNE_EVERY.min(Duration::from_secs(cdc.retention_secs));
+        let mut redis_retry = Duration::from_millis(50);
+        loop {
+            // Catch up: batch after batch until one comes back short.
+            loop {
+                match self.batch(&mut client, &mut cursor).await {
+                    Ok(fresh) if fresh < cdc.batch_size || stop.is_cancelled() => break,
+                    Ok(_) => {}
+                    Err(CdcError::Redis(e)) => {
+                        // The cursor stays where it is; try again once Redis answers.
+                        tracing::debug!(error = %e, "cdc batch not applied: redis");
+                        tokio::select! {
+                            biased;
+                            _ = stop.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(redis_retry) => {}
+                        }
+                        redis_retry = (redis_retry * 2).min(poll);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+                redis_retry = Duration::from_millis(50);
+            }
+            if last_prune.is_none_or(|at| at.elapsed() >= prune_every) {
+                self.prune(&client, &cursor).await?;
+                last_prune = Some(Instant::now());
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            if client.is_closed() {
+                return Err(DbError::Unavailable("cdc connection closed".into()).into());
+            }
+        }
+    }
+
+    /// Only one worker per consumer applies changes (a session advisory lock, released when its
+    /// connection ends); the others wait as standbys. Returns false when asked to stop.
+    async fn lead(&self, client: &Client, stop: &CancellationToken) -> Result<bool, CdcError> {
+        let key = format!("cacheward_cdc:{}", self.consumer);
+        let mut said = false;
+        loop {
+            let locked: bool = client
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                    &[&key],
+                )
+                .await?
+                .get(0);
+            if locked {
+                return Ok(true);
+            }
+            if !said {
+                tracing::info!(consumer = %self.consumer, "cdc standby: another daemon applies changes for this cache");
+                said = true;
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(Duration::from_millis(self.config.cdc.poll_interval_ms)) => {}
+            }
+        }
+    }
+
+    /// Loads this consumer's cursor; decides on a first start or a gap whether to replay or resync.
+    async fn load_cursor(&self, client: &Client) -> Result<Cursor, CdcError> {
+        let row = client
+            .query_opt(
+                "SELECT position, pending::text FROM cacheward_cdc_cursors WHERE consumer = $1",
+                &[&self.consumer],
+            )
+            .await?;
+        let pruned_upto: i64 = client
+            .query_one("SELECT pruned_upto FROM cacheward_cdc_settings", &[])
+            .await?
+            .get(0);
+        let cursor = match row {
+            Some(row) => {
+                let pending: String = row.get(1);
+                Cursor {
+                    position: row.get(0),
+                    pending: serde_json::from_str(&pending)
+                        .map_err(|e| DbError::Other(format!("cdc cursor pending list: {e}")))?,
+                }
+            }
+            None => {
+                // First start for this cache. An empty cache needs no history; one with entries
+                // replays what the outbox retains (its TTL bounds anything older).
+                let cached = self.cache.any_entry().await?;
+                let position = if cached {
+                    0
+                } else {
+                    client
+                        .query_one("SELECT coalesce(max(id), 0) FROM cacheward_outbox", &[])
+                        .await?
+                        .get(0)
+                };
+                let cursor = Cursor {
+                    position,
+                    pending: Vec::new(),
+                };
+                self.store_cursor(client, &cursor).await?;
+                if cached && pruned_upto == 0 {
+                    tracing::info!(consumer = %self.consumer, "cdc first start: replaying the retained outbox");
+                }
+                cursor
+            }
+        };
+        if cursor.low_water() < pruned_upto {
+            return self
+                .resync(
+                    client,
+                    pruned_upto,
+                    "changes newer than the cursor were pruned from the outbox",
+                )
+                .await;
+        }
+        Ok(cursor)
+    }
+
+    async fn store_cursor(&self, client: &Client, cursor: &Cursor) -> Result<(), CdcError> {
+        let pending = serde_json::to_string(&cursor.pending).expect("pending list serializes");
+        client
+            .execute(
+                "INSERT INTO cacheward_cdc_cursors (consumer, position, pending) VALUES ($1, $2, $3::text::jsonb)
+                 ON CONFLICT (consumer) DO UPDATE SET position = $2, pending = $3::text::jsonb, updated_at = now()",
+                &[&self.consumer, &cursor.position, &pending],
+            )
+            .await?;
+        self.stats.cursor.store(cursor.position, Relaxed);
+        Ok(())
+    }
+
+    /// Starts over from the head of the outbox after history was lost: every cached entry gets a
+    /// tombstone at the current version horizon (so no entry older than now survives, and no fill
+    /// that read before now can land), and the cursor jumps to the newest change.
+    async fn resync(
+        &self,
+        client: &Client,
+        pruned_upto: i64,
+        reason: &str,
+    ) -> Result<Cursor, CdcError> {
+        tracing::warn!(consumer = %self.consumer, reason, "cdc resync: dropping every cached user entry");
+        let head = client
+            .query_one(
+                "SELECT coalesce((SELECT max(id) FROM cacheward_outbox), 0),
+                        (SELECT last_value FROM cacheward_version_seq),
+                        ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x)",
+                &[],
+            )
+            .await?;
+        let position: i64 = head.get(0);
+        let horizon: i64 = head.get(1);
+        let running: Vec<String> = head.get(2);
+        let dropped = self.cache.tombstone_all(horizon).await?;
+        let cursor = Cursor {
+            position,
+            pending: running
+                .iter()
+                .filter_map(|x| x.parse().ok())
+                .map(|txid| Pending {
+                    txid,
+                    after: pruned_upto,
+                    upto: position,
+                })
+                .filter(|p| p.after < p.upto)
+                .collect(),
+        };
+        self.store_cursor(client, &cursor).await?;
+        self.stats.resyncs.fetch_add(1, Relaxed);
+        tracing::warn!(consumer = %self.consumer, dropped, position, "cdc resync done");
+        Ok(cursor)
+    }
+
+    /// Reads, applies and records one batch; returns how many fresh rows it read.
+    async fn batch(&self, client: &mut Client, cursor: &mut Cursor) -> Result<usize, CdcError> {
+        let started = Instant::now();
+        let limit = self.config.cdc.batch_size as i64;
+        // One snapshot for everything read: the outbox rows, the running transactions, the rows.
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let snap = tx
+            .query_one(
+                "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
+                        ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x)
+                 FROM pg_current_snapshot() s",
+                &[],
+            )
+            .await?;
+        let parse = |s: String| {
+            s.parse::<u64>()
+                .map_err(|e| DbError::Other(format!("xid8 {s}: {e}")))
+        };
+        let snapshot = Snapshot {
+            xmin: parse(snap.get(0))?,
+            xmax: parse(snap.get(1))?,
+            running: snap
+                .get::<_, Vec<String>>(2)
+                .into_iter()
+                .map(parse)
+                .collect::<Result<_, _>>()?,
+        };
+        let fresh: Vec<Change> = tx
+            .query(
+                &format!("SELECT {CHANGE_COLUMNS} FROM cacheward_outbox o WHERE o.id > $1 ORDER BY o.id LIMIT $2"),
+                &[&cursor.position, &limit],
+            )
+            .await?
+            .iter()
+            .map(change)
+            .collect();
+        let finished: Vec<&Pending> = cursor
+            .pending
+            .iter()
+            .filter(|p| snapshot.finished(p.txid))
+            .collect();
+        let late: Vec<Change> = if finished.is_empty() {
+            Vec::new()
+        } else {
+            let txids: Vec<String> = finished.iter().map(|p| p.txid.to_string()).collect();
+            let afters: Vec<i64> = finished.iter().map(|p| p.after).collect();
+            let uptos: Vec<i64> = finished.iter().map(|p| p.upto).collect();
+            tx.query(
+                &format!(
+                    "SELECT {CHANGE_COLUMNS} FROM cacheward_outbox o
+                     JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS p(txid, after, upto)
+                       ON o.txid = p.txid::xid8 AND o.id > p.after AND o.id <= p.upto
+                     ORDER BY o.id LIMIT $4"
+                ),
+                &[&txids, &afters, &uptos, &limit],
+            )
+            .await?
+            .iter()
+            .map(change)
+            .collect()
+        };
+
+        let mut mentioned: BTreeMap<String, i64> = BTreeMap::new();
+        let mut truncate: Option<i64> = None;
+        for c in fresh.iter().chain(&late) {
+            if c.op == "truncate" {
+                truncate = truncate.max(Some(c.version));
+            }
+            for name in [&c.username, &c.old_username].into_iter().flatten() {
+                let v = mentioned.entry(name.clone()).or_insert(c.version);
+                *v = (*v).max(c.version);
+            }
+        }
+        let names: Vec<&String> = mentioned.keys().collect();
+        let rows = if names.is_empty() {
+            Vec::new()
+        } else {
+            tx.query(
+                &format!("SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)"),
+                &[&names],
+            )
+            .await?
+            .iter()
+            .map(|r| User::from_row(r).map_err(|e| DbError::Other(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?
+        };
+        tx.commit().await?;
+
+        let plan = plan(self.config.cdc.mode, &mentioned, rows, truncate);
+        if let Some(version) = plan.truncate {
+            let dropped = self.cache.tombstone_all(version).await?;
+            tracing::info!(dropped, "cdc applied a TRUNCATE: every cached user dropped");
+        }
+        self.cache.apply(&plan.writes).await?;
+
+        let late_upto = late.last().map_or(0, |c| c.id);
+        let next = cursor.advance(
+            &snapshot,
+            fresh.last().map(|c| c.id),
+            (late.len() as i64) < limit,
+            late_upto,
+        );
+        if next != *cursor {
+            self.store_cursor(client, &next).await?;
+            *cursor = next;
+        }
+        let applied = fresh.len() + late.len();
+        if applied == 0 {
+            self.stats.last_lag_ms.store(0, Relaxed);
+        } else {
+            let elapsed = started.elapsed().as_millis() as i64;
+            let mut worst = 0;
+            for c in fresh.iter().chain(&late) {
+                let lag = (c.lag_ms.max(0) + elapsed) as u64;
+                self.stats.record_lag(lag);
+                worst = worst.max(lag);
+            }
+            self.stats.last_lag_ms.store(worst, Relaxed);
+            self.stats.applied.fetch_add(applied as u64, Relaxed);
+            self.stats.batches.fetch_add(1, Relaxed);
+            tracing::debug!(
+                changes = applied,
+                writes = plan.writes.len(),
+                position = cursor.position,
+                lag_ms = worst,
+                "cdc batch applied"
+            );
+        }
+        Ok(fresh.len())
+    }
+
+    /// Deletes outbox rows older than `cdc.retention_secs` that this consumer no longer needs, and
+    /// records how far it pruned so that a consumer left behind knows to resync.
+    async fn prune(&self, client: &Client, cursor: &Cursor) -> Result<(), CdcError> {
+        let retention = self.config.cdc.retention_secs as f64;
+        let mut pruned = 0;
+        loop {
+            let row = client
+                .query_one(
+                    "WITH doomed AS (SELECT id FROM cacheward_outbox WHERE id <= $2 ORDER BY id LIMIT $3),
+                          gone AS (DELETE FROM cacheward_outbox o USING doomed d
+                                   WHERE o.id = d.id AND o.changed_at < now() - make_interval(secs => $1)
+                                   RETURNING o.id)
+                     UPDATE cacheward_cdc_settings
+                        SET pruned_upto = greatest(pruned_upto, coalesce((SELECT max(id) FROM gone), 0))
+                     RETURNING (SELECT count(*) FROM gone)",
+                    &[&retention, &cursor.low_water(), &PRUNE_CHUNK],
+                )
+                .await?;
+            let deleted: i64 = row.get(0);
+            pruned += deleted;
+            if deleted < PRUNE_CHUNK {
+                break;
+            }
+        }
+        if pruned > 0 {
+            tracing::debug!(pruned, "cdc outbox pruned");
+        }
+        Ok(())
+    }
+}
+
+/// Aborts the connection driver when the session ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(xmin: u64, xmax: u64, running: &[u64]) -> Snapshot {
+        Snapshot {
+            xmin,
+            xmax,
+            running: running.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn finished_means_below_xmin_or_below_xmax_and_not_running() {
+        let s = snapshot(10, 20, &[10, 15]);
+        assert!(s.finished(9));
+        assert!(!s.finished(10));
+        assert!(s.finished(11));
+        assert!(!s.finished(15));
+        assert!(!s.finished(20));
+    }
+
+    #[test]
+    fn a_running_transaction_is_remembered_until_it_finishes() {
+        let start = Cursor::default();
+        // Batch 1: ids up to 12 applied; transaction 15 was running and may hold ids below 12.
+        let c1 = start.advance(&snapshot(15, 20, &[15]), Some(12), true, 0);
+        assert_eq!(c1.position, 12);
+        assert_eq!(
+            c1.pending,
+            vec![Pending {
+                txid: 15,
+                after: 0,
+                upto: 12
+            }]
+        );
+        // Batch 2: still running, the cursor moves on: its range grows with it.
+        let c2 = c1.advance(&snapshot(15, 21, &[15]), Some(30), true, 0);
+        assert_eq!(
+            c2.pending,
+            vec![Pending {
+                txid: 15,
+                after: 0,
+                upto: 30
+            }]
+        );
+        // Batch 3: it finished and all its rows were read: forgotten.
+        let c3 = c2.advance(&snapshot(21, 21, &[]), None, true, 0);
+        assert_eq!(
+            c3,
+            Cursor {
+                position: 30,
+                pending: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn a_finished_transaction_read_in_part_keeps_the_rest() {
+        let c = Cursor {
+            position: 100,
+            pending: vec![Pending {
+                txid: 7,
+                after: 0,
+                upto: 100,
+            }],
+        };
+        let next = c.advance(&snapshot(50, 50, &[]), None, false, 40);
+        assert_eq!(
+            next.pending,
+            vec![Pending {
+                txid: 7,
+                after: 40,
+                upto: 100
+            }]
+        );
+        assert_eq!(next.low_water(), 40);
+    }
+
+    #[test]
+    fn idle_batches_change_nothing() {
+        let c = Cursor {
+            position: 5,
+            pending: vec![],
+        };
+        assert_eq!(
+            c.advance(&snapshot(9, 12, &[9, 10]), None, true, 0),
+            c,
+            "no new ids: nothing can hide"
+        );
+    }
+
+    #[test]
+    fn plans_refresh_and_invalidate() {
+        let user = User {
+            username: "a".into(),
+            version: 7,
+            json: "{}".into(),
+        };
+        let mentioned: BTreeMap<String, i64> =
+            [("a".to_string(), 7), ("gone".to_string(), 5)].into();
+        let refresh = plan(CdcMode::Refresh, &mentioned, vec![user.clone()], None);
+        assert_eq!(
+            refresh.writes,
+            vec![
+                Write::Live {
+                    username: "a".into(),
+                    version: 7,
+                    json: "{}".into()
+                },
+                Write::Tombstone {
+                    username: "gone".into(),
+                    version: 5
+                },
+            ]
+        );
+        let invalidate = plan(CdcMode::Invalidate, &mentioned, vec![user], Some(9));
+        assert_eq!(invalidate.truncate, Some(9));
+        assert_eq!(
+            invalidate.writes[0],
+            Write::Tombstone {
+                username: "a".into(),
+                version: 6
+            }
+        );
+    }
+}

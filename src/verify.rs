@@ -1,0 +1,104 @@
+//! `cacheward verify`: compares every cached user entry with its row, in SCAN-sized batches so that
+//! a live system is never blocked, and reports the entries that differ or whose row is gone.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cache::{is_live, Cache};
+use crate::config::Config;
+use crate::db;
+use crate::user::{User, USER_SELECT};
+
+/// A cached entry that does not match the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    pub key: String,
+    pub cached: String,
+    /// The row's JSON, or `None` when no row has that username.
+    pub row: Option<String>,
+}
+
+/// What a verification found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Live entries compared.
+    pub checked: u64,
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// How long to wait before looking again at a suspect entry: a change in flight (a write between
+/// its database and Redis steps, a CDC batch) settles well within it.
+const RECHECK_AFTER: Duration = Duration::from_millis(1500);
+
+/// Compares every live entry under the prefix with its row. Differences are checked a second time
+/// after [`RECHECK_AFTER`], and only those that persist are reported.
+pub async fn verify(config: &Config) -> anyhow::Result<Report> {
+    let cache = Cache::new(config)?;
+    let client = db::connect(&db::pg_config(config)?).await?;
+    let select = client
+        .prepare(&format!(
+            "SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)"
+        ))
+        .await?;
+    let mut report = Report::default();
+    let mut suspects = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let (next, names) = cache.scan_page(cursor).await?;
+        let (checked, found) = compare(&cache, &client, &select, names).await?;
+        report.checked += checked;
+        suspects.extend(found);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    if !suspects.is_empty() {
+        tokio::time::sleep(RECHECK_AFTER).await;
+        let names = suspects.into_iter().map(|m| m.key).collect();
+        report.mismatches = compare(&cache, &client, &select, names).await?.1;
+    }
+    for m in &mut report.mismatches {
+        m.key = cache.key(&m.key);
+    }
+    Ok(report)
+}
+
+/// Compares the entries of `names`; returns how many were live and those that differ (named by
+/// username).
+async fn compare(
+    cache: &Cache,
+    client: &tokio_postgres::Client,
+    select: &tokio_postgres::Statement,
+    names: Vec<String>,
+) -> anyhow::Result<(u64, Vec<Mismatch>)> {
+    let values = cache.get_raw(&names).await?;
+    let live: Vec<(String, String)> = names
+        .into_iter()
+        .zip(values)
+        .filter_map(|(name, value)| value.filter(|v| is_live(v)).map(|v| (name, v)))
+        .collect();
+    let wanted: Vec<&str> = live.iter().map(|(n, _)| n.as_str()).collect();
+    let rows = client.query(select, &[&wanted]).await?;
+    let mut by_name = std::collections::HashMap::new();
+    for row in &rows {
+        let user = User::from_row(row)?;
+        by_name.insert(user.username.clone(), user.json);
+    }
+    let mut mismatches = Vec::new();
+    for (name, cached) in &live {
+        let row = by_name.get(name);
+        let same = row.is_some_and(|r| {
+            serde_json::from_str::<Value>(r).ok() == serde_json::from_str::<Value>(cached).ok()
+        });
+        if !same {
+            mismatches.push(Mismatch {
+                key: name.clone(),
+                cached: cached.clone(),
+                row: row.cloned(),
+            });
+        }
+    }
+    Ok((live.len() as u64, mismatches))
+}
