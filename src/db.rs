@@ -81,6 +81,52 @@ fn user_from_row(row: &Row) -> Result<User, DbError> {
     User::from_row(row).map_err(|e| DbError::Other(e.to_string()))
 }
 
+/// PostgreSQL refuses to run a prepared statement whose result columns changed since it was
+/// prepared (`SELECT u.*` after `ALTER TABLE users ADD COLUMN`).
+fn plan_changed(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED)
+        && e.as_db_error().is_some_and(|db| {
+            db.message()
+                .contains("cached plan must not change result type")
+        })
+}
+
+type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+/// Runs `sql` as a cached prepared statement; one whose result columns changed is dropped from the
+/// cache and prepared again, so a schema change costs nothing more than a re-prepare.
+async fn query_cached(
+    client: &deadpool_postgres::Client,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Vec<Row>, DbError> {
+    let stmt = client.prepare_cached(sql).await?;
+    match client.query(&stmt, params).await {
+        Err(e) if plan_changed(&e) => {
+            client.statement_cache.remove(sql, &[]);
+            let stmt = client.prepare_cached(sql).await?;
+            Ok(client.query(&stmt, params).await?)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// [`query_cached`] for at most one row.
+async fn query_opt_cached(
+    client: &deadpool_postgres::Client,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Option<Row>, DbError> {
+    let mut rows = query_cached(client, sql, params).await?;
+    if rows.len() > 1 {
+        return Err(DbError::Other(format!(
+            "expected at most one row, got {}",
+            rows.len()
+        )));
+    }
+    Ok(rows.pop())
+}
+
 /// Parses `postgres.url` and adds the settings every cacheward connection carries.
 pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
     let url = config
@@ -165,12 +211,8 @@ impl Db {
     async fn find_user_once(&self, username: &str) -> Result<Option<User>, DbError> {
         self.bounded("select user", async {
             let client = self.pool.get().await?;
-            let stmt = client
-                .prepare_cached(&format!(
-                    "SELECT {USER_SELECT} FROM users u WHERE u.username = $1"
-                ))
-                .await?;
-            let row = client.query_opt(&stmt, &[&username]).await?;
+            let sql = format!("SELECT {USER_SELECT} FROM users u WHERE u.username = $1");
+            let row = query_opt_cached(&client, &sql, &[&username]).await?;
             row.as_ref().map(user_from_row).transpose()
         })
         .await
@@ -181,22 +223,18 @@ impl Db {
     pub async fn get_or_create(&self, username: &str) -> Result<(User, bool), DbError> {
         self.bounded("get or create user", async {
             let client = self.pool.get().await?;
-            let select = client
-                .prepare_cached(&format!("SELECT {USER_SELECT} FROM users u WHERE u.username = $1"))
-                .await?;
-            let insert = client
-                .prepare_cached(&format!(
-                    "INSERT INTO users AS u (username) VALUES ($1) ON CONFLICT (username) DO NOTHING RETURNING {USER_SELECT}"
-                ))
-                .await?;
+            let select = format!("SELECT {USER_SELECT} FROM users u WHERE u.username = $1");
+            let insert = format!(
+                "INSERT INTO users AS u (username) VALUES ($1) ON CONFLICT (username) DO NOTHING RETURNING {USER_SELECT}"
+            );
             // Select first so that an existing user costs one round trip and burns no id. Between
             // the two statements another client may insert (then the insert does nothing) or
             // delete (then the select finds nothing): try again, a bounded number of times.
             for _ in 0..5 {
-                if let Some(row) = client.query_opt(&select, &[&username]).await? {
+                if let Some(row) = query_opt_cached(&client, &select, &[&username]).await? {
                     return Ok((user_from_row(&row)?, false));
                 }
-                if let Some(row) = client.query_opt(&insert, &[&username]).await? {
+                if let Some(row) = query_opt_cached(&client, &insert, &[&username]).await? {
                     return Ok((user_from_row(&row)?, true));
                 }
             }
@@ -211,12 +249,10 @@ impl Db {
     pub async fn rename(&self, old: &str, new: &str) -> Result<Option<User>, DbError> {
         self.bounded("rename user", async {
             let client = self.pool.get().await?;
-            let stmt = client
-                .prepare_cached(&format!(
-                    "UPDATE users AS u SET username = $2 WHERE u.username = $1 RETURNING {USER_SELECT}"
-                ))
-                .await?;
-            let row = client.query_opt(&stmt, &[&old, &new]).await?;
+            let sql = format!(
+                "UPDATE users AS u SET username = $2 WHERE u.username = $1 RETURNING {USER_SELECT}"
+            );
+            let row = query_opt_cached(&client, &sql, &[&old, &new]).await?;
             row.as_ref().map(user_from_row).transpose()
         })
         .await
@@ -240,12 +276,8 @@ impl Db {
     pub async fn current_rows(&self, usernames: &[String]) -> Result<(Vec<User>, i64), DbError> {
         self.bounded("select users", async {
             let client = self.pool.get().await?;
-            let select = client
-                .prepare_cached(&format!(
-                    "SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)"
-                ))
-                .await?;
-            let rows = client.query(&select, &[&usernames]).await?;
+            let sql = format!("SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)");
+            let rows = query_cached(&client, &sql, &[&usernames]).await?;
             let users = rows
                 .iter()
                 .map(user_from_row)

@@ -578,6 +578,12 @@ impl DevStack {
                 .await
                 .map_err(|e| failed("seeding users", e.to_string()))?;
         }
+        // The seed is history from before the daemon, as in the article: without this, the CDC
+        // worker's first start would replay it and cache every seeded user.
+        client
+            .batch_execute("DELETE FROM cacheward_outbox")
+            .await
+            .map_err(|e| failed("seeding users", e.to_string()))?;
         let store = db::Db::new(&config).map_err(|e| failed("postgres pool", e.to_string()))?;
         let user = store
             .find_user(SEED_USERS[0])

@@ -5,91 +5,13 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use common::{wait_until, Rpc, TestEnv};
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cacheward");
-
-/// `cacheward serve` as a child process, stderr captured to a file.
-struct DaemonProcess {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl DaemonProcess {
-    fn spawn(env: &TestEnv, name: &str) -> DaemonProcess {
-        let socket = env.dir.path().join(format!("{name}.sock"));
-        let log = env.dir.path().join(format!("{name}.log"));
-        let child = Command::new(BIN)
-            .arg("serve")
-            .current_dir(env.dir.path())
-            .env("DATABASE_URL", &env.db_url)
-            .env("REDIS_URL", &env.redis_url)
-            .env("CACHEWARD__SOCKET__PATH", &socket)
-            .env("CACHEWARD__LOG__STATS_INTERVAL_SECS", "0")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn cacheward serve");
-        DaemonProcess { child, socket, log }
-    }
-
-    async fn wait_ready(&self) {
-        wait_until("daemon process ready", Duration::from_secs(15), || async {
-            match tokio::net::UnixStream::connect(&self.socket).await {
-                Ok(_) => {
-                    Rpc::connect(&self.socket)
-                        .await
-                        .call("health", Value::Null)
-                        .await["result"]["ready"]
-                        == json!(true)
-                }
-                Err(_) => false,
-            }
-        })
-        .await;
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill on our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        wait_exit(&mut self.child, within)
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for DaemonProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            start.elapsed() < within,
-            "process still running after {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{wait_exit, DaemonProcess, BIN};
 
 fn run_cli(args: &[&str], socket: &Path) -> Output {
     Command::new(BIN)

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -281,5 +282,124 @@ where
             "timed out after {deadline:?} waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_cacheward");
+
+/// `cacheward serve` as a child process, stderr captured to a file.
+pub struct DaemonProcess {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl DaemonProcess {
+    pub fn spawn(env: &TestEnv, name: &str) -> DaemonProcess {
+        DaemonProcess::spawn_with(env, name, &[])
+    }
+
+    /// With extra environment variables (`CACHEWARD__…` settings).
+    pub fn spawn_with(env: &TestEnv, name: &str, vars: &[(&str, &str)]) -> DaemonProcess {
+        let socket = env.dir.path().join(format!("{name}.sock"));
+        let log = env.dir.path().join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .arg("serve")
+            .current_dir(env.dir.path())
+            .env("DATABASE_URL", &env.db_url)
+            .env("REDIS_URL", &env.redis_url)
+            .env("CACHEWARD__SOCKET__PATH", &socket)
+            .env("CACHEWARD__LOG__STATS_INTERVAL_SECS", "0")
+            .env_remove("RUST_LOG")
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn cacheward serve");
+        DaemonProcess { child, socket, log }
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_until("daemon process ready", Duration::from_secs(15), || async {
+            match tokio::net::UnixStream::connect(&self.socket).await {
+                Ok(_) => {
+                    Rpc::connect(&self.socket)
+                        .await
+                        .call("health", Value::Null)
+                        .await["result"]["ready"]
+                        == json!(true)
+                }
+                Err(_) => false,
+            }
+        })
+        .await;
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        wait_exit(&mut self.child, within)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            start.elapsed() < within,
+            "process still running after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl TestEnv {
+    /// Whether Redis agrees with the database for every name: a live entry equal to the row, or,
+    /// without a row, no live entry. (A row with no entry at all is fine: it is simply not cached.)
+    pub async fn agrees(&self, names: &[String]) -> bool {
+        for name in names {
+            let cached = self
+                .cached(name)
+                .await
+                .filter(|v| cacheward::cache::is_live(v));
+            let cached: Option<Value> =
+                cached.map(|v| serde_json::from_str(&v).expect("live JSON"));
+            match (cached, self.row_json(name).await) {
+                (Some(c), Some(r)) if c != r => return false,
+                (Some(_), None) => return false,
+                _ => {}
+            }
+        }
+        true
+    }
+
+    /// Runs `cacheward verify` against this environment.
+    pub fn verify(&self) -> std::process::Output {
+        Command::new(BIN)
+            .arg("verify")
+            .current_dir(self.dir.path())
+            .env("DATABASE_URL", &self.db_url)
+            .env("REDIS_URL", &self.redis_url)
+            .output()
+            .expect("run cacheward verify")
     }
 }

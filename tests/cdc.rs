@@ -1,0 +1,578 @@
+//! Out-of-band SQL reaches Redis (DESIGN guarantees 1 and 2): every kind of change, commit order
+//! different from id order, and the daemon, its connections and Redis failing meanwhile.
+
+mod common;
+
+use std::time::Duration;
+
+use cacheward::config::CdcMode;
+use cacheward::dev::RedisOptions;
+use common::{kind, wait_until, DaemonProcess, Rpc, TestEnv};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// DESIGN guarantee 1: within 1 s once writes stop.
+const CONVERGE: Duration = Duration::from_secs(1);
+
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+async fn live(env: &TestEnv, name: &str) -> Option<Value> {
+    env.cached(name)
+        .await
+        .filter(|v| cacheward::cache::is_live(v))
+        .map(|v| serde_json::from_str(&v).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_rename_delete_and_truncate_each_converge() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let pg = env.pg().await;
+    let mut c = daemon.client().await;
+
+    pg.execute("INSERT INTO users (username) VALUES ('oob')", &[])
+        .await
+        .unwrap();
+    wait_until("insert makes the key live", CONVERGE, || async {
+        live(&env, "oob").await.is_some() && live(&env, "oob").await == env.row_json("oob").await
+    })
+    .await;
+    assert_eq!(c.get("oob").await["result"]["source"], json!("cache"));
+
+    pg.execute(
+        "UPDATE users SET username = 'oob2' WHERE username = 'oob'",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_until("rename moves the key", CONVERGE, || async {
+        live(&env, "oob").await.is_none() && live(&env, "oob2").await == env.row_json("oob2").await
+    })
+    .await;
+    assert_eq!(kind(&c.get("oob").await), "not_found");
+    assert_eq!(c.get("oob2").await["result"]["source"], json!("cache"));
+
+    pg.execute("DELETE FROM users WHERE username = 'oob2'", &[])
+        .await
+        .unwrap();
+    wait_until("delete removes the key", CONVERGE, || async {
+        live(&env, "oob2").await.is_none()
+    })
+    .await;
+    assert_eq!(kind(&c.get("oob2").await), "not_found");
+
+    for name in ["t1", "t2"] {
+        c.call("put", json!({"username": name})).await;
+    }
+    pg.execute("TRUNCATE users", &[]).await.unwrap();
+    wait_until("truncate drops every cached user", CONVERGE, || async {
+        live(&env, "t1").await.is_none() && live(&env, "t2").await.is_none()
+    })
+    .await;
+    assert_eq!(kind(&c.get("t1").await), "not_found");
+    // A name inserted after the TRUNCATE is cached normally.
+    pg.execute("INSERT INTO users (username) VALUES ('t1')", &[])
+        .await
+        .unwrap();
+    wait_until("re-inserted after truncate", CONVERGE, || async {
+        live(&env, "t1").await.is_some()
+    })
+    .await;
+
+    let stats = daemon.stats().await;
+    assert!(stats["cdc"]["applied"].as_u64().unwrap() >= 5, "{stats}");
+    assert!(stats["cdc"]["batches"].as_u64().unwrap() >= 4, "{stats}");
+    assert!(
+        stats["cdc"]["lag_ms"]["max"].as_u64().unwrap()
+            >= stats["cdc"]["lag_ms"]["p50"].as_u64().unwrap()
+    );
+    let health = daemon.health().await;
+    assert_eq!(health["cdc"]["listening"], json!(true));
+    assert!(health["cdc"]["cursor"].as_i64().unwrap() > 0);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_committed_after_a_later_numbered_one_is_applied() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let mut c = daemon.client().await;
+    for name in ["a", "b"] {
+        c.call("put", json!({"username": name})).await;
+    }
+
+    // A takes the lower outbox id and stays open.
+    let mut held = env.pg().await;
+    let a = held.transaction().await.unwrap();
+    a.execute("UPDATE users SET username = 'a2' WHERE username = 'a'", &[])
+        .await
+        .unwrap();
+    // B takes a higher id and commits first.
+    env.pg()
+        .await
+        .execute("UPDATE users SET username = 'b2' WHERE username = 'b'", &[])
+        .await
+        .unwrap();
+    wait_until("the applier passed B", CONVERGE, || async {
+        live(&env, "b2").await.is_some()
+    })
+    .await;
+    let cursor_after_b = daemon.health().await["cdc"]["cursor"].as_i64().unwrap();
+    let a_id: i64 = env
+        .pg()
+        .await
+        .query_one("SELECT max(id) FROM cacheward_outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        cursor_after_b >= a_id,
+        "the cursor moved past A's slot ({cursor_after_b} < {a_id})"
+    );
+    assert!(
+        live(&env, "a").await.is_some(),
+        "A is not applied yet: it has not committed"
+    );
+
+    a.commit().await.unwrap();
+    wait_until("A applied after all", CONVERGE, || async {
+        live(&env, "a").await.is_none() && live(&env, "a2").await == env.row_json("a2").await
+    })
+    .await;
+    assert_eq!(kind(&c.get("a").await), "not_found");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_the_daemon_was_killed_are_applied_after_restart() {
+    let env = TestEnv::start().await;
+    let mut daemon = DaemonProcess::spawn(&env, "cdc");
+    daemon.wait_ready().await;
+    let users: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+    let mut c = Rpc::connect(&daemon.socket).await;
+    for name in &users {
+        c.call("put", json!({"username": name})).await;
+    }
+    drop(c);
+    daemon.signal(libc::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(5));
+
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "UPDATE users SET username = 'k0-renamed' WHERE username = 'k0';
+         UPDATE users SET username = 'k1-renamed' WHERE username = 'k1';
+         DELETE FROM users WHERE username IN ('k2', 'k3', 'k4');
+         UPDATE users SET created_at = created_at - interval '1 day' WHERE username IN ('k5', 'k6', 'k7', 'k8', 'k9');",
+    )
+    .await
+    .unwrap();
+    let mut all = users.clone();
+    all.extend(names(&["k0-renamed", "k1-renamed"]));
+    assert!(
+        !env.agrees(&all).await,
+        "the cache is stale before the restart"
+    );
+
+    let daemon = DaemonProcess::spawn(&env, "cdc2");
+    daemon.wait_ready().await;
+    wait_until(
+        "no stale entry within 3 s",
+        Duration::from_secs(3),
+        || async { env.agrees(&all).await },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_connections_lose_nothing() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let mut c = daemon.client().await;
+    let mut all = Vec::new();
+    for i in 0..10 {
+        c.call("put", json!({"username": format!("t{i}")})).await;
+        all.push(format!("t{i}"));
+        all.push(format!("t{i}-x"));
+    }
+
+    let stop = CancellationToken::new();
+    let killer = tokio::spawn({
+        let (stop, pg) = (stop.clone(), env.pg().await);
+        async move {
+            let mut kills = 0;
+            while !stop.is_cancelled() {
+                let killed: i64 = pg
+                    .query_one(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'cacheward'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                kills += killed;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            kills
+        }
+    });
+    let pg = env.pg().await;
+    for round in 0..40 {
+        let i = round % 10;
+        let (from, to) = if (round / 10) % 2 == 0 {
+            (format!("t{i}"), format!("t{i}-x"))
+        } else {
+            (format!("t{i}-x"), format!("t{i}"))
+        };
+        pg.execute(
+            "UPDATE users SET username = $2 WHERE username = $1",
+            &[&from, &to],
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    stop.cancel();
+    let kills = killer.await.unwrap();
+    assert!(kills >= 3, "connections were terminated ({kills})");
+    wait_until(
+        "converged after the reconnects",
+        Duration::from_secs(5),
+        || async { env.agrees(&all).await },
+    )
+    .await;
+    assert!(daemon.stats().await["cdc"]["reconnects"].as_u64().unwrap() >= 1);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_a_persistent_redis_was_down_are_applied_when_it_returns() {
+    let mut env = TestEnv::start_with(RedisOptions { persistent: true }).await;
+    let daemon = env.start_daemon(env.config()).await;
+    let mut c = daemon.client().await;
+    for name in ["r1", "r2", "r3"] {
+        c.call("put", json!({"username": name})).await;
+    }
+    env.redis.kill();
+    env.pg()
+        .await
+        .batch_execute(
+            "UPDATE users SET username = 'r1-new' WHERE username = 'r1';
+             DELETE FROM users WHERE username = 'r2';
+             UPDATE users SET created_at = '2001-01-01' WHERE username = 'r3';",
+        )
+        .await
+        .unwrap();
+    let cursor = daemon.health().await["cdc"]["cursor"].as_i64().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        daemon.health().await["cdc"]["cursor"].as_i64().unwrap(),
+        cursor,
+        "Redis down: the cursor stays"
+    );
+
+    env.redis.start_again().unwrap();
+    let all = names(&["r1", "r2", "r3", "r1-new"]);
+    wait_until(
+        "no stale entry survives the outage",
+        Duration::from_secs(3),
+        || async { env.agrees(&all).await },
+    )
+    .await;
+    assert_eq!(
+        live(&env, "r3").await.unwrap()["created_at"],
+        json!("2001-01-01T00:00:00.000000Z")
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_alone_converges_when_notifications_are_lost() {
+    let env = TestEnv::start().await;
+    let mut config = env.config();
+    config.cdc.poll_interval_ms = 100;
+    let daemon = env.start_daemon(config).await;
+    let pg = env.pg().await;
+    // The trigger now notifies a channel nobody listens on.
+    pg.execute(
+        "UPDATE cacheward_cdc_settings SET channel = 'nobody_listens'",
+        &[],
+    )
+    .await
+    .unwrap();
+    pg.execute("INSERT INTO users (username) VALUES ('polled')", &[])
+        .await
+        .unwrap();
+    wait_until("applied by the poll", CONVERGE, || async {
+        live(&env, "polled").await.is_some()
+    })
+    .await;
+    daemon.stop().await;
+
+    // cdc.notify = false: the daemon tells the trigger not to notify at all.
+    let mut config = env.config();
+    config.cdc.notify = false;
+    config.cdc.poll_interval_ms = 100;
+    let daemon = env.start_daemon(config).await;
+    wait_until("setting written", CONVERGE, || async {
+        let row = env
+            .pg()
+            .await
+            .query_one("SELECT notify FROM cacheward_cdc_settings", &[])
+            .await
+            .unwrap();
+        !row.get::<_, bool>(0)
+    })
+    .await;
+    pg.execute(
+        "UPDATE users SET username = 'polled2' WHERE username = 'polled'",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_until("applied by the poll", CONVERGE, || async {
+        live(&env, "polled").await.is_none() && live(&env, "polled2").await.is_some()
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_and_out_of_band_writers_race_then_verify_finds_nothing() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let pg = env.pg().await;
+    for i in 0..20 {
+        pg.execute(
+            "INSERT INTO users (username) VALUES ($1)",
+            &[&format!("s{i}")],
+        )
+        .await
+        .unwrap();
+    }
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for w in 0..2 {
+        let (stop, pg) = (stop.clone(), env.pg().await);
+        tasks.push(tokio::spawn(async move {
+            let mut n: u64 = w;
+            while !stop.is_cancelled() {
+                let i = n % 20;
+                // Rename back and forth, and touch rows in place.
+                pg.execute(
+                    "UPDATE users SET username = CASE WHEN username LIKE '%-x' THEN left(username, -2) ELSE username || '-x' END
+                     WHERE username IN ($1, $2)",
+                    &[&format!("s{i}"), &format!("s{i}-x")],
+                )
+                .await
+                .unwrap();
+                pg.execute("UPDATE users SET created_at = now() WHERE id = $1", &[&((n % 20 + 1) as i64)])
+                    .await
+                    .unwrap();
+                n += 2;
+            }
+        }));
+    }
+    for r in 0..4u64 {
+        let (stop, socket) = (stop.clone(), daemon.socket.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Rpc::connect(&socket).await;
+            let mut n = r;
+            while !stop.is_cancelled() {
+                let name = if n % 2 == 0 {
+                    format!("s{}", n % 20)
+                } else {
+                    format!("s{}-x", n % 20)
+                };
+                let answer = c.get(&name).await;
+                assert!(
+                    answer["result"].is_object() || kind(&answer) == "not_found",
+                    "{answer}"
+                );
+                n += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.cancel();
+    for t in tasks {
+        t.await.expect("no task failed");
+    }
+    let mut all = Vec::new();
+    for i in 0..20 {
+        all.push(format!("s{i}"));
+        all.push(format!("s{i}-x"));
+    }
+    wait_until("quiesced", CONVERGE, || async { env.agrees(&all).await }).await;
+    let out = env.verify();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "verify found mismatches:\n{text}");
+    assert!(text.contains(" 0 mismatches"), "{text}");
+
+    // Corrupt one entry by hand, with a version no write can beat: verify must name it.
+    let mut redis = env.redis().await;
+    let mut row = match env.row_json("s0").await {
+        Some(row) => row,
+        None => env.row_json("s0-x").await.unwrap(),
+    };
+    let key_name = row["username"].as_str().unwrap().to_owned();
+    row["created_at"] = json!("1999-01-01T00:00:00.000000Z");
+    row["version"] = json!(1_000_000_000_000i64);
+    let _: () = redis::cmd("SET")
+        .arg(format!("user:{key_name}"))
+        .arg(row.to_string())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let out = env.verify();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("mismatch user:{key_name}:")),
+        "{text}"
+    );
+    assert!(text.contains(" 1 mismatches"), "{text}");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_wider_than_a_notify_payload_round_trips() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let mut c = daemon.client().await;
+    c.call("put", json!({"username": "wide"})).await;
+    let pg = env.pg().await;
+    // A schema change while the daemon runs: its prepared statements must cope.
+    pg.batch_execute("ALTER TABLE users ADD COLUMN bio text")
+        .await
+        .unwrap();
+    let bio = "x".repeat(12_000);
+    pg.execute("UPDATE users SET bio = $1 WHERE username = 'wide'", &[&bio])
+        .await
+        .unwrap();
+    wait_until("the wide row reached Redis", CONVERGE, || async {
+        live(&env, "wide")
+            .await
+            .is_some_and(|v| v["bio"] == json!(bio))
+    })
+    .await;
+    let cached = env.cached("wide").await.unwrap();
+    assert!(cached.len() > 8000);
+    let got = c.get("wide").await;
+    assert_eq!(
+        got["result"]["user"]["bio"],
+        json!(bio),
+        "every column is served"
+    );
+    assert_eq!(got["result"]["source"], json!("cache"));
+    // Cold reads and writes after the schema change work too.
+    pg.execute(
+        "INSERT INTO users (username, bio) VALUES ('wide2', 'short')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut redis = env.redis().await;
+    let _: () = redis::cmd("DEL")
+        .arg("user:wide2")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let cold = c.get("wide2").await;
+    assert_eq!(cold["result"]["user"]["bio"], json!("short"), "{cold}");
+    let put = c.call("put", json!({"username": "wide3"})).await;
+    assert_eq!(put["result"]["user"]["bio"], Value::Null, "{put}");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_outbox_rows_are_pruned_and_a_daemon_left_behind_resyncs() {
+    let env = TestEnv::start().await;
+    let mut config = env.config();
+    config.cdc.retention_secs = 1;
+    config.cdc.poll_interval_ms = 100;
+    let daemon = env.start_daemon(config.clone()).await;
+    let pg = env.pg().await;
+    let mut c = daemon.client().await;
+    for name in ["p1", "p2", "p3"] {
+        c.call("put", json!({"username": name})).await;
+    }
+    wait_until("outbox pruned", Duration::from_secs(5), || async {
+        let rows: i64 = pg
+            .query_one("SELECT count(*) FROM cacheward_outbox", &[])
+            .await
+            .unwrap()
+            .get(0);
+        rows == 0
+    })
+    .await;
+    daemon.stop().await;
+
+    // While it is away, changes happen and are pruned before it returns.
+    pg.batch_execute(
+        "UPDATE users SET username = 'p1-moved' WHERE username = 'p1';
+         DELETE FROM users WHERE username = 'p2';",
+    )
+    .await
+    .unwrap();
+    pg.batch_execute(
+        "WITH gone AS (DELETE FROM cacheward_outbox RETURNING id)
+         UPDATE cacheward_cdc_settings SET pruned_upto = (SELECT max(id) FROM gone)",
+    )
+    .await
+    .unwrap();
+    assert!(live(&env, "p1").await.is_some(), "stale before the restart");
+
+    let daemon = env.start_daemon(config).await;
+    let all = names(&["p1", "p2", "p3", "p1-moved"]);
+    wait_until("resynced", Duration::from_secs(3), || async {
+        env.agrees(&all).await
+    })
+    .await;
+    assert_eq!(daemon.stats().await["cdc"]["resyncs"], json!(1));
+    let mut c = daemon.client().await;
+    assert_eq!(kind(&c.get("p1").await), "not_found");
+    assert_eq!(c.get("p3").await["result"]["user"]["username"], json!("p3"));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_mode_only_removes() {
+    let env = TestEnv::start().await;
+    let mut config = env.config();
+    config.cdc.mode = CdcMode::Invalidate;
+    let daemon = env.start_daemon(config).await;
+    let mut c = daemon.client().await;
+    c.call("put", json!({"username": "inv"})).await;
+    let pg = env.pg().await;
+    pg.execute(
+        "UPDATE users SET created_at = '2002-02-02' WHERE username = 'inv'",
+        &[],
+    )
+    .await
+    .unwrap();
+    pg.execute("INSERT INTO users (username) VALUES ('inv-new')", &[])
+        .await
+        .unwrap();
+    wait_until("the changed key removed", CONVERGE, || async {
+        live(&env, "inv").await.is_none()
+    })
+    .await;
+    assert!(
+        live(&env, "inv-new").await.is_none(),
+        "invalidate never writes a value"
+    );
+    let first = c.get("inv").await;
+    assert_eq!(first["result"]["source"], json!("db"));
+    assert_eq!(
+        first["result"]["user"]["created_at"],
+        json!("2002-02-02T00:00:00.000000Z")
+    );
+    assert_eq!(
+        c.get("inv").await["result"]["source"],
+        json!("cache"),
+        "the current row can be cached again"
+    );
+    daemon.stop().await;
+}
