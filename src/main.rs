@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -180,6 +181,7 @@ fn dev_banner(stack: &DevStack, config: &Config) {
     let socket = config.socket.path.display();
     eprintln!(
         "\ncacheward dev: PostgreSQL in {pg}, Redis in {redis}\n\
+         database: {url}\n\
          seeded users: {users} ({first} already cached)\n\
          socket: {socket}\n\n\
          try:  cargo run -- get user02 --socket {socket}     (first read comes from the database)\n      \
@@ -189,19 +191,21 @@ fn dev_banner(stack: &DevStack, config: &Config) {
          echo '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{{\"username\":\"user01\"}}}}' | nc -UN {socket}\n\
          Ctrl-C stops the daemon and removes both servers and their data.\n",
         pg = stack.postgres.dir().display(),
+        url = stack.database_url,
         redis = stack.redis.socket().display(),
         users = SEED_USERS.join(", "),
         first = SEED_USERS[0],
     );
 }
 
-/// SIGTERM/SIGINT cancel `shutdown` (a second one exits at once); SIGHUP is logged and ignored
+/// SIGTERM/SIGINT cancel `shutdown` (a second one, a second or more later, exits at once); SIGHUP is logged and ignored
 /// until reload exists.
 fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<signal_hook_tokio::Handle> {
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
     let handle = signals.handle();
     tokio::spawn(async move {
+        let mut first_stop = None;
         while let Some(signal) = signals.next().await {
             let name = match signal {
                 SIGTERM => "SIGTERM",
@@ -213,6 +217,11 @@ fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<signal_hook_toki
                     signal = name,
                     "signal received: reload is not implemented yet; still running"
                 );
+            } else if first_stop
+                .is_some_and(|at: std::time::Instant| at.elapsed() < Duration::from_secs(1))
+            {
+                // The same Ctrl-C delivered twice (say, through `cargo run` or `timeout` as well).
+                tracing::debug!(signal = name, "repeated stop signal ignored");
             } else if shutdown.is_cancelled() {
                 tracing::warn!(
                     signal = name,
@@ -221,6 +230,7 @@ fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<signal_hook_toki
                 std::process::exit(1);
             } else {
                 tracing::info!(signal = name, "shutdown requested");
+                first_stop = Some(std::time::Instant::now());
                 shutdown.cancel();
             }
         }

@@ -576,3 +576,70 @@ async fn invalidate_mode_only_removes() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarts_and_the_worker_comes_back_by_itself() {
+    let mut env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let mut c = daemon.client().await;
+    c.call("put", json!({"username": "pgr"})).await;
+    env.pg.stop();
+    wait_until("worker noticed", Duration::from_secs(5), || async {
+        daemon.health().await["cdc"]["listening"] == json!(false)
+    })
+    .await;
+    env.pg.start_again().unwrap();
+    wait_until(
+        "worker listening again",
+        Duration::from_secs(10),
+        || async { daemon.health().await["cdc"]["listening"] == json!(true) },
+    )
+    .await;
+    env.pg()
+        .await
+        .execute(
+            "UPDATE users SET username = 'pgr2' WHERE username = 'pgr'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let all = names(&["pgr", "pgr2"]);
+    wait_until("change after the restart applied", CONVERGE, || async {
+        env.agrees(&all).await && live(&env, "pgr").await.is_none()
+    })
+    .await;
+    assert!(daemon.stats().await["cdc"]["reconnects"].as_u64().unwrap() >= 1);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_stats_line_carries_cdc_lag() {
+    let env = TestEnv::start().await;
+    let daemon = DaemonProcess::spawn_with(
+        &env,
+        "stats",
+        &[
+            ("CACHEWARD__LOG__STATS_INTERVAL_SECS", "1"),
+            ("CACHEWARD__LOG__FORMAT", "json"),
+        ],
+    );
+    daemon.wait_ready().await;
+    env.pg()
+        .await
+        .execute("INSERT INTO users (username) VALUES ('lagged')", &[])
+        .await
+        .unwrap();
+    wait_until(
+        "a stats line with applied changes",
+        Duration::from_secs(5),
+        || async {
+            daemon.logs().lines().any(|line| {
+                let v: Value = serde_json::from_str(line).unwrap_or_default();
+                v["message"] == json!("stats")
+                    && v["cdc_applied"].as_u64() >= Some(1)
+                    && v["cdc_lag_max_ms"].is_u64()
+            })
+        },
+    )
+    .await;
+}
