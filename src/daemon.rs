@@ -42,6 +42,14 @@ pub async fn run(
         max_connections = config.socket.max_connections,
         "starting"
     );
+    if config.cache.ttl_secs > config.cdc.retention_secs {
+        // A first start replays only what the outbox retains; older entries must have expired.
+        tracing::warn!(
+            ttl_secs = config.cache.ttl_secs,
+            retention_secs = config.cdc.retention_secs,
+            "cache.ttl_secs exceeds cdc.retention_secs: entries may outlive the change history that keeps them correct"
+        );
+    }
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
     let applier = Applier::new(config.clone(), service.cache().clone(), service.cdc.clone());

@@ -643,3 +643,38 @@ async fn the_periodic_stats_line_carries_cdc_lag() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_per_cache_and_a_standby_takes_over() {
+    let env = TestEnv::start().await;
+    let first = env.start_daemon(env.config()).await;
+    let mut second_config = env.config();
+    second_config.socket.path = env.dir.path().join("second.sock");
+    second_config.cdc.poll_interval_ms = 100;
+    let second = env.start_daemon(second_config).await;
+    wait_until("the first leads", CONVERGE, || async {
+        first.health().await["cdc"]["listening"] == json!(true)
+    })
+    .await;
+    assert_eq!(
+        second.health().await["cdc"]["listening"],
+        json!(false),
+        "the second stands by"
+    );
+
+    first.stop().await;
+    wait_until("the standby takes over", Duration::from_secs(3), || async {
+        second.health().await["cdc"]["listening"] == json!(true)
+    })
+    .await;
+    env.pg()
+        .await
+        .execute("INSERT INTO users (username) VALUES ('taken-over')", &[])
+        .await
+        .unwrap();
+    wait_until("applied by the new leader", CONVERGE, || async {
+        live(&env, "taken-over").await.is_some()
+    })
+    .await;
+    second.stop().await;
+}
