@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::OnceCell;
@@ -216,13 +216,20 @@ pub type FillHook = Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = ()> + Send
 #[derive(Clone, Default)]
 pub struct Hooks {
     pub before_fill: Option<FillHook>,
+    /// Runs after a `get` missed Redis and before it joins (or starts) the database read.
+    pub after_miss: Option<FillHook>,
 }
 
 /// One database read shared by every concurrent miss on the same username.
 #[derive(Default)]
 struct Flight {
-    result: OnceCell<Result<Option<String>, ServiceError>>,
+    result: OnceCell<Result<Option<(String, Source)>, ServiceError>>,
 }
+
+/// Completed flights remembered (by completion time) for late arrivals; pruned past this size.
+const COMPLETED_CAPACITY: usize = 4096;
+/// How long a completion matters: far longer than a Redis read takes.
+const COMPLETED_MEMORY: Duration = Duration::from_secs(1);
 
 /// Names whose Redis entry may be stale because a write-through could not reach Redis. Each name
 /// carries the generation it was last queued at, so a repair that raced a newer failure keeps it.
@@ -243,6 +250,8 @@ pub struct Service {
     /// Written by the CDC worker, reported by `stats` and `health`.
     pub cdc: Arc<crate::cdc::CdcStats>,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
+    /// When the last flight of each name completed, so that late arrivals read Redis again.
+    completed: Mutex<HashMap<String, Instant>>,
     repair: Mutex<RepairQueue>,
     /// Fast check for the read path: true while the repair queue holds anything.
     repair_pending: AtomicBool,
@@ -288,6 +297,7 @@ impl Service {
             stats: Arc::new(Stats::default()),
             cdc: Arc::new(crate::cdc::CdcStats::default()),
             flights: Mutex::new(HashMap::new()),
+            completed: Mutex::new(HashMap::new()),
             repair: Mutex::new(RepairQueue::default()),
             repair_pending: AtomicBool::new(false),
             repair_len: AtomicUsize::new(0),
@@ -306,6 +316,7 @@ impl Service {
 
     /// Cache-aside read: Redis, else PostgreSQL (one query however many ask at once), then fill.
     pub async fn get(&self, username: &str) -> Result<(String, Source), ServiceError> {
+        let asked_at = Instant::now();
         if self.cache_trusted_for(username) {
             match self.cache.get_live(username).await {
                 Ok(Some(json)) => {
@@ -317,8 +328,11 @@ impl Service {
             }
         }
         self.stats.cache_misses.fetch_add(1, Relaxed);
-        match self.load_shared(username).await? {
-            Some(json) => Ok((json, Source::Db)),
+        if let Some(hook) = &self.hooks.after_miss {
+            hook(username.to_owned()).await;
+        }
+        match self.load_shared(username, asked_at).await? {
+            Some(found) => Ok(found),
             None => Err(ServiceError::NotFound(username.to_owned())),
         }
     }
@@ -338,14 +352,32 @@ impl Service {
     /// Single flight: the first miss on a name reads the database and fills Redis; every miss that
     /// arrives meanwhile waits for that result instead of querying again. If the leader is
     /// cancelled, a waiter takes over.
-    async fn load_shared(&self, username: &str) -> Result<Option<String>, ServiceError> {
+    ///
+    /// `asked_at` is when the caller's Redis read began: a flight for the name that completed
+    /// since then has filled Redis, so a caller arriving just too late to join it reads Redis again
+    /// instead of querying the database a second time.
+    async fn load_shared(
+        &self,
+        username: &str,
+        asked_at: Instant,
+    ) -> Result<Option<(String, Source)>, ServiceError> {
         let flight = {
             let mut flights = self.flights.lock().expect("flight lock is never poisoned");
             flights.entry(username.to_owned()).or_default().clone()
         };
         let result = flight
             .result
-            .get_or_init(|| self.load_and_fill(username))
+            .get_or_init(|| async {
+                if self.completed_since(username, asked_at) {
+                    if let Ok(Some(json)) = self.cache.get_live(username).await {
+                        return Ok(Some((json, Source::Cache)));
+                    }
+                }
+                Ok(self
+                    .load_and_fill(username)
+                    .await?
+                    .map(|json| (json, Source::Db)))
+            })
             .await
             .clone();
         let mut flights = self.flights.lock().expect("flight lock is never poisoned");
@@ -354,8 +386,25 @@ impl Service {
             .is_some_and(|f| Arc::ptr_eq(f, &flight))
         {
             flights.remove(username);
+            drop(flights);
+            let mut completed = self
+                .completed
+                .lock()
+                .expect("completed lock is never poisoned");
+            if completed.len() >= COMPLETED_CAPACITY {
+                completed.retain(|_, at| at.elapsed() < COMPLETED_MEMORY);
+            }
+            completed.insert(username.to_owned(), Instant::now());
         }
         result
+    }
+
+    fn completed_since(&self, username: &str, asked_at: Instant) -> bool {
+        let completed = self
+            .completed
+            .lock()
+            .expect("completed lock is never poisoned");
+        completed.get(username).is_some_and(|at| *at >= asked_at)
     }
 
     async fn load_and_fill(&self, username: &str) -> Result<Option<String>, ServiceError> {

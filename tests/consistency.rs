@@ -30,6 +30,7 @@ fn pause_fill_of(name: &'static str) -> (Hooks, mpsc::Receiver<()>, Arc<Semaphor
     (
         Hooks {
             before_fill: Some(hook),
+            ..Hooks::default()
         },
         reached_rx,
         go,
@@ -235,4 +236,61 @@ async fn version_of(pg: &tokio_postgres::Client, name: &str) -> Option<i64> {
         .await
         .unwrap()
         .map(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_that_missed_just_before_a_fill_does_not_query_again() {
+    let env = TestEnv::start().await;
+    let pg = env.pg().await;
+    pg.execute("INSERT INTO users (username) VALUES ('late')", &[])
+        .await
+        .unwrap();
+    // The first get pauses before its fill; the second pauses between its miss and joining.
+    let (fill_hooks, mut fill_reached, fill_go) = pause_fill_of("late");
+    let (miss_tx, mut miss_reached) = mpsc::channel(1);
+    let miss_go = Arc::new(Semaphore::new(0));
+    let misses = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let after_miss: FillHook = {
+        let (miss_go, misses) = (miss_go.clone(), misses.clone());
+        Arc::new(move |_name: String| {
+            let (reached, go, misses) = (miss_tx.clone(), miss_go.clone(), misses.clone());
+            Box::pin(async move {
+                if misses.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                    reached.send(()).await.expect("test is waiting");
+                    go.acquire().await.expect("never closed").forget();
+                }
+            })
+        })
+    };
+    let hooks = Hooks {
+        after_miss: Some(after_miss),
+        ..fill_hooks
+    };
+    let daemon = env.start_daemon_with(env.config(), hooks).await;
+    pg.execute("SELECT pg_stat_statements_reset()", &[])
+        .await
+        .unwrap();
+
+    let socket = daemon.socket.clone();
+    let first = tokio::spawn(async move { Rpc::connect(&socket).await.get("late").await });
+    fill_reached.recv().await.expect("first get read the row");
+    let socket = daemon.socket.clone();
+    let second = tokio::spawn(async move { Rpc::connect(&socket).await.get("late").await });
+    miss_reached
+        .recv()
+        .await
+        .expect("second get missed the cache");
+    // Two permits: a broken single flight would start a second fill, and must fail the
+    // assertions below rather than hang.
+    fill_go.add_permits(2);
+    assert_eq!(first.await.unwrap()["result"]["source"], json!("db"));
+    miss_go.add_permits(1);
+    let late = second.await.unwrap();
+    assert_eq!(
+        late["result"]["source"],
+        json!("cache"),
+        "read the fill instead: {late}"
+    );
+    assert_eq!(daemon.stats().await["db_queries"], json!(1));
+    daemon.stop().await;
 }

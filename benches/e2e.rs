@@ -1,0 +1,413 @@
+//! End-to-end benchmark: the daemon (release binary, its own process) against raw Redis and raw
+//! PostgreSQL, measured in the same run, in alternating slices so that machine drift cancels.
+//!
+//!     cargo bench --bench e2e                      # 200 000 users
+//!     CACHEWARD_BENCH_USERS=20000 CACHEWARD_BENCH_SLICE_MS=300 cargo bench --bench e2e
+//!
+//! Prints a table and writes target/bench-e2e.json. Measured so far: the hit path, the miss path,
+//! the thundering herd and daemon memory (see issue 4 for what is still to come).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cacheward::dev::{Postgres, Redis};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One measured slice: operations done, latency of each round trip (µs).
+struct Slice {
+    ops: u64,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+}
+
+/// Results of one side (daemon or raw) over all its slices.
+#[derive(Default)]
+struct Side {
+    ops: u64,
+    elapsed: Duration,
+    latency: Option<Histogram<u64>>,
+}
+
+impl Side {
+    fn add(&mut self, s: Slice) {
+        self.ops += s.ops;
+        self.elapsed += s.elapsed;
+        match &mut self.latency {
+            Some(h) => h.add(&s.latency).expect("same bounds"),
+            None => self.latency = Some(s.latency),
+        }
+    }
+
+    fn throughput(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn quantile_us(&self, q: f64) -> u64 {
+        self.latency.as_ref().map_or(0, |h| h.value_at_quantile(q))
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+/// Runs `connections` workers for `slice`, each calling `round` (one round trip of `depth` ops).
+async fn measure<F, Fut>(connections: usize, depth: usize, slice: Duration, make: F) -> Slice
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<
+        Output = Box<dyn FnMut(u64) -> futures::future::BoxFuture<'static, ()> + Send>,
+    >,
+{
+    let mut workers = Vec::new();
+    let ops = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    for c in 0..connections {
+        let mut round = make(c).await;
+        let ops = ops.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latency = histogram();
+            let mut n = c as u64 * 1_000_003;
+            while start.elapsed() < slice {
+                let t = Instant::now();
+                round(n).await;
+                latency.saturating_record(t.elapsed().as_micros() as u64);
+                ops.fetch_add(depth as u64, Ordering::Relaxed);
+                n += depth as u64;
+            }
+            latency
+        }));
+    }
+    let mut latency = histogram();
+    for w in workers {
+        latency.add(w.await.expect("worker")).expect("same bounds");
+    }
+    Slice {
+        ops: ops.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+        latency,
+    }
+}
+
+/// A pipelining JSON-RPC client: sends `depth` gets, reads `depth` answers.
+async fn daemon_round(
+    socket: PathBuf,
+    depth: usize,
+    names: Arc<dyn Fn(u64) -> String + Send + Sync>,
+) -> Box<dyn FnMut(u64) -> futures::future::BoxFuture<'static, ()> + Send> {
+    let stream = UnixStream::connect(&socket)
+        .await
+        .expect("connect to daemon");
+    let (r, w) = stream.into_split();
+    let state = Arc::new(tokio::sync::Mutex::new((
+        BufReader::new(r),
+        w,
+        String::new(),
+        Vec::new(),
+    )));
+    Box::new(move |n| {
+        let (state, names) = (state.clone(), names.clone());
+        Box::pin(async move {
+            let mut guard = state.lock().await;
+            let (reader, writer, line, out) = &mut *guard;
+            out.clear();
+            for i in 0..depth as u64 {
+                out.extend_from_slice(
+                    format!("{{\"jsonrpc\":\"2.0\",\"id\":{i},\"method\":\"get\",\"params\":{{\"username\":\"{}\"}}}}\n", names(n + i))
+                        .as_bytes(),
+                );
+            }
+            writer.write_all(out).await.expect("write");
+            for _ in 0..depth {
+                line.clear();
+                reader.read_line(line).await.expect("read");
+                debug_assert!(line.contains("\"result\""), "{line}");
+            }
+        })
+    })
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn call(socket: &Path, method: &str, params: Value) -> Value {
+    match cacheward::client::Client::connect(socket).await {
+        Ok(mut c) => c
+            .call(method, params)
+            .await
+            .unwrap_or_else(|e| json!({ "error": e.to_string() })),
+        Err(e) => json!({ "error": e.to_string() }),
+    }
+}
+
+struct DaemonProcess(Child);
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let users: u64 = env_or("CACHEWARD_BENCH_USERS", 200_000);
+    let slice = Duration::from_millis(env_or("CACHEWARD_BENCH_SLICE_MS", 1000));
+    let rounds: usize = env_or("CACHEWARD_BENCH_ROUNDS", 3);
+
+    let pg = Postgres::start().expect("postgres");
+    let redis = Redis::start().expect("redis");
+    let db_url = pg.create_database("bench").await.expect("database");
+    let pg_config: tokio_postgres::Config = db_url.parse().expect("url");
+    let mut admin = cacheward::db::connect(&pg_config).await.expect("connect");
+    cacheward::db::migrate(&mut admin).await.expect("migrate");
+    admin
+        .batch_execute(&format!(
+            "CREATE EXTENSION pg_stat_statements;
+             ALTER TABLE users DISABLE TRIGGER cacheward_capture_insert;
+             INSERT INTO users (username) SELECT 'u' || g FROM generate_series(1, {users}) g;
+             ALTER TABLE users ENABLE TRIGGER cacheward_capture_insert;
+             ANALYZE users;"
+        ))
+        .await
+        .expect("seed");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("bench.sock");
+    let redis_url = redis.url(0);
+    let daemon = DaemonProcess(
+        Command::new(env!("CARGO_BIN_EXE_cacheward"))
+            .arg("serve")
+            .current_dir(dir.path())
+            .env("DATABASE_URL", &db_url)
+            .env("REDIS_URL", &redis_url)
+            .env("CACHEWARD__SOCKET__PATH", &socket)
+            .env("CACHEWARD__LOG__LEVEL", "warn")
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn daemon"),
+    );
+    let pid = daemon.0.id();
+    let start = Instant::now();
+    while call(&socket, "health", Value::Null).await["ready"] != json!(true) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "daemon not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rss_idle = rss_kib(pid);
+    let mut report = json!({
+        "machine": { "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                     "cpu": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines()
+                         .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())) },
+        "users": users,
+    });
+
+    // Hit path: the first HOT users are cached; daemon get vs raw Redis GET of the same keys.
+    const HOT: u64 = 10_000;
+    let hot = HOT.min(users);
+    let hot_name: Arc<dyn Fn(u64) -> String + Send + Sync> =
+        Arc::new(move |n| format!("u{}", n % hot + 1));
+    for i in 1..=hot {
+        call(&socket, "get", json!({ "username": format!("u{i}") })).await;
+    }
+    let redis_client = redis::Client::open(redis_url.as_str()).expect("redis url");
+    println!("\nhit path: daemon get of a cached user vs raw Redis GET (redis crate), same keys");
+    println!(
+        "{:>5} {:>5} | {:>12} {:>8} {:>8} | {:>12} {:>8} {:>8} | {:>6}",
+        "conns",
+        "depth",
+        "daemon op/s",
+        "p50 µs",
+        "p99 µs",
+        "redis op/s",
+        "p50 µs",
+        "p99 µs",
+        "ratio"
+    );
+    let mut hits = Vec::new();
+    for (connections, depth) in [(1, 1), (1, 16), (16, 1), (16, 16), (64, 1), (64, 16)] {
+        let (mut d, mut r) = (Side::default(), Side::default());
+        for _ in 0..rounds {
+            d.add(
+                measure(connections, depth, slice, |_| {
+                    daemon_round(socket.clone(), depth, hot_name.clone())
+                })
+                .await,
+            );
+            r.add(
+                measure(connections, depth, slice, |_| {
+                    let (client, names) = (redis_client.clone(), hot_name.clone());
+                    async move {
+                        let conn = client
+                            .get_multiplexed_async_connection()
+                            .await
+                            .expect("redis");
+                        Box::new(move |n: u64| {
+                            let (mut conn, names) = (conn.clone(), names.clone());
+                            Box::pin(async move {
+                                let mut pipe = redis::pipe();
+                                for i in 0..depth as u64 {
+                                    pipe.cmd("GET").arg(format!("user:{}", names(n + i)));
+                                }
+                                let _: Vec<Option<String>> =
+                                    pipe.query_async(&mut conn).await.expect("GET");
+                            })
+                                as futures::future::BoxFuture<'static, ()>
+                        })
+                            as Box<dyn FnMut(u64) -> futures::future::BoxFuture<'static, ()> + Send>
+                    }
+                })
+                .await,
+            );
+        }
+        let ratio = d.throughput() / r.throughput();
+        println!(
+            "{connections:>5} {depth:>5} | {:>12.0} {:>8} {:>8} | {:>12.0} {:>8} {:>8} | {ratio:>6.2}",
+            d.throughput(), d.quantile_us(0.5), d.quantile_us(0.99), r.throughput(), r.quantile_us(0.5), r.quantile_us(0.99)
+        );
+        hits.push(json!({"connections": connections, "depth": depth,
+            "daemon": {"ops_per_sec": d.throughput(), "p50_us": d.quantile_us(0.5), "p99_us": d.quantile_us(0.99)},
+            "redis": {"ops_per_sec": r.throughput(), "p50_us": r.quantile_us(0.5), "p99_us": r.quantile_us(0.99)},
+            "ratio": ratio}));
+    }
+    report["hit"] = json!(hits);
+
+    // Miss path: each daemon get names a user never requested before (so never cached), vs a raw
+    // prepared SELECT of the same shape; 16 connections.
+    let next_cold = Arc::new(AtomicU64::new(hot + 1));
+    let total = users;
+    let cold_name: Arc<dyn Fn(u64) -> String + Send + Sync> = {
+        let next = next_cold.clone();
+        Arc::new(move |_| {
+            format!(
+                "u{}",
+                (next.fetch_add(1, Ordering::Relaxed) - 1) % total + 1
+            )
+        })
+    };
+    let (mut d, mut r) = (Side::default(), Side::default());
+    for _ in 0..rounds {
+        d.add(
+            measure(16, 1, slice, |_| {
+                daemon_round(socket.clone(), 1, cold_name.clone())
+            })
+            .await,
+        );
+        r.add(
+            measure(16, 1, slice, |_| {
+                let pg_config = pg_config.clone();
+                async move {
+                    let client = Arc::new(cacheward::db::connect(&pg_config).await.expect("pg"));
+                    let stmt = client
+                        .prepare(
+                            "SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = $1",
+                        )
+                        .await
+                        .expect("prepare");
+                    Box::new(move |n: u64| {
+                        let (client, stmt) = (client.clone(), stmt.clone());
+                        Box::pin(async move {
+                            let name = format!("u{}", n % total + 1);
+                            client.query_opt(&stmt, &[&name]).await.expect("select");
+                        }) as futures::future::BoxFuture<'static, ()>
+                    })
+                        as Box<dyn FnMut(u64) -> futures::future::BoxFuture<'static, ()> + Send>
+                }
+            })
+            .await,
+        );
+    }
+    let consumed = next_cold.load(Ordering::Relaxed) - hot - 1;
+    let miss_ratio = d.throughput() / r.throughput();
+    println!("\nmiss path (16 connections): daemon {:.0} op/s (p99 {} µs) vs raw SELECT {:.0} op/s (p99 {} µs): ratio {miss_ratio:.2}{}",
+        d.throughput(), d.quantile_us(0.99), r.throughput(), r.quantile_us(0.99),
+        if consumed > users - hot { " (WARNING: ran out of cold users; raise CACHEWARD_BENCH_USERS)" } else { "" });
+    report["miss"] = json!({"daemon_ops_per_sec": d.throughput(), "raw_ops_per_sec": r.throughput(), "ratio": miss_ratio});
+
+    // Herd: 1000 connections get the same cold user at once.
+    admin
+        .execute("SELECT pg_stat_statements_reset()", &[])
+        .await
+        .expect("reset");
+    let herd_name = format!("u{}", users);
+    let _: () = redis::cmd("DEL")
+        .arg(format!("user:{herd_name}"))
+        .query_async(
+            &mut redis_client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("redis"),
+        )
+        .await
+        .expect("DEL");
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        conns.push(UnixStream::connect(&socket).await.expect("connect"));
+    }
+    let rss_connections = rss_kib(pid);
+    let line = format!("{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{{\"username\":\"{herd_name}\"}}}}\n");
+    let herd_start = Instant::now();
+    let mut waiters = Vec::new();
+    for mut stream in conns {
+        let line = line.clone();
+        waiters.push(tokio::spawn(async move {
+            stream.write_all(line.as_bytes()).await.expect("write");
+            let mut answer = String::new();
+            BufReader::new(stream)
+                .read_line(&mut answer)
+                .await
+                .expect("read");
+            herd_start.elapsed()
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for w in waiters {
+        slowest = slowest.max(w.await.expect("herd"));
+    }
+    let selects: i64 = admin
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+             WHERE query LIKE 'SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = $1%'
+               AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .expect("pg_stat_statements")
+        .get(0);
+    println!(
+        "\nherd: 1000 concurrent cold gets ran {selects} select(s); slowest answer {} ms",
+        slowest.as_millis()
+    );
+    report["herd"] = json!({"selects": selects, "slowest_ms": slowest.as_millis() as u64});
+
+    let rss_after = rss_kib(pid);
+    let requests = call(&socket, "stats", Value::Null).await["requests"].clone();
+    println!("\nmemory (RSS): idle {} KiB, with 1000 connections {} KiB, after {requests} requests {} KiB", rss_idle, rss_connections, rss_after);
+    report["memory_kib"] = json!({"idle": rss_idle, "connections_1000": rss_connections, "after": rss_after, "requests": requests});
+
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&report).expect("json"))
+        .expect("write report");
+    println!("\nwritten to {}", out.display());
+    drop(daemon);
+}
