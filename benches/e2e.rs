@@ -5,7 +5,8 @@
 //!     CACHEWARD_BENCH_USERS=20000 CACHEWARD_BENCH_SLICE_MS=300 cargo bench --bench e2e
 //!
 //! Prints a table and writes target/bench-e2e.json. Measured so far: the hit path, the miss path,
-//! the thundering herd and daemon memory (see issue 4 for what is still to come).
+//! the thundering herd, CDC lag at a fixed rate, and daemon memory (see issue 4 for what is still
+//! to come: the highest sustained CDC rate, trigger cost, memory over 1 M requests).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -400,6 +401,20 @@ async fn main() {
     );
     report["herd"] = json!({"selects": selects, "slowest_ms": slowest.as_millis() as u64});
 
+    // CDC: out-of-band renames at a fixed rate from 4 connections; lag from the commit returning to
+    // the new key's keyspace notification in Redis.
+    let rate: u64 = env_or("CACHEWARD_BENCH_CDC_RATE", 1000);
+    let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_SECS", 10);
+    let (lag, lost) = cdc_lag(&pg_config, &redis_client, rate, seconds, users).await;
+    println!(
+        "\ncdc: {rate} renames/s for {seconds} s from 4 connections: lag p50 {} ms, p99 {} ms, max {} ms; lost {lost}",
+        lag.value_at_quantile(0.5) as f64 / 1000.0,
+        lag.value_at_quantile(0.99) as f64 / 1000.0,
+        lag.max() as f64 / 1000.0
+    );
+    report["cdc"] = json!({"rate": rate, "seconds": seconds, "lag_us": {"p50": lag.value_at_quantile(0.5),
+        "p99": lag.value_at_quantile(0.99), "max": lag.max()}, "lost": lost});
+
     let rss_after = rss_kib(pid);
     let requests = call(&socket, "stats", Value::Null).await["requests"].clone();
     println!("\nmemory (RSS): idle {} KiB, with 1000 connections {} KiB, after {requests} requests {} KiB", rss_idle, rss_connections, rss_after);
@@ -410,4 +425,91 @@ async fn main() {
         .expect("write report");
     println!("\nwritten to {}", out.display());
     drop(daemon);
+}
+
+/// Renames users `u1..` to `c1..` at `rate` per second for `seconds`, and times each new key's
+/// appearance in Redis (keyspace notifications). Returns the lag histogram (µs) and how many
+/// renames never showed up.
+async fn cdc_lag(
+    pg: &tokio_postgres::Config,
+    redis_client: &redis::Client,
+    rate: u64,
+    seconds: u64,
+    users: u64,
+) -> (Histogram<u64>, u64) {
+    use futures::StreamExt;
+    use std::collections::HashMap;
+    let total = (rate * seconds).min(users);
+    let mut conn = redis_client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("K$")
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET");
+    let mut pubsub = redis_client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .psubscribe("__keyspace@*__:user:c*")
+        .await
+        .expect("psubscribe");
+    let seen: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let listener = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            let mut messages = pubsub.into_on_message();
+            while let Some(msg) = messages.next().await {
+                let key = msg
+                    .get_channel_name()
+                    .rsplit(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                seen.lock().unwrap().entry(key).or_insert_with(Instant::now);
+            }
+        }
+    });
+    let committed: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let start = Instant::now();
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let (pg, committed) = (pg.clone(), committed.clone());
+        writers.push(tokio::spawn(async move {
+            let client = cacheward::db::connect(&pg).await.expect("pg");
+            let stmt = client
+                .prepare("UPDATE users SET username = $2 WHERE username = $1")
+                .await
+                .expect("prepare");
+            let mut i = w + 1;
+            while i <= total {
+                // Paced: change i is due at i / rate seconds.
+                let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+                tokio::time::sleep_until(due.into()).await;
+                let (from, to) = (format!("u{i}"), format!("c{i}"));
+                client.execute(&stmt, &[&from, &to]).await.expect("update");
+                committed.lock().unwrap().insert(to, Instant::now());
+                i += 4;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    listener.abort();
+    let mut lag = histogram();
+    let mut lost = 0;
+    let seen = seen.lock().unwrap();
+    for (name, at) in committed.lock().unwrap().iter() {
+        match seen.get(name) {
+            Some(visible) => {
+                lag.saturating_record(visible.saturating_duration_since(*at).as_micros() as u64)
+            }
+            None => lost += 1,
+        }
+    }
+    (lag, lost)
 }
