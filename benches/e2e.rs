@@ -6,7 +6,8 @@
 //!
 //! Prints a table and writes target/bench-e2e.json. Measured so far: the hit path, the miss path,
 //! the thundering herd, CDC lag at a fixed rate, and daemon memory (see issue 4 for what is still
-//! to come: the highest sustained CDC rate, trigger cost, memory over 1 M requests).
+//! to come: the highest sustained CDC rate, memory over 1 M requests); then the trigger cost with
+//! pgbench, NOTIFY on and off.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -420,11 +421,44 @@ async fn main() {
     println!("\nmemory (RSS): idle {} KiB, with 1000 connections {} KiB, after {requests} requests {} KiB", rss_idle, rss_connections, rss_after);
     report["memory_kib"] = json!({"idle": rss_idle, "connections_1000": rss_connections, "after": rss_after, "requests": requests});
 
+    drop(daemon);
+    // Trigger cost: out-of-band UPDATE throughput with the capture trigger (NOTIFY on, poll-only)
+    // and without it, in alternating runs.
+    let secs: u64 = env_or("CACHEWARD_BENCH_PGBENCH_SECS", 5);
+    let mut tps: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for _ in 0..rounds.max(2) {
+        for (label, sql) in [
+            ("without trigger", "ALTER TABLE users DISABLE TRIGGER cacheward_capture_update"),
+            ("trigger, notify", "ALTER TABLE users ENABLE TRIGGER cacheward_capture_update; UPDATE cacheward_cdc_settings SET notify = true"),
+            ("trigger, poll-only", "UPDATE cacheward_cdc_settings SET notify = false"),
+        ] {
+            admin.batch_execute(sql).await.expect("switch trigger");
+            tps.entry(label).or_default().push(pgbench(&pg, dir.path(), users, secs));
+        }
+    }
+    let mean = |label: &str| tps[label].iter().sum::<f64>() / tps[label].len() as f64;
+    let base = mean("without trigger");
+    println!(
+        "\ntrigger cost: pgbench, 4 clients, UPDATE of a random user, {secs} s runs, alternating"
+    );
+    let mut costs = serde_json::Map::new();
+    for label in ["without trigger", "trigger, notify", "trigger, poll-only"] {
+        println!(
+            "{label:>20}: {:>9.0} tps  ratio {:.2}",
+            mean(label),
+            mean(label) / base
+        );
+        costs.insert(
+            label.into(),
+            json!({"tps": mean(label), "ratio": mean(label) / base}),
+        );
+    }
+    report["trigger_cost"] = Value::Object(costs);
+
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");
     std::fs::write(&out, serde_json::to_string_pretty(&report).expect("json"))
         .expect("write report");
     println!("\nwritten to {}", out.display());
-    drop(daemon);
 }
 
 /// Renames users `u1..` to `c1..` at `rate` per second for `seconds`, and times each new key's
@@ -512,4 +546,48 @@ async fn cdc_lag(
         }
     }
     (lag, lost)
+}
+
+/// Runs pgbench (4 clients) updating random users for `secs`; returns its tps.
+fn pgbench(pg: &Postgres, dir: &Path, users: u64, secs: u64) -> f64 {
+    let script = dir.join("update.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set id random(1, {users})\nUPDATE users SET created_at = now() WHERE id = :id;\n"
+        ),
+    )
+    .expect("write pgbench script");
+    let out = Command::new(cacheward::dev::pg_tool("pgbench").expect("pgbench"))
+        .args([
+            "-n",
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-T",
+            &secs.to_string(),
+            "-U",
+            "postgres",
+            "-p",
+            "5432",
+            "-h",
+        ])
+        .arg(pg.dir())
+        .arg("-f")
+        .arg(&script)
+        .arg("bench")
+        .output()
+        .expect("run pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no tps in pgbench output: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
 }

@@ -79,6 +79,11 @@ fn pg_binary(name: &'static str) -> Result<PathBuf, DevError> {
         ))
 }
 
+/// A PostgreSQL client tool (`psql`, `pgbench`, …) found the same way as the server.
+pub fn pg_tool(name: &'static str) -> Result<PathBuf, DevError> {
+    pg_binary(name)
+}
+
 /// uid/gid of the `postgres` user, when running as root (PostgreSQL refuses to run as root).
 fn server_owner() -> Result<Option<(u32, u32)>, DevError> {
     // SAFETY: geteuid has no preconditions.
