@@ -271,6 +271,19 @@ impl Db {
         .await
     }
 
+    /// A version at least as large as any drawn so far: tombstones at it refuse every value
+    /// cached until now.
+    pub async fn version_horizon(&self) -> Result<i64, DbError> {
+        self.bounded("select version horizon", async {
+            let client = self.pool.get().await?;
+            Ok(client
+                .query_one("SELECT last_value FROM cacheward_version_seq", &[])
+                .await?
+                .get(0))
+        })
+        .await
+    }
+
     /// The rows named in `usernames` that exist, and a version at least as large as any that a
     /// missing name can have had: the tombstone version for those that do not.
     pub async fn current_rows(&self, usernames: &[String]) -> Result<(Vec<User>, i64), DbError> {

@@ -600,7 +600,7 @@ impl Service {
         if overflowed {
             // Every entry may be stale: a tombstone at the current version horizon drops them all
             // and keeps out any fill that read before now.
-            let (_, horizon) = db_result(self.db.current_rows(&[]).await, &self.health)?;
+            let horizon = db_result(self.db.version_horizon().await, &self.health)?;
             let removed = self
                 .cache
                 .tombstone_all(horizon)
