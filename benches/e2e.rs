@@ -175,6 +175,12 @@ async fn main() {
     let users: u64 = env_or("CACHEWARD_BENCH_USERS", 200_000);
     let slice = Duration::from_millis(env_or("CACHEWARD_BENCH_SLICE_MS", 1000));
     let rounds: usize = env_or("CACHEWARD_BENCH_ROUNDS", 3);
+    // CACHEWARD_BENCH_ONLY=hit,miss,herd,cdc,trigger runs just those parts (all by default).
+    let only = std::env::var("CACHEWARD_BENCH_ONLY").ok();
+    let want = |part: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|p| p.trim() == part))
+    };
 
     let pg = Postgres::start().expect("postgres");
     let redis = Redis::start().expect("redis");
@@ -247,7 +253,12 @@ async fn main() {
         "ratio"
     );
     let mut hits = Vec::new();
-    for (connections, depth) in [(1, 1), (1, 16), (16, 1), (16, 16), (64, 1), (64, 16)] {
+    let cells: &[(usize, usize)] = if want("hit") {
+        &[(1, 1), (1, 16), (16, 1), (16, 16), (64, 1), (64, 16)]
+    } else {
+        &[]
+    };
+    for &(connections, depth) in cells {
         let (mut d, mut r) = (Side::default(), Side::default());
         for _ in 0..rounds {
             d.add(
@@ -308,7 +319,7 @@ async fn main() {
         })
     };
     let (mut d, mut r) = (Side::default(), Side::default());
-    for _ in 0..rounds {
+    for _ in 0..if want("miss") { rounds } else { 0 } {
         d.add(
             measure(16, 1, slice, |_| {
                 daemon_round(socket.clone(), 1, cold_name.clone())
@@ -339,82 +350,89 @@ async fn main() {
             .await,
         );
     }
-    let consumed = next_cold.load(Ordering::Relaxed) - hot - 1;
-    let miss_ratio = d.throughput() / r.throughput();
-    println!("\nmiss path (16 connections): daemon {:.0} op/s (p99 {} µs) vs raw SELECT {:.0} op/s (p99 {} µs): ratio {miss_ratio:.2}{}",
+    if want("miss") {
+        let consumed = next_cold.load(Ordering::Relaxed) - hot - 1;
+        let miss_ratio = d.throughput() / r.throughput();
+        println!("\nmiss path (16 connections): daemon {:.0} op/s (p99 {} µs) vs raw SELECT {:.0} op/s (p99 {} µs): ratio {miss_ratio:.2}{}",
         d.throughput(), d.quantile_us(0.99), r.throughput(), r.quantile_us(0.99),
         if consumed > users - hot { " (WARNING: ran out of cold users; raise CACHEWARD_BENCH_USERS)" } else { "" });
-    report["miss"] = json!({"daemon_ops_per_sec": d.throughput(), "raw_ops_per_sec": r.throughput(), "ratio": miss_ratio});
+        report["miss"] = json!({"daemon_ops_per_sec": d.throughput(), "raw_ops_per_sec": r.throughput(), "ratio": miss_ratio});
+    }
 
     // Herd: 1000 connections get the same cold user at once.
-    admin
-        .execute("SELECT pg_stat_statements_reset()", &[])
-        .await
-        .expect("reset");
-    let herd_name = format!("u{}", users);
-    let _: () = redis::cmd("DEL")
-        .arg(format!("user:{herd_name}"))
-        .query_async(
-            &mut redis_client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("redis"),
-        )
-        .await
-        .expect("DEL");
-    let mut conns = Vec::new();
-    for _ in 0..1000 {
-        conns.push(UnixStream::connect(&socket).await.expect("connect"));
-    }
-    let rss_connections = rss_kib(pid);
-    let line = format!("{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{{\"username\":\"{herd_name}\"}}}}\n");
-    let herd_start = Instant::now();
-    let mut waiters = Vec::new();
-    for mut stream in conns {
-        let line = line.clone();
-        waiters.push(tokio::spawn(async move {
-            stream.write_all(line.as_bytes()).await.expect("write");
-            let mut answer = String::new();
-            BufReader::new(stream)
-                .read_line(&mut answer)
-                .await
-                .expect("read");
-            herd_start.elapsed()
-        }));
-    }
-    let mut slowest = Duration::ZERO;
-    for w in waiters {
-        slowest = slowest.max(w.await.expect("herd"));
-    }
-    let selects: i64 = admin
-        .query_one(
-            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
-             WHERE query LIKE 'SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = $1%'
+    let mut rss_connections = 0;
+    if want("herd") {
+        admin
+            .execute("SELECT pg_stat_statements_reset()", &[])
+            .await
+            .expect("reset");
+        let herd_name = format!("u{}", users);
+        let _: () = redis::cmd("DEL")
+            .arg(format!("user:{herd_name}"))
+            .query_async(
+                &mut redis_client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("redis"),
+            )
+            .await
+            .expect("DEL");
+        let mut conns = Vec::new();
+        for _ in 0..1000 {
+            conns.push(UnixStream::connect(&socket).await.expect("connect"));
+        }
+        rss_connections = rss_kib(pid);
+        let line = format!("{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{{\"username\":\"{herd_name}\"}}}}\n");
+        let herd_start = Instant::now();
+        let mut waiters = Vec::new();
+        for mut stream in conns {
+            let line = line.clone();
+            waiters.push(tokio::spawn(async move {
+                stream.write_all(line.as_bytes()).await.expect("write");
+                let mut answer = String::new();
+                BufReader::new(stream)
+                    .read_line(&mut answer)
+                    .await
+                    .expect("read");
+                herd_start.elapsed()
+            }));
+        }
+        let mut slowest = Duration::ZERO;
+        for w in waiters {
+            slowest = slowest.max(w.await.expect("herd"));
+        }
+        let selects: i64 = admin
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+             WHERE query LIKE 'SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = %'
                AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            &[],
-        )
-        .await
-        .expect("pg_stat_statements")
-        .get(0);
-    println!(
-        "\nherd: 1000 concurrent cold gets ran {selects} select(s); slowest answer {} ms",
-        slowest.as_millis()
-    );
-    report["herd"] = json!({"selects": selects, "slowest_ms": slowest.as_millis() as u64});
+                &[],
+            )
+            .await
+            .expect("pg_stat_statements")
+            .get(0);
+        println!(
+            "\nherd: 1000 concurrent cold gets ran {selects} select(s); slowest answer {} ms",
+            slowest.as_millis()
+        );
+        report["herd"] = json!({"selects": selects, "slowest_ms": slowest.as_millis() as u64});
+    }
 
     // CDC: out-of-band renames at a fixed rate from 4 connections; lag from the commit returning to
     // the new key's keyspace notification in Redis.
-    let rate: u64 = env_or("CACHEWARD_BENCH_CDC_RATE", 1000);
-    let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_SECS", 10);
-    let (lag, lost) = cdc_lag(&pg_config, &redis_client, rate, seconds, users).await;
-    println!(
+    if want("cdc") {
+        let rate: u64 = env_or("CACHEWARD_BENCH_CDC_RATE", 1000);
+        let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_SECS", 10);
+        let (lag, lost) = cdc_lag(&pg_config, &redis_client, rate, seconds, users).await;
+        println!(
         "\ncdc: {rate} renames/s for {seconds} s from 4 connections: lag p50 {} ms, p99 {} ms, max {} ms; lost {lost}",
         lag.value_at_quantile(0.5) as f64 / 1000.0,
         lag.value_at_quantile(0.99) as f64 / 1000.0,
         lag.max() as f64 / 1000.0
     );
-    report["cdc"] = json!({"rate": rate, "seconds": seconds, "lag_us": {"p50": lag.value_at_quantile(0.5),
+        report["cdc"] = json!({"rate": rate, "seconds": seconds, "lag_us": {"p50": lag.value_at_quantile(0.5),
         "p99": lag.value_at_quantile(0.99), "max": lag.max()}, "lost": lost});
+    }
 
     let rss_after = rss_kib(pid);
     let requests = call(&socket, "stats", Value::Null).await["requests"].clone();
@@ -424,10 +442,11 @@ async fn main() {
     drop(daemon);
     // Trigger cost: out-of-band UPDATE throughput with the capture trigger (NOTIFY on, poll-only)
     // and without it, in alternating runs.
-    let secs: u64 = env_or("CACHEWARD_BENCH_PGBENCH_SECS", 5);
-    let mut tps: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
-    for _ in 0..rounds.max(2) {
-        for (label, sql) in [
+    if want("trigger") {
+        let secs: u64 = env_or("CACHEWARD_BENCH_PGBENCH_SECS", 5);
+        let mut tps: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+        for _ in 0..rounds.max(2) {
+            for (label, sql) in [
             ("without trigger", "ALTER TABLE users DISABLE TRIGGER cacheward_capture_update"),
             ("trigger, notify", "ALTER TABLE users ENABLE TRIGGER cacheward_capture_update; UPDATE cacheward_cdc_settings SET notify = true"),
             ("trigger, poll-only", "UPDATE cacheward_cdc_settings SET notify = false"),
@@ -435,25 +454,26 @@ async fn main() {
             admin.batch_execute(sql).await.expect("switch trigger");
             tps.entry(label).or_default().push(pgbench(&pg, dir.path(), users, secs));
         }
-    }
-    let mean = |label: &str| tps[label].iter().sum::<f64>() / tps[label].len() as f64;
-    let base = mean("without trigger");
-    println!(
+        }
+        let mean = |label: &str| tps[label].iter().sum::<f64>() / tps[label].len() as f64;
+        let base = mean("without trigger");
+        println!(
         "\ntrigger cost: pgbench, 4 clients, UPDATE of a random user, {secs} s runs, alternating"
     );
-    let mut costs = serde_json::Map::new();
-    for label in ["without trigger", "trigger, notify", "trigger, poll-only"] {
-        println!(
-            "{label:>20}: {:>9.0} tps  ratio {:.2}",
-            mean(label),
-            mean(label) / base
-        );
-        costs.insert(
-            label.into(),
-            json!({"tps": mean(label), "ratio": mean(label) / base}),
-        );
+        let mut costs = serde_json::Map::new();
+        for label in ["without trigger", "trigger, notify", "trigger, poll-only"] {
+            println!(
+                "{label:>20}: {:>9.0} tps  ratio {:.2}",
+                mean(label),
+                mean(label) / base
+            );
+            costs.insert(
+                label.into(),
+                json!({"tps": mean(label), "ratio": mean(label) / base}),
+            );
+        }
+        report["trigger_cost"] = Value::Object(costs);
     }
-    report["trigger_cost"] = Value::Object(costs);
 
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");
     std::fs::write(&out, serde_json::to_string_pretty(&report).expect("json"))

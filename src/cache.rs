@@ -169,14 +169,21 @@ impl Cache {
         }
     }
 
-    /// The live entry of `username` as stored (the user's JSON), or `None` for a miss or tombstone.
-    pub async fn get_live(&self, username: &str) -> Result<Option<String>, CacheError> {
+    /// The live entries of `usernames`, in order, in one MGET.
+    pub async fn get_live_many(
+        &self,
+        usernames: &[&str],
+    ) -> Result<Vec<Option<String>>, CacheError> {
         let mut conn = self.conn.clone();
-        let key = self.key(username);
-        let value: Option<String> = self
-            .bounded(redis::cmd("GET").arg(&key).query_async(&mut conn))
-            .await?;
-        Ok(value.filter(|v| is_live(v)))
+        let mut cmd = redis::cmd("MGET");
+        for name in usernames {
+            cmd.arg(self.key(name));
+        }
+        let values: Vec<Option<String>> = self.bounded(cmd.query_async(&mut conn)).await?;
+        Ok(values
+            .into_iter()
+            .map(|v| v.filter(|v| is_live(v)))
+            .collect())
     }
 
     /// Applies `writes` in one script call; returns, per write, whether it was applied (false:

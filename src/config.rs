@@ -473,6 +473,13 @@ impl Config {
         (self.socket.idle_timeout_secs > 0)
             .then(|| Duration::from_secs(self.socket.idle_timeout_secs))
     }
+
+    /// How many batches of cache misses may read PostgreSQL at once: a quarter of the pool, so
+    /// that misses arriving while those run queue up and are read together, and writes and the
+    /// CDC worker keep connections of their own.
+    pub fn miss_loaders(&self) -> usize {
+        (self.postgres.pool_size / 4).max(1)
+    }
 }
 
 fn at_least(key: &'static str, value: u64, min: u64) -> Result<(), ConfigError> {

@@ -31,7 +31,7 @@ pub async fn run(
     config.require_backends()?;
     let db = Db::new(&config)?;
     let cache = Cache::new(&config)?;
-    let service = Arc::new(Service::new(db, cache, hooks));
+    let service = Arc::new(Service::new(db, cache, hooks, config.miss_loaders()));
     tracing::info!(
         socket = %socket.path().display(),
         postgres = %config.postgres.url.as_ref().expect("checked by require_backends"),

@@ -127,6 +127,9 @@ async fn query_opt_cached(
     Ok(rows.pop())
 }
 
+/// The request path's read: every cold name a batch of misses asks for, in one query.
+const FIND_USERS: &str = "SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = ANY($1)";
+
 /// Parses `postgres.url` and adds the settings every cacheward connection carries.
 pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
     let url = config
@@ -199,21 +202,21 @@ impl Db {
         }
     }
 
-    /// The row named `username`, if any. Retried once on a connection that turned out to be dead
-    /// (after a server restart the pool still holds its old connections).
-    pub async fn find_user(&self, username: &str) -> Result<Option<User>, DbError> {
-        match self.find_user_once(username).await {
-            Err(DbError::Unavailable(_)) => self.find_user_once(username).await,
+    /// The rows named by `usernames` (in no particular order; absent names have none), in one
+    /// query. Retried once on a connection that turned out to be dead (after a server restart the
+    /// pool still holds its old connections).
+    pub async fn find_users(&self, usernames: &[&str]) -> Result<Vec<User>, DbError> {
+        match self.find_users_once(usernames).await {
+            Err(DbError::Unavailable(_)) => self.find_users_once(usernames).await,
             other => other,
         }
     }
 
-    async fn find_user_once(&self, username: &str) -> Result<Option<User>, DbError> {
-        self.bounded("select user", async {
+    async fn find_users_once(&self, usernames: &[&str]) -> Result<Vec<User>, DbError> {
+        self.bounded("select users", async {
             let client = self.pool.get().await?;
-            let sql = format!("SELECT {USER_SELECT} FROM users u WHERE u.username = $1");
-            let row = query_opt_cached(&client, &sql, &[&username]).await?;
-            row.as_ref().map(user_from_row).transpose()
+            let rows = query_cached(&client, FIND_USERS, &[&usernames]).await?;
+            rows.iter().map(user_from_row).collect()
         })
         .await
     }

@@ -591,9 +591,10 @@ impl DevStack {
             .map_err(|e| failed("seeding users", e.to_string()))?;
         let store = db::Db::new(&config).map_err(|e| failed("postgres pool", e.to_string()))?;
         let user = store
-            .find_user(SEED_USERS[0])
+            .find_users(&[SEED_USERS[0]])
             .await
             .map_err(|e| failed("seeding the cache", e.to_string()))?
+            .pop()
             .ok_or_else(|| failed("seeding the cache", "user01 vanished"))?;
         let cache = Cache::new(&config).map_err(|e| failed("redis url", e.to_string()))?;
         cache

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod dev;
+pub mod loads;
 pub mod protocol;
 pub mod server;
 pub mod service;

@@ -1,7 +1,7 @@
 //! JSON-RPC 2.0 as DESIGN 1.3 fixes it: request parsing, username validation, error codes and
 //! response encoding. No I/O here.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -121,6 +121,9 @@ pub fn parse_line(line: &[u8]) -> Option<Incoming> {
     if line.iter().all(u8::is_ascii_whitespace) {
         return None;
     }
+    if let Some(get) = parse_plain_get(line) {
+        return Some(get);
+    }
     let value: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => {
@@ -131,6 +134,54 @@ pub fn parse_line(line: &[u8]) -> Option<Incoming> {
         }
     };
     Some(parse_request(value))
+}
+
+/// The request the hot path sees: `get` with exactly the members DESIGN requires.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainGet<'a> {
+    jsonrpc: &'a str,
+    #[serde(borrow)]
+    id: &'a RawValue,
+    method: &'a str,
+    #[serde(borrow)]
+    params: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainGetParams<'a> {
+    username: &'a str,
+}
+
+/// A valid `get` with a number or string id and no escapes in its strings, read without building
+/// a `Value`. Anything else (and anything invalid) is `None` and takes the general path, which
+/// gives it the same meaning or the precise error.
+fn parse_plain_get(line: &[u8]) -> Option<Incoming> {
+    // serde reads a struct from an array too: only objects qualify, at both levels.
+    let is_object = |text: &[u8]| text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if !is_object(line) {
+        return None;
+    }
+    let request: PlainGet = serde_json::from_slice(line).ok()?;
+    if request.jsonrpc != "2.0"
+        || request.method != "get"
+        || !is_object(request.params.get().as_bytes())
+    {
+        return None;
+    }
+    let params: PlainGetParams = serde_json::from_str(request.params.get()).ok()?;
+    let id = match request.id.get().as_bytes().first()? {
+        b'"' | b'-' | b'0'..=b'9' => serde_json::from_str(request.id.get()).ok()?,
+        _ => return None,
+    };
+    validate_username(params.username).ok()?;
+    Some(Incoming::Call {
+        id: Some(id),
+        call: Call::Get {
+            username: params.username.to_owned(),
+        },
+    })
 }
 
 fn parse_request(value: Value) -> Incoming {
@@ -349,6 +400,26 @@ pub fn encode_result<T: Serialize>(id: &Id, result: T) -> Vec<u8> {
     out
 }
 
+/// Appends the success response carrying a user (`get`), `\n` included, to `out`. `user` is the
+/// user's JSON as stored, embedded without re-encoding; it is only rewritten compactly if it
+/// spans lines, which would break the framing.
+pub fn encode_user_into(out: &mut Vec<u8>, id: &Id, user: &str, source: &str) {
+    out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+    serde_json::to_writer(&mut *out, id).expect("ids always serialize");
+    out.extend_from_slice(br#","result":{"user":"#);
+    if user.bytes().any(|b| b == b'\n' || b == b'\r') {
+        match serde_json::from_str::<Value>(user) {
+            Ok(value) => serde_json::to_writer(&mut *out, &value).expect("values serialize"),
+            Err(_) => out.extend_from_slice(b"null"),
+        }
+    } else {
+        out.extend_from_slice(user.as_bytes());
+    }
+    out.extend_from_slice(br#","source":""#);
+    out.extend_from_slice(source.as_bytes());
+    out.extend_from_slice(b"\"}}\n");
+}
+
 /// An error response line, `\n` included.
 pub fn encode_error(id: &Id, error: &RpcError) -> Vec<u8> {
     let frame = ErrorFrame {
@@ -407,6 +478,64 @@ mod tests {
             Incoming::Reject { id, error } => (id, error.kind),
             other => panic!("{text} was not rejected: {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_plain_get_path_agrees_with_the_general_one() {
+        let lines = [
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a"}}"#,
+            r#" {"jsonrpc":"2.0","id":"x","method":"get","params":{"username":"a"}} "#,
+            r#"{"params":{"username":"a"},"method":"get","id":-7.5,"jsonrpc":"2.0"}"#,
+            r#"{"jsonrpc":"2.0","id":null,"method":"get","params":{"username":"a"}}"#,
+            r#"{"jsonrpc":"2.0","method":"get","params":{"username":"a"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":["a"]}"#,
+            r#"["2.0",1,"get",{"username":"a"}]"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a\u0062"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":" a"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a","x":1}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"get","params":{"username":"a"}}"#,
+            r#"{"jsonrpc":"2.0","id":[1],"method":"get","params":{"username":"a"}}"#,
+            r#"{"jsonrpc":"1.0","id":1,"method":"get","params":{"username":"a"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"put","params":{"username":"a"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a"},"extra":0}"#,
+        ];
+        let mut plain = 0;
+        for line in lines {
+            let general = parse_request(serde_json::from_str(line).unwrap());
+            if let Some(fast) = parse_plain_get(line.as_bytes()) {
+                plain += 1;
+                assert_eq!(fast, general, "{line}");
+            }
+            assert_eq!(parse(line), general, "{line}");
+        }
+        assert_eq!(plain, 3, "the first three lines take the plain path");
+    }
+
+    #[test]
+    fn user_results_embed_the_stored_json_on_one_line() {
+        let user = r#"{"id":1,"username":"a"}"#;
+        for id in [json!(1), json!("x\"y"), Value::Null] {
+            let mut out = Vec::new();
+            encode_user_into(&mut out, &id, user, "cache");
+            let raw = RawValue::from_string(user.to_owned()).unwrap();
+            let expected = encode_result(
+                &id,
+                GetResult {
+                    user: &raw,
+                    source: "cache",
+                },
+            );
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+        }
+        let mut out = Vec::new();
+        encode_user_into(&mut out, &json!(2), "{\n  \"id\": 1\r\n}", "db");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{\"user\":{\"id\":1},\"source\":\"db\"}}\n"
+        );
     }
 
     #[test]

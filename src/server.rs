@@ -280,7 +280,12 @@ impl LineBuffer {
     }
 }
 
-type Pending = Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send>>;
+/// Answers on their way: how many requests they answer, and the response lines (empty for
+/// notifications).
+type Pending = Pin<Box<dyn Future<Output = (usize, Vec<u8>)> + Send>>;
+
+/// Gets read together, answered together: (id, username), `None` id for a notification.
+type Gets = Vec<(Option<Id>, String)>;
 
 /// One client connection.
 struct Connection {
@@ -292,6 +297,8 @@ struct Connection {
     idle_timeout: Option<Duration>,
     /// Requests running, answered in arrival order.
     inflight: FuturesOrdered<Pending>,
+    /// Requests in `inflight` (a batch of gets is one entry).
+    inflight_requests: usize,
 }
 
 impl Connection {
@@ -304,6 +311,7 @@ impl Connection {
             max_request_bytes: config.socket.max_request_bytes,
             idle_timeout: config.idle_timeout(),
             inflight: FuturesOrdered::new(),
+            inflight_requests: 0,
         }
     }
 
@@ -317,24 +325,29 @@ impl Connection {
         tokio::pin!(idle_sleep);
         loop {
             // Start every buffered request the in-flight limit allows.
-            while reading && self.inflight.len() < self.max_inflight {
-                match self.lines.next_frame() {
-                    Some(frame) => self.start(frame),
-                    None => break,
+            if reading {
+                let mut gets = Gets::new();
+                while self.inflight_requests + gets.len() < self.max_inflight {
+                    match self.lines.next_frame() {
+                        Some(frame) => self.start(frame, &mut gets),
+                        None => break,
+                    }
                 }
+                self.start_gets(gets);
             }
             if !reading && self.inflight.is_empty() {
                 break;
             }
-            let can_read = reading && self.inflight.len() < self.max_inflight;
+            let can_read = reading && self.inflight_requests < self.max_inflight;
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled(), if reading => {
                     // Finish what is in flight, read nothing more.
                     reading = false;
                 }
-                Some(response) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    if let Some(bytes) = response {
+                Some((answered, bytes)) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    self.inflight_requests -= answered;
+                    if !bytes.is_empty() {
                         writer.write_all(&bytes).await?;
                         unflushed = true;
                     }
@@ -348,7 +361,9 @@ impl Connection {
                         Ok(0) => {
                             reading = false;
                             if let Some(frame) = self.lines.finish() {
-                                self.start(frame);
+                                let mut gets = Gets::new();
+                                self.start(frame, &mut gets);
+                                self.start_gets(gets);
                             }
                         }
                         Ok(_) => {
@@ -376,8 +391,19 @@ impl Connection {
         Ok(())
     }
 
-    /// Turns one frame into a pending answer, queued behind the earlier ones.
-    fn start(&mut self, frame: Frame) {
+    fn push(&mut self, requests: usize, pending: Pending) {
+        self.inflight_requests += requests;
+        self.inflight.push_back(pending);
+    }
+
+    fn push_ready(&mut self, bytes: Vec<u8>) {
+        self.push(1, Box::pin(futures::future::ready((1, bytes))));
+    }
+
+    /// Turns one frame into a pending answer, queued behind the earlier ones. Gets are collected
+    /// in `gets` instead, to be read from Redis together; anything else first starts them, so
+    /// that answers keep the order of the requests.
+    fn start(&mut self, frame: Frame, gets: &mut Gets) {
         let line = match frame {
             Frame::Line(line) => line,
             Frame::TooLong => {
@@ -390,9 +416,8 @@ impl Connection {
                 );
                 self.service.stats.requests.fetch_add(1, Relaxed);
                 self.service.stats.errors.fetch_add(1, Relaxed);
-                let bytes = protocol::encode_error(&Id::Null, &error);
-                self.inflight
-                    .push_back(Box::pin(async move { Some(bytes) }));
+                self.start_gets(std::mem::take(gets));
+                self.push_ready(protocol::encode_error(&Id::Null, &error));
                 return;
             }
         };
@@ -405,31 +430,84 @@ impl Connection {
             Incoming::Reject { id, error } => {
                 stats.errors.fetch_add(1, Relaxed);
                 tracing::debug!(kind = error.kind.name(), message = %error.message, "request rejected");
-                let bytes = protocol::encode_error(&id, &error);
-                self.inflight
-                    .push_back(Box::pin(async move { Some(bytes) }));
+                self.start_gets(std::mem::take(gets));
+                self.push_ready(protocol::encode_error(&id, &error));
             }
             Incoming::Ignore => {
                 stats.errors.fetch_add(1, Relaxed);
             }
+            Incoming::Call {
+                id,
+                call: Call::Get { username },
+            } => gets.push((id, username)),
             Incoming::Call { id, call } => {
+                self.start_gets(std::mem::take(gets));
                 let service = self.service.clone();
-                self.inflight.push_back(Box::pin(async move {
-                    let method = call.method();
-                    let outcome = answer(&service, call).await;
-                    if let Err(error) = &outcome {
-                        service.stats.errors.fetch_add(1, Relaxed);
-                        tracing::debug!(method, kind = error.kind.name(), message = %error.message, "request failed");
-                    }
-                    let id = id?;
-                    Some(match outcome {
-                        Ok(result) => result.encode(&id),
-                        Err(error) => protocol::encode_error(&id, &error),
-                    })
-                }));
+                self.push(
+                    1,
+                    Box::pin(async move {
+                        let method = call.method();
+                        let outcome = answer(&service, call).await;
+                        if let Err(error) = &outcome {
+                            failed(&service, method, error);
+                        }
+                        let Some(id) = id else {
+                            return (1, Vec::new());
+                        };
+                        let bytes = match outcome {
+                            Ok(result) => result.encode(&id),
+                            Err(error) => protocol::encode_error(&id, &error),
+                        };
+                        (1, bytes)
+                    }),
+                );
             }
         }
     }
+
+    /// Starts the gets collected so far as one batch: one Redis read, one answer write.
+    fn start_gets(&mut self, gets: Gets) {
+        if gets.is_empty() {
+            return;
+        }
+        let service = self.service.clone();
+        let requests = gets.len();
+        self.push(
+            requests,
+            Box::pin(async move {
+                let names: Vec<&str> = gets.iter().map(|(_, name)| name.as_str()).collect();
+                let answers = service.get_many(&names).await;
+                let mut out = Vec::with_capacity(requests * 256);
+                for ((id, _), answer) in gets.iter().zip(answers) {
+                    let answer = answer.map_err(RpcError::from);
+                    if let Err(error) = &answer {
+                        failed(&service, "get", error);
+                    }
+                    match (id, answer) {
+                        (None, _) => {}
+                        (Some(id), Ok((json, source))) => {
+                            protocol::encode_user_into(&mut out, id, &json, source.as_str())
+                        }
+                        (Some(id), Err(error)) => {
+                            out.extend_from_slice(&protocol::encode_error(id, &error))
+                        }
+                    }
+                }
+                (requests, out)
+            }),
+        );
+    }
+}
+
+/// Counts and logs (at debug) a request that failed.
+fn failed(service: &Service, method: &str, error: &RpcError) {
+    service.stats.errors.fetch_add(1, Relaxed);
+    tracing::debug!(
+        method,
+        kind = error.kind.name(),
+        message = %error.message,
+        "request failed"
+    );
 }
 
 /// A successful result, encoded once the id is known.

@@ -7,17 +7,19 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
-use tokio::sync::OnceCell;
 
 use crate::cache::{Cache, CacheError, Write};
 use crate::db::{Db, DbError};
+use crate::loads::{Batch, Loads};
 use crate::protocol::{ErrorKind, RpcError};
 
 /// Names queued for repair before the queue gives up on names and clears the whole cache instead.
 pub const REPAIR_CAPACITY: usize = 100_000;
+/// Cold names read per database query.
+const LOAD_BATCH: usize = 256;
 /// Names repaired per database query and Redis call.
 const REPAIR_BATCH: usize = 500;
 
@@ -220,17 +222,6 @@ pub struct Hooks {
     pub after_miss: Option<FillHook>,
 }
 
-/// One database read shared by every concurrent miss on the same username.
-#[derive(Default)]
-struct Flight {
-    result: OnceCell<Result<Option<(String, Source)>, ServiceError>>,
-}
-
-/// Completed flights remembered (by completion time) for late arrivals; pruned past this size.
-const COMPLETED_CAPACITY: usize = 4096;
-/// How long a completion matters: far longer than a Redis read takes.
-const COMPLETED_MEMORY: Duration = Duration::from_secs(1);
-
 /// Names whose Redis entry may be stale because a write-through could not reach Redis. Each name
 /// carries the generation it was last queued at, so a repair that raced a newer failure keeps it.
 #[derive(Default)]
@@ -249,9 +240,8 @@ pub struct Service {
     pub stats: Arc<Stats>,
     /// Written by the CDC worker, reported by `stats` and `health`.
     pub cdc: Arc<crate::cdc::CdcStats>,
-    flights: Mutex<HashMap<String, Arc<Flight>>>,
-    /// When the last flight of each name completed, so that late arrivals read Redis again.
-    completed: Mutex<HashMap<String, Instant>>,
+    /// Single flight and batching of cache misses.
+    loads: Arc<Loads>,
     repair: Mutex<RepairQueue>,
     /// Fast check for the read path: true while the repair queue holds anything.
     repair_pending: AtomicBool,
@@ -289,15 +279,15 @@ fn db_error(e: DbError, health: &Health) -> ServiceError {
 }
 
 impl Service {
-    pub fn new(db: Db, cache: Cache, hooks: Hooks) -> Service {
+    /// `loaders`: how many batches of cache misses may read the database at once.
+    pub fn new(db: Db, cache: Cache, hooks: Hooks, loaders: usize) -> Service {
         Service {
             db,
             cache,
             health: Arc::new(Health::default()),
             stats: Arc::new(Stats::default()),
             cdc: Arc::new(crate::cdc::CdcStats::default()),
-            flights: Mutex::new(HashMap::new()),
-            completed: Mutex::new(HashMap::new()),
+            loads: Arc::new(Loads::new(loaders)),
             repair: Mutex::new(RepairQueue::default()),
             repair_pending: AtomicBool::new(false),
             repair_len: AtomicUsize::new(0),
@@ -315,26 +305,75 @@ impl Service {
     }
 
     /// Cache-aside read: Redis, else PostgreSQL (one query however many ask at once), then fill.
-    pub async fn get(&self, username: &str) -> Result<(String, Source), ServiceError> {
+    pub async fn get(self: &Arc<Self>, username: &str) -> Result<(String, Source), ServiceError> {
+        self.get_many(&[username])
+            .await
+            .pop()
+            .expect("one answer per name")
+    }
+
+    /// [`Service::get`] of several names at once (the gets a client pipelined): one Redis read
+    /// for all of them, and their misses join the same database batches. One answer per name, in
+    /// order.
+    pub async fn get_many(
+        self: &Arc<Self>,
+        usernames: &[&str],
+    ) -> Vec<Result<(String, Source), ServiceError>> {
         let asked_at = Instant::now();
-        if self.cache_trusted_for(username) {
-            match self.cache.get_live(username).await {
-                Ok(Some(json)) => {
-                    self.stats.cache_hits.fetch_add(1, Relaxed);
-                    return Ok((json, Source::Cache));
+        let mut answers: Vec<Option<Result<(String, Source), ServiceError>>> =
+            vec![None; usernames.len()];
+        let trusted: Vec<usize> = (0..usernames.len())
+            .filter(|&i| self.cache_trusted_for(usernames[i]))
+            .collect();
+        if !trusted.is_empty() {
+            let names: Vec<&str> = trusted.iter().map(|&i| usernames[i]).collect();
+            match self.cache.get_live_many(&names).await {
+                Ok(values) => {
+                    for (&i, value) in trusted.iter().zip(values) {
+                        if let Some(json) = value {
+                            answers[i] = Some(Ok((json, Source::Cache)));
+                        }
+                    }
                 }
-                Ok(None) => {}
                 Err(e) => self.cache_failed(&e, "get"),
             }
         }
-        self.stats.cache_misses.fetch_add(1, Relaxed);
-        if let Some(hook) = &self.hooks.after_miss {
-            hook(username.to_owned()).await;
+        let misses: Vec<usize> = (0..usernames.len())
+            .filter(|&i| answers[i].is_none())
+            .collect();
+        let hits = usernames.len() - misses.len();
+        self.stats.cache_hits.fetch_add(hits as u64, Relaxed);
+        if !misses.is_empty() {
+            self.stats
+                .cache_misses
+                .fetch_add(misses.len() as u64, Relaxed);
+            if let Some(hook) = &self.hooks.after_miss {
+                for &i in &misses {
+                    hook(usernames[i].to_owned()).await;
+                }
+            }
+            let mut queued = false;
+            let flights: Vec<_> = misses
+                .iter()
+                .map(|&i| {
+                    let (flight, started) = self.loads.join(usernames[i], asked_at);
+                    queued |= started;
+                    flight
+                })
+                .collect();
+            if queued {
+                self.start_loader();
+            }
+            for (&i, flight) in misses.iter().zip(flights) {
+                answers[i] = Some(flight.wait().await.and_then(|found| {
+                    found.ok_or_else(|| ServiceError::NotFound(usernames[i].to_owned()))
+                }));
+            }
         }
-        match self.load_shared(username, asked_at).await? {
-            Some(found) => Ok(found),
-            None => Err(ServiceError::NotFound(username.to_owned())),
-        }
+        answers
+            .into_iter()
+            .map(|a| a.expect("every name answered"))
+            .collect()
     }
 
     /// Whether Redis may answer for `username`: it is up, and no failed write left its entry in doubt.
@@ -349,92 +388,92 @@ impl Service {
         !queue.overflowed && !queue.names.contains_key(username)
     }
 
-    /// Single flight: the first miss on a name reads the database and fills Redis; every miss that
-    /// arrives meanwhile waits for that result instead of querying again. If the leader is
-    /// cancelled, a waiter takes over.
-    ///
-    /// `asked_at` is when the caller's Redis read began: a flight for the name that completed
-    /// since then has filled Redis, so a caller arriving just too late to join it reads Redis again
-    /// instead of querying the database a second time.
-    async fn load_shared(
-        &self,
-        username: &str,
-        asked_at: Instant,
-    ) -> Result<Option<(String, Source)>, ServiceError> {
-        let flight = {
-            let mut flights = self.flights.lock().expect("flight lock is never poisoned");
-            flights.entry(username.to_owned()).or_default().clone()
+    /// Starts a loader task if a slot is free; otherwise a running loader takes the queue next.
+    fn start_loader(self: &Arc<Self>) {
+        let Some(slot) = self.loads.try_slot() else {
+            return;
         };
-        let result = flight
-            .result
-            .get_or_init(|| async {
-                if self.completed_since(username, asked_at) {
-                    if let Ok(Some(json)) = self.cache.get_live(username).await {
-                        return Ok(Some((json, Source::Cache)));
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut slot = Some(slot);
+            while let Some(batch) = service.loads.take(LOAD_BATCH, &mut slot) {
+                service.load_batch(batch).await;
+            }
+        });
+    }
+
+    /// Reads a batch of cold names in one query, fills Redis with what it found in one call, and
+    /// answers every waiter.
+    async fn load_batch(&self, batch: Batch) {
+        // A flight on the name that completed after the caller's Redis read has filled Redis: a
+        // caller arriving just too late to join it reads Redis again instead of the database.
+        let late: Vec<usize> = (0..batch.len())
+            .filter(|&i| batch.filled_since_asked(i))
+            .collect();
+        if !late.is_empty() && self.health.is_up(Backend::Redis) {
+            let names: Vec<&str> = late.iter().map(|&i| batch.username(i)).collect();
+            if let Ok(values) = self.cache.get_live_many(&names).await {
+                for (&i, value) in late.iter().zip(values) {
+                    if let Some(json) = value {
+                        batch.finish(i, Ok(Some((json, Source::Cache))));
                     }
                 }
-                Ok(self
-                    .load_and_fill(username)
-                    .await?
-                    .map(|json| (json, Source::Db)))
-            })
-            .await
-            .clone();
-        let mut flights = self.flights.lock().expect("flight lock is never poisoned");
-        if flights
-            .get(username)
-            .is_some_and(|f| Arc::ptr_eq(f, &flight))
-        {
-            flights.remove(username);
-            drop(flights);
-            let mut completed = self
-                .completed
-                .lock()
-                .expect("completed lock is never poisoned");
-            if completed.len() >= COMPLETED_CAPACITY {
-                completed.retain(|_, at| at.elapsed() < COMPLETED_MEMORY);
             }
-            completed.insert(username.to_owned(), Instant::now());
         }
-        result
-    }
-
-    fn completed_since(&self, username: &str, asked_at: Instant) -> bool {
-        let completed = self
-            .completed
-            .lock()
-            .expect("completed lock is never poisoned");
-        completed.get(username).is_some_and(|at| *at >= asked_at)
-    }
-
-    async fn load_and_fill(&self, username: &str) -> Result<Option<String>, ServiceError> {
+        let cold: Vec<usize> = (0..batch.len())
+            .filter(|&i| !batch.is_finished(i))
+            .collect();
+        if cold.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = cold.iter().map(|&i| batch.username(i)).collect();
         self.stats.db_queries.fetch_add(1, Relaxed);
-        let Some(user) = db_result(self.db.find_user(username).await, &self.health)? else {
-            return Ok(None);
-        };
-        let json = user.json.clone();
-        if let Some(hook) = &self.hooks.before_fill {
-            hook(username.to_owned()).await;
-        }
-        if self.health.is_up(Backend::Redis) {
-            let fill = Write::Live {
-                username: user.username.clone(),
-                version: user.version,
-                json: json.clone(),
-            };
-            match self.cache.apply(&[fill]).await {
-                Ok(applied) if applied.first() == Some(&false) => {
-                    tracing::debug!(
-                        username,
-                        version = user.version,
-                        "cache fill refused: newer version cached"
-                    );
+        let users = match db_result(self.db.find_users(&names).await, &self.health) {
+            Ok(users) => users,
+            Err(e) => {
+                for &i in &cold {
+                    batch.finish(i, Err(e.clone()));
                 }
-                Ok(_) => {}
+                return;
+            }
+        };
+        if let Some(hook) = &self.hooks.before_fill {
+            for user in &users {
+                hook(user.username.clone()).await;
+            }
+        }
+        if self.health.is_up(Backend::Redis) && !users.is_empty() {
+            let fills: Vec<Write> = users
+                .iter()
+                .map(|user| Write::Live {
+                    username: user.username.clone(),
+                    version: user.version,
+                    json: user.json.clone(),
+                })
+                .collect();
+            match self.cache.apply(&fills).await {
+                Ok(applied) => {
+                    for (user, applied) in users.iter().zip(applied) {
+                        if !applied {
+                            tracing::debug!(
+                                username = user.username,
+                                version = user.version,
+                                "cache fill refused: newer version cached"
+                            );
+                        }
+                    }
+                }
                 Err(e) => self.cache_failed(&e, "fill"),
             }
         }
-        Ok(Some(json))
+        let mut found: HashMap<String, String> = users
+            .into_iter()
+            .map(|user| (user.username, user.json))
+            .collect();
+        for &i in &cold {
+            let json = found.remove(batch.username(i));
+            batch.finish(i, Ok(json.map(|json| (json, Source::Db))));
+        }
     }
 
     /// Get-or-create, write-through. Returns the user's JSON and whether it was created.

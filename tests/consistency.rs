@@ -133,11 +133,7 @@ async fn concurrent_cold_gets_share_one_database_query() {
         .unwrap();
 
     // Hold the table so the first select blocks, and every other get piles up behind it.
-    let mut locker = env.pg().await;
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = env.lock_users().await;
 
     const CONNECTIONS: usize = 10;
     const PER_CONNECTION: usize = 20;
@@ -166,7 +162,7 @@ async fn concurrent_cold_gets_share_one_database_query() {
         },
     )
     .await;
-    lock.commit().await.unwrap();
+    lock.release().await;
 
     let mut users = Vec::new();
     for c in &mut clients {
@@ -180,7 +176,7 @@ async fn concurrent_cold_gets_share_one_database_query() {
         .query_one(
             "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-               AND query LIKE 'SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = $1%'",
+               AND query LIKE 'SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = %'",
             &[],
         )
         .await
@@ -190,6 +186,54 @@ async fn concurrent_cold_gets_share_one_database_query() {
     let row = env.row_json("herd").await.unwrap();
     assert!(users.iter().all(|u| *u == row));
     assert_eq!(daemon.stats().await["db_queries"], json!(1));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_that_queue_behind_a_running_read_are_read_in_one_query() {
+    let env = TestEnv::start().await;
+    let pg = env.pg().await;
+    pg.execute(
+        "INSERT INTO users (username) SELECT 'cold' || g FROM generate_series(1, 10) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut config = env.config();
+    config.postgres.pool_size = 4; // one loader
+    let daemon = env.start_daemon(config).await;
+
+    // The first read blocks on the lock; the other nine misses queue behind it.
+    let lock = env.lock_users().await;
+    let mut readers = Vec::new();
+    for i in 1..=10 {
+        let socket = daemon.socket.clone();
+        readers.push(tokio::spawn(async move {
+            Rpc::connect(&socket).await.get(&format!("cold{i}")).await
+        }));
+    }
+    wait_until("all ten gets missed", Duration::from_secs(10), || async {
+        daemon.stats().await["cache_misses"].as_u64() == Some(10)
+    })
+    .await;
+    lock.release().await;
+    for (i, reader) in readers.into_iter().enumerate() {
+        let answer = reader.await.unwrap();
+        assert_eq!(answer["result"]["source"], json!("db"), "{answer}");
+        assert_eq!(
+            answer["result"]["user"],
+            env.row_json(&format!("cold{}", i + 1)).await.unwrap()
+        );
+    }
+    let queries = daemon.stats().await["db_queries"].as_u64().unwrap();
+    assert!(
+        (1..=2).contains(&queries),
+        "ten cold gets, one loader: the read in progress and one batch, got {queries} queries"
+    );
+    for i in 1..=10 {
+        let cached = env.cached(&format!("cold{i}")).await.expect("filled");
+        assert!(cacheward::cache::is_live(&cached));
+    }
     daemon.stop().await;
 }
 

@@ -268,11 +268,7 @@ async fn a_blocked_statement_times_out_as_unavailable() {
     let mut config = env.config();
     config.postgres.statement_timeout_ms = 300;
     let daemon = env.start_daemon(config).await;
-    let mut locker = env.pg().await;
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = env.lock_users().await;
 
     let mut c = daemon.client().await;
     let r = c.call("put", json!({"username": "blocked"})).await;
@@ -281,7 +277,7 @@ async fn a_blocked_statement_times_out_as_unavailable() {
         r["error"]["message"].as_str().unwrap().contains("timeout"),
         "{r}"
     );
-    lock.rollback().await.unwrap();
+    lock.release().await;
     assert_eq!(
         c.call("put", json!({"username": "blocked"})).await["result"]["created"],
         json!(true)

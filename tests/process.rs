@@ -36,11 +36,7 @@ async fn sigterm_finishes_in_flight_requests_removes_the_socket_and_exits_zero()
     );
 
     // A write held in PostgreSQL behind a table lock: in flight when SIGTERM arrives.
-    let mut locker = env.pg().await;
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = env.lock_users().await;
     let mut c = Rpc::connect(&daemon.socket).await;
     c.send(
         &json!({"jsonrpc": "2.0", "id": 1, "method": "put", "params": {"username": "inflight"}}),
@@ -66,7 +62,7 @@ async fn sigterm_finishes_in_flight_requests_removes_the_socket_and_exits_zero()
     )
     .await;
     assert!(daemon.child.try_wait().unwrap().is_none(), "still draining");
-    lock.commit().await.unwrap();
+    lock.release().await;
 
     let answer = c.recv().await;
     assert_eq!(

@@ -78,6 +78,17 @@ impl TestEnv {
         db::connect(&pg).await.expect("connect to postgres")
     }
 
+    /// Takes `ACCESS EXCLUSIVE` on `users` in an open transaction: every statement on the table,
+    /// the daemon's included, waits until [`UsersLock::release`].
+    pub async fn lock_users(&self) -> UsersLock {
+        let client = self.pg().await;
+        client
+            .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            .await
+            .expect("lock users");
+        UsersLock(client)
+    }
+
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.redis_url.as_str())
             .expect("redis url")
@@ -401,5 +412,14 @@ impl TestEnv {
             .env("REDIS_URL", &self.redis_url)
             .output()
             .expect("run cacheward verify")
+    }
+}
+
+/// A lock on `users` held by [`TestEnv::lock_users`].
+pub struct UsersLock(tokio_postgres::Client);
+
+impl UsersLock {
+    pub async fn release(self) {
+        self.0.batch_execute("COMMIT").await.expect("release lock");
     }
 }

@@ -1,0 +1,294 @@
+//! Single flight and batching for cache misses. Every concurrent miss on a name joins one flight,
+//! so the database is read once however many ask; flights queue, and a few loader tasks take the
+//! whole queue at a time, so the misses that arrive while a read runs are fetched together in one
+//! query and filled in one Redis call.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::service::{ServiceError, Source};
+
+/// What a load found: the user's JSON and where it came from, or no such user.
+pub type Loaded = Result<Option<(String, Source)>, ServiceError>;
+
+/// One pending database read, shared by every miss on the same name.
+#[derive(Default)]
+pub struct Flight {
+    result: OnceLock<Loaded>,
+    done: Notify,
+}
+
+impl Flight {
+    /// Waits for the load's result.
+    pub async fn wait(&self) -> Loaded {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(result) = self.result.get() {
+                return result.clone();
+            }
+            notified.await;
+        }
+    }
+
+    fn finish(&self, result: Loaded) {
+        if self.result.set(result).is_ok() {
+            self.done.notify_waiters();
+        }
+    }
+}
+
+/// Completed flights remembered for late arrivals, pruned past this many.
+const COMPLETED_CAPACITY: usize = 4096;
+/// How long a completion matters: far longer than a Redis read takes.
+const COMPLETED_MEMORY: Duration = Duration::from_secs(1);
+
+/// Recently completed flights, oldest first, bounded by count and age: O(1) per completion.
+#[derive(Default)]
+struct Completions {
+    order: VecDeque<(String, Instant)>,
+    latest: HashMap<String, Instant>,
+}
+
+impl Completions {
+    fn record(&mut self, username: &str, now: Instant) {
+        while let Some((name, at)) = self.order.front() {
+            if self.order.len() < COMPLETED_CAPACITY && now.duration_since(*at) < COMPLETED_MEMORY {
+                break;
+            }
+            if self.latest.get(name) == Some(at) {
+                self.latest.remove(name);
+            }
+            self.order.pop_front();
+        }
+        self.latest.insert(username.to_owned(), now);
+        self.order.push_back((username.to_owned(), now));
+    }
+
+    fn since(&self, username: &str, asked_at: Instant) -> bool {
+        self.latest.get(username).is_some_and(|at| *at >= asked_at)
+    }
+}
+
+/// A miss waiting for a loader.
+struct Queued {
+    username: String,
+    flight: Arc<Flight>,
+    asked_at: Instant,
+}
+
+/// The flights in progress, the queue of those no loader took yet, and the loader slots.
+pub struct Loads {
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    completed: Mutex<Completions>,
+    queue: Mutex<Vec<Queued>>,
+    slots: Arc<Semaphore>,
+}
+
+impl Loads {
+    /// `loaders`: how many batches may read the database at once.
+    pub fn new(loaders: usize) -> Loads {
+        Loads {
+            flights: Mutex::default(),
+            completed: Mutex::default(),
+            queue: Mutex::default(),
+            slots: Arc::new(Semaphore::new(loaders.max(1))),
+        }
+    }
+
+    /// Joins the flight on `username`, or starts one and queues it (then returns true: the caller
+    /// makes sure a loader runs). `asked_at` is when the caller's Redis read began.
+    pub fn join(&self, username: &str, asked_at: Instant) -> (Arc<Flight>, bool) {
+        let mut flights = self.flights.lock().expect("flight lock is never poisoned");
+        if let Some(flight) = flights.get(username) {
+            return (flight.clone(), false);
+        }
+        let flight = Arc::new(Flight::default());
+        flights.insert(username.to_owned(), flight.clone());
+        drop(flights);
+        self.queue
+            .lock()
+            .expect("queue lock is never poisoned")
+            .push(Queued {
+                username: username.to_owned(),
+                flight: flight.clone(),
+                asked_at,
+            });
+        (flight, true)
+    }
+
+    /// A loader slot, if one is free.
+    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Up to `max` queued flights, oldest first. When the queue is empty, the caller's `slot` is
+    /// returned first and `None` comes back unless a flight was queued meanwhile and a slot is
+    /// free again (then the loader goes on with that slot): no flight is ever left without one.
+    pub fn take(
+        self: &Arc<Self>,
+        max: usize,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Option<Batch> {
+        let mut queue = self.queue.lock().expect("queue lock is never poisoned");
+        if queue.is_empty() {
+            // Whoever queued after the emptiness was seen found the slot taken; give it back and
+            // look once more (queuing happens before try_slot, so one of the two sees the other).
+            drop(queue);
+            *slot = None;
+            queue = self.queue.lock().expect("queue lock is never poisoned");
+            if queue.is_empty() {
+                return None;
+            }
+            *slot = Some(self.try_slot()?);
+        }
+        let n = queue.len().min(max);
+        let items = queue.drain(..n).collect();
+        Some(Batch {
+            loads: self.clone(),
+            items,
+        })
+    }
+}
+
+/// Flights taken by one loader. Every flight is finished exactly once: by [`Batch::finish`], or,
+/// if the loader stops early (a panic), with an error when the batch is dropped.
+pub struct Batch {
+    loads: Arc<Loads>,
+    items: Vec<Queued>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn username(&self, i: usize) -> &str {
+        &self.items[i].username
+    }
+
+    pub fn is_finished(&self, i: usize) -> bool {
+        self.items[i].flight.result.get().is_some()
+    }
+
+    /// Whether a flight on item `i`'s name completed after its caller read Redis: Redis was
+    /// filled since, so it is worth reading again before the database.
+    pub fn filled_since_asked(&self, i: usize) -> bool {
+        let item = &self.items[i];
+        self.loads
+            .completed
+            .lock()
+            .expect("completed lock is never poisoned")
+            .since(&item.username, item.asked_at)
+    }
+
+    /// Answers item `i`'s waiters. The flight leaves the map (and its completion is recorded)
+    /// before anyone is woken, so that a get arriving after an answer never joins a finished
+    /// flight.
+    pub fn finish(&self, i: usize, result: Loaded) {
+        let item = &self.items[i];
+        if item.flight.result.get().is_some() {
+            return;
+        }
+        {
+            let mut flights = self
+                .loads
+                .flights
+                .lock()
+                .expect("flight lock is never poisoned");
+            if flights
+                .get(&item.username)
+                .is_some_and(|f| Arc::ptr_eq(f, &item.flight))
+            {
+                flights.remove(&item.username);
+            }
+        }
+        self.loads
+            .completed
+            .lock()
+            .expect("completed lock is never poisoned")
+            .record(&item.username, Instant::now());
+        item.flight.finish(result);
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        for i in 0..self.items.len() {
+            self.finish(
+                i,
+                Err(ServiceError::Internal(
+                    "the database read was abandoned".into(),
+                )),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions_are_remembered_by_name_and_time() {
+        let mut c = Completions::default();
+        let t0 = Instant::now();
+        c.record("a", t0);
+        assert!(c.since("a", t0));
+        assert!(!c.since("a", t0 + Duration::from_millis(1)));
+        assert!(!c.since("b", t0));
+    }
+
+    #[test]
+    fn completions_stay_bounded() {
+        let mut c = Completions::default();
+        let t0 = Instant::now();
+        for i in 0..3 * COMPLETED_CAPACITY {
+            c.record(&format!("u{i}"), t0);
+        }
+        assert!(c.order.len() <= COMPLETED_CAPACITY);
+        assert!(c.latest.len() <= COMPLETED_CAPACITY);
+        assert!(c.since(&format!("u{}", 3 * COMPLETED_CAPACITY - 1), t0));
+        // Old entries age out even below the capacity.
+        c.record("late", t0 + 2 * COMPLETED_MEMORY);
+        assert_eq!(c.order.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_flight_per_name_and_every_flight_finished() {
+        let loads = Arc::new(Loads::new(1));
+        let now = Instant::now();
+        let (a1, queued1) = loads.join("a", now);
+        let (a2, queued2) = loads.join("a", now);
+        let (b, _) = loads.join("b", now);
+        assert!(queued1 && !queued2);
+        assert!(Arc::ptr_eq(&a1, &a2));
+
+        let mut slot = loads.try_slot();
+        assert!(slot.is_some());
+        assert!(loads.try_slot().is_none(), "one loader slot");
+        let batch = loads.take(1, &mut slot).expect("a is queued");
+        assert_eq!(batch.len(), 1);
+        batch.finish(0, Ok(None));
+        assert!(matches!(a2.wait().await, Ok(None)));
+        // A panicking loader still answers its flights.
+        drop(batch);
+        let batch = loads.take(10, &mut slot).expect("b is queued");
+        drop(batch);
+        assert!(matches!(b.wait().await, Err(ServiceError::Internal(_))));
+        // Empty queue: the slot is given back.
+        assert!(loads.take(10, &mut slot).is_none());
+        assert!(slot.is_none());
+        assert!(loads.try_slot().is_some());
+        // A finished name starts a new flight.
+        assert!(loads.join("a", now).1);
+    }
+}
