@@ -121,37 +121,37 @@ impl Loads {
         (flight, true)
     }
 
-    /// A loader slot, if one is free.
-    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().ok()
-    }
-
-    /// Up to `max` queued flights, oldest first. When the queue is empty, the caller's `slot` is
-    /// returned first and `None` comes back unless a flight was queued meanwhile and a slot is
-    /// free again (then the loader goes on with that slot): no flight is ever left without one.
-    pub fn take(
-        self: &Arc<Self>,
-        max: usize,
-        slot: &mut Option<OwnedSemaphorePermit>,
-    ) -> Option<Batch> {
-        let mut queue = self.queue.lock().expect("queue lock is never poisoned");
-        if queue.is_empty() {
-            // Whoever queued after the emptiness was seen found the slot taken; give it back and
-            // look once more (queuing happens before try_slot, so one of the two sees the other).
-            drop(queue);
-            *slot = None;
-            queue = self.queue.lock().expect("queue lock is never poisoned");
+    /// A free loader slot and up to `max` queued flights, oldest first; `None` when no slot is
+    /// free or nothing is queued. Queuing happens before asking for a slot, and a loader asks
+    /// again after giving its slot back, so no queued flight is ever left without a loader.
+    pub fn next(self: &Arc<Self>, max: usize) -> Option<(OwnedSemaphorePermit, Batch)> {
+        loop {
+            let slot = self.slots.clone().try_acquire_owned().ok()?;
+            let mut queue = self.queue.lock().expect("queue lock is never poisoned");
             if queue.is_empty() {
-                return None;
+                drop(queue);
+                // Someone who queued while the slot was held here found none free: look again.
+                drop(slot);
+                if self
+                    .queue
+                    .lock()
+                    .expect("queue lock is never poisoned")
+                    .is_empty()
+                {
+                    return None;
+                }
+                continue;
             }
-            *slot = Some(self.try_slot()?);
+            let n = queue.len().min(max);
+            let items = queue.drain(..n).collect();
+            return Some((
+                slot,
+                Batch {
+                    loads: self.clone(),
+                    items,
+                },
+            ));
         }
-        let n = queue.len().min(max);
-        let items = queue.drain(..n).collect();
-        Some(Batch {
-            loads: self.clone(),
-            items,
-        })
     }
 }
 
@@ -272,22 +272,20 @@ mod tests {
         assert!(queued1 && !queued2);
         assert!(Arc::ptr_eq(&a1, &a2));
 
-        let mut slot = loads.try_slot();
-        assert!(slot.is_some());
-        assert!(loads.try_slot().is_none(), "one loader slot");
-        let batch = loads.take(1, &mut slot).expect("a is queued");
+        let (slot, batch) = loads.next(1).expect("a is queued");
+        assert!(loads.next(1).is_none(), "one loader slot");
         assert_eq!(batch.len(), 1);
         batch.finish(0, Ok(None));
         assert!(matches!(a2.wait().await, Ok(None)));
+        drop(slot);
         // A panicking loader still answers its flights.
         drop(batch);
-        let batch = loads.take(10, &mut slot).expect("b is queued");
-        drop(batch);
+        let (slot, batch) = loads.next(10).expect("b is queued");
+        drop((slot, batch));
         assert!(matches!(b.wait().await, Err(ServiceError::Internal(_))));
-        // Empty queue: the slot is given back.
-        assert!(loads.take(10, &mut slot).is_none());
-        assert!(slot.is_none());
-        assert!(loads.try_slot().is_some());
+        // Nothing queued: no batch, and the slot stays free.
+        assert!(loads.next(10).is_none());
+        assert!(loads.slots.available_permits() == 1);
         // A finished name starts a new flight.
         assert!(loads.join("a", now).1);
     }

@@ -13,6 +13,8 @@ use serde::Serialize;
 
 use crate::cache::{Cache, CacheError, Write};
 use crate::db::{Db, DbError};
+use tokio::sync::OwnedSemaphorePermit;
+
 use crate::loads::{Batch, Loads};
 use crate::protocol::{ErrorKind, RpcError};
 
@@ -390,21 +392,16 @@ impl Service {
 
     /// Starts a loader task if a slot is free; otherwise a running loader takes the queue next.
     fn start_loader(self: &Arc<Self>) {
-        let Some(slot) = self.loads.try_slot() else {
-            return;
-        };
-        let service = self.clone();
-        tokio::spawn(async move {
-            let mut slot = Some(slot);
-            while let Some(batch) = service.loads.take(LOAD_BATCH, &mut slot) {
-                service.load_batch(batch).await;
-            }
-        });
+        if let Some((slot, batch)) = self.loads.next(LOAD_BATCH) {
+            let service = self.clone();
+            tokio::spawn(async move { service.load_batch(slot, batch).await });
+        }
     }
 
     /// Reads a batch of cold names in one query, fills Redis with what it found in one call, and
-    /// answers every waiter.
-    async fn load_batch(&self, batch: Batch) {
+    /// answers every waiter. The loader slot is held for the database read only: the next batch
+    /// is read while this one fills.
+    async fn load_batch(self: Arc<Self>, slot: OwnedSemaphorePermit, batch: Batch) {
         // A flight on the name that completed after the caller's Redis read has filled Redis: a
         // caller arriving just too late to join it reads Redis again instead of the database.
         let late: Vec<usize> = (0..batch.len())
@@ -428,7 +425,10 @@ impl Service {
         }
         let names: Vec<&str> = cold.iter().map(|&i| batch.username(i)).collect();
         self.stats.db_queries.fetch_add(1, Relaxed);
-        let users = match db_result(self.db.find_users(&names).await, &self.health) {
+        let users = self.db.find_users(&names).await;
+        drop(slot);
+        self.start_loader();
+        let users = match db_result(users, &self.health) {
             Ok(users) => users,
             Err(e) => {
                 for &i in &cold {
