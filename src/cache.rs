@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
+use tokio::sync::oneshot;
 
+use crate::batch::Queue;
 use crate::config::Config;
 
 /// Why a Redis call failed.
@@ -118,7 +120,20 @@ pub struct Cache {
     ttl_secs: u64,
     timeout: Duration,
     script: Arc<redis::Script>,
+    /// Reads waiting to go to Redis together.
+    reads: Arc<Queue<Read>>,
 }
+
+/// One caller's keys, waiting for a batched MGET.
+struct Read {
+    keys: Vec<String>,
+    reply: oneshot::Sender<Result<Vec<Option<String>>, CacheError>>,
+}
+
+/// How many MGETs may be in flight at once; reads arriving meanwhile queue for the next one.
+const READERS: usize = 1;
+/// Callers' reads per MGET (each at most `socket.max_inflight` keys).
+const READ_BATCH: usize = 64;
 
 impl Cache {
     /// Prepares the connection; it is made lazily, so a Redis that is down now is not an error.
@@ -144,6 +159,7 @@ impl Cache {
             ttl_secs: config.cache.ttl_secs,
             timeout,
             script: Arc::new(redis::Script::new(APPLY_SCRIPT)),
+            reads: Arc::new(Queue::new(READERS)),
         })
     }
 
@@ -169,21 +185,72 @@ impl Cache {
         }
     }
 
-    /// The live entries of `usernames`, in order, in one MGET.
+    /// The live entries of `usernames`, in order. Reads that arrive while another is in flight
+    /// queue and go to Redis together, in one MGET.
     pub async fn get_live_many(
         &self,
         usernames: &[&str],
     ) -> Result<Vec<Option<String>>, CacheError> {
-        let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("MGET");
-        for name in usernames {
-            cmd.arg(self.key(name));
+        let (reply, answer) = oneshot::channel();
+        self.reads.push(Read {
+            keys: usernames.iter().map(|name| self.key(name)).collect(),
+            reply,
+        });
+        self.start_reader();
+        answer
+            .await
+            .unwrap_or_else(|_| Err(CacheError::Down("the read was abandoned".into())))
+    }
+
+    fn start_reader(&self) {
+        if let Some((slot, reads)) = self.reads.next(READ_BATCH) {
+            let cache = self.clone();
+            tokio::spawn(async move {
+                cache.read_batch(reads).await;
+                drop(slot);
+                cache.start_reader();
+            });
         }
-        let values: Vec<Option<String>> = self.bounded(cmd.query_async(&mut conn)).await?;
-        Ok(values
-            .into_iter()
-            .map(|v| v.filter(|v| is_live(v)))
-            .collect())
+    }
+
+    async fn read_batch(&self, reads: Vec<Read>) {
+        let mut cmd = redis::cmd("MGET");
+        let mut keys = 0;
+        for read in &reads {
+            keys += read.keys.len();
+            for key in &read.keys {
+                cmd.arg(key);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let result = self
+            .bounded::<Vec<Option<String>>>(cmd.query_async(&mut conn))
+            .await
+            .and_then(|values| match values.len() == keys {
+                true => Ok(values),
+                false => Err(CacheError::Server(format!(
+                    "MGET of {keys} keys answered {} values",
+                    values.len()
+                ))),
+            });
+        let values = match result {
+            Ok(values) => values,
+            Err(e) => {
+                for read in reads {
+                    let _ = read.reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let mut values = values.into_iter();
+        for read in reads {
+            let live = values
+                .by_ref()
+                .take(read.keys.len())
+                .map(|v| v.filter(|v| is_live(v)))
+                .collect();
+            let _ = read.reply.send(Ok(live));
+        }
     }
 
     /// Applies `writes` in one script call; returns, per write, whether it was applied (false:

@@ -2,6 +2,7 @@
 //! write-through writes over a JSON-RPC Unix socket, with versioned cache writes that never let an
 //! older value overwrite a newer one. See DESIGN.md for the contracts.
 
+pub mod batch;
 pub mod cache;
 pub mod cdc;
 pub mod client;

