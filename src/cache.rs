@@ -119,21 +119,42 @@ pub struct Cache {
     prefix: Arc<str>,
     ttl_secs: u64,
     timeout: Duration,
-    script: Arc<redis::Script>,
-    /// Reads waiting to go to Redis together.
-    reads: Arc<Queue<Read>>,
+    /// Request-path calls waiting to go to Redis together.
+    ops: Arc<Queue<Op>>,
 }
 
-/// One caller's keys, waiting for a batched MGET.
-struct Read {
-    keys: Vec<String>,
-    reply: oneshot::Sender<Result<Vec<Option<String>>, CacheError>>,
+type Reply<T> = oneshot::Sender<Result<T, CacheError>>;
+
+/// A request-path Redis call, queued.
+enum Op {
+    Read {
+        keys: Vec<String>,
+        reply: Reply<Vec<Option<String>>>,
+    },
+    Fill {
+        writes: Vec<Write>,
+        reply: Reply<Vec<bool>>,
+    },
 }
 
-/// How many MGETs may be in flight at once; reads arriving meanwhile queue for the next one.
-const READERS: usize = 1;
-/// Callers' reads per MGET (each at most `socket.max_inflight` keys).
-const READ_BATCH: usize = 64;
+/// Queued calls per pipeline (a read is at most `socket.max_inflight` keys). One pipeline is in
+/// flight at a time: that is what orders a read queued after a fill behind it.
+const PIPELINE_OPS: usize = 64;
+
+fn abandoned() -> CacheError {
+    CacheError::Down("the Redis call was abandoned".into())
+}
+
+fn decode<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, CacheError> {
+    if let redis::Value::ServerError(e) = value {
+        return Err(CacheError::Server(e.to_string()));
+    }
+    redis::from_redis_value(value).map_err(|e| CacheError::Server(e.to_string()))
+}
+
+fn applied(flags: Vec<i64>) -> Vec<bool> {
+    flags.into_iter().map(|a| a == 1).collect()
+}
 
 impl Cache {
     /// Prepares the connection; it is made lazily, so a Redis that is down now is not an error.
@@ -158,8 +179,7 @@ impl Cache {
             prefix: config.cache.key_prefix.as_str().into(),
             ttl_secs: config.cache.ttl_secs,
             timeout,
-            script: Arc::new(redis::Script::new(APPLY_SCRIPT)),
-            reads: Arc::new(Queue::new(READERS)),
+            ops: Arc::new(Queue::new(1)),
         })
     }
 
@@ -185,71 +205,137 @@ impl Cache {
         }
     }
 
-    /// The live entries of `usernames`, in order. Reads that arrive while another is in flight
-    /// queue and go to Redis together, in one MGET.
+    /// The live entries of `usernames`, in order. Reads that arrive while another request-path
+    /// call is in flight queue and go to Redis together, in one MGET.
     pub async fn get_live_many(
         &self,
         usernames: &[&str],
     ) -> Result<Vec<Option<String>>, CacheError> {
         let (reply, answer) = oneshot::channel();
-        self.reads.push(Read {
+        self.queue(Op::Read {
             keys: usernames.iter().map(|name| self.key(name)).collect(),
             reply,
         });
-        self.start_reader();
-        answer
-            .await
-            .unwrap_or_else(|_| Err(CacheError::Down("the read was abandoned".into())))
+        answer.await.unwrap_or_else(|_| Err(abandoned()))
     }
 
-    fn start_reader(&self) {
-        if let Some((slot, reads)) = self.reads.next(READ_BATCH) {
+    /// Queues `writes` (cache-aside fills) behind the request-path calls already queued and ahead
+    /// of every read queued after this call returns: those reads see the fill without waiting
+    /// for it. The returned future tells, per write, whether it was applied.
+    pub fn fill(
+        &self,
+        writes: Vec<Write>,
+    ) -> impl std::future::Future<Output = Result<Vec<bool>, CacheError>> {
+        let (reply, answer) = oneshot::channel();
+        self.queue(Op::Fill { writes, reply });
+        async move { answer.await.unwrap_or_else(|_| Err(abandoned())) }
+    }
+
+    fn queue(&self, op: Op) {
+        self.ops.push(op);
+        self.start_pipeline();
+    }
+
+    fn start_pipeline(&self) {
+        if let Some((slot, ops)) = self.ops.next(PIPELINE_OPS) {
             let cache = self.clone();
             tokio::spawn(async move {
-                cache.read_batch(reads).await;
+                cache.run_pipeline(ops).await;
                 drop(slot);
-                cache.start_reader();
+                cache.start_pipeline();
             });
         }
     }
 
-    async fn read_batch(&self, reads: Vec<Read>) {
-        let mut cmd = redis::cmd("MGET");
-        let mut keys = 0;
-        for read in &reads {
-            keys += read.keys.len();
-            for key in &read.keys {
-                cmd.arg(key);
+    /// Sends queued operations as one pipeline, in queue order; consecutive reads become one
+    /// MGET.
+    async fn run_pipeline(&self, ops: Vec<Op>) {
+        enum Step {
+            Reads(Vec<(usize, Reply<Vec<Option<String>>>)>),
+            Fill(Reply<Vec<bool>>),
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut steps: Vec<Step> = Vec::new();
+        let mut mget: Option<redis::Cmd> = None;
+        for op in ops {
+            match op {
+                Op::Read { keys, reply } => {
+                    let cmd = mget.get_or_insert_with(|| redis::cmd("MGET"));
+                    for key in &keys {
+                        cmd.arg(key);
+                    }
+                    match steps.last_mut() {
+                        Some(Step::Reads(replies)) => replies.push((keys.len(), reply)),
+                        _ => steps.push(Step::Reads(vec![(keys.len(), reply)])),
+                    }
+                }
+                Op::Fill { writes, reply } => {
+                    if let Some(cmd) = mget.take() {
+                        pipe.add_command(cmd);
+                    }
+                    pipe.add_command(self.apply_cmd(&writes));
+                    steps.push(Step::Fill(reply));
+                }
             }
         }
+        if let Some(cmd) = mget.take() {
+            pipe.add_command(cmd);
+        }
         let mut conn = self.conn.clone();
-        let result = self
-            .bounded::<Vec<Option<String>>>(cmd.query_async(&mut conn))
+        let values = match self
+            .bounded::<Vec<redis::Value>>(pipe.query_async(&mut conn))
             .await
-            .and_then(|values| match values.len() == keys {
-                true => Ok(values),
-                false => Err(CacheError::Server(format!(
-                    "MGET of {keys} keys answered {} values",
+        {
+            Ok(values) if values.len() == steps.len() => values,
+            Ok(values) => {
+                let e = CacheError::Server(format!(
+                    "a pipeline of {} commands answered {} values",
+                    steps.len(),
                     values.len()
-                ))),
-            });
-        let values = match result {
-            Ok(values) => values,
-            Err(e) => {
-                for read in reads {
-                    let _ = read.reply.send(Err(e.clone()));
-                }
-                return;
+                ));
+                return fail_steps(steps, e);
             }
+            Err(e) => return fail_steps(steps, e),
         };
-        let mut values = values.into_iter();
-        for read in reads {
-            let live = values
-                .by_ref()
-                .take(read.keys.len())
-                .map(|v| v.filter(|v| is_live(v)))
-                .collect();
-            let _ = read.reply.send(Ok(live));
+        fn fail_steps(steps: Vec<Step>, e: CacheError) {
+            for step in steps {
+                match step {
+                    Step::Reads(replies) => {
+                        for (_, reply) in replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                    Step::Fill(reply) => {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        for (step, value) in steps.into_iter().zip(values) {
+            match step {
+                Step::Reads(replies) => {
+                    let values = match decode::<Vec<Option<String>>>(value) {
+                        Ok(values) => values,
+                        Err(e) => {
+                            fail_steps(vec![Step::Reads(replies)], e);
+                            continue;
+                        }
+                    };
+                    let mut values = values.into_iter();
+                    for (n, reply) in replies {
+                        let live = values
+                            .by_ref()
+                            .take(n)
+                            .map(|v| v.filter(|v| is_live(v)))
+                            .collect();
+                        let _ = reply.send(Ok(live));
+                    }
+                }
+                Step::Fill(reply) => {
+                    let _ = reply.send(decode::<Vec<i64>>(value).map(applied));
+                }
+            }
         }
     }
 
@@ -259,18 +345,30 @@ impl Cache {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(self.ttl_secs);
+        let mut conn = self.conn.clone();
+        let flags: Vec<i64> = self
+            .bounded(self.apply_cmd(writes).query_async(&mut conn))
+            .await?;
+        Ok(applied(flags))
+    }
+
+    /// The script call applying `writes`. EVAL with the body rather than EVALSHA: the script is
+    /// small, Redis caches it by digest, and no call ever fails with NOSCRIPT (after a restart,
+    /// or inside a pipeline).
+    fn apply_cmd(&self, writes: &[Write]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(APPLY_SCRIPT).arg(writes.len());
         for write in writes {
-            invocation.key(self.key(write.username()));
+            cmd.arg(self.key(write.username()));
+        }
+        cmd.arg(self.ttl_secs);
+        for write in writes {
             match write {
-                Write::Live { version, json, .. } => invocation.arg(*version).arg(json.as_str()),
-                Write::Tombstone { version, .. } => invocation.arg(*version).arg(""),
+                Write::Live { version, json, .. } => cmd.arg(*version).arg(json.as_str()),
+                Write::Tombstone { version, .. } => cmd.arg(*version).arg(""),
             };
         }
-        let mut conn = self.conn.clone();
-        let applied: Vec<i64> = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        Ok(applied.into_iter().map(|a| a == 1).collect())
+        cmd
     }
 
     pub async fn ping(&self) -> Result<(), CacheError> {

@@ -442,30 +442,27 @@ impl Service {
                 hook(user.username.clone()).await;
             }
         }
-        if self.health.is_up(Backend::Redis) && !users.is_empty() {
-            let fills: Vec<Write> = users
+        // Queued ahead of any read that follows the answers below, so the fill need not be
+        // awaited before answering: a get after this one's answer sees it.
+        let fill = (self.health.is_up(Backend::Redis) && !users.is_empty()).then(|| {
+            self.cache.fill(
+                users
+                    .iter()
+                    .map(|user| Write::Live {
+                        username: user.username.clone(),
+                        version: user.version,
+                        json: user.json.clone(),
+                    })
+                    .collect(),
+            )
+        });
+        let versions: Vec<(String, i64)> = match fill {
+            Some(_) => users
                 .iter()
-                .map(|user| Write::Live {
-                    username: user.username.clone(),
-                    version: user.version,
-                    json: user.json.clone(),
-                })
-                .collect();
-            match self.cache.apply(&fills).await {
-                Ok(applied) => {
-                    for (user, applied) in users.iter().zip(applied) {
-                        if !applied {
-                            tracing::debug!(
-                                username = user.username,
-                                version = user.version,
-                                "cache fill refused: newer version cached"
-                            );
-                        }
-                    }
-                }
-                Err(e) => self.cache_failed(&e, "fill"),
-            }
-        }
+                .map(|u| (u.username.clone(), u.version))
+                .collect(),
+            None => Vec::new(),
+        };
         let mut found: HashMap<String, String> = users
             .into_iter()
             .map(|user| (user.username, user.json))
@@ -473,6 +470,23 @@ impl Service {
         for &i in &cold {
             let json = found.remove(batch.username(i));
             batch.finish(i, Ok(json.map(|json| (json, Source::Db))));
+        }
+        let Some(fill) = fill else {
+            return;
+        };
+        match fill.await {
+            Ok(applied) => {
+                for ((username, version), applied) in versions.iter().zip(applied) {
+                    if !applied {
+                        tracing::debug!(
+                            username,
+                            version,
+                            "cache fill refused: newer version cached"
+                        );
+                    }
+                }
+            }
+            Err(e) => self.cache_failed(&e, "fill"),
         }
     }
 
