@@ -1,13 +1,14 @@
 //! End-to-end benchmark: the daemon (release binary, its own process) against raw Redis and raw
 //! PostgreSQL, measured in the same run, in alternating slices so that machine drift cancels.
 //!
-//!     cargo bench --bench e2e                      # 200 000 users
+//!     cargo bench --bench e2e                      # 200 000 users, 1 s slices x 3 rounds
 //!     CACHEWARD_BENCH_USERS=20000 CACHEWARD_BENCH_SLICE_MS=300 cargo bench --bench e2e
+//!     CACHEWARD_BENCH_ONLY=hit,miss cargo bench --bench e2e   # parts: hit miss herd cdc memory trigger
 //!
-//! Prints a table and writes target/bench-e2e.json. Measured so far: the hit path, the miss path,
-//! the thundering herd, CDC lag at a fixed rate, and daemon memory (see issue 4 for what is still
-//! to come: the highest sustained CDC rate, memory over 1 M requests); then the trigger cost with
-//! pgbench, NOTIFY on and off.
+//! Measures the hit path (6 cells), the miss path, the thundering herd, CDC lag (1 000 renames/s
+//! with NOTIFY and poll-only, then unpaced: as fast as PostgreSQL commits them), daemon memory
+//! (idle, 1 000 connections, RSS every 1 M requests), and the trigger cost with pgbench (NOTIFY on
+//! and off). Prints a table and writes target/bench-e2e.json.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -163,6 +164,41 @@ async fn call(socket: &Path, method: &str, params: Value) -> Value {
 
 struct DaemonProcess(Child);
 
+impl DaemonProcess {
+    /// The release binary serving `socket`, with `settings` as extra environment; returns once
+    /// it is ready.
+    async fn start(
+        dir: &Path,
+        socket: &Path,
+        db_url: &str,
+        redis_url: &str,
+        settings: &[(&str, &str)],
+    ) -> DaemonProcess {
+        let daemon = DaemonProcess(
+            Command::new(env!("CARGO_BIN_EXE_cacheward"))
+                .arg("serve")
+                .current_dir(dir)
+                .env("DATABASE_URL", db_url)
+                .env("REDIS_URL", redis_url)
+                .env("CACHEWARD__SOCKET__PATH", socket)
+                .env("CACHEWARD__LOG__LEVEL", "warn")
+                .envs(settings.iter().copied())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn daemon"),
+        );
+        let start = Instant::now();
+        while call(socket, "health", Value::Null).await["ready"] != json!(true) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "daemon not ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        daemon
+    }
+}
+
 impl Drop for DaemonProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -201,27 +237,8 @@ async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("bench.sock");
     let redis_url = redis.url(0);
-    let daemon = DaemonProcess(
-        Command::new(env!("CARGO_BIN_EXE_cacheward"))
-            .arg("serve")
-            .current_dir(dir.path())
-            .env("DATABASE_URL", &db_url)
-            .env("REDIS_URL", &redis_url)
-            .env("CACHEWARD__SOCKET__PATH", &socket)
-            .env("CACHEWARD__LOG__LEVEL", "warn")
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn daemon"),
-    );
+    let daemon = DaemonProcess::start(dir.path(), &socket, &db_url, &redis_url, &[]).await;
     let pid = daemon.0.id();
-    let start = Instant::now();
-    while call(&socket, "health", Value::Null).await["ready"] != json!(true) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "daemon not ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let rss_idle = rss_kib(pid);
     let mut report = json!({
         "machine": { "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -420,18 +437,60 @@ async fn main() {
 
     // CDC: out-of-band renames at a fixed rate from 4 connections; lag from the commit returning to
     // the new key's keyspace notification in Redis.
+    // CDC renames users u1.. in three runs: paced with NOTIFY, paced poll-only (with a second
+    // daemon, below), and unpaced; each run takes its own names.
+    let rate: u64 = env_or("CACHEWARD_BENCH_CDC_RATE", 1000);
+    let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_SECS", 10);
+    let paced_names = 1..=(rate * seconds).min(users);
+    let poll_names = paced_names.end() + 1..=(paced_names.end() + rate * seconds).min(users);
+    let max_names = poll_names.end() + 1..=users;
     if want("cdc") {
-        let rate: u64 = env_or("CACHEWARD_BENCH_CDC_RATE", 1000);
-        let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_SECS", 10);
-        let (lag, lost) = cdc_lag(&pg_config, &redis_client, rate, seconds, users).await;
+        let paced = cdc_lag(
+            &pg_config,
+            &redis_client,
+            Some(rate),
+            seconds,
+            paced_names,
+            "c",
+        )
+        .await;
         println!(
-        "\ncdc: {rate} renames/s for {seconds} s from 4 connections: lag p50 {} ms, p99 {} ms, max {} ms; lost {lost}",
-        lag.value_at_quantile(0.5) as f64 / 1000.0,
-        lag.value_at_quantile(0.99) as f64 / 1000.0,
-        lag.max() as f64 / 1000.0
-    );
-        report["cdc"] = json!({"rate": rate, "seconds": seconds, "lag_us": {"p50": lag.value_at_quantile(0.5),
-        "p99": lag.value_at_quantile(0.99), "max": lag.max()}, "lost": lost});
+            "\ncdc: {rate} renames/s for {seconds} s from 4 connections: {}",
+            paced.summary()
+        );
+        report["cdc"] = paced.json();
+        // The highest rate: 4 connections renaming as fast as PostgreSQL commits them.
+        let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_MAX_SECS", 5);
+        if !max_names.is_empty() {
+            let max = cdc_lag(&pg_config, &redis_client, None, seconds, max_names, "m").await;
+            println!("cdc: unpaced renames for {seconds} s from 4 connections (as fast as PostgreSQL commits): {}", max.summary());
+            report["cdc_max"] = max.json();
+        }
+    }
+
+    if want("memory") {
+        // Hot gets (16 connections x depth 16) in steps of 1 M requests; RSS after each.
+        let mut series = Vec::new();
+        let requests = |v: Value| v["requests"].as_u64().unwrap_or(0);
+        for _ in 0..4 {
+            let start = requests(call(&socket, "stats", Value::Null).await);
+            while requests(call(&socket, "stats", Value::Null).await) < start + 1_000_000 {
+                measure(16, 16, Duration::from_millis(250), |_| {
+                    daemon_round(socket.clone(), 16, hot_name.clone())
+                })
+                .await;
+            }
+            series.push(json!({"requests": requests(call(&socket, "stats", Value::Null).await), "rss_kib": rss_kib(pid)}));
+        }
+        println!(
+            "\nmemory over hot gets: {}",
+            series
+                .iter()
+                .map(|p| format!("{} KiB after {} requests", p["rss_kib"], p["requests"]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        report["memory_series"] = json!(series);
     }
 
     let rss_after = rss_kib(pid);
@@ -440,6 +499,40 @@ async fn main() {
     report["memory_kib"] = json!({"idle": rss_idle, "connections_1000": rss_connections, "after": rss_after, "requests": requests});
 
     drop(daemon);
+    if want("cdc") && !poll_names.is_empty() {
+        // Poll-only: a daemon with cdc.notify = false (the trigger stops notifying) and a short
+        // poll, as recommended for write-heavy databases.
+        let poll_ms = "20";
+        let _polling = DaemonProcess::start(
+            dir.path(),
+            &socket,
+            &db_url,
+            &redis_url,
+            &[
+                ("CACHEWARD__CDC__NOTIFY", "false"),
+                ("CACHEWARD__CDC__POLL_INTERVAL_MS", poll_ms),
+            ],
+        )
+        .await;
+        let polled = cdc_lag(
+            &pg_config,
+            &redis_client,
+            Some(rate),
+            seconds,
+            poll_names,
+            "p",
+        )
+        .await;
+        println!(
+            "cdc, poll-only (cdc.notify = false, poll_interval_ms = {poll_ms}): {rate} renames/s for {seconds} s: {}",
+            polled.summary()
+        );
+        report["cdc_poll_only"] = polled.json();
+        admin
+            .batch_execute("UPDATE cacheward_cdc_settings SET notify = true")
+            .await
+            .expect("notify again");
+    }
     // Trigger cost: out-of-band UPDATE throughput with the capture trigger (NOTIFY on, poll-only)
     // and without it, in alternating runs.
     if want("trigger") {
@@ -487,13 +580,13 @@ async fn main() {
 async fn cdc_lag(
     pg: &tokio_postgres::Config,
     redis_client: &redis::Client,
-    rate: u64,
+    rate: Option<u64>,
     seconds: u64,
-    users: u64,
-) -> (Histogram<u64>, u64) {
+    names: std::ops::RangeInclusive<u64>,
+    prefix: &'static str,
+) -> CdcRun {
     use futures::StreamExt;
     use std::collections::HashMap;
-    let total = (rate * seconds).min(users);
     let mut conn = redis_client
         .get_multiplexed_async_connection()
         .await
@@ -507,7 +600,7 @@ async fn cdc_lag(
         .expect("CONFIG SET");
     let mut pubsub = redis_client.get_async_pubsub().await.expect("pubsub");
     pubsub
-        .psubscribe("__keyspace@*__:user:c*")
+        .psubscribe(format!("__keyspace@*__:user:{prefix}*"))
         .await
         .expect("psubscribe");
     let seen: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -529,6 +622,8 @@ async fn cdc_lag(
     let committed: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
     let start = Instant::now();
     let mut writers = Vec::new();
+    let first = *names.start();
+    let last = *names.end();
     for w in 0..4u64 {
         let (pg, committed) = (pg.clone(), committed.clone());
         writers.push(tokio::spawn(async move {
@@ -537,12 +632,14 @@ async fn cdc_lag(
                 .prepare("UPDATE users SET username = $2 WHERE username = $1")
                 .await
                 .expect("prepare");
-            let mut i = w + 1;
-            while i <= total {
-                // Paced: change i is due at i / rate seconds.
-                let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
-                tokio::time::sleep_until(due.into()).await;
-                let (from, to) = (format!("u{i}"), format!("c{i}"));
+            let mut i = first + w;
+            while i <= last && start.elapsed() < Duration::from_secs(seconds) {
+                if let Some(rate) = rate {
+                    // Paced: the n-th change is due at n / rate seconds.
+                    let due = start + Duration::from_secs_f64((i - first) as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let (from, to) = (format!("u{i}"), format!("{prefix}{i}"));
                 client.execute(&stmt, &[&from, &to]).await.expect("update");
                 committed.lock().unwrap().insert(to, Instant::now());
                 i += 4;
@@ -552,6 +649,7 @@ async fn cdc_lag(
     for w in writers {
         w.await.expect("writer");
     }
+    let elapsed = start.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     listener.abort();
     let mut lag = histogram();
@@ -565,7 +663,45 @@ async fn cdc_lag(
             None => lost += 1,
         }
     }
-    (lag, lost)
+    let changes = committed.lock().unwrap().len() as u64;
+    CdcRun {
+        changes,
+        elapsed,
+        lag,
+        lost,
+    }
+}
+
+/// Out-of-band changes committed, and how long each took to show in Redis.
+struct CdcRun {
+    changes: u64,
+    elapsed: Duration,
+    lag: Histogram<u64>,
+    lost: u64,
+}
+
+impl CdcRun {
+    fn rate(&self) -> f64 {
+        self.changes as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn summary(&self) -> String {
+        let ms = |us: u64| us as f64 / 1000.0;
+        format!(
+            "{} changes at {:.0}/s: lag p50 {} ms, p99 {} ms, max {} ms; lost {}",
+            self.changes,
+            self.rate(),
+            ms(self.lag.value_at_quantile(0.5)),
+            ms(self.lag.value_at_quantile(0.99)),
+            ms(self.lag.max()),
+            self.lost
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({"changes": self.changes, "rate": self.rate(), "lost": self.lost,
+            "lag_us": {"p50": self.lag.value_at_quantile(0.5), "p99": self.lag.value_at_quantile(0.99), "max": self.lag.max()}})
+    }
 }
 
 /// Runs pgbench (4 clients) updating random users for `secs`; returns its tps.
