@@ -42,6 +42,8 @@ struct Side {
     ops: u64,
     elapsed: Duration,
     latency: Option<Histogram<u64>>,
+    /// CPU the daemon process used meanwhile (clock ticks), for the daemon side.
+    cpu_ticks: u64,
 }
 
 impl Side {
@@ -56,6 +58,12 @@ impl Side {
 
     fn throughput(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Daemon CPU time (user + system) per operation, in µs.
+    fn cpu_us_per_op(&self) -> f64 {
+        let tick_us = 1e6 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        self.cpu_ticks as f64 * tick_us / self.ops.max(1) as f64
     }
 
     fn quantile_us(&self, q: f64) -> u64 {
@@ -141,6 +149,21 @@ async fn daemon_round(
             }
         })
     })
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(14) + field(15)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -258,12 +281,13 @@ async fn main() {
     let redis_client = redis::Client::open(redis_url.as_str()).expect("redis url");
     println!("\nhit path: daemon get of a cached user vs raw Redis GET (redis crate), same keys");
     println!(
-        "{:>5} {:>5} | {:>12} {:>8} {:>8} | {:>12} {:>8} {:>8} | {:>6}",
+        "{:>5} {:>5} | {:>12} {:>8} {:>8} {:>9} | {:>12} {:>8} {:>8} | {:>6}",
         "conns",
         "depth",
         "daemon op/s",
         "p50 µs",
         "p99 µs",
+        "cpu µs/op",
         "redis op/s",
         "p50 µs",
         "p99 µs",
@@ -278,12 +302,14 @@ async fn main() {
     for &(connections, depth) in cells {
         let (mut d, mut r) = (Side::default(), Side::default());
         for _ in 0..rounds {
+            let cpu = cpu_ticks(pid);
             d.add(
                 measure(connections, depth, slice, |_| {
                     daemon_round(socket.clone(), depth, hot_name.clone())
                 })
                 .await,
             );
+            d.cpu_ticks += cpu_ticks(pid) - cpu;
             r.add(
                 measure(connections, depth, slice, |_| {
                     let (client, names) = (redis_client.clone(), hot_name.clone());
@@ -312,11 +338,11 @@ async fn main() {
         }
         let ratio = d.throughput() / r.throughput();
         println!(
-            "{connections:>5} {depth:>5} | {:>12.0} {:>8} {:>8} | {:>12.0} {:>8} {:>8} | {ratio:>6.2}",
-            d.throughput(), d.quantile_us(0.5), d.quantile_us(0.99), r.throughput(), r.quantile_us(0.5), r.quantile_us(0.99)
+            "{connections:>5} {depth:>5} | {:>12.0} {:>8} {:>8} {:>9.2} | {:>12.0} {:>8} {:>8} | {ratio:>6.2}",
+            d.throughput(), d.quantile_us(0.5), d.quantile_us(0.99), d.cpu_us_per_op(), r.throughput(), r.quantile_us(0.5), r.quantile_us(0.99)
         );
         hits.push(json!({"connections": connections, "depth": depth,
-            "daemon": {"ops_per_sec": d.throughput(), "p50_us": d.quantile_us(0.5), "p99_us": d.quantile_us(0.99)},
+            "daemon": {"ops_per_sec": d.throughput(), "p50_us": d.quantile_us(0.5), "p99_us": d.quantile_us(0.99), "cpu_us_per_op": d.cpu_us_per_op()},
             "redis": {"ops_per_sec": r.throughput(), "p50_us": r.quantile_us(0.5), "p99_us": r.quantile_us(0.99)},
             "ratio": ratio}));
     }
@@ -337,12 +363,14 @@ async fn main() {
     };
     let (mut d, mut r) = (Side::default(), Side::default());
     for _ in 0..if want("miss") { rounds } else { 0 } {
+        let cpu = cpu_ticks(pid);
         d.add(
             measure(16, 1, slice, |_| {
                 daemon_round(socket.clone(), 1, cold_name.clone())
             })
             .await,
         );
+        d.cpu_ticks += cpu_ticks(pid) - cpu;
         r.add(
             measure(16, 1, slice, |_| {
                 let pg_config = pg_config.clone();
@@ -370,10 +398,10 @@ async fn main() {
     if want("miss") {
         let consumed = next_cold.load(Ordering::Relaxed) - hot - 1;
         let miss_ratio = d.throughput() / r.throughput();
-        println!("\nmiss path (16 connections): daemon {:.0} op/s (p99 {} µs) vs raw SELECT {:.0} op/s (p99 {} µs): ratio {miss_ratio:.2}{}",
-        d.throughput(), d.quantile_us(0.99), r.throughput(), r.quantile_us(0.99),
+        println!("\nmiss path (16 connections): daemon {:.0} op/s (p99 {} µs, cpu {:.1} µs/op) vs raw SELECT {:.0} op/s (p99 {} µs): ratio {miss_ratio:.2}{}",
+        d.throughput(), d.quantile_us(0.99), d.cpu_us_per_op(), r.throughput(), r.quantile_us(0.99),
         if consumed > users - hot { " (WARNING: ran out of cold users; raise CACHEWARD_BENCH_USERS)" } else { "" });
-        report["miss"] = json!({"daemon_ops_per_sec": d.throughput(), "raw_ops_per_sec": r.throughput(), "ratio": miss_ratio});
+        report["miss"] = json!({"daemon_ops_per_sec": d.throughput(), "daemon_cpu_us_per_op": d.cpu_us_per_op(), "raw_ops_per_sec": r.throughput(), "ratio": miss_ratio});
     }
 
     // Herd: 1000 connections get the same cold user at once.

@@ -323,6 +323,11 @@ impl Connection {
         let idle = self.idle_timeout.unwrap_or(Duration::MAX);
         let idle_sleep = tokio::time::sleep(idle.min(Duration::from_secs(86400 * 365)));
         tokio::pin!(idle_sleep);
+        // Activity only moves this instant; the timer is re-armed when it fires, not per request.
+        let mut last_active = tokio::time::Instant::now();
+        let shutdown = self.shutdown.clone();
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
             // Start every buffered request the in-flight limit allows.
             if reading {
@@ -341,7 +346,7 @@ impl Connection {
             let can_read = reading && self.inflight_requests < self.max_inflight;
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled(), if reading => {
+                _ = &mut cancelled, if reading => {
                     // Finish what is in flight, read nothing more.
                     reading = false;
                 }
@@ -352,8 +357,8 @@ impl Connection {
                         unflushed = true;
                     }
                     // Idle counts from the last answer too, not only the last request.
-                    if let Some(idle) = self.idle_timeout {
-                        idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                    if self.idle_timeout.is_some() {
+                        last_active = tokio::time::Instant::now();
                     }
                 }
                 read = reader.read_buf(self.lines.spare()), if can_read => {
@@ -367,8 +372,8 @@ impl Connection {
                             }
                         }
                         Ok(_) => {
-                            if let Some(idle) = self.idle_timeout {
-                                idle_sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                            if self.idle_timeout.is_some() {
+                                last_active = tokio::time::Instant::now();
                             }
                         }
                         Err(e) => return Err(e),
@@ -381,8 +386,13 @@ impl Connection {
                     unflushed = false;
                 }
                 _ = &mut idle_sleep, if self.idle_timeout.is_some() && self.inflight.is_empty() && reading => {
-                    tracing::debug!("closing idle connection");
-                    reading = false;
+                    let deadline = last_active + idle;
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::debug!("closing idle connection");
+                        reading = false;
+                    } else {
+                        idle_sleep.as_mut().reset(deadline);
+                    }
                 }
             }
         }

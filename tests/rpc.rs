@@ -361,6 +361,26 @@ async fn socket_limits_are_enforced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_keeps_a_connection_open_past_the_idle_timeout() {
+    let env = TestEnv::start().await;
+    let mut config = env.config();
+    config.socket.idle_timeout_secs = 1;
+    let daemon = env.start_daemon(config).await;
+    let mut c = daemon.client().await;
+    // A request every 400 ms for 2.4 s: never idle for a whole second.
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let answer = c.call("health", Value::Null).await;
+        assert!(answer["result"].is_object(), "request {i}: {answer}");
+    }
+    assert!(
+        c.closed_within(Duration::from_secs(3)).await,
+        "closed once idle"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_socket_is_replaced_but_a_live_one_is_never_stolen() {
     let env = TestEnv::start().await;
     let config = env.config();
