@@ -558,6 +558,17 @@ async fn main() {
             polled.summary()
         );
         report["cdc_poll_only"] = polled.json();
+        let pending: Vec<i32> = admin
+            .query(
+                "SELECT jsonb_array_length(pending) FROM cacheward_cdc_cursors",
+                &[],
+            )
+            .await
+            .expect("cursors")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        println!("cdc cursors' pending transactions after the runs: {pending:?}");
         admin
             .batch_execute("UPDATE cacheward_cdc_settings SET notify = true")
             .await
@@ -683,14 +694,49 @@ async fn cdc_lag(
     tokio::time::sleep(Duration::from_secs(2)).await;
     listener.abort();
     let mut lag = histogram();
-    let mut lost = 0;
-    let seen = seen.lock().unwrap();
-    for (name, at) in committed.lock().unwrap().iter() {
-        match seen.get(name) {
-            Some(visible) => {
-                lag.saturating_record(visible.saturating_duration_since(*at).as_micros() as u64)
+    let mut unseen = Vec::new();
+    {
+        let seen = seen.lock().unwrap();
+        for (name, at) in committed.lock().unwrap().iter() {
+            match seen.get(name) {
+                Some(visible) => {
+                    lag.saturating_record(visible.saturating_duration_since(*at).as_micros() as u64)
+                }
+                None => unseen.push(format!("user:{name}")),
             }
-            None => lost += 1,
+        }
+    }
+    // A change whose notification never came may still have reached Redis (a dropped
+    // notification): only a key that is missing now is lost.
+    let mut lost = 0;
+    for keys in unseen.chunks(1000) {
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .expect("MGET");
+        for (key, value) in keys.iter().zip(values) {
+            if !value.as_deref().is_some_and(cacheward::cache::is_live) {
+                eprintln!("cdc: {key} never reached Redis: {value:?}");
+                let client = cacheward::db::connect(pg).await.expect("pg");
+                let name = key.trim_start_matches("user:");
+                for row in client
+                    .query("SELECT id, txid::text, changed_at::text FROM cacheward_outbox WHERE username = $1", &[&name])
+                    .await
+                    .expect("outbox")
+                {
+                    let (id, txid, at): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
+                    let around: Vec<(i64, String)> = client
+                        .query("SELECT id, txid::text FROM cacheward_outbox WHERE id BETWEEN $1::bigint - 3 AND $1::bigint + 3 ORDER BY id", &[&id])
+                        .await
+                        .expect("around")
+                        .iter()
+                        .map(|r| (r.get(0), r.get(1)))
+                        .collect();
+                    eprintln!("  outbox id {id} txid {txid} at {at}; around: {around:?}");
+                }
+                lost += 1;
+            }
         }
     }
     let changes = committed.lock().unwrap().len() as u64;

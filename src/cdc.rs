@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, IsolationLevel, NoTls};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, CacheError, Write};
@@ -140,6 +141,54 @@ pub struct Snapshot {
     pub running: HashSet<u64>,
 }
 
+/// A cursor at the newest outbox row, with every transaction in flight pending from `after` (rows
+/// up to it are gone), and the version horizon, all read in one snapshot.
+async fn head(client: &Client, after: i64) -> Result<(Cursor, i64), CdcError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce((SELECT max(id) FROM cacheward_outbox), 0),
+                    (SELECT last_value FROM cacheward_version_seq),
+                    pg_snapshot_xmax(pg_current_snapshot())::text,
+                    ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x),
+                    pg_current_xact_id()::text",
+            &[],
+        )
+        .await?;
+    let parse = |s: String| {
+        s.parse::<u64>()
+            .map_err(|e| DbError::Other(format!("xid8 {s}: {e}")))
+    };
+    let position: i64 = row.get(0);
+    let listed = row
+        .get::<_, Vec<String>>(3)
+        .into_iter()
+        .map(parse)
+        .collect::<Result<HashSet<u64>, _>>()?;
+    let running = in_flight(parse(row.get(2))?, listed, parse(row.get(4))?);
+    let mut pending: Vec<Pending> = running
+        .into_iter()
+        .map(|txid| Pending {
+            txid,
+            after,
+            upto: position,
+        })
+        .filter(|p| p.after < p.upto)
+        .collect();
+    pending.sort_by_key(|p| p.txid);
+    Ok((Cursor { position, pending }, row.get(1)))
+}
+
+/// Every transaction a snapshot must treat as running: the ones it lists, and every id from its
+/// xmax up to `own` (a transaction id drawn after the snapshot was taken). PostgreSQL's xmax is
+/// "latest completed + 1", not "next to be assigned": a transaction that drew a newer id than
+/// every finished one is running but not listed, and may already hold a lower outbox id than rows
+/// the snapshot sees.
+fn in_flight(xmax: u64, listed: HashSet<u64>, own: u64) -> HashSet<u64> {
+    let mut running = listed;
+    running.extend(xmax..own);
+    running
+}
+
 impl Snapshot {
     /// Whether `txid` had finished (committed or aborted) when the snapshot was taken.
     pub fn finished(&self, txid: u64) -> bool {
@@ -211,6 +260,59 @@ struct Change {
     old_username: Option<String>,
     version: i64,
     lag_ms: i64,
+}
+
+/// The statements of the batch loop, prepared once per session: each then costs one round trip
+/// (an unprepared query costs two).
+struct Statements {
+    snapshot: Statement,
+    fresh: Statement,
+    late: Statement,
+    rows: Statement,
+    own_xid: Statement,
+    store_cursor: Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+        let fresh = format!(
+            "SELECT {CHANGE_COLUMNS} FROM cacheward_outbox o WHERE o.id > $1 ORDER BY o.id LIMIT $2"
+        );
+        // LATERAL: one primary-key range scan per transaction, whatever the outbox's size.
+        let late = format!(
+            "SELECT {CHANGE_COLUMNS}
+             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS p(txid, after, upto)
+             CROSS JOIN LATERAL (
+                 SELECT * FROM cacheward_outbox x
+                 WHERE x.id > p.after AND x.id <= p.upto AND x.txid = p.txid::xid8
+             ) o
+             ORDER BY o.id LIMIT $4"
+        );
+        let rows = format!("SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)");
+        let (snapshot, fresh, late, rows, own_xid, store_cursor) = tokio::try_join!(
+            client.prepare(
+                "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
+                        ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x)
+                 FROM pg_current_snapshot() s",
+            ),
+            client.prepare(&fresh),
+            client.prepare(&late),
+            client.prepare(&rows),
+            client.prepare("SELECT pg_current_xact_id()::text"),
+            client.prepare(
+                "INSERT INTO cacheward_cdc_cursors (consumer, position, pending) VALUES ($1, $2, $3::text::jsonb)
+                 ON CONFLICT (consumer) DO UPDATE SET position = $2, pending = $3::text::jsonb, updated_at = now()",
+            ),
+        )?;
+        Ok(Statements {
+            snapshot,
+            fresh,
+            late,
+            rows,
+            own_xid,
+            store_cursor,
+        })
+    }
 }
 
 const CHANGE_COLUMNS: &str = "o.id, o.op, o.username, o.old_username, o.version, \
@@ -326,7 +428,7 @@ impl Applier {
 
     async fn session(&self, stop: &CancellationToken) -> Result<(), CdcError> {
         let pg = db::pg_config(&self.config)?;
-        let (mut client, mut connection) =
+        let (client, mut connection) =
             tokio::time::timeout(Duration::from_secs(5), pg.connect(NoTls))
                 .await
                 .map_err(|_| DbError::Timeout("cdc connect".into()))??;
@@ -362,7 +464,8 @@ impl Applier {
                 &[&cdc.channel, &cdc.notify],
             )
             .await?;
-        let mut cursor = self.load_cursor(&client).await?;
+        let statements = Statements::prepare(&client).await?;
+        let mut cursor = self.load_cursor(&client, &statements).await?;
         let mut last_prune: Option<Instant> = None;
         self.stats.listening.store(true, Relaxed);
         self.stats.cursor.store(cursor.position, Relaxed);
@@ -374,7 +477,7 @@ impl Applier {
         loop {
             // Catch up: batch after batch until one comes back short.
             loop {
-                match self.batch(&mut client, &mut cursor).await {
+                match self.batch(&client, &statements, &mut cursor).await {
                     Ok(fresh) if fresh < cdc.batch_size || stop.is_cancelled() => break,
                     Ok(_) => {}
                     Err(CdcError::Redis(e)) => {
@@ -437,7 +540,7 @@ impl Applier {
     }
 
     /// Loads this consumer's cursor; decides on a first start or a gap whether to replay or resync.
-    async fn load_cursor(&self, client: &Client) -> Result<Cursor, CdcError> {
+    async fn load_cursor(&self, client: &Client, st: &Statements) -> Result<Cursor, CdcError> {
         let row = client
             .query_opt(
                 "SELECT position, pending::text FROM cacheward_cdc_cursors WHERE consumer = $1",
@@ -461,19 +564,13 @@ impl Applier {
                 // First start for this cache. An empty cache needs no history; one with entries
                 // replays what the outbox retains (its TTL bounds anything older).
                 let cached = self.cache.any_entry().await?;
-                let position = if cached {
-                    0
+                let cursor = if cached {
+                    Cursor::default()
                 } else {
-                    client
-                        .query_one("SELECT coalesce(max(id), 0) FROM cacheward_outbox", &[])
-                        .await?
-                        .get(0)
+                    // Transactions in flight may still commit changes below the head.
+                    head(client, pruned_upto).await?.0
                 };
-                let cursor = Cursor {
-                    position,
-                    pending: Vec::new(),
-                };
-                self.store_cursor(client, &cursor).await?;
+                self.store_cursor(client, st, &cursor).await?;
                 if cached && pruned_upto == 0 {
                     tracing::info!(consumer = %self.consumer, "cdc first start: replaying the retained outbox");
                 }
@@ -484,6 +581,7 @@ impl Applier {
             return self
                 .resync(
                     client,
+                    st,
                     pruned_upto,
                     "changes newer than the cursor were pruned from the outbox",
                 )
@@ -492,12 +590,16 @@ impl Applier {
         Ok(cursor)
     }
 
-    async fn store_cursor(&self, client: &Client, cursor: &Cursor) -> Result<(), CdcError> {
+    async fn store_cursor(
+        &self,
+        client: &Client,
+        st: &Statements,
+        cursor: &Cursor,
+    ) -> Result<(), CdcError> {
         let pending = serde_json::to_string(&cursor.pending).expect("pending list serializes");
         client
             .execute(
-                "INSERT INTO cacheward_cdc_cursors (consumer, position, pending) VALUES ($1, $2, $3::text::jsonb)
-                 ON CONFLICT (consumer) DO UPDATE SET position = $2, pending = $3::text::jsonb, updated_at = now()",
+                &st.store_cursor,
                 &[&self.consumer, &cursor.position, &pending],
             )
             .await?;
@@ -511,65 +613,44 @@ impl Applier {
     async fn resync(
         &self,
         client: &Client,
+        st: &Statements,
         pruned_upto: i64,
         reason: &str,
     ) -> Result<Cursor, CdcError> {
         tracing::warn!(consumer = %self.consumer, reason, "cdc resync: dropping every cached user entry");
-        let head = client
-            .query_one(
-                "SELECT coalesce((SELECT max(id) FROM cacheward_outbox), 0),
-                        (SELECT last_value FROM cacheward_version_seq),
-                        ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x)",
-                &[],
-            )
-            .await?;
-        let position: i64 = head.get(0);
-        let horizon: i64 = head.get(1);
-        let running: Vec<String> = head.get(2);
+        let (cursor, horizon) = head(client, pruned_upto).await?;
         let dropped = self.cache.tombstone_all(horizon).await?;
-        let cursor = Cursor {
-            position,
-            pending: running
-                .iter()
-                .filter_map(|x| x.parse().ok())
-                .map(|txid| Pending {
-                    txid,
-                    after: pruned_upto,
-                    upto: position,
-                })
-                .filter(|p| p.after < p.upto)
-                .collect(),
-        };
-        self.store_cursor(client, &cursor).await?;
+        let position = cursor.position;
+        self.store_cursor(client, st, &cursor).await?;
         self.stats.resyncs.fetch_add(1, Relaxed);
         tracing::warn!(consumer = %self.consumer, dropped, position, "cdc resync done");
         Ok(cursor)
     }
 
     /// Reads, applies and records one batch; returns how many fresh rows it read.
-    async fn batch(&self, client: &mut Client, cursor: &mut Cursor) -> Result<usize, CdcError> {
+    async fn batch(
+        &self,
+        client: &Client,
+        st: &Statements,
+        cursor: &mut Cursor,
+    ) -> Result<usize, CdcError> {
         let started = Instant::now();
         let limit = self.config.cdc.batch_size as i64;
         // One snapshot for everything read: the outbox rows, the running transactions, the rows.
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
-        let snap = tx
-            .query_one(
-                "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
-                        ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x)
-                 FROM pg_current_snapshot() s",
-                &[],
-            )
-            .await?;
+        // Requests are pipelined: BEGIN and the first two reads cost one round trip, the rows and
+        // COMMIT another. Any database error ends the session (and the connection with it), so
+        // the transaction never outlives a failure.
+        let fresh_params: [&(dyn ToSql + Sync); 2] = [&cursor.position, &limit];
+        let (_, snap, fresh) = tokio::try_join!(
+            client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+            client.query_one(&st.snapshot, &[]),
+            client.query(&st.fresh, &fresh_params),
+        )?;
         let parse = |s: String| {
             s.parse::<u64>()
                 .map_err(|e| DbError::Other(format!("xid8 {s}: {e}")))
         };
-        let snapshot = Snapshot {
+        let mut snapshot = Snapshot {
             xmin: parse(snap.get(0))?,
             xmax: parse(snap.get(1))?,
             running: snap
@@ -578,15 +659,8 @@ impl Applier {
                 .map(parse)
                 .collect::<Result<_, _>>()?,
         };
-        let fresh: Vec<Change> = tx
-            .query(
-                &format!("SELECT {CHANGE_COLUMNS} FROM cacheward_outbox o WHERE o.id > $1 ORDER BY o.id LIMIT $2"),
-                &[&cursor.position, &limit],
-            )
-            .await?
-            .iter()
-            .map(change)
-            .collect();
+        let fresh: Vec<Change> = fresh.iter().map(change).collect();
+        // Only finished transactions are asked for: a long-running one's range keeps growing.
         let finished: Vec<&Pending> = cursor
             .pending
             .iter()
@@ -598,19 +672,12 @@ impl Applier {
             let txids: Vec<String> = finished.iter().map(|p| p.txid.to_string()).collect();
             let afters: Vec<i64> = finished.iter().map(|p| p.after).collect();
             let uptos: Vec<i64> = finished.iter().map(|p| p.upto).collect();
-            tx.query(
-                &format!(
-                    "SELECT {CHANGE_COLUMNS} FROM cacheward_outbox o
-                     JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS p(txid, after, upto)
-                       ON o.txid = p.txid::xid8 AND o.id > p.after AND o.id <= p.upto
-                     ORDER BY o.id LIMIT $4"
-                ),
-                &[&txids, &afters, &uptos, &limit],
-            )
-            .await?
-            .iter()
-            .map(change)
-            .collect()
+            client
+                .query(&st.late, &[&txids, &afters, &uptos, &limit])
+                .await?
+                .iter()
+                .map(change)
+                .collect()
         };
 
         let mut mentioned: BTreeMap<String, i64> = BTreeMap::new();
@@ -625,19 +692,30 @@ impl Applier {
             }
         }
         let names: Vec<&String> = mentioned.keys().collect();
-        let rows = if names.is_empty() {
-            Vec::new()
-        } else {
-            tx.query(
-                &format!("SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)"),
-                &[&names],
-            )
-            .await?
+        let rows_params: [&(dyn ToSql + Sync); 1] = [&names];
+        let rows = async {
+            match names.is_empty() {
+                true => Ok(Vec::new()),
+                false => client.query(&st.rows, &rows_params).await,
+            }
+        };
+        // The position moves past the fresh rows: the transactions that may still hide rows below
+        // it must all be known (see `in_flight`), which takes a transaction id of our own.
+        let own_xid = async {
+            match fresh.is_empty() {
+                true => Ok(None),
+                false => client.query_one(&st.own_xid, &[]).await.map(Some),
+            }
+        };
+        let (rows, own_xid, _) = tokio::try_join!(rows, own_xid, client.batch_execute("COMMIT"))?;
+        let rows = rows
             .iter()
             .map(|r| User::from_row(r).map_err(|e| DbError::Other(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?
-        };
-        tx.commit().await?;
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(row) = own_xid {
+            let own = parse(row.get(0))?;
+            snapshot.running = in_flight(snapshot.xmax, snapshot.running, own);
+        }
 
         let plan = plan(self.config.cdc.mode, &mentioned, rows, truncate);
         if let Some(version) = plan.truncate {
@@ -654,7 +732,7 @@ impl Applier {
             late_upto,
         );
         if next != *cursor {
-            self.store_cursor(client, &next).await?;
+            self.store_cursor(client, st, &next).await?;
             *cursor = next;
         }
         let applied = fresh.len() + late.len();
@@ -732,6 +810,13 @@ mod tests {
             xmax,
             running: running.iter().copied().collect(),
         }
+    }
+
+    #[test]
+    fn transactions_from_xmax_up_to_our_own_are_in_flight() {
+        let running = in_flight(10, HashSet::from([7]), 13);
+        assert_eq!(running, HashSet::from([7, 10, 11, 12]));
+        assert_eq!(in_flight(10, HashSet::new(), 10), HashSet::new());
     }
 
     #[test]

@@ -145,6 +145,86 @@ async fn a_change_committed_after_a_later_numbered_one_is_applied() {
     daemon.stop().await;
 }
 
+/// The same race with the transaction ids the other way round: the late committer has the newer
+/// transaction id, newer than every completed one, so a snapshot does not list it as running
+/// (its xmax is "latest completed + 1"), and yet it took the lower outbox id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_with_a_newer_transaction_id_than_any_finished_one_is_applied() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let mut c = daemon.client().await;
+    for name in ["a", "b"] {
+        c.call("put", json!({"username": name})).await;
+    }
+    let (mut a_conn, mut b_conn) = (env.pg().await, env.pg().await);
+    let b = b_conn.transaction().await.unwrap();
+    let a = a_conn.transaction().await.unwrap();
+    let xid = |row: tokio_postgres::Row| row.get::<_, String>(0).parse::<u64>().unwrap();
+    // B draws its transaction id first, A the next one.
+    let b_xid = xid(b
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap());
+    let a_xid = xid(a
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap());
+    assert!(a_xid > b_xid);
+    // A takes the lower outbox id, B the higher; B commits, A stays open.
+    a.execute("UPDATE users SET username = 'a2' WHERE username = 'a'", &[])
+        .await
+        .unwrap();
+    b.execute("UPDATE users SET username = 'b2' WHERE username = 'b'", &[])
+        .await
+        .unwrap();
+    b.commit().await.unwrap();
+    wait_until("the applier passed B", CONVERGE, || async {
+        live(&env, "b2").await.is_some()
+    })
+    .await;
+    assert!(live(&env, "a").await.is_some(), "A has not committed yet");
+
+    a.commit().await.unwrap();
+    wait_until("A applied after all", CONVERGE, || async {
+        live(&env, "a").await.is_none() && live(&env, "a2").await == env.row_json("a2").await
+    })
+    .await;
+    daemon.stop().await;
+}
+
+/// A consumer's first start with an empty cache begins at the outbox head; a transaction in flight
+/// then, holding a row below the head, must still be applied when it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_in_flight_when_a_cache_first_starts_is_applied() {
+    let env = TestEnv::start().await;
+    let pg = env.pg().await;
+    pg.batch_execute("INSERT INTO users (username) VALUES ('a'), ('b')")
+        .await
+        .unwrap();
+    let mut held = env.pg().await;
+    let a = held.transaction().await.unwrap();
+    a.execute("UPDATE users SET username = 'a2' WHERE username = 'a'", &[])
+        .await
+        .unwrap();
+    pg.execute("UPDATE users SET username = 'b2' WHERE username = 'b'", &[])
+        .await
+        .unwrap();
+
+    let daemon = env.start_daemon(env.config()).await;
+    let mut c = daemon.client().await;
+    // Cached while A is open: the row as it was before A.
+    assert_eq!(c.get("a").await["result"]["source"], json!("db"));
+    assert!(live(&env, "a").await.is_some());
+
+    a.commit().await.unwrap();
+    wait_until("A applied", CONVERGE, || async {
+        live(&env, "a").await.is_none() && live(&env, "a2").await == env.row_json("a2").await
+    })
+    .await;
+    assert_eq!(kind(&c.get("a").await), "not_found");
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_the_daemon_was_killed_are_applied_after_restart() {
     let env = TestEnv::start().await;
