@@ -474,6 +474,33 @@ impl Config {
             .then(|| Duration::from_secs(self.socket.idle_timeout_secs))
     }
 
+    /// The `section.key` names whose values differ between `self` and `other` (names only: a
+    /// value may be a secret).
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        let (a, b) = (
+            serde_json::to_value(self).expect("config serializes"),
+            serde_json::to_value(other).expect("config serializes"),
+        );
+        let mut changed = Vec::new();
+        for (section, values) in a.as_object().into_iter().flatten() {
+            for (key, value) in values.as_object().into_iter().flatten() {
+                if b.get(section).and_then(|s| s.get(key)) != Some(value) {
+                    changed.push(format!("{section}.{key}"));
+                }
+            }
+        }
+        // URLs serialize redacted: a changed password alone shows only here.
+        for (key, differs) in [
+            ("postgres.url", self.postgres.url != other.postgres.url),
+            ("redis.url", self.redis.url != other.redis.url),
+        ] {
+            if differs && !changed.iter().any(|k| k == key) {
+                changed.push(key.to_owned());
+            }
+        }
+        changed
+    }
+
     /// How many batches of cache misses may read PostgreSQL at once: a quarter of the pool, so
     /// that misses arriving while those run queue up and are read together, and writes and the
     /// CDC worker keep connections of their own.
@@ -564,6 +591,25 @@ mod tests {
         assert_eq!(c.cache.key_prefix, "user:");
         assert_eq!(c.cdc.mode, CdcMode::Refresh);
         assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn changed_keys_name_every_difference_and_no_value() {
+        let old = load(&[("DATABASE_URL", "postgresql://u:one@h/db")], None).unwrap();
+        let new = load(
+            &[
+                ("DATABASE_URL", "postgresql://u:two@h/db"),
+                ("CACHEWARD__LOG__LEVEL", "debug"),
+                ("CACHEWARD__SOCKET__MODE", "0600"),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            new.changed_keys(&old),
+            vec!["socket.mode", "log.level", "postgres.url"]
+        );
+        assert!(old.changed_keys(&old).is_empty());
     }
 
     #[test]

@@ -157,7 +157,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn serve(dev: bool, common: Common) -> anyhow::Result<ExitCode> {
     let mut config = common.load()?;
-    telemetry::init(&config.log)?;
+    let logger = telemetry::init(&config.log)?;
     let stack = if dev {
         let stack = DevStack::start()
             .await
@@ -176,8 +176,28 @@ async fn serve(dev: bool, common: Common) -> anyhow::Result<ExitCode> {
     if let Some(stack) = &stack {
         dev_banner(stack, &config);
     }
+    // What `serve --dev` decided stays: the harness owns the backends and the socket.
+    let pinned = dev.then(|| {
+        (
+            config.postgres.url.clone(),
+            config.redis.url.clone(),
+            config.socket.path.clone(),
+        )
+    });
+    let reloader = Reloader {
+        load: Box::new(move || {
+            let mut config = common.load()?;
+            if let Some((postgres, redis, socket)) = &pinned {
+                (config.postgres.url, config.redis.url) = (postgres.clone(), redis.clone());
+                config.socket.path = socket.clone();
+            }
+            Ok(config)
+        }),
+        running: (*config).clone(),
+        logger,
+    };
     let shutdown = CancellationToken::new();
-    let signals = watch_signals(shutdown.clone())?;
+    let signals = watch_signals(shutdown.clone(), reloader)?;
     let result = daemon::run(config, socket, shutdown, Hooks::default()).await;
     signals.close();
     drop(stack);
@@ -205,9 +225,47 @@ fn dev_banner(stack: &DevStack, config: &Config) {
     );
 }
 
-/// SIGTERM/SIGINT cancel `shutdown` (a second one, a second or more later, exits at once); SIGHUP is logged and ignored
-/// until reload exists.
-fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<signal_hook_tokio::Handle> {
+/// What SIGHUP re-reads, and what it can change without a restart: the log level and format.
+struct Reloader {
+    load: Box<dyn Fn() -> anyhow::Result<Config> + Send>,
+    running: Config,
+    logger: telemetry::Logger,
+}
+
+impl Reloader {
+    /// Loads the configuration again (file, environment, flags) and applies what can change while
+    /// running. A configuration that fails to load or validate changes nothing.
+    fn reload(&mut self) {
+        let new = match (self.load)() {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "config reload rejected; the running configuration stays");
+                return;
+            }
+        };
+        let applied = match self.logger.apply(&self.running.log, &new.log) {
+            Ok(applied) => applied,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "config reload rejected; the running configuration stays");
+                return;
+            }
+        };
+        self.running.log.level = new.log.level.clone();
+        self.running.log.format = new.log.format;
+        let needs_restart: Vec<String> = self.running.changed_keys(&new);
+        if !needs_restart.is_empty() {
+            tracing::warn!(keys = ?needs_restart, "config changes that take effect only after a restart");
+        }
+        tracing::info!(applied = ?applied, "config reloaded");
+    }
+}
+
+/// SIGTERM/SIGINT cancel `shutdown` (a second one, a second or more later, exits at once); SIGHUP
+/// reloads the configuration.
+fn watch_signals(
+    shutdown: CancellationToken,
+    mut reloader: Reloader,
+) -> anyhow::Result<signal_hook_tokio::Handle> {
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("installing signal handlers")?;
     let handle = signals.handle();
@@ -220,10 +278,8 @@ fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<signal_hook_toki
                 _ => "SIGHUP",
             };
             if signal == SIGHUP {
-                tracing::info!(
-                    signal = name,
-                    "signal received: reload is not implemented yet; still running"
-                );
+                tracing::info!(signal = name, "reloading the configuration");
+                reloader.reload();
             } else if first_stop
                 .is_some_and(|at: std::time::Instant| at.elapsed() < Duration::from_secs(1))
             {

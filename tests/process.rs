@@ -348,3 +348,68 @@ async fn serve_dev_seeds_the_article_users_and_ctrl_c_removes_everything() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_level_and_format_and_rejects_a_bad_file() {
+    let env = TestEnv::start().await;
+    let file = env.dir.path().join("config/cacheward.toml");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, "[log]\nlevel = \"info\"\n").unwrap();
+    let mut daemon = DaemonProcess::spawn(&env, "reload");
+    daemon.wait_ready().await;
+    let health = || async {
+        Rpc::connect(&daemon.socket)
+            .await
+            .call("health", Value::Null)
+            .await
+    };
+    // Writes the file, sends SIGHUP and waits for `outcome` in the log.
+    let reload_with = |text: &'static str, outcome: &'static str| {
+        let (daemon, file) = (&daemon, &file);
+        async move {
+            std::fs::write(file, text).unwrap();
+            daemon.signal(libc::SIGHUP);
+            wait_until(outcome, Duration::from_secs(5), || async {
+                daemon.logs().contains(outcome)
+            })
+            .await;
+        }
+    };
+    health().await;
+    assert!(!daemon.logs().contains("DEBUG"), "{}", daemon.logs());
+
+    // Level: a debug event appears once the file says debug.
+    reload_with("[log]\nlevel = \"debug\"\n", "config reloaded").await;
+    health().await;
+    wait_until("a debug event", Duration::from_secs(5), || async {
+        daemon.logs().contains("DEBUG")
+    })
+    .await;
+
+    // A file that fails validation changes nothing, and the daemon keeps serving.
+    reload_with(
+        "[log]\nlevel = \"debug\"\nlouder = true\n",
+        "config reload rejected",
+    )
+    .await;
+    assert!(
+        daemon.logs().contains("log.louder"),
+        "the error names the key"
+    );
+    assert_eq!(health().await["result"]["ready"], json!(true));
+
+    // What needs a restart is named; the format switches to JSON lines.
+    reload_with(
+        "[log]\nlevel = \"debug\"\nformat = \"json\"\n[cache]\nttl_secs = 60\n",
+        "\"message\":\"config reloaded\"",
+    )
+    .await;
+    let logs = daemon.logs();
+    assert!(logs.contains("cache.ttl_secs"), "{logs}");
+    let last = logs.lines().last().unwrap();
+    let line: Value = serde_json::from_str(last).expect("a JSON log line");
+    assert_eq!(line["message"], json!("config reloaded"));
+
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+}
