@@ -1,6 +1,7 @@
 //! Wires the daemon together: pool, cache, service, the health monitor, the stats line and the
 //! socket server, all stopped by one cancellation token.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use crate::config::Config;
 use crate::db::{self, Db};
 use crate::server::{self, BoundSocket};
 use crate::service::{Backend, Hooks, Service};
+use crate::supervisor::{self, Heartbeats};
 
 /// How often the monitor checks both backends (and drains the repair queue).
 const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
@@ -54,11 +56,20 @@ pub async fn run(
     let stop_background = CancellationToken::new();
     let applier = Applier::new(config.clone(), service.cache().clone(), service.cdc.clone());
     background.spawn(applier.run(stop_background.clone()));
+    let beats = Arc::new(Heartbeats::default());
     background.spawn(monitor(
         service.clone(),
         config.clone(),
+        beats.clone(),
         stop_background.clone(),
     ));
+    if let Some(period) = supervisor::watchdog_period() {
+        tracing::info!(
+            period_ms = period.as_millis() as u64,
+            "systemd watchdog enabled"
+        );
+        background.spawn(supervisor::watchdog(period, beats, stop_background.clone()));
+    }
     if config.log.stats_interval_secs > 0 {
         background.spawn(stats_line(
             service.clone(),
@@ -66,6 +77,19 @@ pub async fn run(
             stop_background.clone(),
         ));
     }
+    background.spawn({
+        let (service, shutdown, stop) =
+            (service.clone(), shutdown.clone(), stop_background.clone());
+        async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let open = service.stats.connections.load(Relaxed);
+                    supervisor::stopping(&format!("stopping: draining {open} connections"));
+                }
+                _ = stop.cancelled() => {}
+            }
+        }
+    });
     server::serve(socket, service.clone(), config, shutdown, DRAIN_TIMEOUT).await;
     stop_background.cancel();
     background.close();
@@ -83,7 +107,13 @@ pub async fn run(
 
 /// Checks both backends every [`MONITOR_INTERVAL`] (PostgreSQL on its own connection, so a busy
 /// pool never looks like an outage), latches readiness, and repairs the cache once both are up.
-async fn monitor(service: Arc<Service>, config: Arc<Config>, stop: CancellationToken) {
+async fn monitor(
+    service: Arc<Service>,
+    config: Arc<Config>,
+    beats: Arc<Heartbeats>,
+    stop: CancellationToken,
+) {
+    let wedge_at = test_wedge();
     let pg_config = match db::pg_config(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -102,6 +132,12 @@ async fn monitor(service: Arc<Service>, config: Arc<Config>, stop: CancellationT
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        if wedge_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            tracing::warn!("test wedge: the health monitor stops here");
+            stop.cancelled().await;
+            return;
+        }
+        beats.monitor.fetch_add(1, Relaxed);
         let (redis, postgres) = tokio::join!(
             service.cache().ping(),
             ping_postgres(&pg_config, &mut probe)
@@ -130,6 +166,7 @@ async fn monitor(service: Arc<Service>, config: Arc<Config>, stop: CancellationT
         }
         if health.both_seen() && health.set_ready() {
             tracing::info!("ready");
+            supervisor::ready("ready: serving");
         }
         if health.is_up(Backend::Redis) && health.is_up(Backend::Postgres) {
             if let Err(e) = service.run_repairs().await {
@@ -137,6 +174,19 @@ async fn monitor(service: Arc<Service>, config: Arc<Config>, stop: CancellationT
             }
         }
     }
+}
+
+/// Test builds only: `CACHEWARD_TEST_WEDGE_MONITOR_AFTER_MS` makes the health monitor hang after
+/// that long, as a wedged loop would (the watchdog tests need one).
+fn test_wedge() -> Option<tokio::time::Instant> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let ms: u64 = std::env::var("CACHEWARD_TEST_WEDGE_MONITOR_AFTER_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(tokio::time::Instant::now() + Duration::from_millis(ms))
 }
 
 async fn ping_postgres(
@@ -194,5 +244,9 @@ async fn stats_line(service: Arc<Service>, every: Duration, stop: CancellationTo
             cdc_lag_max_ms = s.cdc.lag_ms.max,
             "stats"
         );
+        supervisor::status(&format!(
+            "{} connections, {} requests ({} errors), {} hits, {} misses, cdc lag p99 {} ms",
+            s.connections, s.requests, s.errors, s.cache_hits, s.cache_misses, s.cdc.lag_ms.p99
+        ));
     }
 }

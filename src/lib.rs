@@ -14,6 +14,7 @@ pub mod loads;
 pub mod protocol;
 pub mod server;
 pub mod service;
+pub mod supervisor;
 pub mod telemetry;
 pub mod user;
 pub mod verify;

@@ -118,13 +118,28 @@ impl Health {
                 tracing::info!(backend = backend.name(), "backend reached");
             } else {
                 tracing::warn!(backend = backend.name(), "backend up");
+                self.report_status();
             }
             return true;
         }
         if !up && was {
             tracing::warn!(backend = backend.name(), reason, "backend down");
+            self.report_status();
         }
         false
+    }
+
+    /// Tells systemd (STATUS=) what the daemon is doing now.
+    fn report_status(&self) {
+        let down: Vec<&str> = [Backend::Postgres, Backend::Redis]
+            .into_iter()
+            .filter(|b| !self.is_up(*b))
+            .map(Backend::name)
+            .collect();
+        crate::supervisor::status(&match down.is_empty() {
+            true => "serving".to_owned(),
+            false => format!("degraded: {} down", down.join(" and ")),
+        });
     }
 
     /// Marks a backend up after a call to it succeeded; a load when it already is.

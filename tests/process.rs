@@ -413,3 +413,91 @@ async fn sighup_reloads_level_and_format_and_rejects_a_bad_file() {
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// What a fake systemd received on its notification socket.
+struct FakeSystemd {
+    socket: tokio::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl FakeSystemd {
+    fn bind(dir: &Path) -> FakeSystemd {
+        let path = dir.join("systemd-notify.socket");
+        let socket = tokio::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        FakeSystemd { socket, path }
+    }
+
+    /// Every message line received during `window`.
+    async fn collect(&self, window: Duration) -> Vec<String> {
+        let mut lines = Vec::new();
+        let deadline = tokio::time::Instant::now() + window;
+        let mut buf = vec![0u8; 4096];
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            lines.extend(text.lines().map(str::to_owned));
+        }
+        lines
+    }
+
+    /// Waits up to `within` for a line equal to `wanted`; returns the lines seen until then.
+    async fn wait_for(&self, wanted: &str, within: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await {
+                Ok(Ok(n)) => {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    seen.extend(text.lines().map(str::to_owned));
+                    if seen.iter().any(|l| l == wanted) {
+                        return seen;
+                    }
+                }
+                _ => panic!("no {wanted} within {within:?}; got {seen:?}"),
+            }
+        }
+    }
+}
+
+fn pings(lines: &[String]) -> usize {
+    lines.iter().filter(|l| *l == "WATCHDOG=1").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_watchdog_pings_and_stopping_and_the_pings_stop_when_wedged() {
+    let mut env = TestEnv::start().await;
+    let systemd = FakeSystemd::bind(env.dir.path());
+    env.redis.kill();
+    let notify = systemd.path.to_str().unwrap().to_owned();
+    let mut daemon = DaemonProcess::spawn_with(
+        &env,
+        "notify",
+        &[
+            ("NOTIFY_SOCKET", notify.as_str()),
+            ("WATCHDOG_USEC", "1000000"),
+            ("CACHEWARD_TEST_WEDGE_MONITOR_AFTER_MS", "5000"),
+        ],
+    );
+    let started = tokio::time::Instant::now();
+
+    // Redis is down: no READY=1, whatever else is said.
+    let early = systemd.collect(Duration::from_millis(1200)).await;
+    assert!(!early.iter().any(|l| l == "READY=1"), "{early:?}");
+    env.redis.start_again().expect("redis back");
+    systemd.wait_for("READY=1", Duration::from_secs(5)).await;
+
+    // Pings at half of WatchdogSec (500 ms).
+    let paced = systemd.collect(Duration::from_millis(2000)).await;
+    assert!((3..=5).contains(&pings(&paced)), "pings in 2 s: {paced:?}");
+
+    // The monitor wedges 5 s after start; pings stop within a second of that.
+    tokio::time::sleep_until(started + Duration::from_millis(6500)).await;
+    systemd.collect(Duration::ZERO).await;
+    let wedged = systemd.collect(Duration::from_millis(1500)).await;
+    assert_eq!(pings(&wedged), 0, "pinged while wedged: {wedged:?}");
+    assert!(daemon.logs().contains("watchdog ping withheld"));
+
+    daemon.signal(libc::SIGTERM);
+    systemd.wait_for("STOPPING=1", Duration::from_secs(5)).await;
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+}
