@@ -23,6 +23,15 @@ fn units(dir: &Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// Everything a tool printed, stdout then stderr.
+fn said(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 #[test]
 fn systemd_units_verify_without_a_warning() {
     let dir = tempfile::tempdir().unwrap();
@@ -32,11 +41,7 @@ fn systemd_units_verify_without_a_warning() {
         .current_dir(dir.path())
         .output()
         .expect("systemd-analyze (scripts/install-deps installs it)");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = said(&out);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
 
@@ -61,4 +66,48 @@ fn the_service_is_sandboxed() {
         .unwrap_or_else(|| panic!("no exposure level in: {text}"));
     // 0 is fully locked down, 10 is unprotected; systemd calls up to 2.0 "OK".
     assert!(exposure <= 2.0, "exposure {exposure}:\n{text}");
+}
+
+#[test]
+fn kubernetes_manifests_validate_strictly() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s");
+    let mut manifests: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    manifests.sort();
+    assert_eq!(manifests.len(), 4, "{manifests:?}");
+    // As a module: found wherever pip put it, whatever is on PATH.
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .args(&manifests)
+        .output()
+        .expect("kubernetes-validate (scripts/install-deps installs it)");
+    let said = said(&out);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(said.matches(" passed ").count(), 4, "{said}");
+}
+
+#[test]
+fn the_container_image_is_the_binary_alone_running_as_non_root() {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/Containerfile"))
+            .unwrap();
+    let stages = text.lines().filter(|l| l.starts_with("FROM ")).count();
+    assert_eq!(stages, 2, "multi-stage");
+    let copies: Vec<&str> = text.lines().filter(|l| l.starts_with("COPY ")).collect();
+    assert_eq!(
+        copies.last(),
+        Some(&"COPY --from=build /src/target/release/cacheward /cacheward")
+    );
+    let user = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("a USER");
+    assert!(
+        !user.starts_with('0') && !user.starts_with("root"),
+        "{user}"
+    );
 }
