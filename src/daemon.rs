@@ -42,6 +42,7 @@ pub async fn run(
         ttl_secs = config.cache.ttl_secs,
         pool_size = config.postgres.pool_size,
         max_connections = config.socket.max_connections,
+        config = %serde_json::to_string(&*config).expect("config serializes"),
         "starting"
     );
     if config.cache.ttl_secs > config.cdc.retention_secs {

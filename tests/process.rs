@@ -501,3 +501,83 @@ async fn systemd_hears_ready_watchdog_pings_and_stopping_and_the_pings_stop_when
     systemd.wait_for("STOPPING=1", Duration::from_secs(5)).await;
     assert!(daemon.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// The event names docs/operations.md documents (first column of its event table).
+fn documented_events() -> std::collections::HashSet<String> {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"))
+            .expect("docs/operations.md");
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|rest| rest.split_once('`').map(|(name, _)| name.to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_parse_and_carry_documented_event_names() {
+    let env = TestEnv::start().await;
+    let documented = documented_events();
+    assert!(documented.len() > 30, "{documented:?}");
+    let mut daemon = DaemonProcess::spawn_with(
+        &env,
+        "jsonlogs",
+        &[
+            ("CACHEWARD__LOG__FORMAT", "json"),
+            ("CACHEWARD__LOG__STATS_INTERVAL_SECS", "1"),
+        ],
+    );
+    daemon.wait_ready().await;
+    let mut c = Rpc::connect(&daemon.socket).await;
+    c.call("put", json!({"username": "logged"})).await;
+    c.call("get", json!({"username": "nobody"})).await;
+    wait_until("a stats line", Duration::from_secs(5), || async {
+        daemon.logs().contains("\"message\":\"stats\"")
+    })
+    .await;
+    daemon.signal(libc::SIGHUP);
+    wait_until("reloaded", Duration::from_secs(5), || async {
+        daemon.logs().contains("config reloaded")
+    })
+    .await;
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+
+    let mut seen = std::collections::HashSet::new();
+    for line in daemon.logs().lines() {
+        let event: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let message = event["message"].as_str().expect("a message").to_owned();
+        if event["level"] != json!("DEBUG") && event["level"] != json!("TRACE") {
+            assert!(
+                documented.contains(&message),
+                "undocumented event {message:?}: {line}"
+            );
+        }
+        if message == "starting" {
+            let config: Value =
+                serde_json::from_str(event["config"].as_str().expect("config field")).unwrap();
+            assert!(config["postgres"]["url"].is_string(), "{config}");
+        }
+        if message == "stats" {
+            assert!(
+                event["errors"].as_u64().unwrap() >= 1,
+                "client errors counted: {line}"
+            );
+        }
+        seen.insert(message);
+    }
+    for event in [
+        "starting",
+        "backend reached",
+        "ready",
+        "cdc listening",
+        "stats",
+        "reloading the configuration",
+        "config reloaded",
+        "shutdown requested",
+        "stopped accepting; draining connections",
+        "stopped",
+    ] {
+        assert!(seen.contains(event), "no {event:?} in {seen:?}");
+    }
+}
