@@ -56,7 +56,14 @@ pub struct CdcStats {
     pub last_lag_ms: AtomicU64,
     /// Change-to-applied lag since the last stats line.
     lag: Mutex<hdrhistogram::Histogram<u64>>,
+    /// Change-to-applied lag since start: counts per bucket of [`LAG_BUCKETS_MS`] (the last slot
+    /// counts the rest), and the sum in ms; the Prometheus histogram.
+    pub lag_buckets: [AtomicU64; LAG_BUCKETS_MS.len() + 1],
+    pub lag_sum_ms: AtomicU64,
 }
+
+/// Upper bounds (ms) of the lag histogram's buckets.
+pub const LAG_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000, 30000];
 
 impl Default for CdcStats {
     fn default() -> Self {
@@ -68,6 +75,8 @@ impl Default for CdcStats {
             listening: AtomicBool::new(false),
             cursor: AtomicI64::new(0),
             last_lag_ms: AtomicU64::new(0),
+            lag_buckets: Default::default(),
+            lag_sum_ms: AtomicU64::new(0),
             lag: Mutex::new(
                 hdrhistogram::Histogram::new(3).expect("3 significant digits is valid"),
             ),
@@ -81,6 +90,12 @@ impl CdcStats {
             .lock()
             .expect("lag lock is never poisoned")
             .saturating_record(ms);
+        let bucket = LAG_BUCKETS_MS
+            .iter()
+            .position(|&le| ms <= le)
+            .unwrap_or(LAG_BUCKETS_MS.len());
+        self.lag_buckets[bucket].fetch_add(1, Relaxed);
+        self.lag_sum_ms.fetch_add(ms, Relaxed);
     }
 
     /// Lag percentiles over the current window; `reset` starts a new window.

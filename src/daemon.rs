@@ -55,6 +55,17 @@ pub async fn run(
     }
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
+    if let Some(addr) = config.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?;
+        tracing::info!(%addr, "metrics listening");
+        background.spawn(crate::metrics::serve(
+            listener,
+            service.clone(),
+            stop_background.clone(),
+        ));
+    }
     let applier = Applier::new(config.clone(), service.cache().clone(), service.cdc.clone());
     background.spawn(applier.run(stop_background.clone()));
     let beats = Arc::new(Heartbeats::default());

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod db;
 pub mod dev;
 pub mod loads;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod service;

@@ -704,6 +704,11 @@ async fn the_periodic_stats_line_carries_cdc_lag() {
         ],
     );
     daemon.wait_ready().await;
+    // A first start with an empty cache begins at the outbox head: insert after it.
+    wait_until("the worker listens", Duration::from_secs(5), || async {
+        daemon.logs().contains("cdc listening")
+    })
+    .await;
     env.pg()
         .await
         .execute("INSERT INTO users (username) VALUES ('lagged')", &[])

@@ -581,3 +581,82 @@ async fn json_log_lines_parse_and_carry_documented_event_names() {
         assert!(seen.contains(event), "no {event:?} in {seen:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prometheus_endpoint_serves_every_documented_metric() {
+    let env = TestEnv::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut daemon =
+        DaemonProcess::spawn_with(&env, "metrics", &[("CACHEWARD__METRICS__LISTEN", &listen)]);
+    daemon.wait_ready().await;
+    let mut c = Rpc::connect(&daemon.socket).await;
+    c.call("put", json!({"username": "counted"})).await;
+    env.pg()
+        .await
+        .execute(
+            "UPDATE users SET username = 'recounted' WHERE username = 'counted'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let scrape = |path: &'static str| {
+        let listen = listen.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(&listen).await.unwrap();
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            response
+        }
+    };
+    // A sample's value, by its full name (labels included).
+    let value = |text: &str, sample: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {sample} in:\n{text}"))
+    };
+    wait_until(
+        "the rename's lag is recorded",
+        Duration::from_secs(5),
+        || async { value(&scrape("/metrics").await, "cacheward_cdc_lag_seconds_count") >= 1.0 },
+    )
+    .await;
+    let response = scrape("/metrics").await;
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"))
+            .unwrap();
+    let documented: Vec<&str> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `cacheward_"))
+        .filter_map(|rest| rest.split_once('`').map(|(name, _)| name))
+        .collect();
+    assert_eq!(documented.len(), 15, "{documented:?}");
+    for name in documented {
+        assert!(
+            response.contains(&format!("# TYPE cacheward_{name} ")),
+            "cacheward_{name} missing:\n{response}"
+        );
+    }
+    // The readiness probe's health and the put.
+    assert!(value(&response, "cacheward_requests_total") >= 2.0);
+    assert_eq!(
+        value(&response, "cacheward_backend_up{backend=\"redis\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&response, "cacheward_cdc_lag_seconds_bucket{le=\"+Inf\"}"),
+        value(&response, "cacheward_cdc_lag_seconds_count")
+    );
+    assert!(scrape("/other").await.starts_with("HTTP/1.1 404"));
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+}

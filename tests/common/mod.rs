@@ -146,7 +146,22 @@ impl TestEnv {
             }
         })
         .await;
+        cdc_settled(&daemon.socket).await;
         daemon
+    }
+}
+
+/// Waits (up to 2 s) for the daemon's CDC worker to listen: a first start with an empty cache
+/// begins at the outbox head, so a test's changes must come after it to be applied. A standby
+/// (another daemon leads) never listens; then this just returns.
+async fn cdc_settled(socket: &std::path::Path) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        let health = Rpc::connect(socket).await.call("health", Value::Null).await;
+        if health["result"]["cdc"]["listening"] == json!(true) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -346,6 +361,7 @@ impl DaemonProcess {
             }
         })
         .await;
+        cdc_settled(&self.socket).await;
     }
 
     pub fn signal(&self, sig: i32) {

@@ -1,0 +1,205 @@
+//! The optional Prometheus endpoint (`metrics.listen`): the `stats` counters, backend state and the
+//! CDC lag histogram in the text exposition format at `GET /metrics`. Off unless configured.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::cdc::LAG_BUCKETS_MS;
+use crate::service::{Backend, Service};
+
+/// Scrapes served at once; more wait.
+const CONCURRENT_SCRAPES: usize = 4;
+/// Longest request head read, and how long a scraper may take to send it.
+const MAX_REQUEST: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The exposition text.
+pub fn render(service: &Service) -> String {
+    let s = service.stats_report(false);
+    let mut out = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let up = |b| u64::from(service.health.is_up(b));
+    let plain: [(&str, &str, &str, u64); 13] = [
+        (
+            "cacheward_ready",
+            "gauge",
+            "1 once both backends were reached.",
+            u64::from(service.health.ready()),
+        ),
+        (
+            "cacheward_uptime_seconds",
+            "gauge",
+            "Seconds since the daemon started.",
+            s.uptime_secs,
+        ),
+        (
+            "cacheward_connections",
+            "gauge",
+            "Open client connections.",
+            s.connections,
+        ),
+        (
+            "cacheward_requests_total",
+            "counter",
+            "Requests received.",
+            s.requests,
+        ),
+        (
+            "cacheward_request_errors_total",
+            "counter",
+            "Requests answered with an error.",
+            s.errors,
+        ),
+        (
+            "cacheward_cache_hits_total",
+            "counter",
+            "Gets answered from Redis.",
+            s.cache_hits,
+        ),
+        (
+            "cacheward_cache_misses_total",
+            "counter",
+            "Gets that missed Redis.",
+            s.cache_misses,
+        ),
+        (
+            "cacheward_db_queries_total",
+            "counter",
+            "Queries the request path ran on PostgreSQL.",
+            s.db_queries,
+        ),
+        (
+            "cacheward_repairs_pending",
+            "gauge",
+            "Names whose Redis entry awaits repair.",
+            s.repairs_pending,
+        ),
+        (
+            "cacheward_cdc_applied_total",
+            "counter",
+            "Out-of-band changes applied to Redis.",
+            s.cdc.applied,
+        ),
+        (
+            "cacheward_cdc_batches_total",
+            "counter",
+            "CDC batches applied.",
+            s.cdc.batches,
+        ),
+        (
+            "cacheward_cdc_reconnects_total",
+            "counter",
+            "CDC connection retries.",
+            s.cdc.reconnects,
+        ),
+        (
+            "cacheward_cdc_resyncs_total",
+            "counter",
+            "CDC resyncs (every cached entry dropped).",
+            s.cdc.resyncs,
+        ),
+    ];
+    for (name, kind, help, value) in plain {
+        metric(name, kind, help, &[("", value)]);
+    }
+    metric(
+        "cacheward_backend_up",
+        "gauge",
+        "1 while the backend answers.",
+        &[
+            ("{backend=\"postgres\"}", up(Backend::Postgres)),
+            ("{backend=\"redis\"}", up(Backend::Redis)),
+        ],
+    );
+
+    let cdc = &service.cdc;
+    let name = "cacheward_cdc_lag_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} From a change's capture to its write to Redis.\n# TYPE {name} histogram"
+    );
+    let mut cumulative = 0;
+    for (i, le) in LAG_BUCKETS_MS.iter().enumerate() {
+        cumulative += cdc.lag_buckets[i].load(Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{}\"}} {cumulative}",
+            *le as f64 / 1000.0
+        );
+    }
+    cumulative += cdc.lag_buckets[LAG_BUCKETS_MS.len()].load(Relaxed);
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(
+        out,
+        "{name}_sum {}",
+        cdc.lag_sum_ms.load(Relaxed) as f64 / 1000.0
+    );
+    let _ = writeln!(out, "{name}_count {cumulative}");
+    out
+}
+
+/// Serves `GET /metrics` until `stop`.
+pub async fn serve(listener: TcpListener, service: Arc<Service>, stop: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(CONCURRENT_SCRAPES));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = permits.clone().acquire_owned() => permit.expect("never closed"),
+        };
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &service)).await {
+                tracing::debug!(error = %e, "metrics request timed out");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, service: &Service) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() + n > MAX_REQUEST {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (status, body) = match (parts.next(), parts.next()) {
+        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", render(service)),
+        (Some(b"GET"), _) => ("404 Not Found", "only /metrics is served\n".to_owned()),
+        _ => ("405 Method Not Allowed", "only GET is served\n".to_owned()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
