@@ -392,7 +392,14 @@ pub struct Applier {
     stats: Arc<CdcStats>,
     /// The cache this worker keeps: one cursor, and one active worker, per consumer.
     consumer: String,
+    /// When `cdc lagging` was last said, while the lag lasts.
+    lag_warned: Mutex<Option<Instant>>,
 }
+
+/// A change applied later than this after it was made is worth a warning.
+const LAG_WARN_MS: u64 = 5_000;
+/// How often `cdc lagging` repeats while the lag lasts.
+const LAG_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// How often processed outbox rows are pruned, at most.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -413,6 +420,21 @@ impl Applier {
             cache,
             stats,
             consumer,
+            lag_warned: Mutex::new(None),
+        }
+    }
+
+    /// `cdc lagging` once the lag passes [`LAG_WARN_MS`] (then at most every [`LAG_WARN_EVERY`]),
+    /// `cdc caught up` once it is back under.
+    fn watch_lag(&self, lag_ms: u64) {
+        let mut warned = self.lag_warned.lock().expect("lag lock is never poisoned");
+        if lag_ms > LAG_WARN_MS {
+            if warned.is_none_or(|at| at.elapsed() >= LAG_WARN_EVERY) {
+                tracing::warn!(lag_ms, "cdc lagging");
+                *warned = Some(Instant::now());
+            }
+        } else if warned.take().is_some() {
+            tracing::info!(lag_ms, "cdc caught up");
         }
     }
 
@@ -762,6 +784,7 @@ impl Applier {
                 worst = worst.max(lag);
             }
             self.stats.last_lag_ms.store(worst, Relaxed);
+            self.watch_lag(worst);
             self.stats.applied.fetch_add(applied as u64, Relaxed);
             self.stats.batches.fetch_add(1, Relaxed);
             tracing::debug!(

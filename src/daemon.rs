@@ -246,6 +246,7 @@ async fn stats_line(service: Arc<Service>, every: Duration, stop: CancellationTo
             cache_hits = s.cache_hits,
             cache_misses = s.cache_misses,
             db_queries = s.db_queries,
+            stale_writes_refused = s.stale_writes_refused,
             repairs_pending = s.repairs_pending,
             cdc_applied = s.cdc.applied,
             cdc_batches = s.cdc.batches,

@@ -31,7 +31,13 @@ pub fn render(service: &Service) -> String {
         }
     };
     let up = |b| u64::from(service.health.is_up(b));
-    let plain: [(&str, &str, &str, u64); 13] = [
+    let plain: [(&str, &str, &str, u64); 14] = [
+        (
+            "cacheward_stale_writes_refused_total",
+            "counter",
+            "Cache writes refused because Redis held a newer version.",
+            s.stale_writes_refused,
+        ),
         (
             "cacheward_ready",
             "gauge",

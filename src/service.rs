@@ -180,6 +180,7 @@ pub struct Stats {
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     pub db_queries: AtomicU64,
+    pub stale_writes_refused: AtomicU64,
 }
 
 /// `stats` as sent to clients (DESIGN 1.3).
@@ -192,6 +193,8 @@ pub struct StatsReport {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub db_queries: u64,
+    /// Cache writes refused because Redis held a newer version.
+    pub stale_writes_refused: u64,
     pub repairs_pending: u64,
     pub cdc: CdcReport,
 }
@@ -491,6 +494,7 @@ impl Service {
         };
         match fill.await {
             Ok(applied) => {
+                self.count_refused(&applied);
                 for ((username, version), applied) in versions.iter().zip(applied) {
                     if !applied {
                         tracing::debug!(
@@ -593,13 +597,25 @@ impl Service {
     async fn write_through(&self, writes: Vec<Write>) {
         if self.health.is_up(Backend::Redis) {
             match self.cache.apply(&writes).await {
-                Ok(_) => return,
+                Ok(applied) => {
+                    self.count_refused(&applied);
+                    return;
+                }
                 Err(e) => self.cache_failed(&e, "write"),
             }
         }
         let names: Vec<&str> = writes.iter().map(Write::username).collect();
         tracing::debug!(usernames = ?names, "cache write skipped: queued for repair");
         self.queue_repair(names);
+    }
+
+    /// Counts the writes Redis refused because it held a newer version (a stale fill or a write
+    /// that lost a race): in aggregate, on the stats line and in `stats`.
+    fn count_refused(&self, applied: &[bool]) {
+        let refused = applied.iter().filter(|a| !**a).count() as u64;
+        if refused > 0 {
+            self.stats.stale_writes_refused.fetch_add(refused, Relaxed);
+        }
     }
 
     fn cache_failed(&self, e: &CacheError, during: &'static str) {
@@ -744,6 +760,7 @@ impl Service {
             cache_hits: s.cache_hits.load(Relaxed),
             cache_misses: s.cache_misses.load(Relaxed),
             db_queries: s.db_queries.load(Relaxed),
+            stale_writes_refused: s.stale_writes_refused.load(Relaxed),
             repairs_pending: self.repair_len.load(Relaxed) as u64,
             cdc: self.cdc.report(reset_lag),
         }

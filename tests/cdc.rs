@@ -730,6 +730,34 @@ async fn the_periodic_stats_line_carries_cdc_lag() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_applied_late_is_warned_about_and_the_recovery_said() {
+    let env = TestEnv::start().await;
+    let daemon = DaemonProcess::spawn(&env, "lag");
+    daemon.wait_ready().await;
+    // A change captured now and committed 5.5 s later reaches Redis more than 5 s after it was made.
+    let mut held = env.pg().await;
+    let slow = held.transaction().await.unwrap();
+    slow.execute("INSERT INTO users (username) VALUES ('slow')", &[])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    slow.commit().await.unwrap();
+    wait_until("cdc lagging", Duration::from_secs(5), || async {
+        daemon.logs().contains("cdc lagging")
+    })
+    .await;
+    env.pg()
+        .await
+        .execute("INSERT INTO users (username) VALUES ('quick')", &[])
+        .await
+        .unwrap();
+    wait_until("cdc caught up", Duration::from_secs(5), || async {
+        daemon.logs().contains("cdc caught up")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_worker_per_cache_and_a_standby_takes_over() {
     let env = TestEnv::start().await;
     let first = env.start_daemon(env.config()).await;

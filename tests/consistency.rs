@@ -76,6 +76,11 @@ async fn a_fill_that_read_before_a_delete_and_reinsert_cannot_overwrite_the_new_
     let cached: Value = serde_json::from_str(&env.cached("racer").await.expect("entry")).unwrap();
     assert_eq!(cached, new, "the newer row survives the late fill");
     assert_eq!(
+        daemon.stats().await["stale_writes_refused"],
+        json!(1),
+        "the refused fill is counted"
+    );
+    assert_eq!(
         writer.get("racer").await["result"],
         json!({"user": new, "source": "cache"})
     );
