@@ -376,7 +376,12 @@ async fn sighup_reloads_level_and_format_and_rejects_a_bad_file() {
         }
     };
     health().await;
-    assert!(!daemon.logs().contains("DEBUG"), "{}", daemon.logs());
+    let logs = daemon.logs();
+    assert!(!logs.contains("DEBUG"), "{logs}");
+    assert!(
+        !logs.contains('\x1b'),
+        "no colours when stderr is not a terminal: {logs}"
+    );
 
     // Level: a debug event appears once the file says debug.
     reload_with("[log]\nlevel = \"debug\"\n", "config reloaded").await;
@@ -484,7 +489,11 @@ async fn systemd_hears_ready_watchdog_pings_and_stopping_and_the_pings_stop_when
     let early = systemd.collect(Duration::from_millis(1200)).await;
     assert!(!early.iter().any(|l| l == "READY=1"), "{early:?}");
     env.redis.start_again().expect("redis back");
-    systemd.wait_for("READY=1", Duration::from_secs(5)).await;
+    let ready = systemd.wait_for("READY=1", Duration::from_secs(5)).await;
+    assert!(
+        ready.iter().any(|l| l.starts_with("STATUS=")),
+        "a status line comes with readiness: {ready:?}"
+    );
 
     // Pings at half of WatchdogSec (500 ms).
     let paced = systemd.collect(Duration::from_millis(2000)).await;
