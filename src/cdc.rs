@@ -156,6 +156,12 @@ pub struct Snapshot {
     pub running: HashSet<u64>,
 }
 
+/// A transaction id (xid8) as PostgreSQL prints it.
+fn parse_xid(text: String) -> Result<u64, DbError> {
+    text.parse::<u64>()
+        .map_err(|e| DbError::Other(format!("xid8 {text}: {e}")))
+}
+
 /// A cursor at the newest outbox row, with every transaction in flight pending from `after` (rows
 /// up to it are gone), and the version horizon, all read in one snapshot.
 async fn head(client: &Client, after: i64) -> Result<(Cursor, i64), CdcError> {
@@ -169,17 +175,13 @@ async fn head(client: &Client, after: i64) -> Result<(Cursor, i64), CdcError> {
             &[],
         )
         .await?;
-    let parse = |s: String| {
-        s.parse::<u64>()
-            .map_err(|e| DbError::Other(format!("xid8 {s}: {e}")))
-    };
     let position: i64 = row.get(0);
     let listed = row
         .get::<_, Vec<String>>(3)
         .into_iter()
-        .map(parse)
+        .map(parse_xid)
         .collect::<Result<HashSet<u64>, _>>()?;
-    let running = in_flight(parse(row.get(2))?, listed, parse(row.get(4))?);
+    let running = in_flight(parse_xid(row.get(2))?, listed, parse_xid(row.get(4))?);
     let mut pending: Vec<Pending> = running
         .into_iter()
         .map(|txid| Pending {
@@ -683,17 +685,13 @@ impl Applier {
             client.query_one(&st.snapshot, &[]),
             client.query(&st.fresh, &fresh_params),
         )?;
-        let parse = |s: String| {
-            s.parse::<u64>()
-                .map_err(|e| DbError::Other(format!("xid8 {s}: {e}")))
-        };
         let mut snapshot = Snapshot {
-            xmin: parse(snap.get(0))?,
-            xmax: parse(snap.get(1))?,
+            xmin: parse_xid(snap.get(0))?,
+            xmax: parse_xid(snap.get(1))?,
             running: snap
                 .get::<_, Vec<String>>(2)
                 .into_iter()
-                .map(parse)
+                .map(parse_xid)
                 .collect::<Result<_, _>>()?,
         };
         let fresh: Vec<Change> = fresh.iter().map(change).collect();
@@ -750,7 +748,7 @@ impl Applier {
             .map(|r| User::from_row(r).map_err(|e| DbError::Other(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(row) = own_xid {
-            let own = parse(row.get(0))?;
+            let own = parse_xid(row.get(0))?;
             snapshot.running = in_flight(snapshot.xmax, snapshot.running, own);
         }
 

@@ -11,10 +11,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::cache::{Cache, CacheError, Write};
-use crate::db::{Db, DbError};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::cache::{Cache, CacheError, Write};
+use crate::db::{Db, DbError};
 use crate::loads::{Batch, Loads};
 use crate::protocol::{ErrorKind, RpcError};
 
@@ -474,19 +474,12 @@ impl Service {
                     .collect(),
             )
         });
-        let versions: Vec<(String, i64)> = match fill {
-            Some(_) => users
-                .iter()
-                .map(|u| (u.username.clone(), u.version))
-                .collect(),
-            None => Vec::new(),
-        };
-        let mut found: HashMap<String, String> = users
-            .into_iter()
-            .map(|user| (user.username, user.json))
+        let found: HashMap<&str, &str> = users
+            .iter()
+            .map(|user| (user.username.as_str(), user.json.as_str()))
             .collect();
         for &i in &cold {
-            let json = found.remove(batch.username(i));
+            let json = found.get(batch.username(i)).map(|json| json.to_string());
             batch.finish(i, Ok(json.map(|json| (json, Source::Db))));
         }
         let Some(fill) = fill else {
@@ -495,11 +488,11 @@ impl Service {
         match fill.await {
             Ok(applied) => {
                 self.count_refused(&applied);
-                for ((username, version), applied) in versions.iter().zip(applied) {
+                for (user, applied) in users.iter().zip(applied) {
                     if !applied {
                         tracing::debug!(
-                            username,
-                            version,
+                            username = user.username,
+                            version = user.version,
                             "cache fill refused: newer version cached"
                         );
                     }
