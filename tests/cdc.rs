@@ -25,6 +25,15 @@ async fn live(env: &TestEnv, name: &str) -> Option<Value> {
         .map(|v| serde_json::from_str(&v).unwrap())
 }
 
+/// The commit-order tests rename `a` to `a2` in the transaction that commits last: once it has,
+/// the old name is gone from Redis and the new one holds the row.
+async fn renamed_a_reaches_redis(env: &TestEnv) {
+    wait_until("A applied after all", CONVERGE, || async {
+        live(env, "a").await.is_none() && live(env, "a2").await == env.row_json("a2").await
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_rename_delete_and_truncate_each_converge() {
     let env = TestEnv::start().await;
@@ -137,10 +146,7 @@ async fn a_change_committed_after_a_later_numbered_one_is_applied() {
     );
 
     a.commit().await.unwrap();
-    wait_until("A applied after all", CONVERGE, || async {
-        live(&env, "a").await.is_none() && live(&env, "a2").await == env.row_json("a2").await
-    })
-    .await;
+    renamed_a_reaches_redis(&env).await;
     assert_eq!(kind(&c.get("a").await), "not_found");
     daemon.stop().await;
 }
@@ -185,10 +191,7 @@ async fn a_late_commit_with_a_newer_transaction_id_than_any_finished_one_is_appl
     assert!(live(&env, "a").await.is_some(), "A has not committed yet");
 
     a.commit().await.unwrap();
-    wait_until("A applied after all", CONVERGE, || async {
-        live(&env, "a").await.is_none() && live(&env, "a2").await == env.row_json("a2").await
-    })
-    .await;
+    renamed_a_reaches_redis(&env).await;
     daemon.stop().await;
 }
 
@@ -217,10 +220,7 @@ async fn a_transaction_in_flight_when_a_cache_first_starts_is_applied() {
     assert!(live(&env, "a").await.is_some());
 
     a.commit().await.unwrap();
-    wait_until("A applied", CONVERGE, || async {
-        live(&env, "a").await.is_none() && live(&env, "a2").await == env.row_json("a2").await
-    })
-    .await;
+    renamed_a_reaches_redis(&env).await;
     assert_eq!(kind(&c.get("a").await), "not_found");
     daemon.stop().await;
 }
