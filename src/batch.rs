@@ -24,24 +24,28 @@ impl<T> Queue<T> {
         self.lock().push(item);
     }
 
-    /// A free worker slot and up to `max` queued items, oldest first; `None` when no slot is free
-    /// (a worker in progress asks again when it is done) or nothing is queued.
-    pub fn next(&self, max: usize) -> Option<(OwnedSemaphorePermit, Vec<T>)> {
+    /// A free worker slot, if one is free and something is queued; `None` otherwise (a worker in
+    /// progress claims again when it is done). The worker takes its batch with [`Queue::take`],
+    /// best after yielding, so that every caller ready to push by then shares the batch.
+    pub fn claim(&self) -> Option<OwnedSemaphorePermit> {
         loop {
             let slot = self.slots.clone().try_acquire_owned().ok()?;
-            let mut items = self.lock();
-            if items.is_empty() {
-                drop(items);
-                // Whoever pushed while the slot was held here found none free: look again.
-                drop(slot);
-                if self.lock().is_empty() {
-                    return None;
-                }
-                continue;
+            if !self.lock().is_empty() {
+                return Some(slot);
             }
-            let n = items.len().min(max);
-            return Some((slot, items.drain(..n).collect()));
+            // Whoever pushed while the slot was held here found none free: look again.
+            drop(slot);
+            if self.lock().is_empty() {
+                return None;
+            }
         }
+    }
+
+    /// Up to `max` queued items, oldest first (empty if another worker took them all).
+    pub fn take(&self, max: usize) -> Vec<T> {
+        let mut items = self.lock();
+        let n = items.len().min(max);
+        items.drain(..n).collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<T>> {
@@ -56,15 +60,16 @@ mod tests {
     #[test]
     fn batches_are_bounded_and_slots_limit_workers() {
         let queue = Queue::new(1);
-        assert!(queue.next(10).is_none(), "nothing queued");
+        assert!(queue.claim().is_none(), "nothing queued");
         for i in 0..5 {
             queue.push(i);
         }
-        let (slot, first) = queue.next(3).expect("queued");
-        assert_eq!(first, vec![0, 1, 2]);
-        assert!(queue.next(3).is_none(), "the only slot is taken");
+        let slot = queue.claim().expect("queued");
+        assert_eq!(queue.take(3), vec![0, 1, 2]);
+        assert!(queue.claim().is_none(), "the only slot is taken");
         drop(slot);
-        let (_slot, rest) = queue.next(3).expect("still queued");
-        assert_eq!(rest, vec![3, 4]);
+        let _slot = queue.claim().expect("still queued");
+        assert_eq!(queue.take(3), vec![3, 4]);
+        assert!(queue.take(3).is_empty());
     }
 }

@@ -237,10 +237,16 @@ impl Cache {
     }
 
     fn start_pipeline(&self) {
-        if let Some((slot, ops)) = self.ops.next(PIPELINE_OPS) {
+        if let Some(slot) = self.ops.claim() {
             let cache = self.clone();
             tokio::spawn(async move {
-                cache.run_pipeline(ops).await;
+                // Every request that is ready to run now queues its call first and shares this
+                // pipeline: fewer, larger Redis calls, with no timer.
+                tokio::task::yield_now().await;
+                let ops = cache.ops.take(PIPELINE_OPS);
+                if !ops.is_empty() {
+                    cache.run_pipeline(ops).await;
+                }
                 drop(slot);
                 cache.start_pipeline();
             });

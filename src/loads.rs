@@ -117,16 +117,17 @@ impl Loads {
         (flight, true)
     }
 
-    /// A free loader slot and up to `max` queued flights, oldest first (see [`Queue::next`]).
-    pub fn next(self: &Arc<Self>, max: usize) -> Option<(OwnedSemaphorePermit, Batch)> {
-        let (slot, items) = self.queue.next(max)?;
-        Some((
-            slot,
-            Batch {
-                loads: self.clone(),
-                items,
-            },
-        ))
+    /// A free loader slot, if one is free and a flight is queued (see [`Queue::claim`]).
+    pub fn claim(&self) -> Option<OwnedSemaphorePermit> {
+        self.queue.claim()
+    }
+
+    /// Up to `max` queued flights, oldest first.
+    pub fn take(self: &Arc<Self>, max: usize) -> Batch {
+        Batch {
+            loads: self.clone(),
+            items: self.queue.take(max),
+        }
     }
 }
 
@@ -247,20 +248,21 @@ mod tests {
         assert!(queued1 && !queued2);
         assert!(Arc::ptr_eq(&a1, &a2));
 
-        let (slot, batch) = loads.next(1).expect("a is queued");
-        assert!(loads.next(1).is_none(), "one loader slot");
+        let slot = loads.claim().expect("a is queued");
+        assert!(loads.claim().is_none(), "one loader slot");
+        let batch = loads.take(1);
         assert_eq!(batch.len(), 1);
         batch.finish(0, Ok(None));
         assert!(matches!(a2.wait().await, Ok(None)));
         drop(slot);
         // A panicking loader still answers its flights.
         drop(batch);
-        let (slot, batch) = loads.next(10).expect("b is queued");
-        drop((slot, batch));
+        let slot = loads.claim().expect("b is queued");
+        drop((slot, loads.take(10)));
         assert!(matches!(b.wait().await, Err(ServiceError::Internal(_))));
-        // Nothing queued: no batch, and the slot stays free.
-        assert!(loads.next(10).is_none());
-        assert!(loads.next(10).is_none());
+        // Nothing queued: no slot taken.
+        assert!(loads.claim().is_none());
+        assert!(loads.take(10).is_empty());
         // A finished name starts a new flight.
         assert!(loads.join("a", now).1);
     }

@@ -410,9 +410,18 @@ impl Service {
 
     /// Starts a loader task if a slot is free; otherwise a running loader takes the queue next.
     fn start_loader(self: &Arc<Self>) {
-        if let Some((slot, batch)) = self.loads.next(LOAD_BATCH) {
+        if let Some(slot) = self.loads.claim() {
             let service = self.clone();
-            tokio::spawn(async move { service.load_batch(slot, batch).await });
+            tokio::spawn(async move {
+                // Misses found by requests that are ready to run now join this batch first.
+                tokio::task::yield_now().await;
+                let batch = service.loads.take(LOAD_BATCH);
+                if batch.is_empty() {
+                    drop(slot);
+                    return service.start_loader();
+                }
+                service.load_batch(slot, batch).await
+            });
         }
     }
 
