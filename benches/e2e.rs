@@ -166,6 +166,34 @@ fn cpu_ticks(pid: u32) -> u64 {
     field(14) + field(15)
 }
 
+/// CPU used so far (clock ticks) by the daemon, this benchmark process, Redis and PostgreSQL (every
+/// postgres process, plus the postmaster's waited-for children: backends of closed connections).
+fn cpu_split(daemon: u32) -> [u64; 4] {
+    let mut split = [cpu_ticks(daemon), cpu_ticks(std::process::id()), 0, 0];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let slot = match head.rsplit_once('(').map(|(_, comm)| comm) {
+            Some("redis-server") => 2,
+            Some("postgres") => 3,
+            _ => continue,
+        };
+        // utime, stime, cutime, cstime: fields 14-17 (the first after the name is field 3).
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        split[slot] += (11..15)
+            .filter_map(|i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+            .sum::<u64>();
+    }
+    split
+}
+
+fn split_us_per_op(ticks: [u64; 4], ops: u64) -> [f64; 4] {
+    let tick_us = 1e6 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks.map(|t| t as f64 * tick_us / ops.max(1) as f64)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -364,15 +392,18 @@ async fn main() {
     // 16 connections, as issue 4 sets it; CACHEWARD_BENCH_MISS_CONNS for other loads.
     let miss_conns: usize = env_or("CACHEWARD_BENCH_MISS_CONNS", 16);
     let (mut d, mut r) = (Side::default(), Side::default());
+    let (mut d_split, mut r_split) = ([0u64; 4], [0u64; 4]);
     for _ in 0..if want("miss") { rounds } else { 0 } {
-        let cpu = cpu_ticks(pid);
+        let cpu = cpu_split(pid);
         d.add(
             measure(miss_conns, 1, slice, |_| {
                 daemon_round(socket.clone(), 1, cold_name.clone())
             })
             .await,
         );
-        d.cpu_ticks += cpu_ticks(pid) - cpu;
+        let after = cpu_split(pid);
+        d.cpu_ticks += after[0] - cpu[0];
+        (0..4).for_each(|i| d_split[i] += after[i] - cpu[i]);
         r.add(
             measure(miss_conns, 1, slice, |_| {
                 let pg_config = pg_config.clone();
@@ -396,6 +427,8 @@ async fn main() {
             })
             .await,
         );
+        let end = cpu_split(pid);
+        (0..4).for_each(|i| r_split[i] += end[i] - after[i]);
     }
     if want("miss") {
         let consumed = next_cold.load(Ordering::Relaxed) - hot - 1;
@@ -403,6 +436,12 @@ async fn main() {
         println!("\nmiss path ({miss_conns} connections): daemon {:.0} op/s (p99 {} µs, cpu {:.1} µs/op) vs raw SELECT {:.0} op/s (p99 {} µs): ratio {miss_ratio:.2}{}",
         d.throughput(), d.quantile_us(0.99), d.cpu_us_per_op(), r.throughput(), r.quantile_us(0.99),
         if consumed > users - hot { " (WARNING: ran out of cold users; raise CACHEWARD_BENCH_USERS)" } else { "" });
+        let [dd, dc, dr, dp] = split_us_per_op(d_split, d.ops);
+        let [_, rc, rr, rp] = split_us_per_op(r_split, r.ops);
+        println!("  CPU µs/op, daemon side: daemon {dd:.1} + client {dc:.1} + redis {dr:.1} + postgres {dp:.1} = {:.1}; raw side: client {rc:.1} + redis {rr:.1} + postgres {rp:.1} = {:.1}",
+            dd + dc + dr + dp, rc + rr + rp);
+        report["miss_cpu_us_per_op"] = json!({"daemon_side": {"daemon": dd, "client": dc, "redis": dr, "postgres": dp},
+            "raw_side": {"client": rc, "redis": rr, "postgres": rp}});
         report["miss"] = json!({"connections": miss_conns, "daemon_ops_per_sec": d.throughput(), "daemon_cpu_us_per_op": d.cpu_us_per_op(), "raw_ops_per_sec": r.throughput(), "ratio": miss_ratio});
     }
 

@@ -343,3 +343,58 @@ async fn a_get_that_missed_just_before_a_fill_does_not_query_again() {
     assert_eq!(daemon.stats().await["db_queries"], json!(1));
     daemon.stop().await;
 }
+
+/// A get sent after a miss was answered finds the fill in Redis, even while other connections
+/// keep Redis pipelines in flight: the fill is queued ahead of the read and pipelines reach Redis
+/// in queue order. A fill sent on another path (or pipelines racing) would let the second get
+/// miss and query the database again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_after_a_miss_is_answered_reads_the_fill_while_redis_is_busy() {
+    const NAMES: usize = 200;
+    let env = TestEnv::start().await;
+    let pg = env.pg().await;
+    pg.execute(
+        &format!(
+            "INSERT INTO users (username) SELECT 'busy' || g FROM generate_series(1, {NAMES}) g"
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    pg.execute("INSERT INTO users (username) VALUES ('hot')", &[])
+        .await
+        .unwrap();
+    let daemon = env.start_daemon(env.config()).await;
+    daemon.client().await.get("hot").await;
+
+    // Background readers keep request-path pipelines going the whole time.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (socket, stop) = (daemon.socket.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut c = Rpc::connect(&socket).await;
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(c.get("hot").await["result"]["source"], json!("cache"));
+                reads += 1;
+            }
+            reads
+        }));
+    }
+    let queries_before = daemon.stats().await["db_queries"].as_u64().unwrap();
+    let (mut first, mut second) = (daemon.client().await, daemon.client().await);
+    for i in 1..=NAMES {
+        let name = format!("busy{i}");
+        assert_eq!(first.get(&name).await["result"]["source"], json!("db"));
+        let again = second.get(&name).await;
+        assert_eq!(again["result"]["source"], json!("cache"), "{name}: {again}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        assert!(task.await.unwrap() > 0, "the background readers ran");
+    }
+    let queries = daemon.stats().await["db_queries"].as_u64().unwrap() - queries_before;
+    assert_eq!(queries, NAMES as u64, "one database read per name");
+    daemon.stop().await;
+}
