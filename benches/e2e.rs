@@ -512,7 +512,10 @@ async fn main() {
     let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_SECS", 10);
     let paced_names = 1..=(rate * seconds).min(users);
     let poll_names = paced_names.end() + 1..=(paced_names.end() + rate * seconds).min(users);
-    let max_names = poll_names.end() + 1..=users;
+    // The rest: half unpaced with the daemon running, half committed while it is stopped.
+    let middle = poll_names.end() + (users - poll_names.end()) / 2;
+    let max_names = poll_names.end() + 1..=middle;
+    let backlog_names = middle + 1..=users;
     if want("cdc") {
         let paced = cdc_lag(
             &pg_config,
@@ -521,6 +524,7 @@ async fn main() {
             seconds,
             paced_names,
             "c",
+            None,
         )
         .await;
         println!(
@@ -531,9 +535,39 @@ async fn main() {
         // The highest rate: 4 connections renaming as fast as PostgreSQL commits them.
         let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_MAX_SECS", 5);
         if !max_names.is_empty() {
-            let max = cdc_lag(&pg_config, &redis_client, None, seconds, max_names, "m").await;
+            let max = cdc_lag(
+                &pg_config,
+                &redis_client,
+                None,
+                seconds,
+                max_names,
+                "m",
+                None,
+            )
+            .await;
             println!("cdc: unpaced renames for {seconds} s from 4 connections (as fast as PostgreSQL commits): {}", max.summary());
             report["cdc_max"] = max.json();
+            // Headroom: how fast the applier drains a backlog, against that commit rate.
+            if !backlog_names.is_empty() {
+                let backlog = cdc_lag(
+                    &pg_config,
+                    &redis_client,
+                    None,
+                    seconds,
+                    backlog_names,
+                    "b",
+                    Some(pid),
+                )
+                .await;
+                let drain_rate =
+                    backlog.changes as f64 / backlog.drained_in.as_secs_f64().max(1e-3);
+                println!(
+                    "cdc: backlog of {} renames committed while the daemon was stopped, applied in {:.2} s once it resumed: {drain_rate:.0}/s, {:.1}x the unpaced commit rate; lost {}",
+                    backlog.changes, backlog.drained_in.as_secs_f64(), drain_rate / max.rate(), backlog.lost
+                );
+                report["cdc_backlog"] = json!({"changes": backlog.changes, "drained_secs": backlog.drained_in.as_secs_f64(),
+                    "rate": drain_rate, "vs_unpaced": drain_rate / max.rate(), "lost": backlog.lost});
+            }
         }
     }
 
@@ -590,6 +624,7 @@ async fn main() {
             seconds,
             poll_names,
             "p",
+            None,
         )
         .await;
         println!(
@@ -664,6 +699,7 @@ async fn cdc_lag(
     seconds: u64,
     names: std::ops::RangeInclusive<u64>,
     prefix: &'static str,
+    stopped_daemon: Option<u32>,
 ) -> CdcRun {
     use futures::StreamExt;
     use std::collections::HashMap;
@@ -700,6 +736,14 @@ async fn cdc_lag(
         }
     });
     let committed: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    // Stopped (SIGSTOP) while the writers run, the daemon finds the whole run as a backlog.
+    let signal = |signal| {
+        if let Some(pid) = stopped_daemon {
+            // SAFETY: kill(2) on the daemon's pid; no memory is involved.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    };
+    signal(libc::SIGSTOP);
     let start = Instant::now();
     let mut writers = Vec::new();
     let first = *names.start();
@@ -730,8 +774,23 @@ async fn cdc_lag(
         w.await.expect("writer");
     }
     let elapsed = start.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let resumed = Instant::now();
+    signal(libc::SIGCONT);
+    // Until every change showed up, or 15 s, then a little longer for stragglers.
+    let expected = committed.lock().unwrap().len();
+    while seen.lock().unwrap().len() < expected && resumed.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     listener.abort();
+    let drained_in = seen
+        .lock()
+        .unwrap()
+        .values()
+        .max()
+        .map_or(Duration::ZERO, |last| {
+            last.saturating_duration_since(resumed)
+        });
     let mut lag = histogram();
     let mut unseen = Vec::new();
     {
@@ -784,6 +843,7 @@ async fn cdc_lag(
         elapsed,
         lag,
         lost,
+        drained_in,
     }
 }
 
@@ -793,6 +853,8 @@ struct CdcRun {
     elapsed: Duration,
     lag: Histogram<u64>,
     lost: u64,
+    /// From the daemon resuming (or the last commit) to the last change showing in Redis.
+    drained_in: Duration,
 }
 
 impl CdcRun {
