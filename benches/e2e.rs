@@ -4,6 +4,7 @@
 //!     cargo bench --bench e2e                      # 200 000 users, 1 s slices x 3 rounds
 //!     CACHEWARD_BENCH_USERS=20000 CACHEWARD_BENCH_SLICE_MS=300 cargo bench --bench e2e
 //!     CACHEWARD_BENCH_ONLY=hit,miss cargo bench --bench e2e   # parts: hit miss herd cdc memory trigger
+//!     CACHEWARD_BENCH_ONLY=hit CACHEWARD_BENCH_CELLS=1x16,16x1 cargo bench --bench e2e   # some hit cells
 //!
 //! Measures the hit path (6 cells), the miss path, the thundering herd, CDC lag (1 000 renames/s
 //! with NOTIFY and poll-only, then unpaced: as fast as PostgreSQL commits them), daemon memory
@@ -322,12 +323,18 @@ async fn main() {
         "ratio"
     );
     let mut hits = Vec::new();
-    let cells: &[(usize, usize)] = if want("hit") {
-        &[(1, 1), (1, 16), (16, 1), (16, 16), (64, 1), (64, 16)]
-    } else {
-        &[]
+    // CACHEWARD_BENCH_CELLS=1x16,16x1 runs just those cells.
+    let cells: Vec<(usize, usize)> = match std::env::var("CACHEWARD_BENCH_CELLS") {
+        Ok(list) => list
+            .split(',')
+            .map(|cell| {
+                let (c, d) = cell.trim().split_once('x').expect("cells look like 16x1");
+                (c.parse().expect("connections"), d.parse().expect("depth"))
+            })
+            .collect(),
+        Err(_) => vec![(1, 1), (1, 16), (16, 1), (16, 16), (64, 1), (64, 16)],
     };
-    for &(connections, depth) in cells {
+    for &(connections, depth) in cells.iter().filter(|_| want("hit")) {
         let (mut d, mut r) = (Side::default(), Side::default());
         for _ in 0..rounds {
             let cpu = cpu_ticks(pid);
