@@ -68,7 +68,8 @@ impl Write {
 /// `version` field: a live user JSON, or `{"tombstone":true,"version":N}`. A live write applies when
 /// newer than what is stored, a tombstone when at least as new (it removes the row of that very
 /// version). A value without a readable version (foreign, corrupt) is overwritten.
-/// Returns one 1 (applied) or 0 (refused as older) per key.
+/// Returns per key: 1 applied, 0 refused (Redis holds a newer version, or a tombstone of this
+/// one), 2 nothing to do (this very version is live there already).
 const APPLY_SCRIPT: &str = r#"
 local ttl = ARGV[1]
 local out = {}
@@ -84,6 +85,7 @@ for i, key in ipairs(KEYS) do
       local v = tonumber(stored['version'])
       if v then
         if live then apply = incoming > v else apply = incoming >= v end
+        if live and incoming == v and stored['tombstone'] == nil then out[i] = 2 end
       end
     end
   end
@@ -91,7 +93,7 @@ for i, key in ipairs(KEYS) do
     if not live then value = '{"tombstone":true,"version":' .. ARGV[2 * i] .. '}' end
     redis.call('SET', key, value, 'EX', ttl)
     out[i] = 1
-  else
+  elseif out[i] == nil then
     out[i] = 0
   end
 end
@@ -133,7 +135,7 @@ enum Op {
     },
     Fill {
         writes: Vec<Write>,
-        reply: Reply<Vec<bool>>,
+        reply: Reply<Vec<Outcome>>,
     },
 }
 
@@ -152,8 +154,25 @@ fn decode<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, CacheError
     redis::from_redis_value(value).map_err(|e| CacheError::Server(e.to_string()))
 }
 
-fn applied(flags: Vec<i64>) -> Vec<bool> {
-    flags.into_iter().map(|a| a == 1).collect()
+/// What one versioned write found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// The same version was live there already (another path wrote it first).
+    Current,
+    /// Redis held a newer version, or a tombstone of this one: the write was stale.
+    Refused,
+}
+
+fn outcomes(flags: Vec<i64>) -> Vec<Outcome> {
+    flags
+        .into_iter()
+        .map(|flag| match flag {
+            1 => Outcome::Applied,
+            2 => Outcome::Current,
+            _ => Outcome::Refused,
+        })
+        .collect()
 }
 
 impl Cache {
@@ -221,11 +240,11 @@ impl Cache {
 
     /// Queues `writes` (cache-aside fills) behind the request-path calls already queued and ahead
     /// of every read queued after this call returns: those reads see the fill without waiting
-    /// for it. The returned future tells, per write, whether it was applied.
+    /// for it. The returned future tells what each write did.
     pub fn fill(
         &self,
         writes: Vec<Write>,
-    ) -> impl std::future::Future<Output = Result<Vec<bool>, CacheError>> {
+    ) -> impl std::future::Future<Output = Result<Vec<Outcome>, CacheError>> {
         let (reply, answer) = oneshot::channel();
         self.queue(Op::Fill { writes, reply });
         async move { answer.await.unwrap_or_else(|_| Err(abandoned())) }
@@ -258,7 +277,7 @@ impl Cache {
     async fn run_pipeline(&self, ops: Vec<Op>) {
         enum Step {
             Reads(Vec<(usize, Reply<Vec<Option<String>>>)>),
-            Fill(Reply<Vec<bool>>),
+            Fill(Reply<Vec<Outcome>>),
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -339,15 +358,14 @@ impl Cache {
                     }
                 }
                 Step::Fill(reply) => {
-                    let _ = reply.send(decode::<Vec<i64>>(value).map(applied));
+                    let _ = reply.send(decode::<Vec<i64>>(value).map(outcomes));
                 }
             }
         }
     }
 
-    /// Applies `writes` in one script call; returns, per write, whether it was applied (false:
-    /// Redis already held a newer version).
-    pub async fn apply(&self, writes: &[Write]) -> Result<Vec<bool>, CacheError> {
+    /// Applies `writes` in one script call; returns what each did.
+    pub async fn apply(&self, writes: &[Write]) -> Result<Vec<Outcome>, CacheError> {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
@@ -355,7 +373,7 @@ impl Cache {
         let flags: Vec<i64> = self
             .bounded(self.apply_cmd(writes).query_async(&mut conn))
             .await?;
-        Ok(applied(flags))
+        Ok(outcomes(flags))
     }
 
     /// The script call applying `writes`. EVAL with the body rather than EVALSHA: the script is

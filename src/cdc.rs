@@ -283,6 +283,8 @@ struct Change {
 /// (an unprepared query costs two).
 struct Statements {
     snapshot: Statement,
+    /// The snapshot and, drawn right after it in the same statement, our own transaction id.
+    snapshot_and_xid: Statement,
     fresh: Statement,
     late: Statement,
     rows: Statement,
@@ -295,23 +297,16 @@ impl Statements {
         let fresh = format!(
             "SELECT {CHANGE_COLUMNS} FROM cacheward_outbox o WHERE o.id > $1 ORDER BY o.id LIMIT $2"
         );
-        // LATERAL: one primary-key range scan per transaction, whatever the outbox's size.
-        let late = format!(
-            "SELECT {CHANGE_COLUMNS}
-             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS p(txid, after, upto)
-             CROSS JOIN LATERAL (
-                 SELECT * FROM cacheward_outbox x
-                 WHERE x.id > p.after AND x.id <= p.upto AND x.txid = p.txid::xid8
-             ) o
-             ORDER BY o.id LIMIT $4"
-        );
+        let late = late_query();
         let rows = format!("SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)");
-        let (snapshot, fresh, late, rows, own_xid, store_cursor) = tokio::try_join!(
-            client.prepare(
-                "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
-                        ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x)
-                 FROM pg_current_snapshot() s",
-            ),
+        const SNAPSHOT: &str = "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
+                        ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x)";
+        let snapshot = format!("{SNAPSHOT} FROM pg_current_snapshot() s");
+        let snapshot_and_xid =
+            format!("{SNAPSHOT}, pg_current_xact_id()::text FROM pg_current_snapshot() s");
+        let (snapshot, snapshot_and_xid, fresh, late, rows, own_xid, store_cursor) = tokio::try_join!(
+            client.prepare(&snapshot),
+            client.prepare(&snapshot_and_xid),
             client.prepare(&fresh),
             client.prepare(&late),
             client.prepare(&rows),
@@ -323,6 +318,7 @@ impl Statements {
         )?;
         Ok(Statements {
             snapshot,
+            snapshot_and_xid,
             fresh,
             late,
             rows,
@@ -330,6 +326,24 @@ impl Statements {
             store_cursor,
         })
     }
+}
+
+/// The rows of finished pending transactions: `$1` txids, `$2` afters, `$3` uptos (one each),
+/// `$4` the row limit. One primary-key range scan per transaction, whatever the outbox's size:
+/// the LIMIT inside the LATERAL keeps PostgreSQL from flattening it into a hash join over a
+/// sequential scan of the whole outbox (what it chose without it: 30 ms at 300 000 rows, and
+/// every batch after a busy one paid it).
+pub fn late_query() -> String {
+    format!(
+        "SELECT {CHANGE_COLUMNS}
+         FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS p(txid, after, upto)
+         CROSS JOIN LATERAL (
+             SELECT * FROM cacheward_outbox x
+             WHERE x.id > p.after AND x.id <= p.upto AND x.txid = p.txid::xid8
+             ORDER BY x.id LIMIT $4
+         ) o
+         ORDER BY o.id LIMIT $4"
+    )
 }
 
 const CHANGE_COLUMNS: &str = "o.id, o.op, o.username, o.old_username, o.version, \
@@ -513,12 +527,17 @@ impl Applier {
         let poll = Duration::from_millis(cdc.poll_interval_ms);
         let prune_every = PRUNE_EVERY.min(Duration::from_secs(cdc.retention_secs));
         let mut redis_retry = Duration::from_millis(50);
+        // Whether the last batch found changes: the next one likely will too.
+        let mut busy = false;
         loop {
             // Catch up: batch after batch until one comes back short.
             loop {
-                match self.batch(&client, &statements, &mut cursor).await {
-                    Ok(fresh) if fresh < cdc.batch_size || stop.is_cancelled() => break,
-                    Ok(_) => {}
+                match self.batch(&client, &statements, &mut cursor, busy).await {
+                    Ok(fresh) if fresh < cdc.batch_size || stop.is_cancelled() => {
+                        busy = fresh > 0;
+                        break;
+                    }
+                    Ok(_) => busy = true,
                     Err(CdcError::Redis(e)) => {
                         // The cursor stays where it is; try again once Redis answers.
                         tracing::debug!(error = %e, "cdc batch not applied: redis");
@@ -672,6 +691,7 @@ impl Applier {
         client: &Client,
         st: &Statements,
         cursor: &mut Cursor,
+        busy: bool,
     ) -> Result<usize, CdcError> {
         let started = Instant::now();
         let limit = self.config.cdc.batch_size as i64;
@@ -679,12 +699,26 @@ impl Applier {
         // Requests are pipelined: BEGIN and the first two reads cost one round trip, the rows and
         // COMMIT another. Any database error ends the session (and the connection with it), so
         // the transaction never outlives a failure.
+        //
+        // The transactions that may hide rows below the new position are those running at the
+        // snapshot and every id from its xmax up to one of our own (see `in_flight`): the later
+        // ours is drawn, the more ids land in that range, each to be remembered and looked up.
+        // While changes keep coming, ours is drawn in the snapshot's own statement; an idle poll
+        // draws none, and a batch that finds changes after one draws it with the rows instead.
         let fresh_params: [&(dyn ToSql + Sync); 2] = [&cursor.position, &limit];
+        let snapshot_statement = match busy {
+            true => &st.snapshot_and_xid,
+            false => &st.snapshot,
+        };
         let (_, snap, fresh) = tokio::try_join!(
             client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
-            client.query_one(&st.snapshot, &[]),
+            client.query_one(snapshot_statement, &[]),
             client.query(&st.fresh, &fresh_params),
         )?;
+        let early_xid = match busy {
+            true => Some(parse_xid(snap.get(3))?),
+            false => None,
+        };
         let mut snapshot = Snapshot {
             xmin: parse_xid(snap.get(0))?,
             xmax: parse_xid(snap.get(1))?,
@@ -737,18 +771,23 @@ impl Applier {
         // The position moves past the fresh rows: the transactions that may still hide rows below
         // it must all be known (see `in_flight`), which takes a transaction id of our own.
         let own_xid = async {
-            match fresh.is_empty() {
-                true => Ok(None),
-                false => client.query_one(&st.own_xid, &[]).await.map(Some),
+            match (fresh.is_empty(), early_xid) {
+                (true, _) => Ok(None),
+                (false, Some(own)) => Ok(Some(own)),
+                (false, None) => match client.query_one(&st.own_xid, &[]).await {
+                    Ok(row) => parse_xid(row.get(0)).map(Some).map_err(CdcError::from),
+                    Err(e) => Err(e.into()),
+                },
             }
         };
-        let (rows, own_xid, _) = tokio::try_join!(rows, own_xid, client.batch_execute("COMMIT"))?;
+        let rows = async { rows.await.map_err(CdcError::from) };
+        let commit = async { client.batch_execute("COMMIT").await.map_err(CdcError::from) };
+        let (rows, own_xid, _) = tokio::try_join!(rows, own_xid, commit)?;
         let rows = rows
             .iter()
             .map(|r| User::from_row(r).map_err(|e| DbError::Other(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(row) = own_xid {
-            let own = parse_xid(row.get(0))?;
+        if let Some(own) = own_xid {
             snapshot.running = in_flight(snapshot.xmax, snapshot.running, own);
         }
 
@@ -787,6 +826,9 @@ impl Applier {
             self.stats.batches.fetch_add(1, Relaxed);
             tracing::debug!(
                 changes = applied,
+                took_us = started.elapsed().as_micros() as u64,
+                late = late.len(),
+                pending = cursor.pending.len(),
                 writes = plan.writes.len(),
                 position = cursor.position,
                 lag_ms = worst,

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::cache::{Cache, CacheError, Write};
+use crate::cache::{Cache, CacheError, Outcome, Write};
 use crate::db::{Db, DbError};
 use crate::loads::{Batch, Loads};
 use crate::protocol::{ErrorKind, RpcError};
@@ -495,10 +495,10 @@ impl Service {
             return;
         };
         match fill.await {
-            Ok(applied) => {
-                self.count_refused(&applied);
-                for (user, applied) in users.iter().zip(applied) {
-                    if !applied {
+            Ok(outcomes) => {
+                self.count_refused(&outcomes);
+                for (user, outcome) in users.iter().zip(outcomes) {
+                    if outcome == Outcome::Refused {
                         tracing::debug!(
                             username = user.username,
                             version = user.version,
@@ -599,8 +599,8 @@ impl Service {
     async fn write_through(&self, writes: Vec<Write>) {
         if self.health.is_up(Backend::Redis) {
             match self.cache.apply(&writes).await {
-                Ok(applied) => {
-                    self.count_refused(&applied);
+                Ok(outcomes) => {
+                    self.count_refused(&outcomes);
                     return;
                 }
                 Err(e) => self.cache_failed(&e, "write"),
@@ -612,9 +612,10 @@ impl Service {
     }
 
     /// Counts the writes Redis refused because it held a newer version (a stale fill or a write
-    /// that lost a race): in aggregate, on the stats line and in `stats`.
-    fn count_refused(&self, applied: &[bool]) {
-        let refused = applied.iter().filter(|a| !**a).count() as u64;
+    /// that lost a race): in aggregate, on the stats line and in `stats`. A write that found its
+    /// own version there already (the CDC worker got there first) is not stale.
+    fn count_refused(&self, outcomes: &[Outcome]) {
+        let refused = outcomes.iter().filter(|o| **o == Outcome::Refused).count() as u64;
         if refused > 0 {
             self.stats.stale_writes_refused.fetch_add(refused, Relaxed);
         }

@@ -153,14 +153,42 @@ async fn a_change_committed_after_a_later_numbered_one_is_applied() {
 
 /// The same race with the transaction ids the other way round: the late committer has the newer
 /// transaction id, newer than every completed one, so a snapshot does not list it as running
-/// (its xmax is "latest completed + 1"), and yet it took the lower outbox id.
+/// (its xmax is "latest completed + 1"), and yet it took the lower outbox id. Here the batch that
+/// sees B follows a busy one (the applier draws its own transaction id with the snapshot).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_commit_with_a_newer_transaction_id_than_any_finished_one_is_applied() {
+    late_commit_with_a_newer_transaction_id(false).await;
+}
+
+/// The same, with the applier idle before B commits (it draws its own transaction id only once
+/// it has found changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_with_a_newer_transaction_id_is_applied_after_an_idle_poll() {
+    late_commit_with_a_newer_transaction_id(true).await;
+}
+
+async fn late_commit_with_a_newer_transaction_id(idle_first: bool) {
     let env = TestEnv::start().await;
-    let daemon = env.start_daemon(env.config()).await;
+    let mut config = env.config();
+    config.cdc.poll_interval_ms = 50;
+    let daemon = env.start_daemon(config).await;
     let mut c = daemon.client().await;
     for name in ["a", "b"] {
         c.call("put", json!({"username": name})).await;
+    }
+    if idle_first {
+        // Polls every 50 ms: once the puts' changes are applied, the batches find nothing.
+        wait_until("the puts' changes applied", CONVERGE, || async {
+            daemon.stats().await["cdc"]["applied"].as_u64() >= Some(2)
+        })
+        .await;
+        let batches = daemon.stats().await["cdc"]["batches"].clone();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            daemon.stats().await["cdc"]["batches"],
+            batches,
+            "idle since"
+        );
     }
     let (mut a_conn, mut b_conn) = (env.pg().await, env.pg().await);
     let b = b_conn.transaction().await.unwrap();
@@ -790,4 +818,64 @@ async fn one_worker_per_cache_and_a_standby_takes_over() {
     })
     .await;
     second.stop().await;
+}
+
+/// The rows of a finished pending transaction are looked up by outbox id range, one index scan
+/// per transaction, never by reading through the whole outbox: otherwise every batch after a
+/// busy one costs time in proportion to the retained outbox (30 ms at 300 000 rows), and the
+/// applier falls behind the writers it is meant to keep pace with. Checked by the outbox rows
+/// the query touches, in both of PostgreSQL's plan modes for a prepared statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_rows_are_read_by_id_range_whatever_the_outbox_size() {
+    let env = TestEnv::start().await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "INSERT INTO cacheward_outbox (op, username, version)
+             SELECT 'insert', 'n' || g, g FROM generate_series(1, 200000) g;
+         ANALYZE cacheward_outbox;",
+    )
+    .await
+    .unwrap();
+    pg.batch_execute(&format!(
+        "PREPARE late(text[], bigint[], bigint[], bigint) AS {}",
+        cacheward::cdc::late_query()
+    ))
+    .await
+    .unwrap();
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        pg.batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .await
+            .unwrap();
+        // Two finished transactions, each with 500 ids to look through.
+        let plan: Value = pg
+            .query_one(
+                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE late(ARRAY['123', '456'],
+                     ARRAY[100000, 150000]::bigint[], ARRAY[100500, 150500]::bigint[], 500)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let touched = outbox_rows_touched(&plan[0]["Plan"]);
+        assert!(
+            touched <= 2 * 2 * 500,
+            "{mode}: {touched} outbox rows read: {plan}"
+        );
+    }
+}
+
+/// Rows that the plan's scans of the outbox read (returned or filtered out), over all loops.
+fn outbox_rows_touched(node: &Value) -> u64 {
+    let on_outbox = node["Relation Name"] == json!("cacheward_outbox")
+        || node["Index Name"] == json!("cacheward_outbox_pkey");
+    let count = |key: &str| node[key].as_f64().unwrap_or(0.0);
+    let own = if on_outbox {
+        ((count("Actual Rows") + count("Rows Removed by Filter")) * count("Actual Loops")) as u64
+    } else {
+        0
+    };
+    let children = node["Plans"].as_array().map_or(0, |plans| {
+        plans.iter().map(outbox_rows_touched).sum::<u64>()
+    });
+    own + children
 }
