@@ -422,6 +422,19 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Rows deleted per prune statement.
 const PRUNE_CHUNK: i64 = 10_000;
 
+/// Deletes, of the `$3` oldest outbox rows up to id `$2`, those older than `$1` seconds, records
+/// how far pruning got, and returns how many it deleted. Ids are handed over as an array so that
+/// the delete looks them up by primary key: as a join, PostgreSQL chose a sequential scan of the
+/// whole outbox (54 ms at a million rows, every minute, on the CDC worker's connection).
+pub const PRUNE_QUERY: &str = "WITH gone AS (DELETE FROM cacheward_outbox o
+                   WHERE o.id = ANY(ARRAY(SELECT id FROM cacheward_outbox
+                                          WHERE id <= $2 ORDER BY id LIMIT $3))
+                     AND o.changed_at < now() - make_interval(secs => $1)
+                   RETURNING o.id)
+     UPDATE cacheward_cdc_settings
+        SET pruned_upto = greatest(pruned_upto, coalesce((SELECT max(id) FROM gone), 0))
+     RETURNING (SELECT count(*) FROM gone)";
+
 impl Applier {
     pub fn new(config: Arc<Config>, cache: Cache, stats: Arc<CdcStats>) -> Applier {
         let redis = config
@@ -846,13 +859,7 @@ impl Applier {
         loop {
             let row = client
                 .query_one(
-                    "WITH doomed AS (SELECT id FROM cacheward_outbox WHERE id <= $2 ORDER BY id LIMIT $3),
-                          gone AS (DELETE FROM cacheward_outbox o USING doomed d
-                                   WHERE o.id = d.id AND o.changed_at < now() - make_interval(secs => $1)
-                                   RETURNING o.id)
-                     UPDATE cacheward_cdc_settings
-                        SET pruned_upto = greatest(pruned_upto, coalesce((SELECT max(id) FROM gone), 0))
-                     RETURNING (SELECT count(*) FROM gone)",
+                    PRUNE_QUERY,
                     &[&retention, &cursor.low_water(), &PRUNE_CHUNK],
                 )
                 .await?;

@@ -828,20 +828,14 @@ async fn one_worker_per_cache_and_a_standby_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_rows_are_read_by_id_range_whatever_the_outbox_size() {
     let env = TestEnv::start().await;
-    let pg = env.pg().await;
-    pg.batch_execute(
-        "INSERT INTO cacheward_outbox (op, username, version)
-             SELECT 'insert', 'n' || g, g FROM generate_series(1, 200000) g;
-         ANALYZE cacheward_outbox;",
+    let pg = large_outbox_with(
+        &env,
+        &format!(
+            "PREPARE late(text[], bigint[], bigint[], bigint) AS {}",
+            cacheward::cdc::late_query()
+        ),
     )
-    .await
-    .unwrap();
-    pg.batch_execute(&format!(
-        "PREPARE late(text[], bigint[], bigint[], bigint) AS {}",
-        cacheward::cdc::late_query()
-    ))
-    .await
-    .unwrap();
+    .await;
     for mode in ["force_generic_plan", "force_custom_plan"] {
         pg.batch_execute(&format!("SET plan_cache_mode = {mode}"))
             .await
@@ -862,6 +856,68 @@ async fn late_rows_are_read_by_id_range_whatever_the_outbox_size() {
             "{mode}: {touched} outbox rows read: {plan}"
         );
     }
+}
+
+/// Pruning looks at the oldest chunk of the outbox by primary key, never at the whole outbox: it
+/// runs every minute on the CDC worker's connection, and a scan of a day's retained changes
+/// would stall the applier each time. Checked, like the late-row lookup, by the rows touched,
+/// both with nothing old enough to delete and with a full chunk deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_reads_one_chunk_of_the_outbox_whatever_its_size() {
+    const CHUNK: i64 = 1000;
+    let env = TestEnv::start().await;
+    let mut pg = large_outbox_with(
+        &env,
+        &format!(
+            "PREPARE prune(float8, bigint, bigint) AS {}",
+            cacheward::cdc::PRUNE_QUERY
+        ),
+    )
+    .await;
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        for (retention, deleted) in [(86400.0, 0), (0.0, CHUNK)] {
+            let tx = pg.transaction().await.unwrap();
+            tx.batch_execute(&format!("SET LOCAL plan_cache_mode = {mode}"))
+                .await
+                .unwrap();
+            let plan: Value = tx
+                .query_one(
+                    &format!(
+                        "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE prune({retention}, 150000, {CHUNK})"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let left: i64 = tx
+                .query_one("SELECT count(*) FROM cacheward_outbox", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(left, 200000 - deleted, "{mode}, retention {retention}");
+            let touched = outbox_rows_touched(&plan[0]["Plan"]);
+            assert!(
+                touched <= 3 * CHUNK as u64,
+                "{mode}, retention {retention}: {touched} outbox rows read: {plan}"
+            );
+            tx.rollback().await.unwrap();
+        }
+    }
+}
+
+/// A session on an outbox of 200 000 rows (ids 1..=200 000, analyzed), with `prepare` run.
+async fn large_outbox_with(env: &TestEnv, prepare: &str) -> tokio_postgres::Client {
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "INSERT INTO cacheward_outbox (op, username, version)
+             SELECT 'insert', 'n' || g, g FROM generate_series(1, 200000) g;
+         ANALYZE cacheward_outbox;",
+    )
+    .await
+    .unwrap();
+    pg.batch_execute(prepare).await.unwrap();
+    pg
 }
 
 /// Rows that the plan's scans of the outbox read (returned or filtered out), over all loops.
