@@ -25,8 +25,8 @@ impl<T> Queue<T> {
     }
 
     /// A free worker slot, if one is free and something is queued; `None` otherwise (a worker in
-    /// progress claims again when it is done). The worker takes its batch with [`Queue::take`],
-    /// best after yielding, so that every caller ready to push by then shares the batch.
+    /// progress claims again when it is done). The worker then takes its batch with
+    /// [`Queue::gather`].
     pub fn claim(&self) -> Option<OwnedSemaphorePermit> {
         loop {
             let slot = self.slots.clone().try_acquire_owned().ok()?;
@@ -41,7 +41,16 @@ impl<T> Queue<T> {
         }
     }
 
-    /// Up to `max` queued items, oldest first (empty if another worker took them all).
+    /// Up to `max` queued items, oldest first, taken after yielding once to the runtime: every
+    /// task that is ready to run now (and whatever the I/O driver finds ready) pushes first and
+    /// shares the batch. Fewer, larger backend calls, with no timer. Empty if another worker took
+    /// them all.
+    pub async fn gather(&self, max: usize) -> Vec<T> {
+        tokio::task::yield_now().await;
+        self.take(max)
+    }
+
+    /// Up to `max` queued items, oldest first, now.
     pub fn take(&self, max: usize) -> Vec<T> {
         let mut items = self.lock();
         let n = items.len().min(max);

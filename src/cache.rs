@@ -259,10 +259,7 @@ impl Cache {
         if let Some(slot) = self.ops.claim() {
             let cache = self.clone();
             tokio::spawn(async move {
-                // Every request that is ready to run now queues its call first and shares this
-                // pipeline: fewer, larger Redis calls, with no timer.
-                tokio::task::yield_now().await;
-                let ops = cache.ops.take(PIPELINE_OPS);
+                let ops = cache.ops.gather(PIPELINE_OPS).await;
                 if !ops.is_empty() {
                     cache.run_pipeline(ops).await;
                 }

@@ -728,10 +728,7 @@ impl Applier {
             client.query_one(snapshot_statement, &[]),
             client.query(&st.fresh, &fresh_params),
         )?;
-        let early_xid = match busy {
-            true => Some(parse_xid(snap.get(3))?),
-            false => None,
-        };
+        let early_xid: Option<String> = busy.then(|| snap.get(3));
         let mut snapshot = Snapshot {
             xmin: parse_xid(snap.get(0))?,
             xmax: parse_xid(snap.get(1))?,
@@ -787,20 +784,19 @@ impl Applier {
             match (fresh.is_empty(), early_xid) {
                 (true, _) => Ok(None),
                 (false, Some(own)) => Ok(Some(own)),
-                (false, None) => match client.query_one(&st.own_xid, &[]).await {
-                    Ok(row) => parse_xid(row.get(0)).map(Some).map_err(CdcError::from),
-                    Err(e) => Err(e.into()),
-                },
+                (false, None) => client
+                    .query_one(&st.own_xid, &[])
+                    .await
+                    .map(|row| Some(row.get(0))),
             }
         };
-        let rows = async { rows.await.map_err(CdcError::from) };
-        let commit = async { client.batch_execute("COMMIT").await.map_err(CdcError::from) };
-        let (rows, own_xid, _) = tokio::try_join!(rows, own_xid, commit)?;
+        let (rows, own_xid, _) = tokio::try_join!(rows, own_xid, client.batch_execute("COMMIT"))?;
         let rows = rows
             .iter()
             .map(|r| User::from_row(r).map_err(|e| DbError::Other(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(own) = own_xid {
+            let own = parse_xid(own)?;
             snapshot.running = in_flight(snapshot.xmax, snapshot.running, own);
         }
 

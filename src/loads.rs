@@ -122,11 +122,11 @@ impl Loads {
         self.queue.claim()
     }
 
-    /// Up to `max` queued flights, oldest first.
-    pub fn take(self: &Arc<Self>, max: usize) -> Batch {
+    /// Up to `max` queued flights, oldest first, gathered as [`Queue::gather`] does.
+    pub async fn gather(self: &Arc<Self>, max: usize) -> Batch {
         Batch {
             loads: self.clone(),
-            items: self.queue.take(max),
+            items: self.queue.gather(max).await,
         }
     }
 }
@@ -250,7 +250,7 @@ mod tests {
 
         let slot = loads.claim().expect("a is queued");
         assert!(loads.claim().is_none(), "one loader slot");
-        let batch = loads.take(1);
+        let batch = loads.gather(1).await;
         assert_eq!(batch.len(), 1);
         batch.finish(0, Ok(None));
         assert!(matches!(a2.wait().await, Ok(None)));
@@ -258,11 +258,11 @@ mod tests {
         // A panicking loader still answers its flights.
         drop(batch);
         let slot = loads.claim().expect("b is queued");
-        drop((slot, loads.take(10)));
+        drop((slot, loads.gather(10).await));
         assert!(matches!(b.wait().await, Err(ServiceError::Internal(_))));
         // Nothing queued: no slot taken.
         assert!(loads.claim().is_none());
-        assert!(loads.take(10).is_empty());
+        assert!(loads.gather(10).await.is_empty());
         // A finished name starts a new flight.
         assert!(loads.join("a", now).1);
     }

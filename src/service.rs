@@ -413,9 +413,7 @@ impl Service {
         if let Some(slot) = self.loads.claim() {
             let service = self.clone();
             tokio::spawn(async move {
-                // Misses found by requests that are ready to run now join this batch first.
-                tokio::task::yield_now().await;
-                let batch = service.loads.take(LOAD_BATCH);
+                let batch = service.loads.gather(LOAD_BATCH).await;
                 if batch.is_empty() {
                     drop(slot);
                     return service.start_loader();
