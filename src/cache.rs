@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::batch::Queue;
 use crate::config::Config;
+use crate::user::User;
 
 /// Why a Redis call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -24,6 +25,10 @@ pub enum CacheError {
     /// Redis answered with an error (a script error, a wrong type): a bug or a foreign key.
     #[error("redis error: {0}")]
     Server(String),
+    /// Redis has no fence (it lost its data): nothing can be fenced off until the health monitor
+    /// sets one again.
+    #[error("redis has no cache fence yet (it lost its data); retrying once the fence is set")]
+    Unfenced,
 }
 
 impl From<redis::RedisError> for CacheError {
@@ -42,11 +47,15 @@ impl From<redis::RedisError> for CacheError {
 /// One versioned write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
-    /// Store the row's JSON unless Redis holds a version at least as new.
+    /// Store the row's JSON unless Redis holds a version at least as new, or the row was read
+    /// before the fence (see [`FENCE_RULE`]).
     Live {
         username: String,
         version: i64,
         json: String,
+        /// The version horizon read before the row was: a fence above it refuses the write
+        /// (see `Cache::fence_key`).
+        read_at: i64,
     },
     /// Remove the entry, leaving a tombstone that refuses older live writes, unless Redis holds a
     /// newer version. `version` is at least the last version the name's row had.
@@ -54,6 +63,24 @@ pub enum Write {
 }
 
 impl Write {
+    /// The live entry of `user`, whose row was read after the version horizon was `read_at`.
+    pub fn live(user: &User, read_at: i64) -> Write {
+        Write::Live {
+            username: user.username.clone(),
+            version: user.version,
+            json: user.json.clone(),
+            read_at,
+        }
+    }
+
+    /// A tombstone for `username`: refuses every live write of a version up to `version`.
+    pub fn tombstone(username: impl Into<String>, version: i64) -> Write {
+        Write::Tombstone {
+            username: username.into(),
+            version,
+        }
+    }
+
     pub fn username(&self) -> &str {
         match self {
             Write::Live { username, .. } | Write::Tombstone { username, .. } => username,
@@ -61,57 +88,155 @@ impl Write {
     }
 }
 
+// The fence, named where it is enforced (see `Cache::fence_key`).
+//
+// A tombstone only guards a key that exists when it is written; a TRUNCATE, a resync, a repair
+// overflow, a Redis restart or a FLUSHALL would each leave nothing to refuse a cache-aside fill
+// (or a write-through, or a CDC batch) that read its row before them and lands after. So every
+// live write carries `read_at`, the version horizon (`last_value` of `cacheward_version_seq`)
+// read before the row, and Redis keeps one number at the key that is the prefix itself (no
+// username is empty, so it is no user's key): the fence. A live write with `read_at` below the
+// fence, or arriving while the fence is missing (Redis lost its data), is refused. Raising the
+// fence to a horizon drawn after an event refuses every write that read before it; the keys
+// written before the raise are then dropped by a scan. A missing fence is set again only from a
+// horizon drawn after it was seen missing (the health monitor does it), so a write that read
+// before Redis lost its data is refused too.
+
 /// The one script every cache write goes through.
 ///
-/// KEYS[i]: the keys. ARGV[1]: TTL in seconds. For key i, ARGV[2i]: the incoming version,
-/// ARGV[2i+1]: the live JSON, or "" for a tombstone. What is stored carries its version in a
-/// `version` field: a live user JSON, or `{"tombstone":true,"version":N}`. A live write applies when
-/// newer than what is stored, a tombstone when at least as new (it removes the row of that very
-/// version). A value without a readable version (foreign, corrupt) is overwritten.
+/// KEYS[1]: the fence. KEYS[i+1]: the key of write i. ARGV[1]: TTL in seconds. Write i takes
+/// ARGV[3i-1]: its version, ARGV[3i]: its `read_at` ('' for a tombstone), ARGV[3i+1]: the live
+/// JSON ('' for a tombstone). What is stored carries its version in a `version` field: a live user
+/// JSON, or `{"tombstone":true,"version":N}`. A live write applies when newer than what is stored
+/// and read at or after the fence (`Cache::fence_key`); a tombstone when at least as new (it removes the row of that
+/// very version). A value that is not cacheward's (another type, or a string that is neither a live
+/// entry nor a tombstone) is left alone.
 /// Returns per key: 1 applied, 0 refused (Redis holds a newer version, or a tombstone of this
-/// one), 2 nothing to do (this very version is live there already).
+/// one), 2 nothing to do (this very version is live there already), 3 fenced (read before the
+/// fence, or no fence), 4 foreign (the key holds a value that is not cacheward's).
 const APPLY_SCRIPT: &str = r#"
 local ttl = ARGV[1]
+local fence = redis.pcall('GET', KEYS[1])
+if type(fence) == 'string' then fence = tonumber(fence) else fence = nil end
 local out = {}
-for i, key in ipairs(KEYS) do
-  local incoming = tonumber(ARGV[2 * i])
-  local value = ARGV[2 * i + 1]
+for i = 2, #KEYS do
+  local key = KEYS[i]
+  local n = i - 1
+  local incoming = tonumber(ARGV[3 * n - 1])
+  local value = ARGV[3 * n + 1]
   local live = value ~= ''
-  local apply = true
-  local current = redis.pcall('GET', key)
-  if type(current) == 'string' then
-    local ok, stored = pcall(cjson.decode, current)
-    if ok and type(stored) == 'table' then
-      local v = tonumber(stored['version'])
-      if v then
-        if live then apply = incoming > v else apply = incoming >= v end
-        if live and incoming == v and stored['tombstone'] == nil then out[i] = 2 end
+  if live and (fence == nil or tonumber(ARGV[3 * n]) < fence) then
+    out[n] = 3
+  else
+    local current = redis.pcall('GET', key)
+    local apply = true
+    if type(current) == 'table' then
+      out[n] = 4
+      apply = false
+    elseif type(current) == 'string' then
+      local ok, stored = pcall(cjson.decode, current)
+      local v = nil
+      local tomb = false
+      if ok and type(stored) == 'table' then
+        v = tonumber(stored['version'])
+        tomb = stored['tombstone'] == true
+        if not tomb and stored['id'] == nil then v = nil end
+      end
+      if v == nil then
+        out[n] = 4
+        apply = false
+      elseif live then
+        apply = incoming > v
+        if incoming == v and not tomb then out[n] = 2 end
+      else
+        apply = incoming >= v
       end
     end
-  end
-  if apply then
-    if not live then value = '{"tombstone":true,"version":' .. ARGV[2 * i] .. '}' end
-    redis.call('SET', key, value, 'EX', ttl)
-    out[i] = 1
-  elseif out[i] == nil then
-    out[i] = 0
+    if apply then
+      if not live then value = '{"tombstone":true,"version":' .. ARGV[3 * n - 1] .. '}' end
+      redis.call('SET', key, value, 'EX', ttl)
+      out[n] = 1
+    elseif out[n] == nil then
+      out[n] = 0
+    end
   end
 end
 return out
 "#;
 
-/// Only `id` matters: a JSON object with an `id` is a live entry, anything else (a tombstone, a
-/// foreign value) is a miss.
+/// Sets the fence (KEYS[1]) to ARGV[1] if it is missing; returns the fence. An error if the key
+/// holds a value that is not a number (not cacheward's: it is left alone).
+const ESTABLISH_FENCE_SCRIPT: &str = r#"
+local f = redis.pcall('GET', KEYS[1])
+if type(f) == 'table' then return redis.error_reply('fence key holds a value of another type') end
+if f == false then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return tonumber(ARGV[1])
+end
+if tonumber(f) == nil then return redis.error_reply('fence key holds a value that is not a number') end
+return tonumber(f)
+"#;
+
+/// Raises the fence (KEYS[1]) to ARGV[1] if it is lower; returns the fence, or -1 when it is
+/// missing (Redis lost its data: only a horizon drawn after that was seen may set it).
+const RAISE_FENCE_SCRIPT: &str = r#"
+local f = redis.pcall('GET', KEYS[1])
+if type(f) ~= 'string' or tonumber(f) == nil then return -1 end
+if tonumber(ARGV[1]) > tonumber(f) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return tonumber(ARGV[1])
+end
+return tonumber(f)
+"#;
+
+/// Drops the live entries of KEYS (cacheward's own only): each becomes a tombstone one version
+/// below its own, so that no older write can land, while a fill that reads the row after the fence
+/// may. ARGV[1]: TTL. Returns how many it dropped.
+const DROP_SCRIPT: &str = r#"
+local dropped = 0
+for _, key in ipairs(KEYS) do
+  local current = redis.pcall('GET', key)
+  if type(current) == 'string' then
+    local ok, stored = pcall(cjson.decode, current)
+    if ok and type(stored) == 'table' and stored['tombstone'] == nil and stored['id'] ~= nil then
+      local v = tonumber(stored['version'])
+      if v then
+        redis.call('SET', key, '{"tombstone":true,"version":' .. string.format('%d', v - 1) .. '}', 'EX', ARGV[1])
+        dropped = dropped + 1
+      end
+    end
+  end
+end
+return dropped
+"#;
+
+/// A live entry as the read path looks at it: a JSON object with an `id` and an integer
+/// `version`. Anything else (a tombstone, a foreign value) is a miss.
 #[derive(Deserialize)]
 struct LiveProbe {
     id: Option<serde::de::IgnoredAny>,
+    version: Option<i64>,
 }
 
-/// Whether a stored value is a live user entry (DESIGN 1.5).
+/// Whether a stored value is a live user entry (DESIGN 1.5) written by cacheward.
 pub fn is_live(value: &str) -> bool {
     // serde would also read a struct from an array: only an object counts.
     value.trim_start().starts_with('{')
-        && serde_json::from_str::<LiveProbe>(value).is_ok_and(|p| p.id.is_some())
+        && serde_json::from_str::<LiveProbe>(value)
+            .is_ok_and(|p| p.id.is_some() && p.version.is_some())
+}
+
+/// Whether a stored value is cacheward's: a live entry or a tombstone.
+pub fn is_ours(value: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Tombstone {
+        tombstone: bool,
+        version: i64,
+    }
+    is_live(value)
+        || (value.trim_start().starts_with('{')
+            && serde_json::from_str::<Tombstone>(value)
+                .is_ok_and(|t| t.tombstone && t.version != 0))
 }
 
 /// The Redis side of the cache: one multiplexed, auto-reconnecting connection shared by all tasks.
@@ -162,6 +287,11 @@ pub enum Outcome {
     Current,
     /// Redis held a newer version, or a tombstone of this one: the write was stale.
     Refused,
+    /// The row was read before the fence, or Redis has no fence (it lost its data): the write may
+    /// be stale and was refused (see [`Cache::fence_key`]).
+    Fenced,
+    /// The key holds a value that is not cacheward's: it was left alone.
+    Foreign,
 }
 
 fn outcomes(flags: Vec<i64>) -> Vec<Outcome> {
@@ -170,6 +300,8 @@ fn outcomes(flags: Vec<i64>) -> Vec<Outcome> {
         .map(|flag| match flag {
             1 => Outcome::Applied,
             2 => Outcome::Current,
+            3 => Outcome::Fenced,
+            4 => Outcome::Foreign,
             _ => Outcome::Refused,
         })
         .collect()
@@ -210,8 +342,22 @@ impl Cache {
         key
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
+    /// The key of the fence: the prefix itself, which no user's key is (usernames are never
+    /// empty).
+    ///
+    /// A tombstone only guards a key that exists when it is written: a TRUNCATE, a resync, a
+    /// repair overflow, a Redis restart or a FLUSHALL would each leave nothing to refuse a
+    /// cache-aside fill (or a write-through, or a CDC batch) that read its row before them and
+    /// lands after. So every live write carries `read_at`, the version horizon (`last_value` of
+    /// `cacheward_version_seq`) read before its row, and Redis keeps one number here: a live write
+    /// with `read_at` below it, or arriving while it is missing (Redis lost its data), is refused.
+    /// Raising it to a horizon drawn after an event ([`Cache::drop_all`]) refuses every write that
+    /// read before the event; the entries written before the raise are then dropped by a scan. A
+    /// missing fence is set again only from a horizon drawn after it was seen missing
+    /// ([`Cache::establish_fence`], by the health monitor), so a write that read before Redis lost
+    /// its data is refused too.
+    pub fn fence_key(&self) -> String {
+        self.prefix.to_string()
     }
 
     async fn bounded<T>(
@@ -378,26 +524,25 @@ impl Cache {
     /// or inside a pipeline).
     fn apply_cmd(&self, writes: &[Write]) -> redis::Cmd {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(APPLY_SCRIPT).arg(writes.len());
+        cmd.arg(APPLY_SCRIPT)
+            .arg(writes.len() + 1)
+            .arg(self.fence_key());
         for write in writes {
             cmd.arg(self.key(write.username()));
         }
         cmd.arg(self.ttl_secs);
         for write in writes {
             match write {
-                Write::Live { version, json, .. } => cmd.arg(*version).arg(json.as_str()),
-                Write::Tombstone { version, .. } => cmd.arg(*version).arg(""),
+                Write::Live {
+                    version,
+                    json,
+                    read_at,
+                    ..
+                } => cmd.arg(*version).arg(*read_at).arg(json.as_str()),
+                Write::Tombstone { version, .. } => cmd.arg(*version).arg("").arg(""),
             };
         }
         cmd
-    }
-
-    pub async fn ping(&self) -> Result<(), CacheError> {
-        let mut conn = self.conn.clone();
-        let _: String = self
-            .bounded(redis::cmd("PING").query_async(&mut conn))
-            .await?;
-        Ok(())
     }
 
     /// One SCAN step over the keys under the prefix: the next cursor (0 when done) and the names.
@@ -418,6 +563,8 @@ impl Cache {
         let names = keys
             .into_iter()
             .filter_map(|k| k.strip_prefix(&*self.prefix).map(str::to_owned))
+            // The prefix alone is the fence, no user's key.
+            .filter(|name| !name.is_empty())
             .collect();
         Ok((next, names))
     }
@@ -441,20 +588,85 @@ impl Cache {
         }
     }
 
-    /// Gives every entry under the prefix a tombstone at `version`: each entry no newer is dropped,
-    /// and no write older than `version` can land afterwards. Returns how many entries it saw.
-    pub async fn tombstone_all(&self, version: i64) -> Result<u64, CacheError> {
-        let mut seen = 0u64;
-        self.scan_names(|names| {
-            seen += names.len() as u64;
-            let writes: Vec<Write> = names
-                .into_iter()
-                .map(|username| Write::Tombstone { username, version })
-                .collect();
-            async move { self.apply(&writes).await.map(|_| ()) }
-        })
-        .await?;
-        Ok(seen)
+    /// Fences off every write that read before `fence` (a horizon drawn after the event that
+    /// made the cache untrustworthy: a TRUNCATE, lost history, lost writes), then drops every live
+    /// entry under the prefix (see [`Cache::fence_key`]). Returns how many entries it dropped.
+    /// Fails, changing nothing, while Redis has no fence: the health monitor sets one first.
+    pub async fn drop_all(&self, fence: i64) -> Result<u64, CacheError> {
+        self.raise_fence(fence).await?;
+        let mut dropped = 0u64;
+        let mut cursor = 0;
+        loop {
+            let (next, names) = self.scan_page(cursor).await?;
+            if !names.is_empty() {
+                let keys: Vec<String> = names.iter().map(|name| self.key(name)).collect();
+                let mut conn = self.conn.clone();
+                let n: u64 = self
+                    .bounded(
+                        redis::cmd("EVAL")
+                            .arg(DROP_SCRIPT)
+                            .arg(keys.len())
+                            .arg(&keys)
+                            .arg(self.ttl_secs)
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+                dropped += n;
+            }
+            if next == 0 {
+                return Ok(dropped);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The fence, or `None` when Redis has none (it lost its data, or was never fenced). Also
+    /// the health monitor's liveness check of Redis.
+    pub async fn fence(&self) -> Result<Option<i64>, CacheError> {
+        let mut conn = self.conn.clone();
+        let value: Option<String> = self
+            .bounded(
+                redis::cmd("GET")
+                    .arg(self.fence_key())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        match value {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                CacheError::Server(format!(
+                    "the fence key {} holds a value that is not cacheward's",
+                    self.fence_key()
+                ))
+            }),
+        }
+    }
+
+    /// Sets the fence to `horizon` if Redis has none; returns the fence now in force. `horizon`
+    /// must have been drawn after the fence was seen missing.
+    pub async fn establish_fence(&self, horizon: i64) -> Result<i64, CacheError> {
+        self.fence_script(ESTABLISH_FENCE_SCRIPT, horizon).await
+    }
+
+    /// Raises the fence to `fence` (never lowers it).
+    async fn raise_fence(&self, fence: i64) -> Result<i64, CacheError> {
+        match self.fence_script(RAISE_FENCE_SCRIPT, fence).await? {
+            now if now < 0 => Err(CacheError::Unfenced),
+            now => Ok(now),
+        }
+    }
+
+    async fn fence_script(&self, script: &str, value: i64) -> Result<i64, CacheError> {
+        let mut conn = self.conn.clone();
+        self.bounded(
+            redis::cmd("EVAL")
+                .arg(script)
+                .arg(1)
+                .arg(self.fence_key())
+                .arg(value)
+                .query_async(&mut conn),
+        )
+        .await
     }
 
     /// Whether any key exists under the prefix.

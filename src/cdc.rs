@@ -163,12 +163,13 @@ fn parse_xid(text: String) -> Result<u64, DbError> {
 }
 
 /// A cursor at the newest outbox row, with every transaction in flight pending from `after` (rows
-/// up to it are gone), and the version horizon, all read in one snapshot.
+/// up to it are gone), read in one snapshot, and a fresh version horizon drawn with it: a fence at
+/// it refuses every write that read its row before.
 async fn head(client: &Client, after: i64) -> Result<(Cursor, i64), CdcError> {
     let row = client
         .query_one(
             "SELECT coalesce((SELECT max(id) FROM cacheward_outbox), 0),
-                    (SELECT last_value FROM cacheward_version_seq),
+                    nextval('cacheward_version_seq'),
                     pg_snapshot_xmax(pg_current_snapshot())::text,
                     ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x),
                     pg_current_xact_id()::text",
@@ -290,6 +291,7 @@ struct Statements {
     rows: Statement,
     own_xid: Statement,
     store_cursor: Statement,
+    horizon: Statement,
 }
 
 impl Statements {
@@ -304,7 +306,7 @@ impl Statements {
         let snapshot = format!("{SNAPSHOT} FROM pg_current_snapshot() s");
         let snapshot_and_xid =
             format!("{SNAPSHOT}, pg_current_xact_id()::text FROM pg_current_snapshot() s");
-        let (snapshot, snapshot_and_xid, fresh, late, rows, own_xid, store_cursor) = tokio::try_join!(
+        let (snapshot, snapshot_and_xid, fresh, late, rows, own_xid, store_cursor, horizon) = tokio::try_join!(
             client.prepare(&snapshot),
             client.prepare(&snapshot_and_xid),
             client.prepare(&fresh),
@@ -315,6 +317,7 @@ impl Statements {
                 "INSERT INTO cacheward_cdc_cursors (consumer, position, pending) VALUES ($1, $2, $3::text::jsonb)
                  ON CONFLICT (consumer) DO UPDATE SET position = $2, pending = $3::text::jsonb, updated_at = now()",
             ),
+            client.prepare(db::HORIZON),
         )?;
         Ok(Statements {
             snapshot,
@@ -324,6 +327,7 @@ impl Statements {
             rows,
             own_xid,
             store_cursor,
+            horizon,
         })
     }
 }
@@ -368,13 +372,22 @@ pub struct Plan {
     pub writes: Vec<Write>,
 }
 
-/// Turns the names a batch mentions and their current rows into cache writes. A name without a row
-/// gets a tombstone with the largest version the batch recorded for it, which is at least the last
-/// version its removed row had.
+impl Plan {
+    /// The fence a TRUNCATE at version horizon `version` needs: every row it removed has a version
+    /// up to `version`, and every fill that read one of them read a horizon no later than it.
+    pub fn truncate_fence(&self) -> Option<i64> {
+        self.truncate.map(|version| version.saturating_add(1))
+    }
+}
+
+/// Turns the names a batch mentions and their current rows (read after the horizon was `read_at`)
+/// into cache writes. A name without a row gets a tombstone with the largest version the batch
+/// recorded for it, which is at least the last version its removed row had.
 pub fn plan(
     mode: CdcMode,
     mentioned: &BTreeMap<String, i64>,
     rows: Vec<User>,
+    read_at: i64,
     truncate: Option<i64>,
 ) -> Plan {
     let mut found: BTreeMap<String, User> =
@@ -382,20 +395,10 @@ pub fn plan(
     let writes = mentioned
         .iter()
         .map(|(name, removed_version)| match (found.remove(name), mode) {
-            (Some(user), CdcMode::Refresh) => Write::Live {
-                username: user.username,
-                version: user.version,
-                json: user.json,
-            },
+            (Some(user), CdcMode::Refresh) => Write::live(&user, read_at),
             // Removes anything older than the current row, and lets the current row be filled.
-            (Some(user), CdcMode::Invalidate) => Write::Tombstone {
-                username: user.username,
-                version: user.version - 1,
-            },
-            (None, _) => Write::Tombstone {
-                username: name.clone(),
-                version: *removed_version,
-            },
+            (Some(user), CdcMode::Invalidate) => Write::tombstone(user.username, user.version - 1),
+            (None, _) => Write::tombstone(name.clone(), *removed_version),
         })
         .collect();
     Plan { truncate, writes }
@@ -678,9 +681,9 @@ impl Applier {
         Ok(())
     }
 
-    /// Starts over from the head of the outbox after history was lost: every cached entry gets a
-    /// tombstone at the current version horizon (so no entry older than now survives, and no fill
-    /// that read before now can land), and the cursor jumps to the newest change.
+    /// Starts over from the head of the outbox after history was lost: the cache is fenced at a
+    /// fresh version horizon and every cached entry dropped (so no entry older than now survives,
+    /// and no write that read before now can land), and the cursor jumps to the newest change.
     async fn resync(
         &self,
         client: &Client,
@@ -690,7 +693,7 @@ impl Applier {
     ) -> Result<Cursor, CdcError> {
         tracing::warn!(consumer = %self.consumer, reason, "cdc resync: dropping every cached user entry");
         let (cursor, horizon) = head(client, pruned_upto).await?;
-        let dropped = self.cache.tombstone_all(horizon).await?;
+        let dropped = self.cache.drop_all(horizon).await?;
         let position = cursor.position;
         self.store_cursor(client, st, &cursor).await?;
         self.stats.resyncs.fetch_add(1, Relaxed);
@@ -723,11 +726,15 @@ impl Applier {
             true => &st.snapshot_and_xid,
             false => &st.snapshot,
         };
-        let (_, snap, fresh) = tokio::try_join!(
+        // The version horizon is read first, in a statement of its own before the snapshot: the
+        // rows' `read_at` (see `Cache::fence_key`).
+        let (horizon, _, snap, fresh) = tokio::try_join!(
+            client.query_one(&st.horizon, &[]),
             client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
             client.query_one(snapshot_statement, &[]),
             client.query(&st.fresh, &fresh_params),
         )?;
+        let read_at: i64 = horizon.get(0);
         let early_xid: Option<String> = busy.then(|| snap.get(3));
         let mut snapshot = Snapshot {
             xmin: parse_xid(snap.get(0))?,
@@ -800,9 +807,9 @@ impl Applier {
             snapshot.running = in_flight(snapshot.xmax, snapshot.running, own);
         }
 
-        let plan = plan(self.config.cdc.mode, &mentioned, rows, truncate);
-        if let Some(version) = plan.truncate {
-            let dropped = self.cache.tombstone_all(version).await?;
+        let plan = plan(self.config.cdc.mode, &mentioned, rows, read_at, truncate);
+        if let Some(fence) = plan.truncate_fence() {
+            let dropped = self.cache.drop_all(fence).await?;
             tracing::info!(dropped, "cdc applied a TRUNCATE: every cached user dropped");
         }
         self.cache.apply(&plan.writes).await?;
@@ -989,29 +996,18 @@ mod tests {
         };
         let mentioned: BTreeMap<String, i64> =
             [("a".to_string(), 7), ("gone".to_string(), 5)].into();
-        let refresh = plan(CdcMode::Refresh, &mentioned, vec![user.clone()], None);
+        let refresh = plan(CdcMode::Refresh, &mentioned, vec![user.clone()], 3, None);
         assert_eq!(
             refresh.writes,
-            vec![
-                Write::Live {
-                    username: "a".into(),
-                    version: 7,
-                    json: "{}".into()
-                },
-                Write::Tombstone {
-                    username: "gone".into(),
-                    version: 5
-                },
-            ]
+            vec![Write::live(&user, 3), Write::tombstone("gone", 5)]
         );
-        let invalidate = plan(CdcMode::Invalidate, &mentioned, vec![user], Some(9));
-        assert_eq!(invalidate.truncate, Some(9));
+        assert_eq!(refresh.truncate_fence(), None);
+        let invalidate = plan(CdcMode::Invalidate, &mentioned, vec![user], 3, Some(9));
         assert_eq!(
-            invalidate.writes[0],
-            Write::Tombstone {
-                username: "a".into(),
-                version: 6
-            }
+            invalidate.truncate_fence(),
+            Some(10),
+            "above every removed row"
         );
+        assert_eq!(invalidate.writes[0], Write::tombstone("a", 6));
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, CacheError};
 use crate::cdc::Applier;
 use crate::config::Config;
 use crate::db::{self, Db};
@@ -136,6 +136,8 @@ async fn monitor(
     let mut probe: Option<tokio_postgres::Client> = None;
     // Consecutive failed checks, to say so while a backend has never been reached.
     let mut failures = [0u32; 2];
+    // Whether `cache fence unusable` was said (once).
+    let mut fence_broken = false;
     let mut ticker = tokio::time::interval(MONITOR_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -150,10 +152,31 @@ async fn monitor(
             return;
         }
         beats.monitor.fetch_add(1, Relaxed);
-        let (redis, postgres) = tokio::join!(
-            service.cache().ping(),
+        let (fence, postgres) = tokio::join!(
+            service.cache().fence(),
             ping_postgres(&pg_config, &mut probe)
         );
+        let redis = match fence {
+            Ok(Some(_)) => {
+                fence_broken = false;
+                Ok(())
+            }
+            Ok(None) if postgres.is_ok() => {
+                set_fence(&service).await;
+                Ok(())
+            }
+            // Until PostgreSQL answers no fence can be drawn: writes are refused meanwhile.
+            Ok(None) => Ok(()),
+            // Redis answered: it is up, but the fence key holds something that is not ours.
+            Err(CacheError::Server(reason)) => {
+                if !fence_broken {
+                    tracing::error!(key = %service.cache().fence_key(), error = %reason, "cache fence unusable: the cache is not filled until the key is removed");
+                    fence_broken = true;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        };
         let health = &service.health;
         let outcomes = [
             (Backend::Redis, redis.map_err(|e| e.to_string())),
@@ -199,6 +222,20 @@ fn test_wedge() -> Option<tokio::time::Instant> {
         .parse()
         .ok()?;
     Some(tokio::time::Instant::now() + Duration::from_millis(ms))
+}
+
+/// Redis has no fence (a first start, a Redis restart, a FLUSHALL): sets one from a horizon drawn
+/// now, after it was seen missing, so that every write that read its row before Redis lost its
+/// data is refused (see `Cache::fence_key`). Until then every live write is refused.
+async fn set_fence(service: &Service) {
+    let horizon = match service.db().fresh_horizon().await {
+        Ok(horizon) => horizon,
+        Err(e) => return tracing::debug!(error = %e, "cannot draw a cache fence yet"),
+    };
+    match service.cache().establish_fence(horizon).await {
+        Ok(fence) => tracing::info!(fence, "cache fence set"),
+        Err(e) => tracing::debug!(error = %e, "cannot set the cache fence yet"),
+    }
 }
 
 async fn ping_postgres(
@@ -247,6 +284,7 @@ async fn stats_line(service: Arc<Service>, every: Duration, stop: CancellationTo
             cache_misses = s.cache_misses,
             db_queries = s.db_queries,
             stale_writes_refused = s.stale_writes_refused,
+            foreign_values_skipped = s.foreign_values_skipped,
             repairs_pending = s.repairs_pending,
             cdc_applied = s.cdc.applied,
             cdc_batches = s.cdc.batches,

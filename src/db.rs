@@ -130,6 +130,30 @@ async fn query_opt_cached(
 /// The request path's read: every cold name a batch of misses asks for, in one query.
 const FIND_USERS: &str = "SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = ANY($1)";
 
+/// The version horizon: at least every version drawn so far. Read before a row, it is the row's
+/// `read_at` (see `Cache::fence_key`); `last_value` of a sequence is not transactional, so it is
+/// read in its own statement, ahead of the statement that reads the row.
+pub const HORIZON: &str = "SELECT last_value FROM cacheward_version_seq";
+
+/// A fresh horizon, larger than every version and every horizon read before it: a fence at it
+/// refuses every write that read its row before this was drawn.
+pub const FRESH_HORIZON: &str = "SELECT nextval('cacheward_version_seq')";
+
+/// Runs [`HORIZON`] and then `sql`, pipelined on one connection (one round trip): the horizon is
+/// read before the rows' snapshot is taken. Returns the rows and the horizon.
+async fn query_after_horizon(
+    client: &deadpool_postgres::Client,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<(Vec<Row>, i64), DbError> {
+    let horizon = client.prepare_cached(HORIZON).await?;
+    let (horizon, rows) = tokio::try_join!(
+        async { Ok::<_, DbError>(client.query_one(&horizon, &[]).await?) },
+        query_cached(client, sql, params)
+    )?;
+    Ok((rows, horizon.get(0)))
+}
+
 /// Parses `postgres.url` and adds the settings every cacheward connection carries.
 pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
     let url = config
@@ -205,25 +229,27 @@ impl Db {
     /// The rows named by `usernames` (in no particular order; absent names have none), in one
     /// query. Retried once on a connection that turned out to be dead (after a server restart the
     /// pool still holds its old connections).
-    pub async fn find_users(&self, usernames: &[&str]) -> Result<Vec<User>, DbError> {
+    /// Also returns the horizon read before them (their `read_at`).
+    pub async fn find_users(&self, usernames: &[&str]) -> Result<(Vec<User>, i64), DbError> {
         match self.find_users_once(usernames).await {
             Err(DbError::Unavailable(_)) => self.find_users_once(usernames).await,
             other => other,
         }
     }
 
-    async fn find_users_once(&self, usernames: &[&str]) -> Result<Vec<User>, DbError> {
+    async fn find_users_once(&self, usernames: &[&str]) -> Result<(Vec<User>, i64), DbError> {
         self.bounded("select users", async {
             let client = self.pool.get().await?;
-            let rows = query_cached(&client, FIND_USERS, &[&usernames]).await?;
-            rows.iter().map(user_from_row).collect()
+            let (rows, read_at) = query_after_horizon(&client, FIND_USERS, &[&usernames]).await?;
+            let users = rows.iter().map(user_from_row).collect::<Result<_, _>>()?;
+            Ok((users, read_at))
         })
         .await
     }
 
     /// The original tool's `get_or_create_user`: the row named `username`, inserted if missing.
-    /// Returns the row and whether this call created it.
-    pub async fn get_or_create(&self, username: &str) -> Result<(User, bool), DbError> {
+    /// Returns the row, whether this call created it, and the horizon read before it.
+    pub async fn get_or_create(&self, username: &str) -> Result<(User, bool, i64), DbError> {
         self.bounded("get or create user", async {
             let client = self.pool.get().await?;
             let select = format!("SELECT {USER_SELECT} FROM users u WHERE u.username = $1");
@@ -234,11 +260,12 @@ impl Db {
             // the two statements another client may insert (then the insert does nothing) or
             // delete (then the select finds nothing): try again, a bounded number of times.
             for _ in 0..5 {
-                if let Some(row) = query_opt_cached(&client, &select, &[&username]).await? {
-                    return Ok((user_from_row(&row)?, false));
+                let (rows, read_at) = query_after_horizon(&client, &select, &[&username]).await?;
+                if let Some(row) = rows.first() {
+                    return Ok((user_from_row(row)?, false, read_at));
                 }
                 if let Some(row) = query_opt_cached(&client, &insert, &[&username]).await? {
-                    return Ok((user_from_row(&row)?, true));
+                    return Ok((user_from_row(&row)?, true, read_at));
                 }
             }
             Err(DbError::Unavailable(format!(
@@ -248,15 +275,18 @@ impl Db {
         .await
     }
 
-    /// Renames `old` to `new`. `None` if `old` does not exist; `Conflict` if `new` does.
-    pub async fn rename(&self, old: &str, new: &str) -> Result<Option<User>, DbError> {
+    /// Renames `old` to `new`. `None` if `old` does not exist; `Conflict` if `new` does. Also
+    /// returns the horizon read before the update.
+    pub async fn rename(&self, old: &str, new: &str) -> Result<Option<(User, i64)>, DbError> {
         self.bounded("rename user", async {
             let client = self.pool.get().await?;
             let sql = format!(
                 "UPDATE users AS u SET username = $2 WHERE u.username = $1 RETURNING {USER_SELECT}"
             );
-            let row = query_opt_cached(&client, &sql, &[&old, &new]).await?;
-            row.as_ref().map(user_from_row).transpose()
+            let (rows, read_at) = query_after_horizon(&client, &sql, &[&old, &new]).await?;
+            rows.first()
+                .map(|row| Ok((user_from_row(row)?, read_at)))
+                .transpose()
         })
         .await
     }
@@ -274,37 +304,36 @@ impl Db {
         .await
     }
 
-    /// A version at least as large as any drawn so far: tombstones at it refuse every value
-    /// cached until now.
-    pub async fn version_horizon(&self) -> Result<i64, DbError> {
-        self.bounded("select version horizon", async {
+    /// A fresh version horizon ([`FRESH_HORIZON`]): a fence at it refuses every write that read
+    /// its row before now.
+    pub async fn fresh_horizon(&self) -> Result<i64, DbError> {
+        self.bounded("draw a version horizon", async {
             let client = self.pool.get().await?;
-            Ok(client
-                .query_one("SELECT last_value FROM cacheward_version_seq", &[])
-                .await?
-                .get(0))
+            let stmt = client.prepare_cached(FRESH_HORIZON).await?;
+            Ok(client.query_one(&stmt, &[]).await?.get(0))
         })
         .await
     }
 
-    /// The rows named in `usernames` that exist, and a version at least as large as any that a
-    /// missing name can have had: the tombstone version for those that do not.
-    pub async fn current_rows(&self, usernames: &[String]) -> Result<(Vec<User>, i64), DbError> {
+    /// The rows named in `usernames` that exist, the horizon read before them (their
+    /// `read_at`), and a version at least as large as any that a missing name can have had: the
+    /// tombstone version for those that do not.
+    pub async fn current_rows(
+        &self,
+        usernames: &[String],
+    ) -> Result<(Vec<User>, i64, i64), DbError> {
         self.bounded("select users", async {
             let client = self.pool.get().await?;
-            let sql = format!("SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)");
-            let rows = query_cached(&client, &sql, &[&usernames]).await?;
+            let (rows, read_at) = query_after_horizon(&client, FIND_USERS, &[&usernames]).await?;
             let users = rows
                 .iter()
                 .map(user_from_row)
                 .collect::<Result<Vec<_>, _>>()?;
             // Read after the rows: a name missing above was removed before, so every version it
             // ever had was drawn before this.
-            let horizon: i64 = client
-                .query_one("SELECT last_value FROM cacheward_version_seq", &[])
-                .await?
-                .get(0);
-            Ok((users, horizon))
+            let stmt = client.prepare_cached(HORIZON).await?;
+            let horizon: i64 = client.query_one(&stmt, &[]).await?.get(0);
+            Ok((users, read_at, horizon))
         })
         .await
     }

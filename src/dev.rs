@@ -590,21 +590,29 @@ impl DevStack {
             .await
             .map_err(|e| failed("seeding users", e.to_string()))?;
         let store = db::Db::new(&config).map_err(|e| failed("postgres pool", e.to_string()))?;
-        let user = store
-            .find_users(&[SEED_USERS[0]])
+        let seeding = |e: String| failed("seeding the cache", e);
+        // A fresh Redis has no fence yet; the daemon's health monitor would set it, the seed
+        // needs it now.
+        let fence = store
+            .fresh_horizon()
             .await
-            .map_err(|e| failed("seeding the cache", e.to_string()))?
-            .pop()
-            .ok_or_else(|| failed("seeding the cache", "user01 vanished"))?;
+            .map_err(|e| seeding(e.to_string()))?;
         let cache = Cache::new(&config).map_err(|e| failed("redis url", e.to_string()))?;
         cache
-            .apply(&[Write::Live {
-                json: user.json.clone(),
-                username: user.username,
-                version: user.version,
-            }])
+            .establish_fence(fence)
             .await
-            .map_err(|e| failed("seeding the cache", e.to_string()))?;
+            .map_err(|e| seeding(e.to_string()))?;
+        let (mut users, read_at) = store
+            .find_users(&[SEED_USERS[0]])
+            .await
+            .map_err(|e| seeding(e.to_string()))?;
+        let user = users
+            .pop()
+            .ok_or_else(|| seeding("user01 vanished".into()))?;
+        cache
+            .apply(&[Write::live(&user, read_at)])
+            .await
+            .map_err(|e| seeding(e.to_string()))?;
         Ok(())
     }
 }

@@ -31,7 +31,13 @@ pub fn render(service: &Service) -> String {
         }
     };
     let up = |b| u64::from(service.health.is_up(b));
-    let plain: [(&str, &str, &str, u64); 14] = [
+    let plain: [(&str, &str, &str, u64); 15] = [
+        (
+            "cacheward_foreign_values_skipped_total",
+            "counter",
+            "Cache writes not made because the key held a value that is not cacheward's.",
+            s.foreign_values_skipped,
+        ),
         (
             "cacheward_stale_writes_refused_total",
             "counter",

@@ -462,6 +462,8 @@ pub struct RenameResult<'a> {
 #[derive(Serialize)]
 pub struct DeleteResult {
     pub deleted: bool,
+    /// The version the deletion is known by; 0 when nothing was deleted.
+    pub version: i64,
 }
 
 #[cfg(test)]

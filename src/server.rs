@@ -525,7 +525,8 @@ enum Answer {
     Get(String, &'static str),
     Put(String, bool),
     Rename(String),
-    Delete(bool),
+    /// The deleted row's version, if there was one.
+    Delete(Option<i64>),
     Stats(crate::service::StatsReport),
     Health(crate::service::HealthReport),
 }
@@ -554,7 +555,13 @@ impl Answer {
                 },
             ),
             Answer::Rename(json) => protocol::encode_result(id, RenameResult { user: &raw(&json) }),
-            Answer::Delete(deleted) => protocol::encode_result(id, DeleteResult { deleted }),
+            Answer::Delete(version) => protocol::encode_result(
+                id,
+                DeleteResult {
+                    deleted: version.is_some(),
+                    version: version.unwrap_or(0),
+                },
+            ),
             Answer::Stats(report) => protocol::encode_result(id, report),
             Answer::Health(report) => protocol::encode_result(id, report),
         }

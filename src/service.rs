@@ -181,6 +181,22 @@ pub struct Stats {
     pub cache_misses: AtomicU64,
     pub db_queries: AtomicU64,
     pub stale_writes_refused: AtomicU64,
+    /// Cache writes not made because the key held a value that is not cacheward's.
+    pub foreign_values_skipped: AtomicU64,
+}
+
+impl Stats {
+    /// Counts what a batch of cache writes found (see [`Service::count_outcomes`]).
+    pub fn count_outcomes(&self, outcomes: &[Outcome]) {
+        let count = |wanted| outcomes.iter().filter(|o| **o == wanted).count() as u64;
+        let (refused, foreign) = (count(Outcome::Refused), count(Outcome::Foreign));
+        if refused > 0 {
+            self.stale_writes_refused.fetch_add(refused, Relaxed);
+        }
+        if foreign > 0 {
+            self.foreign_values_skipped.fetch_add(foreign, Relaxed);
+        }
+    }
 }
 
 /// `stats` as sent to clients (DESIGN 1.3).
@@ -195,6 +211,8 @@ pub struct StatsReport {
     pub db_queries: u64,
     /// Cache writes refused because Redis held a newer version.
     pub stale_writes_refused: u64,
+    /// Cache writes not made because the key held a value that is not cacheward's.
+    pub foreign_values_skipped: u64,
     pub repairs_pending: u64,
     pub cdc: CdcReport,
 }
@@ -453,8 +471,8 @@ impl Service {
         let users = self.db.find_users(&names).await;
         drop(slot);
         self.start_loader();
-        let users = match db_result(users, &self.health) {
-            Ok(users) => users,
+        let (users, read_at) = match db_result(users, &self.health) {
+            Ok(found) => found,
             Err(e) => {
                 for &i in &cold {
                     batch.finish(i, Err(e.clone()));
@@ -473,11 +491,7 @@ impl Service {
             self.cache.fill(
                 users
                     .iter()
-                    .map(|user| Write::Live {
-                        username: user.username.clone(),
-                        version: user.version,
-                        json: user.json.clone(),
-                    })
+                    .map(|user| Write::live(user, read_at))
                     .collect(),
             )
         });
@@ -494,7 +508,7 @@ impl Service {
         };
         match fill.await {
             Ok(outcomes) => {
-                self.count_refused(&outcomes);
+                self.count_outcomes(&outcomes);
                 for (user, outcome) in users.iter().zip(outcomes) {
                     if outcome == Outcome::Refused {
                         tracing::debug!(
@@ -513,15 +527,10 @@ impl Service {
     pub async fn put(self: &Arc<Self>, username: String) -> Result<(String, bool), ServiceError> {
         self.detached(move |svc| async move {
             svc.stats.db_queries.fetch_add(1, Relaxed);
-            let (user, created) = db_result(svc.db.get_or_create(&username).await, &svc.health)?;
-            let json = user.json.clone();
-            svc.write_through(vec![Write::Live {
-                username: user.username,
-                version: user.version,
-                json: json.clone(),
-            }])
-            .await;
-            Ok((json, created))
+            let (user, created, read_at) =
+                db_result(svc.db.get_or_create(&username).await, &svc.health)?;
+            svc.write_through(vec![Write::live(&user, read_at)]).await;
+            Ok((user.json, created))
         })
         .await
     }
@@ -534,10 +543,10 @@ impl Service {
     ) -> Result<String, ServiceError> {
         self.detached(move |svc| async move {
             svc.stats.db_queries.fetch_add(1, Relaxed);
-            let user = match svc.db.rename(&old, &new).await {
-                Ok(Some(user)) => {
+            let (user, read_at) = match svc.db.rename(&old, &new).await {
+                Ok(Some(found)) => {
                     svc.health.saw_up(Backend::Postgres);
-                    user
+                    found
                 }
                 Ok(None) => {
                     svc.health.saw_up(Backend::Postgres);
@@ -546,35 +555,28 @@ impl Service {
                 Err(DbError::Conflict(_)) => return Err(ServiceError::Conflict(new)),
                 Err(e) => return Err(db_error(e, &svc.health)),
             };
-            let json = user.json.clone();
             let mut writes = Vec::with_capacity(2);
             if old != new {
-                writes.push(Write::Tombstone {
-                    username: old,
-                    version: user.version,
-                });
+                writes.push(Write::tombstone(old, user.version));
             }
-            writes.push(Write::Live {
-                username: user.username,
-                version: user.version,
-                json: json.clone(),
-            });
+            writes.push(Write::live(&user, read_at));
             svc.write_through(writes).await;
-            Ok(json)
+            Ok(user.json)
         })
         .await
     }
 
     /// Delete, write-through: the entry becomes a tombstone carrying the deleted row's version.
-    pub async fn delete(self: &Arc<Self>, username: String) -> Result<bool, ServiceError> {
+    /// Returns that version, or `None` when there was no such user.
+    pub async fn delete(self: &Arc<Self>, username: String) -> Result<Option<i64>, ServiceError> {
         self.detached(move |svc| async move {
             svc.stats.db_queries.fetch_add(1, Relaxed);
             let Some(version) = db_result(svc.db.delete(&username).await, &svc.health)? else {
-                return Ok(false);
+                return Ok(None);
             };
-            svc.write_through(vec![Write::Tombstone { username, version }])
+            svc.write_through(vec![Write::tombstone(username, version)])
                 .await;
-            Ok(true)
+            Ok(Some(version))
         })
         .await
     }
@@ -598,7 +600,7 @@ impl Service {
         if self.health.is_up(Backend::Redis) {
             match self.cache.apply(&writes).await {
                 Ok(outcomes) => {
-                    self.count_refused(&outcomes);
+                    self.count_outcomes(&outcomes);
                     return;
                 }
                 Err(e) => self.cache_failed(&e, "write"),
@@ -610,13 +612,13 @@ impl Service {
     }
 
     /// Counts the writes Redis refused because it held a newer version (a stale fill or a write
-    /// that lost a race): in aggregate, on the stats line and in `stats`. A write that found its
-    /// own version there already (the CDC worker got there first) is not stale.
-    fn count_refused(&self, outcomes: &[Outcome]) {
-        let refused = outcomes.iter().filter(|o| **o == Outcome::Refused).count() as u64;
-        if refused > 0 {
-            self.stats.stale_writes_refused.fetch_add(refused, Relaxed);
-        }
+    /// that lost a race), and the keys left alone because they hold a value that is not
+    /// cacheward's: in aggregate, on the stats line and in `stats`. A write that found its own
+    /// version there already (the CDC worker got there first) is not stale, nor is one refused by
+    /// the fence (it read before a TRUNCATE, a resync or a Redis restart: the key is just not
+    /// filled).
+    pub fn count_outcomes(&self, outcomes: &[Outcome]) {
+        self.stats.count_outcomes(outcomes);
     }
 
     fn cache_failed(&self, e: &CacheError, during: &'static str) {
@@ -633,6 +635,9 @@ impl Service {
             }
             CacheError::Server(reason) => {
                 tracing::error!(during, error = %reason, "redis refused a command");
+            }
+            CacheError::Unfenced => {
+                tracing::debug!(during, "redis has no fence yet");
             }
         }
     }
@@ -683,12 +688,12 @@ impl Service {
             .expect("repair lock is never poisoned")
             .overflowed;
         if overflowed {
-            // Every entry may be stale: a tombstone at the current version horizon drops them all
-            // and keeps out any fill that read before now.
-            let horizon = db_result(self.db.version_horizon().await, &self.health)?;
+            // Every entry may be stale: a fence at a fresh horizon keeps out every write that read
+            // before now, and every entry written before it is dropped.
+            let fence = db_result(self.db.fresh_horizon().await, &self.health)?;
             let removed = self
                 .cache
-                .tombstone_all(horizon)
+                .drop_all(fence)
                 .await
                 .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
             tracing::warn!(removed, "cache cleared after repair queue overflow");
@@ -711,27 +716,19 @@ impl Service {
                 break;
             }
             let names: Vec<String> = batch.iter().map(|(n, _)| n.clone()).collect();
-            let (rows, horizon) = db_result(self.db.current_rows(&names).await, &self.health)?;
-            let mut writes: Vec<Write> = rows
-                .into_iter()
-                .map(|u| Write::Live {
-                    json: u.json.clone(),
-                    username: u.username,
-                    version: u.version,
-                })
-                .collect();
+            let (rows, read_at, horizon) =
+                db_result(self.db.current_rows(&names).await, &self.health)?;
+            let mut writes: Vec<Write> = rows.iter().map(|u| Write::live(u, read_at)).collect();
             for name in &names {
                 if !writes.iter().any(|w| w.username() == name) {
-                    writes.push(Write::Tombstone {
-                        username: name.clone(),
-                        version: horizon,
-                    });
+                    writes.push(Write::tombstone(name.clone(), horizon));
                 }
             }
-            self.cache.apply(&writes).await.map_err(|e| {
+            let outcomes = self.cache.apply(&writes).await.map_err(|e| {
                 self.cache_failed(&e, "repair");
                 ServiceError::Unavailable(e.to_string())
             })?;
+            self.count_outcomes(&outcomes);
             let mut queue = self.repair.lock().expect("repair lock is never poisoned");
             for (name, generation) in &batch {
                 if queue.names.get(name) == Some(generation) {
@@ -762,6 +759,7 @@ impl Service {
             cache_misses: s.cache_misses.load(Relaxed),
             db_queries: s.db_queries.load(Relaxed),
             stale_writes_refused: s.stale_writes_refused.load(Relaxed),
+            foreign_values_skipped: s.foreign_values_skipped.load(Relaxed),
             repairs_pending: self.repair_len.load(Relaxed) as u64,
             cdc: self.cdc.report(reset_lag),
         }

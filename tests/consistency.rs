@@ -7,35 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cacheward::service::{FillHook, Hooks};
-use common::{kind, wait_until, Rpc, TestEnv};
+use common::{hold_fills, kind, wait_until, Rpc, TestEnv};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
-
-/// A hook that stops the fill of `name` after its database read until the test lets it go.
-fn pause_fill_of(name: &'static str) -> (Hooks, mpsc::Receiver<()>, Arc<Semaphore>) {
-    let (reached_tx, reached_rx) = mpsc::channel(1);
-    let go = Arc::new(Semaphore::new(0));
-    let hook: FillHook = {
-        let go = go.clone();
-        Arc::new(move |username: String| {
-            let (reached, go) = (reached_tx.clone(), go.clone());
-            Box::pin(async move {
-                if username == name {
-                    reached.send(()).await.expect("test is waiting");
-                    go.acquire().await.expect("never closed").forget();
-                }
-            })
-        })
-    };
-    (
-        Hooks {
-            before_fill: Some(hook),
-            ..Hooks::default()
-        },
-        reached_rx,
-        go,
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_that_read_before_a_delete_and_reinsert_cannot_overwrite_the_new_row() {
@@ -46,7 +20,7 @@ async fn a_fill_that_read_before_a_delete_and_reinsert_cannot_overwrite_the_new_
         .await
         .unwrap();
     let old = env.row_json("racer").await.unwrap();
-    let (hooks, mut reached, go) = pause_fill_of("racer");
+    let (hooks, mut reached, go) = hold_fills(Some("racer"));
     let daemon = env.start_daemon_with(env.config(), hooks).await;
 
     // Reader: misses, reads the old row, and is held before writing Redis.
@@ -95,7 +69,7 @@ async fn a_fill_that_read_before_a_rename_cannot_resurrect_the_old_name() {
         .execute("INSERT INTO users (username) VALUES ('before')", &[])
         .await
         .unwrap();
-    let (hooks, mut reached, go) = pause_fill_of("before");
+    let (hooks, mut reached, go) = hold_fills(Some("before"));
     let daemon = env.start_daemon_with(env.config(), hooks).await;
 
     let socket = daemon.socket.clone();
@@ -295,7 +269,7 @@ async fn a_get_that_missed_just_before_a_fill_does_not_query_again() {
         .await
         .unwrap();
     // The first get pauses before its fill; the second pauses between its miss and joining.
-    let (fill_hooks, mut fill_reached, fill_go) = pause_fill_of("late");
+    let (fill_hooks, mut fill_reached, fill_go) = hold_fills(Some("late"));
     let (miss_tx, mut miss_reached) = mpsc::channel(1);
     let miss_go = Arc::new(Semaphore::new(0));
     let misses = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -408,15 +382,14 @@ async fn the_write_script_tells_stale_writes_from_ones_already_there() {
     use cacheward::cache::{Cache, Outcome, Write};
     let env = TestEnv::start().await;
     let cache = Cache::new(&env.config()).unwrap();
+    cache.establish_fence(1).await.unwrap();
     let live = |version: i64| Write::Live {
         username: "v".into(),
         version,
         json: format!(r#"{{"id":1,"username":"v","version":{version}}}"#),
+        read_at: 1,
     };
-    let tombstone = |version: i64| Write::Tombstone {
-        username: "v".into(),
-        version,
-    };
+    let tombstone = |version: i64| Write::tombstone("v", version);
     for (write, expected) in [
         (live(5), Outcome::Applied),
         (live(5), Outcome::Current),

@@ -66,13 +66,15 @@ async fn every_method_and_its_edge_cases() {
         .await;
     assert_eq!(missing["error"]["code"], json!(-32001), "{missing}");
 
+    let bea_version = env.row_json("bea").await.unwrap()["version"].clone();
     assert_eq!(
         c.call("delete", json!({"username": "bea"})).await["result"],
-        json!({"deleted": true})
+        json!({"deleted": true, "version": bea_version}),
+        "delete answers the version the deletion is known by"
     );
     assert_eq!(
         c.call("delete", json!({"username": "bea"})).await["result"],
-        json!({"deleted": false})
+        json!({"deleted": false, "version": 0})
     );
     let gone = c.get("bea").await;
     assert_eq!(gone["error"]["code"], json!(-32001));

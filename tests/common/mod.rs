@@ -12,11 +12,12 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use cacheward::config::{Config, SecretUrl};
 use cacheward::dev::{Postgres, Redis, RedisOptions};
-use cacheward::service::Hooks;
+use cacheward::service::{FillHook, Hooks};
 use cacheward::{daemon, db, server};
 
 pub fn init_logs() {
@@ -438,4 +439,32 @@ impl UsersLock {
     pub async fn release(self) {
         self.0.batch_execute("COMMIT").await.expect("release lock");
     }
+}
+
+/// A hook that holds the fill of `only` (or of every name) after its database read until the test
+/// adds permits to the semaphore; each hold is announced on the receiver (without waiting when
+/// nobody listens).
+pub fn hold_fills(only: Option<&'static str>) -> (Hooks, mpsc::Receiver<()>, Arc<Semaphore>) {
+    let (reached_tx, reached_rx) = mpsc::channel(1);
+    let go = Arc::new(Semaphore::new(0));
+    let hook: FillHook = {
+        let go = go.clone();
+        Arc::new(move |username: String| {
+            let (reached, go) = (reached_tx.clone(), go.clone());
+            Box::pin(async move {
+                if only.is_none_or(|name| name == username) {
+                    let _ = reached.try_send(());
+                    go.acquire().await.expect("never closed").forget();
+                }
+            })
+        })
+    };
+    (
+        Hooks {
+            before_fill: Some(hook),
+            ..Hooks::default()
+        },
+        reached_rx,
+        go,
+    )
 }

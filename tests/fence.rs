@@ -1,0 +1,278 @@
+//! The fence (`Cache::fence_key`): a cache-aside fill that read its rows before a TRUNCATE, or
+//! before Redis lost its data (FLUSHALL, a restart), never lands, whether or not its key existed
+//! when the event was applied. The races are driven on purpose: the fill is held after its database
+//! read until the event has been applied.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{hold_fills, kind, wait_until, TestEnv};
+use serde_json::{json, Value};
+
+fn names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("fenced{i:02}")).collect()
+}
+
+async fn insert(env: &TestEnv, names: &[String]) {
+    env.pg()
+        .await
+        .execute(
+            "INSERT INTO users (username) SELECT unnest($1::text[])",
+            &[&names],
+        )
+        .await
+        .unwrap();
+}
+
+/// The fence's value in Redis.
+async fn fence(env: &TestEnv) -> Option<i64> {
+    let mut conn = env.redis().await;
+    let value: Option<String> = redis::cmd("GET")
+        .arg("user:")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    value.map(|v| v.parse().expect("the fence is a number"))
+}
+
+/// Pipelines a get of every name on one connection; returns the answers once all came.
+fn pipelined_gets(
+    socket: std::path::PathBuf,
+    names: Vec<String>,
+) -> tokio::task::JoinHandle<Vec<Value>> {
+    tokio::spawn(async move {
+        let mut c = common::Rpc::connect(&socket).await;
+        for (i, name) in names.iter().enumerate() {
+            c.send(
+                &json!({"jsonrpc": "2.0", "id": i, "method": "get", "params": {"username": name}}),
+            )
+            .await;
+        }
+        let mut answers = Vec::new();
+        for _ in &names {
+            answers.push(c.recv().await);
+        }
+        answers
+    })
+}
+
+/// After the held fills were let go and answered: no name has a live entry in Redis, every get
+/// answers not found, and `verify` finds nothing.
+async fn assert_nothing_stale(env: &TestEnv, daemon: &common::Daemon, names: &[String]) {
+    let mut c = daemon.client().await;
+    for name in names {
+        let got = c.get(name).await;
+        assert_eq!(kind(&got), "not_found", "{name} was removed: {got}");
+    }
+    for name in names {
+        let raw = env.cached(name).await;
+        assert!(
+            !raw.as_deref().is_some_and(cacheward::cache::is_live),
+            "{name} is cached although its row is gone: {raw:?}"
+        );
+    }
+    let verify = env.verify();
+    assert!(verify.status.success(), "verify: {verify:?}");
+}
+
+/// The issue's reproduction: 30 cold gets read their rows, a TRUNCATE is committed and applied
+/// (the scan finds no keys, so it writes no tombstones), then the fills arrive. Without a fence
+/// all 30 deleted rows would stay cached for the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_that_read_before_a_truncate_never_land() {
+    let env = TestEnv::start().await;
+    let names = names(30);
+    insert(&env, &names).await;
+    let (hooks, mut reached, go) = hold_fills(None);
+    let daemon = env.start_daemon_with(env.config(), hooks).await;
+
+    let gets = pipelined_gets(daemon.socket.clone(), names.clone());
+    reached.recv().await.expect("a fill reached the hold");
+    let before = fence(&env).await.expect("the daemon set a fence");
+    let pg = env.pg().await;
+    pg.batch_execute("TRUNCATE users").await.unwrap();
+    let truncated_at: i64 = pg
+        .query_one("SELECT last_value FROM cacheward_version_seq", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_until(
+        "the CDC worker applied the TRUNCATE",
+        Duration::from_secs(5),
+        || async {
+            fence(&env)
+                .await
+                .is_some_and(|f| f > before && f > truncated_at)
+        },
+    )
+    .await;
+
+    go.add_permits(1000);
+    for answer in gets.await.unwrap() {
+        // The answers themselves are from the database, read before the TRUNCATE: that is fine.
+        assert_eq!(answer["result"]["source"], json!("db"), "{answer}");
+    }
+    assert_nothing_stale(&env, &daemon, &names).await;
+    daemon.stop().await;
+}
+
+/// A fill that read a row before it was deleted, held while the delete's tombstone is written and
+/// then lost to a FLUSHALL (or a Redis restart): with nothing left in Redis to refuse it, only the
+/// fence can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_read_before_redis_lost_its_data_never_lands() {
+    let env = TestEnv::start().await;
+    let names = names(5);
+    insert(&env, &names).await;
+    let (hooks, mut reached, go) = hold_fills(None);
+    let daemon = env.start_daemon_with(env.config(), hooks).await;
+
+    let gets = pipelined_gets(daemon.socket.clone(), names.clone());
+    reached.recv().await.expect("a fill reached the hold");
+    let pg = env.pg().await;
+    pg.execute("DELETE FROM users WHERE username = ANY($1)", &[&names])
+        .await
+        .unwrap();
+    wait_until(
+        "the deletes reached Redis",
+        Duration::from_secs(5),
+        || async { env.cached(&names[0]).await.is_some() },
+    )
+    .await;
+    let mut conn = env.redis().await;
+    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    // Let the health monitor see the missing fence and set a new one, then let the fills go.
+    wait_until("a new fence", Duration::from_secs(5), || async {
+        fence(&env).await.is_some()
+    })
+    .await;
+    go.add_permits(1000);
+    gets.await.unwrap();
+    assert_nothing_stale(&env, &daemon, &names).await;
+
+    // The same before the fence is back: fills arriving while Redis has none are refused too.
+    let names2: Vec<String> = (0..5).map(|i| format!("flushed{i}")).collect();
+    insert(&env, &names2).await;
+    while reached.try_recv().is_ok() {}
+    let gets = pipelined_gets(daemon.socket.clone(), names2.clone());
+    reached.recv().await.expect("a fill reached the hold");
+    pg.execute("DELETE FROM users WHERE username = ANY($1)", &[&names2])
+        .await
+        .unwrap();
+    wait_until(
+        "the deletes reached Redis",
+        Duration::from_secs(5),
+        || async { env.cached(&names2[0]).await.is_some() },
+    )
+    .await;
+    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    go.add_permits(1000);
+    gets.await.unwrap();
+    assert_nothing_stale(&env, &daemon, &names2).await;
+    daemon.stop().await;
+}
+
+/// A live write with no fence in Redis, or one that read before the fence, is refused; a
+/// tombstone always applies; the fence only rises; a key holding something that is not
+/// cacheward's is left alone and reported as foreign.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
+    use cacheward::cache::{Cache, Outcome, Write};
+    let env = TestEnv::start().await;
+    let cache = Cache::new(&env.config()).unwrap();
+    let live = |name: &str, version: i64, read_at: i64| Write::Live {
+        username: name.into(),
+        version,
+        json: format!(r#"{{"id":1,"username":"{name}","version":{version}}}"#),
+        read_at,
+    };
+    assert_eq!(
+        cache.apply(&[live("a", 5, 100)]).await.unwrap(),
+        vec![Outcome::Fenced],
+        "no fence: Redis may have lost a tombstone"
+    );
+    assert_eq!(cache.establish_fence(10).await.unwrap(), 10);
+    assert_eq!(cache.establish_fence(20).await.unwrap(), 10, "set once");
+    assert_eq!(
+        cache
+            .apply(&[live("a", 5, 9), live("b", 5, 10), Write::tombstone("c", 3)])
+            .await
+            .unwrap(),
+        vec![Outcome::Fenced, Outcome::Applied, Outcome::Applied]
+    );
+    // Dropping everything at a higher fence: b's entry goes, and a write read before it is refused.
+    assert_eq!(cache.drop_all(15).await.unwrap(), 1);
+    assert!(env
+        .cached("b")
+        .await
+        .is_some_and(|v| !cacheward::cache::is_live(&v)));
+    assert_eq!(
+        cache.apply(&[live("b", 5, 14)]).await.unwrap(),
+        vec![Outcome::Fenced]
+    );
+    assert_eq!(
+        cache.apply(&[live("b", 5, 15)]).await.unwrap(),
+        vec![Outcome::Applied],
+        "the current row, read after the fence, fills again"
+    );
+    assert_eq!(
+        cache.drop_all(12).await.unwrap(),
+        1,
+        "the fence never falls"
+    );
+    assert_eq!(fence(&env).await, Some(15));
+
+    // Foreign values under the prefix: another type, a plain string, JSON that is not ours.
+    let mut conn = env.redis().await;
+    let () = redis::cmd("HSET")
+        .arg("user:hash")
+        .arg("f")
+        .arg("v")
+        .query_async::<i64>(&mut conn)
+        .await
+        .map(|_| ())
+        .unwrap();
+    for (key, value) in [
+        ("user:plain", "hello"),
+        ("user:json", r#"{"name":"x"}"#),
+        ("user:number", "42"),
+    ] {
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let writes: Vec<Write> = ["hash", "plain", "json", "number"]
+        .iter()
+        .flat_map(|name| [live(name, 50, 20), Write::tombstone(*name, 60)])
+        .collect();
+    assert_eq!(
+        cache.apply(&writes).await.unwrap(),
+        vec![Outcome::Foreign; 8]
+    );
+    assert_eq!(cache.drop_all(30).await.unwrap(), 0);
+    let values: (Option<String>, Option<String>, Option<String>) = redis::cmd("MGET")
+        .arg("user:plain")
+        .arg("user:json")
+        .arg("user:number")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        values,
+        (
+            Some("hello".into()),
+            Some(r#"{"name":"x"}"#.into()),
+            Some("42".into())
+        )
+    );
+    let kind: String = redis::cmd("TYPE")
+        .arg("user:hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kind, "hash");
+}
