@@ -136,6 +136,8 @@ pub enum CdcMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CdcConfig {
+    /// false: this daemon never runs the CDC worker (sidecar fleets where another daemon does).
+    pub enabled: bool,
     pub mode: CdcMode,
     pub channel: String,
     pub notify: bool,
@@ -147,6 +149,7 @@ pub struct CdcConfig {
 impl Default for CdcConfig {
     fn default() -> Self {
         CdcConfig {
+            enabled: true,
             mode: CdcMode::Refresh,
             channel: "cacheward_users".into(),
             notify: true,

@@ -66,8 +66,10 @@ pub async fn run(
             stop_background.clone(),
         ));
     }
-    let applier = Applier::new(config.clone(), service.cache().clone(), service.cdc.clone());
-    background.spawn(applier.run(stop_background.clone()));
+    if config.cdc.enabled {
+        let applier = Applier::new(config.clone(), service.cache().clone(), service.cdc.clone());
+        background.spawn(applier.run(stop_background.clone()));
+    }
     let beats = Arc::new(Heartbeats::default());
     background.spawn(monitor(
         service.clone(),

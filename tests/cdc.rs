@@ -820,6 +820,44 @@ async fn one_worker_per_cache_and_a_standby_takes_over() {
     second.stop().await;
 }
 
+/// `cdc.enabled = false`: the daemon never runs the CDC worker, never holds a CDC connection, and a
+/// leader that goes away is not replaced by it; its reads and writes work as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_with_cdc_disabled_never_competes_for_the_stream() {
+    let env = TestEnv::start().await;
+    let mut config = env.config();
+    config.cdc.enabled = false;
+    config.cdc.poll_interval_ms = 100;
+    let sidecar = env.start_daemon(config).await;
+    let mut c = sidecar.client().await;
+    assert!(c.call("put", json!({"username": "side"})).await["result"]["created"] == json!(true));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sidecar.health().await["cdc"]["listening"], json!(false));
+    let cdc_sessions: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cdc_sessions, 0, "no daemon holds or waits for the CDC lock");
+    env.pg()
+        .await
+        .execute("INSERT INTO users (username) VALUES ('unapplied')", &[])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        live(&env, "unapplied").await,
+        None,
+        "nobody applies the stream"
+    );
+    sidecar.stop().await;
+}
+
 /// The rows of a finished pending transaction are looked up by outbox id range, one index scan
 /// per transaction, never by reading through the whole outbox: otherwise every batch after a
 /// busy one costs time in proportion to the retained outbox (30 ms at 300 000 rows), and the
