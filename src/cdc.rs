@@ -350,8 +350,11 @@ pub fn late_query() -> String {
     )
 }
 
+/// The lag is clamped to [0, one day]: `changed_at` is what the outbox row says, and no value there
+/// (`infinity`, a year 294276 AD) may fail the read.
 const CHANGE_COLUMNS: &str = "o.id, o.op, o.username, o.old_username, o.version, \
-     (extract(epoch FROM clock_timestamp() - o.changed_at) * 1000)::bigint";
+     least(greatest((extract(epoch FROM clock_timestamp()) - extract(epoch FROM o.changed_at)) \
+                    * 1000, 0), 86400000)::bigint";
 
 fn change(row: &tokio_postgres::Row) -> Change {
     Change {
@@ -798,10 +801,12 @@ impl Applier {
             }
         };
         let (rows, own_xid, _) = tokio::try_join!(rows, own_xid, client.batch_execute("COMMIT"))?;
-        let rows = rows
-            .iter()
-            .map(|r| User::from_row(r).map_err(|e| DbError::Other(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
+        // A row that cannot be served is skipped, once per change, and its name gets a tombstone
+        // (the plan treats it as missing): the rest of the batch is applied.
+        let (rows, broken) = User::from_rows(&rows);
+        for e in &broken {
+            tracing::warn!(username = ?e.username, error = %e.reason, "cdc skipped a row that cannot be served");
+        }
         if let Some(own) = own_xid {
             let own = parse_xid(own)?;
             snapshot.running = in_flight(snapshot.xmax, snapshot.running, own);

@@ -7,7 +7,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
 use crate::config::Config;
-use crate::user::{User, USER_SELECT};
+use crate::user::{RowError, User, USER_SELECT};
 
 /// Why a database call failed, classified once here for every caller.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -21,6 +21,10 @@ pub enum DbError {
     /// A unique constraint refused the change (rename onto an existing name).
     #[error("unique violation: {0}")]
     Conflict(String),
+    /// A row that cannot be served (see `User::from_row`): fails only the request that asked
+    /// for it.
+    #[error(transparent)]
+    Row(#[from] RowError),
     /// Anything else (missing schema, bad SQL): not fixed by retrying.
     #[error("postgres error: {0}")]
     Other(String),
@@ -78,7 +82,7 @@ impl From<deadpool_postgres::PoolError> for DbError {
 }
 
 fn user_from_row(row: &Row) -> Result<User, DbError> {
-    User::from_row(row).map_err(|e| DbError::Other(e.to_string()))
+    Ok(User::from_row(row)?)
 }
 
 /// PostgreSQL refuses to run a prepared statement whose result columns changed since it was
@@ -179,6 +183,16 @@ pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
     Ok(pg)
 }
 
+/// What a read of several names found.
+#[derive(Debug)]
+pub struct Found {
+    pub users: Vec<User>,
+    /// Rows that exist but cannot be served (each fails only its own name).
+    pub broken: Vec<RowError>,
+    /// The version horizon read before the rows (see `Cache::fence_key`).
+    pub read_at: i64,
+}
+
 /// The pool serving requests, with every call bounded in time.
 #[derive(Clone)]
 pub struct Db {
@@ -229,20 +243,25 @@ impl Db {
     /// The rows named by `usernames` (in no particular order; absent names have none), in one
     /// query. Retried once on a connection that turned out to be dead (after a server restart the
     /// pool still holds its old connections).
-    /// Also returns the horizon read before them (their `read_at`).
-    pub async fn find_users(&self, usernames: &[&str]) -> Result<(Vec<User>, i64), DbError> {
+    /// Also returns the rows that cannot be served, apart, and the horizon read before them
+    /// (their `read_at`).
+    pub async fn find_users(&self, usernames: &[&str]) -> Result<Found, DbError> {
         match self.find_users_once(usernames).await {
             Err(DbError::Unavailable(_)) => self.find_users_once(usernames).await,
             other => other,
         }
     }
 
-    async fn find_users_once(&self, usernames: &[&str]) -> Result<(Vec<User>, i64), DbError> {
+    async fn find_users_once(&self, usernames: &[&str]) -> Result<Found, DbError> {
         self.bounded("select users", async {
             let client = self.pool.get().await?;
             let (rows, read_at) = query_after_horizon(&client, FIND_USERS, &[&usernames]).await?;
-            let users = rows.iter().map(user_from_row).collect::<Result<_, _>>()?;
-            Ok((users, read_at))
+            let (users, broken) = User::from_rows(&rows);
+            Ok(Found {
+                users,
+                broken,
+                read_at,
+            })
         })
         .await
     }
@@ -315,25 +334,24 @@ impl Db {
         .await
     }
 
-    /// The rows named in `usernames` that exist, the horizon read before them (their
-    /// `read_at`), and a version at least as large as any that a missing name can have had: the
-    /// tombstone version for those that do not.
-    pub async fn current_rows(
-        &self,
-        usernames: &[String],
-    ) -> Result<(Vec<User>, i64, i64), DbError> {
+    /// The rows named in `usernames` that exist (those that cannot be served apart), the horizon
+    /// read before them (their `read_at`), and a version at least as large as any that a missing
+    /// name can have had: the tombstone version for those that do not.
+    pub async fn current_rows(&self, usernames: &[String]) -> Result<(Found, i64), DbError> {
         self.bounded("select users", async {
             let client = self.pool.get().await?;
             let (rows, read_at) = query_after_horizon(&client, FIND_USERS, &[&usernames]).await?;
-            let users = rows
-                .iter()
-                .map(user_from_row)
-                .collect::<Result<Vec<_>, _>>()?;
+            let (users, broken) = User::from_rows(&rows);
             // Read after the rows: a name missing above was removed before, so every version it
             // ever had was drawn before this.
             let stmt = client.prepare_cached(HORIZON).await?;
             let horizon: i64 = client.query_one(&stmt, &[]).await?.get(0);
-            Ok((users, read_at, horizon))
+            let found = Found {
+                users,
+                broken,
+                read_at,
+            };
+            Ok((found, horizon))
         })
         .await
     }

@@ -602,15 +602,16 @@ impl DevStack {
             .establish_fence(fence)
             .await
             .map_err(|e| seeding(e.to_string()))?;
-        let (mut users, read_at) = store
+        let mut found = store
             .find_users(&[SEED_USERS[0]])
             .await
             .map_err(|e| seeding(e.to_string()))?;
-        let user = users
+        let user = found
+            .users
             .pop()
             .ok_or_else(|| seeding("user01 vanished".into()))?;
         cache
-            .apply(&[Write::live(&user, read_at)])
+            .apply(&[Write::live(&user, found.read_at)])
             .await
             .map_err(|e| seeding(e.to_string()))?;
         Ok(())

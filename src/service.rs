@@ -309,6 +309,11 @@ fn db_error(e: DbError, health: &Health) -> ServiceError {
         DbError::Timeout(reason) => {
             ServiceError::Unavailable(format!("postgres timed out: {reason}"))
         }
+        // One row that cannot be served: its own request fails, naming the column.
+        DbError::Row(e) => {
+            tracing::debug!(error = %e, "a users row cannot be served");
+            ServiceError::Internal(e.to_string())
+        }
         DbError::Conflict(reason) | DbError::Other(reason) => {
             tracing::error!(error = %reason, "postgres query failed");
             ServiceError::Internal(format!("postgres: {reason}"))
@@ -471,7 +476,11 @@ impl Service {
         let users = self.db.find_users(&names).await;
         drop(slot);
         self.start_loader();
-        let (users, read_at) = match db_result(users, &self.health) {
+        let crate::db::Found {
+            users,
+            broken,
+            read_at,
+        } = match db_result(users, &self.health) {
             Ok(found) => found,
             Err(e) => {
                 for &i in &cold {
@@ -500,7 +509,12 @@ impl Service {
             .map(|user| (user.username.as_str(), user.json.as_str()))
             .collect();
         for &i in &cold {
-            let json = found.get(batch.username(i)).map(|json| json.to_string());
+            let name = batch.username(i);
+            if let Some(e) = broken.iter().find(|e| e.username.as_deref() == Some(name)) {
+                batch.finish(i, Err(ServiceError::Internal(e.to_string())));
+                continue;
+            }
+            let json = found.get(name).map(|json| json.to_string());
             batch.finish(i, Ok(json.map(|json| (json, Source::Db))));
         }
         let Some(fill) = fill else {
@@ -716,9 +730,14 @@ impl Service {
                 break;
             }
             let names: Vec<String> = batch.iter().map(|(n, _)| n.clone()).collect();
-            let (rows, read_at, horizon) =
-                db_result(self.db.current_rows(&names).await, &self.health)?;
-            let mut writes: Vec<Write> = rows.iter().map(|u| Write::live(u, read_at)).collect();
+            let (found, horizon) = db_result(self.db.current_rows(&names).await, &self.health)?;
+            // A row that cannot be served gets a tombstone, like a missing one: nothing stale
+            // stays cached for it.
+            let mut writes: Vec<Write> = found
+                .users
+                .iter()
+                .map(|u| Write::live(u, found.read_at))
+                .collect();
             for name in &names {
                 if !writes.iter().any(|w| w.username() == name) {
                     writes.push(Write::tombstone(name.clone(), horizon));

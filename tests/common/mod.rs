@@ -239,6 +239,16 @@ impl Rpc {
         self.send_raw(&line).await;
     }
 
+    /// The next response line as text; panics after 10 s or at EOF.
+    pub async fn recv_line(&mut self) -> String {
+        let mut line = String::new();
+        match tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut line)).await
+        {
+            Ok(Ok(n)) if n > 0 => line,
+            other => panic!("no response line within 10 s: {other:?}"),
+        }
+    }
+
     /// The next response line, parsed; panics after 10 s.
     pub async fn recv(&mut self) -> Value {
         self.try_recv(Duration::from_secs(10))
