@@ -168,11 +168,11 @@ fn parse_xid(text: String) -> Result<u64, DbError> {
 async fn head(client: &Client, after: i64) -> Result<(Cursor, i64), CdcError> {
     let row = client
         .query_one(
-            "SELECT coalesce((SELECT max(id) FROM cacheward_outbox), 0),
+            &format!("SELECT coalesce((SELECT max(id) FROM cacheward_outbox WHERE id <= ({OUTBOX_ID_HORIZON})), 0),
                     nextval('cacheward_version_seq'),
                     pg_snapshot_xmax(pg_current_snapshot())::text,
                     ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x),
-                    pg_current_xact_id()::text",
+                    pg_current_xact_id()::text"),
             &[],
         )
         .await?;
@@ -278,6 +278,27 @@ struct Change {
     old_username: Option<String>,
     version: i64,
     lag_ms: i64,
+    /// Whether the version is one the version sequence can have drawn.
+    version_drawn: bool,
+}
+
+impl Change {
+    /// Why this outbox row cannot be what the capture trigger wrote, if so. The outbox is input
+    /// like any other: a row forged by a role that may insert there must not stop the stream,
+    /// fence the cache off for good or make it drop everything at will.
+    fn malformed(&self) -> Option<&'static str> {
+        if !self.version_drawn {
+            return Some("its version is newer than any the version sequence drew");
+        }
+        match self.op.as_str() {
+            "insert" | "update" if self.username.is_none() => {
+                Some("an insert or update names no user")
+            }
+            "delete" if self.old_username.is_none() => Some("a delete names no user"),
+            "insert" | "update" | "delete" | "truncate" => None,
+            _ => Some("unknown op"),
+        }
+    }
 }
 
 /// The statements of the batch loop, prepared once per session: each then costs one round trip
@@ -297,7 +318,8 @@ struct Statements {
 impl Statements {
     async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
         let fresh = format!(
-            "SELECT {CHANGE_COLUMNS} FROM cacheward_outbox o WHERE o.id > $1 ORDER BY o.id LIMIT $2"
+            "SELECT {CHANGE_COLUMNS} FROM cacheward_outbox o
+             WHERE o.id > $1 AND o.id <= ({OUTBOX_ID_HORIZON}) ORDER BY o.id LIMIT $2"
         );
         let late = late_query();
         let rows = format!("SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)");
@@ -354,7 +376,13 @@ pub fn late_query() -> String {
 /// (`infinity`, a year 294276 AD) may fail the read.
 const CHANGE_COLUMNS: &str = "o.id, o.op, o.username, o.old_username, o.version, \
      least(greatest((extract(epoch FROM clock_timestamp()) - extract(epoch FROM o.changed_at)) \
-                    * 1000, 0), 86400000)::bigint";
+                    * 1000, 0), 86400000)::bigint, \
+     o.version <= (SELECT last_value FROM cacheward_version_seq)";
+
+/// The largest outbox id the identity has handed out: a row above it was forged (inserted with
+/// OVERRIDING SYSTEM VALUE), and is never read (it would move the cursor past every real change).
+const OUTBOX_ID_HORIZON: &str = "SELECT coalesce(pg_sequence_last_value(\
+     pg_get_serial_sequence('cacheward_outbox', 'id')::regclass), 0)";
 
 fn change(row: &tokio_postgres::Row) -> Change {
     Change {
@@ -364,6 +392,7 @@ fn change(row: &tokio_postgres::Row) -> Change {
         old_username: row.get(3),
         version: row.get(4),
         lag_ms: row.get(5),
+        version_drawn: row.get(6),
     }
 }
 
@@ -772,6 +801,10 @@ impl Applier {
         let mut mentioned: BTreeMap<String, i64> = BTreeMap::new();
         let mut truncate: Option<i64> = None;
         for c in fresh.iter().chain(&late) {
+            if let Some(reason) = c.malformed() {
+                tracing::warn!(id = c.id, op = %c.op, version = c.version, reason, "cdc skipped a malformed outbox row");
+                continue;
+            }
             if c.op == "truncate" {
                 truncate = truncate.max(Some(c.version));
             }

@@ -361,6 +361,11 @@ impl Db {
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "users", include_str!("../sql/0001_users.sql")),
     (2, "cdc", include_str!("../sql/0002_cdc.sql")),
+    (
+        3,
+        "least privilege",
+        include_str!("../sql/0003_least_privilege.sql"),
+    ),
 ];
 
 /// Applies every migration not yet recorded in `cacheward_migrations`. Safe to run concurrently
