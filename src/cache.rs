@@ -680,16 +680,49 @@ impl Cache {
         Ok(found)
     }
 
-    /// The stored values of `usernames` (live entries, tombstones or foreign values alike).
-    pub async fn get_raw(&self, usernames: &[String]) -> Result<Vec<Option<String>>, CacheError> {
+    /// What is stored at the keys of `usernames`: strings as they are (live entries, tombstones,
+    /// foreign strings), and whether a key holds another type.
+    pub async fn get_raw(&self, usernames: &[String]) -> Result<Vec<Stored>, CacheError> {
         if usernames.is_empty() {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = usernames.iter().map(|u| self.key(u)).collect();
         let mut conn = self.conn.clone();
-        self.bounded(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
-            .await
+        let values: Vec<Option<String>> = self
+            .bounded(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
+            .await?;
+        // MGET answers nil for a key of another type: ask those keys their type.
+        let absent: Vec<usize> = (0..keys.len()).filter(|&i| values[i].is_none()).collect();
+        let mut types: Vec<String> = Vec::new();
+        if !absent.is_empty() {
+            let mut pipe = redis::pipe();
+            for &i in &absent {
+                pipe.cmd("TYPE").arg(&keys[i]);
+            }
+            types = self.bounded(pipe.query_async(&mut conn)).await?;
+        }
+        let mut types = absent.into_iter().zip(types).peekable();
+        Ok(values
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| match value {
+                Some(text) => Stored::String(text),
+                None => match types.next_if(|(at, _)| *at == i) {
+                    Some((_, kind)) if kind != "none" && kind != "string" => Stored::Other,
+                    _ => Stored::Missing,
+                },
+            })
+            .collect())
     }
+}
+
+/// What a key holds, as `verify` looks at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    Missing,
+    String(String),
+    /// A hash, a list, a set…: not cacheward's.
+    Other,
 }
 
 /// Keys asked for per SCAN step.

@@ -409,6 +409,13 @@ impl Config {
         )?;
         at_least("redis.timeout_ms", self.redis.timeout_ms, 1)?;
         at_least("cache.ttl_secs", self.cache.ttl_secs, 1)?;
+        if self.cache.key_prefix.is_empty() {
+            // Every key in the logical database would be a user's: a TRUNCATE would drop them all.
+            return Err(invalid(
+                "cache.key_prefix",
+                "must not be empty: cacheward's keys must not share a namespace with others",
+            ));
+        }
         if self.cache.key_prefix.chars().any(char::is_control) {
             return Err(invalid(
                 "cache.key_prefix",
@@ -681,6 +688,11 @@ mod tests {
                 &[("CACHEWARD__CDC__CHANNEL", "bad channel;")],
                 None,
                 "cdc.channel",
+            ),
+            (
+                &[],
+                Some("[cache]\nkey_prefix = \"\"\n"),
+                "cache.key_prefix",
             ),
             (&[("CACHEWARD__LOG__FORMAT", "xml")], None, "log.format"),
             (&[("CACHEWARD__LOG__LEVEL", "loud=[")], None, "log.level"),

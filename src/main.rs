@@ -322,24 +322,34 @@ async fn verify(common: Common) -> anyhow::Result<ExitCode> {
     let config = common.load()?;
     config.require_backends()?;
     let report = cacheward::verify::verify(&config).await?;
+    use cacheward::verify::printable;
     for m in &report.mismatches {
         println!(
             "mismatch {}: cached {} database {}",
-            m.key,
-            m.cached,
-            m.row.as_deref().unwrap_or("(no row)")
+            printable(&m.key),
+            printable(&m.cached),
+            printable(m.row.as_deref().unwrap_or("(no row)"))
+        );
+    }
+    for key in &report.foreign {
+        println!(
+            "foreign {}: holds a value that is not cacheward's; left alone",
+            printable(key)
         );
     }
     println!(
-        "checked {} cached users: {} mismatches",
+        "checked {} cached users: {} mismatches, {} foreign values",
         report.checked,
-        report.mismatches.len()
+        report.mismatches.len(),
+        report.foreign.len()
     );
-    Ok(if report.mismatches.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if report.mismatches.is_empty() && report.foreign.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 async fn call(common: Common, method: &str, params: Value) -> anyhow::Result<ExitCode> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::cache::{is_live, Cache};
+use crate::cache::{is_live, is_ours, Cache, Stored};
 use crate::config::Config;
 use crate::db;
 use crate::user::{User, USER_SELECT};
@@ -25,6 +25,8 @@ pub struct Report {
     /// Live entries compared.
     pub checked: u64,
     pub mismatches: Vec<Mismatch>,
+    /// Keys under the prefix holding values that are not cacheward's (left alone).
+    pub foreign: Vec<String>,
 }
 
 /// How long to wait before looking again at a suspect entry: a change in flight (a write between
@@ -46,9 +48,12 @@ pub async fn verify(config: &Config) -> anyhow::Result<Report> {
     let mut cursor = 0;
     loop {
         let (next, names) = cache.scan_page(cursor).await?;
-        let (checked, found) = compare(&cache, &client, &select, names).await?;
+        let (checked, found, foreign) = compare(&cache, &client, &select, names).await?;
         report.checked += checked;
         suspects.extend(found);
+        report
+            .foreign
+            .extend(foreign.iter().map(|name| cache.key(name)));
         if next == 0 {
             break;
         }
@@ -65,19 +70,32 @@ pub async fn verify(config: &Config) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// Compares the entries of `names`; returns how many were live and those that differ (named by
-/// username).
+/// Compares the entries of `names`; returns how many were live, those that differ, and those
+/// holding a value that is not cacheward's (named by username).
 async fn compare(
     cache: &Cache,
     client: &tokio_postgres::Client,
     select: &tokio_postgres::Statement,
     names: Vec<String>,
-) -> anyhow::Result<(u64, Vec<Mismatch>)> {
+) -> anyhow::Result<(u64, Vec<Mismatch>, Vec<String>)> {
     let values = cache.get_raw(&names).await?;
+    let foreign: Vec<String> = names
+        .iter()
+        .zip(&values)
+        .filter(|(_, value)| match value {
+            Stored::String(v) => !is_ours(v),
+            Stored::Other => true,
+            Stored::Missing => false,
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
     let live: Vec<(String, String)> = names
         .into_iter()
         .zip(values)
-        .filter_map(|(name, value)| value.filter(|v| is_live(v)).map(|v| (name, v)))
+        .filter_map(|(name, value)| match value {
+            Stored::String(v) if is_live(&v) => Some((name, v)),
+            _ => None,
+        })
         .collect();
     let wanted: Vec<&str> = live.iter().map(|(n, _)| n.as_str()).collect();
     let rows = client.query(select, &[&wanted]).await?;
@@ -104,7 +122,21 @@ async fn compare(
             });
         }
     }
-    Ok((live.len() as u64, mismatches))
+    Ok((live.len() as u64, mismatches, foreign))
+}
+
+/// Text fit for a terminal: control characters (an ESC or BEL in a username could retitle or
+/// recolour the operator's terminal) are written as `\u{..}` escapes.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Whether two JSON texts say the same (key order and spacing aside). A text serde_json cannot
@@ -129,5 +161,11 @@ mod tests {
         assert!(!same_json(r#"{"a":1}"#, r#"{"a":2}"#));
         assert!(same_json(r#"{"n":1e400}"#, r#"{"n":1e400}"#));
         assert!(!same_json(r#"{"n":1e400}"#, r#"{"n":2e400}"#));
+    }
+
+    #[test]
+    fn control_characters_are_escaped_for_the_terminal() {
+        assert_eq!(printable("user:\u{1b}]0;x\u{7}"), "user:\\u{1b}]0;x\\u{7}");
+        assert_eq!(printable("ok ñ"), "ok ñ");
     }
 }

@@ -302,4 +302,31 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
         .await
         .unwrap();
     assert_eq!(kind, "hash");
+
+    // verify names every foreign key, and prints a hostile username escaped: an ESC/BEL sequence
+    // in a key must not reach the operator's terminal.
+    let () = redis::cmd("SET")
+        .arg("user:evil\u{1b}]0;pwned\u{7}")
+        .arg(r#"{"id":1,"username":"evil","version":1}"#)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let out = env.verify();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for key in ["user:hash", "user:plain", "user:json", "user:number"] {
+        assert!(
+            text.contains(&format!("foreign {key}:")),
+            "{key} not reported:\n{text}"
+        );
+    }
+    assert!(text.contains("4 foreign values"), "{text}");
+    assert!(
+        text.contains("mismatch user:evil\\u{1b}]0;pwned\\u{7}:"),
+        "{text}"
+    );
+    assert!(
+        !out.stdout.contains(&0x1b) && !out.stdout.contains(&0x07),
+        "{text:?}"
+    );
 }
