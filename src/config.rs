@@ -19,7 +19,8 @@ pub enum ConfigError {
     #[error("config file {0} does not exist")]
     FileNotFound(PathBuf),
     /// A file could not be read or parsed, or a value has the wrong type (config-rs names the key).
-    #[error("{0}")]
+    /// Never echoes the file's text: a line that fails to parse may hold a password.
+    #[error("{}", load_error(.0))]
     Load(#[from] config::ConfigError),
     /// A key that cacheward does not know: almost always a typo.
     #[error("unknown configuration key `{key}` (from {origin})")]
@@ -27,6 +28,30 @@ pub enum ConfigError {
     /// A key whose value is out of range or malformed.
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: &'static str, reason: String },
+}
+
+/// What a config-rs error may say: where a file failed to parse, never the text there; anything
+/// else with connection-string passwords redacted.
+fn load_error(e: &config::ConfigError) -> String {
+    match e {
+        config::ConfigError::FileParse { uri, cause } => {
+            let cause = cause.to_string();
+            // The TOML error's first line says where ("TOML parse error at line 3, column 8"), its
+            // last says what; the lines between quote the file.
+            let mut lines = cause.lines().map(str::trim).filter(|l| !l.is_empty());
+            let at = lines.next().unwrap_or("parse error");
+            let what = lines
+                .next_back()
+                .filter(|l| !l.contains('|') && !l.starts_with(|c: char| c.is_ascii_digit()))
+                .map(|l| format!(": {}", crate::secrets::redact_text(l)))
+                .unwrap_or_default();
+            format!(
+                "cannot parse {}: {at}{what}",
+                uri.as_deref().unwrap_or("the configuration file")
+            )
+        }
+        other => crate::secrets::scrub(&other.to_string()).into_owned(),
+    }
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -275,38 +300,9 @@ impl Serialize for SecretUrl {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host` and of a `password=` (libpq) or `pass=`
-/// (redis-rs Unix socket URLs) query parameter.
+/// `url` with every password it holds replaced by `***` (see [`crate::secrets::redact_text`]).
 pub fn redact_url(url: &str) -> String {
-    let mut out = url.to_owned();
-    if let Some(scheme_end) = out.find("://") {
-        let rest_start = scheme_end + 3;
-        let authority_end = out[rest_start..]
-            .find(['/', '?', '#'])
-            .map_or(out.len(), |i| rest_start + i);
-        if let Some(at) = out[rest_start..authority_end].rfind('@') {
-            let userinfo = &out[rest_start..rest_start + at];
-            if let Some(colon) = userinfo.find(':') {
-                out.replace_range(rest_start + colon + 1..rest_start + at, "***");
-            }
-        }
-    }
-    if let Some(query_start) = out.find('?') {
-        let (head, query) = out.split_at(query_start + 1);
-        let query: Vec<String> = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((k, _))
-                    if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
-                {
-                    format!("{k}=***")
-                }
-                _ => pair.to_owned(),
-            })
-            .collect();
-        out = format!("{head}{}", query.join("&"));
-    }
-    out
+    crate::secrets::redact_text(url).into_owned()
 }
 
 /// What the command line adds on top of files and the environment.
@@ -372,6 +368,13 @@ impl Config {
         };
         check_known_keys(&layered, &origin)?;
         let config: Config = layered.try_deserialize()?;
+        // Known before anything can fail on them, so that no log line or error shows them.
+        crate::secrets::register(
+            [&config.postgres.url, &config.redis.url]
+                .into_iter()
+                .flatten()
+                .map(SecretUrl::expose),
+        );
         config.validate()?;
         Ok(config)
     }

@@ -13,6 +13,7 @@ pub mod dev;
 pub mod loads;
 pub mod metrics;
 pub mod protocol;
+pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod supervisor;

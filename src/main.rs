@@ -122,7 +122,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cacheward: {e:#}");
+            eprintln!(
+                "cacheward: {}",
+                cacheward::secrets::scrub(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }

@@ -270,6 +270,113 @@ async fn migrate_works_from_anywhere_and_bad_config_names_the_key() {
     }
 }
 
+/// No password, in any form a driver accepts, raw or percent-decoded, reaches a log line or a
+/// command's output: URLs whose password holds `/`, `?`, `#` or `"`, libpq key=value DSNs, Redis
+/// ACL users, a configuration file that fails to parse (at start and on SIGHUP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_any_log_line_or_output() {
+    let env = TestEnv::start().await;
+    // (DATABASE_URL, REDIS_URL, the secrets they hold in every form).
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "postgresql://app:Sl/ash?q#h@127.0.0.1:1/db",
+            "redis://svc:Redis%2FSecret@127.0.0.1:1/0",
+            &["Sl/ash?q#h", "Redis%2FSecret", "Redis/Secret"],
+        ),
+        (
+            "host=127.0.0.1 port=1 user=app password='Dsn Secret' dbname=db",
+            "redis://svc:Tls%22Secret@127.0.0.1:1/0",
+            &["Dsn Secret", "Tls%22Secret", "Tls\"Secret", "Tls\\\"Secret"],
+        ),
+        (
+            "postgresql://app:Pct%40Secret@127.0.0.1:1/db?sslmode=disable",
+            "redis://:hunter3@127.0.0.1:1/0",
+            &["Pct%40Secret", "Pct@Secret", "hunter3"],
+        ),
+    ];
+    for (i, (db, redis, secrets)) in cases.iter().enumerate() {
+        let check = |what: &str, text: &str| {
+            for secret in *secrets {
+                assert!(!text.contains(secret), "{what} leaked {secret:?}:\n{text}");
+            }
+        };
+        let out = Command::new(BIN)
+            .arg("migrate")
+            .env("DATABASE_URL", db)
+            .env("REDIS_URL", redis)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        check("migrate", &format!("{out:?}"));
+        let out = Command::new(BIN)
+            .arg("verify")
+            .env("DATABASE_URL", db)
+            .env("REDIS_URL", redis)
+            .output()
+            .unwrap();
+        check("verify", &format!("{out:?}"));
+
+        // serve, JSON and text logs, through start, failed connections, a rejected reload.
+        for format in ["json", "text"] {
+            let file = env.dir.path().join(format!("secret-{i}-{format}.toml"));
+            std::fs::write(&file, "[log]\nlevel = \"debug\"\n").unwrap();
+            let child = Command::new(BIN)
+                .args(["serve", "--config"])
+                .arg(&file)
+                .current_dir(env.dir.path())
+                .env("DATABASE_URL", db)
+                .env("REDIS_URL", redis)
+                .env(
+                    "CACHEWARD__SOCKET__PATH",
+                    env.dir.path().join(format!("s{i}.sock")),
+                )
+                .env("CACHEWARD__LOG__FORMAT", format)
+                .env_remove("RUST_LOG")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            // A broken file quoting a secret of its own: the reload is rejected without echoing it.
+            std::fs::write(
+                &file,
+                "[postgres]\nurl = \"postgresql://app:FileSecret@db/app\n",
+            )
+            .unwrap();
+            // SAFETY: signals to our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let out = child.wait_with_output().unwrap();
+            let logs = String::from_utf8_lossy(&out.stderr);
+            assert!(logs.contains("reload rejected"), "{logs}");
+            check("serve", &logs);
+            assert!(
+                !logs.contains("FileSecret"),
+                "the broken file leaked:\n{logs}"
+            );
+        }
+    }
+    // A file that fails to parse at start: named, with where, never quoted.
+    let file = env.dir.path().join("broken.toml");
+    std::fs::write(
+        &file,
+        "[postgres]\nurl = \"postgresql://app:FileSecret@db/app\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["migrate", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("broken.toml") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("FileSecret"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_dev_seeds_the_article_users_and_ctrl_c_removes_everything() {
     common::init_logs();
