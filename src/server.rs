@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -70,9 +70,17 @@ pub fn bind(config: &Config) -> Result<BoundSocket, BindError> {
         path: path.clone(),
         source,
     };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(io_err)?;
-    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    // Directories it creates are 0750 (the umask may only tighten that); existing ones are left
+    // as they are.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(parent)
+        .map_err(io_err)?;
     match std::fs::symlink_metadata(&path) {
         Ok(meta) if !meta.file_type().is_socket() => return Err(BindError::NotASocket(path)),
         Ok(_) => match std::os::unix::net::UnixStream::connect(&path) {
@@ -94,15 +102,59 @@ pub fn bind(config: &Config) -> Result<BoundSocket, BindError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(e)),
     }
-    let listener = UnixListener::bind(&path).map_err(io_err)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config.socket.mode.0))
-        .map_err(io_err)?;
+    let listener = bind_private(parent, &path, config.socket.mode.0).map_err(io_err)?;
     let meta = std::fs::symlink_metadata(&path).map_err(io_err)?;
     Ok(BoundSocket {
         listener,
         path,
         inode: (meta.dev(), meta.ino()),
     })
+}
+
+/// Binds the socket where nobody else can reach it, gives it `mode`, and only then moves it to
+/// `path`: never, not for an instant, is it reachable with wider permissions than configured,
+/// whatever the process umask. The private directory (0700, in `parent`, so the move is a rename
+/// on one file system) is removed again. The move never replaces a file that appeared at `path`
+/// meanwhile.
+fn bind_private(parent: &Path, path: &Path, mode: u32) -> io::Result<UnixListener> {
+    let private = tempfile::Builder::new()
+        .prefix(".cacheward-bind-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(parent)?;
+    let staged = private.path().join("s");
+    let listener = UnixListener::bind(&staged)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+    rename_no_replace(&staged, path)?;
+    Ok(listener)
+}
+
+/// `rename` that fails with `AlreadyExists` instead of replacing `to` (Linux `renameat2` with
+/// `RENAME_NOREPLACE`; a plain rename where the file system does not support it).
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))
+    };
+    let (from_c, to_c) = (c(from)?, c(to)?);
+    // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves them as given.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => std::fs::rename(from, to),
+        _ => Err(e),
+    }
 }
 
 /// Serves connections until `shutdown` fires, then stops accepting, removes the socket file and
