@@ -82,7 +82,18 @@ pub struct SocketConfig {
     pub max_connections: usize,
     pub max_request_bytes: usize,
     pub max_inflight: usize,
+    /// Request bytes read but not answered, plus answer bytes not written, per connection: past
+    /// it the daemon stops reading that connection.
+    pub max_inflight_bytes: usize,
     pub idle_timeout_secs: u64,
+    /// A connection whose answers cannot be written for this long is closed.
+    pub write_timeout_secs: u64,
+    /// Peers (SO_PEERCRED) allowed to connect; both empty: anyone the file mode lets in.
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+    /// Peers that may only read (`get`, `stats`, `health`).
+    pub readonly_uids: Vec<u32>,
+    pub readonly_gids: Vec<u32>,
 }
 
 impl Default for SocketConfig {
@@ -93,10 +104,24 @@ impl Default for SocketConfig {
             max_connections: 1024,
             max_request_bytes: 65536,
             max_inflight: 128,
+            max_inflight_bytes: 1 << 20,
             idle_timeout_secs: 300,
+            write_timeout_secs: 10,
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+            readonly_uids: Vec::new(),
+            readonly_gids: Vec::new(),
         }
     }
 }
+
+/// Lists that the environment gives as comma-separated text (`CACHEWARD__SOCKET__ALLOW_UIDS=0,1000`).
+const LIST_KEYS: [&str; 4] = [
+    "socket.allow_uids",
+    "socket.allow_gids",
+    "socket.readonly_uids",
+    "socket.readonly_gids",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -336,11 +361,25 @@ impl Config {
                 .find(|p| p.is_file()),
         };
 
-        let cacheward_env: HashMap<String, String> = env
+        let mut cacheward_env: HashMap<String, String> = env
             .iter()
             .filter(|(k, _)| k.starts_with("CACHEWARD__"))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        // Lists come from the environment as comma-separated text.
+        let mut lists: Vec<(&str, Vec<String>)> = Vec::new();
+        for key in LIST_KEYS {
+            let var = format!("CACHEWARD__{}", key.replace('.', "__").to_uppercase());
+            if let Some(text) = cacheward_env.remove(&var) {
+                let items = text
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                lists.push((key, items));
+            }
+        }
         let mut builder = config::Config::builder();
         if let Some(path) = &file {
             builder = builder.add_source(config::File::from(path.as_path()).required(true));
@@ -351,6 +390,9 @@ impl Config {
                 .separator("__")
                 .source(Some(cacheward_env.into_iter().collect())),
         );
+        for (key, items) in lists {
+            builder = builder.set_override(key, items)?;
+        }
         if let Some(url) = env.get("DATABASE_URL") {
             builder = builder.set_override("postgres.url", url.as_str())?;
         }
@@ -404,6 +446,13 @@ impl Config {
             64 << 20,
         )?;
         at_least("socket.max_inflight", s.max_inflight as u64, 1)?;
+        // One request of the largest size must fit, or that connection could never be read.
+        at_least(
+            "socket.max_inflight_bytes",
+            s.max_inflight_bytes as u64,
+            s.max_request_bytes as u64,
+        )?;
+        at_least("socket.write_timeout_secs", s.write_timeout_secs, 1)?;
         at_least("postgres.pool_size", self.postgres.pool_size as u64, 1)?;
         at_least(
             "postgres.statement_timeout_ms",
@@ -479,6 +528,19 @@ impl Config {
 
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis.timeout_ms)
+    }
+
+    /// The most memory clients can make the daemon hold, in bytes: per connection its in-flight
+    /// requests (`socket.max_inflight_bytes`), their answers waiting to be written in order (as
+    /// large again: an answer echoes its request's id), and the read and write buffers.
+    pub fn worst_case_client_memory(&self) -> u64 {
+        let per_connection = 2 * self.socket.max_inflight_bytes as u64 + 32 * 1024;
+        self.socket.max_connections as u64 * per_connection
+    }
+
+    /// How long a connection's answers may wait to be written before it is closed.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.socket.write_timeout_secs)
     }
 
     /// The idle timeout of a client connection; `None` when set to 0 (never).
@@ -718,6 +780,29 @@ mod tests {
                 "error for {key} does not name it: {err}"
             );
         }
+    }
+
+    #[test]
+    fn peer_lists_come_from_files_and_comma_separated_environment() {
+        let c = load(
+            &[
+                ("CACHEWARD__SOCKET__ALLOW_UIDS", "0,1000"),
+                ("CACHEWARD__SOCKET__READONLY_GIDS", "65534"),
+            ],
+            Some("[socket]\nallow_gids = [27]\n"),
+        )
+        .expect("loads");
+        assert_eq!(c.socket.allow_uids, vec![0, 1000]);
+        assert_eq!(c.socket.allow_gids, vec![27]);
+        assert_eq!(c.socket.readonly_gids, vec![65534]);
+        let err = load(&[("CACHEWARD__SOCKET__ALLOW_UIDS", "root")], None).expect_err("not a uid");
+        assert!(err.to_string().contains("allow_uids"), "{err}");
+        let err = load(&[("CACHEWARD__SOCKET__MAX_INFLIGHT_BYTES", "1000")], None)
+            .expect_err("too small");
+        assert!(
+            err.to_string().contains("socket.max_inflight_bytes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub async fn run(
     hooks: Hooks,
 ) -> anyhow::Result<()> {
     config.require_backends()?;
+    fit_open_files(&config);
     let db = Db::new(&config)?;
     let cache = Cache::new(&config)?;
     let service = Arc::new(Service::new(db, cache, hooks, config.miss_loaders()));
@@ -117,6 +118,46 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// File descriptors the daemon needs besides its clients: the pool, the CDC and monitor
+/// connections, Redis, the listener, logs, and some slack.
+const FDS_BESIDES_CLIENTS: u64 = 64;
+
+/// Raises the soft limit on open files to the hard limit (systemd and most shells start services
+/// at 1024), and warns when `socket.max_connections` still does not fit: past the limit accept
+/// fails with EMFILE (backed off and said at most every 10 s).
+fn fit_open_files(config: &Config) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    let needed = config.socket.max_connections as u64
+        + config.postgres.pool_size as u64
+        + FDS_BESIDES_CLIENTS;
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            max_connections = config.socket.max_connections,
+            open_files_limit = limit.rlim_cur,
+            needed,
+            "socket.max_connections does not fit the open-file limit"
+        );
+    }
 }
 
 /// Checks both backends every [`MONITOR_INTERVAL`] (PostgreSQL on its own connection, so a busy

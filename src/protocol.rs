@@ -18,6 +18,8 @@ pub enum ErrorKind {
     NotFound,
     Conflict,
     Unavailable,
+    /// The peer may not call this method (`socket.readonly_uids` / `readonly_gids`).
+    Forbidden,
     Internal,
 }
 
@@ -31,6 +33,7 @@ impl ErrorKind {
             ErrorKind::NotFound => -32001,
             ErrorKind::Conflict => -32002,
             ErrorKind::Unavailable => -32003,
+            ErrorKind::Forbidden => -32004,
             ErrorKind::Internal => -32603,
         }
     }
@@ -44,6 +47,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::Conflict => "conflict",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Forbidden => "forbidden",
             ErrorKind::Internal => "internal",
         }
     }
@@ -90,6 +94,14 @@ pub enum Call {
 }
 
 impl Call {
+    /// Whether the call changes data (a read-only peer may not make it).
+    pub fn writes(&self) -> bool {
+        matches!(
+            self,
+            Call::Put { .. } | Call::Rename { .. } | Call::Delete { .. }
+        )
+    }
+
     pub fn method(&self) -> &'static str {
         match self {
             Call::Get { .. } => "get",

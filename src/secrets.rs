@@ -116,15 +116,19 @@ fn password_spans(text: &str) -> Vec<(usize, usize)> {
     let mut search = 0;
     while let Some(found) = text[search..].find("://") {
         let rest = search + found + 3;
-        let tail = &text[rest..];
-        // The authority as the url crate sees it: up to the first '/', '?', '#' or white space.
-        let authority_end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
-            .unwrap_or(tail.len());
+        // The URL ends where free text would end it: white space, a quote, a backslash (an
+        // escaped quote in a JSON log line), or the next URL.
+        let token = &text[rest..];
+        let token_end = token
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | '<' | '>' | '`'))
+            .unwrap_or(token.len());
+        let token_end = token[..token_end].find("://").unwrap_or(token_end);
+        let tail = &token[..token_end];
+        // The authority as the url crate sees it: up to the first '/', '?' or '#'.
+        let authority_end = tail.find(['/', '?', '#']).unwrap_or(tail.len());
         let last_at_in_authority = tail[..authority_end].rfind('@');
-        // The userinfo as tokio-postgres sees it: up to the first '@' (before any white space).
-        let line_end = tail.find(char::is_whitespace).unwrap_or(tail.len());
-        let first_at = tail[..line_end].find('@');
+        // The userinfo as tokio-postgres sees it: up to the first '@'.
+        let first_at = tail.find('@');
         let userinfo_end = match (first_at, last_at_in_authority) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -297,5 +301,13 @@ mod tests {
         );
         assert_eq!(redact_text("passwords are fine"), "passwords are fine");
         assert_eq!(redact_text("compass=north"), "compass=north");
+        // A URL without a password, then other text with an '@' further on: nothing to redact.
+        let line = r#"{"redis":"redis+unix:///run/r.sock?db=3","key_prefix":"user:","url":"postgresql://postgres@localhost/cw"}"#;
+        assert_eq!(redact_text(line), line);
+        let json = r#"{"url":"postgresql://app:pw@db/app","next":"a:b@c"}"#;
+        assert_eq!(
+            redact_text(json),
+            r#"{"url":"postgresql://app:***@db/app","next":"a:b@c"}"#
+        );
     }
 }

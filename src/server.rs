@@ -169,6 +169,9 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(config.socket.max_connections));
     let connections = TaskTracker::new();
     let mut next_id: u64 = 0;
+    let peers = Peers::new(&config);
+    let mut refusals = RateLimited::new(WARN_EVERY);
+    let mut accept_failures = RateLimited::new(WARN_EVERY);
     loop {
         // The permit is taken before accept: at the limit, new clients wait in the listen queue.
         let permit = tokio::select! {
@@ -182,12 +185,17 @@ pub async fn serve(
             accepted = socket.listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off instead of spinning, and say so once in a while.
+                    accept_failures.say(|suppressed| {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    });
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
+        };
+        let Some(may_write) = peers.admit(&stream, &mut refusals) else {
+            continue;
         };
         next_id += 1;
         let span = tracing::debug_span!("connection", conn = next_id);
@@ -195,7 +203,7 @@ pub async fn serve(
         connections.spawn(
             async move {
                 service.stats.connections.fetch_add(1, Relaxed);
-                if let Err(e) = Connection::new(&config, service.clone(), shutdown)
+                if let Err(e) = Connection::new(&config, service.clone(), shutdown, may_write)
                     .run(stream)
                     .await
                 {
@@ -226,6 +234,100 @@ pub async fn serve(
     }
 }
 
+/// How often a repeated warning (refused peers, failing accepts) is said at most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// A warning said at most once per period, with how many were left unsaid since.
+struct RateLimited {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    fn new(every: Duration) -> Self {
+        RateLimited {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Calls `say` with the number suppressed since the last time, unless that was too recent.
+    fn say(&mut self, say: impl FnOnce(u64)) {
+        if self.last.is_some_and(|at| at.elapsed() < self.every) {
+            self.suppressed += 1;
+            return;
+        }
+        say(self.suppressed);
+        self.suppressed = 0;
+        self.last = Some(std::time::Instant::now());
+    }
+}
+
+/// Who may connect and who may write, by the peer's credentials (SO_PEERCRED).
+struct Peers {
+    allow_uids: Vec<u32>,
+    allow_gids: Vec<u32>,
+    readonly_uids: Vec<u32>,
+    readonly_gids: Vec<u32>,
+}
+
+impl Peers {
+    fn new(config: &Config) -> Peers {
+        let s = &config.socket;
+        Peers {
+            allow_uids: s.allow_uids.clone(),
+            allow_gids: s.allow_gids.clone(),
+            readonly_uids: s.readonly_uids.clone(),
+            readonly_gids: s.readonly_gids.clone(),
+        }
+    }
+
+    /// `None`: the peer may not connect. `Some(may_write)` otherwise.
+    fn decide(&self, uid: u32, gid: u32) -> Option<bool> {
+        let open = self.allow_uids.is_empty() && self.allow_gids.is_empty();
+        if !open && !self.allow_uids.contains(&uid) && !self.allow_gids.contains(&gid) {
+            return None;
+        }
+        Some(!self.readonly_uids.contains(&uid) && !self.readonly_gids.contains(&gid))
+    }
+
+    /// Checks a new connection's peer; a refused one is dropped (closed) here, with a
+    /// rate-limited warning. Returns whether an admitted peer may write.
+    fn admit(&self, stream: &UnixStream, refusals: &mut RateLimited) -> Option<bool> {
+        let unrestricted = self.allow_uids.is_empty()
+            && self.allow_gids.is_empty()
+            && self.readonly_uids.is_empty()
+            && self.readonly_gids.is_empty();
+        if unrestricted {
+            return Some(true);
+        }
+        let cred = match stream.peer_cred() {
+            Ok(cred) => cred,
+            Err(e) => {
+                refusals.say(|suppressed| {
+                    tracing::warn!(error = %e, suppressed, "peer refused: credentials unknown");
+                });
+                return None;
+            }
+        };
+        let decision = self.decide(cred.uid(), cred.gid());
+        if decision.is_none() {
+            refusals.say(|suppressed| {
+                tracing::warn!(
+                    uid = cred.uid(),
+                    gid = cred.gid(),
+                    pid = cred.pid(),
+                    suppressed,
+                    "peer refused"
+                );
+            });
+        }
+        decision
+    }
+}
+
 /// A frame cut from the input stream.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -250,6 +352,8 @@ pub struct LineBuffer {
 
 /// Bytes reserved for each read.
 const READ_CHUNK: usize = 16 * 1024;
+/// Answer bytes buffered per connection before they are written.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 impl LineBuffer {
     pub fn new(max: usize) -> Self {
@@ -336,8 +440,13 @@ impl LineBuffer {
 /// notifications).
 type Pending = Pin<Box<dyn Future<Output = (usize, Vec<u8>)> + Send>>;
 
-/// Gets read together, answered together: (id, username), `None` id for a notification.
-type Gets = Vec<(Option<Id>, String)>;
+/// Gets read together, answered together: (id, username), `None` id for a notification, and the
+/// request bytes they hold.
+#[derive(Default)]
+struct Gets {
+    items: Vec<(Option<Id>, String)>,
+    bytes: usize,
+}
 
 /// One client connection.
 struct Connection {
@@ -346,56 +455,110 @@ struct Connection {
     shutdown: CancellationToken,
     max_inflight: usize,
     max_request_bytes: usize,
+    /// Request bytes read but not yet answered, past which the connection is not read.
+    max_inflight_bytes: usize,
     idle_timeout: Option<Duration>,
+    write_timeout: Duration,
+    /// Whether the peer may call `put`, `rename` and `delete`.
+    may_write: bool,
     /// Requests running, answered in arrival order.
     inflight: FuturesOrdered<Pending>,
     /// Requests in `inflight` (a batch of gets is one entry).
     inflight_requests: usize,
+    /// The request bytes of each entry of `inflight`, in the same order, and their sum.
+    inflight_sizes: std::collections::VecDeque<usize>,
+    inflight_bytes: usize,
+}
+
+/// Why a connection was closed by the daemon.
+fn stalled(what: &str, after: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{what} for {after:?}: closing the connection"),
+    )
+}
+
+type Writer = BufWriter<tokio::net::unix::OwnedWriteHalf>;
+
+/// Writes an answer; a client that does not read it within `socket.write_timeout_secs` loses its
+/// connection (and its slot).
+async fn write(writer: &mut Writer, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+    tokio::time::timeout(timeout, writer.write_all(bytes))
+        .await
+        .map_err(|_| stalled("answers could not be written", timeout))?
+}
+
+async fn flush(writer: &mut Writer, timeout: Duration) -> io::Result<()> {
+    tokio::time::timeout(timeout, writer.flush())
+        .await
+        .map_err(|_| stalled("answers could not be written", timeout))?
 }
 
 impl Connection {
-    fn new(config: &Config, service: Arc<Service>, shutdown: CancellationToken) -> Self {
+    fn new(
+        config: &Config,
+        service: Arc<Service>,
+        shutdown: CancellationToken,
+        may_write: bool,
+    ) -> Self {
         Connection {
             lines: LineBuffer::new(config.socket.max_request_bytes),
             service,
             shutdown,
             max_inflight: config.socket.max_inflight,
             max_request_bytes: config.socket.max_request_bytes,
+            max_inflight_bytes: config.socket.max_inflight_bytes,
             idle_timeout: config.idle_timeout(),
+            write_timeout: config.write_timeout(),
+            may_write,
             inflight: FuturesOrdered::new(),
             inflight_requests: 0,
+            inflight_sizes: std::collections::VecDeque::new(),
+            inflight_bytes: 0,
         }
     }
 
     async fn run(mut self, stream: UnixStream) -> io::Result<()> {
         let (mut reader, writer) = stream.into_split();
-        let mut writer = BufWriter::with_capacity(16 * 1024, writer);
+        let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
+        let write_timeout = self.write_timeout;
         let mut reading = true;
         let mut unflushed = false;
         let idle = self.idle_timeout.unwrap_or(Duration::MAX);
         let idle_sleep = tokio::time::sleep(idle.min(Duration::from_secs(86400 * 365)));
         tokio::pin!(idle_sleep);
-        // Activity only moves this instant; the timer is re-armed when it fires, not per request.
+        // Only a complete request line (or an answer) moves this instant: a trickle of bytes
+        // that never ends a line does not keep the connection. The timer is re-armed when it
+        // fires, not per request.
         let mut last_active = tokio::time::Instant::now();
         let shutdown = self.shutdown.clone();
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         loop {
-            // Start every buffered request the in-flight limit allows.
+            // Start every buffered request the in-flight limits allow.
             if reading {
-                let mut gets = Gets::new();
-                while self.inflight_requests + gets.len() < self.max_inflight {
+                let mut gets = Gets::default();
+                let mut started = false;
+                while self.inflight_requests + gets.items.len() < self.max_inflight {
                     match self.lines.next_frame() {
-                        Some(frame) => self.start(frame, &mut gets),
+                        Some(frame) => {
+                            started = true;
+                            self.start(frame, &mut gets)
+                        }
                         None => break,
                     }
                 }
                 self.start_gets(gets);
+                if started && self.idle_timeout.is_some() {
+                    last_active = tokio::time::Instant::now();
+                }
             }
             if !reading && self.inflight.is_empty() {
                 break;
             }
-            let can_read = reading && self.inflight_requests < self.max_inflight;
+            let can_read = reading
+                && self.inflight_requests < self.max_inflight
+                && self.inflight_bytes + self.lines.buffered() < self.max_inflight_bytes;
             tokio::select! {
                 biased;
                 _ = &mut cancelled, if reading => {
@@ -404,8 +567,10 @@ impl Connection {
                 }
                 Some((answered, bytes)) = self.inflight.next(), if !self.inflight.is_empty() => {
                     self.inflight_requests -= answered;
+                    let size = self.inflight_sizes.pop_front().expect("one size per entry");
+                    self.inflight_bytes -= size;
                     if !bytes.is_empty() {
-                        writer.write_all(&bytes).await?;
+                        write(&mut writer, &bytes, write_timeout).await?;
                         unflushed = true;
                     }
                     // Idle counts from the last answer too, not only the last request.
@@ -418,22 +583,18 @@ impl Connection {
                         Ok(0) => {
                             reading = false;
                             if let Some(frame) = self.lines.finish() {
-                                let mut gets = Gets::new();
+                                let mut gets = Gets::default();
                                 self.start(frame, &mut gets);
                                 self.start_gets(gets);
                             }
                         }
-                        Ok(_) => {
-                            if self.idle_timeout.is_some() {
-                                last_active = tokio::time::Instant::now();
-                            }
-                        }
+                        Ok(_) => {}
                         Err(e) => return Err(e),
                     }
                 }
                 // Lowest priority: flush once nothing else is ready, so pipelined answers leave in
                 // one write.
-                flushed = writer.flush(), if unflushed => {
+                flushed = flush(&mut writer, write_timeout), if unflushed => {
                     flushed?;
                     unflushed = false;
                 }
@@ -448,18 +609,20 @@ impl Connection {
                 }
             }
         }
-        writer.flush().await?;
+        flush(&mut writer, write_timeout).await?;
         writer.shutdown().await.ok();
         Ok(())
     }
 
-    fn push(&mut self, requests: usize, pending: Pending) {
+    fn push(&mut self, requests: usize, bytes: usize, pending: Pending) {
         self.inflight_requests += requests;
+        self.inflight_sizes.push_back(bytes);
+        self.inflight_bytes += bytes;
         self.inflight.push_back(pending);
     }
 
     fn push_ready(&mut self, bytes: Vec<u8>) {
-        self.push(1, Box::pin(futures::future::ready((1, bytes))));
+        self.push(1, 0, Box::pin(futures::future::ready((1, bytes))));
     }
 
     /// Turns one frame into a pending answer, queued behind the earlier ones. Gets are collected
@@ -486,6 +649,7 @@ impl Connection {
         let Some(incoming) = protocol::parse_line(&line) else {
             return;
         };
+        let size = line.len() + 1;
         let stats = &self.service.stats;
         stats.requests.fetch_add(1, Relaxed);
         match incoming {
@@ -501,12 +665,27 @@ impl Connection {
             Incoming::Call {
                 id,
                 call: Call::Get { username },
-            } => gets.push((id, username)),
+            } => {
+                gets.items.push((id, username));
+                gets.bytes += size;
+            }
+            Incoming::Call { id, call } if call.writes() && !self.may_write => {
+                let error = RpcError::new(
+                    ErrorKind::Forbidden,
+                    format!("forbidden: this peer may not {}", call.method()),
+                );
+                failed(&self.service, call.method(), &error);
+                self.start_gets(std::mem::take(gets));
+                if let Some(id) = id {
+                    self.push_ready(protocol::encode_error(&id, &error));
+                }
+            }
             Incoming::Call { id, call } => {
                 self.start_gets(std::mem::take(gets));
                 let service = self.service.clone();
                 self.push(
                     1,
+                    size,
                     Box::pin(async move {
                         let method = call.method();
                         let outcome = answer(&service, call).await;
@@ -529,13 +708,16 @@ impl Connection {
 
     /// Starts the gets collected so far as one batch: one Redis read, one answer write.
     fn start_gets(&mut self, gets: Gets) {
-        if gets.is_empty() {
+        if gets.items.is_empty() {
             return;
         }
         let service = self.service.clone();
-        let requests = gets.len();
+        let requests = gets.items.len();
+        let bytes = gets.bytes;
+        let gets = gets.items;
         self.push(
             requests,
+            bytes,
             Box::pin(async move {
                 let names: Vec<&str> = gets.iter().map(|(_, name)| name.as_str()).collect();
                 let answers = service.get_many(&names).await;
