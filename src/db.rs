@@ -169,11 +169,17 @@ pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
         .expose()
         .parse()
         .map_err(|e| DbError::Other(format!("postgres.url {}: {e}", url.redacted())))?;
-    // UTC, so that PostgreSQL's JSON of any extra timestamp column is in UTC too.
-    pg.options(format!(
+    // UTC, so that PostgreSQL's JSON of any extra timestamp column is in UTC too. Options the URL
+    // already carries are kept, after ours (a later -c wins).
+    let ours = format!(
         "-c statement_timeout={} -c TimeZone=UTC",
         config.postgres.statement_timeout_ms
-    ));
+    );
+    let options = match pg.get_options().filter(|o| !o.trim().is_empty()) {
+        Some(theirs) => format!("{ours} {theirs}"),
+        None => ours,
+    };
+    pg.options(options);
     if pg.get_application_name().is_none() {
         pg.application_name("cacheward");
     }
@@ -422,4 +428,27 @@ pub async fn connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Clie
         }
     });
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SecretUrl;
+
+    #[test]
+    fn a_users_own_startup_options_are_kept() {
+        let mut config = Config::default();
+        config.postgres.url = Some(SecretUrl::new(
+            "postgresql://u@h/db?options=-c%20search_path%3Dapp%2Cpublic",
+        ));
+        let pg = pg_config(&config).unwrap();
+        let options = pg.get_options().unwrap();
+        assert!(options.contains("-c statement_timeout=2000"), "{options}");
+        assert!(options.ends_with("-c search_path=app,public"), "{options}");
+        config.postgres.url = Some(SecretUrl::new("postgresql://u@h/db"));
+        assert_eq!(
+            pg_config(&config).unwrap().get_options(),
+            Some("-c statement_timeout=2000 -c TimeZone=UTC")
+        );
+    }
 }

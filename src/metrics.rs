@@ -14,10 +14,15 @@ use tokio_util::sync::CancellationToken;
 use crate::cdc::LAG_BUCKETS_MS;
 use crate::service::{Backend, Service};
 
-/// Scrapes served at once; more wait.
-const CONCURRENT_SCRAPES: usize = 4;
-/// Longest request head read, and how long a scraper may take to send it.
+/// Metrics connections open at once; more wait to be accepted. Each costs a task and a few KiB,
+/// and an idle one is closed after [`HEAD_TIMEOUT`]: many idle connections never hold up a
+/// scrape.
+const CONCURRENT_SCRAPES: usize = 256;
+/// Longest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
+/// How long a client may take to send its request head: an idle connection is closed after it.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a whole exchange may take (writing the answer to a slow reader included).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The exposition text.
@@ -194,8 +199,13 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>, stop: Cancellat
 async fn answer(mut stream: TcpStream, service: &Service) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
+    let head_deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
+        let n = match tokio::time::timeout_at(head_deadline, stream.read(&mut buf)).await {
+            Ok(read) => read?,
+            // Idle: close it rather than hold a slot.
+            Err(_) => return Ok(()),
+        };
         if n == 0 || head.len() + n > MAX_REQUEST {
             return Ok(());
         }

@@ -136,8 +136,15 @@ pub fn parse_line(line: &[u8]) -> Option<Incoming> {
     if let Some(get) = parse_plain_get(line) {
         return Some(get);
     }
-    let value: Value = match serde_json::from_slice(line) {
-        Ok(v) => v,
+    let value: Value = match serde_json::from_slice::<Strict>(line) {
+        Ok(Strict(v)) => v,
+        // Valid JSON, but an object names a member twice: which one is meant is anyone's guess.
+        Err(e) if e.is_data() => {
+            return Some(Incoming::Reject {
+                id: Value::Null,
+                error: RpcError::new(ErrorKind::InvalidRequest, format!("invalid request: {e}")),
+            })
+        }
         Err(e) => {
             return Some(Incoming::Reject {
                 id: Value::Null,
@@ -146,6 +153,74 @@ pub fn parse_line(line: &[u8]) -> Option<Incoming> {
         }
     };
     Some(parse_request(value))
+}
+
+/// A JSON value in which no object names a member twice (serde_json alone keeps the last).
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Strict, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        Strict::deserialize(d).map(|s| s.0)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Strict(value) = map.next_value()?;
+            if object.contains_key(&key) {
+                let shown: String = key.chars().take(64).collect();
+                return Err(serde::de::Error::custom(format!(
+                    "member \"{shown}\" appears twice"
+                )));
+            }
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 /// The request the hot path sees: `get` with exactly the members DESIGN requires.
@@ -483,6 +558,48 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn a_member_named_twice_is_an_invalid_request() {
+        for line in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a","username":"b"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"get","params":{"username":"a"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"put","method":"delete","params":{"username":"a"}}"#,
+        ] {
+            match parse_line(line.as_bytes()) {
+                Some(Incoming::Reject { error, .. }) => {
+                    assert_eq!(error.kind, ErrorKind::InvalidRequest, "{line}");
+                    assert!(error.message.contains("appears twice"), "{}", error.message);
+                }
+                other => panic!("{line} -> {other:?}"),
+            }
+        }
+        // Not JSON at all stays a parse error; the same member in two objects is fine.
+        assert!(matches!(
+            parse_line(b"{\"a\":"),
+            Some(Incoming::Reject {
+                error: RpcError {
+                    kind: ErrorKind::ParseError,
+                    ..
+                },
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_line(br#"{"jsonrpc":"2.0","id":{"x":1},"method":"get","params":{"x":1}}"#),
+            Some(Incoming::Reject {
+                error: RpcError {
+                    kind: ErrorKind::InvalidRequest,
+                    ..
+                },
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_line(br#"{"jsonrpc":"2.0","id":7,"method":"rename","params":{"username":"a","new_username":"b"}}"#),
+            Some(Incoming::Call { .. })
+        ));
+    }
+
     fn parse(text: &str) -> Incoming {
         parse_line(text.as_bytes()).expect("not blank")
     }
@@ -507,7 +624,6 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a\u0062"}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":" a"}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a","x":1}}"#,
-            r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"get","params":{"username":"a"}}"#,
             r#"{"jsonrpc":"2.0","id":[1],"method":"get","params":{"username":"a"}}"#,
             r#"{"jsonrpc":"1.0","id":1,"method":"get","params":{"username":"a"}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"put","params":{"username":"a"}}"#,

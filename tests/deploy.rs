@@ -94,8 +94,41 @@ fn the_container_image_is_the_binary_alone_running_as_non_root() {
     let text =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/Containerfile"))
             .unwrap();
-    let stages = text.lines().filter(|l| l.starts_with("FROM ")).count();
-    assert_eq!(stages, 2, "multi-stage");
+    let stages: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(stages.len(), 2, "multi-stage");
+    assert!(
+        stages[0].contains(":1.95.0-"),
+        "the toolchain is pinned by its exact version: {}",
+        stages[0]
+    );
+    assert!(
+        text.contains("ARG RUNTIME=gcr.io/distroless/cc-debian12:"),
+        "the runtime base is pinned by its release and replaceable by a digest"
+    );
+    let ignore =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(".dockerignore"))
+            .expect("a .dockerignore beside the build context");
+    for kept_out in [".git", "target"] {
+        assert!(
+            ignore.lines().any(|l| l.trim() == kept_out),
+            "{kept_out} is shipped into the build context"
+        );
+    }
+    // Manifests run the version being built, never a moving tag.
+    for manifest in ["deployment.yaml", "migrate-job.yaml"] {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy/k8s")
+                .join(manifest),
+        )
+        .unwrap();
+        assert!(!text.contains(":latest"), "{manifest} uses :latest");
+        assert!(
+            text.contains(&format!("image: cacheward:{}", env!("CARGO_PKG_VERSION"))),
+            "{manifest} does not run cacheward:{}",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
     let copies: Vec<&str> = text.lines().filter(|l| l.starts_with("COPY ")).collect();
     assert_eq!(
         copies.last(),

@@ -731,6 +731,21 @@ async fn the_prometheus_endpoint_serves_every_documented_metric() {
             response
         }
     };
+    // Idle connections (opened, nothing sent) do not hold up a scrape.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(tokio::net::TcpStream::connect(&listen).await.unwrap());
+    }
+    let asked = std::time::Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(1), scrape("/metrics"))
+        .await
+        .expect("a scrape is answered within 1 s despite 20 idle connections");
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    eprintln!(
+        "scrape behind 20 idle connections took {:?}",
+        asked.elapsed()
+    );
+    drop(idle);
     // A sample's value, by its full name (labels included).
     let value = |text: &str, sample: &str| -> f64 {
         text.lines()
