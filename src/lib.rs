@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod dev;
+pub mod fuzzing;
 pub mod loads;
 pub mod metrics;
 pub mod protocol;
