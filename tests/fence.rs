@@ -330,3 +330,51 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
         "{text:?}"
     );
 }
+
+/// The fence holds across a kill between a TRUNCATE's commit and its application: the applying
+/// daemon is frozen, the TRUNCATE commits, the daemon is SIGKILLed and started again, and only then
+/// applies it; meanwhile a fill that read before the TRUNCATE waits in another daemon (a sidecar
+/// with the CDC worker off) and arrives last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_holds_across_a_kill_between_a_truncate_and_its_application() {
+    let env = TestEnv::start().await;
+    let names = names(10);
+    insert(&env, &names).await;
+    let mut leader = common::DaemonProcess::spawn(&env, "leader");
+    leader.wait_ready().await;
+    let (hooks, mut reached, go) = hold_fills(None);
+    let mut config = env.config();
+    config.cdc.enabled = false;
+    let sidecar = env.start_daemon_with(config, hooks).await;
+
+    let gets = pipelined_gets(sidecar.socket.clone(), names.clone());
+    held(&mut reached).await;
+    leader.signal(libc::SIGSTOP);
+    let pg = env.pg().await;
+    pg.batch_execute("TRUNCATE users").await.unwrap();
+    let truncated_at: i64 = pg
+        .query_one("SELECT last_value FROM cacheward_version_seq", &[])
+        .await
+        .unwrap()
+        .get(0);
+    leader.signal(libc::SIGKILL);
+    leader.wait_exit(Duration::from_secs(5));
+    assert!(
+        fence(&env).await.is_some_and(|f| f <= truncated_at),
+        "the killed daemon did not apply the TRUNCATE"
+    );
+    let leader = common::DaemonProcess::spawn(&env, "leader");
+    leader.wait_ready().await;
+    wait_until(
+        "the restarted daemon applied the TRUNCATE",
+        Duration::from_secs(10),
+        || async { fence(&env).await.is_some_and(|f| f > truncated_at) },
+    )
+    .await;
+
+    go.add_permits(1000);
+    gets.await.unwrap();
+    assert_nothing_stale(&env, &sidecar, &names).await;
+    sidecar.stop().await;
+    drop(leader);
+}
