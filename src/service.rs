@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -265,9 +265,118 @@ pub struct Hooks {
 #[derive(Default)]
 struct RepairQueue {
     names: HashMap<String, u64>,
+    /// Bumped by every failed write, queued or not.
     generation: u64,
     /// Too many names to track: the whole cache is cleared once Redis is back.
     overflowed: bool,
+}
+
+/// The repair state, one object that owns its counts: the queue, the overflow, and the read path's
+/// lock-free "anything pending?" flag, all changed together under one lock, so `stats`, the read
+/// path and the monitor never disagree.
+#[derive(Default)]
+pub struct Repairs {
+    state: Mutex<RepairQueue>,
+    /// True while the queue holds a name or has overflowed (written under the lock).
+    pending: AtomicBool,
+}
+
+impl Repairs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RepairQueue> {
+        self.state.lock().expect("repair lock is never poisoned")
+    }
+
+    fn settle(&self, queue: &RepairQueue) {
+        self.pending
+            .store(queue.overflowed || !queue.names.is_empty(), Relaxed);
+    }
+
+    /// Queues `names`, whose Redis write failed. Past [`REPAIR_CAPACITY`] names the queue gives up
+    /// on names: the whole cache will be dropped instead.
+    pub fn queue<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let mut queue = self.lock();
+        queue.generation += 1;
+        if !queue.overflowed {
+            let generation = queue.generation;
+            for name in names {
+                if queue.names.len() >= REPAIR_CAPACITY {
+                    tracing::error!(
+                        capacity = REPAIR_CAPACITY,
+                        "repair queue full: every cached user will be removed once redis is back"
+                    );
+                    queue.overflowed = true;
+                    queue.names.clear();
+                    break;
+                }
+                queue.names.insert(name.to_owned(), generation);
+            }
+        }
+        self.settle(&queue);
+    }
+
+    /// Whether anything waits (the read path's check, without a lock).
+    pub fn any(&self) -> bool {
+        self.pending.load(Relaxed)
+    }
+
+    /// Whether Redis may answer for `username` as far as repairs go.
+    pub fn trusted(&self, username: &str) -> bool {
+        if !self.any() {
+            return true;
+        }
+        let queue = self.lock();
+        !queue.overflowed && !queue.names.contains_key(username)
+    }
+
+    /// Names waiting for repair, or the capacity after an overflow: what `stats` reports.
+    pub fn count(&self) -> usize {
+        let queue = self.lock();
+        match queue.overflowed {
+            true => REPAIR_CAPACITY,
+            false => queue.names.len(),
+        }
+    }
+
+    /// `Some(generation)` while overflowed: drop the cache, then [`Repairs::dropped`] with it.
+    pub fn overflowed(&self) -> Option<u64> {
+        let queue = self.lock();
+        queue.overflowed.then_some(queue.generation)
+    }
+
+    /// The cache was dropped after an overflow seen at `generation`. The overflow is over unless a
+    /// write failed meanwhile (its entry may have been written after the drop passed its key).
+    pub fn dropped(&self, generation: u64) -> bool {
+        let mut queue = self.lock();
+        if queue.generation == generation {
+            queue.overflowed = false;
+        }
+        self.settle(&queue);
+        !queue.overflowed
+    }
+
+    /// Up to `max` queued names with their generations.
+    pub fn batch(&self, max: usize) -> Vec<(String, u64)> {
+        self.lock()
+            .names
+            .iter()
+            .take(max)
+            .map(|(n, g)| (n.clone(), *g))
+            .collect()
+    }
+
+    /// Forgets the names of `batch` that were not queued again since; returns how many.
+    pub fn repaired(&self, batch: &[(String, u64)]) -> usize {
+        let mut queue = self.lock();
+        let mut repaired = 0;
+        for (name, generation) in batch {
+            if queue.names.get(name) == Some(generation) {
+                queue.names.remove(name);
+                repaired += 1;
+            }
+        }
+        self.settle(&queue);
+        repaired
+    }
 }
 
 /// The request-path use cases, shared by every connection.
@@ -280,10 +389,8 @@ pub struct Service {
     pub cdc: Arc<crate::cdc::CdcStats>,
     /// Single flight and batching of cache misses.
     loads: Arc<Loads>,
-    repair: Mutex<RepairQueue>,
-    /// Fast check for the read path: true while the repair queue holds anything.
-    repair_pending: AtomicBool,
-    repair_len: AtomicUsize,
+    /// Names whose Redis entry a failed write left in doubt.
+    pub repairs: Repairs,
     hooks: Hooks,
     started: Instant,
 }
@@ -331,9 +438,7 @@ impl Service {
             stats: Arc::new(Stats::default()),
             cdc: Arc::new(crate::cdc::CdcStats::default()),
             loads: Arc::new(Loads::new(loaders)),
-            repair: Mutex::new(RepairQueue::default()),
-            repair_pending: AtomicBool::new(false),
-            repair_len: AtomicUsize::new(0),
+            repairs: Repairs::default(),
             hooks,
             started: Instant::now(),
         }
@@ -424,11 +529,7 @@ impl Service {
         if !self.health.is_up(Backend::Redis) {
             return false;
         }
-        if !self.repair_pending.load(Relaxed) {
-            return true;
-        }
-        let queue = self.repair.lock().expect("repair lock is never poisoned");
-        !queue.overflowed && !queue.names.contains_key(username)
+        self.repairs.trusted(username)
     }
 
     /// Starts a loader task if a slot is free; otherwise a running loader takes the queue next.
@@ -622,7 +723,7 @@ impl Service {
         }
         let names: Vec<&str> = writes.iter().map(Write::username).collect();
         tracing::debug!(usernames = ?names, "cache write skipped: queued for repair");
-        self.queue_repair(names);
+        self.repairs.queue(names);
     }
 
     /// Counts the writes Redis refused because it held a newer version (a stale fill or a write
@@ -656,52 +757,19 @@ impl Service {
         }
     }
 
-    fn queue_repair(&self, names: Vec<&str>) {
-        let mut queue = self.repair.lock().expect("repair lock is never poisoned");
-        if queue.overflowed {
-            return;
-        }
-        queue.generation += 1;
-        let generation = queue.generation;
-        for name in names {
-            if queue.names.len() >= REPAIR_CAPACITY {
-                tracing::error!(
-                    capacity = REPAIR_CAPACITY,
-                    "repair queue full: every cached user will be removed once redis is back"
-                );
-                queue.overflowed = true;
-                queue.names.clear();
-                break;
-            }
-            queue.names.insert(name.to_owned(), generation);
-        }
-        self.repair_len.store(queue.names.len(), Relaxed);
-        self.repair_pending.store(true, Relaxed);
-    }
-
     /// Names waiting for repair (or the capacity, after an overflow).
     pub fn repairs_pending(&self) -> usize {
-        let queue = self.repair.lock().expect("repair lock is never poisoned");
-        if queue.overflowed {
-            REPAIR_CAPACITY
-        } else {
-            queue.names.len()
-        }
+        self.repairs.count()
     }
 
     /// Brings every queued name's entry in line with its row (or clears the cache after an
     /// overflow). Returns how many names were repaired. Called by the health monitor while both
     /// backends are up.
     pub async fn run_repairs(&self) -> Result<usize, ServiceError> {
-        if !self.repair_pending.load(Relaxed) {
+        if !self.repairs.any() {
             return Ok(0);
         }
-        let overflowed = self
-            .repair
-            .lock()
-            .expect("repair lock is never poisoned")
-            .overflowed;
-        if overflowed {
+        if let Some(generation) = self.repairs.overflowed() {
             // Every entry may be stale: a fence at a fresh horizon keeps out every write that read
             // before now, and every entry written before it is dropped.
             let fence = db_result(self.db.fresh_horizon().await, &self.health)?;
@@ -711,21 +779,14 @@ impl Service {
                 .await
                 .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
             tracing::warn!(removed, "cache cleared after repair queue overflow");
-            let mut queue = self.repair.lock().expect("repair lock is never poisoned");
-            queue.overflowed = false;
-            self.repair_pending.store(!queue.names.is_empty(), Relaxed);
+            if !self.repairs.dropped(generation) {
+                // A write failed while the cache was being dropped: drop it again next time.
+                return Ok(0);
+            }
         }
         let mut repaired = 0;
         loop {
-            let batch: Vec<(String, u64)> = {
-                let queue = self.repair.lock().expect("repair lock is never poisoned");
-                queue
-                    .names
-                    .iter()
-                    .take(REPAIR_BATCH)
-                    .map(|(n, g)| (n.clone(), *g))
-                    .collect()
-            };
+            let batch = self.repairs.batch(REPAIR_BATCH);
             if batch.is_empty() {
                 break;
             }
@@ -748,17 +809,7 @@ impl Service {
                 ServiceError::Unavailable(e.to_string())
             })?;
             self.count_outcomes(&outcomes);
-            let mut queue = self.repair.lock().expect("repair lock is never poisoned");
-            for (name, generation) in &batch {
-                if queue.names.get(name) == Some(generation) {
-                    queue.names.remove(name);
-                    repaired += 1;
-                }
-            }
-            self.repair_len.store(queue.names.len(), Relaxed);
-            if queue.names.is_empty() && !queue.overflowed {
-                self.repair_pending.store(false, Relaxed);
-            }
+            repaired += self.repairs.repaired(&batch);
         }
         if repaired > 0 {
             tracing::info!(repaired, "cache entries repaired");
@@ -779,7 +830,7 @@ impl Service {
             db_queries: s.db_queries.load(Relaxed),
             stale_writes_refused: s.stale_writes_refused.load(Relaxed),
             foreign_values_skipped: s.foreign_values_skipped.load(Relaxed),
-            repairs_pending: self.repair_len.load(Relaxed) as u64,
+            repairs_pending: self.repairs.count() as u64,
             cdc: self.cdc.report(reset_lag),
         }
     }
@@ -792,5 +843,44 @@ impl Service {
             redis: state(Backend::Redis),
             cdc: self.cdc.health(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repairs_own_their_counts() {
+        let repairs = Repairs::default();
+        assert!(!repairs.any() && repairs.trusted("a"));
+        repairs.queue(["a", "b"]);
+        assert!(repairs.any() && !repairs.trusted("a") && repairs.trusted("c"));
+        assert_eq!(repairs.count(), 2);
+        let batch = repairs.batch(10);
+        // "a" fails again while the batch is repaired: it stays.
+        repairs.queue(["a"]);
+        assert_eq!(repairs.repaired(&batch), 1);
+        assert_eq!(repairs.count(), 1);
+        assert!(!repairs.trusted("a") && repairs.trusted("b"));
+    }
+
+    #[test]
+    fn an_overflow_is_counted_as_the_capacity_until_the_cache_is_dropped() {
+        let repairs = Repairs::default();
+        let names: Vec<String> = (0..=REPAIR_CAPACITY).map(|i| format!("u{i}")).collect();
+        repairs.queue(names.iter().map(String::as_str));
+        // The count `stats` reports and the one the shutdown warning uses are one and the same.
+        assert_eq!(repairs.count(), REPAIR_CAPACITY);
+        assert!(!repairs.trusted("anyone"));
+        let generation = repairs.overflowed().expect("overflowed");
+        // A write fails while the cache is being dropped: the overflow stands.
+        repairs.queue(["late"]);
+        assert!(!repairs.dropped(generation));
+        assert_eq!(repairs.count(), REPAIR_CAPACITY);
+        let generation = repairs.overflowed().expect("still overflowed");
+        assert!(repairs.dropped(generation));
+        assert_eq!(repairs.count(), 0);
+        assert!(!repairs.any() && repairs.trusted("anyone"));
     }
 }
