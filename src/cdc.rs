@@ -25,7 +25,7 @@ use crate::cache::{Cache, CacheError, Write};
 use crate::config::{CdcMode, Config};
 use crate::db::{self, DbError};
 use crate::service::{CdcHealth, CdcReport, LagReport};
-use crate::user::{User, USER_SELECT};
+use crate::user::User;
 
 /// Why a CDC step failed.
 #[derive(Debug, thiserror::Error)]
@@ -322,7 +322,7 @@ impl Statements {
              WHERE o.id > $1 AND o.id <= ({OUTBOX_ID_HORIZON}) ORDER BY o.id LIMIT $2"
         );
         let late = late_query();
-        let rows = format!("SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)");
+        let rows = db::FIND_USERS;
         const SNAPSHOT: &str = "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
                         ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x)";
         let snapshot = format!("{SNAPSHOT} FROM pg_current_snapshot() s");
@@ -333,7 +333,7 @@ impl Statements {
             client.prepare(&snapshot_and_xid),
             client.prepare(&fresh),
             client.prepare(&late),
-            client.prepare(&rows),
+            client.prepare(rows),
             client.prepare("SELECT pg_current_xact_id()::text"),
             client.prepare(
                 "INSERT INTO cacheward_cdc_cursors (consumer, position, pending) VALUES ($1, $2, $3::text::jsonb)

@@ -131,8 +131,10 @@ async fn query_opt_cached(
     Ok(rows.pop())
 }
 
-/// The request path's read: every cold name a batch of misses asks for, in one query.
-const FIND_USERS: &str = "SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = ANY($1)";
+/// The rows of a set of names, in one query (`$1`: text[]), as [`User::from_row`] reads them: the
+/// request path's misses, repairs, the CDC worker's refetch and `verify` all use this one statement.
+pub const FIND_USERS: &str =
+    "SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = ANY($1)";
 
 /// The version horizon: at least every version drawn so far. Read before a row, it is the row's
 /// `read_at` (see `Cache::fence_key`); `last_value` of a sequence is not transactional, so it is

@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::cache::{is_live, is_ours, Cache, Stored};
 use crate::config::Config;
 use crate::db;
-use crate::user::{User, USER_SELECT};
+use crate::user::User;
 
 /// A cached entry that does not match the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,11 +38,7 @@ const RECHECK_AFTER: Duration = Duration::from_millis(1500);
 pub async fn verify(config: &Config) -> anyhow::Result<Report> {
     let cache = Cache::new(config)?;
     let client = db::connect(&db::pg_config(config)?).await?;
-    let select = client
-        .prepare(&format!(
-            "SELECT {USER_SELECT} FROM users u WHERE u.username = ANY($1)"
-        ))
-        .await?;
+    let select = client.prepare(db::FIND_USERS).await?;
     let mut report = Report::default();
     let mut suspects = Vec::new();
     let mut cursor = 0;
