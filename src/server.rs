@@ -352,6 +352,8 @@ pub struct LineBuffer {
 
 /// Bytes reserved for each read.
 const READ_CHUNK: usize = 16 * 1024;
+/// Request bytes a connection parses before it lets the other tasks run.
+const PARSE_SLICE: usize = 64 * 1024;
 /// Answer bytes buffered per connection before they are written.
 const WRITE_BUFFER: usize = 16 * 1024;
 
@@ -535,14 +537,21 @@ impl Connection {
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         loop {
-            // Start every buffered request the in-flight limits allow.
+            // Start every buffered request the in-flight limits allow, a slice at a time.
             if reading {
                 let mut gets = Gets::default();
                 let mut started = false;
-                while self.inflight_requests + gets.items.len() < self.max_inflight {
+                let mut parsed = 0;
+                while self.inflight_requests + gets.items.len() < self.max_inflight
+                    && parsed < PARSE_SLICE
+                {
                     match self.lines.next_frame() {
                         Some(frame) => {
                             started = true;
+                            parsed += match &frame {
+                                Frame::Line(line) => line.len() + 1,
+                                Frame::TooLong => self.max_request_bytes,
+                            };
                             self.start(frame, &mut gets)
                         }
                         None => break,
@@ -551,6 +560,13 @@ impl Connection {
                 self.start_gets(gets);
                 if started && self.idle_timeout.is_some() {
                     last_active = tokio::time::Instant::now();
+                }
+                if parsed >= PARSE_SLICE {
+                    // Parsing costs CPU that no I/O accounts for: let every other task (the Redis
+                    // connection's answers first of all) run before the next slice, so that a
+                    // flood of large requests on some connections cannot starve the others.
+                    tokio::task::yield_now().await;
+                    continue;
                 }
             }
             if !reading && self.inflight.is_empty() {
