@@ -642,6 +642,21 @@ impl Cache {
         }
     }
 
+    /// Redis's `maxmemory-policy`, or `None` where CONFIG is not allowed (managed services, ACLs).
+    pub async fn eviction_policy(&self) -> Option<String> {
+        let mut conn = self.conn.clone();
+        let reply: Vec<String> = self
+            .bounded(
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("maxmemory-policy")
+                    .query_async(&mut conn),
+            )
+            .await
+            .ok()?;
+        reply.into_iter().nth(1)
+    }
+
     /// Sets the fence to `horizon` if Redis has none; returns the fence now in force. `horizon`
     /// must have been drawn after the fence was seen missing.
     pub async fn establish_fence(&self, horizon: i64) -> Result<i64, CacheError> {

@@ -181,6 +181,8 @@ async fn monitor(
     let mut failures = [0u32; 2];
     // Whether `cache fence unusable` was said (once).
     let mut fence_broken = false;
+    // Whether Redis's eviction policy was looked at (once, at the first contact).
+    let mut policy_checked = false;
     let mut ticker = tokio::time::interval(MONITOR_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -199,6 +201,10 @@ async fn monitor(
             service.cache().fence(),
             ping_postgres(&pg_config, &mut probe)
         );
+        if fence.is_ok() && !policy_checked {
+            policy_checked = true;
+            warn_if_evicting(service.cache()).await;
+        }
         let redis = match fence {
             Ok(Some(_)) => {
                 fence_broken = false;
@@ -265,6 +271,19 @@ fn test_wedge() -> Option<tokio::time::Instant> {
         .parse()
         .ok()?;
     Some(tokio::time::Instant::now() + Duration::from_millis(ms))
+}
+
+/// An `allkeys-*` eviction policy may evict a tombstone or a newer entry while a slow fill of an
+/// older row is on its way, and the fence itself (it has no TTL, unlike every entry): say so.
+async fn warn_if_evicting(cache: &Cache) {
+    if let Some(policy) = cache.eviction_policy().await {
+        if policy.starts_with("allkeys") {
+            tracing::warn!(
+                policy = %policy,
+                "redis may evict what keeps the cache exact: use noeviction or a volatile policy"
+            );
+        }
+    }
 }
 
 /// Redis has no fence (a first start, a Redis restart, a FLUSHALL): sets one from a horizon drawn

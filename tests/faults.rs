@@ -289,3 +289,26 @@ async fn a_blocked_statement_times_out_as_unavailable() {
     );
     daemon.stop().await;
 }
+
+/// At the first contact, an `allkeys-*` eviction policy is warned about (it could evict a
+/// tombstone, a newer entry or the fence); the default `noeviction` is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_redis_is_warned_about() {
+    let env = TestEnv::start().await;
+    let quiet = common::DaemonProcess::spawn(&env, "noeviction");
+    quiet.wait_ready().await;
+    let mut conn = env.redis().await;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let loud = common::DaemonProcess::spawn(&env, "allkeys");
+    loud.wait_ready().await;
+    let warning = "redis may evict what keeps the cache exact";
+    assert!(!quiet.logs().contains(warning), "{}", quiet.logs());
+    assert!(loud.logs().contains(warning), "{}", loud.logs());
+    assert!(loud.logs().contains("allkeys-lru"), "{}", loud.logs());
+}
