@@ -65,6 +65,35 @@ fn pipelined_gets(
     })
 }
 
+/// A daemon whose fills are held, and `n` users it has not cached being read through it, pipelined:
+/// every get missed, read its row, and the first fill is held when this returns.
+struct Held {
+    env: TestEnv,
+    names: Vec<String>,
+    daemon: common::Daemon,
+    gets: tokio::task::JoinHandle<Vec<Value>>,
+    reached: tokio::sync::mpsc::Receiver<()>,
+    go: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+async fn cold_gets_held(n: usize) -> Held {
+    let env = TestEnv::start().await;
+    let names = names(n);
+    insert(&env, &names).await;
+    let (hooks, mut reached, go) = hold_fills(None);
+    let daemon = env.start_daemon_with(env.config(), hooks).await;
+    let gets = pipelined_gets(daemon.socket.clone(), names.clone());
+    held(&mut reached).await;
+    Held {
+        env,
+        names,
+        daemon,
+        gets,
+        reached,
+        go,
+    }
+}
+
 /// After the held fills were let go and answered: no name has a live entry in Redis, every get
 /// answers not found, and `verify` finds nothing.
 async fn assert_nothing_stale(env: &TestEnv, daemon: &common::Daemon, names: &[String]) {
@@ -89,14 +118,14 @@ async fn assert_nothing_stale(env: &TestEnv, daemon: &common::Daemon, names: &[S
 /// all 30 deleted rows would stay cached for the TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fills_that_read_before_a_truncate_never_land() {
-    let env = TestEnv::start().await;
-    let names = names(30);
-    insert(&env, &names).await;
-    let (hooks, mut reached, go) = hold_fills(None);
-    let daemon = env.start_daemon_with(env.config(), hooks).await;
-
-    let gets = pipelined_gets(daemon.socket.clone(), names.clone());
-    held(&mut reached).await;
+    let Held {
+        env,
+        names,
+        daemon,
+        gets,
+        reached: _,
+        go,
+    } = cold_gets_held(30).await;
     let before = fence(&env).await.expect("the daemon set a fence");
     let pg = env.pg().await;
     pg.batch_execute("TRUNCATE users").await.unwrap();
@@ -136,14 +165,14 @@ async fn fills_that_read_before_a_truncate_never_land() {
 /// fence can.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_that_read_before_redis_lost_its_data_never_lands() {
-    let env = TestEnv::start().await;
-    let names = names(5);
-    insert(&env, &names).await;
-    let (hooks, mut reached, go) = hold_fills(None);
-    let daemon = env.start_daemon_with(env.config(), hooks).await;
-
-    let gets = pipelined_gets(daemon.socket.clone(), names.clone());
-    held(&mut reached).await;
+    let Held {
+        env,
+        names,
+        daemon,
+        gets,
+        mut reached,
+        go,
+    } = cold_gets_held(5).await;
     let pg = env.pg().await;
     pg.execute("DELETE FROM users WHERE username = ANY($1)", &[&names])
         .await

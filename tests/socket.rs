@@ -69,6 +69,21 @@ fn nobody_knocking(socket: &Path) -> (libc::pid_t, std::fs::File) {
     })
 }
 
+/// `cacheward serve` on `env`'s servers at `socket`, for tests that must set up the process
+/// itself (its umask, its limits) rather than use `DaemonProcess`.
+fn serve_command(env: &TestEnv, socket: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
+        .current_dir(env.dir.path())
+        .env("DATABASE_URL", &env.db_url)
+        .env("REDIS_URL", &env.redis_url)
+        .env("CACHEWARD__SOCKET__PATH", socket)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
+}
+
 fn mode_of(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
 }
@@ -90,16 +105,8 @@ async fn another_uid_never_reaches_the_socket_across_restarts_under_umask_000() 
     let (pid, mut pipe) = nobody_knocking(&socket);
 
     let serve = |socket: &Path| {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .current_dir(env.dir.path())
-            .env("DATABASE_URL", &env.db_url)
-            .env("REDIS_URL", &env.redis_url)
-            .env("CACHEWARD__SOCKET__PATH", socket)
-            .env("CACHEWARD__SOCKET__MODE", "0600")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        let mut cmd = serve_command(&env, socket);
+        cmd.env("CACHEWARD__SOCKET__MODE", "0600")
             .stderr(Stdio::null());
         // SAFETY: umask(2) only, between fork and exec.
         unsafe {
@@ -500,16 +507,8 @@ async fn running_out_of_file_descriptors_is_said_once_not_per_attempt() {
     let env = TestEnv::start().await;
     let socket = env.dir.path().join("fd.sock");
     let log = env.dir.path().join("fd.log");
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .current_dir(env.dir.path())
-        .env("DATABASE_URL", &env.db_url)
-        .env("REDIS_URL", &env.redis_url)
-        .env("CACHEWARD__SOCKET__PATH", &socket)
-        .env("CACHEWARD__POSTGRES__POOL_SIZE", "2")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+    let mut cmd = serve_command(&env, &socket);
+    cmd.env("CACHEWARD__POSTGRES__POOL_SIZE", "2")
         .stderr(std::fs::File::create(&log).unwrap());
     // SAFETY: setrlimit(2) only, between fork and exec.
     unsafe {
