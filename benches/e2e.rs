@@ -274,8 +274,12 @@ async fn main() {
     let redis = Redis::start().expect("redis");
     let db_url = pg.create_database("bench").await.expect("database");
     let pg_config: tokio_postgres::Config = db_url.parse().expect("url");
-    let mut admin = cacheward::db::connect(&pg_config).await.expect("connect");
-    cacheward::db::migrate(&mut admin).await.expect("migrate");
+    let mut admin = cacheward::store::db::connect(&pg_config)
+        .await
+        .expect("connect");
+    cacheward::store::db::migrate(&mut admin)
+        .await
+        .expect("migrate");
     admin
         .batch_execute(&format!(
             "CREATE EXTENSION pg_stat_statements;
@@ -415,7 +419,8 @@ async fn main() {
             measure(miss_conns, 1, slice, |_| {
                 let pg_config = pg_config.clone();
                 async move {
-                    let client = Arc::new(cacheward::db::connect(&pg_config).await.expect("pg"));
+                    let client =
+                        Arc::new(cacheward::store::db::connect(&pg_config).await.expect("pg"));
                     let stmt = client
                         .prepare(
                             "SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = $1",
@@ -758,7 +763,7 @@ async fn cdc_lag(
     for w in 0..4u64 {
         let (pg, committed) = (pg.clone(), committed.clone());
         writers.push(tokio::spawn(async move {
-            let client = cacheward::db::connect(&pg).await.expect("pg");
+            let client = cacheward::store::db::connect(&pg).await.expect("pg");
             let stmt = client
                 .prepare("UPDATE users SET username = $2 WHERE username = $1")
                 .await
@@ -821,9 +826,12 @@ async fn cdc_lag(
             .await
             .expect("MGET");
         for (key, value) in keys.iter().zip(values) {
-            if !value.as_deref().is_some_and(cacheward::cache::is_live) {
+            if !value
+                .as_deref()
+                .is_some_and(cacheward::store::cache::is_live)
+            {
                 eprintln!("cdc: {key} never reached Redis: {value:?}");
-                let client = cacheward::db::connect(pg).await.expect("pg");
+                let client = cacheward::store::db::connect(pg).await.expect("pg");
                 let name = key.trim_start_matches("user:");
                 for row in client
                     .query("SELECT id, txid::text, changed_at::text FROM cacheward_outbox WHERE username = $1", &[&name])

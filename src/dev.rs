@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::cache::{Cache, Write};
 use crate::config::{Config, SecretUrl};
-use crate::db;
+use crate::store::cache::{Cache, Write};
+use crate::store::db;
 
 /// Why a throwaway server could not be had.
 #[derive(Debug, thiserror::Error)]

@@ -4,20 +4,20 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use futures::StreamExt;
 use serde_json::{json, Value};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio_util::sync::CancellationToken;
 
 use cacheward::client::{Client, ClientError};
 use cacheward::config::{Config, Overrides};
 use cacheward::dev::{DevStack, SEED_USERS};
+use cacheward::rpc::server;
 use cacheward::service::Hooks;
-use cacheward::{daemon, db, server, telemetry};
+use cacheward::signals::{self, Reloader};
+use cacheward::store::db;
+use cacheward::{daemon, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -187,20 +187,20 @@ async fn serve(dev: bool, common: Common) -> anyhow::Result<ExitCode> {
             config.socket.path.clone(),
         )
     });
-    let reloader = Reloader {
-        load: Box::new(move || {
+    let reloader = Reloader::new(
+        move || {
             let mut config = common.load()?;
             if let Some((postgres, redis, socket)) = &pinned {
                 (config.postgres.url, config.redis.url) = (postgres.clone(), redis.clone());
                 config.socket.path = socket.clone();
             }
             Ok(config)
-        }),
-        running: (*config).clone(),
+        },
+        (*config).clone(),
         logger,
-    };
+    );
     let shutdown = CancellationToken::new();
-    let signals = watch_signals(shutdown.clone(), reloader)?;
+    let signals = signals::watch(shutdown.clone(), reloader)?;
     let result = daemon::run(config, socket, shutdown, Hooks::default()).await;
     signals.close();
     drop(stack);
@@ -226,82 +226,6 @@ fn dev_banner(stack: &DevStack, config: &Config) {
         users = SEED_USERS.join(", "),
         first = SEED_USERS[0],
     );
-}
-
-/// What SIGHUP re-reads, and what it can change without a restart: the log level and format.
-struct Reloader {
-    load: Box<dyn Fn() -> anyhow::Result<Config> + Send>,
-    running: Config,
-    logger: telemetry::Logger,
-}
-
-impl Reloader {
-    /// Loads the configuration again (file, environment, flags) and applies what can change while
-    /// running. A configuration that fails to load or validate changes nothing.
-    fn reload(&mut self) {
-        let new = match (self.load)() {
-            Ok(new) => new,
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "config reload rejected; the running configuration stays");
-                return;
-            }
-        };
-        let applied = match self.logger.apply(&self.running.log, &new.log) {
-            Ok(applied) => applied,
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "config reload rejected; the running configuration stays");
-                return;
-            }
-        };
-        self.running.log.level = new.log.level.clone();
-        self.running.log.format = new.log.format;
-        let needs_restart: Vec<String> = self.running.changed_keys(&new);
-        if !needs_restart.is_empty() {
-            tracing::warn!(keys = ?needs_restart, "config changes that take effect only after a restart");
-        }
-        tracing::info!(applied = ?applied, "config reloaded");
-    }
-}
-
-/// SIGTERM/SIGINT cancel `shutdown` (a second one, a second or more later, exits at once); SIGHUP
-/// reloads the configuration.
-fn watch_signals(
-    shutdown: CancellationToken,
-    mut reloader: Reloader,
-) -> anyhow::Result<signal_hook_tokio::Handle> {
-    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .context("installing signal handlers")?;
-    let handle = signals.handle();
-    tokio::spawn(async move {
-        let mut first_stop = None;
-        while let Some(signal) = signals.next().await {
-            let name = match signal {
-                SIGTERM => "SIGTERM",
-                SIGINT => "SIGINT",
-                _ => "SIGHUP",
-            };
-            if signal == SIGHUP {
-                tracing::info!(signal = name, "reloading the configuration");
-                reloader.reload();
-            } else if first_stop
-                .is_some_and(|at: std::time::Instant| at.elapsed() < Duration::from_secs(1))
-            {
-                // The same Ctrl-C delivered twice (say, through `cargo run` or `timeout` as well).
-                tracing::debug!(signal = name, "repeated stop signal ignored");
-            } else if shutdown.is_cancelled() {
-                tracing::warn!(
-                    signal = name,
-                    "second stop signal: exiting without draining"
-                );
-                std::process::exit(1);
-            } else {
-                tracing::info!(signal = name, "shutdown requested");
-                first_stop = Some(std::time::Instant::now());
-                shutdown.cancel();
-            }
-        }
-    });
-    Ok(handle)
 }
 
 async fn migrate(common: Common) -> anyhow::Result<ExitCode> {

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::cdc::LAG_BUCKETS_MS;
+use crate::cdc::stats::LAG_BUCKETS_MS;
 use crate::service::{Backend, Service};
 
 /// Metrics connections open at once; more wait to be accepted. Each costs a task and a few KiB,

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::cache::{is_live, is_ours, Cache, Stored};
 use crate::config::Config;
-use crate::db;
+use crate::store::cache::{is_live, is_ours, Cache, Stored};
+use crate::store::db;
 use crate::user::User;
 
 /// A cached entry that does not match the database.

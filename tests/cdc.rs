@@ -21,7 +21,7 @@ fn names(list: &[&str]) -> Vec<String> {
 async fn live(env: &TestEnv, name: &str) -> Option<Value> {
     env.cached(name)
         .await
-        .filter(|v| cacheward::cache::is_live(v))
+        .filter(|v| cacheward::store::cache::is_live(v))
         .map(|v| serde_json::from_str(&v).unwrap())
 }
 
@@ -870,7 +870,7 @@ async fn late_rows_are_read_by_id_range_whatever_the_outbox_size() {
         &env,
         &format!(
             "PREPARE late(text[], bigint[], bigint[], bigint) AS {}",
-            cacheward::cdc::late_query()
+            cacheward::cdc::outbox::late_query()
         ),
     )
     .await;
@@ -908,7 +908,7 @@ async fn pruning_reads_one_chunk_of_the_outbox_whatever_its_size() {
         &env,
         &format!(
             "PREPARE prune(float8, bigint, bigint) AS {}",
-            cacheward::cdc::PRUNE_QUERY
+            cacheward::cdc::outbox::PRUNE_QUERY
         ),
     )
     .await;

@@ -134,7 +134,7 @@ async fn writes_made_while_redis_was_down_leave_no_stale_entry_behind() {
 
     // Redis comes back with the old entries for `moved` and `removed` still in it.
     env.redis.start_again().expect("restart redis");
-    assert!(cacheward::cache::is_live(
+    assert!(cacheward::store::cache::is_live(
         &env.cached("moved").await.expect("persisted")
     ));
 
@@ -148,7 +148,7 @@ async fn writes_made_while_redis_was_down_leave_no_stale_entry_behind() {
     for name in ["moved", "removed"] {
         let raw = env.cached(name).await.unwrap_or_default();
         assert!(
-            !cacheward::cache::is_live(&raw),
+            !cacheward::store::cache::is_live(&raw),
             "{name} still live in Redis: {raw}"
         );
     }

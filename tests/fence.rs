@@ -105,7 +105,7 @@ async fn assert_nothing_stale(env: &TestEnv, daemon: &common::Daemon, names: &[S
     for name in names {
         let raw = env.cached(name).await;
         assert!(
-            !raw.as_deref().is_some_and(cacheward::cache::is_live),
+            !raw.as_deref().is_some_and(cacheward::store::cache::is_live),
             "{name} is cached although its row is gone: {raw:?}"
         );
     }
@@ -234,7 +234,7 @@ async fn a_fill_that_read_before_redis_lost_its_data_never_lands() {
 /// cacheward's is left alone and reported as foreign.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
-    use cacheward::cache::{Cache, Outcome, Write};
+    use cacheward::store::cache::{Cache, Outcome, Write};
     let env = TestEnv::start().await;
     let cache = Cache::new(&env.config()).unwrap();
     let live = |name: &str, version: i64, read_at: i64| Write::Live {
@@ -262,7 +262,7 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
     assert!(env
         .cached("b")
         .await
-        .is_some_and(|v| !cacheward::cache::is_live(&v)));
+        .is_some_and(|v| !cacheward::store::cache::is_live(&v)));
     assert_eq!(
         cache.apply(&[live("b", 5, 14)]).await.unwrap(),
         vec![Outcome::Fenced]

@@ -16,7 +16,7 @@ const ROLES: &str = include_str!("../sql/roles.sql");
 /// A client of the test database logged in as `role`.
 async fn connect_as(env: &TestEnv, role: &str) -> tokio_postgres::Client {
     let url = env.db_url.replacen("postgres@", &format!("{role}@"), 1);
-    cacheward::db::connect(&url.parse().expect("url"))
+    cacheward::store::db::connect(&url.parse().expect("url"))
         .await
         .expect("connect")
 }
@@ -24,7 +24,7 @@ async fn connect_as(env: &TestEnv, role: &str) -> tokio_postgres::Client {
 async fn live(env: &TestEnv, name: &str) -> bool {
     env.cached(name)
         .await
-        .is_some_and(|v| cacheward::cache::is_live(&v))
+        .is_some_and(|v| cacheward::store::cache::is_live(&v))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -391,7 +391,7 @@ async fn a_stale_socket_is_replaced_but_a_live_one_is_never_stolen() {
     assert!(config.socket.path.exists());
     let daemon = env.start_daemon(config.clone()).await;
 
-    let err = cacheward::server::bind(&config)
+    let err = cacheward::rpc::server::bind(&config)
         .err()
         .expect("second bind must fail");
     assert!(err.to_string().contains("already listening"), "{err}");
@@ -406,7 +406,9 @@ async fn a_stale_socket_is_replaced_but_a_live_one_is_never_stolen() {
     let mut other = env.config();
     other.socket.path = env.dir.path().join("not-a-socket");
     std::fs::write(&other.socket.path, "data").unwrap();
-    let err = cacheward::server::bind(&other).err().expect("must refuse");
+    let err = cacheward::rpc::server::bind(&other)
+        .err()
+        .expect("must refuse");
     assert!(err.to_string().contains("not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&other.socket.path).unwrap(), "data");
 

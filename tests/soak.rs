@@ -243,7 +243,7 @@ async fn sql_writer(db_url: String, mut rng: Rng, stop: CancellationToken) {
     let mut client: Option<tokio_postgres::Client> = None;
     while !stop.is_cancelled() {
         let Some(c) = client.as_ref().filter(|c| !c.is_closed()) else {
-            client = cacheward::db::connect(&pg).await.ok();
+            client = cacheward::store::db::connect(&pg).await.ok();
             if client.is_none() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -280,7 +280,7 @@ async fn sql_writer(db_url: String, mut rng: Rng, stop: CancellationToken) {
                 let db_url = db_url.clone();
                 tokio::spawn(async move {
                     let pg: tokio_postgres::Config = db_url.parse().expect("url");
-                    let Ok(c) = cacheward::db::connect(&pg).await else {
+                    let Ok(c) = cacheward::store::db::connect(&pg).await else {
                         return;
                     };
                     let _ = c
@@ -469,7 +469,7 @@ async fn caught_up(env: &TestEnv, n: u64) {
     let name = format!("probe{n}");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
-        if let Ok(pg) = cacheward::db::connect(&env.db_url.parse().expect("url")).await {
+        if let Ok(pg) = cacheward::store::db::connect(&env.db_url.parse().expect("url")).await {
             // Again each time: a TRUNCATE may have taken it.
             let _ = pg
                 .execute(
@@ -481,7 +481,7 @@ async fn caught_up(env: &TestEnv, n: u64) {
         if env
             .cached(&name)
             .await
-            .is_some_and(|v| cacheward::cache::is_live(&v))
+            .is_some_and(|v| cacheward::store::cache::is_live(&v))
         {
             return;
         }
@@ -689,7 +689,9 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
                 // applied would answer for a user that no longer exists.
                 let calm: Vec<String> = (0..NAMES).map(|i| format!("calm{i:02}")).collect();
                 let keys: Vec<String> = calm.iter().map(|n| format!("user:{n}")).collect();
-                if let Ok(pg) = cacheward::db::connect(&env.db_url.parse().expect("url")).await {
+                if let Ok(pg) =
+                    cacheward::store::db::connect(&env.db_url.parse().expect("url")).await
+                {
                     let mut conn = env.redis().await;
                     for _ in 0..4 {
                         let _ = pg

@@ -16,9 +16,11 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use cacheward::config::{Config, SecretUrl};
+use cacheward::daemon;
 use cacheward::dev::{Postgres, Redis, RedisOptions};
-use cacheward::service::{FillHook, Hooks};
-use cacheward::{daemon, db, server};
+use cacheward::rpc::server;
+use cacheward::service::hooks::{FillHook, Hooks};
+use cacheward::store::db;
 
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
@@ -418,7 +420,7 @@ impl TestEnv {
             let cached = self
                 .cached(name)
                 .await
-                .filter(|v| cacheward::cache::is_live(v));
+                .filter(|v| cacheward::store::cache::is_live(v));
             let cached: Option<Value> =
                 cached.map(|v| serde_json::from_str(&v).expect("live JSON"));
             match (cached, self.row_json(name).await) {

@@ -21,7 +21,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::protocol::{self, Call, ErrorKind, Id, Incoming, RpcError};
+use crate::rpc::dispatch;
+use crate::rpc::protocol::{self, Call, ErrorKind, Id, Incoming, RpcError};
 use crate::service::Service;
 
 /// Why the socket could not be set up.
@@ -219,6 +220,7 @@ pub async fn serve(
     drop(socket);
     connections.close();
     let open = connections.len();
+    crate::systemd::stopping(&format!("stopping: draining {open} connections"));
     tracing::info!(
         connections = open,
         "stopped accepting; draining connections"
@@ -690,7 +692,7 @@ impl Connection {
                     ErrorKind::Forbidden,
                     format!("forbidden: this peer may not {}", call.method()),
                 );
-                failed(&self.service, call.method(), &error);
+                dispatch::failed(&self.service, call.method(), &error);
                 self.start_gets(std::mem::take(gets));
                 if let Some(id) = id {
                     self.push_ready(protocol::encode_error(&id, &error));
@@ -702,21 +704,7 @@ impl Connection {
                 self.push(
                     1,
                     size,
-                    Box::pin(async move {
-                        let method = call.method();
-                        let outcome = answer(&service, call).await;
-                        if let Err(error) = &outcome {
-                            failed(&service, method, error);
-                        }
-                        let Some(id) = id else {
-                            return (1, Vec::new());
-                        };
-                        let bytes = match outcome {
-                            Ok(result) => result.encode(&id),
-                            Err(error) => protocol::encode_error(&id, &error),
-                        };
-                        (1, bytes)
-                    }),
+                    Box::pin(async move { (1, dispatch::call(&service, id, call).await) }),
                 );
             }
         }
@@ -728,115 +716,13 @@ impl Connection {
             return;
         }
         let service = self.service.clone();
-        let requests = gets.items.len();
-        let bytes = gets.bytes;
-        let gets = gets.items;
+        let (requests, bytes) = (gets.items.len(), gets.bytes);
         self.push(
             requests,
             bytes,
-            Box::pin(async move {
-                let names: Vec<&str> = gets.iter().map(|(_, name)| name.as_str()).collect();
-                let answers = service.get_many(&names).await;
-                let mut out = Vec::with_capacity(requests * 256);
-                for ((id, _), answer) in gets.iter().zip(answers) {
-                    let answer = answer.map_err(RpcError::from);
-                    if let Err(error) = &answer {
-                        failed(&service, "get", error);
-                    }
-                    match (id, answer) {
-                        (None, _) => {}
-                        (Some(id), Ok((json, source))) => {
-                            protocol::encode_user_into(&mut out, id, &json, source.as_str())
-                        }
-                        (Some(id), Err(error)) => {
-                            out.extend_from_slice(&protocol::encode_error(id, &error))
-                        }
-                    }
-                }
-                (requests, out)
-            }),
+            Box::pin(async move { (requests, dispatch::gets(&service, gets.items).await) }),
         );
     }
-}
-
-/// Counts and logs (at debug) a request that failed.
-fn failed(service: &Service, method: &str, error: &RpcError) {
-    service.stats.errors.fetch_add(1, Relaxed);
-    tracing::debug!(
-        method,
-        kind = error.kind.name(),
-        message = %error.message,
-        "request failed"
-    );
-}
-
-/// A successful result, encoded once the id is known.
-enum Answer {
-    Get(String, &'static str),
-    Put(String, bool),
-    Rename(String),
-    /// The deleted row's version, if there was one.
-    Delete(Option<i64>),
-    Stats(crate::service::StatsReport),
-    Health(crate::service::HealthReport),
-}
-
-impl Answer {
-    fn encode(self, id: &Id) -> Vec<u8> {
-        use protocol::{DeleteResult, GetResult, PutResult, RenameResult};
-        let raw = |json: &str| -> Box<serde_json::value::RawValue> {
-            serde_json::value::RawValue::from_string(json.to_owned()).unwrap_or_else(|_| {
-                serde_json::value::RawValue::from_string("null".into()).expect("null is JSON")
-            })
-        };
-        match self {
-            Answer::Get(json, source) => protocol::encode_result(
-                id,
-                GetResult {
-                    user: &raw(&json),
-                    source,
-                },
-            ),
-            Answer::Put(json, created) => protocol::encode_result(
-                id,
-                PutResult {
-                    user: &raw(&json),
-                    created,
-                },
-            ),
-            Answer::Rename(json) => protocol::encode_result(id, RenameResult { user: &raw(&json) }),
-            Answer::Delete(version) => protocol::encode_result(
-                id,
-                DeleteResult {
-                    deleted: version.is_some(),
-                    version: version.unwrap_or(0),
-                },
-            ),
-            Answer::Stats(report) => protocol::encode_result(id, report),
-            Answer::Health(report) => protocol::encode_result(id, report),
-        }
-    }
-}
-
-async fn answer(service: &Arc<Service>, call: Call) -> Result<Answer, RpcError> {
-    tracing::debug!(method = call.method(), "request");
-    Ok(match call {
-        Call::Get { username } => {
-            let (json, source) = service.get(&username).await?;
-            Answer::Get(json, source.as_str())
-        }
-        Call::Put { username } => {
-            let (json, created) = service.put(username).await?;
-            Answer::Put(json, created)
-        }
-        Call::Rename {
-            username,
-            new_username,
-        } => Answer::Rename(service.rename(username, new_username).await?),
-        Call::Delete { username } => Answer::Delete(service.delete(username).await?),
-        Call::Stats => Answer::Stats(service.stats_report(false)),
-        Call::Health => Answer::Health(service.health_report()),
-    })
 }
 
 #[cfg(test)]

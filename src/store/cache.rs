@@ -9,9 +9,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
-use crate::batch::Queue;
 use crate::config::Config;
 use crate::user::User;
+use crate::workqueue::WorkQueue;
 
 /// Why a Redis call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -48,7 +48,7 @@ impl From<redis::RedisError> for CacheError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
     /// Store the row's JSON unless Redis holds a version at least as new, or the row was read
-    /// before the fence (see [`FENCE_RULE`]).
+    /// before the fence (see [`Cache::fence_key`]).
     Live {
         username: String,
         version: i64,
@@ -81,26 +81,19 @@ impl Write {
         }
     }
 
+    /// A tombstone one version below `user`'s row: removes every older entry and lets this very
+    /// row (or a newer one) be filled. What an invalidation writes, and what [`Cache::drop_all`]
+    /// turns each live entry into (in Lua: `DROP_SCRIPT`).
+    pub fn below(user: &User) -> Write {
+        Write::tombstone(user.username.clone(), user.version - 1)
+    }
+
     pub fn username(&self) -> &str {
         match self {
             Write::Live { username, .. } | Write::Tombstone { username, .. } => username,
         }
     }
 }
-
-// The fence, named where it is enforced (see `Cache::fence_key`).
-//
-// A tombstone only guards a key that exists when it is written; a TRUNCATE, a resync, a repair
-// overflow, a Redis restart or a FLUSHALL would each leave nothing to refuse a cache-aside fill
-// (or a write-through, or a CDC batch) that read its row before them and lands after. So every
-// live write carries `read_at`, the version horizon (`last_value` of `cacheward_version_seq`)
-// read before the row, and Redis keeps one number at the key that is the prefix itself (no
-// username is empty, so it is no user's key): the fence. A live write with `read_at` below the
-// fence, or arriving while the fence is missing (Redis lost its data), is refused. Raising the
-// fence to a horizon drawn after an event refuses every write that read before it; the keys
-// written before the raise are then dropped by a scan. A missing fence is set again only from a
-// horizon drawn after it was seen missing (the health monitor does it), so a write that read
-// before Redis lost its data is refused too.
 
 /// The one script every cache write goes through.
 ///
@@ -190,8 +183,8 @@ return tonumber(f)
 "#;
 
 /// Drops the live entries of KEYS (cacheward's own only): each becomes a tombstone one version
-/// below its own, so that no older write can land, while a fill that reads the row after the fence
-/// may. ARGV[1]: TTL. Returns how many it dropped.
+/// below its own ([`Write::below`]), so that no older write can land, while a fill that reads the
+/// row after the fence may. ARGV[1]: TTL. Returns how many it dropped.
 const DROP_SCRIPT: &str = r#"
 local dropped = 0
 for _, key in ipairs(KEYS) do
@@ -247,7 +240,7 @@ pub struct Cache {
     ttl_secs: u64,
     timeout: Duration,
     /// Request-path calls waiting to go to Redis together.
-    ops: Arc<Queue<Op>>,
+    ops: Arc<WorkQueue<Op>>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, CacheError>>;
@@ -330,7 +323,7 @@ impl Cache {
             prefix: config.cache.key_prefix.as_str().into(),
             ttl_secs: config.cache.ttl_secs,
             timeout,
-            ops: Arc::new(Queue::new(1)),
+            ops: Arc::new(WorkQueue::serial()),
         })
     }
 

@@ -525,13 +525,6 @@ pub fn encode_error(id: &Id, error: &RpcError) -> Vec<u8> {
     out
 }
 
-/// The result of `get`: the user's JSON is embedded as stored, not re-encoded.
-#[derive(Serialize)]
-pub struct GetResult<'a> {
-    pub user: &'a RawValue,
-    pub source: &'static str,
-}
-
 /// The result of `put`.
 #[derive(Serialize)]
 pub struct PutResult<'a> {
@@ -557,6 +550,13 @@ pub struct DeleteResult {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The result of `get`, as serde would write it: what [`encode_user_into`] writes by hand.
+    #[derive(Serialize)]
+    struct GetResult<'a> {
+        user: &'a RawValue,
+        source: &'static str,
+    }
 
     #[test]
     fn a_member_named_twice_is_an_invalid_request() {

@@ -1,7 +1,6 @@
-//! Single flight and batching for cache misses. Every concurrent miss on a name joins one flight,
-//! so the database is read once however many ask; flights queue, and a few loader tasks take the
-//! whole queue at a time, so the misses that arrive while a read runs are fetched together in one
-//! query and filled in one Redis call.
+//! Single flight for cache misses: every concurrent miss on a name joins one flight, so the
+//! database is read once however many ask; flights queue, and a loader claims the whole queue at a
+//! time (see `read` for how they are loaded).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -9,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
-use crate::batch::Queue;
-use crate::service::{ServiceError, Source};
+use super::{ServiceError, Source};
+use crate::workqueue::WorkQueue;
 
 /// What a load found: the user's JSON and where it came from, or no such user.
 pub type Loaded = Result<Option<(String, Source)>, ServiceError>;
@@ -83,32 +82,32 @@ struct Queued {
 }
 
 /// The flights in progress, the queue of those no loader took yet, and the loader slots.
-pub struct Loads {
-    flights: Mutex<HashMap<String, Arc<Flight>>>,
+pub struct Flights {
+    by_name: Mutex<HashMap<String, Arc<Flight>>>,
     completed: Mutex<Completions>,
-    queue: Queue<Queued>,
+    queue: WorkQueue<Queued>,
 }
 
-impl Loads {
+impl Flights {
     /// `loaders`: how many batches may read the database at once.
-    pub fn new(loaders: usize) -> Loads {
-        Loads {
-            flights: Mutex::default(),
+    pub fn new(loaders: usize) -> Flights {
+        Flights {
+            by_name: Mutex::default(),
             completed: Mutex::default(),
-            queue: Queue::new(loaders),
+            queue: WorkQueue::new(loaders),
         }
     }
 
     /// Joins the flight on `username`, or starts one and queues it (then returns true: the caller
     /// makes sure a loader runs). `asked_at` is when the caller's Redis read began.
     pub fn join(&self, username: &str, asked_at: Instant) -> (Arc<Flight>, bool) {
-        let mut flights = self.flights.lock().expect("flight lock is never poisoned");
-        if let Some(flight) = flights.get(username) {
+        let mut by_name = self.by_name.lock().expect("flight lock is never poisoned");
+        if let Some(flight) = by_name.get(username) {
             return (flight.clone(), false);
         }
         let flight = Arc::new(Flight::default());
-        flights.insert(username.to_owned(), flight.clone());
-        drop(flights);
+        by_name.insert(username.to_owned(), flight.clone());
+        drop(by_name);
         self.queue.push(Queued {
             username: username.to_owned(),
             flight: flight.clone(),
@@ -117,28 +116,28 @@ impl Loads {
         (flight, true)
     }
 
-    /// A free loader slot, if one is free and a flight is queued (see [`Queue::claim`]).
+    /// A free loader slot, if one is free and a flight is queued (see [`WorkQueue::claim`]).
     pub fn claim(&self) -> Option<OwnedSemaphorePermit> {
         self.queue.claim()
     }
 
-    /// Up to `max` queued flights, oldest first, gathered as [`Queue::gather`] does.
-    pub async fn gather(self: &Arc<Self>, max: usize) -> Batch {
-        Batch {
-            loads: self.clone(),
+    /// Up to `max` queued flights, oldest first, gathered as [`WorkQueue::gather`] does.
+    pub async fn gather(self: &Arc<Self>, max: usize) -> Claimed {
+        Claimed {
+            flights: self.clone(),
             items: self.queue.gather(max).await,
         }
     }
 }
 
-/// Flights taken by one loader. Every flight is finished exactly once: by [`Batch::finish`], or,
+/// Flights taken by one loader. Every flight is finished exactly once: by [`Claimed::finish`], or,
 /// if the loader stops early (a panic), with an error when the batch is dropped.
-pub struct Batch {
-    loads: Arc<Loads>,
+pub struct Claimed {
+    flights: Arc<Flights>,
     items: Vec<Queued>,
 }
 
-impl Batch {
+impl Claimed {
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -159,7 +158,7 @@ impl Batch {
     /// filled since, so it is worth reading again before the database.
     pub fn filled_since_asked(&self, i: usize) -> bool {
         let item = &self.items[i];
-        self.loads
+        self.flights
             .completed
             .lock()
             .expect("completed lock is never poisoned")
@@ -168,26 +167,26 @@ impl Batch {
 
     /// Answers item `i`'s waiters. The flight leaves the map (and its completion is recorded)
     /// before anyone is woken, so that a get arriving after an answer never joins a finished
-    /// flight.
+    /// flight (piece 3 of the read-your-fill rule, see `service::read`).
     pub fn finish(&self, i: usize, result: Loaded) {
         let item = &self.items[i];
         if item.flight.result.get().is_some() {
             return;
         }
         {
-            let mut flights = self
-                .loads
+            let mut by_name = self
                 .flights
+                .by_name
                 .lock()
                 .expect("flight lock is never poisoned");
-            if flights
+            if by_name
                 .get(&item.username)
                 .is_some_and(|f| Arc::ptr_eq(f, &item.flight))
             {
-                flights.remove(&item.username);
+                by_name.remove(&item.username);
             }
         }
-        self.loads
+        self.flights
             .completed
             .lock()
             .expect("completed lock is never poisoned")
@@ -196,7 +195,7 @@ impl Batch {
     }
 }
 
-impl Drop for Batch {
+impl Drop for Claimed {
     fn drop(&mut self) {
         for i in 0..self.items.len() {
             self.finish(
@@ -240,30 +239,30 @@ mod tests {
 
     #[tokio::test]
     async fn one_flight_per_name_and_every_flight_finished() {
-        let loads = Arc::new(Loads::new(1));
+        let flights = Arc::new(Flights::new(1));
         let now = Instant::now();
-        let (a1, queued1) = loads.join("a", now);
-        let (a2, queued2) = loads.join("a", now);
-        let (b, _) = loads.join("b", now);
+        let (a1, queued1) = flights.join("a", now);
+        let (a2, queued2) = flights.join("a", now);
+        let (b, _) = flights.join("b", now);
         assert!(queued1 && !queued2);
         assert!(Arc::ptr_eq(&a1, &a2));
 
-        let slot = loads.claim().expect("a is queued");
-        assert!(loads.claim().is_none(), "one loader slot");
-        let batch = loads.gather(1).await;
+        let slot = flights.claim().expect("a is queued");
+        assert!(flights.claim().is_none(), "one loader slot");
+        let batch = flights.gather(1).await;
         assert_eq!(batch.len(), 1);
         batch.finish(0, Ok(None));
         assert!(matches!(a2.wait().await, Ok(None)));
         drop(slot);
         // A panicking loader still answers its flights.
         drop(batch);
-        let slot = loads.claim().expect("b is queued");
-        drop((slot, loads.gather(10).await));
+        let slot = flights.claim().expect("b is queued");
+        drop((slot, flights.gather(10).await));
         assert!(matches!(b.wait().await, Err(ServiceError::Internal(_))));
         // Nothing queued: no slot taken.
-        assert!(loads.claim().is_none());
-        assert!(loads.gather(10).await.is_empty());
+        assert!(flights.claim().is_none());
+        assert!(flights.gather(10).await.is_empty());
         // A finished name starts a new flight.
-        assert!(loads.join("a", now).1);
+        assert!(flights.join("a", now).1);
     }
 }

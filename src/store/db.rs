@@ -367,12 +367,12 @@ impl Db {
 
 /// The embedded migrations, applied in order, each once, each in its own transaction.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "users", include_str!("../sql/0001_users.sql")),
-    (2, "cdc", include_str!("../sql/0002_cdc.sql")),
+    (1, "users", include_str!("../../sql/0001_users.sql")),
+    (2, "cdc", include_str!("../../sql/0002_cdc.sql")),
     (
         3,
         "least privilege",
-        include_str!("../sql/0003_least_privilege.sql"),
+        include_str!("../../sql/0003_least_privilege.sql"),
     ),
 ];
 

@@ -1,0 +1,106 @@
+//! The last two steps of a CDC batch: apply its plan to Redis, then move the cursor past it and
+//! record its lag.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use super::cursor::Cursor;
+use super::outbox::{self, Batch, Statements};
+use super::plan::Plan;
+use super::{Applier, CdcError};
+
+/// A change applied later than this after it was made is worth a warning.
+const LAG_WARN_MS: u64 = 5_000;
+/// How often `cdc lagging` repeats while the lag lasts.
+const LAG_WARN_EVERY: Duration = Duration::from_secs(60);
+
+impl Applier {
+    /// Writes `plan` to Redis: a TRUNCATE's fence and drop first, then the writes in one call.
+    pub(super) async fn apply(&self, plan: &Plan) -> Result<(), CdcError> {
+        if let Some(fence) = plan.truncate_fence() {
+            let dropped = self.cache.drop_all(fence).await?;
+            tracing::info!(dropped, "cdc applied a TRUNCATE: every cached user dropped");
+        }
+        self.cache.apply(&plan.writes).await?;
+        Ok(())
+    }
+
+    /// Moves `cursor` past the applied `batch`, and stores it when it moved.
+    pub(super) async fn advance(
+        &self,
+        client: &Client,
+        st: &Statements,
+        cursor: &mut Cursor,
+        batch: &Batch,
+    ) -> Result<(), CdcError> {
+        let next = cursor.advance(
+            &batch.snapshot,
+            batch.fresh.last().map(|c| c.id),
+            batch.late_complete,
+            batch.late.last().map_or(0, |c| c.id),
+        );
+        if next != *cursor {
+            self.store_cursor(client, st, &next).await?;
+            *cursor = next;
+        }
+        Ok(())
+    }
+
+    /// Stores `cursor` and reports its position.
+    pub(super) async fn store_cursor(
+        &self,
+        client: &Client,
+        st: &Statements,
+        cursor: &Cursor,
+    ) -> Result<(), CdcError> {
+        outbox::store_cursor(client, st, &self.consumer, cursor).await?;
+        self.stats.cursor.store(cursor.position, Relaxed);
+        Ok(())
+    }
+
+    /// Counts an applied batch and its lag (each change's age when read plus the batch's own time).
+    pub(super) fn record(&self, batch: &Batch, plan: &Plan, cursor: &Cursor, started: Instant) {
+        let applied = batch.changes().count();
+        if applied == 0 {
+            self.stats.last_lag_ms.store(0, Relaxed);
+            return;
+        }
+        let elapsed = started.elapsed().as_millis() as i64;
+        let mut worst = 0;
+        for c in batch.changes() {
+            let lag = (c.lag_ms.max(0) + elapsed) as u64;
+            self.stats.record_lag(lag);
+            worst = worst.max(lag);
+        }
+        self.stats.last_lag_ms.store(worst, Relaxed);
+        self.watch_lag(worst);
+        self.stats.applied.fetch_add(applied as u64, Relaxed);
+        self.stats.batches.fetch_add(1, Relaxed);
+        tracing::debug!(
+            changes = applied,
+            took_us = started.elapsed().as_micros() as u64,
+            late = batch.late.len(),
+            pending = cursor.pending.len(),
+            writes = plan.writes.len(),
+            position = cursor.position,
+            lag_ms = worst,
+            "cdc batch applied"
+        );
+    }
+
+    /// `cdc lagging` once the lag passes [`LAG_WARN_MS`] (then at most every [`LAG_WARN_EVERY`]),
+    /// `cdc caught up` once it is back under.
+    fn watch_lag(&self, lag_ms: u64) {
+        let mut warned = self.lag_warned.lock().expect("lag lock is never poisoned");
+        if lag_ms > LAG_WARN_MS {
+            if warned.is_none_or(|at| at.elapsed() >= LAG_WARN_EVERY) {
+                tracing::warn!(lag_ms, "cdc lagging");
+                *warned = Some(Instant::now());
+            }
+        } else if warned.take().is_some() {
+            tracing::info!(lag_ms, "cdc caught up");
+        }
+    }
+}

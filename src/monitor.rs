@@ -1,0 +1,159 @@
+//! The health monitor: checks both backends every [`MONITOR_INTERVAL`], keeps the cache fence in
+//! place, latches readiness, and repairs the cache once both backends are up.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::service::hooks::monitor_wedge;
+use crate::service::{Backend, Service};
+use crate::store::cache::{Cache, CacheError};
+use crate::store::db;
+use crate::systemd::{self, Heartbeats};
+
+/// How often the monitor checks both backends (and drains the repair queue).
+const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
+/// While a backend has never been reached, `backend unreachable` is logged every this many checks.
+const UNREACHABLE_REPORT_EVERY: u32 = 40;
+/// Checks both backends every [`MONITOR_INTERVAL`] (PostgreSQL on its own connection, so a busy
+/// pool never looks like an outage), latches readiness, and repairs the cache once both are up.
+pub async fn run(
+    service: Arc<Service>,
+    config: Arc<Config>,
+    beats: Arc<Heartbeats>,
+    stop: CancellationToken,
+) {
+    let wedge_at = monitor_wedge().map(|after| tokio::time::Instant::now() + after);
+    let pg_config = match db::pg_config(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "health monitor cannot start");
+            return;
+        }
+    };
+    let mut probe: Option<tokio_postgres::Client> = None;
+    // Consecutive failed checks, to say so while a backend has never been reached.
+    let mut failures = [0u32; 2];
+    // Whether `cache fence unusable` was said (once).
+    let mut fence_broken = false;
+    // Whether Redis's eviction policy was looked at (once, at the first contact).
+    let mut policy_checked = false;
+    let mut ticker = tokio::time::interval(MONITOR_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if wedge_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            tracing::warn!("test wedge: the health monitor stops here");
+            stop.cancelled().await;
+            return;
+        }
+        beats.monitor.fetch_add(1, Relaxed);
+        let (fence, postgres) = tokio::join!(
+            service.cache().fence(),
+            ping_postgres(&pg_config, &mut probe)
+        );
+        if fence.is_ok() && !policy_checked {
+            policy_checked = true;
+            warn_if_evicting(service.cache()).await;
+        }
+        let redis = match fence {
+            Ok(Some(_)) => {
+                fence_broken = false;
+                Ok(())
+            }
+            Ok(None) if postgres.is_ok() => {
+                service.restore_fence().await;
+                Ok(())
+            }
+            // Until PostgreSQL answers no fence can be drawn: writes are refused meanwhile.
+            Ok(None) => Ok(()),
+            // Redis answered: it is up, but the fence key holds something that is not ours.
+            Err(CacheError::Server(reason)) => {
+                if !fence_broken {
+                    tracing::error!(key = %service.cache().fence_key(), error = %reason, "cache fence unusable: the cache is not filled until the key is removed");
+                    fence_broken = true;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let health = &service.health;
+        let outcomes = [
+            (Backend::Redis, redis.map_err(|e| e.to_string())),
+            (Backend::Postgres, postgres),
+        ];
+        for ((backend, outcome), failed) in outcomes.into_iter().zip(failures.iter_mut()) {
+            match outcome {
+                Ok(()) => {
+                    *failed = 0;
+                    health.set(backend, true, "");
+                }
+                Err(reason) => {
+                    // A transition is logged by `set`; a backend never reached yet is reported on
+                    // the first failure and then every UNREACHABLE_REPORT_EVERY checks.
+                    if !health.ever_reached(backend) && *failed % UNREACHABLE_REPORT_EVERY == 0 {
+                        tracing::warn!(backend = backend.name(), reason, "backend unreachable");
+                    }
+                    *failed += 1;
+                    health.set(backend, false, &reason);
+                }
+            }
+        }
+        if health.both_seen() && health.set_ready() {
+            tracing::info!("ready");
+            systemd::ready("ready: serving");
+        }
+        if health.is_up(Backend::Redis) && health.is_up(Backend::Postgres) {
+            if let Err(e) = service.run_repairs().await {
+                tracing::warn!(error = %e, "cache repair failed; will retry");
+            }
+        }
+    }
+}
+
+/// An `allkeys-*` eviction policy may evict a tombstone or a newer entry while a slow fill of an
+/// older row is on its way, and the fence itself (it has no TTL, unlike every entry): say so.
+async fn warn_if_evicting(cache: &Cache) {
+    if let Some(policy) = cache.eviction_policy().await {
+        if policy.starts_with("allkeys") {
+            tracing::warn!(
+                policy = %policy,
+                "redis may evict what keeps the cache exact: use noeviction or a volatile policy"
+            );
+        }
+    }
+}
+
+async fn ping_postgres(
+    config: &tokio_postgres::Config,
+    probe: &mut Option<tokio_postgres::Client>,
+) -> Result<(), String> {
+    let timeout = Duration::from_secs(1);
+    if probe.as_ref().is_none_or(|c| c.is_closed()) {
+        *probe = None;
+        let client = tokio::time::timeout(timeout, db::connect(config))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        *probe = Some(client);
+    }
+    let client = probe.as_ref().expect("connected above");
+    match tokio::time::timeout(timeout, client.simple_query("SELECT 1")).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            *probe = None;
+            Err(e.to_string())
+        }
+        Err(_) => {
+            *probe = None;
+            Err("ping timed out".into())
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The use cases behind the socket. Writes live here: `put`, `rename` and `delete`, write-through
+//! (PostgreSQL first, then Redis; a Redis failure queues a repair, it never fails the request).
+//! Reads are in [`read`], repairs in [`repair`], the backends' state in [`health`], the counters
+//! and reports in [`stats`].
+
+use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cdc::stats::CdcStats;
+use crate::store::cache::{Cache, CacheError, Outcome, Write};
+use crate::store::db::{Db, DbError};
+
+pub mod flights;
+pub mod health;
+pub mod hooks;
+pub mod read;
+pub mod repair;
+pub mod stats;
+
+use flights::Flights;
+pub use health::{Backend, Health};
+pub use hooks::Hooks;
+pub use repair::{Repairs, REPAIR_CAPACITY};
+pub use stats::{HealthReport, Stats, StatsReport};
+
+/// Why a use case failed, as the client will be told. Clone, because one database read answers
+/// every waiter of a flight: a backend's error is shared behind an `Arc`, its source kept.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ServiceError {
+    #[error("user '{0}' not found")]
+    NotFound(String),
+    #[error("user '{0}' already exists")]
+    Conflict(String),
+    /// PostgreSQL failed: down, timed out, a query it refused, or a row that cannot be served.
+    #[error(transparent)]
+    Postgres(Arc<DbError>),
+    /// Redis failed where the request needed it.
+    #[error(transparent)]
+    Redis(Arc<CacheError>),
+    /// The daemon itself failed (a task that died or was abandoned).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// Whether the failure is a backend that is down or too slow: retrying later may succeed.
+    pub fn unavailable(&self) -> bool {
+        match self {
+            ServiceError::Postgres(e) => {
+                matches!(**e, DbError::Unavailable(_) | DbError::Timeout(_))
+            }
+            ServiceError::Redis(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Where a `get` found the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Db,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::Db => "db",
+        }
+    }
+}
+
+/// The request-path use cases, shared by every connection.
+pub struct Service {
+    db: Db,
+    cache: Cache,
+    pub health: Arc<Health>,
+    pub stats: Arc<Stats>,
+    /// Written by the CDC worker, reported by `stats` and `health`.
+    pub cdc: Arc<CdcStats>,
+    /// Single flight and batching of cache misses.
+    flights: Arc<Flights>,
+    /// Names whose Redis entry a failed write left in doubt.
+    pub repairs: Repairs,
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+    hooks: Hooks,
+    started: Instant,
+}
+
+/// Records the outcome of a database call in `health` and turns a failure into what the client is
+/// told.
+fn db_result<T>(result: Result<T, DbError>, health: &Health) -> Result<T, ServiceError> {
+    match result {
+        Ok(value) => {
+            health.saw_up(Backend::Postgres);
+            Ok(value)
+        }
+        Err(e) => Err(db_error(e, health)),
+    }
+}
+
+fn db_error(e: DbError, health: &Health) -> ServiceError {
+    match &e {
+        DbError::Unavailable(reason) => {
+            health.set(Backend::Postgres, false, reason);
+        }
+        DbError::Timeout(_) => {}
+        // One row that cannot be served: its own request fails, naming the column.
+        DbError::Row(row) => tracing::debug!(error = %row, "a users row cannot be served"),
+        DbError::Conflict(reason) | DbError::Other(reason) => {
+            tracing::error!(error = %reason, "postgres query failed");
+        }
+    }
+    ServiceError::Postgres(Arc::new(e))
+}
+
+impl Service {
+    /// `loaders`: how many batches of cache misses may read the database at once.
+    pub fn new(db: Db, cache: Cache, hooks: Hooks, loaders: usize) -> Service {
+        Service {
+            db,
+            cache,
+            health: Arc::new(Health::default()),
+            stats: Arc::new(Stats::default()),
+            cdc: Arc::new(CdcStats::default()),
+            flights: Arc::new(Flights::new(loaders)),
+            repairs: Repairs::default(),
+            hooks,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// Get-or-create, write-through. Returns the user's JSON and whether it was created.
+    pub async fn put(self: &Arc<Self>, username: String) -> Result<(String, bool), ServiceError> {
+        self.detached(move |svc| async move {
+            svc.stats.db_queries.fetch_add(1, Relaxed);
+            let (user, created, read_at) =
+                db_result(svc.db.get_or_create(&username).await, &svc.health)?;
+            svc.write_through(vec![Write::live(&user, read_at)]).await;
+            Ok((user.json, created))
+        })
+        .await
+    }
+
+    /// Rename, write-through: the old name's entry becomes a tombstone, the new one is set.
+    pub async fn rename(
+        self: &Arc<Self>,
+        old: String,
+        new: String,
+    ) -> Result<String, ServiceError> {
+        self.detached(move |svc| async move {
+            svc.stats.db_queries.fetch_add(1, Relaxed);
+            let (user, read_at) = match svc.db.rename(&old, &new).await {
+                Ok(Some(found)) => {
+                    svc.health.saw_up(Backend::Postgres);
+                    found
+                }
+                Ok(None) => {
+                    svc.health.saw_up(Backend::Postgres);
+                    return Err(ServiceError::NotFound(old));
+                }
+                Err(DbError::Conflict(_)) => return Err(ServiceError::Conflict(new)),
+                Err(e) => return Err(db_error(e, &svc.health)),
+            };
+            let mut writes = Vec::with_capacity(2);
+            if old != new {
+                writes.push(Write::tombstone(old, user.version));
+            }
+            writes.push(Write::live(&user, read_at));
+            svc.write_through(writes).await;
+            Ok(user.json)
+        })
+        .await
+    }
+
+    /// Delete, write-through: the entry becomes a tombstone carrying the deleted row's version.
+    /// Returns that version, or `None` when there was no such user.
+    pub async fn delete(self: &Arc<Self>, username: String) -> Result<Option<i64>, ServiceError> {
+        self.detached(move |svc| async move {
+            svc.stats.db_queries.fetch_add(1, Relaxed);
+            let Some(version) = db_result(svc.db.delete(&username).await, &svc.health)? else {
+                return Ok(None);
+            };
+            svc.write_through(vec![Write::tombstone(username, version)])
+                .await;
+            Ok(Some(version))
+        })
+        .await
+    }
+
+    /// Runs a write on its own task, so that a client that hangs up between the database commit and
+    /// the Redis write cannot cancel the second half.
+    async fn detached<T, F, Fut>(self: &Arc<Self>, f: F) -> Result<T, ServiceError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Service>) -> Fut,
+        Fut: Future<Output = Result<T, ServiceError>> + Send + 'static,
+    {
+        tokio::spawn(f(self.clone()))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("write task failed: {e}")))?
+    }
+
+    /// The Redis half of a write. A failure never fails the request (the row is the truth): the
+    /// names are queued and repaired from the database once Redis answers again.
+    async fn write_through(&self, writes: Vec<Write>) {
+        if self.health.is_up(Backend::Redis) {
+            match self.cache.apply(&writes).await {
+                Ok(outcomes) => {
+                    self.count_outcomes(&outcomes);
+                    return;
+                }
+                Err(e) => self.cache_failed(&e, "write"),
+            }
+        }
+        let names: Vec<&str> = writes.iter().map(Write::username).collect();
+        tracing::debug!(usernames = ?names, "cache write skipped: queued for repair");
+        self.repairs.queue(names);
+    }
+
+    /// Counts the writes Redis refused because it held a newer version (a stale fill or a write
+    /// that lost a race), and the keys left alone because they hold a value that is not
+    /// cacheward's: in aggregate, on the stats line and in `stats`. A write that found its own
+    /// version there already (the CDC worker got there first) is not stale, nor is one refused by
+    /// the fence (it read before a TRUNCATE, a resync or a Redis restart: the key is just not
+    /// filled).
+    pub fn count_outcomes(&self, outcomes: &[Outcome]) {
+        self.stats.count_outcomes(outcomes);
+    }
+
+    fn cache_failed(&self, e: &CacheError, during: &'static str) {
+        match e {
+            CacheError::Down(reason) => {
+                self.health.set(Backend::Redis, false, reason);
+            }
+            CacheError::Timeout(after) => {
+                tracing::warn!(
+                    during,
+                    timeout_ms = after.as_millis() as u64,
+                    "redis call timed out"
+                );
+            }
+            CacheError::Server(reason) => {
+                tracing::error!(during, error = %reason, "redis refused a command");
+            }
+            CacheError::Unfenced => {
+                tracing::debug!(during, "redis has no fence yet");
+            }
+        }
+    }
+
+    /// The counters; `reset_lag` starts a new window for the CDC lag percentiles.
+    pub fn stats_report(&self, reset_lag: bool) -> StatsReport {
+        let s = &self.stats;
+        StatsReport {
+            uptime_secs: self.started.elapsed().as_secs(),
+            connections: s.connections.load(Relaxed),
+            requests: s.requests.load(Relaxed),
+            errors: s.errors.load(Relaxed),
+            cache_hits: s.cache_hits.load(Relaxed),
+            cache_misses: s.cache_misses.load(Relaxed),
+            db_queries: s.db_queries.load(Relaxed),
+            stale_writes_refused: s.stale_writes_refused.load(Relaxed),
+            foreign_values_skipped: s.foreign_values_skipped.load(Relaxed),
+            repairs_pending: self.repairs.count() as u64,
+            cdc: self.cdc.report(reset_lag),
+        }
+    }
+
+    pub fn health_report(&self) -> HealthReport {
+        let state = |b| if self.health.is_up(b) { "up" } else { "down" };
+        HealthReport {
+            ready: self.health.ready(),
+            postgres: state(Backend::Postgres),
+            redis: state(Backend::Redis),
+            cdc: self.cdc.health(),
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! What keeps the cache honest when a write-through cannot reach Redis: the names whose entry is
+//! in doubt, one state object that owns its counts, and the repair run that brings each entry back
+//! in line with its row (or, past the capacity, drops the whole cache behind a fresh fence).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use super::{db_result, Service, ServiceError};
+use crate::store::cache::Write;
+
+/// Names queued for repair before the queue gives up on names and clears the whole cache instead.
+pub const REPAIR_CAPACITY: usize = 100_000;
+/// Names repaired per database query and Redis call.
+const REPAIR_BATCH: usize = 500;
+
+/// Names whose Redis entry may be stale because a write-through could not reach Redis. Each name
+/// carries the generation it was last queued at, so a repair that raced a newer failure keeps it.
+#[derive(Default)]
+struct RepairQueue {
+    names: HashMap<String, u64>,
+    /// Bumped by every failed write, queued or not.
+    generation: u64,
+    /// Too many names to track: the whole cache is cleared once Redis is back.
+    overflowed: bool,
+}
+
+/// The repair state, one object that owns its counts: the queue, the overflow, and the read path's
+/// lock-free "anything pending?" flag, all changed together under one lock, so `stats`, the read
+/// path and the monitor never disagree.
+#[derive(Default)]
+pub struct Repairs {
+    state: Mutex<RepairQueue>,
+    /// True while the queue holds a name or has overflowed (written under the lock).
+    pending: AtomicBool,
+}
+
+impl Repairs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RepairQueue> {
+        self.state.lock().expect("repair lock is never poisoned")
+    }
+
+    fn settle(&self, queue: &RepairQueue) {
+        self.pending
+            .store(queue.overflowed || !queue.names.is_empty(), Relaxed);
+    }
+
+    /// Queues `names`, whose Redis write failed. Past [`REPAIR_CAPACITY`] names the queue gives up
+    /// on names: the whole cache will be dropped instead.
+    pub fn queue<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let mut queue = self.lock();
+        queue.generation += 1;
+        if !queue.overflowed {
+            let generation = queue.generation;
+            for name in names {
+                if queue.names.len() >= REPAIR_CAPACITY {
+                    tracing::error!(
+                        capacity = REPAIR_CAPACITY,
+                        "repair queue full: every cached user will be removed once redis is back"
+                    );
+                    queue.overflowed = true;
+                    queue.names.clear();
+                    break;
+                }
+                queue.names.insert(name.to_owned(), generation);
+            }
+        }
+        self.settle(&queue);
+    }
+
+    /// Whether anything waits (the read path's check, without a lock).
+    pub fn any(&self) -> bool {
+        self.pending.load(Relaxed)
+    }
+
+    /// Whether Redis may answer for `username` as far as repairs go.
+    pub fn trusted(&self, username: &str) -> bool {
+        if !self.any() {
+            return true;
+        }
+        let queue = self.lock();
+        !queue.overflowed && !queue.names.contains_key(username)
+    }
+
+    /// Names waiting for repair, or the capacity after an overflow: what `stats` reports.
+    pub fn count(&self) -> usize {
+        let queue = self.lock();
+        match queue.overflowed {
+            true => REPAIR_CAPACITY,
+            false => queue.names.len(),
+        }
+    }
+
+    /// `Some(generation)` while overflowed: drop the cache, then [`Repairs::dropped`] with it.
+    pub fn overflowed(&self) -> Option<u64> {
+        let queue = self.lock();
+        queue.overflowed.then_some(queue.generation)
+    }
+
+    /// The cache was dropped after an overflow seen at `generation`. The overflow is over unless a
+    /// write failed meanwhile (its entry may have been written after the drop passed its key).
+    pub fn dropped(&self, generation: u64) -> bool {
+        let mut queue = self.lock();
+        if queue.generation == generation {
+            queue.overflowed = false;
+        }
+        self.settle(&queue);
+        !queue.overflowed
+    }
+
+    /// Up to `max` queued names with their generations.
+    pub fn batch(&self, max: usize) -> Vec<(String, u64)> {
+        self.lock()
+            .names
+            .iter()
+            .take(max)
+            .map(|(n, g)| (n.clone(), *g))
+            .collect()
+    }
+
+    /// Forgets the names of `batch` that were not queued again since; returns how many.
+    pub fn repaired(&self, batch: &[(String, u64)]) -> usize {
+        let mut queue = self.lock();
+        let mut repaired = 0;
+        for (name, generation) in batch {
+            if queue.names.get(name) == Some(generation) {
+                queue.names.remove(name);
+                repaired += 1;
+            }
+        }
+        self.settle(&queue);
+        repaired
+    }
+}
+
+impl Service {
+    /// Names waiting for repair (or the capacity, after an overflow).
+    pub fn repairs_pending(&self) -> usize {
+        self.repairs.count()
+    }
+
+    /// Redis has no fence (a first start, a Redis restart, a FLUSHALL): sets one from a horizon
+    /// drawn now, after it was seen missing, so that every write that read its row before Redis
+    /// lost its data is refused (see `Cache::fence_key`). Until then every live write is refused.
+    /// Called by the health monitor.
+    pub async fn restore_fence(&self) {
+        let horizon = match self.db.fresh_horizon().await {
+            Ok(horizon) => horizon,
+            Err(e) => return tracing::debug!(error = %e, "cannot draw a cache fence yet"),
+        };
+        match self.cache.establish_fence(horizon).await {
+            Ok(fence) => tracing::info!(fence, "cache fence set"),
+            Err(e) => tracing::debug!(error = %e, "cannot set the cache fence yet"),
+        }
+    }
+
+    /// Brings every queued name's entry in line with its row (or clears the cache after an
+    /// overflow). Returns how many names were repaired. Called by the health monitor while both
+    /// backends are up.
+    pub async fn run_repairs(&self) -> Result<usize, ServiceError> {
+        if !self.repairs.any() {
+            return Ok(0);
+        }
+        if let Some(generation) = self.repairs.overflowed() {
+            // Every entry may be stale: a fence at a fresh horizon keeps out every write that read
+            // before now, and every entry written before it is dropped.
+            let fence = db_result(self.db.fresh_horizon().await, &self.health)?;
+            let removed = self
+                .cache
+                .drop_all(fence)
+                .await
+                .map_err(|e| ServiceError::Redis(Arc::new(e)))?;
+            tracing::warn!(removed, "cache cleared after repair queue overflow");
+            if !self.repairs.dropped(generation) {
+                // A write failed while the cache was being dropped: drop it again next time.
+                return Ok(0);
+            }
+        }
+        let mut repaired = 0;
+        loop {
+            let batch = self.repairs.batch(REPAIR_BATCH);
+            if batch.is_empty() {
+                break;
+            }
+            let names: Vec<String> = batch.iter().map(|(n, _)| n.clone()).collect();
+            let (found, horizon) = db_result(self.db.current_rows(&names).await, &self.health)?;
+            // A row that cannot be served gets a tombstone, like a missing one: nothing stale
+            // stays cached for it.
+            let mut writes: Vec<Write> = found
+                .users
+                .iter()
+                .map(|u| Write::live(u, found.read_at))
+                .collect();
+            for name in &names {
+                if !writes.iter().any(|w| w.username() == name) {
+                    writes.push(Write::tombstone(name.clone(), horizon));
+                }
+            }
+            let outcomes = self.cache.apply(&writes).await.map_err(|e| {
+                self.cache_failed(&e, "repair");
+                ServiceError::Redis(Arc::new(e))
+            })?;
+            self.count_outcomes(&outcomes);
+            repaired += self.repairs.repaired(&batch);
+        }
+        if repaired > 0 {
+            tracing::info!(repaired, "cache entries repaired");
+        }
+        Ok(repaired)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repairs_own_their_counts() {
+        let repairs = Repairs::default();
+        assert!(!repairs.any() && repairs.trusted("a"));
+        repairs.queue(["a", "b"]);
+        assert!(repairs.any() && !repairs.trusted("a") && repairs.trusted("c"));
+        assert_eq!(repairs.count(), 2);
+        let batch = repairs.batch(10);
+        // "a" fails again while the batch is repaired: it stays.
+        repairs.queue(["a"]);
+        assert_eq!(repairs.repaired(&batch), 1);
+        assert_eq!(repairs.count(), 1);
+        assert!(!repairs.trusted("a") && repairs.trusted("b"));
+    }
+
+    #[test]
+    fn an_overflow_is_counted_as_the_capacity_until_the_cache_is_dropped() {
+        let repairs = Repairs::default();
+        let names: Vec<String> = (0..=REPAIR_CAPACITY).map(|i| format!("u{i}")).collect();
+        repairs.queue(names.iter().map(String::as_str));
+        // The count `stats` reports and the one the shutdown warning uses are one and the same.
+        assert_eq!(repairs.count(), REPAIR_CAPACITY);
+        assert!(!repairs.trusted("anyone"));
+        let generation = repairs.overflowed().expect("overflowed");
+        // A write fails while the cache is being dropped: the overflow stands.
+        repairs.queue(["late"]);
+        assert!(!repairs.dropped(generation));
+        assert_eq!(repairs.count(), REPAIR_CAPACITY);
+        let generation = repairs.overflowed().expect("still overflowed");
+        assert!(repairs.dropped(generation));
+        assert_eq!(repairs.count(), 0);
+        assert!(!repairs.any() && repairs.trusted("anyone"));
+    }
+}

@@ -1,0 +1,64 @@
+//! The request counters behind `stats` and the stats line, and the `stats` / `health` reports as
+//! clients receive them.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+use crate::cdc::stats::{CdcHealth, CdcReport};
+use crate::store::cache::Outcome;
+
+/// Counters behind `stats` and the periodic stats log line.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub db_queries: AtomicU64,
+    pub stale_writes_refused: AtomicU64,
+    /// Cache writes not made because the key held a value that is not cacheward's.
+    pub foreign_values_skipped: AtomicU64,
+}
+
+impl Stats {
+    /// Counts what a batch of cache writes found (see [`Service::count_outcomes`](super::Service::count_outcomes)).
+    pub fn count_outcomes(&self, outcomes: &[Outcome]) {
+        let count = |wanted| outcomes.iter().filter(|o| **o == wanted).count() as u64;
+        let (refused, foreign) = (count(Outcome::Refused), count(Outcome::Foreign));
+        if refused > 0 {
+            self.stale_writes_refused.fetch_add(refused, Relaxed);
+        }
+        if foreign > 0 {
+            self.foreign_values_skipped.fetch_add(foreign, Relaxed);
+        }
+    }
+}
+
+/// `stats` as sent to clients (DESIGN 1.3).
+#[derive(Debug, Serialize)]
+pub struct StatsReport {
+    pub uptime_secs: u64,
+    pub connections: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub db_queries: u64,
+    /// Cache writes refused because Redis held a newer version.
+    pub stale_writes_refused: u64,
+    /// Cache writes not made because the key held a value that is not cacheward's.
+    pub foreign_values_skipped: u64,
+    pub repairs_pending: u64,
+    pub cdc: CdcReport,
+}
+
+/// `health` as sent to clients (DESIGN 1.3).
+#[derive(Debug, Serialize)]
+pub struct HealthReport {
+    pub ready: bool,
+    pub postgres: &'static str,
+    pub redis: &'static str,
+    pub cdc: CdcHealth,
+}
