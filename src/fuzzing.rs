@@ -2,8 +2,8 @@
 //! the seed corpus in every `cargo test`): the request parser and the line framer, fed arbitrary
 //! bytes. Each checks the invariants a hostile client must not break, and panics if one fails.
 
+use crate::rpc::framing::{Frame, LineBuffer};
 use crate::rpc::protocol::{self, Id, Incoming};
-use crate::rpc::server::{Frame, LineBuffer};
 
 /// One request line, as any client may send it: parsing never panics, and every answer it leads
 /// to (an error, or a result for a parsed call) is one line of valid JSON-RPC.

@@ -418,3 +418,46 @@ fn mentions<'a>(changes: impl Iterator<Item = &'a Change>) -> (BTreeMap<String, 
     }
     (mentioned, truncate)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(
+        id: i64,
+        op: &str,
+        username: Option<&str>,
+        old: Option<&str>,
+        version: i64,
+    ) -> Change {
+        Change {
+            id,
+            op: op.into(),
+            username: username.map(String::from),
+            old_username: old.map(String::from),
+            version,
+            lag_ms: 0,
+            version_drawn: version < 100,
+        }
+    }
+
+    #[test]
+    fn a_batch_mentions_each_name_at_its_largest_version_and_skips_forged_rows() {
+        let changes = [
+            change(1, "insert", Some("a"), None, 3),
+            change(2, "update", Some("b"), Some("a"), 5),
+            change(3, "delete", None, Some("b"), 7),
+            change(4, "truncate", None, None, 8),
+            // Forged: a version the sequence never drew, an unknown op, a delete naming no one.
+            change(5, "update", Some("c"), None, 500),
+            change(6, "upsert", Some("c"), None, 9),
+            change(7, "delete", Some("c"), None, 9),
+        ];
+        let (mentioned, truncate) = mentions(changes.iter());
+        assert_eq!(
+            mentioned,
+            BTreeMap::from([("a".to_owned(), 5), ("b".to_owned(), 7)])
+        );
+        assert_eq!(truncate, Some(8));
+    }
+}

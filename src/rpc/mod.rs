@@ -1,6 +1,9 @@
-//! The socket side of a request: [`protocol`] (pure JSON-RPC parsing and encoding), [`server`]
-//! (the Unix socket, framing, peers and limits) and [`dispatch`] (a method call → its use case).
+//! The socket side of a request: [`server`] (the Unix socket, connections and their limits) cuts
+//! lines with [`framing`], admits peers with [`peers`], parses with [`protocol`] (pure JSON-RPC
+//! parsing and encoding) and hands each call to [`dispatch`] (a method call → its use case).
 
 pub mod dispatch;
+pub mod framing;
+pub mod peers;
 pub mod protocol;
 pub mod server;

@@ -1,6 +1,6 @@
 //! The Unix socket: binding (never stealing a live daemon's socket), the accept loop with its
 //! connection limit, and one task per connection that frames lines, runs pipelined requests
-//! concurrently and answers them in order.
+//! concurrently within its limits and answers them in order.
 
 use std::future::Future;
 use std::io;
@@ -11,7 +11,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
@@ -22,6 +21,8 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::rpc::dispatch;
+use crate::rpc::framing::{Frame, LineBuffer};
+use crate::rpc::peers::{Peers, RateLimited, WARN_EVERY};
 use crate::rpc::protocol::{self, Call, ErrorKind, Id, Incoming, RpcError};
 use crate::service::Service;
 
@@ -236,209 +237,10 @@ pub async fn serve(
     }
 }
 
-/// How often a repeated warning (refused peers, failing accepts) is said at most.
-const WARN_EVERY: Duration = Duration::from_secs(10);
-
-/// A warning said at most once per period, with how many were left unsaid since.
-struct RateLimited {
-    every: Duration,
-    last: Option<std::time::Instant>,
-    suppressed: u64,
-}
-
-impl RateLimited {
-    fn new(every: Duration) -> Self {
-        RateLimited {
-            every,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Calls `say` with the number suppressed since the last time, unless that was too recent.
-    fn say(&mut self, say: impl FnOnce(u64)) {
-        if self.last.is_some_and(|at| at.elapsed() < self.every) {
-            self.suppressed += 1;
-            return;
-        }
-        say(self.suppressed);
-        self.suppressed = 0;
-        self.last = Some(std::time::Instant::now());
-    }
-}
-
-/// Who may connect and who may write, by the peer's credentials (SO_PEERCRED).
-struct Peers {
-    allow_uids: Vec<u32>,
-    allow_gids: Vec<u32>,
-    readonly_uids: Vec<u32>,
-    readonly_gids: Vec<u32>,
-}
-
-impl Peers {
-    fn new(config: &Config) -> Peers {
-        let s = &config.socket;
-        Peers {
-            allow_uids: s.allow_uids.clone(),
-            allow_gids: s.allow_gids.clone(),
-            readonly_uids: s.readonly_uids.clone(),
-            readonly_gids: s.readonly_gids.clone(),
-        }
-    }
-
-    /// `None`: the peer may not connect. `Some(may_write)` otherwise.
-    fn decide(&self, uid: u32, gid: u32) -> Option<bool> {
-        let open = self.allow_uids.is_empty() && self.allow_gids.is_empty();
-        if !open && !self.allow_uids.contains(&uid) && !self.allow_gids.contains(&gid) {
-            return None;
-        }
-        Some(!self.readonly_uids.contains(&uid) && !self.readonly_gids.contains(&gid))
-    }
-
-    /// Checks a new connection's peer; a refused one is dropped (closed) here, with a
-    /// rate-limited warning. Returns whether an admitted peer may write.
-    fn admit(&self, stream: &UnixStream, refusals: &mut RateLimited) -> Option<bool> {
-        let unrestricted = self.allow_uids.is_empty()
-            && self.allow_gids.is_empty()
-            && self.readonly_uids.is_empty()
-            && self.readonly_gids.is_empty();
-        if unrestricted {
-            return Some(true);
-        }
-        let cred = match stream.peer_cred() {
-            Ok(cred) => cred,
-            Err(e) => {
-                refusals.say(|suppressed| {
-                    tracing::warn!(error = %e, suppressed, "peer refused: credentials unknown");
-                });
-                return None;
-            }
-        };
-        let decision = self.decide(cred.uid(), cred.gid());
-        if decision.is_none() {
-            refusals.say(|suppressed| {
-                tracing::warn!(
-                    uid = cred.uid(),
-                    gid = cred.gid(),
-                    pid = cred.pid(),
-                    suppressed,
-                    "peer refused"
-                );
-            });
-        }
-        decision
-    }
-}
-
-/// A frame cut from the input stream.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Frame {
-    /// A complete line, without its `\n` (and `\r`).
-    Line(BytesMut),
-    /// A line longer than the limit; its bytes were dropped.
-    TooLong,
-}
-
-/// Cuts `\n`-terminated lines out of a byte stream, holding at most `max` bytes of an unfinished
-/// line: past that the line is reported as too long once and the rest of it is discarded as it
-/// arrives, so memory stays bounded whatever the client sends.
-#[derive(Debug)]
-pub struct LineBuffer {
-    buf: BytesMut,
-    max: usize,
-    /// Inside an over-long line: drop bytes up to the next `\n`.
-    discarding: bool,
-    /// Bytes of `buf` already searched for `\n`.
-    scanned: usize,
-}
-
-/// Bytes reserved for each read.
-const READ_CHUNK: usize = 16 * 1024;
 /// Request bytes a connection parses before it lets the other tasks run.
 const PARSE_SLICE: usize = 64 * 1024;
 /// Answer bytes buffered per connection before they are written.
 const WRITE_BUFFER: usize = 16 * 1024;
-
-impl LineBuffer {
-    pub fn new(max: usize) -> Self {
-        LineBuffer {
-            buf: BytesMut::with_capacity(READ_CHUNK),
-            max,
-            discarding: false,
-            scanned: 0,
-        }
-    }
-
-    /// Space to read into.
-    pub fn spare(&mut self) -> &mut BytesMut {
-        self.buf.reserve(READ_CHUNK);
-        &mut self.buf
-    }
-
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// The next frame, if one is complete.
-    pub fn next_frame(&mut self) -> Option<Frame> {
-        loop {
-            let newline = self.buf[self.scanned..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map(|i| self.scanned + i);
-            if self.discarding {
-                match newline {
-                    Some(at) => {
-                        self.buf.advance(at + 1);
-                        self.scanned = 0;
-                        self.discarding = false;
-                        continue;
-                    }
-                    None => {
-                        self.buf.clear();
-                        self.scanned = 0;
-                        return None;
-                    }
-                }
-            }
-            return match newline {
-                Some(at) if at > self.max => {
-                    self.buf.advance(at + 1);
-                    self.scanned = 0;
-                    Some(Frame::TooLong)
-                }
-                Some(at) => {
-                    let mut line = self.buf.split_to(at + 1);
-                    line.truncate(at);
-                    if line.last() == Some(&b'\r') {
-                        line.truncate(at - 1);
-                    }
-                    self.scanned = 0;
-                    Some(Frame::Line(line))
-                }
-                None if self.buf.len() > self.max => {
-                    self.buf.clear();
-                    self.scanned = 0;
-                    self.discarding = true;
-                    Some(Frame::TooLong)
-                }
-                None => {
-                    self.scanned = self.buf.len();
-                    None
-                }
-            };
-        }
-    }
-
-    /// At end of input: an unterminated last line is still a line.
-    pub fn finish(&mut self) -> Option<Frame> {
-        if self.discarding || self.buf.is_empty() {
-            return None;
-        }
-        self.scanned = 0;
-        Some(Frame::Line(self.buf.split()))
-    }
-}
 
 /// Answers on their way: how many requests they answer, and the response lines (empty for
 /// notifications).
@@ -722,73 +524,5 @@ impl Connection {
             bytes,
             Box::pin(async move { (requests, dispatch::gets(&service, gets.items).await) }),
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn feed(lines: &mut LineBuffer, bytes: &[u8]) -> Vec<Frame> {
-        let mut frames = Vec::new();
-        for chunk in bytes.chunks(7000) {
-            lines.spare().extend_from_slice(chunk);
-            while let Some(frame) = lines.next_frame() {
-                frames.push(frame);
-            }
-        }
-        frames
-    }
-
-    fn line(text: &str) -> Frame {
-        Frame::Line(BytesMut::from(text))
-    }
-
-    #[test]
-    fn cuts_lines_and_strips_cr() {
-        let mut lines = LineBuffer::new(100);
-        assert_eq!(
-            feed(&mut lines, b"a\r\nbc\n\nd"),
-            vec![line("a"), line("bc"), line("")]
-        );
-        assert_eq!(lines.finish(), Some(line("d")));
-        assert_eq!(lines.finish(), None);
-    }
-
-    #[test]
-    fn overlong_line_is_reported_once_and_the_stream_recovers() {
-        let mut lines = LineBuffer::new(64);
-        let mut input = vec![b'x'; 10 * 1024 * 1024];
-        input.push(b'\n');
-        input.extend_from_slice(b"ok\n");
-        let mut frames = Vec::new();
-        for chunk in input.chunks(READ_CHUNK) {
-            lines.spare().extend_from_slice(chunk);
-            while let Some(frame) = lines.next_frame() {
-                frames.push(frame);
-            }
-            assert!(
-                lines.buffered() <= 64 + READ_CHUNK,
-                "buffer grew to {}",
-                lines.buffered()
-            );
-        }
-        assert_eq!(frames, vec![Frame::TooLong, line("ok")]);
-    }
-
-    #[test]
-    fn overlong_line_inside_one_read_is_dropped() {
-        let mut lines = LineBuffer::new(4);
-        assert_eq!(
-            feed(&mut lines, b"123456\nabcd\n"),
-            vec![Frame::TooLong, line("abcd")]
-        );
-    }
-
-    #[test]
-    fn unterminated_overlong_tail_is_not_a_line() {
-        let mut lines = LineBuffer::new(4);
-        assert_eq!(feed(&mut lines, b"123456"), vec![Frame::TooLong]);
-        assert_eq!(lines.finish(), None);
     }
 }

@@ -768,4 +768,32 @@ mod tests {
         assert_eq!(glob_escape("user:"), "user:");
         assert_eq!(glob_escape("a*b?[c]"), "a\\*b\\?\\[c\\]");
     }
+
+    #[test]
+    fn tombstones_carry_the_removed_version_or_one_below_the_current_row() {
+        let user = User {
+            username: "a".into(),
+            version: 7,
+            json: "{}".into(),
+        };
+        // A deletion's tombstone refuses the deleted row itself (and everything older).
+        assert_eq!(
+            Write::tombstone("a", 7),
+            Write::Tombstone {
+                username: "a".into(),
+                version: 7
+            }
+        );
+        // An invalidation's (or a drop's) lets the current row be filled again.
+        assert_eq!(Write::below(&user), Write::tombstone("a", 6));
+        assert_eq!(
+            Write::live(&user, 3),
+            Write::Live {
+                username: "a".into(),
+                version: 7,
+                json: "{}".into(),
+                read_at: 3
+            }
+        );
+    }
 }
