@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cdc::stats::CdcStats;
-use crate::store::cache::{Cache, CacheError, Outcome, Write};
+use crate::store::cache::{Cache, CacheError, Write};
 use crate::store::db::{Db, DbError};
 
 pub mod flights;
@@ -214,7 +214,7 @@ impl Service {
         if self.health.is_up(Backend::Redis) {
             match self.cache.apply(&writes).await {
                 Ok(outcomes) => {
-                    self.count_outcomes(&outcomes);
+                    self.stats.count_outcomes(&outcomes);
                     return;
                 }
                 Err(e) => self.cache_failed(&e, "write"),
@@ -223,16 +223,6 @@ impl Service {
         let names: Vec<&str> = writes.iter().map(Write::username).collect();
         tracing::debug!(usernames = ?names, "cache write skipped: queued for repair");
         self.repairs.queue(names);
-    }
-
-    /// Counts the writes Redis refused because it held a newer version (a stale fill or a write
-    /// that lost a race), and the keys left alone because they hold a value that is not
-    /// cacheward's: in aggregate, on the stats line and in `stats`. A write that found its own
-    /// version there already (the CDC worker got there first) is not stale, nor is one refused by
-    /// the fence (it read before a TRUNCATE, a resync or a Redis restart: the key is just not
-    /// filled).
-    pub fn count_outcomes(&self, outcomes: &[Outcome]) {
-        self.stats.count_outcomes(outcomes);
     }
 
     fn cache_failed(&self, e: &CacheError, during: &'static str) {

@@ -199,7 +199,7 @@ impl Service {
         };
         match fill.await {
             Ok(outcomes) => {
-                self.count_outcomes(&outcomes);
+                self.stats.count_outcomes(&outcomes);
                 for (user, outcome) in users.iter().zip(outcomes) {
                     if outcome == Outcome::Refused {
                         tracing::debug!(

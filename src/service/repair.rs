@@ -200,7 +200,7 @@ impl Service {
                 self.cache_failed(&e, "repair");
                 ServiceError::Redis(Arc::new(e))
             })?;
-            self.count_outcomes(&outcomes);
+            self.stats.count_outcomes(&outcomes);
             repaired += self.repairs.repaired(&batch);
         }
         if repaired > 0 {

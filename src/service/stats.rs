@@ -23,7 +23,12 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Counts what a batch of cache writes found (see [`Service::count_outcomes`](super::Service::count_outcomes)).
+    /// Counts the writes Redis refused because it held a newer version (a stale fill or a write
+    /// that lost a race), and the keys left alone because they hold a value that is not
+    /// cacheward's: in aggregate, on the stats line and in `stats`. A write that found its own
+    /// version there already (the CDC worker got there first) is not stale, nor is one refused by
+    /// the fence (it read before a TRUNCATE, a resync or a Redis restart: the key is just not
+    /// filled).
     pub fn count_outcomes(&self, outcomes: &[Outcome]) {
         let count = |wanted| outcomes.iter().filter(|o| **o == wanted).count() as u64;
         let (refused, foreign) = (count(Outcome::Refused), count(Outcome::Foreign));
