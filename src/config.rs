@@ -129,6 +129,8 @@ pub struct PostgresConfig {
     pub url: Option<SecretUrl>,
     pub pool_size: usize,
     pub statement_timeout_ms: u64,
+    /// The password, in a file read afresh for every new connection (rotation needs no restart).
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for PostgresConfig {
@@ -137,6 +139,7 @@ impl Default for PostgresConfig {
             url: None,
             pool_size: 16,
             statement_timeout_ms: 2000,
+            password_file: None,
         }
     }
 }
@@ -146,6 +149,13 @@ impl Default for PostgresConfig {
 pub struct RedisConfig {
     pub url: Option<SecretUrl>,
     pub timeout_ms: u64,
+    /// Roots for a `rediss://` server's certificate (PEM) [the system's].
+    pub tls_ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) and its key, for a server that asks for one (mTLS).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// The password, in a file read afresh for every new connection (rotation needs no restart).
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -153,6 +163,10 @@ impl Default for RedisConfig {
         RedisConfig {
             url: None,
             timeout_ms: 100,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            password_file: None,
         }
     }
 }
@@ -494,13 +508,40 @@ impl Config {
             return Err(invalid("log.level", format!("\"{}\": {e}", self.log.level)));
         }
         if let Some(url) = &self.postgres.url {
-            url.expose()
-                .parse::<tokio_postgres::Config>()
-                .map_err(|e| invalid("postgres.url", format!("{}: {e}", url.redacted())))?;
+            let bad =
+                |e: &dyn fmt::Display| invalid("postgres.url", format!("{}: {e}", url.redacted()));
+            let (rest, _) = crate::tls::PgTls::split(url.expose()).map_err(|e| bad(&e))?;
+            rest.parse::<tokio_postgres::Config>()
+                .map_err(|e| bad(&e))?;
         }
         if let Some(url) = &self.redis.url {
             redis::Client::open(url.expose())
                 .map_err(|e| invalid("redis.url", format!("{}: {e}", url.redacted())))?;
+        }
+        for (key, file) in [
+            ("postgres.password_file", &self.postgres.password_file),
+            ("redis.password_file", &self.redis.password_file),
+        ] {
+            if let Some(path) = file {
+                crate::secrets::read_password_file(path).map_err(|e| invalid(key, e))?;
+            }
+        }
+        let r = &self.redis;
+        if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
+            return Err(invalid(
+                "redis.tls_cert_file",
+                "and redis.tls_key_file go together: set both or neither",
+            ));
+        }
+        let tls_url = r
+            .url
+            .as_ref()
+            .is_none_or(|u| u.expose().starts_with("rediss://"));
+        if (r.tls_ca_file.is_some() || r.tls_cert_file.is_some()) && !tls_url {
+            return Err(invalid(
+                "redis.tls_ca_file",
+                "(or tls_cert_file) is set, but redis.url is not rediss://: TLS would not be used",
+            ));
         }
         Ok(())
     }
@@ -688,6 +729,14 @@ mod tests {
     }
 
     #[test]
+    fn libpq_tls_parameters_are_accepted() {
+        let url =
+            "postgresql://h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem&sslcert=/c&sslkey=/k";
+        let c = load(&[("DATABASE_URL", url)], None).expect("libpq's parameters load");
+        assert_eq!(c.postgres.url.unwrap().expose(), url);
+    }
+
+    #[test]
     fn layers_apply_in_order() {
         let file = "[cache]\nkey_prefix = \"file:\"\nttl_secs = 10\n[postgres]\nurl = \"postgresql://file@h/db\"\n";
         let c = load(
@@ -771,6 +820,21 @@ mod tests {
                 &[("CACHEWARD__REDIS__TIMEOUT_MS", "-5")],
                 None,
                 "redis.timeout_ms",
+            ),
+            (
+                &[("DATABASE_URL", "postgresql://h/db?sslmode=allow")],
+                None,
+                "postgres.url",
+            ),
+            (
+                &[("REDIS_URL", "rediss://h")],
+                Some("[redis]\ntls_cert_file = \"/c.pem\"\n"),
+                "redis.tls_cert_file",
+            ),
+            (
+                &[("REDIS_URL", "redis://h")],
+                Some("[redis]\ntls_ca_file = \"/ca.pem\"\n"),
+                "redis.tls_ca_file",
             ),
         ];
         for (env, file, key) in cases {

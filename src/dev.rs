@@ -265,11 +265,43 @@ fn template(owner: Option<(u32, u32)>) -> Result<PathBuf, DevError> {
     Ok(dir)
 }
 
-/// A throwaway PostgreSQL listening only on a Unix socket in its own directory.
+/// A server's certificate and key (PEM files), for the TLS a test asks for.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA that client certificates must chain to (Redis's `--tls-auth-clients yes`).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Options of a throwaway PostgreSQL.
+#[derive(Debug, Clone, Default)]
+pub struct PostgresOptions {
+    /// Also listen on TCP (127.0.0.1, a free port) with TLS only (`hostssl`): plain TCP is refused.
+    pub tls: Option<ServerTls>,
+    /// How TCP clients authenticate (`pg_hba` method) [trust].
+    pub tcp_auth: Option<String>,
+}
+
+/// A throwaway PostgreSQL listening on a Unix socket in its own directory (and, if asked, on TCP
+/// with TLS).
 pub struct Postgres {
     dir: TempDir,
     owner: Option<(u32, u32)>,
     child: Option<Child>,
+    options: PostgresOptions,
+    /// The TCP port, when TLS was asked for.
+    tcp_port: Option<u16>,
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16, DevError> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("find a free port"))?;
+    Ok(listener
+        .local_addr()
+        .map_err(io_err("find a free port"))?
+        .port())
 }
 
 /// The port only names the socket file; the directory is private, so it never collides.
@@ -278,6 +310,10 @@ const PG_PORT: u16 = 5432;
 impl Postgres {
     /// Starts a fresh server (an empty cluster with the `postgres` database).
     pub fn start() -> Result<Postgres, DevError> {
+        Postgres::start_with(PostgresOptions::default())
+    }
+
+    pub fn start_with(options: PostgresOptions) -> Result<Postgres, DevError> {
         let owner = server_owner()?;
         let template = template(owner)?;
         let dir = tempfile::Builder::new()
@@ -294,10 +330,40 @@ impl Postgres {
                 .arg(dir.path().join("data")),
             "copying the PostgreSQL template",
         )?;
+        let data = dir.path().join("data");
+        let tcp_port = match &options.tls {
+            None => None,
+            Some(tls) => {
+                // The server's user must own its key, mode 0600.
+                for (from, name, mode) in [
+                    (&tls.cert, "server.crt", 0o644),
+                    (&tls.key, "server.key", 0o600),
+                ] {
+                    let to = data.join(name);
+                    fs::copy(from, &to).map_err(io_err(format!("copy {}", from.display())))?;
+                    fs::set_permissions(&to, fs::Permissions::from_mode(mode))
+                        .map_err(io_err("chmod certificate"))?;
+                    chown(&to, owner)?;
+                }
+                let auth = options.tcp_auth.as_deref().unwrap_or("trust");
+                fs::write(
+                    data.join("pg_hba.conf"),
+                    format!(
+                        "local all all trust\n\
+                         hostssl all all 127.0.0.1/32 {auth}\n\
+                         hostnossl all all 0.0.0.0/0 reject\n"
+                    ),
+                )
+                .map_err(io_err("write pg_hba.conf"))?;
+                Some(free_port()?)
+            }
+        };
         let mut pg = Postgres {
             dir,
             owner,
             child: None,
+            options,
+            tcp_port,
         };
         pg.start_again()?;
         Ok(pg)
@@ -324,10 +390,10 @@ impl Postgres {
             .arg("-D")
             .arg(&data)
             .arg("-p")
-            .arg(PG_PORT.to_string())
+            .arg(self.port().to_string())
             .arg("-k")
             .arg(self.dir.path())
-            .args(["-c", "listen_addresses="])
+            .args(self.listen_args())
             .args([
                 "-c",
                 "fsync=off",
@@ -357,6 +423,44 @@ impl Postgres {
         Ok(())
     }
 
+    /// Unix socket only, or also TLS on 127.0.0.1.
+    fn listen_args(&self) -> Vec<String> {
+        let mut args = vec!["-c".to_owned()];
+        match (self.tcp_port, &self.options.tls) {
+            (Some(_), Some(_)) => {
+                args.push("listen_addresses=127.0.0.1".into());
+                for setting in [
+                    "ssl=on",
+                    "ssl_cert_file=server.crt",
+                    "ssl_key_file=server.key",
+                ] {
+                    args.extend(["-c".into(), setting.into()]);
+                }
+            }
+            _ => args.push("listen_addresses=".into()),
+        }
+        args
+    }
+
+    /// The port: it names the Unix socket file, and is the TCP port when there is one.
+    fn port(&self) -> u16 {
+        self.tcp_port.unwrap_or(PG_PORT)
+    }
+
+    /// The TCP port (TLS only), if the server listens on one.
+    pub fn tcp_port(&self) -> Option<u16> {
+        self.tcp_port
+    }
+
+    /// A URL for database `db` over TCP (host name `localhost`, address 127.0.0.1), with `params`
+    /// appended (`sslmode=…`).
+    pub fn tcp_url(&self, db: &str, params: &str) -> Option<String> {
+        let port = self.tcp_port?;
+        Some(format!(
+            "postgresql://postgres@localhost:{port}/{db}?hostaddr=127.0.0.1&{params}"
+        ))
+    }
+
     /// Fast shutdown: sessions are disconnected, the server exits cleanly.
     pub fn stop(&mut self) {
         self.halt(libc::SIGINT);
@@ -384,8 +488,9 @@ impl Postgres {
     /// A URL for database `db` over the Unix socket.
     pub fn url(&self, db: &str) -> String {
         format!(
-            "postgresql://postgres@localhost/{db}?host={}&port={PG_PORT}",
-            self.dir.path().display()
+            "postgresql://postgres@localhost/{db}?host={}&port={}",
+            self.dir.path().display(),
+            self.port()
         )
     }
 
@@ -413,10 +518,13 @@ impl Drop for Postgres {
 }
 
 /// Options of a throwaway Redis.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RedisOptions {
     /// Append-only file with fsync on every write: data survives a kill, as on a production Redis.
     pub persistent: bool,
+    /// Also listen on TCP (127.0.0.1, a free port) with TLS; with `client_ca`, clients must
+    /// present a certificate signed by it.
+    pub tls: Option<ServerTls>,
 }
 
 /// A throwaway Redis listening only on a Unix socket in its own directory.
@@ -424,6 +532,8 @@ pub struct Redis {
     dir: TempDir,
     options: RedisOptions,
     child: Option<Child>,
+    /// The TLS port, when TLS was asked for.
+    tls_port: Option<u16>,
 }
 
 impl Redis {
@@ -436,10 +546,15 @@ impl Redis {
             .prefix("cacheward-redis-")
             .tempdir()
             .map_err(io_err("create temp dir"))?;
+        let tls_port = match options.tls {
+            Some(_) => Some(free_port()?),
+            None => None,
+        };
         let mut redis = Redis {
             dir,
             options,
             child: None,
+            tls_port,
         };
         redis.start_again()?;
         Ok(redis)
@@ -471,6 +586,23 @@ impl Redis {
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(&log_path);
+        if let (Some(port), Some(tls)) = (self.tls_port, &self.options.tls) {
+            cmd.args(["--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+                .arg("--tls-cert-file")
+                .arg(&tls.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.key);
+            match &tls.client_ca {
+                Some(ca) => {
+                    cmd.arg("--tls-ca-cert-file")
+                        .arg(ca)
+                        .args(["--tls-auth-clients", "yes"]);
+                }
+                None => {
+                    cmd.args(["--tls-auth-clients", "no"]);
+                }
+            }
+        }
         if self.options.persistent {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -515,6 +647,11 @@ impl Redis {
 
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// A `rediss://` URL for logical database `db` (host name `localhost`), if TLS was asked for.
+    pub fn tls_url(&self, db: u32) -> Option<String> {
+        Some(format!("rediss://localhost:{}/{db}", self.tls_port?))
     }
 
     /// A URL for logical database `db`.
@@ -567,8 +704,9 @@ impl DevStack {
     async fn seed(&self) -> Result<(), DevError> {
         let mut config = Config::default();
         self.configure(&mut config);
-        let pg = db::pg_config(&config).map_err(|e| failed("postgres url", e.to_string()))?;
-        let mut client = db::connect(&pg)
+        let target = db::pg_target(&config).map_err(|e| failed("postgres url", e.to_string()))?;
+        let mut client = target
+            .connect()
             .await
             .map_err(|e| failed("connecting to postgres", e.to_string()))?;
         db::migrate(&mut client)

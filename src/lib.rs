@@ -28,6 +28,7 @@ pub mod signals;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod tls;
 pub mod user;
 pub mod verify;
 pub mod workqueue;

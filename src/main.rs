@@ -234,8 +234,10 @@ async fn migrate(common: Common) -> anyhow::Result<ExitCode> {
         config.postgres.url.is_some(),
         "postgres.url is not set (set DATABASE_URL or postgres.url)"
     );
-    let pg = db::pg_config(&config)?;
-    let mut client = db::connect(&pg).await.context("connecting to postgres")?;
+    let mut client = db::pg_target(&config)?
+        .connect()
+        .await
+        .context("connecting to postgres")?;
     let applied = db::migrate(&mut client).await?;
     if applied.is_empty() {
         println!("schema is up to date ({} migrations)", db::MIGRATIONS.len());

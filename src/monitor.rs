@@ -27,7 +27,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let wedge_at = monitor_wedge().map(|after| tokio::time::Instant::now() + after);
-    let pg_config = match db::pg_config(&config) {
+    let target = match db::pg_target(&config) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "health monitor cannot start");
@@ -55,10 +55,8 @@ pub async fn run(
             return;
         }
         beats.monitor.fetch_add(1, Relaxed);
-        let (fence, postgres) = tokio::join!(
-            service.cache().fence(),
-            ping_postgres(&pg_config, &mut probe)
-        );
+        let (fence, postgres) =
+            tokio::join!(service.cache().fence(), ping_postgres(&target, &mut probe));
         if fence.is_ok() && !policy_checked {
             policy_checked = true;
             warn_if_evicting(service.cache()).await;
@@ -132,13 +130,13 @@ async fn warn_if_evicting(cache: &Cache) {
 }
 
 async fn ping_postgres(
-    config: &tokio_postgres::Config,
+    target: &db::PgTarget,
     probe: &mut Option<tokio_postgres::Client>,
 ) -> Result<(), String> {
     let timeout = Duration::from_secs(1);
     if probe.as_ref().is_none_or(|c| c.is_closed()) {
         *probe = None;
-        let client = tokio::time::timeout(timeout, db::connect(config))
+        let client = tokio::time::timeout(timeout, target.connect())
             .await
             .map_err(|_| "connect timed out".to_owned())?
             .map_err(|e| e.to_string())?;

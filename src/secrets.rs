@@ -25,6 +25,36 @@ pub fn register<'a>(texts: impl IntoIterator<Item = &'a str>) {
     for text in texts {
         found.extend(passwords_in(text));
     }
+    remember(found);
+}
+
+/// Remembers one password (read from a password file) so that [`scrub`] removes it.
+pub fn register_password(password: &str) {
+    remember(vec![password.to_owned()]);
+}
+
+/// Reads a password file: its one line, a trailing newline ignored. The password is remembered
+/// for [`scrub`]; an error names the file, never the content.
+pub fn read_password_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let password = text
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&text);
+    if password.is_empty() {
+        return Err(format!("{}: the file is empty", path.display()));
+    }
+    if password.contains('\n') {
+        return Err(format!(
+            "{}: more than one line (the password is the file's one line)",
+            path.display()
+        ));
+    }
+    register_password(password);
+    Ok(password.to_owned())
+}
+
+fn remember(mut found: Vec<String>) {
     // As JSON logs and Debug formatting escape them.
     let escaped: Vec<String> = found
         .iter()
@@ -195,7 +225,8 @@ fn password_spans(text: &str) -> Vec<(usize, usize)> {
     merged
 }
 
-fn percent_decode(text: &str) -> String {
+/// `text` with its `%XX` escapes decoded (as URLs carry passwords and paths).
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -233,6 +264,25 @@ impl Write for ScrubbingStderr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_file_is_its_one_line_and_is_scrubbed_from_then_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "rotated-Secret-1\r\n").unwrap();
+        assert_eq!(read_password_file(&file).unwrap(), "rotated-Secret-1");
+        assert_eq!(
+            scrub("auth with rotated-Secret-1 failed"),
+            "auth with *** failed"
+        );
+        std::fs::write(&file, "").unwrap();
+        assert!(read_password_file(&file).unwrap_err().contains("empty"));
+        std::fs::write(&file, "a\nb\n").unwrap();
+        assert!(read_password_file(&file).unwrap_err().contains("one line"));
+        let missing = dir.path().join("nope");
+        let e = read_password_file(&missing).unwrap_err();
+        assert!(e.contains("nope"), "{e}");
+    }
 
     /// Every form a password may take in a connection string, with the password each hides (raw,
     /// and what a driver decodes it to).

@@ -37,7 +37,7 @@ const RECHECK_AFTER: Duration = Duration::from_millis(1500);
 /// after [`RECHECK_AFTER`], and only those that persist are reported.
 pub async fn verify(config: &Config) -> anyhow::Result<Report> {
     let cache = Cache::new(config)?;
-    let client = db::connect(&db::pg_config(config)?).await?;
+    let client = db::pg_target(config)?.connect().await?;
     let select = client.prepare(db::FIND_USERS).await?;
     let mut report = Report::default();
     let mut suspects = Vec::new();

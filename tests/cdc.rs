@@ -356,7 +356,11 @@ async fn terminated_connections_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_a_persistent_redis_was_down_are_applied_when_it_returns() {
-    let mut env = TestEnv::start_with(RedisOptions { persistent: true }).await;
+    let mut env = TestEnv::start_with(RedisOptions {
+        persistent: true,
+        ..Default::default()
+    })
+    .await;
     let daemon = env.start_daemon(env.config()).await;
     let mut c = daemon.client().await;
     for name in ["r1", "r2", "r3"] {

@@ -108,7 +108,11 @@ async fn redis_killed_and_restarted_mid_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_made_while_redis_was_down_leave_no_stale_entry_behind() {
     // A Redis that keeps its data across the outage, as production ones do.
-    let mut env = TestEnv::start_with(RedisOptions { persistent: true }).await;
+    let mut env = TestEnv::start_with(RedisOptions {
+        persistent: true,
+        ..Default::default()
+    })
+    .await;
     let daemon = env.start_daemon(env.config()).await;
     let mut c = daemon.client().await;
     for name in ["moved", "removed", "kept"] {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -106,9 +106,9 @@ impl Applier {
     }
 
     async fn session(&self, stop: &CancellationToken) -> Result<(), CdcError> {
-        let pg = db::pg_config(&self.config)?;
+        let target = db::pg_target(&self.config)?;
         let (client, mut connection) =
-            tokio::time::timeout(Duration::from_secs(5), pg.connect(NoTls))
+            tokio::time::timeout(Duration::from_secs(5), target.config().connect(target.tls))
                 .await
                 .map_err(|_| DbError::Timeout("cdc connect".into()))??;
         let wake = Arc::new(Notify::new());

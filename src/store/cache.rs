@@ -9,7 +9,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
-use crate::config::Config;
+use crate::config::{Config, SecretUrl};
 use crate::user::User;
 use crate::workqueue::WorkQueue;
 
@@ -38,10 +38,27 @@ impl From<redis::RedisError> for CacheError {
             redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
         ) {
             CacheError::Server(e.to_string())
+        } else if is_tls(&e) {
+            CacheError::Down(format!("TLS: {e}"))
         } else {
             CacheError::Down(e.to_string())
         }
     }
+}
+
+/// Whether a TLS failure (a handshake or certificate refused) is behind `e`: said as such, since
+/// the driver's text ("received fatal alert: …") does not. The driver keeps its I/O errors behind
+/// an opaque `Arc`, so rustls's own wording is what can be recognised.
+fn is_tls(e: &redis::RedisError) -> bool {
+    const RUSTLS_SAYS: [&str; 5] = [
+        "received fatal alert",
+        "invalid peer certificate",
+        "peer is incompatible",
+        "peer misbehaved",
+        "TLS handshake",
+    ];
+    let text = e.to_string();
+    RUSTLS_SAYS.iter().any(|says| text.contains(says))
 }
 
 /// One versioned write.
@@ -272,6 +289,65 @@ fn decode<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, CacheError
     redis::from_redis_value(value).map_err(|e| CacheError::Server(e.to_string()))
 }
 
+/// The client for `redis.url`, with the certificates of `redis.tls_*` when there are any (the
+/// system's roots otherwise).
+fn client(config: &Config, url: &SecretUrl) -> Result<redis::Client, CacheError> {
+    let bad =
+        |e: &dyn std::fmt::Display| CacheError::Down(format!("redis.url {}: {e}", url.redacted()));
+    let r = &config.redis;
+    if r.tls_ca_file.is_none() && r.tls_cert_file.is_none() {
+        // rediss:// builds its own rustls configuration on the process's provider.
+        crate::tls::provider();
+        return redis::Client::open(url.expose()).map_err(|e| bad(&e));
+    }
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| CacheError::Down(format!("{key} {}: {e}", path.display())))
+    };
+    let root_cert = match &r.tls_ca_file {
+        Some(path) => Some(read("redis.tls_ca_file", path)?),
+        None => None,
+    };
+    let client_tls = match (&r.tls_cert_file, &r.tls_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("redis.tls_cert_file", cert)?,
+            client_key: read("redis.tls_key_file", key)?,
+        }),
+        _ => None,
+    };
+    crate::tls::provider();
+    let certificates = redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    };
+    redis::Client::build_with_tls(url.expose(), certificates).map_err(|e| bad(&e))
+}
+
+/// `redis.password_file`, read for every new connection: a rotated password needs no restart.
+struct PasswordFile {
+    username: String,
+    path: std::path::PathBuf,
+}
+
+impl redis::auth::StreamingCredentialsProvider for PasswordFile {
+    fn subscribe(
+        &self,
+    ) -> std::pin::Pin<
+        Box<dyn futures::Stream<Item = redis::RedisResult<redis::auth::BasicAuth>> + Send>,
+    > {
+        let credentials = crate::secrets::read_password_file(&self.path)
+            .map(|password| redis::auth::BasicAuth::new(self.username.clone(), password))
+            .map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::AuthenticationFailed,
+                    "redis.password_file",
+                    e,
+                ))
+            });
+        // One item: the connection being made takes it; nothing re-authenticates later.
+        Box::pin(futures::stream::once(async move { credentials }))
+    }
+}
+
 /// What one versioned write found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -308,15 +384,26 @@ impl Cache {
             .url
             .as_ref()
             .ok_or_else(|| CacheError::Down("redis.url is not set".into()))?;
-        let client = redis::Client::open(url.expose())
-            .map_err(|e| CacheError::Down(format!("redis.url {}: {e}", url.redacted())))?;
+        let client = client(config, url)?;
         let timeout = config.redis_timeout();
-        let manager_config = ConnectionManagerConfig::new()
+        let mut manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(timeout))
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(500));
+        if let Some(path) = &config.redis.password_file {
+            let username = client
+                .get_connection_info()
+                .redis_settings()
+                .username()
+                .unwrap_or("default")
+                .to_owned();
+            manager_config = manager_config.set_credentials_provider(PasswordFile {
+                username,
+                path: path.clone(),
+            });
+        }
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
         Ok(Cache {
             conn,

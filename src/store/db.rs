@@ -1,12 +1,16 @@
 //! PostgreSQL: the connection pool, the queries of the request path, and the embedded migrations.
 
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::Config;
+use crate::tls::PgTls;
 use crate::user::{RowError, User, USER_SELECT};
 
 /// Why a database call failed, classified once here for every caller.
@@ -160,17 +164,95 @@ async fn query_after_horizon(
     Ok((rows, horizon.get(0)))
 }
 
-/// Parses `postgres.url` and adds the settings every cacheward connection carries.
-pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
+/// Where and how to reach PostgreSQL: the connection settings, the TLS connector the URL's
+/// `sslmode` asks for (see [`PgTls`]), and the password file, if any.
+#[derive(Clone)]
+pub struct PgTarget {
+    config: tokio_postgres::Config,
+    pub tls: MakeRustlsConnect,
+    password_file: Option<PasswordFile>,
+}
+
+/// `postgres.password_file`, read for every new connection; the last password read stays in use
+/// while the file cannot be read (a rotation in progress), with a warning.
+#[derive(Clone)]
+struct PasswordFile {
+    path: PathBuf,
+    last: Arc<Mutex<String>>,
+}
+
+impl PasswordFile {
+    fn read(&self) -> String {
+        let mut last = self.last.lock().expect("password lock is never poisoned");
+        match crate::secrets::read_password_file(&self.path) {
+            Ok(password) => *last = password,
+            Err(e) => tracing::warn!(
+                error = %e,
+                "postgres.password_file unreadable; the last password read is used"
+            ),
+        }
+        last.clone()
+    }
+}
+
+impl PgTarget {
+    /// The settings for a new connection: the password read afresh from its file, if one is set.
+    pub fn config(&self) -> tokio_postgres::Config {
+        let mut config = self.config.clone();
+        if let Some(file) = &self.password_file {
+            config.password(file.read());
+        }
+        config
+    }
+
+    /// One connection, its driver spawned (it ends with the client).
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, DbError> {
+        let (client, connection) = self.config().connect(self.tls.clone()).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres connection closed");
+            }
+        });
+        Ok(client)
+    }
+}
+
+/// How the pool opens a connection: as [`PgTarget::connect`] does, the password read afresh.
+struct PoolConnect(PgTarget);
+
+impl deadpool_postgres::Connect for PoolConnect {
+    fn connect(
+        &self,
+        _: &tokio_postgres::Config,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let (config, tls) = (self.0.config(), self.0.tls.clone());
+        Box::pin(async move {
+            let (client, connection) = config.connect(tls).await?;
+            let driver = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "postgres connection closed");
+                }
+            });
+            Ok((client, driver))
+        })
+    }
+}
+
+/// `postgres.url`, with the settings every cacheward connection carries.
+pub fn pg_target(config: &Config) -> Result<PgTarget, DbError> {
     let url = config
         .postgres
         .url
         .as_ref()
         .ok_or_else(|| DbError::Other("postgres.url is not set".into()))?;
-    let mut pg: tokio_postgres::Config = url
-        .expose()
-        .parse()
-        .map_err(|e| DbError::Other(format!("postgres.url {}: {e}", url.redacted())))?;
+    let bad =
+        |e: &dyn std::fmt::Display| DbError::Other(format!("postgres.url {}: {e}", url.redacted()));
+    let (rest, tls) = PgTls::split(url.expose()).map_err(|e| bad(&e))?;
+    let mut pg: tokio_postgres::Config = rest.parse().map_err(|e| bad(&e))?;
+    pg.ssl_mode(tls.mode.driver_mode());
     // UTC, so that PostgreSQL's JSON of any extra timestamp column is in UTC too. Options the URL
     // already carries are kept, after ours (a later -c wins).
     let ours = format!(
@@ -188,7 +270,23 @@ pub fn pg_config(config: &Config) -> Result<tokio_postgres::Config, DbError> {
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(2));
     }
-    Ok(pg)
+    let tls = MakeRustlsConnect::new(tls.client_config().map_err(|e| bad(&e))?);
+    let password_file = match &config.postgres.password_file {
+        None => None,
+        Some(path) => {
+            let password = crate::secrets::read_password_file(path)
+                .map_err(|e| DbError::Other(format!("postgres.password_file {e}")))?;
+            Some(PasswordFile {
+                path: path.clone(),
+                last: Arc::new(Mutex::new(password)),
+            })
+        }
+    };
+    Ok(PgTarget {
+        config: pg,
+        tls,
+        password_file,
+    })
 }
 
 /// What a read of several names found.
@@ -212,10 +310,10 @@ pub struct Db {
 impl Db {
     /// Builds the pool. Connects lazily: a database that is down now is not an error.
     pub fn new(config: &Config) -> Result<Db, DbError> {
-        let pg = pg_config(config)?;
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
+        let target = pg_target(config)?;
+        let manager = Manager::from_connect(
+            target.config.clone(),
+            PoolConnect(target),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -421,7 +519,8 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, Db
     Ok(applied)
 }
 
-/// Opens one connection outside the pool (for `migrate`, the health monitor and tests).
+/// A plain connection (no TLS) to `pg`, outside the pool: for the harness and tools that reach a
+/// local server. The daemon's own connections go through [`PgTarget::connect`].
 pub async fn connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
     let (client, connection) = pg.connect(NoTls).await?;
     tokio::spawn(async move {
@@ -443,13 +542,13 @@ mod tests {
         config.postgres.url = Some(SecretUrl::new(
             "postgresql://u@h/db?options=-c%20search_path%3Dapp%2Cpublic",
         ));
-        let pg = pg_config(&config).unwrap();
+        let pg = pg_target(&config).unwrap().config();
         let options = pg.get_options().unwrap();
         assert!(options.contains("-c statement_timeout=2000"), "{options}");
         assert!(options.ends_with("-c search_path=app,public"), "{options}");
         config.postgres.url = Some(SecretUrl::new("postgresql://u@h/db"));
         assert_eq!(
-            pg_config(&config).unwrap().get_options(),
+            pg_target(&config).unwrap().config().get_options(),
             Some("-c statement_timeout=2000 -c TimeZone=UTC")
         );
     }

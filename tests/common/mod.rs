@@ -17,10 +17,12 @@ use tokio_util::sync::CancellationToken;
 
 use cacheward::config::{Config, SecretUrl};
 use cacheward::daemon;
-use cacheward::dev::{Postgres, Redis, RedisOptions};
+use cacheward::dev::{Postgres, PostgresOptions, Redis, RedisOptions};
 use cacheward::rpc::server;
 use cacheward::service::hooks::{FillHook, Hooks};
 use cacheward::store::db;
+
+pub mod certs;
 
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
@@ -45,8 +47,14 @@ impl TestEnv {
 
     /// Fresh servers, the schema migrated, `pg_stat_statements` installed.
     pub async fn start_with(redis: RedisOptions) -> TestEnv {
+        TestEnv::start_servers(PostgresOptions::default(), redis).await
+    }
+
+    /// [`TestEnv::start_with`], the servers also listening on TCP with TLS if asked. `db_url` and
+    /// `redis_url` stay the Unix sockets (the harness's own connections).
+    pub async fn start_servers(pg: PostgresOptions, redis: RedisOptions) -> TestEnv {
         init_logs();
-        let pg = Postgres::start().expect("start postgres");
+        let pg = Postgres::start_with(pg).expect("start postgres");
         let redis = Redis::start_with(redis).expect("start redis");
         let db_url = pg.create_database("cw").await.expect("create database");
         let redis_url = redis.url(3);
@@ -132,16 +140,21 @@ impl TestEnv {
         self.start_daemon_with(config, Hooks::default()).await
     }
 
-    pub async fn start_daemon_with(&self, config: Config, hooks: Hooks) -> Daemon {
+    /// The daemon started in-process, without waiting for it to be ready.
+    pub fn spawn_daemon(&self, config: Config, hooks: Hooks) -> Daemon {
         let config = Arc::new(config);
         let socket = server::bind(&config).expect("bind socket");
         let token = CancellationToken::new();
         let handle = tokio::spawn(daemon::run(config.clone(), socket, token.clone(), hooks));
-        let daemon = Daemon {
+        Daemon {
             socket: config.socket.path.clone(),
             token,
             handle: Some(handle),
-        };
+        }
+    }
+
+    pub async fn start_daemon_with(&self, config: Config, hooks: Hooks) -> Daemon {
+        let daemon = self.spawn_daemon(config, hooks);
         wait_until("daemon ready", Duration::from_secs(10), || async {
             match daemon.try_client().await {
                 Some(mut c) => c.call("health", json!({})).await["result"]["ready"] == json!(true),

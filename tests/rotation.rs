@@ -1,0 +1,123 @@
+//! Passwords only in files, rotated while the daemon runs: scram authentication in PostgreSQL (over
+//! TLS), an ACL user in Redis. After a rotation and the loss of every backend connection the same
+//! daemon recovers within seconds, reading the new passwords for its new connections.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use cacheward::config::SecretUrl;
+use cacheward::dev::{PostgresOptions, RedisOptions};
+use common::certs::TestCa;
+use common::{wait_until, TestEnv};
+
+async fn set_passwords(env: &TestEnv, password: &str) {
+    env.pg()
+        .await
+        .batch_execute(&format!("ALTER ROLE cw_app PASSWORD '{password}'"))
+        .await
+        .expect("alter role");
+    let mut redis = env.redis().await;
+    redis::cmd("ACL")
+        .arg(&["SETUSER", "cw_app", "on", "resetpass"][..])
+        .arg(format!(">{password}"))
+        .arg(&["~*", "&*", "+@all"][..])
+        .query_async::<()>(&mut redis)
+        .await
+        .expect("acl setuser");
+}
+
+/// Closes every connection the daemon has to both servers.
+async fn kill_connections(env: &TestEnv) {
+    env.pg()
+        .await
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'cw_app'",
+        )
+        .await
+        .expect("terminate");
+    let mut redis = env.redis().await;
+    redis::cmd("CLIENT")
+        .arg(&["KILL", "USER", "cw_app"][..])
+        .query_async::<i64>(&mut redis)
+        .await
+        .expect("client kill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_passwords_are_read_for_new_connections_without_a_restart() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(certs.path(), "ca");
+    let pg = PostgresOptions {
+        tls: Some(ca.server("pg", None)),
+        tcp_auth: Some("scram-sha-256".into()),
+    };
+    let env = TestEnv::start_servers(pg, RedisOptions::default()).await;
+    env.pg()
+        .await
+        .batch_execute("CREATE ROLE cw_app LOGIN SUPERUSER")
+        .await
+        .unwrap();
+    set_passwords(&env, "first-secret").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let (pg_file, redis_file) = (
+        secrets.path().join("pg-password"),
+        secrets.path().join("redis-password"),
+    );
+    std::fs::write(&pg_file, "first-secret\n").unwrap();
+    std::fs::write(&redis_file, "first-secret").unwrap();
+
+    let mut config = env.config();
+    let port = env.pg.tcp_port().unwrap();
+    config.postgres.url = Some(SecretUrl::new(format!(
+        "postgresql://cw_app@localhost:{port}/cw?hostaddr=127.0.0.1&sslmode=require"
+    )));
+    config.postgres.password_file = Some(pg_file.clone());
+    config.redis.url = Some(SecretUrl::new(format!("{}&user=cw_app", env.redis.url(3))));
+    config.redis.password_file = Some(redis_file.clone());
+    let daemon = env.start_daemon(config).await;
+    let mut client = daemon.client().await;
+    client.call("put", json!({"username": "before"})).await;
+    assert_eq!(
+        client.get("before").await["result"]["source"],
+        json!("cache")
+    );
+
+    // Rotate: the old passwords stop working, the files hold the new ones, every connection goes.
+    set_passwords(&env, "second-secret").await;
+    std::fs::write(&pg_file, "second-secret\n").unwrap();
+    std::fs::write(&redis_file, "second-secret\n").unwrap();
+    kill_connections(&env).await;
+
+    wait_until(
+        "writes and cached reads again",
+        Duration::from_secs(10),
+        || async {
+            let mut client = daemon.client().await;
+            let put = client.call("put", json!({"username": "after"})).await;
+            put.get("result").is_some()
+                && client.get("after").await["result"]["source"] == json!("cache")
+        },
+    )
+    .await;
+    let health = daemon.health().await;
+    assert_eq!(
+        (health["postgres"].clone(), health["redis"].clone()),
+        (json!("up"), json!("up"))
+    );
+    // The connections in use now authenticated with the new passwords (the old ones are refused).
+    let pool: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'cw_app'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(pool >= 1, "the daemon is connected again");
+    daemon.stop().await;
+}

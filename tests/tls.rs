@@ -1,0 +1,214 @@
+//! TLS to both backends, against real servers with a CA made at test time: PostgreSQL with `ssl =
+//! on` and `hostssl` only (plain TCP refused), redis-server on `--tls-port`.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use cacheward::config::SecretUrl;
+use cacheward::dev::{PostgresOptions, RedisOptions};
+use cacheward::service::Hooks;
+use cacheward::store::cache::Cache;
+use cacheward::store::db;
+use common::certs::TestCa;
+use common::{wait_until, TestEnv};
+
+/// A PostgreSQL that takes TLS only over TCP, signed by `ca`.
+async fn tls_postgres(ca: &TestCa) -> TestEnv {
+    let pg = PostgresOptions {
+        tls: Some(ca.server("pg", None)),
+        ..Default::default()
+    };
+    TestEnv::start_servers(pg, RedisOptions::default()).await
+}
+
+fn ca_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// How many of the daemon's PostgreSQL connections use TLS, and how many do not.
+async fn daemon_connections(env: &TestEnv) -> (i64, i64) {
+    let row = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.application_name = 'cacheward'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_reaches_postgres_for_every_connection_the_daemon_opens() {
+    let certs = ca_dir();
+    let ca = TestCa::new(certs.path(), "good");
+    let env = tls_postgres(&ca).await;
+    let url = env
+        .pg
+        .tcp_url(
+            "cw",
+            &format!("sslmode=verify-full&sslrootcert={}", ca.ca_file.display()),
+        )
+        .expect("tcp");
+    // Plain TCP is refused: whatever works below went over TLS.
+    let plain = env.pg.tcp_url("cw", "sslmode=disable").unwrap();
+    let mut config = env.config();
+    config.postgres.url = Some(SecretUrl::new(plain));
+    let refused = db::pg_target(&config).unwrap().connect().await.unwrap_err();
+    assert!(refused.to_string().contains("no encryption"), "{refused}");
+
+    config.postgres.url = Some(SecretUrl::new(url));
+    let daemon = env.start_daemon(config).await;
+    let mut client = daemon.client().await;
+    assert_eq!(
+        client.call("put", json!({"username": "tls1"})).await["result"]["created"],
+        json!(true)
+    );
+    assert_eq!(client.get("tls1").await["result"]["source"], json!("cache"));
+    // An out-of-band change reaches Redis: the CDC worker's connection is up, over TLS.
+    env.pg()
+        .await
+        .execute(
+            "UPDATE users SET username = 'tls2' WHERE username = 'tls1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_until(
+        "the rename applied by CDC",
+        Duration::from_secs(5),
+        || async {
+            env.cached("tls2")
+                .await
+                .is_some_and(|v| cacheward::store::cache::is_live(&v))
+        },
+    )
+    .await;
+    // The pool, the CDC session and the health monitor: all over TLS, none in the clear.
+    let (tls, plain) = daemon_connections(&env).await;
+    assert!(tls >= 3, "{tls} TLS connections");
+    assert_eq!(plain, 0);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_ca_names_the_certificate_and_the_daemon_is_not_ready() {
+    let certs = ca_dir();
+    let (ca, other) = (
+        TestCa::new(certs.path(), "good"),
+        TestCa::new(certs.path(), "other"),
+    );
+    let env = tls_postgres(&ca).await;
+    let mut config = env.config();
+    let url = |params: String| SecretUrl::new(env.pg.tcp_url("cw", &params).unwrap());
+    config.postgres.url = Some(url(format!(
+        "sslmode=verify-full&sslrootcert={}",
+        other.ca_file.display()
+    )));
+    let e = db::pg_target(&config)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("certificate of localhost") && e.contains(&other.ca_file.display().to_string()),
+        "{e}"
+    );
+    assert!(e.contains("UnknownIssuer"), "{e}");
+
+    let daemon = env.spawn_daemon(config, Hooks::default());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let health = daemon.health().await;
+    assert_eq!(health["ready"], json!(false), "{health}");
+    assert_eq!(health["postgres"], json!("down"), "{health}");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_encrypts_without_roots_and_verify_ca_ignores_the_host_name() {
+    let certs = ca_dir();
+    let ca = TestCa::new(certs.path(), "good");
+    let env = tls_postgres(&ca).await;
+    let port = env.pg.tcp_port().unwrap();
+    let ca_file = ca.ca_file.display().to_string();
+    let mut config = env.config();
+    let connect = |url: String| {
+        let mut config = config.clone();
+        config.postgres.url = Some(SecretUrl::new(url));
+        async move { db::pg_target(&config).unwrap().connect().await.map(|_| ()) }
+    };
+    // Encryption without authentication: libpq's require (and prefer) check no certificate.
+    connect(env.pg.tcp_url("cw", "sslmode=require").unwrap())
+        .await
+        .unwrap();
+    connect(env.pg.tcp_url("cw", "sslmode=prefer").unwrap())
+        .await
+        .unwrap();
+    // A name the certificate does not carry (the address is still 127.0.0.1).
+    let elsewhere = |mode: &str| {
+        format!(
+            "postgresql://postgres@db.invalid:{port}/cw?hostaddr=127.0.0.1&sslmode={mode}&sslrootcert={ca_file}"
+        )
+    };
+    connect(elsewhere("verify-ca")).await.unwrap();
+    let e = connect(elsewhere("verify-full"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("certificate of db.invalid") && e.contains("not valid for name"),
+        "{e}"
+    );
+    // require with roots given checks the chain, as in libpq.
+    let other = TestCa::new(certs.path(), "other");
+    let e = connect(format!(
+        "{}&sslrootcert={}",
+        env.pg.tcp_url("cw", "sslmode=require").unwrap(),
+        other.ca_file.display()
+    ))
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("UnknownIssuer"), "{e}");
+    config.postgres.url = None;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_ca_file_and_with_client_certificates() {
+    let certs = ca_dir();
+    let ca = TestCa::new(certs.path(), "good");
+    let clients = TestCa::new(certs.path(), "clients");
+    let redis = RedisOptions {
+        tls: Some(ca.server("redis", Some(&clients))),
+        ..Default::default()
+    };
+    let env = TestEnv::start_servers(PostgresOptions::default(), redis).await;
+    let mut config = env.config();
+    config.redis.url = Some(SecretUrl::new(env.redis.tls_url(3).unwrap()));
+    config.redis.tls_ca_file = Some(ca.ca_file.clone());
+
+    // No client certificate: the server refuses, and the error says it was TLS.
+    let cache = Cache::new(&config).unwrap();
+    let e = cache.fence().await.unwrap_err().to_string();
+    assert!(
+        e.contains("TLS") && e.contains("CertificateRequired"),
+        "{e}"
+    );
+
+    let (cert, key) = clients.issue("daemon", &["cacheward"], true);
+    config.redis.tls_cert_file = Some(cert);
+    config.redis.tls_key_file = Some(key);
+    let daemon = env.start_daemon(config).await;
+    let mut client = daemon.client().await;
+    client.call("put", json!({"username": "r1"})).await;
+    assert_eq!(client.get("r1").await["result"]["source"], json!("cache"));
+    assert!(env.cached("r1").await.is_some(), "written over TLS");
+    daemon.stop().await;
+}
