@@ -30,6 +30,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON users TO cacheward_runtime;
 GRANT SELECT, DELETE ON cacheward_outbox TO cacheward_runtime;            -- read the stream, prune it
 GRANT SELECT, UPDATE ON cacheward_cdc_settings TO cacheward_runtime;      -- channel, notify, pruned_upto
 GRANT SELECT, INSERT, UPDATE ON cacheward_cdc_cursors TO cacheward_runtime;
+GRANT SELECT, INSERT, UPDATE, DELETE ON cacheward_cdc_leases TO cacheward_runtime; -- who applies the stream
 GRANT SELECT, USAGE ON SEQUENCE cacheward_version_seq TO cacheward_runtime; -- horizons and fences
 
 -- Writers: their rights on users, nothing of cacheward's.

@@ -313,7 +313,7 @@ async fn terminated_connections_lose_nothing() {
             while !stop.is_cancelled() {
                 let killed: i64 = pg
                     .query_one(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'cacheward'",
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE 'cacheward%'",
                         &[],
                     )
                     .await
@@ -824,6 +824,71 @@ async fn one_worker_per_cache_and_a_standby_takes_over() {
     second.stop().await;
 }
 
+/// A half-open CDC connection: its PostgreSQL backend frozen (SIGSTOP), so the socket stays open
+/// and nothing answers. The worker's lease heartbeat times out, it reconnects and takes its own
+/// lease back within seconds (a session lock would stay with the frozen backend), and every change
+/// made meanwhile is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_cdc_connection_is_replaced_within_seconds_and_nothing_is_lost() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let pg = env.pg().await;
+    pg.execute("INSERT INTO users (username) VALUES ('before-freeze')", &[])
+        .await
+        .unwrap();
+    wait_until("applied before the freeze", CONVERGE, || async {
+        live(&env, "before-freeze").await.is_some()
+    })
+    .await;
+    let backend: i32 = pg
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'cacheward-cdc'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // SAFETY: kill(2) on the CDC session's server process.
+    unsafe { libc::kill(backend, libc::SIGSTOP) };
+    let frozen_at = std::time::Instant::now();
+    for i in 0..20 {
+        pg.execute(
+            "INSERT INTO users (username) VALUES ($1)",
+            &[&format!("frozen{i}")],
+        )
+        .await
+        .unwrap();
+    }
+    // Heartbeat (1 s) + the call bound (statement timeout + 1 s) + a reconnect: 6 s is ample.
+    wait_until(
+        "every change made during the freeze applied",
+        Duration::from_secs(6),
+        || async {
+            for i in 0..20 {
+                if live(&env, &format!("frozen{i}")).await.is_none() {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let took = frozen_at.elapsed();
+    let stats = daemon.stats().await;
+    assert!(stats["cdc"]["reconnects"].as_u64().unwrap() >= 1, "{stats}");
+    // The frozen backend still holds its session: only a lease let the worker go on.
+    unsafe { libc::kill(backend, libc::SIGCONT) };
+    pg.execute("INSERT INTO users (username) VALUES ('after-thaw')", &[])
+        .await
+        .unwrap();
+    wait_until("applied after the thaw", CONVERGE, || async {
+        live(&env, "after-thaw").await.is_some()
+    })
+    .await;
+    eprintln!("frozen CDC connection replaced, changes applied after {took:?}");
+    daemon.stop().await;
+}
+
 /// `cdc.enabled = false`: the daemon never runs the CDC worker, never holds a CDC connection, and a
 /// leader that goes away is not replaced by it; its reads and writes work as ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -841,13 +906,17 @@ async fn a_daemon_with_cdc_disabled_never_competes_for_the_stream() {
         .pg()
         .await
         .query_one(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            "SELECT (SELECT count(*) FROM cacheward_cdc_leases)
+                  + (SELECT count(*) FROM pg_stat_activity WHERE application_name = 'cacheward-cdc')",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(cdc_sessions, 0, "no daemon holds or waits for the CDC lock");
+    assert_eq!(
+        cdc_sessions, 0,
+        "no daemon holds the CDC lease or a CDC session"
+    );
     env.pg()
         .await
         .execute("INSERT INTO users (username) VALUES ('unapplied')", &[])

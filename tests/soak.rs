@@ -722,7 +722,7 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
                 let _ = pg
                     .batch_execute(
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                         WHERE application_name = 'cacheward' AND pid <> pg_backend_pid()",
+                         WHERE application_name LIKE 'cacheward%' AND pid <> pg_backend_pid()",
                     )
                     .await;
                 "daemon's connections terminated"

@@ -36,7 +36,7 @@ async fn daemon_connections(env: &TestEnv) -> (i64, i64) {
         .query_one(
             "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
              FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
-             WHERE a.application_name = 'cacheward'",
+             WHERE a.application_name LIKE 'cacheward%'",
             &[],
         )
         .await

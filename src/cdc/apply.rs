@@ -55,7 +55,8 @@ impl Applier {
         st: &Statements,
         cursor: &Cursor,
     ) -> Result<(), CdcError> {
-        outbox::store_cursor(client, st, &self.consumer, cursor).await?;
+        let store = outbox::store_cursor(client, st, &self.consumer, &self.holder, cursor);
+        self.bounded("cursor store", store).await?;
         self.stats.cursor.store(cursor.position, Relaxed);
         Ok(())
     }

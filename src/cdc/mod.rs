@@ -22,6 +22,7 @@ use crate::store::db::{self, DbError};
 
 pub mod apply;
 pub mod cursor;
+pub mod lease;
 pub mod outbox;
 pub mod plan;
 pub mod stats;
@@ -40,6 +41,9 @@ pub enum CdcError {
     /// Redis refused or is down: keep the cursor, retry the batch later.
     #[error(transparent)]
     Redis(#[from] CacheError),
+    /// Another worker took the lease over (this one was silent for too long): stand by.
+    #[error("the cdc lease was taken over by another worker")]
+    LeaseLost,
 }
 
 impl From<tokio_postgres::Error> for CdcError {
@@ -57,6 +61,11 @@ pub struct Applier {
     consumer: String,
     /// When `cdc lagging` was last said, while the lag lasts.
     lag_warned: Mutex<Option<Instant>>,
+    /// This worker's name in the lease table: its host and socket path, unique among live daemons
+    /// and kept across reconnections and restarts.
+    holder: String,
+    /// Client-side bound on every PostgreSQL call of a session (a frozen server never answers).
+    query_bound: Duration,
 }
 
 /// How often processed outbox rows are pruned, at most.
@@ -71,12 +80,18 @@ impl Applier {
             .map(|u| u.redacted())
             .unwrap_or_default();
         let consumer = format!("{}{}", redis, config.cache.key_prefix);
+        // One live daemon per host and socket path (binding refuses a live socket): a restarted
+        // daemon takes its own lease back at once instead of waiting for it to expire.
+        let holder = format!("{}:{}", hostname(), config.socket.path.display());
+        let query_bound = config.statement_timeout() + Duration::from_secs(1);
         Applier {
             config,
             cache,
             stats,
             consumer,
             lag_warned: Mutex::new(None),
+            holder,
+            query_bound,
         }
     }
 
@@ -107,8 +122,13 @@ impl Applier {
 
     async fn session(&self, stop: &CancellationToken) -> Result<(), CdcError> {
         let target = db::pg_target(&self.config)?;
+        let mut pg = target.config();
+        if pg.get_application_name() == Some("cacheward") {
+            // Tells the CDC session apart in pg_stat_activity.
+            pg.application_name("cacheward-cdc");
+        }
         let (client, mut connection) =
-            tokio::time::timeout(Duration::from_secs(5), target.config().connect(target.tls))
+            tokio::time::timeout(Duration::from_secs(5), pg.connect(target.tls))
                 .await
                 .map_err(|_| DbError::Timeout("cdc connect".into()))??;
         let wake = Arc::new(Notify::new());
@@ -133,19 +153,44 @@ impl Applier {
         if !self.lead(&client, stop).await? {
             return Ok(());
         }
+        let outcome = self.lead_session(&client, &wake, stop).await;
+        if outcome.is_ok() {
+            // Stopping: a standby takes over at once instead of after the lease expires.
+            let release = lease::release(&client, &self.consumer, &self.holder);
+            let _ = self.bounded("lease release", release).await;
+        }
+        outcome
+    }
+
+    /// The session as leader: listen, load the cursor, then apply batch after batch; every
+    /// PostgreSQL call bounded in time and the lease renewed at least every [`lease::HEARTBEAT`],
+    /// so that a connection that went silent is given up within seconds.
+    async fn lead_session(
+        &self,
+        client: &Client,
+        wake: &Notify,
+        stop: &CancellationToken,
+    ) -> Result<(), CdcError> {
         let cdc = &self.config.cdc;
-        client
-            .batch_execute(&format!("LISTEN \"{}\"", cdc.channel))
+        self.bounded("listen", async {
+            client
+                .batch_execute(&format!("LISTEN \"{}\"", cdc.channel))
+                .await?;
+            client
+                .execute(
+                    "UPDATE cacheward_cdc_settings SET channel = $1, notify = $2 WHERE channel <> $1 OR notify <> $2",
+                    &[&cdc.channel, &cdc.notify],
+                )
+                .await?;
+            Ok(())
+        })
+        .await?;
+        let statements = self
+            .bounded("prepare", async { Ok(Statements::prepare(client).await?) })
             .await?;
-        client
-            .execute(
-                "UPDATE cacheward_cdc_settings SET channel = $1, notify = $2 WHERE channel <> $1 OR notify <> $2",
-                &[&cdc.channel, &cdc.notify],
-            )
-            .await?;
-        let statements = Statements::prepare(&client).await?;
-        let mut cursor = self.load_cursor(&client, &statements).await?;
+        let mut cursor = self.load_cursor(client, &statements).await?;
         let mut last_prune: Option<Instant> = None;
+        let mut renewed = Instant::now();
         self.stats.listening.store(true, Relaxed);
         self.stats.cursor.store(cursor.position, Relaxed);
         tracing::info!(channel = %cdc.channel, position = cursor.position, pending = cursor.pending.len(), "cdc listening");
@@ -158,7 +203,8 @@ impl Applier {
         loop {
             // Catch up: batch after batch until one comes back short.
             loop {
-                match self.batch(&client, &statements, &mut cursor, busy).await {
+                self.heartbeat(client, &mut renewed).await?;
+                match self.batch(client, &statements, &mut cursor, busy).await {
                     Ok(fresh) if fresh < cdc.batch_size || stop.is_cancelled() => {
                         busy = fresh > 0;
                         break;
@@ -180,17 +226,30 @@ impl Applier {
                 redis_retry = Duration::from_millis(50);
             }
             if last_prune.is_none_or(|at| at.elapsed() >= prune_every) {
-                let pruned = outbox::prune(&client, &cursor, cdc.retention_secs).await?;
+                let prune = outbox::prune(client, &cursor, cdc.retention_secs);
+                let pruned = self.bounded("prune", prune).await?;
                 if pruned > 0 {
                     tracing::debug!(pruned, "cdc outbox pruned");
                 }
                 last_prune = Some(Instant::now());
             }
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return Ok(()),
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+            // Wait for a notification or the next poll, renewing the lease meanwhile.
+            let next_poll = tokio::time::Instant::now() + poll;
+            loop {
+                let next_beat = tokio::time::Instant::from_std(renewed + lease::HEARTBEAT);
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = wake.notified() => break,
+                    _ = tokio::time::sleep_until(next_poll.min(next_beat)) => {}
+                }
+                if client.is_closed() {
+                    return Err(DbError::Unavailable("cdc connection closed".into()).into());
+                }
+                self.heartbeat(client, &mut renewed).await?;
+                if tokio::time::Instant::now() >= next_poll {
+                    break;
+                }
             }
             if client.is_closed() {
                 return Err(DbError::Unavailable("cdc connection closed".into()).into());
@@ -198,37 +257,63 @@ impl Applier {
         }
     }
 
-    /// Only one worker per consumer applies changes (a session advisory lock, released when its
-    /// connection ends); the others wait as standbys. Returns false when asked to stop.
+    /// Renews the lease if a [`lease::HEARTBEAT`] has passed since `renewed`; a lease lost (it
+    /// expired and another worker took it) ends the session.
+    async fn heartbeat(&self, client: &Client, renewed: &mut Instant) -> Result<(), CdcError> {
+        if renewed.elapsed() < lease::HEARTBEAT {
+            return Ok(());
+        }
+        let renew = lease::renew(client, &self.consumer, &self.holder);
+        if !self.bounded("lease renewal", renew).await? {
+            return Err(CdcError::LeaseLost);
+        }
+        *renewed = Instant::now();
+        Ok(())
+    }
+
+    /// `call`, or a timeout error once it has taken longer than the session's bound.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, CdcError>>,
+    ) -> Result<T, CdcError> {
+        match tokio::time::timeout(self.query_bound, call).await {
+            Ok(result) => result,
+            Err(_) => Err(DbError::Timeout(format!(
+                "cdc {what} took longer than {:?}: the connection is given up",
+                self.query_bound
+            ))
+            .into()),
+        }
+    }
+
+    /// Only one worker per consumer applies changes: the holder of its lease (see [`lease`]); the
+    /// others wait as standbys and take over once it expires. Returns false when asked to stop.
     async fn lead(&self, client: &Client, stop: &CancellationToken) -> Result<bool, CdcError> {
-        let key = format!("cacheward_cdc:{}", self.consumer);
         let mut said = false;
         loop {
-            let locked: bool = client
-                .query_one(
-                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                    &[&key],
-                )
-                .await?
-                .get(0);
-            if locked {
+            let acquire = lease::acquire(client, &self.consumer, &self.holder);
+            if self.bounded("lease", acquire).await? {
                 return Ok(true);
             }
             if !said {
                 tracing::info!(consumer = %self.consumer, "cdc standby: another daemon applies changes for this cache");
                 said = true;
             }
+            let retry =
+                Duration::from_millis(self.config.cdc.poll_interval_ms).min(lease::HEARTBEAT);
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(false),
-                _ = tokio::time::sleep(Duration::from_millis(self.config.cdc.poll_interval_ms)) => {}
+                _ = tokio::time::sleep(retry) => {}
             }
         }
     }
 
     /// Loads this consumer's cursor; decides on a first start or a gap whether to replay or resync.
     async fn load_cursor(&self, client: &Client, st: &Statements) -> Result<Cursor, CdcError> {
-        let (stored, pruned_upto) = outbox::load_cursor(client, &self.consumer).await?;
+        let load = outbox::load_cursor(client, &self.consumer);
+        let (stored, pruned_upto) = self.bounded("cursor load", load).await?;
         let cursor = match stored {
             Some(cursor) => cursor,
             None => {
@@ -239,7 +324,8 @@ impl Applier {
                     Cursor::default()
                 } else {
                     // Transactions in flight may still commit changes below the head.
-                    outbox::head(client, pruned_upto).await?.0
+                    let head = outbox::head(client, pruned_upto);
+                    self.bounded("outbox head", head).await?.0
                 };
                 self.store_cursor(client, st, &cursor).await?;
                 if cached && pruned_upto == 0 {
@@ -272,7 +358,8 @@ impl Applier {
         reason: &str,
     ) -> Result<Cursor, CdcError> {
         tracing::warn!(consumer = %self.consumer, reason, "cdc resync: dropping every cached user entry");
-        let (cursor, horizon) = outbox::head(client, pruned_upto).await?;
+        let head = outbox::head(client, pruned_upto);
+        let (cursor, horizon) = self.bounded("outbox head", head).await?;
         let dropped = self.cache.drop_all(horizon).await?;
         let position = cursor.position;
         self.store_cursor(client, st, &cursor).await?;
@@ -291,13 +378,22 @@ impl Applier {
     ) -> Result<usize, CdcError> {
         let started = Instant::now();
         let limit = self.config.cdc.batch_size as i64;
-        let batch = outbox::read(client, st, cursor, limit, busy).await?;
+        let batch = self
+            .bounded("batch read", outbox::read(client, st, cursor, limit, busy))
+            .await?;
         let plan = Plan::of(self.config.cdc.mode, &batch);
         self.apply(&plan).await?;
         self.advance(client, st, cursor, &batch).await?;
         self.record(&batch, &plan, cursor, started);
         Ok(batch.fresh.len())
     }
+}
+
+/// This host's name, to tell the lease holders of a fleet apart (`?` if it cannot be read).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// Aborts the connection driver when the session ends.

@@ -80,8 +80,11 @@ impl Statements {
             client.prepare(&late),
             client.prepare(rows),
             client.prepare("SELECT pg_current_xact_id()::text"),
+            // Only the lease's holder ($4) stores: a worker that lost it stores nothing.
             client.prepare(
-                "INSERT INTO cacheward_cdc_cursors (consumer, position, pending) VALUES ($1, $2, $3::text::jsonb)
+                "INSERT INTO cacheward_cdc_cursors (consumer, position, pending)
+                 SELECT $1, $2, $3::text::jsonb
+                  WHERE EXISTS (SELECT 1 FROM cacheward_cdc_leases WHERE consumer = $1 AND holder = $4)
                  ON CONFLICT (consumer) DO UPDATE SET position = $2, pending = $3::text::jsonb, updated_at = now()",
             ),
             client.prepare(db::HORIZON),
@@ -219,18 +222,25 @@ pub async fn prune(client: &Client, cursor: &Cursor, retention_secs: u64) -> Res
     }
 }
 
-/// Stores `cursor` as `consumer`'s position.
+/// Stores `cursor` as `consumer`'s position, if `holder` holds its lease.
 pub async fn store_cursor(
     client: &Client,
     st: &Statements,
     consumer: &str,
+    holder: &str,
     cursor: &Cursor,
 ) -> Result<(), CdcError> {
     let pending = serde_json::to_string(&cursor.pending).expect("pending list serializes");
-    client
-        .execute(&st.store_cursor, &[&consumer, &cursor.position, &pending])
+    let stored = client
+        .execute(
+            &st.store_cursor,
+            &[&consumer, &cursor.position, &pending, &holder],
+        )
         .await?;
-    Ok(())
+    match stored {
+        0 => Err(CdcError::LeaseLost),
+        _ => Ok(()),
+    }
 }
 
 /// `consumer`'s stored cursor, if it has one, and how far the outbox was pruned.

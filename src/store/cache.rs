@@ -9,6 +9,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
+use super::db;
 use crate::config::{Config, SecretUrl};
 use crate::user::User;
 use crate::workqueue::WorkQueue;
@@ -294,11 +295,27 @@ fn decode<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, CacheError
 fn client(config: &Config, url: &SecretUrl) -> Result<redis::Client, CacheError> {
     let bad =
         |e: &dyn std::fmt::Display| CacheError::Down(format!("redis.url {}: {e}", url.redacted()));
+    // Dead peers, as for PostgreSQL (see `db::KEEPALIVE_IDLE`).
+    use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+    use redis::IntoConnectionInfo;
+    let keepalive = TcpKeepalive::new()
+        .with_time(db::KEEPALIVE_IDLE)
+        .with_interval(db::KEEPALIVE_INTERVAL)
+        .with_retries(db::KEEPALIVE_RETRIES);
+    let info = url
+        .expose()
+        .into_connection_info()
+        .map_err(|e| bad(&e))?
+        .set_tcp_settings(
+            TcpSettings::default()
+                .set_keepalive(keepalive)
+                .set_user_timeout(db::TCP_USER_TIMEOUT),
+        );
     let r = &config.redis;
     if r.tls_ca_file.is_none() && r.tls_cert_file.is_none() {
         // rediss:// builds its own rustls configuration on the process's provider.
         crate::tls::provider();
-        return redis::Client::open(url.expose()).map_err(|e| bad(&e));
+        return redis::Client::open(info).map_err(|e| bad(&e));
     }
     let read = |key: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| CacheError::Down(format!("{key} {}: {e}", path.display())))
@@ -319,7 +336,7 @@ fn client(config: &Config, url: &SecretUrl) -> Result<redis::Client, CacheError>
         client_tls,
         root_cert,
     };
-    redis::Client::build_with_tls(url.expose(), certificates).map_err(|e| bad(&e))
+    redis::Client::build_with_tls(info, certificates).map_err(|e| bad(&e))
 }
 
 /// `redis.password_file`, read for every new connection: a rotated password needs no restart.

@@ -241,6 +241,14 @@ impl deadpool_postgres::Connect for PoolConnect {
     }
 }
 
+/// TCP keepalives of every backend connection (PostgreSQL and Redis): first probe after this idle
+/// time, then every [`KEEPALIVE_INTERVAL`], given up after [`KEEPALIVE_RETRIES`] unanswered.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_RETRIES: u32 = 3;
+/// How long written data may stay unacknowledged before the connection is given up.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// `postgres.url`, with the settings every cacheward connection carries.
 pub fn pg_target(config: &Config) -> Result<PgTarget, DbError> {
     let url = config
@@ -269,6 +277,21 @@ pub fn pg_target(config: &Config) -> Result<PgTarget, DbError> {
     }
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(2));
+    }
+    // Dead peers: a server that vanished without a FIN (a failover, a partition) is found by TCP
+    // keepalives within ~25 s on an idle connection, and unacknowledged writes give up after 30 s
+    // (the kernel's defaults: two hours, and about fifteen minutes). A URL's own settings win.
+    if pg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        pg.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if pg.get_keepalives_interval().is_none() {
+        pg.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+    if pg.get_keepalives_retries().is_none() {
+        pg.keepalives_retries(KEEPALIVE_RETRIES);
+    }
+    if pg.get_tcp_user_timeout().is_none() {
+        pg.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
     let tls = MakeRustlsConnect::new(tls.client_config().map_err(|e| bad(&e))?);
     let password_file = match &config.postgres.password_file {
@@ -472,6 +495,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "least privilege",
         include_str!("../../sql/0003_least_privilege.sql"),
     ),
+    (4, "cdc lease", include_str!("../../sql/0004_cdc_lease.sql")),
 ];
 
 /// Applies every migration not yet recorded in `cacheward_migrations`. Safe to run concurrently
