@@ -202,6 +202,9 @@ pub enum CdcMode {
 pub struct CdcConfig {
     /// false: this daemon never runs the CDC worker (sidecar fleets where another daemon does).
     pub enabled: bool,
+    /// The direct session the CDC worker uses (LISTEN, its lease, its cursor) when
+    /// `postgres.url` is a transaction-mode pooler [unset: `postgres.url`].
+    pub url: Option<SecretUrl>,
     pub mode: CdcMode,
     pub channel: String,
     pub notify: bool,
@@ -214,6 +217,7 @@ impl Default for CdcConfig {
     fn default() -> Self {
         CdcConfig {
             enabled: true,
+            url: None,
             mode: CdcMode::Refresh,
             channel: "cacheward_users".into(),
             notify: true,
@@ -426,7 +430,7 @@ impl Config {
         let config: Config = layered.try_deserialize()?;
         // Known before anything can fail on them, so that no log line or error shows them.
         crate::secrets::register(
-            [&config.postgres.url, &config.redis.url]
+            [&config.postgres.url, &config.redis.url, &config.cdc.url]
                 .into_iter()
                 .flatten()
                 .map(SecretUrl::expose),
@@ -507,9 +511,12 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             return Err(invalid("log.level", format!("\"{}\": {e}", self.log.level)));
         }
-        if let Some(url) = &self.postgres.url {
-            let bad =
-                |e: &dyn fmt::Display| invalid("postgres.url", format!("{}: {e}", url.redacted()));
+        for (key, url) in [
+            ("postgres.url", &self.postgres.url),
+            ("cdc.url", &self.cdc.url),
+        ] {
+            let Some(url) = url else { continue };
+            let bad = |e: &dyn fmt::Display| invalid(key, format!("{}: {e}", url.redacted()));
             let (rest, _) = crate::tls::PgTls::split(url.expose()).map_err(|e| bad(&e))?;
             rest.parse::<tokio_postgres::Config>()
                 .map_err(|e| bad(&e))?;

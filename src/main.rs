@@ -16,7 +16,7 @@ use cacheward::dev::{DevStack, SEED_USERS};
 use cacheward::rpc::server;
 use cacheward::service::Hooks;
 use cacheward::signals::{self, Reloader};
-use cacheward::store::db;
+use cacheward::store::{connect, db};
 use cacheward::{daemon, telemetry};
 
 #[derive(Parser)]
@@ -234,7 +234,7 @@ async fn migrate(common: Common) -> anyhow::Result<ExitCode> {
         config.postgres.url.is_some(),
         "postgres.url is not set (set DATABASE_URL or postgres.url)"
     );
-    let mut client = db::pg_target(&config)?
+    let mut client = connect::pg_target(&config)?
         .connect()
         .await
         .context("connecting to postgres")?;

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::service::hooks::monitor_wedge;
 use crate::service::{Backend, Service};
 use crate::store::cache::{Cache, CacheError};
-use crate::store::db;
+use crate::store::connect;
 use crate::systemd::{self, Heartbeats};
 
 /// How often the monitor checks both backends (and drains the repair queue).
@@ -27,7 +27,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let wedge_at = monitor_wedge().map(|after| tokio::time::Instant::now() + after);
-    let target = match db::pg_target(&config) {
+    let target = match connect::pg_target(&config) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "health monitor cannot start");
@@ -130,7 +130,7 @@ async fn warn_if_evicting(cache: &Cache) {
 }
 
 async fn ping_postgres(
-    target: &db::PgTarget,
+    target: &connect::PgTarget,
     probe: &mut Option<tokio_postgres::Client>,
 ) -> Result<(), String> {
     let timeout = Duration::from_secs(1);

@@ -7,7 +7,9 @@ use serde_json::Value;
 
 use crate::config::Config;
 use crate::store::cache::{is_live, is_ours, Cache, Stored};
-use crate::store::db;
+use tokio_postgres::types::Type;
+
+use crate::store::{connect, db};
 use crate::user::User;
 
 /// A cached entry that does not match the database.
@@ -37,14 +39,13 @@ const RECHECK_AFTER: Duration = Duration::from_millis(1500);
 /// after [`RECHECK_AFTER`], and only those that persist are reported.
 pub async fn verify(config: &Config) -> anyhow::Result<Report> {
     let cache = Cache::new(config)?;
-    let client = db::pg_target(config)?.connect().await?;
-    let select = client.prepare(db::FIND_USERS).await?;
+    let client = connect::pg_target(config)?.connect().await?;
     let mut report = Report::default();
     let mut suspects = Vec::new();
     let mut cursor = 0;
     loop {
         let (next, names) = cache.scan_page(cursor).await?;
-        let (checked, found, foreign) = compare(&cache, &client, &select, names).await?;
+        let (checked, found, foreign) = compare(&cache, &client, names).await?;
         report.checked += checked;
         suspects.extend(found);
         report
@@ -58,7 +59,7 @@ pub async fn verify(config: &Config) -> anyhow::Result<Report> {
     if !suspects.is_empty() {
         tokio::time::sleep(RECHECK_AFTER).await;
         let names = suspects.into_iter().map(|m| m.key).collect();
-        report.mismatches = compare(&cache, &client, &select, names).await?.1;
+        report.mismatches = compare(&cache, &client, names).await?.1;
     }
     for m in &mut report.mismatches {
         m.key = cache.key(&m.key);
@@ -71,7 +72,6 @@ pub async fn verify(config: &Config) -> anyhow::Result<Report> {
 async fn compare(
     cache: &Cache,
     client: &tokio_postgres::Client,
-    select: &tokio_postgres::Statement,
     names: Vec<String>,
 ) -> anyhow::Result<(u64, Vec<Mismatch>, Vec<String>)> {
     let values = cache.get_raw(&names).await?;
@@ -94,7 +94,10 @@ async fn compare(
         })
         .collect();
     let wanted: Vec<&str> = live.iter().map(|(n, _)| n.as_str()).collect();
-    let rows = client.query(select, &[&wanted]).await?;
+    // Unnamed (parse, bind, execute at once): works through a transaction-mode pooler too.
+    let rows = client
+        .query_typed(db::FIND_USERS, &[(&wanted, Type::TEXT_ARRAY)])
+        .await?;
     let mut by_name = std::collections::HashMap::new();
     let (users, broken) = User::from_rows(&rows);
     for user in users {

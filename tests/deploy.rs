@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use cacheward::dev::install::{self, Tool};
+
 const BIN: &str = env!("CARGO_BIN_EXE_cacheward");
 const UNITS: [&str; 2] = ["cacheward.service", "cacheward-migrate.service"];
 
@@ -23,6 +25,12 @@ fn units(dir: &Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// `systemd-analyze`, installed first if missing.
+fn systemd_analyze() -> Command {
+    install::ensure(Tool::SystemdAnalyze).expect("systemd-analyze");
+    Command::new("systemd-analyze")
+}
+
 /// Everything a tool printed, stdout then stderr.
 fn said(out: &std::process::Output) -> String {
     format!(
@@ -35,12 +43,12 @@ fn said(out: &std::process::Output) -> String {
 #[test]
 fn systemd_units_verify_without_a_warning() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new("systemd-analyze")
+    let out = systemd_analyze()
         .args(["verify", "--man=no"])
         .args(units(dir.path()))
         .current_dir(dir.path())
         .output()
-        .expect("systemd-analyze (scripts/install-deps installs it)");
+        .expect("systemd-analyze");
     let said = said(&out);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
@@ -49,7 +57,7 @@ fn systemd_units_verify_without_a_warning() {
 fn the_service_is_sandboxed() {
     let dir = tempfile::tempdir().unwrap();
     let service = &units(dir.path())[0];
-    let out = Command::new("systemd-analyze")
+    let out = systemd_analyze()
         .args(["security", "--offline=true"])
         .arg(service)
         .output()
@@ -78,12 +86,13 @@ fn kubernetes_manifests_validate_strictly() {
         .collect();
     manifests.sort();
     assert_eq!(manifests.len(), 4, "{manifests:?}");
-    // As a module: found wherever pip put it, whatever is on PATH.
-    let out = Command::new("python3")
-        .args(["-m", "kubernetes_validate", "--strict"])
+    // From its own virtualenv, installed there first if missing.
+    install::ensure(Tool::KubernetesValidate).expect("kubernetes-validate");
+    let out = Command::new(install::venv().join("bin/kubernetes-validate"))
+        .arg("--strict")
         .args(&manifests)
         .output()
-        .expect("kubernetes-validate (scripts/install-deps installs it)");
+        .expect("kubernetes-validate");
     let said = said(&out);
     assert!(out.status.success(), "{said}");
     assert_eq!(said.matches(" passed ").count(), 4, "{said}");

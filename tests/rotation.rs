@@ -11,7 +11,7 @@ use serde_json::json;
 use cacheward::config::SecretUrl;
 use cacheward::dev::{PostgresOptions, RedisOptions};
 use common::certs::TestCa;
-use common::{wait_until, TestEnv};
+use common::{kind, wait_until, TestEnv};
 
 async fn set_passwords(env: &TestEnv, password: &str) {
     env.pg()
@@ -119,5 +119,80 @@ async fn rotated_passwords_are_read_for_new_connections_without_a_restart() {
         .unwrap()
         .get(0);
     assert!(pool >= 1, "the daemon is connected again");
+    daemon.stop().await;
+}
+
+/// The Redis ACL that docs/operations.md gives (its `ACL SETUSER` line, read from the file) is
+/// enough for everything the daemon does to Redis: reads, the write script, CDC, a TRUNCATE's drop
+/// (SCAN), the fence, `verify`; and it reaches no key outside the prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_redis_acl_is_all_the_daemon_needs() {
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let line = docs
+        .lines()
+        .find(|l| l.trim_start().starts_with("ACL SETUSER cacheward "))
+        .expect("docs/operations.md gives the ACL");
+    let rules: Vec<String> = line
+        .split_whitespace()
+        .skip(2)
+        .map(|rule| match rule {
+            ">PASSWORD" => ">acl-secret".to_owned(),
+            "~user:*" => "~user:*".to_owned(),
+            other => other.to_owned(),
+        })
+        .collect();
+    let env = TestEnv::start().await;
+    let mut admin = env.redis().await;
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&rules)
+        .query_async::<()>(&mut admin)
+        .await
+        .expect("the documented ACL is valid");
+    let mut config = env.config();
+    config.redis.url = Some(SecretUrl::new(format!(
+        "{}&user=cacheward&pass=acl-secret",
+        env.redis.url(3)
+    )));
+    let daemon = env.start_daemon(config.clone()).await;
+    let mut client = daemon.client().await;
+    client.call("put", json!({"username": "a1"})).await;
+    assert_eq!(client.get("a1").await["result"]["source"], json!("cache"));
+    let renamed = client
+        .call("rename", json!({"username": "a1", "new_username": "a2"}))
+        .await;
+    assert!(renamed.get("result").is_some(), "{renamed}");
+    let pg = env.pg().await;
+    pg.execute("INSERT INTO users (username) VALUES ('a3')", &[])
+        .await
+        .unwrap();
+    wait_until("CDC applied", Duration::from_secs(3), || async {
+        env.cached("a3").await.is_some()
+    })
+    .await;
+    pg.execute("TRUNCATE users", &[]).await.unwrap();
+    wait_until(
+        "the TRUNCATE dropped every entry",
+        Duration::from_secs(3),
+        || async {
+            let mut client = daemon.client().await;
+            kind(&client.get("a2").await) == "not_found"
+        },
+    )
+    .await;
+    client.call("put", json!({"username": "a4"})).await;
+    let report = cacheward::verify::verify(&config)
+        .await
+        .expect("verify under the ACL");
+    assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
+    let stats = daemon.stats().await;
+    assert_eq!(
+        stats["errors"],
+        json!(1),
+        "only the expected not_found: {stats}"
+    );
+    let health = daemon.health().await;
+    assert_eq!(health["redis"], json!("up"), "{health}");
     daemon.stop().await;
 }

@@ -11,7 +11,7 @@ use cacheward::config::SecretUrl;
 use cacheward::dev::{PostgresOptions, RedisOptions};
 use cacheward::service::Hooks;
 use cacheward::store::cache::Cache;
-use cacheward::store::db;
+use cacheward::store::connect;
 use common::certs::TestCa;
 use common::{wait_until, TestEnv};
 
@@ -60,7 +60,11 @@ async fn verify_full_reaches_postgres_for_every_connection_the_daemon_opens() {
     let plain = env.pg.tcp_url("cw", "sslmode=disable").unwrap();
     let mut config = env.config();
     config.postgres.url = Some(SecretUrl::new(plain));
-    let refused = db::pg_target(&config).unwrap().connect().await.unwrap_err();
+    let refused = connect::pg_target(&config)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_err();
     assert!(refused.to_string().contains("no encryption"), "{refused}");
 
     config.postgres.url = Some(SecretUrl::new(url));
@@ -111,7 +115,7 @@ async fn a_wrong_ca_names_the_certificate_and_the_daemon_is_not_ready() {
         "sslmode=verify-full&sslrootcert={}",
         other.ca_file.display()
     )));
-    let e = db::pg_target(&config)
+    let e = connect::pg_target(&config)
         .unwrap()
         .connect()
         .await
@@ -142,7 +146,13 @@ async fn require_encrypts_without_roots_and_verify_ca_ignores_the_host_name() {
     let connect = |url: String| {
         let mut config = config.clone();
         config.postgres.url = Some(SecretUrl::new(url));
-        async move { db::pg_target(&config).unwrap().connect().await.map(|_| ()) }
+        async move {
+            connect::pg_target(&config)
+                .unwrap()
+                .connect()
+                .await
+                .map(|_| ())
+        }
     };
     // Encryption without authentication: libpq's require (and prefer) check no certificate.
     connect(env.pg.tcp_url("cw", "sslmode=require").unwrap())

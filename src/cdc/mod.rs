@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::store::cache::{Cache, CacheError};
-use crate::store::db::{self, DbError};
+use crate::store::connect;
+use crate::store::db::DbError;
 
 pub mod apply;
 pub mod cursor;
@@ -121,16 +122,24 @@ impl Applier {
     }
 
     async fn session(&self, stop: &CancellationToken) -> Result<(), CdcError> {
-        let target = db::pg_target(&self.config)?;
+        let target = connect::cdc_target(&self.config)?;
         let mut pg = target.config();
         if pg.get_application_name() == Some("cacheward") {
             // Tells the CDC session apart in pg_stat_activity.
             pg.application_name("cacheward-cdc");
         }
         let (client, mut connection) =
-            tokio::time::timeout(Duration::from_secs(5), pg.connect(target.tls))
-                .await
-                .map_err(|_| DbError::Timeout("cdc connect".into()))??;
+            match tokio::time::timeout(Duration::from_secs(5), pg.connect(target.tls)).await {
+                Err(_) => return Err(DbError::Timeout("cdc connect".into()).into()),
+                Ok(Err(e)) if connect::refused_options(&e) => {
+                    return Err(DbError::Other(format!(
+                        "{}: postgres.url is a pooler, and the CDC worker needs a direct session: set cdc.url",
+                        DbError::from(e)
+                    ))
+                    .into())
+                }
+                Ok(connected) => connected?,
+            };
         let wake = Arc::new(Notify::new());
         let driver_wake = wake.clone();
         let driver = tokio::spawn(async move {

@@ -9,7 +9,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
-use super::db;
+use super::connect;
 use crate::config::{Config, SecretUrl};
 use crate::user::User;
 use crate::workqueue::WorkQueue;
@@ -295,13 +295,13 @@ fn decode<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, CacheError
 fn client(config: &Config, url: &SecretUrl) -> Result<redis::Client, CacheError> {
     let bad =
         |e: &dyn std::fmt::Display| CacheError::Down(format!("redis.url {}: {e}", url.redacted()));
-    // Dead peers, as for PostgreSQL (see `db::KEEPALIVE_IDLE`).
+    // Dead peers, as for PostgreSQL (see `connect::KEEPALIVE_IDLE`).
     use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
     use redis::IntoConnectionInfo;
     let keepalive = TcpKeepalive::new()
-        .with_time(db::KEEPALIVE_IDLE)
-        .with_interval(db::KEEPALIVE_INTERVAL)
-        .with_retries(db::KEEPALIVE_RETRIES);
+        .with_time(connect::KEEPALIVE_IDLE)
+        .with_interval(connect::KEEPALIVE_INTERVAL)
+        .with_retries(connect::KEEPALIVE_RETRIES);
     let info = url
         .expose()
         .into_connection_info()
@@ -309,7 +309,7 @@ fn client(config: &Config, url: &SecretUrl) -> Result<redis::Client, CacheError>
         .set_tcp_settings(
             TcpSettings::default()
                 .set_keepalive(keepalive)
-                .set_user_timeout(db::TCP_USER_TIMEOUT),
+                .set_user_timeout(connect::TCP_USER_TIMEOUT),
         );
     let r = &config.redis;
     if r.tls_ca_file.is_none() && r.tls_cert_file.is_none() {

@@ -1,89 +1,16 @@
 //! PostgreSQL: the connection pool, the queries of the request path, and the embedded migrations.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
-use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::connect::{pg_target, PgTarget, PoolConnect};
+pub use super::db_error::DbError;
 use crate::config::Config;
-use crate::tls::PgTls;
 use crate::user::{RowError, User, USER_SELECT};
-
-/// Why a database call failed, classified once here for every caller.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum DbError {
-    /// The server cannot be reached or the connection broke: retryable.
-    #[error("postgres unavailable: {0}")]
-    Unavailable(String),
-    /// The call did not finish in time (statement timeout or the client-side bound).
-    #[error("postgres timed out: {0}")]
-    Timeout(String),
-    /// A unique constraint refused the change (rename onto an existing name).
-    #[error("unique violation: {0}")]
-    Conflict(String),
-    /// A row that cannot be served (see `User::from_row`): fails only the request that asked
-    /// for it.
-    #[error(transparent)]
-    Row(#[from] RowError),
-    /// Anything else (missing schema, bad SQL): not fixed by retrying.
-    #[error("postgres error: {0}")]
-    Other(String),
-}
-
-impl DbError {
-    fn classify(e: &tokio_postgres::Error) -> DbError {
-        let text = match e.as_db_error() {
-            Some(db) => db.message().to_owned(),
-            None => {
-                // "error connecting to server" alone hides why: append the causes.
-                let mut text = e.to_string();
-                let mut cause = std::error::Error::source(e);
-                while let Some(c) = cause {
-                    text.push_str(": ");
-                    text.push_str(&c.to_string());
-                    cause = c.source();
-                }
-                text
-            }
-        };
-        match e.code() {
-            Some(c) if *c == SqlState::UNIQUE_VIOLATION => DbError::Conflict(text),
-            Some(c) if *c == SqlState::QUERY_CANCELED => {
-                DbError::Timeout(format!("statement timeout: {text}"))
-            }
-            Some(c)
-                if c.code().starts_with("08")
-                    || c.code().starts_with("57P")
-                    || c.code().starts_with("53")
-                    || *c == SqlState::T_R_SERIALIZATION_FAILURE =>
-            {
-                DbError::Unavailable(text)
-            }
-            Some(_) => DbError::Other(text),
-            // No SQLSTATE: the connection itself failed (refused, closed, I/O).
-            None => DbError::Unavailable(text),
-        }
-    }
-}
-
-impl From<tokio_postgres::Error> for DbError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        DbError::classify(&e)
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for DbError {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        match e {
-            deadpool_postgres::PoolError::Backend(e) => DbError::classify(&e),
-            other => DbError::Unavailable(other.to_string()),
-        }
-    }
-}
 
 fn user_from_row(row: &Row) -> Result<User, DbError> {
     Ok(User::from_row(row)?)
@@ -99,33 +26,55 @@ fn plan_changed(e: &tokio_postgres::Error) -> bool {
         })
 }
 
-type Params<'a> = [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+/// A statement's parameters, each with its type: enough to send it unnamed through a pooler.
+type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
 
-/// Runs `sql` as a cached prepared statement; one whose result columns changed is dropped from the
-/// cache and prepared again, so a schema change costs nothing more than a re-prepare.
-async fn query_cached(
+/// Runs `sql` on the request path. On a direct connection it is a cached prepared statement (one
+/// whose result columns changed is prepared again, so a schema change costs a re-prepare); through
+/// a transaction-mode pooler, where a prepared statement does not outlive its transaction, it is
+/// parsed, bound and executed unnamed in one round trip. A prepared statement that vanished
+/// reveals a pooler that passed the startup options on (`ignore_startup_parameters`).
+async fn query(
     client: &deadpool_postgres::Client,
+    target: &PgTarget,
     sql: &str,
     params: &Params<'_>,
 ) -> Result<Vec<Row>, DbError> {
-    let stmt = client.prepare_cached(sql).await?;
-    match client.query(&stmt, params).await {
-        Err(e) if plan_changed(&e) => {
-            client.statement_cache.remove(sql, &[]);
-            let stmt = client.prepare_cached(sql).await?;
-            Ok(client.query(&stmt, params).await?)
+    if !target.is_pooler() {
+        match prepared(client, sql, params).await {
+            Err(e) if e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) => {
+                target.found_pooler("a prepared statement vanished between two statements")
+            }
+            Err(e) if plan_changed(&e) => {
+                let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+                client.statement_cache.remove(sql, &types);
+                return Ok(prepared(client, sql, params).await?);
+            }
+            other => return Ok(other?),
         }
-        other => Ok(other?),
     }
+    Ok(client.query_typed(sql, params).await?)
 }
 
-/// [`query_cached`] for at most one row.
-async fn query_opt_cached(
+async fn prepared(
     client: &deadpool_postgres::Client,
     sql: &str,
     params: &Params<'_>,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+    let stmt = client.prepare_typed_cached(sql, &types).await?;
+    let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+    client.query(&stmt, &values).await
+}
+
+/// [`query`] for at most one row.
+async fn query_opt(
+    client: &deadpool_postgres::Client,
+    target: &PgTarget,
+    sql: &str,
+    params: &Params<'_>,
 ) -> Result<Option<Row>, DbError> {
-    let mut rows = query_cached(client, sql, params).await?;
+    let mut rows = query(client, target, sql, params).await?;
     if rows.len() > 1 {
         return Err(DbError::Other(format!(
             "expected at most one row, got {}",
@@ -153,163 +102,18 @@ pub const FRESH_HORIZON: &str = "SELECT nextval('cacheward_version_seq')";
 /// read before the rows' snapshot is taken. Returns the rows and the horizon.
 async fn query_after_horizon(
     client: &deadpool_postgres::Client,
+    target: &PgTarget,
     sql: &str,
     params: &Params<'_>,
 ) -> Result<(Vec<Row>, i64), DbError> {
-    let horizon = client.prepare_cached(HORIZON).await?;
     let (horizon, rows) = tokio::try_join!(
-        async { Ok::<_, DbError>(client.query_one(&horizon, &[]).await?) },
-        query_cached(client, sql, params)
+        query(client, target, HORIZON, &[]),
+        query(client, target, sql, params)
     )?;
+    let horizon = horizon
+        .first()
+        .ok_or_else(|| DbError::Other("the version horizon read no row".into()))?;
     Ok((rows, horizon.get(0)))
-}
-
-/// Where and how to reach PostgreSQL: the connection settings, the TLS connector the URL's
-/// `sslmode` asks for (see [`PgTls`]), and the password file, if any.
-#[derive(Clone)]
-pub struct PgTarget {
-    config: tokio_postgres::Config,
-    pub tls: MakeRustlsConnect,
-    password_file: Option<PasswordFile>,
-}
-
-/// `postgres.password_file`, read for every new connection; the last password read stays in use
-/// while the file cannot be read (a rotation in progress), with a warning.
-#[derive(Clone)]
-struct PasswordFile {
-    path: PathBuf,
-    last: Arc<Mutex<String>>,
-}
-
-impl PasswordFile {
-    fn read(&self) -> String {
-        let mut last = self.last.lock().expect("password lock is never poisoned");
-        match crate::secrets::read_password_file(&self.path) {
-            Ok(password) => *last = password,
-            Err(e) => tracing::warn!(
-                error = %e,
-                "postgres.password_file unreadable; the last password read is used"
-            ),
-        }
-        last.clone()
-    }
-}
-
-impl PgTarget {
-    /// The settings for a new connection: the password read afresh from its file, if one is set.
-    pub fn config(&self) -> tokio_postgres::Config {
-        let mut config = self.config.clone();
-        if let Some(file) = &self.password_file {
-            config.password(file.read());
-        }
-        config
-    }
-
-    /// One connection, its driver spawned (it ends with the client).
-    pub async fn connect(&self) -> Result<tokio_postgres::Client, DbError> {
-        let (client, connection) = self.config().connect(self.tls.clone()).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres connection closed");
-            }
-        });
-        Ok(client)
-    }
-}
-
-/// How the pool opens a connection: as [`PgTarget::connect`] does, the password read afresh.
-struct PoolConnect(PgTarget);
-
-impl deadpool_postgres::Connect for PoolConnect {
-    fn connect(
-        &self,
-        _: &tokio_postgres::Config,
-    ) -> futures::future::BoxFuture<
-        '_,
-        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
-    > {
-        let (config, tls) = (self.0.config(), self.0.tls.clone());
-        Box::pin(async move {
-            let (client, connection) = config.connect(tls).await?;
-            let driver = tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "postgres connection closed");
-                }
-            });
-            Ok((client, driver))
-        })
-    }
-}
-
-/// TCP keepalives of every backend connection (PostgreSQL and Redis): first probe after this idle
-/// time, then every [`KEEPALIVE_INTERVAL`], given up after [`KEEPALIVE_RETRIES`] unanswered.
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-pub const KEEPALIVE_RETRIES: u32 = 3;
-/// How long written data may stay unacknowledged before the connection is given up.
-pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// `postgres.url`, with the settings every cacheward connection carries.
-pub fn pg_target(config: &Config) -> Result<PgTarget, DbError> {
-    let url = config
-        .postgres
-        .url
-        .as_ref()
-        .ok_or_else(|| DbError::Other("postgres.url is not set".into()))?;
-    let bad =
-        |e: &dyn std::fmt::Display| DbError::Other(format!("postgres.url {}: {e}", url.redacted()));
-    let (rest, tls) = PgTls::split(url.expose()).map_err(|e| bad(&e))?;
-    let mut pg: tokio_postgres::Config = rest.parse().map_err(|e| bad(&e))?;
-    pg.ssl_mode(tls.mode.driver_mode());
-    // UTC, so that PostgreSQL's JSON of any extra timestamp column is in UTC too. Options the URL
-    // already carries are kept, after ours (a later -c wins).
-    let ours = format!(
-        "-c statement_timeout={} -c TimeZone=UTC",
-        config.postgres.statement_timeout_ms
-    );
-    let options = match pg.get_options().filter(|o| !o.trim().is_empty()) {
-        Some(theirs) => format!("{ours} {theirs}"),
-        None => ours,
-    };
-    pg.options(options);
-    if pg.get_application_name().is_none() {
-        pg.application_name("cacheward");
-    }
-    if pg.get_connect_timeout().is_none() {
-        pg.connect_timeout(Duration::from_secs(2));
-    }
-    // Dead peers: a server that vanished without a FIN (a failover, a partition) is found by TCP
-    // keepalives within ~25 s on an idle connection, and unacknowledged writes give up after 30 s
-    // (the kernel's defaults: two hours, and about fifteen minutes). A URL's own settings win.
-    if pg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
-        pg.keepalives_idle(KEEPALIVE_IDLE);
-    }
-    if pg.get_keepalives_interval().is_none() {
-        pg.keepalives_interval(KEEPALIVE_INTERVAL);
-    }
-    if pg.get_keepalives_retries().is_none() {
-        pg.keepalives_retries(KEEPALIVE_RETRIES);
-    }
-    if pg.get_tcp_user_timeout().is_none() {
-        pg.tcp_user_timeout(TCP_USER_TIMEOUT);
-    }
-    let tls = MakeRustlsConnect::new(tls.client_config().map_err(|e| bad(&e))?);
-    let password_file = match &config.postgres.password_file {
-        None => None,
-        Some(path) => {
-            let password = crate::secrets::read_password_file(path)
-                .map_err(|e| DbError::Other(format!("postgres.password_file {e}")))?;
-            Some(PasswordFile {
-                path: path.clone(),
-                last: Arc::new(Mutex::new(password)),
-            })
-        }
-    };
-    Ok(PgTarget {
-        config: pg,
-        tls,
-        password_file,
-    })
 }
 
 /// What a read of several names found.
@@ -326,6 +130,7 @@ pub struct Found {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    target: PgTarget,
     /// Client-side bound on one call (pool wait + query), beyond the server's statement timeout.
     call_timeout: Duration,
 }
@@ -335,8 +140,8 @@ impl Db {
     pub fn new(config: &Config) -> Result<Db, DbError> {
         let target = pg_target(config)?;
         let manager = Manager::from_connect(
-            target.config.clone(),
-            PoolConnect(target),
+            target.config(),
+            PoolConnect(target.clone()),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -352,7 +157,11 @@ impl Db {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Other(e.to_string()))?;
-        Ok(Db { pool, call_timeout })
+        Ok(Db {
+            pool,
+            target,
+            call_timeout,
+        })
     }
 
     async fn bounded<T>(
@@ -384,15 +193,27 @@ impl Db {
     async fn find_users_once(&self, usernames: &[&str]) -> Result<Found, DbError> {
         self.bounded("select users", async {
             let client = self.pool.get().await?;
-            let (rows, read_at) = query_after_horizon(&client, FIND_USERS, &[&usernames]).await?;
-            let (users, broken) = User::from_rows(&rows);
-            Ok(Found {
-                users,
-                broken,
-                read_at,
-            })
+            self.found(&client, &usernames).await
         })
         .await
+    }
+
+    /// [`FIND_USERS`] of `usernames` (a text array) after the horizon, split into rows and rows
+    /// that cannot be served.
+    async fn found(
+        &self,
+        client: &deadpool_postgres::Client,
+        usernames: &(dyn ToSql + Sync),
+    ) -> Result<Found, DbError> {
+        let params = [(usernames, Type::TEXT_ARRAY)];
+        let (rows, read_at) =
+            query_after_horizon(client, &self.target, FIND_USERS, &params).await?;
+        let (users, broken) = User::from_rows(&rows);
+        Ok(Found {
+            users,
+            broken,
+            read_at,
+        })
     }
 
     /// The original tool's `get_or_create_user`: the row named `username`, inserted if missing.
@@ -408,11 +229,11 @@ impl Db {
             // the two statements another client may insert (then the insert does nothing) or
             // delete (then the select finds nothing): try again, a bounded number of times.
             for _ in 0..5 {
-                let (rows, read_at) = query_after_horizon(&client, &select, &[&username]).await?;
+                let (rows, read_at) = query_after_horizon(&client, &self.target, &select, &[(&username, Type::TEXT)]).await?;
                 if let Some(row) = rows.first() {
                     return Ok((user_from_row(row)?, false, read_at));
                 }
-                if let Some(row) = query_opt_cached(&client, &insert, &[&username]).await? {
+                if let Some(row) = query_opt(&client, &self.target, &insert, &[(&username, Type::TEXT)]).await? {
                     return Ok((user_from_row(&row)?, true, read_at));
                 }
             }
@@ -431,7 +252,13 @@ impl Db {
             let sql = format!(
                 "UPDATE users AS u SET username = $2 WHERE u.username = $1 RETURNING {USER_SELECT}"
             );
-            let (rows, read_at) = query_after_horizon(&client, &sql, &[&old, &new]).await?;
+            let (rows, read_at) = query_after_horizon(
+                &client,
+                &self.target,
+                &sql,
+                &[(&old, Type::TEXT), (&new, Type::TEXT)],
+            )
+            .await?;
             rows.first()
                 .map(|row| Ok((user_from_row(row)?, read_at)))
                 .transpose()
@@ -443,10 +270,8 @@ impl Db {
     pub async fn delete(&self, username: &str) -> Result<Option<i64>, DbError> {
         self.bounded("delete user", async {
             let client = self.pool.get().await?;
-            let stmt = client
-                .prepare_cached("DELETE FROM users WHERE username = $1 RETURNING version")
-                .await?;
-            let row = client.query_opt(&stmt, &[&username]).await?;
+            let sql = "DELETE FROM users WHERE username = $1 RETURNING version";
+            let row = query_opt(&client, &self.target, sql, &[(&username, Type::TEXT)]).await?;
             Ok(row.map(|r| r.get(0)))
         })
         .await
@@ -457,8 +282,9 @@ impl Db {
     pub async fn fresh_horizon(&self) -> Result<i64, DbError> {
         self.bounded("draw a version horizon", async {
             let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(FRESH_HORIZON).await?;
-            Ok(client.query_one(&stmt, &[]).await?.get(0))
+            let row = query_opt(&client, &self.target, FRESH_HORIZON, &[]).await?;
+            row.map(|r| r.get(0))
+                .ok_or_else(|| DbError::Other("nextval read no row".into()))
         })
         .await
     }
@@ -469,17 +295,13 @@ impl Db {
     pub async fn current_rows(&self, usernames: &[String]) -> Result<(Found, i64), DbError> {
         self.bounded("select users", async {
             let client = self.pool.get().await?;
-            let (rows, read_at) = query_after_horizon(&client, FIND_USERS, &[&usernames]).await?;
-            let (users, broken) = User::from_rows(&rows);
+            let found = self.found(&client, &usernames).await?;
             // Read after the rows: a name missing above was removed before, so every version it
             // ever had was drawn before this.
-            let stmt = client.prepare_cached(HORIZON).await?;
-            let horizon: i64 = client.query_one(&stmt, &[]).await?.get(0);
-            let found = Found {
-                users,
-                broken,
-                read_at,
-            };
+            let row = query_opt(&client, &self.target, HORIZON, &[]).await?;
+            let horizon: i64 = row
+                .map(|r| r.get(0))
+                .ok_or_else(|| DbError::Other("the version horizon read no row".into()))?;
             Ok((found, horizon))
         })
         .await
@@ -553,27 +375,4 @@ pub async fn connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Clie
         }
     });
     Ok(client)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::SecretUrl;
-
-    #[test]
-    fn a_users_own_startup_options_are_kept() {
-        let mut config = Config::default();
-        config.postgres.url = Some(SecretUrl::new(
-            "postgresql://u@h/db?options=-c%20search_path%3Dapp%2Cpublic",
-        ));
-        let pg = pg_target(&config).unwrap().config();
-        let options = pg.get_options().unwrap();
-        assert!(options.contains("-c statement_timeout=2000"), "{options}");
-        assert!(options.ends_with("-c search_path=app,public"), "{options}");
-        config.postgres.url = Some(SecretUrl::new("postgresql://u@h/db"));
-        assert_eq!(
-            pg_target(&config).unwrap().config().get_options(),
-            Some("-c statement_timeout=2000 -c TimeZone=UTC")
-        );
-    }
 }

@@ -1,5 +1,8 @@
-//! The two backends behind one door each: [`db`] (PostgreSQL: the pool and every named query) and
-//! [`cache`] (Redis: reads of live entries, and the one versioned-write script with its fence).
+//! The two backends behind one door each: [`db`] (PostgreSQL: the pool and every named query,
+//! reached as [`connect`] says) and [`cache`] (Redis: reads of live entries, and the one
+//! versioned-write script with its fence).
 
 pub mod cache;
+pub mod connect;
 pub mod db;
+pub mod db_error;

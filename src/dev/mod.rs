@@ -1,5 +1,6 @@
-//! Throwaway PostgreSQL and Redis started from the system's binaries in temp dirs this process owns
-//! (for `serve --dev`, the tests and the benchmark). Each server is a direct child, so callers can
+//! Throwaway PostgreSQL, Redis and PgBouncer started from the system's binaries (installed by
+//! [`install`] when missing) in temp dirs this process owns (for `serve --dev`, the tests and the
+//! benchmark). Each server is a direct child, so callers can
 //! stop, kill and restart it to inject faults; dropping it kills it and removes its files.
 //!
 //! Servers get `PR_SET_PDEATHSIG`, so they die with the thread that started them: start them from a
@@ -15,16 +16,18 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod install;
+
+use install::Tool;
+
 use crate::config::{Config, SecretUrl};
 use crate::store::cache::{Cache, Write};
-use crate::store::db;
+use crate::store::{connect, db};
 
 /// Why a throwaway server could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
-    #[error(
-        "`{0}` not found on PATH{1}; install it with: apt-get install -y postgresql redis-server"
-    )]
+    #[error("`{0}` not found on PATH{1}; scripts/install-deps installs it")]
     MissingBinary(&'static str, &'static str),
     #[error("{what} failed: {detail}")]
     Failed { what: String, detail: String },
@@ -314,6 +317,7 @@ impl Postgres {
     }
 
     pub fn start_with(options: PostgresOptions) -> Result<Postgres, DevError> {
+        install::ensure(Tool::Postgres)?;
         let owner = server_owner()?;
         let template = template(owner)?;
         let dir = tempfile::Builder::new()
@@ -443,7 +447,7 @@ impl Postgres {
     }
 
     /// The port: it names the Unix socket file, and is the TCP port when there is one.
-    fn port(&self) -> u16 {
+    pub fn port(&self) -> u16 {
         self.tcp_port.unwrap_or(PG_PORT)
     }
 
@@ -517,6 +521,101 @@ impl Drop for Postgres {
     }
 }
 
+/// A throwaway PgBouncer in front of a [`Postgres`], on 127.0.0.1, trusting every client, in
+/// `pool_mode = transaction` with a small pool: what a request path must survive when each of its
+/// statements may run on a different server connection.
+pub struct PgBouncer {
+    dir: TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PgBouncer {
+    /// Starts one with `pool_size` server connections per database and user. `ignore_options`:
+    /// it takes the `options` startup parameter and drops it (`ignore_startup_parameters`), as
+    /// many deployments are set up; otherwise it refuses connections that send one.
+    pub fn start(
+        pg: &Postgres,
+        pool_size: u32,
+        ignore_options: bool,
+    ) -> Result<PgBouncer, DevError> {
+        install::ensure(Tool::PgBouncer)?;
+        let binary =
+            install::pgbouncer().ok_or(DevError::MissingBinary("pgbouncer", " or in /usr/sbin"))?;
+        let dir = tempfile::Builder::new()
+            .prefix("cacheward-pgbouncer-")
+            .tempdir()
+            .map_err(io_err("create temp dir"))?;
+        chown(dir.path(), pg.owner)?;
+        let port = free_port()?;
+        let d = dir.path().display();
+        let ini = format!(
+            "[databases]\n\
+             * = host={pg_dir} port={pg_port}\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = trust\n\
+             auth_file = {d}/userlist.txt\n\
+             pool_mode = transaction\n\
+             default_pool_size = {pool_size}\n\
+             max_client_conn = 1000\n\
+             logfile = {d}/pgbouncer.log\n\
+             pidfile = {d}/pgbouncer.pid\n\
+             {ignore}",
+            pg_dir = pg.dir().display(),
+            pg_port = pg.port(),
+            ignore = match ignore_options {
+                true => "ignore_startup_parameters = options\n",
+                false => "",
+            },
+        );
+        for (name, text) in [
+            ("pgbouncer.ini", ini.as_str()),
+            ("userlist.txt", "\"postgres\" \"\"\n"),
+        ] {
+            let path = dir.path().join(name);
+            fs::write(&path, text).map_err(io_err(format!("write {name}")))?;
+            chown(&path, pg.owner)?;
+        }
+        let log = dir.path().join("pgbouncer.log");
+        let child = command(&binary, pg.owner, libc::SIGKILL)
+            .arg(dir.path().join("pgbouncer.ini"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(io_err("spawn pgbouncer"))?;
+        let child = await_ready(child, "pgbouncer", &log, Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })?;
+        Ok(PgBouncer {
+            dir,
+            port,
+            child: Some(child),
+        })
+    }
+
+    /// A URL for database `db` through the pooler.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Options of a throwaway Redis.
 #[derive(Debug, Clone, Default)]
 pub struct RedisOptions {
@@ -569,6 +668,7 @@ impl Redis {
         if self.child.is_some() {
             return Ok(());
         }
+        install::ensure(Tool::Redis)?;
         let binary = on_path("redis-server").ok_or(DevError::MissingBinary("redis-server", ""))?;
         let log_path = self.dir.path().join("redis.log");
         let mut cmd = command(&binary, None, libc::SIGKILL);
@@ -704,7 +804,8 @@ impl DevStack {
     async fn seed(&self) -> Result<(), DevError> {
         let mut config = Config::default();
         self.configure(&mut config);
-        let target = db::pg_target(&config).map_err(|e| failed("postgres url", e.to_string()))?;
+        let target =
+            connect::pg_target(&config).map_err(|e| failed("postgres url", e.to_string()))?;
         let mut client = target
             .connect()
             .await

@@ -1,0 +1,118 @@
+//! Provisioning: what the dev servers and the tests run, installed the first time it is missing,
+//! by `scripts/install-deps` (embedded here, run once per process, under its own lock): so that
+//! `serve --dev` and `cargo test` need nothing but a Rust toolchain on a Debian machine.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+use super::{failed, on_path, pg_binary, DevError};
+
+/// The script, as committed.
+const INSTALL_DEPS: &str = include_str!("../../scripts/install-deps");
+
+/// Something the harness or a test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    Postgres,
+    Redis,
+    PgBouncer,
+    SystemdAnalyze,
+    KubernetesValidate,
+}
+
+impl Tool {
+    fn present(self) -> bool {
+        match self {
+            Tool::Postgres => pg_binary("initdb").is_ok() && postgres_user_if_root(),
+            Tool::Redis => on_path("redis-server").is_some(),
+            Tool::PgBouncer => pgbouncer().is_some(),
+            Tool::SystemdAnalyze => on_path("systemd-analyze").is_some(),
+            Tool::KubernetesValidate => venv().join("bin/kubernetes-validate").is_file(),
+        }
+    }
+
+    fn package(self) -> &'static str {
+        match self {
+            Tool::Postgres => "postgresql",
+            Tool::Redis => "redis-server",
+            Tool::PgBouncer => "pgbouncer",
+            Tool::SystemdAnalyze => "systemd",
+            Tool::KubernetesValidate => "kubernetes-validate (PyPI, in a virtualenv)",
+        }
+    }
+}
+
+/// As root, the servers run as the `postgres` user, which Debian's package creates.
+fn postgres_user_if_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return true;
+    }
+    std::fs::read_to_string("/etc/passwd")
+        .is_ok_and(|passwd| passwd.lines().any(|l| l.starts_with("postgres:")))
+}
+
+/// PgBouncer's binary: on PATH, or where Debian puts it (`/usr/sbin`, not on a user's PATH).
+pub fn pgbouncer() -> Option<PathBuf> {
+    on_path("pgbouncer")
+        .or_else(|| Some(PathBuf::from("/usr/sbin/pgbouncer")).filter(|p| p.is_file()))
+}
+
+/// The virtualenv that holds the Python tools (`CACHEWARD_VENV`, else the user's cache directory).
+pub fn venv() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CACHEWARD_VENV") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("cacheward/venv")
+}
+
+/// Makes sure `tool` is installed: if it is missing, runs the install script (once per process)
+/// and checks again. The error names the package when it still is not there.
+pub fn ensure(tool: Tool) -> Result<(), DevError> {
+    if tool.present() {
+        return Ok(());
+    }
+    static RAN: Mutex<Option<Result<(), String>>> = Mutex::new(None);
+    let mut ran = RAN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if ran.is_none() {
+        eprintln!(
+            "cacheward: {} is missing; installing what is missing (scripts/install-deps)",
+            tool.package()
+        );
+        *ran = Some(run_script());
+    }
+    if let Some(Err(e)) = ran.as_ref() {
+        return Err(failed(format!("installing {}", tool.package()), e.clone()));
+    }
+    match tool.present() {
+        true => Ok(()),
+        false => Err(failed(
+            format!("installing {}", tool.package()),
+            "scripts/install-deps ran but it is still missing",
+        )),
+    }
+}
+
+fn run_script() -> Result<(), String> {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(INSTALL_DEPS)
+        .env("CACHEWARD_VENV", venv())
+        .output()
+        .map_err(|e| format!("bash: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = said.lines().rev().take(20).collect();
+    Err(format!(
+        "scripts/install-deps exited with {}:\n{}",
+        out.status,
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    ))
+}
