@@ -222,3 +222,54 @@ async fn rediss_with_a_ca_file_and_with_client_certificates() {
     assert!(env.cached("r1").await.is_some(), "written over TLS");
     daemon.stop().await;
 }
+
+/// `sslcert` + `sslkey`: PostgreSQL's `cert` authentication (the certificate's CN is the user),
+/// for every connection the daemon opens; without them the server refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_authenticates_to_postgres() {
+    let certs = ca_dir();
+    let (ca, clients) = (
+        TestCa::new(certs.path(), "good"),
+        TestCa::new(certs.path(), "clients"),
+    );
+    let pg = PostgresOptions {
+        tls: Some(ca.server("pg", Some(&clients))),
+        tcp_auth: Some("cert".into()),
+    };
+    let env = TestEnv::start_servers(pg, RedisOptions::default()).await;
+    let (cert, key) = clients.issue("postgres-user", &["postgres"], true);
+    let verify = format!("sslmode=verify-full&sslrootcert={}", ca.ca_file.display());
+    let mut config = env.config();
+    config.postgres.url = Some(SecretUrl::new(env.pg.tcp_url("cw", &verify).unwrap()));
+    let e = connect::pg_target(&config)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("certificate"),
+        "refused without one: {e}"
+    );
+
+    config.postgres.url = Some(SecretUrl::new(
+        env.pg
+            .tcp_url(
+                "cw",
+                &format!(
+                    "{verify}&sslcert={}&sslkey={}",
+                    cert.display(),
+                    key.display()
+                ),
+            )
+            .unwrap(),
+    ));
+    let daemon = env.start_daemon(config).await;
+    let mut client = daemon.client().await;
+    assert_eq!(
+        client.call("put", json!({"username": "by-cert"})).await["result"]["created"],
+        json!(true)
+    );
+    let (tls, plain) = daemon_connections(&env).await;
+    assert!(tls >= 3 && plain == 0, "{tls} TLS, {plain} plain");
+    daemon.stop().await;
+}

@@ -273,7 +273,8 @@ fn template(owner: Option<(u32, u32)>) -> Result<PathBuf, DevError> {
 pub struct ServerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// The CA that client certificates must chain to (Redis's `--tls-auth-clients yes`).
+    /// The CA that client certificates must chain to (Redis's `--tls-auth-clients yes`;
+    /// PostgreSQL's `ssl_ca_file`, for `tcp_auth = "cert"`).
     pub client_ca: Option<PathBuf>,
 }
 
@@ -339,10 +340,17 @@ impl Postgres {
             None => None,
             Some(tls) => {
                 // The server's user must own its key, mode 0600.
+                let client_ca = tls
+                    .client_ca
+                    .as_ref()
+                    .map(|ca| (ca, "client-ca.crt", 0o644));
                 for (from, name, mode) in [
                     (&tls.cert, "server.crt", 0o644),
                     (&tls.key, "server.key", 0o600),
-                ] {
+                ]
+                .into_iter()
+                .chain(client_ca)
+                {
                     let to = data.join(name);
                     fs::copy(from, &to).map_err(io_err(format!("copy {}", from.display())))?;
                     fs::set_permissions(&to, fs::Permissions::from_mode(mode))
@@ -439,6 +447,15 @@ impl Postgres {
                     "ssl_key_file=server.key",
                 ] {
                     args.extend(["-c".into(), setting.into()]);
+                }
+                if self
+                    .options
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.client_ca.is_some())
+                {
+                    // Client certificates are checked against it (pg_hba's `cert` method).
+                    args.extend(["-c".into(), "ssl_ca_file=client-ca.crt".into()]);
                 }
             }
             _ => args.push("listen_addresses=".into()),
