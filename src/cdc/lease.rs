@@ -11,7 +11,7 @@ use super::CdcError;
 
 /// How long a lease lasts without a renewal: how long a leader that went silent (a frozen
 /// connection, a stopped process) holds the stream up at most.
-pub const LEASE: Duration = Duration::from_secs(5);
+pub const LEASE: Duration = Duration::from_secs(4);
 /// How often the leader renews its lease at least: also the heartbeat that finds a silent
 /// connection (each renewal is a query, bounded in time).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
