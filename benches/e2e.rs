@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cacheward::dev::{Postgres, Redis};
+use cacheward::dev::{Postgres, Redis, RedisOptions};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -270,8 +270,15 @@ async fn main() {
             .is_none_or(|o| o.split(',').any(|p| p.trim() == part))
     };
 
+    // CACHEWARD_BENCH_REDIS=unix reaches Redis over its Unix socket instead of TCP on 127.0.0.1
+    // (production reaches Redis over a network: TCP is the default, for both sides).
+    let over_tcp = std::env::var("CACHEWARD_BENCH_REDIS").map_or(true, |t| t != "unix");
     let pg = Postgres::start().expect("postgres");
-    let redis = Redis::start().expect("redis");
+    let redis = Redis::start_with(RedisOptions {
+        tcp: true,
+        ..Default::default()
+    })
+    .expect("redis");
     let db_url = pg.create_database("bench").await.expect("database");
     let pg_config: tokio_postgres::Config = db_url.parse().expect("url");
     let mut admin = cacheward::store::db::connect(&pg_config)
@@ -292,7 +299,16 @@ async fn main() {
         .expect("seed");
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("bench.sock");
-    let redis_url = redis.url(0);
+    let redis_url = match over_tcp {
+        true => redis.tcp_url(0).expect("tcp"),
+        false => redis.url(0),
+    };
+    let transport = if over_tcp {
+        "TCP 127.0.0.1"
+    } else {
+        "a Unix socket"
+    };
+    println!("Redis reached over {transport} by the daemon and the raw side alike");
     let daemon = DaemonProcess::start(dir.path(), &socket, &db_url, &redis_url, &[]).await;
     let pid = daemon.0.id();
     let rss_idle = rss_kib(pid);
@@ -301,6 +317,7 @@ async fn main() {
                      "cpu": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines()
                          .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())) },
         "users": users,
+        "redis_transport": transport,
     });
 
     // Hit path: the first HOT users are cached; daemon get vs raw Redis GET of the same keys.

@@ -641,6 +641,9 @@ pub struct RedisOptions {
     /// Also listen on TCP (127.0.0.1, a free port) with TLS; with `client_ca`, clients must
     /// present a certificate signed by it.
     pub tls: Option<ServerTls>,
+    /// Also listen on plain TCP (127.0.0.1, a free port): how production reaches Redis, and what
+    /// the benchmark measures.
+    pub tcp: bool,
 }
 
 /// A throwaway Redis listening only on a Unix socket in its own directory.
@@ -650,6 +653,8 @@ pub struct Redis {
     child: Option<Child>,
     /// The TLS port, when TLS was asked for.
     tls_port: Option<u16>,
+    /// The plain TCP port, when asked for.
+    tcp_port: Option<u16>,
 }
 
 impl Redis {
@@ -666,11 +671,16 @@ impl Redis {
             Some(_) => Some(free_port()?),
             None => None,
         };
+        let tcp_port = match options.tcp {
+            true => Some(free_port()?),
+            false => None,
+        };
         let mut redis = Redis {
             dir,
             options,
             child: None,
             tls_port,
+            tcp_port,
         };
         redis.start_again()?;
         Ok(redis)
@@ -689,7 +699,8 @@ impl Redis {
         let binary = on_path("redis-server").ok_or(DevError::MissingBinary("redis-server", ""))?;
         let log_path = self.dir.path().join("redis.log");
         let mut cmd = command(&binary, None, libc::SIGKILL);
-        cmd.args(["--port", "0", "--unixsocket"])
+        let port = self.tcp_port.unwrap_or(0).to_string();
+        cmd.args(["--port", &port, "--unixsocket"])
             .arg(self.socket())
             .args([
                 "--unixsocketperm",
@@ -703,8 +714,11 @@ impl Redis {
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(&log_path);
+        if self.tls_port.is_some() || self.tcp_port.is_some() {
+            cmd.args(["--bind", "127.0.0.1"]);
+        }
         if let (Some(port), Some(tls)) = (self.tls_port, &self.options.tls) {
-            cmd.args(["--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+            cmd.args(["--tls-port", &port.to_string()])
                 .arg("--tls-cert-file")
                 .arg(&tls.cert)
                 .arg("--tls-key-file")
@@ -764,6 +778,11 @@ impl Redis {
 
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// A `redis://` URL over TCP for logical database `db`, if TCP was asked for.
+    pub fn tcp_url(&self, db: u32) -> Option<String> {
+        Some(format!("redis://127.0.0.1:{}/{db}", self.tcp_port?))
     }
 
     /// A `rediss://` URL for logical database `db` (host name `localhost`), if TLS was asked for.

@@ -308,6 +308,7 @@ fn client(config: &Config, url: &SecretUrl) -> Result<redis::Client, CacheError>
         .map_err(|e| bad(&e))?
         .set_tcp_settings(
             TcpSettings::default()
+                .set_nodelay(true)
                 .set_keepalive(keepalive)
                 .set_user_timeout(connect::TCP_USER_TIMEOUT),
         );
