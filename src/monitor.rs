@@ -41,6 +41,7 @@ pub async fn run(
     let mut fence_broken = false;
     // Whether Redis's eviction policy was looked at (once, at the first contact).
     let mut policy_checked = false;
+    let mut epochs = Epochs::default();
     let mut ticker = tokio::time::interval(MONITOR_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -60,6 +61,9 @@ pub async fn run(
         if fence.is_ok() && !policy_checked {
             policy_checked = true;
             warn_if_evicting(service.cache()).await;
+        }
+        if let Ok(present) = &fence {
+            epochs.check(&service, present.is_some()).await;
         }
         let redis = match fence {
             Ok(Some(_)) => {
@@ -112,6 +116,62 @@ pub async fn run(
             if let Err(e) = service.run_repairs().await {
                 tracing::warn!(error = %e, "cache repair failed; will retry");
             }
+            epochs.record_once_settled(&service).await;
+        }
+    }
+}
+
+/// Which Redis process the cached data was written under (see `Cache::epoch_key`): data from
+/// another process (a restart from persisted data, a promoted replica, a restore) may lack the
+/// newest writes, so the whole cache is distrusted and dropped before the epoch is recorded.
+#[derive(Default)]
+struct Epochs {
+    /// The `run_id` to record once the cache holds nothing from before it.
+    pending: Option<String>,
+    /// Whether `INFO` was refused (said once: a replaced Redis then goes unnoticed).
+    unknowable: bool,
+}
+
+impl Epochs {
+    /// `fenced`: the fence is there (Redis kept data); without it Redis lost everything, which
+    /// the fence already handles.
+    async fn check(&mut self, service: &Service, fenced: bool) {
+        let (run_id, recorded) = match service.cache().epoch().await {
+            Ok(epoch) => epoch,
+            Err(e) => return tracing::debug!(error = %e, "cannot read the redis epoch"),
+        };
+        let Some(run_id) = run_id else {
+            if !self.unknowable {
+                self.unknowable = true;
+                tracing::warn!("redis refuses INFO: a restart from persisted data or a failover goes unnoticed; allow INFO (docs/operations.md)");
+            }
+            return;
+        };
+        if recorded.as_deref() == Some(run_id.as_str()) || self.pending.as_ref() == Some(&run_id) {
+            return;
+        }
+        if fenced {
+            tracing::warn!(
+                run_id = %run_id,
+                recorded = recorded.as_deref().unwrap_or(""),
+                "redis holds data written under another redis process: dropping every cached entry, reads go to postgres until then"
+            );
+            service.repairs.distrust_all();
+        }
+        self.pending = Some(run_id);
+    }
+
+    /// Records the pending epoch once nothing from before it is trusted any more.
+    async fn record_once_settled(&mut self, service: &Service) {
+        let Some(run_id) = &self.pending else {
+            return;
+        };
+        if service.repairs.any() {
+            return;
+        }
+        match service.cache().record_epoch(run_id).await {
+            Ok(()) => self.pending = None,
+            Err(e) => tracing::debug!(error = %e, "cannot record the redis epoch yet"),
         }
     }
 }

@@ -407,3 +407,70 @@ async fn the_fence_holds_across_a_kill_between_a_truncate_and_its_application() 
     sidecar.stop().await;
     drop(leader);
 }
+
+/// Redis restored from an older snapshot (a restart from persisted data, a promoted replica, a
+/// restore from backup: its data misses the newest writes, here a rename's tombstone) with the
+/// fence still there: the daemon sees that the data was written under another Redis process,
+/// answers from PostgreSQL and drops every entry behind a fresh fence. The stale entry is never
+/// served once the monitor has looked (every 250 ms); the window is measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restored_from_an_older_snapshot_is_not_trusted() {
+    let mut env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let mut c = daemon.client().await;
+    c.call("put", json!({"username": "snap"})).await;
+    assert_eq!(c.get("snap").await["result"]["source"], json!("cache"));
+    let mut redis = env.redis().await;
+    redis::cmd("SAVE")
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    let backup = env.dir.path().join("old.rdb");
+    std::fs::copy(env.redis.dir().join("dump.rdb"), &backup).unwrap();
+    // A newer write the snapshot lacks: `snap` is gone from PostgreSQL, a tombstone in Redis.
+    let renamed = c
+        .call(
+            "rename",
+            json!({"username": "snap", "new_username": "snap2"}),
+        )
+        .await;
+    assert!(renamed.get("result").is_some(), "{renamed}");
+    assert_eq!(kind(&c.get("snap").await), "not_found");
+
+    env.redis.kill();
+    std::fs::copy(&backup, env.redis.dir().join("dump.rdb")).unwrap();
+    env.redis.start_again().unwrap();
+    let back = std::time::Instant::now();
+    let stale = env.cached("snap").await;
+    assert!(
+        stale
+            .as_deref()
+            .is_some_and(cacheward::store::cache::is_live),
+        "the restored data holds the old entry: {stale:?}"
+    );
+    // Ask every 5 ms: note the last time the stale entry was served.
+    let mut last_stale: Option<Duration> = None;
+    while back.elapsed() < Duration::from_secs(2) {
+        let mut c = daemon.client().await;
+        let answer = c.get("snap").await;
+        if answer["result"]["source"] == json!("cache") {
+            last_stale = Some(back.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!("stale entry last served {last_stale:?} after Redis came back");
+    assert!(
+        last_stale.is_none_or(|at| at < Duration::from_secs(1)),
+        "served from the stale snapshot at {last_stale:?}"
+    );
+    assert_eq!(kind(&c.get("snap").await), "not_found");
+    assert!(env.agrees(&["snap".into(), "snap2".into()]).await);
+    let cached = env.cached("snap").await;
+    assert!(
+        !cached
+            .as_deref()
+            .is_some_and(cacheward::store::cache::is_live),
+        "the stale entry was dropped: {cached:?}"
+    );
+    daemon.stop().await;
+}

@@ -690,6 +690,11 @@ impl Redis {
         self.dir.path().join("redis.sock")
     }
 
+    /// Its directory: `dump.rdb` (written by `SAVE`, loaded at start) lives there.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Starts the server again on the same socket (and, if persistent, the same data).
     pub fn start_again(&mut self) -> Result<(), DevError> {
         if self.child.is_some() {
@@ -889,6 +894,14 @@ impl DevStack {
             .apply(&[Write::live(&user, found.read_at)])
             .await
             .map_err(|e| seeding(e.to_string()))?;
+        // Written under this very Redis process: the daemon then trusts it (see Cache::epoch_key).
+        let (run_id, _) = cache.epoch().await.map_err(|e| seeding(e.to_string()))?;
+        if let Some(run_id) = run_id {
+            cache
+                .record_epoch(&run_id)
+                .await
+                .map_err(|e| seeding(e.to_string()))?;
+        }
         Ok(())
     }
 }

@@ -23,6 +23,9 @@ struct RepairQueue {
     generation: u64,
     /// Too many names to track: the whole cache is cleared once Redis is back.
     overflowed: bool,
+    /// The whole cache is cleared because Redis's data came from another process, not because
+    /// the queue overflowed (then nothing counts as pending).
+    replaced: bool,
 }
 
 /// The repair state, one object that owns its counts: the queue, the overflow, and the read path's
@@ -59,12 +62,27 @@ impl Repairs {
                         "repair queue full: every cached user will be removed once redis is back"
                     );
                     queue.overflowed = true;
+                    queue.replaced = false;
                     queue.names.clear();
                     break;
                 }
                 queue.names.insert(name.to_owned(), generation);
             }
         }
+        self.settle(&queue);
+    }
+
+    /// Nothing cached can be trusted (Redis's data came from another process: a restart from
+    /// persisted data, a failover, a restore): the read path goes to PostgreSQL, and the next
+    /// repair run drops the whole cache behind a fresh fence, as after an overflow.
+    pub fn distrust_all(&self) {
+        let mut queue = self.lock();
+        queue.generation += 1;
+        if !queue.overflowed {
+            queue.replaced = true;
+        }
+        queue.overflowed = true;
+        queue.names.clear();
         self.settle(&queue);
     }
 
@@ -85,10 +103,15 @@ impl Repairs {
     /// Names waiting for repair, or the capacity after an overflow: what `stats` reports.
     pub fn count(&self) -> usize {
         let queue = self.lock();
-        match queue.overflowed {
+        match queue.overflowed && !queue.replaced {
             true => REPAIR_CAPACITY,
             false => queue.names.len(),
         }
+    }
+
+    /// Whether the cache is to be dropped because Redis's data came from another process.
+    pub fn replaced(&self) -> bool {
+        self.lock().replaced
     }
 
     /// `Some(generation)` while overflowed: drop the cache, then [`Repairs::dropped`] with it.
@@ -103,6 +126,7 @@ impl Repairs {
         let mut queue = self.lock();
         if queue.generation == generation {
             queue.overflowed = false;
+            queue.replaced = false;
         }
         self.settle(&queue);
         !queue.overflowed
@@ -164,13 +188,19 @@ impl Service {
         if let Some(generation) = self.repairs.overflowed() {
             // Every entry may be stale: a fence at a fresh horizon keeps out every write that read
             // before now, and every entry written before it is dropped.
+            let replaced = self.repairs.replaced();
             let fence = db_result(self.db.fresh_horizon().await, &self.health)?;
             let removed = self
                 .cache
                 .drop_all(fence)
                 .await
                 .map_err(|e| ServiceError::Redis(Arc::new(e)))?;
-            tracing::warn!(removed, "cache cleared after repair queue overflow");
+            match replaced {
+                true => {
+                    tracing::warn!(removed, "cache cleared: redis holds another process's data")
+                }
+                false => tracing::warn!(removed, "cache cleared after repair queue overflow"),
+            }
             if !self.repairs.dropped(generation) {
                 // A write failed while the cache was being dropped: drop it again next time.
                 return Ok(0);
@@ -246,5 +276,21 @@ mod tests {
         assert!(repairs.dropped(generation));
         assert_eq!(repairs.count(), 0);
         assert!(!repairs.any() && repairs.trusted("anyone"));
+    }
+
+    #[test]
+    fn a_replaced_redis_distrusts_every_name_until_the_cache_is_dropped() {
+        let repairs = Repairs::default();
+        repairs.queue(["a"]);
+        repairs.distrust_all();
+        assert!(!repairs.trusted("b"), "nothing cached is trusted");
+        assert_eq!(
+            repairs.count(),
+            0,
+            "no repair is pending: the cache is being dropped"
+        );
+        let generation = repairs.overflowed().expect("the cache is to be dropped");
+        assert!(repairs.dropped(generation));
+        assert!(repairs.trusted("b") && !repairs.any());
     }
 }

@@ -661,8 +661,8 @@ impl Cache {
         let names = keys
             .into_iter()
             .filter_map(|k| k.strip_prefix(&*self.prefix).map(str::to_owned))
-            // The prefix alone is the fence, no user's key.
-            .filter(|name| !name.is_empty())
+            // The prefix alone is the fence, prefix + NUL the epoch: no user's keys.
+            .filter(|name| !name.is_empty() && !name.starts_with('\0'))
             .collect();
         Ok((next, names))
     }
@@ -738,6 +738,52 @@ impl Cache {
                 ))
             }),
         }
+    }
+
+    /// The key that records which Redis process the cached data was written under (its
+    /// `run_id`): the prefix, a NUL and `epoch`. No username makes it (PostgreSQL's text holds no
+    /// NUL). Data restored from a snapshot, or served by a promoted replica, carries the epoch of
+    /// the process that wrote it, which is not the one answering: the writes made since the
+    /// snapshot (tombstones, newer versions) may be missing, so nothing cached can be trusted.
+    pub fn epoch_key(&self) -> String {
+        format!("{}\0epoch", self.prefix)
+    }
+
+    /// The `run_id` of the Redis process answering (`None` where `INFO` is not allowed), and the
+    /// one recorded at [`Cache::epoch_key`], in one round trip.
+    pub async fn epoch(&self) -> Result<(Option<String>, Option<String>), CacheError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors()
+            .cmd("INFO")
+            .arg("server")
+            .cmd("GET")
+            .arg(self.epoch_key());
+        let (info, recorded): (redis::Value, Option<String>) =
+            self.bounded(pipe.query_async(&mut conn)).await?;
+        let run_id = match info {
+            redis::Value::ServerError(_) => None,
+            info => redis::from_redis_value::<String>(info)
+                .ok()
+                .and_then(|text| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("run_id:"))
+                        .map(|id| id.trim().to_owned())
+                }),
+        };
+        Ok((run_id, recorded))
+    }
+
+    /// Records `run_id` as the process the cached data is written under.
+    pub async fn record_epoch(&self, run_id: &str) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        self.bounded(
+            redis::cmd("SET")
+                .arg(self.epoch_key())
+                .arg(run_id)
+                .query_async::<()>(&mut conn),
+        )
+        .await
     }
 
     /// Redis's `maxmemory-policy`, or `None` where CONFIG is not allowed (managed services, ACLs).
