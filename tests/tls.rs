@@ -13,7 +13,7 @@ use cacheward::service::Hooks;
 use cacheward::store::cache::Cache;
 use cacheward::store::connect;
 use common::certs::TestCa;
-use common::{wait_until, TestEnv};
+use common::{wait_until, DaemonProcess, Rpc, TestEnv};
 
 /// A PostgreSQL that takes TLS only over TCP, signed by `ca`.
 async fn tls_postgres(ca: &TestCa) -> TestEnv {
@@ -272,4 +272,62 @@ async fn a_client_certificate_authenticates_to_postgres() {
     let (tls, plain) = daemon_connections(&env).await;
     assert!(tls >= 3 && plain == 0, "{tls} TLS, {plain} plain");
     daemon.stop().await;
+}
+
+/// The default roots are the system's: a daemon process whose system store holds the test CA
+/// (`SSL_CERT_FILE`, which the system store honours) reaches both servers with
+/// `sslmode=verify-full` (no `sslrootcert`) and `rediss://` (no `redis.tls_ca_file`); without it,
+/// it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_roots_are_the_systems() {
+    let certs = ca_dir();
+    let ca = TestCa::new(certs.path(), "system");
+    let pg = PostgresOptions {
+        tls: Some(ca.server("pg", None)),
+        ..Default::default()
+    };
+    let redis = RedisOptions {
+        tls: Some(ca.server("redis", None)),
+        ..Default::default()
+    };
+    let env = TestEnv::start_servers(pg, redis).await;
+    let database = env.pg.tcp_url("cw", "sslmode=verify-full").unwrap();
+    let redis_url = env.redis.tls_url(3).unwrap();
+    let ca_file = ca.ca_file.display().to_string();
+    let vars = [
+        ("DATABASE_URL", database.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+        ("SSL_CERT_FILE", ca_file.as_str()),
+    ];
+    let daemon = DaemonProcess::spawn_with(&env, "system-roots", &vars);
+    daemon.wait_ready().await;
+    let mut client = Rpc::connect(&daemon.socket).await;
+    client.call("put", json!({"username": "sys"})).await;
+    assert_eq!(client.get("sys").await["result"]["source"], json!("cache"));
+    drop(daemon);
+
+    // The test CA is in no store: neither server is trusted.
+    let elsewhere = certs.path().join("empty.pem");
+    std::fs::write(&elsewhere, TestCa::new(certs.path(), "other").pem()).unwrap();
+    let other = elsewhere.display().to_string();
+    let vars = [
+        ("DATABASE_URL", database.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+        ("SSL_CERT_FILE", other.as_str()),
+    ];
+    let daemon = DaemonProcess::spawn_with(&env, "untrusted", &vars);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let health = Rpc::connect(&daemon.socket)
+        .await
+        .call("health", serde_json::Value::Null)
+        .await;
+    assert_eq!(health["result"]["ready"], json!(false), "{health}");
+    assert_eq!(
+        (
+            health["result"]["postgres"].clone(),
+            health["result"]["redis"].clone()
+        ),
+        (json!("down"), json!("down")),
+        "{health}"
+    );
 }

@@ -44,6 +44,11 @@ impl TestCa {
         }
     }
 
+    /// The CA certificate, PEM.
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
     /// A certificate for `names` (DNS names or IP addresses) signed by this CA: (cert, key) files.
     pub fn issue(&self, file: &str, names: &[&str], client: bool) -> (PathBuf, PathBuf) {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
