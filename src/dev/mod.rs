@@ -283,7 +283,7 @@ pub struct ServerTls {
 pub struct PostgresOptions {
     /// Also listen on TCP (127.0.0.1, a free port) with TLS only (`hostssl`): plain TCP is refused.
     pub tls: Option<ServerTls>,
-    /// How TCP clients authenticate (`pg_hba` method) [trust].
+    /// How TCP clients authenticate (`pg_hba` method; `trust` when unset).
     pub tcp_auth: Option<String>,
 }
 
