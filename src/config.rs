@@ -148,6 +148,10 @@ impl Default for PostgresConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     pub url: Option<SecretUrl>,
+    pub mode: RedisMode,
+    /// More nodes: cluster seeds, or the sentinels.
+    pub urls: Vec<SecretUrl>,
+    pub sentinel_master: Option<String>,
     pub timeout_ms: u64,
     /// Roots for a `rediss://` server's certificate (PEM) [the system's].
     pub tls_ca_file: Option<PathBuf>,
@@ -162,6 +166,9 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: None,
+            mode: RedisMode::Standalone,
+            urls: Vec::new(),
+            sentinel_master: None,
             timeout_ms: 100,
             tls_ca_file: None,
             tls_cert_file: None,
@@ -185,6 +192,19 @@ impl Default for CacheConfig {
             ttl_secs: 3600,
         }
     }
+}
+
+/// How Redis is deployed (DESIGN 1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One server (or a managed endpoint that looks like one) at `redis.url`.
+    #[default]
+    Standalone,
+    /// Redis Cluster, seeded by `redis.url` and `redis.urls`.
+    Cluster,
+    /// Sentinel-managed replication: `redis.urls` are the sentinels, `redis.sentinel_master` the name.
+    Sentinel,
 }
 
 /// What the CDC worker does with a changed row.
@@ -433,6 +453,7 @@ impl Config {
             [&config.postgres.url, &config.redis.url, &config.cdc.url]
                 .into_iter()
                 .flatten()
+                .chain(&config.redis.urls)
                 .map(SecretUrl::expose),
         );
         config.validate()?;
@@ -534,6 +555,18 @@ impl Config {
             }
         }
         let r = &self.redis;
+        if r.mode != RedisMode::Standalone {
+            return Err(invalid(
+                "redis.mode",
+                "cluster and sentinel are not supported by this version yet: use standalone (one redis.url)",
+            ));
+        }
+        if !r.urls.is_empty() || r.sentinel_master.is_some() {
+            return Err(invalid(
+                "redis.urls",
+                "(and redis.sentinel_master) belong to redis.mode = cluster or sentinel, which this version does not support yet",
+            ));
+        }
         if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
             return Err(invalid(
                 "redis.tls_cert_file",
@@ -832,6 +865,13 @@ mod tests {
                 &[("DATABASE_URL", "postgresql://h/db?sslmode=allow")],
                 None,
                 "postgres.url",
+            ),
+            (&[("CACHEWARD__REDIS__MODE", "cluster")], None, "redis.mode"),
+            (&[("CACHEWARD__REDIS__MODE", "sharded")], None, "redis.mode"),
+            (
+                &[],
+                Some("[redis]\nsentinel_master = \"m\"\n"),
+                "redis.urls",
             ),
             (
                 &[("REDIS_URL", "rediss://h")],
