@@ -102,11 +102,12 @@ async fn rotated_passwords_are_read_for_new_connections_without_a_restart() {
         },
     )
     .await;
-    let health = daemon.health().await;
-    assert_eq!(
-        (health["postgres"].clone(), health["redis"].clone()),
-        (json!("up"), json!("up"))
-    );
+    // The health monitor says so at its next check (every 250 ms).
+    wait_until("both backends up again", Duration::from_secs(2), || async {
+        let health = daemon.health().await;
+        (health["postgres"].clone(), health["redis"].clone()) == (json!("up"), json!("up"))
+    })
+    .await;
     // The connections in use now authenticated with the new passwords (the old ones are refused).
     let pool: i64 = env
         .pg()

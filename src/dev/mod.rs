@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod cluster;
 pub mod install;
 
 use install::Tool;

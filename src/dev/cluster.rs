@@ -1,0 +1,216 @@
+//! A throwaway Redis Cluster for the tests of cluster mode: six nodes on 127.0.0.1 (three
+//! primaries with a replica each, `cluster-node-timeout` 1.5 s) made with `redis-cli --cluster
+//! create`, each node a direct child of this process, so that a test can kill, freeze or restart
+//! any of them to drive a failover.
+
+use std::io::{Read, Write as _};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::install::{self, Tool};
+use super::{await_ready, command, failed, free_port, io_err, on_path, signal, DevError};
+
+/// Nodes in the cluster: three primaries and their replicas.
+pub const NODES: usize = 6;
+
+/// The running cluster; dropping it kills every node and removes their files.
+pub struct RedisCluster {
+    dir: TempDir,
+    ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+}
+
+impl RedisCluster {
+    /// Starts six nodes and joins them into a cluster; returns once every node says
+    /// `cluster_state:ok`.
+    pub fn start() -> Result<RedisCluster, DevError> {
+        install::ensure(Tool::Redis)?;
+        let dir = tempfile::Builder::new()
+            .prefix("cacheward-cluster-")
+            .tempdir()
+            .map_err(io_err("create temp dir"))?;
+        let ports = (0..NODES)
+            .map(|_| free_port())
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut cluster = RedisCluster {
+            dir,
+            ports,
+            children: (0..NODES).map(|_| None).collect(),
+        };
+        for node in 0..NODES {
+            cluster.start_node(node)?;
+        }
+        let cli = on_path("redis-cli").ok_or(DevError::MissingBinary("redis-cli", ""))?;
+        let out = Command::new(cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err("redis-cli --cluster create"))?;
+        if !out.status.success() {
+            return Err(failed(
+                "creating the redis cluster",
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ));
+        }
+        cluster.await_state_ok(Duration::from_secs(20))?;
+        cluster.await_replicas_synced(Duration::from_secs(20))?;
+        Ok(cluster)
+    }
+
+    /// Waits until every replica has synchronised with its primary: before that a replica cannot
+    /// be promoted (its data would be of unknown age), and a failover test would hang.
+    pub fn await_replicas_synced(&self, limit: Duration) -> Result<(), DevError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let synced = (0..NODES)
+                .filter(|&n| self.children[n].is_some())
+                .filter_map(|n| ask(self.ports[n], "INFO replication"))
+                .filter(|info| info.contains("role:slave"))
+                .all(|info| info.contains("master_link_status:up"));
+            if synced {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(failed(
+                    "waiting for the redis cluster's replicas",
+                    format!("not every replica is in sync after {limit:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn start_node(&mut self, node: usize) -> Result<(), DevError> {
+        if self.children[node].is_some() {
+            return Ok(());
+        }
+        let binary = on_path("redis-server").ok_or(DevError::MissingBinary("redis-server", ""))?;
+        let port = self.ports[node];
+        let log = self.dir.path().join(format!("node-{port}.log"));
+        let child = command(&binary, None, libc::SIGKILL)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1500"])
+            .arg("--cluster-config-file")
+            .arg(format!("nodes-{port}.conf"))
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(io_err("spawn redis-server"))?;
+        let child = await_ready(
+            child,
+            "redis cluster node",
+            &log,
+            Duration::from_secs(10),
+            || ask(port, "PING").is_some_and(|answer| answer.starts_with("+PONG")),
+        )?;
+        self.children[node] = Some(child);
+        Ok(())
+    }
+
+    /// Waits until every running node says `cluster_state:ok`.
+    pub fn await_state_ok(&self, limit: Duration) -> Result<(), DevError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let running = (0..NODES).filter(|&n| self.children[n].is_some());
+            let ok = running.clone().all(|n| {
+                ask(self.ports[n], "CLUSTER INFO").is_some_and(|i| i.contains("cluster_state:ok"))
+            });
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(failed(
+                    "waiting for the redis cluster",
+                    format!("not every node says cluster_state:ok after {limit:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The nodes' ports, in start order.
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// A `redis://` URL of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The ports of the nodes that are primaries now.
+    pub fn primaries(&self) -> Vec<u16> {
+        self.ports
+            .iter()
+            .copied()
+            .filter(|&p| ask(p, "ROLE").is_some_and(|role| role.contains("master")))
+            .collect()
+    }
+
+    /// SIGKILL of one node: what it had not replicated is lost; its replica takes over after the
+    /// node timeout.
+    pub fn kill(&mut self, node: usize) {
+        if let Some(mut child) = self.children[node].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a killed node again (it rejoins from its nodes.conf, as a replica if it lost its
+    /// slots meanwhile).
+    pub fn start_again(&mut self, node: usize) -> Result<(), DevError> {
+        self.start_node(node)
+    }
+
+    /// Freezes one node (SIGSTOP); [`RedisCluster::resume`] thaws it.
+    pub fn pause(&self, node: usize) {
+        if let Some(child) = &self.children[node] {
+            signal(child, libc::SIGSTOP);
+        }
+    }
+
+    pub fn resume(&self, node: usize) {
+        if let Some(child) = &self.children[node] {
+            signal(child, libc::SIGCONT);
+        }
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in 0..NODES {
+            self.resume(node);
+            self.kill(node);
+        }
+    }
+}
+
+/// Sends one inline command to a node over TCP and returns its raw answer (`None` if the node
+/// does not answer within a second).
+fn ask(port: u16, command: &str) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+    let mut answer = vec![0u8; 64 * 1024];
+    let n = stream.read(&mut answer).ok()?;
+    Some(String::from_utf8_lossy(&answer[..n]).into_owned())
+}
