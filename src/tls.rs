@@ -472,5 +472,27 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        for roots in [garbage.clone(), dir.path().join("missing.pem")] {
+            let e = PgTls {
+                mode: SslMode::VerifyCa,
+                roots: Roots::File(roots.clone()),
+                roots_given: true,
+                client: None,
+            }
+            .client_config()
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("sslrootcert") && e.contains(&*roots.to_string_lossy()),
+                "{e}"
+            );
+        }
     }
 }

@@ -1048,3 +1048,40 @@ fn outbox_rows_touched(node: &Value) -> u64 {
     });
     own + children
 }
+
+/// The lease table is input like any other: a row forged to run until the year 9999 (or left by
+/// a clock stepped back) does not hold the stream up; the worker takes it over and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_lease_does_not_stop_the_stream() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "UPDATE cacheward_cdc_leases SET holder = 'forged', expires_at = '9999-01-01'",
+    )
+    .await
+    .unwrap();
+    wait_until(
+        "the forged lease taken over",
+        Duration::from_secs(5),
+        || async {
+            let holder: String = pg
+                .query_one("SELECT holder FROM cacheward_cdc_leases", &[])
+                .await
+                .unwrap()
+                .get(0);
+            holder != "forged"
+        },
+    )
+    .await;
+    pg.execute("INSERT INTO users (username) VALUES ('after-forgery')", &[])
+        .await
+        .unwrap();
+    wait_until(
+        "applied by the worker that took it",
+        CONVERGE * 3,
+        || async { live(&env, "after-forgery").await.is_some() },
+    )
+    .await;
+    daemon.stop().await;
+}

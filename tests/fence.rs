@@ -474,3 +474,39 @@ async fn a_redis_restored_from_an_older_snapshot_is_not_trusted() {
     );
     daemon.stop().await;
 }
+
+/// The epoch key holding a value of another type (put there by someone else): the daemon
+/// distrusts the data once, overwrites the key with its epoch, and serves from the cache again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_value_at_the_epoch_key_is_replaced() {
+    let env = TestEnv::start().await;
+    let mut redis = env.redis().await;
+    redis::cmd("RPUSH")
+        .arg("user:\0epoch")
+        .arg("not-a-run-id")
+        .query_async::<i64>(&mut redis)
+        .await
+        .unwrap();
+    let daemon = env.start_daemon(env.config()).await;
+    wait_until(
+        "the epoch key overwritten",
+        Duration::from_secs(3),
+        || async {
+            let mut redis = env.redis().await;
+            let kind: String = redis::cmd("TYPE")
+                .arg("user:\0epoch")
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            kind == "string"
+        },
+    )
+    .await;
+    let mut c = daemon.client().await;
+    c.call("put", json!({"username": "after-foreign"})).await;
+    assert_eq!(
+        c.get("after-foreign").await["result"]["source"],
+        json!("cache")
+    );
+    daemon.stop().await;
+}

@@ -331,3 +331,36 @@ async fn the_default_roots_are_the_systems() {
         "{health}"
     );
 }
+
+/// Redis TLS files that are missing or are not PEM: the error names the key and the file (or
+/// what is wrong with it), and nothing is connected.
+#[tokio::test]
+async fn bad_redis_tls_files_are_named() {
+    let dir = ca_dir();
+    let mut config = cacheward::config::Config::default();
+    config.redis.url = Some(SecretUrl::new("rediss://localhost:6380/0"));
+    config.redis.tls_ca_file = Some(dir.path().join("missing.pem"));
+    let e = Cache::new(&config)
+        .err()
+        .expect("a missing CA file")
+        .to_string();
+    assert!(
+        e.contains("redis.tls_ca_file") && e.contains("missing.pem"),
+        "{e}"
+    );
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    config.redis.tls_ca_file = Some(garbage);
+    let e = Cache::new(&config)
+        .err()
+        .expect("a CA file that is not PEM")
+        .to_string();
+    assert!(
+        e.contains("redis.tls_ca_file") && e.contains("garbage.pem"),
+        "{e}"
+    );
+}

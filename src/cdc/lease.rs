@@ -16,7 +16,9 @@ pub const LEASE: Duration = Duration::from_secs(4);
 /// connection (each renewal is a query, bounded in time).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
-/// Takes the lease of `consumer` for `holder` if it is free, expired, or `holder`'s already.
+/// Takes the lease of `consumer` for `holder` if it is free, expired, or `holder`'s already. A
+/// lease that runs further ahead than any holder can set it (a forged row, a clock stepped back)
+/// counts as expired: no row can hold the stream up for good.
 pub async fn acquire(client: &Client, consumer: &str, holder: &str) -> Result<bool, CdcError> {
     let taken = client
         .query_opt(
@@ -25,6 +27,7 @@ pub async fn acquire(client: &Client, consumer: &str, holder: &str) -> Result<bo
              ON CONFLICT (consumer) DO UPDATE
                 SET holder = $2, expires_at = clock_timestamp() + $3 * interval '1 millisecond'
               WHERE l.holder = $2 OR l.expires_at < clock_timestamp()
+                 OR l.expires_at > clock_timestamp() + $3 * interval '1 millisecond'
              RETURNING 1",
             &[&consumer, &holder, &(LEASE.as_millis() as f64)],
         )

@@ -337,7 +337,17 @@ fn client(config: &Config, url: &SecretUrl) -> Result<redis::Client, CacheError>
         client_tls,
         root_cert,
     };
-    redis::Client::build_with_tls(info, certificates).map_err(|e| bad(&e))
+    redis::Client::build_with_tls(info, certificates).map_err(|e| {
+        let files: Vec<String> = [
+            ("redis.tls_ca_file", &r.tls_ca_file),
+            ("redis.tls_cert_file", &r.tls_cert_file),
+            ("redis.tls_key_file", &r.tls_key_file),
+        ]
+        .into_iter()
+        .filter_map(|(key, path)| Some(format!("{key} {}", path.as_ref()?.display())))
+        .collect();
+        CacheError::Down(format!("{}: {e}", files.join(", ")))
+    })
 }
 
 /// `redis.password_file`, read for every new connection: a rotated password needs no restart.
@@ -759,8 +769,11 @@ impl Cache {
             .arg("server")
             .cmd("GET")
             .arg(self.epoch_key());
-        let (info, recorded): (redis::Value, Option<String>) =
+        let (info, recorded): (redis::Value, redis::Value) =
             self.bounded(pipe.query_async(&mut conn)).await?;
+        // Anything but a string there (another type, put by someone else) records nothing: the
+        // data is distrusted once and the key overwritten.
+        let recorded = redis::from_redis_value::<Option<String>>(recorded).unwrap_or(None);
         let run_id = match info {
             redis::Value::ServerError(_) => None,
             info => redis::from_redis_value::<String>(info)
