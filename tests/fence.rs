@@ -5,6 +5,15 @@
 
 mod common;
 
+/// `TRUNCATE users`; returns the version horizon just after it.
+async fn truncate(pg: &tokio_postgres::Client) -> i64 {
+    pg.batch_execute("TRUNCATE users").await.unwrap();
+    pg.query_one("SELECT last_value FROM cacheward_version_seq", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 use std::time::Duration;
 
 use common::{hold_fills, kind, wait_until, TestEnv};
@@ -128,12 +137,7 @@ async fn fills_that_read_before_a_truncate_never_land() {
     } = cold_gets_held(30).await;
     let before = fence(&env).await.expect("the daemon set a fence");
     let pg = env.pg().await;
-    pg.batch_execute("TRUNCATE users").await.unwrap();
-    let truncated_at: i64 = pg
-        .query_one("SELECT last_value FROM cacheward_version_seq", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let truncated_at = truncate(&pg).await;
     wait_until(
         "the CDC worker applied the TRUNCATE",
         Duration::from_secs(5),
@@ -380,12 +384,7 @@ async fn the_fence_holds_across_a_kill_between_a_truncate_and_its_application() 
     held(&mut reached).await;
     leader.signal(libc::SIGSTOP);
     let pg = env.pg().await;
-    pg.batch_execute("TRUNCATE users").await.unwrap();
-    let truncated_at: i64 = pg
-        .query_one("SELECT last_value FROM cacheward_version_seq", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let truncated_at = truncate(&pg).await;
     leader.signal(libc::SIGKILL);
     leader.wait_exit(Duration::from_secs(5));
     assert!(

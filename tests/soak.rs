@@ -173,6 +173,23 @@ impl Client {
     }
 }
 
+/// Every calm name.
+fn calm_names() -> Vec<String> {
+    (0..NAMES).map(|i| format!("calm{i:02}")).collect()
+}
+
+/// Inserts the calm users that are missing.
+async fn bring_back(
+    pg: &tokio_postgres::Client,
+    calm: &[String],
+) -> Result<u64, tokio_postgres::Error> {
+    pg.execute(
+        "INSERT INTO users (username) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+        &[&calm],
+    )
+    .await
+}
+
 /// Gets of every calm name, pipelined on a new connection to `socket`, recorded.
 async fn read_calm(socket: &Path, seen: &Mutex<Vec<Observation>>) {
     let requests: Vec<(&str, Value)> = (0..NAMES)
@@ -295,16 +312,10 @@ async fn sql_writer(db_url: String, mut rng: Rng, stop: CancellationToken) {
             }
             _ => {
                 // Now and then the whole table goes, and the calm names come back.
-                let calm: Vec<String> = (0..NAMES).map(|i| format!("calm{i:02}")).collect();
+                let calm = calm_names();
                 let again = rng.below(2) == 0;
                 c.batch_execute("TRUNCATE users").await.and(match again {
-                    true => c
-                        .execute(
-                            "INSERT INTO users (username) SELECT unnest($1::text[])",
-                            &[&calm],
-                        )
-                        .await
-                        .map(drop),
+                    true => bring_back(c, &calm).await.map(drop),
                     false => Ok(()),
                 })
             }
@@ -562,15 +573,8 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
     env.pg.stop();
     env.pg.start_again().expect("restart postgres");
 
-    let calm: Vec<String> = (0..NAMES).map(|i| format!("calm{i:02}")).collect();
-    env.pg()
-        .await
-        .execute(
-            "INSERT INTO users (username) SELECT unnest($1::text[])",
-            &[&calm],
-        )
-        .await
-        .unwrap();
+    let calm = calm_names();
+    bring_back(&env.pg().await, &calm).await.unwrap();
     // Two daemons on one database and cache, as a sidecar fleet runs: one applies the change
     // stream, the other stands by, and either may be frozen with a fill in flight while the other
     // applies changes.
@@ -660,21 +664,17 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
                 daemon.signal(libc::SIGCONT);
                 "daemon frozen"
             }
-            5 => {
+            5 | 6 => {
+                let (sig, within, name) = match fault {
+                    5 => (libc::SIGKILL, 5, "daemon killed and restarted"),
+                    _ => (libc::SIGTERM, 15, "daemon stopped and restarted"),
+                };
                 let daemon = &mut daemons[which];
-                daemon.signal(libc::SIGKILL);
-                daemon.wait_exit(Duration::from_secs(5));
+                daemon.signal(sig);
+                daemon.wait_exit(Duration::from_secs(within));
                 *daemon = DaemonProcess::spawn_with(&env, names[which], &daemon_vars[which]);
                 pids.lock().expect("not poisoned")[which] = daemon.child.id();
-                "daemon killed and restarted"
-            }
-            6 => {
-                let daemon = &mut daemons[which];
-                daemon.signal(libc::SIGTERM);
-                daemon.wait_exit(Duration::from_secs(15));
-                *daemon = DaemonProcess::spawn_with(&env, names[which], &daemon_vars[which]);
-                pids.lock().expect("not poisoned")[which] = daemon.child.id();
-                "daemon stopped and restarted"
+                name
             }
             7 => {
                 env.pg.crash();
@@ -688,20 +688,14 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
                 // TRUNCATE lands while its fills (which read before it) are on the way. Past the
                 // staleness bound they are read again: a fill that landed after the TRUNCATE was
                 // applied would answer for a user that no longer exists.
-                let calm: Vec<String> = (0..NAMES).map(|i| format!("calm{i:02}")).collect();
+                let calm = calm_names();
                 let keys: Vec<String> = calm.iter().map(|n| format!("user:{n}")).collect();
                 if let Ok(pg) =
                     cacheward::store::db::connect(&env.db_url.parse().expect("url")).await
                 {
                     let mut conn = env.redis().await;
                     for _ in 0..4 {
-                        let _ = pg
-                            .execute(
-                                "INSERT INTO users (username) SELECT unnest($1::text[])
-                                 ON CONFLICT DO NOTHING",
-                                &[&calm],
-                            )
-                            .await;
+                        let _ = bring_back(&pg, &calm).await;
                         tokio::time::sleep(Duration::from_millis(150)).await;
                         let _: Result<i64, _> =
                             redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
@@ -723,18 +717,12 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
                 // failover): what was written since the snapshot is gone, the fence is not. The
                 // calm users are cached when the snapshot is taken and deleted before the restart:
                 // their tombstones are lost, and past the staleness bound they are read again.
-                let calm: Vec<String> = (0..NAMES).map(|i| format!("calm{i:02}")).collect();
+                let calm = calm_names();
                 let pg = cacheward::store::db::connect(&env.db_url.parse().expect("url"))
                     .await
                     .ok();
                 if let Some(pg) = &pg {
-                    let _ = pg
-                        .execute(
-                            "INSERT INTO users (username) SELECT unnest($1::text[])
-                             ON CONFLICT DO NOTHING",
-                            &[&calm],
-                        )
-                        .await;
+                    let _ = bring_back(pg, &calm).await;
                     tokio::time::sleep(Duration::from_millis(150)).await;
                     read_calm(&daemons[0].socket, &seen).await;
                 }

@@ -522,19 +522,7 @@ async fn running_out_of_file_descriptors_is_said_once_not_per_attempt() {
         });
     }
     let mut child = cmd.spawn().unwrap();
-    common::wait_until("ready", Duration::from_secs(15), || async {
-        match tokio::net::UnixStream::connect(&socket).await {
-            Ok(_) => {
-                Rpc::connect(&socket)
-                    .await
-                    .call("health", Value::Null)
-                    .await["result"]["ready"]
-                    == json!(true)
-            }
-            Err(_) => false,
-        }
-    })
-    .await;
+    common::ready_at(&socket).await;
     let mut held = Vec::new();
     for _ in 0..80 {
         if let Ok(s) = tokio::net::UnixStream::connect(&socket).await {

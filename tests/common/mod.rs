@@ -167,6 +167,20 @@ impl TestEnv {
     }
 }
 
+/// Waits (up to 15 s) until the daemon answering on `socket` says it is ready.
+pub async fn ready_at(socket: &std::path::Path) {
+    wait_until("daemon process ready", Duration::from_secs(15), || async {
+        match tokio::net::UnixStream::connect(socket).await {
+            Ok(_) => {
+                Rpc::connect(socket).await.call("health", Value::Null).await["result"]["ready"]
+                    == json!(true)
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
 /// Waits (up to 2 s) for the daemon's CDC worker to listen: a first start with an empty cache
 /// begins at the outbox head, so a test's changes must come after it to be applied. A standby
 /// (another daemon leads) never listens; then this just returns.
@@ -374,19 +388,7 @@ impl DaemonProcess {
     }
 
     pub async fn wait_ready(&self) {
-        wait_until("daemon process ready", Duration::from_secs(15), || async {
-            match tokio::net::UnixStream::connect(&self.socket).await {
-                Ok(_) => {
-                    Rpc::connect(&self.socket)
-                        .await
-                        .call("health", Value::Null)
-                        .await["result"]["ready"]
-                        == json!(true)
-                }
-                Err(_) => false,
-            }
-        })
-        .await;
+        ready_at(&self.socket).await;
         cdc_settled(&self.socket).await;
     }
 
