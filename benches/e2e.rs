@@ -3,13 +3,15 @@
 //!
 //!     cargo bench --bench e2e                      # 200 000 users, 1 s slices x 3 rounds
 //!     CACHEWARD_BENCH_USERS=20000 CACHEWARD_BENCH_SLICE_MS=300 cargo bench --bench e2e
-//!     CACHEWARD_BENCH_ONLY=hit,miss cargo bench --bench e2e   # parts: hit miss herd cdc memory trigger
+//!     CACHEWARD_BENCH_ONLY=hit,miss cargo bench --bench e2e   # parts: hit miss herd cdc memory trigger cluster
 //!     CACHEWARD_BENCH_ONLY=hit CACHEWARD_BENCH_CELLS=1x16,16x1 cargo bench --bench e2e   # some hit cells
 //!
 //! Measures the hit path (6 cells), the miss path, the thundering herd, CDC lag (1 000 renames/s
 //! with NOTIFY and poll-only, then unpaced: as fast as PostgreSQL commits them), daemon memory
 //! (idle, 1 000 connections, RSS every 1 M requests), and the trigger cost with pgbench (NOTIFY on
-//! and off). Prints a table and writes target/bench-e2e.json.
+//! and off); then the same hit and miss paths on a 3-primary Redis Cluster against raw
+//! cluster-aware GETs, and the cluster's failover repair window. Prints a table and writes
+//! target/bench-e2e.json.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cacheward::dev::cluster::RedisCluster;
 use cacheward::dev::{Postgres, Redis, RedisOptions};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
@@ -149,6 +152,84 @@ async fn daemon_round(
                 debug_assert!(line.contains("\"result\""), "{line}");
             }
         })
+    })
+}
+
+/// One slice of `depth`-deep pipelined gets through the daemon on `connections` connections, and
+/// the daemon's CPU meanwhile, added to `d`.
+async fn daemon_side(
+    d: &mut Side,
+    pid: u32,
+    socket: &Path,
+    (connections, depth): (usize, usize),
+    slice: Duration,
+    names: &Arc<dyn Fn(u64) -> String + Send + Sync>,
+) {
+    let cpu = cpu_ticks(pid);
+    d.add(
+        measure(connections, depth, slice, |_| {
+            daemon_round(socket.to_owned(), depth, names.clone())
+        })
+        .await,
+    );
+    d.cpu_ticks += cpu_ticks(pid) - cpu;
+}
+
+/// Reads users `u1..=hot` through the daemon at `socket` (so they are cached); returns the name of
+/// round `n`'s user among them.
+async fn warm(socket: &Path, hot: u64) -> Arc<dyn Fn(u64) -> String + Send + Sync> {
+    for i in 1..=hot {
+        call(socket, "get", json!({ "username": format!("u{i}") })).await;
+    }
+    Arc::new(move |n| format!("u{}", n % hot + 1))
+}
+
+fn hit_header() {
+    println!(
+        "{:>5} {:>5} | {:>12} {:>8} {:>8} {:>9} | {:>12} {:>8} {:>8} | {:>6}",
+        "conns",
+        "depth",
+        "daemon op/s",
+        "p50 µs",
+        "p99 µs",
+        "cpu µs/op",
+        "redis op/s",
+        "p50 µs",
+        "p99 µs",
+        "ratio"
+    );
+}
+
+/// Prints one cell of a hit-path table (daemon side `d`, raw side `r`); returns it as JSON.
+fn hit_row(connections: usize, depth: usize, d: &Side, r: &Side) -> Value {
+    let ratio = d.throughput() / r.throughput();
+    println!(
+        "{connections:>5} {depth:>5} | {:>12.0} {:>8} {:>8} {:>9.2} | {:>12.0} {:>8} {:>8} | {ratio:>6.2}",
+        d.throughput(), d.quantile_us(0.5), d.quantile_us(0.99), d.cpu_us_per_op(), r.throughput(), r.quantile_us(0.5), r.quantile_us(0.99)
+    );
+    json!({"connections": connections, "depth": depth,
+        "daemon": {"ops_per_sec": d.throughput(), "p50_us": d.quantile_us(0.5), "p99_us": d.quantile_us(0.99), "cpu_us_per_op": d.cpu_us_per_op()},
+        "redis": {"ops_per_sec": r.throughput(), "p50_us": r.quantile_us(0.5), "p99_us": r.quantile_us(0.99)},
+        "ratio": ratio})
+}
+
+/// The raw side of the miss path: one prepared SELECT of the shape the daemon runs, per round, of
+/// user `n % users + 1`.
+async fn select_round(
+    pg_config: tokio_postgres::Config,
+    users: u64,
+) -> Box<dyn FnMut(u64) -> futures::future::BoxFuture<'static, ()> + Send> {
+    let client = Arc::new(cacheward::store::db::connect(&pg_config).await.expect("pg"));
+    let stmt = client
+        .prepare("SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = $1")
+        .await
+        .expect("prepare");
+    Box::new(move |n: u64| {
+        let (client, stmt) = (client.clone(), stmt.clone());
+        Box::pin(async move {
+            let name = format!("u{}", n % users + 1);
+            client.query_opt(&stmt, &[&name]).await.expect("select");
+        }) as futures::future::BoxFuture<'static, ()>
     })
 }
 
@@ -323,26 +404,10 @@ async fn main() {
     // Hit path: the first HOT users are cached; daemon get vs raw Redis GET of the same keys.
     const HOT: u64 = 10_000;
     let hot = HOT.min(users);
-    let hot_name: Arc<dyn Fn(u64) -> String + Send + Sync> =
-        Arc::new(move |n| format!("u{}", n % hot + 1));
-    for i in 1..=hot {
-        call(&socket, "get", json!({ "username": format!("u{i}") })).await;
-    }
+    let hot_name = warm(&socket, hot).await;
     let redis_client = redis::Client::open(redis_url.as_str()).expect("redis url");
     println!("\nhit path: daemon get of a cached user vs raw Redis GET (redis crate), same keys");
-    println!(
-        "{:>5} {:>5} | {:>12} {:>8} {:>8} {:>9} | {:>12} {:>8} {:>8} | {:>6}",
-        "conns",
-        "depth",
-        "daemon op/s",
-        "p50 µs",
-        "p99 µs",
-        "cpu µs/op",
-        "redis op/s",
-        "p50 µs",
-        "p99 µs",
-        "ratio"
-    );
+    hit_header();
     let mut hits = Vec::new();
     // CACHEWARD_BENCH_CELLS=1x16,16x1 runs just those cells.
     let cells: Vec<(usize, usize)> = match std::env::var("CACHEWARD_BENCH_CELLS") {
@@ -358,14 +423,7 @@ async fn main() {
     for &(connections, depth) in cells.iter().filter(|_| want("hit")) {
         let (mut d, mut r) = (Side::default(), Side::default());
         for _ in 0..rounds {
-            let cpu = cpu_ticks(pid);
-            d.add(
-                measure(connections, depth, slice, |_| {
-                    daemon_round(socket.clone(), depth, hot_name.clone())
-                })
-                .await,
-            );
-            d.cpu_ticks += cpu_ticks(pid) - cpu;
+            daemon_side(&mut d, pid, &socket, (connections, depth), slice, &hot_name).await;
             r.add(
                 measure(connections, depth, slice, |_| {
                     let (client, names) = (redis_client.clone(), hot_name.clone());
@@ -392,15 +450,7 @@ async fn main() {
                 .await,
             );
         }
-        let ratio = d.throughput() / r.throughput();
-        println!(
-            "{connections:>5} {depth:>5} | {:>12.0} {:>8} {:>8} {:>9.2} | {:>12.0} {:>8} {:>8} | {ratio:>6.2}",
-            d.throughput(), d.quantile_us(0.5), d.quantile_us(0.99), d.cpu_us_per_op(), r.throughput(), r.quantile_us(0.5), r.quantile_us(0.99)
-        );
-        hits.push(json!({"connections": connections, "depth": depth,
-            "daemon": {"ops_per_sec": d.throughput(), "p50_us": d.quantile_us(0.5), "p99_us": d.quantile_us(0.99), "cpu_us_per_op": d.cpu_us_per_op()},
-            "redis": {"ops_per_sec": r.throughput(), "p50_us": r.quantile_us(0.5), "p99_us": r.quantile_us(0.99)},
-            "ratio": ratio}));
+        hits.push(hit_row(connections, depth, &d, &r));
     }
     report["hit"] = json!(hits);
 
@@ -434,25 +484,7 @@ async fn main() {
         (0..4).for_each(|i| d_split[i] += after[i] - cpu[i]);
         r.add(
             measure(miss_conns, 1, slice, |_| {
-                let pg_config = pg_config.clone();
-                async move {
-                    let client =
-                        Arc::new(cacheward::store::db::connect(&pg_config).await.expect("pg"));
-                    let stmt = client
-                        .prepare(
-                            "SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = $1",
-                        )
-                        .await
-                        .expect("prepare");
-                    Box::new(move |n: u64| {
-                        let (client, stmt) = (client.clone(), stmt.clone());
-                        Box::pin(async move {
-                            let name = format!("u{}", n % total + 1);
-                            client.query_opt(&stmt, &[&name]).await.expect("select");
-                        }) as futures::future::BoxFuture<'static, ()>
-                    })
-                        as Box<dyn FnMut(u64) -> futures::future::BoxFuture<'static, ()> + Send>
-                }
+                select_round(pg_config.clone(), total)
             })
             .await,
         );
@@ -712,10 +744,161 @@ async fn main() {
         report["trigger_cost"] = Value::Object(costs);
     }
 
+    if want("cluster") {
+        report["cluster"] = cluster_part(&db_url, &pg_config, users, hot, slice, rounds).await;
+    }
+
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");
     std::fs::write(&out, serde_json::to_string_pretty(&report).expect("json"))
         .expect("write report");
     println!("\nwritten to {}", out.display());
+}
+
+/// The daemon in cluster mode on the harness's Redis Cluster (3 primaries with a replica each, all
+/// on this machine): the hit path against raw cluster-aware GETs (a round of `depth` GETs sent at
+/// once on one cluster connection, routed by slot), the miss path against the same SELECT, and the
+/// failover repair window (SIGKILL of a primary until the daemon serves its keys from the cache
+/// again).
+async fn cluster_part(
+    db_url: &str,
+    pg_config: &tokio_postgres::Config,
+    users: u64,
+    hot: u64,
+    slice: Duration,
+    rounds: usize,
+) -> Value {
+    // On the main thread: the nodes die with the thread that started them.
+    let mut cluster = RedisCluster::start().expect("cluster");
+    let urls = cluster.urls();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("cluster.sock");
+    let seeds = urls[1..].join(",");
+    let settings = [
+        ("CACHEWARD__REDIS__MODE", "cluster"),
+        ("CACHEWARD__REDIS__URLS", seeds.as_str()),
+    ];
+    let daemon = DaemonProcess::start(dir.path(), &socket, db_url, &urls[0], &settings).await;
+    let pid = daemon.0.id();
+    let hot_name = warm(&socket, hot).await;
+    let raw = redis::cluster::ClusterClient::new(urls.clone())
+        .expect("cluster client")
+        .get_async_connection()
+        .await
+        .expect("connect to the cluster");
+    println!(
+        "\ncluster (3 primaries + 3 replicas, TCP 127.0.0.1): daemon get vs raw cluster-aware GET"
+    );
+    hit_header();
+    let mut hits = Vec::new();
+    for (connections, depth) in [(1, 1), (16, 1), (16, 16)] {
+        let (mut d, mut r) = (Side::default(), Side::default());
+        for _ in 0..rounds {
+            daemon_side(&mut d, pid, &socket, (connections, depth), slice, &hot_name).await;
+            r.add(
+                measure(connections, depth, slice, |_| {
+                    let (conn, names) = (raw.clone(), hot_name.clone());
+                    async move {
+                        Box::new(move |n: u64| {
+                            let (conn, names) = (conn.clone(), names.clone());
+                            Box::pin(async move {
+                                let gets = (0..depth as u64).map(|i| {
+                                    let mut conn = conn.clone();
+                                    let key = format!("user:{}", names(n + i));
+                                    async move {
+                                        redis::cmd("GET")
+                                            .arg(key)
+                                            .query_async::<Option<String>>(&mut conn)
+                                            .await
+                                            .expect("GET")
+                                    }
+                                });
+                                futures::future::join_all(gets).await;
+                            })
+                                as futures::future::BoxFuture<'static, ()>
+                        })
+                            as Box<dyn FnMut(u64) -> futures::future::BoxFuture<'static, ()> + Send>
+                    }
+                })
+                .await,
+            );
+        }
+        hits.push(hit_row(connections, depth, &d, &r));
+    }
+
+    // Miss path: users this daemon never read, 16 connections, vs the same SELECT.
+    let next_cold = Arc::new(AtomicU64::new(hot + 1));
+    let cold_name: Arc<dyn Fn(u64) -> String + Send + Sync> = {
+        let next = next_cold.clone();
+        Arc::new(move |_| {
+            format!(
+                "u{}",
+                (next.fetch_add(1, Ordering::Relaxed) - 1) % users + 1
+            )
+        })
+    };
+    let (mut d, mut r) = (Side::default(), Side::default());
+    for _ in 0..rounds {
+        d.add(
+            measure(16, 1, slice, |_| {
+                daemon_round(socket.clone(), 1, cold_name.clone())
+            })
+            .await,
+        );
+        r.add(measure(16, 1, slice, |_| select_round(pg_config.clone(), users)).await);
+    }
+    let miss_ratio = d.throughput() / r.throughput();
+    println!(
+        "miss path (16 connections): daemon {:.0} op/s (p99 {} µs) vs raw SELECT {:.0} op/s (p99 {} µs): ratio {miss_ratio:.2}",
+        d.throughput(), d.quantile_us(0.99), r.throughput(), r.quantile_us(0.99)
+    );
+    let miss = json!({"daemon_ops_per_sec": d.throughput(), "select_ops_per_sec": r.throughput(), "ratio": miss_ratio});
+
+    // The failover repair window: the primary of u1's slot dies; its replica is promoted with
+    // what it had; the daemon answers from PostgreSQL until it has distrusted and dropped the
+    // cache, then fills and hits again.
+    let slot = cacheward::store::topology::slot_of(b"user:u1");
+    let owner = cluster
+        .primaries()
+        .into_iter()
+        .find(|&port| {
+            let Ok(mut conn) = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .and_then(|c| c.get_connection())
+            else {
+                return false;
+            };
+            redis::cmd("CLUSTER")
+                .arg("COUNTKEYSINSLOT")
+                .arg(slot)
+                .query::<i64>(&mut conn)
+                .is_ok_and(|n| n > 0)
+        })
+        .expect("the owner of u1's slot");
+    let row = call(&socket, "get", json!({"username": "u1"})).await["user"].clone();
+    let killed = Instant::now();
+    cluster.kill(cluster.node(owner).expect("a node"));
+    let (mut promoted, mut from_cache, mut stale, mut failed) = (None, None, 0, 0);
+    while killed.elapsed() < Duration::from_secs(30) && from_cache.is_none() {
+        let answer = call(&socket, "get", json!({"username": "u1"})).await;
+        match answer.get("error") {
+            Some(_) => failed += 1,
+            None => stale += (answer["user"] != row) as u32,
+        }
+        if promoted.is_none() && cluster.primaries().len() == 3 {
+            promoted = Some(killed.elapsed());
+        }
+        if promoted.is_some() && answer["source"] == json!("cache") {
+            from_cache = Some(killed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
+    println!(
+        "failover: primary SIGKILLed; replica promoted after {:.2} s; the daemon served the key from the cache again after {:.2} s (from PostgreSQL meanwhile); answers that differed from the row: {stale}, errors: {failed}",
+        secs(promoted),
+        secs(from_cache)
+    );
+    json!({"hit": hits, "miss": miss,
+           "failover": {"promoted_secs": secs(promoted), "cached_again_secs": secs(from_cache), "wrong_answers": stale, "errors": failed}})
 }
 
 /// Renames users `u1..` to `c1..` at `rate` per second for `seconds`, and times each new key's

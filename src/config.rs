@@ -115,8 +115,10 @@ impl Default for SocketConfig {
     }
 }
 
-/// Lists that the environment gives as comma-separated text (`CACHEWARD__SOCKET__ALLOW_UIDS=0,1000`).
-const LIST_KEYS: [&str; 4] = [
+/// Lists that the environment gives as comma-separated text (`CACHEWARD__SOCKET__ALLOW_UIDS=0,1000`,
+/// `CACHEWARD__REDIS__URLS=redis://a:7001,redis://b:7002`).
+const LIST_KEYS: [&str; 5] = [
+    "redis.urls",
     "socket.allow_uids",
     "socket.allow_gids",
     "socket.readonly_uids",
@@ -555,17 +557,30 @@ impl Config {
             }
         }
         let r = &self.redis;
-        if r.mode != RedisMode::Standalone {
-            return Err(invalid(
-                "redis.mode",
-                "cluster and sentinel are not supported by this version yet: use standalone (one redis.url)",
-            ));
+        for url in &r.urls {
+            redis::Client::open(url.expose())
+                .map_err(|e| invalid("redis.urls", format!("{}: {e}", url.redacted())))?;
         }
-        if !r.urls.is_empty() || r.sentinel_master.is_some() {
-            return Err(invalid(
-                "redis.urls",
-                "(and redis.sentinel_master) belong to redis.mode = cluster or sentinel, which this version does not support yet",
-            ));
+        match r.mode {
+            RedisMode::Standalone if !r.urls.is_empty() || r.sentinel_master.is_some() => {
+                return Err(invalid(
+                    "redis.urls",
+                    "(and redis.sentinel_master) belong to redis.mode = cluster or sentinel; standalone takes redis.url alone",
+                ));
+            }
+            RedisMode::Cluster if r.sentinel_master.is_some() => {
+                return Err(invalid(
+                    "redis.sentinel_master",
+                    "belongs to redis.mode = sentinel; cluster takes seed nodes in redis.url and redis.urls",
+                ));
+            }
+            RedisMode::Sentinel if r.urls.is_empty() || r.sentinel_master.is_none() => {
+                return Err(invalid(
+                    "redis.urls",
+                    "must name the sentinels, and redis.sentinel_master the master, for redis.mode = sentinel",
+                ));
+            }
+            _ => {}
         }
         if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
             return Err(invalid(
@@ -594,7 +609,13 @@ impl Config {
                 "is not set (set DATABASE_URL or postgres.url)",
             ));
         }
-        if self.redis.url.is_none() {
+        // Sentinel mode finds its server through redis.urls (validated with the mode).
+        let seeds = match self.redis.mode {
+            RedisMode::Standalone => self.redis.url.is_some(),
+            RedisMode::Cluster => self.redis.url.is_some() || !self.redis.urls.is_empty(),
+            RedisMode::Sentinel => true,
+        };
+        if !seeds {
             return Err(invalid(
                 "redis.url",
                 "is not set (set REDIS_URL or redis.url)",
@@ -605,6 +626,20 @@ impl Config {
 
     pub fn statement_timeout(&self) -> Duration {
         Duration::from_millis(self.postgres.statement_timeout_ms)
+    }
+
+    /// Where Redis is, as the `starting` event says it (passwords redacted): the URL; the seed
+    /// nodes of a Cluster; `MASTER@` and the sentinels under Sentinel.
+    pub fn redis_servers(&self) -> String {
+        let r = &self.redis;
+        let all: Vec<String> = r.url.iter().chain(&r.urls).map(|u| u.redacted()).collect();
+        match (&r.mode, &r.sentinel_master) {
+            (RedisMode::Sentinel, Some(master)) => {
+                let sentinels: Vec<String> = r.urls.iter().map(|u| u.redacted()).collect();
+                format!("{master}@{}", sentinels.join(","))
+            }
+            _ => all.join(","),
+        }
     }
 
     pub fn redis_timeout(&self) -> Duration {
@@ -866,7 +901,21 @@ mod tests {
                 None,
                 "postgres.url",
             ),
-            (&[("CACHEWARD__REDIS__MODE", "cluster")], None, "redis.mode"),
+            (
+                &[("CACHEWARD__REDIS__MODE", "sentinel")],
+                Some("[redis]\nurls = [\"redis://s1:26379\"]\n"),
+                "redis.urls",
+            ),
+            (
+                &[("CACHEWARD__REDIS__MODE", "cluster")],
+                Some("[redis]\nsentinel_master = \"m\"\n"),
+                "redis.sentinel_master",
+            ),
+            (
+                &[],
+                Some("[redis]\nmode = \"cluster\"\nurls = [\"http://x\"]\n"),
+                "redis.urls",
+            ),
             (&[("CACHEWARD__REDIS__MODE", "sharded")], None, "redis.mode"),
             (
                 &[],
@@ -906,6 +955,16 @@ mod tests {
         assert_eq!(c.socket.allow_uids, vec![0, 1000]);
         assert_eq!(c.socket.allow_gids, vec![27]);
         assert_eq!(c.socket.readonly_gids, vec![65534]);
+        let c = load(
+            &[
+                ("CACHEWARD__REDIS__MODE", "cluster"),
+                ("CACHEWARD__REDIS__URLS", "redis://a:7001, redis://b:7002"),
+            ],
+            None,
+        )
+        .expect("loads");
+        let urls: Vec<&str> = c.redis.urls.iter().map(|u| u.expose()).collect();
+        assert_eq!(urls, ["redis://a:7001", "redis://b:7002"]);
         let err = load(&[("CACHEWARD__SOCKET__ALLOW_UIDS", "root")], None).expect_err("not a uid");
         assert!(err.to_string().contains("allow_uids"), "{err}");
         let err = load(&[("CACHEWARD__SOCKET__MAX_INFLIGHT_BYTES", "1000")], None)

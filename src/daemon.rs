@@ -56,7 +56,7 @@ fn say_starting(config: &Config, socket: &BoundSocket) {
     tracing::info!(
         socket = %socket.path().display(),
         postgres = %config.postgres.url.as_ref().expect("checked by require_backends"),
-        redis = %config.redis.url.as_ref().expect("checked by require_backends"),
+        redis = %config.redis_servers(),
         key_prefix = %config.cache.key_prefix,
         ttl_secs = config.cache.ttl_secs,
         pool_size = config.postgres.pool_size,

@@ -10,12 +10,16 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::service::hooks::monitor_wedge;
 use crate::service::{Backend, Service};
-use crate::store::cache::{Cache, CacheError};
+use crate::store::cache::{Cache, CacheError, NodeState};
 use crate::store::connect;
+use crate::store::topology::Primary;
 use crate::systemd::{self, Heartbeats};
 
 /// How often the monitor checks both backends (and drains the repair queue).
 const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
+/// Consecutive failed checks of a Cluster after which its connection is made anew (see
+/// `topology::ClusterConn`).
+const RENEW_AFTER: u32 = 4;
 /// While a backend has never been reached, `backend unreachable` is logged every this many checks.
 const UNREACHABLE_REPORT_EVERY: u32 = 40;
 /// Checks both backends every [`MONITOR_INTERVAL`] (PostgreSQL on its own connection, so a busy
@@ -56,41 +60,46 @@ pub async fn run(
             return;
         }
         beats.monitor.fetch_add(1, Relaxed);
-        let (fence, postgres) =
-            tokio::join!(service.cache().fence(), ping_postgres(&target, &mut probe));
-        if fence.is_ok() && !policy_checked {
-            policy_checked = true;
-            warn_if_evicting(service.cache()).await;
-        }
-        if let Ok(present) = &fence {
-            epochs.check(&service, present.is_some()).await;
-        }
-        let redis = match fence {
-            Ok(Some(_)) => {
-                fence_broken = false;
-                Ok(())
+        let (survey, postgres) =
+            tokio::join!(survey(service.cache()), ping_postgres(&target, &mut probe));
+        if let Ok(nodes) = &survey {
+            if !policy_checked {
+                policy_checked = true;
+                if let Some((primary, _)) = nodes.first() {
+                    warn_if_evicting(service.cache(), primary).await;
+                }
             }
-            Ok(None) if postgres.is_ok() => {
-                service.restore_fence().await;
-                Ok(())
-            }
-            // Until PostgreSQL answers no fence can be drawn: writes are refused meanwhile.
-            Ok(None) => Ok(()),
-            // Redis answered: it is up, but the fence key holds something that is not ours.
-            Err(CacheError::Server(reason)) => {
-                if !fence_broken {
-                    tracing::error!(key = %service.cache().fence_key(), error = %reason, "cache fence unusable: the cache is not filled until the key is removed");
-                    fence_broken = true;
+            epochs.check(&service, nodes).await;
+        }
+        let redis = match survey {
+            Ok(nodes) => {
+                let mut broken = None;
+                for (primary, state) in &nodes {
+                    match &state.fence {
+                        Ok(Some(_)) => {}
+                        Ok(None) if postgres.is_ok() => service.restore_fence(primary).await,
+                        // Until PostgreSQL answers no fence can be drawn: writes are refused
+                        // meanwhile.
+                        Ok(None) => {}
+                        // Redis answered: it is up, but a fence key holds something not ours.
+                        Err(reason) => broken = Some((primary, reason)),
+                    }
+                }
+                match broken {
+                    Some((primary, reason)) if !fence_broken => {
+                        let key = service.cache().fence_key_of(primary);
+                        tracing::error!(key = %key.escape_debug(), error = %reason, "cache fence unusable: the cache is not filled until the key is removed");
+                        fence_broken = true;
+                    }
+                    Some(_) => {}
+                    None => fence_broken = false,
                 }
                 Ok(())
             }
             Err(e) => Err(e.to_string()),
         };
         let health = &service.health;
-        let outcomes = [
-            (Backend::Redis, redis.map_err(|e| e.to_string())),
-            (Backend::Postgres, postgres),
-        ];
+        let outcomes = [(Backend::Redis, redis), (Backend::Postgres, postgres)];
         for ((backend, outcome), failed) in outcomes.into_iter().zip(failures.iter_mut()) {
             match outcome {
                 Ok(()) => {
@@ -108,6 +117,13 @@ pub async fn run(
                 }
             }
         }
+        // A Cluster connection that keeps failing may be stalled in the driver's recovery.
+        if failures[0] > 0 && failures[0] % RENEW_AFTER == 0 && service.cache().renew_connection() {
+            tracing::info!(
+                failed_checks = failures[0],
+                "redis cluster connection renewed"
+            );
+        }
         if health.both_seen() && health.set_ready() {
             tracing::info!("ready");
             systemd::ready("ready: serving");
@@ -121,65 +137,104 @@ pub async fn run(
     }
 }
 
-/// Which Redis process the cached data was written under (see `Cache::epoch_key`): data from
-/// another process (a restart from persisted data, a promoted replica, a restore) may lack the
-/// newest writes, so the whole cache is distrusted and dropped before the epoch is recorded.
+/// Which primary (by node id) serves which slot ranges.
+type Topology = Vec<(String, Vec<(u16, u16)>)>;
+
+/// What the monitor sees of Redis in one tick: on Sentinel, the primary the sentinels name (moving
+/// there if it moved); then every primary, each looked at in one round trip. One primary that does
+/// not answer makes Redis down: reads go to PostgreSQL until it answers or is replaced, so a
+/// promoted replica's data is never read before [`Epochs::check`] has looked at it.
+async fn survey(cache: &Cache) -> Result<Vec<(Primary, NodeState)>, CacheError> {
+    if let Err(e) = cache.follow_sentinels().await {
+        tracing::debug!(error = %e, "cannot ask the sentinels");
+    }
+    let primaries = cache.primaries().await?;
+    let looks = primaries.iter().map(|primary| cache.look_at(primary));
+    let states = futures::future::try_join_all(looks).await?;
+    Ok(primaries.into_iter().zip(states).collect())
+}
+
+/// Which Redis process the cached data of each primary was written under (see
+/// `Cache::epoch_key`), and which primary serves which slots: data from another process (a
+/// restart from persisted data, a promoted replica, a restore) or a changed topology (a failover,
+/// slots moved) may lack the newest writes, so the cache is distrusted and dropped before the new
+/// epochs are recorded.
 #[derive(Default)]
 struct Epochs {
-    /// The `run_id` to record once the cache holds nothing from before it.
-    pending: Option<String>,
+    /// The `run_id`s to record, per primary, once the cache holds nothing from before them.
+    pending: Vec<(Primary, String)>,
     /// Whether `INFO` was refused (said once: a replaced Redis then goes unnoticed).
     unknowable: bool,
+    /// Who served which slots at the last look (node ids and ranges).
+    topology: Option<Topology>,
 }
 
 impl Epochs {
-    /// `fenced`: the fence is there (Redis kept data); without it Redis lost everything, which
-    /// the fence already handles.
-    async fn check(&mut self, service: &Service, fenced: bool) {
-        let (run_id, recorded) = match service.cache().epoch().await {
-            Ok(epoch) => epoch,
-            Err(e) => return tracing::debug!(error = %e, "cannot read the redis epoch"),
-        };
-        let Some(run_id) = run_id else {
-            if !self.unknowable {
-                self.unknowable = true;
-                tracing::warn!("redis refuses INFO: a restart from persisted data or a failover goes unnoticed; allow INFO (docs/operations.md)");
-            }
-            return;
-        };
-        if recorded.as_deref() == Some(run_id.as_str()) || self.pending.as_ref() == Some(&run_id) {
-            return;
-        }
-        if fenced {
+    async fn check(&mut self, service: &Service, nodes: &[(Primary, NodeState)]) {
+        let topology: Topology = nodes
+            .iter()
+            .map(|(p, _)| (p.id.clone(), p.ranges.clone()))
+            .collect();
+        if self.topology.as_ref().is_some_and(|seen| *seen != topology) {
             tracing::warn!(
-                run_id = %run_id,
-                recorded = recorded.as_deref().unwrap_or(""),
-                "redis holds data written under another redis process: dropping every cached entry, reads go to postgres until then"
+                primaries = topology.len(),
+                "redis cluster topology changed (a failover, or slots moved): dropping every cached entry, reads go to postgres until then"
             );
             service.repairs.distrust_all();
+            self.pending.clear();
         }
-        self.pending = Some(run_id);
+        self.topology = Some(topology);
+        for (primary, state) in nodes {
+            let Some(run_id) = &state.run_id else {
+                if !self.unknowable {
+                    self.unknowable = true;
+                    tracing::warn!("redis refuses INFO: a restart from persisted data or a failover goes unnoticed; allow INFO (docs/operations.md)");
+                }
+                continue;
+            };
+            if state.recorded.as_ref() == Some(run_id)
+                || self
+                    .pending
+                    .iter()
+                    .any(|(p, id)| p == primary && id == run_id)
+            {
+                continue;
+            }
+            if matches!(state.fence, Ok(Some(_))) {
+                tracing::warn!(
+                    run_id = %run_id,
+                    recorded = state.recorded.as_deref().unwrap_or(""),
+                    node = %primary.address,
+                    "redis holds data written under another redis process: dropping every cached entry, reads go to postgres until then"
+                );
+                service.repairs.distrust_all();
+            }
+            // Without a fence Redis lost everything there, which the fence already handles.
+            self.pending.retain(|(p, _)| p != primary);
+            self.pending.push((primary.clone(), run_id.clone()));
+        }
     }
 
-    /// Records the pending epoch once nothing from before it is trusted any more.
+    /// Records the pending epochs once nothing from before them is trusted any more.
     async fn record_once_settled(&mut self, service: &Service) {
-        let Some(run_id) = &self.pending else {
-            return;
-        };
-        if service.repairs.any() {
+        if self.pending.is_empty() || service.repairs.any() {
             return;
         }
-        match service.cache().record_epoch(run_id).await {
-            Ok(()) => self.pending = None,
-            Err(e) => tracing::debug!(error = %e, "cannot record the redis epoch yet"),
+        let mut left = Vec::new();
+        for (primary, run_id) in self.pending.drain(..) {
+            if let Err(e) = service.cache().record_epoch(&primary, &run_id).await {
+                tracing::debug!(error = %e, "cannot record the redis epoch yet");
+                left.push((primary, run_id));
+            }
         }
+        self.pending = left;
     }
 }
 
 /// An `allkeys-*` eviction policy may evict a tombstone or a newer entry while a slow fill of an
 /// older row is on its way, and the fence itself (it has no TTL, unlike every entry): say so.
-async fn warn_if_evicting(cache: &Cache) {
-    if let Some(policy) = cache.eviction_policy().await {
+async fn warn_if_evicting(cache: &Cache, primary: &Primary) {
+    if let Some(policy) = cache.eviction_policy(primary).await {
         if policy.starts_with("allkeys") {
             tracing::warn!(
                 policy = %policy,

@@ -42,19 +42,14 @@ pub async fn verify(config: &Config) -> anyhow::Result<Report> {
     let client = connect::pg_target(config)?.connect().await?;
     let mut report = Report::default();
     let mut suspects = Vec::new();
-    let mut cursor = 0;
-    loop {
-        let (next, names) = cache.scan_page(cursor).await?;
+    let mut scan = cache.scan();
+    while let Some(names) = scan.next_page().await? {
         let (checked, found, foreign) = compare(&cache, &client, names).await?;
         report.checked += checked;
         suspects.extend(found);
         report
             .foreign
             .extend(foreign.iter().map(|name| cache.key(name)));
-        if next == 0 {
-            break;
-        }
-        cursor = next;
     }
     if !suspects.is_empty() {
         tokio::time::sleep(RECHECK_AFTER).await;

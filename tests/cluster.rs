@@ -1,58 +1,429 @@
-//! The harness's Redis Cluster (for the cluster-mode work of issue 13): six nodes, three primaries
-//! with a replica each, every slot served; a killed primary is replaced by its replica.
+//! Cluster mode (`redis.mode = "cluster"`) on the harness's six-node Redis Cluster, one cluster
+//! for the whole binary, its phases in turn: every request kind with gets pipelined across every
+//! slot, CDC, TRUNCATE and `verify`; resharding under load; and a failover that loses writes.
 
-use std::process::Command;
-use std::time::Duration;
+mod common;
 
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use cacheward::config::{RedisMode, SecretUrl};
 use cacheward::dev::cluster::RedisCluster;
+use cacheward::store::cache::is_live;
+use cacheward::store::topology::slot_of;
+use common::*;
+use redis::cluster_async::ClusterConnection;
+use serde_json::{json, Value};
 
-/// `redis-cli -c -p PORT args…` (follows MOVED redirections): its output.
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-c", "-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+/// A cluster-aware connection of the test's own.
+async fn connect(cluster: &RedisCluster) -> ClusterConnection {
+    redis::cluster::ClusterClient::new(cluster.urls())
+        .expect("cluster client")
+        .get_async_connection()
+        .await
+        .expect("connect to the cluster")
 }
 
-#[test]
-fn the_harness_makes_a_six_node_cluster_that_fails_over() {
+/// What the cluster holds at `user:<name>`, asked through a cluster-aware connection.
+async fn cached(conn: &mut ClusterConnection, name: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(format!("user:{name}"))
+        .query_async(conn)
+        .await
+        .expect("cluster GET")
+}
+
+/// The names whose live entry differs from their row (or is live without one).
+async fn disagreeing(env: &TestEnv, conn: &mut ClusterConnection, names: &[String]) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for name in names {
+        let entry = cached(conn, name).await.filter(|v| is_live(v));
+        let entry: Option<Value> = entry.map(|v| serde_json::from_str(&v).expect("live JSON"));
+        match (entry, env.row_json(name).await) {
+            (Some(e), Some(r)) if e != r => wrong.push(name.clone()),
+            (Some(_), None) => wrong.push(name.clone()),
+            _ => {}
+        }
+    }
+    wrong
+}
+
+/// Live entries under `user:` on every primary (SCAN on each).
+fn live_entries(cluster: &RedisCluster) -> usize {
+    let mut live = 0;
+    for port in cluster.primaries() {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("user:*").query(&mut conn).unwrap();
+        for key in keys {
+            let value: Option<String> =
+                redis::cmd("GET").arg(&key).query(&mut conn).unwrap_or(None);
+            live += value.is_some_and(|v| is_live(&v)) as usize;
+        }
+    }
+    live
+}
+
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// The primaries' ports and the slot ranges each serves, from `CLUSTER SLOTS`.
+async fn slot_owners(conn: &mut ClusterConnection) -> Vec<(u16, u16, u16)> {
+    let ranges: Vec<Value> =
+        {
+            let reply: redis::Value = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(conn)
+                .await
+                .unwrap();
+            let redis::Value::Array(ranges) = reply else {
+                panic!("CLUSTER SLOTS: {reply:?}")
+            };
+            ranges
+            .into_iter()
+            .map(|r| {
+                let redis::Value::Array(f) = r else { panic!() };
+                let (redis::Value::Int(from), redis::Value::Int(to), redis::Value::Array(node)) =
+                    (&f[0], &f[1], &f[2])
+                else {
+                    panic!()
+                };
+                let redis::Value::Int(port) = node[1] else { panic!() };
+                json!([from, to, port])
+            })
+            .collect()
+        };
+    ranges
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_u64().unwrap() as u16,
+                r[1].as_u64().unwrap() as u16,
+                r[2].as_u64().unwrap() as u16,
+            )
+        })
+        .collect()
+}
+
+fn owner(owners: &[(u16, u16, u16)], name: &str) -> u16 {
+    let slot = slot_of(format!("user:{name}").as_bytes());
+    owners
+        .iter()
+        .find(|(from, to, _)| (*from..=*to).contains(&slot))
+        .expect("every slot is served")
+        .2
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_failover() {
+    let env = TestEnv::start().await;
+    // On the test's own thread: the nodes die with the thread that started them.
     let mut cluster = RedisCluster::start().expect("start the cluster");
-    let ports = cluster.ports().to_vec();
-    assert!(cli(ports[0], &["CLUSTER", "INFO"]).contains("cluster_slots_assigned:16384"));
-    let primaries = cluster.primaries();
-    assert_eq!(primaries.len(), 3, "{primaries:?}");
-    // Keys of every slot range, written through one node and read through another.
-    for i in 0..30 {
-        let key = format!("user:k{i}");
-        assert_eq!(cli(ports[0], &["SET", &key, "v"]), "OK");
-        assert_eq!(cli(ports[5], &["GET", &key]), "v");
-    }
-    // Replication is asynchronous: give it a moment (localhost: well under a millisecond).
-    std::thread::sleep(Duration::from_millis(500));
-    // A primary dies: its replica is promoted within a few node timeouts.
-    let victim = ports.iter().position(|p| *p == primaries[0]).unwrap();
-    cluster.kill(victim);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while cluster.primaries().len() < 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no replica took over:\n{}",
-            cli(ports[(victim + 1) % ports.len()], &["CLUSTER", "NODES"]),
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    cluster
-        .await_state_ok(Duration::from_secs(15))
-        .expect("the cluster recovers");
-    for i in 0..30 {
-        let key = format!("user:k{i}");
-        let survivor = ports[(victim + 1) % ports.len()];
+    let urls = cluster.urls();
+    let mut config = env.config();
+    config.redis.mode = RedisMode::Cluster;
+    config.redis.url = Some(SecretUrl::new(urls[0].clone()));
+    config.redis.urls = urls[1..].iter().cloned().map(SecretUrl::new).collect();
+    config.redis.timeout_ms = 500;
+    let daemon = env.start_daemon(config).await;
+    let mut conn = connect(&cluster).await;
+    let pg = env.pg().await;
+
+    // 1. Every request kind. Rows written by plain SQL reach the cache through CDC, each to its
+    // own slot's primary.
+    let people = names("c", 300);
+    pg.execute(
+        "INSERT INTO users (username) SELECT 'c' || g FROM generate_series(0, 299) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let slots: BTreeSet<u16> = people
+        .iter()
+        .map(|n| slot_of(format!("user:{n}").as_bytes()))
+        .collect();
+    assert!(
+        slots.len() > 250,
+        "the names span the slots of every primary"
+    );
+    wait_until("CDC filled every slot", Duration::from_secs(10), || async {
+        live_entries(&cluster) == people.len()
+    })
+    .await;
+    // Gets pipelined on one connection, spanning every slot: all hits, all exact, in order.
+    let mut client = daemon.client().await;
+    for answer in client.get_all(&people).await {
+        assert_eq!(answer["result"]["source"], json!("cache"), "{answer}");
+        let name = answer["result"]["user"]["username"].as_str().unwrap();
         assert_eq!(
-            cli(survivor, &["GET", &key]),
-            "v",
-            "{key} after the failover"
+            Some(answer["result"]["user"].clone()),
+            env.row_json(name).await
         );
     }
+    // Cold reads fill every slot, and a read right after each answer sees its fill.
+    for name in people.iter().take(40) {
+        redis::cmd("DEL")
+            .arg(format!("user:{name}"))
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    let first = client.get_all(&people[..40]).await;
+    assert!(first.iter().all(|a| a["result"]["source"] == json!("db")));
+    let again = client.get_all(&people[..40]).await;
+    assert!(
+        again
+            .iter()
+            .all(|a| a["result"]["source"] == json!("cache")),
+        "read-your-fill on every node"
+    );
+    // Write-through: create, rename, delete, each read back at once.
+    let put = client.call("put", json!({"username": "c-new"})).await;
+    assert_eq!(put["result"]["created"], json!(true));
+    let renamed = client
+        .call(
+            "rename",
+            json!({"username": "c1", "new_username": "c1-renamed"}),
+        )
+        .await;
+    let version = renamed["result"]["user"]["version"].as_i64().unwrap();
+    assert_eq!(
+        client.get("c1").await["error"]["data"]["kind"],
+        json!("not_found")
+    );
+    let got = client.get("c1-renamed").await;
+    assert_eq!(
+        got["result"]["user"]["version"],
+        json!(version),
+        "{got} {renamed}"
+    );
+    assert_eq!(
+        client.call("delete", json!({"username": "c2"})).await["result"]["deleted"],
+        json!(true)
+    );
+    assert_eq!(
+        client.get("c2").await["error"]["data"]["kind"],
+        json!("not_found")
+    );
+    // Out-of-band updates reach every slot through CDC.
+    pg.batch_execute(
+        "UPDATE users SET created_at = created_at - interval '1 day' WHERE username LIKE 'c%'",
+    )
+    .await
+    .unwrap();
+    let mut everyone = people.clone();
+    everyone.extend(["c-new".to_owned(), "c1-renamed".to_owned()]);
+    wait_until(
+        "CDC updated every slot",
+        Duration::from_secs(10),
+        || async {
+            disagreeing(&env, &mut connect(&cluster).await, &everyone)
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    let verified = cluster_verify(&env, &urls[2]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&verified.stdout).contains("0 mismatches"),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+    // TRUNCATE drops every entry on every primary.
+    pg.batch_execute("TRUNCATE users").await.unwrap();
+    wait_until(
+        "TRUNCATE reached every primary",
+        Duration::from_secs(10),
+        || async { live_entries(&cluster) == 0 },
+    )
+    .await;
+    assert_eq!(
+        client.get("c5").await["error"]["data"]["kind"],
+        json!("not_found")
+    );
+
+    // 2. Resharding under a read/write load: slots move between primaries while the daemon
+    // reads, writes and applies CDC; afterwards every entry equals its row.
+    let movers = names("m", 200);
+    pg.execute(
+        "INSERT INTO users (username) SELECT 'm' || g FROM generate_series(0, 199) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    client.get_all(&movers).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, socket, db_url, movers) = (
+            stop.clone(),
+            daemon.socket.clone(),
+            env.db_url.clone(),
+            movers.clone(),
+        );
+        tokio::spawn(async move {
+            let mut client = Rpc::connect(&socket).await;
+            let pg: tokio_postgres::Config = db_url.parse().unwrap();
+            let pg = cacheward::store::db::connect(&pg).await.unwrap();
+            let mut round = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = &movers[round % movers.len()];
+                match round % 4 {
+                    0 => {
+                        pg.execute(
+                            "UPDATE users SET created_at = now() WHERE username = $1",
+                            &[name],
+                        )
+                        .await
+                        .unwrap();
+                    }
+                    1 => {
+                        client.call("delete", json!({"username": name})).await;
+                    }
+                    2 => {
+                        client.call("put", json!({"username": name})).await;
+                    }
+                    _ => {
+                        client.get(name).await;
+                    }
+                }
+                round += 1;
+            }
+            round
+        })
+    };
+    let primaries = cluster.primaries();
+    let (from, to) = (primaries[0], primaries[1]);
+    let moved = {
+        let cluster = &cluster;
+        tokio::task::block_in_place(|| cluster.reshard(from, to, 300))
+    };
+    moved.expect("reshard");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = load.await.unwrap();
+    assert!(
+        rounds > 100,
+        "the load ran through the resharding ({rounds} rounds)"
+    );
+    wait_until(
+        "every entry equals its row after resharding",
+        Duration::from_secs(10),
+        || async {
+            disagreeing(&env, &mut connect(&cluster).await, &movers)
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    let verified = cluster_verify(&env, &urls[0]);
+    assert!(String::from_utf8_lossy(&verified.stdout).contains("0 mismatches"));
+
+    // 3. A failover that loses writes. The replica of one primary is cut off, the daemon writes
+    // newer versions and tombstones to that primary's keys, the primary dies, and the stale
+    // replica is promoted: the daemon must not serve what it holds, and must repair it.
+    let mut conn = connect(&cluster).await;
+    let owners = slot_owners(&mut conn).await;
+    let victim = owners[0].2;
+    let doomed: Vec<String> = names("f", 400)
+        .into_iter()
+        .filter(|n| owner(&owners, n) == victim)
+        .take(40)
+        .collect();
+    assert!(
+        doomed.len() >= 20,
+        "names on the victim's slots: {}",
+        doomed.len()
+    );
+    for name in &doomed {
+        client.call("put", json!({"username": name})).await;
+    }
+    client.get_all(&doomed).await;
+    let replica = cluster
+        .replica_of(victim)
+        .expect("the victim has a replica");
+    // Replication is asynchronous: let the replica catch up with the entries, then cut it off.
+    redis::cmd("WAIT")
+        .arg(1)
+        .arg(2000)
+        .query_async::<i64>(&mut direct(victim).await)
+        .await
+        .unwrap();
+    cluster.cut_replication(victim).unwrap();
+    // Newer versions (out-of-band updates, through CDC) and deletions (tombstones).
+    let rows = outdate(&env, &mut client, &doomed).await;
+    wait_until(
+        "the primary holds the newest versions",
+        Duration::from_secs(10),
+        || async {
+            disagreeing(&env, &mut connect(&cluster).await, &doomed)
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    // The replica really lacks them: what it would serve is stale.
+    let mut stale = 0;
+    let mut on_replica = direct(replica).await;
+    redis::cmd("READONLY")
+        .query_async::<()>(&mut on_replica)
+        .await
+        .unwrap();
+    for name in &doomed {
+        let held: Option<String> = redis::cmd("GET")
+            .arg(format!("user:{name}"))
+            .query_async(&mut on_replica)
+            .await
+            .unwrap();
+        let held: Option<Value> = held
+            .filter(|v| is_live(v))
+            .map(|v| serde_json::from_str(&v).unwrap());
+        stale += (held.is_some() && held != env.row_json(name).await) as usize;
+    }
+    assert_eq!(
+        stale,
+        doomed.len(),
+        "the replica holds the old version of every name"
+    );
+    let killed_at = Instant::now();
+    cluster.kill(cluster.node(victim).unwrap());
+    // Through the failover the daemon answers every get with the row (or not_found), never with
+    // the promoted replica's older entry, and soon every entry equals its row again.
+    let repaired_after = through_failover(&mut client, &doomed, &rows, killed_at, || async {
+        cluster.primaries().len() == 3
+            && disagreeing(&env, &mut connect(&cluster).await, &doomed)
+                .await
+                .is_empty()
+    })
+    .await;
+    eprintln!("failover: every entry equal to its row {repaired_after:?} after the kill");
+    assert_eq!(cluster.primaries().len(), 3, "the replica was promoted");
+    daemon.stop().await;
+}
+
+async fn direct(port: u16) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// `cacheward verify` in cluster mode, seeded by one node.
+fn cluster_verify(env: &TestEnv, seed: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cacheward"))
+        .arg("verify")
+        .current_dir(env.dir.path())
+        .env("DATABASE_URL", &env.db_url)
+        .env("REDIS_URL", seed)
+        .env("CACHEWARD__REDIS__MODE", "cluster")
+        .output()
+        .expect("run cacheward verify")
 }

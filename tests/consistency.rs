@@ -382,7 +382,7 @@ async fn the_write_script_tells_stale_writes_from_ones_already_there() {
     use cacheward::store::cache::{Cache, Outcome, Write};
     let env = TestEnv::start().await;
     let cache = Cache::new(&env.config()).unwrap();
-    cache.establish_fence(1).await.unwrap();
+    cache.claim(1).await.unwrap();
     let live = |version: i64| Write::Live {
         username: "v".into(),
         version,

@@ -58,20 +58,7 @@ fn pipelined_gets(
     socket: std::path::PathBuf,
     names: Vec<String>,
 ) -> tokio::task::JoinHandle<Vec<Value>> {
-    tokio::spawn(async move {
-        let mut c = common::Rpc::connect(&socket).await;
-        for (i, name) in names.iter().enumerate() {
-            c.send(
-                &json!({"jsonrpc": "2.0", "id": i, "method": "get", "params": {"username": name}}),
-            )
-            .await;
-        }
-        let mut answers = Vec::new();
-        for _ in &names {
-            answers.push(c.recv().await);
-        }
-        answers
-    })
+    tokio::spawn(async move { common::Rpc::connect(&socket).await.get_all(&names).await })
 }
 
 /// A daemon whose fills are held, and `n` users it has not cached being read through it, pipelined:
@@ -252,8 +239,14 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
         vec![Outcome::Fenced],
         "no fence: Redis may have lost a tombstone"
     );
-    assert_eq!(cache.establish_fence(10).await.unwrap(), 10);
-    assert_eq!(cache.establish_fence(20).await.unwrap(), 10, "set once");
+    let primary = &cache.primaries().await.unwrap()[0];
+    assert_eq!(cache.establish_fences(primary, 10).await.unwrap(), 1);
+    assert_eq!(
+        cache.establish_fences(primary, 20).await.unwrap(),
+        0,
+        "set once"
+    );
+    assert_eq!(env.cached("").await.as_deref(), Some("10"));
     assert_eq!(
         cache
             .apply(&[live("a", 5, 9), live("b", 5, 10), Write::tombstone("c", 3)])

@@ -206,7 +206,7 @@ async fn rediss_with_a_ca_file_and_with_client_certificates() {
 
     // No client certificate: the server refuses, and the error says it was TLS.
     let cache = Cache::new(&config).unwrap();
-    let e = cache.fence().await.unwrap_err().to_string();
+    let e = cache.get_raw(&["a".into()]).await.unwrap_err().to_string();
     assert!(
         e.contains("TLS") && e.contains("CertificateRequired"),
         "{e}"

@@ -4,7 +4,7 @@
 //! any of them to drive a failover.
 
 use std::io::{Read, Write as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,10 @@ use super::{await_ready, command, failed, free_port, io_err, on_path, signal, De
 
 /// Nodes in the cluster: three primaries and their replicas.
 pub const NODES: usize = 6;
+
+/// The ACL user replicas sync as.
+const REPLICATION_USER: &str = "replication";
+const REPLICATION_PASSWORD: &str = "replicate-me";
 
 /// The running cluster; dropping it kills every node and removes their files.
 pub struct RedisCluster {
@@ -90,32 +94,16 @@ impl RedisCluster {
         if self.children[node].is_some() {
             return Ok(());
         }
-        let binary = on_path("redis-server").ok_or(DevError::MissingBinary("redis-server", ""))?;
         let port = self.ports[node];
-        let log = self.dir.path().join(format!("node-{port}.log"));
-        let child = command(&binary, None, libc::SIGKILL)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1500"])
-            .arg("--cluster-config-file")
-            .arg(format!("nodes-{port}.conf"))
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .arg("--logfile")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(io_err("spawn redis-server"))?;
-        let child = await_ready(
-            child,
-            "redis cluster node",
-            &log,
-            Duration::from_secs(10),
-            || ask(port, "PING").is_some_and(|answer| answer.starts_with("+PONG")),
-        )?;
-        self.children[node] = Some(child);
+        let cluster = [
+            "--cluster-enabled".to_owned(),
+            "yes".to_owned(),
+            "--cluster-node-timeout".to_owned(),
+            "1500".to_owned(),
+            "--cluster-config-file".to_owned(),
+            format!("nodes-{port}.conf"),
+        ];
+        self.children[node] = Some(redis_node(self.dir.path(), port, &cluster)?);
         Ok(())
     }
 
@@ -190,6 +178,58 @@ impl RedisCluster {
         }
     }
 
+    /// The node listening on `port`.
+    pub fn node(&self, port: u16) -> Option<usize> {
+        self.ports.iter().position(|p| *p == port)
+    }
+
+    /// The node id of the node on `port`.
+    pub fn id(&self, port: u16) -> Option<String> {
+        let answer = ask(port, "CLUSTER MYID")?;
+        answer.lines().nth(1).map(str::to_owned)
+    }
+
+    /// The port of the replica of the primary on `port`.
+    pub fn replica_of(&self, port: u16) -> Option<u16> {
+        let wanted = format!("master_port:{port}");
+        self.ports.iter().copied().find(|&p| {
+            ask(p, "INFO replication")
+                .is_some_and(|info| info.contains("role:slave") && info.contains(&wanted))
+        })
+    }
+
+    /// Cuts the replication link of the primary on `port`: its replication user is disabled and
+    /// its replicas' connections killed, so its replica keeps what it had and misses every
+    /// write from now on, awake and still eligible for promotion (`DEBUG SLEEP` would not do:
+    /// the replica would apply the buffered stream on waking).
+    pub fn cut_replication(&self, port: u16) -> Result<(), DevError> {
+        cut_replication(port)
+    }
+
+    /// Moves `slots` slots from the primary on `from` to the one on `to` with `redis-cli
+    /// --cluster reshard` (keys migrate one by one while clients keep going).
+    pub fn reshard(&self, from: u16, to: u16, slots: u32) -> Result<(), DevError> {
+        let cli = on_path("redis-cli").ok_or(DevError::MissingBinary("redis-cli", ""))?;
+        let (from_id, to_id) = match (self.id(from), self.id(to)) {
+            (Some(f), Some(t)) => (f, t),
+            _ => return Err(failed("resharding", "a node did not say its id")),
+        };
+        let out = Command::new(cli)
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+            .args(["--cluster-from", &from_id, "--cluster-to", &to_id])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err("redis-cli --cluster reshard"))?;
+        if !out.status.success() {
+            return Err(failed(
+                "resharding the redis cluster",
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn dir(&self) -> PathBuf {
         self.dir.path().to_owned()
     }
@@ -204,9 +244,56 @@ impl Drop for RedisCluster {
     }
 }
 
+/// Starts a `redis-server` on 127.0.0.1:`port` with `args`, its files in `dir`, without
+/// persistence; its replicas (if any) sync as [`REPLICATION_USER`], so a test can cut them off.
+/// Returns once it answers PING.
+pub(super) fn redis_node(dir: &Path, port: u16, args: &[String]) -> Result<Child, DevError> {
+    let binary = on_path("redis-server").ok_or(DevError::MissingBinary("redis-server", ""))?;
+    let log = dir.join(format!("node-{port}.log"));
+    let child = command(&binary, None, libc::SIGKILL)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args([
+            "--masteruser",
+            REPLICATION_USER,
+            "--masterauth",
+            REPLICATION_PASSWORD,
+        ])
+        .args(["--user", REPLICATION_USER, "on"])
+        .arg(format!(">{REPLICATION_PASSWORD}"))
+        .args(["~*", "&*", "+@all"])
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io_err("spawn redis-server"))?;
+    await_ready(child, "redis node", &log, Duration::from_secs(10), || {
+        ask(port, "PING").is_some_and(|answer| answer.starts_with("+PONG"))
+    })
+}
+
+/// Cuts the replication link of the primary on `port` (see `RedisCluster::cut_replication`).
+pub(super) fn cut_replication(port: u16) -> Result<(), DevError> {
+    for command in [
+        format!("ACL SETUSER {REPLICATION_USER} off"),
+        "CLIENT KILL TYPE replica".to_owned(),
+    ] {
+        let answer = ask(port, &command).unwrap_or_default();
+        if answer.starts_with('-') || answer.is_empty() {
+            return Err(failed("cutting a replication link", answer));
+        }
+    }
+    Ok(())
+}
+
 /// Sends one inline command to a node over TCP and returns its raw answer (`None` if the node
 /// does not answer within a second).
-fn ask(port: u16, command: &str) -> Option<String> {
+pub(super) fn ask(port: u16, command: &str) -> Option<String> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
     stream.write_all(format!("{command}\r\n").as_bytes()).ok()?;

@@ -18,6 +18,7 @@ use tempfile::TempDir;
 
 pub mod cluster;
 pub mod install;
+pub mod sentinel;
 
 use install::Tool;
 
@@ -879,8 +880,9 @@ impl DevStack {
             .await
             .map_err(|e| seeding(e.to_string()))?;
         let cache = Cache::new(&config).map_err(|e| failed("redis url", e.to_string()))?;
+        // Written under this very Redis process: the daemon then trusts it (see Cache::epoch_key).
         cache
-            .establish_fence(fence)
+            .claim(fence)
             .await
             .map_err(|e| seeding(e.to_string()))?;
         let mut found = store
@@ -895,14 +897,6 @@ impl DevStack {
             .apply(&[Write::live(&user, found.read_at)])
             .await
             .map_err(|e| seeding(e.to_string()))?;
-        // Written under this very Redis process: the daemon then trusts it (see Cache::epoch_key).
-        let (run_id, _) = cache.epoch().await.map_err(|e| seeding(e.to_string()))?;
-        if let Some(run_id) = run_id {
-            cache
-                .record_epoch(&run_id)
-                .await
-                .map_err(|e| seeding(e.to_string()))?;
-        }
         Ok(())
     }
 }

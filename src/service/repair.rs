@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{db_result, Service, ServiceError};
 use crate::store::cache::Write;
+use crate::store::topology::Primary;
 
 /// Names queued for repair before the queue gives up on names and clears the whole cache instead.
 pub const REPAIR_CAPACITY: usize = 100_000;
@@ -163,17 +164,17 @@ impl Service {
         self.repairs.count()
     }
 
-    /// Redis has no fence (a first start, a Redis restart, a FLUSHALL): sets one from a horizon
-    /// drawn now, after it was seen missing, so that every write that read its row before Redis
-    /// lost its data is refused (see `Cache::fence_key`). Until then every live write is refused.
-    /// Called by the health monitor.
-    pub async fn restore_fence(&self) {
+    /// `primary` has no fence (a first start, a Redis restart, a FLUSHALL): sets its fences from a
+    /// horizon drawn now, after one was seen missing, so that every write that read its row before
+    /// Redis lost its data is refused (see `Cache::fence_key`). Until then every live write there
+    /// is refused. Called by the health monitor.
+    pub async fn restore_fence(&self, primary: &Primary) {
         let horizon = match self.db.fresh_horizon().await {
             Ok(horizon) => horizon,
             Err(e) => return tracing::debug!(error = %e, "cannot draw a cache fence yet"),
         };
-        match self.cache.establish_fence(horizon).await {
-            Ok(fence) => tracing::info!(fence, "cache fence set"),
+        match self.cache.establish_fences(primary, horizon).await {
+            Ok(set) => tracing::info!(fence = horizon, slots = set, "cache fence set"),
             Err(e) => tracing::debug!(error = %e, "cannot set the cache fence yet"),
         }
     }

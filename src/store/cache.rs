@@ -5,12 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
-use super::connect;
-use crate::config::{Config, SecretUrl};
+use super::topology::{self, Conn, Keys, Primary};
+use crate::config::{Config, RedisMode};
 use crate::user::User;
 use crate::workqueue::WorkQueue;
 
@@ -253,8 +252,8 @@ pub fn is_ours(value: &str) -> bool {
 /// The Redis side of the cache: one multiplexed, auto-reconnecting connection shared by all tasks.
 #[derive(Clone)]
 pub struct Cache {
-    conn: ConnectionManager,
-    prefix: Arc<str>,
+    conn: Conn,
+    keys: Keys,
     ttl_secs: u64,
     timeout: Duration,
     /// Request-path calls waiting to go to Redis together.
@@ -290,92 +289,6 @@ fn decode<T: redis::FromRedisValue>(value: redis::Value) -> Result<T, CacheError
     redis::from_redis_value(value).map_err(|e| CacheError::Server(e.to_string()))
 }
 
-/// The client for `redis.url`, with the certificates of `redis.tls_*` when there are any (the
-/// system's roots otherwise).
-fn client(config: &Config, url: &SecretUrl) -> Result<redis::Client, CacheError> {
-    let bad =
-        |e: &dyn std::fmt::Display| CacheError::Down(format!("redis.url {}: {e}", url.redacted()));
-    // Dead peers, as for PostgreSQL (see `connect::KEEPALIVE_IDLE`).
-    use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
-    use redis::IntoConnectionInfo;
-    let keepalive = TcpKeepalive::new()
-        .with_time(connect::KEEPALIVE_IDLE)
-        .with_interval(connect::KEEPALIVE_INTERVAL)
-        .with_retries(connect::KEEPALIVE_RETRIES);
-    let info = url
-        .expose()
-        .into_connection_info()
-        .map_err(|e| bad(&e))?
-        .set_tcp_settings(
-            TcpSettings::default()
-                .set_nodelay(true)
-                .set_keepalive(keepalive)
-                .set_user_timeout(connect::TCP_USER_TIMEOUT),
-        );
-    let r = &config.redis;
-    if r.tls_ca_file.is_none() && r.tls_cert_file.is_none() {
-        // rediss:// builds its own rustls configuration on the process's provider.
-        crate::tls::provider();
-        return redis::Client::open(info).map_err(|e| bad(&e));
-    }
-    let read = |key: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| CacheError::Down(format!("{key} {}: {e}", path.display())))
-    };
-    let root_cert = match &r.tls_ca_file {
-        Some(path) => Some(read("redis.tls_ca_file", path)?),
-        None => None,
-    };
-    let client_tls = match (&r.tls_cert_file, &r.tls_key_file) {
-        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-            client_cert: read("redis.tls_cert_file", cert)?,
-            client_key: read("redis.tls_key_file", key)?,
-        }),
-        _ => None,
-    };
-    crate::tls::provider();
-    let certificates = redis::TlsCertificates {
-        client_tls,
-        root_cert,
-    };
-    redis::Client::build_with_tls(info, certificates).map_err(|e| {
-        let files: Vec<String> = [
-            ("redis.tls_ca_file", &r.tls_ca_file),
-            ("redis.tls_cert_file", &r.tls_cert_file),
-            ("redis.tls_key_file", &r.tls_key_file),
-        ]
-        .into_iter()
-        .filter_map(|(key, path)| Some(format!("{key} {}", path.as_ref()?.display())))
-        .collect();
-        CacheError::Down(format!("{}: {e}", files.join(", ")))
-    })
-}
-
-/// `redis.password_file`, read for every new connection: a rotated password needs no restart.
-struct PasswordFile {
-    username: String,
-    path: std::path::PathBuf,
-}
-
-impl redis::auth::StreamingCredentialsProvider for PasswordFile {
-    fn subscribe(
-        &self,
-    ) -> std::pin::Pin<
-        Box<dyn futures::Stream<Item = redis::RedisResult<redis::auth::BasicAuth>> + Send>,
-    > {
-        let credentials = crate::secrets::read_password_file(&self.path)
-            .map(|password| redis::auth::BasicAuth::new(self.username.clone(), password))
-            .map_err(|e| {
-                redis::RedisError::from((
-                    redis::ErrorKind::AuthenticationFailed,
-                    "redis.password_file",
-                    e,
-                ))
-            });
-        // One item: the connection being made takes it; nothing re-authenticates later.
-        Box::pin(futures::stream::once(async move { credentials }))
-    }
-}
-
 /// What one versioned write found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -404,54 +317,45 @@ fn outcomes(flags: Vec<i64>) -> Vec<Outcome> {
         .collect()
 }
 
+/// What the health monitor finds on one primary, in one round trip.
+#[derive(Debug)]
+pub struct NodeState {
+    /// Its `run_id` (`None` where `INFO` is not allowed).
+    pub run_id: Option<String>,
+    /// The `run_id` recorded at its epoch key (see [`Cache::epoch_key`]).
+    pub recorded: Option<String>,
+    /// Its fence (the one at its anchor slot): `None` when missing (it lost its data); an error
+    /// when the key holds a value that is not cacheward's.
+    pub fence: Result<Option<i64>, String>,
+}
+
+/// Bulk calls (a fence per slot, a drop per scan page) get this many request timeouts.
+const BULK_TIMEOUTS: u32 = 20;
+
 impl Cache {
     /// Prepares the connection; it is made lazily, so a Redis that is down now is not an error.
     pub fn new(config: &Config) -> Result<Cache, CacheError> {
-        let url = config
-            .redis
-            .url
-            .as_ref()
-            .ok_or_else(|| CacheError::Down("redis.url is not set".into()))?;
-        let client = client(config, url)?;
-        let timeout = config.redis_timeout();
-        let mut manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(500));
-        if let Some(path) = &config.redis.password_file {
-            let username = client
-                .get_connection_info()
-                .redis_settings()
-                .username()
-                .unwrap_or("default")
-                .to_owned();
-            manager_config = manager_config.set_credentials_provider(PasswordFile {
-                username,
-                path: path.clone(),
-            });
-        }
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let conn = topology::connect(config).map_err(CacheError::Down)?;
         Ok(Cache {
             conn,
-            prefix: config.cache.key_prefix.as_str().into(),
+            keys: Keys::new(
+                &config.cache.key_prefix,
+                config.redis.mode == RedisMode::Cluster,
+            ),
             ttl_secs: config.cache.ttl_secs,
-            timeout,
+            timeout: config.redis_timeout(),
             ops: Arc::new(WorkQueue::serial()),
         })
     }
 
     /// The key of a user: `cache.key_prefix` + username.
     pub fn key(&self, username: &str) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + username.len());
-        key.push_str(&self.prefix);
-        key.push_str(username);
-        key
+        self.keys.user(username)
     }
 
-    /// The key of the fence: the prefix itself, which no user's key is (usernames are never
-    /// empty).
+    /// The fence guarding the entries of `slot` (one for all on a single server: the prefix
+    /// itself, which no user's key is, since usernames are never empty; one per slot on a
+    /// Cluster, kept in that slot, so that it moves with the entries it guards).
     ///
     /// A tombstone only guards a key that exists when it is written: a TRUNCATE, a resync, a
     /// repair overflow, a Redis restart or a FLUSHALL would each leave nothing to refuse a
@@ -462,24 +366,46 @@ impl Cache {
     /// Raising it to a horizon drawn after an event ([`Cache::drop_all`]) refuses every write that
     /// read before the event; the entries written before the raise are then dropped by a scan. A
     /// missing fence is set again only from a horizon drawn after it was seen missing
-    /// ([`Cache::establish_fence`], by the health monitor), so a write that read before Redis lost
-    /// its data is refused too.
-    pub fn fence_key(&self) -> String {
-        self.prefix.to_string()
+    /// ([`Cache::establish_fences`], by the health monitor), so a write that read before Redis
+    /// lost its data is refused too.
+    pub fn fence_key(&self, slot: u16) -> String {
+        self.keys.fence(slot)
+    }
+
+    /// The fence the health monitor checks on `primary`: the one at its anchor slot.
+    pub fn fence_key_of(&self, primary: &Primary) -> String {
+        self.fence_key(primary.anchor(&self.keys).unwrap_or(0))
+    }
+
+    /// The key that records which Redis process the cached data of a primary was written under
+    /// (its `run_id`), kept in the primary's anchor slot ([`Primary::anchor`]). Data restored from
+    /// a snapshot, or served by a promoted replica, carries the epoch of the process that wrote
+    /// it, which is not the one answering: the writes made since the snapshot (tombstones, newer
+    /// versions) may be missing, so nothing cached there can be trusted.
+    pub fn epoch_key(&self, slot: u16) -> String {
+        self.keys.epoch(slot)
     }
 
     async fn bounded<T>(
         &self,
         f: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, CacheError> {
-        match tokio::time::timeout(self.timeout, f).await {
+        self.bounded_by(self.timeout, f).await
+    }
+
+    async fn bounded_by<T>(
+        &self,
+        timeout: Duration,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, CacheError> {
+        match tokio::time::timeout(timeout, f).await {
             Ok(result) => Ok(result?),
-            Err(_) => Err(CacheError::Timeout(self.timeout)),
+            Err(_) => Err(CacheError::Timeout(timeout)),
         }
     }
 
     /// The live entries of `usernames`, in order. Reads that arrive while another request-path
-    /// call is in flight queue and go to Redis together, in one MGET.
+    /// call is in flight queue and go to Redis together, in one MGET per slot.
     pub async fn get_live_many(
         &self,
         usernames: &[&str],
@@ -523,118 +449,194 @@ impl Cache {
         }
     }
 
-    /// Sends queued operations as one pipeline, in queue order; consecutive reads become one
-    /// MGET.
+    /// Sends queued operations as one pipeline per slot (one in all on a single server), each in
+    /// queue order; consecutive reads of a slot become one MGET.
+    ///
+    /// Read-your-fill per node: a fill and a read queued after it either go in one batch, where
+    /// the read's key is in the fill's slot's pipeline behind it (one slot is served by one node,
+    /// which runs a pipeline in order), or in a later batch, which starts only once every
+    /// pipeline of this one was answered.
     async fn run_pipeline(&self, ops: Vec<Op>) {
-        enum Step {
-            Reads(Vec<(usize, Reply<Vec<Option<String>>>)>),
-            Fill(Reply<Vec<Outcome>>),
+        /// Where one command's answer goes: the (op, index) of each key an MGET read, or the
+        /// writes of one op a fill script carried.
+        enum Part {
+            Read(Vec<(usize, usize)>),
+            Fill(usize, Vec<usize>),
         }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let mut steps: Vec<Step> = Vec::new();
-        let mut mget: Option<redis::Cmd> = None;
-        for op in ops {
-            match op {
+        #[derive(Default)]
+        struct SlotPipe {
+            cmds: Vec<redis::Cmd>,
+            parts: Vec<Part>,
+        }
+        enum Answer {
+            Read(Reply<Vec<Option<String>>>, Vec<Option<String>>),
+            Fill(Reply<Vec<Outcome>>, Vec<Outcome>),
+        }
+        let mut slots: std::collections::BTreeMap<u16, SlotPipe> = Default::default();
+        let mut answers: Vec<(Answer, Option<CacheError>)> = Vec::with_capacity(ops.len());
+        for (op, queued) in ops.into_iter().enumerate() {
+            match queued {
                 Op::Read { keys, reply } => {
-                    let cmd = mget.get_or_insert_with(|| redis::cmd("MGET"));
-                    for key in &keys {
-                        cmd.arg(key);
+                    for (at, key) in keys.iter().enumerate() {
+                        let pipe = slots.entry(self.keys.slot(key)).or_default();
+                        if !matches!(pipe.parts.last(), Some(Part::Read(_))) {
+                            pipe.cmds.push(redis::cmd("MGET"));
+                            pipe.parts.push(Part::Read(Vec::new()));
+                        }
+                        pipe.cmds.last_mut().expect("pushed above").arg(key);
+                        if let Some(Part::Read(targets)) = pipe.parts.last_mut() {
+                            targets.push((op, at));
+                        }
                     }
-                    match steps.last_mut() {
-                        Some(Step::Reads(replies)) => replies.push((keys.len(), reply)),
-                        _ => steps.push(Step::Reads(vec![(keys.len(), reply)])),
-                    }
+                    answers.push((Answer::Read(reply, vec![None; keys.len()]), None));
                 }
                 Op::Fill { writes, reply } => {
-                    if let Some(cmd) = mget.take() {
-                        pipe.add_command(cmd);
+                    for (slot, at) in self.by_slot(writes.iter().map(|w| w.username())) {
+                        let pipe = slots.entry(slot).or_default();
+                        let carried: Vec<&Write> = at.iter().map(|&i| &writes[i]).collect();
+                        pipe.cmds.push(self.apply_cmd(slot, &carried));
+                        pipe.parts.push(Part::Fill(op, at));
                     }
-                    pipe.add_command(self.apply_cmd(&writes));
-                    steps.push(Step::Fill(reply));
+                    let none = vec![Outcome::Refused; writes.len()];
+                    answers.push((Answer::Fill(reply, none), None));
                 }
             }
         }
-        if let Some(cmd) = mget.take() {
-            pipe.add_command(cmd);
-        }
-        let mut conn = self.conn.clone();
-        let values = match self
-            .bounded::<Vec<redis::Value>>(pipe.query_async(&mut conn))
-            .await
-        {
-            Ok(values) if values.len() == steps.len() => values,
-            Ok(values) => {
-                let e = CacheError::Server(format!(
-                    "a pipeline of {} commands answered {} values",
-                    steps.len(),
-                    values.len()
-                ));
-                return fail_steps(steps, e);
+        let sent = slots.into_values().map(|pipe| {
+            let mut conn = self.conn.clone();
+            async move {
+                let mut pipeline = redis::pipe();
+                pipeline.ignore_errors();
+                for cmd in pipe.cmds {
+                    pipeline.add_command(cmd);
+                }
+                let values = self
+                    .bounded::<Vec<redis::Value>>(pipeline.query_async(&mut conn))
+                    .await
+                    .and_then(|values| match values.len() == pipe.parts.len() {
+                        true => Ok(values),
+                        false => Err(CacheError::Server(format!(
+                            "a pipeline of {} commands answered {} values",
+                            pipe.parts.len(),
+                            values.len()
+                        ))),
+                    });
+                (pipe.parts, values)
             }
-            Err(e) => return fail_steps(steps, e),
-        };
-        fn fail_steps(steps: Vec<Step>, e: CacheError) {
-            for step in steps {
-                match step {
-                    Step::Reads(replies) => {
-                        for (_, reply) in replies {
-                            let _ = reply.send(Err(e.clone()));
+        });
+        for (parts, values) in futures::future::join_all(sent).await {
+            let values = match values {
+                Ok(values) => values,
+                Err(e) => {
+                    for part in parts {
+                        match part {
+                            Part::Read(targets) => {
+                                for (op, _) in targets {
+                                    answers[op].1.get_or_insert_with(|| e.clone());
+                                }
+                            }
+                            Part::Fill(op, _) => {
+                                answers[op].1.get_or_insert_with(|| e.clone());
+                            }
                         }
                     }
-                    Step::Fill(reply) => {
-                        let _ = reply.send(Err(e.clone()));
-                    }
+                    continue;
                 }
-            }
-        }
-        for (step, value) in steps.into_iter().zip(values) {
-            match step {
-                Step::Reads(replies) => {
-                    let values = match decode::<Vec<Option<String>>>(value) {
-                        Ok(values) => values,
+            };
+            for (part, value) in parts.into_iter().zip(values) {
+                match part {
+                    Part::Read(targets) => match decode::<Vec<Option<String>>>(value) {
+                        Ok(found) => {
+                            for ((op, at), value) in targets.into_iter().zip(found) {
+                                if let Answer::Read(_, values) = &mut answers[op].0 {
+                                    values[at] = value.filter(|v| is_live(v));
+                                }
+                            }
+                        }
                         Err(e) => {
-                            fail_steps(vec![Step::Reads(replies)], e);
-                            continue;
+                            for (op, _) in targets {
+                                answers[op].1.get_or_insert_with(|| e.clone());
+                            }
                         }
-                    };
-                    let mut values = values.into_iter();
-                    for (n, reply) in replies {
-                        let live = values
-                            .by_ref()
-                            .take(n)
-                            .map(|v| v.filter(|v| is_live(v)))
-                            .collect();
-                        let _ = reply.send(Ok(live));
-                    }
+                    },
+                    Part::Fill(op, at) => match decode::<Vec<i64>>(value).map(outcomes) {
+                        Ok(found) => {
+                            if let Answer::Fill(_, outcomes) = &mut answers[op].0 {
+                                for (i, outcome) in at.into_iter().zip(found) {
+                                    outcomes[i] = outcome;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            answers[op].1.get_or_insert(e);
+                        }
+                    },
                 }
-                Step::Fill(reply) => {
-                    let _ = reply.send(decode::<Vec<i64>>(value).map(outcomes));
+            }
+        }
+        for (answer, failed) in answers {
+            match answer {
+                Answer::Read(reply, values) => {
+                    let _ = reply.send(failed.map_or(Ok(values), Err));
+                }
+                Answer::Fill(reply, outcomes) => {
+                    let _ = reply.send(failed.map_or(Ok(outcomes), Err));
                 }
             }
         }
     }
 
-    /// Applies `writes` in one script call; returns what each did.
+    /// The positions of `usernames` by the slot of their key, in slot order (one group on a
+    /// single server).
+    fn by_slot<'a>(
+        &self,
+        usernames: impl Iterator<Item = &'a str>,
+    ) -> std::collections::BTreeMap<u16, Vec<usize>> {
+        let mut slots: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
+        for (i, name) in usernames.enumerate() {
+            slots
+                .entry(self.keys.slot(&self.key(name)))
+                .or_default()
+                .push(i);
+        }
+        slots
+    }
+
+    /// Applies `writes` in one script call per slot (all at once); returns what each did.
     pub async fn apply(&self, writes: &[Write]) -> Result<Vec<Outcome>, CacheError> {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn.clone();
-        let flags: Vec<i64> = self
-            .bounded(self.apply_cmd(writes).query_async(&mut conn))
-            .await?;
-        Ok(outcomes(flags))
+        let calls = self
+            .by_slot(writes.iter().map(|w| w.username()))
+            .into_iter()
+            .map(|(slot, at)| {
+                let mut conn = self.conn.clone();
+                let carried: Vec<&Write> = at.iter().map(|&i| &writes[i]).collect();
+                let cmd = self.apply_cmd(slot, &carried);
+                async move {
+                    let flags: Vec<i64> = self.bounded(cmd.query_async(&mut conn)).await?;
+                    Ok::<_, CacheError>((at, outcomes(flags)))
+                }
+            });
+        let mut all = vec![Outcome::Refused; writes.len()];
+        for done in futures::future::join_all(calls).await {
+            let (at, found) = done?;
+            for (i, outcome) in at.into_iter().zip(found) {
+                all[i] = outcome;
+            }
+        }
+        Ok(all)
     }
 
-    /// The script call applying `writes`. EVAL with the body rather than EVALSHA: the script is
-    /// small, Redis caches it by digest, and no call ever fails with NOSCRIPT (after a restart,
-    /// or inside a pipeline).
-    fn apply_cmd(&self, writes: &[Write]) -> redis::Cmd {
+    /// The script call applying `writes`, all of whose keys are in `slot`. EVAL with the body
+    /// rather than EVALSHA: the script is small, Redis caches it by digest, and no call ever fails
+    /// with NOSCRIPT (after a restart, a failover, or inside a pipeline).
+    fn apply_cmd(&self, slot: u16, writes: &[&Write]) -> redis::Cmd {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(APPLY_SCRIPT)
             .arg(writes.len() + 1)
-            .arg(self.fence_key());
+            .arg(self.fence_key(slot));
         for write in writes {
             cmd.arg(self.key(write.username()));
         }
@@ -653,46 +655,19 @@ impl Cache {
         cmd
     }
 
-    /// One SCAN step over the keys under the prefix: the next cursor (0 when done) and the names.
-    pub async fn scan_page(&self, cursor: u64) -> Result<(u64, Vec<String>), CacheError> {
+    /// The primaries: the one server, or every Cluster primary (see [`Conn::primaries`]).
+    pub async fn primaries(&self) -> Result<Vec<Primary>, CacheError> {
         let mut conn = self.conn.clone();
-        let pattern = format!("{}*", glob_escape(&self.prefix));
-        let (next, keys): (u64, Vec<String>) = self
-            .bounded(
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_COUNT)
-                    .query_async(&mut conn),
-            )
-            .await?;
-        let names = keys
-            .into_iter()
-            .filter_map(|k| k.strip_prefix(&*self.prefix).map(str::to_owned))
-            // The prefix alone is the fence, prefix + NUL the epoch: no user's keys.
-            .filter(|name| !name.is_empty() && !name.starts_with('\0'))
-            .collect();
-        Ok((next, names))
+        self.bounded(conn.primaries()).await
     }
 
-    /// Walks every key under the prefix with SCAN (never KEYS), a batch of names at a time.
-    pub async fn scan_names<F, Fut>(&self, mut each_batch: F) -> Result<(), CacheError>
-    where
-        F: FnMut(Vec<String>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), CacheError>>,
-    {
-        let mut cursor = 0;
-        loop {
-            let (next, names) = self.scan_page(cursor).await?;
-            if !names.is_empty() {
-                each_batch(names).await?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
+    /// A walk over every key under the prefix with SCAN (never KEYS), on every primary.
+    pub fn scan(&self) -> Scan<'_> {
+        Scan {
+            cache: self,
+            pattern: format!("{}*", glob_escape(self.keys.prefix())),
+            primaries: None,
+            at: None,
         }
     }
 
@@ -701,76 +676,85 @@ impl Cache {
     /// entry under the prefix (see [`Cache::fence_key`]). Returns how many entries it dropped.
     /// Fails, changing nothing, while Redis has no fence: the health monitor sets one first.
     pub async fn drop_all(&self, fence: i64) -> Result<u64, CacheError> {
-        self.raise_fence(fence).await?;
+        for primary in self.primaries().await? {
+            for now in self
+                .fence_scripts(&primary, RAISE_FENCE_SCRIPT, fence)
+                .await?
+            {
+                if now < 0 {
+                    return Err(CacheError::Unfenced);
+                }
+            }
+        }
         let mut dropped = 0u64;
-        let mut cursor = 0;
-        loop {
-            let (next, names) = self.scan_page(cursor).await?;
-            if !names.is_empty() {
-                let keys: Vec<String> = names.iter().map(|name| self.key(name)).collect();
-                let mut conn = self.conn.clone();
-                let n: u64 = self
-                    .bounded(
-                        redis::cmd("EVAL")
-                            .arg(DROP_SCRIPT)
-                            .arg(keys.len())
-                            .arg(&keys)
-                            .arg(self.ttl_secs)
-                            .query_async(&mut conn),
-                    )
-                    .await?;
-                dropped += n;
+        let mut scan = self.scan();
+        while let Some(names) = scan.next_page().await? {
+            let calls = self
+                .by_slot(names.iter().map(String::as_str))
+                .into_values()
+                .map(|at| {
+                    let keys: Vec<String> = at.iter().map(|&i| self.key(&names[i])).collect();
+                    let mut conn = self.conn.clone();
+                    async move {
+                        self.bounded_by(
+                            self.timeout * BULK_TIMEOUTS,
+                            redis::cmd("EVAL")
+                                .arg(DROP_SCRIPT)
+                                .arg(keys.len())
+                                .arg(&keys)
+                                .arg(self.ttl_secs)
+                                .query_async::<u64>(&mut conn),
+                        )
+                        .await
+                    }
+                });
+            for n in futures::future::join_all(calls).await {
+                dropped += n?;
             }
-            if next == 0 {
-                return Ok(dropped);
-            }
-            cursor = next;
         }
+        Ok(dropped)
     }
 
-    /// The fence, or `None` when Redis has none (it lost its data, or was never fenced). Also
-    /// the health monitor's liveness check of Redis.
-    pub async fn fence(&self) -> Result<Option<i64>, CacheError> {
-        let mut conn = self.conn.clone();
-        let value: Option<String> = self
-            .bounded(
-                redis::cmd("GET")
-                    .arg(self.fence_key())
-                    .query_async(&mut conn),
-            )
-            .await?;
-        match value {
-            None => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| {
-                CacheError::Server(format!(
-                    "the fence key {} holds a value that is not cacheward's",
-                    self.fence_key()
-                ))
-            }),
-        }
-    }
-
-    /// The key that records which Redis process the cached data was written under (its
-    /// `run_id`): the prefix, a NUL and `epoch`. No username makes it (PostgreSQL's text holds no
-    /// NUL). Data restored from a snapshot, or served by a promoted replica, carries the epoch of
-    /// the process that wrote it, which is not the one answering: the writes made since the
-    /// snapshot (tombstones, newer versions) may be missing, so nothing cached can be trusted.
-    pub fn epoch_key(&self) -> String {
-        format!("{}\0epoch", self.prefix)
-    }
-
-    /// The `run_id` of the Redis process answering (`None` where `INFO` is not allowed), and the
-    /// one recorded at [`Cache::epoch_key`], in one round trip.
-    pub async fn epoch(&self) -> Result<(Option<String>, Option<String>), CacheError> {
-        let mut conn = self.conn.clone();
+    /// Runs a fence script (ARGV[1] = `value`) on the fence of every slot `primary` serves where
+    /// cacheward keeps keys, in one pipeline; returns what each answered.
+    async fn fence_scripts(
+        &self,
+        primary: &Primary,
+        script: &str,
+        value: i64,
+    ) -> Result<Vec<i64>, CacheError> {
         let mut pipe = redis::pipe();
-        pipe.ignore_errors()
-            .cmd("INFO")
+        for slot in primary.slots(&self.keys) {
+            pipe.cmd("EVAL")
+                .arg(script)
+                .arg(1)
+                .arg(self.fence_key(slot))
+                .arg(value);
+        }
+        let mut conn = self.conn.clone();
+        let values = self
+            .bounded_by(self.timeout * BULK_TIMEOUTS, conn.on(primary, &pipe))
+            .await?;
+        values.into_iter().map(decode).collect()
+    }
+
+    /// What the health monitor looks at on `primary`, in one round trip: its `run_id`, the epoch
+    /// recorded there, and its fence.
+    pub async fn look_at(&self, primary: &Primary) -> Result<NodeState, CacheError> {
+        let anchor = primary.anchor(&self.keys).unwrap_or(0);
+        let mut pipe = redis::pipe();
+        pipe.cmd("INFO")
             .arg("server")
             .cmd("GET")
-            .arg(self.epoch_key());
-        let (info, recorded): (redis::Value, redis::Value) =
-            self.bounded(pipe.query_async(&mut conn)).await?;
+            .arg(self.epoch_key(anchor))
+            .cmd("GET")
+            .arg(self.fence_key(anchor));
+        let mut conn = self.conn.clone();
+        let values = self.bounded(conn.on(primary, &pipe)).await?;
+        let [info, recorded, fence]: [redis::Value; 3] =
+            values.try_into().map_err(|v: Vec<_>| {
+                CacheError::Server(format!("3 commands answered {} values", v.len()))
+            })?;
         // Anything but a string there (another type, put by someone else) records nothing: the
         // data is distrusted once and the key overwritten.
         let recorded = redis::from_redis_value::<Option<String>>(recorded).unwrap_or(None);
@@ -784,72 +768,98 @@ impl Cache {
                         .map(|id| id.trim().to_owned())
                 }),
         };
-        Ok((run_id, recorded))
+        let fence = match fence {
+            redis::Value::ServerError(e) => Err(e.to_string()),
+            value => match redis::from_redis_value::<Option<String>>(value) {
+                Ok(None) => Ok(None),
+                Ok(Some(v)) => v
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| "the fence key holds a value that is not cacheward's".to_owned()),
+                Err(_) => Err("the fence key holds a value of another type".to_owned()),
+            },
+        };
+        Ok(NodeState {
+            run_id,
+            recorded,
+            fence,
+        })
     }
 
-    /// Records `run_id` as the process the cached data is written under.
-    pub async fn record_epoch(&self, run_id: &str) -> Result<(), CacheError> {
+    /// Records `run_id` as the process the cached data of `primary` is written under.
+    pub async fn record_epoch(&self, primary: &Primary, run_id: &str) -> Result<(), CacheError> {
+        let anchor = primary.anchor(&self.keys).unwrap_or(0);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(self.epoch_key(anchor)).arg(run_id);
         let mut conn = self.conn.clone();
-        self.bounded(
-            redis::cmd("SET")
-                .arg(self.epoch_key())
-                .arg(run_id)
-                .query_async::<()>(&mut conn),
-        )
-        .await
+        let values = self.bounded(conn.on(primary, &pipe)).await?;
+        values.into_iter().try_for_each(decode::<()>)
     }
 
-    /// Redis's `maxmemory-policy`, or `None` where CONFIG is not allowed (managed services, ACLs).
-    pub async fn eviction_policy(&self) -> Option<String> {
+    /// The `maxmemory-policy` of `primary`, or `None` where CONFIG is not allowed (managed
+    /// services, ACLs).
+    pub async fn eviction_policy(&self, primary: &Primary) -> Option<String> {
         let mut conn = self.conn.clone();
-        let reply: Vec<String> = self
-            .bounded(
-                redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg("maxmemory-policy")
-                    .query_async(&mut conn),
-            )
-            .await
-            .ok()?;
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        let value = self.bounded(conn.on_one(primary, &cmd)).await.ok()?;
+        let reply: Vec<String> = decode(value).ok()?;
         reply.into_iter().nth(1)
     }
 
-    /// Sets the fence to `horizon` if Redis has none; returns the fence now in force. `horizon`
-    /// must have been drawn after the fence was seen missing.
-    pub async fn establish_fence(&self, horizon: i64) -> Result<i64, CacheError> {
-        self.fence_script(ESTABLISH_FENCE_SCRIPT, horizon).await
+    /// Sets every missing fence of `primary` to `horizon`; returns how many it set. `horizon`
+    /// must have been drawn after a fence was seen missing.
+    pub async fn establish_fences(
+        &self,
+        primary: &Primary,
+        horizon: i64,
+    ) -> Result<usize, CacheError> {
+        let now = self
+            .fence_scripts(primary, ESTABLISH_FENCE_SCRIPT, horizon)
+            .await?;
+        Ok(now.into_iter().filter(|&f| f == horizon).count())
     }
 
-    /// Raises the fence to `fence` (never lowers it).
-    async fn raise_fence(&self, fence: i64) -> Result<i64, CacheError> {
-        match self.fence_script(RAISE_FENCE_SCRIPT, fence).await? {
-            now if now < 0 => Err(CacheError::Unfenced),
-            now => Ok(now),
+    /// Takes the cache as it is now (the dev seed's first write): sets every missing fence from
+    /// `horizon`, drawn just before, and records each primary's `run_id` as its epoch.
+    pub async fn claim(&self, horizon: i64) -> Result<(), CacheError> {
+        for primary in self.primaries().await? {
+            self.establish_fences(&primary, horizon).await?;
+            if let Some(run_id) = self.look_at(&primary).await?.run_id {
+                self.record_epoch(&primary, &run_id).await?;
+            }
         }
+        Ok(())
     }
 
-    async fn fence_script(&self, script: &str, value: i64) -> Result<i64, CacheError> {
-        let mut conn = self.conn.clone();
-        self.bounded(
-            redis::cmd("EVAL")
-                .arg(script)
-                .arg(1)
-                .arg(self.fence_key())
-                .arg(value)
-                .query_async(&mut conn),
-        )
-        .await
+    /// Cluster mode: replaces the connection with a new one (see `topology::ClusterConn`); true
+    /// if it did.
+    pub fn renew_connection(&self) -> bool {
+        self.conn.renew()
+    }
+
+    /// Sentinel mode: asks the sentinels where the primary is, and moves there if it moved.
+    pub async fn follow_sentinels(&self) -> Result<(), CacheError> {
+        match &self.conn {
+            Conn::Sentinel(sentinel) => {
+                let follow = sentinel.follow();
+                self.bounded_by(self.timeout * BULK_TIMEOUTS, follow)
+                    .await
+                    .map(drop)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether any key exists under the prefix.
     pub async fn any_entry(&self) -> Result<bool, CacheError> {
-        let mut found = false;
-        self.scan_names(|_| {
-            found = true;
-            async { Ok(()) }
-        })
-        .await?;
-        Ok(found)
+        let mut scan = self.scan();
+        while let Some(names) = scan.next_page().await? {
+            if !names.is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// What is stored at the keys of `usernames`: strings as they are (live entries, tombstones,
@@ -860,19 +870,26 @@ impl Cache {
         }
         let keys: Vec<String> = usernames.iter().map(|u| self.key(u)).collect();
         let mut conn = self.conn.clone();
+        // One MGET; a Cluster connection splits it by slot.
         let values: Vec<Option<String>> = self
-            .bounded(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
+            .bounded_by(
+                self.timeout * BULK_TIMEOUTS,
+                redis::cmd("MGET").arg(&keys).query_async(&mut conn),
+            )
             .await?;
         // MGET answers nil for a key of another type: ask those keys their type.
         let absent: Vec<usize> = (0..keys.len()).filter(|&i| values[i].is_none()).collect();
-        let mut types: Vec<String> = Vec::new();
-        if !absent.is_empty() {
-            let mut pipe = redis::pipe();
-            for &i in &absent {
-                pipe.cmd("TYPE").arg(&keys[i]);
+        let types = futures::future::join_all(absent.iter().map(|&i| {
+            let mut conn = self.conn.clone();
+            let key = &keys[i];
+            async move {
+                self.bounded(redis::cmd("TYPE").arg(key).query_async::<String>(&mut conn))
+                    .await
             }
-            types = self.bounded(pipe.query_async(&mut conn)).await?;
-        }
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<String>, _>>()?;
         let mut types = absent.into_iter().zip(types).peekable();
         Ok(values
             .into_iter()
@@ -885,6 +902,56 @@ impl Cache {
                 },
             })
             .collect())
+    }
+}
+
+/// A SCAN over every primary, page by page (see [`Cache::scan`]).
+pub struct Scan<'a> {
+    cache: &'a Cache,
+    pattern: String,
+    /// The primaries not walked yet (asked for at the first page).
+    primaries: Option<std::vec::IntoIter<Primary>>,
+    /// The primary being walked and the cursor to go on from.
+    at: Option<(Primary, u64)>,
+}
+
+impl Scan<'_> {
+    /// The names of the next page (perhaps none), or `None` once every primary was walked.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<String>>, CacheError> {
+        let cache = self.cache;
+        if self.primaries.is_none() {
+            self.primaries = Some(cache.primaries().await?.into_iter());
+        }
+        let (primary, cursor) = loop {
+            if let Some(at) = self.at.take() {
+                break at;
+            }
+            match self.primaries.as_mut().and_then(Iterator::next) {
+                Some(p) if p.anchor(&cache.keys).is_some() => break (p, 0),
+                Some(_) => continue,
+                None => return Ok(None),
+            }
+        };
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(&self.pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        let mut conn = cache.conn.clone();
+        let value = cache.bounded(conn.on_one(&primary, &scan)).await?;
+        let (next, keys): (u64, Vec<String>) = decode(value)?;
+        if next != 0 {
+            self.at = Some((primary, next));
+        }
+        let prefix = cache.keys.prefix();
+        Ok(Some(
+            keys.into_iter()
+                .filter_map(|k| k.strip_prefix(prefix).map(str::to_owned))
+                // The prefix alone is a fence, prefix + NUL a fence or an epoch: no user's.
+                .filter(|name| !name.is_empty() && !name.starts_with('\0'))
+                .collect(),
+        ))
     }
 }
 

@@ -6,3 +6,4 @@ pub mod cache;
 pub mod connect;
 pub mod db;
 pub mod db_error;
+pub mod topology;

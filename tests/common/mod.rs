@@ -322,6 +322,23 @@ impl Rpc {
         response
     }
 
+    /// Pipelines a `get` of every name, then reads every answer (checked to come in order).
+    pub async fn get_all(&mut self, names: &[String]) -> Vec<Value> {
+        for (id, name) in names.iter().enumerate() {
+            self.send(
+                &json!({"jsonrpc": "2.0", "id": id, "method": "get", "params": {"username": name}}),
+            )
+            .await;
+        }
+        let mut answers = Vec::with_capacity(names.len());
+        for id in 0..names.len() {
+            let answer = self.recv().await;
+            assert_eq!(answer["id"], json!(id), "answers in request order");
+            answers.push(answer);
+        }
+        answers
+    }
+
     pub async fn get(&mut self, username: &str) -> Value {
         self.call("get", json!({ "username": username })).await
     }
@@ -457,6 +474,67 @@ impl TestEnv {
             .output()
             .expect("run cacheward verify")
     }
+}
+
+/// The writes a failover test wants the promoted replica to miss: half of `names` get a newer
+/// version through CDC (an out-of-band UPDATE), the other half are deleted through the daemon
+/// (tombstones). Returns each name's row now (`None`: deleted).
+pub async fn outdate(env: &TestEnv, client: &mut Rpc, names: &[String]) -> Vec<Option<Value>> {
+    let pg = env.pg().await;
+    let (updated, deleted) = names.split_at(names.len() / 2);
+    for name in updated {
+        pg.execute(
+            "UPDATE users SET created_at = now() - interval '1 year' WHERE username = $1",
+            &[name],
+        )
+        .await
+        .expect("update");
+    }
+    for name in deleted {
+        let answer = client.call("delete", json!({"username": name})).await;
+        assert_eq!(answer["result"]["deleted"], json!(true), "{answer}");
+    }
+    futures::future::join_all(names.iter().map(|n| env.row_json(n))).await
+}
+
+/// Gets every name through the daemon, again and again from `killed_at` on, checking that no
+/// answer is older than `rows` (a deleted row: `not_found`; PostgreSQL down would be
+/// `unavailable`), until `repaired()` has held for 2 s. Returns when it first held, after the kill.
+pub async fn through_failover<F, Fut>(
+    client: &mut Rpc,
+    names: &[String],
+    rows: &[Option<Value>],
+    killed_at: std::time::Instant,
+    mut repaired: F,
+) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut repaired_after: Option<Duration> = None;
+    while killed_at.elapsed() < Duration::from_secs(30) {
+        for ((name, row), answer) in names.iter().zip(rows).zip(client.get_all(names).await) {
+            match row {
+                Some(row) if answer["result"]["user"] != *row => assert_eq!(
+                    answer["error"]["data"]["kind"],
+                    json!("unavailable"),
+                    "{name} through the failover: {answer}"
+                ),
+                None => assert!(answer["result"].is_null(), "{name} was deleted: {answer}"),
+                _ => {}
+            }
+        }
+        if repaired().await {
+            let first = *repaired_after.get_or_insert(killed_at.elapsed());
+            if killed_at.elapsed() > first + Duration::from_secs(2) {
+                return first;
+            }
+        } else {
+            repaired_after = None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the cache was not repaired within 30 s of the kill");
 }
 
 /// A lock on `users` held by [`TestEnv::lock_users`].

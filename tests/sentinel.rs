@@ -1,0 +1,122 @@
+//! Sentinel mode (`redis.mode = "sentinel"`): the daemon finds the primary through the sentinels,
+//! follows a promotion, and repairs what the promoted replica never received.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cacheward::config::{RedisMode, SecretUrl};
+use cacheward::dev::sentinel::{RedisSentinels, MASTER};
+use cacheward::store::cache::is_live;
+use common::*;
+use serde_json::{json, Value};
+
+/// The live entry at `user:<name>` on the node on `port` (a replica too).
+async fn live_on(port: u16, name: &str) -> Option<Value> {
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let value: Option<String> = redis::cmd("GET")
+        .arg(format!("user:{name}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    value
+        .filter(|v| is_live(v))
+        .map(|v| serde_json::from_str(&v).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_promoted_replica_that_missed_writes_is_followed_and_repaired() {
+    let env = TestEnv::start().await;
+    // On the test's own thread: the servers die with the thread that started them.
+    let mut group = RedisSentinels::start().expect("start sentinels");
+    let mut config = env.config();
+    config.redis.mode = RedisMode::Sentinel;
+    config.redis.url = None;
+    config.redis.urls = group
+        .sentinel_urls()
+        .into_iter()
+        .map(SecretUrl::new)
+        .collect();
+    config.redis.sentinel_master = Some(MASTER.into());
+    config.redis.timeout_ms = 500;
+    let daemon = env.start_daemon(config).await;
+    let mut client = daemon.client().await;
+
+    let primary = group.primary().expect("a primary");
+    let replica = group.replica().expect("a replica");
+    let names: Vec<String> = (0..30).map(|i| format!("s{i}")).collect();
+    for name in &names {
+        client.call("put", json!({"username": name})).await;
+    }
+    for name in &names {
+        assert_eq!(client.get(name).await["result"]["source"], json!("cache"));
+    }
+    let mut on_primary = redis::Client::open(format!("redis://127.0.0.1:{primary}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("WAIT")
+        .arg(1)
+        .arg(2000)
+        .query_async::<i64>(&mut on_primary)
+        .await
+        .unwrap();
+    group.cut_replication().unwrap();
+    // Newer versions through CDC and tombstones through the daemon, on the primary only.
+    let rows = outdate(&env, &mut client, &names).await;
+    wait_until(
+        "the primary holds the newest versions",
+        Duration::from_secs(10),
+        || async {
+            for (name, row) in names.iter().zip(&rows) {
+                let live = live_on(primary, name).await;
+                if live.is_some() && live != *row {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let mut stale = 0;
+    for (name, row) in names.iter().zip(&rows) {
+        let held = live_on(replica, name).await;
+        stale += (held.is_some() && held != *row) as usize;
+    }
+    assert_eq!(
+        stale,
+        names.len(),
+        "the replica holds the old version of every name"
+    );
+
+    let killed_at = Instant::now();
+    group.kill(primary);
+    let repaired_after = through_failover(&mut client, &names, &rows, killed_at, || async {
+        if group.sentinels_say() != Some(replica) || group.primary() != Some(replica) {
+            return false;
+        }
+        for (name, row) in names.iter().zip(&rows) {
+            let live = live_on(replica, name).await;
+            if live.is_some() && live != *row {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    eprintln!("sentinel failover: every entry equal to its row {repaired_after:?} after the kill");
+    // The daemon writes to the new primary.
+    let put = client.call("put", json!({"username": "after"})).await;
+    assert_eq!(put["result"]["created"], json!(true), "{put}");
+    assert_eq!(
+        client.get("after").await["result"]["source"],
+        json!("cache")
+    );
+    assert!(live_on(replica, "after").await.is_some());
+    daemon.stop().await;
+}
