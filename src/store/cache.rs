@@ -254,6 +254,8 @@ pub fn is_ours(value: &str) -> bool {
 pub struct Cache {
     conn: Conn,
     keys: Keys,
+    /// Which primary serves which slot, on a Cluster (see [`Cache::send_per_slot`]).
+    routes: Arc<std::sync::Mutex<Option<Arc<Routes>>>>,
     ttl_secs: u64,
     timeout: Duration,
     /// Request-path calls waiting to go to Redis together.
@@ -317,6 +319,36 @@ fn outcomes(flags: Vec<i64>) -> Vec<Outcome> {
         .collect()
 }
 
+/// The Cluster's primaries and, per slot, which of them serves it (as `CLUSTER SLOTS` said).
+struct Routes {
+    primaries: Vec<Primary>,
+    owner: Box<[u16]>,
+}
+
+impl Routes {
+    fn new(primaries: &[Primary]) -> Routes {
+        let mut owner = vec![u16::MAX; topology::SLOTS].into_boxed_slice();
+        for (p, primary) in primaries.iter().enumerate() {
+            for &(from, to) in &primary.ranges {
+                for slot in from..=to.min(topology::SLOTS as u16 - 1) {
+                    owner[slot as usize] = p as u16;
+                }
+            }
+        }
+        Routes {
+            primaries: primaries.to_vec(),
+            owner,
+        }
+    }
+
+    fn owner(&self, slot: u16) -> Option<usize> {
+        match self.owner.get(slot as usize) {
+            Some(&p) if p != u16::MAX => Some(p as usize),
+            _ => None,
+        }
+    }
+}
+
 /// What the health monitor finds on one primary, in one round trip.
 #[derive(Debug)]
 pub struct NodeState {
@@ -342,6 +374,7 @@ impl Cache {
                 &config.cache.key_prefix,
                 config.redis.mode == RedisMode::Cluster,
             ),
+            routes: Default::default(),
             ttl_secs: config.cache.ttl_secs,
             timeout: config.redis_timeout(),
             ops: Arc::new(WorkQueue::serial()),
@@ -502,29 +535,12 @@ impl Cache {
                 }
             }
         }
-        let sent = slots.into_values().map(|pipe| {
-            let mut conn = self.conn.clone();
-            async move {
-                let mut pipeline = redis::pipe();
-                pipeline.ignore_errors();
-                for cmd in pipe.cmds {
-                    pipeline.add_command(cmd);
-                }
-                let values = self
-                    .bounded::<Vec<redis::Value>>(pipeline.query_async(&mut conn))
-                    .await
-                    .and_then(|values| match values.len() == pipe.parts.len() {
-                        true => Ok(values),
-                        false => Err(CacheError::Server(format!(
-                            "a pipeline of {} commands answered {} values",
-                            pipe.parts.len(),
-                            values.len()
-                        ))),
-                    });
-                (pipe.parts, values)
-            }
-        });
-        for (parts, values) in futures::future::join_all(sent).await {
+        let (parts, cmds): (Vec<_>, Vec<_>) = slots
+            .into_iter()
+            .map(|(slot, pipe)| (pipe.parts, (slot, pipe.cmds)))
+            .unzip();
+        let sent = self.send_per_slot(cmds, self.timeout).await;
+        for (parts, values) in parts.into_iter().zip(sent) {
             let values = match values {
                 Ok(values) => values,
                 Err(e) => {
@@ -607,26 +623,115 @@ impl Cache {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let calls = self
-            .by_slot(writes.iter().map(|w| w.username()))
-            .into_iter()
-            .map(|(slot, at)| {
-                let mut conn = self.conn.clone();
+        let slots = self.by_slot(writes.iter().map(|w| w.username()));
+        let cmds = slots
+            .iter()
+            .map(|(&slot, at)| {
                 let carried: Vec<&Write> = at.iter().map(|&i| &writes[i]).collect();
-                let cmd = self.apply_cmd(slot, &carried);
-                async move {
-                    let flags: Vec<i64> = self.bounded(cmd.query_async(&mut conn)).await?;
-                    Ok::<_, CacheError>((at, outcomes(flags)))
-                }
-            });
+                (slot, vec![self.apply_cmd(slot, &carried)])
+            })
+            .collect();
         let mut all = vec![Outcome::Refused; writes.len()];
-        for done in futures::future::join_all(calls).await {
-            let (at, found) = done?;
-            for (i, outcome) in at.into_iter().zip(found) {
+        for ((_, at), answer) in slots
+            .into_iter()
+            .zip(self.send_per_slot(cmds, self.timeout).await)
+        {
+            let value = answer?.pop().expect("one command, one answer");
+            for (i, outcome) in at.into_iter().zip(outcomes(decode(value)?)) {
                 all[i] = outcome;
             }
         }
         Ok(all)
+    }
+
+    /// Sends each slot's commands in order, as few pipelines as the topology allows: on a
+    /// Cluster whose slot owners the health monitor has seen, one pipeline per primary (its
+    /// slots' commands one after another; each command names keys of one slot), all at once;
+    /// otherwise one per slot (the driver routes each). One server: one pipeline. Answers per
+    /// slot, in the order given; a pipeline that failed fails each of its slots.
+    async fn send_per_slot(
+        &self,
+        slots: Vec<(u16, Vec<redis::Cmd>)>,
+        timeout: Duration,
+    ) -> Vec<Result<Vec<redis::Value>, CacheError>> {
+        let routes = self.routes();
+        // (primary, the positions of its slots in `slots`); no primary: the driver routes.
+        let mut groups: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+        for (i, (slot, _)) in slots.iter().enumerate() {
+            match routes.as_ref().and_then(|r| r.owner(*slot)) {
+                Some(p) => match groups.iter_mut().find(|(g, _)| *g == Some(p)) {
+                    Some((_, members)) => members.push(i),
+                    None => groups.push((Some(p), vec![i])),
+                },
+                None => groups.push((None, vec![i])),
+            }
+        }
+        let n = slots.len();
+        let mut cmds: Vec<Option<Vec<redis::Cmd>>> =
+            slots.into_iter().map(|(_, cmds)| Some(cmds)).collect();
+        let sent = groups.into_iter().map(|(primary, members)| {
+            let mut pipeline = redis::pipe();
+            pipeline.ignore_errors();
+            let mut counts = Vec::with_capacity(members.len());
+            for &i in &members {
+                let taken = cmds[i].take().unwrap_or_default();
+                counts.push(taken.len());
+                for cmd in taken {
+                    pipeline.add_command(cmd);
+                }
+            }
+            let (mut conn, routes) = (self.conn.clone(), routes.clone());
+            async move {
+                let total: usize = counts.iter().sum();
+                let answered = match (primary, &routes) {
+                    (Some(p), Some(r)) => {
+                        self.bounded_by(timeout, conn.on(&r.primaries[p], &pipeline))
+                            .await
+                    }
+                    _ => {
+                        let query = pipeline.query_async::<Vec<redis::Value>>(&mut conn);
+                        self.bounded_by(timeout, query).await
+                    }
+                };
+                let answered = answered.and_then(|values| match values.len() == total {
+                    true => Ok(values),
+                    false => Err(CacheError::Server(format!(
+                        "a pipeline of {total} commands answered {} values",
+                        values.len()
+                    ))),
+                });
+                (members, counts, answered)
+            }
+        });
+        let mut out: Vec<Option<Result<Vec<redis::Value>, CacheError>>> =
+            (0..n).map(|_| None).collect();
+        for (members, counts, answered) in futures::future::join_all(sent).await {
+            match answered {
+                Ok(values) => {
+                    let mut values = values.into_iter();
+                    for (i, n) in members.into_iter().zip(counts) {
+                        out[i] = Some(Ok(values.by_ref().take(n).collect()));
+                    }
+                }
+                Err(e) => {
+                    for i in members {
+                        out[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|answer| answer.expect("every slot was sent"))
+            .collect()
+    }
+
+    /// Which primary serves which slot, as last seen ([`Cache::primaries`]); `None` but on a
+    /// Cluster that was looked at.
+    fn routes(&self) -> Option<Arc<Routes>> {
+        self.routes
+            .lock()
+            .expect("routes lock is never poisoned")
+            .clone()
     }
 
     /// The script call applying `writes`, all of whose keys are in `slot`. EVAL with the body
@@ -658,7 +763,12 @@ impl Cache {
     /// The primaries: the one server, or every Cluster primary (see [`Conn::primaries`]).
     pub async fn primaries(&self) -> Result<Vec<Primary>, CacheError> {
         let mut conn = self.conn.clone();
-        self.bounded(conn.primaries()).await
+        let primaries = self.bounded(conn.primaries()).await?;
+        if self.keys.is_cluster() {
+            let routes = Routes::new(&primaries);
+            *self.routes.lock().expect("routes lock is never poisoned") = Some(Arc::new(routes));
+        }
+        Ok(primaries)
     }
 
     /// A walk over every key under the prefix with SCAN (never KEYS), on every primary.
@@ -689,27 +799,24 @@ impl Cache {
         let mut dropped = 0u64;
         let mut scan = self.scan();
         while let Some(names) = scan.next_page().await? {
-            let calls = self
+            let cmds = self
                 .by_slot(names.iter().map(String::as_str))
-                .into_values()
-                .map(|at| {
-                    let keys: Vec<String> = at.iter().map(|&i| self.key(&names[i])).collect();
-                    let mut conn = self.conn.clone();
-                    async move {
-                        self.bounded_by(
-                            self.timeout * BULK_TIMEOUTS,
-                            redis::cmd("EVAL")
-                                .arg(DROP_SCRIPT)
-                                .arg(keys.len())
-                                .arg(&keys)
-                                .arg(self.ttl_secs)
-                                .query_async::<u64>(&mut conn),
-                        )
-                        .await
+                .into_iter()
+                .map(|(slot, at)| {
+                    let mut drop = redis::cmd("EVAL");
+                    drop.arg(DROP_SCRIPT).arg(at.len());
+                    for i in at {
+                        drop.arg(self.key(&names[i]));
                     }
-                });
-            for n in futures::future::join_all(calls).await {
-                dropped += n?;
+                    drop.arg(self.ttl_secs);
+                    (slot, vec![drop])
+                })
+                .collect();
+            let bound = self.timeout * BULK_TIMEOUTS;
+            for answer in self.send_per_slot(cmds, bound).await {
+                for value in answer? {
+                    dropped += decode::<u64>(value)?;
+                }
             }
         }
         Ok(dropped)
