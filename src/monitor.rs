@@ -74,7 +74,7 @@ pub async fn run(
         let redis = match survey {
             Ok(nodes) => {
                 let mut broken = None;
-                for (primary, state) in &nodes {
+                for (primary, state) in nodes.iter().filter(|(_, state)| !state.elsewhere) {
                     match &state.fence {
                         Ok(Some(_)) => {}
                         Ok(None) if postgres.is_ok() => service.restore_fence(primary).await,
@@ -140,6 +140,26 @@ pub async fn run(
 /// Which primary (by node id) serves which slot ranges.
 type Topology = Vec<(String, Vec<(u16, u16)>)>;
 
+/// The slots served by another primary (or by none, or newly by one) in `now` than in `before`.
+fn changed_hands(before: &Topology, now: &Topology) -> Vec<u16> {
+    fn owners(topology: &Topology) -> Vec<Option<&str>> {
+        let mut owner = vec![None; crate::store::topology::SLOTS];
+        for (id, ranges) in topology {
+            for &(from, to) in ranges {
+                for slot in from as usize..=(to as usize).min(owner.len() - 1) {
+                    owner[slot] = Some(id.as_str());
+                }
+            }
+        }
+        owner
+    }
+    let (before, now) = (owners(before), owners(now));
+    (0..before.len())
+        .filter(|&slot| before[slot] != now[slot])
+        .map(|slot| slot as u16)
+        .collect()
+}
+
 /// What the monitor sees of Redis in one tick: on Sentinel, the primary the sentinels name (moving
 /// there if it moved); then every primary, each looked at in one round trip. One primary that does
 /// not answer makes Redis down: reads go to PostgreSQL until it answers or is replaced, so a
@@ -167,6 +187,9 @@ struct Epochs {
     unknowable: bool,
     /// Who served which slots at the last look (node ids and ranges).
     topology: Option<Topology>,
+    /// The `run_id` each primary (by node id; `""` for the one server) answered with at the last
+    /// look.
+    seen: std::collections::HashMap<String, String>,
 }
 
 impl Epochs {
@@ -175,16 +198,18 @@ impl Epochs {
             .iter()
             .map(|(p, _)| (p.id.clone(), p.ranges.clone()))
             .collect();
-        if self.topology.as_ref().is_some_and(|seen| *seen != topology) {
+        if let Some(seen) = self.topology.as_ref().filter(|seen| **seen != topology) {
+            let changed = changed_hands(seen, &topology);
             tracing::warn!(
                 primaries = topology.len(),
-                "redis cluster topology changed (a failover, or slots moved): dropping every cached entry, reads go to postgres until then"
+                slots = changed.len(),
+                "redis cluster topology changed (a failover, or slots moved): dropping the cached entries of the slots that changed hands, reads of those go to postgres until then"
             );
-            service.repairs.distrust_all();
+            service.repairs.distrust_slots(changed);
             self.pending.clear();
         }
         self.topology = Some(topology);
-        for (primary, state) in nodes {
+        for (primary, state) in nodes.iter().filter(|(_, state)| !state.elsewhere) {
             let Some(run_id) = &state.run_id else {
                 if !self.unknowable {
                     self.unknowable = true;
@@ -192,12 +217,24 @@ impl Epochs {
                 }
                 continue;
             };
+            let same_process = self
+                .seen
+                .insert(primary.id.clone(), run_id.clone())
+                .as_ref()
+                == Some(run_id);
             if state.recorded.as_ref() == Some(run_id)
                 || self
                     .pending
                     .iter()
                     .any(|(p, id)| p == primary && id == run_id)
             {
+                continue;
+            }
+            if same_process {
+                // The process answered at the last look too: its anchor slot moved (the epoch
+                // there is another primary's, or none), its data did not change hands.
+                self.pending.retain(|(p, _)| p != primary);
+                self.pending.push((primary.clone(), run_id.clone()));
                 continue;
             }
             if matches!(state.fence, Ok(Some(_))) {
@@ -207,7 +244,8 @@ impl Epochs {
                     node = %primary.address,
                     "redis holds data written under another redis process: dropping every cached entry, reads go to postgres until then"
                 );
-                service.repairs.distrust_all();
+                let slots = primary.ranges.iter().flat_map(|&(from, to)| from..=to);
+                service.repairs.distrust_slots(slots);
             }
             // Without a fence Redis lost everything there, which the fence already handles.
             self.pending.retain(|(p, _)| p != primary);
@@ -268,5 +306,31 @@ async fn ping_postgres(
             *probe = None;
             Err("ping timed out".into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_slots_that_changed_hands_are_distrusted() {
+        let before: Topology = vec![
+            ("a".into(), vec![(0, 5460)]),
+            ("b".into(), vec![(5461, 10922)]),
+            ("c".into(), vec![(10923, 16383)]),
+        ];
+        // b's replica d was promoted; 100 slots moved from a to c.
+        let now: Topology = vec![
+            ("a".into(), vec![(100, 5460)]),
+            ("d".into(), vec![(5461, 10922)]),
+            ("c".into(), vec![(0, 99), (10923, 16383)]),
+        ];
+        let changed = changed_hands(&before, &now);
+        assert_eq!(changed.len(), 100 + 5462);
+        assert!(changed.contains(&0) && changed.contains(&99) && !changed.contains(&100));
+        assert!(changed.contains(&5461) && changed.contains(&10922));
+        assert!(!changed.contains(&10923));
+        assert!(changed_hands(&now, &now).is_empty());
     }
 }

@@ -342,9 +342,24 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
         "names on the victim's slots: {}",
         doomed.len()
     );
-    for name in &doomed {
+    // Names the other primaries serve: a failover of the victim must leave their entries alone.
+    let keepers: Vec<String> = names("k", 100)
+        .into_iter()
+        .filter(|n| owner(&owners, n) != victim)
+        .take(20)
+        .collect();
+    for name in doomed.iter().chain(&keepers) {
         client.call("put", json!({"username": name})).await;
     }
+    let kept: Vec<Option<String>> = {
+        let mut conn = connect(&cluster).await;
+        let mut kept = Vec::new();
+        for name in &keepers {
+            kept.push(cached(&mut conn, name).await);
+        }
+        kept
+    };
+    assert!(kept.iter().all(|v| v.as_deref().is_some_and(is_live)));
     client.get_all(&doomed).await;
     let replica = cluster
         .replica_of(victim)
@@ -404,6 +419,15 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     })
     .await;
     eprintln!("failover: every entry equal to its row {repaired_after:?} after the kill");
+    // Only the slots that changed hands were dropped: the other primaries' entries are untouched.
+    let mut conn = connect(&cluster).await;
+    for (name, before) in keepers.iter().zip(&kept) {
+        assert_eq!(
+            cached(&mut conn, name).await,
+            *before,
+            "{name}, on a primary that did not fail over"
+        );
+    }
     assert_eq!(cluster.primaries().len(), 3, "the replica was promoted");
     daemon.stop().await;
 }

@@ -100,7 +100,8 @@ impl Service {
         if !self.health.is_up(Backend::Redis) {
             return false;
         }
-        self.repairs.trusted(username)
+        self.repairs
+            .trusted(username, || self.cache.slot_of(username))
     }
 
     /// Starts a loader task if a slot is free; otherwise a running loader takes the queue next.
@@ -125,7 +126,7 @@ impl Service {
         // A flight on the name that completed after the caller's Redis read has filled Redis: a
         // caller arriving just too late to join it reads Redis again instead of the database.
         let late: Vec<usize> = (0..batch.len())
-            .filter(|&i| batch.filled_since_asked(i))
+            .filter(|&i| batch.filled_since_asked(i) && self.cache_trusted_for(batch.username(i)))
             .collect();
         if !late.is_empty() && self.health.is_up(Backend::Redis) {
             let names: Vec<&str> = late.iter().map(|&i| batch.username(i)).collect();

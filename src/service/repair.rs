@@ -2,7 +2,7 @@
 //! in doubt, one state object that owns its counts, and the repair run that brings each entry back
 //! in line with its row (or, past the capacity, drops the whole cache behind a fresh fence).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -24,9 +24,11 @@ struct RepairQueue {
     generation: u64,
     /// Too many names to track: the whole cache is cleared once Redis is back.
     overflowed: bool,
-    /// The whole cache is cleared because Redis's data came from another process, not because
-    /// the queue overflowed (then nothing counts as pending).
-    replaced: bool,
+    /// Slots whose entries cannot be trusted (their data came from another Redis process, or
+    /// another node serves them now): dropped as a whole once Redis is back.
+    slots: BTreeSet<u16>,
+    /// Bumped whenever slots are distrusted.
+    slot_generation: u64,
 }
 
 /// The repair state, one object that owns its counts: the queue, the overflow, and the read path's
@@ -45,8 +47,8 @@ impl Repairs {
     }
 
     fn settle(&self, queue: &RepairQueue) {
-        self.pending
-            .store(queue.overflowed || !queue.names.is_empty(), Relaxed);
+        let pending = queue.overflowed || !queue.names.is_empty() || !queue.slots.is_empty();
+        self.pending.store(pending, Relaxed);
     }
 
     /// Queues `names`, whose Redis write failed. Past [`REPAIR_CAPACITY`] names the queue gives up
@@ -63,7 +65,6 @@ impl Repairs {
                         "repair queue full: every cached user will be removed once redis is back"
                     );
                     queue.overflowed = true;
-                    queue.replaced = false;
                     queue.names.clear();
                     break;
                 }
@@ -73,17 +74,31 @@ impl Repairs {
         self.settle(&queue);
     }
 
-    /// Nothing cached can be trusted (Redis's data came from another process: a restart from
-    /// persisted data, a failover, a restore): the read path goes to PostgreSQL, and the next
-    /// repair run drops the whole cache behind a fresh fence, as after an overflow.
-    pub fn distrust_all(&self) {
+    /// Nothing cached in `slots` can be trusted (Redis's data there came from another process: a
+    /// restart from persisted data, a promoted replica, a restore; or another node serves them
+    /// now): the read path goes to PostgreSQL for their names, and the next repair run drops
+    /// their entries behind a fresh fence (see [`Service::run_repairs`]).
+    pub fn distrust_slots(&self, slots: impl IntoIterator<Item = u16>) {
         let mut queue = self.lock();
-        queue.generation += 1;
-        if !queue.overflowed {
-            queue.replaced = true;
+        queue.slot_generation += 1;
+        queue.slots.extend(slots);
+        self.settle(&queue);
+    }
+
+    /// The distrusted slots and their generation, to drop and then pass to
+    /// [`Repairs::slots_dropped`].
+    pub fn untrusted_slots(&self) -> Option<(u64, BTreeSet<u16>)> {
+        let queue = self.lock();
+        (!queue.slots.is_empty()).then(|| (queue.slot_generation, queue.slots.clone()))
+    }
+
+    /// The slots seen at `generation` were dropped: trusted again unless more were distrusted
+    /// meanwhile (those are dropped next time, with these).
+    pub fn slots_dropped(&self, generation: u64) {
+        let mut queue = self.lock();
+        if queue.slot_generation == generation {
+            queue.slots.clear();
         }
-        queue.overflowed = true;
-        queue.names.clear();
         self.settle(&queue);
     }
 
@@ -92,27 +107,25 @@ impl Repairs {
         self.pending.load(Relaxed)
     }
 
-    /// Whether Redis may answer for `username` as far as repairs go.
-    pub fn trusted(&self, username: &str) -> bool {
+    /// Whether Redis may answer for `username`, whose key is in slot `slot()`, as far as repairs
+    /// go.
+    pub fn trusted(&self, username: &str, slot: impl FnOnce() -> u16) -> bool {
         if !self.any() {
             return true;
         }
         let queue = self.lock();
-        !queue.overflowed && !queue.names.contains_key(username)
+        !queue.overflowed
+            && !queue.names.contains_key(username)
+            && (queue.slots.is_empty() || !queue.slots.contains(&slot()))
     }
 
     /// Names waiting for repair, or the capacity after an overflow: what `stats` reports.
     pub fn count(&self) -> usize {
         let queue = self.lock();
-        match queue.overflowed && !queue.replaced {
+        match queue.overflowed {
             true => REPAIR_CAPACITY,
             false => queue.names.len(),
         }
-    }
-
-    /// Whether the cache is to be dropped because Redis's data came from another process.
-    pub fn replaced(&self) -> bool {
-        self.lock().replaced
     }
 
     /// `Some(generation)` while overflowed: drop the cache, then [`Repairs::dropped`] with it.
@@ -127,7 +140,6 @@ impl Repairs {
         let mut queue = self.lock();
         if queue.generation == generation {
             queue.overflowed = false;
-            queue.replaced = false;
         }
         self.settle(&queue);
         !queue.overflowed
@@ -186,22 +198,32 @@ impl Service {
         if !self.repairs.any() {
             return Ok(0);
         }
+        if let Some((generation, slots)) = self.repairs.untrusted_slots() {
+            // Every entry there may be stale: a fence at a fresh horizon keeps out every write
+            // that read before now, and every entry written before it is dropped.
+            let fence = db_result(self.db.fresh_horizon().await, &self.health)?;
+            let removed = self
+                .cache
+                .drop_slots(fence, &slots)
+                .await
+                .map_err(|e| ServiceError::Redis(Arc::new(e)))?;
+            tracing::warn!(
+                removed,
+                slots = slots.len(),
+                "cache cleared: redis holds another process's data"
+            );
+            self.repairs.slots_dropped(generation);
+        }
         if let Some(generation) = self.repairs.overflowed() {
             // Every entry may be stale: a fence at a fresh horizon keeps out every write that read
             // before now, and every entry written before it is dropped.
-            let replaced = self.repairs.replaced();
             let fence = db_result(self.db.fresh_horizon().await, &self.health)?;
             let removed = self
                 .cache
                 .drop_all(fence)
                 .await
                 .map_err(|e| ServiceError::Redis(Arc::new(e)))?;
-            match replaced {
-                true => {
-                    tracing::warn!(removed, "cache cleared: redis holds another process's data")
-                }
-                false => tracing::warn!(removed, "cache cleared after repair queue overflow"),
-            }
+            tracing::warn!(removed, "cache cleared after repair queue overflow");
             if !self.repairs.dropped(generation) {
                 // A write failed while the cache was being dropped: drop it again next time.
                 return Ok(0);
@@ -248,16 +270,16 @@ mod tests {
     #[test]
     fn repairs_own_their_counts() {
         let repairs = Repairs::default();
-        assert!(!repairs.any() && repairs.trusted("a"));
+        assert!(!repairs.any() && repairs.trusted("a", || 0));
         repairs.queue(["a", "b"]);
-        assert!(repairs.any() && !repairs.trusted("a") && repairs.trusted("c"));
+        assert!(repairs.any() && !repairs.trusted("a", || 0) && repairs.trusted("c", || 0));
         assert_eq!(repairs.count(), 2);
         let batch = repairs.batch(10);
         // "a" fails again while the batch is repaired: it stays.
         repairs.queue(["a"]);
         assert_eq!(repairs.repaired(&batch), 1);
         assert_eq!(repairs.count(), 1);
-        assert!(!repairs.trusted("a") && repairs.trusted("b"));
+        assert!(!repairs.trusted("a", || 0) && repairs.trusted("b", || 0));
     }
 
     #[test]
@@ -267,7 +289,7 @@ mod tests {
         repairs.queue(names.iter().map(String::as_str));
         // The count `stats` reports and the one the shutdown warning uses are one and the same.
         assert_eq!(repairs.count(), REPAIR_CAPACITY);
-        assert!(!repairs.trusted("anyone"));
+        assert!(!repairs.trusted("anyone", || 0));
         let generation = repairs.overflowed().expect("overflowed");
         // A write fails while the cache is being dropped: the overflow stands.
         repairs.queue(["late"]);
@@ -276,22 +298,26 @@ mod tests {
         let generation = repairs.overflowed().expect("still overflowed");
         assert!(repairs.dropped(generation));
         assert_eq!(repairs.count(), 0);
-        assert!(!repairs.any() && repairs.trusted("anyone"));
+        assert!(!repairs.any() && repairs.trusted("anyone", || 0));
     }
 
     #[test]
-    fn a_replaced_redis_distrusts_every_name_until_the_cache_is_dropped() {
+    fn distrusted_slots_are_not_trusted_until_dropped() {
         let repairs = Repairs::default();
         repairs.queue(["a"]);
-        repairs.distrust_all();
-        assert!(!repairs.trusted("b"), "nothing cached is trusted");
-        assert_eq!(
-            repairs.count(),
-            0,
-            "no repair is pending: the cache is being dropped"
-        );
-        let generation = repairs.overflowed().expect("the cache is to be dropped");
-        assert!(repairs.dropped(generation));
-        assert!(repairs.trusted("b") && !repairs.any());
+        repairs.distrust_slots([7, 9]);
+        assert!(!repairs.trusted("b", || 7), "a distrusted slot");
+        assert!(repairs.trusted("b", || 8), "another slot");
+        assert_eq!(repairs.count(), 1, "only names count as pending repairs");
+        let (generation, slots) = repairs.untrusted_slots().expect("slots to drop");
+        assert_eq!(slots.into_iter().collect::<Vec<_>>(), [7, 9]);
+        // More slots are distrusted while these are dropped: they all stay.
+        repairs.distrust_slots([8]);
+        repairs.slots_dropped(generation);
+        assert!(!repairs.trusted("b", || 7) && !repairs.trusted("b", || 8));
+        let (generation, _) = repairs.untrusted_slots().expect("still to drop");
+        repairs.slots_dropped(generation);
+        assert!(repairs.trusted("b", || 7) && repairs.untrusted_slots().is_none());
+        assert!(!repairs.trusted("a", || 7), "the name is still queued");
     }
 }

@@ -2,6 +2,7 @@
 //! fills, write-through sets and (later) CDC applies commute: an older version never overwrites a
 //! newer one, whatever order they arrive in.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -359,6 +360,9 @@ pub struct NodeState {
     /// Its fence (the one at its anchor slot): `None` when missing (it lost its data); an error
     /// when the key holds a value that is not cacheward's.
     pub fence: Result<Option<i64>, String>,
+    /// Another node answered (the anchor slot moved while the monitor looked): nothing of the
+    /// above is this primary's; the next look tells.
+    pub elsewhere: bool,
 }
 
 /// Bulk calls (a fence per slot, a drop per scan page) get this many request timeouts.
@@ -384,6 +388,11 @@ impl Cache {
     /// The key of a user: `cache.key_prefix` + username.
     pub fn key(&self, username: &str) -> String {
         self.keys.user(username)
+    }
+
+    /// The slot of a user's key (0 for every key but on a Cluster).
+    pub fn slot_of(&self, username: &str) -> u16 {
+        self.keys.slot(&self.key(username))
     }
 
     /// The fence guarding the entries of `slot` (one for all on a single server: the prefix
@@ -786,9 +795,24 @@ impl Cache {
     /// entry under the prefix (see [`Cache::fence_key`]). Returns how many entries it dropped.
     /// Fails, changing nothing, while Redis has no fence: the health monitor sets one first.
     pub async fn drop_all(&self, fence: i64) -> Result<u64, CacheError> {
+        self.drop_where(fence, |_| true).await
+    }
+
+    /// [`Cache::drop_all`] for the entries of `slots` only (on one server, slot 0 is every
+    /// entry): their fences are raised to `fence`, then their entries dropped.
+    pub async fn drop_slots(&self, fence: i64, slots: &BTreeSet<u16>) -> Result<u64, CacheError> {
+        self.drop_where(fence, |slot| slots.contains(&slot)).await
+    }
+
+    async fn drop_where(
+        &self,
+        fence: i64,
+        within: impl Fn(u16) -> bool,
+    ) -> Result<u64, CacheError> {
         for primary in self.primaries().await? {
+            let slots: Vec<u16> = primary.slots(&self.keys).filter(|&s| within(s)).collect();
             for now in self
-                .fence_scripts(&primary, RAISE_FENCE_SCRIPT, fence)
+                .fence_scripts(&primary, &slots, RAISE_FENCE_SCRIPT, fence)
                 .await?
             {
                 if now < 0 {
@@ -802,6 +826,7 @@ impl Cache {
             let cmds = self
                 .by_slot(names.iter().map(String::as_str))
                 .into_iter()
+                .filter(|(slot, _)| within(*slot))
                 .map(|(slot, at)| {
                     let mut drop = redis::cmd("EVAL");
                     drop.arg(DROP_SCRIPT).arg(at.len());
@@ -822,16 +847,20 @@ impl Cache {
         Ok(dropped)
     }
 
-    /// Runs a fence script (ARGV[1] = `value`) on the fence of every slot `primary` serves where
-    /// cacheward keeps keys, in one pipeline; returns what each answered.
+    /// Runs a fence script (ARGV[1] = `value`) on the fence of each of `slots`, all served by
+    /// `primary`, in one pipeline; returns what each answered.
     async fn fence_scripts(
         &self,
         primary: &Primary,
+        slots: &[u16],
         script: &str,
         value: i64,
     ) -> Result<Vec<i64>, CacheError> {
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
-        for slot in primary.slots(&self.keys) {
+        for &slot in slots {
             pipe.cmd("EVAL")
                 .arg(script)
                 .arg(1)
@@ -856,8 +885,20 @@ impl Cache {
             .arg(self.epoch_key(anchor))
             .cmd("GET")
             .arg(self.fence_key(anchor));
+        if self.keys.is_cluster() {
+            // A slot that moved makes the driver send the whole pipeline to its new owner: the
+            // node id tells who answered.
+            pipe.cmd("CLUSTER").arg("MYID");
+        }
         let mut conn = self.conn.clone();
-        let values = self.bounded(conn.on(primary, &pipe)).await?;
+        let mut values = self.bounded(conn.on(primary, &pipe)).await?;
+        let elsewhere = match self.keys.is_cluster() {
+            true => values
+                .pop()
+                .and_then(|id| redis::from_redis_value::<String>(id).ok())
+                .is_none_or(|id| id != primary.id),
+            false => false,
+        };
         let [info, recorded, fence]: [redis::Value; 3] =
             values.try_into().map_err(|v: Vec<_>| {
                 CacheError::Server(format!("3 commands answered {} values", v.len()))
@@ -890,6 +931,7 @@ impl Cache {
             run_id,
             recorded,
             fence,
+            elsewhere,
         })
     }
 
@@ -921,8 +963,9 @@ impl Cache {
         primary: &Primary,
         horizon: i64,
     ) -> Result<usize, CacheError> {
+        let slots: Vec<u16> = primary.slots(&self.keys).collect();
         let now = self
-            .fence_scripts(primary, ESTABLISH_FENCE_SCRIPT, horizon)
+            .fence_scripts(primary, &slots, ESTABLISH_FENCE_SCRIPT, horizon)
             .await?;
         Ok(now.into_iter().filter(|&f| f == horizon).count())
     }
