@@ -93,6 +93,9 @@ async fn spawn_background(
         let applier = Applier::new(config.clone(), service.cache().clone(), service.cdc.clone());
         background.spawn(applier.run(stop.clone()));
     }
+    if let Some(watch) = service.cache().watch_sentinels(stop.clone()) {
+        background.spawn(watch);
+    }
     let beats = Arc::new(Heartbeats::default());
     background.spawn(monitor::run(
         service.clone(),

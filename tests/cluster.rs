@@ -249,6 +249,13 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
         client.get("c5").await["error"]["data"]["kind"],
         json!("not_found")
     );
+    // health and stats see the cluster as the one Redis it is to clients.
+    let health = daemon.health().await;
+    assert_eq!(health["redis"], json!("up"), "{health}");
+    assert_eq!(health["ready"], json!(true));
+    let stats = daemon.stats().await;
+    assert!(stats["cache_hits"].as_u64().unwrap() >= 340, "{stats}");
+    assert!(stats["cdc"]["applied"].as_u64().unwrap() >= 300, "{stats}");
 
     // 2. Resharding under a read/write load: slots move between primaries while the daemon
     // reads, writes and applies CDC; afterwards every entry equals its row.

@@ -988,6 +988,18 @@ impl Cache {
         self.conn.renew()
     }
 
+    /// Sentinel mode: the task that follows `+switch-master` until `stop` (see
+    /// `topology::SentinelConn::watch`).
+    pub fn watch_sentinels(
+        &self,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        match &self.conn {
+            Conn::Sentinel(sentinel) => Some(sentinel.clone().watch(stop)),
+            _ => None,
+        }
+    }
+
     /// Sentinel mode: asks the sentinels where the primary is, and moves there if it moved.
     pub async fn follow_sentinels(&self) -> Result<(), CacheError> {
         match &self.conn {

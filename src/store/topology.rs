@@ -725,6 +725,48 @@ impl SentinelConn {
         Ok(address)
     }
 
+    /// Listens for `+switch-master` on the sentinels (one at a time, the next when one fails)
+    /// until `stop`: when one names this master, the connection is dropped at once and the next
+    /// call asks the sentinels where the primary is now. [`SentinelConn::follow`] is the fallback.
+    pub async fn watch(self, stop: tokio_util::sync::CancellationToken) {
+        use futures::StreamExt;
+        let master = self.inner.master.clone();
+        loop {
+            for sentinel in &self.inner.sentinels {
+                let subscribed = async {
+                    let client = single_client(&self.inner.config, sentinel.clone()).ok()?;
+                    let mut pubsub = client.get_async_pubsub().await.ok()?;
+                    pubsub.subscribe("+switch-master").await.ok()?;
+                    Some(pubsub.into_on_message())
+                };
+                let timeout = Duration::from_secs(1);
+                let Ok(Some(mut messages)) = tokio::time::timeout(timeout, subscribed).await else {
+                    continue;
+                };
+                loop {
+                    let message = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        message = messages.next() => message,
+                    };
+                    let Some(message) = message else { break };
+                    // "<name> <old-ip> <old-port> <new-ip> <new-port>"
+                    let text: String = message.get_payload().unwrap_or_default();
+                    let words: Vec<&str> = text.split(' ').collect();
+                    if let [name, _, _, ip, port] = words[..] {
+                        if name == master {
+                            tracing::warn!(master = %format!("{ip}:{port}"), "sentinel names a new redis master: following it");
+                            self.forget();
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
     async fn command(&self, cmd: &Cmd) -> redis::RedisResult<Value> {
         let mut conn = self.connection().await?;
         let result = conn.req_packed_command(cmd).await;
