@@ -244,8 +244,9 @@ impl Epochs {
                     node = %primary.address,
                     "redis holds data written under another redis process: dropping every cached entry, reads go to postgres until then"
                 );
-                let slots = primary.ranges.iter().flat_map(|&(from, to)| from..=to);
-                service.repairs.distrust_slots(slots);
+                service
+                    .repairs
+                    .distrust_slots(service.cache().slots_of(primary));
             }
             // Without a fence Redis lost everything there, which the fence already handles.
             self.pending.retain(|(p, _)| p != primary);

@@ -390,6 +390,11 @@ impl Cache {
         self.keys.user(username)
     }
 
+    /// The slots `primary` serves where cacheward keeps keys (slot 0 alone on one server).
+    pub fn slots_of(&self, primary: &Primary) -> Vec<u16> {
+        primary.slots(&self.keys).collect()
+    }
+
     /// The slot of a user's key (0 for every key but on a Cluster).
     pub fn slot_of(&self, username: &str) -> u16 {
         self.keys.slot(&self.key(username))
@@ -963,7 +968,7 @@ impl Cache {
         primary: &Primary,
         horizon: i64,
     ) -> Result<usize, CacheError> {
-        let slots: Vec<u16> = primary.slots(&self.keys).collect();
+        let slots = self.slots_of(primary);
         let now = self
             .fence_scripts(primary, &slots, ESTABLISH_FENCE_SCRIPT, horizon)
             .await?;
