@@ -904,6 +904,13 @@ impl Cache {
                 .is_none_or(|id| id != primary.id),
             false => false,
         };
+        // The anchor slot is moving or moved away: the epoch and fence there are not this
+        // primary's to judge now.
+        let elsewhere = elsewhere
+            || values.iter().any(|v| {
+                matches!(v, redis::Value::ServerError(e)
+                    if matches!(e.code(), "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN"))
+            });
         let [info, recorded, fence]: [redis::Value; 3] =
             values.try_into().map_err(|v: Vec<_>| {
                 CacheError::Server(format!("3 commands answered {} values", v.len()))

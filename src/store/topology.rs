@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value};
 
 use super::connect;
@@ -165,9 +164,45 @@ struct ClusterInner {
     client: redis::cluster::ClusterClient,
     config: redis::cluster::ClusterConfig,
     current: Mutex<ClusterConnection>,
+    /// What is sent to one primary by address (the request path's per-primary pipelines, the
+    /// monitor's looks) goes on a connection of its own to that node, around the driver's routing
+    /// task; a slot that moved answers `MOVED`, which fails the call (never redirected).
+    nodes: Mutex<std::collections::HashMap<String, ConnectionManager>>,
+    /// What a node connection needs besides its address: `redis.url`'s settings, the TLS files,
+    /// the password file.
+    settings: Config,
+    template: ConnectionInfo,
 }
 
 impl ClusterConn {
+    /// The connection to the node at `address` (`host:port`), made on first use.
+    fn node(&self, address: &str) -> redis::RedisResult<ConnectionManager> {
+        let mut nodes = self
+            .inner
+            .nodes
+            .lock()
+            .expect("nodes lock is never poisoned");
+        if let Some(conn) = nodes.get(address) {
+            return Ok(conn.clone());
+        }
+        let bad = |what: &str, detail: String| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "redis",
+                format!("{what}: {detail}"),
+            ))
+        };
+        let (host, port) = address
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse().ok()?)))
+            .ok_or_else(|| bad("a cluster node address", address.to_owned()))?;
+        let info = at_address(Some(&self.inner.template), host, port)?;
+        // Bulk calls (a fence per slot) go this way too: the caller bounds each call.
+        let conn = manager(&self.inner.settings, info, None).map_err(|e| bad(address, e))?;
+        nodes.insert(address.to_owned(), conn.clone());
+        Ok(conn)
+    }
+
     fn get(&self) -> ClusterConnection {
         self.inner
             .current
@@ -233,25 +268,6 @@ impl Primary {
         self.slots(keys).next()
     }
 
-    /// Where a Cluster connection sends what is meant for this primary: its address.
-    fn route(&self) -> redis::RedisResult<SingleNodeRoutingInfo> {
-        self.address
-            .rsplit_once(':')
-            .and_then(|(host, port)| {
-                Some(SingleNodeRoutingInfo::ByAddress {
-                    host: host.to_owned(),
-                    port: port.parse().ok()?,
-                })
-            })
-            .ok_or_else(|| {
-                redis::RedisError::from((
-                    redis::ErrorKind::Parse,
-                    "a cluster node address",
-                    self.address.clone(),
-                ))
-            })
-    }
-
     /// The slots it serves where cacheward's keys can live.
     pub fn slots<'a>(&'a self, keys: &'a Keys) -> impl Iterator<Item = u16> + 'a {
         self.ranges
@@ -272,6 +288,10 @@ impl Conn {
             .client
             .get_pending_async_connection_with_config(c.config.clone());
         *c.current.lock().expect("cluster lock is never poisoned") = fresh;
+        c.nodes
+            .lock()
+            .expect("nodes lock is never poisoned")
+            .clear();
         true
     }
 
@@ -342,10 +362,8 @@ impl Conn {
         let count = pipeline.cmd_iter().count();
         match self {
             Conn::Cluster(conn) => {
-                let route = primary.route()?;
-                conn.get()
-                    .route_pipeline(pipeline.clone(), 0, count, route)
-                    .await
+                let mut node = conn.node(&primary.address)?;
+                node.req_packed_commands(pipeline, 0, count).await
             }
             other => other.req_packed_commands(pipeline, 0, count).await,
         }
@@ -354,10 +372,7 @@ impl Conn {
     /// Sends one command to `primary` (see [`Conn::on`]).
     pub async fn on_one(&mut self, primary: &Primary, cmd: &Cmd) -> redis::RedisResult<Value> {
         match self {
-            Conn::Cluster(conn) => {
-                let route = RoutingInfo::SingleNode(primary.route()?);
-                conn.get().route_command(cmd.clone(), route).await
-            }
+            Conn::Cluster(conn) => conn.node(&primary.address)?.req_packed_command(cmd).await,
             other => other.req_packed_command(cmd).await,
         }
     }
@@ -425,6 +440,30 @@ fn tls_files_failed(config: &Config, e: &dyn std::fmt::Display) -> String {
     format!("{}: {e}", files.join(", "))
 }
 
+/// The settings of `template` (user, password, database, TLS or not) for the server at
+/// `host:port`, with [`tcp_settings`].
+fn at_address(
+    template: Option<&ConnectionInfo>,
+    host: &str,
+    port: u16,
+) -> redis::RedisResult<ConnectionInfo> {
+    let tls = template.is_some_and(|t| matches!(t.addr(), redis::ConnectionAddr::TcpTls { .. }));
+    let addr = match tls {
+        true => redis::ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: false,
+            tls_params: None,
+        },
+        false => redis::ConnectionAddr::Tcp(host.to_owned(), port),
+    };
+    let info = match template {
+        Some(template) => template.clone().set_addr(addr),
+        None => addr.into_connection_info()?,
+    };
+    Ok(info.set_tcp_settings(tcp_settings()))
+}
+
 /// A client for one server at `info`, with the certificates of `redis.tls_*`.
 fn single_client(config: &Config, info: ConnectionInfo) -> Result<redis::Client, String> {
     crate::tls::provider();
@@ -474,13 +513,18 @@ impl redis::auth::StreamingCredentialsProvider for PasswordFile {
     }
 }
 
-/// A lazily made, reconnecting connection to one server at `info`.
-fn manager(config: &Config, info: ConnectionInfo) -> Result<ConnectionManager, String> {
+/// A lazily made, reconnecting connection to one server at `info`; its calls time out after
+/// `response_timeout` (`None`: only the caller's own bound applies).
+fn manager(
+    config: &Config,
+    info: ConnectionInfo,
+    response_timeout: Option<Duration>,
+) -> Result<ConnectionManager, String> {
     let password = PasswordFile::of(config, &info);
     let client = single_client(config, info)?;
     let timeout = config.redis_timeout();
     let mut manager_config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(timeout))
+        .set_response_timeout(response_timeout)
         .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
         .set_number_of_retries(1)
         .set_min_delay(Duration::from_millis(20))
@@ -498,7 +542,7 @@ pub fn connect(config: &Config) -> Result<Conn, String> {
         RedisMode::Standalone => {
             let url = r.url.as_ref().ok_or("redis.url is not set")?;
             let info = connection_info(url, "redis.url")?;
-            manager(config, info).map(Conn::Single)
+            manager(config, info, Some(config.redis_timeout())).map(Conn::Single)
         }
         RedisMode::Cluster => {
             let seeds = r
@@ -524,6 +568,7 @@ pub fn connect(config: &Config) -> Result<Conn, String> {
                 builder = builder.certs(certificates);
             }
             let client = builder.build().map_err(|e| tls_files_failed(config, &e))?;
+            let settings = config.clone();
             let config = redis::cluster::ClusterConfig::new()
                 .set_connection_timeout(timeout.max(Duration::from_millis(250)))
                 .set_response_timeout(timeout);
@@ -533,6 +578,9 @@ pub fn connect(config: &Config) -> Result<Conn, String> {
                     client,
                     config,
                     current: Mutex::new(current),
+                    nodes: Mutex::default(),
+                    settings,
+                    template: first,
                 }),
             }))
         }
@@ -655,26 +703,9 @@ impl SentinelConn {
 
     async fn connect_to(&self, host: &str, port: u16) -> redis::RedisResult<ConnectionManager> {
         let address = format!("{host}:{port}");
-        let tls = self
-            .inner
-            .template
-            .as_ref()
-            .is_some_and(|t| matches!(t.addr(), redis::ConnectionAddr::TcpTls { .. }));
-        let addr = match tls {
-            true => redis::ConnectionAddr::TcpTls {
-                host: host.to_owned(),
-                port,
-                insecure: false,
-                tls_params: None,
-            },
-            false => redis::ConnectionAddr::Tcp(host.to_owned(), port),
-        };
-        let info = match &self.inner.template {
-            Some(template) => template.clone().set_addr(addr),
-            None => addr.into_connection_info()?,
-        }
-        .set_tcp_settings(tcp_settings());
-        let mut conn = manager(&self.inner.config, info).map_err(|e| {
+        let info = at_address(self.inner.template.as_ref(), host, port)?;
+        let timeout = Some(self.inner.config.redis_timeout());
+        let mut conn = manager(&self.inner.config, info, timeout).map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "redis", e))
         })?;
         // The sentinels may still name a demoted primary for a moment: only a master will do.
