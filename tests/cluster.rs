@@ -48,6 +48,21 @@ async fn disagreeing(env: &TestEnv, conn: &mut ClusterConnection, names: &[Strin
     wrong
 }
 
+/// Whether every name's live entry (if any) equals its row, asked on a fresh connection.
+async fn agrees(env: &TestEnv, cluster: &RedisCluster, names: &[String]) -> bool {
+    disagreeing(env, &mut connect(cluster).await, names)
+        .await
+        .is_empty()
+}
+
+/// Waits (up to 10 s) until [`agrees`] holds.
+async fn await_agreement(env: &TestEnv, cluster: &RedisCluster, names: &[String], what: &str) {
+    wait_until(what, Duration::from_secs(10), || {
+        agrees(env, cluster, names)
+    })
+    .await;
+}
+
 /// Live entries under `user:` on every primary (SCAN on each).
 fn live_entries(cluster: &RedisCluster) -> usize {
     let mut live = 0;
@@ -216,16 +231,7 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     .unwrap();
     let mut everyone = people.clone();
     everyone.extend(["c-new".to_owned(), "c1-renamed".to_owned()]);
-    wait_until(
-        "CDC updated every slot",
-        Duration::from_secs(10),
-        || async {
-            disagreeing(&env, &mut connect(&cluster).await, &everyone)
-                .await
-                .is_empty()
-        },
-    )
-    .await;
+    await_agreement(&env, &cluster, &everyone, "CDC updated every slot").await;
     let verified = cluster_verify(&env, &urls[2]);
     assert!(
         verified.status.success(),
@@ -320,14 +326,11 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
         rounds > 100,
         "the load ran through the resharding ({rounds} rounds)"
     );
-    wait_until(
+    await_agreement(
+        &env,
+        &cluster,
+        &movers,
         "every entry equals its row after resharding",
-        Duration::from_secs(10),
-        || async {
-            disagreeing(&env, &mut connect(&cluster).await, &movers)
-                .await
-                .is_empty()
-        },
     )
     .await;
     let verified = cluster_verify(&env, &urls[0]);
@@ -381,14 +384,11 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     cluster.cut_replication(victim).unwrap();
     // Newer versions (out-of-band updates, through CDC) and deletions (tombstones).
     let rows = outdate(&env, &mut client, &doomed).await;
-    wait_until(
+    await_agreement(
+        &env,
+        &cluster,
+        &doomed,
         "the primary holds the newest versions",
-        Duration::from_secs(10),
-        || async {
-            disagreeing(&env, &mut connect(&cluster).await, &doomed)
-                .await
-                .is_empty()
-        },
     )
     .await;
     // The replica really lacks them: what it would serve is stale.
@@ -419,10 +419,7 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     // Through the failover the daemon answers every get with the row (or not_found), never with
     // the promoted replica's older entry, and soon every entry equals its row again.
     let repaired_after = through_failover(&mut client, &doomed, &rows, killed_at, || async {
-        cluster.primaries().len() == 3
-            && disagreeing(&env, &mut connect(&cluster).await, &doomed)
-                .await
-                .is_empty()
+        cluster.primaries().len() == 3 && agrees(&env, &cluster, &doomed).await
     })
     .await;
     eprintln!("failover: every entry equal to its row {repaired_after:?} after the kill");

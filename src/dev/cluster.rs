@@ -70,24 +70,13 @@ impl RedisCluster {
     /// Waits until every replica has synchronised with its primary: before that a replica cannot
     /// be promoted (its data would be of unknown age), and a failover test would hang.
     pub fn await_replicas_synced(&self, limit: Duration) -> Result<(), DevError> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let synced = (0..NODES)
+        poll_until("waiting for the redis cluster's replicas", limit, || {
+            (0..NODES)
                 .filter(|&n| self.children[n].is_some())
                 .filter_map(|n| ask(self.ports[n], "INFO replication"))
                 .filter(|info| info.contains("role:slave"))
-                .all(|info| info.contains("master_link_status:up"));
-            if synced {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(failed(
-                    "waiting for the redis cluster's replicas",
-                    format!("not every replica is in sync after {limit:?}"),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                .all(|info| info.contains("master_link_status:up"))
+        })
     }
 
     fn start_node(&mut self, node: usize) -> Result<(), DevError> {
@@ -109,23 +98,16 @@ impl RedisCluster {
 
     /// Waits until every running node says `cluster_state:ok`.
     pub fn await_state_ok(&self, limit: Duration) -> Result<(), DevError> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let running = (0..NODES).filter(|&n| self.children[n].is_some());
-            let ok = running.clone().all(|n| {
-                ask(self.ports[n], "CLUSTER INFO").is_some_and(|i| i.contains("cluster_state:ok"))
-            });
-            if ok {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(failed(
-                    "waiting for the redis cluster",
-                    format!("not every node says cluster_state:ok after {limit:?}"),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        poll_until(
+            "waiting for every redis cluster node to say cluster_state:ok",
+            limit,
+            || {
+                (0..NODES).filter(|&n| self.children[n].is_some()).all(|n| {
+                    ask(self.ports[n], "CLUSTER INFO")
+                        .is_some_and(|i| i.contains("cluster_state:ok"))
+                })
+            },
+        )
     }
 
     /// The nodes' ports, in start order.
@@ -287,6 +269,22 @@ pub(super) fn cut_replication(port: u16) -> Result<(), DevError> {
         if answer.starts_with('-') || answer.is_empty() {
             return Err(failed("cutting a replication link", answer));
         }
+    }
+    Ok(())
+}
+
+/// Checks `done` every 50 ms until it holds; an error saying `what` did not happen within `limit`.
+pub(super) fn poll_until(
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Result<(), DevError> {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(failed(what, format!("not done after {limit:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
 }

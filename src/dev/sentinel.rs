@@ -3,11 +3,11 @@
 //! the replica when the primary dies; each process a direct child of this one.
 
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::cluster::{ask, cut_replication, redis_node};
+use super::cluster::{ask, cut_replication, poll_until, redis_node};
 use super::install::{self, Tool};
 use super::{await_ready, command, failed, free_port, io_err, on_path, DevError};
 
@@ -54,9 +54,8 @@ impl RedisSentinels {
         for _ in 0..SENTINELS {
             group.start_sentinel()?;
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let settled = group.sentinel_ports.iter().all(|&port| {
+        let each_knows_the_others = || {
+            group.sentinel_ports.iter().all(|&port| {
                 ask(port, &format!("SENTINEL MASTER {MASTER}")).is_some_and(|info| {
                     let field = |name: &str| {
                         let lines: Vec<&str> = info.lines().collect();
@@ -69,18 +68,14 @@ impl RedisSentinels {
                     };
                     field("num-slaves") == "1" && field("num-other-sentinels") == "2"
                 })
-            });
-            if settled {
-                return Ok(group);
-            }
-            if Instant::now() > deadline {
-                return Err(failed(
-                    "waiting for the sentinels",
-                    "they do not all know the replica and each other after 30 s",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            })
+        };
+        poll_until(
+            "waiting for the sentinels to know the replica and each other",
+            Duration::from_secs(30),
+            each_knows_the_others,
+        )?;
+        Ok(group)
     }
 
     fn start_sentinel(&mut self) -> Result<(), DevError> {
@@ -121,17 +116,9 @@ impl RedisSentinels {
 
     /// Waits until the replica on `port` says its link to the primary is up.
     fn await_synced(&self, port: u16, limit: Duration) -> Result<(), DevError> {
-        let deadline = Instant::now() + limit;
-        while !ask(port, "INFO replication").is_some_and(|i| i.contains("master_link_status:up")) {
-            if Instant::now() > deadline {
-                return Err(failed(
-                    "waiting for the replica",
-                    format!("not in sync after {limit:?}"),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        poll_until("waiting for the replica to sync", limit, || {
+            ask(port, "INFO replication").is_some_and(|i| i.contains("master_link_status:up"))
+        })
     }
 
     /// `redis://` URLs of the sentinels.

@@ -107,7 +107,7 @@ impl Keys {
     pub fn in_use(&self, slot: u16) -> bool {
         match &self.slotted {
             None => slot == 0,
-            Some(keys) => keys.fence[slot as usize] != UNUSED,
+            Some(keys) => keys.fence.get(slot as usize).is_some_and(|&n| n != UNUSED),
         }
     }
 
@@ -309,47 +309,7 @@ impl Conn {
             .get()
             .req_packed_command(redis::cmd("CLUSTER").arg("SLOTS"))
             .await?;
-        let bad = |what: &str| {
-            redis::RedisError::from((redis::ErrorKind::Parse, "CLUSTER SLOTS", what.to_owned()))
-        };
-        let Value::Array(ranges) = reply else {
-            return Err(bad("not an array"));
-        };
-        let mut primaries: Vec<Primary> = Vec::new();
-        for range in ranges {
-            let Value::Array(fields) = range else {
-                return Err(bad("a range is not an array"));
-            };
-            let (Some(Value::Int(from)), Some(Value::Int(to)), Some(Value::Array(node))) =
-                (fields.first(), fields.get(1), fields.get(2))
-            else {
-                return Err(bad("a range lacks its bounds or its primary"));
-            };
-            let text = |v: Option<&Value>| match v {
-                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                Some(Value::SimpleString(s)) => s.clone(),
-                _ => String::new(),
-            };
-            let (host, id) = (text(node.first()), text(node.get(2)));
-            let Some(Value::Int(port)) = node.get(1) else {
-                return Err(bad("a primary lacks its port"));
-            };
-            let address = format!("{host}:{port}");
-            let range = (*from as u16, *to as u16);
-            match primaries.iter_mut().find(|p| p.id == id) {
-                Some(p) => p.ranges.push(range),
-                None => primaries.push(Primary {
-                    address,
-                    id,
-                    ranges: vec![range],
-                }),
-            }
-        }
-        for p in &mut primaries {
-            p.ranges.sort_unstable();
-        }
-        primaries.sort_by_key(|p| p.ranges.first().copied());
-        Ok(primaries)
+        parse_cluster_slots(reply)
     }
 
     /// Sends `pipeline` to `primary` (on a Cluster, by its address: its commands may name keys of
@@ -376,6 +336,56 @@ impl Conn {
             other => other.req_packed_command(cmd).await,
         }
     }
+}
+
+/// The primaries of a `CLUSTER SLOTS` answer, sorted by their first slot; an error names what in
+/// the answer is not as Redis writes it (it is never trusted to index the slot tables).
+fn parse_cluster_slots(reply: Value) -> redis::RedisResult<Vec<Primary>> {
+    let bad = |what: &str| {
+        redis::RedisError::from((redis::ErrorKind::Parse, "CLUSTER SLOTS", what.to_owned()))
+    };
+    let Value::Array(ranges) = reply else {
+        return Err(bad("not an array"));
+    };
+    let mut primaries: Vec<Primary> = Vec::new();
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            return Err(bad("a range is not an array"));
+        };
+        let (Some(Value::Int(from)), Some(Value::Int(to)), Some(Value::Array(node))) =
+            (fields.first(), fields.get(1), fields.get(2))
+        else {
+            return Err(bad("a range lacks its bounds or its primary"));
+        };
+        let text = |v: Option<&Value>| match v {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            _ => String::new(),
+        };
+        let (host, id) = (text(node.first()), text(node.get(2)));
+        let Some(Value::Int(port)) = node.get(1) else {
+            return Err(bad("a primary lacks its port"));
+        };
+        let address = format!("{host}:{port}");
+        let slot = |n: i64| u16::try_from(n).ok().filter(|&s| (s as usize) < SLOTS);
+        let range = match (slot(*from), slot(*to)) {
+            (Some(from), Some(to)) if from <= to => (from, to),
+            _ => return Err(bad("a range is not within slots 0-16383")),
+        };
+        match primaries.iter_mut().find(|p| p.id == id) {
+            Some(p) => p.ranges.push(range),
+            None => primaries.push(Primary {
+                address,
+                id,
+                ranges: vec![range],
+            }),
+        }
+    }
+    for p in &mut primaries {
+        p.ranges.sort_unstable();
+    }
+    primaries.sort_by_key(|p| p.ranges.first().copied());
+    Ok(primaries)
 }
 
 /// The settings every connection gets: dead peers are noticed as for PostgreSQL (see
@@ -835,6 +845,40 @@ impl SentinelConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_slots_answer_is_checked_before_it_is_used() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let range = |from: i64, to: i64, port: i64, id: &str| {
+            Value::Array(vec![
+                Value::Int(from),
+                Value::Int(to),
+                Value::Array(vec![bulk("127.0.0.1"), Value::Int(port), bulk(id)]),
+            ])
+        };
+        let primaries = parse_cluster_slots(Value::Array(vec![
+            range(5461, 16383, 7001, "b"),
+            range(0, 100, 7000, "a"),
+            range(101, 5460, 7000, "a"),
+        ]))
+        .unwrap();
+        assert_eq!(primaries.len(), 2);
+        assert_eq!(primaries[0].address, "127.0.0.1:7000");
+        assert_eq!(primaries[0].ranges, [(0, 100), (101, 5460)]);
+        for hostile in [
+            Value::Array(vec![range(0, 16384, 7000, "a")]),
+            Value::Array(vec![range(-1, 5, 7000, "a")]),
+            Value::Array(vec![range(9, 5, 7000, "a")]),
+            Value::Array(vec![Value::Array(vec![Value::Int(0), Value::Int(5)])]),
+            Value::Array(vec![bulk("nonsense")]),
+            bulk("not an array"),
+        ] {
+            let e = parse_cluster_slots(hostile).unwrap_err();
+            assert!(e.to_string().contains("CLUSTER SLOTS"), "{e}");
+        }
+        // A slot past the table is not cacheward's, rather than a panic.
+        assert!(!Keys::new("user:", true).in_use(u16::MAX));
+    }
 
     #[test]
     fn slots_are_computed_as_redis_cluster_does() {
