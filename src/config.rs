@@ -561,6 +561,14 @@ impl Config {
             redis::Client::open(url.expose())
                 .map_err(|e| invalid("redis.urls", format!("{}: {e}", url.redacted())))?;
         }
+        if let Some(name) = &r.sentinel_master {
+            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    "redis.sentinel_master",
+                    format!("{name:?} is not a master name (one word, as in sentinel.conf's `sentinel monitor NAME`)"),
+                ));
+            }
+        }
         match r.mode {
             RedisMode::Standalone if !r.urls.is_empty() || r.sentinel_master.is_some() => {
                 return Err(invalid(
@@ -912,6 +920,11 @@ mod tests {
                 "redis.sentinel_master",
             ),
             (
+                &[("CACHEWARD__REDIS__MODE", "sentinel")],
+                Some("[redis]\nurls = [\"redis://s:26379\"]\nsentinel_master = \"my master\"\n"),
+                "redis.sentinel_master",
+            ),
+            (
                 &[],
                 Some("[redis]\nmode = \"cluster\"\nurls = [\"http://x\"]\n"),
                 "redis.urls",
@@ -1012,6 +1025,29 @@ mod tests {
         assert_eq!(redact_url("redis://host:6379/2"), "redis://host:6379/2");
         let c = load(&[("DATABASE_URL", "postgresql://u:hunter2@h/db")], None).expect("loads");
         assert!(!format!("{c:?}").contains("hunter2"));
+        // Seeds and sentinels, as the `starting` event and the effective configuration show them.
+        let c = load(
+            &[
+                ("CACHEWARD__REDIS__MODE", "sentinel"),
+                ("CACHEWARD__REDIS__SENTINEL_MASTER", "m"),
+                (
+                    "CACHEWARD__REDIS__URLS",
+                    "redis://:hunter3@s1:26379,redis://u:hunter4@s2:26379",
+                ),
+            ],
+            None,
+        )
+        .expect("loads");
+        let shown = format!(
+            "{} {}",
+            c.redis_servers(),
+            serde_json::to_string(&c).unwrap()
+        );
+        assert!(
+            !shown.contains("hunter3") && !shown.contains("hunter4"),
+            "{shown}"
+        );
+        assert!(shown.starts_with("m@redis://:***@s1:26379,"), "{shown}");
     }
 
     #[test]
