@@ -19,7 +19,7 @@ pub fn request(data: &[u8]) {
         Incoming::Reject { id, error } => protocol::encode_error(&id, &error),
         Incoming::Ignore => return,
         Incoming::Call { id, call } => {
-            if let protocol::Call::Get { username } | protocol::Call::Put { username } = &call {
+            if let protocol::Call::Get { username, .. } | protocol::Call::Put { username } = &call {
                 assert!(
                     protocol::validate_username(username).is_ok(),
                     "{username:?}"

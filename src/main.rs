@@ -72,6 +72,9 @@ enum Command {
     /// Read a user (cache-aside)
     Get {
         username: String,
+        /// Answer a state at least this new (the `version` a write answered): read-your-writes
+        #[arg(long)]
+        min_version: Option<i64>,
         #[command(flatten)]
         common: Common,
     },
@@ -136,8 +139,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve { dev, common } => serve(dev, common).await,
         Command::Migrate { common } => migrate(common).await,
         Command::Verify { common } => verify(common).await,
-        Command::Get { username, common } => {
-            call(common, "get", json!({ "username": username })).await
+        Command::Get {
+            username,
+            min_version,
+            common,
+        } => {
+            let params = match min_version {
+                Some(min) => json!({ "username": username, "min_version": min }),
+                None => json!({ "username": username }),
+            };
+            call(common, "get", params).await
         }
         Command::Put { username, common } => {
             call(common, "put", json!({ "username": username })).await

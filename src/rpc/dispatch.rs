@@ -10,13 +10,17 @@ use crate::rpc::protocol::{
 };
 use crate::service::{Service, ServiceError};
 
+/// One `get`: its id (`None` for a notification), username and `min_version`.
+pub type GetItem = (Option<Id>, String, Option<i64>);
+
 /// Answers gets read together: one Redis read for all of them, one buffer of answer lines (none
 /// for a notification, whose id is `None`), in order.
-pub async fn gets(service: &Arc<Service>, gets: Vec<(Option<Id>, String)>) -> Vec<u8> {
-    let names: Vec<&str> = gets.iter().map(|(_, name)| name.as_str()).collect();
-    let answers = service.get_many(&names).await;
+pub async fn gets(service: &Arc<Service>, gets: Vec<GetItem>) -> Vec<u8> {
+    let names: Vec<&str> = gets.iter().map(|(_, name, _)| name.as_str()).collect();
+    let min_versions: Vec<Option<i64>> = gets.iter().map(|&(_, _, min)| min).collect();
+    let answers = service.get_many(&names, &min_versions).await;
     let mut out = Vec::with_capacity(gets.len() * 256);
-    for ((id, _), answer) in gets.iter().zip(answers) {
+    for ((id, _, _), answer) in gets.iter().zip(answers) {
         let answer = answer.map_err(RpcError::from);
         if let Err(error) = &answer {
             failed(service, "get", error);
@@ -39,7 +43,10 @@ pub async fn call(service: &Arc<Service>, id: Option<Id>, call: Call) -> Vec<u8>
     let method = call.method();
     let id = id.as_ref();
     let answer = match call {
-        Call::Get { username } => return gets(service, vec![(id.cloned(), username)]).await,
+        Call::Get {
+            username,
+            min_version,
+        } => return gets(service, vec![(id.cloned(), username, min_version)]).await,
         Call::Put { username } => service.put(username).await.map(|(json, created)| {
             let user = raw(&json);
             reply(

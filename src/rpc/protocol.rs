@@ -78,6 +78,8 @@ impl RpcError {
 pub enum Call {
     Get {
         username: String,
+        /// Read-your-writes: the answer must reflect a state at least this new (DESIGN §1.3).
+        min_version: Option<i64>,
     },
     Put {
         username: String,
@@ -239,6 +241,8 @@ struct PlainGet<'a> {
 #[serde(deny_unknown_fields)]
 struct PlainGetParams<'a> {
     username: &'a str,
+    #[serde(default)]
+    min_version: Option<i64>,
 }
 
 /// A valid `get` with a number or string id and no escapes in its strings, read without building
@@ -263,10 +267,14 @@ fn parse_plain_get(line: &[u8]) -> Option<Incoming> {
         _ => return None,
     };
     validate_username(params.username).ok()?;
+    if params.min_version.is_some_and(|v| v < 0) {
+        return None;
+    }
     Some(Incoming::Call {
         id: Some(id),
         call: Call::Get {
             username: params.username.to_owned(),
+            min_version: params.min_version,
         },
     })
 }
@@ -377,6 +385,7 @@ fn parse_call(method: &str, params: Option<Value>) -> Result<Call, RpcError> {
     let call = match method {
         "get" => Call::Get {
             username: take_username(&mut params, "username")?,
+            min_version: take_version(&mut params, "min_version")?,
         },
         "put" => Call::Put {
             username: take_username(&mut params, "username")?,
@@ -419,6 +428,22 @@ fn take_username(params: &mut Map<String, Value>, name: &str) -> Result<String, 
         ))),
         None => Err(RpcError::invalid_params(format!(
             "invalid params: missing {name}"
+        ))),
+    }
+}
+
+/// An optional version: an integer from 0 to 2^63 - 1 (`null` is as if it were absent).
+fn take_version(params: &mut Map<String, Value>, name: &str) -> Result<Option<i64>, RpcError> {
+    match params.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.as_i64().is_some_and(|v| v >= 0) => Ok(n.as_i64()),
+        Some(other) => Err(RpcError::invalid_params(format!(
+            "invalid params: {name} must be an integer from 0 to {}, got {}",
+            i64::MAX,
+            match &other {
+                Value::Number(n) => n.to_string(),
+                other => type_name(other).to_owned(),
+            }
         ))),
     }
 }
@@ -675,6 +700,21 @@ mod tests {
                 r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"user01"}}"#,
                 Call::Get {
                     username: "user01".into(),
+                    min_version: None,
+                },
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a","min_version":42}}"#,
+                Call::Get {
+                    username: "a".into(),
+                    min_version: Some(42),
+                },
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"min_version":null,"username":"a"}}"#,
+                Call::Get {
+                    username: "a".into(),
+                    min_version: None,
                 },
             ),
             (
@@ -721,7 +761,8 @@ mod tests {
             Incoming::Call {
                 id: None,
                 call: Call::Get {
-                    username: "a".into()
+                    username: "a".into(),
+                    min_version: None,
                 }
             }
         );
@@ -804,6 +845,16 @@ mod tests {
             rejected(r#"{"jsonrpc":"2.0","id":1,"method":"rename","params":{"username":"a"}}"#).1,
             ErrorKind::InvalidParams
         );
+        for bad in ["-1", "1.5", "\"7\"", "true", "9223372036854775808", "[1]"] {
+            let line = format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"get","params":{{"username":"a","min_version":{bad}}}}}"#
+            );
+            let Incoming::Reject { error, .. } = parse(&line) else {
+                panic!("{line} must be rejected");
+            };
+            assert_eq!(error.kind, ErrorKind::InvalidParams, "{line}");
+            assert!(error.message.contains("min_version"), "{}", error.message);
+        }
         assert!(parse_line(b"   \r").is_none());
     }
 

@@ -246,11 +246,11 @@ const WRITE_BUFFER: usize = 16 * 1024;
 /// notifications).
 type Pending = Pin<Box<dyn Future<Output = (usize, Vec<u8>)> + Send>>;
 
-/// Gets read together, answered together: (id, username), `None` id for a notification, and the
-/// request bytes they hold.
+/// Gets read together, answered together: (id, username, min_version), `None` id for a
+/// notification, and the request bytes they hold.
 #[derive(Default)]
 struct Gets {
-    items: Vec<(Option<Id>, String)>,
+    items: Vec<dispatch::GetItem>,
     bytes: usize,
 }
 
@@ -484,9 +484,13 @@ impl Connection {
             }
             Incoming::Call {
                 id,
-                call: Call::Get { username },
+                call:
+                    Call::Get {
+                        username,
+                        min_version,
+                    },
             } => {
-                gets.items.push((id, username));
+                gets.items.push((id, username, min_version));
                 gets.bytes += size;
             }
             Incoming::Call { id, call } if call.writes() && !self.may_write => {

@@ -180,8 +180,10 @@ impl Service {
         .await
     }
 
-    /// Delete, write-through: the entry becomes a tombstone carrying the deleted row's version.
-    /// Returns that version, or `None` when there was no such user.
+    /// Delete, write-through: the entry becomes a tombstone carrying the deleted row's version V.
+    /// Returns the version the deletion is known by, V + 1 (`None` when there was no such user):
+    /// a `get` with it as `min_version` refuses a cached entry of the deleted row itself, which a
+    /// bare V would accept, while any row that takes the name later has a version above V.
     pub async fn delete(self: &Arc<Self>, username: String) -> Result<Option<i64>, ServiceError> {
         self.detached(move |svc| async move {
             svc.stats.db_queries.fetch_add(1, Relaxed);
@@ -190,7 +192,7 @@ impl Service {
             };
             svc.write_through(vec![Write::tombstone(username, version)])
                 .await;
-            Ok(Some(version))
+            Ok(Some(version.saturating_add(1)))
         })
         .await
     }

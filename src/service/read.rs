@@ -25,8 +25,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::flights::Claimed;
 use super::health::Backend;
 use super::{db_result, Service, ServiceError, Source};
-use crate::store::cache::{Outcome, Write};
+use crate::store::cache::{CacheError, Outcome, Write};
 use crate::store::db::{DbError, Found};
+use crate::user::User;
 
 /// Cold names read per database query.
 const LOAD_BATCH: usize = 256;
@@ -34,10 +35,13 @@ const LOAD_BATCH: usize = 256;
 impl Service {
     /// Cache-aside read of the gets a client pipelined together: Redis, else PostgreSQL (one
     /// query however many ask at once, and the misses that arrive meanwhile share it), then fill.
-    /// One answer per name, in order.
+    /// A get with a `min_version` (read-your-writes) takes a cached entry only if it is at least
+    /// that new; otherwise it reads the database itself, never joining a read that may have
+    /// started before the write it waits for. One answer per name, in order.
     pub async fn get_many(
         self: &Arc<Self>,
         usernames: &[&str],
+        min_versions: &[Option<i64>],
     ) -> Vec<Result<(String, Source), ServiceError>> {
         let asked_at = Instant::now();
         let mut answers: Vec<Option<Result<(String, Source), ServiceError>>> =
@@ -50,8 +54,12 @@ impl Service {
             match self.cache.get_live_many(&names).await {
                 Ok(values) => {
                     for (&i, value) in trusted.iter().zip(values) {
-                        if let Some(json) = value {
-                            answers[i] = Some(Ok((json, Source::Cache)));
+                        let wanted = min_versions.get(i).copied().flatten();
+                        match value {
+                            Some(live) if wanted.is_none_or(|min| live.version >= min) => {
+                                answers[i] = Some(Ok((live.json, Source::Cache)));
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -71,8 +79,11 @@ impl Service {
             self.hooks
                 .pause_after_miss(&misses.iter().map(|&i| usernames[i]).collect::<Vec<_>>())
                 .await;
+            let (exact, shared): (Vec<usize>, Vec<usize>) = misses
+                .iter()
+                .partition(|&&i| min_versions.get(i).copied().flatten().is_some());
             let mut queued = false;
-            let flights: Vec<_> = misses
+            let flights: Vec<_> = shared
                 .iter()
                 .map(|&i| {
                     let (flight, started) = self.flights.join(usernames[i], asked_at);
@@ -83,7 +94,13 @@ impl Service {
             if queued {
                 self.start_loader();
             }
-            for (&i, flight) in misses.iter().zip(flights) {
+            if !exact.is_empty() {
+                let names: Vec<&str> = exact.iter().map(|&i| usernames[i]).collect();
+                for (&i, found) in exact.iter().zip(self.read_now(&names).await) {
+                    answers[i] = Some(found);
+                }
+            }
+            for (&i, flight) in shared.iter().zip(flights) {
                 answers[i] = Some(flight.wait().await.and_then(|found| {
                     found.ok_or_else(|| ServiceError::NotFound(usernames[i].to_owned()))
                 }));
@@ -92,6 +109,33 @@ impl Service {
         answers
             .into_iter()
             .map(|a| a.expect("every name answered"))
+            .collect()
+    }
+
+    /// Reads `names` from the database in one query of their own (no flight), fills Redis with
+    /// what it found, and answers each: the user, or `not_found`.
+    async fn read_now(
+        self: &Arc<Self>,
+        names: &[&str],
+    ) -> Vec<Result<(String, Source), ServiceError>> {
+        self.stats.db_queries.fetch_add(1, Relaxed);
+        let found = match db_result(self.db.find_users(names).await, &self.health) {
+            Ok(found) => found,
+            Err(e) => return names.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let (answers, users, fill) = self.settle(names, found);
+        if let Some(fill) = fill {
+            let service = self.clone();
+            tokio::spawn(async move { service.filled(&users, fill.await) });
+        }
+        names
+            .iter()
+            .zip(answers)
+            .map(|(name, answer)| {
+                answer.and_then(|found| {
+                    found.ok_or_else(|| ServiceError::NotFound((*name).to_owned()))
+                })
+            })
             .collect()
     }
 
@@ -132,8 +176,8 @@ impl Service {
             let names: Vec<&str> = late.iter().map(|&i| batch.username(i)).collect();
             if let Ok(values) = self.cache.get_live_many(&names).await {
                 for (&i, value) in late.iter().zip(values) {
-                    if let Some(json) = value {
-                        batch.finish(i, Ok(Some((json, Source::Cache))));
+                    if let Some(live) = value {
+                        batch.finish(i, Ok(Some((live.json, Source::Cache))));
                     }
                 }
             }
@@ -149,11 +193,7 @@ impl Service {
         let users = self.db.find_users(&names).await;
         drop(slot);
         self.start_loader();
-        let Found {
-            users,
-            broken,
-            read_at,
-        } = match db_result(users, &self.health) {
+        let found = match db_result(users, &self.health) {
             Ok(found) => found,
             Err(e) => {
                 for &i in &cold {
@@ -165,14 +205,42 @@ impl Service {
         #[cfg(feature = "test-hooks")]
         self.hooks
             .pause_before_fill(
-                &users
+                &found
+                    .users
                     .iter()
                     .map(|u| u.username.as_str())
                     .collect::<Vec<_>>(),
             )
             .await;
-        // Queued ahead of any read that follows the answers below, so the fill need not be
-        // awaited before answering: a get after this one's answer sees it.
+        let (answers, users, fill) = self.settle(&names, found);
+        for (&i, answer) in cold.iter().zip(answers) {
+            batch.finish(i, answer);
+        }
+        if let Some(fill) = fill {
+            self.filled(&users, fill.await);
+        }
+    }
+
+    /// What a database read found for `names`, in order (`None`: no such user), the users it
+    /// found, and the fill that caches them, queued now: ahead of any read that follows the
+    /// answers, so it need not be awaited before answering (a get after this one's answer sees it).
+    #[allow(clippy::type_complexity)]
+    fn settle(
+        &self,
+        names: &[&str],
+        found: Found,
+    ) -> (
+        Vec<Result<Option<(String, Source)>, ServiceError>>,
+        Vec<User>,
+        Option<
+            impl std::future::Future<Output = Result<Vec<Outcome>, CacheError>> + Send + 'static,
+        >,
+    ) {
+        let Found {
+            users,
+            broken,
+            read_at,
+        } = found;
         let fill = (self.health.is_up(Backend::Redis) && !users.is_empty()).then(|| {
             self.cache.fill(
                 users
@@ -181,24 +249,27 @@ impl Service {
                     .collect(),
             )
         });
-        let found: HashMap<&str, &str> = users
+        let by_name: HashMap<&str, &str> = users
             .iter()
             .map(|user| (user.username.as_str(), user.json.as_str()))
             .collect();
-        for &i in &cold {
-            let name = batch.username(i);
-            if let Some(e) = broken.iter().find(|e| e.username.as_deref() == Some(name)) {
-                let e = DbError::Row(e.clone());
-                batch.finish(i, Err(ServiceError::Postgres(Arc::new(e))));
-                continue;
-            }
-            let json = found.get(name).map(|json| json.to_string());
-            batch.finish(i, Ok(json.map(|json| (json, Source::Db))));
-        }
-        let Some(fill) = fill else {
-            return;
-        };
-        match fill.await {
+        let answers = names
+            .iter()
+            .map(|&name| {
+                if let Some(e) = broken.iter().find(|e| e.username.as_deref() == Some(name)) {
+                    let e = DbError::Row(e.clone());
+                    return Err(ServiceError::Postgres(Arc::new(e)));
+                }
+                let json = by_name.get(name).map(|json| json.to_string());
+                Ok(json.map(|json| (json, Source::Db)))
+            })
+            .collect();
+        (answers, users, fill)
+    }
+
+    /// Counts what a fill of `users` did.
+    fn filled(&self, users: &[User], outcomes: Result<Vec<Outcome>, CacheError>) {
+        match outcomes {
             Ok(outcomes) => {
                 self.stats.count_outcomes(&outcomes);
                 for (user, outcome) in users.iter().zip(outcomes) {

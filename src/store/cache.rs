@@ -231,10 +231,35 @@ struct LiveProbe {
 
 /// Whether a stored value is a live user entry (DESIGN 1.5) written by cacheward.
 pub fn is_live(value: &str) -> bool {
+    live_version(value).is_some()
+}
+
+/// The version of a stored value that is a live user entry; `None` for anything else.
+pub fn live_version(value: &str) -> Option<i64> {
     // serde would also read a struct from an array: only an object counts.
-    value.trim_start().starts_with('{')
-        && serde_json::from_str::<LiveProbe>(value)
-            .is_ok_and(|p| p.id.is_some() && p.version.is_some())
+    if !value.trim_start().starts_with('{') {
+        return None;
+    }
+    let probe = serde_json::from_str::<LiveProbe>(value).ok()?;
+    probe.id.and(probe.version)
+}
+
+/// A live entry as read from Redis: the user's JSON as stored, and its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
+    pub json: String,
+    pub version: i64,
+}
+
+impl Live {
+    /// `value` if it is a live entry.
+    pub fn of(value: String) -> Option<Live> {
+        let version = live_version(&value)?;
+        Some(Live {
+            json: value,
+            version,
+        })
+    }
 }
 
 /// Whether a stored value is cacheward's: a live entry or a tombstone.
@@ -269,7 +294,7 @@ type Reply<T> = oneshot::Sender<Result<T, CacheError>>;
 enum Op {
     Read {
         keys: Vec<String>,
-        reply: Reply<Vec<Option<String>>>,
+        reply: Reply<Vec<Option<Live>>>,
     },
     Fill {
         writes: Vec<Write>,
@@ -453,10 +478,7 @@ impl Cache {
 
     /// The live entries of `usernames`, in order. Reads that arrive while another request-path
     /// call is in flight queue and go to Redis together, in one MGET per slot.
-    pub async fn get_live_many(
-        &self,
-        usernames: &[&str],
-    ) -> Result<Vec<Option<String>>, CacheError> {
+    pub async fn get_live_many(&self, usernames: &[&str]) -> Result<Vec<Option<Live>>, CacheError> {
         let (reply, answer) = oneshot::channel();
         self.queue(Op::Read {
             keys: usernames.iter().map(|name| self.key(name)).collect(),
@@ -516,7 +538,7 @@ impl Cache {
             parts: Vec<Part>,
         }
         enum Answer {
-            Read(Reply<Vec<Option<String>>>, Vec<Option<String>>),
+            Read(Reply<Vec<Option<Live>>>, Vec<Option<Live>>),
             Fill(Reply<Vec<Outcome>>, Vec<Outcome>),
         }
         let mut slots: std::collections::BTreeMap<u16, SlotPipe> = Default::default();
@@ -579,7 +601,7 @@ impl Cache {
                         Ok(found) => {
                             for ((op, at), value) in targets.into_iter().zip(found) {
                                 if let Answer::Read(_, values) = &mut answers[op].0 {
-                                    values[at] = value.filter(|v| is_live(v));
+                                    values[at] = value.and_then(Live::of);
                                 }
                             }
                         }
