@@ -72,6 +72,7 @@ pub struct Config {
     pub cdc: CdcConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub consistency: ConsistencyConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -185,6 +186,8 @@ impl Default for RedisConfig {
 pub struct CacheConfig {
     pub key_prefix: String,
     pub ttl_secs: u64,
+    /// The near cache's bound in bytes; 0: off (see `store::near`).
+    pub local_max_bytes: u64,
 }
 
 impl Default for CacheConfig {
@@ -192,6 +195,7 @@ impl Default for CacheConfig {
         CacheConfig {
             key_prefix: "user:".into(),
             ttl_secs: 3600,
+            local_max_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -280,6 +284,26 @@ impl Default for LogConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
+}
+
+/// The live consistency checker (`service::consistency`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsistencyConfig {
+    /// Cached entries compared with their rows per second; 0: off.
+    pub sample_per_sec: u64,
+    /// How long an entry may differ from its row before it is a mismatch: the changes in flight
+    /// (a write between its two steps, a CDC batch, an invalidation) settle well within it.
+    pub window_ms: u64,
+}
+
+impl Default for ConsistencyConfig {
+    fn default() -> Self {
+        ConsistencyConfig {
+            sample_per_sec: 10,
+            window_ms: 2000,
+        }
+    }
 }
 
 /// Unix permission bits of the socket file. Written as an octal string (`"0660"`) so that a TOML
@@ -502,6 +526,12 @@ impl Config {
         )?;
         at_least("redis.timeout_ms", self.redis.timeout_ms, 1)?;
         at_least("cache.ttl_secs", self.cache.ttl_secs, 1)?;
+        at_most(
+            "consistency.sample_per_sec",
+            self.consistency.sample_per_sec,
+            100_000,
+        )?;
+        at_least("consistency.window_ms", self.consistency.window_ms, 100)?;
         if self.cache.key_prefix.is_empty() {
             // Every key in the logical database would be a user's: a TRUNCATE would drop them all.
             return Err(invalid(

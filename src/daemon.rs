@@ -96,6 +96,11 @@ async fn spawn_background(
     if let Some(watch) = service.cache().watch_sentinels(stop.clone()) {
         background.spawn(watch);
     }
+    background.spawn(crate::service::consistency::run(
+        service.clone(),
+        config.consistency.clone(),
+        stop.clone(),
+    ));
     let beats = Arc::new(Heartbeats::default());
     background.spawn(monitor::run(
         service.clone(),
@@ -181,6 +186,14 @@ async fn stats_line(service: Arc<Service>, every: Duration, stop: CancellationTo
             stale_writes_refused = s.stale_writes_refused,
             foreign_values_skipped = s.foreign_values_skipped,
             repairs_pending = s.repairs_pending,
+            near_hits = s.near_cache.hits,
+            near_entries = s.near_cache.entries,
+            near_bytes = s.near_cache.bytes,
+            near_invalidations = s.near_cache.invalidations,
+            near_flushes = s.near_cache.flushes,
+            consistency_checked = s.consistency.checked,
+            consistency_mismatched = s.consistency.mismatched,
+            consistency_oldest_mismatch_ms = s.consistency.oldest_mismatch_ms,
             cdc_applied = s.cdc.applied,
             cdc_batches = s.cdc.batches,
             cdc_reconnects = s.cdc.reconnects,

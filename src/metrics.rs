@@ -36,7 +36,7 @@ pub fn render(service: &Service) -> String {
         }
     };
     let up = |b| u64::from(service.health.is_up(b));
-    let plain: [(&str, &str, &str, u64); 15] = [
+    let plain: [(&str, &str, &str, u64); 23] = [
         (
             "cacheward_foreign_values_skipped_total",
             "counter",
@@ -102,6 +102,54 @@ pub fn render(service: &Service) -> String {
             "gauge",
             "Names whose Redis entry awaits repair.",
             s.repairs_pending,
+        ),
+        (
+            "cacheward_near_cache_hits_total",
+            "counter",
+            "Gets answered from the near cache (also counted as cache hits).",
+            s.near_cache.hits,
+        ),
+        (
+            "cacheward_near_cache_entries",
+            "gauge",
+            "Entries the near cache holds.",
+            s.near_cache.entries,
+        ),
+        (
+            "cacheward_near_cache_bytes",
+            "gauge",
+            "Bytes the near cache holds (of cache.local_max_bytes).",
+            s.near_cache.bytes,
+        ),
+        (
+            "cacheward_near_cache_invalidations_total",
+            "counter",
+            "Near-cache names invalidated (by Redis, or by the daemon's own writes).",
+            s.near_cache.invalidations,
+        ),
+        (
+            "cacheward_near_cache_flushes_total",
+            "counter",
+            "Times the whole near cache was dropped (its invalidation channel not known intact).",
+            s.near_cache.flushes,
+        ),
+        (
+            "cacheward_consistency_checked_total",
+            "counter",
+            "Cached entries the live checker compared with their rows.",
+            s.consistency.checked,
+        ),
+        (
+            "cacheward_consistency_mismatched_total",
+            "counter",
+            "Cached entries that differed from their rows beyond the convergence window.",
+            s.consistency.mismatched,
+        ),
+        (
+            "cacheward_consistency_oldest_mismatch_seconds",
+            "gauge",
+            "Age of the oldest mismatch still outstanding (0: none).",
+            s.consistency.oldest_mismatch_ms / 1000,
         ),
         (
             "cacheward_cdc_applied_total",

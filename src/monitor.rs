@@ -104,7 +104,10 @@ pub async fn run(
             match outcome {
                 Ok(()) => {
                     *failed = 0;
-                    health.set(backend, true, "");
+                    // What Redis told the near cache while it was down may be lost.
+                    if health.set(backend, true, "") && backend == Backend::Redis {
+                        service.cache().flush_near();
+                    }
                 }
                 Err(reason) => {
                     // A transition is logged by `set`; a backend never reached yet is reported on

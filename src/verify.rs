@@ -135,7 +135,7 @@ pub fn printable(text: &str) -> String {
 
 /// Whether two JSON texts say the same (key order and spacing aside). A text serde_json cannot
 /// build a tree of (a number beyond f64) is compared as text.
-fn same_json(a: &str, b: &str) -> bool {
+pub(crate) fn same_json(a: &str, b: &str) -> bool {
     match (
         serde_json::from_str::<Value>(a),
         serde_json::from_str::<Value>(b),

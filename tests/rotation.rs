@@ -160,6 +160,12 @@ async fn the_documented_redis_acl_is_all_the_daemon_needs() {
     let mut client = daemon.client().await;
     client.call("put", json!({"username": "a1"})).await;
     assert_eq!(client.get("a1").await["result"]["source"], json!("cache"));
+    // The near cache works under it (CLIENT TRACKING allowed): later reads are near hits.
+    for _ in 0..3 {
+        client.get("a1").await;
+    }
+    let near = daemon.stats().await["near_cache"]["hits"].as_u64().unwrap();
+    assert!(near > 0, "the near cache answered");
     let renamed = client
         .call("rename", json!({"username": "a1", "new_username": "a2"}))
         .await;

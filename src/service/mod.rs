@@ -12,6 +12,7 @@ use crate::cdc::stats::CdcStats;
 use crate::store::cache::{Cache, CacheError, Write};
 use crate::store::db::{Db, DbError};
 
+pub mod consistency;
 pub mod flights;
 pub mod health;
 pub mod hooks;
@@ -85,6 +86,8 @@ pub struct Service {
     flights: Arc<Flights>,
     /// Names whose Redis entry a failed write left in doubt.
     pub repairs: Repairs,
+    /// What the live consistency checker found.
+    consistency: Arc<consistency::ConsistencyStats>,
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     hooks: Hooks,
     started: Instant,
@@ -128,6 +131,7 @@ impl Service {
             cdc: Arc::new(CdcStats::default()),
             flights: Arc::new(Flights::new(loaders)),
             repairs: Repairs::default(),
+            consistency: Default::default(),
             hooks,
             started: Instant::now(),
         }
@@ -262,6 +266,8 @@ impl Service {
             stale_writes_refused: s.stale_writes_refused.load(Relaxed),
             foreign_values_skipped: s.foreign_values_skipped.load(Relaxed),
             repairs_pending: self.repairs.count() as u64,
+            near_cache: self.cache.near_report(),
+            consistency: self.consistency.report(),
             cdc: self.cdc.report(reset_lag),
         }
     }

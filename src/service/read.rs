@@ -51,7 +51,11 @@ impl Service {
             .collect();
         if !trusted.is_empty() {
             let names: Vec<&str> = trusted.iter().map(|&i| usernames[i]).collect();
-            match self.cache.get_live_many(&names).await {
+            let wanted: Vec<Option<i64>> = trusted
+                .iter()
+                .map(|&i| min_versions.get(i).copied().flatten())
+                .collect();
+            match self.cache.get_live_many(&names, &wanted).await {
                 Ok(values) => {
                     for (&i, value) in trusted.iter().zip(values) {
                         let wanted = min_versions.get(i).copied().flatten();
@@ -140,7 +144,7 @@ impl Service {
     }
 
     /// Whether Redis may answer for `username`: it is up, and no failed write left its entry in doubt.
-    fn cache_trusted_for(&self, username: &str) -> bool {
+    pub(super) fn cache_trusted_for(&self, username: &str) -> bool {
         if !self.health.is_up(Backend::Redis) {
             return false;
         }
@@ -174,7 +178,7 @@ impl Service {
             .collect();
         if !late.is_empty() && self.health.is_up(Backend::Redis) {
             let names: Vec<&str> = late.iter().map(|&i| batch.username(i)).collect();
-            if let Ok(values) = self.cache.get_live_many(&names).await {
+            if let Ok(values) = self.cache.get_live_many(&names, &[]).await {
                 for (&i, value) in late.iter().zip(values) {
                     if let Some(live) = value {
                         batch.finish(i, Ok(Some((live.json, Source::Cache))));

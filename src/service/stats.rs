@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use serde::Serialize;
 
 use crate::cdc::stats::{CdcHealth, CdcReport};
+use crate::service::consistency::ConsistencyReport;
 use crate::store::cache::Outcome;
+use crate::store::near::NearReport;
 
 /// Counters behind `stats` and the periodic stats log line.
 #[derive(Debug, Default)]
@@ -56,6 +58,10 @@ pub struct StatsReport {
     /// Cache writes not made because the key held a value that is not cacheward's.
     pub foreign_values_skipped: u64,
     pub repairs_pending: u64,
+    /// The near cache (all zero when `cache.local_max_bytes` is 0).
+    pub near_cache: NearReport,
+    /// The live consistency checker (`service::consistency`).
+    pub consistency: ConsistencyReport,
     pub cdc: CdcReport,
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
+use super::near::{NearCache, NearReport};
 use super::topology::{self, Conn, Keys, Primary};
 use crate::config::{Config, RedisMode};
 use crate::user::User;
@@ -286,6 +287,10 @@ pub struct Cache {
     timeout: Duration,
     /// Request-path calls waiting to go to Redis together.
     ops: Arc<WorkQueue<Op>>,
+    /// The near cache (`cache.local_max_bytes`), if on.
+    near: Option<Arc<NearCache>>,
+    /// Whether Redis refusing `CLIENT TRACKING` was said (once).
+    tracking_refused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, CacheError>>;
@@ -294,13 +299,55 @@ type Reply<T> = oneshot::Sender<Result<T, CacheError>>;
 enum Op {
     Read {
         keys: Vec<String>,
-        reply: Reply<Vec<Option<Live>>>,
+        reply: Reply<Read>,
     },
     Fill {
         writes: Vec<Write>,
         reply: Reply<Vec<Outcome>>,
     },
 }
+
+/// What a queued read found, per key: the live entry, and whether Redis tracks the read for the
+/// near cache (it went on a connection that hands its pushes to it, right behind a `CLIENT
+/// TRACKING ON` that was answered `OK`).
+struct Read {
+    values: Vec<Option<Live>>,
+    tracked: Vec<bool>,
+}
+
+/// Hands the near cache what Redis pushes: `invalidate` drops the names it lists (everything when
+/// it lists none: a FLUSHALL, a FLUSHDB); a connection lost or replaced drops everything.
+async fn listen(
+    near: Arc<NearCache>,
+    prefix: String,
+    mut heard: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+) {
+    while let Some(push) = heard.recv().await {
+        match push.kind {
+            redis::PushKind::Invalidate => match push.data.first() {
+                Some(redis::Value::Array(keys)) => {
+                    for key in keys {
+                        let name = match key {
+                            redis::Value::BulkString(key) => key.strip_prefix(prefix.as_bytes()),
+                            _ => None,
+                        };
+                        // Not a user's key (cacheward's fence or epoch, or another program's).
+                        if let Some(Ok(name)) = name.map(std::str::from_utf8) {
+                            near.invalidate(name);
+                        }
+                    }
+                }
+                _ => near.flush(),
+            },
+            redis::PushKind::Disconnection => near.flush(),
+            _ => {}
+        }
+    }
+}
+
+/// What one slot's commands answered, and whether they went on a connection whose pushes reach
+/// the near cache.
+type Sent = (Result<Vec<redis::Value>, CacheError>, bool);
 
 /// Queued calls per pipeline (a read is at most `socket.max_inflight` keys). One pipeline is in
 /// flight at a time: that is what orders a read queued after a fill behind it.
@@ -395,19 +442,85 @@ const BULK_TIMEOUTS: u32 = 20;
 
 impl Cache {
     /// Prepares the connection; it is made lazily, so a Redis that is down now is not an error.
+    /// With the near cache on, a task (spawned here: call it within the runtime) hands it what
+    /// Redis pushes.
     pub fn new(config: &Config) -> Result<Cache, CacheError> {
-        let conn = topology::connect(config).map_err(CacheError::Down)?;
+        let near = NearCache::new(config.cache.local_max_bytes).map(Arc::new);
+        let (pushes, heard) = match near {
+            Some(_) => {
+                let (pushes, heard) = tokio::sync::mpsc::unbounded_channel();
+                (Some(pushes), Some(heard))
+            }
+            None => (None, None),
+        };
+        let conn = topology::connect(config, pushes).map_err(CacheError::Down)?;
+        let keys = Keys::new(
+            &config.cache.key_prefix,
+            config.redis.mode == RedisMode::Cluster,
+        );
+        if let (Some(near), Some(heard)) = (&near, heard) {
+            tokio::spawn(listen(near.clone(), keys.prefix().to_owned(), heard));
+        }
         Ok(Cache {
             conn,
-            keys: Keys::new(
-                &config.cache.key_prefix,
-                config.redis.mode == RedisMode::Cluster,
-            ),
+            keys,
             routes: Default::default(),
             ttl_secs: config.cache.ttl_secs,
             timeout: config.redis_timeout(),
             ops: Arc::new(WorkQueue::serial()),
+            near,
+            tracking_refused: Default::default(),
         })
+    }
+
+    /// The near cache's figures (all zero when it is off).
+    pub fn near_report(&self) -> NearReport {
+        self.near
+            .as_ref()
+            .map(|near| near.report())
+            .unwrap_or_default()
+    }
+
+    /// The near cache's entry of `username`, if it holds one (no hit counted).
+    pub fn near_peek(&self, username: &str) -> Option<Live> {
+        let hit = self.near.as_ref()?.peek(username)?;
+        Some(Live {
+            json: hit.json.to_string(),
+            version: hit.version,
+        })
+    }
+
+    /// Up to `n` usernames the near cache holds, spread by `seed`.
+    pub fn near_sample(&self, n: usize, seed: u64) -> Vec<String> {
+        self.near
+            .as_ref()
+            .map_or_else(Vec::new, |near| near.sample(n, seed))
+    }
+
+    /// Drops the near cache (Redis came back up: what it said meanwhile may be lost).
+    pub fn flush_near(&self) {
+        if let Some(near) = &self.near {
+            near.flush();
+        }
+    }
+
+    /// Says once that Redis refuses `CLIENT TRACKING`: nothing it reads can be kept then.
+    fn tracking_refused(&self, e: &redis::ServerError) {
+        if !self
+            .tracking_refused
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(error = %e, "redis refuses CLIENT TRACKING: the near cache keeps nothing; allow it in the ACL (docs/operations.md)");
+        }
+    }
+
+    /// Invalidates the near cache's entries of `usernames` (the daemon writes them).
+    fn invalidate_near<'a>(&self, usernames: impl Iterator<Item = &'a str>) {
+        if let Some(near) = &self.near {
+            for name in usernames {
+                near.invalidate(name);
+            }
+        }
     }
 
     /// The key of a user: `cache.key_prefix` + username.
@@ -476,15 +589,55 @@ impl Cache {
         }
     }
 
-    /// The live entries of `usernames`, in order. Reads that arrive while another request-path
-    /// call is in flight queue and go to Redis together, in one MGET per slot.
-    pub async fn get_live_many(&self, usernames: &[&str]) -> Result<Vec<Option<Live>>, CacheError> {
+    /// The live entries of `usernames`, in order: from the near cache where it holds one at
+    /// least as new as the name's `min_versions` entry, else from Redis. Reads that arrive while
+    /// another request-path call is in flight queue and go to Redis together, in one MGET per
+    /// slot; what Redis tracks of them is kept in the near cache (see `store::near`).
+    pub async fn get_live_many(
+        &self,
+        usernames: &[&str],
+        min_versions: &[Option<i64>],
+    ) -> Result<Vec<Option<Live>>, CacheError> {
+        let mut found: Vec<Option<Live>> = vec![None; usernames.len()];
+        let asked: Vec<usize> = match &self.near {
+            None => (0..usernames.len()).collect(),
+            Some(near) => (0..usernames.len())
+                .filter(|&i| {
+                    let min_version = min_versions.get(i).copied().flatten();
+                    let Some(hit) = near.get(usernames[i], min_version) else {
+                        return true;
+                    };
+                    found[i] = Some(Live {
+                        json: hit.json.to_string(),
+                        version: hit.version,
+                    });
+                    false
+                })
+                .collect(),
+        };
+        if asked.is_empty() {
+            return Ok(found);
+        }
+        let names: Vec<&str> = asked.iter().map(|&i| usernames[i]).collect();
+        // Taken before the read is queued: an invalidation handled from now on refuses its reply.
+        let ticket = self.near.as_ref().map(|near| near.ticket(&names));
         let (reply, answer) = oneshot::channel();
         self.queue(Op::Read {
-            keys: usernames.iter().map(|name| self.key(name)).collect(),
+            keys: names.iter().map(|name| self.key(name)).collect(),
             reply,
         });
-        answer.await.unwrap_or_else(|_| Err(abandoned()))
+        let read = answer.await.unwrap_or_else(|_| Err(abandoned()))?;
+        for (at, ((&i, value), tracked)) in
+            asked.iter().zip(read.values).zip(read.tracked).enumerate()
+        {
+            if let (Some(near), Some(ticket), Some(live), true) =
+                (&self.near, &ticket, &value, tracked)
+            {
+                near.keep(ticket, at, names[at], &live.json, live.version);
+            }
+            found[i] = value;
+        }
+        Ok(found)
     }
 
     /// Queues `writes` (cache-aside fills) behind the request-path calls already queued and ahead
@@ -494,6 +647,8 @@ impl Cache {
         &self,
         writes: Vec<Write>,
     ) -> impl std::future::Future<Output = Result<Vec<Outcome>, CacheError>> {
+        // A near entry older than the fill must not answer the gets that follow this one's answer.
+        self.invalidate_near(writes.iter().map(Write::username));
         let (reply, answer) = oneshot::channel();
         self.queue(Op::Fill { writes, reply });
         async move { answer.await.unwrap_or_else(|_| Err(abandoned())) }
@@ -529,6 +684,8 @@ impl Cache {
         /// Where one command's answer goes: the (op, index) of each key an MGET read, or the
         /// writes of one op a fill script carried.
         enum Part {
+            /// `CLIENT TRACKING ON`, ahead of a slot's first read when the near cache is on.
+            Track,
             Read(Vec<(usize, usize)>),
             Fill(usize, Vec<usize>),
         }
@@ -538,7 +695,7 @@ impl Cache {
             parts: Vec<Part>,
         }
         enum Answer {
-            Read(Reply<Vec<Option<Live>>>, Vec<Option<Live>>),
+            Read(Reply<Read>, Read),
             Fill(Reply<Vec<Outcome>>, Vec<Outcome>),
         }
         let mut slots: std::collections::BTreeMap<u16, SlotPipe> = Default::default();
@@ -548,6 +705,11 @@ impl Cache {
                 Op::Read { keys, reply } => {
                     for (at, key) in keys.iter().enumerate() {
                         let pipe = slots.entry(self.keys.slot(key)).or_default();
+                        if self.near.is_some() && !matches!(pipe.parts.first(), Some(Part::Track)) {
+                            pipe.cmds
+                                .insert(0, redis::cmd("CLIENT").arg("TRACKING").arg("ON").clone());
+                            pipe.parts.insert(0, Part::Track);
+                        }
                         if !matches!(pipe.parts.last(), Some(Part::Read(_))) {
                             pipe.cmds.push(redis::cmd("MGET"));
                             pipe.parts.push(Part::Read(Vec::new()));
@@ -557,9 +719,16 @@ impl Cache {
                             targets.push((op, at));
                         }
                     }
-                    answers.push((Answer::Read(reply, vec![None; keys.len()]), None));
+                    let read = Read {
+                        values: vec![None; keys.len()],
+                        tracked: vec![false; keys.len()],
+                    };
+                    answers.push((Answer::Read(reply, read), None));
                 }
                 Op::Fill { writes, reply } => {
+                    // Refuses the near cache every read asked for before now: one ahead of the
+                    // fill in this pipeline reads what the fill replaces.
+                    self.invalidate_near(writes.iter().map(Write::username));
                     for (slot, at) in self.by_slot(writes.iter().map(|w| w.username())) {
                         let pipe = slots.entry(slot).or_default();
                         let carried: Vec<&Write> = at.iter().map(|&i| &writes[i]).collect();
@@ -575,13 +744,14 @@ impl Cache {
             .into_iter()
             .map(|(slot, pipe)| (pipe.parts, (slot, pipe.cmds)))
             .unzip();
-        let sent = self.send_per_slot(cmds, self.timeout).await;
-        for (parts, values) in parts.into_iter().zip(sent) {
+        let sent = self.send_per_slot_via(cmds, self.timeout).await;
+        for (parts, (values, pushed)) in parts.into_iter().zip(sent) {
             let values = match values {
                 Ok(values) => values,
                 Err(e) => {
                     for part in parts {
                         match part {
+                            Part::Track => {}
                             Part::Read(targets) => {
                                 for (op, _) in targets {
                                     answers[op].1.get_or_insert_with(|| e.clone());
@@ -595,13 +765,22 @@ impl Cache {
                     continue;
                 }
             };
+            // Whether this slot's reads so far are tracked for the near cache.
+            let mut tracked = false;
             for (part, value) in parts.into_iter().zip(values) {
                 match part {
+                    Part::Track => {
+                        tracked = pushed && value == redis::Value::Okay;
+                        if let redis::Value::ServerError(e) = &value {
+                            self.tracking_refused(e);
+                        }
+                    }
                     Part::Read(targets) => match decode::<Vec<Option<String>>>(value) {
                         Ok(found) => {
                             for ((op, at), value) in targets.into_iter().zip(found) {
-                                if let Answer::Read(_, values) = &mut answers[op].0 {
-                                    values[at] = value.and_then(Live::of);
+                                if let Answer::Read(_, read) = &mut answers[op].0 {
+                                    read.values[at] = value.and_then(Live::of);
+                                    read.tracked[at] = tracked;
                                 }
                             }
                         }
@@ -628,8 +807,8 @@ impl Cache {
         }
         for (answer, failed) in answers {
             match answer {
-                Answer::Read(reply, values) => {
-                    let _ = reply.send(failed.map_or(Ok(values), Err));
+                Answer::Read(reply, read) => {
+                    let _ = reply.send(failed.map_or(Ok(read), Err));
                 }
                 Answer::Fill(reply, outcomes) => {
                     let _ = reply.send(failed.map_or(Ok(outcomes), Err));
@@ -655,10 +834,19 @@ impl Cache {
     }
 
     /// Applies `writes` in one script call per slot (all at once); returns what each did.
+    /// The near cache's entries of their names are invalidated before the writes are sent and
+    /// again once they are answered (or failed): a read that raced them is never kept.
     pub async fn apply(&self, writes: &[Write]) -> Result<Vec<Outcome>, CacheError> {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
+        self.invalidate_near(writes.iter().map(Write::username));
+        let applied = self.apply_now(writes).await;
+        self.invalidate_near(writes.iter().map(Write::username));
+        applied
+    }
+
+    async fn apply_now(&self, writes: &[Write]) -> Result<Vec<Outcome>, CacheError> {
         let slots = self.by_slot(writes.iter().map(|w| w.username()));
         let cmds = slots
             .iter()
@@ -690,6 +878,18 @@ impl Cache {
         slots: Vec<(u16, Vec<redis::Cmd>)>,
         timeout: Duration,
     ) -> Vec<Result<Vec<redis::Value>, CacheError>> {
+        let sent = self.send_per_slot_via(slots, timeout).await;
+        sent.into_iter().map(|(answer, _)| answer).collect()
+    }
+
+    /// [`Cache::send_per_slot`], also telling per slot whether its pipeline went on a connection
+    /// that hands its pushes to the near cache (the one server, Sentinel's primary, a Cluster
+    /// node's own connection; not the Cluster driver's).
+    async fn send_per_slot_via(
+        &self,
+        slots: Vec<(u16, Vec<redis::Cmd>)>,
+        timeout: Duration,
+    ) -> Vec<Sent> {
         let routes = self.routes();
         // (primary, the positions of its slots in `slots`); no primary: the driver routes.
         let mut groups: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
@@ -736,22 +936,22 @@ impl Cache {
                         values.len()
                     ))),
                 });
-                (members, counts, answered)
+                let pushed = primary.is_some() || !self.keys.is_cluster();
+                (members, counts, answered, pushed)
             }
         });
-        let mut out: Vec<Option<Result<Vec<redis::Value>, CacheError>>> =
-            (0..n).map(|_| None).collect();
-        for (members, counts, answered) in futures::future::join_all(sent).await {
+        let mut out: Vec<Option<Sent>> = (0..n).map(|_| None).collect();
+        for (members, counts, answered, pushed) in futures::future::join_all(sent).await {
             match answered {
                 Ok(values) => {
                     let mut values = values.into_iter();
                     for (i, n) in members.into_iter().zip(counts) {
-                        out[i] = Some(Ok(values.by_ref().take(n).collect()));
+                        out[i] = Some((Ok(values.by_ref().take(n).collect()), pushed));
                     }
                 }
                 Err(e) => {
                     for i in members {
-                        out[i] = Some(Err(e.clone()));
+                        out[i] = Some((Err(e.clone()), pushed));
                     }
                 }
             }
@@ -836,6 +1036,13 @@ impl Cache {
         fence: i64,
         within: impl Fn(u16) -> bool,
     ) -> Result<u64, CacheError> {
+        self.flush_near();
+        let dropped = self.drop_now(fence, within).await;
+        self.flush_near();
+        dropped
+    }
+
+    async fn drop_now(&self, fence: i64, within: impl Fn(u16) -> bool) -> Result<u64, CacheError> {
         for primary in self.primaries().await? {
             let slots: Vec<u16> = primary.slots(&self.keys).filter(|&s| within(s)).collect();
             for now in self
@@ -986,8 +1193,14 @@ impl Cache {
         let mut cmd = redis::cmd("CONFIG");
         cmd.arg("GET").arg("maxmemory-policy");
         let value = self.bounded(conn.on_one(primary, &cmd)).await.ok()?;
-        let reply: Vec<String> = decode(value).ok()?;
-        reply.into_iter().nth(1)
+        // A map in RESP3 (the near cache's connections), a flat list in RESP2.
+        match value {
+            redis::Value::Map(pairs) => pairs
+                .into_iter()
+                .next()
+                .and_then(|(_, policy)| decode(policy).ok()),
+            value => decode::<Vec<String>>(value).ok()?.into_iter().nth(1),
+        }
     }
 
     /// Sets every missing fence of `primary` to `horizon`; returns how many it set. `horizon`

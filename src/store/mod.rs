@@ -6,4 +6,5 @@ pub mod cache;
 pub mod connect;
 pub mod db;
 pub mod db_error;
+pub mod near;
 pub mod topology;

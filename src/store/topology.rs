@@ -172,6 +172,8 @@ struct ClusterInner {
     /// the password file.
     settings: Config,
     template: ConnectionInfo,
+    /// Where node connections hand their push messages (the near cache's).
+    pushes: Option<Pushes>,
 }
 
 impl ClusterConn {
@@ -198,7 +200,8 @@ impl ClusterConn {
             .ok_or_else(|| bad("a cluster node address", address.to_owned()))?;
         let info = at_address(Some(&self.inner.template), host, port)?;
         // Bulk calls (a fence per slot) go this way too: the caller bounds each call.
-        let conn = manager(&self.inner.settings, info, None).map_err(|e| bad(address, e))?;
+        let conn = manager(&self.inner.settings, info, None, self.inner.pushes.as_ref())
+            .map_err(|e| bad(address, e))?;
         nodes.insert(address.to_owned(), conn.clone());
         Ok(conn)
     }
@@ -292,6 +295,7 @@ impl Conn {
             .lock()
             .expect("nodes lock is never poisoned")
             .clear();
+        lost(&c.pushes);
         true
     }
 
@@ -523,14 +527,42 @@ impl redis::auth::StreamingCredentialsProvider for PasswordFile {
     }
 }
 
+/// Where the near cache hears from Redis (`store::near`): the push messages of every connection
+/// that may carry a tracked read (`invalidate`), and the news that one was lost or replaced
+/// (`Disconnection`, from the driver or from [`lost`]).
+pub type Pushes = tokio::sync::mpsc::UnboundedSender<redis::PushInfo>;
+
+/// Tells the near cache a connection that may have carried tracked reads is gone: whatever Redis
+/// would have told it there is lost.
+fn lost(pushes: &Option<Pushes>) {
+    if let Some(pushes) = pushes {
+        let _ = pushes.send(redis::PushInfo {
+            kind: redis::PushKind::Disconnection,
+            data: Vec::new(),
+        });
+    }
+}
+
 /// A lazily made, reconnecting connection to one server at `info`; its calls time out after
-/// `response_timeout` (`None`: only the caller's own bound applies).
+/// `response_timeout` (`None`: only the caller's own bound applies). With `pushes`, it speaks
+/// RESP3 and hands its push messages there.
 fn manager(
     config: &Config,
     info: ConnectionInfo,
     response_timeout: Option<Duration>,
+    pushes: Option<&Pushes>,
 ) -> Result<ConnectionManager, String> {
     let password = PasswordFile::of(config, &info);
+    let info = match pushes {
+        Some(_) => {
+            let resp3 = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            info.set_redis_settings(resp3)
+        }
+        None => info,
+    };
     let client = single_client(config, info)?;
     let timeout = config.redis_timeout();
     let mut manager_config = ConnectionManagerConfig::new()
@@ -542,17 +574,22 @@ fn manager(
     if let Some(password) = password {
         manager_config = manager_config.set_credentials_provider(password);
     }
+    if let Some(pushes) = pushes {
+        manager_config = manager_config.set_push_sender(pushes.clone());
+    }
     ConnectionManager::new_lazy_with_config(client, manager_config).map_err(|e| e.to_string())
 }
 
 /// The connection `redis.mode` asks for, made lazily: a Redis that is down now is not an error.
-pub fn connect(config: &Config) -> Result<Conn, String> {
+/// With `pushes`, the connections that carry the request path's reads (the one server, each
+/// Cluster node, Sentinel's primary) speak RESP3 and hand their push messages there.
+pub fn connect(config: &Config, pushes: Option<Pushes>) -> Result<Conn, String> {
     let r = &config.redis;
     match r.mode {
         RedisMode::Standalone => {
             let url = r.url.as_ref().ok_or("redis.url is not set")?;
             let info = connection_info(url, "redis.url")?;
-            manager(config, info, Some(config.redis_timeout())).map(Conn::Single)
+            manager(config, info, Some(config.redis_timeout()), pushes.as_ref()).map(Conn::Single)
         }
         RedisMode::Cluster => {
             let seeds = r
@@ -591,10 +628,11 @@ pub fn connect(config: &Config) -> Result<Conn, String> {
                     nodes: Mutex::default(),
                     settings,
                     template: first,
+                    pushes,
                 }),
             }))
         }
-        RedisMode::Sentinel => SentinelConn::new(config).map(Conn::Sentinel),
+        RedisMode::Sentinel => SentinelConn::new(config, pushes).map(Conn::Sentinel),
     }
 }
 
@@ -616,10 +654,12 @@ struct SentinelInner {
     current: Mutex<Option<(ConnectionManager, String)>>,
     /// One resolution at a time.
     resolving: tokio::sync::Mutex<()>,
+    /// Where the primary's connection hands its push messages (the near cache's).
+    pushes: Option<Pushes>,
 }
 
 impl SentinelConn {
-    fn new(config: &Config) -> Result<SentinelConn, String> {
+    fn new(config: &Config, pushes: Option<Pushes>) -> Result<SentinelConn, String> {
         let r = &config.redis;
         let master = r
             .sentinel_master
@@ -643,6 +683,7 @@ impl SentinelConn {
                 template,
                 current: Mutex::new(None),
                 resolving: tokio::sync::Mutex::new(()),
+                pushes,
             }),
         })
     }
@@ -715,7 +756,8 @@ impl SentinelConn {
         let address = format!("{host}:{port}");
         let info = at_address(self.inner.template.as_ref(), host, port)?;
         let timeout = Some(self.inner.config.redis_timeout());
-        let mut conn = manager(&self.inner.config, info, timeout).map_err(|e| {
+        let pushes = self.inner.pushes.as_ref();
+        let mut conn = manager(&self.inner.config, info, timeout, pushes).map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "redis", e))
         })?;
         // The sentinels may still name a demoted primary for a moment: only a master will do.
@@ -746,11 +788,15 @@ impl SentinelConn {
     }
 
     fn forget(&self) {
-        *self
+        let was = self
             .inner
             .current
             .lock()
-            .expect("sentinel lock is never poisoned") = None;
+            .expect("sentinel lock is never poisoned")
+            .take();
+        if was.is_some() {
+            lost(&self.inner.pushes);
+        }
     }
 
     /// Asks the sentinels where the primary is and moves there if it is not where this connection

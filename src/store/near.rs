@@ -1,0 +1,390 @@
+//! The near cache: live entries held in the daemon's memory (`cache.local_max_bytes`), kept exact
+//! by Redis's own invalidations (RESP3 `CLIENT TRACKING`, DESIGN Guarantee 9).
+//!
+//! **An entry is only ever kept from a read that Redis tracks for this daemon, and only if nothing
+//! invalidated its name since the read was asked for.** Redis remembers which keys a tracking
+//! connection read and pushes an `invalidate` message on that connection when any of them changes
+//! (a write by anyone, an expiry, an eviction, a FLUSHALL). The messages travel apart from the
+//! replies (a channel of their own inside the driver), so a change right after a read may be
+//! *handled* before the read's reply is. Hence the [`Ticket`]: taken before the read is queued, it
+//! records each name's shard invalidation count and the cache's generation; an entry is inserted
+//! only if both are unchanged, under the shard's lock that invalidations also take. A read whose
+//! reply is older than an invalidation already handled is therefore never kept, and one whose
+//! invalidation is handled later is removed by it.
+//!
+//! **The whole cache is dropped whenever the invalidation channel is not known to be intact**
+//! ([`NearCache::flush`], which also bumps the generation, so every read in flight is refused):
+//! a connection lost or replaced (its tracking and its undelivered messages go with it: Redis
+//! restarts, failovers, a Sentinel switch, a renewed Cluster connection), Redis coming back up, a
+//! resync or drop of the cache, and Redis's own "invalidate everything".
+//!
+//! The daemon's own writes invalidate their names before they are sent and again once they are
+//! answered (see `Cache::apply`), so a request answered after a write never finds an older entry.
+//!
+//! Bounded in bytes, split in shards; each evicts by CLOCK (second chance): an entry read since
+//! the hand last passed survives one more round, which keeps the hot names of a skewed read
+//! pattern (the benchmark's Zipf part measures its hit ratio).
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+/// What an entry costs beyond its name and JSON: the index slot, the ring slot, the allocations.
+const ENTRY_OVERHEAD: usize = 96;
+/// Shards at most; fewer for a small cache, so that one shard still holds a few entries.
+const MAX_SHARDS: usize = 64;
+const MIN_SHARD_BYTES: usize = 256 * 1024;
+
+/// A cached user, as the read path answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NearHit {
+    pub json: Arc<str>,
+    pub version: i64,
+}
+
+/// What a read must show to have its answers kept: the generation and, per name, its shard's
+/// invalidation count, as they were before the read was queued.
+#[derive(Debug)]
+pub struct Ticket {
+    generation: u64,
+    marks: Vec<u64>,
+}
+
+/// The near cache's figures for `stats` and metrics.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct NearReport {
+    /// `cache.local_max_bytes` (0: off).
+    pub max_bytes: u64,
+    pub hits: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub invalidations: u64,
+    pub flushes: u64,
+}
+
+pub struct NearCache {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: std::collections::hash_map::RandomState,
+    shard_bytes: usize,
+    generation: AtomicU64,
+    hits: AtomicU64,
+    invalidations: AtomicU64,
+    flushes: AtomicU64,
+}
+
+#[derive(Default)]
+struct Shard {
+    index: HashMap<Box<str>, usize>,
+    ring: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    hand: usize,
+    bytes: usize,
+    /// Invalidations handled in this shard so far (see [`Ticket`]).
+    marks: u64,
+}
+
+struct Entry {
+    name: Box<str>,
+    json: Arc<str>,
+    version: i64,
+    /// Read since the hand last passed.
+    visited: bool,
+}
+
+impl Entry {
+    fn cost(&self) -> usize {
+        cost(&self.name, &self.json)
+    }
+}
+
+fn cost(name: &str, json: &str) -> usize {
+    2 * name.len() + json.len() + ENTRY_OVERHEAD
+}
+
+impl NearCache {
+    /// A near cache of at most `max_bytes`; `None` for 0 (off).
+    pub fn new(max_bytes: u64) -> Option<NearCache> {
+        if max_bytes == 0 {
+            return None;
+        }
+        let max_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+        let shards = (max_bytes / MIN_SHARD_BYTES).clamp(1, MAX_SHARDS);
+        Some(NearCache {
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            hasher: Default::default(),
+            shard_bytes: max_bytes / shards,
+            generation: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        })
+    }
+
+    fn shard(&self, name: &str) -> MutexGuard<'_, Shard> {
+        let at = (self.hasher.hash_one(name) as usize) % self.shards.len();
+        self.shards[at]
+            .lock()
+            .expect("near cache lock is never poisoned")
+    }
+
+    /// The entry of `name`, if held and at least `min_version` new.
+    pub fn get(&self, name: &str, min_version: Option<i64>) -> Option<NearHit> {
+        let mut shard = self.shard(name);
+        let &at = shard.index.get(name)?;
+        let entry = shard.ring[at].as_mut().expect("indexed slots are full");
+        if min_version.is_some_and(|min| entry.version < min) {
+            return None;
+        }
+        entry.visited = true;
+        let hit = NearHit {
+            json: entry.json.clone(),
+            version: entry.version,
+        };
+        drop(shard);
+        self.hits.fetch_add(1, Relaxed);
+        Some(hit)
+    }
+
+    /// The entry of `name` as held, without counting a hit or marking it read (the consistency
+    /// checker's look).
+    pub fn peek(&self, name: &str) -> Option<NearHit> {
+        let shard = self.shard(name);
+        let &at = shard.index.get(name)?;
+        let entry = shard.ring[at].as_ref().expect("indexed slots are full");
+        Some(NearHit {
+            json: entry.json.clone(),
+            version: entry.version,
+        })
+    }
+
+    /// Up to `n` names held, picked spread over the shards from `seed` (the consistency checker's
+    /// sample).
+    pub fn sample(&self, n: usize, seed: u64) -> Vec<String> {
+        let mut names = Vec::with_capacity(n);
+        let mut state = seed | 1;
+        for _ in 0..n * 2 {
+            if names.len() == n {
+                break;
+            }
+            // xorshift64: cheap, and good enough to spread the picks.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let shard = &self.shards[(state as usize) % self.shards.len()];
+            let shard = shard.lock().expect("near cache lock is never poisoned");
+            if shard.ring.is_empty() {
+                continue;
+            }
+            let at = (state >> 32) as usize % shard.ring.len();
+            if let Some(entry) = &shard.ring[at] {
+                names.push(entry.name.to_string());
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Taken before a read of `names` is queued; see [`NearCache::keep`].
+    pub fn ticket(&self, names: &[&str]) -> Ticket {
+        let generation = self.generation.load(Relaxed);
+        Ticket {
+            generation,
+            marks: names.iter().map(|name| self.shard(name).marks).collect(),
+        }
+    }
+
+    /// Keeps what a tracked read found for `names[at]` (the `at` of its ticket), unless the
+    /// cache was flushed or the name's shard saw an invalidation since the ticket was taken.
+    /// Returns whether it was kept.
+    pub fn keep(&self, ticket: &Ticket, at: usize, name: &str, json: &str, version: i64) -> bool {
+        let size = cost(name, json);
+        if size > self.shard_bytes {
+            return false;
+        }
+        let mut shard = self.shard(name);
+        // Read under the shard's lock: a flush bumps the generation before it empties the shards,
+        // so an entry kept here with the old generation is emptied by it.
+        if self.generation.load(Relaxed) != ticket.generation || shard.marks != ticket.marks[at] {
+            return false;
+        }
+        shard.remove(name);
+        while shard.bytes + size > self.shard_bytes {
+            shard.evict_one();
+        }
+        let entry = Entry {
+            name: name.into(),
+            json: json.into(),
+            version,
+            visited: false,
+        };
+        let at = match shard.free.pop() {
+            Some(at) => at,
+            None => {
+                shard.ring.push(None);
+                shard.ring.len() - 1
+            }
+        };
+        shard.bytes += size;
+        shard.index.insert(name.into(), at);
+        shard.ring[at] = Some(entry);
+        true
+    }
+
+    /// Redis says `name` changed (or the daemon is about to change it): drops its entry and
+    /// refuses every read of its shard asked for before now.
+    pub fn invalidate(&self, name: &str) {
+        let mut shard = self.shard(name);
+        shard.marks += 1;
+        shard.remove(name);
+        drop(shard);
+        self.invalidations.fetch_add(1, Relaxed);
+    }
+
+    /// Drops every entry and refuses every read asked for before now.
+    pub fn flush(&self) {
+        self.generation.fetch_add(1, Relaxed);
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().expect("near cache lock is never poisoned");
+            *shard = Shard {
+                marks: shard.marks + 1,
+                ..Shard::default()
+            };
+        }
+        self.flushes.fetch_add(1, Relaxed);
+    }
+
+    pub fn report(&self) -> NearReport {
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        for shard in self.shards.iter() {
+            let shard = shard.lock().expect("near cache lock is never poisoned");
+            entries += shard.index.len() as u64;
+            bytes += shard.bytes as u64;
+        }
+        NearReport {
+            max_bytes: (self.shard_bytes * self.shards.len()) as u64,
+            hits: self.hits.load(Relaxed),
+            entries,
+            bytes,
+            invalidations: self.invalidations.load(Relaxed),
+            flushes: self.flushes.load(Relaxed),
+        }
+    }
+}
+
+impl Shard {
+    fn remove(&mut self, name: &str) {
+        if let Some(at) = self.index.remove(name) {
+            self.take(at);
+        }
+    }
+
+    fn take(&mut self, at: usize) {
+        if let Some(entry) = self.ring[at].take() {
+            self.bytes -= entry.cost();
+            self.free.push(at);
+        }
+    }
+
+    /// Moves the hand to the first entry not read since it last passed, giving the others their
+    /// second chance, and evicts it.
+    fn evict_one(&mut self) {
+        debug_assert!(self.bytes > 0);
+        loop {
+            if self.hand >= self.ring.len() {
+                self.hand = 0;
+            }
+            let at = self.hand;
+            self.hand += 1;
+            let visited = match &mut self.ring[at] {
+                None => continue,
+                Some(entry) => std::mem::replace(&mut entry.visited, false),
+            };
+            if !visited {
+                if let Some(entry) = &self.ring[at] {
+                    let name = entry.name.clone();
+                    self.index.remove(&name);
+                }
+                self.take(at);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(version: i64) -> String {
+        format!(r#"{{"id":1,"username":"a","version":{version}}}"#)
+    }
+
+    #[test]
+    fn a_read_is_kept_only_if_nothing_invalidated_it_since_it_was_asked() {
+        let near = NearCache::new(1 << 20).unwrap();
+        let ticket = near.ticket(&["a"]);
+        assert!(near.keep(&ticket, 0, "a", &user(1), 1));
+        assert_eq!(near.get("a", None).unwrap().version, 1);
+
+        // The change after the read was handled before its reply: the reply is never kept.
+        let ticket = near.ticket(&["a"]);
+        near.invalidate("a");
+        assert!(near.get("a", None).is_none(), "invalidated");
+        assert!(!near.keep(&ticket, 0, "a", &user(1), 1));
+        assert!(near.get("a", None).is_none());
+
+        // A flush refuses every read asked for before it.
+        let ticket = near.ticket(&["a", "b"]);
+        near.flush();
+        assert!(!near.keep(&ticket, 1, "b", &user(2), 2));
+        let ticket = near.ticket(&["b"]);
+        assert!(near.keep(&ticket, 0, "b", &user(2), 2));
+        near.flush();
+        assert!(near.get("b", None).is_none());
+        let report = near.report();
+        assert_eq!((report.entries, report.bytes, report.flushes), (0, 0, 2));
+    }
+
+    #[test]
+    fn bytes_stay_within_the_bound_and_read_entries_get_a_second_chance() {
+        let near = NearCache::new(64 * 1024).unwrap();
+        let json = user(1);
+        let per = cost("name-0000", &json);
+        let fits = 64 * 1024 / per;
+        for i in 0..fits {
+            let name = format!("name-{i:04}");
+            let ticket = near.ticket(&[&name]);
+            assert!(near.keep(&ticket, 0, &name, &json, 1));
+        }
+        assert_eq!(near.report().entries as usize, fits);
+        // Read a few: they survive the next insertions; the unread oldest go first.
+        for i in 0..4 {
+            near.get(&format!("name-{i:04}"), None).unwrap();
+        }
+        for i in fits..fits + 8 {
+            let name = format!("name-{i:04}");
+            let ticket = near.ticket(&[&name]);
+            assert!(near.keep(&ticket, 0, &name, &json, 1));
+            assert!(near.report().bytes as usize <= 64 * 1024);
+        }
+        for i in 0..4 {
+            assert!(
+                near.get(&format!("name-{i:04}"), None).is_some(),
+                "read: kept"
+            );
+        }
+        assert!(
+            near.get("name-0004", None).is_none(),
+            "unread: evicted first"
+        );
+        // An entry larger than a shard is never held.
+        let huge = "x".repeat(70 * 1024);
+        let ticket = near.ticket(&["big"]);
+        assert!(!near.keep(&ticket, 0, "big", &huge, 1));
+        assert!(NearCache::new(0).is_none());
+    }
+}
