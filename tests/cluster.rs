@@ -195,6 +195,12 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
             .all(|a| a["result"]["source"] == json!("cache")),
         "read-your-fill on every node"
     );
+    // The near cache kept what the first pipelined read found on every node (tracked on each
+    // node's own connection): those gets cost no round trip.
+    let near_hits = || async { daemon.stats().await["near_cache"]["hits"].as_u64().unwrap() };
+    let before = near_hits().await;
+    client.get_all(&people[40..]).await;
+    assert_eq!(near_hits().await - before, people.len() as u64 - 40);
     // Write-through: create, rename, delete, each read back at once.
     let put = client.call("put", json!({"username": "c-new"})).await;
     assert_eq!(put["result"]["created"], json!(true));

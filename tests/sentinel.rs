@@ -118,5 +118,9 @@ async fn a_promoted_replica_that_missed_writes_is_followed_and_repaired() {
         json!("cache")
     );
     assert!(live_on(replica, "after").await.is_some());
+    // The near cache took part throughout, and was dropped with the old primary's connection.
+    let near = daemon.stats().await["near_cache"].clone();
+    assert!(near["hits"].as_u64().unwrap() > 0, "{near}");
+    assert!(near["flushes"].as_u64().unwrap() >= 2, "{near}");
     daemon.stop().await;
 }
