@@ -1023,6 +1023,20 @@ async fn cluster_part(
     slice: Duration,
     rounds: usize,
 ) -> Value {
+    // The CDC part renamed users u1.. away: this part reads them, so they exist again (without
+    // a capture of each: the daemon below reads them from the table).
+    let admin = cacheward::store::db::connect(pg_config)
+        .await
+        .expect("connect");
+    admin
+        .batch_execute(&format!(
+            "ALTER TABLE users DISABLE TRIGGER cacheward_capture_insert;
+             INSERT INTO users (username) SELECT 'u' || g FROM generate_series(1, {users}) g
+                 ON CONFLICT (username) DO NOTHING;
+             ALTER TABLE users ENABLE TRIGGER cacheward_capture_insert;"
+        ))
+        .await
+        .expect("users u1.. again");
     // On the main thread: the nodes die with the thread that started them.
     let mut cluster = RedisCluster::start().expect("cluster");
     let urls = cluster.urls();
