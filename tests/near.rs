@@ -277,3 +277,39 @@ async fn a_near_cache_of_zero_bytes_is_off() {
         json!({"max_bytes": 0, "hits": 0, "entries": 0, "bytes": 0, "invalidations": 0, "flushes": 0})
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_redis_does_not_track_are_never_kept() {
+    // An ACL without CLIENT TRACKING / CLIENT CACHING: every read answers, none is kept.
+    let env = TestEnv::start().await;
+    let mut admin = env.redis().await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("untracked")
+        .arg("on")
+        .arg(">untracked-secret")
+        .arg("resetkeys")
+        .arg("~user:*")
+        .arg("+@all")
+        .arg("-client")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut config = env.config();
+    config.redis.url = Some(cacheward::config::SecretUrl::new(format!(
+        "{}&user=untracked&pass=untracked-secret",
+        env.redis.url(3)
+    )));
+    let daemon = env.start_daemon(config).await;
+    let mut c = daemon.client().await;
+    c.call("put", json!({"username": "ann"})).await;
+    for _ in 0..10 {
+        assert_eq!(c.get("ann").await["result"]["source"], json!("cache"));
+    }
+    let stats = near(&daemon).await;
+    assert_eq!(
+        (stats["hits"].clone(), stats["entries"].clone()),
+        (json!(0), json!(0)),
+        "{stats}"
+    );
+}
