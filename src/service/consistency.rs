@@ -260,6 +260,9 @@ async fn look(service: &Service, asked: &[(String, Source)]) -> Option<Vec<Optio
         .filter(|(_, c)| c.is_some())
         .map(|((name, _), _)| name.as_str())
         .collect();
+    if wanted.is_empty() {
+        return Some(vec![None; asked.len()]);
+    }
     let found = service.db.find_users(&wanted).await.ok()?;
     let rows: HashMap<&str, (i64, &str)> = found
         .users
