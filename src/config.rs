@@ -1019,6 +1019,46 @@ mod tests {
     }
 
     #[test]
+    fn near_cache_and_checker_settings_are_checked() {
+        let c = load(
+            &[
+                ("CACHEWARD__CACHE__LOCAL_MAX_BYTES", "0"),
+                ("CACHEWARD__CONSISTENCY__SAMPLE_PER_SEC", "0"),
+            ],
+            Some("[consistency]\nwindow_ms = 500\n"),
+        )
+        .expect("loads");
+        assert_eq!(c.cache.local_max_bytes, 0);
+        assert_eq!(
+            (c.consistency.sample_per_sec, c.consistency.window_ms),
+            (0, 500)
+        );
+        for (key, value, named) in [
+            ("CACHEWARD__CACHE__LOCAL_MAX_BYTES", "-1", "local_max_bytes"),
+            (
+                "CACHEWARD__CACHE__LOCAL_MAX_BYTES",
+                "64MB",
+                "local_max_bytes",
+            ),
+            (
+                "CACHEWARD__CONSISTENCY__SAMPLE_PER_SEC",
+                "1000000",
+                "consistency.sample_per_sec",
+            ),
+            (
+                "CACHEWARD__CONSISTENCY__WINDOW_MS",
+                "10",
+                "consistency.window_ms",
+            ),
+        ] {
+            let err = load(&[(key, value)], None).expect_err(value);
+            assert!(err.to_string().contains(named), "{key}={value}: {err}");
+        }
+        let err = load(&[], Some("[consistency]\nwindw_ms = 500\n")).expect_err("a typo");
+        assert!(err.to_string().contains("windw_ms"), "{err}");
+    }
+
+    #[test]
     fn missing_config_file_is_an_error() {
         let overrides = Overrides {
             file: Some(PathBuf::from("/nonexistent/cacheward.toml")),

@@ -44,6 +44,7 @@ impl Service {
         min_versions: &[Option<i64>],
     ) -> Vec<Result<(String, Source), ServiceError>> {
         let asked_at = Instant::now();
+        let min_version = |i: usize| min_versions.get(i).copied().flatten();
         let mut answers: Vec<Option<Result<(String, Source), ServiceError>>> =
             vec![None; usernames.len()];
         let trusted: Vec<usize> = (0..usernames.len())
@@ -51,19 +52,12 @@ impl Service {
             .collect();
         if !trusted.is_empty() {
             let names: Vec<&str> = trusted.iter().map(|&i| usernames[i]).collect();
-            let wanted: Vec<Option<i64>> = trusted
-                .iter()
-                .map(|&i| min_versions.get(i).copied().flatten())
-                .collect();
+            let wanted: Vec<Option<i64>> = trusted.iter().map(|&i| min_version(i)).collect();
             match self.cache.get_live_many(&names, &wanted).await {
                 Ok(values) => {
                     for (&i, value) in trusted.iter().zip(values) {
-                        let wanted = min_versions.get(i).copied().flatten();
-                        match value {
-                            Some(live) if wanted.is_none_or(|min| live.version >= min) => {
-                                answers[i] = Some(Ok((live.json, Source::Cache)));
-                            }
-                            _ => {}
+                        if let Some(live) = value {
+                            answers[i] = Some(Ok((live.json, Source::Cache)));
                         }
                     }
                 }
@@ -83,9 +77,8 @@ impl Service {
             self.hooks
                 .pause_after_miss(&misses.iter().map(|&i| usernames[i]).collect::<Vec<_>>())
                 .await;
-            let (exact, shared): (Vec<usize>, Vec<usize>) = misses
-                .iter()
-                .partition(|&&i| min_versions.get(i).copied().flatten().is_some());
+            let (exact, shared): (Vec<usize>, Vec<usize>) =
+                misses.iter().partition(|&&i| min_version(i).is_some());
             let mut queued = false;
             let flights: Vec<_> = shared
                 .iter()

@@ -612,8 +612,8 @@ impl Cache {
         }
     }
 
-    /// The live entries of `usernames`, in order: from the near cache where it holds one at
-    /// least as new as the name's `min_versions` entry, else from Redis. Reads that arrive while
+    /// The live entries of `usernames` at least as new as their `min_versions` entry (an older one
+    /// is `None`), in order: from the near cache where it holds one, else from Redis. Reads that arrive while
     /// another request-path call is in flight queue and go to Redis together, in one MGET per
     /// slot; what Redis tracks of them is kept in the near cache (see `store::near`).
     pub async fn get_live_many(
@@ -658,7 +658,8 @@ impl Cache {
             {
                 near.keep(ticket, at, names[at], &live.json, live.version);
             }
-            found[i] = value;
+            let min_version = min_versions.get(i).copied().flatten();
+            found[i] = value.filter(|live| min_version.is_none_or(|min| live.version >= min));
         }
         Ok(found)
     }
@@ -1430,6 +1431,54 @@ fn glob_escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn hostile_pushes_drop_what_they_name_or_everything_never_more_than_theirs() {
+        use redis::{PushInfo, PushKind, Value};
+        let near = Arc::new(NearCache::new(1 << 20).unwrap());
+        let hold = |name: &str| {
+            let ticket = near.ticket(&[name]);
+            assert!(near.keep(&ticket, 0, name, r#"{"id":1,"version":1}"#, 1));
+        };
+        // Hands `pushes` to the near cache and waits until they are all handled.
+        let hear = |pushes: Vec<(PushKind, Vec<Value>)>| {
+            let (sender, heard) = tokio::sync::mpsc::unbounded_channel();
+            for (kind, data) in pushes {
+                sender.send(PushInfo { kind, data }).unwrap();
+            }
+            listen(near.clone(), "user:".into(), heard)
+        };
+        let keys = |keys: &[&[u8]]| {
+            let keys = keys.iter().map(|k| Value::BulkString(k.to_vec())).collect();
+            vec![Value::Array(keys)]
+        };
+        hold("ann");
+        hold("bob");
+        // Keys of others, not strings, not UTF-8, the prefix alone: nothing of ours is named.
+        let mut odd = keys(&[b"other:ann", b"user:\xff\xfe", b"user:"]);
+        if let Value::Array(keys) = &mut odd[0] {
+            keys.extend([Value::Int(5), Value::Nil]);
+        }
+        hear(vec![
+            (PushKind::Invalidate, odd),
+            (PushKind::Message, keys(&[b"user:ann"])),
+            (PushKind::Other("invalidate".into()), keys(&[b"user:ann"])),
+        ])
+        .await;
+        assert!(near.get("ann", None).is_some() && near.get("bob", None).is_some());
+        // One of ours: that one only.
+        hear(vec![(PushKind::Invalidate, keys(&[b"user:ann"]))]).await;
+        assert!(near.get("ann", None).is_none() && near.get("bob", None).is_some());
+        // An invalidation that names no keys in the expected shape, a lost connection: all goes.
+        for data in [vec![Value::Nil], vec![], vec![Value::Int(1)]] {
+            hold("ann");
+            hear(vec![(PushKind::Invalidate, data)]).await;
+            assert_eq!(near.report().entries, 0);
+        }
+        hold("ann");
+        hear(vec![(PushKind::Disconnection, vec![])]).await;
+        assert_eq!(near.report().entries, 0);
+    }
 
     #[test]
     fn live_entries_are_objects_with_an_id() {
