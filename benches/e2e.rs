@@ -233,10 +233,10 @@ async fn near_part(
         .get_multiplexed_async_connection()
         .await
         .expect("redis");
-    let mut client = cacheward::client::Client::connect(socket)
+    let mut client = cacheward::cli::client::Client::connect(socket)
         .await
         .expect("connect");
-    let get = async |client: &mut cacheward::client::Client, name: &str| -> Value {
+    let get = async |client: &mut cacheward::cli::client::Client, name: &str| -> Value {
         client
             .call("get", json!({ "username": name }))
             .await
@@ -473,7 +473,7 @@ async fn select_round(
     pg_config: tokio_postgres::Config,
     users: u64,
 ) -> Box<dyn FnMut(u64) -> futures::future::BoxFuture<'static, ()> + Send> {
-    let client = Arc::new(cacheward::store::db::connect(&pg_config).await.expect("pg"));
+    let client = Arc::new(cacheward::store::pg::connect(&pg_config).await.expect("pg"));
     let stmt = client
         .prepare("SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = $1")
         .await
@@ -540,7 +540,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 async fn call(socket: &Path, method: &str, params: Value) -> Value {
-    match cacheward::client::Client::connect(socket).await {
+    match cacheward::cli::client::Client::connect(socket).await {
         Ok(mut c) => c
             .call(method, params)
             .await
@@ -616,10 +616,10 @@ async fn main() {
     .expect("redis");
     let db_url = pg.create_database("bench").await.expect("database");
     let pg_config: tokio_postgres::Config = db_url.parse().expect("url");
-    let mut admin = cacheward::store::db::connect(&pg_config)
+    let mut admin = cacheward::store::pg::connect(&pg_config)
         .await
         .expect("connect");
-    cacheward::store::db::migrate(&mut admin)
+    cacheward::store::pg::migrate(&mut admin)
         .await
         .expect("migrate");
     admin
@@ -1025,7 +1025,7 @@ async fn cluster_part(
 ) -> Value {
     // The CDC part renamed users u1.. away: this part reads them, so they exist again (without
     // a capture of each: the daemon below reads them from the table).
-    let admin = cacheward::store::db::connect(pg_config)
+    let admin = cacheward::store::pg::connect(pg_config)
         .await
         .expect("connect");
     admin
@@ -1126,7 +1126,7 @@ async fn cluster_part(
     // The failover repair window: the primary of u1's slot dies; its replica is promoted with
     // what it had; the daemon answers from PostgreSQL until it has distrusted and dropped the
     // cache, then fills and hits again.
-    let slot = cacheward::store::topology::slot_of(b"user:u1");
+    let slot = cacheward::store::redis::keys::slot_of(b"user:u1");
     let owner = cluster
         .primaries()
         .into_iter()
@@ -1233,7 +1233,7 @@ async fn cdc_lag(
     for w in 0..4u64 {
         let (pg, committed) = (pg.clone(), committed.clone());
         writers.push(tokio::spawn(async move {
-            let client = cacheward::store::db::connect(&pg).await.expect("pg");
+            let client = cacheward::store::pg::connect(&pg).await.expect("pg");
             let stmt = client
                 .prepare("UPDATE users SET username = $2 WHERE username = $1")
                 .await
@@ -1298,10 +1298,10 @@ async fn cdc_lag(
         for (key, value) in keys.iter().zip(values) {
             if !value
                 .as_deref()
-                .is_some_and(cacheward::store::cache::is_live)
+                .is_some_and(cacheward::model::entry::is_live)
             {
                 eprintln!("cdc: {key} never reached Redis: {value:?}");
-                let client = cacheward::store::db::connect(pg).await.expect("pg");
+                let client = cacheward::store::pg::connect(pg).await.expect("pg");
                 let name = key.trim_start_matches("user:");
                 for row in client
                     .query("SELECT id, txid::text, changed_at::text FROM cacheward_outbox WHERE username = $1", &[&name])

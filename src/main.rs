@@ -10,14 +10,15 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use cacheward::client::{Client, ClientError};
+use cacheward::cli::client::{Client, ClientError};
 use cacheward::config::{Config, Overrides};
+#[cfg(feature = "dev")]
 use cacheward::dev::{DevStack, SEED_USERS};
 use cacheward::rpc::server;
+use cacheward::runtime::signals::{self, Reloader};
+use cacheward::runtime::{daemon, telemetry};
 use cacheward::service::Hooks;
-use cacheward::signals::{self, Reloader};
-use cacheward::store::{connect, db};
-use cacheward::{daemon, telemetry};
+use cacheward::store::pg::{self as db, connect};
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +55,7 @@ enum Command {
     /// Run the daemon in the foreground (logs to stderr)
     Serve {
         /// Throwaway PostgreSQL + Redis in a temp dir, seeded; socket ./cacheward.sock; Ctrl-C removes it all
+        #[cfg(feature = "dev")]
         #[arg(long)]
         dev: bool,
         #[command(flatten)]
@@ -127,7 +129,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!(
                 "cacheward: {}",
-                cacheward::secrets::scrub(&format!("{e:#}"))
+                cacheward::support::secrets::scrub(&format!("{e:#}"))
             );
             ExitCode::FAILURE
         }
@@ -136,7 +138,10 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        #[cfg(feature = "dev")]
         Command::Serve { dev, common } => serve(dev, common).await,
+        #[cfg(not(feature = "dev"))]
+        Command::Serve { common } => serve(false, common).await,
         Command::Migrate { common } => migrate(common).await,
         Command::Verify { common } => verify(common).await,
         Command::Get {
@@ -172,17 +177,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 async fn serve(dev: bool, common: Common) -> anyhow::Result<ExitCode> {
     let mut config = common.load()?;
     let logger = telemetry::init(&config.log)?;
-    let stack = if dev {
-        let stack = DevStack::start()
-            .await
-            .context("starting the dev servers")?;
-        stack.configure(&mut config);
-        if common.socket.is_none() {
-            config.socket.path = PathBuf::from("cacheward.sock");
-        }
-        Some(stack)
-    } else {
-        None
+    let stack = match dev {
+        true => Some(dev_stack(&mut config, &common).await?),
+        false => None,
     };
     config.require_backends()?;
     let config = Arc::new(config);
@@ -218,7 +215,35 @@ async fn serve(dev: bool, common: Common) -> anyhow::Result<ExitCode> {
     result.map(|()| ExitCode::SUCCESS)
 }
 
-fn dev_banner(stack: &DevStack, config: &Config) {
+/// The dev harness's servers behind `serve --dev` (the `dev` feature).
+#[cfg(feature = "dev")]
+type DevServers = DevStack;
+
+/// Release builds have no dev harness: `serve --dev` does not exist there.
+#[cfg(not(feature = "dev"))]
+enum DevServers {}
+
+/// Starts the dev servers and points `config` at them (socket `./cacheward.sock` unless given).
+#[cfg(feature = "dev")]
+async fn dev_stack(config: &mut Config, common: &Common) -> anyhow::Result<DevServers> {
+    let stack = DevStack::start()
+        .await
+        .context("starting the dev servers")?;
+    stack.configure(config);
+    if common.socket.is_none() {
+        config.socket.path = PathBuf::from("cacheward.sock");
+    }
+    Ok(stack)
+}
+
+#[cfg(not(feature = "dev"))]
+async fn dev_stack(_: &mut Config, _: &Common) -> anyhow::Result<DevServers> {
+    anyhow::bail!("this build has no dev harness (built without the `dev` feature)")
+}
+
+/// What `serve --dev` prints once the socket listens.
+#[cfg(feature = "dev")]
+fn dev_banner(stack: &DevServers, config: &Config) {
     let socket = config.socket.path.display();
     eprintln!(
         "\ncacheward dev: PostgreSQL in {pg}, Redis in {redis}\n\
@@ -237,6 +262,11 @@ fn dev_banner(stack: &DevStack, config: &Config) {
         users = SEED_USERS.join(", "),
         first = SEED_USERS[0],
     );
+}
+
+#[cfg(not(feature = "dev"))]
+fn dev_banner(stack: &DevServers, _: &Config) {
+    match *stack {}
 }
 
 async fn migrate(common: Common) -> anyhow::Result<ExitCode> {
@@ -261,8 +291,8 @@ async fn migrate(common: Common) -> anyhow::Result<ExitCode> {
 async fn verify(common: Common) -> anyhow::Result<ExitCode> {
     let config = common.load()?;
     config.require_backends()?;
-    let report = cacheward::verify::verify(&config).await?;
-    use cacheward::verify::printable;
+    let report = cacheward::cli::verify::verify(&config).await?;
+    use cacheward::cli::verify::printable;
     for m in &report.mismatches {
         println!(
             "mismatch {}: cached {} database {}",

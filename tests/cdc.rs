@@ -1,4 +1,4 @@
-//! Out-of-band SQL reaches Redis (DESIGN guarantees 1 and 2): every kind of change, commit order
+//! Out-of-band SQL reaches Redis (Guarantees 1 and 2 in docs/reference.md): every kind of change, commit order
 //! different from id order, and the daemon, its connections and Redis failing meanwhile.
 
 mod common;
@@ -11,7 +11,7 @@ use common::{kind, wait_until, DaemonProcess, Rpc, TestEnv};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-/// DESIGN guarantee 1: within 1 s once writes stop.
+/// Guarantee 1: within 1 s once writes stop.
 const CONVERGE: Duration = Duration::from_secs(1);
 
 fn names(list: &[&str]) -> Vec<String> {
@@ -21,7 +21,7 @@ fn names(list: &[&str]) -> Vec<String> {
 async fn live(env: &TestEnv, name: &str) -> Option<Value> {
     env.cached(name)
         .await
-        .filter(|v| cacheward::store::cache::is_live(v))
+        .filter(|v| cacheward::model::entry::is_live(v))
         .map(|v| serde_json::from_str(&v).unwrap())
 }
 

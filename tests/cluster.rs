@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use cacheward::config::{RedisMode, SecretUrl};
 use cacheward::dev::cluster::RedisCluster;
-use cacheward::store::cache::is_live;
-use cacheward::store::topology::slot_of;
+use cacheward::model::entry::is_live;
+use cacheward::store::redis::keys::slot_of;
 use common::*;
 use redis::cluster_async::ClusterConnection;
 use serde_json::{json, Value};
@@ -290,7 +290,7 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
         tokio::spawn(async move {
             let mut client = Rpc::connect(&socket).await;
             let pg: tokio_postgres::Config = db_url.parse().unwrap();
-            let pg = cacheward::store::db::connect(&pg).await.unwrap();
+            let pg = cacheward::store::pg::connect(&pg).await.unwrap();
             let mut round = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let name = &movers[round % movers.len()];

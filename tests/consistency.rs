@@ -88,7 +88,7 @@ async fn a_fill_that_read_before_a_rename_cannot_resurrect_the_old_name() {
 
     let raw = env.cached("before").await.expect("a tombstone is left");
     assert!(
-        !cacheward::store::cache::is_live(&raw),
+        !cacheward::model::entry::is_live(&raw),
         "old name must not be live again: {raw}"
     );
     assert_eq!(kind(&writer.get("before").await), "not_found");
@@ -211,7 +211,7 @@ async fn misses_that_queue_behind_a_running_read_are_read_in_one_query() {
     );
     for i in 1..=10 {
         let cached = env.cached(&format!("cold{i}")).await.expect("filled");
-        assert!(cacheward::store::cache::is_live(&cached));
+        assert!(cacheward::model::entry::is_live(&cached));
     }
     daemon.stop().await;
 }
@@ -221,7 +221,7 @@ async fn migrations_are_idempotent_and_plain_sql_keeps_working() {
     let env = TestEnv::start().await;
     let mut pg = env.pg().await;
     assert_eq!(
-        cacheward::store::db::migrate(&mut pg).await.unwrap(),
+        cacheward::store::pg::migrate(&mut pg).await.unwrap(),
         Vec::<i32>::new(),
         "second run applies nothing"
     );
@@ -230,7 +230,7 @@ async fn migrations_are_idempotent_and_plain_sql_keeps_working() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(recorded as usize, cacheward::store::db::MIGRATIONS.len());
+    assert_eq!(recorded as usize, cacheward::store::pg::MIGRATIONS.len());
 
     pg.execute("INSERT INTO users (username) VALUES ('x')", &[])
         .await
@@ -379,7 +379,8 @@ async fn a_get_after_a_miss_is_answered_reads_the_fill_while_redis_is_busy() {
 /// check saved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_script_tells_stale_writes_from_ones_already_there() {
-    use cacheward::store::cache::{Cache, Outcome, Write};
+    use cacheward::model::entry::Write;
+    use cacheward::store::redis::{Cache, Outcome};
     let env = TestEnv::start().await;
     let cache = Cache::new(&env.config()).unwrap();
     cache.claim(1).await.unwrap();

@@ -105,6 +105,12 @@ fn the_container_image_is_the_binary_alone_running_as_non_root() {
             .unwrap();
     let stages: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
     assert_eq!(stages.len(), 2, "multi-stage");
+    // The image carries no dev harness (tests/release.rs checks what such a build lacks).
+    assert!(
+        text.lines()
+            .any(|l| l.contains("cargo build --release") && l.contains("--no-default-features")),
+        "the image's build keeps the dev feature"
+    );
     assert!(
         stages[0].contains(":1.95.0-"),
         "the toolchain is pinned by its exact version: {}",

@@ -1,5 +1,7 @@
-//! docs/operations.md cannot drift from the code: every event the source logs at `info` or above
-//! is listed there with the same level, and every listed event is still logged.
+//! The documentation cannot drift from the code: every event the source logs at `info` or above
+//! is listed in docs/operations.md with the same level, and every listed event is still logged;
+//! every configuration key is in docs/reference.md's table, and the table names no other; nothing
+//! in the repository sends its reader to a file outside it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -97,4 +99,83 @@ fn every_event_logged_at_info_or_above_is_documented_with_its_level() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Every `section.key` the configuration has, read off the defaults as the loader reads them.
+fn configuration_keys() -> std::collections::BTreeSet<String> {
+    let defaults = serde_json::to_value(cacheward::config::Config::default()).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    for (section, values) in defaults.as_object().unwrap() {
+        for key in values.as_object().unwrap().keys() {
+            keys.insert(format!("{section}.{key}"));
+        }
+    }
+    keys
+}
+
+/// The `section.key` names in the first column of docs/reference.md's configuration table
+/// (a row may name two: `` `socket.allow_uids`, `socket.allow_gids` ``).
+fn documented_keys() -> std::collections::BTreeSet<String> {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/reference.md"))
+            .unwrap();
+    let table = doc
+        .split("| key | default | meaning |")
+        .nth(1)
+        .expect("docs/reference.md has the configuration table");
+    table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .flat_map(|row| {
+            let first = row.split('|').nth(1).unwrap_or_default();
+            first
+                .split(',')
+                .map(|k| k.trim().trim_matches('`').to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn every_configuration_key_is_in_the_reference_and_no_other() {
+    let keys = configuration_keys();
+    let documented = documented_keys();
+    assert!(keys.len() > 30, "the defaults gave too little: {keys:?}");
+    let missing: Vec<_> = keys.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&keys).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "not in docs/reference.md: {missing:?}; documented but not a key: {stale:?}"
+    );
+}
+
+#[test]
+fn nothing_points_outside_the_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut found = Vec::new();
+    let mut paths = vec![root.to_path_buf()];
+    while let Some(path) = paths.pop() {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if path.is_dir() {
+            if !matches!(name, "target" | ".git" | "fuzz") || path == root {
+                paths.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            }
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        // This file names what it looks for.
+        if path.ends_with("tests/docs.rs") {
+            continue;
+        }
+        for (n, line) in text.lines().enumerate() {
+            if line.contains("../shared") || line.contains("DESIGN.md") || line.contains("DESIGN ")
+            {
+                found.push(format!("{}:{}: {line}", path.display(), n + 1));
+            }
+        }
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
 }

@@ -151,7 +151,7 @@ async fn writes_made_while_redis_was_down_leave_no_stale_entry_behind() {
 
     // Redis comes back with the old entries for `moved` and `removed` still in it.
     env.redis.start_again().expect("restart redis");
-    assert!(cacheward::store::cache::is_live(
+    assert!(cacheward::model::entry::is_live(
         &env.cached("moved").await.expect("persisted")
     ));
 
@@ -165,7 +165,7 @@ async fn writes_made_while_redis_was_down_leave_no_stale_entry_behind() {
     for name in ["moved", "removed"] {
         let raw = env.cached(name).await.unwrap_or_default();
         assert!(
-            !cacheward::store::cache::is_live(&raw),
+            !cacheward::model::entry::is_live(&raw),
             "{name} still live in Redis: {raw}"
         );
     }

@@ -101,7 +101,7 @@ async fn assert_nothing_stale(env: &TestEnv, daemon: &common::Daemon, names: &[S
     for name in names {
         let raw = env.cached(name).await;
         assert!(
-            !raw.as_deref().is_some_and(cacheward::store::cache::is_live),
+            !raw.as_deref().is_some_and(cacheward::model::entry::is_live),
             "{name} is cached although its row is gone: {raw:?}"
         );
     }
@@ -225,7 +225,8 @@ async fn a_fill_that_read_before_redis_lost_its_data_never_lands() {
 /// cacheward's is left alone and reported as foreign.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
-    use cacheward::store::cache::{Cache, Outcome, Write};
+    use cacheward::model::entry::Write;
+    use cacheward::store::redis::{Cache, Outcome};
     let env = TestEnv::start().await;
     let cache = Cache::new(&env.config()).unwrap();
     let live = |name: &str, version: i64, read_at: i64| Write::Live {
@@ -254,12 +255,16 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
             .unwrap(),
         vec![Outcome::Fenced, Outcome::Applied, Outcome::Applied]
     );
+    // The tombstone the script stored is the one the Rust rule builds (model::entry).
+    use cacheward::model::entry::{tombstone_json, version_below};
+    assert_eq!(env.cached("c").await, Some(tombstone_json(3)));
     // Dropping everything at a higher fence: b's entry goes, and a write read before it is refused.
     assert_eq!(cache.drop_all(15).await.unwrap(), 1);
-    assert!(env
-        .cached("b")
-        .await
-        .is_some_and(|v| !cacheward::store::cache::is_live(&v)));
+    // drop.lua builds its tombstone in Lua: the same text, one version below the entry's.
+    assert_eq!(
+        env.cached("b").await,
+        Some(tombstone_json(version_below(5)))
+    );
     assert_eq!(
         cache.apply(&[live("b", 5, 14)]).await.unwrap(),
         vec![Outcome::Fenced]
@@ -437,7 +442,7 @@ async fn a_redis_restored_from_an_older_snapshot_is_not_trusted() {
     assert!(
         stale
             .as_deref()
-            .is_some_and(cacheward::store::cache::is_live),
+            .is_some_and(cacheward::model::entry::is_live),
         "the restored data holds the old entry: {stale:?}"
     );
     // Ask every 5 ms: note the last time the stale entry was served.
@@ -461,7 +466,7 @@ async fn a_redis_restored_from_an_older_snapshot_is_not_trusted() {
     assert!(
         !cached
             .as_deref()
-            .is_some_and(cacheward::store::cache::is_live),
+            .is_some_and(cacheward::model::entry::is_live),
         "the stale entry was dropped: {cached:?}"
     );
     daemon.stop().await;

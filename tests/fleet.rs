@@ -34,7 +34,7 @@ async fn applied_after(env: &TestEnv, name: &str, limit: Duration) -> Duration {
         .unwrap();
     loop {
         let cached = env.cached(name).await;
-        if cached.is_some_and(|v| cacheward::store::cache::is_live(&v)) {
+        if cached.is_some_and(|v| cacheward::model::entry::is_live(&v)) {
             return started.elapsed();
         }
         assert!(

@@ -86,10 +86,10 @@ fn smoke(target: &str, body: fn(&[u8])) {
 
 #[test]
 fn the_request_parser_holds_its_invariants_over_the_corpus_and_mutations() {
-    smoke("request", cacheward::fuzzing::request);
+    smoke("request", cacheward::rpc::fuzzing::request);
 }
 
 #[test]
 fn the_line_framer_holds_its_invariants_over_the_corpus_and_mutations() {
-    smoke("framer", cacheward::fuzzing::framer);
+    smoke("framer", cacheward::rpc::fuzzing::framer);
 }

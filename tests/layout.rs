@@ -118,7 +118,8 @@ fn cycle(edges: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
         .find_map(|node| visit(node, edges, &mut Vec::new(), &mut done))
 }
 
-/// Room → rooms it imports from, and (room, sibling) → siblings it imports from.
+/// Room → rooms it imports from, and module → sibling modules it imports from (at every depth:
+/// `store::redis::pipeline` → `store::redis::routing`, `store::redis` → `store::pg`).
 fn import_graphs() -> (
     BTreeMap<String, BTreeSet<String>>,
     BTreeMap<String, BTreeSet<String>>,
@@ -147,11 +148,17 @@ fn import_graphs() -> (
                     .entry(room.clone())
                     .or_insert_with(BTreeSet::new)
                     .insert(target[0].clone());
-            } else if module.len() == 2 && target.len() >= 2 && target[1] != module[1] {
+                continue;
+            }
+            // Within a room, at any depth: where the two paths part, the module's ancestor there
+            // imports from its sibling (a module importing from its own ancestor or descendant
+            // parts nowhere).
+            if let Some(at) = (1..module.len().min(target.len())).find(|&i| module[i] != target[i])
+            {
                 siblings
-                    .entry(format!("{room}::{}", module[1]))
+                    .entry(module[..=at].join("::"))
                     .or_insert_with(BTreeSet::new)
-                    .insert(format!("{room}::{}", target[1]));
+                    .insert(target[..=at].join("::"));
             }
         }
     }
@@ -195,9 +202,37 @@ fn no_module_imports_from_a_sibling_that_imports_from_it() {
             .is_some_and(|t| t.contains("cdc::outbox")),
         "cdc::apply → cdc::outbox not seen: {siblings:?}"
     );
+    assert!(
+        siblings
+            .get("store::redis::pipeline")
+            .is_some_and(|t| t.contains("store::redis::routing")),
+        "store::redis::pipeline → store::redis::routing not seen: {siblings:?}"
+    );
     if let Some(found) = cycle(&siblings) {
         panic!("sibling modules import each other: {}", found.join(" → "));
     }
+}
+
+/// The most lines a source file may have before its tests.
+const MAX_FILE_LINES: usize = 600;
+
+#[test]
+fn no_source_file_is_longer_than_a_room_should_be() {
+    let mut long = Vec::new();
+    for (_, path) in modules() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines = text
+            .lines()
+            .take_while(|line| !line.starts_with("#[cfg(test)]"))
+            .count();
+        if lines > MAX_FILE_LINES {
+            long.push(format!("{} ({lines} lines)", path.display()));
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "over {MAX_FILE_LINES} lines before their tests: split them by responsibility: {long:?}"
+    );
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! The near cache (DESIGN §1.2 `cache.local_max_bytes`, Guarantee 9): hits from the daemon's
+//! The near cache (`cache.local_max_bytes`, Guarantee 9 in docs/reference.md): hits from the daemon's
 //! memory, kept exact by Redis's invalidations. A change made in Redis directly, by out-of-band
 //! SQL, by a FLUSHALL, or lost with a Redis restart never leaves an older answer behind for longer
 //! than the invalidation's delivery.

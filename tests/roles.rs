@@ -1,4 +1,4 @@
-//! Least privilege (DESIGN 1.4, Roles; guarantee 8): programs that write `users` need no right on
+//! Least privilege (docs/reference.md, "Database schema"; Guarantee 8): programs that write `users` need no right on
 //! cacheward's objects and cannot forge its change stream; `serve` and `verify` run as a role with
 //! only the grants of `sql/roles.sql`; outbox rows that the capture trigger cannot have written
 //! (forged by a role that may insert there) never stop the stream or fence the cache off.
@@ -16,7 +16,7 @@ const ROLES: &str = include_str!("../sql/roles.sql");
 /// A client of the test database logged in as `role`.
 async fn connect_as(env: &TestEnv, role: &str) -> tokio_postgres::Client {
     let url = env.db_url.replacen("postgres@", &format!("{role}@"), 1);
-    cacheward::store::db::connect(&url.parse().expect("url"))
+    cacheward::store::pg::connect(&url.parse().expect("url"))
         .await
         .expect("connect")
 }
@@ -24,7 +24,7 @@ async fn connect_as(env: &TestEnv, role: &str) -> tokio_postgres::Client {
 async fn live(env: &TestEnv, name: &str) -> bool {
     env.cached(name)
         .await
-        .is_some_and(|v| cacheward::store::cache::is_live(&v))
+        .is_some_and(|v| cacheward::model::entry::is_live(&v))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

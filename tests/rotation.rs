@@ -189,7 +189,7 @@ async fn the_documented_redis_acl_is_all_the_daemon_needs() {
     )
     .await;
     client.call("put", json!({"username": "a4"})).await;
-    let report = cacheward::verify::verify(&config)
+    let report = cacheward::cli::verify::verify(&config)
         .await
         .expect("verify under the ACL");
     assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);

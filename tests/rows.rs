@@ -190,7 +190,7 @@ async fn get_raw(c: &mut Rpc, name: &str) -> GetAnswer {
 }
 
 /// PostgreSQL's own judgement of a user JSON against the row: equal as `jsonb` once the timestamp
-/// columns are set aside, and every finite timestamp in DESIGN's form for the same instant.
+/// columns are set aside, and every finite timestamp in the reference's form for the same instant.
 async fn row_agrees(
     pg: &tokio_postgres::Client,
     name: &str,

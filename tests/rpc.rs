@@ -1,4 +1,4 @@
-//! The wire protocol of DESIGN 1.3 against the real daemon: every method, every error code,
+//! The wire protocol of docs/reference.md against the real daemon: every method, every error code,
 //! pipelining, notifications, hostile input and the socket's limits.
 
 mod common;

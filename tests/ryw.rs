@@ -1,4 +1,4 @@
-//! Read-your-writes across daemons (DESIGN §1.3): a client that wrote through one daemon reads its
+//! Read-your-writes across daemons (docs/reference.md, "Read-your-writes"): a client that wrote through one daemon reads its
 //! write through any other by passing the answered version as `min_version`, with no sleep, even
 //! while the cache lags the database.
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use cacheward::config::{RedisMode, SecretUrl};
 use cacheward::dev::sentinel::{RedisSentinels, MASTER};
-use cacheward::store::cache::is_live;
+use cacheward::model::entry::is_live;
 use common::*;
 use serde_json::{json, Value};
 

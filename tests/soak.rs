@@ -260,7 +260,7 @@ async fn sql_writer(db_url: String, mut rng: Rng, stop: CancellationToken) {
     let mut client: Option<tokio_postgres::Client> = None;
     while !stop.is_cancelled() {
         let Some(c) = client.as_ref().filter(|c| !c.is_closed()) else {
-            client = cacheward::store::db::connect(&pg).await.ok();
+            client = cacheward::store::pg::connect(&pg).await.ok();
             if client.is_none() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -297,7 +297,7 @@ async fn sql_writer(db_url: String, mut rng: Rng, stop: CancellationToken) {
                 let db_url = db_url.clone();
                 tokio::spawn(async move {
                     let pg: tokio_postgres::Config = db_url.parse().expect("url");
-                    let Ok(c) = cacheward::store::db::connect(&pg).await else {
+                    let Ok(c) = cacheward::store::pg::connect(&pg).await else {
                         return;
                     };
                     let _ = c
@@ -468,7 +468,7 @@ async fn history(env: &TestEnv) -> HashMap<String, Vec<State>> {
 }
 
 /// How stale an answer may be: out-of-band changes reach Redis through the CDC worker, so a cached
-/// entry may show a state superseded this shortly before the request. DESIGN guarantee 1 says 1 s
+/// entry may show a state superseded this shortly before the request. Guarantee 1 (docs/reference.md) says 1 s
 /// once writes stop; in the storm, with two debug-build daemons, writers and faults on two cores,
 /// the CDC worker is given twice that (measured: answers up to 1.35 s old right after faults).
 /// Also covers a commit becoming visible a moment after its timestamp is taken.
@@ -480,7 +480,7 @@ async fn caught_up(env: &TestEnv, n: u64) {
     let name = format!("probe{n}");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
-        if let Ok(pg) = cacheward::store::db::connect(&env.db_url.parse().expect("url")).await {
+        if let Ok(pg) = cacheward::store::pg::connect(&env.db_url.parse().expect("url")).await {
             // Again each time: a TRUNCATE may have taken it.
             let _ = pg
                 .execute(
@@ -492,7 +492,7 @@ async fn caught_up(env: &TestEnv, n: u64) {
         if env
             .cached(&name)
             .await
-            .is_some_and(|v| cacheward::store::cache::is_live(&v))
+            .is_some_and(|v| cacheward::model::entry::is_live(&v))
         {
             return;
         }
@@ -691,7 +691,7 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
                 let calm = calm_names();
                 let keys: Vec<String> = calm.iter().map(|n| format!("user:{n}")).collect();
                 if let Ok(pg) =
-                    cacheward::store::db::connect(&env.db_url.parse().expect("url")).await
+                    cacheward::store::pg::connect(&env.db_url.parse().expect("url")).await
                 {
                     let mut conn = env.redis().await;
                     for _ in 0..4 {
@@ -718,7 +718,7 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
                 // calm users are cached when the snapshot is taken and deleted before the restart:
                 // their tombstones are lost, and past the staleness bound they are read again.
                 let calm = calm_names();
-                let pg = cacheward::store::db::connect(&env.db_url.parse().expect("url"))
+                let pg = cacheward::store::pg::connect(&env.db_url.parse().expect("url"))
                     .await
                     .ok();
                 if let Some(pg) = &pg {

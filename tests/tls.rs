@@ -10,8 +10,8 @@ use serde_json::json;
 use cacheward::config::SecretUrl;
 use cacheward::dev::{PostgresOptions, RedisOptions};
 use cacheward::service::Hooks;
-use cacheward::store::cache::Cache;
-use cacheward::store::connect;
+use cacheward::store::pg::connect;
+use cacheward::store::redis::Cache;
 use common::certs::TestCa;
 use common::{wait_until, DaemonProcess, Rpc, TestEnv};
 
@@ -90,7 +90,7 @@ async fn verify_full_reaches_postgres_for_every_connection_the_daemon_opens() {
         || async {
             env.cached("tls2")
                 .await
-                .is_some_and(|v| cacheward::store::cache::is_live(&v))
+                .is_some_and(|v| cacheward::model::entry::is_live(&v))
         },
     )
     .await;

@@ -1,3 +1,3 @@
-//! One request line, any bytes: see `cacheward::fuzzing::request`.
+//! One request line, any bytes: see `cacheward::rpc::fuzzing::request`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| cacheward::fuzzing::request(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| cacheward::rpc::fuzzing::request(data));

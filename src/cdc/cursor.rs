@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::db::DbError;
+use crate::store::pg::DbError;
 
 /// A transaction that was running when a batch read its snapshot: its outbox rows with ids in
 /// `(after, upto]` are still to be applied once it has finished.

@@ -17,9 +17,10 @@ use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::store::cache::{Cache, CacheError};
-use crate::store::connect;
-use crate::store::db::DbError;
+use crate::store::pg::connect;
+use crate::store::pg::DbError;
+use crate::store::redis::{Cache, CacheError};
+use crate::support::time::within;
 
 pub mod apply;
 pub mod cursor;
@@ -286,14 +287,13 @@ impl Applier {
         what: &str,
         call: impl std::future::Future<Output = Result<T, CdcError>>,
     ) -> Result<T, CdcError> {
-        match tokio::time::timeout(self.query_bound, call).await {
-            Ok(result) => result,
-            Err(_) => Err(DbError::Timeout(format!(
-                "cdc {what} took longer than {:?}: the connection is given up",
-                self.query_bound
+        within(self.query_bound, call, |bound| {
+            DbError::Timeout(format!(
+                "cdc {what} took longer than {bound:?}: the connection is given up"
             ))
-            .into()),
-        }
+            .into()
+        })
+        .await
     }
 
     /// Only one worker per consumer applies changes: the holder of its lease (see [`lease`]); the

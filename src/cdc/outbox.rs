@@ -10,8 +10,8 @@ use tokio_postgres::{Client, Statement};
 
 use super::cursor::{in_flight, parse_xid, Cursor, Pending, Snapshot};
 use super::CdcError;
-use crate::store::db;
-use crate::user::User;
+use crate::model::user::User;
+use crate::store::pg as db;
 
 /// One outbox row as the applier reads it.
 #[derive(Debug, Clone)]

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use super::outbox::Batch;
 use crate::config::CdcMode;
-use crate::store::cache::Write;
-use crate::user::User;
+use crate::model::entry::Write;
+use crate::model::user::User;
 
 /// What a batch decided to do to Redis.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::install::{self, Tool};
-use super::{await_ready, command, failed, free_port, io_err, on_path, signal, DevError};
+use super::process::{await_ready, command, failed, free_port, io_err, on_path, signal, DevError};
 
 /// Nodes in the cluster: three primaries and their replicas.
 pub const NODES: usize = 6;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
-use super::{failed, on_path, pg_binary, DevError};
+use super::process::{failed, on_path, pg_binary, DevError};
 
 /// The script, as committed.
 const INSTALL_DEPS: &str = include_str!("../../scripts/install-deps");

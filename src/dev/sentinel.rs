@@ -9,7 +9,7 @@ use tempfile::TempDir;
 
 use super::cluster::{ask, cut_replication, poll_until, redis_node};
 use super::install::{self, Tool};
-use super::{await_ready, command, failed, free_port, io_err, on_path, DevError};
+use super::process::{await_ready, command, failed, free_port, io_err, on_path, DevError};
 
 /// The name the sentinels know the primary by.
 pub const MASTER: &str = "cacheward";

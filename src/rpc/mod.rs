@@ -4,6 +4,7 @@
 
 pub mod dispatch;
 pub mod framing;
+pub mod fuzzing;
 pub mod peers;
 pub mod protocol;
 pub mod server;

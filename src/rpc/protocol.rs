@@ -1,4 +1,4 @@
-//! JSON-RPC 2.0 as DESIGN 1.3 fixes it: request parsing, username validation, error codes and
+//! JSON-RPC 2.0 as docs/reference.md fixes it: request parsing, username validation, error codes and
 //! response encoding. No I/O here.
 
 use serde::{Deserialize, Serialize};
@@ -78,7 +78,7 @@ impl RpcError {
 pub enum Call {
     Get {
         username: String,
-        /// Read-your-writes: the answer must reflect a state at least this new (DESIGN §1.3).
+        /// Read-your-writes: the answer must reflect a state at least this new (docs/reference.md, "Read-your-writes").
         min_version: Option<i64>,
     },
     Put {
@@ -225,7 +225,7 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     }
 }
 
-/// The request the hot path sees: `get` with exactly the members DESIGN requires.
+/// The request the hot path sees: `get` with exactly the members the protocol requires.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PlainGet<'a> {
@@ -448,7 +448,7 @@ fn take_version(params: &mut Map<String, Value>, name: &str) -> Result<Option<i6
     }
 }
 
-/// Checks DESIGN's username rule: 1–64 Unicode scalar values, no control characters, no whitespace
+/// Checks the protocol's username rule: 1–64 Unicode scalar values, no control characters, no whitespace
 /// at either end. Returns the reason as a phrase that follows the parameter's name.
 pub fn validate_username(name: &str) -> Result<(), String> {
     let count = name.chars().count();

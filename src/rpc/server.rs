@@ -221,7 +221,7 @@ pub async fn serve(
     drop(socket);
     connections.close();
     let open = connections.len();
-    crate::systemd::stopping(&format!("stopping: draining {open} connections"));
+    crate::support::systemd::stopping(&format!("stopping: draining {open} connections"));
     tracing::info!(
         connections = open,
         "stopped accepting; draining connections"

@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Backend, Service};
 use crate::config::ConsistencyConfig;
-use crate::store::cache::{live_version, Live, Stored};
+use crate::model::entry::{live_version, same_json, Live};
+use crate::store::redis::Stored;
 
 /// Looks at a suspect this many times before letting it go as a row that keeps changing.
 const MAX_LOOKS: u32 = 5;
@@ -89,7 +90,7 @@ impl Look {
         !self
             .row
             .as_ref()
-            .is_some_and(|(_, json)| crate::verify::same_json(json, &self.cached.json))
+            .is_some_and(|(_, json)| same_json(json, &self.cached.json))
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::{ServiceError, Source};
-use crate::workqueue::WorkQueue;
+use crate::support::workqueue::WorkQueue;
 
 /// What a load found: the user's JSON and where it came from, or no such user.
 pub type Loaded = Result<Option<(String, Source)>, ServiceError>;

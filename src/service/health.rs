@@ -27,7 +27,7 @@ pub struct Health {
     redis_up: AtomicBool,
     postgres_seen: AtomicBool,
     redis_seen: AtomicBool,
-    /// Latched once both backends were reached while the socket listens (DESIGN: stays true while
+    /// Latched once both backends were reached while the socket listens (docs/reference.md: stays true while
     /// degraded).
     ready: AtomicBool,
 }
@@ -72,7 +72,7 @@ impl Health {
             .filter(|b| !self.is_up(*b))
             .map(Backend::name)
             .collect();
-        crate::systemd::status(&match down.is_empty() {
+        crate::support::systemd::status(&match down.is_empty() {
             true => "serving".to_owned(),
             false => format!("degraded: {} down", down.join(" and ")),
         });

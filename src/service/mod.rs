@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cdc::stats::CdcStats;
-use crate::store::cache::{Cache, CacheError, Write};
-use crate::store::db::{Db, DbError};
+use crate::model::entry::Write;
+use crate::store::pg::{Db, DbError};
+use crate::store::redis::{Cache, CacheError};
 
 pub mod consistency;
 pub mod flights;

@@ -8,7 +8,7 @@
 //! each names this rule where it is enforced:
 //! 1. the fill is queued on the request-path Redis queue *before* the waiters are answered
 //!    ([`Service::load_batch`]), so it needs no awaiting;
-//! 2. that queue runs one pipeline at a time, in queue order ([`WorkQueue::serial`](crate::workqueue::WorkQueue::serial),
+//! 2. that queue runs one pipeline at a time, in queue order ([`WorkQueue::serial`](crate::support::workqueue::WorkQueue::serial),
 //!    used by `Cache`), so a read queued after the fill reaches Redis after it;
 //! 3. a flight leaves the flight map before its waiters wake ([`Claimed::finish`]), so a get that
 //!    arrives after an answer never joins the finished flight and reads Redis instead.
@@ -25,9 +25,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::flights::Claimed;
 use super::health::Backend;
 use super::{db_result, Service, ServiceError, Source};
-use crate::store::cache::{CacheError, Outcome, Write};
-use crate::store::db::{DbError, Found};
-use crate::user::User;
+use crate::model::entry::Write;
+use crate::model::user::User;
+use crate::store::pg::{DbError, Found};
+use crate::store::redis::{CacheError, Outcome};
 
 /// Cold names read per database query.
 const LOAD_BATCH: usize = 256;

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use super::{db_result, Service, ServiceError};
-use crate::store::cache::Write;
-use crate::store::topology::Primary;
+use crate::model::entry::Write;
+use crate::store::redis::Primary;
 
 /// Names queued for repair before the queue gives up on names and clears the whole cache instead.
 pub const REPAIR_CAPACITY: usize = 100_000;

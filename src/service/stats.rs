@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::cdc::stats::{CdcHealth, CdcReport};
 use crate::service::consistency::ConsistencyReport;
-use crate::store::cache::Outcome;
-use crate::store::near::NearReport;
+use crate::store::redis::near::NearReport;
+use crate::store::redis::Outcome;
 
 /// Counters behind `stats` and the periodic stats log line.
 #[derive(Debug, Default)]
@@ -43,7 +43,7 @@ impl Stats {
     }
 }
 
-/// `stats` as sent to clients (DESIGN 1.3).
+/// `stats` as sent to clients (docs/reference.md).
 #[derive(Debug, Serialize)]
 pub struct StatsReport {
     pub uptime_secs: u64,
@@ -65,7 +65,7 @@ pub struct StatsReport {
     pub cdc: CdcReport,
 }
 
-/// `health` as sent to clients (DESIGN 1.3).
+/// `health` as sent to clients (docs/reference.md).
 #[derive(Debug, Serialize)]
 pub struct HealthReport {
     pub ready: bool,

@@ -1,10 +1,6 @@
-//! The two backends behind one door each: [`db`] (PostgreSQL: the pool and every named query,
-//! reached as [`connect`] says) and [`cache`] (Redis: reads of live entries, and the one
-//! versioned-write script with its fence).
+//! The two backends behind one door each: [`pg`] (PostgreSQL: the pool and every named query,
+//! reached as [`pg::connect`] says) and [`redis`] (the cache: reads of live entries, and the one
+//! versioned-write script with its fence, behind [`redis::Cache`]).
 
-pub mod cache;
-pub mod connect;
-pub mod db;
-pub mod db_error;
-pub mod near;
-pub mod topology;
+pub mod pg;
+pub mod redis;

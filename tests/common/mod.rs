@@ -16,11 +16,11 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use cacheward::config::{Config, SecretUrl};
-use cacheward::daemon;
 use cacheward::dev::{Postgres, PostgresOptions, Redis, RedisOptions};
 use cacheward::rpc::server;
+use cacheward::runtime::daemon;
 use cacheward::service::hooks::{FillHook, Hooks};
-use cacheward::store::db;
+use cacheward::store::pg;
 
 pub mod certs;
 
@@ -66,7 +66,7 @@ impl TestEnv {
             dir: tempfile::tempdir().expect("temp dir"),
         };
         let mut client = env.pg().await;
-        db::migrate(&mut client).await.expect("migrate");
+        pg::migrate(&mut client).await.expect("migrate");
         client
             .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             .await
@@ -86,7 +86,7 @@ impl TestEnv {
 
     pub async fn pg(&self) -> tokio_postgres::Client {
         let pg: tokio_postgres::Config = self.db_url.parse().expect("url");
-        db::connect(&pg).await.expect("connect to postgres")
+        pg::connect(&pg).await.expect("connect to postgres")
     }
 
     /// Takes `ACCESS EXCLUSIVE` on `users` in an open transaction: every statement on the table,
@@ -122,7 +122,7 @@ impl TestEnv {
     pub async fn row_json(&self, username: &str) -> Option<Value> {
         let query = format!(
             "SELECT {} FROM users u WHERE u.username = $1",
-            cacheward::user::USER_SELECT
+            cacheward::model::user::USER_SELECT
         );
         let rows = self
             .pg()
@@ -131,7 +131,7 @@ impl TestEnv {
             .await
             .expect("select");
         rows.first().map(|r| {
-            let user = cacheward::user::User::from_row(r).expect("a users row");
+            let user = cacheward::model::user::User::from_row(r).expect("a users row");
             serde_json::from_str(&user.json).expect("json")
         })
     }
@@ -452,7 +452,7 @@ impl TestEnv {
             let cached = self
                 .cached(name)
                 .await
-                .filter(|v| cacheward::store::cache::is_live(v));
+                .filter(|v| cacheward::model::entry::is_live(v));
             let cached: Option<Value> =
                 cached.map(|v| serde_json::from_str(&v).expect("live JSON"));
             match (cached, self.row_json(name).await) {

@@ -1,4 +1,4 @@
-//! systemd integration through `sd_notify`: `READY=1` once the daemon is ready (DESIGN's
+//! systemd integration through `sd_notify`: `READY=1` once the daemon is ready (the reference's
 //! readiness), `STATUS=` one-line summaries, `STOPPING=1` when shutdown begins, and `WATCHDOG=1`
 //! at half of `WatchdogSec` while the daemon's own loops are alive. Without `NOTIFY_SOCKET` (not
 //! under systemd) every call does nothing.

@@ -3,7 +3,7 @@
 
 use tokio_postgres::error::SqlState;
 
-use crate::user::RowError;
+use crate::model::user::RowError;
 
 /// Why a database call failed, classified once here for every caller.
 #[derive(Debug, Clone, thiserror::Error)]

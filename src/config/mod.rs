@@ -1,65 +1,36 @@
 //! Settings: built-in defaults, a TOML file, `CACHEWARD__SECTION__KEY`, `DATABASE_URL`/`REDIS_URL` and
-//! command-line flags, layered in that order (DESIGN 1.2), then validated key by key.
+//! command-line flags, layered in that order (`docs/reference.md`, "Configuration"), then validated
+//! section by section: one file per section, each validating itself.
 
 use std::collections::HashMap;
-use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod cache;
+mod cdc;
+mod consistency;
+mod error;
+mod log;
+mod postgres;
+mod redis;
+mod secret_url;
+mod socket;
+
+pub use self::cache::CacheConfig;
+pub use self::cdc::{CdcConfig, CdcMode};
+pub use self::consistency::ConsistencyConfig;
+use self::error::invalid;
+pub use self::error::ConfigError;
+pub use self::log::{LogConfig, LogFormat, MetricsConfig};
+pub use self::postgres::PostgresConfig;
+pub use self::redis::{RedisConfig, RedisMode};
+pub use self::secret_url::{redact_url, SecretUrl};
+pub use self::socket::{SocketConfig, SocketMode};
+
 /// Where a config file is looked for when `--config` is not given; the first that exists wins.
 pub const DEFAULT_FILES: [&str; 2] = ["config/cacheward.toml", "/etc/cacheward/cacheward.toml"];
-
-/// Why the configuration could not be loaded. Every variant names the key or file at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// `--config FILE` named a file that does not exist.
-    #[error("config file {0} does not exist")]
-    FileNotFound(PathBuf),
-    /// A file could not be read or parsed, or a value has the wrong type (config-rs names the key).
-    /// Never echoes the file's text: a line that fails to parse may hold a password.
-    #[error("{}", load_error(.0))]
-    Load(#[from] config::ConfigError),
-    /// A key that cacheward does not know: almost always a typo.
-    #[error("unknown configuration key `{key}` (from {origin})")]
-    UnknownKey { key: String, origin: String },
-    /// A key whose value is out of range or malformed.
-    #[error("invalid value for `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
-}
-
-/// What a config-rs error may say: where a file failed to parse, never the text there; anything
-/// else with connection-string passwords redacted.
-fn load_error(e: &config::ConfigError) -> String {
-    match e {
-        config::ConfigError::FileParse { uri, cause } => {
-            let cause = cause.to_string();
-            // The TOML error's first line says where ("TOML parse error at line 3, column 8"), its
-            // last says what; the lines between quote the file.
-            let mut lines = cause.lines().map(str::trim).filter(|l| !l.is_empty());
-            let at = lines.next().unwrap_or("parse error");
-            let what = lines
-                .next_back()
-                .filter(|l| !l.contains('|') && !l.starts_with(|c: char| c.is_ascii_digit()))
-                .map(|l| format!(": {}", crate::secrets::redact_text(l)))
-                .unwrap_or_default();
-            format!(
-                "cannot parse {}: {at}{what}",
-                uri.as_deref().unwrap_or("the configuration file")
-            )
-        }
-        other => crate::secrets::scrub(&other.to_string()).into_owned(),
-    }
-}
-
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        reason: reason.into(),
-    }
-}
 
 /// The whole configuration, one struct per section. Passed around as `Arc<Config>`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -75,47 +46,6 @@ pub struct Config {
     pub consistency: ConsistencyConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SocketConfig {
-    pub path: PathBuf,
-    pub mode: SocketMode,
-    pub max_connections: usize,
-    pub max_request_bytes: usize,
-    pub max_inflight: usize,
-    /// Request bytes read but not answered, plus answer bytes not written, per connection: past
-    /// it the daemon stops reading that connection.
-    pub max_inflight_bytes: usize,
-    pub idle_timeout_secs: u64,
-    /// A connection whose answers cannot be written for this long is closed.
-    pub write_timeout_secs: u64,
-    /// Peers (SO_PEERCRED) allowed to connect; both empty: anyone the file mode lets in.
-    pub allow_uids: Vec<u32>,
-    pub allow_gids: Vec<u32>,
-    /// Peers that may only read (`get`, `stats`, `health`).
-    pub readonly_uids: Vec<u32>,
-    pub readonly_gids: Vec<u32>,
-}
-
-impl Default for SocketConfig {
-    fn default() -> Self {
-        SocketConfig {
-            path: PathBuf::from("/run/cacheward/cacheward.sock"),
-            mode: SocketMode(0o660),
-            max_connections: 1024,
-            max_request_bytes: 65536,
-            max_inflight: 128,
-            max_inflight_bytes: 1 << 20,
-            idle_timeout_secs: 300,
-            write_timeout_secs: 10,
-            allow_uids: Vec::new(),
-            allow_gids: Vec::new(),
-            readonly_uids: Vec::new(),
-            readonly_gids: Vec::new(),
-        }
-    }
-}
-
 /// Lists that the environment gives as comma-separated text (`CACHEWARD__SOCKET__ALLOW_UIDS=0,1000`,
 /// `CACHEWARD__REDIS__URLS=redis://a:7001,redis://b:7002`).
 const LIST_KEYS: [&str; 5] = [
@@ -125,274 +55,6 @@ const LIST_KEYS: [&str; 5] = [
     "socket.readonly_uids",
     "socket.readonly_gids",
 ];
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PostgresConfig {
-    pub url: Option<SecretUrl>,
-    pub pool_size: usize,
-    pub statement_timeout_ms: u64,
-    /// The password, in a file read afresh for every new connection (rotation needs no restart).
-    pub password_file: Option<PathBuf>,
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        PostgresConfig {
-            url: None,
-            pool_size: 16,
-            statement_timeout_ms: 2000,
-            password_file: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RedisConfig {
-    pub url: Option<SecretUrl>,
-    pub mode: RedisMode,
-    /// More nodes: cluster seeds, or the sentinels.
-    pub urls: Vec<SecretUrl>,
-    pub sentinel_master: Option<String>,
-    pub timeout_ms: u64,
-    /// Roots for a `rediss://` server's certificate (PEM) [the system's].
-    pub tls_ca_file: Option<PathBuf>,
-    /// A client certificate (PEM) and its key, for a server that asks for one (mTLS).
-    pub tls_cert_file: Option<PathBuf>,
-    pub tls_key_file: Option<PathBuf>,
-    /// The password, in a file read afresh for every new connection (rotation needs no restart).
-    pub password_file: Option<PathBuf>,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        RedisConfig {
-            url: None,
-            mode: RedisMode::Standalone,
-            urls: Vec::new(),
-            sentinel_master: None,
-            timeout_ms: 100,
-            tls_ca_file: None,
-            tls_cert_file: None,
-            tls_key_file: None,
-            password_file: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CacheConfig {
-    pub key_prefix: String,
-    pub ttl_secs: u64,
-    /// The near cache's bound in bytes; 0: off (see `store::near`).
-    pub local_max_bytes: u64,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig {
-            key_prefix: "user:".into(),
-            ttl_secs: 3600,
-            local_max_bytes: 64 * 1024 * 1024,
-        }
-    }
-}
-
-/// How Redis is deployed (DESIGN 1.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RedisMode {
-    /// One server (or a managed endpoint that looks like one) at `redis.url`.
-    #[default]
-    Standalone,
-    /// Redis Cluster, seeded by `redis.url` and `redis.urls`.
-    Cluster,
-    /// Sentinel-managed replication: `redis.urls` are the sentinels, `redis.sentinel_master` the name.
-    Sentinel,
-}
-
-/// What the CDC worker does with a changed row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CdcMode {
-    /// Write every changed row to its key; remove keys of deleted or renamed-away names.
-    Refresh,
-    /// Only remove the keys of changed names.
-    Invalidate,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CdcConfig {
-    /// false: this daemon never runs the CDC worker (sidecar fleets where another daemon does).
-    pub enabled: bool,
-    /// The direct session the CDC worker uses (LISTEN, its lease, its cursor) when
-    /// `postgres.url` is a transaction-mode pooler [unset: `postgres.url`].
-    pub url: Option<SecretUrl>,
-    pub mode: CdcMode,
-    pub channel: String,
-    pub notify: bool,
-    pub batch_size: usize,
-    pub poll_interval_ms: u64,
-    pub retention_secs: u64,
-}
-
-impl Default for CdcConfig {
-    fn default() -> Self {
-        CdcConfig {
-            enabled: true,
-            url: None,
-            mode: CdcMode::Refresh,
-            channel: "cacheward_users".into(),
-            notify: true,
-            batch_size: 500,
-            poll_interval_ms: 1000,
-            retention_secs: 86400,
-        }
-    }
-}
-
-/// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    pub level: String,
-    pub stats_interval_secs: u64,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info".into(),
-            stats_interval_secs: 60,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    pub listen: Option<SocketAddr>,
-}
-
-/// The live consistency checker (`service::consistency`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ConsistencyConfig {
-    /// Cached entries compared with their rows per second; 0: off.
-    pub sample_per_sec: u64,
-    /// How long an entry may differ from its row before it is a mismatch: the changes in flight
-    /// (a write between its two steps, a CDC batch, an invalidation) settle well within it.
-    pub window_ms: u64,
-}
-
-impl Default for ConsistencyConfig {
-    fn default() -> Self {
-        ConsistencyConfig {
-            sample_per_sec: 10,
-            window_ms: 2000,
-        }
-    }
-}
-
-/// Unix permission bits of the socket file. Written as an octal string (`"0660"`) so that a TOML
-/// integer, which would be read as decimal, is refused instead of silently meaning something else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SocketMode(pub u32);
-
-impl Serialize for SocketMode {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{:04o}", self.0))
-    }
-}
-
-impl<'de> Deserialize<'de> for SocketMode {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = SocketMode;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an octal permission string such as \"0660\"")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SocketMode, E> {
-                parse_mode(v).map_err(E::custom)
-            }
-        }
-        // deserialize_any, not deserialize_str: config-rs would turn a TOML integer into a string.
-        d.deserialize_any(Visitor)
-    }
-}
-
-fn parse_mode(text: &str) -> Result<SocketMode, String> {
-    let digits = text.strip_prefix("0o").unwrap_or(text);
-    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
-    {
-        return Err(format!(
-            "\"{text}\" is not an octal permission string such as \"0660\""
-        ));
-    }
-    let mode = u32::from_str_radix(digits, 8).expect("checked to be octal digits");
-    if mode > 0o777 {
-        return Err(format!("\"{text}\" has bits beyond 0777"));
-    }
-    Ok(SocketMode(mode))
-}
-
-/// A connection URL that may carry a password. `Debug`, `Display` and `Serialize` show it with the
-/// password replaced by `***`; only [`SecretUrl::expose`] gives the real text.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct SecretUrl(String);
-
-impl SecretUrl {
-    pub fn new(url: impl Into<String>) -> Self {
-        SecretUrl(url.into())
-    }
-
-    /// The URL as configured, password included: for connecting, never for logging.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The URL with any password replaced by `***`.
-    pub fn redacted(&self) -> String {
-        redact_url(&self.0)
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "{:?}", self.redacted())
-    }
-}
-
-impl fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-impl Serialize for SecretUrl {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.redacted())
-    }
-}
-
-/// `url` with every password it holds replaced by `***` (see [`crate::secrets::redact_text`]).
-pub fn redact_url(url: &str) -> String {
-    crate::secrets::redact_text(url).into_owned()
-}
 
 /// What the command line adds on top of files and the environment.
 #[derive(Debug, Default, Clone)]
@@ -475,167 +137,26 @@ impl Config {
         check_known_keys(&layered, &origin)?;
         let config: Config = layered.try_deserialize()?;
         // Known before anything can fail on them, so that no log line or error shows them.
-        crate::secrets::register(
-            [&config.postgres.url, &config.redis.url, &config.cdc.url]
+        crate::support::secrets::register(
+            config
+                .secret_urls()
                 .into_iter()
-                .flatten()
-                .chain(&config.redis.urls)
-                .map(SecretUrl::expose),
+                .map(|(_, url)| url.expose()),
         );
         config.validate()?;
         Ok(config)
     }
 
-    /// Range and format checks that serde's types cannot express. Backend URLs are checked by
-    /// [`Config::require_backends`], since client commands do not need them.
+    /// Range and format checks that serde's types cannot express, section by section. Backend
+    /// URLs are checked by [`Config::require_backends`], since client commands do not need them.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let s = &self.socket;
-        if s.path.as_os_str().is_empty() {
-            return Err(invalid("socket.path", "must not be empty"));
-        }
-        // sockaddr_un holds 108 bytes including the terminating NUL.
-        if s.path.as_os_str().len() > 107 {
-            return Err(invalid(
-                "socket.path",
-                format!(
-                    "{} is longer than the 107 bytes a Unix socket path may have",
-                    s.path.display()
-                ),
-            ));
-        }
-        at_least("socket.max_connections", s.max_connections as u64, 1)?;
-        at_least("socket.max_request_bytes", s.max_request_bytes as u64, 64)?;
-        at_most(
-            "socket.max_request_bytes",
-            s.max_request_bytes as u64,
-            64 << 20,
-        )?;
-        at_least("socket.max_inflight", s.max_inflight as u64, 1)?;
-        // One request of the largest size must fit, or that connection could never be read.
-        at_least(
-            "socket.max_inflight_bytes",
-            s.max_inflight_bytes as u64,
-            s.max_request_bytes as u64,
-        )?;
-        at_least("socket.write_timeout_secs", s.write_timeout_secs, 1)?;
-        at_least("postgres.pool_size", self.postgres.pool_size as u64, 1)?;
-        at_least(
-            "postgres.statement_timeout_ms",
-            self.postgres.statement_timeout_ms,
-            1,
-        )?;
-        at_least("redis.timeout_ms", self.redis.timeout_ms, 1)?;
-        at_least("cache.ttl_secs", self.cache.ttl_secs, 1)?;
-        at_most(
-            "consistency.sample_per_sec",
-            self.consistency.sample_per_sec,
-            100_000,
-        )?;
-        at_least("consistency.window_ms", self.consistency.window_ms, 100)?;
-        if self.cache.key_prefix.is_empty() {
-            // Every key in the logical database would be a user's: a TRUNCATE would drop them all.
-            return Err(invalid(
-                "cache.key_prefix",
-                "must not be empty: cacheward's keys must not share a namespace with others",
-            ));
-        }
-        if self.cache.key_prefix.chars().any(char::is_control) {
-            return Err(invalid(
-                "cache.key_prefix",
-                "must not contain control characters",
-            ));
-        }
-        let channel = &self.cdc.channel;
-        if channel.is_empty()
-            || channel.len() > 63
-            || !channel
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            || channel.as_bytes()[0].is_ascii_digit()
-        {
-            return Err(invalid(
-                "cdc.channel",
-                format!("\"{channel}\" must be 1-63 characters of a-z, 0-9 and _, not starting with a digit"),
-            ));
-        }
-        at_least("cdc.batch_size", self.cdc.batch_size as u64, 1)?;
-        at_least("cdc.poll_interval_ms", self.cdc.poll_interval_ms, 1)?;
-        at_least("cdc.retention_secs", self.cdc.retention_secs, 1)?;
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
-            return Err(invalid("log.level", format!("\"{}\": {e}", self.log.level)));
-        }
-        for (key, url) in [
-            ("postgres.url", &self.postgres.url),
-            ("cdc.url", &self.cdc.url),
-        ] {
-            let Some(url) = url else { continue };
-            let bad = |e: &dyn fmt::Display| invalid(key, format!("{}: {e}", url.redacted()));
-            let (rest, _) = crate::tls::PgTls::split(url.expose()).map_err(|e| bad(&e))?;
-            rest.parse::<tokio_postgres::Config>()
-                .map_err(|e| bad(&e))?;
-        }
-        if let Some(url) = &self.redis.url {
-            redis::Client::open(url.expose())
-                .map_err(|e| invalid("redis.url", format!("{}: {e}", url.redacted())))?;
-        }
-        for (key, file) in [
-            ("postgres.password_file", &self.postgres.password_file),
-            ("redis.password_file", &self.redis.password_file),
-        ] {
-            if let Some(path) = file {
-                crate::secrets::read_password_file(path).map_err(|e| invalid(key, e))?;
-            }
-        }
-        let r = &self.redis;
-        for url in &r.urls {
-            redis::Client::open(url.expose())
-                .map_err(|e| invalid("redis.urls", format!("{}: {e}", url.redacted())))?;
-        }
-        if let Some(name) = &r.sentinel_master {
-            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(invalid(
-                    "redis.sentinel_master",
-                    format!("{name:?} is not a master name (one word, as in sentinel.conf's `sentinel monitor NAME`)"),
-                ));
-            }
-        }
-        match r.mode {
-            RedisMode::Standalone if !r.urls.is_empty() || r.sentinel_master.is_some() => {
-                return Err(invalid(
-                    "redis.urls",
-                    "(and redis.sentinel_master) belong to redis.mode = cluster or sentinel; standalone takes redis.url alone",
-                ));
-            }
-            RedisMode::Cluster if r.sentinel_master.is_some() => {
-                return Err(invalid(
-                    "redis.sentinel_master",
-                    "belongs to redis.mode = sentinel; cluster takes seed nodes in redis.url and redis.urls",
-                ));
-            }
-            RedisMode::Sentinel if r.urls.is_empty() || r.sentinel_master.is_none() => {
-                return Err(invalid(
-                    "redis.urls",
-                    "must name the sentinels, and redis.sentinel_master the master, for redis.mode = sentinel",
-                ));
-            }
-            _ => {}
-        }
-        if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
-            return Err(invalid(
-                "redis.tls_cert_file",
-                "and redis.tls_key_file go together: set both or neither",
-            ));
-        }
-        let tls_url = r
-            .url
-            .as_ref()
-            .is_none_or(|u| u.expose().starts_with("rediss://"));
-        if (r.tls_ca_file.is_some() || r.tls_cert_file.is_some()) && !tls_url {
-            return Err(invalid(
-                "redis.tls_ca_file",
-                "(or tls_cert_file) is set, but redis.url is not rediss://: TLS would not be used",
-            ));
-        }
+        self.socket.validate()?;
+        self.postgres.validate()?;
+        self.redis.validate()?;
+        self.cache.validate()?;
+        self.cdc.validate()?;
+        self.log.validate()?;
+        self.consistency.validate()?;
         Ok(())
     }
 
@@ -719,15 +240,33 @@ impl Config {
             }
         }
         // URLs serialize redacted: a changed password alone shows only here.
-        for (key, differs) in [
-            ("postgres.url", self.postgres.url != other.postgres.url),
-            ("redis.url", self.redis.url != other.redis.url),
-        ] {
-            if differs && !changed.iter().any(|k| k == key) {
-                changed.push(key.to_owned());
+        let (mine, theirs) = (self.secret_urls(), other.secret_urls());
+        for (key, _) in mine.iter().chain(&theirs) {
+            let of = |urls: &[(&str, &SecretUrl)]| -> Vec<String> {
+                let urls = urls.iter().filter(|(k, _)| k == key);
+                urls.map(|(_, url)| url.expose().to_owned()).collect()
+            };
+            if of(&mine) != of(&theirs) && !changed.iter().any(|k| k == key) {
+                changed.push((*key).to_owned());
             }
         }
         changed
+    }
+
+    /// Every configured value that may hold a secret, with its key: the one list of them. Each is
+    /// registered with the log scrubber before anything can fail on it, and compared in full by
+    /// [`Config::changed_keys`] (their serialized forms are redacted).
+    pub fn secret_urls(&self) -> Vec<(&'static str, &SecretUrl)> {
+        let single = [
+            ("postgres.url", &self.postgres.url),
+            ("cdc.url", &self.cdc.url),
+            ("redis.url", &self.redis.url),
+        ];
+        let single = single
+            .into_iter()
+            .filter_map(|(key, url)| Some((key, url.as_ref()?)));
+        let listed = self.redis.urls.iter().map(|url| ("redis.urls", url));
+        single.chain(listed).collect()
     }
 
     /// How many batches of cache misses may read PostgreSQL at once: a quarter of the pool, so
@@ -736,26 +275,6 @@ impl Config {
     pub fn miss_loaders(&self) -> usize {
         (self.postgres.pool_size / 4).max(1)
     }
-}
-
-fn at_least(key: &'static str, value: u64, min: u64) -> Result<(), ConfigError> {
-    if value < min {
-        return Err(invalid(
-            key,
-            format!("{value} is below the minimum of {min}"),
-        ));
-    }
-    Ok(())
-}
-
-fn at_most(key: &'static str, value: u64, max: u64) -> Result<(), ConfigError> {
-    if value > max {
-        return Err(invalid(
-            key,
-            format!("{value} is above the maximum of {max}"),
-        ));
-    }
-    Ok(())
 }
 
 /// Refuses any key that [`Config`] does not have. The known keys are read off the defaults, so this
@@ -839,6 +358,23 @@ mod tests {
             vec!["socket.mode", "log.level", "postgres.url"]
         );
         assert!(old.changed_keys(&old).is_empty());
+        // Every secret-bearing key, the CDC session's and the sentinels' or seeds' among them: a
+        // rotated password there is a change too, though their redacted forms are equal.
+        let cluster = |password: &str| {
+            let seeds = format!("redis://:{password}@a:7001,redis://:{password}@b:7002");
+            let cdc = format!("postgresql://u:{password}@h/db");
+            let env = [
+                ("DATABASE_URL", "postgresql://u:one@h/db"),
+                ("CACHEWARD__REDIS__MODE", "cluster"),
+                ("CACHEWARD__REDIS__URLS", seeds.as_str()),
+                ("CACHEWARD__CDC__URL", cdc.as_str()),
+            ];
+            load(&env, None).unwrap()
+        };
+        assert_eq!(
+            cluster("two").changed_keys(&cluster("one")),
+            vec!["cdc.url", "redis.urls"]
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The near cache: live entries held in the daemon's memory (`cache.local_max_bytes`), kept exact
-//! by Redis's own invalidations (RESP3 `CLIENT TRACKING`, DESIGN Guarantee 9).
+//! by Redis's own invalidations (RESP3 `CLIENT TRACKING`, Guarantee 9 in docs/reference.md).
 //!
 //! **An entry is only ever kept from a read that Redis tracks for this daemon, and only if nothing
 //! invalidated its name since the read was asked for.** Redis remembers which keys a tracking
@@ -31,6 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
+
+use crate::model::entry::satisfies;
 
 /// What an entry costs beyond its name and JSON: the index slot, the ring slot, the allocations.
 const ENTRY_OVERHEAD: usize = 96;
@@ -135,7 +137,7 @@ impl NearCache {
         let mut shard = self.shard(name);
         let &at = shard.index.get(name)?;
         let entry = shard.ring[at].as_mut().expect("indexed slots are full");
-        if min_version.is_some_and(|min| entry.version < min) {
+        if !satisfies(entry.version, min_version) {
             return None;
         }
         entry.visited = true;
@@ -242,6 +244,14 @@ impl NearCache {
         shard.remove(name);
         drop(shard);
         self.invalidations.fetch_add(1, Relaxed);
+    }
+
+    /// [`NearCache::invalidate`] for each of `names` (the daemon is about to write them, or
+    /// wrote them).
+    pub fn invalidate_many<'a>(&self, names: impl Iterator<Item = &'a str>) {
+        for name in names {
+            self.invalidate(name);
+        }
     }
 
     /// Drops every entry and refuses every read asked for before now.

@@ -9,7 +9,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::telemetry;
+use crate::runtime::telemetry;
 
 /// What SIGHUP re-reads, and what it can change without a restart: the log level and format.
 pub struct Reloader {

@@ -7,10 +7,14 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
-use super::connect::{pg_target, PgTarget, PoolConnect};
-pub use super::db_error::DbError;
+pub mod connect;
+pub mod error;
+
+use self::connect::{pg_target, PgTarget, PoolConnect};
+pub use self::error::DbError;
 use crate::config::Config;
-use crate::user::{RowError, User, USER_SELECT};
+use crate::model::user::{RowError, User, USER_SELECT};
+use crate::support::time::within;
 
 fn user_from_row(row: &Row) -> Result<User, DbError> {
     Ok(User::from_row(row)?)
@@ -169,13 +173,10 @@ impl Db {
         what: &str,
         f: impl std::future::Future<Output = Result<T, DbError>>,
     ) -> Result<T, DbError> {
-        match tokio::time::timeout(self.call_timeout, f).await {
-            Ok(result) => result,
-            Err(_) => Err(DbError::Timeout(format!(
-                "{what} took longer than {:?}",
-                self.call_timeout
-            ))),
-        }
+        within(self.call_timeout, f, |bound| {
+            DbError::Timeout(format!("{what} took longer than {bound:?}"))
+        })
+        .await
     }
 
     /// The rows named by `usernames` (in no particular order; absent names have none), in one
@@ -310,14 +311,18 @@ impl Db {
 
 /// The embedded migrations, applied in order, each once, each in its own transaction.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "users", include_str!("../../sql/0001_users.sql")),
-    (2, "cdc", include_str!("../../sql/0002_cdc.sql")),
+    (1, "users", include_str!("../../../sql/0001_users.sql")),
+    (2, "cdc", include_str!("../../../sql/0002_cdc.sql")),
     (
         3,
         "least privilege",
-        include_str!("../../sql/0003_least_privilege.sql"),
+        include_str!("../../../sql/0003_least_privilege.sql"),
     ),
-    (4, "cdc lease", include_str!("../../sql/0004_cdc_lease.sql")),
+    (
+        4,
+        "cdc lease",
+        include_str!("../../../sql/0004_cdc_lease.sql"),
+    ),
 ];
 
 /// Applies every migration not yet recorded in `cacheward_migrations`. Safe to run concurrently

@@ -347,9 +347,9 @@ fn split_url(url: &str) -> (String, Vec<(String, String)>) {
     let (mut kept, mut taken) = (Vec::new(), Vec::new());
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = crate::secrets::percent_decode(name);
+        let name = crate::support::secrets::percent_decode(name);
         match TLS_KEYS.contains(&name.as_str()) {
-            true => taken.push((name, crate::secrets::percent_decode(value))),
+            true => taken.push((name, crate::support::secrets::percent_decode(value))),
             false => kept.push(pair),
         }
     }

@@ -7,14 +7,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::{metrics, monitor};
 use crate::cdc::Applier;
 use crate::config::Config;
 use crate::rpc::server::{self, BoundSocket};
 use crate::service::{Hooks, Service};
-use crate::store::cache::Cache;
-use crate::store::db::Db;
-use crate::systemd::{self, Heartbeats};
-use crate::{metrics, monitor};
+use crate::store::pg::Db;
+use crate::store::redis::Cache;
+use crate::support::systemd::{self, Heartbeats};
 
 /// How long shutdown waits for open connections to finish their in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);

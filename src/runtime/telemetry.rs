@@ -26,7 +26,7 @@ fn rust_log() -> Option<String> {
 
 fn output(format: LogFormat) -> Output {
     let layer = tracing_subscriber::fmt::layer()
-        .with_writer(|| crate::secrets::ScrubbingStderr)
+        .with_writer(|| crate::support::secrets::ScrubbingStderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => layer.boxed(),

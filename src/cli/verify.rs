@@ -3,14 +3,13 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::config::Config;
-use crate::store::cache::{is_live, is_ours, Cache, Stored};
+use crate::model::entry::{is_live, is_ours, same_json};
+use crate::store::redis::{Cache, Stored};
 use tokio_postgres::types::Type;
 
-use crate::store::{connect, db};
-use crate::user::User;
+use crate::model::user::User;
+use crate::store::pg::{self as db, connect};
 
 /// A cached entry that does not match the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,29 +132,9 @@ pub fn printable(text: &str) -> String {
     out
 }
 
-/// Whether two JSON texts say the same (key order and spacing aside). A text serde_json cannot
-/// build a tree of (a number beyond f64) is compared as text.
-pub(crate) fn same_json(a: &str, b: &str) -> bool {
-    match (
-        serde_json::from_str::<Value>(a),
-        serde_json::from_str::<Value>(b),
-    ) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn json_is_compared_by_meaning_and_unparsable_numbers_by_text() {
-        assert!(same_json(r#"{"a":1,"b":2}"#, r#"{"b":2, "a":1}"#));
-        assert!(!same_json(r#"{"a":1}"#, r#"{"a":2}"#));
-        assert!(same_json(r#"{"n":1e400}"#, r#"{"n":1e400}"#));
-        assert!(!same_json(r#"{"n":1e400}"#, r#"{"n":2e400}"#));
-    }
 
     #[test]
     fn control_characters_are_escaped_for_the_terminal() {

@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::service::hooks::monitor_wedge;
 use crate::service::{Backend, Service};
-use crate::store::cache::{Cache, CacheError, NodeState};
-use crate::store::connect;
-use crate::store::topology::Primary;
-use crate::systemd::{self, Heartbeats};
+use crate::store::pg::connect;
+use crate::store::redis::Primary;
+use crate::store::redis::{Cache, CacheError, NodeState};
+use crate::support::systemd::{self, Heartbeats};
 
 /// How often the monitor checks both backends (and drains the repair queue).
 const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
@@ -146,7 +146,7 @@ type Topology = Vec<(String, Vec<(u16, u16)>)>;
 /// The slots served by another primary (or by none, or newly by one) in `now` than in `before`.
 fn changed_hands(before: &Topology, now: &Topology) -> Vec<u16> {
     fn owners(topology: &Topology) -> Vec<Option<&str>> {
-        let mut owner = vec![None; crate::store::topology::SLOTS];
+        let mut owner = vec![None; crate::store::redis::keys::SLOTS];
         for (id, ranges) in topology {
             for &(from, to) in ranges {
                 for slot in from as usize..=(to as usize).min(owner.len() - 1) {

@@ -1,4 +1,4 @@
-//! The `users` row and its JSON form (DESIGN 1.3 `USER`), the one value stored in Redis and sent to
+//! The `users` row and its JSON form (`USER` in docs/reference.md), the one value stored in Redis and sent to
 //! clients: every column of the row, whatever columns the table has and whatever legal value they
 //! hold.
 //!
@@ -6,7 +6,7 @@
 //! has a JSON form without Rust having to decode it: numbers beyond f64 stay exact digits, `NaN`
 //! and infinities are strings, arrays, ranges, `jsonb`, `bytea`, `inet`, `interval` are what
 //! PostgreSQL's JSON says they are. Only `timestamp` and `timestamptz` columns are rewritten, to RFC
-//! 3339 in UTC with six fractional digits and `Z`, as DESIGN fixes; a value RFC 3339 cannot hold
+//! 3339 in UTC with six fractional digits and `Z`, as docs/reference.md fixes; a value RFC 3339 cannot hold
 //! (`infinity`, `-infinity`, years before 1 or after 9999) keeps PostgreSQL's own text. The values
 //! are never parsed into a tree: the row's JSON is cut at its top-level keys and put together
 //! again, so no depth or number size can fail it.
@@ -41,12 +41,12 @@ pub struct RowError {
     pub reason: String,
 }
 
-/// RFC 3339 in UTC with six fractional digits and `Z`, as DESIGN fixes for every timestamp.
+/// RFC 3339 in UTC with six fractional digits and `Z`, as docs/reference.md fixes for every timestamp.
 pub fn format_timestamp(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-/// PostgreSQL's JSON text of a timestamp, in DESIGN's form where RFC 3339 can hold it; `None` keeps
+/// PostgreSQL's JSON text of a timestamp, in the reference's form where RFC 3339 can hold it; `None` keeps
 /// PostgreSQL's text (`infinity`, `-infinity`, BC and five-digit years).
 fn normalize_timestamp(text: &str, with_zone: bool) -> Option<String> {
     let t = match with_zone {

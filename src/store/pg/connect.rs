@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::db_error::DbError;
+use super::error::DbError;
 use crate::config::{Config, SecretUrl};
-use crate::tls::PgTls;
+use crate::support::tls::PgTls;
 
 /// TCP keepalives of every backend connection (PostgreSQL and Redis): first probe after this idle
 /// time, then every [`KEEPALIVE_INTERVAL`], given up after [`KEEPALIVE_RETRIES`] unanswered.
@@ -53,7 +53,7 @@ struct PasswordFile {
 impl PasswordFile {
     fn read(&self) -> String {
         let mut last = self.last.lock().expect("password lock is never poisoned");
-        match crate::secrets::read_password_file(&self.path) {
+        match crate::support::secrets::read_password_file(&self.path) {
             Ok(password) => *last = password,
             Err(e) => tracing::warn!(
                 error = %e,
@@ -221,7 +221,7 @@ fn target(config: &Config, url: &SecretUrl, key: &'static str) -> Result<PgTarge
     let password_file = match &config.postgres.password_file {
         None => None,
         Some(path) => {
-            let password = crate::secrets::read_password_file(path)
+            let password = crate::support::secrets::read_password_file(path)
                 .map_err(|e| DbError::Other(format!("postgres.password_file {e}")))?;
             Some(PasswordFile {
                 path: path.clone(),

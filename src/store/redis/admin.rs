@@ -1,0 +1,198 @@
+//! cacheward's own keys in Redis, for the health monitor and the repairs: the fence of every slot
+//! (established, raised), the epoch of every primary (what the monitor looks at), and the drop of
+//! every entry behind a raised fence.
+
+use super::error::{decode, CacheError};
+use super::keys::Primary;
+use super::routing::{Router, BULK_TIMEOUTS};
+use super::scripts;
+
+/// What the health monitor finds on one primary, in one round trip.
+#[derive(Debug)]
+pub struct NodeState {
+    /// Its `run_id` (`None` where `INFO` is not allowed).
+    pub run_id: Option<String>,
+    /// The `run_id` recorded at its epoch key (see `Cache::epoch_key`).
+    pub recorded: Option<String>,
+    /// Its fence (the one at its anchor slot): `None` when missing (it lost its data); an error
+    /// when the key holds a value that is not cacheward's.
+    pub fence: Result<Option<i64>, String>,
+    /// Another node answered (the anchor slot moved while the monitor looked): nothing of the
+    /// above is this primary's; the next look tells.
+    pub elsewhere: bool,
+}
+
+impl Router {
+    /// Raises the fences of the slots `within` selects to `fence`, then drops every live entry
+    /// of those slots (see `Cache::drop_all`). Fails, changing nothing, while Redis has no fence.
+    pub async fn drop_where(
+        &self,
+        fence: i64,
+        ttl_secs: u64,
+        within: impl Fn(u16) -> bool,
+    ) -> Result<u64, CacheError> {
+        for primary in self.primaries().await? {
+            let slots: Vec<u16> = primary.slots(&self.keys).filter(|&s| within(s)).collect();
+            for now in self
+                .fence_scripts(&primary, &slots, scripts::RAISE_FENCE, fence)
+                .await?
+            {
+                if now < 0 {
+                    return Err(CacheError::Unfenced);
+                }
+            }
+        }
+        let mut dropped = 0u64;
+        let mut scan = self.scan();
+        while let Some(names) = scan.next_page().await? {
+            let cmds = self
+                .by_slot(names.iter().map(String::as_str))
+                .into_iter()
+                .filter(|(slot, _)| within(*slot))
+                .map(|(slot, at)| {
+                    let keys = at.into_iter().map(|i| self.keys.user(&names[i]));
+                    (slot, vec![scripts::drop(keys, ttl_secs)])
+                })
+                .collect();
+            let bound = self.timeout * BULK_TIMEOUTS;
+            for answer in self.send_per_slot(cmds, bound).await {
+                for value in answer? {
+                    dropped += decode::<u64>(value)?;
+                }
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Runs a fence script (ARGV[1] = `value`) on the fence of each of `slots`, all served by
+    /// `primary`, in one pipeline; returns what each answered.
+    pub async fn fence_scripts(
+        &self,
+        primary: &Primary,
+        slots: &[u16],
+        script: &str,
+        value: i64,
+    ) -> Result<Vec<i64>, CacheError> {
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for &slot in slots {
+            pipe.cmd("EVAL")
+                .arg(script)
+                .arg(1)
+                .arg(self.keys.fence(slot))
+                .arg(value);
+        }
+        let values = self
+            .on(primary, &pipe, self.timeout * BULK_TIMEOUTS)
+            .await?;
+        values.into_iter().map(decode).collect()
+    }
+
+    /// What the health monitor looks at on `primary`, in one round trip: its `run_id`, the epoch
+    /// recorded there, and its fence.
+    pub async fn look_at(&self, primary: &Primary) -> Result<NodeState, CacheError> {
+        let anchor = primary.anchor(&self.keys).unwrap_or(0);
+        let mut pipe = redis::pipe();
+        pipe.cmd("INFO")
+            .arg("server")
+            .cmd("GET")
+            .arg(self.keys.epoch(anchor))
+            .cmd("GET")
+            .arg(self.keys.fence(anchor));
+        if self.keys.is_cluster() {
+            // A slot that moved makes the driver send the whole pipeline to its new owner: the
+            // node id tells who answered.
+            pipe.cmd("CLUSTER").arg("MYID");
+        }
+        let mut values = self.on(primary, &pipe, self.timeout).await?;
+        let elsewhere = match self.keys.is_cluster() {
+            true => values
+                .pop()
+                .and_then(|id| redis::from_redis_value::<String>(id).ok())
+                .is_none_or(|id| id != primary.id),
+            false => false,
+        };
+        // The anchor slot is moving or moved away: the epoch and fence there are not this
+        // primary's to judge now.
+        let elsewhere = elsewhere
+            || values.iter().any(|v| {
+                matches!(v, redis::Value::ServerError(e)
+                    if matches!(e.code(), "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN"))
+            });
+        let [info, recorded, fence]: [redis::Value; 3] =
+            values.try_into().map_err(|v: Vec<_>| {
+                CacheError::Server(format!("3 commands answered {} values", v.len()))
+            })?;
+        // Anything but a string there (another type, put by someone else) records nothing: the
+        // data is distrusted once and the key overwritten.
+        let recorded = redis::from_redis_value::<Option<String>>(recorded).unwrap_or(None);
+        let run_id = match info {
+            redis::Value::ServerError(_) => None,
+            info => redis::from_redis_value::<String>(info)
+                .ok()
+                .and_then(|text| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("run_id:"))
+                        .map(|id| id.trim().to_owned())
+                }),
+        };
+        let fence = match fence {
+            redis::Value::ServerError(e) => Err(e.to_string()),
+            value => match redis::from_redis_value::<Option<String>>(value) {
+                Ok(None) => Ok(None),
+                Ok(Some(v)) => v
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| "the fence key holds a value that is not cacheward's".to_owned()),
+                Err(_) => Err("the fence key holds a value of another type".to_owned()),
+            },
+        };
+        Ok(NodeState {
+            run_id,
+            recorded,
+            fence,
+            elsewhere,
+        })
+    }
+
+    /// Records `run_id` as the process the cached data of `primary` is written under.
+    pub async fn record_epoch(&self, primary: &Primary, run_id: &str) -> Result<(), CacheError> {
+        let anchor = primary.anchor(&self.keys).unwrap_or(0);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(self.keys.epoch(anchor)).arg(run_id);
+        let values = self.on(primary, &pipe, self.timeout).await?;
+        values.into_iter().try_for_each(decode::<()>)
+    }
+
+    /// The `maxmemory-policy` of `primary`, or `None` where CONFIG is not allowed (managed
+    /// services, ACLs).
+    pub async fn eviction_policy(&self, primary: &Primary) -> Option<String> {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        let value = self.on_one(primary, &cmd).await.ok()?;
+        // A map in RESP3 (the near cache's connections), a flat list in RESP2.
+        match value {
+            redis::Value::Map(pairs) => pairs
+                .into_iter()
+                .next()
+                .and_then(|(_, policy)| decode(policy).ok()),
+            value => decode::<Vec<String>>(value).ok()?.into_iter().nth(1),
+        }
+    }
+
+    /// Sets every missing fence of `primary` to `horizon`; returns how many it set. `horizon`
+    /// must have been drawn after a fence was seen missing.
+    pub async fn establish_fences(
+        &self,
+        primary: &Primary,
+        horizon: i64,
+    ) -> Result<usize, CacheError> {
+        let slots: Vec<u16> = primary.slots(&self.keys).collect();
+        let now = self
+            .fence_scripts(primary, &slots, scripts::ESTABLISH_FENCE, horizon)
+            .await?;
+        Ok(now.into_iter().filter(|&f| f == horizon).count())
+    }
+}

@@ -1,0 +1,359 @@
+//! The Redis side of the cache as the service, the CDC worker and the monitor see it: reads of
+//! live entries (near cache first), versioned writes, and the administration of cacheward's own
+//! keys. Whether Redis is one server, a Cluster or a Sentinel group stays behind this facade.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use super::admin::NodeState;
+use super::conn::{self, Conn};
+use super::error::decode;
+use super::error::CacheError;
+use super::keys::{Keys, Primary};
+use super::near::{NearCache, NearReport};
+use super::pipeline::Requests;
+use super::routing::Router;
+use super::scan::{Scan, Stored};
+use super::scripts::{self, outcomes, Outcome};
+use super::tracking::listen;
+use crate::config::{Config, RedisMode};
+use crate::model::entry::{Live, Write};
+
+/// The Redis side of the cache: one multiplexed, auto-reconnecting connection shared by all tasks.
+#[derive(Clone)]
+pub struct Cache {
+    router: Router,
+    /// Request-path calls waiting to go to Redis together.
+    requests: Arc<Requests>,
+    /// The near cache (`cache.local_max_bytes`), if on.
+    near: Option<Arc<NearCache>>,
+    ttl_secs: u64,
+}
+
+impl Cache {
+    /// Prepares the connection; it is made lazily, so a Redis that is down now is not an error.
+    /// With the near cache on, a task (spawned here: call it within the runtime) hands it what
+    /// Redis pushes.
+    pub fn new(config: &Config) -> Result<Cache, CacheError> {
+        let near = NearCache::new(config.cache.local_max_bytes).map(Arc::new);
+        let (pushes, heard) = match near {
+            Some(_) => {
+                let (pushes, heard) = tokio::sync::mpsc::unbounded_channel();
+                (Some(pushes), Some(heard))
+            }
+            None => (None, None),
+        };
+        let conn = conn::connect(config, pushes).map_err(CacheError::Down)?;
+        let keys = Keys::new(
+            &config.cache.key_prefix,
+            config.redis.mode == RedisMode::Cluster,
+        );
+        if let (Some(near), Some(heard)) = (&near, heard) {
+            tokio::spawn(listen(near.clone(), keys.prefix().to_owned(), heard));
+        }
+        let router = Router::new(conn, keys, config.redis_timeout());
+        let ttl_secs = config.cache.ttl_secs;
+        Ok(Cache {
+            requests: Arc::new(Requests::new(router.clone(), near.clone(), ttl_secs)),
+            router,
+            near,
+            ttl_secs,
+        })
+    }
+
+    /// The near cache's figures (all zero when it is off).
+    pub fn near_report(&self) -> NearReport {
+        self.near
+            .as_ref()
+            .map(|near| near.report())
+            .unwrap_or_default()
+    }
+
+    /// The near cache's entry of `username`, if it holds one (no hit counted).
+    pub fn near_peek(&self, username: &str) -> Option<Live> {
+        let hit = self.near.as_ref()?.peek(username)?;
+        Some(Live {
+            json: hit.json.to_string(),
+            version: hit.version,
+        })
+    }
+
+    /// Up to `n` usernames the near cache holds, spread by `seed`.
+    pub fn near_sample(&self, n: usize, seed: u64) -> Vec<String> {
+        self.near
+            .as_ref()
+            .map_or_else(Vec::new, |near| near.sample(n, seed))
+    }
+
+    /// Drops the near cache (Redis came back up: what it said meanwhile may be lost).
+    pub fn flush_near(&self) {
+        if let Some(near) = &self.near {
+            near.flush();
+        }
+    }
+
+    /// Invalidates the near cache's entries of `usernames` (the daemon writes them).
+    fn invalidate_near<'a>(&self, usernames: impl Iterator<Item = &'a str>) {
+        if let Some(near) = &self.near {
+            near.invalidate_many(usernames);
+        }
+    }
+
+    /// The key of a user: `cache.key_prefix` + username.
+    pub fn key(&self, username: &str) -> String {
+        self.router.keys.user(username)
+    }
+
+    /// The slots `primary` serves where cacheward keeps keys (slot 0 alone on one server).
+    pub fn slots_of(&self, primary: &Primary) -> Vec<u16> {
+        primary.slots(&self.router.keys).collect()
+    }
+
+    /// The slot of a user's key (0 for every key but on a Cluster).
+    pub fn slot_of(&self, username: &str) -> u16 {
+        self.router.slot_of(username)
+    }
+
+    /// The fence guarding the entries of `slot` (one for all on a single server: the prefix
+    /// itself, which no user's key is, since usernames are never empty; one per slot on a
+    /// Cluster, kept in that slot, so that it moves with the entries it guards).
+    ///
+    /// A tombstone only guards a key that exists when it is written: a TRUNCATE, a resync, a
+    /// repair overflow, a Redis restart or a FLUSHALL would each leave nothing to refuse a
+    /// cache-aside fill (or a write-through, or a CDC batch) that read its row before them and
+    /// lands after. So every live write carries `read_at`, the version horizon (`last_value` of
+    /// `cacheward_version_seq`) read before its row, and Redis keeps one number here: a live write
+    /// with `read_at` below it, or arriving while it is missing (Redis lost its data), is refused.
+    /// Raising it to a horizon drawn after an event ([`Cache::drop_all`]) refuses every write that
+    /// read before the event; the entries written before the raise are then dropped by a scan. A
+    /// missing fence is set again only from a horizon drawn after it was seen missing
+    /// ([`Cache::establish_fences`], by the health monitor), so a write that read before Redis
+    /// lost its data is refused too.
+    pub fn fence_key(&self, slot: u16) -> String {
+        self.router.keys.fence(slot)
+    }
+
+    /// The fence the health monitor checks on `primary`: the one at its anchor slot.
+    pub fn fence_key_of(&self, primary: &Primary) -> String {
+        self.fence_key(primary.anchor(&self.router.keys).unwrap_or(0))
+    }
+
+    /// The key that records which Redis process the cached data of a primary was written under
+    /// (its `run_id`), kept in the primary's anchor slot ([`Primary::anchor`]). Data restored from
+    /// a snapshot, or served by a promoted replica, carries the epoch of the process that wrote
+    /// it, which is not the one answering: the writes made since the snapshot (tombstones, newer
+    /// versions) may be missing, so nothing cached there can be trusted.
+    pub fn epoch_key(&self, slot: u16) -> String {
+        self.router.keys.epoch(slot)
+    }
+
+    /// The live entries of `usernames` at least as new as their `min_versions` entry (an older one
+    /// is `None`), in order: from the near cache where it holds one, else from Redis. Reads that arrive while
+    /// another request-path call is in flight queue and go to Redis together, in one MGET per
+    /// slot; what Redis tracks of them is kept in the near cache (see `store::redis::near`).
+    pub async fn get_live_many(
+        &self,
+        usernames: &[&str],
+        min_versions: &[Option<i64>],
+    ) -> Result<Vec<Option<Live>>, CacheError> {
+        let mut found: Vec<Option<Live>> = vec![None; usernames.len()];
+        let asked: Vec<usize> = match &self.near {
+            None => (0..usernames.len()).collect(),
+            Some(near) => (0..usernames.len())
+                .filter(|&i| {
+                    let min_version = min_versions.get(i).copied().flatten();
+                    let Some(hit) = near.get(usernames[i], min_version) else {
+                        return true;
+                    };
+                    found[i] = Some(Live {
+                        json: hit.json.to_string(),
+                        version: hit.version,
+                    });
+                    false
+                })
+                .collect(),
+        };
+        if asked.is_empty() {
+            return Ok(found);
+        }
+        let names: Vec<&str> = asked.iter().map(|&i| usernames[i]).collect();
+        // Taken before the read is queued: an invalidation handled from now on refuses its reply.
+        let ticket = self.near.as_ref().map(|near| near.ticket(&names));
+        let keys = names.iter().map(|name| self.key(name)).collect();
+        let read = self.requests.read(keys).await?;
+        for (at, ((&i, value), tracked)) in
+            asked.iter().zip(read.values).zip(read.tracked).enumerate()
+        {
+            if let (Some(near), Some(ticket), Some(live), true) =
+                (&self.near, &ticket, &value, tracked)
+            {
+                near.keep(ticket, at, names[at], &live.json, live.version);
+            }
+            let min_version = min_versions.get(i).copied().flatten();
+            found[i] = value.filter(|live| live.satisfies(min_version));
+        }
+        Ok(found)
+    }
+
+    /// Queues `writes` (cache-aside fills) behind the request-path calls already queued and ahead
+    /// of every read queued after this call returns: those reads see the fill without waiting
+    /// for it. The returned future tells what each write did.
+    pub fn fill(
+        &self,
+        writes: Vec<Write>,
+    ) -> impl std::future::Future<Output = Result<Vec<Outcome>, CacheError>> {
+        // A near entry older than the fill must not answer the gets that follow this one's answer.
+        self.invalidate_near(writes.iter().map(Write::username));
+        self.requests.fill(writes)
+    }
+
+    /// Applies `writes` in one script call per slot (all at once); returns what each did.
+    /// The near cache's entries of their names are invalidated before the writes are sent and
+    /// again once they are answered (or failed): a read that raced them is never kept.
+    pub async fn apply(&self, writes: &[Write]) -> Result<Vec<Outcome>, CacheError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.invalidate_near(writes.iter().map(Write::username));
+        let applied = self.apply_now(writes).await;
+        self.invalidate_near(writes.iter().map(Write::username));
+        applied
+    }
+
+    async fn apply_now(&self, writes: &[Write]) -> Result<Vec<Outcome>, CacheError> {
+        let slots = self.router.by_slot(writes.iter().map(Write::username));
+        let cmds = slots
+            .iter()
+            .map(|(&slot, at)| {
+                let carried: Vec<&Write> = at.iter().map(|&i| &writes[i]).collect();
+                let keys = &self.router.keys;
+                (
+                    slot,
+                    vec![scripts::apply(keys, slot, self.ttl_secs, &carried)],
+                )
+            })
+            .collect();
+        let mut all = vec![Outcome::Refused; writes.len()];
+        for ((_, at), answer) in slots
+            .into_iter()
+            .zip(self.router.send_per_slot(cmds, self.router.timeout).await)
+        {
+            let value = answer?.pop().expect("one command, one answer");
+            for (i, outcome) in at.into_iter().zip(outcomes(decode(value)?)) {
+                all[i] = outcome;
+            }
+        }
+        Ok(all)
+    }
+
+    /// The primaries: the one server, or every Cluster primary (see [`Conn::primaries`]).
+    pub async fn primaries(&self) -> Result<Vec<Primary>, CacheError> {
+        self.router.primaries().await
+    }
+
+    /// A walk over every key under the prefix with SCAN (never KEYS), on every primary.
+    pub fn scan(&self) -> Scan<'_> {
+        self.router.scan()
+    }
+
+    /// Fences off every write that read before `fence` (a horizon drawn after the event that
+    /// made the cache untrustworthy: a TRUNCATE, lost history, lost writes), then drops every live
+    /// entry under the prefix (see [`Cache::fence_key`]). Returns how many entries it dropped.
+    /// Fails, changing nothing, while Redis has no fence: the health monitor sets one first.
+    pub async fn drop_all(&self, fence: i64) -> Result<u64, CacheError> {
+        self.drop_where(fence, |_| true).await
+    }
+
+    /// [`Cache::drop_all`] for the entries of `slots` only (on one server, slot 0 is every
+    /// entry): their fences are raised to `fence`, then their entries dropped.
+    pub async fn drop_slots(&self, fence: i64, slots: &BTreeSet<u16>) -> Result<u64, CacheError> {
+        self.drop_where(fence, |slot| slots.contains(&slot)).await
+    }
+
+    async fn drop_where(
+        &self,
+        fence: i64,
+        within: impl Fn(u16) -> bool,
+    ) -> Result<u64, CacheError> {
+        self.flush_near();
+        let dropped = self.router.drop_where(fence, self.ttl_secs, within).await;
+        self.flush_near();
+        dropped
+    }
+
+    /// What the health monitor looks at on `primary`, in one round trip: its `run_id`, the epoch
+    /// recorded there, and its fence.
+    pub async fn look_at(&self, primary: &Primary) -> Result<NodeState, CacheError> {
+        self.router.look_at(primary).await
+    }
+
+    /// Records `run_id` as the process the cached data of `primary` is written under.
+    pub async fn record_epoch(&self, primary: &Primary, run_id: &str) -> Result<(), CacheError> {
+        self.router.record_epoch(primary, run_id).await
+    }
+
+    /// The `maxmemory-policy` of `primary`, or `None` where CONFIG is not allowed (managed
+    /// services, ACLs).
+    pub async fn eviction_policy(&self, primary: &Primary) -> Option<String> {
+        self.router.eviction_policy(primary).await
+    }
+
+    /// Sets every missing fence of `primary` to `horizon`; returns how many it set. `horizon`
+    /// must have been drawn after a fence was seen missing.
+    pub async fn establish_fences(
+        &self,
+        primary: &Primary,
+        horizon: i64,
+    ) -> Result<usize, CacheError> {
+        self.router.establish_fences(primary, horizon).await
+    }
+
+    /// Takes the cache as it is now (the dev seed's first write): sets every missing fence from
+    /// `horizon`, drawn just before, and records each primary's `run_id` as its epoch.
+    pub async fn claim(&self, horizon: i64) -> Result<(), CacheError> {
+        for primary in self.primaries().await? {
+            self.establish_fences(&primary, horizon).await?;
+            if let Some(run_id) = self.look_at(&primary).await?.run_id {
+                self.record_epoch(&primary, &run_id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: replaces the connection with a new one (see `topology::ClusterConn`); true
+    /// if it did.
+    pub fn renew_connection(&self) -> bool {
+        self.router.conn.renew()
+    }
+
+    /// Sentinel mode: the task that follows `+switch-master` until `stop` (see
+    /// `topology::SentinelConn::watch`).
+    pub fn watch_sentinels(
+        &self,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        match &self.router.conn {
+            Conn::Sentinel(sentinel) => Some(sentinel.clone().watch(stop)),
+            _ => None,
+        }
+    }
+
+    /// Sentinel mode: asks the sentinels where the primary is, and moves there if it moved.
+    pub async fn follow_sentinels(&self) -> Result<(), CacheError> {
+        match &self.router.conn {
+            Conn::Sentinel(sentinel) => self.router.bulk(sentinel.follow()).await.map(drop),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether any key exists under the prefix.
+    pub async fn any_entry(&self) -> Result<bool, CacheError> {
+        self.router.any_entry().await
+    }
+
+    /// What is stored at the keys of `usernames`: strings as they are (live entries, tombstones,
+    /// foreign strings), and whether a key holds another type.
+    pub async fn get_raw(&self, usernames: &[String]) -> Result<Vec<Stored>, CacheError> {
+        self.router.get_raw(usernames).await
+    }
+}

@@ -1,0 +1,235 @@
+//! Where cacheward's keys live, pure: a user's key, the fence and epoch keys of every slot, the
+//! slot math of Redis Cluster, and which primary serves which slot. No I/O here.
+
+use std::sync::Arc;
+
+/// Slots in a Redis Cluster.
+pub const SLOTS: usize = 16384;
+
+/// The slot of `key`, as Redis Cluster computes it: CRC16 (XMODEM) of the hash tag (the text
+/// between the first `{` and the next `}`, when not empty) or of the whole key, modulo 16384.
+pub fn slot_of(key: &[u8]) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(hash_tag(key).unwrap_or(key)) % SLOTS as u16
+}
+
+fn hash_tag(key: &[u8]) -> Option<&[u8]> {
+    let open = key.iter().position(|b| *b == b'{')?;
+    let close = key[open + 1..].iter().position(|b| *b == b'}')?;
+    let tag = &key[open + 1..open + 1 + close];
+    (!tag.is_empty()).then_some(tag)
+}
+
+/// Where cacheward's keys live. A user's key is the prefix and the username; besides those,
+/// cacheward keeps a fence (`Cache::fence_key`) and an epoch (`Cache::epoch_key`) next to the
+/// entries they guard: one of each on a single server, one of each **per slot** on a Cluster,
+/// since a script may only touch keys of one slot, and a slot's fence must move with its entries
+/// when the slot moves.
+#[derive(Clone)]
+pub struct Keys {
+    prefix: Arc<str>,
+    /// Cluster mode: per slot, the number that puts a fence (an epoch) key in that slot.
+    slotted: Option<Arc<SlotKeys>>,
+}
+
+struct SlotKeys {
+    fence: Box<[u32]>,
+    epoch: Box<[u32]>,
+}
+
+/// No key of cacheward's can hash to this slot (the prefix carries a hash tag of its own).
+const UNUSED: u32 = u32::MAX;
+
+impl Keys {
+    pub fn new(prefix: &str, cluster: bool) -> Keys {
+        Keys {
+            prefix: prefix.into(),
+            slotted: cluster.then(|| {
+                Arc::new(SlotKeys {
+                    fence: numbering(prefix, "fence"),
+                    epoch: numbering(prefix, "epoch"),
+                })
+            }),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.slotted.is_some()
+    }
+
+    /// The key of a user: the prefix + the username.
+    pub fn user(&self, username: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + username.len());
+        key.push_str(&self.prefix);
+        key.push_str(username);
+        key
+    }
+
+    /// The slot `key` lives in; 0 for every key on a single server.
+    pub fn slot(&self, key: &str) -> u16 {
+        match self.slotted {
+            Some(_) => slot_of(key.as_bytes()),
+            None => 0,
+        }
+    }
+
+    /// The fence of `slot`'s entries: the prefix itself on a single server (no user's key is:
+    /// usernames are never empty), the prefix + NUL + `fence:N` in the slot on a Cluster.
+    pub fn fence(&self, slot: u16) -> String {
+        match &self.slotted {
+            None => self.prefix.to_string(),
+            Some(keys) => format!("{}\0fence:{}", self.prefix, keys.fence[slot as usize]),
+        }
+    }
+
+    /// The epoch of the node holding `slot`: the prefix + NUL + `epoch` (`epoch:N` in the slot on
+    /// a Cluster). No username makes either (PostgreSQL's text holds no NUL).
+    pub fn epoch(&self, slot: u16) -> String {
+        match &self.slotted {
+            None => format!("{}\0epoch", self.prefix),
+            Some(keys) => format!("{}\0epoch:{}", self.prefix, keys.epoch[slot as usize]),
+        }
+    }
+
+    /// Whether a key of cacheward's can live in `slot`.
+    pub fn in_use(&self, slot: u16) -> bool {
+        match &self.slotted {
+            None => slot == 0,
+            Some(keys) => keys.fence.get(slot as usize).is_some_and(|&n| n != UNUSED),
+        }
+    }
+
+    /// Every slot a key of cacheward's can live in.
+    pub fn slots(&self) -> Vec<u16> {
+        (0..SLOTS as u16).filter(|&s| self.in_use(s)).collect()
+    }
+}
+
+/// For each slot, the smallest N that puts `prefix` NUL `kind:N` in it. A prefix that carries a
+/// hash tag of its own puts every key in one slot: that one alone is numbered.
+fn numbering(prefix: &str, kind: &str) -> Box<[u32]> {
+    let mut table = vec![UNUSED; SLOTS].into_boxed_slice();
+    let mut left = SLOTS;
+    let mut key = String::new();
+    // Coupon collecting: about 170 000 tries number every slot; a tag in the prefix, only one.
+    let limit = match hash_tag(prefix.as_bytes()) {
+        Some(_) => 1,
+        None => 1 << 22,
+    };
+    for n in 0..limit {
+        use std::fmt::Write as _;
+        key.clear();
+        let _ = write!(key, "{prefix}\0{kind}:{n}");
+        let slot = slot_of(key.as_bytes()) as usize;
+        if table[slot] == UNUSED {
+            table[slot] = n;
+            left -= 1;
+            if left == 0 {
+                break;
+            }
+        }
+    }
+    table
+}
+
+/// A primary the health monitor looks at: where it is, which slots it serves (all of them on a
+/// single server) and what identifies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Primary {
+    /// `host:port`, or `""` on a single server (the connection knows where).
+    pub address: String,
+    /// The node id on a Cluster (a promoted replica has its own), `""` otherwise.
+    pub id: String,
+    /// Inclusive slot ranges.
+    pub ranges: Vec<(u16, u16)>,
+}
+
+impl Primary {
+    /// The lowest slot it serves where cacheward keeps keys: where its epoch is kept and its
+    /// fence checked. `None`: none of cacheward's keys can live there.
+    pub fn anchor(&self, keys: &Keys) -> Option<u16> {
+        self.slots(keys).next()
+    }
+
+    /// The slots it serves where cacheward's keys can live.
+    pub fn slots<'a>(&'a self, keys: &'a Keys) -> impl Iterator<Item = u16> + 'a {
+        self.ranges
+            .iter()
+            .flat_map(|&(from, to)| from..=to)
+            .filter(|&s| keys.in_use(s))
+    }
+}
+
+/// The Cluster's primaries and, per slot, which of them serves it (as `CLUSTER SLOTS` said).
+pub struct Routes {
+    pub primaries: Vec<Primary>,
+    owner: Box<[u16]>,
+}
+
+impl Routes {
+    pub fn new(primaries: &[Primary]) -> Routes {
+        let mut owner = vec![u16::MAX; SLOTS].into_boxed_slice();
+        for (p, primary) in primaries.iter().enumerate() {
+            for &(from, to) in &primary.ranges {
+                for slot in from..=to.min(SLOTS as u16 - 1) {
+                    owner[slot as usize] = p as u16;
+                }
+            }
+        }
+        Routes {
+            primaries: primaries.to_vec(),
+            owner,
+        }
+    }
+
+    pub fn owner(&self, slot: u16) -> Option<usize> {
+        match self.owner.get(slot as usize) {
+            Some(&p) if p != u16::MAX => Some(p as usize),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_past_the_table_is_not_cacheward_s_rather_than_a_panic() {
+        assert!(!Keys::new("user:", true).in_use(u16::MAX));
+    }
+
+    #[test]
+    fn slots_are_computed_as_redis_cluster_does() {
+        // From the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(slot_of(b"bar"), 5061);
+        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
+        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
+        assert_eq!(slot_of(b"foo{{bar}}zap"), slot_of(b"{bar"));
+    }
+
+    #[test]
+    fn every_slot_gets_a_fence_and_an_epoch_key_of_its_own() {
+        let keys = Keys::new("user:", true);
+        for slot in [0u16, 1, 5461, 10923, 16383] {
+            assert_eq!(slot_of(keys.fence(slot).as_bytes()), slot);
+            assert_eq!(slot_of(keys.epoch(slot).as_bytes()), slot);
+            assert!(keys.fence(slot).starts_with("user:\0"));
+        }
+        assert_eq!(keys.slots().len(), SLOTS);
+        // A prefix with a hash tag puts every key in one slot.
+        let tagged = Keys::new("{users}:", true);
+        let slot = slot_of(b"users");
+        assert_eq!(tagged.slots(), vec![slot]);
+        assert_eq!(slot_of(tagged.fence(slot).as_bytes()), slot);
+        assert_eq!(tagged.slot(&tagged.user("anyone")), slot);
+        // One server: one fence, the prefix.
+        let single = Keys::new("user:", false);
+        assert_eq!(single.fence(single.slot("user:a")), "user:");
+        assert_eq!(single.epoch(0), "user:\0epoch");
+    }
+}

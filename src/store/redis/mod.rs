@@ -1,0 +1,28 @@
+//! Redis behind one facade, [`Cache`] (`cache.rs`): what the rest of the daemon sees. Below it,
+//! bottom up: [`keys`] (pure: key names, slots), [`client`] / [`cluster`] / [`sentinel`] /
+//! [`conn`] (reaching whatever `redis.mode` names), [`routing`] (which pipeline a command goes
+//! on, every call bounded), [`scripts`] (the Lua scripts, `*.lua`), [`near`] and [`tracking`]
+//! (the near cache and what keeps it exact), [`pipeline`] (the request path's queue), [`scan`]
+//! and [`admin`] (walking the cache; fences and epochs).
+
+pub mod admin;
+pub mod cache;
+pub mod client;
+pub mod cluster;
+pub mod conn;
+pub mod error;
+pub mod keys;
+pub mod near;
+pub mod pipeline;
+pub mod routing;
+pub mod scan;
+pub mod scripts;
+pub mod sentinel;
+pub mod tracking;
+
+pub use admin::NodeState;
+pub use cache::Cache;
+pub use error::CacheError;
+pub use keys::Primary;
+pub use scan::Stored;
+pub use scripts::Outcome;

@@ -1,0 +1,152 @@
+//! Walking what is cached: a SCAN over every primary (never KEYS), and what a key holds as
+//! `verify` and the consistency checker look at it.
+
+use super::error::{decode, CacheError};
+use super::keys::Primary;
+use super::routing::Router;
+
+/// A SCAN over every primary, page by page (see [`Router::scan`]).
+pub struct Scan<'a> {
+    router: &'a Router,
+    pattern: String,
+    /// The primaries not walked yet (asked for at the first page).
+    primaries: Option<std::vec::IntoIter<Primary>>,
+    /// The primary being walked and the cursor to go on from.
+    at: Option<(Primary, u64)>,
+}
+
+impl Scan<'_> {
+    /// The names of the next page (perhaps none), or `None` once every primary was walked.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<String>>, CacheError> {
+        let router = self.router;
+        if self.primaries.is_none() {
+            self.primaries = Some(router.primaries().await?.into_iter());
+        }
+        let (primary, cursor) = loop {
+            if let Some(at) = self.at.take() {
+                break at;
+            }
+            match self.primaries.as_mut().and_then(Iterator::next) {
+                Some(p) if p.anchor(&router.keys).is_some() => break (p, 0),
+                Some(_) => continue,
+                None => return Ok(None),
+            }
+        };
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(&self.pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        let value = router.on_one(&primary, &scan).await?;
+        let (next, keys): (u64, Vec<String>) = decode(value)?;
+        if next != 0 {
+            self.at = Some((primary, next));
+        }
+        let prefix = router.keys.prefix();
+        Ok(Some(
+            keys.into_iter()
+                .filter_map(|k| k.strip_prefix(prefix).map(str::to_owned))
+                // The prefix alone is a fence, prefix + NUL a fence or an epoch: no user's.
+                .filter(|name| !name.is_empty() && !name.starts_with('\0'))
+                .collect(),
+        ))
+    }
+}
+
+/// What a key holds, as `verify` looks at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    Missing,
+    String(String),
+    /// A hash, a list, a set…: not cacheward's.
+    Other,
+}
+
+/// Keys asked for per SCAN step.
+const SCAN_COUNT: usize = 1000;
+
+/// Escapes Redis glob metacharacters so that a prefix matches only itself.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl Router {
+    /// A walk over every key under the prefix with SCAN, on every primary.
+    pub fn scan(&self) -> Scan<'_> {
+        Scan {
+            router: self,
+            pattern: format!("{}*", glob_escape(self.keys.prefix())),
+            primaries: None,
+            at: None,
+        }
+    }
+
+    /// Whether any key exists under the prefix.
+    pub async fn any_entry(&self) -> Result<bool, CacheError> {
+        let mut scan = self.scan();
+        while let Some(names) = scan.next_page().await? {
+            if !names.is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// What is stored at the keys of `usernames`: strings as they are (live entries, tombstones,
+    /// foreign strings), and whether a key holds another type.
+    pub async fn get_raw(&self, usernames: &[String]) -> Result<Vec<Stored>, CacheError> {
+        if usernames.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = usernames.iter().map(|u| self.keys.user(u)).collect();
+        let mut conn = self.conn.clone();
+        // One MGET; a Cluster connection splits it by slot.
+        let values: Vec<Option<String>> = self
+            .bulk(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
+            .await?;
+        // MGET answers nil for a key of another type: ask those keys their type.
+        let absent: Vec<usize> = (0..keys.len()).filter(|&i| values[i].is_none()).collect();
+        let types = futures::future::join_all(absent.iter().map(|&i| {
+            let mut conn = self.conn.clone();
+            let key = &keys[i];
+            async move {
+                self.bounded(redis::cmd("TYPE").arg(key).query_async::<String>(&mut conn))
+                    .await
+            }
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<String>, _>>()?;
+        let mut types = absent.into_iter().zip(types).peekable();
+        Ok(values
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| match value {
+                Some(text) => Stored::String(text),
+                None => match types.next_if(|(at, _)| *at == i) {
+                    Some((_, kind)) if kind != "none" && kind != "string" => Stored::Other,
+                    _ => Stored::Missing,
+                },
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_metacharacters_are_escaped() {
+        assert_eq!(glob_escape("user:"), "user:");
+        assert_eq!(glob_escape("a*b?[c]"), "a\\*b\\?\\[c\\]");
+    }
+}

@@ -1,0 +1,83 @@
+//! The Lua scripts cacheward runs in Redis (`*.lua` beside this file) and the commands that call
+//! them. Every cache write goes through [`apply`], so that cache-aside fills, write-through sets
+//! and CDC applies commute: an older version never overwrites a newer one, whatever order they
+//! arrive in. The entry rules the scripts apply are `model::entry`'s, in Lua (`entry.lua`).
+
+use super::keys::Keys;
+use crate::model::entry::{tombstone_json, Write};
+
+/// See `apply.lua`.
+const APPLY: &str = concat!(include_str!("entry.lua"), include_str!("apply.lua"));
+/// See `drop.lua`.
+const DROP: &str = concat!(include_str!("entry.lua"), include_str!("drop.lua"));
+/// See `establish_fence.lua`.
+pub const ESTABLISH_FENCE: &str = include_str!("establish_fence.lua");
+/// See `raise_fence.lua`.
+pub const RAISE_FENCE: &str = include_str!("raise_fence.lua");
+
+/// What one versioned write found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// The same version was live there already (another path wrote it first).
+    Current,
+    /// Redis held a newer version, or a tombstone of this one: the write was stale.
+    Refused,
+    /// The row was read before the fence, or Redis has no fence (it lost its data): the write may
+    /// be stale and was refused (see `Cache::fence_key`).
+    Fenced,
+    /// The key holds a value that is not cacheward's: it was left alone.
+    Foreign,
+}
+
+/// What `apply.lua` answered, per write.
+pub fn outcomes(flags: Vec<i64>) -> Vec<Outcome> {
+    flags
+        .into_iter()
+        .map(|flag| match flag {
+            1 => Outcome::Applied,
+            2 => Outcome::Current,
+            3 => Outcome::Fenced,
+            4 => Outcome::Foreign,
+            _ => Outcome::Refused,
+        })
+        .collect()
+}
+
+/// The script call applying `writes`, all of whose keys are in `slot`. EVAL with the body rather
+/// than EVALSHA: the script is small, Redis caches it by digest, and no call ever fails with
+/// NOSCRIPT (after a restart, a failover, or inside a pipeline).
+pub fn apply(keys: &Keys, slot: u16, ttl_secs: u64, writes: &[&Write]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(APPLY).arg(writes.len() + 1).arg(keys.fence(slot));
+    for write in writes {
+        cmd.arg(keys.user(write.username()));
+    }
+    cmd.arg(ttl_secs);
+    for write in writes {
+        match write {
+            Write::Live {
+                version,
+                json,
+                read_at,
+                ..
+            } => cmd.arg(*version).arg(*read_at).arg(json.as_str()),
+            Write::Tombstone { version, .. } => {
+                cmd.arg(*version).arg("").arg(tombstone_json(*version))
+            }
+        };
+    }
+    cmd
+}
+
+/// The script call dropping the live entries at `keys` (all in one slot), each to a tombstone
+/// one version below its own.
+pub fn drop<'a>(keys: impl ExactSizeIterator<Item = String> + 'a, ttl_secs: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(DROP).arg(keys.len());
+    for key in keys {
+        cmd.arg(key);
+    }
+    cmd.arg(ttl_secs);
+    cmd
+}

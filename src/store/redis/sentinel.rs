@@ -1,0 +1,263 @@
+//! A primary that Sentinel names: asked of the sentinels, checked to be a master, followed on
+//! `+switch-master` and whenever the connection breaks or a write is refused as `READONLY`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::{Cmd, ConnectionInfo, Pipeline, Value};
+
+use super::client::{at_address, connection_info, lost, manager, single_client, Pushes};
+use crate::config::Config;
+
+/// The primary Sentinel names, found by asking the sentinels (`redis.urls`) and asked again
+/// whenever the connection breaks, a write is refused as `READONLY` (the primary was demoted), or
+/// the health monitor sees the sentinels name another ([`SentinelConn::follow`]).
+#[derive(Clone)]
+pub struct SentinelConn {
+    inner: Arc<SentinelInner>,
+}
+
+struct SentinelInner {
+    config: Config,
+    sentinels: Vec<ConnectionInfo>,
+    master: String,
+    /// The primary's settings but its address: `redis.url`'s user, password, database, TLS.
+    template: Option<ConnectionInfo>,
+    /// The primary connected to, and where it is.
+    current: Mutex<Option<(ConnectionManager, String)>>,
+    /// One resolution at a time.
+    resolving: tokio::sync::Mutex<()>,
+    /// Where the primary's connection hands its push messages (the near cache's).
+    pushes: Option<Pushes>,
+}
+
+impl SentinelConn {
+    pub fn new(config: &Config, pushes: Option<Pushes>) -> Result<SentinelConn, String> {
+        let r = &config.redis;
+        let master = r
+            .sentinel_master
+            .clone()
+            .ok_or("redis.sentinel_master is not set")?;
+        let sentinels = r
+            .urls
+            .iter()
+            .map(|url| connection_info(url, "redis.urls"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let template = r
+            .url
+            .as_ref()
+            .map(|url| connection_info(url, "redis.url"))
+            .transpose()?;
+        Ok(SentinelConn {
+            inner: Arc::new(SentinelInner {
+                config: config.clone(),
+                sentinels,
+                master,
+                template,
+                current: Mutex::new(None),
+                resolving: tokio::sync::Mutex::new(()),
+                pushes,
+            }),
+        })
+    }
+
+    fn current(&self) -> Option<(ConnectionManager, String)> {
+        self.inner
+            .current
+            .lock()
+            .expect("sentinel lock is never poisoned")
+            .clone()
+    }
+
+    /// Where the sentinels say the primary is: the first sentinel that answers.
+    pub async fn ask_sentinels(&self) -> redis::RedisResult<(String, u16)> {
+        let timeout = self
+            .inner
+            .config
+            .redis_timeout()
+            .max(Duration::from_millis(250));
+        let mut last = None;
+        for sentinel in &self.inner.sentinels {
+            let asked = async {
+                let client = single_client(&self.inner.config, sentinel.clone()).map_err(|e| {
+                    redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "sentinel", e))
+                })?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.inner.master)
+                    .query_async::<Option<(String, u16)>>(&mut conn)
+                    .await
+            };
+            match tokio::time::timeout(timeout, asked).await {
+                Ok(Ok(Some(address))) => return Ok(address),
+                Ok(Ok(None)) => {
+                    last = Some(redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "the sentinels know no master named",
+                        self.inner.master.clone(),
+                    )))
+                }
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "a sentinel did not answer in time",
+                    )))
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no sentinels"))
+        }))
+    }
+
+    /// The connection to the primary, resolved through the sentinels when there is none.
+    async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Some((conn, _)) = self.current() {
+            return Ok(conn);
+        }
+        let _one = self.inner.resolving.lock().await;
+        if let Some((conn, _)) = self.current() {
+            return Ok(conn);
+        }
+        let (host, port) = self.ask_sentinels().await?;
+        self.connect_to(&host, port).await
+    }
+
+    async fn connect_to(&self, host: &str, port: u16) -> redis::RedisResult<ConnectionManager> {
+        let address = format!("{host}:{port}");
+        let info = at_address(self.inner.template.as_ref(), host, port)?;
+        let timeout = Some(self.inner.config.redis_timeout());
+        let pushes = self.inner.pushes.as_ref();
+        let mut conn = manager(&self.inner.config, info, timeout, pushes).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "redis", e))
+        })?;
+        // The sentinels may still name a demoted primary for a moment: only a master will do.
+        let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+        let is_master = matches!(role.first(), Some(Value::BulkString(b)) if b == b"master")
+            || matches!(role.first(), Some(Value::SimpleString(s)) if s == "master");
+        if !is_master {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "the sentinels named a server that is not a master",
+                address,
+            )));
+        }
+        *self
+            .inner
+            .current
+            .lock()
+            .expect("sentinel lock is never poisoned") = Some((conn.clone(), address));
+        Ok(conn)
+    }
+
+    /// Drops the connection after `e` if it says the primary is gone or demoted.
+    fn after(&self, e: &redis::RedisError) {
+        let demoted = e.code() == Some("READONLY");
+        if demoted || e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+            self.forget();
+        }
+    }
+
+    fn forget(&self) {
+        let was = self
+            .inner
+            .current
+            .lock()
+            .expect("sentinel lock is never poisoned")
+            .take();
+        if was.is_some() {
+            lost(&self.inner.pushes);
+        }
+    }
+
+    /// Asks the sentinels where the primary is and moves there if it is not where this connection
+    /// goes (the health monitor's check, every tick: `+switch-master` seen by polling). Returns
+    /// the primary's address.
+    pub async fn follow(&self) -> redis::RedisResult<String> {
+        let (host, port) = self.ask_sentinels().await?;
+        let address = format!("{host}:{port}");
+        if self.current().is_some_and(|(_, at)| at != address) {
+            tracing::warn!(master = %address, "sentinel names a new redis master: following it");
+            self.forget();
+        }
+        Ok(address)
+    }
+
+    /// Listens for `+switch-master` on the sentinels (one at a time, the next when one fails)
+    /// until `stop`: when one names this master, the connection is dropped at once and the next
+    /// call asks the sentinels where the primary is now. [`SentinelConn::follow`] is the fallback.
+    pub async fn watch(self, stop: tokio_util::sync::CancellationToken) {
+        use futures::StreamExt;
+        let master = self.inner.master.clone();
+        loop {
+            for sentinel in &self.inner.sentinels {
+                let subscribed = async {
+                    let client = single_client(&self.inner.config, sentinel.clone()).ok()?;
+                    let mut pubsub = client.get_async_pubsub().await.ok()?;
+                    pubsub.subscribe("+switch-master").await.ok()?;
+                    Some(pubsub.into_on_message())
+                };
+                let timeout = Duration::from_secs(1);
+                let Ok(Some(mut messages)) = tokio::time::timeout(timeout, subscribed).await else {
+                    continue;
+                };
+                loop {
+                    let message = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        message = messages.next() => message,
+                    };
+                    let Some(message) = message else { break };
+                    // "<name> <old-ip> <old-port> <new-ip> <new-port>"
+                    let text: String = message.get_payload().unwrap_or_default();
+                    let words: Vec<&str> = text.split(' ').collect();
+                    if let [name, _, _, ip, port] = words[..] {
+                        if name == master {
+                            tracing::warn!(master = %format!("{ip}:{port}"), "sentinel names a new redis master: following it");
+                            self.forget();
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    pub async fn command(&self, cmd: &Cmd) -> redis::RedisResult<Value> {
+        let mut conn = self.connection().await?;
+        let result = conn.req_packed_command(cmd).await;
+        match &result {
+            Err(e) => self.after(e),
+            Ok(Value::ServerError(e)) if e.code() == "READONLY" => self.forget(),
+            Ok(_) => {}
+        }
+        result
+    }
+
+    pub async fn commands(
+        &self,
+        pipeline: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<Value>> {
+        let mut conn = self.connection().await?;
+        let result = conn.req_packed_commands(pipeline, offset, count).await;
+        match &result {
+            Err(e) => self.after(e),
+            Ok(values) => {
+                if values
+                    .iter()
+                    .any(|v| matches!(v, Value::ServerError(e) if e.code() == "READONLY"))
+                {
+                    self.forget();
+                }
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,9 @@
+//! Cross-cutting pieces every room may use and that use no room: [`secrets`] (nothing secret
+//! reaches a log), [`tls`] (rustls for both backends), [`workqueue`] (batched work),
+//! [`systemd`] (`sd_notify`), [`time`] (timeouts and backoff). They import nothing of the crate outside `support`.
+
+pub mod secrets;
+pub mod systemd;
+pub mod time;
+pub mod tls;
+pub mod workqueue;
