@@ -182,13 +182,13 @@ async fn late_commit_with_a_newer_transaction_id(idle_first: bool) {
             daemon.stats().await["cdc"]["applied"].as_u64() >= Some(2)
         })
         .await;
-        let batches = daemon.stats().await["cdc"]["batches"].clone();
+        let before = daemon.stats().await["cdc"].clone();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(
-            daemon.stats().await["cdc"]["batches"],
-            batches,
-            "idle since"
-        );
+        let after = daemon.stats().await["cdc"].clone();
+        // It went on reading the outbox (every 50 ms) and found nothing to apply: idle.
+        let polls = |cdc: &serde_json::Value| cdc["polls"].as_u64().unwrap();
+        assert!(polls(&after) >= polls(&before) + 3, "{before} {after}");
+        assert_eq!(after["batches"], before["batches"], "idle since");
     }
     let (mut a_conn, mut b_conn) = (env.pg().await, env.pg().await);
     let b = b_conn.transaction().await.unwrap();
@@ -892,31 +892,50 @@ async fn a_frozen_cdc_connection_is_replaced_within_seconds_and_nothing_is_lost(
 }
 
 /// `cdc.enabled = false`: the daemon never runs the CDC worker, never holds a CDC connection, and a
-/// leader that goes away is not replaced by it; its reads and writes work as ever.
+/// leader that goes away (it gives its lease up at once, so a standby would take over within a
+/// poll) is not replaced by it; its reads and writes work as ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_with_cdc_disabled_never_competes_for_the_stream() {
     let env = TestEnv::start().await;
     let mut config = env.config();
-    config.cdc.enabled = false;
     config.cdc.poll_interval_ms = 100;
+    let leader = env.start_daemon(config.clone()).await;
+    config.cdc.enabled = false;
+    config.socket.path = env.dir.path().join("sidecar.sock");
     let sidecar = env.start_daemon(config).await;
+    // The leader applies the stream while both run.
+    env.pg()
+        .await
+        .execute("INSERT INTO users (username) VALUES ('applied')", &[])
+        .await
+        .unwrap();
+    wait_until("the leader applies", CONVERGE, || async {
+        live(&env, "applied").await.is_some()
+    })
+    .await;
+    let cdc_sessions = || async {
+        let row = env
+            .pg()
+            .await
+            .query_one(
+                "SELECT (SELECT count(*) FROM cacheward_cdc_leases)
+                      + (SELECT count(*) FROM pg_stat_activity WHERE application_name = 'cacheward-cdc')",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    assert_eq!(cdc_sessions().await, 2, "the leader's lease and session");
+    leader.stop().await;
     let mut c = sidecar.client().await;
     assert!(c.call("put", json!({"username": "side"})).await["result"]["created"] == json!(true));
+    // Five polls: a standby would have taken the released lease by now.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sidecar.health().await["cdc"]["listening"], json!(false));
-    let cdc_sessions: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "SELECT (SELECT count(*) FROM cacheward_cdc_leases)
-                  + (SELECT count(*) FROM pg_stat_activity WHERE application_name = 'cacheward-cdc')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
     assert_eq!(
-        cdc_sessions, 0,
+        cdc_sessions().await,
+        0,
         "no daemon holds the CDC lease or a CDC session"
     );
     env.pg()
@@ -930,6 +949,7 @@ async fn a_daemon_with_cdc_disabled_never_competes_for_the_stream() {
         None,
         "nobody applies the stream"
     );
+    assert_eq!(c.get("side").await["result"]["source"], json!("cache"));
     sidecar.stop().await;
 }
 

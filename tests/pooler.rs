@@ -12,7 +12,10 @@ use serde_json::{json, Value};
 
 use cacheward::config::SecretUrl;
 use cacheward::dev::PgBouncer;
-use common::{kind, wait_until, Rpc, TestEnv};
+use common::{kind, wait_until, DaemonProcess, Rpc, TestEnv};
+
+/// What the daemon says once it found out that `postgres.url` leads to a pooler.
+const DETECTED: &str = "postgres is reached through a transaction-mode pooler";
 
 /// Put, get, rename, get and (every other name) delete: each answer must be a success.
 async fn workload(socket: std::path::PathBuf, client: usize) -> Vec<String> {
@@ -48,7 +51,18 @@ async fn through_pgbouncer(ignore_options: bool) {
     config.postgres.url = Some(SecretUrl::new(bouncer.url("cw")));
     config.postgres.pool_size = 8;
     config.cdc.url = Some(SecretUrl::new(env.db_url.clone()));
-    let daemon = env.start_daemon(config.clone()).await;
+    // As a process: what it logs tells whether it found out about the pooler.
+    let pooled = bouncer.url("cw");
+    let daemon = DaemonProcess::spawn_with(
+        &env,
+        "pooled",
+        &[
+            ("DATABASE_URL", pooled.as_str()),
+            ("CACHEWARD__POSTGRES__POOL_SIZE", "8"),
+            ("CACHEWARD__CDC__URL", env.db_url.as_str()),
+        ],
+    );
+    daemon.wait_ready().await;
 
     // Out-of-band SQL meanwhile, on a direct connection: the CDC worker applies it.
     let writer = tokio::spawn({
@@ -77,14 +91,19 @@ async fn through_pgbouncer(ignore_options: bool) {
     for client in clients {
         names.extend(client.await.unwrap());
     }
-    // Reads of the SQL writer's names fill the cache through the pooler too.
-    let mut rpc = daemon.client().await;
-    for name in names.iter().filter(|n| n.starts_with("sql")) {
+    // Reads of the SQL writer's names fill the cache through the pooler too: every third was
+    // deleted again, the others exist.
+    let mut rpc = Rpc::connect(&daemon.socket).await;
+    for (i, name) in names.iter().filter(|n| n.starts_with("sql")).enumerate() {
         let answer = rpc.get(name).await;
-        assert!(
-            answer.get("result").is_some() || kind(&answer) == "not_found",
-            "{answer}"
-        );
+        match i % 3 {
+            0 => assert_eq!(kind(&answer), "not_found", "{name}: {answer}"),
+            _ => assert_eq!(
+                answer["result"]["user"]["username"],
+                json!(name),
+                "{answer}"
+            ),
+        }
     }
     wait_until(
         "the cache agrees with every row",
@@ -97,7 +116,14 @@ async fn through_pgbouncer(ignore_options: bool) {
         .expect("verify through the pooler");
     assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
     assert!(report.checked > 0);
-    daemon.stop().await;
+    // It found out, once, and said why.
+    let logs = daemon.logs();
+    assert_eq!(logs.matches(DETECTED).count(), 1, "{logs}");
+    let why = match ignore_options {
+        false => "it refused the startup options",
+        true => "a prepared statement vanished",
+    };
+    assert!(logs.contains(why), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,4 +134,47 @@ async fn a_pooler_that_refuses_startup_options() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooler_that_drops_startup_options() {
     through_pgbouncer(true).await;
+}
+
+/// With the pooler at `postgres.url` and no `cdc.url`, the CDC worker cannot have its session:
+/// it says so once, naming what to set, and stops instead of reconnecting forever; the request
+/// path goes on through the pooler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cdc_worker_behind_a_pooler_stops_and_says_to_set_cdc_url() {
+    let env = TestEnv::start().await;
+    let bouncer = PgBouncer::start(&env.pg, 2, false).expect("start pgbouncer");
+    let pooled = bouncer.url("cw");
+    let daemon =
+        DaemonProcess::spawn_with(&env, "no-cdc-url", &[("DATABASE_URL", pooled.as_str())]);
+    common::ready_at(&daemon.socket).await;
+    let mut rpc = Rpc::connect(&daemon.socket).await;
+    assert!(rpc
+        .call("put", json!({"username": "p1"}))
+        .await
+        .get("result")
+        .is_some());
+    wait_until("the cdc worker stopped", Duration::from_secs(5), || async {
+        daemon
+            .logs()
+            .contains("cdc stopped: the configuration cannot work")
+    })
+    .await;
+    // Long enough for several reconnects at the worker's back-off (100 ms, doubling).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let logs = daemon.logs();
+    assert_eq!(logs.matches("cdc stopped").count(), 1, "{logs}");
+    assert!(logs.contains("set cdc.url"), "{logs}");
+    assert!(!logs.contains("cdc reconnecting"), "{logs}");
+    let health = rpc.call("health", Value::Null).await;
+    assert_eq!(
+        health["result"]["cdc"]["listening"],
+        json!(false),
+        "{health}"
+    );
+    let stats = rpc.call("stats", Value::Null).await;
+    assert_eq!(stats["result"]["cdc"]["reconnects"], json!(0), "{stats}");
+    assert_eq!(
+        rpc.get("p1").await["result"]["user"]["username"],
+        json!("p1")
+    );
 }

@@ -168,10 +168,10 @@ async fn require_encrypts_without_roots_and_verify_ca_ignores_the_host_name() {
         )
     };
     connect(elsewhere("verify-ca")).await.unwrap();
-    let e = connect(elsewhere("verify-full"))
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = connect(elsewhere("verify-full")).await.unwrap_err();
+    // Classified by the error in its chain, not by its wording.
+    assert_eq!(e.kind(), cacheward::store::pg::DbErrorKind::Tls, "{e}");
+    let e = e.to_string();
     assert!(
         e.contains("certificate of db.invalid") && e.contains("not valid for name"),
         "{e}"
@@ -206,7 +206,13 @@ async fn rediss_with_a_ca_file_and_with_client_certificates() {
 
     // No client certificate: the server refuses, and the error says it was TLS.
     let cache = Cache::new(&config).unwrap();
-    let e = cache.get_raw(&["a".into()]).await.unwrap_err().to_string();
+    let e = cache.get_raw(&["a".into()]).await.unwrap_err();
+    assert_eq!(
+        e.kind(),
+        cacheward::store::redis::CacheErrorKind::Tls,
+        "{e}"
+    );
+    let e = e.to_string();
     assert!(
         e.contains("TLS") && e.contains("CertificateRequired"),
         "{e}"

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::pg::DbError;
+use crate::store::pg::{DbError, DbErrorKind};
 
 /// A transaction that was running when a batch read its snapshot: its outbox rows with ids in
 /// `(after, upto]` are still to be applied once it has finished.
@@ -41,7 +41,7 @@ pub struct Snapshot {
 /// A transaction id (xid8) as PostgreSQL prints it.
 pub fn parse_xid(text: String) -> Result<u64, DbError> {
     text.parse::<u64>()
-        .map_err(|e| DbError::Other(format!("xid8 {text}: {e}")))
+        .map_err(|e| DbError::said(DbErrorKind::Server, format!("xid8 {text}: {e}")))
 }
 
 /// Every transaction a snapshot must treat as running: the ones it lists, and every id from its

@@ -18,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::store::pg::connect;
-use crate::store::pg::DbError;
+use crate::store::pg::{DbError, DbErrorKind};
 use crate::store::redis::{Cache, CacheError};
-use crate::support::time::within;
+use crate::support::time::{within, Backoff};
 
 pub mod apply;
 pub mod cursor;
@@ -99,7 +99,7 @@ impl Applier {
 
     /// Runs until `stop`: sessions on a dedicated connection, reconnecting with back-off.
     pub async fn run(self, stop: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let started = Instant::now();
             let outcome = self.session(&stop).await;
@@ -108,17 +108,23 @@ impl Applier {
                 Ok(()) => return,
                 Err(e) => e,
             };
+            if let CdcError::Postgres(e) = &error {
+                if e.is_misconfiguration() {
+                    tracing::error!(error = %e, "cdc stopped: the configuration cannot work");
+                    return;
+                }
+            }
             if started.elapsed() > Duration::from_secs(10) {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
             }
             self.stats.reconnects.fetch_add(1, Relaxed);
-            tracing::warn!(error = %error, retry_in_ms = backoff.as_millis() as u64, "cdc reconnecting");
+            let wait = backoff.next_wait();
+            tracing::warn!(error = %error, retry_in_ms = wait.as_millis() as u64, "cdc reconnecting");
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -129,18 +135,29 @@ impl Applier {
             // Tells the CDC session apart in pg_stat_activity.
             pg.application_name("cacheward-cdc");
         }
-        let (client, mut connection) =
-            match tokio::time::timeout(Duration::from_secs(5), pg.connect(target.tls)).await {
-                Err(_) => return Err(DbError::Timeout("cdc connect".into()).into()),
-                Ok(Err(e)) if connect::refused_options(&e) => {
-                    return Err(DbError::Other(format!(
-                        "{}: postgres.url is a pooler, and the CDC worker needs a direct session: set cdc.url",
-                        DbError::from(e)
-                    ))
-                    .into())
-                }
-                Ok(connected) => connected?,
-            };
+        let (client, mut connection) = match tokio::time::timeout(
+            Duration::from_secs(5),
+            pg.connect(target.tls),
+        )
+        .await
+        {
+            Err(_) => {
+                let bound = Duration::from_secs(5);
+                return Err(DbError::timeout("cdc connect", bound).into());
+            }
+            Ok(Err(e)) => {
+                let e = DbError::from_driver("cdc connect", e);
+                return Err(match e.kind() {
+                        DbErrorKind::Pooler => DbError::said(
+                            DbErrorKind::Pooler,
+                            format!("{e}: postgres.url is a pooler, and the CDC worker needs a direct session: set cdc.url"),
+                        ),
+                        _ => e,
+                    }
+                    .into());
+            }
+            Ok(Ok(connected)) => connected,
+        };
         let wake = Arc::new(Notify::new());
         let driver_wake = wake.clone();
         let driver = tokio::spawn(async move {
@@ -207,7 +224,7 @@ impl Applier {
 
         let poll = Duration::from_millis(cdc.poll_interval_ms);
         let prune_every = PRUNE_EVERY.min(Duration::from_secs(cdc.retention_secs));
-        let mut redis_retry = Duration::from_millis(50);
+        let mut redis_retry = Backoff::new(Duration::from_millis(50), poll);
         // Whether the last batch found changes: the next one likely will too.
         let mut busy = false;
         loop {
@@ -223,17 +240,14 @@ impl Applier {
                     Err(CdcError::Redis(e)) => {
                         // The cursor stays where it is; try again once Redis answers.
                         tracing::debug!(error = %e, "cdc batch not applied: redis");
-                        tokio::select! {
-                            biased;
-                            _ = stop.cancelled() => return Ok(()),
-                            _ = tokio::time::sleep(redis_retry) => {}
+                        if !redis_retry.wait(stop).await {
+                            return Ok(());
                         }
-                        redis_retry = (redis_retry * 2).min(poll);
                         continue;
                     }
                     Err(e) => return Err(e),
                 }
-                redis_retry = Duration::from_millis(50);
+                redis_retry.reset();
             }
             if last_prune.is_none_or(|at| at.elapsed() >= prune_every) {
                 let prune = outbox::prune(client, &cursor, cdc.retention_secs);
@@ -254,7 +268,7 @@ impl Applier {
                     _ = tokio::time::sleep_until(next_poll.min(next_beat)) => {}
                 }
                 if client.is_closed() {
-                    return Err(DbError::Unavailable("cdc connection closed".into()).into());
+                    return Err(DbError::said(DbErrorKind::Lost, "cdc connection closed").into());
                 }
                 self.heartbeat(client, &mut renewed).await?;
                 if tokio::time::Instant::now() >= next_poll {
@@ -262,7 +276,7 @@ impl Applier {
                 }
             }
             if client.is_closed() {
-                return Err(DbError::Unavailable("cdc connection closed".into()).into());
+                return Err(DbError::said(DbErrorKind::Lost, "cdc connection closed").into());
             }
         }
     }
@@ -288,10 +302,7 @@ impl Applier {
         call: impl std::future::Future<Output = Result<T, CdcError>>,
     ) -> Result<T, CdcError> {
         within(self.query_bound, call, |bound| {
-            DbError::Timeout(format!(
-                "cdc {what} took longer than {bound:?}: the connection is given up"
-            ))
-            .into()
+            DbError::timeout(format!("cdc {what} (the connection is given up)"), bound).into()
         })
         .await
     }
@@ -300,6 +311,8 @@ impl Applier {
     /// others wait as standbys and take over once it expires. Returns false when asked to stop.
     async fn lead(&self, client: &Client, stop: &CancellationToken) -> Result<bool, CdcError> {
         let mut said = false;
+        let poll = Duration::from_millis(self.config.cdc.poll_interval_ms);
+        let mut retry = Backoff::fixed(poll.min(lease::HEARTBEAT));
         loop {
             let acquire = lease::acquire(client, &self.consumer, &self.holder);
             if self.bounded("lease", acquire).await? {
@@ -309,12 +322,8 @@ impl Applier {
                 tracing::info!(consumer = %self.consumer, "cdc standby: another daemon applies changes for this cache");
                 said = true;
             }
-            let retry =
-                Duration::from_millis(self.config.cdc.poll_interval_ms).min(lease::HEARTBEAT);
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return Ok(false),
-                _ = tokio::time::sleep(retry) => {}
+            if !retry.wait(stop).await {
+                return Ok(false);
             }
         }
     }
@@ -390,6 +399,7 @@ impl Applier {
         let batch = self
             .bounded("batch read", outbox::read(client, st, cursor, limit, busy))
             .await?;
+        self.stats.polls.fetch_add(1, Relaxed);
         let plan = Plan::of(self.config.cdc.mode, &batch);
         self.apply(&plan).await?;
         self.advance(client, st, cursor, &batch).await?;

@@ -263,8 +263,12 @@ pub async fn load_cursor(
             let pending: String = row.get(1);
             Some(Cursor {
                 position: row.get(0),
-                pending: serde_json::from_str(&pending)
-                    .map_err(|e| db::DbError::Other(format!("cdc cursor pending list: {e}")))?,
+                pending: serde_json::from_str(&pending).map_err(|e| {
+                    db::DbError::said(
+                        db::DbErrorKind::Server,
+                        format!("cdc cursor pending list: {e}"),
+                    )
+                })?,
             })
         }
         None => None,

@@ -9,7 +9,10 @@ use serde::Serialize;
 /// Counters and the lag histogram behind `stats` and `health`.
 pub struct CdcStats {
     pub applied: AtomicU64,
+    /// Batches that applied changes.
     pub batches: AtomicU64,
+    /// Reads of the outbox, empty ones included: moves while the worker is alive and idle.
+    pub polls: AtomicU64,
     pub reconnects: AtomicU64,
     pub resyncs: AtomicU64,
     pub listening: AtomicBool,
@@ -32,6 +35,7 @@ impl Default for CdcStats {
         CdcStats {
             applied: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+            polls: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             listening: AtomicBool::new(false),
@@ -78,6 +82,7 @@ impl CdcStats {
         CdcReport {
             applied: self.applied.load(Relaxed),
             batches: self.batches.load(Relaxed),
+            polls: self.polls.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
             resyncs: self.resyncs.load(Relaxed),
             lag_ms: self.lag(reset_lag),
@@ -97,6 +102,7 @@ impl CdcStats {
 pub struct CdcReport {
     pub applied: u64,
     pub batches: u64,
+    pub polls: u64,
     pub reconnects: u64,
     pub resyncs: u64,
     pub lag_ms: LagReport,

@@ -25,6 +25,7 @@ use crate::rpc::framing::{Frame, LineBuffer};
 use crate::rpc::peers::{Peers, RateLimited, WARN_EVERY};
 use crate::rpc::protocol::{self, Call, ErrorKind, Id, Incoming, RpcError};
 use crate::service::Service;
+use crate::support::time::Backoff;
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +175,8 @@ pub async fn serve(
     let peers = Peers::new(&config);
     let mut refusals = RateLimited::new(WARN_EVERY);
     let mut accept_failures = RateLimited::new(WARN_EVERY);
+    // EMFILE and friends: wait, longer while it lasts, instead of spinning.
+    let mut accept_retry = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         // The permit is taken before accept: at the limit, new clients wait in the listen queue.
         let permit = tokio::select! {
@@ -185,13 +188,18 @@ pub async fn serve(
             biased;
             _ = shutdown.cancelled() => break,
             accepted = socket.listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    accept_retry.reset();
+                    stream
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning, and say so once in a while.
+                    // Said once in a while, not once per failure.
                     accept_failures.say(|suppressed| {
                         tracing::warn!(error = %e, suppressed, "accept failed");
                     });
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if !accept_retry.wait(&shutdown).await {
+                        break;
+                    }
                     continue;
                 }
             },

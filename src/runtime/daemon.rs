@@ -102,12 +102,7 @@ async fn spawn_background(
         stop.clone(),
     ));
     let beats = Arc::new(Heartbeats::default());
-    background.spawn(monitor::run(
-        service.clone(),
-        config.clone(),
-        beats.clone(),
-        stop.clone(),
-    ));
+    background.spawn(monitor::run(service.clone(), beats.clone(), stop.clone()));
     if let Some(period) = systemd::watchdog_period() {
         tracing::info!(
             period_ms = period.as_millis() as u64,

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
 use crate::service::hooks::monitor_wedge;
 use crate::service::{Backend, Service};
 use crate::store::pg::connect;
@@ -24,20 +23,9 @@ const RENEW_AFTER: u32 = 4;
 const UNREACHABLE_REPORT_EVERY: u32 = 40;
 /// Checks both backends every [`MONITOR_INTERVAL`] (PostgreSQL on its own connection, so a busy
 /// pool never looks like an outage), latches readiness, and repairs the cache once both are up.
-pub async fn run(
-    service: Arc<Service>,
-    config: Arc<Config>,
-    beats: Arc<Heartbeats>,
-    stop: CancellationToken,
-) {
+pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: CancellationToken) {
     let wedge_at = monitor_wedge().map(|after| tokio::time::Instant::now() + after);
-    let target = match connect::pg_target(&config) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "health monitor cannot start");
-            return;
-        }
-    };
+    let target = service.pg_target().clone();
     let mut probe: Option<tokio_postgres::Client> = None;
     // Consecutive failed checks, to say so while a backend has never been reached.
     let mut failures = [0u32; 2];

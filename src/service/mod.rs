@@ -10,8 +10,9 @@ use std::time::Instant;
 
 use crate::cdc::stats::CdcStats;
 use crate::model::entry::Write;
-use crate::store::pg::{Db, DbError};
-use crate::store::redis::{Cache, CacheError};
+use crate::store::pg::connect::PgTarget;
+use crate::store::pg::{Db, DbError, DbErrorKind};
+use crate::store::redis::{Cache, CacheError, CacheErrorKind};
 
 pub mod consistency;
 pub mod flights;
@@ -50,9 +51,7 @@ impl ServiceError {
     /// Whether the failure is a backend that is down or too slow: retrying later may succeed.
     pub fn unavailable(&self) -> bool {
         match self {
-            ServiceError::Postgres(e) => {
-                matches!(**e, DbError::Unavailable(_) | DbError::Timeout(_))
-            }
+            ServiceError::Postgres(e) => e.is_unavailable() || e.kind() == DbErrorKind::Timeout,
             ServiceError::Redis(_) => true,
             _ => false,
         }
@@ -107,22 +106,26 @@ fn db_result<T>(result: Result<T, DbError>, health: &Health) -> Result<T, Servic
 }
 
 fn db_error(e: DbError, health: &Health) -> ServiceError {
-    match &e {
-        DbError::Unavailable(reason) => {
-            health.set(Backend::Postgres, false, reason);
+    match e.kind() {
+        _ if e.is_unavailable() => {
+            health.set(Backend::Postgres, false, &e.to_string());
         }
-        DbError::Timeout(_) => {}
+        DbErrorKind::Timeout => {}
         // One row that cannot be served: its own request fails, naming the column.
-        DbError::Row(row) => tracing::debug!(error = %row, "a users row cannot be served"),
-        DbError::Conflict(reason) | DbError::Other(reason) => {
-            tracing::error!(error = %reason, "postgres query failed");
-        }
+        DbErrorKind::Row => tracing::debug!(error = %e, "a users row cannot be served"),
+        _ => tracing::error!(error = %e, "postgres query failed"),
     }
     ServiceError::Postgres(Arc::new(e))
 }
 
 impl Service {
     /// `loaders`: how many batches of cache misses may read the database at once.
+    /// How the request path reaches PostgreSQL (the health monitor's probe goes the same way, so
+    /// that a pooler is found out once).
+    pub fn pg_target(&self) -> &PgTarget {
+        self.db.target()
+    }
+
     pub fn new(db: Db, cache: Cache, hooks: Hooks, loaders: usize) -> Service {
         Service {
             db,
@@ -171,7 +174,9 @@ impl Service {
                     svc.health.saw_up(Backend::Postgres);
                     return Err(ServiceError::NotFound(old));
                 }
-                Err(DbError::Conflict(_)) => return Err(ServiceError::Conflict(new)),
+                Err(e) if e.kind() == DbErrorKind::Conflict => {
+                    return Err(ServiceError::Conflict(new))
+                }
                 Err(e) => return Err(db_error(e, &svc.health)),
             };
             let mut writes = Vec::with_capacity(2);
@@ -233,22 +238,27 @@ impl Service {
     }
 
     fn cache_failed(&self, e: &CacheError, during: &'static str) {
-        match e {
-            CacheError::Down(reason) => {
-                self.health.set(Backend::Redis, false, reason);
+        match e.kind() {
+            CacheErrorKind::Refused | CacheErrorKind::Lost | CacheErrorKind::Tls => {
+                self.health.set(Backend::Redis, false, &e.to_string());
             }
-            CacheError::Timeout(after) => {
+            CacheErrorKind::Timeout => {
+                let after = e.bound().unwrap_or_default();
                 tracing::warn!(
                     during,
                     timeout_ms = after.as_millis() as u64,
                     "redis call timed out"
                 );
             }
-            CacheError::Server(reason) => {
-                tracing::error!(during, error = %reason, "redis refused a command");
-            }
-            CacheError::Unfenced => {
+            CacheErrorKind::Unfenced => {
                 tracing::debug!(during, "redis has no fence yet");
+            }
+            CacheErrorKind::Server | CacheErrorKind::Config => {
+                tracing::error!(during, error = %e, "redis refused a command");
+            }
+            // The daemon's own doing (a task gone): Redis is not down for it.
+            CacheErrorKind::Abandoned => {
+                tracing::error!(during, error = %e, "a redis call was abandoned");
             }
         }
     }

@@ -255,7 +255,7 @@ impl Service {
             .iter()
             .map(|&name| {
                 if let Some(e) = broken.iter().find(|e| e.username.as_deref() == Some(name)) {
-                    let e = DbError::Row(e.clone());
+                    let e = DbError::from(e.clone());
                     return Err(ServiceError::Postgres(Arc::new(e)));
                 }
                 let json = by_name.get(name).map(|json| json.to_string());

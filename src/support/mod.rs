@@ -2,6 +2,7 @@
 //! reaches a log), [`tls`] (rustls for both backends), [`workqueue`] (batched work),
 //! [`systemd`] (`sd_notify`), [`time`] (timeouts and backoff). They import nothing of the crate outside `support`.
 
+pub mod error;
 pub mod secrets;
 pub mod systemd;
 pub mod time;

@@ -54,6 +54,68 @@ pub fn read_password_file(path: &std::path::Path) -> Result<String, String> {
     Ok(password.to_owned())
 }
 
+/// A password file (`postgres.password_file`, `redis.password_file`), read afresh for every new
+/// connection, so that a rotated secret needs no restart. While the file cannot be read (a
+/// rotation in progress), the password read last from it stays in use, with a warning.
+#[derive(Clone)]
+pub struct PasswordFile {
+    /// The configuration key that names it.
+    key: &'static str,
+    path: std::path::PathBuf,
+    /// The password read last: one per file in the process, whoever reads it.
+    last: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl PasswordFile {
+    pub fn new(key: &'static str, path: &std::path::Path) -> PasswordFile {
+        type Last = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+        static READ: std::sync::Mutex<Vec<(std::path::PathBuf, Last)>> =
+            std::sync::Mutex::new(Vec::new());
+        let mut read = READ.lock().expect("password files lock is never poisoned");
+        let last = match read.iter().find(|(p, _)| p == path) {
+            Some((_, last)) => last.clone(),
+            None => {
+                let last = Last::default();
+                read.push((path.to_owned(), last.clone()));
+                last
+            }
+        };
+        PasswordFile {
+            key,
+            path: path.to_owned(),
+            last,
+        }
+    }
+
+    /// The password in the file now; while it cannot be read, the one read last (said in a
+    /// warning); an error, naming the key and the file, when none was ever read.
+    pub fn read(&self) -> Result<String, String> {
+        let mut last = self.last.lock().expect("password lock is never poisoned");
+        match read_password_file(&self.path) {
+            Ok(password) => {
+                *last = Some(password.clone());
+                Ok(password)
+            }
+            Err(e) => match last.clone() {
+                Some(password) => {
+                    match self.key {
+                        "redis.password_file" => tracing::warn!(
+                            error = %e,
+                            "redis.password_file unreadable; the last password read is used"
+                        ),
+                        _ => tracing::warn!(
+                            error = %e,
+                            "postgres.password_file unreadable; the last password read is used"
+                        ),
+                    }
+                    Ok(password)
+                }
+                None => Err(format!("{} {e}", self.key)),
+            },
+        }
+    }
+}
+
 fn remember(mut found: Vec<String>) {
     // As JSON logs and Debug formatting escape them.
     let escaped: Vec<String> = found

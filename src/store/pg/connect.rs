@@ -2,15 +2,15 @@
 //! application name), TLS as its `sslmode` says, the password from `postgres.password_file` read
 //! afresh for every connection, and whether the URL turned out to be a transaction-mode pooler.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::error::DbError;
+use super::error::{refused_options, DbError, DbErrorKind};
 use crate::config::{Config, SecretUrl};
+use crate::support::secrets::PasswordFile;
 use crate::support::tls::PgTls;
 
 /// TCP keepalives of every backend connection (PostgreSQL and Redis): first probe after this idle
@@ -20,9 +20,6 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 pub const KEEPALIVE_RETRIES: u32 = 3;
 /// How long written data may stay unacknowledged before the connection is given up.
 pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// What PgBouncer says when a client sends a startup parameter it does not pass on.
-const POOLER_REFUSES_OPTIONS: &str = "unsupported startup parameter";
 
 /// Where and how to reach PostgreSQL: the connection settings, the TLS connector the URL's
 /// `sslmode` asks for (see [`PgTls`]), the password file, and whether this is a pooler.
@@ -42,28 +39,6 @@ pub struct PgTarget {
     key: &'static str,
 }
 
-/// `postgres.password_file`, read for every new connection; the last password read stays in use
-/// while the file cannot be read (a rotation in progress), with a warning.
-#[derive(Clone)]
-struct PasswordFile {
-    path: PathBuf,
-    last: Arc<Mutex<String>>,
-}
-
-impl PasswordFile {
-    fn read(&self) -> String {
-        let mut last = self.last.lock().expect("password lock is never poisoned");
-        match crate::support::secrets::read_password_file(&self.path) {
-            Ok(password) => *last = password,
-            Err(e) => tracing::warn!(
-                error = %e,
-                "postgres.password_file unreadable; the last password read is used"
-            ),
-        }
-        last.clone()
-    }
-}
-
 impl PgTarget {
     /// The settings for a new connection: the password read afresh from its file, if one is set.
     pub fn config(&self) -> tokio_postgres::Config {
@@ -71,8 +46,9 @@ impl PgTarget {
             true => self.pooled.clone(),
             false => self.direct.clone(),
         };
-        if let Some(file) = &self.password_file {
-            config.password(file.read());
+        // Read when the target was made: there is always a last password to fall back on.
+        if let Some(Ok(password)) = self.password_file.as_ref().map(PasswordFile::read) {
+            config.password(password);
         }
         config
     }
@@ -122,19 +98,21 @@ impl PgTarget {
     /// One connection, its driver spawned (it ends with the client).
     pub async fn connect(&self) -> Result<tokio_postgres::Client, DbError> {
         let (client, connection) = self.connect_raw().await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres connection closed");
-            }
-        });
+        drive(connection);
         Ok(client)
     }
 }
 
-/// Whether `e` is a pooler refusing cacheward's startup options.
-pub fn refused_options(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error()
-        .is_some_and(|db| db.message().contains(POOLER_REFUSES_OPTIONS))
+/// Drives a connection on a task of its own until it closes (it ends with its client): every
+/// connection but the CDC worker's, whose driver also hands it the notifications.
+pub fn drive(
+    connection: impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection closed");
+        }
+    })
 }
 
 /// How the pool opens a connection: as [`PgTarget::connect`] does, the password read afresh.
@@ -150,12 +128,7 @@ impl deadpool_postgres::Connect for PoolConnect {
     > {
         Box::pin(async move {
             let (client, connection) = self.0.connect_raw().await?;
-            let driver = tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "postgres connection closed");
-                }
-            });
-            Ok((client, driver))
+            Ok((client, drive(connection)))
         })
     }
 }
@@ -166,7 +139,7 @@ pub fn pg_target(config: &Config) -> Result<PgTarget, DbError> {
         .postgres
         .url
         .as_ref()
-        .ok_or_else(|| DbError::Other("postgres.url is not set".into()))?;
+        .ok_or_else(|| DbError::said(DbErrorKind::Config, "postgres.url is not set"))?;
     target(config, url, "postgres.url")
 }
 
@@ -180,7 +153,12 @@ pub fn cdc_target(config: &Config) -> Result<PgTarget, DbError> {
 
 /// `url` with the settings every cacheward connection carries.
 fn target(config: &Config, url: &SecretUrl, key: &'static str) -> Result<PgTarget, DbError> {
-    let bad = |e: &dyn std::fmt::Display| DbError::Other(format!("{key} {}: {e}", url.redacted()));
+    let bad = |e: &dyn std::fmt::Display| {
+        DbError::said(
+            DbErrorKind::Config,
+            format!("{key} {}: {e}", url.redacted()),
+        )
+    };
     let (rest, tls) = PgTls::split(url.expose()).map_err(|e| bad(&e))?;
     let mut pg: tokio_postgres::Config = rest.parse().map_err(|e| bad(&e))?;
     pg.ssl_mode(tls.mode.driver_mode());
@@ -221,12 +199,10 @@ fn target(config: &Config, url: &SecretUrl, key: &'static str) -> Result<PgTarge
     let password_file = match &config.postgres.password_file {
         None => None,
         Some(path) => {
-            let password = crate::support::secrets::read_password_file(path)
-                .map_err(|e| DbError::Other(format!("postgres.password_file {e}")))?;
-            Some(PasswordFile {
-                path: path.clone(),
-                last: Arc::new(Mutex::new(password)),
-            })
+            let file = PasswordFile::new("postgres.password_file", path);
+            file.read()
+                .map_err(|e| DbError::said(DbErrorKind::Credentials, e))?;
+            Some(file)
         }
     };
     Ok(PgTarget {

@@ -1,5 +1,6 @@
 //! PostgreSQL: the connection pool, the queries of the request path, and the embedded migrations.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
@@ -11,7 +12,7 @@ pub mod connect;
 pub mod error;
 
 use self::connect::{pg_target, PgTarget, PoolConnect};
-pub use self::error::DbError;
+pub use self::error::{DbError, DbErrorKind};
 use crate::config::Config;
 use crate::model::user::{RowError, User, USER_SELECT};
 use crate::support::time::within;
@@ -80,10 +81,10 @@ async fn query_opt(
 ) -> Result<Option<Row>, DbError> {
     let mut rows = query(client, target, sql, params).await?;
     if rows.len() > 1 {
-        return Err(DbError::Other(format!(
-            "expected at most one row, got {}",
-            rows.len()
-        )));
+        return Err(DbError::said(
+            DbErrorKind::Server,
+            format!("expected at most one row, got {}", rows.len()),
+        ));
     }
     Ok(rows.pop())
 }
@@ -111,13 +112,20 @@ async fn query_after_horizon(
     params: &Params<'_>,
 ) -> Result<(Vec<Row>, i64), DbError> {
     let (horizon, rows) = tokio::try_join!(
-        query(client, target, HORIZON, &[]),
+        read_horizon(client, target),
         query(client, target, sql, params)
     )?;
-    let horizon = horizon
-        .first()
-        .ok_or_else(|| DbError::Other("the version horizon read no row".into()))?;
-    Ok((rows, horizon.get(0)))
+    Ok((rows, horizon))
+}
+
+/// [`HORIZON`], read on `client` (every reading of it is this one).
+async fn read_horizon(
+    client: &deadpool_postgres::Client,
+    target: &PgTarget,
+) -> Result<i64, DbError> {
+    let row = query_opt(client, target, HORIZON, &[]).await?;
+    row.map(|r| r.get(0))
+        .ok_or_else(|| DbError::said(DbErrorKind::Server, "the version horizon read no row"))
 }
 
 /// What a read of several names found.
@@ -140,6 +148,11 @@ pub struct Db {
 }
 
 impl Db {
+    /// How the pool reaches PostgreSQL; a clone shares what it found out (a pooler).
+    pub fn target(&self) -> &PgTarget {
+        &self.target
+    }
+
     /// Builds the pool. Connects lazily: a database that is down now is not an error.
     pub fn new(config: &Config) -> Result<Db, DbError> {
         let target = pg_target(config)?;
@@ -160,7 +173,7 @@ impl Db {
             })
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(|e| DbError::Other(e.to_string()))?;
+            .map_err(|e| DbError::new(DbErrorKind::Config, "the pool", Arc::new(e)))?;
         Ok(Db {
             pool,
             target,
@@ -174,7 +187,7 @@ impl Db {
         f: impl std::future::Future<Output = Result<T, DbError>>,
     ) -> Result<T, DbError> {
         within(self.call_timeout, f, |bound| {
-            DbError::Timeout(format!("{what} took longer than {bound:?}"))
+            DbError::timeout(what.to_owned(), bound)
         })
         .await
     }
@@ -186,7 +199,7 @@ impl Db {
     /// (their `read_at`).
     pub async fn find_users(&self, usernames: &[&str]) -> Result<Found, DbError> {
         match self.find_users_once(usernames).await {
-            Err(DbError::Unavailable(_)) => self.find_users_once(usernames).await,
+            Err(e) if e.is_unavailable() => self.find_users_once(usernames).await,
             other => other,
         }
     }
@@ -238,9 +251,10 @@ impl Db {
                     return Ok((user_from_row(&row)?, true, read_at));
                 }
             }
-            Err(DbError::Unavailable(format!(
-                "user '{username}' kept being inserted and deleted concurrently"
-            )))
+            Err(DbError::said(
+                DbErrorKind::Lost,
+                format!("user '{username}' kept being inserted and deleted concurrently"),
+            ))
         })
         .await
     }
@@ -285,7 +299,7 @@ impl Db {
             let client = self.pool.get().await?;
             let row = query_opt(&client, &self.target, FRESH_HORIZON, &[]).await?;
             row.map(|r| r.get(0))
-                .ok_or_else(|| DbError::Other("nextval read no row".into()))
+                .ok_or_else(|| DbError::said(DbErrorKind::Server, "nextval read no row"))
         })
         .await
     }
@@ -299,10 +313,7 @@ impl Db {
             let found = self.found(&client, &usernames).await?;
             // Read after the rows: a name missing above was removed before, so every version it
             // ever had was drawn before this.
-            let row = query_opt(&client, &self.target, HORIZON, &[]).await?;
-            let horizon: i64 = row
-                .map(|r| r.get(0))
-                .ok_or_else(|| DbError::Other("the version horizon read no row".into()))?;
+            let horizon = read_horizon(&client, &self.target).await?;
             Ok((found, horizon))
         })
         .await
@@ -353,12 +364,9 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, Db
         if done {
             continue;
         }
-        tx.batch_execute(sql).await.map_err(|e| {
-            DbError::Other(format!(
-                "migration {version} ({name}): {}",
-                DbError::from(e)
-            ))
-        })?;
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| DbError::from_driver(format!("migration {version} ({name})"), e))?;
         tx.execute(
             "INSERT INTO cacheward_migrations (version, name) VALUES ($1, $2)",
             &[version, name],
@@ -374,10 +382,6 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, Db
 /// local server. The daemon's own connections go through [`PgTarget::connect`].
 pub async fn connect(pg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
     let (client, connection) = pg.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "postgres connection closed");
-        }
-    });
+    connect::drive(connection);
     Ok(client)
 }

@@ -2,7 +2,7 @@
 //! (established, raised), the epoch of every primary (what the monitor looks at), and the drop of
 //! every entry behind a raised fence.
 
-use super::error::{decode, CacheError};
+use super::error::{decode, CacheError, CacheErrorKind};
 use super::keys::Primary;
 use super::routing::{Router, BULK_TIMEOUTS};
 use super::scripts;
@@ -38,7 +38,7 @@ impl Router {
                 .await?
             {
                 if now < 0 {
-                    return Err(CacheError::Unfenced);
+                    return Err(CacheError::said(CacheErrorKind::Unfenced, "no fence"));
                 }
             }
         }
@@ -123,7 +123,10 @@ impl Router {
             });
         let [info, recorded, fence]: [redis::Value; 3] =
             values.try_into().map_err(|v: Vec<_>| {
-                CacheError::Server(format!("3 commands answered {} values", v.len()))
+                CacheError::said(
+                    CacheErrorKind::Server,
+                    format!("3 commands answered {} values", v.len()),
+                )
             })?;
         // Anything but a string there (another type, put by someone else) records nothing: the
         // data is distrusted once and the key overwritten.

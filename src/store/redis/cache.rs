@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::admin::NodeState;
 use super::conn::{self, Conn};
 use super::error::decode;
-use super::error::CacheError;
+use super::error::{CacheError, CacheErrorKind};
 use super::keys::{Keys, Primary};
 use super::near::{NearCache, NearReport};
 use super::pipeline::Requests;
@@ -43,7 +43,8 @@ impl Cache {
             }
             None => (None, None),
         };
-        let conn = conn::connect(config, pushes).map_err(CacheError::Down)?;
+        let conn = conn::connect(config, pushes)
+            .map_err(|e| CacheError::said(CacheErrorKind::Config, e))?;
         let keys = Keys::new(
             &config.cache.key_prefix,
             config.redis.mode == RedisMode::Cluster,

@@ -9,6 +9,7 @@ use redis::{ConnectionInfo, IntoConnectionInfo};
 
 use crate::config::{Config, SecretUrl};
 use crate::store::pg::connect;
+use crate::support::secrets::PasswordFile;
 
 /// The settings every connection gets: dead peers are noticed as for PostgreSQL (see
 /// `connect::KEEPALIVE_IDLE`), and nothing waits for Nagle.
@@ -106,32 +107,36 @@ pub fn single_client(config: &Config, info: ConnectionInfo) -> Result<redis::Cli
     }
 }
 
-/// `redis.password_file`, read for every new connection: a rotated password needs no restart.
+/// `redis.password_file` for the user of one connection's settings (see
+/// [`crate::support::secrets::PasswordFile`]: read for every new connection).
 #[derive(Clone)]
-pub struct PasswordFile {
+pub struct Password {
     username: String,
-    path: std::path::PathBuf,
+    file: PasswordFile,
 }
 
-impl PasswordFile {
-    pub fn of(config: &Config, info: &ConnectionInfo) -> Option<PasswordFile> {
-        let path = config.redis.password_file.clone()?;
+impl Password {
+    pub fn of(config: &Config, info: &ConnectionInfo) -> Option<Password> {
+        let path = config.redis.password_file.as_ref()?;
         let username = info
             .redis_settings()
             .username()
             .unwrap_or("default")
             .to_owned();
-        Some(PasswordFile { username, path })
+        let file = PasswordFile::new("redis.password_file", path);
+        Some(Password { username, file })
     }
 }
 
-impl redis::auth::StreamingCredentialsProvider for PasswordFile {
+impl redis::auth::StreamingCredentialsProvider for Password {
     fn subscribe(
         &self,
     ) -> std::pin::Pin<
         Box<dyn futures::Stream<Item = redis::RedisResult<redis::auth::BasicAuth>> + Send>,
     > {
-        let credentials = crate::support::secrets::read_password_file(&self.path)
+        let credentials = self
+            .file
+            .read()
             .map(|password| redis::auth::BasicAuth::new(self.username.clone(), password))
             .map_err(|e| {
                 redis::RedisError::from((
@@ -170,7 +175,7 @@ pub fn manager(
     response_timeout: Option<Duration>,
     pushes: Option<&Pushes>,
 ) -> Result<ConnectionManager, String> {
-    let password = PasswordFile::of(config, &info);
+    let password = Password::of(config, &info);
     let info = match pushes {
         Some(_) => {
             let resp3 = info

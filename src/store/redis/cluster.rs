@@ -11,7 +11,7 @@ use redis::{ConnectionInfo, Value};
 
 use super::client::{
     at_address, certificates, connection_info, lost, manager, tcp_settings, tls_files_failed,
-    PasswordFile, Pushes,
+    Password, Pushes,
 };
 use super::keys::{Primary, SLOTS};
 use crate::config::Config;
@@ -59,7 +59,7 @@ impl ClusterConn {
             .retries(2)
             .min_retry_wait(10)
             .max_retry_wait(200);
-        if let Some(password) = PasswordFile::of(config, &first) {
+        if let Some(password) = Password::of(config, &first) {
             builder = builder.set_credentials_provider(password);
         }
         crate::support::tls::provider();

@@ -22,7 +22,7 @@ pub mod tracking;
 
 pub use admin::NodeState;
 pub use cache::Cache;
-pub use error::CacheError;
+pub use error::{CacheError, CacheErrorKind};
 pub use keys::Primary;
 pub use scan::Stored;
 pub use scripts::Outcome;

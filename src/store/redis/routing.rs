@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::conn::Conn;
-use super::error::CacheError;
+use super::error::{CacheError, CacheErrorKind};
 use super::keys::{Keys, Primary, Routes};
 use crate::support::time::within;
 
@@ -44,7 +44,7 @@ impl Router {
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, CacheError> {
-        within(self.timeout, call, CacheError::Timeout).await
+        within(self.timeout, call, CacheError::timeout).await
     }
 
     /// `call`, bounded by `redis.timeout_ms` × [`BULK_TIMEOUTS`].
@@ -52,7 +52,7 @@ impl Router {
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, CacheError> {
-        within(self.timeout * BULK_TIMEOUTS, call, CacheError::Timeout).await
+        within(self.timeout * BULK_TIMEOUTS, call, CacheError::timeout).await
     }
 
     /// The slot of a user's key (0 for every key but on a Cluster).
@@ -102,7 +102,7 @@ impl Router {
         bound: Duration,
     ) -> Result<Vec<redis::Value>, CacheError> {
         let mut conn = self.conn.clone();
-        within(bound, conn.on(primary, pipeline), CacheError::Timeout).await
+        within(bound, conn.on(primary, pipeline), CacheError::timeout).await
     }
 
     /// Sends one command to `primary`, bounded by `redis.timeout_ms`.
@@ -171,21 +171,24 @@ impl Router {
                         within(
                             timeout,
                             conn.on(&r.primaries[p], &pipeline),
-                            CacheError::Timeout,
+                            CacheError::timeout,
                         )
                         .await
                     }
                     _ => {
                         let query = pipeline.query_async::<Vec<redis::Value>>(&mut conn);
-                        within(timeout, query, CacheError::Timeout).await
+                        within(timeout, query, CacheError::timeout).await
                     }
                 };
                 let answered = answered.and_then(|values| match values.len() == total {
                     true => Ok(values),
-                    false => Err(CacheError::Server(format!(
-                        "a pipeline of {total} commands answered {} values",
-                        values.len()
-                    ))),
+                    false => Err(CacheError::said(
+                        CacheErrorKind::Server,
+                        format!(
+                            "a pipeline of {total} commands answered {} values",
+                            values.len()
+                        ),
+                    )),
                 });
                 let pushed = primary.is_some() || !self.keys.is_cluster();
                 (members, counts, answered, pushed)

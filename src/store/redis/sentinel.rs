@@ -9,6 +9,7 @@ use redis::{Cmd, ConnectionInfo, Pipeline, Value};
 
 use super::client::{at_address, connection_info, lost, manager, single_client, Pushes};
 use crate::config::Config;
+use crate::support::time::Backoff;
 
 /// The primary Sentinel names, found by asking the sentinels (`redis.urls`) and asked again
 /// whenever the connection breaks, a write is refused as `READONLY` (the primary was demoted), or
@@ -221,9 +222,8 @@ impl SentinelConn {
                     }
                 }
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            if !Backoff::fixed(Duration::from_secs(1)).wait(&stop).await {
+                return;
             }
         }
     }
