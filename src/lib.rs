@@ -3,7 +3,7 @@
 //! older value overwrite a newer one. The contracts are in `docs/reference.md`.
 //!
 //! Two data paths, each a walk through the rooms below:
-//! - a request: [`rpc::server`] (socket, framing, limits) → [`rpc::dispatch`] (method → use case)
+//! - a request: [`rpc::server`] (socket, framing, limits) → [`rpc::methods`] (method → use case)
 //!   → [`service`] (reads in [`service::read`], writes in `service`) → [`store`] (PostgreSQL in
 //!   [`store::pg`], Redis behind [`store::redis::Cache`]);
 //! - an out-of-band change: the trigger (`sql/0002_cdc.sql`) → [`cdc::outbox`] (read a batch) →

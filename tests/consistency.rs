@@ -380,17 +380,18 @@ async fn a_get_after_a_miss_is_answered_reads_the_fill_while_redis_is_busy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_script_tells_stale_writes_from_ones_already_there() {
     use cacheward::model::entry::Write;
+    use cacheward::model::key::Key;
     use cacheward::store::redis::{Cache, Outcome};
     let env = TestEnv::start().await;
     let cache = Cache::new(&env.config()).unwrap();
     cache.claim(1).await.unwrap();
     let live = |version: i64| Write::Live {
-        username: "v".into(),
+        key: Key::user("v"),
         version,
         json: format!(r#"{{"id":1,"username":"v","version":{version}}}"#),
         read_at: 1,
     };
-    let tombstone = |version: i64| Write::tombstone("v", version);
+    let tombstone = |version: i64| Write::tombstone(Key::user("v"), version);
     for (write, expected) in [
         (live(5), Outcome::Applied),
         (live(5), Outcome::Current),

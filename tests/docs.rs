@@ -179,3 +179,29 @@ fn nothing_points_outside_the_repository() {
     }
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
+
+#[test]
+fn every_file_the_documentation_names_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut missing = Vec::new();
+    for doc in [
+        "README.md",
+        "docs/reference.md",
+        "docs/operations.md",
+        "deploy/README.md",
+    ] {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        for word in text.split(|c: char| c.is_whitespace() || "`()[]<>'\",;".contains(c)) {
+            let word = word.split('#').next().unwrap_or(word);
+            let word = word.trim_end_matches([':', '.']);
+            let named = ["src/", "sql/", "tests/", "benches/", "docs/", "scripts/"]
+                .iter()
+                .any(|dir| word.starts_with(dir))
+                && word.rsplit('/').next().is_some_and(|f| f.contains('.'));
+            if named && !word.contains(['*', '{']) && !root.join(word).exists() {
+                missing.push(format!("{doc}: {word}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "named but missing: {missing:?}");
+}

@@ -226,11 +226,12 @@ async fn a_fill_that_read_before_redis_lost_its_data_never_lands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
     use cacheward::model::entry::Write;
+    use cacheward::model::key::Key;
     use cacheward::store::redis::{Cache, Outcome};
     let env = TestEnv::start().await;
     let cache = Cache::new(&env.config()).unwrap();
     let live = |name: &str, version: i64, read_at: i64| Write::Live {
-        username: name.into(),
+        key: Key::user(name),
         version,
         json: format!(r#"{{"id":1,"username":"{name}","version":{version}}}"#),
         read_at,
@@ -250,7 +251,11 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
     assert_eq!(env.cached("").await.as_deref(), Some("10"));
     assert_eq!(
         cache
-            .apply(&[live("a", 5, 9), live("b", 5, 10), Write::tombstone("c", 3)])
+            .apply(&[
+                live("a", 5, 9),
+                live("b", 5, 10),
+                Write::tombstone(Key::user("c"), 3)
+            ])
             .await
             .unwrap(),
         vec![Outcome::Fenced, Outcome::Applied, Outcome::Applied]
@@ -305,7 +310,7 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
     }
     let writes: Vec<Write> = ["hash", "plain", "json", "number"]
         .iter()
-        .flat_map(|name| [live(name, 50, 20), Write::tombstone(*name, 60)])
+        .flat_map(|name| [live(name, 50, 20), Write::tombstone(Key::user(name), 60)])
         .collect();
     assert_eq!(
         cache.apply(&writes).await.unwrap(),

@@ -206,7 +206,10 @@ async fn rediss_with_a_ca_file_and_with_client_certificates() {
 
     // No client certificate: the server refuses, and the error says it was TLS.
     let cache = Cache::new(&config).unwrap();
-    let e = cache.get_raw(&["a".into()]).await.unwrap_err();
+    let e = cache
+        .get_raw(&[cacheward::model::key::Key::user("a")])
+        .await
+        .unwrap_err();
     assert_eq!(
         e.kind(),
         cacheward::store::redis::CacheErrorKind::Tls,

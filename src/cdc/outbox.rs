@@ -10,6 +10,7 @@ use tokio_postgres::{Client, Statement};
 
 use super::cursor::{in_flight, parse_xid, Cursor, Pending, Snapshot};
 use super::CdcError;
+use crate::model::key::Key;
 use crate::model::user::User;
 use crate::store::pg as db;
 
@@ -289,8 +290,8 @@ pub struct Batch {
     pub late: Vec<Change>,
     /// Whether `late` holds every late change (else only up to its last id).
     pub late_complete: bool,
-    /// Every name the well-formed changes mention, with the largest version they record for it.
-    pub mentioned: BTreeMap<String, i64>,
+    /// Every key the well-formed changes mention, with the largest version they record for it.
+    pub mentioned: BTreeMap<Key, i64>,
     /// The largest version horizon a TRUNCATE among the changes recorded.
     pub truncate: Option<i64>,
     /// The current rows of the mentioned names that can be served.
@@ -369,7 +370,7 @@ pub async fn read(
     };
     let (mentioned, truncate) = mentions(fresh.iter().chain(&late));
 
-    let names: Vec<&String> = mentioned.keys().collect();
+    let names: Vec<&str> = mentioned.keys().map(Key::as_str).collect();
     let rows_params: [&(dyn ToSql + Sync); 1] = [&names];
     let rows = async {
         match names.is_empty() {
@@ -414,8 +415,8 @@ pub async fn read(
 
 /// The names `changes` mention, each with the largest version recorded for it, and the largest
 /// version horizon of a TRUNCATE among them. A malformed change is skipped (and said).
-fn mentions<'a>(changes: impl Iterator<Item = &'a Change>) -> (BTreeMap<String, i64>, Option<i64>) {
-    let mut mentioned: BTreeMap<String, i64> = BTreeMap::new();
+fn mentions<'a>(changes: impl Iterator<Item = &'a Change>) -> (BTreeMap<Key, i64>, Option<i64>) {
+    let mut mentioned: BTreeMap<Key, i64> = BTreeMap::new();
     let mut truncate: Option<i64> = None;
     for c in changes {
         if let Some(reason) = c.malformed() {
@@ -426,7 +427,7 @@ fn mentions<'a>(changes: impl Iterator<Item = &'a Change>) -> (BTreeMap<String, 
             truncate = truncate.max(Some(c.version));
         }
         for name in [&c.username, &c.old_username].into_iter().flatten() {
-            let v = mentioned.entry(name.clone()).or_insert(c.version);
+            let v = mentioned.entry(Key::user(name)).or_insert(c.version);
             *v = (*v).max(c.version);
         }
     }
@@ -470,7 +471,7 @@ mod tests {
         let (mentioned, truncate) = mentions(changes.iter());
         assert_eq!(
             mentioned,
-            BTreeMap::from([("a".to_owned(), 5), ("b".to_owned(), 7)])
+            BTreeMap::from([(Key::user("a"), 5), (Key::user("b"), 7)])
         );
         assert_eq!(truncate, Some(8));
     }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use super::outbox::Batch;
 use crate::config::CdcMode;
 use crate::model::entry::Write;
+use crate::model::key::Key;
 use crate::model::user::User;
 
 /// What a batch decided to do to Redis.
@@ -29,7 +30,7 @@ impl Plan {
 /// recorded for it, which is at least the last version its removed row had.
 pub fn plan(
     mode: CdcMode,
-    mentioned: &BTreeMap<String, i64>,
+    mentioned: &BTreeMap<Key, i64>,
     rows: &[User],
     read_at: i64,
     truncate: Option<i64>,
@@ -38,11 +39,11 @@ pub fn plan(
     let writes = mentioned
         .iter()
         .map(
-            |(name, removed_version)| match (found.get(name.as_str()), mode) {
+            |(key, removed_version)| match (found.get(key.as_str()), mode) {
                 (Some(user), CdcMode::Refresh) => Write::live(user, read_at),
                 // Removes anything older than the current row, and lets the current row be filled.
                 (Some(user), CdcMode::Invalidate) => Write::below(user),
-                (None, _) => Write::tombstone(name.clone(), *removed_version),
+                (None, _) => Write::tombstone(key.clone(), *removed_version),
             },
         )
         .collect();
@@ -73,8 +74,7 @@ mod tests {
             version: 7,
             json: "{}".into(),
         };
-        let mentioned: BTreeMap<String, i64> =
-            [("a".to_string(), 7), ("gone".to_string(), 5)].into();
+        let mentioned: BTreeMap<Key, i64> = [(Key::user("a"), 7), (Key::user("gone"), 5)].into();
         let refresh = plan(
             CdcMode::Refresh,
             &mentioned,
@@ -84,7 +84,10 @@ mod tests {
         );
         assert_eq!(
             refresh.writes,
-            vec![Write::live(&user, 3), Write::tombstone("gone", 5)]
+            vec![
+                Write::live(&user, 3),
+                Write::tombstone(Key::user("gone"), 5)
+            ]
         );
         assert_eq!(refresh.truncate_fence(), None);
         let invalidate = plan(CdcMode::Invalidate, &mentioned, &[user], 3, Some(9));
@@ -93,6 +96,6 @@ mod tests {
             Some(10),
             "above every removed row"
         );
-        assert_eq!(invalidate.writes[0], Write::tombstone("a", 6));
+        assert_eq!(invalidate.writes[0], Write::tombstone(Key::user("a"), 6));
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::model::entry::{is_live, is_ours, same_json};
+use crate::model::key::Key;
 use crate::store::redis::{Cache, Stored};
 use tokio_postgres::types::Type;
 
@@ -48,28 +49,28 @@ pub async fn verify(config: &Config) -> anyhow::Result<Report> {
         suspects.extend(found);
         report
             .foreign
-            .extend(foreign.iter().map(|name| cache.key(name)));
+            .extend(foreign.iter().map(|key| cache.redis_key(key)));
     }
     if !suspects.is_empty() {
         tokio::time::sleep(RECHECK_AFTER).await;
-        let names = suspects.into_iter().map(|m| m.key).collect();
+        let names = suspects.iter().map(|m| Key::user(&m.key)).collect();
         report.mismatches = compare(&cache, &client, names).await?.1;
     }
     for m in &mut report.mismatches {
-        m.key = cache.key(&m.key);
+        m.key = cache.redis_key(&Key::user(&m.key));
     }
     Ok(report)
 }
 
-/// Compares the entries of `names`; returns how many were live, those that differ, and those
-/// holding a value that is not cacheward's (named by username).
+/// Compares the entries of `names`; returns how many were live, those that differ (named by
+/// username), and those holding a value that is not cacheward's.
 async fn compare(
     cache: &Cache,
     client: &tokio_postgres::Client,
-    names: Vec<String>,
-) -> anyhow::Result<(u64, Vec<Mismatch>, Vec<String>)> {
+    names: Vec<Key>,
+) -> anyhow::Result<(u64, Vec<Mismatch>, Vec<Key>)> {
     let values = cache.get_raw(&names).await?;
-    let foreign: Vec<String> = names
+    let foreign: Vec<Key> = names
         .iter()
         .zip(&values)
         .filter(|(_, value)| match value {
@@ -79,7 +80,7 @@ async fn compare(
         })
         .map(|(name, _)| name.clone())
         .collect();
-    let live: Vec<(String, String)> = names
+    let live: Vec<(Key, String)> = names
         .into_iter()
         .zip(values)
         .filter_map(|(name, value)| match value {
@@ -105,11 +106,11 @@ async fn compare(
     }
     let mut mismatches = Vec::new();
     for (name, cached) in &live {
-        let row = by_name.get(name);
+        let row = by_name.get(name.as_str());
         let same = row.is_some_and(|r| same_json(r, cached));
         if !same {
             mismatches.push(Mismatch {
-                key: name.clone(),
+                key: name.to_string(),
                 cached: cached.clone(),
                 row: row.cloned(),
             });

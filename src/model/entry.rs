@@ -5,6 +5,7 @@
 
 use serde::Deserialize;
 
+use super::key::Key;
 use super::user::User;
 
 /// A live entry as the read path looks at it: a JSON object with an `id` and an integer
@@ -110,7 +111,7 @@ pub enum Write {
     /// Store the row's JSON unless Redis holds a version at least as new, or the row was read
     /// before the fence (see `store::redis::Cache::fence_key`).
     Live {
-        username: String,
+        key: Key,
         version: i64,
         json: String,
         /// The version horizon read before the row was: a fence above it refuses the write.
@@ -118,38 +119,35 @@ pub enum Write {
     },
     /// Remove the entry, leaving a tombstone that refuses older live writes, unless Redis holds a
     /// newer version. `version` is at least the last version the name's row had.
-    Tombstone { username: String, version: i64 },
+    Tombstone { key: Key, version: i64 },
 }
 
 impl Write {
     /// The live entry of `user`, whose row was read after the version horizon was `read_at`.
     pub fn live(user: &User, read_at: i64) -> Write {
         Write::Live {
-            username: user.username.clone(),
+            key: user.key(),
             version: user.version,
             json: user.json.clone(),
             read_at,
         }
     }
 
-    /// A tombstone for `username`: refuses every live write of a version up to `version`.
-    pub fn tombstone(username: impl Into<String>, version: i64) -> Write {
-        Write::Tombstone {
-            username: username.into(),
-            version,
-        }
+    /// A tombstone for `key`: refuses every live write of a version up to `version`.
+    pub fn tombstone(key: Key, version: i64) -> Write {
+        Write::Tombstone { key, version }
     }
 
     /// A tombstone [one version below](version_below) `user`'s row: removes every older entry
     /// and lets this very row (or a newer one) be filled. What an invalidation writes, and what a
     /// drop turns each live entry into (in Lua: `drop.lua`).
     pub fn below(user: &User) -> Write {
-        Write::tombstone(user.username.clone(), version_below(user.version))
+        Write::tombstone(user.key(), version_below(user.version))
     }
 
-    pub fn username(&self) -> &str {
+    pub fn key(&self) -> &Key {
         match self {
-            Write::Live { username, .. } | Write::Tombstone { username, .. } => username,
+            Write::Live { key, .. } | Write::Tombstone { key, .. } => key,
         }
     }
 
@@ -208,11 +206,11 @@ mod tests {
             json: "{}".into(),
         };
         let below = Write::below(&user);
-        assert_eq!(below.username(), "a");
+        assert_eq!(below.key(), &Key::user("a"));
         assert_eq!(below.version(), 6);
         assert!(matches!(below, Write::Tombstone { .. }));
         // A deletion's tombstone carries the deleted version itself.
-        assert_eq!(Write::tombstone("a", 7).version(), 7);
+        assert_eq!(Write::tombstone(Key::user("a"), 7).version(), 7);
         let live = Write::live(&user, 3);
         assert!(matches!(
             live,

@@ -11,6 +11,7 @@
 //! are never parsed into a tree: the row's JSON is cut at its top-level keys and put together
 //! again, so no depth or number size can fail it.
 
+use super::key::Key;
 use std::fmt;
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
@@ -93,6 +94,11 @@ fn entries(json: &str) -> Result<Vec<(String, Box<RawValue>)>, String> {
 }
 
 impl User {
+    /// The key its entry is cached under.
+    pub fn key(&self) -> Key {
+        Key::user(&self.username)
+    }
+
     /// Reads a row selected with [`USER_SELECT`] (`alias.*` then the row's JSON). Only `username`
     /// and `version` are decoded; every other column is taken from PostgreSQL's JSON, timestamps
     /// rewritten (see the module's documentation).

@@ -2,8 +2,10 @@
 //! the seed corpus in every `cargo test`): the request parser and the line framer, fed arbitrary
 //! bytes. Each checks the invariants a hostile client must not break, and panics if one fails.
 
+use crate::rpc::encode::{encode_error, encode_user_into, Id};
 use crate::rpc::framing::{Frame, LineBuffer};
-use crate::rpc::protocol::{self, Id, Incoming};
+use crate::rpc::methods::{params::validate_username, Call};
+use crate::rpc::protocol::{self, Incoming};
 
 /// One request line, as any client may send it: parsing never panics, and every answer it leads
 /// to (an error, or a result for a parsed call) is one line of valid JSON-RPC.
@@ -16,18 +18,15 @@ pub fn request(data: &[u8]) {
         return;
     };
     let answer = match incoming {
-        Incoming::Reject { id, error } => protocol::encode_error(&id, &error),
+        Incoming::Reject { id, error } => encode_error(&id, &error),
         Incoming::Ignore => return,
         Incoming::Call { id, call } => {
-            if let protocol::Call::Get { username, .. } | protocol::Call::Put { username } = &call {
-                assert!(
-                    protocol::validate_username(username).is_ok(),
-                    "{username:?}"
-                );
+            if let Call::Get { username, .. } | Call::Put { username } = &call {
+                assert!(validate_username(username).is_ok(), "{username:?}");
             }
             let id: Id = id.unwrap_or(serde_json::Value::Null);
             let mut out = Vec::new();
-            protocol::encode_user_into(&mut out, &id, r#"{"id":1}"#, "cache");
+            encode_user_into(&mut out, &id, r#"{"id":1}"#, "cache");
             out
         }
     };

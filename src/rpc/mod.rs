@@ -1,10 +1,13 @@
 //! The socket side of a request: [`server`] (the Unix socket, connections and their limits) cuts
-//! lines with [`framing`], admits peers with [`peers`], parses with [`protocol`] (pure JSON-RPC
-//! parsing and encoding) and hands each call to [`dispatch`] (a method call → its use case).
+//! lines with [`framing`], admits peers with [`peers`], reads each line with [`protocol`] (the
+//! JSON-RPC envelope) and hands the call to its method in [`methods`] (one file each: parameters,
+//! use case, answer), which answers with [`encode`] and says failures as [`error`]s.
 
-pub mod dispatch;
+pub mod encode;
+pub mod error;
 pub mod framing;
 pub mod fuzzing;
+pub mod methods;
 pub mod peers;
 pub mod protocol;
 pub mod server;

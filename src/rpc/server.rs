@@ -20,10 +20,12 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::rpc::dispatch;
+use crate::rpc::encode::{encode_error, Id};
+use crate::rpc::error::{ErrorKind, RpcError};
 use crate::rpc::framing::{Frame, LineBuffer};
+use crate::rpc::methods::{self, get, Call};
 use crate::rpc::peers::{Peers, RateLimited, WARN_EVERY};
-use crate::rpc::protocol::{self, Call, ErrorKind, Id, Incoming, RpcError};
+use crate::rpc::protocol::{self, Incoming};
 use crate::service::Service;
 use crate::support::time::Backoff;
 
@@ -258,7 +260,7 @@ type Pending = Pin<Box<dyn Future<Output = (usize, Vec<u8>)> + Send>>;
 /// notification, and the request bytes they hold.
 #[derive(Default)]
 struct Gets {
-    items: Vec<dispatch::GetItem>,
+    items: Vec<get::GetItem>,
     bytes: usize,
 }
 
@@ -470,7 +472,7 @@ impl Connection {
                 self.service.stats.requests.fetch_add(1, Relaxed);
                 self.service.stats.errors.fetch_add(1, Relaxed);
                 self.start_gets(std::mem::take(gets));
-                self.push_ready(protocol::encode_error(&Id::Null, &error));
+                self.push_ready(encode_error(&Id::Null, &error));
                 return;
             }
         };
@@ -485,7 +487,7 @@ impl Connection {
                 stats.errors.fetch_add(1, Relaxed);
                 tracing::debug!(kind = error.kind.name(), message = %error.message, "request rejected");
                 self.start_gets(std::mem::take(gets));
-                self.push_ready(protocol::encode_error(&id, &error));
+                self.push_ready(encode_error(&id, &error));
             }
             Incoming::Ignore => {
                 stats.errors.fetch_add(1, Relaxed);
@@ -506,10 +508,10 @@ impl Connection {
                     ErrorKind::Forbidden,
                     format!("forbidden: this peer may not {}", call.method()),
                 );
-                dispatch::failed(&self.service, call.method(), &error);
+                methods::failed(&self.service, call.method(), &error);
                 self.start_gets(std::mem::take(gets));
                 if let Some(id) = id {
-                    self.push_ready(protocol::encode_error(&id, &error));
+                    self.push_ready(encode_error(&id, &error));
                 }
             }
             Incoming::Call { id, call } => {
@@ -518,7 +520,7 @@ impl Connection {
                 self.push(
                     1,
                     size,
-                    Box::pin(async move { (1, dispatch::call(&service, id, call).await) }),
+                    Box::pin(async move { (1, methods::run(&service, id, call).await) }),
                 );
             }
         }
@@ -534,7 +536,7 @@ impl Connection {
         self.push(
             requests,
             bytes,
-            Box::pin(async move { (requests, dispatch::gets(&service, gets.items).await) }),
+            Box::pin(async move { (requests, get::batch(&service, gets.items).await) }),
         );
     }
 }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Backend, Service};
 use crate::config::ConsistencyConfig;
 use crate::model::entry::{live_version, same_json, Live};
+use crate::model::key::Key;
 use crate::store::redis::Stored;
 
 /// Looks at a suspect this many times before letting it go as a row that keeps changing.
@@ -96,7 +97,7 @@ impl Look {
 
 /// An entry that differed at its first look.
 struct Suspect {
-    name: String,
+    name: Key,
     source: Source,
     first: Look,
     at: Instant,
@@ -112,10 +113,10 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
     let window = Duration::from_millis(config.window_ms);
     let cache = service.cache.clone();
     let mut scan = cache.scan();
-    let mut names: VecDeque<String> = VecDeque::new();
+    let mut names: VecDeque<Key> = VecDeque::new();
     let mut suspects: VecDeque<Suspect> = VecDeque::new();
     // Outstanding mismatches: (name, source) → when first seen.
-    let mut outstanding: HashMap<(String, Source), Instant> = HashMap::new();
+    let mut outstanding: HashMap<(Key, Source), Instant> = HashMap::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -131,7 +132,7 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
         let n = config.sample_per_sec as usize;
         // Half from the near cache (when it holds anything), the rest from Redis.
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        let mut sample: Vec<(String, Source)> = cache
+        let mut sample: Vec<(Key, Source)> = cache
             .near_sample(n / 2, seed)
             .into_iter()
             .map(|name| (name, Source::Near))
@@ -160,8 +161,8 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
             }
         })
         .collect();
-        let again: Vec<(String, Source)> = outstanding.keys().cloned().collect();
-        let mut asked: Vec<(String, Source)> = sample;
+        let again: Vec<(Key, Source)> = outstanding.keys().cloned().collect();
+        let mut asked: Vec<(Key, Source)> = sample;
         asked.extend(due.iter().map(|s| (s.name.clone(), s.source)));
         asked.extend(again.iter().cloned());
         let Some(looks) = look(&service, &asked).await else {
@@ -199,7 +200,7 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
             if older_than_the_row || now == suspect.first {
                 service.consistency.mismatched.fetch_add(1, Relaxed);
                 tracing::warn!(
-                    username = %suspect.name.escape_debug(),
+                    username = %suspect.name.as_str().escape_debug(),
                     source = suspect.source.name(),
                     cached_version = now.cached.version,
                     row_version = now.row.as_ref().map(|(v, _)| *v),
@@ -231,11 +232,11 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
 
 /// Looks at the entries of `asked` and their rows, in one Redis read and one query; `None` per
 /// entry that is not a live one (or a row that cannot be served), `None` in all if a backend failed.
-async fn look(service: &Service, asked: &[(String, Source)]) -> Option<Vec<Option<Look>>> {
+async fn look(service: &Service, asked: &[(Key, Source)]) -> Option<Vec<Option<Look>>> {
     if asked.is_empty() {
         return Some(Vec::new());
     }
-    let in_redis: Vec<String> = asked
+    let in_redis: Vec<Key> = asked
         .iter()
         .filter(|(_, source)| *source == Source::Redis)
         .map(|(name, _)| name.clone())

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::{ServiceError, Source};
+use crate::model::key::Key;
 use crate::support::workqueue::WorkQueue;
 
 /// What a load found: the user's JSON and where it came from, or no such user.
@@ -50,12 +51,12 @@ const COMPLETED_MEMORY: Duration = Duration::from_secs(1);
 /// Recently completed flights, oldest first, bounded by count and age: O(1) per completion.
 #[derive(Default)]
 struct Completions {
-    order: VecDeque<(String, Instant)>,
-    latest: HashMap<String, Instant>,
+    order: VecDeque<(Key, Instant)>,
+    latest: HashMap<Key, Instant>,
 }
 
 impl Completions {
-    fn record(&mut self, username: &str, now: Instant) {
+    fn record(&mut self, key: &Key, now: Instant) {
         while let Some((name, at)) = self.order.front() {
             if self.order.len() < COMPLETED_CAPACITY && now.duration_since(*at) < COMPLETED_MEMORY {
                 break;
@@ -65,25 +66,25 @@ impl Completions {
             }
             self.order.pop_front();
         }
-        self.latest.insert(username.to_owned(), now);
-        self.order.push_back((username.to_owned(), now));
+        self.latest.insert(key.clone(), now);
+        self.order.push_back((key.clone(), now));
     }
 
-    fn since(&self, username: &str, asked_at: Instant) -> bool {
-        self.latest.get(username).is_some_and(|at| *at >= asked_at)
+    fn since(&self, key: &Key, asked_at: Instant) -> bool {
+        self.latest.get(key).is_some_and(|at| *at >= asked_at)
     }
 }
 
 /// A miss waiting for a loader.
 struct Queued {
-    username: String,
+    key: Key,
     flight: Arc<Flight>,
     asked_at: Instant,
 }
 
 /// The flights in progress, the queue of those no loader took yet, and the loader slots.
 pub struct Flights {
-    by_name: Mutex<HashMap<String, Arc<Flight>>>,
+    by_name: Mutex<HashMap<Key, Arc<Flight>>>,
     completed: Mutex<Completions>,
     queue: WorkQueue<Queued>,
 }
@@ -98,18 +99,18 @@ impl Flights {
         }
     }
 
-    /// Joins the flight on `username`, or starts one and queues it (then returns true: the caller
+    /// Joins the flight on `key`, or starts one and queues it (then returns true: the caller
     /// makes sure a loader runs). `asked_at` is when the caller's Redis read began.
-    pub fn join(&self, username: &str, asked_at: Instant) -> (Arc<Flight>, bool) {
+    pub fn join(&self, key: &Key, asked_at: Instant) -> (Arc<Flight>, bool) {
         let mut by_name = self.by_name.lock().expect("flight lock is never poisoned");
-        if let Some(flight) = by_name.get(username) {
+        if let Some(flight) = by_name.get(key) {
             return (flight.clone(), false);
         }
         let flight = Arc::new(Flight::default());
-        by_name.insert(username.to_owned(), flight.clone());
+        by_name.insert(key.clone(), flight.clone());
         drop(by_name);
         self.queue.push(Queued {
-            username: username.to_owned(),
+            key: key.clone(),
             flight: flight.clone(),
             asked_at,
         });
@@ -146,8 +147,8 @@ impl Claimed {
         self.items.is_empty()
     }
 
-    pub fn username(&self, i: usize) -> &str {
-        &self.items[i].username
+    pub fn key(&self, i: usize) -> &Key {
+        &self.items[i].key
     }
 
     pub fn is_finished(&self, i: usize) -> bool {
@@ -162,7 +163,7 @@ impl Claimed {
             .completed
             .lock()
             .expect("completed lock is never poisoned")
-            .since(&item.username, item.asked_at)
+            .since(&item.key, item.asked_at)
     }
 
     /// Answers item `i`'s waiters. The flight leaves the map (and its completion is recorded)
@@ -180,17 +181,17 @@ impl Claimed {
                 .lock()
                 .expect("flight lock is never poisoned");
             if by_name
-                .get(&item.username)
+                .get(&item.key)
                 .is_some_and(|f| Arc::ptr_eq(f, &item.flight))
             {
-                by_name.remove(&item.username);
+                by_name.remove(&item.key);
             }
         }
         self.flights
             .completed
             .lock()
             .expect("completed lock is never poisoned")
-            .record(&item.username, Instant::now());
+            .record(&item.key, Instant::now());
         item.flight.finish(result);
     }
 }
@@ -216,10 +217,10 @@ mod tests {
     fn completions_are_remembered_by_name_and_time() {
         let mut c = Completions::default();
         let t0 = Instant::now();
-        c.record("a", t0);
-        assert!(c.since("a", t0));
-        assert!(!c.since("a", t0 + Duration::from_millis(1)));
-        assert!(!c.since("b", t0));
+        c.record(&Key::user("a"), t0);
+        assert!(c.since(&Key::user("a"), t0));
+        assert!(!c.since(&Key::user("a"), t0 + Duration::from_millis(1)));
+        assert!(!c.since(&Key::user("b"), t0));
     }
 
     #[test]
@@ -227,13 +228,13 @@ mod tests {
         let mut c = Completions::default();
         let t0 = Instant::now();
         for i in 0..3 * COMPLETED_CAPACITY {
-            c.record(&format!("u{i}"), t0);
+            c.record(&Key::user(&format!("u{i}")), t0);
         }
         assert!(c.order.len() <= COMPLETED_CAPACITY);
         assert!(c.latest.len() <= COMPLETED_CAPACITY);
-        assert!(c.since(&format!("u{}", 3 * COMPLETED_CAPACITY - 1), t0));
+        assert!(c.since(&Key::user(&format!("u{}", 3 * COMPLETED_CAPACITY - 1)), t0));
         // Old entries age out even below the capacity.
-        c.record("late", t0 + 2 * COMPLETED_MEMORY);
+        c.record(&Key::user("late"), t0 + 2 * COMPLETED_MEMORY);
         assert_eq!(c.order.len(), 1);
     }
 
@@ -241,9 +242,9 @@ mod tests {
     async fn one_flight_per_name_and_every_flight_finished() {
         let flights = Arc::new(Flights::new(1));
         let now = Instant::now();
-        let (a1, queued1) = flights.join("a", now);
-        let (a2, queued2) = flights.join("a", now);
-        let (b, _) = flights.join("b", now);
+        let (a1, queued1) = flights.join(&Key::user("a"), now);
+        let (a2, queued2) = flights.join(&Key::user("a"), now);
+        let (b, _) = flights.join(&Key::user("b"), now);
         assert!(queued1 && !queued2);
         assert!(Arc::ptr_eq(&a1, &a2));
 
@@ -263,6 +264,6 @@ mod tests {
         assert!(flights.claim().is_none());
         assert!(flights.gather(10).await.is_empty());
         // A finished name starts a new flight.
-        assert!(flights.join("a", now).1);
+        assert!(flights.join(&Key::user("a"), now).1);
     }
 }

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use crate::cdc::stats::CdcStats;
 use crate::model::entry::Write;
+use crate::model::key::Key;
 use crate::store::pg::connect::PgTarget;
 use crate::store::pg::{Db, DbError, DbErrorKind};
 use crate::store::redis::{Cache, CacheError, CacheErrorKind};
@@ -181,7 +182,7 @@ impl Service {
             };
             let mut writes = Vec::with_capacity(2);
             if old != new {
-                writes.push(Write::tombstone(old, user.version));
+                writes.push(Write::tombstone(Key::user(&old), user.version));
             }
             writes.push(Write::live(&user, read_at));
             svc.write_through(writes).await;
@@ -200,7 +201,7 @@ impl Service {
             let Some(version) = db_result(svc.db.delete(&username).await, &svc.health)? else {
                 return Ok(None);
             };
-            svc.write_through(vec![Write::tombstone(username, version)])
+            svc.write_through(vec![Write::tombstone(Key::user(&username), version)])
                 .await;
             Ok(Some(version.saturating_add(1)))
         })
@@ -232,9 +233,9 @@ impl Service {
                 Err(e) => self.cache_failed(&e, "write"),
             }
         }
-        let names: Vec<&str> = writes.iter().map(Write::username).collect();
-        tracing::debug!(usernames = ?names, "cache write skipped: queued for repair");
-        self.repairs.queue(names);
+        let keys: Vec<&Key> = writes.iter().map(Write::key).collect();
+        tracing::debug!(keys = ?keys, "cache write skipped: queued for repair");
+        self.repairs.queue(keys);
     }
 
     fn cache_failed(&self, e: &CacheError, during: &'static str) {

@@ -26,6 +26,7 @@ use super::flights::Claimed;
 use super::health::Backend;
 use super::{db_result, Service, ServiceError, Source};
 use crate::model::entry::Write;
+use crate::model::key::Key;
 use crate::model::user::User;
 use crate::store::pg::{DbError, Found};
 use crate::store::redis::{CacheError, Outcome};
@@ -45,16 +46,17 @@ impl Service {
         min_versions: &[Option<i64>],
     ) -> Vec<Result<(String, Source), ServiceError>> {
         let asked_at = Instant::now();
+        let keys: Vec<Key> = usernames.iter().map(|name| Key::user(name)).collect();
         let min_version = |i: usize| min_versions.get(i).copied().flatten();
         let mut answers: Vec<Option<Result<(String, Source), ServiceError>>> =
             vec![None; usernames.len()];
         let trusted: Vec<usize> = (0..usernames.len())
-            .filter(|&i| self.cache_trusted_for(usernames[i]))
+            .filter(|&i| self.cache_trusted_for(&keys[i]))
             .collect();
         if !trusted.is_empty() {
-            let names: Vec<&str> = trusted.iter().map(|&i| usernames[i]).collect();
+            let asked: Vec<Key> = trusted.iter().map(|&i| keys[i].clone()).collect();
             let wanted: Vec<Option<i64>> = trusted.iter().map(|&i| min_version(i)).collect();
-            match self.cache.get_live_many(&names, &wanted).await {
+            match self.cache.get_live_many(&asked, &wanted).await {
                 Ok(values) => {
                     for (&i, value) in trusted.iter().zip(values) {
                         if let Some(live) = value {
@@ -84,7 +86,7 @@ impl Service {
             let flights: Vec<_> = shared
                 .iter()
                 .map(|&i| {
-                    let (flight, started) = self.flights.join(usernames[i], asked_at);
+                    let (flight, started) = self.flights.join(&keys[i], asked_at);
                     queued |= started;
                     flight
                 })
@@ -137,13 +139,12 @@ impl Service {
             .collect()
     }
 
-    /// Whether Redis may answer for `username`: it is up, and no failed write left its entry in doubt.
-    pub(super) fn cache_trusted_for(&self, username: &str) -> bool {
+    /// Whether Redis may answer for `key`: it is up, and no failed write left its entry in doubt.
+    pub(super) fn cache_trusted_for(&self, key: &Key) -> bool {
         if !self.health.is_up(Backend::Redis) {
             return false;
         }
-        self.repairs
-            .trusted(username, || self.cache.slot_of(username))
+        self.repairs.trusted(key, || self.cache.slot_of(key))
     }
 
     /// Starts a loader task if a slot is free; otherwise a running loader takes the queue next.
@@ -168,11 +169,11 @@ impl Service {
         // A flight on the name that completed after the caller's Redis read has filled Redis: a
         // caller arriving just too late to join it reads Redis again instead of the database.
         let late: Vec<usize> = (0..batch.len())
-            .filter(|&i| batch.filled_since_asked(i) && self.cache_trusted_for(batch.username(i)))
+            .filter(|&i| batch.filled_since_asked(i) && self.cache_trusted_for(batch.key(i)))
             .collect();
         if !late.is_empty() && self.health.is_up(Backend::Redis) {
-            let names: Vec<&str> = late.iter().map(|&i| batch.username(i)).collect();
-            if let Ok(values) = self.cache.get_live_many(&names, &[]).await {
+            let keys: Vec<Key> = late.iter().map(|&i| batch.key(i).clone()).collect();
+            if let Ok(values) = self.cache.get_live_many(&keys, &[]).await {
                 for (&i, value) in late.iter().zip(values) {
                     if let Some(live) = value {
                         batch.finish(i, Ok(Some((live.json, Source::Cache))));
@@ -186,7 +187,7 @@ impl Service {
         if cold.is_empty() {
             return;
         }
-        let names: Vec<&str> = cold.iter().map(|&i| batch.username(i)).collect();
+        let names: Vec<&str> = cold.iter().map(|&i| batch.key(i).as_str()).collect();
         self.stats.db_queries.fetch_add(1, Relaxed);
         let users = self.db.find_users(&names).await;
         drop(slot);

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{db_result, Service, ServiceError};
 use crate::model::entry::Write;
+use crate::model::key::Key;
 use crate::store::redis::Primary;
 
 /// Names queued for repair before the queue gives up on names and clears the whole cache instead.
@@ -19,7 +20,7 @@ const REPAIR_BATCH: usize = 500;
 /// carries the generation it was last queued at, so a repair that raced a newer failure keeps it.
 #[derive(Default)]
 struct RepairQueue {
-    names: HashMap<String, u64>,
+    names: HashMap<Key, u64>,
     /// Bumped by every failed write, queued or not.
     generation: u64,
     /// Too many names to track: the whole cache is cleared once Redis is back.
@@ -53,7 +54,7 @@ impl Repairs {
 
     /// Queues `names`, whose Redis write failed. Past [`REPAIR_CAPACITY`] names the queue gives up
     /// on names: the whole cache will be dropped instead.
-    pub fn queue<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+    pub fn queue<'a>(&self, names: impl IntoIterator<Item = &'a Key>) {
         let mut queue = self.lock();
         queue.generation += 1;
         if !queue.overflowed {
@@ -68,7 +69,7 @@ impl Repairs {
                     queue.names.clear();
                     break;
                 }
-                queue.names.insert(name.to_owned(), generation);
+                queue.names.insert(name.clone(), generation);
             }
         }
         self.settle(&queue);
@@ -107,15 +108,15 @@ impl Repairs {
         self.pending.load(Relaxed)
     }
 
-    /// Whether Redis may answer for `username`, whose key is in slot `slot()`, as far as repairs
+    /// Whether Redis may answer for `key`, whose Redis key is in slot `slot()`, as far as repairs
     /// go.
-    pub fn trusted(&self, username: &str, slot: impl FnOnce() -> u16) -> bool {
+    pub fn trusted(&self, key: &Key, slot: impl FnOnce() -> u16) -> bool {
         if !self.any() {
             return true;
         }
         let queue = self.lock();
         !queue.overflowed
-            && !queue.names.contains_key(username)
+            && !queue.names.contains_key(key)
             && (queue.slots.is_empty() || !queue.slots.contains(&slot()))
     }
 
@@ -146,7 +147,7 @@ impl Repairs {
     }
 
     /// Up to `max` queued names with their generations.
-    pub fn batch(&self, max: usize) -> Vec<(String, u64)> {
+    pub fn batch(&self, max: usize) -> Vec<(Key, u64)> {
         self.lock()
             .names
             .iter()
@@ -156,7 +157,7 @@ impl Repairs {
     }
 
     /// Forgets the names of `batch` that were not queued again since; returns how many.
-    pub fn repaired(&self, batch: &[(String, u64)]) -> usize {
+    pub fn repaired(&self, batch: &[(Key, u64)]) -> usize {
         let mut queue = self.lock();
         let mut repaired = 0;
         for (name, generation) in batch {
@@ -235,7 +236,7 @@ impl Service {
             if batch.is_empty() {
                 break;
             }
-            let names: Vec<String> = batch.iter().map(|(n, _)| n.clone()).collect();
+            let names: Vec<&str> = batch.iter().map(|(key, _)| key.as_str()).collect();
             let (found, horizon) = db_result(self.db.current_rows(&names).await, &self.health)?;
             // A row that cannot be served gets a tombstone, like a missing one: nothing stale
             // stays cached for it.
@@ -244,9 +245,9 @@ impl Service {
                 .iter()
                 .map(|u| Write::live(u, found.read_at))
                 .collect();
-            for name in &names {
-                if !writes.iter().any(|w| w.username() == name) {
-                    writes.push(Write::tombstone(name.clone(), horizon));
+            for (key, _) in &batch {
+                if !writes.iter().any(|w| w.key() == key) {
+                    writes.push(Write::tombstone(key.clone(), horizon));
                 }
             }
             let outcomes = self.cache.apply(&writes).await.map_err(|e| {
@@ -267,57 +268,70 @@ impl Service {
 mod tests {
     use super::*;
 
+    fn keys<const N: usize>(names: [&str; N]) -> Vec<Key> {
+        names.map(Key::user).to_vec()
+    }
+
     #[test]
     fn repairs_own_their_counts() {
         let repairs = Repairs::default();
-        assert!(!repairs.any() && repairs.trusted("a", || 0));
-        repairs.queue(["a", "b"]);
-        assert!(repairs.any() && !repairs.trusted("a", || 0) && repairs.trusted("c", || 0));
+        assert!(!repairs.any() && repairs.trusted(&Key::user("a"), || 0));
+        repairs.queue(&keys(["a", "b"]));
+        assert!(
+            repairs.any()
+                && !repairs.trusted(&Key::user("a"), || 0)
+                && repairs.trusted(&Key::user("c"), || 0)
+        );
         assert_eq!(repairs.count(), 2);
         let batch = repairs.batch(10);
         // "a" fails again while the batch is repaired: it stays.
-        repairs.queue(["a"]);
+        repairs.queue(&keys(["a"]));
         assert_eq!(repairs.repaired(&batch), 1);
         assert_eq!(repairs.count(), 1);
-        assert!(!repairs.trusted("a", || 0) && repairs.trusted("b", || 0));
+        assert!(!repairs.trusted(&Key::user("a"), || 0) && repairs.trusted(&Key::user("b"), || 0));
     }
 
     #[test]
     fn an_overflow_is_counted_as_the_capacity_until_the_cache_is_dropped() {
         let repairs = Repairs::default();
-        let names: Vec<String> = (0..=REPAIR_CAPACITY).map(|i| format!("u{i}")).collect();
-        repairs.queue(names.iter().map(String::as_str));
+        let names: Vec<Key> = (0..=REPAIR_CAPACITY)
+            .map(|i| Key::user(&format!("u{i}")))
+            .collect();
+        repairs.queue(&names);
         // The count `stats` reports and the one the shutdown warning uses are one and the same.
         assert_eq!(repairs.count(), REPAIR_CAPACITY);
-        assert!(!repairs.trusted("anyone", || 0));
+        assert!(!repairs.trusted(&Key::user("anyone"), || 0));
         let generation = repairs.overflowed().expect("overflowed");
         // A write fails while the cache is being dropped: the overflow stands.
-        repairs.queue(["late"]);
+        repairs.queue(&keys(["late"]));
         assert!(!repairs.dropped(generation));
         assert_eq!(repairs.count(), REPAIR_CAPACITY);
         let generation = repairs.overflowed().expect("still overflowed");
         assert!(repairs.dropped(generation));
         assert_eq!(repairs.count(), 0);
-        assert!(!repairs.any() && repairs.trusted("anyone", || 0));
+        assert!(!repairs.any() && repairs.trusted(&Key::user("anyone"), || 0));
     }
 
     #[test]
     fn distrusted_slots_are_not_trusted_until_dropped() {
         let repairs = Repairs::default();
-        repairs.queue(["a"]);
+        repairs.queue(&keys(["a"]));
         repairs.distrust_slots([7, 9]);
-        assert!(!repairs.trusted("b", || 7), "a distrusted slot");
-        assert!(repairs.trusted("b", || 8), "another slot");
+        assert!(!repairs.trusted(&Key::user("b"), || 7), "a distrusted slot");
+        assert!(repairs.trusted(&Key::user("b"), || 8), "another slot");
         assert_eq!(repairs.count(), 1, "only names count as pending repairs");
         let (generation, slots) = repairs.untrusted_slots().expect("slots to drop");
         assert_eq!(slots.into_iter().collect::<Vec<_>>(), [7, 9]);
         // More slots are distrusted while these are dropped: they all stay.
         repairs.distrust_slots([8]);
         repairs.slots_dropped(generation);
-        assert!(!repairs.trusted("b", || 7) && !repairs.trusted("b", || 8));
+        assert!(!repairs.trusted(&Key::user("b"), || 7) && !repairs.trusted(&Key::user("b"), || 8));
         let (generation, _) = repairs.untrusted_slots().expect("still to drop");
         repairs.slots_dropped(generation);
-        assert!(repairs.trusted("b", || 7) && repairs.untrusted_slots().is_none());
-        assert!(!repairs.trusted("a", || 7), "the name is still queued");
+        assert!(repairs.trusted(&Key::user("b"), || 7) && repairs.untrusted_slots().is_none());
+        assert!(
+            !repairs.trusted(&Key::user("a"), || 7),
+            "the name is still queued"
+        );
     }
 }

@@ -307,7 +307,7 @@ impl Db {
     /// The rows named in `usernames` that exist (those that cannot be served apart), the horizon
     /// read before them (their `read_at`), and a version at least as large as any that a missing
     /// name can have had: the tombstone version for those that do not.
-    pub async fn current_rows(&self, usernames: &[String]) -> Result<(Found, i64), DbError> {
+    pub async fn current_rows(&self, usernames: &[&str]) -> Result<(Found, i64), DbError> {
         self.bounded("select users", async {
             let client = self.pool.get().await?;
             let found = self.found(&client, &usernames).await?;

@@ -46,11 +46,11 @@ impl Router {
         let mut scan = self.scan();
         while let Some(names) = scan.next_page().await? {
             let cmds = self
-                .by_slot(names.iter().map(String::as_str))
+                .by_slot(names.iter())
                 .into_iter()
                 .filter(|(slot, _)| within(*slot))
                 .map(|(slot, at)| {
-                    let keys = at.into_iter().map(|i| self.keys.user(&names[i]));
+                    let keys = at.into_iter().map(|i| self.keys.entry(&names[i]));
                     (slot, vec![scripts::drop(keys, ttl_secs)])
                 })
                 .collect();

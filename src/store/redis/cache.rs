@@ -18,6 +18,7 @@ use super::scripts::{self, outcomes, Outcome};
 use super::tracking::listen;
 use crate::config::{Config, RedisMode};
 use crate::model::entry::{Live, Write};
+use crate::model::key::Key;
 
 /// The Redis side of the cache: one multiplexed, auto-reconnecting connection shared by all tasks.
 #[derive(Clone)]
@@ -50,7 +51,7 @@ impl Cache {
             config.redis.mode == RedisMode::Cluster,
         );
         if let (Some(near), Some(heard)) = (&near, heard) {
-            tokio::spawn(listen(near.clone(), keys.prefix().to_owned(), heard));
+            tokio::spawn(listen(near.clone(), keys.clone(), heard));
         }
         let router = Router::new(conn, keys, config.redis_timeout());
         let ttl_secs = config.cache.ttl_secs;
@@ -70,17 +71,17 @@ impl Cache {
             .unwrap_or_default()
     }
 
-    /// The near cache's entry of `username`, if it holds one (no hit counted).
-    pub fn near_peek(&self, username: &str) -> Option<Live> {
-        let hit = self.near.as_ref()?.peek(username)?;
+    /// The near cache's entry of `key`, if it holds one (no hit counted).
+    pub fn near_peek(&self, key: &Key) -> Option<Live> {
+        let hit = self.near.as_ref()?.peek(key)?;
         Some(Live {
             json: hit.json.to_string(),
             version: hit.version,
         })
     }
 
-    /// Up to `n` usernames the near cache holds, spread by `seed`.
-    pub fn near_sample(&self, n: usize, seed: u64) -> Vec<String> {
+    /// Up to `n` keys the near cache holds, spread by `seed`.
+    pub fn near_sample(&self, n: usize, seed: u64) -> Vec<Key> {
         self.near
             .as_ref()
             .map_or_else(Vec::new, |near| near.sample(n, seed))
@@ -93,16 +94,16 @@ impl Cache {
         }
     }
 
-    /// Invalidates the near cache's entries of `usernames` (the daemon writes them).
-    fn invalidate_near<'a>(&self, usernames: impl Iterator<Item = &'a str>) {
+    /// Invalidates the near cache's entries of `keys` (the daemon writes them).
+    fn invalidate_near<'a>(&self, keys: impl Iterator<Item = &'a Key>) {
         if let Some(near) = &self.near {
-            near.invalidate_many(usernames);
+            near.invalidate_many(keys);
         }
     }
 
-    /// The key of a user: `cache.key_prefix` + username.
-    pub fn key(&self, username: &str) -> String {
-        self.router.keys.user(username)
+    /// The Redis key of an entry: `cache.key_prefix` + its key (a user's: the username).
+    pub fn redis_key(&self, key: &Key) -> String {
+        self.router.keys.entry(key)
     }
 
     /// The slots `primary` serves where cacheward keeps keys (slot 0 alone on one server).
@@ -111,8 +112,8 @@ impl Cache {
     }
 
     /// The slot of a user's key (0 for every key but on a Cluster).
-    pub fn slot_of(&self, username: &str) -> u16 {
-        self.router.slot_of(username)
+    pub fn slot_of(&self, key: &Key) -> u16 {
+        self.router.slot_of(key)
     }
 
     /// The fence guarding the entries of `slot` (one for all on a single server: the prefix
@@ -148,22 +149,22 @@ impl Cache {
         self.router.keys.epoch(slot)
     }
 
-    /// The live entries of `usernames` at least as new as their `min_versions` entry (an older one
+    /// The live entries of `keys` at least as new as their `min_versions` entry (an older one
     /// is `None`), in order: from the near cache where it holds one, else from Redis. Reads that arrive while
     /// another request-path call is in flight queue and go to Redis together, in one MGET per
     /// slot; what Redis tracks of them is kept in the near cache (see `store::redis::near`).
     pub async fn get_live_many(
         &self,
-        usernames: &[&str],
+        keys: &[Key],
         min_versions: &[Option<i64>],
     ) -> Result<Vec<Option<Live>>, CacheError> {
-        let mut found: Vec<Option<Live>> = vec![None; usernames.len()];
+        let mut found: Vec<Option<Live>> = vec![None; keys.len()];
         let asked: Vec<usize> = match &self.near {
-            None => (0..usernames.len()).collect(),
-            Some(near) => (0..usernames.len())
+            None => (0..keys.len()).collect(),
+            Some(near) => (0..keys.len())
                 .filter(|&i| {
                     let min_version = min_versions.get(i).copied().flatten();
-                    let Some(hit) = near.get(usernames[i], min_version) else {
+                    let Some(hit) = near.get(&keys[i], min_version) else {
                         return true;
                     };
                     found[i] = Some(Live {
@@ -177,11 +178,11 @@ impl Cache {
         if asked.is_empty() {
             return Ok(found);
         }
-        let names: Vec<&str> = asked.iter().map(|&i| usernames[i]).collect();
+        let names: Vec<&Key> = asked.iter().map(|&i| &keys[i]).collect();
         // Taken before the read is queued: an invalidation handled from now on refuses its reply.
         let ticket = self.near.as_ref().map(|near| near.ticket(&names));
-        let keys = names.iter().map(|name| self.key(name)).collect();
-        let read = self.requests.read(keys).await?;
+        let redis_keys = names.iter().map(|key| self.redis_key(key)).collect();
+        let read = self.requests.read(redis_keys).await?;
         for (at, ((&i, value), tracked)) in
             asked.iter().zip(read.values).zip(read.tracked).enumerate()
         {
@@ -204,7 +205,7 @@ impl Cache {
         writes: Vec<Write>,
     ) -> impl std::future::Future<Output = Result<Vec<Outcome>, CacheError>> {
         // A near entry older than the fill must not answer the gets that follow this one's answer.
-        self.invalidate_near(writes.iter().map(Write::username));
+        self.invalidate_near(writes.iter().map(Write::key));
         self.requests.fill(writes)
     }
 
@@ -215,14 +216,14 @@ impl Cache {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        self.invalidate_near(writes.iter().map(Write::username));
+        self.invalidate_near(writes.iter().map(Write::key));
         let applied = self.apply_now(writes).await;
-        self.invalidate_near(writes.iter().map(Write::username));
+        self.invalidate_near(writes.iter().map(Write::key));
         applied
     }
 
     async fn apply_now(&self, writes: &[Write]) -> Result<Vec<Outcome>, CacheError> {
-        let slots = self.router.by_slot(writes.iter().map(Write::username));
+        let slots = self.router.by_slot(writes.iter().map(Write::key));
         let cmds = slots
             .iter()
             .map(|(&slot, at)| {
@@ -352,9 +353,9 @@ impl Cache {
         self.router.any_entry().await
     }
 
-    /// What is stored at the keys of `usernames`: strings as they are (live entries, tombstones,
-    /// foreign strings), and whether a key holds another type.
-    pub async fn get_raw(&self, usernames: &[String]) -> Result<Vec<Stored>, CacheError> {
-        self.router.get_raw(usernames).await
+    /// What is stored at the Redis keys of `keys`: strings as they are (live entries,
+    /// tombstones, foreign strings), and whether a key holds another type.
+    pub async fn get_raw(&self, keys: &[Key]) -> Result<Vec<Stored>, CacheError> {
+        self.router.get_raw(keys).await
     }
 }

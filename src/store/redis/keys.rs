@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use crate::model::key::Key;
+
 /// Slots in a Redis Cluster.
 pub const SLOTS: usize = 16384;
 
@@ -60,12 +62,20 @@ impl Keys {
         self.slotted.is_some()
     }
 
-    /// The key of a user: the prefix + the username.
-    pub fn user(&self, username: &str) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + username.len());
-        key.push_str(&self.prefix);
-        key.push_str(username);
-        key
+    /// The Redis key of an entry: the prefix + the key's text (a user's: the username).
+    pub fn entry(&self, key: &Key) -> String {
+        let mut redis_key = String::with_capacity(self.prefix.len() + key.as_str().len());
+        redis_key.push_str(&self.prefix);
+        redis_key.push_str(key.as_str());
+        redis_key
+    }
+
+    /// The entry's key a Redis key names, if it is one under the prefix (not the prefix alone,
+    /// a fence or an epoch: those follow it with nothing or with NUL).
+    pub fn key_of<'a>(&self, redis_key: &'a [u8]) -> Option<&'a str> {
+        let rest = redis_key.strip_prefix(self.prefix.as_bytes())?;
+        let text = std::str::from_utf8(rest).ok()?;
+        (!text.is_empty() && !text.starts_with('\0')).then_some(text)
     }
 
     /// The slot `key` lives in; 0 for every key on a single server.
@@ -226,10 +236,16 @@ mod tests {
         let slot = slot_of(b"users");
         assert_eq!(tagged.slots(), vec![slot]);
         assert_eq!(slot_of(tagged.fence(slot).as_bytes()), slot);
-        assert_eq!(tagged.slot(&tagged.user("anyone")), slot);
+        assert_eq!(tagged.slot(&tagged.entry(&Key::user("anyone"))), slot);
+
         // One server: one fence, the prefix.
         let single = Keys::new("user:", false);
         assert_eq!(single.fence(single.slot("user:a")), "user:");
         assert_eq!(single.epoch(0), "user:\0epoch");
+        // What follows the prefix names an entry; the prefix alone, a fence or an epoch do not.
+        assert_eq!(single.key_of(b"user:ann"), Some("ann"));
+        for not_an_entry in [&b"user:"[..], b"user:\0epoch", b"other:ann", b"user:\xff"] {
+            assert_eq!(single.key_of(not_an_entry), None);
+        }
     }
 }

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 
 use crate::model::entry::satisfies;
+use crate::model::key::Key;
 
 /// What an entry costs beyond its name and JSON: the index slot, the ring slot, the allocations.
 const ENTRY_OVERHEAD: usize = 96;
@@ -79,7 +80,7 @@ pub struct NearCache {
 
 #[derive(Default)]
 struct Shard {
-    index: HashMap<Box<str>, usize>,
+    index: HashMap<Key, usize>,
     ring: Vec<Option<Entry>>,
     free: Vec<usize>,
     hand: usize,
@@ -89,7 +90,7 @@ struct Shard {
 }
 
 struct Entry {
-    name: Box<str>,
+    name: Key,
     json: Arc<str>,
     version: i64,
     /// Read since the hand last passed.
@@ -98,7 +99,7 @@ struct Entry {
 
 impl Entry {
     fn cost(&self) -> usize {
-        cost(&self.name, &self.json)
+        cost(self.name.as_str(), &self.json)
     }
 }
 
@@ -133,8 +134,8 @@ impl NearCache {
     }
 
     /// The entry of `name`, if held and at least `min_version` new.
-    pub fn get(&self, name: &str, min_version: Option<i64>) -> Option<NearHit> {
-        let mut shard = self.shard(name);
+    pub fn get(&self, name: &Key, min_version: Option<i64>) -> Option<NearHit> {
+        let mut shard = self.shard(name.as_str());
         let &at = shard.index.get(name)?;
         let entry = shard.ring[at].as_mut().expect("indexed slots are full");
         if !satisfies(entry.version, min_version) {
@@ -152,8 +153,8 @@ impl NearCache {
 
     /// The entry of `name` as held, without counting a hit or marking it read (the consistency
     /// checker's look).
-    pub fn peek(&self, name: &str) -> Option<NearHit> {
-        let shard = self.shard(name);
+    pub fn peek(&self, name: &Key) -> Option<NearHit> {
+        let shard = self.shard(name.as_str());
         let &at = shard.index.get(name)?;
         let entry = shard.ring[at].as_ref().expect("indexed slots are full");
         Some(NearHit {
@@ -164,7 +165,7 @@ impl NearCache {
 
     /// Up to `n` names held, picked spread over the shards from `seed` (the consistency checker's
     /// sample).
-    pub fn sample(&self, n: usize, seed: u64) -> Vec<String> {
+    pub fn sample(&self, n: usize, seed: u64) -> Vec<Key> {
         let mut names = Vec::with_capacity(n);
         let mut state = seed | 1;
         for _ in 0..n * 2 {
@@ -182,7 +183,7 @@ impl NearCache {
             }
             let at = (state >> 32) as usize % shard.ring.len();
             if let Some(entry) = &shard.ring[at] {
-                names.push(entry.name.to_string());
+                names.push(entry.name.clone());
             }
         }
         names.sort();
@@ -191,34 +192,37 @@ impl NearCache {
     }
 
     /// Taken before a read of `names` is queued; see [`NearCache::keep`].
-    pub fn ticket(&self, names: &[&str]) -> Ticket {
+    pub fn ticket(&self, names: &[&Key]) -> Ticket {
         let generation = self.generation.load(Relaxed);
         Ticket {
             generation,
-            marks: names.iter().map(|name| self.shard(name).marks).collect(),
+            marks: names
+                .iter()
+                .map(|name| self.shard(name.as_str()).marks)
+                .collect(),
         }
     }
 
     /// Keeps what a tracked read found for `names[at]` (the `at` of its ticket), unless the
     /// cache was flushed or the name's shard saw an invalidation since the ticket was taken.
     /// Returns whether it was kept.
-    pub fn keep(&self, ticket: &Ticket, at: usize, name: &str, json: &str, version: i64) -> bool {
-        let size = cost(name, json);
+    pub fn keep(&self, ticket: &Ticket, at: usize, name: &Key, json: &str, version: i64) -> bool {
+        let size = cost(name.as_str(), json);
         if size > self.shard_bytes {
             return false;
         }
-        let mut shard = self.shard(name);
+        let mut shard = self.shard(name.as_str());
         // Read under the shard's lock: a flush bumps the generation before it empties the shards,
         // so an entry kept here with the old generation is emptied by it.
         if self.generation.load(Relaxed) != ticket.generation || shard.marks != ticket.marks[at] {
             return false;
         }
-        shard.remove(name);
+        shard.remove(name.as_str());
         while shard.bytes + size > self.shard_bytes {
             shard.evict_one();
         }
         let entry = Entry {
-            name: name.into(),
+            name: name.clone(),
             json: json.into(),
             version,
             visited: false,
@@ -231,24 +235,24 @@ impl NearCache {
             }
         };
         shard.bytes += size;
-        shard.index.insert(name.into(), at);
+        shard.index.insert(name.clone(), at);
         shard.ring[at] = Some(entry);
         true
     }
 
     /// Redis says `name` changed (or the daemon is about to change it): drops its entry and
     /// refuses every read of its shard asked for before now.
-    pub fn invalidate(&self, name: &str) {
-        let mut shard = self.shard(name);
+    pub fn invalidate(&self, name: &Key) {
+        let mut shard = self.shard(name.as_str());
         shard.marks += 1;
-        shard.remove(name);
+        shard.remove(name.as_str());
         drop(shard);
         self.invalidations.fetch_add(1, Relaxed);
     }
 
     /// [`NearCache::invalidate`] for each of `names` (the daemon is about to write them, or
     /// wrote them).
-    pub fn invalidate_many<'a>(&self, names: impl Iterator<Item = &'a str>) {
+    pub fn invalidate_many<'a>(&self, names: impl Iterator<Item = &'a Key>) {
         for name in names {
             self.invalidate(name);
         }
@@ -329,6 +333,10 @@ impl Shard {
 mod tests {
     use super::*;
 
+    fn k(name: &str) -> Key {
+        Key::user(name)
+    }
+
     fn user(version: i64) -> String {
         format!(r#"{{"id":1,"username":"a","version":{version}}}"#)
     }
@@ -336,25 +344,25 @@ mod tests {
     #[test]
     fn a_read_is_kept_only_if_nothing_invalidated_it_since_it_was_asked() {
         let near = NearCache::new(1 << 20).unwrap();
-        let ticket = near.ticket(&["a"]);
-        assert!(near.keep(&ticket, 0, "a", &user(1), 1));
-        assert_eq!(near.get("a", None).unwrap().version, 1);
+        let ticket = near.ticket(&[&k("a")]);
+        assert!(near.keep(&ticket, 0, &k("a"), &user(1), 1));
+        assert_eq!(near.get(&k("a"), None).unwrap().version, 1);
 
         // The change after the read was handled before its reply: the reply is never kept.
-        let ticket = near.ticket(&["a"]);
-        near.invalidate("a");
-        assert!(near.get("a", None).is_none(), "invalidated");
-        assert!(!near.keep(&ticket, 0, "a", &user(1), 1));
-        assert!(near.get("a", None).is_none());
+        let ticket = near.ticket(&[&k("a")]);
+        near.invalidate(&k("a"));
+        assert!(near.get(&k("a"), None).is_none(), "invalidated");
+        assert!(!near.keep(&ticket, 0, &k("a"), &user(1), 1));
+        assert!(near.get(&k("a"), None).is_none());
 
         // A flush refuses every read asked for before it.
-        let ticket = near.ticket(&["a", "b"]);
+        let ticket = near.ticket(&[&k("a"), &k("b")]);
         near.flush();
-        assert!(!near.keep(&ticket, 1, "b", &user(2), 2));
-        let ticket = near.ticket(&["b"]);
-        assert!(near.keep(&ticket, 0, "b", &user(2), 2));
+        assert!(!near.keep(&ticket, 1, &k("b"), &user(2), 2));
+        let ticket = near.ticket(&[&k("b")]);
+        assert!(near.keep(&ticket, 0, &k("b"), &user(2), 2));
         near.flush();
-        assert!(near.get("b", None).is_none());
+        assert!(near.get(&k("b"), None).is_none());
         let report = near.report();
         assert_eq!((report.entries, report.bytes, report.flushes), (0, 0, 2));
     }
@@ -367,34 +375,34 @@ mod tests {
         let fits = 64 * 1024 / per;
         for i in 0..fits {
             let name = format!("name-{i:04}");
-            let ticket = near.ticket(&[&name]);
-            assert!(near.keep(&ticket, 0, &name, &json, 1));
+            let ticket = near.ticket(&[&k(&name)]);
+            assert!(near.keep(&ticket, 0, &k(&name), &json, 1));
         }
         assert_eq!(near.report().entries as usize, fits);
         // Read a few: they survive the next insertions; the unread oldest go first.
         for i in 0..4 {
-            near.get(&format!("name-{i:04}"), None).unwrap();
+            near.get(&k(&format!("name-{i:04}")), None).unwrap();
         }
         for i in fits..fits + 8 {
             let name = format!("name-{i:04}");
-            let ticket = near.ticket(&[&name]);
-            assert!(near.keep(&ticket, 0, &name, &json, 1));
+            let ticket = near.ticket(&[&k(&name)]);
+            assert!(near.keep(&ticket, 0, &k(&name), &json, 1));
             assert!(near.report().bytes as usize <= 64 * 1024);
         }
         for i in 0..4 {
             assert!(
-                near.get(&format!("name-{i:04}"), None).is_some(),
+                near.get(&k(&format!("name-{i:04}")), None).is_some(),
                 "read: kept"
             );
         }
         assert!(
-            near.get("name-0004", None).is_none(),
+            near.get(&k("name-0004"), None).is_none(),
             "unread: evicted first"
         );
         // An entry larger than a shard is never held.
         let huge = "x".repeat(70 * 1024);
-        let ticket = near.ticket(&["big"]);
-        assert!(!near.keep(&ticket, 0, "big", &huge, 1));
+        let ticket = near.ticket(&[&k("big")]);
+        assert!(!near.keep(&ticket, 0, &k("big"), &huge, 1));
         assert!(NearCache::new(0).is_none());
     }
 }

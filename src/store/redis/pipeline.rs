@@ -167,9 +167,9 @@ impl Requests {
                     // Refuses the near cache every read asked for before now: one ahead of the
                     // fill in this pipeline reads what the fill replaces.
                     if let Some(near) = &self.near {
-                        near.invalidate_many(writes.iter().map(Write::username));
+                        near.invalidate_many(writes.iter().map(Write::key));
                     }
-                    for (slot, at) in self.router.by_slot(writes.iter().map(|w| w.username())) {
+                    for (slot, at) in self.router.by_slot(writes.iter().map(Write::key)) {
                         let pipe = slots.entry(slot).or_default();
                         let carried: Vec<&Write> = at.iter().map(|&i| &writes[i]).collect();
                         pipe.cmds.push(scripts::apply(

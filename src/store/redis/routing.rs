@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::conn::Conn;
 use super::error::{CacheError, CacheErrorKind};
 use super::keys::{Keys, Primary, Routes};
+use crate::model::key::Key;
 use crate::support::time::within;
 
 /// What one slot's commands answered, and whether they went on a connection whose pushes reach
@@ -55,20 +56,17 @@ impl Router {
         within(self.timeout * BULK_TIMEOUTS, call, CacheError::timeout).await
     }
 
-    /// The slot of a user's key (0 for every key but on a Cluster).
-    pub fn slot_of(&self, username: &str) -> u16 {
-        self.keys.slot(&self.keys.user(username))
+    /// The slot of an entry's Redis key (0 for every key but on a Cluster).
+    pub fn slot_of(&self, key: &Key) -> u16 {
+        self.keys.slot(&self.keys.entry(key))
     }
 
-    /// The positions of `usernames` by the slot of their key, in slot order (one group on a
+    /// The positions of `keys` by the slot of their Redis key, in slot order (one group on a
     /// single server).
-    pub fn by_slot<'a>(
-        &self,
-        usernames: impl Iterator<Item = &'a str>,
-    ) -> BTreeMap<u16, Vec<usize>> {
+    pub fn by_slot<'a>(&self, keys: impl Iterator<Item = &'a Key>) -> BTreeMap<u16, Vec<usize>> {
         let mut slots: BTreeMap<u16, Vec<usize>> = Default::default();
-        for (i, name) in usernames.enumerate() {
-            slots.entry(self.slot_of(name)).or_default().push(i);
+        for (i, key) in keys.enumerate() {
+            slots.entry(self.slot_of(key)).or_default().push(i);
         }
         slots
     }

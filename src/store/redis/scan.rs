@@ -4,6 +4,7 @@
 use super::error::{decode, CacheError};
 use super::keys::Primary;
 use super::routing::Router;
+use crate::model::key::Key;
 
 /// A SCAN over every primary, page by page (see [`Router::scan`]).
 pub struct Scan<'a> {
@@ -16,8 +17,9 @@ pub struct Scan<'a> {
 }
 
 impl Scan<'_> {
-    /// The names of the next page (perhaps none), or `None` once every primary was walked.
-    pub async fn next_page(&mut self) -> Result<Option<Vec<String>>, CacheError> {
+    /// The entries' keys of the next page (perhaps none), or `None` once every primary was
+    /// walked.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<Key>>, CacheError> {
         let router = self.router;
         if self.primaries.is_none() {
             self.primaries = Some(router.primaries().await?.into_iter());
@@ -39,16 +41,16 @@ impl Scan<'_> {
             .arg("COUNT")
             .arg(SCAN_COUNT);
         let value = router.on_one(&primary, &scan).await?;
-        let (next, keys): (u64, Vec<String>) = decode(value)?;
+        // As bytes: a key under the prefix that is not UTF-8 (another program's) is passed over,
+        // not an error that stops the walk.
+        let (next, keys): (u64, Vec<Vec<u8>>) = decode(value)?;
         if next != 0 {
             self.at = Some((primary, next));
         }
-        let prefix = router.keys.prefix();
         Ok(Some(
-            keys.into_iter()
-                .filter_map(|k| k.strip_prefix(prefix).map(str::to_owned))
-                // The prefix alone is a fence, prefix + NUL a fence or an epoch: no user's.
-                .filter(|name| !name.is_empty() && !name.starts_with('\0'))
+            keys.iter()
+                .filter_map(|k| router.keys.key_of(k))
+                .map(Key::user)
                 .collect(),
         ))
     }
@@ -100,13 +102,13 @@ impl Router {
         Ok(false)
     }
 
-    /// What is stored at the keys of `usernames`: strings as they are (live entries, tombstones,
-    /// foreign strings), and whether a key holds another type.
-    pub async fn get_raw(&self, usernames: &[String]) -> Result<Vec<Stored>, CacheError> {
-        if usernames.is_empty() {
+    /// What is stored at the Redis keys of `entries`: strings as they are (live entries,
+    /// tombstones, foreign strings), and whether a key holds another type.
+    pub async fn get_raw(&self, entries: &[Key]) -> Result<Vec<Stored>, CacheError> {
+        if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = usernames.iter().map(|u| self.keys.user(u)).collect();
+        let keys: Vec<String> = entries.iter().map(|k| self.keys.entry(k)).collect();
         let mut conn = self.conn.clone();
         // One MGET; a Cluster connection splits it by slot.
         let values: Vec<Option<String>> = self

@@ -51,7 +51,7 @@ pub fn apply(keys: &Keys, slot: u16, ttl_secs: u64, writes: &[&Write]) -> redis:
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(APPLY).arg(writes.len() + 1).arg(keys.fence(slot));
     for write in writes {
-        cmd.arg(keys.user(write.username()));
+        cmd.arg(keys.entry(write.key()));
     }
     cmd.arg(ttl_secs);
     for write in writes {

@@ -4,27 +4,29 @@
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
+use super::keys::Keys;
 use super::near::NearCache;
+use crate::model::key::Key;
 
 /// Hands the near cache what Redis pushes: `invalidate` drops the names it lists (everything when
 /// it lists none: a FLUSHALL, a FLUSHDB); a connection lost or replaced drops everything.
 pub async fn listen(
     near: Arc<NearCache>,
-    prefix: String,
+    keys: Keys,
     mut heard: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
 ) {
     while let Some(push) = heard.recv().await {
         match push.kind {
             redis::PushKind::Invalidate => match push.data.first() {
-                Some(redis::Value::Array(keys)) => {
-                    for key in keys {
-                        let name = match key {
-                            redis::Value::BulkString(key) => key.strip_prefix(prefix.as_bytes()),
+                Some(redis::Value::Array(names)) => {
+                    for named in names {
+                        // Not an entry's key: cacheward's fence or epoch, or another program's.
+                        let key = match named {
+                            redis::Value::BulkString(named) => keys.key_of(named),
                             _ => None,
                         };
-                        // Not a user's key (cacheward's fence or epoch, or another program's).
-                        if let Some(Ok(name)) = name.map(std::str::from_utf8) {
-                            near.invalidate(name);
+                        if let Some(key) = key {
+                            near.invalidate(&Key::user(key));
                         }
                     }
                 }
@@ -81,8 +83,9 @@ mod tests {
         use redis::{PushInfo, PushKind, Value};
         let near = Arc::new(NearCache::new(1 << 20).unwrap());
         let hold = |name: &str| {
-            let ticket = near.ticket(&[name]);
-            assert!(near.keep(&ticket, 0, name, r#"{"id":1,"version":1}"#, 1));
+            let key = Key::user(name);
+            let ticket = near.ticket(&[&key]);
+            assert!(near.keep(&ticket, 0, &key, r#"{"id":1,"version":1}"#, 1));
         };
         // Hands `pushes` to the near cache and waits until they are all handled.
         let hear = |pushes: Vec<(PushKind, Vec<Value>)>| {
@@ -90,7 +93,7 @@ mod tests {
             for (kind, data) in pushes {
                 sender.send(PushInfo { kind, data }).unwrap();
             }
-            listen(near.clone(), "user:".into(), heard)
+            listen(near.clone(), Keys::new("user:", false), heard)
         };
         let keys = |keys: &[&[u8]]| {
             let keys = keys.iter().map(|k| Value::BulkString(k.to_vec())).collect();
@@ -109,10 +112,16 @@ mod tests {
             (PushKind::Other("invalidate".into()), keys(&[b"user:ann"])),
         ])
         .await;
-        assert!(near.get("ann", None).is_some() && near.get("bob", None).is_some());
+        assert!(
+            near.get(&Key::user("ann"), None).is_some()
+                && near.get(&Key::user("bob"), None).is_some()
+        );
         // One of ours: that one only.
         hear(vec![(PushKind::Invalidate, keys(&[b"user:ann"]))]).await;
-        assert!(near.get("ann", None).is_none() && near.get("bob", None).is_some());
+        assert!(
+            near.get(&Key::user("ann"), None).is_none()
+                && near.get(&Key::user("bob"), None).is_some()
+        );
         // An invalidation that names no keys in the expected shape, a lost connection: all goes.
         for data in [vec![Value::Nil], vec![], vec![Value::Int(1)]] {
             hold("ann");

@@ -1,0 +1,86 @@
+//! Response lines, `\n` included: a success, an error, and the `get` answer that embeds the
+//! stored JSON without re-encoding it. No I/O here.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::error::RpcError;
+
+/// A request id as the client sent it (string, number or null), echoed back verbatim.
+pub type Id = Value;
+
+#[derive(Serialize)]
+struct SuccessFrame<'a, T: Serialize> {
+    jsonrpc: &'static str,
+    id: &'a Id,
+    result: T,
+}
+
+#[derive(Serialize)]
+struct ErrorFrame<'a> {
+    jsonrpc: &'static str,
+    id: &'a Id,
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: i32,
+    message: &'a str,
+    data: ErrorData,
+}
+
+#[derive(Serialize)]
+struct ErrorData {
+    kind: &'static str,
+}
+
+/// A success response line, `\n` included.
+pub fn encode_result<T: Serialize>(id: &Id, result: T) -> Vec<u8> {
+    let frame = SuccessFrame {
+        jsonrpc: "2.0",
+        id,
+        result,
+    };
+    let mut out = serde_json::to_vec(&frame).expect("responses always serialize");
+    out.push(b'\n');
+    out
+}
+
+/// Appends the success response carrying a user (`get`), `\n` included, to `out`. `user` is the
+/// user's JSON as stored, embedded without re-encoding; it is only rewritten compactly if it
+/// spans lines, which would break the framing.
+pub fn encode_user_into(out: &mut Vec<u8>, id: &Id, user: &str, source: &str) {
+    out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+    serde_json::to_writer(&mut *out, id).expect("ids always serialize");
+    out.extend_from_slice(br#","result":{"user":"#);
+    if user.bytes().any(|b| b == b'\n' || b == b'\r') {
+        match serde_json::from_str::<Value>(user) {
+            Ok(value) => serde_json::to_writer(&mut *out, &value).expect("values serialize"),
+            Err(_) => out.extend_from_slice(b"null"),
+        }
+    } else {
+        out.extend_from_slice(user.as_bytes());
+    }
+    out.extend_from_slice(br#","source":""#);
+    out.extend_from_slice(source.as_bytes());
+    out.extend_from_slice(b"\"}}\n");
+}
+
+/// An error response line, `\n` included.
+pub fn encode_error(id: &Id, error: &RpcError) -> Vec<u8> {
+    let frame = ErrorFrame {
+        jsonrpc: "2.0",
+        id,
+        error: ErrorBody {
+            code: error.kind.code(),
+            message: &error.message,
+            data: ErrorData {
+                kind: error.kind.name(),
+            },
+        },
+    };
+    let mut out = serde_json::to_vec(&frame).expect("responses always serialize");
+    out.push(b'\n');
+    out
+}

@@ -1,0 +1,82 @@
+//! Reading a method's named parameters: each taken once, typed, checked; the username rule.
+
+use serde_json::{Map, Value};
+
+use crate::rpc::error::RpcError;
+
+/// Longest username, in Unicode scalar values.
+pub const MAX_USERNAME_CHARS: usize = 64;
+
+/// A method's named parameters.
+pub type Params = Map<String, Value>;
+
+/// What kind of JSON value `v` is, for an error message.
+pub fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+pub fn take_username(params: &mut Params, name: &str) -> Result<String, RpcError> {
+    match params.remove(name) {
+        Some(Value::String(s)) => {
+            validate_username(&s)
+                .map_err(|why| RpcError::invalid_params(format!("invalid params: {name} {why}")))?;
+            Ok(s)
+        }
+        Some(other) => Err(RpcError::invalid_params(format!(
+            "invalid params: {name} must be a string, got {}",
+            type_name(&other)
+        ))),
+        None => Err(RpcError::invalid_params(format!(
+            "invalid params: missing {name}"
+        ))),
+    }
+}
+
+/// An optional version: an integer from 0 to 2^63 - 1 (`null` is as if it were absent).
+pub fn take_version(params: &mut Params, name: &str) -> Result<Option<i64>, RpcError> {
+    match params.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.as_i64().is_some_and(|v| v >= 0) => Ok(n.as_i64()),
+        Some(other) => Err(RpcError::invalid_params(format!(
+            "invalid params: {name} must be an integer from 0 to {}, got {}",
+            i64::MAX,
+            match &other {
+                Value::Number(n) => n.to_string(),
+                other => type_name(other).to_owned(),
+            }
+        ))),
+    }
+}
+
+/// Checks the protocol's username rule: 1–64 Unicode scalar values, no control characters, no whitespace
+/// at either end. Returns the reason as a phrase that follows the parameter's name.
+pub fn validate_username(name: &str) -> Result<(), String> {
+    let count = name.chars().count();
+    if count == 0 {
+        return Err("must not be empty".into());
+    }
+    if count > MAX_USERNAME_CHARS {
+        return Err(format!(
+            "must be at most {MAX_USERNAME_CHARS} characters, got {count}"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "must not contain control characters (found U+{:04X})",
+            c as u32
+        ));
+    }
+    let starts = name.chars().next().is_some_and(char::is_whitespace);
+    let ends = name.chars().next_back().is_some_and(char::is_whitespace);
+    if starts || ends {
+        return Err("must not start or end with whitespace".into());
+    }
+    Ok(())
+}
