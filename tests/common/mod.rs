@@ -386,12 +386,25 @@ impl DaemonProcess {
     /// With extra environment variables (`CACHEWARD__…` settings).
     pub fn spawn_with(env: &TestEnv, name: &str, vars: &[(&str, &str)]) -> DaemonProcess {
         let socket = env.dir.path().join(format!("{name}.sock"));
-        let log = env.dir.path().join(format!("{name}.log"));
+        DaemonProcess::serve(env.dir.path(), &socket, &env.db_url, &env.redis_url, vars)
+    }
+
+    /// `cacheward serve` on any backends (the benchmark's too), in `dir`, its socket at `socket`
+    /// and its log beside it (`.log`); `vars` are extra settings.
+    pub fn serve(
+        dir: &std::path::Path,
+        socket: &std::path::Path,
+        db_url: &str,
+        redis_url: &str,
+        vars: &[(&str, &str)],
+    ) -> DaemonProcess {
+        let socket = socket.to_owned();
+        let log = socket.with_extension("log");
         let child = Command::new(BIN)
             .arg("serve")
-            .current_dir(env.dir.path())
-            .env("DATABASE_URL", &env.db_url)
-            .env("REDIS_URL", &env.redis_url)
+            .current_dir(dir)
+            .env("DATABASE_URL", db_url)
+            .env("REDIS_URL", redis_url)
             .env("CACHEWARD__SOCKET__PATH", &socket)
             .env("CACHEWARD__LOG__STATS_INTERVAL_SECS", "0")
             .env_remove("RUST_LOG")
@@ -407,6 +420,19 @@ impl DaemonProcess {
     pub async fn wait_ready(&self) {
         ready_at(&self.socket).await;
         cdc_settled(&self.socket).await;
+    }
+
+    /// [`DaemonProcess::serve`], once it is ready.
+    pub async fn start(
+        dir: &std::path::Path,
+        socket: &std::path::Path,
+        db_url: &str,
+        redis_url: &str,
+        vars: &[(&str, &str)],
+    ) -> DaemonProcess {
+        let daemon = DaemonProcess::serve(dir, socket, db_url, redis_url, vars);
+        daemon.wait_ready().await;
+        daemon
     }
 
     pub fn signal(&self, sig: i32) {

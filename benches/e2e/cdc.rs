@@ -1,0 +1,347 @@
+//! CDC lag: out-of-band renames at a fixed rate and unpaced, with NOTIFY and poll-only, timed
+//! from the commit to the new key's appearance in Redis; and how fast a backlog drains.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::common::DaemonProcess;
+use crate::measure::{env_or, histogram};
+use crate::Bench;
+
+/// Which users each CDC run renames (`u1..`): paced with NOTIFY, paced poll-only, then the rest
+/// split between an unpaced run and a backlog committed while the daemon is stopped.
+pub struct Runs {
+    pub rate: u64,
+    pub seconds: u64,
+    pub paced: std::ops::RangeInclusive<u64>,
+    pub poll: std::ops::RangeInclusive<u64>,
+    pub max: std::ops::RangeInclusive<u64>,
+    pub backlog: std::ops::RangeInclusive<u64>,
+}
+
+impl Runs {
+    pub fn of(users: u64) -> Runs {
+        let rate: u64 = env_or("CACHEWARD_BENCH_CDC_RATE", 1000);
+        let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_SECS", 10);
+        let paced = 1..=(rate * seconds).min(users);
+        let poll = paced.end() + 1..=(paced.end() + rate * seconds).min(users);
+        // The rest: half unpaced with the daemon running, half committed while it is stopped.
+        let middle = poll.end() + (users - poll.end()) / 2;
+        Runs {
+            rate,
+            seconds,
+            max: poll.end() + 1..=middle,
+            backlog: middle + 1..=users,
+            paced,
+            poll,
+        }
+    }
+}
+
+/// Paced renames with NOTIFY, then unpaced ones, then a backlog drained after the daemon `pid`
+/// resumes; into `report`.
+pub async fn run(b: &Bench, runs: &Runs, pid: u32, report: &mut Value) {
+    let paced = cdc_lag(
+        &b.pg_config,
+        &b.redis_client,
+        Some(runs.rate),
+        runs.seconds,
+        runs.paced.clone(),
+        "c",
+        None,
+    )
+    .await;
+    println!(
+        "\ncdc: {} renames/s for {} s from 4 connections: {}",
+        runs.rate,
+        runs.seconds,
+        paced.summary()
+    );
+    report["cdc"] = paced.json();
+    // The highest rate: 4 connections renaming as fast as PostgreSQL commits them.
+    let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_MAX_SECS", 5);
+    if !runs.max.is_empty() {
+        let max = cdc_lag(
+            &b.pg_config,
+            &b.redis_client,
+            None,
+            seconds,
+            runs.max.clone(),
+            "m",
+            None,
+        )
+        .await;
+        println!("cdc: unpaced renames for {seconds} s from 4 connections (as fast as PostgreSQL commits): {}", max.summary());
+        report["cdc_max"] = max.json();
+        // Headroom: how fast the applier drains a backlog, against that commit rate.
+        if !runs.backlog.is_empty() {
+            let backlog = cdc_lag(
+                &b.pg_config,
+                &b.redis_client,
+                None,
+                seconds,
+                runs.backlog.clone(),
+                "b",
+                Some(pid),
+            )
+            .await;
+            let drain_rate = backlog.changes as f64 / backlog.drained_in.as_secs_f64().max(1e-3);
+            println!(
+                    "cdc: backlog of {} renames committed while the daemon was stopped, applied in {:.2} s once it resumed: {drain_rate:.0}/s, {:.1}x the unpaced commit rate; lost {}",
+                    backlog.changes, backlog.drained_in.as_secs_f64(), drain_rate / max.rate(), backlog.lost
+                );
+            report["cdc_backlog"] = json!({"changes": backlog.changes, "drained_secs": backlog.drained_in.as_secs_f64(),
+                    "rate": drain_rate, "vs_unpaced": drain_rate / max.rate(), "lost": backlog.lost});
+        }
+    }
+}
+
+/// Paced renames through a daemon with `cdc.notify = false` and a short poll, as recommended for
+/// write-heavy databases (the main daemon is stopped by now); into `report`.
+pub async fn poll_only(b: &Bench, runs: &Runs, report: &mut Value) {
+    // Poll-only: a daemon with cdc.notify = false (the trigger stops notifying) and a short
+    // poll, as recommended for write-heavy databases.
+    let poll_ms = "20";
+    let _polling = DaemonProcess::start(
+        b.dir.path(),
+        &b.socket,
+        &b.db_url,
+        &b.redis_url,
+        &[
+            ("CACHEWARD__CDC__NOTIFY", "false"),
+            ("CACHEWARD__CDC__POLL_INTERVAL_MS", poll_ms),
+        ],
+    )
+    .await;
+    let polled = cdc_lag(
+        &b.pg_config,
+        &b.redis_client,
+        Some(runs.rate),
+        runs.seconds,
+        runs.poll.clone(),
+        "p",
+        None,
+    )
+    .await;
+    println!(
+        "cdc, poll-only (cdc.notify = false, poll_interval_ms = {poll_ms}): {} renames/s for {} s: {}",
+        runs.rate,
+        runs.seconds,
+        polled.summary()
+    );
+    report["cdc_poll_only"] = polled.json();
+    let pending: Vec<i32> = b
+        .admin
+        .query(
+            "SELECT jsonb_array_length(pending) FROM cacheward_cdc_cursors",
+            &[],
+        )
+        .await
+        .expect("cursors")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    println!("cdc cursors' pending transactions after the runs: {pending:?}");
+    b.admin
+        .batch_execute("UPDATE cacheward_cdc_settings SET notify = true")
+        .await
+        .expect("notify again");
+}
+
+/// Renames users `u1..` to `c1..` at `rate` per second for `seconds`, and times each new key's
+/// appearance in Redis (keyspace notifications). Returns the lag histogram (µs) and how many
+/// renames never showed up.
+pub async fn cdc_lag(
+    pg: &tokio_postgres::Config,
+    redis_client: &redis::Client,
+    rate: Option<u64>,
+    seconds: u64,
+    names: std::ops::RangeInclusive<u64>,
+    prefix: &'static str,
+    stopped_daemon: Option<u32>,
+) -> CdcRun {
+    use futures::StreamExt;
+    use std::collections::HashMap;
+    let mut conn = redis_client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("K$")
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET");
+    let mut pubsub = redis_client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .psubscribe(format!("__keyspace@*__:user:{prefix}*"))
+        .await
+        .expect("psubscribe");
+    let seen: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let listener = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            let mut messages = pubsub.into_on_message();
+            while let Some(msg) = messages.next().await {
+                let key = msg
+                    .get_channel_name()
+                    .rsplit(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                seen.lock().unwrap().entry(key).or_insert_with(Instant::now);
+            }
+        }
+    });
+    let committed: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    // Stopped (SIGSTOP) while the writers run, the daemon finds the whole run as a backlog.
+    let signal = |signal| {
+        if let Some(pid) = stopped_daemon {
+            // SAFETY: kill(2) on the daemon's pid; no memory is involved.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    };
+    signal(libc::SIGSTOP);
+    let start = Instant::now();
+    let mut writers = Vec::new();
+    let first = *names.start();
+    let last = *names.end();
+    for w in 0..4u64 {
+        let (pg, committed) = (pg.clone(), committed.clone());
+        writers.push(tokio::spawn(async move {
+            let client = cacheward::store::pg::connect(&pg).await.expect("pg");
+            let stmt = client
+                .prepare("UPDATE users SET username = $2 WHERE username = $1")
+                .await
+                .expect("prepare");
+            let mut i = first + w;
+            while i <= last && start.elapsed() < Duration::from_secs(seconds) {
+                if let Some(rate) = rate {
+                    // Paced: the n-th change is due at n / rate seconds.
+                    let due = start + Duration::from_secs_f64((i - first) as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let (from, to) = (format!("u{i}"), format!("{prefix}{i}"));
+                client.execute(&stmt, &[&from, &to]).await.expect("update");
+                committed.lock().unwrap().insert(to, Instant::now());
+                i += 4;
+            }
+        }));
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let elapsed = start.elapsed();
+    let resumed = Instant::now();
+    signal(libc::SIGCONT);
+    // Until every change showed up, or 15 s, then a little longer for stragglers.
+    let expected = committed.lock().unwrap().len();
+    while seen.lock().unwrap().len() < expected && resumed.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    listener.abort();
+    let drained_in = seen
+        .lock()
+        .unwrap()
+        .values()
+        .max()
+        .map_or(Duration::ZERO, |last| {
+            last.saturating_duration_since(resumed)
+        });
+    let mut lag = histogram();
+    let mut unseen = Vec::new();
+    {
+        let seen = seen.lock().unwrap();
+        for (name, at) in committed.lock().unwrap().iter() {
+            match seen.get(name) {
+                Some(visible) => {
+                    lag.saturating_record(visible.saturating_duration_since(*at).as_micros() as u64)
+                }
+                None => unseen.push(format!("user:{name}")),
+            }
+        }
+    }
+    // A change whose notification never came may still have reached Redis (a dropped
+    // notification): only a key that is missing now is lost.
+    let mut lost = 0;
+    for keys in unseen.chunks(1000) {
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .expect("MGET");
+        for (key, value) in keys.iter().zip(values) {
+            if !value
+                .as_deref()
+                .is_some_and(cacheward::model::entry::is_live)
+            {
+                eprintln!("cdc: {key} never reached Redis: {value:?}");
+                let client = cacheward::store::pg::connect(pg).await.expect("pg");
+                let name = key.trim_start_matches("user:");
+                for row in client
+                    .query("SELECT id, txid::text, changed_at::text FROM cacheward_outbox WHERE username = $1", &[&name])
+                    .await
+                    .expect("outbox")
+                {
+                    let (id, txid, at): (i64, String, String) = (row.get(0), row.get(1), row.get(2));
+                    let around: Vec<(i64, String)> = client
+                        .query("SELECT id, txid::text FROM cacheward_outbox WHERE id BETWEEN $1::bigint - 3 AND $1::bigint + 3 ORDER BY id", &[&id])
+                        .await
+                        .expect("around")
+                        .iter()
+                        .map(|r| (r.get(0), r.get(1)))
+                        .collect();
+                    eprintln!("  outbox id {id} txid {txid} at {at}; around: {around:?}");
+                }
+                lost += 1;
+            }
+        }
+    }
+    let changes = committed.lock().unwrap().len() as u64;
+    CdcRun {
+        changes,
+        elapsed,
+        lag,
+        lost,
+        drained_in,
+    }
+}
+
+/// Out-of-band changes committed, and how long each took to show in Redis.
+pub struct CdcRun {
+    changes: u64,
+    elapsed: Duration,
+    lag: Histogram<u64>,
+    lost: u64,
+    /// From the daemon resuming (or the last commit) to the last change showing in Redis.
+    drained_in: Duration,
+}
+
+impl CdcRun {
+    pub fn rate(&self) -> f64 {
+        self.changes as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn summary(&self) -> String {
+        let ms = |us: u64| us as f64 / 1000.0;
+        format!(
+            "{} changes at {:.0}/s: lag p50 {} ms, p99 {} ms, max {} ms; lost {}",
+            self.changes,
+            self.rate(),
+            ms(self.lag.value_at_quantile(0.5)),
+            ms(self.lag.value_at_quantile(0.99)),
+            ms(self.lag.max()),
+            self.lost
+        )
+    }
+
+    pub fn json(&self) -> Value {
+        json!({"changes": self.changes, "rate": self.rate(), "lost": self.lost,
+            "lag_us": {"p50": self.lag.value_at_quantile(0.5), "p99": self.lag.value_at_quantile(0.99), "max": self.lag.max()}})
+    }
+}
