@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use super::{db_result, Service, ServiceError};
 use crate::model::entry::Write;
 use crate::model::key::Key;
-use crate::store::redis::Primary;
+use crate::store::redis::Watch;
 
 /// Names queued for repair before the queue gives up on names and clears the whole cache instead.
 pub const REPAIR_CAPACITY: usize = 100_000;
@@ -177,18 +177,18 @@ impl Service {
         self.repairs.count()
     }
 
-    /// `primary` has no fence (a first start, a Redis restart, a FLUSHALL): sets its fences from a
-    /// horizon drawn now, after one was seen missing, so that every write that read its row before
-    /// Redis lost its data is refused (see `Cache::fence_key`). Until then every live write there
-    /// is refused. Called by the health monitor.
-    pub async fn restore_fence(&self, primary: &Primary) {
+    /// The last look at Redis found fences missing (a first start, a Redis restart, a FLUSHALL):
+    /// sets them from a horizon drawn now, after they were seen missing, so that every write that
+    /// read its row before Redis lost its data is refused (see `Cache::fence_key`). Until then
+    /// every live write there is refused. Called by the health monitor.
+    pub async fn restore_fences(&self, watch: &Watch) {
         let horizon = match self.db.fresh_horizon().await {
             Ok(horizon) => horizon,
             Err(e) => return tracing::debug!(error = %e, "cannot draw a cache fence yet"),
         };
-        match self.cache.establish_fences(primary, horizon).await {
-            Ok(set) => tracing::info!(fence = horizon, slots = set, "cache fence set"),
-            Err(e) => tracing::debug!(error = %e, "cannot set the cache fence yet"),
+        let set = self.cache.restore_fences(watch, horizon).await;
+        if set > 0 {
+            tracing::info!(fence = horizon, slots = set, "cache fence set");
         }
     }
 

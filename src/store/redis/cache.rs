@@ -106,9 +106,9 @@ impl Cache {
         self.router.keys.entry(key)
     }
 
-    /// The slots `primary` serves where cacheward keeps keys (slot 0 alone on one server).
-    pub fn slots_of(&self, primary: &Primary) -> Vec<u16> {
-        primary.slots(&self.router.keys).collect()
+    /// Where this cache's keys live.
+    pub(super) fn keys(&self) -> &Keys {
+        &self.router.keys
     }
 
     /// The slot of a user's key (0 for every key but on a Cluster).
@@ -136,7 +136,7 @@ impl Cache {
     }
 
     /// The fence the health monitor checks on `primary`: the one at its anchor slot.
-    pub fn fence_key_of(&self, primary: &Primary) -> String {
+    pub(super) fn fence_key_of(&self, primary: &Primary) -> String {
         self.fence_key(primary.anchor(&self.router.keys).unwrap_or(0))
     }
 
@@ -285,18 +285,22 @@ impl Cache {
 
     /// What the health monitor looks at on `primary`, in one round trip: its `run_id`, the epoch
     /// recorded there, and its fence.
-    pub async fn look_at(&self, primary: &Primary) -> Result<NodeState, CacheError> {
+    pub(super) async fn look_at(&self, primary: &Primary) -> Result<NodeState, CacheError> {
         self.router.look_at(primary).await
     }
 
     /// Records `run_id` as the process the cached data of `primary` is written under.
-    pub async fn record_epoch(&self, primary: &Primary, run_id: &str) -> Result<(), CacheError> {
+    pub(super) async fn record_epoch(
+        &self,
+        primary: &Primary,
+        run_id: &str,
+    ) -> Result<(), CacheError> {
         self.router.record_epoch(primary, run_id).await
     }
 
     /// The `maxmemory-policy` of `primary`, or `None` where CONFIG is not allowed (managed
     /// services, ACLs).
-    pub async fn eviction_policy(&self, primary: &Primary) -> Option<String> {
+    pub(super) async fn eviction_policy(&self, primary: &Primary) -> Option<String> {
         self.router.eviction_policy(primary).await
     }
 

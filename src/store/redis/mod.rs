@@ -3,7 +3,8 @@
 //! [`conn`] (reaching whatever `redis.mode` names), [`routing`] (which pipeline a command goes
 //! on, every call bounded), [`scripts`] (the Lua scripts, `*.lua`), [`near`] and [`tracking`]
 //! (the near cache and what keeps it exact), [`pipeline`] (the request path's queue), [`scan`]
-//! and [`admin`] (walking the cache; fences and epochs).
+//! and [`admin`] (walking the cache; fences and epochs), [`watch`] (what the health monitor learns
+//! each tick, in terms that name no primary).
 
 pub mod admin;
 pub mod cache;
@@ -19,6 +20,7 @@ pub mod scan;
 pub mod scripts;
 pub mod sentinel;
 pub mod tracking;
+pub mod watch;
 
 pub use admin::NodeState;
 pub use cache::Cache;
@@ -26,3 +28,4 @@ pub use error::{CacheError, CacheErrorKind};
 pub use keys::Primary;
 pub use scan::Stored;
 pub use scripts::Outcome;
+pub use watch::{Look, Watch};

@@ -1,0 +1,253 @@
+//! What the health monitor learns of Redis each tick, decided where the topology is known: on
+//! Sentinel, the primary the sentinels name; every primary looked at (its `run_id`, its epoch, its
+//! fence); the slots whose cached entries cannot be trusted any more (a changed topology, data
+//! written under another Redis process); the fences to set again; the epochs to record. The
+//! monitor acts on a [`Look`] and never sees a primary.
+
+use super::admin::NodeState;
+use super::cache::Cache;
+use super::error::CacheError;
+use super::keys::{Keys, Primary, SLOTS};
+
+/// What the monitor keeps between its looks at Redis.
+#[derive(Default)]
+pub struct Watch {
+    epochs: Epochs,
+    /// The primaries seen without a fence at the last look.
+    unfenced: Vec<Primary>,
+    /// Whether `cache fence unusable` was said (once).
+    fence_broken: bool,
+    /// Whether Redis's eviction policy was looked at (once, at the first contact).
+    policy_checked: bool,
+}
+
+/// What one look at Redis found, in the terms the daemon acts on.
+#[derive(Debug, Default)]
+pub struct Look {
+    /// Slots whose cached entries cannot be trusted: drop them before Redis answers for them.
+    pub distrust: Vec<u16>,
+    /// Some primary has no fence (a first start, a restart, a FLUSHALL): draw a horizon now and
+    /// hand it to [`Cache::restore_fences`].
+    pub unfenced: bool,
+}
+
+impl Cache {
+    /// One look at Redis, as the monitor takes it every tick. An error when a primary does not
+    /// answer: Redis is down then, and reads go to PostgreSQL until it answers or is replaced, so a
+    /// promoted replica's data is never read before its epoch was looked at.
+    pub async fn look(&self, watch: &mut Watch) -> Result<Look, CacheError> {
+        if let Err(e) = self.follow_sentinels().await {
+            tracing::debug!(error = %e, "cannot ask the sentinels");
+        }
+        let primaries = self.primaries().await?;
+        let looks = primaries.iter().map(|primary| self.look_at(primary));
+        let states = futures::future::try_join_all(looks).await?;
+        let nodes: Vec<(Primary, NodeState)> = primaries.into_iter().zip(states).collect();
+        if !watch.policy_checked {
+            watch.policy_checked = true;
+            if let Some((primary, _)) = nodes.first() {
+                warn_if_evicting(self, primary).await;
+            }
+        }
+        let distrust = watch.epochs.check(self.keys(), &nodes);
+        watch.unfenced.clear();
+        let mut broken = None;
+        for (primary, state) in nodes.iter().filter(|(_, state)| !state.elsewhere) {
+            match &state.fence {
+                Ok(Some(_)) => {}
+                Ok(None) => watch.unfenced.push(primary.clone()),
+                // Redis answered: it is up, but a fence key holds something not ours.
+                Err(reason) => broken = Some((primary, reason)),
+            }
+        }
+        match broken {
+            Some((primary, reason)) if !watch.fence_broken => {
+                let key = self.fence_key_of(primary);
+                tracing::error!(key = %key.escape_debug(), error = %reason, "cache fence unusable: the cache is not filled until the key is removed");
+                watch.fence_broken = true;
+            }
+            Some(_) => {}
+            None => watch.fence_broken = false,
+        }
+        Ok(Look {
+            distrust,
+            unfenced: !watch.unfenced.is_empty(),
+        })
+    }
+
+    /// Sets the missing fences the last look found to `horizon`, which must have been drawn after
+    /// that look (so that every write that read its row before Redis lost its data is refused).
+    /// Returns how many it set; a primary that cannot be reached now is tried at the next look.
+    pub async fn restore_fences(&self, watch: &Watch, horizon: i64) -> usize {
+        let mut set = 0;
+        for primary in &watch.unfenced {
+            match self.establish_fences(primary, horizon).await {
+                Ok(n) => set += n,
+                Err(e) => tracing::debug!(error = %e, "cannot set the cache fence yet"),
+            }
+        }
+        set
+    }
+
+    /// Records the epochs the looks found pending: call once the cache holds nothing from before
+    /// them (no repair pending).
+    pub async fn record_epochs(&self, watch: &mut Watch) {
+        watch.epochs.record(self).await;
+    }
+}
+
+/// Which primary (by node id) serves which slot ranges.
+type Topology = Vec<(String, Vec<(u16, u16)>)>;
+
+/// The slots served by another primary (or by none, or newly by one) in `now` than in `before`.
+fn changed_hands(before: &Topology, now: &Topology) -> Vec<u16> {
+    fn owners(topology: &Topology) -> Vec<Option<&str>> {
+        let mut owner = vec![None; SLOTS];
+        for (id, ranges) in topology {
+            for &(from, to) in ranges {
+                for slot in from as usize..=(to as usize).min(owner.len() - 1) {
+                    owner[slot] = Some(id.as_str());
+                }
+            }
+        }
+        owner
+    }
+    let (before, now) = (owners(before), owners(now));
+    (0..before.len())
+        .filter(|&slot| before[slot] != now[slot])
+        .map(|slot| slot as u16)
+        .collect()
+}
+
+/// Which Redis process the cached data of each primary was written under (see
+/// `Cache::epoch_key`), and which primary serves which slots: data from another process (a
+/// restart from persisted data, a promoted replica, a restore) or a changed topology (a failover,
+/// slots moved) may lack the newest writes, so the cache is distrusted and dropped before the new
+/// epochs are recorded.
+#[derive(Default)]
+struct Epochs {
+    /// The `run_id`s to record, per primary, once the cache holds nothing from before them.
+    pending: Vec<(Primary, String)>,
+    /// Whether `INFO` was refused (said once: a replaced Redis then goes unnoticed).
+    unknowable: bool,
+    /// Who served which slots at the last look (node ids and ranges).
+    topology: Option<Topology>,
+    /// The `run_id` each primary (by node id; `""` for the one server) answered with at the last
+    /// look.
+    seen: std::collections::HashMap<String, String>,
+}
+
+impl Epochs {
+    /// Looks at what `nodes` answered; returns the slots whose cached entries cannot be trusted.
+    fn check(&mut self, keys: &Keys, nodes: &[(Primary, NodeState)]) -> Vec<u16> {
+        let mut distrust = Vec::new();
+        let topology: Topology = nodes
+            .iter()
+            .map(|(p, _)| (p.id.clone(), p.ranges.clone()))
+            .collect();
+        if let Some(seen) = self.topology.as_ref().filter(|seen| **seen != topology) {
+            let changed = changed_hands(seen, &topology);
+            tracing::warn!(
+                primaries = topology.len(),
+                slots = changed.len(),
+                "redis cluster topology changed (a failover, or slots moved): dropping the cached entries of the slots that changed hands, reads of those go to postgres until then"
+            );
+            distrust.extend(changed);
+            self.pending.clear();
+        }
+        self.topology = Some(topology);
+        for (primary, state) in nodes.iter().filter(|(_, state)| !state.elsewhere) {
+            let Some(run_id) = &state.run_id else {
+                if !self.unknowable {
+                    self.unknowable = true;
+                    tracing::warn!("redis refuses INFO: a restart from persisted data or a failover goes unnoticed; allow INFO (docs/operations.md)");
+                }
+                continue;
+            };
+            let same_process = self
+                .seen
+                .insert(primary.id.clone(), run_id.clone())
+                .as_ref()
+                == Some(run_id);
+            if state.recorded.as_ref() == Some(run_id)
+                || self
+                    .pending
+                    .iter()
+                    .any(|(p, id)| p == primary && id == run_id)
+            {
+                continue;
+            }
+            if same_process {
+                // The process answered at the last look too: its anchor slot moved (the epoch
+                // there is another primary's, or none), its data did not change hands.
+                self.pending.retain(|(p, _)| p != primary);
+                self.pending.push((primary.clone(), run_id.clone()));
+                continue;
+            }
+            if matches!(state.fence, Ok(Some(_))) {
+                tracing::warn!(
+                    run_id = %run_id,
+                    recorded = state.recorded.as_deref().unwrap_or(""),
+                    node = %primary.address,
+                    "redis holds data written under another redis process: dropping every cached entry, reads go to postgres until then"
+                );
+                distrust.extend(primary.slots(keys));
+            }
+            // Without a fence Redis lost everything there, which the fence already handles.
+            self.pending.retain(|(p, _)| p != primary);
+            self.pending.push((primary.clone(), run_id.clone()));
+        }
+        distrust
+    }
+
+    /// Records the pending epochs (once nothing from before them is trusted any more).
+    async fn record(&mut self, cache: &Cache) {
+        let mut left = Vec::new();
+        for (primary, run_id) in self.pending.drain(..) {
+            if let Err(e) = cache.record_epoch(&primary, &run_id).await {
+                tracing::debug!(error = %e, "cannot record the redis epoch yet");
+                left.push((primary, run_id));
+            }
+        }
+        self.pending = left;
+    }
+}
+
+/// An `allkeys-*` eviction policy may evict a tombstone or a newer entry while a slow fill of an
+/// older row is on its way, and the fence itself (it has no TTL, unlike every entry): say so.
+async fn warn_if_evicting(cache: &Cache, primary: &Primary) {
+    if let Some(policy) = cache.eviction_policy(primary).await {
+        if policy.starts_with("allkeys") {
+            tracing::warn!(
+                policy = %policy,
+                "redis may evict what keeps the cache exact: use noeviction or a volatile policy"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_slots_that_changed_hands_are_distrusted() {
+        let before: Topology = vec![
+            ("a".into(), vec![(0, 5460)]),
+            ("b".into(), vec![(5461, 10922)]),
+            ("c".into(), vec![(10923, 16383)]),
+        ];
+        // b's replica d was promoted; 100 slots moved from a to c.
+        let now: Topology = vec![
+            ("a".into(), vec![(100, 5460)]),
+            ("d".into(), vec![(5461, 10922)]),
+            ("c".into(), vec![(0, 99), (10923, 16383)]),
+        ];
+        let changed = changed_hands(&before, &now);
+        assert_eq!(changed.len(), 100 + 5462);
+        assert!(changed.contains(&0) && changed.contains(&99) && !changed.contains(&100));
+        assert!(changed.contains(&5461) && changed.contains(&10922));
+        assert!(!changed.contains(&10923));
+        assert!(changed_hands(&now, &now).is_empty());
+    }
+}
