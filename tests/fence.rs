@@ -286,7 +286,9 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
     );
     assert_eq!(fence(&env).await, Some(15));
 
-    // Foreign values under the prefix: another type, a plain string, JSON that is not ours.
+    // Foreign values under the prefix: another type, a plain string, JSON that is not ours (also
+    // when it looks almost like an entry: a null id, a tombstone of version 0 — model::entry's rule,
+    // which the scripts' entry.lua must agree with).
     let mut conn = env.redis().await;
     let () = redis::cmd("HSET")
         .arg("user:hash")
@@ -300,6 +302,8 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
         ("user:plain", "hello"),
         ("user:json", r#"{"name":"x"}"#),
         ("user:number", "42"),
+        ("user:nullid", r#"{"id":null,"version":5}"#),
+        ("user:zero", r#"{"tombstone":true,"version":0}"#),
     ] {
         let () = redis::cmd("SET")
             .arg(key)
@@ -308,13 +312,14 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
             .await
             .unwrap();
     }
-    let writes: Vec<Write> = ["hash", "plain", "json", "number"]
+    let foreign = ["hash", "plain", "json", "number", "nullid", "zero"];
+    let writes: Vec<Write> = foreign
         .iter()
         .flat_map(|name| [live(name, 50, 20), Write::tombstone(Key::user(name), 60)])
         .collect();
     assert_eq!(
         cache.apply(&writes).await.unwrap(),
-        vec![Outcome::Foreign; 8]
+        vec![Outcome::Foreign; 2 * foreign.len()]
     );
     assert_eq!(cache.drop_all(30).await.unwrap(), 0);
     let values: (Option<String>, Option<String>, Option<String>) = redis::cmd("MGET")
@@ -338,6 +343,16 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
         .await
         .unwrap();
     assert_eq!(kind, "hash");
+    for (key, value) in [
+        ("nullid", r#"{"id":null,"version":5}"#),
+        ("zero", r#"{"tombstone":true,"version":0}"#),
+    ] {
+        assert_eq!(
+            env.cached(key).await.as_deref(),
+            Some(value),
+            "{key} left alone"
+        );
+    }
 
     // verify names every foreign key, and prints a hostile username escaped: an ESC/BEL sequence
     // in a key must not reach the operator's terminal.
@@ -350,13 +365,13 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
     let out = env.verify();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(out.status.code(), Some(1), "{text}");
-    for key in ["user:hash", "user:plain", "user:json", "user:number"] {
+    for name in foreign {
         assert!(
-            text.contains(&format!("foreign {key}:")),
-            "{key} not reported:\n{text}"
+            text.contains(&format!("foreign user:{name}:")),
+            "{name} not reported:\n{text}"
         );
     }
-    assert!(text.contains("4 foreign values"), "{text}");
+    assert!(text.contains("6 foreign values"), "{text}");
     assert!(
         text.contains("mismatch user:evil\\u{1b}]0;pwned\\u{7}:"),
         "{text}"
@@ -511,6 +526,44 @@ async fn a_foreign_value_at_the_epoch_key_is_replaced() {
     assert_eq!(
         c.get("after-foreign").await["result"]["source"],
         json!("cache")
+    );
+    daemon.stop().await;
+}
+
+/// A row may have columns of any name, `tombstone` and `version`-like ones included: its entry is
+/// still a live entry to every script (an object with an id is live, whatever else it holds), so a
+/// TRUNCATE drops it like any other and no stale row is answered after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_with_a_tombstone_column_is_dropped_like_any_other() {
+    let env = TestEnv::start().await;
+    let pg = env.pg().await;
+    pg.batch_execute("ALTER TABLE users ADD COLUMN tombstone boolean NOT NULL DEFAULT true")
+        .await
+        .unwrap();
+    let mut config = env.config();
+    // Reads go to Redis each time: what Redis holds is what is answered.
+    config.cache.local_max_bytes = 0;
+    let daemon = env.start_daemon(config).await;
+    let mut c = daemon.client().await;
+    c.call("put", json!({"username": "marked"})).await;
+    let cached = c.get("marked").await;
+    assert_eq!(cached["result"]["source"], json!("cache"), "{cached}");
+    assert_eq!(
+        cached["result"]["user"]["tombstone"],
+        json!(true),
+        "{cached}"
+    );
+    truncate(&pg).await;
+    wait_until("the truncate applied", Duration::from_secs(5), || async {
+        let mut c = daemon.client().await;
+        kind(&c.get("marked").await) == "not_found"
+    })
+    .await;
+    // Dropped, not left live: Redis holds a tombstone for it now.
+    let raw = env.cached("marked").await;
+    assert!(
+        !raw.as_deref().is_some_and(cacheward::model::entry::is_live),
+        "{raw:?}"
     );
     daemon.stop().await;
 }

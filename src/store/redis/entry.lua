@@ -2,14 +2,18 @@
 -- the scripts that read entries (apply.lua, drop.lua), so the rule is written once in Lua.
 
 -- The version a stored string carries and whether it is a tombstone; nil when it is not
--- cacheward's (not JSON, not an object, no version, or a live-looking object without an id).
+-- cacheward's. As model::entry has it: a live entry is an object with an id (not null) and an
+-- integer version, whatever else it holds (a row may have a column named "tombstone"); a
+-- tombstone is {"tombstone":true} with an integer version other than 0; anything else is foreign.
 local function read_entry(current)
   local ok, stored = pcall(cjson.decode, current)
   if not ok or type(stored) ~= 'table' then return nil, false end
-  local v = tonumber(stored['version'])
-  local tomb = stored['tombstone'] == true
-  if not tomb and stored['id'] == nil then v = nil end
-  return v, tomb
+  local v = stored['version']
+  if type(v) ~= 'number' or v ~= math.floor(v) then return nil, false end
+  local id = stored['id']
+  if id ~= nil and id ~= cjson.null then return v, false end
+  if stored['tombstone'] == true and v ~= 0 then return v, true end
+  return nil, false
 end
 
 -- A tombstone's stored form (model::entry::tombstone_json builds the same text).
