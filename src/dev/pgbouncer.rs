@@ -10,7 +10,7 @@ use tempfile::TempDir;
 
 use super::install::{self, Tool};
 use super::postgres::Postgres;
-use super::process::*;
+use super::process::{await_ready, chown, command, free_port, io_err, DevError};
 
 /// A throwaway PgBouncer in front of a [`Postgres`], on 127.0.0.1, trusting every client, in
 /// `pool_mode = transaction` with a small pool: what a request path must survive when each of its

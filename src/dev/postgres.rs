@@ -10,7 +10,10 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::install::{self, Tool};
-use super::process::*;
+use super::process::{
+    await_ready, chown, command, failed, free_port, io_err, pg_binary, run, server_owner, signal,
+    wait_with_deadline, DevError, ServerTls,
+};
 use crate::store::pg::{self as db};
 
 /// A data directory made by `initdb` once per machine and PostgreSQL version, copied for every

@@ -9,7 +9,9 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::install::{self, Tool};
-use super::process::*;
+use super::process::{
+    await_ready, command, free_port, io_err, on_path, ping, signal, DevError, ServerTls,
+};
 
 /// Options of a throwaway Redis.
 #[derive(Debug, Clone, Default)]
