@@ -296,15 +296,14 @@ impl Applier {
     }
 
     /// `call`, or a timeout error once it has taken longer than the session's bound.
-    async fn bounded<T>(
+    fn bounded<T>(
         &self,
-        what: &str,
+        what: &'static str,
         call: impl std::future::Future<Output = Result<T, CdcError>>,
-    ) -> Result<T, CdcError> {
-        within(self.query_bound, call, |bound| {
+    ) -> impl std::future::Future<Output = Result<T, CdcError>> {
+        within(self.query_bound, call, move |bound| {
             DbError::timeout(format!("cdc {what} (the connection is given up)"), bound).into()
         })
-        .await
     }
 
     /// Only one worker per consumer applies changes: the holder of its lease (see [`lease`]); the

@@ -181,15 +181,15 @@ impl Db {
         })
     }
 
-    async fn bounded<T>(
+    /// `f`, bounded by `postgres.statement_timeout_ms` (not an `async fn`: see `within`).
+    fn bounded<T>(
         &self,
-        what: &str,
+        what: &'static str,
         f: impl std::future::Future<Output = Result<T, DbError>>,
-    ) -> Result<T, DbError> {
-        within(self.call_timeout, f, |bound| {
-            DbError::timeout(what.to_owned(), bound)
+    ) -> impl std::future::Future<Output = Result<T, DbError>> {
+        within(self.call_timeout, f, move |bound| {
+            DbError::timeout(what, bound)
         })
-        .await
     }
 
     /// The rows named by `usernames` (in no particular order; absent names have none), in one

@@ -41,19 +41,19 @@ impl Router {
     }
 
     /// `call`, bounded by `redis.timeout_ms`.
-    pub async fn bounded<T>(
+    pub fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, CacheError> {
-        within(self.timeout, call, CacheError::timeout).await
+    ) -> impl std::future::Future<Output = Result<T, CacheError>> {
+        within(self.timeout, call, CacheError::timeout)
     }
 
     /// `call`, bounded by `redis.timeout_ms` × [`BULK_TIMEOUTS`].
-    pub async fn bulk<T>(
+    pub fn bulk<T>(
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, CacheError> {
-        within(self.timeout * BULK_TIMEOUTS, call, CacheError::timeout).await
+    ) -> impl std::future::Future<Output = Result<T, CacheError>> {
+        within(self.timeout * BULK_TIMEOUTS, call, CacheError::timeout)
     }
 
     /// The slot of an entry's Redis key (0 for every key but on a Cluster).
