@@ -1,7 +1,5 @@
 //! The daemon in cluster mode against raw cluster-aware GETs, and the failover repair window.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cacheward::dev::cluster::RedisCluster;
@@ -10,7 +8,7 @@ use serde_json::{json, Value};
 use crate::common::DaemonProcess;
 use crate::hit::{daemon_round, daemon_side, hit_header, hit_row, warm};
 use crate::measure::{call, measure, Side};
-use crate::miss::select_round;
+use crate::miss::{cold_names, select_round};
 
 /// The daemon in cluster mode on the harness's Redis Cluster (3 primaries with a replica each, all
 /// on this machine): the hit path against raw cluster-aware GETs (a round of `depth` GETs sent at
@@ -98,16 +96,7 @@ pub async fn cluster_part(
     }
 
     // Miss path: users this daemon never read, 16 connections, vs the same SELECT.
-    let next_cold = Arc::new(AtomicU64::new(hot + 1));
-    let cold_name: Arc<dyn Fn(u64) -> String + Send + Sync> = {
-        let next = next_cold.clone();
-        Arc::new(move |_| {
-            format!(
-                "u{}",
-                (next.fetch_add(1, Ordering::Relaxed) - 1) % users + 1
-            )
-        })
-    };
+    let (_, cold_name) = cold_names(hot, users);
     let (mut d, mut r) = (Side::default(), Side::default());
     for _ in 0..rounds {
         d.add(

@@ -36,17 +36,8 @@ pub async fn run(b: &Bench, pid: u32, report: &mut Value) {
     // Miss path: each daemon get names a user never requested before (so never cached), vs a raw
     // prepared SELECT of the same shape; 16 connections.
     let (hot, users, rounds, slice) = (b.hot, b.users, b.rounds, b.slice);
-    let next_cold = Arc::new(AtomicU64::new(hot + 1));
     let total = users;
-    let cold_name: Arc<dyn Fn(u64) -> String + Send + Sync> = {
-        let next = next_cold.clone();
-        Arc::new(move |_| {
-            format!(
-                "u{}",
-                (next.fetch_add(1, Ordering::Relaxed) - 1) % total + 1
-            )
-        })
-    };
+    let (next_cold, cold_name) = cold_names(hot, users);
     // 16 connections, as issue 4 sets it; CACHEWARD_BENCH_MISS_CONNS for other loads.
     let miss_conns: usize = env_or("CACHEWARD_BENCH_MISS_CONNS", 16);
     let (mut d, mut r) = (Side::default(), Side::default());
@@ -85,4 +76,21 @@ pub async fn run(b: &Bench, pid: u32, report: &mut Value) {
             "raw_side": {"client": rc, "redis": rr, "postgres": rp}});
         report["miss"] = json!({"connections": miss_conns, "daemon_ops_per_sec": d.throughput(), "daemon_cpu_us_per_op": d.cpu_us_per_op(), "raw_ops_per_sec": r.throughput(), "ratio": miss_ratio});
     }
+}
+
+/// Names of users never asked for before, one per call, from `u{hot + 1}` on (wrapping past
+/// `users`), and the counter of the next one (how many were used).
+pub fn cold_names(
+    hot: u64,
+    users: u64,
+) -> (Arc<AtomicU64>, Arc<dyn Fn(u64) -> String + Send + Sync>) {
+    let next = Arc::new(AtomicU64::new(hot + 1));
+    let counter = next.clone();
+    let name = Arc::new(move |_| {
+        format!(
+            "u{}",
+            (next.fetch_add(1, Ordering::Relaxed) - 1) % users + 1
+        )
+    });
+    (counter, name)
 }
