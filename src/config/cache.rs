@@ -11,6 +11,8 @@ pub struct CacheConfig {
     pub ttl_secs: u64,
     /// The near cache's bound in bytes; 0: off (see `store::redis::near`).
     pub local_max_bytes: u64,
+    /// A declared table's row whose JSON is larger is served from PostgreSQL, never cached.
+    pub max_entry_bytes: u64,
 }
 
 impl Default for CacheConfig {
@@ -19,6 +21,7 @@ impl Default for CacheConfig {
             key_prefix: "user:".into(),
             ttl_secs: 3600,
             local_max_bytes: 64 * 1024 * 1024,
+            max_entry_bytes: 1024 * 1024,
         }
     }
 }
@@ -26,6 +29,7 @@ impl Default for CacheConfig {
 impl CacheConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         at_least("cache.ttl_secs", self.ttl_secs, 1)?;
+        at_least("cache.max_entry_bytes", self.max_entry_bytes, 1)?;
         if self.key_prefix.is_empty() {
             // Every key in the logical database would be a user's: a TRUNCATE would drop them all.
             return Err(invalid(

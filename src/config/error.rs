@@ -1,6 +1,7 @@
 //! Why the configuration could not be loaded, and the checks every section's values share: each
 //! error names the key (or file) at fault.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 /// Why the configuration could not be loaded. Every variant names the key or file at fault.
@@ -18,7 +19,10 @@ pub enum ConfigError {
     UnknownKey { key: String, origin: String },
     /// A key whose value is out of range or malformed.
     #[error("invalid value for `{key}`: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    Invalid {
+        key: Cow<'static, str>,
+        reason: String,
+    },
 }
 
 /// What a config-rs error may say: where a file failed to parse, never the text there; anything
@@ -45,14 +49,18 @@ fn load_error(e: &config::ConfigError) -> String {
     }
 }
 
-pub fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+pub fn invalid(key: impl Into<Cow<'static, str>>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.into(),
         reason: reason.into(),
     }
 }
 
-pub fn at_least(key: &'static str, value: u64, min: u64) -> Result<(), ConfigError> {
+pub fn at_least(
+    key: impl Into<Cow<'static, str>>,
+    value: u64,
+    min: u64,
+) -> Result<(), ConfigError> {
     if value < min {
         return Err(invalid(
             key,
@@ -62,7 +70,7 @@ pub fn at_least(key: &'static str, value: u64, min: u64) -> Result<(), ConfigErr
     Ok(())
 }
 
-pub fn at_most(key: &'static str, value: u64, max: u64) -> Result<(), ConfigError> {
+pub fn at_most(key: impl Into<Cow<'static, str>>, value: u64, max: u64) -> Result<(), ConfigError> {
     if value > max {
         return Err(invalid(
             key,

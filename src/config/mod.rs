@@ -2,7 +2,7 @@
 //! command-line flags, layered in that order (`docs/reference.md`, "Configuration"), then validated
 //! section by section: one file per section, each validating itself.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ mod postgres;
 mod redis;
 mod secret_url;
 mod socket;
+mod tables;
 
 pub use self::cache::CacheConfig;
 pub use self::cdc::{CdcConfig, CdcMode};
@@ -28,6 +29,7 @@ pub use self::postgres::PostgresConfig;
 pub use self::redis::{RedisConfig, RedisMode};
 pub use self::secret_url::{redact_url, SecretUrl};
 pub use self::socket::{SocketConfig, SocketMode};
+pub use self::tables::TableConfig;
 
 /// Where a config file is looked for when `--config` is not given; the first that exists wins.
 pub const DEFAULT_FILES: [&str; 2] = ["config/cacheward.toml", "/etc/cacheward/cacheward.toml"];
@@ -44,6 +46,8 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub consistency: ConsistencyConfig,
+    /// The declared tables, by their name in cacheward (`[tables.NAME]`).
+    pub tables: BTreeMap<String, TableConfig>,
 }
 
 /// Lists that the environment gives as comma-separated text (`CACHEWARD__SOCKET__ALLOW_UIDS=0,1000`,
@@ -157,6 +161,7 @@ impl Config {
         self.cdc.validate()?;
         self.log.validate()?;
         self.consistency.validate()?;
+        tables::validate(&self.tables, &self.cache.key_prefix)?;
         Ok(())
     }
 
@@ -290,19 +295,51 @@ fn check_known_keys(layered: &config::Config, origin: &str) -> Result<(), Config
         return Ok(());
     };
     for (section, keys) in sections {
+        if section == "tables" {
+            check_table_keys(keys, &unknown)?;
+            continue;
+        }
         let Some(known_keys) = known.get(section).and_then(|v| v.as_object()) else {
             return Err(unknown(section.clone()));
         };
         let Some(keys) = keys.as_object() else {
-            return Err(ConfigError::Invalid {
-                key: "config",
-                reason: format!("`{section}` must be a table of keys"),
-            });
+            return Err(invalid(
+                "config",
+                format!("`{section}` must be a table of keys"),
+            ));
         };
         for key in keys.keys() {
             if !known_keys.contains_key(key) {
                 return Err(unknown(format!("{section}.{key}")));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses any key of a `[tables.NAME]` section that a table does not have.
+fn check_table_keys(
+    tables: &serde_json::Value,
+    unknown: &dyn Fn(String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let Some(tables) = tables.as_object() else {
+        return Err(invalid(
+            "tables",
+            "must be a table of [tables.NAME] sections",
+        ));
+    };
+    for (name, keys) in tables {
+        let Some(keys) = keys.as_object() else {
+            return Err(invalid(
+                format!("tables.{name}"),
+                "must be a section of keys ([tables.NAME])",
+            ));
+        };
+        if let Some(key) = keys
+            .keys()
+            .find(|k| !tables::TABLE_KEYS.contains(&k.as_str()))
+        {
+            return Err(unknown(format!("tables.{name}.{key}")));
         }
     }
     Ok(())
@@ -339,6 +376,31 @@ mod tests {
         assert_eq!(c.cache.key_prefix, "user:");
         assert_eq!(c.cdc.mode, CdcMode::Refresh);
         assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn tables_are_read_from_their_sections_and_their_unknown_keys_named() {
+        let c = load(
+            &[],
+            Some(
+                "[tables.accounts]\nkey = [\"id\"]\nlookups = { by_email = [\"email\"] }\n\
+                 exclude = [\"secret\"]\n[tables.orders]\nkey = [\"region\", \"id\"]\n",
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.tables.len(), 2);
+        assert_eq!(c.tables["accounts"].lookups["by_email"], ["email"]);
+        assert_eq!(c.tables["orders"].key, ["region", "id"]);
+        let typo = load(
+            &[],
+            Some("[tables.accounts]\nkey = [\"id\"]\ncolums = [\"id\"]\n"),
+        );
+        assert!(
+            matches!(&typo, Err(ConfigError::UnknownKey { key, .. }) if key == "tables.accounts.colums"),
+            "{typo:?}"
+        );
+        let flat = load(&[], Some("tables = 3\n")).unwrap_err();
+        assert!(flat.to_string().contains("`tables`"), "{flat}");
     }
 
     #[test]
