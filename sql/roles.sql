@@ -32,6 +32,8 @@ GRANT SELECT, UPDATE ON cacheward_cdc_settings TO cacheward_runtime;      -- cha
 GRANT SELECT, INSERT, UPDATE ON cacheward_cdc_cursors TO cacheward_runtime;
 GRANT SELECT, INSERT, UPDATE, DELETE ON cacheward_cdc_leases TO cacheward_runtime; -- who applies the stream
 GRANT SELECT, USAGE ON SEQUENCE cacheward_version_seq TO cacheward_runtime; -- horizons and fences
+GRANT SELECT ON cacheward_row_versions, cacheward_tables TO cacheward_runtime; -- declared tables
+-- Each declared table: GRANT SELECT (and INSERT, UPDATE, DELETE when writable) ON it TO the runtime.
 
 -- Writers: their rights on users, nothing of cacheward's.
 GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON users TO cacheward_writer;

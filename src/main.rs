@@ -18,7 +18,7 @@ use cacheward::rpc::server;
 use cacheward::runtime::signals::{self, Reloader};
 use cacheward::runtime::{daemon, telemetry};
 use cacheward::service::Hooks;
-use cacheward::store::pg::{self as db, connect};
+use cacheward::store::pg::{self as db, connect, tables};
 
 #[derive(Parser)]
 #[command(
@@ -61,8 +61,11 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Apply the embedded migrations to the database (idempotent)
+    /// Apply the embedded migrations and install each declared table's capture (idempotent)
     Migrate {
+        /// Also drop the captures of tables no longer declared in the configuration
+        #[arg(long)]
+        prune: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -142,7 +145,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve { dev, common } => serve(dev, common).await,
         #[cfg(not(feature = "dev"))]
         Command::Serve { common } => serve(false, common).await,
-        Command::Migrate { common } => migrate(common).await,
+        Command::Migrate { prune, common } => migrate(common, prune).await,
         Command::Verify { common } => verify(common).await,
         Command::Get {
             username,
@@ -269,7 +272,7 @@ fn dev_banner(stack: &DevServers, _: &Config) {
     match *stack {}
 }
 
-async fn migrate(common: Common) -> anyhow::Result<ExitCode> {
+async fn migrate(common: Common, prune: bool) -> anyhow::Result<ExitCode> {
     let config = common.load()?;
     anyhow::ensure!(
         config.postgres.url.is_some(),
@@ -284,6 +287,26 @@ async fn migrate(common: Common) -> anyhow::Result<ExitCode> {
         println!("schema is up to date ({} migrations)", db::MIGRATIONS.len());
     } else {
         println!("applied migrations: {applied:?}");
+    }
+    let declared = tables::resolve_all(&client, &config).await?;
+    let installed = tables::install(&mut client, &declared).await?;
+    if !installed.is_empty() {
+        println!("installed the capture of: {}", installed.join(", "));
+    }
+    if prune {
+        let pruned = tables::prune(&mut client, &config).await?;
+        if !pruned.is_empty() {
+            println!("dropped the capture of: {}", pruned.join(", "));
+        }
+    } else {
+        let left = tables::undeclared(&client, &config).await?;
+        if !left.is_empty() {
+            println!(
+                "captures of tables no longer declared are left in place (drop them with \
+                 `cacheward migrate --prune`): {}",
+                left.join(", ")
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

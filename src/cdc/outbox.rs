@@ -21,6 +21,8 @@ pub struct Change {
     pub op: String,
     pub username: Option<String>,
     pub old_username: Option<String>,
+    /// The declared table the change is of; `None`: users.
+    pub table: Option<String>,
     pub version: i64,
     pub lag_ms: i64,
     /// Whether the version is one the version sequence can have drawn.
@@ -127,7 +129,7 @@ pub fn late_query() -> String {
 /// says whether the version sequence can have drawn the row's version (see [`Change::malformed`]).
 fn change_columns() -> String {
     format!(
-        "o.id, o.op, o.username, o.old_username, o.version, \
+        "o.id, o.op, o.username, o.old_username, o.version, o.tbl, \
          least(greatest((extract(epoch FROM clock_timestamp()) - extract(epoch FROM o.changed_at)) \
                         * 1000, 0), 86400000)::bigint, \
          o.version <= ({horizon})",
@@ -147,8 +149,9 @@ fn change(row: &tokio_postgres::Row) -> Change {
         username: row.get(2),
         old_username: row.get(3),
         version: row.get(4),
-        lag_ms: row.get(5),
-        version_drawn: row.get(6),
+        table: row.get(5),
+        lag_ms: row.get(6),
+        version_drawn: row.get(7),
     }
 }
 
@@ -419,6 +422,10 @@ fn mentions<'a>(changes: impl Iterator<Item = &'a Change>) -> (BTreeMap<Key, i64
     let mut mentioned: BTreeMap<Key, i64> = BTreeMap::new();
     let mut truncate: Option<i64> = None;
     for c in changes {
+        // A declared table's change: not users', passed by this stream's plan.
+        if c.table.is_some() {
+            continue;
+        }
         if let Some(reason) = c.malformed() {
             tracing::warn!(id = c.id, op = %c.op, version = c.version, reason, "cdc skipped a malformed outbox row");
             continue;
@@ -450,6 +457,7 @@ mod tests {
             op: op.into(),
             username: username.map(String::from),
             old_username: old.map(String::from),
+            table: None,
             version,
             lag_ms: 0,
             version_drawn: version < 100,
@@ -467,6 +475,11 @@ mod tests {
             change(5, "update", Some("c"), None, 500),
             change(6, "upsert", Some("c"), None, 9),
             change(7, "delete", Some("c"), None, 9),
+            // A declared table's truncate is not users'.
+            Change {
+                table: Some("accounts".into()),
+                ..change(8, "truncate", None, None, 9)
+            },
         ];
         let (mentioned, truncate) = mentions(changes.iter());
         assert_eq!(

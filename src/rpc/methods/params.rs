@@ -10,17 +10,7 @@ pub const MAX_USERNAME_CHARS: usize = 64;
 /// A method's named parameters.
 pub type Params = Map<String, Value>;
 
-/// What kind of JSON value `v` is, for an error message.
-pub fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
+pub use crate::model::table::type_name;
 
 pub fn take_username(params: &mut Params, name: &str) -> Result<String, RpcError> {
     match params.remove(name) {

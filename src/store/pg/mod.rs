@@ -10,6 +10,7 @@ use tokio_postgres::{NoTls, Row};
 
 pub mod connect;
 pub mod error;
+pub mod tables;
 
 use self::connect::{pg_target, PgTarget, PoolConnect};
 pub use self::error::{DbError, DbErrorKind};
@@ -333,6 +334,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         4,
         "cdc lease",
         include_str!("../../../sql/0004_cdc_lease.sql"),
+    ),
+    (
+        5,
+        "declared tables",
+        include_str!("../../../sql/0005_tables.sql"),
     ),
 ];
 

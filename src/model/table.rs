@@ -1,0 +1,336 @@
+//! A declared table, compiled once from its `[tables.NAME]` section and the catalog: its key and
+//! lookups with their column types, its projection, and the encoding of a key into the text that
+//! follows its prefix in Redis (`docs/reference.md`, "Declared tables").
+//!
+//! Key and lookup columns are of types whose text form is canonical (one value, one text): the
+//! integers, `text`, `varchar` and `uuid`. A client's JSON value is turned into that text here,
+//! as PostgreSQL's input and output functions would, so that a cache hit needs no database round
+//! trip; a value PostgreSQL would refuse is refused here too, naming the column.
+
+use serde_json::{Map, Value};
+
+/// A key or lookup column: its name and the kind of its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub kind: KeyType,
+}
+
+/// A lookup: another unique key reads may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub name: String,
+    pub columns: Vec<Column>,
+}
+
+/// A declared table, checked against the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    /// Its name in cacheward (the section's).
+    pub name: String,
+    /// The table in PostgreSQL, schema-qualified and quoted as SQL needs it.
+    pub source: String,
+    pub prefix: String,
+    pub ttl_secs: u64,
+    pub writable: bool,
+    pub key: Vec<Column>,
+    pub lookups: Vec<Lookup>,
+    /// The columns cached and served, in the table's order.
+    pub projection: Vec<String>,
+}
+
+/// A key given by a client that names no row this table can have: which column, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    pub column: String,
+    pub reason: String,
+}
+
+impl Table {
+    /// Whether a one-column text key is written as it is (no lookups to tell it from).
+    fn plain(&self) -> bool {
+        self.lookups.is_empty()
+    }
+
+    /// The text following the prefix for the row whose key columns print as `parts`.
+    pub fn key_text(&self, parts: &[&str]) -> String {
+        encode_key(parts, self.plain())
+    }
+
+    /// The text following the prefix for a client's key object (column → JSON value), or
+    /// which column is missing, extra or of a value its type refuses.
+    pub fn key_of(
+        &self,
+        given: &Map<String, Value>,
+        lookup: Option<&Lookup>,
+    ) -> Result<String, KeyError> {
+        let columns = lookup.map_or(&self.key, |l| &l.columns);
+        if let Some(extra) = given
+            .keys()
+            .find(|k| !columns.iter().any(|c| &c.name == *k))
+        {
+            return Err(KeyError {
+                column: extra.clone(),
+                reason: "is not a column of this key".into(),
+            });
+        }
+        let mut parts = Vec::with_capacity(columns.len());
+        for column in columns {
+            let value = given.get(&column.name).ok_or_else(|| KeyError {
+                column: column.name.clone(),
+                reason: "is missing".into(),
+            })?;
+            let text = column.kind.canonical(value).map_err(|reason| KeyError {
+                column: column.name.clone(),
+                reason,
+            })?;
+            parts.push(text);
+        }
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        Ok(match lookup {
+            Some(l) => encode_lookup(&l.name, &parts),
+            None => self.key_text(&parts),
+        })
+    }
+
+    pub fn lookup(&self, name: &str) -> Option<&Lookup> {
+        self.lookups.iter().find(|l| l.name == name)
+    }
+}
+
+/// The type of a key or lookup column, as far as its text form goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    Int2,
+    Int4,
+    Int8,
+    Text,
+    Uuid,
+}
+
+impl KeyType {
+    /// The kind of a column of the type PostgreSQL names `typname` (`pg_type.typname`), if keys
+    /// may be of it.
+    pub fn of(typname: &str) -> Option<KeyType> {
+        Some(match typname {
+            "int2" => KeyType::Int2,
+            "int4" => KeyType::Int4,
+            "int8" => KeyType::Int8,
+            "text" | "varchar" => KeyType::Text,
+            "uuid" => KeyType::Uuid,
+            _ => return None,
+        })
+    }
+
+    /// What keys may be, for error messages.
+    pub const ALLOWED: &'static str = "smallint, integer, bigint, text, varchar or uuid";
+
+    /// The column's text as PostgreSQL would print the value `value` converts to, or why
+    /// PostgreSQL would refuse it.
+    pub fn canonical(self, value: &Value) -> Result<String, String> {
+        match self {
+            KeyType::Int2 => integer(value, i16::MIN.into(), i16::MAX.into(), "smallint"),
+            KeyType::Int4 => integer(value, i32::MIN.into(), i32::MAX.into(), "integer"),
+            KeyType::Int8 => integer(value, i64::MIN, i64::MAX, "bigint"),
+            KeyType::Text => match value {
+                Value::String(s) if s.contains('\0') => {
+                    Err("text cannot hold the character NUL".into())
+                }
+                Value::String(s) => Ok(s.clone()),
+                Value::Number(n) => Ok(n.to_string()),
+                Value::Bool(b) => Ok(b.to_string()),
+                other => Err(format!("expected text, got {}", type_name(other))),
+            },
+            KeyType::Uuid => match value {
+                Value::String(s) => uuid(s).ok_or_else(|| format!("invalid uuid: {s:?}")),
+                other => Err(format!("expected a uuid, got {}", type_name(other))),
+            },
+        }
+    }
+}
+
+/// What kind of JSON value `value` is, for an error message.
+pub fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// An integer in [min, max] given as a JSON integer or as text PostgreSQL's integer input takes
+/// (surrounding whitespace, a sign).
+fn integer(value: &Value, min: i64, max: i64, name: &str) -> Result<String, String> {
+    let parsed = match value {
+        Value::Number(n) => n.as_i64().ok_or_else(|| format!("{n} is not a {name}"))?,
+        Value::String(s) => s
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| format!("invalid input syntax for type {name}: {s:?}"))?,
+        other => return Err(format!("expected a {name}, got {}", type_name(other))),
+    };
+    if parsed < min || parsed > max {
+        return Err(format!("{parsed} is out of range for type {name}"));
+    }
+    Ok(parsed.to_string())
+}
+
+/// A uuid as PostgreSQL's input takes it (hex digits, optionally braced, a hyphen allowed after
+/// any group of four digits), printed as its output does: lowercase, 8-4-4-4-12.
+fn uuid(text: &str) -> Option<String> {
+    let inner = match text.strip_prefix('{') {
+        Some(rest) => rest.strip_suffix('}')?,
+        None => text,
+    };
+    let mut digits = String::with_capacity(32);
+    let mut since_hyphen = 0;
+    for c in inner.chars() {
+        if c == '-' {
+            // PostgreSQL: a hyphen only after a group of four digits, never first or doubled.
+            if since_hyphen == 0 || since_hyphen % 4 != 0 {
+                return None;
+            }
+            since_hyphen = 0;
+            continue;
+        }
+        if !c.is_ascii_hexdigit() {
+            return None;
+        }
+        digits.push(c.to_ascii_lowercase());
+        since_hyphen += 1;
+    }
+    if digits.len() != 32 || inner.ends_with('-') {
+        return None;
+    }
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &digits[..8],
+        &digits[8..12],
+        &digits[12..16],
+        &digits[16..20],
+        &digits[20..]
+    ))
+}
+
+/// The text that follows a table's prefix for a key whose columns have the texts `parts`: one
+/// text part as it is when the table has no lookups (as `users` has it); otherwise each part
+/// with `%`, `:`, `=` and control characters percent-encoded, joined with `:`. Injective: no two
+/// keys share a text, and no primary key's text is a lookup's (those hold a raw `=`).
+pub fn encode_key(parts: &[&str], plain: bool) -> String {
+    if plain && parts.len() == 1 {
+        return parts[0].to_owned();
+    }
+    let mut out = String::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(':');
+        }
+        escape_into(&mut out, part);
+    }
+    out
+}
+
+/// A lookup's text: its name, `=`, then its values encoded as a key's are.
+pub fn encode_lookup(lookup: &str, parts: &[&str]) -> String {
+    let mut out = format!("{lookup}=");
+    out.push_str(&encode_key(parts, false));
+    out
+}
+
+fn escape_into(out: &mut String, part: &str) {
+    for c in part.chars() {
+        if c == '%' || c == ':' || c == '=' || c.is_control() {
+            let mut buf = [0u8; 4];
+            for byte in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{byte:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn integers_are_read_as_postgresql_reads_them() {
+        let int4 = KeyType::Int4;
+        assert_eq!(int4.canonical(&json!(42)).unwrap(), "42");
+        assert_eq!(int4.canonical(&json!(" +042 ")).unwrap(), "42");
+        assert_eq!(int4.canonical(&json!(-7)).unwrap(), "-7");
+        assert!(int4
+            .canonical(&json!(2_147_483_648i64))
+            .unwrap_err()
+            .contains("out of range"));
+        assert!(int4.canonical(&json!(1.5)).is_err());
+        assert!(int4
+            .canonical(&json!("4x"))
+            .unwrap_err()
+            .contains("integer"));
+        assert!(int4.canonical(&json!(null)).unwrap_err().contains("null"));
+        assert!(KeyType::Int2.canonical(&json!(40000)).is_err());
+        assert_eq!(
+            KeyType::Int8.canonical(&json!(i64::MAX)).unwrap(),
+            i64::MAX.to_string()
+        );
+    }
+
+    #[test]
+    fn text_is_taken_as_it_is_and_uuids_printed_as_postgresql_prints_them() {
+        assert_eq!(
+            KeyType::Text.canonical(&json!(" a:b=c ")).unwrap(),
+            " a:b=c "
+        );
+        assert_eq!(KeyType::Text.canonical(&json!(12)).unwrap(), "12");
+        assert!(KeyType::Text.canonical(&json!("a\u{0}b")).is_err());
+        assert!(KeyType::Text.canonical(&json!([1])).is_err());
+        let canonical = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+        for given in [
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "{a0eebc99-9c0b4ef8-bb6d6bb9-bd380a11}",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11",
+        ] {
+            assert_eq!(
+                KeyType::Uuid.canonical(&json!(given)).unwrap(),
+                canonical,
+                "{given}"
+            );
+        }
+        for bad in [
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
+            "-a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11-",
+            "a0e-ebc999c0b4ef8bb6d6bb9bd380a11",
+            "a0eebc99--9c0b-4ef8-bb6d-6bb9bd380a11",
+            "{a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "g0eebc999c0b4ef8bb6d6bb9bd380a11",
+        ] {
+            assert!(KeyType::Uuid.canonical(&json!(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_encode_injectively_and_never_as_a_lookup() {
+        assert_eq!(encode_key(&["user01"], true), "user01");
+        assert_eq!(encode_key(&["a:b=c%"], true), "a:b=c%");
+        assert_eq!(encode_key(&["a:b=c%"], false), "a%3Ab%3Dc%25");
+        assert_eq!(encode_key(&["eu", "42"], false), "eu:42");
+        assert_eq!(encode_key(&["e:u", "4\n2"], false), "e%3Au:4%0A2");
+        assert_eq!(encode_key(&["\u{85}"], false), "%C2%85");
+        // ("a:b", "c") and ("a", "b:c") would both be a:b:c unencoded.
+        assert_ne!(
+            encode_key(&["a:b", "c"], false),
+            encode_key(&["a", "b:c"], false)
+        );
+        assert_eq!(encode_lookup("by_email", &["a=b@x"]), "by_email=a%3Db@x");
+        // A key's text never holds a raw `=`, a lookup's always does.
+        assert!(!encode_key(&["by_email=a"], false).contains('='));
+    }
+}

@@ -1,0 +1,551 @@
+//! Declared tables in the catalog: each `[tables.NAME]` section checked against what PostgreSQL
+//! has (the table, its unique keys, its columns) and compiled into a [`Table`]; the capture that
+//! `cacheward migrate` installs for it (sql/table_capture.sql), whether it is installed, and
+//! `migrate --prune`, which drops the captures of tables no longer declared.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::GenericClient;
+
+use super::DbError;
+use crate::config::{Config, TableConfig};
+use crate::model::table::{Column, KeyType, Lookup, Table};
+
+const CAPTURE_TEMPLATE: &str = include_str!("../../../sql/table_capture.sql");
+
+/// Why a declared table cannot be served: names the table and the configuration key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("table {table}: `tables.{table}.{key}`: {reason}")]
+    Config {
+        table: String,
+        key: String,
+        reason: String,
+    },
+    #[error("table {table}: its capture is not installed{detail}: run `cacheward migrate`")]
+    NotInstalled { table: String, detail: String },
+    #[error("table {table}: {source}")]
+    Db {
+        table: String,
+        #[source]
+        source: DbError,
+    },
+}
+
+impl TableError {
+    fn config(table: &str, key: &str, reason: impl Into<String>) -> TableError {
+        TableError::Config {
+            table: table.to_owned(),
+            key: key.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A column as the catalog has it.
+struct CatalogColumn {
+    name: String,
+    typname: String,
+    not_null: bool,
+}
+
+/// A unique index usable as a key: immediate, total (no predicate, no expression).
+struct UniqueKey {
+    columns: Vec<String>,
+}
+
+/// Everything the checks need to know of one table.
+struct Catalog {
+    /// `schema.table`, quoted.
+    qualified: String,
+    columns: Vec<CatalogColumn>,
+    keys: Vec<UniqueKey>,
+}
+
+async fn catalog(
+    client: &impl GenericClient,
+    name: &str,
+    source: &str,
+) -> Result<Catalog, TableError> {
+    let db = |source: tokio_postgres::Error| TableError::Db {
+        table: name.to_owned(),
+        source: DbError::from_driver("read the catalog", source),
+    };
+    let found = client
+        .query_opt(
+            "SELECT c.oid, format('%I.%I', n.nspname, c.relname), c.relkind::text
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.oid = to_regclass($1)",
+            &[&source],
+        )
+        .await
+        .map_err(db)?;
+    let Some(row) = found else {
+        return Err(TableError::config(
+            name,
+            "source",
+            format!("no table {source:?} (as the search_path resolves it)"),
+        ));
+    };
+    let (oid, qualified, relkind): (u32, String, String) = (row.get(0), row.get(1), row.get(2));
+    if relkind != "r" && relkind != "p" {
+        return Err(TableError::config(
+            name,
+            "source",
+            format!("{qualified} is not a table (a view or another relation)"),
+        ));
+    }
+    let columns = client
+        .query(
+            "SELECT a.attname::text, t.typname::text, a.attnotnull
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|r| CatalogColumn {
+            name: r.get(0),
+            typname: r.get(1),
+            not_null: r.get(2),
+        })
+        .collect();
+    let keys = client
+        .query(
+            "SELECT ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) k
+                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k)
+             FROM pg_index i
+             WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indimmediate
+               AND i.indpred IS NULL AND i.indexprs IS NULL",
+            &[&oid],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|r| UniqueKey { columns: r.get(0) })
+        .collect();
+    Ok(Catalog {
+        qualified,
+        columns,
+        keys,
+    })
+}
+
+/// The key or lookup `columns` (configured at `key`) as a unique key of `catalog`.
+fn key_columns(
+    name: &str,
+    key: &str,
+    columns: &[String],
+    catalog: &Catalog,
+) -> Result<Vec<Column>, TableError> {
+    let mut out = Vec::with_capacity(columns.len());
+    for column in columns {
+        let Some(found) = catalog.columns.iter().find(|c| &c.name == column) else {
+            return Err(TableError::config(
+                name,
+                key,
+                format!("{} has no column {column:?}", catalog.qualified),
+            ));
+        };
+        if !found.not_null {
+            return Err(TableError::config(
+                name,
+                key,
+                format!("column {column:?} may be NULL: a key's columns must be NOT NULL"),
+            ));
+        }
+        let Some(kind) = KeyType::of(&found.typname) else {
+            return Err(TableError::config(
+                name,
+                key,
+                format!(
+                    "column {column:?} is of type {}: a key's columns must be {}",
+                    found.typname,
+                    KeyType::ALLOWED
+                ),
+            ));
+        };
+        out.push(Column {
+            name: column.clone(),
+            kind,
+        });
+    }
+    let unique = catalog
+        .keys
+        .iter()
+        .any(|k| k.columns.len() == columns.len() && k.columns.iter().all(|c| columns.contains(c)));
+    if !unique {
+        return Err(TableError::config(
+            name,
+            key,
+            format!(
+                "{columns:?} is not the primary key nor a unique constraint of {} (immediate, \
+                 without a predicate)",
+                catalog.qualified
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Checks `config`'s section `name` against the catalog and compiles it.
+pub async fn resolve(
+    client: &impl GenericClient,
+    name: &str,
+    table: &TableConfig,
+    config: &Config,
+) -> Result<Table, TableError> {
+    let source = table.source(name);
+    let catalog = catalog(client, name, &source).await?;
+    let key = key_columns(name, "key", &table.key, &catalog)?;
+    let mut lookups = Vec::with_capacity(table.lookups.len());
+    for (lookup, columns) in &table.lookups {
+        let at = format!("lookups.{lookup}");
+        lookups.push(Lookup {
+            name: lookup.clone(),
+            columns: key_columns(name, &at, columns, &catalog)?,
+        });
+    }
+    let named = table.columns.iter().flatten().chain(&table.exclude);
+    for column in named {
+        if !catalog.columns.iter().any(|c| &c.name == column) {
+            let at = if table.columns.is_some() {
+                "columns"
+            } else {
+                "exclude"
+            };
+            return Err(TableError::config(
+                name,
+                at,
+                format!("{} has no column {column:?}", catalog.qualified),
+            ));
+        }
+    }
+    let projection = catalog
+        .columns
+        .iter()
+        .map(|c| &c.name)
+        .filter(|c| match &table.columns {
+            Some(kept) => kept.contains(c),
+            None => !table.exclude.contains(c),
+        })
+        .cloned()
+        .collect();
+    Ok(Table {
+        name: name.to_owned(),
+        source: catalog.qualified,
+        prefix: table.prefix(name),
+        ttl_secs: table.ttl_secs.unwrap_or(config.cache.ttl_secs),
+        writable: table.writable,
+        key,
+        lookups,
+        projection,
+    })
+}
+
+/// Every declared table, checked and compiled, in name order.
+pub async fn resolve_all(
+    client: &impl GenericClient,
+    config: &Config,
+) -> Result<Vec<Table>, TableError> {
+    let mut tables = Vec::with_capacity(config.tables.len());
+    for (name, section) in &config.tables {
+        tables.push(resolve(client, name, section, config).await?);
+    }
+    Ok(tables)
+}
+
+/// An identifier quoted as SQL needs it.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A string literal.
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// `ARRAY[alias."a"::text, …]`'s elements for `columns`.
+fn texts(alias: &str, columns: &[Column]) -> String {
+    let parts: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{alias}.{}::text", quote_ident(&c.name)))
+        .collect();
+    parts.join(", ")
+}
+
+/// What the capture stores in `key` and `lookups` of `cacheward_tables`: the key's column names
+/// and each lookup's, as SQL literals. `migrate` compares them to tell an outdated capture.
+fn registered(table: &Table) -> (Vec<String>, serde_json::Value) {
+    let key = table.key.iter().map(|c| c.name.clone()).collect();
+    let lookups: BTreeMap<&str, Vec<&str>> = table
+        .lookups
+        .iter()
+        .map(|l| {
+            (
+                l.name.as_str(),
+                l.columns.iter().map(|c| c.name.as_str()).collect(),
+            )
+        })
+        .collect();
+    (key, serde_json::json!(lookups))
+}
+
+/// The SQL that installs `table`'s capture, in schema `schema` (sql/table_capture.sql filled in).
+pub fn capture_sql(table: &Table, schema: &str) -> String {
+    let lookups_of = |changed_only: bool| -> String {
+        if table.lookups.is_empty() {
+            return "NULL::jsonb".into();
+        }
+        let pairs: Vec<String> = table
+            .lookups
+            .iter()
+            .map(|l| {
+                let old = format!("jsonb_build_array({})", texts("o", &l.columns));
+                let value = if changed_only {
+                    let cols = |alias: &str| {
+                        let c: Vec<String> = l
+                            .columns
+                            .iter()
+                            .map(|c| format!("{alias}.{}", quote_ident(&c.name)))
+                            .collect();
+                        format!("ROW({})", c.join(", "))
+                    };
+                    format!(
+                        "CASE WHEN {} IS DISTINCT FROM {} THEN {old} END",
+                        cols("o"),
+                        cols("n")
+                    )
+                } else {
+                    old
+                };
+                format!("{}, {value}", quote_literal(&l.name))
+            })
+            .collect();
+        let object = format!("jsonb_build_object({})", pairs.join(", "));
+        match changed_only {
+            true => format!("jsonb_strip_nulls({object})"),
+            false => object,
+        }
+    };
+    let same_key: Vec<String> = table
+        .key
+        .iter()
+        .map(|c| {
+            let q = quote_ident(&c.name);
+            format!("o.{q} = n.{q}")
+        })
+        .collect();
+    let (key, lookups) = registered(table);
+    let key_literal = format!(
+        "ARRAY[{}]::text[]",
+        key.iter()
+            .map(|k| quote_literal(k))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    CAPTURE_TEMPLATE
+        .replace("{{function}}", &capture_function(&table.name))
+        .replace("{{schema}}", &quote_ident(schema))
+        .replace("{{source_literal}}", &quote_literal(&table.source))
+        .replace("{{source}}", &table.source)
+        .replace("{{new_key}}", &texts("n", &table.key))
+        .replace("{{old_key}}", &texts("o", &table.key))
+        .replace("{{first}}", &quote_ident(&table.key[0].name))
+        .replace("{{old_lookups}}", &lookups_of(false))
+        .replace("{{changed_lookups}}", &lookups_of(true))
+        .replace("{{same_key}}", &same_key.join(" AND "))
+        .replace("{{key_literal}}", &key_literal)
+        .replace(
+            "{{lookups_literal}}",
+            &format!("{}::jsonb", quote_literal(&lookups.to_string())),
+        )
+        .replace("{{name}}", &table.name)
+}
+
+/// The capture function of the table named `name` (a name of `[a-z][a-z0-9_]*`: no quoting).
+fn capture_function(name: &str) -> String {
+    format!("cacheward_capture__{name}")
+}
+
+/// The trigger events of a capture, as they end its triggers' names.
+const EVENTS: [&str; 4] = ["insert", "update", "delete", "truncate"];
+
+/// Whether `table`'s capture is installed as it is declared now: registered for the same table
+/// and keys, its four triggers in place. Says what differs when not.
+pub async fn installed(client: &impl GenericClient, table: &Table) -> Result<(), TableError> {
+    let db = |source: tokio_postgres::Error| TableError::Db {
+        table: table.name.clone(),
+        source: DbError::from_driver("read the capture", source),
+    };
+    let missing = |detail: String| TableError::NotInstalled {
+        table: table.name.clone(),
+        detail,
+    };
+    let (key, lookups) = registered(table);
+    let row = client
+        .query_opt(
+            "SELECT t.source = $2::text::regclass::oid, t.key = $3, t.lookups = $4::text::jsonb,
+                    (SELECT count(*) FROM pg_trigger g
+                     WHERE g.tgrelid = $2::text::regclass AND g.tgname = ANY($5) AND g.tgenabled <> 'D')
+             FROM cacheward_tables t WHERE t.name = $1",
+            &[
+                &table.name,
+                &table.source,
+                &key,
+                &lookups.to_string(),
+                &EVENTS
+                    .iter()
+                    .map(|e| format!("cacheward_{}_{e}", table.name))
+                    .collect::<Vec<_>>(),
+            ],
+        )
+        .await;
+    let row = match row {
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            return Err(missing(" (the schema predates declared tables)".into()))
+        }
+        other => other.map_err(db)?,
+    };
+    let Some(row) = row else {
+        return Err(missing(String::new()));
+    };
+    let (same_source, same_key, same_lookups, triggers): (bool, bool, bool, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if !same_source {
+        return Err(missing(format!(" on {}", table.source)));
+    }
+    if !same_key || !same_lookups {
+        return Err(missing(" for its key and lookups as declared now".into()));
+    }
+    if triggers != EVENTS.len() as i64 {
+        return Err(missing(format!(
+            " ({triggers} of its {} triggers are there and enabled)",
+            EVENTS.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Installs (or brings up to date) the capture of every table in `tables`; returns the names of
+/// those it installed: a capture already installed as declared is left alone.
+pub async fn install(
+    client: &mut tokio_postgres::Client,
+    tables: &[Table],
+) -> Result<Vec<String>, TableError> {
+    let mut done = Vec::new();
+    for table in tables {
+        if installed(&*client, table).await.is_ok() {
+            continue;
+        }
+        let db = |source: tokio_postgres::Error| TableError::Db {
+            table: table.name.clone(),
+            source: DbError::from_driver("install the capture", source),
+        };
+        let tx = client.transaction().await.map_err(db)?;
+        let schema: String = tx
+            .query_one("SELECT current_schema()", &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        // A capture made for another source or key first leaves that table alone.
+        drop_capture(&tx, &table.name).await?;
+        tx.batch_execute(&capture_sql(table, &schema))
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        done.push(table.name.clone());
+    }
+    Ok(done)
+}
+
+/// Drops the capture registered as `name`: its triggers (if its table is still there), its
+/// function, its versions and its registration.
+async fn drop_capture(client: &impl GenericClient, name: &str) -> Result<(), TableError> {
+    let db = |source: tokio_postgres::Error| TableError::Db {
+        table: name.to_owned(),
+        source: DbError::from_driver("drop the capture", source),
+    };
+    let source: Option<String> = client
+        .query_opt(
+            "SELECT format('%I.%I', n.nspname, c.relname)
+             FROM cacheward_tables t JOIN pg_class c ON c.oid = t.source
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(db)?
+        .map(|r| r.get(0));
+    let mut sql = String::new();
+    if let Some(source) = source {
+        for event in EVENTS {
+            sql.push_str(&format!(
+                "DROP TRIGGER IF EXISTS cacheward_{name}_{event} ON {source};\n"
+            ));
+        }
+    }
+    sql.push_str(&format!(
+        "DROP FUNCTION IF EXISTS {}();\n\
+         DELETE FROM cacheward_row_versions WHERE tbl = {lit};\n\
+         DELETE FROM cacheward_tables WHERE name = {lit};\n",
+        capture_function(name),
+        lit = quote_literal(name)
+    ));
+    client.batch_execute(&sql).await.map_err(db)
+}
+
+/// `migrate --prune`: drops the captures of tables that are installed but no longer declared.
+/// Returns their names.
+pub async fn prune(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<String>, TableError> {
+    let installed: Vec<String> = client
+        .query("SELECT name FROM cacheward_tables ORDER BY name", &[])
+        .await
+        .map_err(|e| TableError::Db {
+            table: "(any)".into(),
+            source: DbError::from_driver("list the captures", e),
+        })?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut pruned = Vec::new();
+    for name in installed {
+        if config.tables.contains_key(&name) {
+            continue;
+        }
+        let tx = client.transaction().await.map_err(|e| TableError::Db {
+            table: name.clone(),
+            source: DbError::from_driver("drop the capture", e),
+        })?;
+        drop_capture(&tx, &name).await?;
+        tx.commit().await.map_err(|e| TableError::Db {
+            table: name.clone(),
+            source: DbError::from_driver("drop the capture", e),
+        })?;
+        pruned.push(name);
+    }
+    Ok(pruned)
+}
+
+/// Names of installed captures that the configuration no longer declares (left in place until
+/// `migrate --prune`).
+pub async fn undeclared(
+    client: &impl GenericClient,
+    config: &Config,
+) -> Result<Vec<String>, DbError> {
+    let names: Vec<String> = client
+        .query("SELECT name FROM cacheward_tables ORDER BY name", &[])
+        .await
+        .map_err(|e| DbError::from_driver("list the captures", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(names
+        .into_iter()
+        .filter(|n| !config.tables.contains_key(n))
+        .collect())
+}
