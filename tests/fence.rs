@@ -304,6 +304,8 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
         ("user:number", "42"),
         ("user:nullid", r#"{"id":null,"version":5}"#),
         ("user:zero", r#"{"tombstone":true,"version":0}"#),
+        ("user:rownull", r#"{"row":null,"version":5}"#),
+        ("user:rowtext", r#"{"row":"x","version":5}"#),
     ] {
         let () = redis::cmd("SET")
             .arg(key)
@@ -312,7 +314,9 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
             .await
             .unwrap();
     }
-    let foreign = ["hash", "plain", "json", "number", "nullid", "zero"];
+    let foreign = [
+        "hash", "plain", "json", "number", "nullid", "zero", "rownull", "rowtext",
+    ];
     let writes: Vec<Write> = foreign
         .iter()
         .flat_map(|name| [live(name, 50, 20), Write::tombstone(Key::user(name), 60)])
@@ -354,6 +358,28 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
         );
     }
 
+    // A declared table's entry ({"version","row"}) is live to the scripts as to model::entry: an
+    // older write is refused, a newer one lands, a drop leaves a tombstone below it.
+    let table_entry = r#"{"version":40,"row":{"id":1}}"#;
+    let () = redis::cmd("SET")
+        .arg("user:tabled")
+        .arg(table_entry)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(cacheward::model::entry::is_live(table_entry));
+    assert_eq!(
+        cache.apply(&[live("tabled", 39, 40)]).await.unwrap(),
+        vec![Outcome::Refused]
+    );
+    assert_eq!(
+        cache
+            .apply(&[Write::tombstone(Key::user("tabled"), 41)])
+            .await
+            .unwrap(),
+        vec![Outcome::Applied]
+    );
+
     // verify names every foreign key, and prints a hostile username escaped: an ESC/BEL sequence
     // in a key must not reach the operator's terminal.
     let () = redis::cmd("SET")
@@ -371,7 +397,7 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
             "{name} not reported:\n{text}"
         );
     }
-    assert!(text.contains("6 foreign values"), "{text}");
+    assert!(text.contains("8 foreign values"), "{text}");
     assert!(
         text.contains("mismatch user:evil\\u{1b}]0;pwned\\u{7}:"),
         "{text}"

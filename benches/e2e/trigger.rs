@@ -1,4 +1,6 @@
-//! The capture trigger's cost to writers: pgbench UPDATE throughput with and without it.
+//! The capture's cost to writers: pgbench UPDATE throughput with and without it, for `users` (its
+//! version column and capture trigger) and for a declared table of the same shape (its capture
+//! keeps versions in a side table: no column added to the application's table).
 
 use std::path::Path;
 use std::process::Command;
@@ -6,16 +8,19 @@ use std::process::Command;
 use cacheward::dev::Postgres;
 use serde_json::{json, Value};
 
+use cacheward::store::pg::tables;
+
 use crate::measure::env_or;
 use crate::Bench;
 
-/// Runs pgbench (4 clients) updating random users for `secs`; returns its tps.
-pub fn pgbench(pg: &Postgres, dir: &Path, users: u64, secs: u64) -> f64 {
+/// Runs pgbench (4 clients) updating random rows of `table` (ids 1..=`rows`) for `secs`;
+/// returns its tps.
+pub fn pgbench(pg: &Postgres, dir: &Path, table: &str, rows: u64, secs: u64) -> f64 {
     let script = dir.join("update.sql");
     std::fs::write(
         &script,
         format!(
-            "\\set id random(1, {users})\nUPDATE users SET created_at = now() WHERE id = :id;\n"
+            "\\set id random(1, {rows})\nUPDATE {table} SET created_at = now() WHERE id = :id;\n"
         ),
     )
     .expect("write pgbench script");
@@ -53,37 +58,115 @@ pub fn pgbench(pg: &Postgres, dir: &Path, users: u64, secs: u64) -> f64 {
         })
 }
 
-/// Out-of-band UPDATE throughput with the capture trigger (NOTIFY on, poll-only) and without it,
-/// in alternating runs; into `report`.
+/// The declared table measured beside `users`: the same columns and rows, its capture installed
+/// as `cacheward migrate` installs it.
+async fn declare(b: &Bench) {
+    b.admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS bench_accounts;
+             CREATE TABLE bench_accounts (id bigint PRIMARY KEY, username text NOT NULL UNIQUE,
+                                          created_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO bench_accounts SELECT id, username, created_at FROM users;
+             ANALYZE bench_accounts;",
+        )
+        .await
+        .expect("make bench_accounts");
+    let mut config = cacheward::config::Config::default();
+    config.tables.insert(
+        "bench_accounts".into(),
+        cacheward::config::TableConfig {
+            source: None,
+            key: vec!["id".into()],
+            lookups: [("by_username".to_owned(), vec!["username".to_owned()])].into(),
+            columns: None,
+            exclude: vec![],
+            key_prefix: None,
+            ttl_secs: None,
+            writable: true,
+        },
+    );
+    let mut client = cacheward::store::pg::connect(&b.pg_config)
+        .await
+        .expect("connect");
+    let declared = tables::resolve_all(&client, &config)
+        .await
+        .expect("bench_accounts checks");
+    tables::install(&mut client, &declared)
+        .await
+        .expect("install the capture");
+}
+
+/// Out-of-band UPDATE throughput with the capture (NOTIFY on, poll-only) and without it, for
+/// `users` and for a declared table, in alternating runs; into `report`.
 pub async fn run(b: &Bench, report: &mut Value) {
     let secs: u64 = env_or("CACHEWARD_BENCH_PGBENCH_SECS", 5);
+    declare(b).await;
     let mut tps: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let triggers = |table: &str, on: bool| {
+        let verb = if on { "ENABLE" } else { "DISABLE" };
+        let name = match table {
+            "users" => "cacheward_capture_update",
+            _ => "cacheward_bench_accounts_update",
+        };
+        format!("ALTER TABLE {table} {verb} TRIGGER {name}")
+    };
     for _ in 0..b.rounds.max(2) {
-        for (label, sql) in [
-        ("without trigger", "ALTER TABLE users DISABLE TRIGGER cacheward_capture_update"),
-        ("trigger, notify", "ALTER TABLE users ENABLE TRIGGER cacheward_capture_update; UPDATE cacheward_cdc_settings SET notify = true"),
-        ("trigger, poll-only", "UPDATE cacheward_cdc_settings SET notify = false"),
-    ] {
-        b.admin.batch_execute(sql).await.expect("switch trigger");
-        tps.entry(label).or_default().push(pgbench(&b.pg, b.dir.path(), b.users, secs));
+        for table in ["users", "bench_accounts"] {
+            let runs = [
+                ("without trigger", triggers(table, false)),
+                (
+                    "trigger, notify",
+                    format!(
+                        "{}; UPDATE cacheward_cdc_settings SET notify = true",
+                        triggers(table, true)
+                    ),
+                ),
+                (
+                    "trigger, poll-only",
+                    "UPDATE cacheward_cdc_settings SET notify = false".to_owned(),
+                ),
+            ];
+            for (label, sql) in runs {
+                b.admin.batch_execute(&sql).await.expect("switch trigger");
+                let label = label_of(table, label);
+                let run = pgbench(&b.pg, b.dir.path(), table, b.users, secs);
+                tps.entry(label).or_default().push(run);
+            }
+        }
     }
-    }
+    b.admin
+        .batch_execute("UPDATE cacheward_cdc_settings SET notify = true")
+        .await
+        .expect("notify back on");
     let mean = |label: &str| tps[label].iter().sum::<f64>() / tps[label].len() as f64;
-    let base = mean("without trigger");
     println!(
-        "\ntrigger cost: pgbench, 4 clients, UPDATE of a random user, {secs} s runs, alternating"
+        "\ntrigger cost: pgbench, 4 clients, UPDATE of a random row, {secs} s runs, alternating"
     );
     let mut costs = serde_json::Map::new();
-    for label in ["without trigger", "trigger, notify", "trigger, poll-only"] {
-        println!(
-            "{label:>20}: {:>9.0} tps  ratio {:.2}",
-            mean(label),
-            mean(label) / base
-        );
-        costs.insert(
-            label.into(),
-            json!({"tps": mean(label), "ratio": mean(label) / base}),
-        );
+    for table in ["users", "bench_accounts"] {
+        let base = mean(label_of(table, "without trigger"));
+        for label in ["without trigger", "trigger, notify", "trigger, poll-only"] {
+            let label = label_of(table, label);
+            println!(
+                "{label:>36}: {:>9.0} tps  ratio {:.2}",
+                mean(label),
+                mean(label) / base
+            );
+            costs.insert(
+                label.into(),
+                json!({"tps": mean(label), "ratio": mean(label) / base}),
+            );
+        }
     }
     report["trigger_cost"] = Value::Object(costs);
+}
+
+/// The report's label of a run: users' as they always were, the declared table's prefixed.
+fn label_of(table: &str, label: &'static str) -> &'static str {
+    match (table, label) {
+        ("users", label) => label,
+        (_, "without trigger") => "declared table, without capture",
+        (_, "trigger, notify") => "declared table, capture, notify",
+        (_, _) => "declared table, capture, poll-only",
+    }
 }

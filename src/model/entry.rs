@@ -1,5 +1,5 @@
-//! What a cache entry is and which one wins, stated once: a live entry (the row's JSON, carrying
-//! its `version`) or a tombstone (`{"tombstone":true,"version":N}`), the versioned writes that
+//! What a cache entry is and which one wins, stated once: a live entry (a user's row JSON carrying
+//! its `version`, or a declared table's `{"version":N,"row":ROW}`) or a tombstone (`{"tombstone":true,"version":N}`), the versioned writes that
 //! make them, and the read-your-writes rule. The Lua scripts in `store/redis/*.lua` apply the
 //! same rules inside Redis; `store::redis::scripts`'s tests hold the two to each other.
 
@@ -8,11 +8,15 @@ use serde::Deserialize;
 use super::key::Key;
 use super::user::User;
 
-/// A live entry as the read path looks at it: a JSON object with an `id` and an integer
-/// `version`. Anything else (a tombstone, a foreign value) is a miss.
+/// A live entry as the read path looks at it: a JSON object with an integer `version` and either
+/// an `id` (a user's row) or a `row` that is an object or an array (a declared table's; an array
+/// because Lua's cjson cannot tell the two apart, and `entry.lua` must agree). Anything else (a
+/// tombstone, a foreign value) is a miss.
 #[derive(Deserialize)]
-struct LiveProbe {
+struct LiveProbe<'a> {
     id: Option<serde::de::IgnoredAny>,
+    #[serde(borrow)]
+    row: Option<&'a serde_json::value::RawValue>,
     version: Option<i64>,
 }
 
@@ -29,7 +33,14 @@ pub fn live_version(value: &str) -> Option<i64> {
         return None;
     }
     let probe = serde_json::from_str::<LiveProbe>(value).ok()?;
-    probe.id.and(probe.version)
+    let row = probe
+        .row
+        .is_some_and(|r| r.get().starts_with('{') || r.get().starts_with('['));
+    if probe.id.is_some() || row {
+        probe.version
+    } else {
+        None
+    }
 }
 
 /// The version a tombstone carries, if `value` is one of cacheward's.
@@ -176,6 +187,12 @@ mod tests {
         // The version rule alone: an id without an integer version is none either.
         assert!(!is_live(r#"{"id":1,"username":"a"}"#));
         assert!(!is_live(r#"{"id":1,"version":"3"}"#));
+        // A declared table's entry: a row object and a version.
+        assert_eq!(live_version(r#"{"version":4,"row":{"id":1}}"#), Some(4));
+        assert_eq!(live_version(r#"{"version":4,"row":{}}"#), Some(4));
+        assert!(!is_live(r#"{"version":4,"row":null}"#));
+        assert!(!is_live(r#"{"version":4,"row":"x"}"#));
+        assert!(!is_live(r#"{"row":{"id":1}}"#));
     }
 
     #[test]
