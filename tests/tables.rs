@@ -11,8 +11,9 @@ use std::process::Command;
 use cacheward::config::Config;
 use cacheward::model::table::KeyType;
 use cacheward::store::pg::tables::{self, TableError};
-use common::TestEnv;
+use common::{DaemonProcess, TestEnv};
 use serde_json::json;
+use std::time::Duration;
 
 const SCHEMA: &str = "
     CREATE TABLE accounts (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, plan text,
@@ -416,4 +417,38 @@ async fn key_texts_computed_in_rust_are_postgresqls_own() {
             .await;
         assert!(theirs.is_err(), "PostgreSQL takes {value} as {sql_type}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stops_on_a_table_it_cannot_serve_naming_it_and_what_to_run() {
+    let env = start().await;
+    // The daemon reads config/cacheward.toml under its working directory.
+    std::fs::create_dir_all(env.dir.path().join("config")).unwrap();
+    std::fs::write(env.dir.path().join("config/cacheward.toml"), DECLARED).unwrap();
+    let mut daemon = DaemonProcess::spawn(&env, "unmigrated");
+    let status = daemon.wait_exit(Duration::from_secs(20));
+    let logs = daemon.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(
+        logs.contains("a declared table cannot be served")
+            && logs.contains("table accounts")
+            && logs.contains("cacheward migrate"),
+        "{logs}"
+    );
+    migrate(&env, DECLARED, &[]);
+    let mut daemon = DaemonProcess::spawn(&env, "migrated");
+    daemon.wait_ready().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "{}",
+        daemon.logs()
+    );
+    assert!(
+        daemon
+            .logs()
+            .contains("declared tables are captured but not served"),
+        "{}",
+        daemon.logs()
+    );
 }
