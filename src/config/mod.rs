@@ -162,6 +162,17 @@ impl Config {
         self.log.validate()?;
         self.consistency.validate()?;
         tables::validate(&self.tables, &self.cache.key_prefix)?;
+        if self.redis.mode == RedisMode::Cluster
+            && !self.tables.is_empty()
+            && has_hash_tag(&self.cache.key_prefix)
+        {
+            // The fences live under users' prefix, one per slot: a hash tag there puts them all
+            // in one slot, and a declared table's keys in other slots would have none.
+            return Err(invalid(
+                "cache.key_prefix",
+                "may not carry a hash tag ({...}) when tables are declared in cluster mode",
+            ));
+        }
         Ok(())
     }
 
@@ -282,6 +293,14 @@ impl Config {
     }
 }
 
+/// Whether `prefix` holds a Redis Cluster hash tag: a non-empty `{...}`.
+fn has_hash_tag(prefix: &str) -> bool {
+    prefix
+        .split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .is_some_and(|(tag, _)| !tag.is_empty())
+}
+
 /// Refuses any key that [`Config`] does not have. The known keys are read off the defaults, so this
 /// list can never drift from the struct.
 fn check_known_keys(layered: &config::Config, origin: &str) -> Result<(), ConfigError> {
@@ -398,6 +417,15 @@ mod tests {
         assert!(
             matches!(&typo, Err(ConfigError::UnknownKey { key, .. }) if key == "tables.accounts.colums"),
             "{typo:?}"
+        );
+        let tagged = load(
+            &[("CACHEWARD__REDIS__MODE", "cluster")],
+            Some("[cache]\nkey_prefix = \"{u}:\"\n[tables.a]\nkey = [\"id\"]\n"),
+        )
+        .unwrap_err();
+        assert!(
+            tagged.to_string().contains("`cache.key_prefix`"),
+            "{tagged}"
         );
         let flat = load(&[], Some("tables = 3\n")).unwrap_err();
         assert!(flat.to_string().contains("`tables`"), "{flat}");

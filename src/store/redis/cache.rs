@@ -46,8 +46,14 @@ impl Cache {
         };
         let conn = conn::connect(config, pushes)
             .map_err(|e| CacheError::said(CacheErrorKind::Config, e))?;
+        let tables: Vec<String> = config
+            .tables
+            .iter()
+            .map(|(name, table)| table.prefix(name))
+            .collect();
         let keys = Keys::new(
             &config.cache.key_prefix,
+            &tables,
             config.redis.mode == RedisMode::Cluster,
         );
         if let (Some(near), Some(heard)) = (&near, heard) {

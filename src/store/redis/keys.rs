@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::model::key::Key;
+use crate::model::key::{Key, TableId};
 
 /// Slots in a Redis Cluster.
 pub const SLOTS: usize = 16384;
@@ -29,6 +29,10 @@ fn hash_tag(key: &[u8]) -> Option<&[u8]> {
 #[derive(Clone)]
 pub struct Keys {
     prefix: Arc<str>,
+    /// Every table's prefix, by [`TableId`]: `users`' (the prefix above) first, then each
+    /// declared table's. No prefix starts another (the configuration checks it), so a key names
+    /// at most one table.
+    tables: Arc<[Arc<str>]>,
     /// Cluster mode: per slot, the number that puts a fence (an epoch) key in that slot.
     slotted: Option<Arc<SlotKeys>>,
 }
@@ -42,9 +46,16 @@ struct SlotKeys {
 const UNUSED: u32 = u32::MAX;
 
 impl Keys {
-    pub fn new(prefix: &str, cluster: bool) -> Keys {
+    /// `prefix`: users'; `tables`: the declared tables' prefixes, in [`TableId`] order from 1.
+    /// Fences and epochs live under users' prefix and guard every table's entries in their slot.
+    pub fn new(prefix: &str, tables: &[String], cluster: bool) -> Keys {
+        let all: Vec<Arc<str>> = std::iter::once(prefix)
+            .chain(tables.iter().map(String::as_str))
+            .map(Arc::from)
+            .collect();
         Keys {
             prefix: prefix.into(),
+            tables: all.into(),
             slotted: cluster.then(|| {
                 Arc::new(SlotKeys {
                     fence: numbering(prefix, "fence"),
@@ -62,20 +73,29 @@ impl Keys {
         self.slotted.is_some()
     }
 
-    /// The Redis key of an entry: the prefix + the key's text (a user's: the username).
+    /// The prefix of `table`'s keys.
+    pub fn prefix_of(&self, table: TableId) -> &str {
+        &self.tables[table.0 as usize]
+    }
+
+    /// The Redis key of an entry: its table's prefix + the key's text (a user's: the username).
     pub fn entry(&self, key: &Key) -> String {
-        let mut redis_key = String::with_capacity(self.prefix.len() + key.as_str().len());
-        redis_key.push_str(&self.prefix);
+        let prefix = self.prefix_of(key.table());
+        let mut redis_key = String::with_capacity(prefix.len() + key.as_str().len());
+        redis_key.push_str(prefix);
         redis_key.push_str(key.as_str());
         redis_key
     }
 
-    /// The entry's key a Redis key names, if it is one under the prefix (not the prefix alone,
-    /// a fence or an epoch: those follow it with nothing or with NUL).
-    pub fn key_of<'a>(&self, redis_key: &'a [u8]) -> Option<&'a str> {
-        let rest = redis_key.strip_prefix(self.prefix.as_bytes())?;
-        let text = std::str::from_utf8(rest).ok()?;
-        (!text.is_empty() && !text.starts_with('\0')).then_some(text)
+    /// The entry's key a Redis key names, if it is one under a table's prefix (not the prefix
+    /// alone, a fence or an epoch: those follow it with nothing or with NUL).
+    pub fn key_of(&self, redis_key: &[u8]) -> Option<Key> {
+        self.tables.iter().enumerate().find_map(|(table, prefix)| {
+            let rest = redis_key.strip_prefix(prefix.as_bytes())?;
+            let text = std::str::from_utf8(rest).ok()?;
+            (!text.is_empty() && !text.starts_with('\0'))
+                .then(|| Key::new(TableId(table as u16), text))
+        })
     }
 
     /// The slot `key` lives in; 0 for every key on a single server.
@@ -209,7 +229,7 @@ mod tests {
 
     #[test]
     fn a_slot_past_the_table_is_not_cacheward_s_rather_than_a_panic() {
-        assert!(!Keys::new("user:", true).in_use(u16::MAX));
+        assert!(!Keys::new("user:", &[], true).in_use(u16::MAX));
     }
 
     #[test]
@@ -224,7 +244,7 @@ mod tests {
 
     #[test]
     fn every_slot_gets_a_fence_and_an_epoch_key_of_its_own() {
-        let keys = Keys::new("user:", true);
+        let keys = Keys::new("user:", &[], true);
         for slot in [0u16, 1, 5461, 10923, 16383] {
             assert_eq!(slot_of(keys.fence(slot).as_bytes()), slot);
             assert_eq!(slot_of(keys.epoch(slot).as_bytes()), slot);
@@ -232,19 +252,27 @@ mod tests {
         }
         assert_eq!(keys.slots().len(), SLOTS);
         // A prefix with a hash tag puts every key in one slot.
-        let tagged = Keys::new("{users}:", true);
+        let tagged = Keys::new("{users}:", &[], true);
         let slot = slot_of(b"users");
         assert_eq!(tagged.slots(), vec![slot]);
         assert_eq!(slot_of(tagged.fence(slot).as_bytes()), slot);
         assert_eq!(tagged.slot(&tagged.entry(&Key::user("anyone"))), slot);
 
         // One server: one fence, the prefix.
-        let single = Keys::new("user:", false);
+        let single = Keys::new("user:", &["acc:".into()], false);
         assert_eq!(single.fence(single.slot("user:a")), "user:");
         assert_eq!(single.epoch(0), "user:\0epoch");
         // What follows the prefix names an entry; the prefix alone, a fence or an epoch do not.
-        assert_eq!(single.key_of(b"user:ann"), Some("ann"));
-        for not_an_entry in [&b"user:"[..], b"user:\0epoch", b"other:ann", b"user:\xff"] {
+        assert_eq!(single.key_of(b"user:ann"), Some(Key::user("ann")));
+        assert_eq!(single.key_of(b"acc:42"), Some(Key::new(TableId(1), "42")));
+        assert_eq!(single.entry(&Key::new(TableId(1), "42")), "acc:42");
+        for not_an_entry in [
+            &b"user:"[..],
+            b"user:\0epoch",
+            b"other:ann",
+            b"user:\xff",
+            b"acc:",
+        ] {
             assert_eq!(single.key_of(not_an_entry), None);
         }
     }

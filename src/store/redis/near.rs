@@ -126,7 +126,7 @@ impl NearCache {
         })
     }
 
-    fn shard(&self, name: &str) -> MutexGuard<'_, Shard> {
+    fn shard(&self, name: &Key) -> MutexGuard<'_, Shard> {
         let at = (self.hasher.hash_one(name) as usize) % self.shards.len();
         self.shards[at]
             .lock()
@@ -135,7 +135,7 @@ impl NearCache {
 
     /// The entry of `name`, if held and at least `min_version` new.
     pub fn get(&self, name: &Key, min_version: Option<i64>) -> Option<NearHit> {
-        let mut shard = self.shard(name.as_str());
+        let mut shard = self.shard(name);
         let &at = shard.index.get(name)?;
         let entry = shard.ring[at].as_mut().expect("indexed slots are full");
         if !satisfies(entry.version, min_version) {
@@ -154,7 +154,7 @@ impl NearCache {
     /// The entry of `name` as held, without counting a hit or marking it read (the consistency
     /// checker's look).
     pub fn peek(&self, name: &Key) -> Option<NearHit> {
-        let shard = self.shard(name.as_str());
+        let shard = self.shard(name);
         let &at = shard.index.get(name)?;
         let entry = shard.ring[at].as_ref().expect("indexed slots are full");
         Some(NearHit {
@@ -196,10 +196,7 @@ impl NearCache {
         let generation = self.generation.load(Relaxed);
         Ticket {
             generation,
-            marks: names
-                .iter()
-                .map(|name| self.shard(name.as_str()).marks)
-                .collect(),
+            marks: names.iter().map(|name| self.shard(name).marks).collect(),
         }
     }
 
@@ -211,13 +208,13 @@ impl NearCache {
         if size > self.shard_bytes {
             return false;
         }
-        let mut shard = self.shard(name.as_str());
+        let mut shard = self.shard(name);
         // Read under the shard's lock: a flush bumps the generation before it empties the shards,
         // so an entry kept here with the old generation is emptied by it.
         if self.generation.load(Relaxed) != ticket.generation || shard.marks != ticket.marks[at] {
             return false;
         }
-        shard.remove(name.as_str());
+        shard.remove(name);
         while shard.bytes + size > self.shard_bytes {
             shard.evict_one();
         }
@@ -243,9 +240,9 @@ impl NearCache {
     /// Redis says `name` changed (or the daemon is about to change it): drops its entry and
     /// refuses every read of its shard asked for before now.
     pub fn invalidate(&self, name: &Key) {
-        let mut shard = self.shard(name.as_str());
+        let mut shard = self.shard(name);
         shard.marks += 1;
-        shard.remove(name.as_str());
+        shard.remove(name);
         drop(shard);
         self.invalidations.fetch_add(1, Relaxed);
     }
@@ -290,7 +287,7 @@ impl NearCache {
 }
 
 impl Shard {
-    fn remove(&mut self, name: &str) {
+    fn remove(&mut self, name: &Key) {
         if let Some(at) = self.index.remove(name) {
             self.take(at);
         }

@@ -4,11 +4,12 @@
 use super::error::{decode, CacheError};
 use super::keys::Primary;
 use super::routing::Router;
-use crate::model::key::Key;
+use crate::model::key::{Key, TableId};
 
-/// A SCAN over every primary, page by page (see [`Router::scan`]).
+/// A SCAN over every primary, page by page (see [`Router::scan`]), of one table's keys.
 pub struct Scan<'a> {
     router: &'a Router,
+    table: TableId,
     pattern: String,
     /// The primaries not walked yet (asked for at the first page).
     primaries: Option<std::vec::IntoIter<Primary>>,
@@ -50,7 +51,7 @@ impl Scan<'_> {
         Ok(Some(
             keys.iter()
                 .filter_map(|k| router.keys.key_of(k))
-                .map(Key::user)
+                .filter(|key| key.table() == self.table)
                 .collect(),
         ))
     }
@@ -81,11 +82,17 @@ fn glob_escape(text: &str) -> String {
 }
 
 impl Router {
-    /// A walk over every key under the prefix with SCAN, on every primary.
+    /// A walk over every key under users' prefix with SCAN, on every primary.
     pub fn scan(&self) -> Scan<'_> {
+        self.scan_table(TableId::USERS)
+    }
+
+    /// A walk over every key under `table`'s prefix.
+    pub fn scan_table(&self, table: TableId) -> Scan<'_> {
         Scan {
             router: self,
-            pattern: format!("{}*", glob_escape(self.keys.prefix())),
+            table,
+            pattern: format!("{}*", glob_escape(self.keys.prefix_of(table))),
             primaries: None,
             at: None,
         }

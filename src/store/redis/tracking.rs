@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use super::keys::Keys;
 use super::near::NearCache;
-use crate::model::key::Key;
 
 /// Hands the near cache what Redis pushes: `invalidate` drops the names it lists (everything when
 /// it lists none: a FLUSHALL, a FLUSHDB); a connection lost or replaced drops everything.
@@ -26,7 +25,7 @@ pub async fn listen(
                             _ => None,
                         };
                         if let Some(key) = key {
-                            near.invalidate(&Key::user(key));
+                            near.invalidate(&key);
                         }
                     }
                 }
@@ -77,6 +76,7 @@ impl Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::key::Key;
 
     #[tokio::test]
     async fn hostile_pushes_drop_what_they_name_or_everything_never_more_than_theirs() {
@@ -93,7 +93,7 @@ mod tests {
             for (kind, data) in pushes {
                 sender.send(PushInfo { kind, data }).unwrap();
             }
-            listen(near.clone(), Keys::new("user:", false), heard)
+            listen(near.clone(), Keys::new("user:", &[], false), heard)
         };
         let keys = |keys: &[&[u8]]| {
             let keys = keys.iter().map(|k| Value::BulkString(k.to_vec())).collect();
