@@ -447,7 +447,7 @@ async fn serve_stops_on_a_table_it_cannot_serve_naming_it_and_what_to_run() {
     assert!(
         daemon
             .logs()
-            .contains("declared tables are captured but not served"),
+            .contains("declared tables are read-only through the daemon"),
         "{}",
         daemon.logs()
     );

@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 
 use super::cursor::Cursor;
 use super::outbox::{self, Batch, Statements};
-use super::plan::Plan;
+use super::plan::{fence_after, Plan};
 use super::{Applier, CdcError};
 
 /// A change applied later than this after it was made is worth a warning.
@@ -20,8 +20,17 @@ impl Applier {
     /// Writes `plan` to Redis: a TRUNCATE's fence and drop first, then the writes in one call.
     pub(super) async fn apply(&self, plan: &Plan) -> Result<(), CdcError> {
         if let Some(fence) = plan.truncate_fence() {
-            let dropped = self.cache.drop_all(fence).await?;
+            let dropped = self.cache.drop_users(fence).await?;
             tracing::info!(dropped, "cdc applied a TRUNCATE: every cached user dropped");
+        }
+        for (&table, &version) in &plan.table_truncates {
+            let dropped = self.cache.drop_table(fence_after(version), table).await?;
+            let table = self.tables.name(table);
+            tracing::info!(
+                dropped,
+                table,
+                "cdc applied a TRUNCATE of a declared table: its cached rows dropped"
+            );
         }
         self.cache.apply(&plan.writes).await?;
         Ok(())

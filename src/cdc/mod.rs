@@ -17,6 +17,7 @@ use tokio_postgres::{AsyncMessage, Client};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::model::registry::Tables;
 use crate::store::pg::connect;
 use crate::store::pg::{DbError, DbErrorKind};
 use crate::store::redis::{Cache, CacheError};
@@ -28,6 +29,7 @@ pub mod lease;
 pub mod outbox;
 pub mod plan;
 pub mod stats;
+pub mod tables;
 
 use cursor::Cursor;
 use outbox::Statements;
@@ -59,6 +61,7 @@ pub struct Applier {
     config: Arc<Config>,
     cache: Cache,
     stats: Arc<CdcStats>,
+    tables: Arc<Tables>,
     /// The cache this worker keeps: one cursor, and one active worker, per consumer.
     consumer: String,
     /// When `cdc lagging` was last said, while the lag lasts.
@@ -74,7 +77,14 @@ pub struct Applier {
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 impl Applier {
-    pub fn new(config: Arc<Config>, cache: Cache, stats: Arc<CdcStats>) -> Applier {
+    /// `tables`: the declared tables, shared with the request path (their rows are read once
+    /// they are checked).
+    pub fn new(
+        config: Arc<Config>,
+        cache: Cache,
+        stats: Arc<CdcStats>,
+        tables: Arc<Tables>,
+    ) -> Applier {
         let redis = config
             .redis
             .url
@@ -90,6 +100,7 @@ impl Applier {
             config,
             cache,
             stats,
+            tables,
             consumer,
             lag_warned: Mutex::new(None),
             holder,
@@ -396,10 +407,17 @@ impl Applier {
         let started = Instant::now();
         let limit = self.config.cdc.batch_size as i64;
         let batch = self
-            .bounded("batch read", outbox::read(client, st, cursor, limit, busy))
+            .bounded(
+                "batch read",
+                outbox::read(client, st, cursor, limit, busy, &self.tables),
+            )
             .await?;
         self.stats.polls.fetch_add(1, Relaxed);
-        let plan = Plan::of(self.config.cdc.mode, &batch);
+        let plan = Plan::of(
+            self.config.cdc.mode,
+            &batch,
+            self.config.cache.max_entry_bytes,
+        );
         self.apply(&plan).await?;
         self.advance(client, st, cursor, &batch).await?;
         self.record(&batch, &plan, cursor, started);

@@ -9,10 +9,15 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
 use super::cursor::{in_flight, parse_xid, Cursor, Pending, Snapshot};
+use super::tables::{self, TableChange, TableChanges};
 use super::CdcError;
 use crate::model::key::Key;
+use crate::model::registry::Tables;
+use crate::model::table::Table;
 use crate::model::user::User;
 use crate::store::pg as db;
+use crate::store::pg::rows::TableRow;
+use std::sync::Arc;
 
 /// One outbox row as the applier reads it.
 #[derive(Debug, Clone)]
@@ -23,6 +28,12 @@ pub struct Change {
     pub old_username: Option<String>,
     /// The declared table the change is of; `None`: users.
     pub table: Option<String>,
+    /// A declared table's change: the key the row has now, each column's text.
+    pub row_key: Option<Vec<String>>,
+    /// A declared table's change: a key that no longer has the row.
+    pub old_key: Option<Vec<String>>,
+    /// A declared table's change: the lookup values the row no longer has.
+    pub old_lookups: Option<serde_json::Value>,
     pub version: i64,
     pub lag_ms: i64,
     /// Whether the version is one the version sequence can have drawn.
@@ -129,7 +140,7 @@ pub fn late_query() -> String {
 /// says whether the version sequence can have drawn the row's version (see [`Change::malformed`]).
 fn change_columns() -> String {
     format!(
-        "o.id, o.op, o.username, o.old_username, o.version, o.tbl, \
+        "o.id, o.op, o.username, o.old_username, o.version, o.tbl, o.row_key, o.old_key, o.old_lookups, \
          least(greatest((extract(epoch FROM clock_timestamp()) - extract(epoch FROM o.changed_at)) \
                         * 1000, 0), 86400000)::bigint, \
          o.version <= ({horizon})",
@@ -150,8 +161,11 @@ fn change(row: &tokio_postgres::Row) -> Change {
         old_username: row.get(3),
         version: row.get(4),
         table: row.get(5),
-        lag_ms: row.get(6),
-        version_drawn: row.get(7),
+        row_key: row.get(6),
+        old_key: row.get(7),
+        old_lookups: row.get(8),
+        lag_ms: row.get(9),
+        version_drawn: row.get(10),
     }
 }
 
@@ -299,6 +313,10 @@ pub struct Batch {
     pub truncate: Option<i64>,
     /// The current rows of the mentioned names that can be served.
     pub rows: Vec<User>,
+    /// What the changes say of declared tables.
+    pub declared: TableChanges,
+    /// The current rows of the declared tables' keys mentioned, table by table.
+    pub table_rows: Vec<(Arc<Table>, Vec<TableRow>)>,
 }
 
 impl Batch {
@@ -327,6 +345,7 @@ pub async fn read(
     cursor: &Cursor,
     limit: i64,
     busy: bool,
+    declared_tables: &Tables,
 ) -> Result<Batch, CdcError> {
     let fresh_params: [&(dyn ToSql + Sync); 2] = [&cursor.position, &limit];
     let snapshot_statement = match busy {
@@ -371,7 +390,7 @@ pub async fn read(
             .map(change)
             .collect()
     };
-    let (mentioned, truncate) = mentions(fresh.iter().chain(&late));
+    let (mentioned, truncate, declared) = mentions(fresh.iter().chain(&late), declared_tables);
 
     let names: Vec<&str> = mentioned.keys().map(Key::as_str).collect();
     let rows_params: [&(dyn ToSql + Sync); 1] = [&names];
@@ -393,7 +412,21 @@ pub async fn read(
                 .map(|row| Some(row.get(0))),
         }
     };
-    let (rows, own_xid, _) = tokio::try_join!(rows, own_xid, client.batch_execute("COMMIT"))?;
+    // Declared tables' rows are read table after table, all before the COMMIT (in the
+    // snapshot): a batch that mentions some pays one more round trip.
+    let (rows, own_xid, table_rows) = if declared.keys.is_empty() {
+        let (rows, own_xid, _) = tokio::try_join!(rows, own_xid, client.batch_execute("COMMIT"))?;
+        (rows, own_xid, Vec::new())
+    } else {
+        let table_rows = tables::current_rows(client, declared_tables, &declared);
+        let (rows, own_xid, table_rows) = tokio::try_join!(
+            async { Ok::<_, CdcError>(rows.await?) },
+            async { Ok::<_, CdcError>(own_xid.await?) },
+            table_rows
+        )?;
+        client.batch_execute("COMMIT").await?;
+        (rows, own_xid, table_rows)
+    };
     // A row that cannot be served is skipped, once per change, and its name gets a tombstone (the
     // plan treats it as missing): the rest of the batch is applied.
     let (rows, broken) = User::from_rows(&rows);
@@ -413,17 +446,39 @@ pub async fn read(
         mentioned,
         truncate,
         rows,
+        declared,
+        table_rows,
     })
 }
 
-/// The names `changes` mention, each with the largest version recorded for it, and the largest
-/// version horizon of a TRUNCATE among them. A malformed change is skipped (and said).
-fn mentions<'a>(changes: impl Iterator<Item = &'a Change>) -> (BTreeMap<Key, i64>, Option<i64>) {
+/// The names `changes` mention, each with the largest version recorded for it, the largest
+/// version horizon of a TRUNCATE among them, and what they say of declared tables. A malformed
+/// change is skipped (and said).
+fn mentions<'a>(
+    changes: impl Iterator<Item = &'a Change>,
+    tables: &Tables,
+) -> (BTreeMap<Key, i64>, Option<i64>, TableChanges) {
     let mut mentioned: BTreeMap<Key, i64> = BTreeMap::new();
     let mut truncate: Option<i64> = None;
+    let mut declared = TableChanges::default();
     for c in changes {
-        // A declared table's change: not users', passed by this stream's plan.
-        if c.table.is_some() {
+        if let Some(name) = &c.table {
+            let malformed = match c.version_drawn {
+                false => Some("its version is newer than any the version sequence drew"),
+                true => {
+                    let change = TableChange {
+                        op: &c.op,
+                        row_key: c.row_key.as_deref(),
+                        old_key: c.old_key.as_deref(),
+                        old_lookups: c.old_lookups.as_ref(),
+                        version: c.version,
+                    };
+                    declared.add(tables, tables.id(name), change)
+                }
+            };
+            if let Some(reason) = malformed {
+                tracing::warn!(id = c.id, op = %c.op, version = c.version, reason, "cdc skipped a malformed outbox row");
+            }
             continue;
         }
         if let Some(reason) = c.malformed() {
@@ -438,7 +493,7 @@ fn mentions<'a>(changes: impl Iterator<Item = &'a Change>) -> (BTreeMap<Key, i64
             *v = (*v).max(c.version);
         }
     }
-    (mentioned, truncate)
+    (mentioned, truncate, declared)
 }
 
 #[cfg(test)]
@@ -458,6 +513,9 @@ mod tests {
             username: username.map(String::from),
             old_username: old.map(String::from),
             table: None,
+            row_key: None,
+            old_key: None,
+            old_lookups: None,
             version,
             lag_ms: 0,
             version_drawn: version < 100,
@@ -481,7 +539,7 @@ mod tests {
                 ..change(8, "truncate", None, None, 9)
             },
         ];
-        let (mentioned, truncate) = mentions(changes.iter());
+        let (mentioned, truncate, _) = mentions(changes.iter(), &Tables::default());
         assert_eq!(
             mentioned,
             BTreeMap::from([(Key::user("a"), 5), (Key::user("b"), 7)])

@@ -4,5 +4,6 @@
 
 pub mod entry;
 pub mod key;
+pub mod registry;
 pub mod table;
 pub mod user;

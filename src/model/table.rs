@@ -9,6 +9,8 @@
 
 use serde_json::{Map, Value};
 
+use super::key::{Key, TableId};
+
 /// A key or lookup column: its name and the kind of its type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Column {
@@ -26,6 +28,7 @@ pub struct Lookup {
 /// A declared table, checked against the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
+    pub id: TableId,
     /// Its name in cacheward (the section's).
     pub name: String,
     /// The table in PostgreSQL, schema-qualified and quoted as SQL needs it.
@@ -37,6 +40,9 @@ pub struct Table {
     pub lookups: Vec<Lookup>,
     /// The columns cached and served, in the table's order.
     pub projection: Vec<String>,
+    /// The projected `timestamptz` (true) and `timestamp` (false) columns, rewritten in ROW as
+    /// `USER`'s timestamps are.
+    pub timestamps: Vec<(String, bool)>,
 }
 
 /// A key given by a client that names no row this table can have: which column, and why.
@@ -96,6 +102,28 @@ impl Table {
     pub fn lookup(&self, name: &str) -> Option<&Lookup> {
         self.lookups.iter().find(|l| l.name == name)
     }
+
+    /// The key of the entry whose text is `text`.
+    pub fn key(&self, text: &str) -> Key {
+        Key::new(self.id, text)
+    }
+
+    /// What a key's text names: the lookup (`None`: the table's key) and each column's text, as
+    /// [`Table::key_text`] or [`encode_lookup`] encoded them. `None` for a text no key of this
+    /// table encodes to.
+    pub fn decode(&self, text: &str) -> Option<(Option<&Lookup>, Vec<String>)> {
+        if self.plain() && self.key.len() == 1 {
+            return Some((None, vec![text.to_owned()]));
+        }
+        let (lookup, rest) = match text.split_once('=') {
+            Some((name, rest)) => (Some(self.lookup(name)?), rest),
+            None => (None, text),
+        };
+        let parts: Option<Vec<String>> = rest.split(':').map(unescape).collect();
+        let parts = parts?;
+        let width = lookup.map_or(self.key.len(), |l| l.columns.len());
+        (parts.len() == width).then_some((lookup, parts))
+    }
 }
 
 /// The type of a key or lookup column, as far as its text form goes.
@@ -120,6 +148,17 @@ impl KeyType {
             "uuid" => KeyType::Uuid,
             _ => return None,
         })
+    }
+
+    /// The type's name in SQL, to cast a key's text back to it.
+    pub fn sql(self) -> &'static str {
+        match self {
+            KeyType::Int2 => "int2",
+            KeyType::Int4 => "int4",
+            KeyType::Int8 => "int8",
+            KeyType::Text => "text",
+            KeyType::Uuid => "uuid",
+        }
     }
 
     /// What keys may be, for error messages.
@@ -253,6 +292,24 @@ fn escape_into(out: &mut String, part: &str) {
     }
 }
 
+/// One part of a key text, its percent-encoding undone; `None` if it is not what
+/// [`escape_into`] writes.
+fn unescape(part: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(part.len());
+    let mut rest = part.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,5 +389,83 @@ mod tests {
         assert_eq!(encode_lookup("by_email", &["a=b@x"]), "by_email=a%3Db@x");
         // A key's text never holds a raw `=`, a lookup's always does.
         assert!(!encode_key(&["by_email=a"], false).contains('='));
+    }
+
+    fn table(key: &[&str], lookups: &[(&str, &[&str])]) -> Table {
+        let column = |name: &&str| Column {
+            name: name.to_string(),
+            kind: KeyType::Text,
+        };
+        Table {
+            id: TableId(1),
+            name: "t".into(),
+            source: "t".into(),
+            prefix: "t:".into(),
+            ttl_secs: 60,
+            writable: true,
+            key: key.iter().map(column).collect(),
+            lookups: lookups
+                .iter()
+                .map(|(name, columns)| Lookup {
+                    name: name.to_string(),
+                    columns: columns.iter().map(column).collect(),
+                })
+                .collect(),
+            projection: vec![],
+            timestamps: vec![],
+        }
+    }
+
+    #[test]
+    fn a_key_text_decodes_to_what_encoded_it() {
+        let plain = table(&["id"], &[]);
+        assert_eq!(
+            plain.decode("a:b=c%"),
+            Some((None, vec!["a:b=c%".to_owned()]))
+        );
+        let t = table(&["region", "id"], &[("by_email", &["email"])]);
+        let key = t
+            .key_of(
+                &serde_json::from_value(json!({"region": "e:u=%", "id": "4\n2"})).unwrap(),
+                None,
+            )
+            .unwrap();
+        assert_eq!(key, "e%3Au%3D%25:4%0A2");
+        assert_eq!(
+            t.decode(&key),
+            Some((None, vec!["e:u=%".to_owned(), "4\n2".to_owned()]))
+        );
+        let by = t.lookup("by_email");
+        let text = t
+            .key_of(
+                &serde_json::from_value(json!({"email": "a=b:c\u{85}"})).unwrap(),
+                by,
+            )
+            .unwrap();
+        let (lookup, parts) = t.decode(&text).unwrap();
+        assert_eq!(
+            (lookup.map(|l| l.name.as_str()), parts),
+            (Some("by_email"), vec!["a=b:c\u{85}".to_owned()])
+        );
+        for bad in ["a", "a:b:c", "by_nothing=x", "a:%zz", "%C3:b"] {
+            assert_eq!(t.decode(bad), None, "{bad}");
+        }
+        let error = t
+            .key_of(
+                &serde_json::from_value(json!({"region": "x"})).unwrap(),
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(
+            (error.column.as_str(), error.reason.as_str()),
+            ("id", "is missing")
+        );
+        let error = t
+            .key_of(
+                &serde_json::from_value(json!({"region": "x", "id": "1", "z": 1})).unwrap(),
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(error.column, "z");
     }
 }

@@ -93,6 +93,40 @@ fn entries(json: &str) -> Result<Vec<(String, Box<RawValue>)>, String> {
     Ok(entries.0)
 }
 
+/// A row's JSON object with its timestamp columns (`(name, with time zone)`) rewritten as the
+/// reference fixes them (see the module's documentation); every other value kept as PostgreSQL
+/// wrote it.
+pub fn normalize_timestamps<'a>(
+    text: &str,
+    timestamps: impl Iterator<Item = (&'a str, bool)>,
+) -> Result<String, String> {
+    let mut entries = entries(text)?;
+    for (column, with_zone) in timestamps {
+        let Some((_, value)) = entries.iter_mut().find(|(key, _)| key == column) else {
+            continue;
+        };
+        let Ok(Some(text)) = serde_json::from_str::<Option<String>>(value.get()) else {
+            continue;
+        };
+        if let Some(rendered) = normalize_timestamp(&text, with_zone) {
+            let quoted = serde_json::to_string(&rendered).expect("a string serializes");
+            *value = RawValue::from_string(quoted).expect("a JSON string is JSON");
+        }
+    }
+    let mut json = String::with_capacity(text.len() + 16);
+    json.push('{');
+    for (i, (key, value)) in entries.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(&serde_json::to_string(key).expect("a string serializes"));
+        json.push(':');
+        json.push_str(value.get());
+    }
+    json.push('}');
+    Ok(json)
+}
+
 impl User {
     /// The key its entry is cached under.
     pub fn key(&self) -> Key {
@@ -123,35 +157,12 @@ impl User {
         let text: &str = row
             .try_get(json_at)
             .map_err(|e| fail(format!("row JSON: {e}")))?;
-        let mut entries = entries(text).map_err(fail)?;
-        for column in &columns[..json_at] {
-            let with_zone = match *column.type_() {
-                Type::TIMESTAMPTZ => true,
-                Type::TIMESTAMP => false,
-                _ => continue,
-            };
-            let Some((_, value)) = entries.iter_mut().find(|(key, _)| key == column.name()) else {
-                continue;
-            };
-            let Ok(Some(text)) = serde_json::from_str::<Option<String>>(value.get()) else {
-                continue;
-            };
-            if let Some(rendered) = normalize_timestamp(&text, with_zone) {
-                let quoted = serde_json::to_string(&rendered).expect("a string serializes");
-                *value = RawValue::from_string(quoted).expect("a JSON string is JSON");
-            }
-        }
-        let mut json = String::with_capacity(text.len() + 16);
-        json.push('{');
-        for (i, (key, value)) in entries.iter().enumerate() {
-            if i > 0 {
-                json.push(',');
-            }
-            json.push_str(&serde_json::to_string(key).expect("a string serializes"));
-            json.push(':');
-            json.push_str(value.get());
-        }
-        json.push('}');
+        let timestamps = columns[..json_at].iter().filter_map(|c| match *c.type_() {
+            Type::TIMESTAMPTZ => Some((c.name(), true)),
+            Type::TIMESTAMP => Some((c.name(), false)),
+            _ => None,
+        });
+        let json = normalize_timestamps(text, timestamps).map_err(fail)?;
         Ok(User {
             username: name,
             version,

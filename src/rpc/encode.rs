@@ -67,6 +67,40 @@ pub fn encode_user_into(out: &mut Vec<u8>, id: &Id, user: &str, source: &str) {
     out.extend_from_slice(b"\"}}\n");
 }
 
+/// A declared table's `get` answer line: `{"row":ROW,"version":N,"source":S}` from its entry
+/// `{"version":N,"row":ROW}` as stored, `\n` included.
+pub fn encode_row_into(out: &mut Vec<u8>, id: &Id, entry: &str, source: &str) {
+    #[derive(serde::Deserialize)]
+    struct Entry<'a> {
+        version: i64,
+        #[serde(borrow)]
+        row: &'a serde_json::value::RawValue,
+    }
+    out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+    serde_json::to_writer(&mut *out, id).expect("ids always serialize");
+    out.extend_from_slice(br#","result":{"row":"#);
+    let version = match serde_json::from_str::<Entry>(entry) {
+        Ok(e) => {
+            // A raw value may span lines; an answer is one line.
+            let row = e.row.get();
+            if row.bytes().any(|b| b == b'\n' || b == b'\r') {
+                let value: Value = serde_json::from_str(row).unwrap_or(Value::Null);
+                serde_json::to_writer(&mut *out, &value).expect("values serialize");
+            } else {
+                out.extend_from_slice(row.as_bytes());
+            }
+            e.version
+        }
+        Err(_) => {
+            out.extend_from_slice(b"null");
+            0
+        }
+    };
+    out.extend_from_slice(format!(r#","version":{version},"source":""#).as_bytes());
+    out.extend_from_slice(source.as_bytes());
+    out.extend_from_slice(b"\"}}\n");
+}
+
 /// An error response line, `\n` included.
 pub fn encode_error(id: &Id, error: &RpcError) -> Vec<u8> {
     let frame = ErrorFrame {

@@ -72,7 +72,7 @@ impl RpcError {
 impl From<ServiceError> for RpcError {
     fn from(e: ServiceError) -> Self {
         let kind = match &e {
-            ServiceError::NotFound(_) => ErrorKind::NotFound,
+            ServiceError::NotFound(_) | ServiceError::RowNotFound { .. } => ErrorKind::NotFound,
             ServiceError::Conflict(_) => ErrorKind::Conflict,
             e if e.unavailable() => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,

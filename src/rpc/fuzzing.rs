@@ -4,6 +4,7 @@
 
 use crate::rpc::encode::{encode_error, encode_user_into, Id};
 use crate::rpc::framing::{Frame, LineBuffer};
+use crate::rpc::methods::get::Target;
 use crate::rpc::methods::{params::validate_username, Call};
 use crate::rpc::protocol::{self, Incoming};
 
@@ -21,7 +22,12 @@ pub fn request(data: &[u8]) {
         Incoming::Reject { id, error } => encode_error(&id, &error),
         Incoming::Ignore => return,
         Incoming::Call { id, call } => {
-            if let Call::Get { username, .. } | Call::Put { username } = &call {
+            if let Call::Get {
+                target: Target::User(username),
+                ..
+            }
+            | Call::Put { username } = &call
+            {
                 assert!(validate_username(username).is_ok(), "{username:?}");
             }
             let id: Id = id.unwrap_or(serde_json::Value::Null);

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use super::encode::Id;
 use super::error::{ErrorKind, RpcError};
+use super::methods::get::Target;
 use super::methods::params::{type_name, validate_username};
 use super::methods::{self, Call};
 
@@ -165,7 +166,7 @@ fn parse_plain_get(line: &[u8]) -> Option<Incoming> {
     Some(Incoming::Call {
         id: Some(id),
         call: Call::Get {
-            username: params.username.to_owned(),
+            target: Target::User(params.username.to_owned()),
             min_version: params.min_version,
         },
     })
@@ -382,21 +383,21 @@ mod tests {
             (
                 r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"user01"}}"#,
                 Call::Get {
-                    username: "user01".into(),
+                    target: Target::User("user01".into()),
                     min_version: None,
                 },
             ),
             (
                 r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a","min_version":42}}"#,
                 Call::Get {
-                    username: "a".into(),
+                    target: Target::User("a".into()),
                     min_version: Some(42),
                 },
             ),
             (
                 r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"min_version":null,"username":"a"}}"#,
                 Call::Get {
-                    username: "a".into(),
+                    target: Target::User("a".into()),
                     min_version: None,
                 },
             ),
@@ -444,7 +445,7 @@ mod tests {
             Incoming::Call {
                 id: None,
                 call: Call::Get {
-                    username: "a".into(),
+                    target: Target::User("a".into()),
                     min_version: None,
                 }
             }

@@ -496,11 +496,11 @@ impl Connection {
                 id,
                 call:
                     Call::Get {
-                        username,
+                        target,
                         min_version,
                     },
             } => {
-                gets.items.push((id, username, min_version));
+                gets.items.push((id, target, min_version));
                 gets.bytes += size;
             }
             Incoming::Call { id, call } if call.writes() && !self.may_write => {

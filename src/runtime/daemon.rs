@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use super::{metrics, monitor};
 use crate::cdc::Applier;
 use crate::config::Config;
+use crate::model::registry::Tables;
 use crate::rpc::server::{self, BoundSocket};
 use crate::service::{Hooks, Service};
 use crate::store::pg::tables::{self, TableError};
@@ -33,7 +34,17 @@ pub async fn run(
     fit_open_files(&config);
     let db = Db::new(&config)?;
     let cache = Cache::new(&config)?;
-    let service = Arc::new(Service::new(db, cache, hooks, config.miss_loaders()));
+    let tables = Tables::new(
+        config
+            .tables
+            .iter()
+            .map(|(name, t)| (name.clone(), t.lookups.is_empty()))
+            .collect(),
+    );
+    let service = Arc::new(
+        Service::new(db, cache, hooks, config.miss_loaders())
+            .with_tables(tables, config.cache.max_entry_bytes),
+    );
     say_starting(&config, &socket);
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
@@ -87,8 +98,12 @@ async fn check_tables(
                     table: "(any)".into(),
                     source,
                 })?;
-            for table in tables::resolve_all(&client, &config).await? {
-                tables::installed(&client, &table).await?;
+            let checked = tables::resolve_all(&client, &config).await?;
+            for table in &checked {
+                tables::installed(&client, table).await?;
+            }
+            for table in checked {
+                service.tables.checked(table);
             }
             Ok::<(), TableError>(())
         };
@@ -127,7 +142,7 @@ fn say_starting(config: &Config, socket: &BoundSocket) {
         let tables: Vec<&str> = config.tables.keys().map(String::as_str).collect();
         tracing::warn!(
             tables = %tables.join(","),
-            "declared tables are captured but not served by this version"
+            "declared tables are read-only through the daemon in this version: write them with SQL"
         );
     }
     if config.cache.ttl_secs > config.cdc.retention_secs {
@@ -156,7 +171,12 @@ async fn spawn_background(
         background.spawn(metrics::serve(listener, service.clone(), stop.clone()));
     }
     if config.cdc.enabled {
-        let applier = Applier::new(config.clone(), service.cache().clone(), service.cdc.clone());
+        let applier = Applier::new(
+            config.clone(),
+            service.cache().clone(),
+            service.cdc.clone(),
+            service.tables.clone(),
+        );
         background.spawn(applier.run(stop.clone()));
     }
     if let Some(watch) = service.cache().watch_sentinels(stop.clone()) {

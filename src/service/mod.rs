@@ -11,6 +11,7 @@ use std::time::Instant;
 use crate::cdc::stats::CdcStats;
 use crate::model::entry::Write;
 use crate::model::key::Key;
+use crate::model::registry::Tables;
 use crate::store::pg::connect::PgTarget;
 use crate::store::pg::{Db, DbError, DbErrorKind};
 use crate::store::redis::{Cache, CacheError, CacheErrorKind};
@@ -21,6 +22,7 @@ pub mod health;
 pub mod hooks;
 pub mod read;
 pub mod repair;
+mod rows;
 pub mod stats;
 
 use flights::Flights;
@@ -35,6 +37,12 @@ pub use stats::{HealthReport, Stats, StatsReport};
 pub enum ServiceError {
     #[error("user '{0}' not found")]
     NotFound(String),
+    /// A declared table has no row with the key asked for.
+    #[error("table {table}: no row with key '{key}'")]
+    RowNotFound { table: String, key: String },
+    /// A declared table cannot be used now (not checked against the catalog yet).
+    #[error("table {0} is not available yet: PostgreSQL has not been reached since start")]
+    TableUnavailable(String),
     #[error("user '{0}' already exists")]
     Conflict(String),
     /// PostgreSQL failed: down, timed out, a query it refused, or a row that cannot be served.
@@ -53,7 +61,7 @@ impl ServiceError {
     pub fn unavailable(&self) -> bool {
         match self {
             ServiceError::Postgres(e) => e.is_unavailable() || e.kind() == DbErrorKind::Timeout,
-            ServiceError::Redis(_) => true,
+            ServiceError::Redis(_) | ServiceError::TableUnavailable(_) => true,
             _ => false,
         }
     }
@@ -87,6 +95,10 @@ pub struct Service {
     flights: Arc<Flights>,
     /// Names whose Redis entry a failed write left in doubt.
     pub repairs: Repairs,
+    /// The declared tables (shared with the CDC worker).
+    pub tables: Arc<Tables>,
+    /// A declared table's entry larger than this is served, never cached.
+    max_entry_bytes: u64,
     /// What the live consistency checker found.
     consistency: Arc<consistency::ConsistencyStats>,
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
@@ -137,8 +149,28 @@ impl Service {
             flights: Arc::new(Flights::new(loaders)),
             repairs: Repairs::default(),
             consistency: Default::default(),
+            tables: Default::default(),
+            max_entry_bytes: u64::MAX,
             hooks,
             started: Instant::now(),
+        }
+    }
+
+    /// Serves the declared `tables`, whose entries are cached up to `max_entry_bytes`.
+    pub fn with_tables(mut self, tables: Tables, max_entry_bytes: u64) -> Service {
+        self.tables = Arc::new(tables);
+        self.max_entry_bytes = max_entry_bytes;
+        self
+    }
+
+    /// The error for a key no row has.
+    pub(crate) fn not_found(&self, key: &Key) -> ServiceError {
+        match key.is_user() {
+            true => ServiceError::NotFound(key.as_str().to_owned()),
+            false => ServiceError::RowNotFound {
+                table: self.tables.name(key.table()).to_owned(),
+                key: key.as_str().to_owned(),
+            },
         }
     }
 
@@ -277,6 +309,7 @@ impl Service {
             db_queries: s.db_queries.load(Relaxed),
             stale_writes_refused: s.stale_writes_refused.load(Relaxed),
             foreign_values_skipped: s.foreign_values_skipped.load(Relaxed),
+            rows_too_large: s.rows_too_large.load(Relaxed),
             repairs_pending: self.repairs.count() as u64,
             near_cache: self.cache.near_report(),
             consistency: self.consistency.report(),

@@ -40,17 +40,18 @@ impl Service {
     /// A get with a `min_version` (read-your-writes) takes a cached entry only if it is at least
     /// that new; otherwise it reads the database itself, never joining a read that may have
     /// started before the write it waits for. One answer per name, in order.
+    /// Keys of declared tables are answered with their entry (`{"version","row"}`), users' with
+    /// the user's JSON.
     pub async fn get_many(
         self: &Arc<Self>,
-        usernames: &[&str],
+        keys: &[Key],
         min_versions: &[Option<i64>],
     ) -> Vec<Result<(String, Source), ServiceError>> {
         let asked_at = Instant::now();
-        let keys: Vec<Key> = usernames.iter().map(|name| Key::user(name)).collect();
         let min_version = |i: usize| min_versions.get(i).copied().flatten();
         let mut answers: Vec<Option<Result<(String, Source), ServiceError>>> =
-            vec![None; usernames.len()];
-        let trusted: Vec<usize> = (0..usernames.len())
+            vec![None; keys.len()];
+        let trusted: Vec<usize> = (0..keys.len())
             .filter(|&i| self.cache_trusted_for(&keys[i]))
             .collect();
         if !trusted.is_empty() {
@@ -67,10 +68,8 @@ impl Service {
                 Err(e) => self.cache_failed(&e, "get"),
             }
         }
-        let misses: Vec<usize> = (0..usernames.len())
-            .filter(|&i| answers[i].is_none())
-            .collect();
-        let hits = usernames.len() - misses.len();
+        let misses: Vec<usize> = (0..keys.len()).filter(|&i| answers[i].is_none()).collect();
+        let hits = keys.len() - misses.len();
         self.stats.cache_hits.fetch_add(hits as u64, Relaxed);
         if !misses.is_empty() {
             self.stats
@@ -78,7 +77,7 @@ impl Service {
                 .fetch_add(misses.len() as u64, Relaxed);
             #[cfg(feature = "test-hooks")]
             self.hooks
-                .pause_after_miss(&misses.iter().map(|&i| usernames[i]).collect::<Vec<_>>())
+                .pause_after_miss(&misses.iter().map(|&i| keys[i].as_str()).collect::<Vec<_>>())
                 .await;
             let (exact, shared): (Vec<usize>, Vec<usize>) =
                 misses.iter().partition(|&&i| min_version(i).is_some());
@@ -95,15 +94,18 @@ impl Service {
                 self.start_loader();
             }
             if !exact.is_empty() {
-                let names: Vec<&str> = exact.iter().map(|&i| usernames[i]).collect();
-                for (&i, found) in exact.iter().zip(self.read_now(&names).await) {
+                let wanted: Vec<&Key> = exact.iter().map(|&i| &keys[i]).collect();
+                for (&i, found) in exact.iter().zip(self.read_now(&wanted).await) {
                     answers[i] = Some(found);
                 }
             }
             for (&i, flight) in shared.iter().zip(flights) {
-                answers[i] = Some(flight.wait().await.and_then(|found| {
-                    found.ok_or_else(|| ServiceError::NotFound(usernames[i].to_owned()))
-                }));
+                answers[i] = Some(
+                    flight
+                        .wait()
+                        .await
+                        .and_then(|found| found.ok_or_else(|| self.not_found(&keys[i]))),
+                );
             }
         }
         answers
@@ -112,9 +114,53 @@ impl Service {
             .collect()
     }
 
-    /// Reads `names` from the database in one query of their own (no flight), fills Redis with
-    /// what it found, and answers each: the user, or `not_found`.
+    /// Reads `keys` from the database in queries of their own (no flight), fills Redis with what
+    /// it found, and answers each: the row, or `not_found`.
     async fn read_now(
+        self: &Arc<Self>,
+        keys: &[&Key],
+    ) -> Vec<Result<(String, Source), ServiceError>> {
+        let (users, rows): (Vec<usize>, Vec<usize>) =
+            (0..keys.len()).partition(|&i| keys[i].is_user());
+        let mut answers: Vec<Option<Result<(String, Source), ServiceError>>> =
+            vec![None; keys.len()];
+        if !rows.is_empty() {
+            let wanted: Vec<&Key> = rows.iter().map(|&i| keys[i]).collect();
+            let (found, writes) = self.read_rows(&wanted).await;
+            self.fill_rows(writes);
+            for (&i, answer) in rows.iter().zip(found) {
+                answers[i] = Some(answer.and_then(|a| a.ok_or_else(|| self.not_found(keys[i]))));
+            }
+        }
+        if !users.is_empty() {
+            let names: Vec<&str> = users.iter().map(|&i| keys[i].as_str()).collect();
+            for (&i, answer) in users.iter().zip(self.read_users_now(&names).await) {
+                answers[i] = Some(answer);
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.expect("every key answered"))
+            .collect()
+    }
+
+    /// Queues the fill of declared tables' rows (not awaited: see read-your-fill above).
+    fn fill_rows(self: &Arc<Self>, writes: Vec<crate::model::entry::Write>) {
+        if writes.is_empty() || !self.health.is_up(Backend::Redis) {
+            return;
+        }
+        let fill = self.cache.fill(writes);
+        let service = self.clone();
+        tokio::spawn(async move {
+            match fill.await {
+                Ok(outcomes) => service.stats.count_outcomes(&outcomes),
+                Err(e) => service.cache_failed(&e, "fill"),
+            }
+        });
+    }
+
+    /// [`Service::read_now`] of users' names.
+    async fn read_users_now(
         self: &Arc<Self>,
         names: &[&str],
     ) -> Vec<Result<(String, Source), ServiceError>> {
@@ -181,10 +227,21 @@ impl Service {
                 }
             }
         }
-        let cold: Vec<usize> = (0..batch.len())
+        let (cold, rows): (Vec<usize>, Vec<usize>) = (0..batch.len())
             .filter(|&i| !batch.is_finished(i))
-            .collect();
+            .partition(|&i| batch.key(i).is_user());
+        if !rows.is_empty() {
+            let keys: Vec<&Key> = rows.iter().map(|&i| batch.key(i)).collect();
+            let (answers, writes) = self.read_rows(&keys).await;
+            // Queued before the waiters are answered (read-your-fill, above).
+            self.fill_rows(writes);
+            for (&i, answer) in rows.iter().zip(answers) {
+                batch.finish(i, answer);
+            }
+        }
         if cold.is_empty() {
+            drop(slot);
+            self.start_loader();
             return;
         }
         let names: Vec<&str> = cold.iter().map(|&i| batch.key(i).as_str()).collect();

@@ -22,6 +22,8 @@ pub struct Stats {
     pub stale_writes_refused: AtomicU64,
     /// Cache writes not made because the key held a value that is not cacheward's.
     pub foreign_values_skipped: AtomicU64,
+    /// Declared tables' rows served but not cached: their entry is over `cache.max_entry_bytes`.
+    pub rows_too_large: AtomicU64,
 }
 
 impl Stats {
@@ -57,6 +59,8 @@ pub struct StatsReport {
     pub stale_writes_refused: u64,
     /// Cache writes not made because the key held a value that is not cacheward's.
     pub foreign_values_skipped: u64,
+    /// Declared tables' rows served but not cached: larger than `cache.max_entry_bytes`.
+    pub rows_too_large: u64,
     pub repairs_pending: u64,
     /// The near cache (all zero when `cache.local_max_bytes` is 0).
     pub near_cache: NearReport,

@@ -1,41 +1,123 @@
-//! `get`: a user by name (cache-aside), optionally at least `min_version` new; the gets a client
-//! pipelined together are answered as one batch.
+//! `get`: a user by name, or a declared table's row by key or lookup (cache-aside), optionally
+//! at least `min_version` new; the gets a client pipelined together are answered as one batch.
 
 use std::sync::Arc;
 
-use super::params::{take_username, take_version, Params};
+use super::params::{take_object, take_string, take_username, take_version, Params};
 use super::{failed, Call};
+use crate::model::key::Key;
+use crate::model::registry::TableLookup;
 use crate::rpc::encode::{self, Id};
-use crate::rpc::error::RpcError;
+use crate::rpc::error::{ErrorKind, RpcError};
 use crate::service::Service;
 
+/// What a `get` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    User(String),
+    /// A declared table's row: by its key, or by the lookup named.
+    Row {
+        table: String,
+        lookup: Option<String>,
+        key: Params,
+    },
+}
+
 pub fn parse(params: &mut Params) -> Result<Call, RpcError> {
+    let target = match take_string(params, "table")? {
+        None => Target::User(take_username(params, "username")?),
+        Some(table) => Target::Row {
+            table,
+            lookup: take_string(params, "lookup")?,
+            key: take_object(params, "key")?,
+        },
+    };
     Ok(Call::Get {
-        username: take_username(params, "username")?,
+        target,
         min_version: take_version(params, "min_version")?,
     })
 }
 
-/// One `get`: its id (`None` for a notification), username and `min_version`.
-pub type GetItem = (Option<Id>, String, Option<i64>);
+/// One `get`: its id (`None` for a notification), target and `min_version`.
+pub type GetItem = (Option<Id>, Target, Option<i64>);
+
+/// The key `target` names, or why it names none.
+fn key_of(service: &Service, target: &Target) -> Result<Key, RpcError> {
+    let Target::Row { table, lookup, key } = target else {
+        let Target::User(name) = target else {
+            unreachable!()
+        };
+        return Ok(Key::user(name));
+    };
+    let shown: String = table.chars().take(64).collect();
+    let found = service.tables.named(table).map_err(|why| match why {
+        TableLookup::Unknown => {
+            RpcError::invalid_params(format!("invalid params: no table {shown:?} is declared"))
+        }
+        TableLookup::Unchecked => RpcError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "table {shown} is not available yet: PostgreSQL has not been reached since start"
+            ),
+        ),
+    })?;
+    let by = match lookup {
+        None => None,
+        Some(name) => Some(found.lookup(name).ok_or_else(|| {
+            let shown: String = name.chars().take(64).collect();
+            RpcError::invalid_params(format!(
+                "invalid params: table {} has no lookup {shown:?}",
+                found.name
+            ))
+        })?),
+    };
+    let text = found.key_of(key, by).map_err(|e| {
+        let column: String = e.column.chars().take(64).collect();
+        RpcError::invalid_params(format!(
+            "invalid params: table {}: key column {column:?} {}",
+            found.name, e.reason
+        ))
+    })?;
+    Ok(found.key(&text))
+}
 
 /// Answers gets read together: one Redis read for all of them, one buffer of answer lines (none
 /// for a notification, whose id is `None`), in order.
 pub async fn batch(service: &Arc<Service>, gets: Vec<GetItem>) -> Vec<u8> {
-    let names: Vec<&str> = gets.iter().map(|(_, name, _)| name.as_str()).collect();
-    let min_versions: Vec<Option<i64>> = gets.iter().map(|&(_, _, min)| min).collect();
-    let answers = service.get_many(&names, &min_versions).await;
+    let mut keys = Vec::with_capacity(gets.len());
+    let mut min_versions = Vec::with_capacity(gets.len());
+    let named: Vec<Result<usize, RpcError>> = gets
+        .iter()
+        .map(|(_, target, min)| {
+            let key = key_of(service, target)?;
+            keys.push(key);
+            min_versions.push(*min);
+            Ok(keys.len() - 1)
+        })
+        .collect();
+    let mut answers: Vec<Option<_>> = service
+        .get_many(&keys, &min_versions)
+        .await
+        .into_iter()
+        .map(Some)
+        .collect();
     let mut out = Vec::with_capacity(gets.len() * 256);
-    for ((id, _, _), answer) in gets.iter().zip(answers) {
-        let answer = answer.map_err(RpcError::from);
+    for ((id, target, _), at) in gets.iter().zip(named) {
+        let answer = at.and_then(|at| {
+            answers[at]
+                .take()
+                .expect("one answer per key")
+                .map_err(RpcError::from)
+        });
         if let Err(error) = &answer {
             failed(service, "get", error);
         }
         match (id, answer) {
             (None, _) => {}
-            (Some(id), Ok((json, source))) => {
-                encode::encode_user_into(&mut out, id, &json, source.as_str())
-            }
+            (Some(id), Ok((json, source))) => match target {
+                Target::User(_) => encode::encode_user_into(&mut out, id, &json, source.as_str()),
+                Target::Row { .. } => encode::encode_row_into(&mut out, id, &json, source.as_str()),
+            },
             (Some(id), Err(error)) => out.extend_from_slice(&encode::encode_error(id, &error)),
         }
     }

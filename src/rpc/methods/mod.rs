@@ -27,7 +27,7 @@ const METHODS: &str = "get, put, rename, delete, stats, health";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
     Get {
-        username: String,
+        target: get::Target,
         /// Read-your-writes: the answer must reflect a state at least this new (docs/reference.md, "Read-your-writes").
         min_version: Option<i64>,
     },
@@ -109,9 +109,9 @@ pub async fn run(service: &Arc<Service>, id: Option<Id>, call: Call) -> Vec<u8> 
     let id = id.as_ref();
     let answer = match call {
         Call::Get {
-            username,
+            target,
             min_version,
-        } => return get::batch(service, vec![(id.cloned(), username, min_version)]).await,
+        } => return get::batch(service, vec![(id.cloned(), target, min_version)]).await,
         Call::Put { username } => put::run(service, id, username).await,
         Call::Rename {
             username,

@@ -70,3 +70,29 @@ pub fn validate_username(name: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A string parameter; `None` when absent.
+pub fn take_string(params: &mut Params, name: &str) -> Result<Option<String>, RpcError> {
+    match params.remove(name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(RpcError::invalid_params(format!(
+            "invalid params: {name} must be a string, got {}",
+            type_name(&other)
+        ))),
+    }
+}
+
+/// An object parameter (column → value), required.
+pub fn take_object(params: &mut Params, name: &str) -> Result<Params, RpcError> {
+    match params.remove(name) {
+        Some(Value::Object(o)) => Ok(o),
+        Some(other) => Err(RpcError::invalid_params(format!(
+            "invalid params: {name} must be an object of column: value, got {}",
+            type_name(&other)
+        ))),
+        None => Err(RpcError::invalid_params(format!(
+            "invalid params: missing {name}"
+        ))),
+    }
+}

@@ -10,6 +10,7 @@ use tokio_postgres::{NoTls, Row};
 
 pub mod connect;
 pub mod error;
+pub mod rows;
 pub mod tables;
 
 use self::connect::{pg_target, PgTarget, PoolConnect};

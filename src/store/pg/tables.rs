@@ -9,6 +9,7 @@ use tokio_postgres::GenericClient;
 
 use super::DbError;
 use crate::config::{Config, TableConfig};
+use crate::model::key::TableId;
 use crate::model::table::{Column, KeyType, Lookup, Table};
 
 const CAPTURE_TEMPLATE: &str = include_str!("../../../sql/table_capture.sql");
@@ -223,17 +224,27 @@ pub async fn resolve(
             ));
         }
     }
-    let projection = catalog
+    let projected: Vec<&CatalogColumn> = catalog
         .columns
         .iter()
-        .map(|c| &c.name)
         .filter(|c| match &table.columns {
-            Some(kept) => kept.contains(c),
-            None => !table.exclude.contains(c),
+            Some(kept) => kept.contains(&c.name),
+            None => !table.exclude.contains(&c.name),
         })
-        .cloned()
         .collect();
+    let projection = projected.iter().map(|c| c.name.clone()).collect();
+    let timestamps = projected
+        .iter()
+        .filter_map(|c| match c.typname.as_str() {
+            "timestamptz" => Some((c.name.clone(), true)),
+            "timestamp" => Some((c.name.clone(), false)),
+            _ => None,
+        })
+        .collect();
+    let position = config.tables.keys().position(|n| n == name);
+    let id = TableId(position.map_or(0, |p| p as u16 + 1));
     Ok(Table {
+        id,
         name: name.to_owned(),
         source: catalog.qualified,
         prefix: table.prefix(name),
@@ -242,6 +253,7 @@ pub async fn resolve(
         key,
         lookups,
         projection,
+        timestamps,
     })
 }
 

@@ -6,6 +6,7 @@ use super::error::{decode, CacheError, CacheErrorKind};
 use super::keys::Primary;
 use super::routing::{Router, BULK_TIMEOUTS};
 use super::scripts;
+use crate::model::key::TableId;
 
 /// What the health monitor finds on one primary, in one round trip.
 #[derive(Debug)]
@@ -25,11 +26,14 @@ pub struct NodeState {
 impl Router {
     /// Raises the fences of the slots `within` selects to `fence`, then drops every live entry
     /// of those slots (see `Cache::drop_all`). Fails, changing nothing, while Redis has no fence.
+    /// Raises the fences of the slots `within` to `fence`, then drops the live entries of
+    /// `tables` in those slots.
     pub async fn drop_where(
         &self,
         fence: i64,
         ttl_secs: u64,
         within: impl Fn(u16) -> bool,
+        tables: &[TableId],
     ) -> Result<u64, CacheError> {
         for primary in self.primaries().await? {
             let slots: Vec<u16> = primary.slots(&self.keys).filter(|&s| within(s)).collect();
@@ -43,21 +47,23 @@ impl Router {
             }
         }
         let mut dropped = 0u64;
-        let mut scan = self.scan();
-        while let Some(names) = scan.next_page().await? {
-            let cmds = self
-                .by_slot(names.iter())
-                .into_iter()
-                .filter(|(slot, _)| within(*slot))
-                .map(|(slot, at)| {
-                    let keys = at.into_iter().map(|i| self.keys.entry(&names[i]));
-                    (slot, vec![scripts::drop(keys, ttl_secs)])
-                })
-                .collect();
-            let bound = self.timeout * BULK_TIMEOUTS;
-            for answer in self.send_per_slot(cmds, bound).await {
-                for value in answer? {
-                    dropped += decode::<u64>(value)?;
+        for &table in tables {
+            let mut scan = self.scan_table(table);
+            while let Some(names) = scan.next_page().await? {
+                let cmds = self
+                    .by_slot(names.iter())
+                    .into_iter()
+                    .filter(|(slot, _)| within(*slot))
+                    .map(|(slot, at)| {
+                        let keys = at.into_iter().map(|i| self.keys.entry(&names[i]));
+                        (slot, vec![scripts::drop(keys, ttl_secs)])
+                    })
+                    .collect();
+                let bound = self.timeout * BULK_TIMEOUTS;
+                for answer in self.send_per_slot(cmds, bound).await {
+                    for value in answer? {
+                        dropped += decode::<u64>(value)?;
+                    }
                 }
             }
         }

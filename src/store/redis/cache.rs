@@ -18,7 +18,7 @@ use super::scripts::{self, outcomes, Outcome};
 use super::tracking::listen;
 use crate::config::{Config, RedisMode};
 use crate::model::entry::{Live, Write};
-use crate::model::key::Key;
+use crate::model::key::{Key, TableId};
 
 /// The Redis side of the cache: one multiplexed, auto-reconnecting connection shared by all tasks.
 #[derive(Clone)]
@@ -269,22 +269,41 @@ impl Cache {
     /// entry under the prefix (see [`Cache::fence_key`]). Returns how many entries it dropped.
     /// Fails, changing nothing, while Redis has no fence: the health monitor sets one first.
     pub async fn drop_all(&self, fence: i64) -> Result<u64, CacheError> {
-        self.drop_where(fence, |_| true).await
+        let tables = self.router.keys.tables();
+        self.drop_where(fence, |_| true, &tables).await
+    }
+
+    /// [`Cache::drop_all`] for the users' entries only (users' TRUNCATE): every fence is raised,
+    /// declared tables' entries stay.
+    pub async fn drop_users(&self, fence: i64) -> Result<u64, CacheError> {
+        self.drop_where(fence, |_| true, &[TableId::USERS]).await
+    }
+
+    /// [`Cache::drop_all`] for one declared table's entries only (its TRUNCATE): every fence is
+    /// raised (they are shared), the other tables' entries stay.
+    pub async fn drop_table(&self, fence: i64, table: TableId) -> Result<u64, CacheError> {
+        self.drop_where(fence, |_| true, &[table]).await
     }
 
     /// [`Cache::drop_all`] for the entries of `slots` only (on one server, slot 0 is every
     /// entry): their fences are raised to `fence`, then their entries dropped.
     pub async fn drop_slots(&self, fence: i64, slots: &BTreeSet<u16>) -> Result<u64, CacheError> {
-        self.drop_where(fence, |slot| slots.contains(&slot)).await
+        let tables = self.router.keys.tables();
+        self.drop_where(fence, |slot| slots.contains(&slot), &tables)
+            .await
     }
 
     async fn drop_where(
         &self,
         fence: i64,
         within: impl Fn(u16) -> bool,
+        tables: &[TableId],
     ) -> Result<u64, CacheError> {
         self.flush_near();
-        let dropped = self.router.drop_where(fence, self.ttl_secs, within).await;
+        let dropped = self
+            .router
+            .drop_where(fence, self.ttl_secs, within, tables)
+            .await;
         self.flush_near();
         dropped
     }

@@ -73,6 +73,11 @@ impl Keys {
         self.slotted.is_some()
     }
 
+    /// Every table: users, then the declared ones.
+    pub fn tables(&self) -> Vec<TableId> {
+        (0..self.tables.len() as u16).map(TableId).collect()
+    }
+
     /// The prefix of `table`'s keys.
     pub fn prefix_of(&self, table: TableId) -> &str {
         &self.tables[table.0 as usize]

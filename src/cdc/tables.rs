@@ -1,0 +1,148 @@
+//! Declared tables in the change stream: the keys a batch's changes of declared tables mention
+//! (each row's key, the keys rows left, the lookup values they no longer have), their TRUNCATEs,
+//! and the current rows of those keys, read in the batch's snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+
+use super::CdcError;
+use crate::model::key::{Key, TableId};
+use crate::model::registry::Tables;
+use crate::model::table::{encode_lookup, Table};
+use crate::store::pg::rows::{select_sql, table_row, TableRow};
+use crate::store::pg::{DbError, DbErrorKind};
+
+/// One outbox row of a declared table, as [`TableChanges::add`] reads it.
+pub struct TableChange<'a> {
+    pub op: &'a str,
+    pub row_key: Option<&'a [String]>,
+    pub old_key: Option<&'a [String]>,
+    pub old_lookups: Option<&'a serde_json::Value>,
+    pub version: i64,
+}
+
+/// What a batch's changes of declared tables say.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TableChanges {
+    /// Every row key mentioned, with the largest version recorded for it.
+    pub keys: BTreeMap<Key, i64>,
+    /// Lookup keys that rows no longer hold, with the version of the change that left them.
+    pub gone_lookups: BTreeMap<Key, i64>,
+    /// Per table, the largest version horizon a TRUNCATE of it recorded.
+    pub truncates: BTreeMap<TableId, i64>,
+}
+
+/// The old lookup values of a change: `{"by_email": ["a@x"]}`, each lookup's column texts.
+fn old_lookups(value: &serde_json::Value) -> Option<Vec<(&str, Vec<&str>)>> {
+    value
+        .as_object()?
+        .iter()
+        .map(|(name, parts)| {
+            let parts = parts.as_array()?;
+            let parts: Option<Vec<&str>> = parts.iter().map(|p| p.as_str()).collect();
+            Some((name.as_str(), parts?))
+        })
+        .collect()
+}
+
+impl TableChanges {
+    /// Adds `c`, a change of the declared table `table` (`None`: a table no longer declared,
+    /// whose capture was left in place: passed over). Returns why `c` cannot be what the capture
+    /// wrote, if so.
+    pub fn add(
+        &mut self,
+        tables: &Tables,
+        table: Option<TableId>,
+        c: TableChange<'_>,
+    ) -> Option<&'static str> {
+        let id = table?;
+        match c.op {
+            "truncate" => {
+                let v = self.truncates.entry(id).or_insert(c.version);
+                *v = (*v).max(c.version);
+                return None;
+            }
+            "insert" | "update" | "delete" => {}
+            _ => return Some("unknown op"),
+        }
+        if c.row_key.is_none() && c.old_key.is_none() {
+            return Some("a change names no key");
+        }
+        for parts in [c.row_key, c.old_key].into_iter().flatten() {
+            let Some(key) = tables.key(id, parts) else {
+                return Some("a key of an undeclared table");
+            };
+            let v = self.keys.entry(key).or_insert(c.version);
+            *v = (*v).max(c.version);
+        }
+        if let Some(value) = c.old_lookups {
+            let Some(lookups) = old_lookups(value) else {
+                return Some("old_lookups is not an object of text arrays");
+            };
+            for (name, parts) in lookups {
+                let key = Key::new(id, &encode_lookup(name, &parts));
+                let v = self.gone_lookups.entry(key).or_insert(c.version);
+                *v = (*v).max(c.version);
+            }
+        }
+        None
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.gone_lookups.is_empty() && self.truncates.is_empty()
+    }
+}
+
+/// The current rows of the declared tables' keys `changes` mentions, read on `client` (in the
+/// batch's snapshot), table by table. A table not checked against the catalog yet fails the
+/// batch (it is read again once it is).
+pub async fn current_rows(
+    client: &Client,
+    tables: &Tables,
+    changes: &TableChanges,
+) -> Result<Vec<(Arc<Table>, Vec<TableRow>)>, CdcError> {
+    let mut by_table: BTreeMap<TableId, Vec<Vec<String>>> = BTreeMap::new();
+    for key in changes.keys.keys() {
+        let Some(table) = tables.get(key.table()) else {
+            return Err(CdcError::Postgres(DbError::said(
+                DbErrorKind::Server,
+                format!(
+                    "table {} is not checked against the catalog yet",
+                    tables.name(key.table())
+                ),
+            )));
+        };
+        if let Some((None, parts)) = table.decode(key.as_str()) {
+            by_table.entry(key.table()).or_default().push(parts);
+        }
+    }
+    let mut out = Vec::with_capacity(by_table.len());
+    for (id, keys) in by_table {
+        let table = tables.get(id).expect("checked above");
+        let columns: Vec<Vec<&str>> = (0..table.key.len())
+            .map(|i| keys.iter().map(|k| k[i].as_str()).collect())
+            .collect();
+        let params: Vec<(&(dyn ToSql + Sync), Type)> = columns
+            .iter()
+            .map(|c| (c as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
+            .collect();
+        let rows = client
+            .query_typed(&select_sql(&table, None), &params)
+            .await?;
+        let mut read = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match table_row(&table, row) {
+                Ok(row) => read.push(row),
+                // Treated as missing (a tombstone), as users' rows that cannot be served are.
+                Err(e) => {
+                    tracing::warn!(table = %table.name, error = %e, "cdc skipped a row that cannot be served")
+                }
+            }
+        }
+        out.push((table, read));
+    }
+    Ok(out)
+}

@@ -1,0 +1,93 @@
+//! The declared tables a daemon serves and captures: their names as configured (which
+//! [`TableId`] each has, and how their key texts are encoded) and, once checked against the
+//! catalog, their compiled [`Table`]. The request path and the CDC worker share one.
+
+use std::sync::{Arc, RwLock};
+
+use super::key::{Key, TableId};
+use super::table::{encode_key, Table};
+
+#[derive(Default)]
+pub struct Tables {
+    /// The declared names in [`TableId`] order from 1.
+    names: Vec<String>,
+    /// Whether each one's one-column key text is kept as it is (it has no lookups).
+    plain: Vec<bool>,
+    /// Each one's compiled form once checked, at the same index.
+    checked: RwLock<Vec<Option<Arc<Table>>>>,
+}
+
+/// Why a table named in a request cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableLookup {
+    /// No such table is declared.
+    Unknown,
+    /// Declared, not checked against the catalog yet.
+    Unchecked,
+}
+
+impl Tables {
+    /// The tables declared as `(name, has no lookups)`, in [`TableId`] order (the
+    /// configuration's order).
+    pub fn new(declared: Vec<(String, bool)>) -> Tables {
+        let checked = RwLock::new(vec![None; declared.len()]);
+        let (names, plain) = declared.into_iter().unzip();
+        Tables {
+            names,
+            plain,
+            checked,
+        }
+    }
+
+    /// The id of the table named `name`, if declared.
+    pub fn id(&self, name: &str) -> Option<TableId> {
+        let at = self.names.iter().position(|n| n == name)?;
+        Some(TableId(at as u16 + 1))
+    }
+
+    /// The key of table `id` whose columns print as `parts` (the outbox's `row_key`).
+    pub fn key(&self, id: TableId, parts: &[String]) -> Option<Key> {
+        let plain = *self.plain.get((id.0 as usize).checked_sub(1)?)?;
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        Some(Key::new(id, &encode_key(&parts, plain)))
+    }
+
+    /// The table named `name`, if declared and checked.
+    pub fn named(&self, name: &str) -> Result<Arc<Table>, TableLookup> {
+        let at = self
+            .names
+            .iter()
+            .position(|n| n == name)
+            .ok_or(TableLookup::Unknown)?;
+        self.checked.read().expect("not poisoned")[at]
+            .clone()
+            .ok_or(TableLookup::Unchecked)
+    }
+
+    /// The checked table `id`.
+    pub fn get(&self, id: TableId) -> Option<Arc<Table>> {
+        let at = (id.0 as usize).checked_sub(1)?;
+        self.checked.read().expect("not poisoned").get(at)?.clone()
+    }
+
+    /// The name of table `id` ("users" for 0).
+    pub fn name(&self, id: TableId) -> &str {
+        match (id.0 as usize).checked_sub(1) {
+            None => "users",
+            Some(at) => self.names.get(at).map_or("?", String::as_str),
+        }
+    }
+
+    /// Records `table` as checked: requests may use it from now on.
+    pub fn checked(&self, table: Table) {
+        if let Some(at) = (table.id.0 as usize).checked_sub(1) {
+            if let Some(slot) = self.checked.write().expect("not poisoned").get_mut(at) {
+                *slot = Some(Arc::new(table));
+            }
+        }
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+}

@@ -1,0 +1,155 @@
+//! Reading a declared table's rows: by key or by lookup, many at once, each with its version
+//! (from `cacheward_row_versions`; 0 for a row no change has touched since the table was
+//! declared) and its ROW JSON, after the version horizon (their `read_at`).
+
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Row;
+
+use super::tables::quote_ident;
+use super::{query_after_horizon, Db, DbError, DbErrorKind};
+use crate::model::table::{Column, Lookup, Table};
+use crate::model::user::normalize_timestamps;
+
+/// One row of a declared table as read: the key texts it is cached under and its entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRow {
+    /// The text of its key (what follows the prefix).
+    pub key: String,
+    /// The text of each lookup's key, in the table's lookup order.
+    pub lookups: Vec<String>,
+    pub version: i64,
+    /// ROW: the projected columns as a JSON object.
+    pub row: String,
+}
+
+impl TableRow {
+    /// The entry stored in Redis and answered: `{"version":N,"row":ROW}`.
+    pub fn entry(&self) -> String {
+        format!(r#"{{"version":{},"row":{}}}"#, self.version, self.row)
+    }
+}
+
+/// What a read of several keys of one table found.
+#[derive(Debug)]
+pub struct FoundRows {
+    pub rows: Vec<TableRow>,
+    /// The version horizon read before the rows.
+    pub read_at: i64,
+}
+
+/// `ARRAY[t."a"::text, …]` of `columns`.
+fn text_array(columns: &[Column]) -> String {
+    let parts: Vec<String> = columns
+        .iter()
+        .map(|c| format!("t.{}::text", quote_ident(&c.name)))
+        .collect();
+    format!("ARRAY[{}]", parts.join(", "))
+}
+
+/// The statement reading `table`'s rows by its key (`by` = None) or by a lookup: one `text[]`
+/// parameter per column of that key, the n-th key being the n-th element of each.
+pub fn select_sql(table: &Table, by: Option<&Lookup>) -> String {
+    let columns = by.map_or(&table.key, |l| &l.columns);
+    let projected: Vec<String> = table
+        .projection
+        .iter()
+        .map(|c| format!("t.{}", quote_ident(c)))
+        .collect();
+    let lookups: Vec<String> = table
+        .lookups
+        .iter()
+        .map(|l| format!(", {}", text_array(&l.columns)))
+        .collect();
+    let wanted: Vec<String> = columns
+        .iter()
+        .map(|c| format!("t.{}", quote_ident(&c.name)))
+        .collect();
+    let given: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("u.c{i}::{}", c.kind.sql()))
+        .collect();
+    let unnest: Vec<String> = (1..=columns.len())
+        .map(|i| format!("${i}::text[]"))
+        .collect();
+    let names: Vec<String> = (0..columns.len()).map(|i| format!("c{i}")).collect();
+    format!(
+        "SELECT coalesce(v.version, 0), {key}, \
+                (SELECT row_to_json(p) FROM (SELECT {projected}) p)::text{lookups} \
+         FROM {source} t \
+         LEFT JOIN cacheward_row_versions v ON v.tbl = '{name}' AND v.key = {key} \
+         WHERE ({wanted}) IN (SELECT {given} FROM unnest({unnest}) AS u({names}))",
+        key = text_array(&table.key),
+        projected = projected.join(", "),
+        lookups = lookups.concat(),
+        source = table.source,
+        name = table.name,
+        wanted = wanted.join(", "),
+        given = given.join(", "),
+        unnest = unnest.join(", "),
+        names = names.join(", "),
+    )
+}
+
+/// A row selected by [`select_sql`].
+pub fn table_row(table: &Table, row: &Row) -> Result<TableRow, DbError> {
+    let broken = |what: String| {
+        DbError::said(
+            DbErrorKind::Row,
+            format!("a row of table {} cannot be served: {what}", table.name),
+        )
+    };
+    let version: i64 = row.get(0);
+    let key: Vec<String> = row.get(1);
+    let json: String = row.get(2);
+    let timestamps = table.timestamps.iter().map(|(c, z)| (c.as_str(), *z));
+    let row_json = normalize_timestamps(&json, timestamps).map_err(broken)?;
+    let keys: Vec<&str> = key.iter().map(String::as_str).collect();
+    let lookups = table
+        .lookups
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let values: Vec<String> = row.get(3 + i);
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            crate::model::table::encode_lookup(&l.name, &values)
+        })
+        .collect();
+    Ok(TableRow {
+        key: table.key_text(&keys),
+        lookups,
+        version,
+        row: row_json,
+    })
+}
+
+impl Db {
+    /// The rows of `table` whose key (or lookup `by`) is one of `keys` (each the columns' texts),
+    /// in one query, after the version horizon.
+    pub async fn find_rows(
+        &self,
+        table: &Table,
+        by: Option<&Lookup>,
+        keys: &[Vec<String>],
+    ) -> Result<FoundRows, DbError> {
+        let sql = select_sql(table, by);
+        let width = by.map_or(table.key.len(), |l| l.columns.len());
+        let columns: Vec<Vec<&str>> = (0..width)
+            .map(|i| keys.iter().map(|k| k[i].as_str()).collect())
+            .collect();
+        self.bounded("select rows", async {
+            let client = self.pool.get().await?;
+            let params: Vec<(&(dyn ToSql + Sync), Type)> = columns
+                .iter()
+                .map(|c| (c as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
+                .collect();
+            let (rows, read_at) = query_after_horizon(&client, &self.target, &sql, &params).await?;
+            let rows = rows
+                .iter()
+                .map(|r| table_row(table, r))
+                .collect::<Result<_, _>>()?;
+            Ok(FoundRows { rows, read_at })
+        })
+        .await
+    }
+}

@@ -1,0 +1,280 @@
+//! Declared tables served (docs/reference.md, "Declared tables"): `get` by key and by lookup,
+//! cache-aside; out-of-band INSERT, UPDATE (of a lookup, of the key), DELETE and TRUNCATE reach
+//! the cached entries through the change stream; a TRUNCATE of one table leaves the others'.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cacheward::config::{Config, TableConfig};
+use cacheward::store::pg::tables;
+use common::{kind, Rpc, TestEnv};
+use serde_json::{json, Value};
+
+const SCHEMA: &str = "
+    CREATE TABLE accounts (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, plan text,
+                           secret text, created_at timestamptz NOT NULL DEFAULT now());
+    CREATE TABLE orders (region text NOT NULL, id integer NOT NULL, note text,
+                         PRIMARY KEY (region, id));";
+
+fn declared(config: &mut Config) {
+    let table = |key: &[&str], lookups: &[(&str, &[&str])], exclude: &[&str]| TableConfig {
+        source: None,
+        key: key.iter().map(|s| s.to_string()).collect(),
+        lookups: lookups
+            .iter()
+            .map(|(n, c)| (n.to_string(), c.iter().map(|s| s.to_string()).collect()))
+            .collect(),
+        columns: None,
+        exclude: exclude.iter().map(|s| s.to_string()).collect(),
+        key_prefix: None,
+        ttl_secs: None,
+        writable: true,
+    };
+    config.tables.insert(
+        "accounts".into(),
+        table(&["id"], &[("by_email", &["email"])], &["secret"]),
+    );
+    config
+        .tables
+        .insert("orders".into(), table(&["region", "id"], &[], &[]));
+}
+
+/// Servers, the tables made and captured, a daemon serving them.
+async fn start() -> (TestEnv, common::Daemon, Config) {
+    let env = TestEnv::start().await;
+    let mut config = env.config();
+    declared(&mut config);
+    let mut pg = env.pg().await;
+    pg.batch_execute(SCHEMA).await.unwrap();
+    let checked = tables::resolve_all(&pg, &config).await.unwrap();
+    tables::install(&mut pg, &checked).await.unwrap();
+    pg.batch_execute(
+        "INSERT INTO accounts (id, email, plan, secret) VALUES (1, 'a@x', 'free', 's1'), (2, 'b@x', 'pro', 's2');
+         INSERT INTO orders VALUES ('e:u=1', 7, 'n7'), ('w', 8, 'n8');",
+    )
+    .await
+    .unwrap();
+    let daemon = env.start_daemon(config.clone()).await;
+    let mut client = daemon.client().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Unavailable until the daemon has checked the tables against the catalog.
+    while get(&mut client, json!({"table": "accounts", "key": {"id": 1}}))
+        .await
+        .get("result")
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "the tables were never checked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (env, daemon, config)
+}
+
+async fn get(client: &mut Rpc, params: Value) -> Value {
+    client.call("get", params).await
+}
+
+/// The row a get answered, or its error kind.
+async fn row(client: &mut Rpc, params: Value) -> Result<(Value, String), String> {
+    let answer = get(client, params).await;
+    match answer.get("result") {
+        Some(result) => Ok((
+            result["row"].clone(),
+            result["source"].as_str().unwrap().to_owned(),
+        )),
+        None => Err(kind(&answer).to_owned()),
+    }
+}
+
+async fn cached(env: &TestEnv, key: &str) -> Option<Value> {
+    let mut conn = env.redis().await;
+    let value: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    value.map(|v| serde_json::from_str(&v).unwrap())
+}
+
+/// Waits until `get` answers `want` (a row's `plan`, or an error kind) for `params`.
+async fn converges(client: &mut Rpc, params: Value, want: Result<&str, &str>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = row(client, params.clone()).await;
+        let done = match (&got, want) {
+            (Ok((row, _)), Ok(plan)) => row["plan"] == json!(plan) || row["note"] == json!(plan),
+            (Err(kind), Err(wanted)) => kind == wanted,
+            _ => false,
+        };
+        if done {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{params} never answered {want:?}: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_are_read_through_the_cache_by_key_and_by_lookup() {
+    let (env, daemon, _) = start().await;
+    let mut client = daemon.client().await;
+    let by_key = json!({"table": "accounts", "key": {"id": "2"}});
+    let (row2, source) = row(&mut client, by_key.clone()).await.unwrap();
+    assert_eq!(source, "db");
+    assert_eq!(row2["email"], "b@x");
+    assert!(
+        row2.get("secret").is_none(),
+        "an excluded column is never served: {row2}"
+    );
+    let stamp = row2["created_at"].as_str().unwrap();
+    assert!(stamp.ends_with('Z') && stamp.len() == 27, "{stamp}");
+    let (again, source) = row(&mut client, by_key).await.unwrap();
+    assert_eq!((again, source.as_str()), (row2.clone(), "cache"));
+    let entry = cached(&env, "accounts:2").await.expect("filled");
+    assert_eq!(entry["row"], row2);
+    assert!(entry["version"].is_i64());
+    // By lookup: its own entry, a copy carrying the row's version.
+    let by_email = json!({"table": "accounts", "lookup": "by_email", "key": {"email": "b@x"}});
+    assert_eq!(row(&mut client, by_email.clone()).await.unwrap().1, "db");
+    assert_eq!(
+        row(&mut client, by_email).await.unwrap(),
+        (row2, "cache".into())
+    );
+    assert_eq!(
+        cached(&env, "accounts:by_email=b@x").await.unwrap()["version"],
+        entry["version"]
+    );
+    // A composite key with `:` and `=` in its text.
+    let order = json!({"table": "orders", "key": {"region": "e:u=1", "id": 7}});
+    assert_eq!(
+        row(&mut client, order.clone()).await.unwrap().0["note"],
+        "n7"
+    );
+    assert_eq!(row(&mut client, order).await.unwrap().1, "cache");
+    assert!(cached(&env, "orders:e%3Au%3D1:7").await.is_some());
+    // Misses and bad requests.
+    for (params, wanted) in [
+        (json!({"table": "accounts", "key": {"id": 99}}), "not_found"),
+        (json!({"table": "nope", "key": {"id": 1}}), "invalid_params"),
+        (
+            json!({"table": "accounts", "key": {"id": "x"}}),
+            "invalid_params",
+        ),
+        (
+            json!({"table": "accounts", "key": {"email": "a@x"}}),
+            "invalid_params",
+        ),
+        (
+            json!({"table": "accounts", "lookup": "by_nothing", "key": {"id": 1}}),
+            "invalid_params",
+        ),
+        (json!({"table": "accounts"}), "invalid_params"),
+    ] {
+        assert_eq!(
+            row(&mut client, params.clone()).await,
+            Err(wanted.into()),
+            "{params}"
+        );
+    }
+    let answer = get(
+        &mut client,
+        json!({"table": "accounts", "key": {"id": "x"}}),
+    )
+    .await;
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"id\""),
+        "the column is named: {answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_band_changes_reach_every_cached_key_of_the_row() {
+    let (env, daemon, _) = start().await;
+    let mut client = daemon.client().await;
+    let id1 = json!({"table": "accounts", "key": {"id": 1}});
+    let email_a = json!({"table": "accounts", "lookup": "by_email", "key": {"email": "a@x"}});
+    let email_c = json!({"table": "accounts", "lookup": "by_email", "key": {"email": "c@x"}});
+    for params in [&id1, &email_a, &id1, &email_a] {
+        row(&mut client, params.clone()).await.unwrap();
+    }
+    assert_eq!(row(&mut client, email_a.clone()).await.unwrap().1, "cache");
+    let pg = env.pg().await;
+    // A plain update: both the key's and the lookup's entries follow.
+    pg.batch_execute("UPDATE accounts SET plan = 'pro' WHERE id = 1")
+        .await
+        .unwrap();
+    converges(&mut client, id1.clone(), Ok("pro")).await;
+    converges(&mut client, email_a.clone(), Ok("pro")).await;
+    // The lookup's value changes: the old lookup key names no row any more.
+    pg.batch_execute("UPDATE accounts SET email = 'c@x' WHERE id = 1")
+        .await
+        .unwrap();
+    converges(&mut client, email_a.clone(), Err("not_found")).await;
+    converges(&mut client, email_c.clone(), Ok("pro")).await;
+    // The key changes: the old key is gone, the new one serves the row.
+    pg.batch_execute("UPDATE accounts SET id = 11 WHERE id = 1")
+        .await
+        .unwrap();
+    converges(&mut client, id1.clone(), Err("not_found")).await;
+    converges(
+        &mut client,
+        json!({"table": "accounts", "key": {"id": 11}}),
+        Ok("pro"),
+    )
+    .await;
+    // An insert of a key a tombstone covers, then a delete.
+    pg.batch_execute("INSERT INTO accounts (id, email, plan) VALUES (1, 'a@x', 'new')")
+        .await
+        .unwrap();
+    converges(&mut client, id1.clone(), Ok("new")).await;
+    converges(&mut client, email_a.clone(), Ok("new")).await;
+    pg.batch_execute("DELETE FROM accounts WHERE id = 1")
+        .await
+        .unwrap();
+    converges(&mut client, id1.clone(), Err("not_found")).await;
+    converges(&mut client, email_a, Err("not_found")).await;
+    // Settled: nothing stale in Redis either.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let entry = cached(&env, "accounts:1").await;
+    assert!(
+        entry.as_ref().is_none_or(|e| e.get("tombstone").is_some()),
+        "{entry:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_of_one_table_drops_only_its_entries() {
+    let (env, daemon, _) = start().await;
+    let mut client = daemon.client().await;
+    let order = json!({"table": "orders", "key": {"region": "w", "id": 8}});
+    let account = json!({"table": "accounts", "key": {"id": 2}});
+    let user = json!({"username": "keeper"});
+    client.call("put", user.clone()).await;
+    for params in [&order, &account, &order, &account] {
+        row(&mut client, params.clone()).await.unwrap();
+    }
+    client.call("get", user.clone()).await;
+    let pg = env.pg().await;
+    pg.batch_execute("TRUNCATE orders").await.unwrap();
+    converges(&mut client, order.clone(), Err("not_found")).await;
+    assert_eq!(
+        row(&mut client, account).await.unwrap().1,
+        "cache",
+        "accounts kept"
+    );
+    let answer = client.call("get", user).await;
+    assert_eq!(answer["result"]["source"], "cache", "users kept: {answer}");
+    // Rows inserted after the TRUNCATE are cached again.
+    pg.batch_execute("INSERT INTO orders VALUES ('w', 8, 'again')")
+        .await
+        .unwrap();
+    converges(&mut client, order.clone(), Ok("again")).await;
+    row(&mut client, order.clone()).await.unwrap();
+    assert_eq!(row(&mut client, order).await.unwrap().1, "cache");
+}
