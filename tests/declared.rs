@@ -1,5 +1,6 @@
 //! Declared tables served (docs/reference.md, "Declared tables"): `get` by key and by lookup,
-//! cache-aside; out-of-band INSERT, UPDATE (of a lookup, of the key), DELETE and TRUNCATE reach
+//! cache-aside; `upsert`, `update` and `delete` write-through, with PostgreSQL's own conversions
+//! and errors; out-of-band INSERT, UPDATE (of a lookup, of the key), DELETE and TRUNCATE reach
 //! the cached entries through the change stream; a TRUNCATE of one table leaves the others'.
 
 mod common;
@@ -38,6 +39,10 @@ fn declared(config: &mut Config) {
     config
         .tables
         .insert("orders".into(), table(&["region", "id"], &[], &[]));
+    let mut frozen = table(&["region", "id"], &[], &[]);
+    frozen.source = Some("orders".into());
+    frozen.writable = false;
+    config.tables.insert("frozen".into(), frozen);
 }
 
 /// Servers, the tables made and captured, a daemon serving them.
@@ -277,4 +282,175 @@ async fn a_truncate_of_one_table_drops_only_its_entries() {
     converges(&mut client, order.clone(), Ok("again")).await;
     row(&mut client, order.clone()).await.unwrap();
     assert_eq!(row(&mut client, order).await.unwrap().1, "cache");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_through_postgresql_then_redis_with_postgresqls_errors() {
+    let (env, daemon, _) = start().await;
+    let mut client = daemon.client().await;
+    let result = |answer: &Value| answer["result"].clone();
+    // Created: the entry is cached at once, with the version the answer carries.
+    let made = client
+        .call(
+            "upsert",
+            json!({"table": "accounts", "row": {"id": 5, "email": "e@x", "plan": "free"}}),
+        )
+        .await;
+    assert_eq!(result(&made)["created"], true, "{made}");
+    let version = result(&made)["version"].as_i64().unwrap();
+    assert!(version > 0);
+    let (got, source) = row(&mut client, json!({"table": "accounts", "key": {"id": 5}}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (got["plan"].as_str(), source.as_str()),
+        (Some("free"), "cache")
+    );
+    assert_eq!(
+        cached(&env, "accounts:by_email=e@x").await.unwrap()["version"],
+        version
+    );
+    // Again: the given columns change, the others stay. (As INSERT … ON CONFLICT has it, the
+    // row given must satisfy NOT NULL even when it updates.)
+    let again = client
+        .call(
+            "upsert",
+            json!({"table": "accounts", "row": {"id": 5, "email": "e@x", "plan": "pro"}}),
+        )
+        .await;
+    assert_eq!(result(&again)["created"], false, "{again}");
+    assert_eq!(result(&again)["row"]["plan"], "pro");
+    assert_eq!(
+        result(&again)["row"]["created_at"],
+        result(&made)["row"]["created_at"]
+    );
+    assert!(result(&again)["version"].as_i64().unwrap() > version);
+    // Update of the key and of a lookup: the old ones name no row at once.
+    let moved = client
+        .call(
+            "update",
+            json!({"table": "accounts", "key": {"id": 5}, "set": {"id": 6, "email": "f@x"}}),
+        )
+        .await;
+    assert_eq!(result(&moved)["row"]["id"], 6, "{moved}");
+    let newest = result(&moved)["version"].as_i64().unwrap();
+    for (params, wanted) in [
+        (
+            json!({"table": "accounts", "key": {"id": 5}}),
+            Err("not_found".to_owned()),
+        ),
+        (
+            json!({"table": "accounts", "lookup": "by_email", "key": {"email": "e@x"}}),
+            Err("not_found".to_owned()),
+        ),
+    ] {
+        assert_eq!(
+            row(&mut client, params).await.map(|_| ()),
+            wanted.map(|_: String| ())
+        );
+    }
+    let read = get(&mut client, json!({"table": "accounts", "lookup": "by_email", "key": {"email": "f@x"}, "min_version": newest})).await;
+    assert_eq!(result(&read)["row"]["id"], 6, "{read}");
+    assert!(result(&read)["version"].as_i64().unwrap() >= newest);
+    // PostgreSQL's conversions and errors, each naming what was wrong.
+    let cases = [
+        (
+            "upsert",
+            json!({"table": "accounts", "row": {"id": 7, "email": "g@x", "created_at": "not a time"}}),
+            "invalid_params",
+            "created_at",
+        ),
+        (
+            "upsert",
+            json!({"table": "accounts", "row": {"id": 7}}),
+            "invalid_params",
+            "email",
+        ),
+        (
+            "upsert",
+            json!({"table": "accounts", "row": {"id": 7, "email": "b@x"}}),
+            "conflict",
+            "accounts",
+        ),
+        (
+            "upsert",
+            json!({"table": "accounts", "row": {"id": 7, "email": "g@x", "secret": "s"}}),
+            "invalid_params",
+            "secret",
+        ),
+        (
+            "upsert",
+            json!({"table": "accounts", "row": {"email": "g@x"}}),
+            "invalid_params",
+            "id",
+        ),
+        (
+            "update",
+            json!({"table": "accounts", "key": {"id": 99}, "set": {"plan": "x"}}),
+            "not_found",
+            "accounts",
+        ),
+        (
+            "update",
+            json!({"table": "accounts", "key": {"id": 6}, "set": {"plan": "p", "id": "six"}}),
+            "invalid_params",
+            "\"id\"",
+        ),
+        (
+            "upsert",
+            json!({"table": "frozen", "row": {"region": "w", "id": 1}}),
+            "forbidden",
+            "frozen",
+        ),
+        (
+            "delete",
+            json!({"table": "frozen", "key": {"region": "w", "id": 8}}),
+            "forbidden",
+            "frozen",
+        ),
+    ];
+    for (method, params, wanted, named) in cases {
+        let answer = client.call(method, params.clone()).await;
+        assert_eq!(kind(&answer), wanted, "{method} {params}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(named), "{method} {params}: {message}");
+    }
+    // A value PostgreSQL converts: any form it accepts.
+    let converted = client
+        .call("upsert", json!({"table": "accounts", "row": {"id": "7", "email": "g@x", "created_at": "2025-01-02 03:04:05+02"}}))
+        .await;
+    assert_eq!(
+        result(&converted)["row"]["created_at"],
+        "2025-01-02T01:04:05.000000Z",
+        "{converted}"
+    );
+    // Delete: the row and its lookup are gone from the cache at once.
+    let gone = client
+        .call("delete", json!({"table": "accounts", "key": {"id": 6}}))
+        .await;
+    assert_eq!(result(&gone)["deleted"], true, "{gone}");
+    assert!(result(&gone)["version"].as_i64().unwrap() > newest);
+    assert_eq!(
+        row(&mut client, json!({"table": "accounts", "key": {"id": 6}})).await,
+        Err("not_found".into())
+    );
+    assert_eq!(
+        row(
+            &mut client,
+            json!({"table": "accounts", "lookup": "by_email", "key": {"email": "f@x"}})
+        )
+        .await,
+        Err("not_found".into())
+    );
+    let again = client
+        .call("delete", json!({"table": "accounts", "key": {"id": 6}}))
+        .await;
+    assert_eq!(result(&again), json!({"deleted": false, "version": 0}));
+    // The frozen table still reads.
+    assert!(row(
+        &mut client,
+        json!({"table": "frozen", "key": {"region": "w", "id": 8}})
+    )
+    .await
+    .is_ok());
 }

@@ -73,7 +73,8 @@ impl From<ServiceError> for RpcError {
     fn from(e: ServiceError) -> Self {
         let kind = match &e {
             ServiceError::NotFound(_) | ServiceError::RowNotFound { .. } => ErrorKind::NotFound,
-            ServiceError::Conflict(_) => ErrorKind::Conflict,
+            ServiceError::Conflict(_) | ServiceError::RowConflict(_) => ErrorKind::Conflict,
+            ServiceError::InvalidRow(_) => ErrorKind::InvalidParams,
             e if e.unavailable() => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         };

@@ -138,13 +138,6 @@ fn say_starting(config: &Config, socket: &BoundSocket) {
         config = %serde_json::to_string(config).expect("config serializes"),
         "starting"
     );
-    if !config.tables.is_empty() {
-        let tables: Vec<&str> = config.tables.keys().map(String::as_str).collect();
-        tracing::warn!(
-            tables = %tables.join(","),
-            "declared tables are read-only through the daemon in this version: write them with SQL"
-        );
-    }
     if config.cache.ttl_secs > config.cdc.retention_secs {
         // A first start replays only what the outbox retains; older entries must have expired.
         tracing::warn!(

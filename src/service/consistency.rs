@@ -132,9 +132,11 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
         let n = config.sample_per_sec as usize;
         // Half from the near cache (when it holds anything), the rest from Redis.
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        // Users' entries only, for now: declared tables' are not sampled yet.
         let mut sample: Vec<(Key, Source)> = cache
             .near_sample(n / 2, seed)
             .into_iter()
+            .filter(Key::is_user)
             .map(|name| (name, Source::Near))
             .collect();
         while sample.len() < n {

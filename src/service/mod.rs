@@ -24,6 +24,7 @@ pub mod read;
 pub mod repair;
 mod rows;
 pub mod stats;
+mod writes;
 
 use flights::Flights;
 pub use health::{Backend, Health};
@@ -40,6 +41,12 @@ pub enum ServiceError {
     /// A declared table has no row with the key asked for.
     #[error("table {table}: no row with key '{key}'")]
     RowNotFound { table: String, key: String },
+    /// A declared table's write a unique constraint refused.
+    #[error("{0}")]
+    RowConflict(String),
+    /// A declared table's write with a value, column or constraint PostgreSQL refused.
+    #[error("{0}")]
+    InvalidRow(String),
     /// A declared table cannot be used now (not checked against the catalog yet).
     #[error("table {0} is not available yet: PostgreSQL has not been reached since start")]
     TableUnavailable(String),

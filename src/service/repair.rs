@@ -236,20 +236,7 @@ impl Service {
             if batch.is_empty() {
                 break;
             }
-            let names: Vec<&str> = batch.iter().map(|(key, _)| key.as_str()).collect();
-            let (found, horizon) = db_result(self.db.current_rows(&names).await, &self.health)?;
-            // A row that cannot be served gets a tombstone, like a missing one: nothing stale
-            // stays cached for it.
-            let mut writes: Vec<Write> = found
-                .users
-                .iter()
-                .map(|u| Write::live(u, found.read_at))
-                .collect();
-            for (key, _) in &batch {
-                if !writes.iter().any(|w| w.key() == key) {
-                    writes.push(Write::tombstone(key.clone(), horizon));
-                }
-            }
+            let writes = self.repair_writes(&batch).await?;
             let outcomes = self.cache.apply(&writes).await.map_err(|e| {
                 self.cache_failed(&e, "repair");
                 ServiceError::Redis(Arc::new(e))
@@ -261,6 +248,40 @@ impl Service {
             tracing::info!(repaired, "cache entries repaired");
         }
         Ok(repaired)
+    }
+}
+
+impl Service {
+    /// The writes that repair `batch`: each key's current row, or a tombstone at a horizon read
+    /// after the rows (at least any version a missing row had). A row that cannot be served gets
+    /// a tombstone, like a missing one: nothing stale stays cached for it.
+    async fn repair_writes(&self, batch: &[(Key, u64)]) -> Result<Vec<Write>, ServiceError> {
+        let (users, rows): (Vec<&Key>, Vec<&Key>) =
+            batch.iter().map(|(key, _)| key).partition(|k| k.is_user());
+        let mut writes = Vec::with_capacity(batch.len());
+        let mut horizon = None;
+        if !users.is_empty() {
+            let names: Vec<&str> = users.iter().map(|k| k.as_str()).collect();
+            let (found, after) = db_result(self.db.current_rows(&names).await, &self.health)?;
+            writes.extend(found.users.iter().map(|u| Write::live(u, found.read_at)));
+            horizon = Some(after);
+        }
+        if !rows.is_empty() {
+            let (answers, found) = self.read_rows(&rows).await;
+            if let Some(Err(e)) = answers.into_iter().find(|a| a.is_err()) {
+                return Err(e);
+            }
+            writes.extend(found);
+            let after = db_result(self.db.fresh_horizon().await, &self.health)?;
+            horizon = Some(horizon.map_or(after, |h: i64| h.max(after)));
+        }
+        let horizon = horizon.unwrap_or_default();
+        for (key, _) in batch {
+            if !writes.iter().any(|w| w.key() == key) {
+                writes.push(Write::tombstone(key.clone(), horizon));
+            }
+        }
+        Ok(writes)
     }
 }
 

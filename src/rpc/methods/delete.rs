@@ -1,19 +1,45 @@
-//! `delete`: a user is removed, write-through; answers the version the deletion is known by.
+//! `delete`: a user, or a declared table's row by its key, is removed, write-through; answers the
+//! version the deletion is known by.
 
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::params::{take_username, Params};
+use super::params::{key_text, take_object, take_string, take_username, writable_table, Params};
 use super::{reply, Call};
 use crate::rpc::encode::Id;
 use crate::rpc::error::RpcError;
 use crate::service::{Service, ServiceError};
 
 pub fn parse(params: &mut Params) -> Result<Call, RpcError> {
-    Ok(Call::Delete {
-        username: take_username(params, "username")?,
+    Ok(match take_string(params, "table")? {
+        None => Call::Delete {
+            username: take_username(params, "username")?,
+        },
+        Some(table) => Call::DeleteRow {
+            table,
+            key: take_object(params, "key")?,
+        },
     })
+}
+
+/// `delete` of a declared table's row.
+pub async fn run_row(
+    service: &Arc<Service>,
+    id: Option<&Id>,
+    table: String,
+    key: Params,
+) -> Result<Vec<u8>, RpcError> {
+    let table = writable_table(service, &table)?;
+    let key = key_text(&table, &key, None)?;
+    let version = service.delete_row(table, key).await?;
+    Ok(reply(
+        id,
+        DeleteResult {
+            deleted: version.is_some(),
+            version: version.unwrap_or(0),
+        },
+    ))
 }
 
 /// The result of `delete`.

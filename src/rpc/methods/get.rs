@@ -3,12 +3,11 @@
 
 use std::sync::Arc;
 
-use super::params::{take_object, take_string, take_username, take_version, Params};
+use super::params::{self, take_object, take_string, take_username, take_version, Params};
 use super::{failed, Call};
 use crate::model::key::Key;
-use crate::model::registry::TableLookup;
 use crate::rpc::encode::{self, Id};
-use crate::rpc::error::{ErrorKind, RpcError};
+use crate::rpc::error::RpcError;
 use crate::service::Service;
 
 /// What a `get` asks for.
@@ -43,42 +42,14 @@ pub type GetItem = (Option<Id>, Target, Option<i64>);
 
 /// The key `target` names, or why it names none.
 fn key_of(service: &Service, target: &Target) -> Result<Key, RpcError> {
-    let Target::Row { table, lookup, key } = target else {
-        let Target::User(name) = target else {
-            unreachable!()
-        };
-        return Ok(Key::user(name));
-    };
-    let shown: String = table.chars().take(64).collect();
-    let found = service.tables.named(table).map_err(|why| match why {
-        TableLookup::Unknown => {
-            RpcError::invalid_params(format!("invalid params: no table {shown:?} is declared"))
+    match target {
+        Target::User(name) => Ok(Key::user(name)),
+        Target::Row { table, lookup, key } => {
+            let table = params::table(service, table)?;
+            let text = params::key_text(&table, key, lookup.as_deref())?;
+            Ok(table.key(&text))
         }
-        TableLookup::Unchecked => RpcError::new(
-            ErrorKind::Unavailable,
-            format!(
-                "table {shown} is not available yet: PostgreSQL has not been reached since start"
-            ),
-        ),
-    })?;
-    let by = match lookup {
-        None => None,
-        Some(name) => Some(found.lookup(name).ok_or_else(|| {
-            let shown: String = name.chars().take(64).collect();
-            RpcError::invalid_params(format!(
-                "invalid params: table {} has no lookup {shown:?}",
-                found.name
-            ))
-        })?),
-    };
-    let text = found.key_of(key, by).map_err(|e| {
-        let column: String = e.column.chars().take(64).collect();
-        RpcError::invalid_params(format!(
-            "invalid params: table {}: key column {column:?} {}",
-            found.name, e.reason
-        ))
-    })?;
-    Ok(found.key(&text))
+    }
 }
 
 /// Answers gets read together: one Redis read for all of them, one buffer of answer lines (none

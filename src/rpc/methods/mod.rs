@@ -19,9 +19,11 @@ pub mod params;
 pub mod put;
 pub mod rename;
 pub mod stats;
+pub mod update;
+pub mod upsert;
 
 /// The methods, as `method_not_found` lists them.
-const METHODS: &str = "get, put, rename, delete, stats, health";
+const METHODS: &str = "get, put, rename, delete, upsert, update, stats, health";
 
 /// A method call with its checked parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +43,22 @@ pub enum Call {
     Delete {
         username: String,
     },
+    /// A declared table's row, inserted or updated.
+    Upsert {
+        table: String,
+        row: Map<String, Value>,
+    },
+    /// A declared table's row, updated by its key.
+    Update {
+        table: String,
+        key: Map<String, Value>,
+        set: Map<String, Value>,
+    },
+    /// A declared table's row, deleted by its key.
+    DeleteRow {
+        table: String,
+        key: Map<String, Value>,
+    },
     Stats,
     Health,
 }
@@ -50,7 +68,12 @@ impl Call {
     pub fn writes(&self) -> bool {
         matches!(
             self,
-            Call::Put { .. } | Call::Rename { .. } | Call::Delete { .. }
+            Call::Put { .. }
+                | Call::Rename { .. }
+                | Call::Delete { .. }
+                | Call::Upsert { .. }
+                | Call::Update { .. }
+                | Call::DeleteRow { .. }
         )
     }
 
@@ -59,7 +82,9 @@ impl Call {
             Call::Get { .. } => "get",
             Call::Put { .. } => "put",
             Call::Rename { .. } => "rename",
-            Call::Delete { .. } => "delete",
+            Call::Delete { .. } | Call::DeleteRow { .. } => "delete",
+            Call::Upsert { .. } => "upsert",
+            Call::Update { .. } => "update",
             Call::Stats => "stats",
             Call::Health => "health",
         }
@@ -83,6 +108,8 @@ pub fn parse(method: &str, params: Option<Value>) -> Result<Call, RpcError> {
         "put" => put::parse(&mut params)?,
         "rename" => rename::parse(&mut params)?,
         "delete" => delete::parse(&mut params)?,
+        "upsert" => upsert::parse(&mut params)?,
+        "update" => update::parse(&mut params)?,
         "stats" => Call::Stats,
         "health" => Call::Health,
         other => {
@@ -112,17 +139,25 @@ pub async fn run(service: &Arc<Service>, id: Option<Id>, call: Call) -> Vec<u8> 
             target,
             min_version,
         } => return get::batch(service, vec![(id.cloned(), target, min_version)]).await,
-        Call::Put { username } => put::run(service, id, username).await,
+        Call::Put { username } => put::run(service, id, username)
+            .await
+            .map_err(RpcError::from),
         Call::Rename {
             username,
             new_username,
-        } => rename::run(service, id, username, new_username).await,
-        Call::Delete { username } => delete::run(service, id, username).await,
+        } => rename::run(service, id, username, new_username)
+            .await
+            .map_err(RpcError::from),
+        Call::Delete { username } => delete::run(service, id, username)
+            .await
+            .map_err(RpcError::from),
+        Call::Upsert { table, row } => upsert::run(service, id, table, row).await,
+        Call::Update { table, key, set } => update::run(service, id, table, key, set).await,
+        Call::DeleteRow { table, key } => delete::run_row(service, id, table, key).await,
         Call::Stats => Ok(stats::run(service, id)),
         Call::Health => Ok(health::run(service, id)),
     };
-    answer.unwrap_or_else(|e| {
-        let error = RpcError::from(e);
+    answer.unwrap_or_else(|error| {
         failed(service, method, &error);
         id.map(|id| encode::encode_error(id, &error))
             .unwrap_or_default()

@@ -1,6 +1,13 @@
 //! Reading a method's named parameters: each taken once, typed, checked; the username rule.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
+
+use crate::model::registry::TableLookup;
+use crate::model::table::Table;
+use crate::rpc::error::ErrorKind;
+use crate::service::Service;
 
 use crate::rpc::error::RpcError;
 
@@ -95,4 +102,57 @@ pub fn take_object(params: &mut Params, name: &str) -> Result<Params, RpcError> 
             "invalid params: missing {name}"
         ))),
     }
+}
+
+/// The declared table named `name`, or why a request cannot use it: not declared
+/// (`invalid_params`), not checked against the catalog yet (`unavailable`).
+pub fn table(service: &Service, name: &str) -> Result<Arc<Table>, RpcError> {
+    let shown: String = name.chars().take(64).collect();
+    service.tables.named(name).map_err(|why| match why {
+        TableLookup::Unknown => {
+            RpcError::invalid_params(format!("invalid params: no table {shown:?} is declared"))
+        }
+        TableLookup::Unchecked => RpcError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "table {shown} is not available yet: PostgreSQL has not been reached since start"
+            ),
+        ),
+    })
+}
+
+/// The declared table named `name`, if the daemon may write it.
+pub fn writable_table(service: &Service, name: &str) -> Result<Arc<Table>, RpcError> {
+    let table = table(service, name)?;
+    match table.writable {
+        true => Ok(table),
+        false => Err(RpcError::new(
+            ErrorKind::Forbidden,
+            format!(
+                "forbidden: table {} is not writable through the daemon",
+                table.name
+            ),
+        )),
+    }
+}
+
+/// The text of the key `key` (column → value) names in `table`, by its key or by `lookup`.
+pub fn key_text(table: &Table, key: &Params, lookup: Option<&str>) -> Result<String, RpcError> {
+    let by = match lookup {
+        None => None,
+        Some(name) => Some(table.lookup(name).ok_or_else(|| {
+            let shown: String = name.chars().take(64).collect();
+            RpcError::invalid_params(format!(
+                "invalid params: table {} has no lookup {shown:?}",
+                table.name
+            ))
+        })?),
+    };
+    table.key_of(key, by).map_err(|e| {
+        let column: String = e.column.chars().take(64).collect();
+        RpcError::invalid_params(format!(
+            "invalid params: table {}: key column {column:?} {}",
+            table.name, e.reason
+        ))
+    })
 }

@@ -12,6 +12,7 @@ pub mod connect;
 pub mod error;
 pub mod rows;
 pub mod tables;
+pub mod writes;
 
 use self::connect::{pg_target, PgTarget, PoolConnect};
 pub use self::error::{DbError, DbErrorKind};

@@ -91,6 +91,21 @@ pub fn select_sql(table: &Table, by: Option<&Lookup>) -> String {
     )
 }
 
+/// The texts of `table`'s lookups' keys for a row whose lookups' column texts (one `text[]` per
+/// lookup) are its columns from `first` on.
+pub(super) fn lookup_texts(table: &Table, row: &Row, first: usize) -> Vec<String> {
+    table
+        .lookups
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let values: Vec<String> = row.get(first + i);
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            crate::model::table::encode_lookup(&l.name, &values)
+        })
+        .collect()
+}
+
 /// A row selected by [`select_sql`].
 pub fn table_row(table: &Table, row: &Row) -> Result<TableRow, DbError> {
     let broken = |what: String| {
@@ -105,16 +120,7 @@ pub fn table_row(table: &Table, row: &Row) -> Result<TableRow, DbError> {
     let timestamps = table.timestamps.iter().map(|(c, z)| (c.as_str(), *z));
     let row_json = normalize_timestamps(&json, timestamps).map_err(broken)?;
     let keys: Vec<&str> = key.iter().map(String::as_str).collect();
-    let lookups = table
-        .lookups
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let values: Vec<String> = row.get(3 + i);
-            let values: Vec<&str> = values.iter().map(String::as_str).collect();
-            crate::model::table::encode_lookup(&l.name, &values)
-        })
-        .collect();
+    let lookups = lookup_texts(table, row, 3);
     Ok(TableRow {
         key: table.key_text(&keys),
         lookups,
