@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use cacheward::cli::client::{Client, ClientError};
+use cacheward::cli::client::{self, Client, ClientError};
 use cacheward::config::{Config, Overrides};
 #[cfg(feature = "dev")]
 use cacheward::dev::{DevStack, SEED_USERS};
@@ -74,12 +74,43 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Read a user (cache-aside)
+    /// Read a user, or with --table a declared table's row by COLUMN=VALUE... (cache-aside)
     Get {
-        username: String,
+        /// USERNAME, or with --table the key's (or the lookup's) COLUMN=VALUE pairs
+        #[arg(required = true)]
+        args: Vec<String>,
+        /// A declared table
+        #[arg(long)]
+        table: Option<String>,
+        /// Read by this lookup of the table instead of its key
+        #[arg(long, requires = "table")]
+        lookup: Option<String>,
         /// Answer a state at least this new (the `version` a write answered): read-your-writes
         #[arg(long)]
         min_version: Option<i64>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Insert a declared table's row, or update the given columns of the row with its key
+    Upsert {
+        /// COLUMN=VALUE pairs, the key's among them (values as text, converted by PostgreSQL)
+        #[arg(required = true)]
+        pairs: Vec<String>,
+        #[arg(long)]
+        table: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Update the columns given with --set of a declared table's row found by its key
+    Update {
+        /// The key's COLUMN=VALUE pairs
+        #[arg(required = true)]
+        key: Vec<String>,
+        #[arg(long)]
+        table: String,
+        /// COLUMN=VALUE to set (repeat for more columns)
+        #[arg(long = "set", required = true)]
+        set: Vec<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -96,9 +127,13 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Delete a user (write-through)
+    /// Delete a user, or with --table a declared table's row by its key's COLUMN=VALUE pairs
     Delete {
-        username: String,
+        /// USERNAME, or with --table the key's COLUMN=VALUE pairs
+        #[arg(required = true)]
+        args: Vec<String>,
+        #[arg(long)]
+        table: Option<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -148,15 +183,41 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Migrate { prune, common } => migrate(common, prune).await,
         Command::Verify { common } => verify(common).await,
         Command::Get {
-            username,
+            args,
+            table,
+            lookup,
             min_version,
             common,
         } => {
-            let params = match min_version {
-                Some(min) => json!({ "username": username, "min_version": min }),
-                None => json!({ "username": username }),
-            };
+            let mut params = target(&args, table)?;
+            if let Some(lookup) = lookup {
+                params["lookup"] = json!(lookup);
+            }
+            if let Some(min) = min_version {
+                params["min_version"] = json!(min);
+            }
             call(common, "get", params).await
+        }
+        Command::Upsert {
+            pairs,
+            table,
+            common,
+        } => {
+            let params = json!({ "table": table, "row": client::pairs(&pairs).map_err(anyhow::Error::msg)? });
+            call(common, "upsert", params).await
+        }
+        Command::Update {
+            key,
+            table,
+            set,
+            common,
+        } => {
+            let params = json!({
+                "table": table,
+                "key": client::pairs(&key).map_err(anyhow::Error::msg)?,
+                "set": client::pairs(&set).map_err(anyhow::Error::msg)?,
+            });
+            call(common, "update", params).await
         }
         Command::Put { username, common } => {
             call(common, "put", json!({ "username": username })).await
@@ -169,9 +230,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             )
             .await
         }
-        Command::Delete { username, common } => {
-            call(common, "delete", json!({ "username": username })).await
-        }
+        Command::Delete {
+            args,
+            table,
+            common,
+        } => call(common, "delete", target(&args, table)?).await,
         Command::Stats { common } => call(common, "stats", Value::Null).await,
         Command::Health { common } => call(common, "health", Value::Null).await,
     }
@@ -251,12 +314,13 @@ fn dev_banner(stack: &DevServers, config: &Config) {
     eprintln!(
         "\ncacheward dev: PostgreSQL in {pg}, Redis in {redis}\n\
          database: {url}\n\
-         seeded users: {users} ({first} already cached)\n\
+         seeded users: {users} ({first} already cached); declared table: accounts (ids 1, 2)\n\
          socket: {socket}\n\n\
          try:  cargo run -- get user02 --socket {socket}     (first read comes from the database)\n      \
          cargo run -- put alice --socket {socket}\n      \
          cargo run -- rename alice bob --socket {socket}\n      \
          cargo run -- stats --socket {socket}\n      \
+         echo '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{{\"table\":\"accounts\",\"lookup\":\"by_email\",\"key\":{{\"email\":\"ada@example.com\"}}}}}}' | nc -UN {socket}\n      \
          echo '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{{\"username\":\"user01\"}}}}' | nc -UN {socket}\n\
          Ctrl-C stops the daemon and removes both servers and their data.\n",
         pg = stack.postgres.dir().display(),
@@ -309,6 +373,20 @@ async fn migrate(common: Common, prune: bool) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The params naming a user (one USERNAME) or, with `table`, a declared table's row (its key's
+/// COLUMN=VALUE pairs).
+fn target(args: &[String], table: Option<String>) -> anyhow::Result<Value> {
+    Ok(match table {
+        Some(table) => {
+            json!({ "table": table, "key": client::pairs(args).map_err(anyhow::Error::msg)? })
+        }
+        None => match args {
+            [username] => json!({ "username": username }),
+            _ => anyhow::bail!("expected one USERNAME (or --table TABLE and COLUMN=VALUE pairs)"),
+        },
+    })
 }
 
 async fn verify(common: Common) -> anyhow::Result<ExitCode> {

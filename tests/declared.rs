@@ -16,7 +16,10 @@ const SCHEMA: &str = "
     CREATE TABLE accounts (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, plan text,
                            secret text, created_at timestamptz NOT NULL DEFAULT now());
     CREATE TABLE orders (region text NOT NULL, id integer NOT NULL, note text,
-                         PRIMARY KEY (region, id));";
+                         PRIMARY KEY (region, id));
+    CREATE TABLE wide (id uuid PRIMARY KEY, n numeric, f double precision, m money, j jsonb,
+                       b bytea, i interval, t timestamptz, ts timestamp, a int[], r int4range,
+                       x text);";
 
 fn declared(config: &mut Config) {
     let table = |key: &[&str], lookups: &[(&str, &[&str])], exclude: &[&str]| TableConfig {
@@ -39,6 +42,9 @@ fn declared(config: &mut Config) {
     config
         .tables
         .insert("orders".into(), table(&["region", "id"], &[], &[]));
+    let mut wide = table(&["id"], &[], &[]);
+    wide.ttl_secs = Some(77);
+    config.tables.insert("wide".into(), wide);
     let mut frozen = table(&["region", "id"], &[], &[]);
     frozen.source = Some("orders".into());
     frozen.writable = false;
@@ -453,4 +459,178 @@ async fn writes_go_through_postgresql_then_redis_with_postgresqls_errors() {
     )
     .await
     .is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_legal_value_is_served_as_postgresql_renders_it_and_wide_rows_are_not_cached() {
+    let (env, daemon, _) = start().await;
+    let mut client = daemon.client().await;
+    let pg = env.pg().await;
+    let huge = "y".repeat(2 * 1024 * 1024);
+    pg.execute(
+        "INSERT INTO wide VALUES
+           ('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'NaN', '-Infinity', '-92233720368547758.08',
+            '{\"deep\": [[[1]]], \"n\": 1e300}', '\\x00ff', '1 year 2 mons -3 days',
+            'infinity', '2025-11-02 01:43:23.0386', '{1,NULL,3}', '[1,5)', 'small'),
+           ('b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 1e-300, 'NaN', 0, 'null', '', '0', '-infinity',
+            '0044-03-15 12:00:00 BC', '{}', 'empty', $1)",
+        &[&huge],
+    )
+    .await
+    .unwrap();
+    // PostgreSQL's own JSON of the row, timestamps normalized as USER's are.
+    let expected = |id: &'static str| {
+        let pg = &pg;
+        async move {
+            let text: String = pg
+                .query_one(
+                    "SELECT row_to_json(w)::text FROM wide w WHERE id = $1::text::uuid",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let mut value: Value = serde_json::from_str(&text).unwrap();
+            value["ts"] = match id.starts_with('a') {
+                true => json!("2025-11-02T01:43:23.038600Z"),
+                false => value["ts"].clone(),
+            };
+            value
+        }
+    };
+    let small = json!({"table": "wide", "key": {"id": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}});
+    let (got, source) = row(&mut client, small.clone()).await.unwrap();
+    assert_eq!(source, "db");
+    assert_eq!(got, expected("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").await);
+    assert_eq!(row(&mut client, small).await.unwrap().1, "cache");
+    // Its table's TTL.
+    let mut conn = env.redis().await;
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("wide:a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((1..=77).contains(&ttl), "{ttl}");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("accounts:1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 77, "accounts keep cache.ttl_secs: {ttl}");
+    // Over cache.max_entry_bytes: served, never cached, counted.
+    let big = json!({"table": "wide", "key": {"id": "b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"}});
+    for _ in 0..2 {
+        let (got, source) = row(&mut client, big.clone()).await.unwrap();
+        assert_eq!(source, "db");
+        assert_eq!(got["x"].as_str().map(str::len), Some(huge.len()));
+        assert_eq!(got, expected("b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").await);
+    }
+    let held = cached(&env, "wide:b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").await;
+    assert!(
+        held.as_ref().is_none_or(|v| v.get("tombstone").is_some()),
+        "never a live entry: {held:?}"
+    );
+    assert!(daemon.stats().await["rows_too_large"].as_u64() >= Some(2));
+    // A change to it leaves nothing cached either.
+    pg.batch_execute("UPDATE wide SET f = 1 WHERE x <> 'small'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left = cached(&env, "wide:b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").await;
+    assert!(
+        left.as_ref().is_none_or(|v| v.get("tombstone").is_some()),
+        "{left:?}"
+    );
+}
+
+/// Runs the `cacheward` client with `args` against `socket`: its exit code and what it printed.
+fn cli(socket: &std::path::Path, args: &[&str]) -> (Option<i32>, Value, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cacheward"))
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the client");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let printed = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    (out.status.code(), printed, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_reads_and_writes_declared_tables_with_column_value_pairs() {
+    let (_env, _daemon, config) = start().await;
+    let socket = config.socket.path.as_path();
+    let (code, printed, _) = cli(socket, &["get", "--table", "accounts", "id=1"]);
+    assert_eq!(
+        (code, printed["row"]["email"].as_str()),
+        (Some(0), Some("a@x"))
+    );
+    let (code, printed, _) = cli(
+        socket,
+        &[
+            "get",
+            "--table",
+            "accounts",
+            "--lookup",
+            "by_email",
+            "email=a@x",
+        ],
+    );
+    assert_eq!((code, printed["row"]["id"].as_i64()), (Some(0), Some(1)));
+    let (code, printed, _) = cli(
+        socket,
+        &[
+            "upsert",
+            "--table",
+            "orders",
+            "region=e:u=2",
+            "id=9",
+            "note=new",
+        ],
+    );
+    assert_eq!(
+        (code, printed["created"].as_bool()),
+        (Some(0), Some(true)),
+        "{printed}"
+    );
+    let (code, printed, _) = cli(
+        socket,
+        &[
+            "update",
+            "--table",
+            "orders",
+            "region=e:u=2",
+            "id=9",
+            "--set",
+            "note=changed",
+        ],
+    );
+    assert_eq!(
+        (code, printed["row"]["note"].as_str()),
+        (Some(0), Some("changed"))
+    );
+    let (code, printed, _) = cli(
+        socket,
+        &["delete", "--table", "orders", "region=e:u=2", "id=9"],
+    );
+    assert_eq!((code, printed["deleted"].as_bool()), (Some(0), Some(true)));
+    let (code, _, said) = cli(
+        socket,
+        &["get", "--table", "orders", "region=e:u=2", "id=9"],
+    );
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("no row"), "{said}");
+    let (code, _, said) = cli(socket, &["get", "--table", "accounts", "id"]);
+    assert_eq!(code, Some(1));
+    assert!(said.contains("COLUMN=VALUE"), "{said}");
+    // Users as before.
+    let (code, printed, _) = cli(socket, &["put", "ann"]);
+    assert_eq!(
+        (code, printed["user"]["username"].as_str()),
+        (Some(0), Some("ann"))
+    );
+    let (code, _, said) = cli(socket, &["get", "ann", "bob"]);
+    assert_eq!(code, Some(1), "{said}");
 }

@@ -1,5 +1,5 @@
-//! The socket client behind `cacheward get|put|rename|delete|stats|health`: one JSON-RPC request,
-//! one response.
+//! The socket client behind `cacheward get|put|rename|delete|upsert|update|stats|health`: one
+//! JSON-RPC request, one response.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,22 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
+
+/// `COLUMN=VALUE` pairs as a JSON object of text values (PostgreSQL converts them to the columns'
+/// types); the first `=` ends the column's name.
+pub fn pairs(args: &[String]) -> Result<serde_json::Map<String, Value>, String> {
+    let mut out = serde_json::Map::new();
+    for arg in args {
+        let (column, value) = arg
+            .split_once('=')
+            .filter(|(c, _)| !c.is_empty())
+            .ok_or_else(|| format!("expected COLUMN=VALUE, got {arg:?}"))?;
+        if out.insert(column.to_owned(), json!(value)).is_some() {
+            return Err(format!("column {column:?} given twice"));
+        }
+    }
+    Ok(out)
+}
 
 /// Why a call did not produce a result.
 #[derive(Debug, thiserror::Error)]

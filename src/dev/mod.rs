@@ -19,15 +19,29 @@ pub use postgres::{Postgres, PostgresOptions};
 pub use process::{free_port, pg_tool, DevError, ServerTls};
 pub use redis::{Redis, RedisOptions};
 
-use crate::config::{Config, SecretUrl};
+use crate::config::{Config, SecretUrl, TableConfig};
 use crate::model::entry::Write;
-use crate::store::pg::{self as db, connect};
+use crate::store::pg::{self as db, connect, tables};
 use crate::store::redis::Cache;
 use process::failed;
 
 /// The original article's users. `user01` is also cached, so the first `get user02` comes from
 /// the database.
 pub const SEED_USERS: [&str; 4] = ["user01", "user02", "user05", "user06"];
+
+/// The declared table `serve --dev` shows: accounts with a lookup by email and a column never
+/// served, made, captured and seeded next to the users.
+const ACCOUNTS: &str = "
+    CREATE TABLE IF NOT EXISTS accounts (
+        id            bigint PRIMARY KEY,
+        email         text NOT NULL UNIQUE,
+        plan          text NOT NULL DEFAULT 'free',
+        password_hash text,
+        updated_at    timestamptz NOT NULL DEFAULT now()
+    );
+    INSERT INTO accounts (id, email, plan, password_hash) VALUES
+        (1, 'ada@example.com', 'pro', 'x'), (2, 'alan@example.com', 'free', 'y')
+    ON CONFLICT DO NOTHING;";
 
 /// Everything `serve --dev` runs on: both servers, the `cacheward` database migrated and seeded.
 pub struct DevStack {
@@ -53,10 +67,23 @@ impl DevStack {
         Ok(stack)
     }
 
-    /// A configuration pointing at this stack.
+    /// A configuration pointing at this stack, declaring its `accounts` table.
     pub fn configure(&self, config: &mut Config) {
         config.postgres.url = Some(SecretUrl::new(self.database_url.clone()));
         config.redis.url = Some(SecretUrl::new(self.redis_url.clone()));
+        config.tables.insert(
+            "accounts".into(),
+            TableConfig {
+                source: None,
+                key: vec!["id".into()],
+                lookups: [("by_email".to_owned(), vec!["email".to_owned()])].into(),
+                columns: None,
+                exclude: vec!["password_hash".into()],
+                key_prefix: None,
+                ttl_secs: None,
+                writable: true,
+            },
+        );
     }
 
     async fn seed(&self) -> Result<(), DevError> {
@@ -71,6 +98,16 @@ impl DevStack {
         db::migrate(&mut client)
             .await
             .map_err(|e| failed("migrate", e.to_string()))?;
+        client
+            .batch_execute(ACCOUNTS)
+            .await
+            .map_err(|e| failed("making the accounts table", e.to_string()))?;
+        let declared = tables::resolve_all(&client, &config)
+            .await
+            .map_err(|e| failed("declaring accounts", e.to_string()))?;
+        tables::install(&mut client, &declared)
+            .await
+            .map_err(|e| failed("capturing accounts", e.to_string()))?;
         for name in SEED_USERS {
             client
                 .execute(

@@ -490,6 +490,18 @@ async fn drop_capture(client: &impl GenericClient, name: &str) -> Result<(), Tab
         .await
         .map_err(db)?
         .map(|r| r.get(0));
+    let registered: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT FROM cacheward_tables WHERE name = $1)",
+            &[&name],
+        )
+        .await
+        .map_err(db)?
+        .get(0);
+    if !registered {
+        // Nothing installed under this name (a first install): nothing to drop.
+        return Ok(());
+    }
     let mut sql = String::new();
     if let Some(source) = source {
         for event in EVENTS {

@@ -31,7 +31,6 @@ impl Router {
     pub async fn drop_where(
         &self,
         fence: i64,
-        ttl_secs: u64,
         within: impl Fn(u16) -> bool,
         tables: &[TableId],
     ) -> Result<u64, CacheError> {
@@ -56,7 +55,7 @@ impl Router {
                     .filter(|(slot, _)| within(*slot))
                     .map(|(slot, at)| {
                         let keys = at.into_iter().map(|i| self.keys.entry(&names[i]));
-                        (slot, vec![scripts::drop(keys, ttl_secs)])
+                        (slot, vec![scripts::drop(keys, self.keys.ttl(table))])
                     })
                     .collect();
                 let bound = self.timeout * BULK_TIMEOUTS;

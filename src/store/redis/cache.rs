@@ -28,7 +28,6 @@ pub struct Cache {
     requests: Arc<Requests>,
     /// The near cache (`cache.local_max_bytes`), if on.
     near: Option<Arc<NearCache>>,
-    ttl_secs: u64,
 }
 
 impl Cache {
@@ -51,21 +50,28 @@ impl Cache {
             .iter()
             .map(|(name, table)| table.prefix(name))
             .collect();
+        let ttls = std::iter::once(config.cache.ttl_secs)
+            .chain(
+                config
+                    .tables
+                    .values()
+                    .map(|t| t.ttl_secs.unwrap_or(config.cache.ttl_secs)),
+            )
+            .collect();
         let keys = Keys::new(
             &config.cache.key_prefix,
             &tables,
             config.redis.mode == RedisMode::Cluster,
-        );
+        )
+        .with_ttls(ttls);
         if let (Some(near), Some(heard)) = (&near, heard) {
             tokio::spawn(listen(near.clone(), keys.clone(), heard));
         }
         let router = Router::new(conn, keys, config.redis_timeout());
-        let ttl_secs = config.cache.ttl_secs;
         Ok(Cache {
-            requests: Arc::new(Requests::new(router.clone(), near.clone(), ttl_secs)),
+            requests: Arc::new(Requests::new(router.clone(), near.clone())),
             router,
             near,
-            ttl_secs,
         })
     }
 
@@ -235,10 +241,7 @@ impl Cache {
             .map(|(&slot, at)| {
                 let carried: Vec<&Write> = at.iter().map(|&i| &writes[i]).collect();
                 let keys = &self.router.keys;
-                (
-                    slot,
-                    vec![scripts::apply(keys, slot, self.ttl_secs, &carried)],
-                )
+                (slot, vec![scripts::apply(keys, slot, &carried)])
             })
             .collect();
         let mut all = vec![Outcome::Refused; writes.len()];
@@ -300,10 +303,7 @@ impl Cache {
         tables: &[TableId],
     ) -> Result<u64, CacheError> {
         self.flush_near();
-        let dropped = self
-            .router
-            .drop_where(fence, self.ttl_secs, within, tables)
-            .await;
+        let dropped = self.router.drop_where(fence, within, tables).await;
         self.flush_near();
         dropped
     }

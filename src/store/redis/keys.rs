@@ -33,6 +33,8 @@ pub struct Keys {
     /// declared table's. No prefix starts another (the configuration checks it), so a key names
     /// at most one table.
     tables: Arc<[Arc<str>]>,
+    /// Every table's entries' TTL in seconds, by [`TableId`].
+    ttls: Arc<[u64]>,
     /// Cluster mode: per slot, the number that puts a fence (an epoch) key in that slot.
     slotted: Option<Arc<SlotKeys>>,
 }
@@ -56,6 +58,7 @@ impl Keys {
         Keys {
             prefix: prefix.into(),
             tables: all.into(),
+            ttls: Arc::new([]),
             slotted: cluster.then(|| {
                 Arc::new(SlotKeys {
                     fence: numbering(prefix, "fence"),
@@ -71,6 +74,17 @@ impl Keys {
 
     pub fn is_cluster(&self) -> bool {
         self.slotted.is_some()
+    }
+
+    /// With `ttls` (seconds, by [`TableId`]) as the tables' entries' TTLs.
+    pub fn with_ttls(mut self, ttls: Vec<u64>) -> Keys {
+        self.ttls = ttls.into();
+        self
+    }
+
+    /// The TTL of `table`'s entries (an hour, `cache.ttl_secs`' default, where none was given).
+    pub fn ttl(&self, table: TableId) -> u64 {
+        self.ttls.get(table.0 as usize).copied().unwrap_or(3600)
     }
 
     /// Every table: users, then the declared ones.

@@ -44,17 +44,15 @@ pub struct Read {
 pub struct Requests {
     router: Router,
     near: Option<Arc<NearCache>>,
-    ttl_secs: u64,
     ops: WorkQueue<Op>,
     refusal: Refusal,
 }
 
 impl Requests {
-    pub fn new(router: Router, near: Option<Arc<NearCache>>, ttl_secs: u64) -> Requests {
+    pub fn new(router: Router, near: Option<Arc<NearCache>>) -> Requests {
         Requests {
             router,
             near,
-            ttl_secs,
             ops: WorkQueue::serial(),
             refusal: Refusal::default(),
         }
@@ -172,12 +170,8 @@ impl Requests {
                     for (slot, at) in self.router.by_slot(writes.iter().map(Write::key)) {
                         let pipe = slots.entry(slot).or_default();
                         let carried: Vec<&Write> = at.iter().map(|&i| &writes[i]).collect();
-                        pipe.cmds.push(scripts::apply(
-                            &self.router.keys,
-                            slot,
-                            self.ttl_secs,
-                            &carried,
-                        ));
+                        pipe.cmds
+                            .push(scripts::apply(&self.router.keys, slot, &carried));
                         pipe.parts.push(Part::Fill(op, at));
                     }
                     let none = vec![Outcome::Refused; writes.len()];

@@ -47,13 +47,12 @@ pub fn outcomes(flags: Vec<i64>) -> Vec<Outcome> {
 /// The script call applying `writes`, all of whose keys are in `slot`. EVAL with the body rather
 /// than EVALSHA: the script is small, Redis caches it by digest, and no call ever fails with
 /// NOSCRIPT (after a restart, a failover, or inside a pipeline).
-pub fn apply(keys: &Keys, slot: u16, ttl_secs: u64, writes: &[&Write]) -> redis::Cmd {
+pub fn apply(keys: &Keys, slot: u16, writes: &[&Write]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(APPLY).arg(writes.len() + 1).arg(keys.fence(slot));
     for write in writes {
         cmd.arg(keys.entry(write.key()));
     }
-    cmd.arg(ttl_secs);
     for write in writes {
         match write {
             Write::Live {
@@ -66,6 +65,7 @@ pub fn apply(keys: &Keys, slot: u16, ttl_secs: u64, writes: &[&Write]) -> redis:
                 cmd.arg(*version).arg("").arg(tombstone_json(*version))
             }
         };
+        cmd.arg(keys.ttl(write.key().table()));
     }
     cmd
 }
