@@ -6,7 +6,7 @@ use cacheward::dev::cluster::RedisCluster;
 use serde_json::{json, Value};
 
 use crate::common::DaemonProcess;
-use crate::hit::{daemon_round, daemon_side, hit_header, hit_row, warm};
+use crate::hit::{daemon_round, daemon_side, hit_header, hit_row, user_params, warm};
 use crate::measure::{call, measure, Side};
 use crate::miss::{cold_names, select_round};
 
@@ -63,7 +63,7 @@ pub async fn cluster_part(
     for (connections, depth) in [(1, 1), (16, 1), (16, 16)] {
         let (mut d, mut r) = (Side::default(), Side::default());
         for _ in 0..rounds {
-            daemon_side(&mut d, pid, &socket, (connections, depth), slice, &hot_name).await;
+            daemon_side(&mut d, pid, &socket, (connections, depth), slice, &user_params(&hot_name)).await;
             r.add(
                 measure(connections, depth, slice, |_| {
                     let (conn, names) = (raw.clone(), hot_name.clone());
@@ -101,7 +101,7 @@ pub async fn cluster_part(
     for _ in 0..rounds {
         d.add(
             measure(16, 1, slice, |_| {
-                daemon_round(socket.clone(), 1, cold_name.clone())
+                daemon_round(socket.clone(), 1, user_params(&cold_name))
             })
             .await,
         );

@@ -13,11 +13,20 @@ use crate::common::DaemonProcess;
 use crate::measure::{call, cpu_ticks, measure, Side};
 use crate::Bench;
 
+/// What a get of op `n` asks for: its params object, as JSON text.
+pub type Params = Arc<dyn Fn(u64) -> String + Send + Sync>;
+
+/// The params of a get of user `names(n)`.
+pub fn user_params(names: &Arc<dyn Fn(u64) -> String + Send + Sync>) -> Params {
+    let names = names.clone();
+    Arc::new(move |n| format!("{{\"username\":\"{}\"}}", names(n)))
+}
+
 /// A pipelining JSON-RPC client: sends `depth` gets, reads `depth` answers.
 pub async fn daemon_round(
     socket: PathBuf,
     depth: usize,
-    names: Arc<dyn Fn(u64) -> String + Send + Sync>,
+    params: Params,
 ) -> Box<dyn FnMut(u64) -> futures::future::BoxFuture<'static, ()> + Send> {
     let stream = UnixStream::connect(&socket)
         .await
@@ -30,15 +39,18 @@ pub async fn daemon_round(
         Vec::new(),
     )));
     Box::new(move |n| {
-        let (state, names) = (state.clone(), names.clone());
+        let (state, params) = (state.clone(), params.clone());
         Box::pin(async move {
             let mut guard = state.lock().await;
             let (reader, writer, line, out) = &mut *guard;
             out.clear();
             for i in 0..depth as u64 {
                 out.extend_from_slice(
-                    format!("{{\"jsonrpc\":\"2.0\",\"id\":{i},\"method\":\"get\",\"params\":{{\"username\":\"{}\"}}}}\n", names(n + i))
-                        .as_bytes(),
+                    format!(
+                        "{{\"jsonrpc\":\"2.0\",\"id\":{i},\"method\":\"get\",\"params\":{}}}\n",
+                        params(n + i)
+                    )
+                    .as_bytes(),
                 );
             }
             writer.write_all(out).await.expect("write");
@@ -59,12 +71,12 @@ pub async fn daemon_side(
     socket: &Path,
     (connections, depth): (usize, usize),
     slice: Duration,
-    names: &Arc<dyn Fn(u64) -> String + Send + Sync>,
+    params: &Params,
 ) {
     let cpu = cpu_ticks(pid);
     d.add(
         measure(connections, depth, slice, |_| {
-            daemon_round(socket.to_owned(), depth, names.clone())
+            daemon_round(socket.to_owned(), depth, params.clone())
         })
         .await,
     );
@@ -128,7 +140,8 @@ pub async fn hit_table(
     for &(connections, depth) in cells {
         let (mut d, mut r) = (Side::default(), Side::default());
         for _ in 0..rounds {
-            daemon_side(&mut d, pid, socket, (connections, depth), slice, names).await;
+            let params = user_params(names);
+            daemon_side(&mut d, pid, socket, (connections, depth), slice, &params).await;
             r.add(
                 measure(connections, depth, slice, |_| {
                     let (client, names) = (redis_client.clone(), names.clone());

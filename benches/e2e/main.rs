@@ -3,7 +3,7 @@
 //!
 //!     cargo bench --bench e2e                      # 200 000 users, 1 s slices x 3 rounds
 //!     CACHEWARD_BENCH_USERS=20000 CACHEWARD_BENCH_SLICE_MS=300 cargo bench --bench e2e
-//!     CACHEWARD_BENCH_ONLY=hit,miss cargo bench --bench e2e   # parts: hit near miss herd cdc memory trigger cluster
+//!     CACHEWARD_BENCH_ONLY=hit,miss cargo bench --bench e2e   # parts: hit near miss tables herd cdc memory trigger cluster
 //!     CACHEWARD_BENCH_ONLY=hit CACHEWARD_BENCH_CELLS=1x16,16x1 cargo bench --bench e2e   # some hit cells
 //!
 //! Measures the hit path (6 cells), the miss path, the thundering herd, CDC lag (1 000 renames/s
@@ -33,6 +33,7 @@ mod measure;
 mod memory;
 mod miss;
 mod near;
+mod tables;
 mod trigger;
 
 use common::DaemonProcess;
@@ -174,6 +175,9 @@ async fn main() {
     }
     if want("miss") {
         miss::run(&b, pid, &mut report).await;
+    }
+    if want("tables") {
+        tables::run(&b, &mut report).await;
     }
     let rss_connections = match want("herd") {
         true => herd::run(&b, pid, &mut report).await,

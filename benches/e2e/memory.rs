@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::hit::daemon_round;
+use crate::hit::{daemon_round, user_params};
 use crate::measure::{call, measure, rss_kib};
 use crate::Bench;
 
@@ -17,7 +17,7 @@ pub async fn run(b: &Bench, pid: u32, report: &mut Value) {
         let start = requests(call(&b.socket, "stats", Value::Null).await);
         while requests(call(&b.socket, "stats", Value::Null).await) < start + 1_000_000 {
             measure(16, 16, Duration::from_millis(250), |_| {
-                daemon_round(b.socket.clone(), 16, b.hot_name.clone())
+                daemon_round(b.socket.clone(), 16, user_params(&b.hot_name))
             })
             .await;
         }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::hit::daemon_round;
+use crate::hit::{daemon_round, user_params};
 use crate::measure::{cpu_split, env_or, measure, split_us_per_op, Side};
 use crate::Bench;
 
@@ -46,7 +46,7 @@ pub async fn run(b: &Bench, pid: u32, report: &mut Value) {
         let cpu = cpu_split(pid);
         d.add(
             measure(miss_conns, 1, slice, |_| {
-                daemon_round(b.socket.clone(), 1, cold_name.clone())
+                daemon_round(b.socket.clone(), 1, user_params(&cold_name))
             })
             .await,
         );

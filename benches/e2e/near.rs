@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::DaemonProcess;
-use crate::hit::daemon_round;
+use crate::hit::{daemon_round, user_params};
 use crate::measure::{call, cpu_ticks, env_or, histogram, measure, Side};
 
 /// The near cache's own figures: how long after a direct change in Redis a get may still answer
@@ -140,7 +140,7 @@ pub async fn near_part(
     for measured in [false, true] {
         let (requests, hits, _) = stats(call(&small_socket, "stats", Value::Null).await);
         let slice = measure(16, 16, Duration::from_secs(2), |_| {
-            daemon_round(small_socket.clone(), 16, zipf_name.clone())
+            daemon_round(small_socket.clone(), 16, user_params(&zipf_name))
         })
         .await;
         let (requests_after, hits_after, entries) =

@@ -282,9 +282,12 @@ pub fn encode_lookup(lookup: &str, parts: &[&str]) -> String {
 fn escape_into(out: &mut String, part: &str) {
     for c in part.chars() {
         if c == '%' || c == ':' || c == '=' || c.is_control() {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
             let mut buf = [0u8; 4];
             for byte in c.encode_utf8(&mut buf).bytes() {
-                out.push_str(&format!("%{byte:02X}"));
+                out.push('%');
+                out.push(HEX[(byte >> 4) as usize] as char);
+                out.push(HEX[(byte & 15) as usize] as char);
             }
         } else {
             out.push(c);
