@@ -63,7 +63,15 @@ pub async fn cluster_part(
     for (connections, depth) in [(1, 1), (16, 1), (16, 16)] {
         let (mut d, mut r) = (Side::default(), Side::default());
         for _ in 0..rounds {
-            daemon_side(&mut d, pid, &socket, (connections, depth), slice, &user_params(&hot_name)).await;
+            daemon_side(
+                &mut d,
+                pid,
+                &socket,
+                (connections, depth),
+                slice,
+                &user_params(&hot_name),
+            )
+            .await;
             r.add(
                 measure(connections, depth, slice, |_| {
                     let (conn, names) = (raw.clone(), hot_name.clone());

@@ -103,7 +103,16 @@ pub async fn run(b: &Bench, report: &mut Value) {
     println!("\ndeclared table next to users, one daemon: gets of cached rows (near cache warm)");
     println!(
         "{:>5} {:>5} {:>5} | {:>12} {:>8} {:>8} | {:>12} {:>8} {:>8} | {:>6}",
-        "", "conns", "depth", "users op/s", "p50 µs", "p99 µs", "table op/s", "p50 µs", "p99 µs", "ratio"
+        "",
+        "conns",
+        "depth",
+        "users op/s",
+        "p50 µs",
+        "p99 µs",
+        "table op/s",
+        "p50 µs",
+        "p99 µs",
+        "ratio"
     );
     let mut hits = Vec::new();
     for &cell in &b.cells {
@@ -122,7 +131,8 @@ pub async fn run(b: &Bench, report: &mut Value) {
         for round in 0..b.rounds as u64 {
             let base = hot + round * span;
             let cold = move |n: u64| base + n % span + 1;
-            let users_cold: Params = Arc::new(move |n| format!("{{\"username\":\"u{}\"}}", cold(n)));
+            let users_cold: Params =
+                Arc::new(move |n| format!("{{\"username\":\"u{}\"}}", cold(n)));
             let table_cold = row_params(Arc::new(cold));
             daemon_side(&mut u, pid, &socket, cell, b.slice, &users_cold).await;
             daemon_side(&mut t, pid, &socket, cell, b.slice, &table_cold).await;

@@ -69,9 +69,16 @@ fn table_writes(
     // the same one, under a new key: an update of its key records the old key's lookups as left,
     // with a version that may be above the one its new key drew.
     let mut held = std::collections::HashSet::new();
+    let fetched: std::collections::HashSet<TableId> = rows.iter().map(|(t, _)| t.id).collect();
     for (key, removed_version) in &changes.keys {
         let Some(row) = found.get(&(key.table(), key.as_str())) else {
-            writes.push(Write::tombstone(key.clone(), *removed_version));
+            // A table not read (not served now): its row's state is unknown, so the tombstone
+            // removes every older entry and lets that very version be filled.
+            let version = match fetched.contains(&key.table()) {
+                true => *removed_version,
+                false => version_below(*removed_version),
+            };
+            writes.push(Write::tombstone(key.clone(), version));
             continue;
         };
         let lookups: Vec<Key> = row
@@ -206,6 +213,7 @@ mod tests {
                 columns: vec![column("email")],
             }],
             projection: vec![],
+            types: vec![],
             timestamps: vec![],
         })
     }

@@ -13,7 +13,6 @@ use crate::model::key::{Key, TableId};
 use crate::model::registry::Tables;
 use crate::model::table::{encode_lookup, Table};
 use crate::store::pg::rows::{select_sql, table_row, TableRow};
-use crate::store::pg::{DbError, DbErrorKind};
 
 /// One outbox row of a declared table, as [`TableChanges::add`] reads it.
 pub struct TableChange<'a> {
@@ -97,31 +96,30 @@ impl TableChanges {
 }
 
 /// The current rows of the declared tables' keys `changes` mentions, read on `client` (in the
-/// batch's snapshot), table by table. A table not checked against the catalog yet fails the
-/// batch (it is read again once it is).
+/// batch's snapshot), table by table. A table that is not served now (not checked against the
+/// catalog yet, or found not to match it) is passed over: its keys get tombstones below their
+/// change's version (see `plan`). A table whose read fails is marked unavailable before the
+/// batch fails, so that the batch read again passes it over and no other table waits on it.
 pub async fn current_rows(
     client: &Client,
     tables: &Tables,
     changes: &TableChanges,
 ) -> Result<Vec<(Arc<Table>, Vec<TableRow>)>, CdcError> {
-    let mut by_table: BTreeMap<TableId, Vec<Vec<String>>> = BTreeMap::new();
+    let mut by_table: BTreeMap<TableId, (Arc<Table>, Vec<Vec<String>>)> = BTreeMap::new();
     for key in changes.keys.keys() {
         let Some(table) = tables.get(key.table()) else {
-            return Err(CdcError::Postgres(DbError::said(
-                DbErrorKind::Server,
-                format!(
-                    "table {} is not checked against the catalog yet",
-                    tables.name(key.table())
-                ),
-            )));
+            continue;
         };
         if let Some((None, parts)) = table.decode(key.as_str()) {
-            by_table.entry(key.table()).or_default().push(parts);
+            by_table
+                .entry(key.table())
+                .or_insert_with(|| (table.clone(), Vec::new()))
+                .1
+                .push(parts);
         }
     }
     let mut out = Vec::with_capacity(by_table.len());
-    for (id, keys) in by_table {
-        let table = tables.get(id).expect("checked above");
+    for (id, (table, keys)) in by_table {
         let columns: Vec<Vec<&str>> = (0..table.key.len())
             .map(|i| keys.iter().map(|k| k[i].as_str()).collect())
             .collect();
@@ -129,9 +127,16 @@ pub async fn current_rows(
             .iter()
             .map(|c| (c as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
             .collect();
-        let rows = client
-            .query_typed(&select_sql(&table, None), &params)
-            .await?;
+        let rows = match client.query_typed(&select_sql(&table, None), &params).await {
+            Ok(rows) => rows,
+            Err(e) if e.as_db_error().is_some() => {
+                // The table no longer reads as it was checked (a column dropped, the table gone).
+                tables.unavailable(id, format!("reading it failed: {e}"));
+                tracing::error!(table = %table.name, error = %e, "declared table unavailable");
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut read = Vec::with_capacity(rows.len());
         for row in &rows {
             match table_row(&table, row) {

@@ -13,8 +13,21 @@ pub struct Tables {
     names: Vec<String>,
     /// Whether each one's one-column key text is kept as it is (it has no lookups).
     plain: Vec<bool>,
-    /// Each one's compiled form once checked, at the same index.
-    checked: RwLock<Vec<Option<Arc<Table>>>>,
+    /// Each one's state, at the same index.
+    checked: RwLock<Vec<Slot>>,
+}
+
+/// Where a declared table stands.
+#[derive(Debug, Clone, Default)]
+enum Slot {
+    /// Not checked against the catalog yet.
+    #[default]
+    Unchecked,
+    /// Checked, compiled: served.
+    Ready(Arc<Table>),
+    /// It stopped matching the catalog while the daemon ran (dropped, a key column gone, its
+    /// capture removed): why.
+    Unavailable(String),
 }
 
 /// Why a table named in a request cannot be used.
@@ -24,13 +37,15 @@ pub enum TableLookup {
     Unknown,
     /// Declared, not checked against the catalog yet.
     Unchecked,
+    /// Declared, but it no longer matches the catalog: why.
+    Unavailable(String),
 }
 
 impl Tables {
     /// The tables declared as `(name, has no lookups)`, in [`TableId`] order (the
     /// configuration's order).
     pub fn new(declared: Vec<(String, bool)>) -> Tables {
-        let checked = RwLock::new(vec![None; declared.len()]);
+        let checked = RwLock::new(vec![Slot::Unchecked; declared.len()]);
         let (names, plain) = declared.into_iter().unzip();
         Tables {
             names,
@@ -59,15 +74,20 @@ impl Tables {
             .iter()
             .position(|n| n == name)
             .ok_or(TableLookup::Unknown)?;
-        self.checked.read().expect("not poisoned")[at]
-            .clone()
-            .ok_or(TableLookup::Unchecked)
+        match &self.checked.read().expect("not poisoned")[at] {
+            Slot::Ready(table) => Ok(table.clone()),
+            Slot::Unchecked => Err(TableLookup::Unchecked),
+            Slot::Unavailable(why) => Err(TableLookup::Unavailable(why.clone())),
+        }
     }
 
     /// The checked table `id`.
     pub fn get(&self, id: TableId) -> Option<Arc<Table>> {
         let at = (id.0 as usize).checked_sub(1)?;
-        self.checked.read().expect("not poisoned").get(at)?.clone()
+        match self.checked.read().expect("not poisoned").get(at)? {
+            Slot::Ready(table) => Some(table.clone()),
+            _ => None,
+        }
     }
 
     /// The name of table `id` ("users" for 0).
@@ -82,9 +102,28 @@ impl Tables {
     pub fn checked(&self, table: Table) {
         if let Some(at) = (table.id.0 as usize).checked_sub(1) {
             if let Some(slot) = self.checked.write().expect("not poisoned").get_mut(at) {
-                *slot = Some(Arc::new(table));
+                *slot = Slot::Ready(Arc::new(table));
             }
         }
+    }
+
+    /// Records table `id` as no longer matching the catalog: requests answer `unavailable` with
+    /// `why`, the change stream passes its rows over (tombstones) until it is checked again.
+    pub fn unavailable(&self, id: TableId, why: String) {
+        if let Some(at) = (id.0 as usize).checked_sub(1) {
+            if let Some(slot) = self.checked.write().expect("not poisoned").get_mut(at) {
+                *slot = Slot::Unavailable(why);
+            }
+        }
+    }
+
+    /// Whether table `id` was found not to match the catalog.
+    pub fn is_unavailable(&self, id: TableId) -> bool {
+        let at = (id.0 as usize).wrapping_sub(1);
+        matches!(
+            self.checked.read().expect("not poisoned").get(at),
+            Some(Slot::Unavailable(_))
+        )
     }
 
     pub fn names(&self) -> &[String] {

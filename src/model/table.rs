@@ -40,6 +40,9 @@ pub struct Table {
     pub lookups: Vec<Lookup>,
     /// The columns cached and served, in the table's order.
     pub projection: Vec<String>,
+    /// Their types (`pg_type.typname`), at the same index: a column whose type changed changes
+    /// the rows' JSON.
+    pub types: Vec<String>,
     /// The projected `timestamptz` (true) and `timestamp` (false) columns, rewritten in ROW as
     /// `USER`'s timestamps are.
     pub timestamps: Vec<(String, bool)>,
@@ -415,6 +418,7 @@ mod tests {
                 })
                 .collect(),
             projection: vec![],
+            types: vec![],
             timestamps: vec![],
         }
     }

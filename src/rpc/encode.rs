@@ -74,7 +74,9 @@ fn cut_entry(entry: &str) -> Option<(&str, &str)> {
     let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '-')?;
     let version = &rest[..digits];
     version.parse::<i64>().ok()?;
-    let row = rest[digits..].strip_prefix(r#","row":"#)?.strip_suffix('}')?;
+    let row = rest[digits..]
+        .strip_prefix(r#","row":"#)?
+        .strip_suffix('}')?;
     let whole = row.starts_with('{') && row.ends_with('}');
     (whole && !row.bytes().any(|b| b == b'\n' || b == b'\r')).then_some((version, row))
 }

@@ -396,7 +396,10 @@ mod tests {
             }
             assert_eq!(parse(line), general, "{line}");
         }
-        assert_eq!(plain, 5, "three users' gets and two tables' take the plain path");
+        assert_eq!(
+            plain, 5,
+            "three users' gets and two tables' take the plain path"
+        );
         // A key naming a column twice is refused by the fast path's own strict reading too.
         let twice = r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"t","key":{"id":1,"id":2}}}"#;
         assert_eq!(parse_plain_get(twice.as_bytes()), None);

@@ -12,12 +12,10 @@ use crate::cdc::Applier;
 use crate::config::Config;
 use crate::model::registry::Tables;
 use crate::rpc::server::{self, BoundSocket};
-use crate::service::{Hooks, Service};
-use crate::store::pg::tables::{self, TableError};
+use crate::service::{schema, Hooks, Service};
 use crate::store::pg::Db;
 use crate::store::redis::Cache;
 use crate::support::systemd::{self, Heartbeats};
-use crate::support::time::Backoff;
 
 /// How long shutdown waits for open connections to finish their in-flight requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,13 +47,14 @@ pub async fn run(
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
     spawn_background(&background, &service, &config, &stop_background).await?;
-    let unservable = Arc::new(std::sync::Mutex::new(None));
+    let unservable = schema::Unservable::default();
     if !config.tables.is_empty() {
-        background.spawn(check_tables(
+        background.spawn(schema::watch(
             service.clone(),
             config.clone(),
             unservable.clone(),
             shutdown.clone(),
+            stop_background.clone(),
         ));
     }
     server::serve(socket, service.clone(), config, shutdown, DRAIN_TIMEOUT).await;
@@ -74,54 +73,6 @@ pub async fn run(
     match why {
         Some(why) => Err(anyhow::anyhow!(why)),
         None => Ok(()),
-    }
-}
-
-/// Checks every declared table against the catalog (as `cacheward migrate` left it) once
-/// PostgreSQL answers. A table that cannot be served as configured (no such table, a key that is
-/// not unique, its capture not installed) stops the daemon with an error naming the table, the
-/// configuration key and what to run; PostgreSQL unreachable only delays the check.
-async fn check_tables(
-    service: Arc<Service>,
-    config: Arc<Config>,
-    unservable: Arc<std::sync::Mutex<Option<String>>>,
-    shutdown: CancellationToken,
-) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let checked = async {
-            let client = service
-                .pg_target()
-                .connect()
-                .await
-                .map_err(|source| TableError::Db {
-                    table: "(any)".into(),
-                    source,
-                })?;
-            let checked = tables::resolve_all(&client, &config).await?;
-            for table in &checked {
-                tables::installed(&client, table).await?;
-            }
-            for table in checked {
-                service.tables.checked(table);
-            }
-            Ok::<(), TableError>(())
-        };
-        let bound = config.statement_timeout() * 4;
-        match tokio::time::timeout(bound, checked).await {
-            Ok(Ok(())) => return,
-            Ok(Err(e @ (TableError::Config { .. } | TableError::NotInstalled { .. }))) => {
-                tracing::error!(error = %e, "a declared table cannot be served; stopping");
-                *unservable.lock().expect("not poisoned") = Some(e.to_string());
-                shutdown.cancel();
-                return;
-            }
-            // PostgreSQL down or slow: the check waits for it.
-            Ok(Err(TableError::Db { .. })) | Err(_) => {}
-        }
-        if !backoff.wait(&shutdown).await {
-            return;
-        }
     }
 }
 

@@ -23,6 +23,7 @@ pub mod hooks;
 pub mod read;
 pub mod repair;
 mod rows;
+pub mod schema;
 pub mod stats;
 mod writes;
 

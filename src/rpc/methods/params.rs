@@ -118,6 +118,10 @@ pub fn table(service: &Service, name: &str) -> Result<Arc<Table>, RpcError> {
                 "table {shown} is not available yet: PostgreSQL has not been reached since start"
             ),
         ),
+        TableLookup::Unavailable(why) => RpcError::new(
+            ErrorKind::Unavailable,
+            format!("table {shown} is unavailable: {why}"),
+        ),
     })
 }
 

@@ -233,6 +233,7 @@ pub async fn resolve(
         })
         .collect();
     let projection = projected.iter().map(|c| c.name.clone()).collect();
+    let types = projected.iter().map(|c| c.typname.clone()).collect();
     let timestamps = projected
         .iter()
         .filter_map(|c| match c.typname.as_str() {
@@ -253,6 +254,7 @@ pub async fn resolve(
         key,
         lookups,
         projection,
+        types,
         timestamps,
     })
 }
