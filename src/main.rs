@@ -409,7 +409,7 @@ async fn verify(common: Common) -> anyhow::Result<ExitCode> {
         );
     }
     println!(
-        "checked {} cached users: {} mismatches, {} foreign values",
+        "checked {} cached entries: {} mismatches, {} foreign values",
         report.checked,
         report.mismatches.len(),
         report.foreign.len()

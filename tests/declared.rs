@@ -717,3 +717,69 @@ async fn schema_changes_while_running_reach_the_cache_and_a_dropped_table_stalls
         .unwrap();
     converges(&mut client, order, Ok("back")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_compares_every_table_s_entries_and_lookups_with_their_rows() {
+    let (env, daemon, _) = start().await;
+    let mut client = daemon.client().await;
+    for params in [
+        json!({"table": "accounts", "key": {"id": 1}}),
+        json!({"table": "accounts", "lookup": "by_email", "key": {"email": "b@x"}}),
+        json!({"table": "orders", "key": {"region": "e:u=1", "id": 7}}),
+    ] {
+        row(&mut client, params).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let verify = || {
+        let file = env.dir.path().join("verify.toml");
+        let mut toml = String::new();
+        toml.push_str("[tables.accounts]\nkey = [\"id\"]\nlookups = { by_email = [\"email\"] }\nexclude = [\"secret\"]\n");
+        toml.push_str("[tables.orders]\nkey = [\"region\", \"id\"]\n");
+        toml.push_str("[tables.wide]\nkey = [\"id\"]\nttl_secs = 77\n");
+        toml.push_str(
+            "[tables.frozen]\nsource = \"orders\"\nkey = [\"region\", \"id\"]\nwritable = false\n",
+        );
+        std::fs::write(&file, toml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cacheward"))
+            .args(["verify", "--config"])
+            .arg(&file)
+            .env("DATABASE_URL", &env.db_url)
+            .env("REDIS_URL", &env.redis_url)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, said) = verify();
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains("checked 3 cached entries: 0 mismatches"),
+        "{said}"
+    );
+    // A lookup's copy made stale behind cacheward's back, and an entry for a row that is gone.
+    let mut conn = env.redis().await;
+    let stale = r#"{"version":1,"row":{"id":2,"email":"b@x","plan":"old"}}"#;
+    let () = redis::cmd("SET")
+        .arg("accounts:by_email=b@x")
+        .arg(stale)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ghost = r#"{"version":1,"row":{"region":"nowhere","id":1}}"#;
+    let () = redis::cmd("SET")
+        .arg("orders:nowhere:1")
+        .arg(ghost)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (code, said) = verify();
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("mismatch accounts:by_email=b@x"), "{said}");
+    assert!(
+        said.contains("mismatch orders:nowhere:1") && said.contains("(no row)"),
+        "{said}"
+    );
+}

@@ -1,11 +1,15 @@
-//! `cacheward verify`: compares every cached user entry with its row, in SCAN-sized batches so that
-//! a live system is never blocked, and reports the entries that differ or whose row is gone.
+//! `cacheward verify`: compares every cached entry (users' and every declared table's, their
+//! lookups' included) with its row, in SCAN-sized batches so that a live system is never blocked,
+//! and reports the entries that differ or whose row is gone.
 
 use std::time::Duration;
 
 use crate::config::Config;
 use crate::model::entry::{is_live, is_ours, same_json};
-use crate::model::key::Key;
+use crate::model::key::{Key, TableId};
+use crate::model::table::Table;
+use crate::store::pg::rows::{select_sql, table_row};
+use crate::store::pg::tables;
 use crate::store::redis::{Cache, Stored};
 use tokio_postgres::types::Type;
 
@@ -40,35 +44,101 @@ const RECHECK_AFTER: Duration = Duration::from_millis(1500);
 pub async fn verify(config: &Config) -> anyhow::Result<Report> {
     let cache = Cache::new(config)?;
     let client = connect::pg_target(config)?.connect().await?;
+    let declared = tables::resolve_all(&client, config).await?;
     let mut report = Report::default();
-    let mut suspects = Vec::new();
-    let mut scan = cache.scan();
-    while let Some(names) = scan.next_page().await? {
-        let (checked, found, foreign) = compare(&cache, &client, names).await?;
-        report.checked += checked;
-        suspects.extend(found);
-        report
-            .foreign
-            .extend(foreign.iter().map(|key| cache.redis_key(key)));
+    let mut suspects: Vec<Key> = Vec::new();
+    let all = std::iter::once(TableId::USERS).chain(declared.iter().map(|t| t.id));
+    for table in all {
+        let mut scan = cache.scan_table(table);
+        while let Some(names) = scan.next_page().await? {
+            let (checked, found, foreign) = compare(&cache, &client, &declared, names).await?;
+            report.checked += checked;
+            suspects.extend(found.into_iter().map(|(key, _)| key));
+            report
+                .foreign
+                .extend(foreign.iter().map(|key| cache.redis_key(key)));
+        }
     }
     if !suspects.is_empty() {
         tokio::time::sleep(RECHECK_AFTER).await;
-        let names = suspects.iter().map(|m| Key::user(&m.key)).collect();
-        report.mismatches = compare(&cache, &client, names).await?.1;
-    }
-    for m in &mut report.mismatches {
-        m.key = cache.redis_key(&Key::user(&m.key));
+        let found = compare(&cache, &client, &declared, suspects).await?.1;
+        report.mismatches = found
+            .into_iter()
+            .map(|(key, mut m)| {
+                m.key = cache.redis_key(&key);
+                m
+            })
+            .collect();
     }
     Ok(report)
 }
 
-/// Compares the entries of `names`; returns how many were live, those that differ (named by
-/// username), and those holding a value that is not cacheward's.
+/// The rows of declared tables' `keys` (each live, with its cached value): per key, the entry its
+/// row has now (`None`: no row).
+async fn table_rows(
+    client: &tokio_postgres::Client,
+    declared: &[Table],
+    keys: &[&Key],
+) -> anyhow::Result<Vec<Option<String>>> {
+    let mut out = vec![None; keys.len()];
+    for table in declared {
+        for lookup in std::iter::once(None).chain(table.lookups.iter().map(Some)) {
+            let mine: Vec<(usize, Vec<String>)> = keys
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| k.table() == table.id)
+                .filter_map(|(i, k)| match table.decode(k.as_str()) {
+                    Some((by, parts)) if by == lookup => Some((i, parts)),
+                    _ => None,
+                })
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let width = lookup.map_or(table.key.len(), |l| l.columns.len());
+            let columns: Vec<Vec<&str>> = (0..width)
+                .map(|c| mine.iter().map(|(_, p)| p[c].as_str()).collect())
+                .collect();
+            let params: Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> = columns
+                .iter()
+                .map(|c| {
+                    (
+                        c as &(dyn tokio_postgres::types::ToSql + Sync),
+                        Type::TEXT_ARRAY,
+                    )
+                })
+                .collect();
+            let rows = client
+                .query_typed(&select_sql(table, lookup), &params)
+                .await?;
+            let mut by_text = std::collections::HashMap::new();
+            for row in &rows {
+                let row = table_row(table, row)?;
+                let text = match lookup {
+                    None => row.key.clone(),
+                    Some(l) => {
+                        let at = table.lookups.iter().position(|m| m == l).unwrap_or(0);
+                        row.lookups[at].clone()
+                    }
+                };
+                by_text.insert(text, row.entry());
+            }
+            for (i, _) in mine {
+                out[i] = by_text.get(keys[i].as_str()).cloned();
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Compares the entries of `names`; returns how many were live, those that differ (with their
+/// key), and those holding a value that is not cacheward's.
 async fn compare(
     cache: &Cache,
     client: &tokio_postgres::Client,
+    declared: &[Table],
     names: Vec<Key>,
-) -> anyhow::Result<(u64, Vec<Mismatch>, Vec<Key>)> {
+) -> anyhow::Result<(u64, Vec<(Key, Mismatch)>, Vec<Key>)> {
     let values = cache.get_raw(&names).await?;
     let foreign: Vec<Key> = names
         .iter()
@@ -88,7 +158,22 @@ async fn compare(
             _ => None,
         })
         .collect();
-    let wanted: Vec<&str> = live.iter().map(|(n, _)| n.as_str()).collect();
+    let (cached_users, rows): (Vec<&(Key, String)>, Vec<&(Key, String)>) =
+        live.iter().partition(|(k, _)| k.is_user());
+    let row_keys: Vec<&Key> = rows.iter().map(|(k, _)| k).collect();
+    let now = table_rows(client, declared, &row_keys).await?;
+    let mut mismatches = Vec::new();
+    for ((key, cached), row) in rows.iter().zip(now) {
+        if !row.as_ref().is_some_and(|r| same_json(r, cached)) {
+            let m = Mismatch {
+                key: key.to_string(),
+                cached: cached.clone(),
+                row,
+            };
+            mismatches.push((key.clone(), m));
+        }
+    }
+    let wanted: Vec<&str> = cached_users.iter().map(|(n, _)| n.as_str()).collect();
     // Unnamed (parse, bind, execute at once): works through a transaction-mode pooler too.
     let rows = client
         .query_typed(db::FIND_USERS, &[(&wanted, Type::TEXT_ARRAY)])
@@ -104,16 +189,16 @@ async fn compare(
             by_name.insert(name, e.to_string());
         }
     }
-    let mut mismatches = Vec::new();
-    for (name, cached) in &live {
+    for (name, cached) in cached_users {
         let row = by_name.get(name.as_str());
         let same = row.is_some_and(|r| same_json(r, cached));
         if !same {
-            mismatches.push(Mismatch {
+            let m = Mismatch {
                 key: name.to_string(),
                 cached: cached.clone(),
                 row: row.cloned(),
-            });
+            };
+            mismatches.push((name.clone(), m));
         }
     }
     Ok((live.len() as u64, mismatches, foreign))

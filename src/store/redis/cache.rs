@@ -267,6 +267,11 @@ impl Cache {
         self.router.scan()
     }
 
+    /// [`Cache::scan`] of one table's keys.
+    pub fn scan_table(&self, table: TableId) -> Scan<'_> {
+        self.router.scan_table(table)
+    }
+
     /// Fences off every write that read before `fence` (a horizon drawn after the event that
     /// made the cache untrustworthy: a TRUNCATE, lost history, lost writes), then drops every live
     /// entry under the prefix (see [`Cache::fence_key`]). Returns how many entries it dropped.
