@@ -131,6 +131,9 @@ async fn table_rows(
     Ok(out)
 }
 
+/// A live entry's key and its cached value.
+type Cached = (Key, String);
+
 /// Compares the entries of `names`; returns how many were live, those that differ (with their
 /// key), and those holding a value that is not cacheward's.
 async fn compare(
@@ -158,7 +161,7 @@ async fn compare(
             _ => None,
         })
         .collect();
-    let (cached_users, rows): (Vec<&(Key, String)>, Vec<&(Key, String)>) =
+    let (cached_users, rows): (Vec<&Cached>, Vec<&Cached>) =
         live.iter().partition(|(k, _)| k.is_user());
     let row_keys: Vec<&Key> = rows.iter().map(|(k, _)| k).collect();
     let now = table_rows(client, declared, &row_keys).await?;
