@@ -160,6 +160,16 @@ async fn rows_are_read_through_the_cache_by_key_and_by_lookup() {
         cached(&env, "accounts:by_email=b@x").await.unwrap()["version"],
         entry["version"]
     );
+    let stats = daemon.stats().await;
+    let counted = &stats["tables"]["accounts"];
+    assert_eq!(
+        (
+            counted["cache_hits"].as_u64(),
+            counted["cache_misses"].as_u64()
+        ),
+        (Some(2), Some(3)),
+        "{stats}"
+    );
     // A composite key with `:` and `=` in its text.
     let order = json!({"table": "orders", "key": {"region": "e:u=1", "id": 7}});
     assert_eq!(
@@ -454,6 +464,11 @@ async fn writes_go_through_postgresql_then_redis_with_postgresqls_errors() {
         .call("delete", json!({"table": "accounts", "key": {"id": 6}}))
         .await;
     assert_eq!(result(&again), json!({"deleted": false, "version": 0}));
+    let stats = daemon.stats().await;
+    assert!(
+        stats["tables"]["accounts"]["writes"].as_u64() >= Some(5),
+        "{stats}"
+    );
     // The frozen table still reads.
     assert!(row(
         &mut client,

@@ -25,6 +25,9 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a whole exchange may take (writing the answer to a slow reader included).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Samples with their label sets (`{table="accounts"}`).
+type Labelled = Vec<(String, u64)>;
+
 /// The exposition text.
 pub fn render(service: &Service) -> String {
     let s = service.stats_report(false);
@@ -178,6 +181,33 @@ pub fn render(service: &Service) -> String {
     ];
     for (name, kind, help, value) in plain {
         metric(name, kind, help, &[("", value)]);
+    }
+    let per_table = |pick: fn(&crate::service::stats::TableReport) -> u64| -> Vec<(String, u64)> {
+        s.tables
+            .iter()
+            .map(|(name, t)| (format!("{{table=\"{name}\"}}"), pick(t)))
+            .collect()
+    };
+    let tables: [(&str, &str, Labelled); 3] = [
+        (
+            "cacheward_table_cache_hits_total",
+            "A declared table's gets answered from the cache.",
+            per_table(|t| t.cache_hits),
+        ),
+        (
+            "cacheward_table_cache_misses_total",
+            "A declared table's gets that missed the cache.",
+            per_table(|t| t.cache_misses),
+        ),
+        (
+            "cacheward_table_writes_total",
+            "A declared table's upserts, updates and deletes that reached PostgreSQL.",
+            per_table(|t| t.writes),
+        ),
+    ];
+    for (name, help, samples) in &tables {
+        let samples: Vec<(&str, u64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(name, "counter", help, &samples);
     }
     metric(
         "cacheward_backend_up",

@@ -166,6 +166,7 @@ impl Service {
 
     /// Serves the declared `tables`, whose entries are cached up to `max_entry_bytes`.
     pub fn with_tables(mut self, tables: Tables, max_entry_bytes: u64) -> Service {
+        self.stats = Arc::new(Stats::with_tables(tables.names().len()));
         self.tables = Arc::new(tables);
         self.max_entry_bytes = max_entry_bytes;
         self
@@ -318,6 +319,13 @@ impl Service {
             stale_writes_refused: s.stale_writes_refused.load(Relaxed),
             foreign_values_skipped: s.foreign_values_skipped.load(Relaxed),
             rows_too_large: s.rows_too_large.load(Relaxed),
+            tables: self
+                .tables
+                .names()
+                .iter()
+                .zip(s.tables.iter())
+                .map(|(name, counters)| (name.clone(), counters.report()))
+                .collect(),
             repairs_pending: self.repairs.count() as u64,
             near_cache: self.cache.near_report(),
             consistency: self.consistency.report(),

@@ -71,6 +71,17 @@ impl Service {
         let misses: Vec<usize> = (0..keys.len()).filter(|&i| answers[i].is_none()).collect();
         let hits = keys.len() - misses.len();
         self.stats.cache_hits.fetch_add(hits as u64, Relaxed);
+        if !self.stats.tables.is_empty() {
+            for (i, answer) in answers.iter().enumerate() {
+                if let Some(counters) = self.stats.table(keys[i].table()) {
+                    let counter = match answer {
+                        Some(_) => &counters.cache_hits,
+                        None => &counters.cache_misses,
+                    };
+                    counter.fetch_add(1, Relaxed);
+                }
+            }
+        }
         if !misses.is_empty() {
             self.stats
                 .cache_misses

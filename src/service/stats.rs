@@ -24,9 +24,51 @@ pub struct Stats {
     pub foreign_values_skipped: AtomicU64,
     /// Declared tables' rows served but not cached: their entry is over `cache.max_entry_bytes`.
     pub rows_too_large: AtomicU64,
+    /// Per declared table, by `TableId` from 1 (index 0 is table 1).
+    pub tables: Box<[TableCounters]>,
+}
+
+/// One declared table's counters.
+#[derive(Debug, Default)]
+pub struct TableCounters {
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    /// `upsert`, `update` and `delete` that reached PostgreSQL.
+    pub writes: AtomicU64,
+}
+
+/// One declared table's counters as `stats` reports them.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct TableReport {
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub writes: u64,
+}
+
+impl TableCounters {
+    pub fn report(&self) -> TableReport {
+        TableReport {
+            cache_hits: self.cache_hits.load(Relaxed),
+            cache_misses: self.cache_misses.load(Relaxed),
+            writes: self.writes.load(Relaxed),
+        }
+    }
 }
 
 impl Stats {
+    /// Counters for `tables` declared tables.
+    pub fn with_tables(tables: usize) -> Stats {
+        Stats {
+            tables: (0..tables).map(|_| TableCounters::default()).collect(),
+            ..Stats::default()
+        }
+    }
+
+    /// The counters of declared table `id` (none for users).
+    pub fn table(&self, id: crate::model::key::TableId) -> Option<&TableCounters> {
+        self.tables.get((id.0 as usize).checked_sub(1)?)
+    }
+
     /// Counts the writes Redis refused because it held a newer version (a stale fill or a write
     /// that lost a race), and the keys left alone because they hold a value that is not
     /// cacheward's: in aggregate, on the stats line and in `stats`. A write that found its own
@@ -61,6 +103,8 @@ pub struct StatsReport {
     pub foreign_values_skipped: u64,
     /// Declared tables' rows served but not cached: larger than `cache.max_entry_bytes`.
     pub rows_too_large: u64,
+    /// Per declared table, by name.
+    pub tables: std::collections::BTreeMap<String, TableReport>,
     pub repairs_pending: u64,
     /// The near cache (all zero when `cache.local_max_bytes` is 0).
     pub near_cache: NearReport,

@@ -83,6 +83,9 @@ impl Service {
         table: &Table,
         result: Result<Written, Failed>,
     ) -> Result<Written, ServiceError> {
+        if let Some(counters) = self.stats.table(table.id) {
+            counters.writes.fetch_add(1, Relaxed);
+        }
         match result {
             Ok(written) => {
                 self.health.saw_up(super::Backend::Postgres);
