@@ -69,14 +69,18 @@ async fn start() -> (TestEnv, common::Daemon, Config) {
     let daemon = env.start_daemon(config.clone()).await;
     let mut client = daemon.client().await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    // Unavailable until the daemon has checked the tables against the catalog.
-    while get(&mut client, json!({"table": "accounts", "key": {"id": 1}}))
-        .await
-        .get("result")
-        .is_none()
-    {
-        assert!(Instant::now() < deadline, "the tables were never checked");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Unavailable until the daemon has checked each table against the catalog (one by one).
+    let probes = [
+        json!({"table": "accounts", "key": {"id": 1}}),
+        json!({"table": "frozen", "key": {"region": "w", "id": 8}}),
+        json!({"table": "orders", "key": {"region": "w", "id": 8}}),
+        json!({"table": "wide", "key": {"id": "00000000-0000-0000-0000-000000000000"}}),
+    ];
+    for probe in probes {
+        while kind(&get(&mut client, probe.clone()).await) == "unavailable" {
+            assert!(Instant::now() < deadline, "{probe} was never checked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     (env, daemon, config)
 }
@@ -745,33 +749,15 @@ async fn verify_compares_every_table_s_entries_and_lookups_with_their_rows() {
         row(&mut client, params).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let verify = || {
-        let file = env.dir.path().join("verify.toml");
-        let mut toml = String::new();
-        toml.push_str("[tables.accounts]\nkey = [\"id\"]\nlookups = { by_email = [\"email\"] }\nexclude = [\"secret\"]\n");
-        toml.push_str("[tables.orders]\nkey = [\"region\", \"id\"]\n");
-        toml.push_str("[tables.wide]\nkey = [\"id\"]\nttl_secs = 77\n");
-        toml.push_str(
-            "[tables.frozen]\nsource = \"orders\"\nkey = [\"region\", \"id\"]\nwritable = false\n",
-        );
-        std::fs::write(&file, toml).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cacheward"))
-            .args(["verify", "--config"])
-            .arg(&file)
-            .env("DATABASE_URL", &env.db_url)
-            .env("REDIS_URL", &env.redis_url)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-        )
-    };
+    let toml = "[tables.accounts]\nkey = [\"id\"]\nlookups = { by_email = [\"email\"] }\n\
+                exclude = [\"secret\"]\n[tables.orders]\nkey = [\"region\", \"id\"]\n\
+                [tables.wide]\nkey = [\"id\"]\nttl_secs = 77\n\
+                [tables.frozen]\nsource = \"orders\"\nkey = [\"region\", \"id\"]\nwritable = false\n";
+    let verify = || env.verify_tables(toml);
     let (code, said) = verify();
     assert_eq!(code, Some(0), "{said}");
     assert!(
-        said.contains("checked 3 cached entries: 0 mismatches"),
+        said.contains("checked 5 cached entries: 0 mismatches"),
         "{said}"
     );
     // A lookup's copy made stale behind cacheward's back, and an entry for a row that is gone.

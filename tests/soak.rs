@@ -14,30 +14,22 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use common::history::{self, now_us, Rng, Seen, State};
 use common::{wait_until, DaemonProcess, TestEnv};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
-/// splitmix64: small, seedable, good enough to pick operations.
-struct Rng(u64);
+/// The soak's names, picked by the shared generator.
+trait Names {
+    fn name(&mut self) -> String;
+    fn calm(&mut self) -> String;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
+impl Names for Rng {
     /// A hot name: changed all the time.
     fn name(&mut self) -> String {
         format!("soak{:02}", self.below(NAMES))
@@ -57,21 +49,6 @@ fn all_names() -> Vec<String> {
     (0..NAMES)
         .flat_map(|i| [format!("soak{i:02}"), format!("calm{i:02}")])
         .collect()
-}
-
-/// Microseconds since the epoch, the clock PostgreSQL's commit timestamps use.
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_micros() as i64
-}
-
-/// What a `get` answered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Seen {
-    Present(i64),
-    Absent,
 }
 
 /// One answered `get`.
@@ -403,14 +380,6 @@ async fn pump(
     }
 }
 
-/// One state of a username in the commit history, ordered by commit time.
-#[derive(Debug, Clone)]
-struct State {
-    committed_us: i64,
-    version: i64,
-    present: bool,
-}
-
 /// Every username's states, from the outbox and PostgreSQL's commit timestamps.
 async fn history(env: &TestEnv) -> HashMap<String, Vec<State>> {
     let rows = env
@@ -528,50 +497,15 @@ fn allowance(o: &Observation, faults: &[Fault]) -> i64 {
 
 /// Whether `o` shows a state that was current at some moment in [sent - allowance, answered].
 fn explained(o: &Observation, states: &[State], allowance_us: i64) -> bool {
-    let from = o.sent_us - allowance_us;
-    let current_after_from = |i: usize| {
-        states
-            .get(i + 1)
-            .is_none_or(|next| next.committed_us > from)
-    };
-    let initial = matches!(o.seen, Seen::Absent)
-        && states.first().is_none_or(|first| first.committed_us > from);
-    initial
-        || states.iter().enumerate().any(|(i, s)| {
-            s.committed_us <= o.answered_us
-                && current_after_from(i)
-                && match o.seen {
-                    Seen::Absent => !s.present,
-                    Seen::Present(v) => s.present && s.version == v,
-                }
-        })
+    history::explained(o.sent_us, o.answered_us, o.seen, states, allowance_us)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
-    let seed: u64 = std::env::var("CACHEWARD_SOAK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| now_us() as u64);
-    let secs: u64 = std::env::var("CACHEWARD_SOAK_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    eprintln!("soak: CACHEWARD_SOAK_SEED={seed} CACHEWARD_SOAK_SECS={secs}");
+    let (seed, secs) = history::soak_settings("soak", 20);
     let mut rng = Rng(seed);
     let mut env = TestEnv::start().await;
-    // Commit timestamps for the history; every acknowledged commit survives a crash.
-    let pg = env.pg().await;
-    pg.batch_execute("ALTER SYSTEM SET track_commit_timestamp = on")
-        .await
-        .unwrap();
-    // The harness starts PostgreSQL with synchronous_commit off; a database setting wins.
-    pg.batch_execute("ALTER DATABASE cw SET synchronous_commit = on")
-        .await
-        .unwrap();
-    drop(pg);
-    env.pg.stop();
-    env.pg.start_again().expect("restart postgres");
+    history::keep_history(&mut env).await;
 
     let calm = calm_names();
     bring_back(&env.pg().await, &calm).await.unwrap();
@@ -633,17 +567,8 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
         let began_us = now_us();
         let which = rng.below(2) as usize;
         let name = match fault {
-            0 => {
-                env.redis.kill();
-                tokio::time::sleep(pause).await;
-                env.redis.start_again().expect("restart redis");
-                "redis killed and restarted empty"
-            }
-            1 => {
-                let mut conn = env.redis().await;
-                let _: Result<(), _> = redis::cmd("FLUSHALL").query_async(&mut conn).await;
-                "FLUSHALL"
-            }
+            0 => history::inject(&mut env, history::Fault::RedisRestart, pause).await,
+            1 => history::inject(&mut env, history::Fault::RedisFlush, pause).await,
             2 => {
                 // Entries expiring (TTL) or evicted.
                 let mut conn = env.redis().await;
@@ -651,12 +576,7 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
                 let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
                 "keys expired"
             }
-            3 => {
-                env.redis.pause();
-                tokio::time::sleep(pause).await;
-                env.redis.resume();
-                "redis frozen"
-            }
+            3 => history::inject(&mut env, history::Fault::RedisFrozen, pause).await,
             4 => {
                 let daemon = &daemons[which];
                 daemon.signal(libc::SIGSTOP);
@@ -676,12 +596,7 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
                 pids.lock().expect("not poisoned")[which] = daemon.child.id();
                 name
             }
-            7 => {
-                env.pg.crash();
-                tokio::time::sleep(pause).await;
-                env.pg.start_again().expect("restart postgres");
-                "postgres crashed and restarted"
-            }
+            7 => history::inject(&mut env, history::Fault::PostgresCrash, pause).await,
             8 => {
                 // The reproduction, four times: the calm users are there and cached, their
                 // entries expire, the daemon behind the slow proxy is asked for all of them, and a

@@ -23,6 +23,7 @@ use cacheward::service::hooks::{FillHook, Hooks};
 use cacheward::store::pg;
 
 pub mod certs;
+pub mod history;
 
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
@@ -492,11 +493,31 @@ impl TestEnv {
 
     /// Runs `cacheward verify` against this environment.
     pub fn verify(&self) -> std::process::Output {
-        Command::new(BIN)
-            .arg("verify")
-            .current_dir(self.dir.path())
+        self.verify_with(None)
+    }
+
+    /// Runs `cacheward verify` against this environment with `toml` (declared tables) as its
+    /// configuration file: its exit code and what it printed.
+    pub fn verify_tables(&self, toml: &str) -> (Option<i32>, String) {
+        let out = self.verify_with(Some(toml));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    }
+
+    fn verify_with(&self, toml: Option<&str>) -> std::process::Output {
+        let mut command = Command::new(BIN);
+        command.arg("verify").current_dir(self.dir.path());
+        if let Some(toml) = toml {
+            let file = self.dir.path().join("verify.toml");
+            std::fs::write(&file, toml).expect("write the configuration");
+            command.arg("--config").arg(file);
+        }
+        command
             .env("DATABASE_URL", &self.db_url)
             .env("REDIS_URL", &self.redis_url)
+            .env_remove("RUST_LOG")
             .output()
             .expect("run cacheward verify")
     }

@@ -1,0 +1,465 @@
+//! The randomized fault storm for declared tables (Guarantee 10), next to users: daemon clients
+//! (gets by key and by lookup, upserts, updates of the key and of a lookup, deletes) and a plain-SQL
+//! writer (the same, and TRUNCATEs) play with a few keys of two declared tables while Redis is
+//! killed, flushed and frozen and PostgreSQL crashes. Every `get` by key is checked against the
+//! commit history (the outbox, with PostgreSQL's commit timestamps): it must show a state of that
+//! key that was current at some moment in [sent − allowance, answered]. At the end every key
+//! answers its row and `verify` finds nothing.
+//!
+//! Seeded: `CACHEWARD_SOAK_SEED` (printed, and in every failure), `CACHEWARD_SOAK_SECS` (default 12).
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cacheward::config::{Config, TableConfig};
+use cacheward::model::table::encode_key;
+use cacheward::store::pg::tables;
+use common::history::{self, now_us, Rng, Seen, State};
+use common::{Rpc, TestEnv};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const SCHEMA: &str = "
+    CREATE TABLE items (region text NOT NULL, id integer NOT NULL, n integer NOT NULL,
+                        PRIMARY KEY (region, id));
+    CREATE TABLE people (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, n integer NOT NULL);";
+
+/// Keys per table: few, so that changes collide.
+const KEYS: u64 = 12;
+
+/// An item's region: with the characters the key encoding escapes.
+fn region(i: u64) -> String {
+    format!("r:{}=x", i % 3)
+}
+
+/// The (table, key text) of a row, as the outbox's keys encode to.
+fn item_key(region: &str, id: u64) -> (String, String) {
+    let id = id.to_string();
+    ("items".into(), encode_key(&[region, id.as_str()], true))
+}
+
+fn person_key(id: u64) -> (String, String) {
+    (
+        "people".into(),
+        encode_key(&[id.to_string().as_str()], false),
+    )
+}
+
+#[derive(Debug, Clone)]
+struct Observation {
+    key: (String, String),
+    sent_us: i64,
+    answered_us: i64,
+    seen: Seen,
+}
+
+fn config(env: &TestEnv) -> Config {
+    let mut config = env.config();
+    let table = |key: &[&str], lookups: &[(&str, &str)]| TableConfig {
+        source: None,
+        key: key.iter().map(|s| s.to_string()).collect(),
+        lookups: lookups
+            .iter()
+            .map(|(n, c)| (n.to_string(), vec![c.to_string()]))
+            .collect(),
+        columns: None,
+        exclude: vec![],
+        key_prefix: None,
+        ttl_secs: None,
+        writable: true,
+    };
+    config
+        .tables
+        .insert("items".into(), table(&["region", "id"], &[]));
+    config
+        .tables
+        .insert("people".into(), table(&["id"], &[("by_email", "email")]));
+    config
+}
+
+/// One daemon client: random reads and writes; every get by key is observed.
+async fn daemon_client(
+    socket: std::path::PathBuf,
+    mut rng: Rng,
+    stop: CancellationToken,
+    seen: Arc<Mutex<Vec<Observation>>>,
+) {
+    let mut client: Option<Rpc> = None;
+    while !stop.is_cancelled() {
+        if client.is_none() {
+            client = Some(Rpc::connect(&socket).await);
+        }
+        let c = client.as_mut().expect("connected");
+        let id = rng.below(KEYS);
+        let (method, params, key) = match rng.below(10) {
+            0..=4 if rng.below(2) == 0 => {
+                let r = region(id);
+                let key = item_key(&r, id);
+                (
+                    "get",
+                    json!({"table": "items", "key": {"region": r, "id": id}}),
+                    Some(key),
+                )
+            }
+            0..=4 => (
+                "get",
+                json!({"table": "people", "key": {"id": id}}),
+                Some(person_key(id)),
+            ),
+            5 => (
+                "get",
+                json!({"table": "people", "lookup": "by_email", "key": {"email": format!("p{id}@x")}}),
+                None,
+            ),
+            6 => {
+                let r = region(id);
+                (
+                    "upsert",
+                    json!({"table": "items", "row": {"region": r, "id": id, "n": rng.below(100)}}),
+                    None,
+                )
+            }
+            7 => (
+                "upsert",
+                json!({"table": "people", "row": {"id": id, "email": format!("p{}@x", rng.below(KEYS)), "n": 1}}),
+                None,
+            ),
+            8 => (
+                "update",
+                json!({"table": "people", "key": {"id": id}, "set": {"id": rng.below(KEYS), "n": 2}}),
+                None,
+            ),
+            _ => (
+                "delete",
+                json!({"table": "people", "key": {"id": id}}),
+                None,
+            ),
+        };
+        let sent_us = now_us();
+        let answer =
+            match tokio::time::timeout(Duration::from_secs(5), c.call(method, params)).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    client = None;
+                    continue;
+                }
+            };
+        let answered_us = now_us();
+        let Some(key) = key else { continue };
+        let seen_now = match (
+            &answer.get("result"),
+            answer["error"]["data"]["kind"].as_str(),
+        ) {
+            (Some(result), _) => Seen::Present(result["version"].as_i64().expect("a version")),
+            (None, Some("not_found")) => Seen::Absent,
+            // unavailable (a backend down), conflict…: nothing said about the row.
+            _ => continue,
+        };
+        seen.lock().expect("not poisoned").push(Observation {
+            key,
+            sent_us,
+            answered_us,
+            seen: seen_now,
+        });
+    }
+}
+
+/// A plain-SQL writer: the same keys, out of band, and now and then a TRUNCATE of items.
+async fn sql_writer(db_url: String, mut rng: Rng, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        let Ok(pg) = cacheward::store::pg::connect(&db_url.parse().expect("url")).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        while !stop.is_cancelled() {
+            let id = rng.below(KEYS) as i64;
+            let other = rng.below(KEYS) as i64;
+            let sql = match rng.below(40) {
+                0 => "TRUNCATE items".to_owned(),
+                1..=10 => format!(
+                    "INSERT INTO items VALUES ('{}', {id}, {other}) ON CONFLICT (region, id) DO UPDATE SET n = items.n + 1",
+                    region(id as u64)
+                ),
+                11..=14 => format!("DELETE FROM items WHERE id = {id}"),
+                15..=24 => format!(
+                    "INSERT INTO people VALUES ({id}, 'p{other}@x', 0) ON CONFLICT DO NOTHING"
+                ),
+                25..=30 => format!("UPDATE people SET n = n + 1 WHERE id = {id}"),
+                31..=33 => format!("UPDATE people SET email = 'p{other}@x' WHERE id = {id}"),
+                34..=36 => format!("UPDATE people SET id = {other} WHERE id = {id}"),
+                _ => format!("DELETE FROM people WHERE id = {id}"),
+            };
+            // Unique violations are part of the game; a broken connection ends this one.
+            if let Err(e) = pg.batch_execute(&sql).await {
+                if e.is_closed() {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(rng.below(8))).await;
+        }
+    }
+}
+
+/// Every declared key's states, from the outbox and PostgreSQL's commit timestamps.
+async fn history(env: &TestEnv) -> HashMap<(String, String), Vec<State>> {
+    let rows = env
+        .pg()
+        .await
+        .query(
+            "SELECT op, tbl, row_key, old_key, version,
+                    (extract(epoch FROM pg_xact_commit_timestamp(
+                        ((txid::text::numeric % 4294967296)::bigint)::text::xid)) * 1000000)::bigint
+             FROM cacheward_outbox WHERE tbl IS NOT NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("read the history");
+    let mut states: HashMap<(String, String), Vec<State>> = HashMap::new();
+    let mut truncates: Vec<(String, i64, i64)> = Vec::new();
+    for row in rows {
+        let op: String = row.get(0);
+        let tbl: String = row.get(1);
+        let row_key: Option<Vec<String>> = row.get(2);
+        let old_key: Option<Vec<String>> = row.get(3);
+        let version: i64 = row.get(4);
+        let committed_us: i64 = row.get(5);
+        let plain = tbl == "items";
+        let text = |parts: &Vec<String>| {
+            let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+            encode_key(&parts, plain)
+        };
+        if op == "truncate" {
+            truncates.push((tbl, committed_us, version));
+            continue;
+        }
+        for (parts, present) in [(row_key, true), (old_key, false)] {
+            if let Some(parts) = parts {
+                states
+                    .entry((tbl.clone(), text(&parts)))
+                    .or_default()
+                    .push(State {
+                        committed_us,
+                        version,
+                        present,
+                    });
+            }
+        }
+    }
+    for id in 0..KEYS {
+        states.entry(item_key(&region(id), id)).or_default();
+    }
+    for ((tbl, _), list) in states.iter_mut() {
+        for (truncated, committed_us, version) in &truncates {
+            if truncated == tbl {
+                list.push(State {
+                    committed_us: *committed_us,
+                    version: *version,
+                    present: false,
+                });
+            }
+        }
+        list.sort_by_key(|s| (s.committed_us, s.version, s.present));
+    }
+    states
+}
+
+/// Waits until the CDC worker applies a change made now (a probe row outside the checked keys).
+async fn caught_up(env: &TestEnv, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(pg) = cacheward::store::pg::connect(&env.db_url.parse().expect("url")).await {
+            let _ = pg
+                .batch_execute(&format!(
+                    "INSERT INTO items VALUES ('probe', {n}, 0) ON CONFLICT DO NOTHING"
+                ))
+                .await;
+        }
+        let mut conn = env.redis().await;
+        let value: Option<String> = redis::cmd("GET")
+            .arg(format!("items:probe:{n}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(None);
+        if value.is_some_and(|v| cacheward::model::entry::is_live(&v)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the CDC worker did not catch up within 30 s of a fault");
+}
+
+/// How stale an answer may be once the CDC worker runs (as in tests/soak.rs).
+const STALENESS_US: i64 = 2_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_tables_stay_exact_through_a_seeded_storm_of_writes_and_faults() {
+    let (seed, secs) = history::soak_settings("declared soak", 12);
+    let mut rng = Rng(seed);
+    let mut env = TestEnv::start().await;
+    history::keep_history(&mut env).await;
+    let mut pg = env.pg().await;
+    pg.batch_execute(SCHEMA).await.unwrap();
+    let config = config(&env);
+    let checked = tables::resolve_all(&pg, &config).await.unwrap();
+    tables::install(&mut pg, &checked).await.unwrap();
+    drop(pg);
+    let daemon = env.start_daemon(config.clone()).await;
+    let sync: String = env
+        .pg()
+        .await
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        sync, "on",
+        "the history needs every acknowledged commit to survive a crash"
+    );
+    let socket = daemon.socket.clone();
+    let stop = CancellationToken::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let (s, stop, seen) = (socket.clone(), stop.clone(), seen.clone());
+        workers.push(tokio::spawn(daemon_client(s, Rng(rng.next()), stop, seen)));
+    }
+    workers.push(tokio::spawn(sql_writer(
+        env.db_url.clone(),
+        Rng(rng.next()),
+        stop.clone(),
+    )));
+
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    // (began, caught up): while the CDC worker is stopped, answers may be that much staler.
+    let mut faults: Vec<(&str, i64, i64)> = Vec::new();
+    let mut probes = 0;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(1000))).await;
+        let began = now_us();
+        let pause = Duration::from_millis(100 + rng.below(300));
+        let fault = [
+            history::Fault::RedisRestart,
+            history::Fault::RedisFlush,
+            history::Fault::RedisFrozen,
+            history::Fault::PostgresCrash,
+        ][rng.below(4) as usize];
+        let name = history::inject(&mut env, fault, pause).await;
+        probes += 1;
+        caught_up(&env, probes).await;
+        faults.push((name, began, now_us()));
+    }
+    stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    eprintln!(
+        "declared soak faults: {:?}",
+        faults.iter().map(|f| f.0).collect::<Vec<_>>()
+    );
+
+    // Every answer against the history.
+    let history = history(&env).await;
+    let observations = seen.lock().expect("not poisoned").clone();
+    assert!(
+        observations.len() > 100,
+        "too few answers: {}",
+        observations.len()
+    );
+    let mut unexplained = Vec::new();
+    for o in &observations {
+        let allowance = faults
+            .iter()
+            .filter(|(_, began, ended)| o.sent_us >= *began && o.sent_us <= ended + STALENESS_US)
+            .map(|(_, began, ended)| o.sent_us.min(*ended) - began)
+            .max()
+            .unwrap_or(0)
+            + STALENESS_US;
+        let states = history.get(&o.key).map(Vec::as_slice).unwrap_or(&[]);
+        if !history::explained(o.sent_us, o.answered_us, o.seen, states, allowance) {
+            let drawn = match o.seen {
+                Seen::Present(v) => env
+                    .pg()
+                    .await
+                    .query(
+                        "SELECT op || ' ' || tbl || ' ' || coalesce(row_key::text, '-') || ' ' || coalesce(old_key::text, '-') FROM cacheward_outbox WHERE version = $1",
+                        &[&v],
+                    )
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>(),
+                Seen::Absent => vec![],
+            };
+            let near: Vec<&State> = states
+                .iter()
+                .filter(|s| (s.committed_us - o.sent_us).abs() < 600_000)
+                .collect();
+            let rel: Vec<String> = near
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{:+}ms v{} {}",
+                        (s.committed_us - o.sent_us) / 1000,
+                        s.version,
+                        s.present
+                    )
+                })
+                .collect();
+            let around: Vec<String> = faults
+                .iter()
+                .map(|(n, b, e)| {
+                    format!(
+                        "{n} {:+}ms..{:+}ms",
+                        (b - o.sent_us) / 1000,
+                        (e - o.sent_us) / 1000
+                    )
+                })
+                .collect();
+            unexplained.push(format!("{:?} {:?} took {}us; its version in the outbox: {drawn:?}; states near: {rel:?}; faults: {around:?}", o.key, o.seen, o.answered_us - o.sent_us));
+        }
+    }
+    assert!(
+        unexplained.is_empty(),
+        "seed {seed}: {} of {} answers no moment explains:\n{}",
+        unexplained.len(),
+        observations.len(),
+        unexplained
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // Converged: every key answers its row, and verify finds nothing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pg = env.pg().await;
+    let mut client = Rpc::connect(&socket).await;
+    for id in 0..KEYS as i64 {
+        for (params, sql) in [
+            (
+                json!({"table": "people", "key": {"id": id}}),
+                format!("SELECT coalesce(max(v.version), -1) FROM people p LEFT JOIN cacheward_row_versions v ON v.tbl = 'people' AND v.key = ARRAY[p.id::text] WHERE p.id = {id}"),
+            ),
+            (
+                json!({"table": "items", "key": {"region": region(id as u64), "id": id}}),
+                format!("SELECT coalesce(max(coalesce(v.version, 0)), -1) FROM items i LEFT JOIN cacheward_row_versions v ON v.tbl = 'items' AND v.key = ARRAY[i.region, i.id::text] WHERE i.id = {id} AND i.region = '{}'", region(id as u64)),
+            ),
+        ] {
+            let want: i64 = pg.query_one(&sql, &[]).await.unwrap().get(0);
+            let answer: Value = client.call("get", params.clone()).await;
+            let got = answer["result"]["version"].as_i64().unwrap_or(-1);
+            assert_eq!(got, want.max(-1), "seed {seed}: {params} answered {answer}");
+        }
+    }
+    let (code, said) = env.verify_tables(
+        "[tables.items]\nkey = [\"region\", \"id\"]\n\
+         [tables.people]\nkey = [\"id\"]\nlookups = { by_email = [\"email\"] }\n",
+    );
+    assert_eq!(code, Some(0), "seed {seed}: verify found:\n{said}");
+    daemon.stop().await;
+}
