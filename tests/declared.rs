@@ -53,9 +53,15 @@ fn declared(config: &mut Config) {
 
 /// Servers, the tables made and captured, a daemon serving them.
 async fn start() -> (TestEnv, common::Daemon, Config) {
+    start_with(|_| {}).await
+}
+
+/// [`start`], the daemon's configuration adjusted by `adjust`.
+async fn start_with(adjust: impl FnOnce(&mut Config)) -> (TestEnv, common::Daemon, Config) {
     let env = TestEnv::start().await;
     let mut config = env.config();
     declared(&mut config);
+    adjust(&mut config);
     let mut pg = env.pg().await;
     pg.batch_execute(SCHEMA).await.unwrap();
     let checked = tables::resolve_all(&pg, &config).await.unwrap();
@@ -783,4 +789,53 @@ async fn verify_compares_every_table_s_entries_and_lookups_with_their_rows() {
         said.contains("mismatch orders:nowhere:1") && said.contains("(no row)"),
         "{said}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_checker_samples_declared_tables_and_reports_an_entry_that_stays_wrong() {
+    let (env, daemon, _) = start_with(|config| {
+        config.consistency.sample_per_sec = 200;
+        config.consistency.window_ms = 300;
+        // Every hit reads Redis: the wrong value written there is what gets sampled and served.
+        config.cache.local_max_bytes = 0;
+    })
+    .await;
+    let mut client = daemon.client().await;
+    let (good, _) = row(
+        &mut client,
+        json!({"table": "orders", "key": {"region": "w", "id": 8}}),
+    )
+    .await
+    .unwrap();
+    let entry = cached(&env, "orders:w:8").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let quiet = daemon.stats().await["consistency"].clone();
+    assert!(quiet["checked"].as_u64() >= Some(1), "{quiet}");
+    assert_eq!(
+        quiet["mismatched"], 0,
+        "a correct entry is no mismatch: {quiet}"
+    );
+    // The same version, another row: written behind cacheward's back.
+    let mut wrong = entry.clone();
+    wrong["row"]["note"] = json!("tampered");
+    let mut conn = env.redis().await;
+    let () = redis::cmd("SET")
+        .arg("orders:w:8")
+        .arg(wrong.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = daemon.stats().await["consistency"].clone();
+        if seen["mismatched"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the wrong entry was never reported: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(good["note"], "n8");
 }

@@ -112,7 +112,10 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
     }
     let window = Duration::from_millis(config.window_ms);
     let cache = service.cache.clone();
-    let mut scan = cache.scan();
+    // Every table's entries in turn: users', then each declared table's.
+    let tables = cache.tables();
+    let mut walking = 0;
+    let mut scan = cache.scan_table(tables[walking]);
     let mut names: VecDeque<Key> = VecDeque::new();
     let mut suspects: VecDeque<Suspect> = VecDeque::new();
     // Outstanding mismatches: (name, source) → when first seen.
@@ -132,13 +135,14 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
         let n = config.sample_per_sec as usize;
         // Half from the near cache (when it holds anything), the rest from Redis.
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        // Users' entries only, for now: declared tables' are not sampled yet.
         let mut sample: Vec<(Key, Source)> = cache
             .near_sample(n / 2, seed)
             .into_iter()
-            .filter(Key::is_user)
             .map(|name| (name, Source::Near))
             .collect();
+        // A walk that ends moves on to the next table's; once every table's ended in this tick
+        // (few entries), the sample is what it is.
+        let mut ended = 0;
         while sample.len() < n {
             if let Some(name) = names.pop_front() {
                 sample.push((name, Source::Redis));
@@ -147,8 +151,12 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
             match scan.next_page().await {
                 Ok(Some(page)) => names.extend(page),
                 Ok(None) => {
-                    scan = cache.scan();
-                    break;
+                    walking = (walking + 1) % tables.len();
+                    scan = cache.scan_table(tables[walking]);
+                    ended += 1;
+                    if ended >= tables.len() {
+                        break;
+                    }
                 }
                 Err(_) => break,
             }
@@ -201,7 +209,9 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
                 .is_some_and(|(version, _)| now.cached.version < *version);
             if older_than_the_row || now == suspect.first {
                 service.consistency.mismatched.fetch_add(1, Relaxed);
+                let table = service.tables.name(suspect.name.table());
                 tracing::warn!(
+                    table,
                     username = %suspect.name.as_str().escape_debug(),
                     source = suspect.source.name(),
                     cached_version = now.cached.version,
@@ -258,21 +268,36 @@ async fn look(service: &Service, asked: &[(Key, Source)]) -> Option<Vec<Option<L
         })
         .collect();
     // Entries in doubt (a failed write awaits repair) are not the checker's to judge.
-    let wanted: Vec<&str> = asked
+    let live: Vec<&Key> = asked
         .iter()
         .zip(&cached)
         .filter(|(_, c)| c.is_some())
-        .map(|((name, _), _)| name.as_str())
+        .map(|((name, _), _)| name)
         .collect();
-    if wanted.is_empty() {
+    if live.is_empty() {
         return Some(vec![None; asked.len()]);
     }
-    let found = service.db.find_users(&wanted).await.ok()?;
-    let rows: HashMap<&str, (i64, &str)> = found
+    let (users, declared): (Vec<&Key>, Vec<&Key>) = live.into_iter().partition(|k| k.is_user());
+    let wanted: Vec<&str> = users.iter().map(|k| k.as_str()).collect();
+    let found = match wanted.is_empty() {
+        true => Default::default(),
+        false => service.db.find_users(&wanted).await.ok()?,
+    };
+    let mut rows: HashMap<Key, (i64, String)> = found
         .users
         .iter()
-        .map(|u| (u.username.as_str(), (u.version, u.json.as_str())))
+        .map(|u| (u.key(), (u.version, u.json.clone())))
         .collect();
+    // A declared table's row, read as a miss reads it (its entry, compared whole).
+    if !declared.is_empty() {
+        let (answers, _) = service.read_rows(&declared).await;
+        for (key, answer) in declared.iter().zip(answers) {
+            if let Some((entry, _)) = answer.ok()? {
+                let version = live_version(&entry).unwrap_or_default();
+                rows.insert((*key).clone(), (version, entry));
+            }
+        }
+    }
     let broken: Vec<&str> = found
         .broken
         .iter()
@@ -287,9 +312,7 @@ async fn look(service: &Service, asked: &[(Key, Source)]) -> Option<Vec<Option<L
                 if broken.contains(&name.as_str()) || !service.cache_trusted_for(name) {
                     return None;
                 }
-                let row = rows
-                    .get(name.as_str())
-                    .map(|&(version, json)| (version, json.to_owned()));
+                let row = rows.get(name).cloned();
                 Some(Look { cached, row })
             })
             .collect(),

@@ -132,7 +132,7 @@ async fn read_horizon(
 }
 
 /// What a read of several names found.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Found {
     pub users: Vec<User>,
     /// Rows that exist but cannot be served (each fails only its own name).

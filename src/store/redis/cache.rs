@@ -267,6 +267,11 @@ impl Cache {
         self.router.scan()
     }
 
+    /// Every table whose keys this cache knows: users, then the declared ones.
+    pub fn tables(&self) -> Vec<TableId> {
+        self.router.keys.tables()
+    }
+
     /// [`Cache::scan`] of one table's keys.
     pub fn scan_table(&self, table: TableId) -> Scan<'_> {
         self.router.scan_table(table)
