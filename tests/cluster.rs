@@ -65,13 +65,21 @@ async fn await_agreement(env: &TestEnv, cluster: &RedisCluster, names: &[String]
 
 /// Live entries under `user:` on every primary (SCAN on each).
 fn live_entries(cluster: &RedisCluster) -> usize {
+    live_under(cluster, "user:")
+}
+
+/// Live entries under `prefix` on every primary.
+fn live_under(cluster: &RedisCluster, prefix: &str) -> usize {
     let mut live = 0;
     for port in cluster.primaries() {
         let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
             .unwrap()
             .get_connection()
             .unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS").arg("user:*").query(&mut conn).unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query(&mut conn)
+            .unwrap();
         for key in keys {
             let value: Option<String> =
                 redis::cmd("GET").arg(&key).query(&mut conn).unwrap_or(None);
@@ -143,6 +151,34 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     config.redis.url = Some(SecretUrl::new(urls[0].clone()));
     config.redis.urls = urls[1..].iter().cloned().map(SecretUrl::new).collect();
     config.redis.timeout_ms = 500;
+    // A declared table next to users, with a lookup.
+    config.tables.insert(
+        "accounts".into(),
+        cacheward::config::TableConfig {
+            source: None,
+            key: vec!["id".into()],
+            lookups: [("by_email".to_owned(), vec!["email".to_owned()])].into(),
+            columns: None,
+            exclude: vec![],
+            key_prefix: None,
+            ttl_secs: None,
+            writable: true,
+        },
+    );
+    {
+        let mut pg = env.pg().await;
+        pg.batch_execute(
+            "CREATE TABLE accounts (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, plan text)",
+        )
+        .await
+        .unwrap();
+        let declared = cacheward::store::pg::tables::resolve_all(&pg, &config)
+            .await
+            .unwrap();
+        cacheward::store::pg::tables::install(&mut pg, &declared)
+            .await
+            .unwrap();
+    }
     let daemon = env.start_daemon(config).await;
     let mut conn = connect(&cluster).await;
     let pg = env.pg().await;
@@ -268,6 +304,75 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     let stats = daemon.stats().await;
     assert!(stats["cache_hits"].as_u64().unwrap() >= 340, "{stats}");
     assert!(stats["cdc"]["applied"].as_u64().unwrap() >= 300, "{stats}");
+
+    // 1b. A declared table: its rows and their lookups' copies spread over the slots (a lookup
+    // mostly in another slot than its row's key), kept by CDC; gets by key and by lookup; a write
+    // through the daemon; a TRUNCATE of the table that leaves users' entries alone.
+    client.call("put", json!({"username": "keeper"})).await;
+    // (A write right after the TRUNCATE above read its horizon before the fence: the get fills.)
+    client.get("keeper").await;
+    assert_eq!(
+        client.get("keeper").await["result"]["source"],
+        json!("cache")
+    );
+    pg.execute(
+        "INSERT INTO accounts SELECT g, 'a' || g || '@x', 'free' FROM generate_series(1, 200) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_until(
+        "CDC filled the table's keys and lookups",
+        Duration::from_secs(10),
+        || async { live_under(&cluster, "accounts:") == 400 },
+    )
+    .await;
+    let apart = (1..=200)
+        .filter(|i| {
+            slot_of(format!("accounts:{i}").as_bytes())
+                != slot_of(format!("accounts:by_email=a{i}@x").as_bytes())
+        })
+        .count();
+    assert!(apart > 190, "lookups live apart from their rows: {apart}");
+    for i in [1, 77, 200] {
+        let by_key = client
+            .call("get", json!({"table": "accounts", "key": {"id": i}}))
+            .await;
+        let by_email = client
+            .call("get", json!({"table": "accounts", "lookup": "by_email", "key": {"email": format!("a{i}@x")}}))
+            .await;
+        assert_eq!(by_key["result"]["source"], json!("cache"), "{by_key}");
+        assert_eq!(
+            by_key["result"], by_email["result"],
+            "the copy carries the row's version"
+        );
+    }
+    let moved = client
+        .call(
+            "update",
+            json!({"table": "accounts", "key": {"id": 77}, "set": {"email": "moved@x"}}),
+        )
+        .await;
+    assert_eq!(moved["result"]["row"]["email"], json!("moved@x"), "{moved}");
+    let old = client
+        .call(
+            "get",
+            json!({"table": "accounts", "lookup": "by_email", "key": {"email": "a77@x"}}),
+        )
+        .await;
+    assert_eq!(old["error"]["data"]["kind"], json!("not_found"), "{old}");
+    pg.batch_execute("TRUNCATE accounts").await.unwrap();
+    wait_until(
+        "the table's TRUNCATE reached every primary",
+        Duration::from_secs(10),
+        || async { live_under(&cluster, "accounts:") == 0 },
+    )
+    .await;
+    assert_eq!(
+        client.get("keeper").await["result"]["source"],
+        json!("cache"),
+        "users' entries stay"
+    );
 
     // 2. Resharding under a read/write load: slots move between primaries while the daemon
     // reads, writes and applies CDC; afterwards every entry equals its row.
