@@ -199,6 +199,9 @@ async fn main() {
     if want("cdc") && !runs.poll.is_empty() {
         cdc::poll_only(&b, &runs, &mut report).await;
     }
+    if want("tables") {
+        tables::cdc(&b, &mut report).await;
+    }
     if want("trigger") {
         trigger::run(&b, &mut report).await;
     }
