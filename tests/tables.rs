@@ -445,3 +445,30 @@ async fn serve_stops_on_a_table_it_cannot_serve_naming_it_and_what_to_run() {
         daemon.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_does_not_declare_a_captured_table_says_it_passes_its_changes_over() {
+    let env = start().await;
+    migrate(&env, DECLARED, &[]);
+    // This daemon declares no table (no config file in its directory), and applies the stream.
+    let daemon = DaemonProcess::spawn(&env, "undeclared");
+    daemon.wait_ready().await;
+    env.pg()
+        .await
+        .batch_execute("INSERT INTO accounts VALUES (5, 'e@x', 'free', 's')")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !daemon
+        .logs()
+        .contains("cdc passes over changes of a table this daemon does not declare")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        daemon.logs().contains("table=accounts"),
+        "{}",
+        daemon.logs()
+    );
+}

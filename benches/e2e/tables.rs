@@ -219,7 +219,10 @@ async fn lag(b: &Bench, first: u64) -> Value {
         .await
         .expect("CONFIG SET");
     let mut pubsub = b.redis_client.get_async_pubsub().await.expect("pubsub");
-    pubsub.psubscribe("__keyspace@*__:bench_*").await.expect("psubscribe");
+    pubsub
+        .psubscribe("__keyspace@*__:bench_*")
+        .await
+        .expect("psubscribe");
     let seen: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
     let listener = tokio::spawn({
         let seen = seen.clone();
@@ -227,7 +230,10 @@ async fn lag(b: &Bench, first: u64) -> Value {
             let mut messages = pubsub.into_on_message();
             while let Some(msg) = messages.next().await {
                 let channel = msg.get_channel_name();
-                let key = channel.split_once("__:").map_or(channel, |(_, k)| k).to_owned();
+                let key = channel
+                    .split_once("__:")
+                    .map_or(channel, |(_, k)| k)
+                    .to_owned();
                 seen.lock().unwrap().entry(key).or_insert_with(Instant::now);
             }
         }
@@ -250,7 +256,10 @@ async fn lag(b: &Bench, first: u64) -> Value {
                 tokio::time::sleep_until(due.into()).await;
                 let table = (i % 3) as usize;
                 let id = (first + i / 3) as i64;
-                client.execute(&statements[table], &[&id]).await.expect("update");
+                client
+                    .execute(&statements[table], &[&id])
+                    .await
+                    .expect("update");
                 let key = format!("{}{id}", LAGGED[table].1);
                 committed.lock().unwrap().insert(key, Instant::now());
                 i += 4;

@@ -66,6 +66,8 @@ pub struct Applier {
     consumer: String,
     /// When `cdc lagging` was last said, while the lag lasts.
     lag_warned: Mutex<Option<Instant>>,
+    /// Undeclared tables whose changes this worker said it passes over (once each).
+    undeclared_said: Mutex<std::collections::BTreeSet<String>>,
     /// This worker's name in the lease table: its host and socket path, unique among live daemons
     /// and kept across reconnections and restarts.
     holder: String,
@@ -77,6 +79,23 @@ pub struct Applier {
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 impl Applier {
+    /// Says, once per table, that the stream holds changes of a table this daemon does not
+    /// declare: they are passed over, so a cache of that table kept by this stream goes stale.
+    fn say_undeclared(&self, names: &std::collections::BTreeSet<String>) {
+        if names.is_empty() {
+            return;
+        }
+        let mut said = self.undeclared_said.lock().expect("not poisoned");
+        for name in names {
+            if said.len() < 64 && said.insert(name.clone()) {
+                tracing::warn!(
+                    table = %name,
+                    "cdc passes over changes of a table this daemon does not declare"
+                );
+            }
+        }
+    }
+
     /// `tables`: the declared tables, shared with the request path (their rows are read once
     /// they are checked).
     pub fn new(
@@ -103,6 +122,7 @@ impl Applier {
             tables,
             consumer,
             lag_warned: Mutex::new(None),
+            undeclared_said: Mutex::default(),
             holder,
             query_bound,
         }
@@ -413,6 +433,7 @@ impl Applier {
             )
             .await?;
         self.stats.polls.fetch_add(1, Relaxed);
+        self.say_undeclared(&batch.declared.undeclared);
         let plan = Plan::of(
             self.config.cdc.mode,
             &batch,

@@ -473,7 +473,11 @@ fn mentions<'a>(
                         old_lookups: c.old_lookups.as_ref(),
                         version: c.version,
                     };
-                    declared.add(tables, tables.id(name), change)
+                    let id = tables.id(name);
+                    if id.is_none() && declared.undeclared.len() < 16 {
+                        declared.undeclared.insert(name.clone());
+                    }
+                    declared.add(tables, id, change)
                 }
             };
             if let Some(reason) = malformed {

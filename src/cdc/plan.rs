@@ -227,6 +227,7 @@ mod tests {
             keys: [(key("11"), 6), (key("1"), 7)].into(),
             gone_lookups: [(key("by_email=c@x"), 7), (key("by_email=gone@x"), 7)].into(),
             truncates: Default::default(),
+            undeclared: Default::default(),
         };
         let row = TableRow {
             key: "11".into(),

@@ -32,6 +32,8 @@ pub struct TableChanges {
     pub gone_lookups: BTreeMap<Key, i64>,
     /// Per table, the largest version horizon a TRUNCATE of it recorded.
     pub truncates: BTreeMap<TableId, i64>,
+    /// Tables whose changes are in the stream but that this daemon does not declare.
+    pub undeclared: std::collections::BTreeSet<String>,
 }
 
 /// The old lookup values of a change: `{"by_email": ["a@x"]}`, each lookup's column texts.
