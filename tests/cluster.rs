@@ -154,16 +154,7 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     // A declared table next to users, with a lookup.
     config.tables.insert(
         "accounts".into(),
-        cacheward::config::TableConfig {
-            source: None,
-            key: vec!["id".into()],
-            lookups: [("by_email".to_owned(), vec!["email".to_owned()])].into(),
-            columns: None,
-            exclude: vec![],
-            key_prefix: None,
-            ttl_secs: None,
-            writable: true,
-        },
+        cacheward::config::TableConfig::keyed(&["id"]).lookup("by_email", &["email"]),
     );
     {
         let mut pg = env.pg().await;

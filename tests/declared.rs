@@ -22,32 +22,23 @@ const SCHEMA: &str = "
                        x text);";
 
 fn declared(config: &mut Config) {
-    let table = |key: &[&str], lookups: &[(&str, &[&str])], exclude: &[&str]| TableConfig {
-        source: None,
-        key: key.iter().map(|s| s.to_string()).collect(),
-        lookups: lookups
-            .iter()
-            .map(|(n, c)| (n.to_string(), c.iter().map(|s| s.to_string()).collect()))
-            .collect(),
-        columns: None,
-        exclude: exclude.iter().map(|s| s.to_string()).collect(),
-        key_prefix: None,
-        ttl_secs: None,
-        writable: true,
+    let accounts = TableConfig {
+        exclude: vec!["secret".into()],
+        ..TableConfig::keyed(&["id"]).lookup("by_email", &["email"])
     };
-    config.tables.insert(
-        "accounts".into(),
-        table(&["id"], &[("by_email", &["email"])], &["secret"]),
-    );
-    config
-        .tables
-        .insert("orders".into(), table(&["region", "id"], &[], &[]));
-    let mut wide = table(&["id"], &[], &[]);
-    wide.ttl_secs = Some(77);
+    config.tables.insert("accounts".into(), accounts);
+    let orders = TableConfig::keyed(&["region", "id"]);
+    config.tables.insert("orders".into(), orders.clone());
+    let wide = TableConfig {
+        ttl_secs: Some(77),
+        ..TableConfig::keyed(&["id"])
+    };
     config.tables.insert("wide".into(), wide);
-    let mut frozen = table(&["region", "id"], &[], &[]);
-    frozen.source = Some("orders".into());
-    frozen.writable = false;
+    let frozen = TableConfig {
+        source: Some("orders".into()),
+        writable: false,
+        ..orders
+    };
     config.tables.insert("frozen".into(), frozen);
 }
 

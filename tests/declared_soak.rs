@@ -58,25 +58,11 @@ struct Observation {
 
 fn config(env: &TestEnv) -> Config {
     let mut config = env.config();
-    let table = |key: &[&str], lookups: &[(&str, &str)]| TableConfig {
-        source: None,
-        key: key.iter().map(|s| s.to_string()).collect(),
-        lookups: lookups
-            .iter()
-            .map(|(n, c)| (n.to_string(), vec![c.to_string()]))
-            .collect(),
-        columns: None,
-        exclude: vec![],
-        key_prefix: None,
-        ttl_secs: None,
-        writable: true,
-    };
     config
         .tables
-        .insert("items".into(), table(&["region", "id"], &[]));
-    config
-        .tables
-        .insert("people".into(), table(&["id"], &[("by_email", "email")]));
+        .insert("items".into(), TableConfig::keyed(&["region", "id"]));
+    let people = TableConfig::keyed(&["id"]).lookup("by_email", &["email"]);
+    config.tables.insert("people".into(), people);
     config
 }
 

@@ -151,20 +151,16 @@ pub async fn poll_only(b: &Bench, runs: &Runs, report: &mut Value) {
         .expect("notify again");
 }
 
-/// Renames users `u1..` to `c1..` at `rate` per second for `seconds`, and times each new key's
-/// appearance in Redis (keyspace notifications). Returns the lag histogram (µs) and how many
-/// renames never showed up.
-pub async fn cdc_lag(
-    pg: &tokio_postgres::Config,
+/// When each key matching `pattern` was first written from now on (Redis keyspace
+/// notifications), as the listener it returns (abort it when done) records it.
+pub async fn watch_keys(
     redis_client: &redis::Client,
-    rate: Option<u64>,
-    seconds: u64,
-    names: std::ops::RangeInclusive<u64>,
-    prefix: &'static str,
-    stopped_daemon: Option<u32>,
-) -> CdcRun {
+    pattern: &str,
+) -> (
+    Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
+    tokio::task::JoinHandle<()>,
+) {
     use futures::StreamExt;
-    use std::collections::HashMap;
     let mut conn = redis_client
         .get_multiplexed_async_connection()
         .await
@@ -178,25 +174,45 @@ pub async fn cdc_lag(
         .expect("CONFIG SET");
     let mut pubsub = redis_client.get_async_pubsub().await.expect("pubsub");
     pubsub
-        .psubscribe(format!("__keyspace@*__:user:{prefix}*"))
+        .psubscribe(format!("__keyspace@*__:{pattern}"))
         .await
         .expect("psubscribe");
-    let seen: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let seen: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
     let listener = tokio::spawn({
         let seen = seen.clone();
         async move {
             let mut messages = pubsub.into_on_message();
             while let Some(msg) = messages.next().await {
-                let key = msg
-                    .get_channel_name()
-                    .rsplit(':')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                seen.lock().unwrap().entry(key).or_insert_with(Instant::now);
+                let channel = msg.get_channel_name();
+                let key = channel.split_once("__:").map_or(channel, |(_, k)| k);
+                seen.lock()
+                    .unwrap()
+                    .entry(key.to_owned())
+                    .or_insert_with(Instant::now);
             }
         }
     });
+    (seen, listener)
+}
+
+/// Renames users `u1..` to `c1..` at `rate` per second for `seconds`, and times each new key's
+/// appearance in Redis (keyspace notifications). Returns the lag histogram (µs) and how many
+/// renames never showed up.
+pub async fn cdc_lag(
+    pg: &tokio_postgres::Config,
+    redis_client: &redis::Client,
+    rate: Option<u64>,
+    seconds: u64,
+    names: std::ops::RangeInclusive<u64>,
+    prefix: &'static str,
+    stopped_daemon: Option<u32>,
+) -> CdcRun {
+    use std::collections::HashMap;
+    let mut conn = redis_client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let (seen, listener) = watch_keys(redis_client, &format!("user:{prefix}*")).await;
     let committed: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
     // Stopped (SIGSTOP) while the writers run, the daemon finds the whole run as a backlog.
     let signal = |signal| {
@@ -227,7 +243,10 @@ pub async fn cdc_lag(
                 }
                 let (from, to) = (format!("u{i}"), format!("{prefix}{i}"));
                 client.execute(&stmt, &[&from, &to]).await.expect("update");
-                committed.lock().unwrap().insert(to, Instant::now());
+                committed
+                    .lock()
+                    .unwrap()
+                    .insert(format!("user:{to}"), Instant::now());
                 i += 4;
             }
         }));
@@ -262,7 +281,7 @@ pub async fn cdc_lag(
                 Some(visible) => {
                     lag.saturating_record(visible.saturating_duration_since(*at).as_micros() as u64)
                 }
-                None => unseen.push(format!("user:{name}")),
+                None => unseen.push(name.clone()),
             }
         }
     }

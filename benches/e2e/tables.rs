@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use cacheward::config::TableConfig;
+
 use crate::common::DaemonProcess;
 use crate::hit::{daemon_side, user_params, Params};
 use crate::measure::{call, Side};
@@ -30,6 +32,19 @@ const LAGGED: [(&str, &str); 3] = [
     ("UPDATE bench_a SET n = n + 1 WHERE id = $1", "bench_a:"),
     ("UPDATE bench_b SET n = n + 1 WHERE id = $1", "bench_b:"),
 ];
+
+/// Installs the capture of every table `config` declares, as `cacheward migrate` does.
+pub async fn capture(b: &Bench, config: &cacheward::config::Config) {
+    let mut client = cacheward::store::pg::connect(&b.pg_config)
+        .await
+        .expect("connect");
+    let checked = cacheward::store::pg::tables::resolve_all(&client, config)
+        .await
+        .expect("the declared tables check");
+    cacheward::store::pg::tables::install(&mut client, &checked)
+        .await
+        .expect("install the captures");
+}
 
 /// The params of a get of `bench_orders` row `(eu:1, id)`.
 fn order(id: u64) -> String {
@@ -79,34 +94,15 @@ pub async fn run(b: &Bench, report: &mut Value) {
                     [tables.bench_a]\nkey = [\"id\"]\n[tables.bench_b]\nkey = [\"id\"]\n";
     std::fs::write(dir.join("config/cacheward.toml"), declared).expect("config");
     let mut config = cacheward::config::Config::default();
-    for (name, key) in [
-        ("bench_orders", vec!["region", "id"]),
-        ("bench_a", vec!["id"]),
-        ("bench_b", vec!["id"]),
-    ] {
-        config.tables.insert(
-            name.into(),
-            cacheward::config::TableConfig {
-                source: None,
-                key: key.into_iter().map(String::from).collect(),
-                lookups: Default::default(),
-                columns: None,
-                exclude: vec![],
-                key_prefix: None,
-                ttl_secs: None,
-                writable: true,
-            },
-        );
+    config
+        .tables
+        .insert("bench_orders".into(), TableConfig::keyed(&["region", "id"]));
+    for name in ["bench_a", "bench_b"] {
+        config
+            .tables
+            .insert(name.into(), TableConfig::keyed(&["id"]));
     }
-    let mut client = cacheward::store::pg::connect(&b.pg_config)
-        .await
-        .expect("connect");
-    let checked = cacheward::store::pg::tables::resolve_all(&client, &config)
-        .await
-        .expect("bench_orders checks");
-    cacheward::store::pg::tables::install(&mut client, &checked)
-        .await
-        .expect("capture");
+    capture(b, &config).await;
     let socket = dir.join("tables.sock");
     let daemon = DaemonProcess::start(&dir, &socket, &b.db_url, &b.redis_url, &[]).await;
     let pid = daemon.child.id();
@@ -202,42 +198,10 @@ pub async fn cdc(b: &Bench, report: &mut Value) {
 /// for 5 s, each change to a row no other change touches (ids from `first`), timed from its commit
 /// to its key's appearance in Redis (keyspace notifications).
 async fn lag(b: &Bench, first: u64) -> Value {
-    use futures::StreamExt;
     use std::collections::HashMap;
     use std::time::{Duration, Instant};
     let (rate, seconds) = (1000u64, 5u64);
-    let mut conn = b
-        .redis_client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("notify-keyspace-events")
-        .arg("K$")
-        .query_async(&mut conn)
-        .await
-        .expect("CONFIG SET");
-    let mut pubsub = b.redis_client.get_async_pubsub().await.expect("pubsub");
-    pubsub
-        .psubscribe("__keyspace@*__:bench_*")
-        .await
-        .expect("psubscribe");
-    let seen: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
-    let listener = tokio::spawn({
-        let seen = seen.clone();
-        async move {
-            let mut messages = pubsub.into_on_message();
-            while let Some(msg) = messages.next().await {
-                let channel = msg.get_channel_name();
-                let key = channel
-                    .split_once("__:")
-                    .map_or(channel, |(_, k)| k)
-                    .to_owned();
-                seen.lock().unwrap().entry(key).or_insert_with(Instant::now);
-            }
-        }
-    });
+    let (seen, listener) = crate::cdc::watch_keys(&b.redis_client, "bench_*").await;
     let committed: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
     let start = Instant::now();
     let total = rate * seconds;

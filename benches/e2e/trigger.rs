@@ -8,8 +8,6 @@ use std::process::Command;
 use cacheward::dev::Postgres;
 use serde_json::{json, Value};
 
-use cacheward::store::pg::tables;
-
 use crate::measure::env_or;
 use crate::Bench;
 
@@ -74,26 +72,9 @@ async fn declare(b: &Bench) {
     let mut config = cacheward::config::Config::default();
     config.tables.insert(
         "bench_accounts".into(),
-        cacheward::config::TableConfig {
-            source: None,
-            key: vec!["id".into()],
-            lookups: [("by_username".to_owned(), vec!["username".to_owned()])].into(),
-            columns: None,
-            exclude: vec![],
-            key_prefix: None,
-            ttl_secs: None,
-            writable: true,
-        },
+        cacheward::config::TableConfig::keyed(&["id"]).lookup("by_username", &["username"]),
     );
-    let mut client = cacheward::store::pg::connect(&b.pg_config)
-        .await
-        .expect("connect");
-    let declared = tables::resolve_all(&client, &config)
-        .await
-        .expect("bench_accounts checks");
-    tables::install(&mut client, &declared)
-        .await
-        .expect("install the capture");
+    crate::tables::capture(b, &config).await;
 }
 
 /// Out-of-band UPDATE throughput with the capture (NOTIFY on, poll-only) and without it, for

@@ -72,22 +72,30 @@ impl TableChanges {
         if c.row_key.is_none() && c.old_key.is_none() {
             return Some("a change names no key");
         }
-        for parts in [c.row_key, c.old_key].into_iter().flatten() {
-            let Some(key) = tables.key(id, parts) else {
-                return Some("a key of an undeclared table");
-            };
+        // Read whole before anything is kept: a malformed row adds nothing.
+        let lookups = match c.old_lookups {
+            None => Vec::new(),
+            Some(value) => match old_lookups(value) {
+                Some(lookups) => lookups,
+                None => return Some("old_lookups is not an object of text arrays"),
+            },
+        };
+        let keys: Option<Vec<Key>> = [c.row_key, c.old_key]
+            .into_iter()
+            .flatten()
+            .map(|parts| tables.key(id, parts))
+            .collect();
+        let Some(keys) = keys else {
+            return Some("a key of an undeclared table");
+        };
+        for key in keys {
             let v = self.keys.entry(key).or_insert(c.version);
             *v = (*v).max(c.version);
         }
-        if let Some(value) = c.old_lookups {
-            let Some(lookups) = old_lookups(value) else {
-                return Some("old_lookups is not an object of text arrays");
-            };
-            for (name, parts) in lookups {
-                let key = Key::new(id, &encode_lookup(name, &parts));
-                let v = self.gone_lookups.entry(key).or_insert(c.version);
-                *v = (*v).max(c.version);
-            }
+        for (name, parts) in lookups {
+            let key = Key::new(id, &encode_lookup(name, &parts));
+            let v = self.gone_lookups.entry(key).or_insert(c.version);
+            *v = (*v).max(c.version);
         }
         None
     }
@@ -152,4 +160,67 @@ pub async fn current_rows(
         out.push((table, read));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn change<'a>(
+        op: &'a str,
+        row_key: Option<&'a [String]>,
+        old_key: Option<&'a [String]>,
+        old_lookups: Option<&'a serde_json::Value>,
+    ) -> TableChange<'a> {
+        TableChange {
+            op,
+            row_key,
+            old_key,
+            old_lookups,
+            version: 9,
+        }
+    }
+
+    #[test]
+    fn forged_rows_of_a_declared_table_are_named_and_change_nothing() {
+        let tables = Tables::new(vec![("accounts".into(), false)]);
+        let id = tables.id("accounts");
+        let key = vec!["1".to_owned()];
+        let bad_lookups = json!({"by_email": [1, 2]});
+        let not_an_object = json!(["by_email"]);
+        let mut changes = TableChanges::default();
+        for (forged, why) in [
+            (change("upsert", Some(&key), None, None), "unknown op"),
+            (change("update", None, None, None), "a change names no key"),
+            (
+                change("delete", None, Some(&key), Some(&bad_lookups)),
+                "old_lookups is not an object of text arrays",
+            ),
+            (
+                change("delete", None, Some(&key), Some(&not_an_object)),
+                "old_lookups is not an object of text arrays",
+            ),
+        ] {
+            assert_eq!(changes.add(&tables, id, forged), Some(why));
+        }
+        // A table this daemon does not declare: passed over, said by the worker.
+        assert_eq!(
+            changes.add(&tables, None, change("truncate", None, None, None)),
+            None
+        );
+        assert!(
+            changes.is_empty(),
+            "a malformed row adds nothing: {changes:?}"
+        );
+        // A well-formed one is kept, under its encoded key.
+        let lookups = json!({"by_email": ["a:b@x"]});
+        let ok = change("update", Some(&key), None, Some(&lookups));
+        assert_eq!(changes.add(&tables, id, ok), None);
+        let id = id.unwrap();
+        assert!(changes.keys.contains_key(&Key::new(id, "1")));
+        assert!(changes
+            .gone_lookups
+            .contains_key(&Key::new(id, "by_email=a%3Ab@x")));
+    }
 }

@@ -67,6 +67,28 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl TableConfig {
+    /// A section with `key` and every default (the section's name as source and prefix, every
+    /// column, writable).
+    pub fn keyed(key: &[&str]) -> TableConfig {
+        TableConfig {
+            source: None,
+            key: key.iter().map(|c| c.to_string()).collect(),
+            lookups: BTreeMap::new(),
+            columns: None,
+            exclude: Vec::new(),
+            key_prefix: None,
+            ttl_secs: None,
+            writable: true,
+        }
+    }
+
+    /// With the lookup `name` on `columns`.
+    pub fn lookup(mut self, name: &str, columns: &[&str]) -> TableConfig {
+        let columns = columns.iter().map(|c| c.to_string()).collect();
+        self.lookups.insert(name.to_owned(), columns);
+        self
+    }
+
     /// The prefix of this table's keys in Redis.
     pub fn prefix(&self, name: &str) -> String {
         self.key_prefix

@@ -74,14 +74,8 @@ impl DevStack {
         config.tables.insert(
             "accounts".into(),
             TableConfig {
-                source: None,
-                key: vec!["id".into()],
-                lookups: [("by_email".to_owned(), vec!["email".to_owned()])].into(),
-                columns: None,
                 exclude: vec!["password_hash".into()],
-                key_prefix: None,
-                ttl_secs: None,
-                writable: true,
+                ..TableConfig::keyed(&["id"]).lookup("by_email", &["email"])
             },
         );
     }
