@@ -59,19 +59,21 @@ fn row_params(ids: Arc<dyn Fn(u64) -> u64 + Send + Sync>) -> Params {
 fn compare(label: &str, cell: (usize, usize), users: &Side, table: &Side) -> Value {
     let ratio = table.throughput() / users.throughput();
     println!(
-        "{label:>5} {:>5} {:>5} | {:>12.0} {:>8} {:>8} | {:>12.0} {:>8} {:>8} | {ratio:>6.2}",
+        "{label:>5} {:>5} {:>5} | {:>12.0} {:>8} {:>8} {:>7.1} | {:>12.0} {:>8} {:>8} {:>7.1} | {ratio:>6.2}",
         cell.0,
         cell.1,
         users.throughput(),
         users.quantile_us(0.5),
         users.quantile_us(0.99),
+        users.cpu_us_per_op(),
         table.throughput(),
         table.quantile_us(0.5),
         table.quantile_us(0.99),
+        table.cpu_us_per_op(),
     );
     json!({"connections": cell.0, "depth": cell.1,
-        "users": {"ops_per_sec": users.throughput(), "p50_us": users.quantile_us(0.5), "p99_us": users.quantile_us(0.99)},
-        "table": {"ops_per_sec": table.throughput(), "p50_us": table.quantile_us(0.5), "p99_us": table.quantile_us(0.99)},
+        "users": {"ops_per_sec": users.throughput(), "p50_us": users.quantile_us(0.5), "p99_us": users.quantile_us(0.99), "daemon_cpu_us_per_op": users.cpu_us_per_op()},
+        "table": {"ops_per_sec": table.throughput(), "p50_us": table.quantile_us(0.5), "p99_us": table.quantile_us(0.99), "daemon_cpu_us_per_op": table.cpu_us_per_op()},
         "ratio": ratio})
 }
 
@@ -120,16 +122,18 @@ pub async fn run(b: &Bench, report: &mut Value) {
     let table_hot = row_params(Arc::new(move |n| n % hot + 1));
     println!("\ndeclared table next to users, one daemon: gets of cached rows (near cache warm)");
     println!(
-        "{:>5} {:>5} {:>5} | {:>12} {:>8} {:>8} | {:>12} {:>8} {:>8} | {:>6}",
+        "{:>5} {:>5} {:>5} | {:>12} {:>8} {:>8} {:>7} | {:>12} {:>8} {:>8} {:>7} | {:>6}",
         "",
         "conns",
         "depth",
         "users op/s",
         "p50 µs",
         "p99 µs",
+        "cpu µs",
         "table op/s",
         "p50 µs",
         "p99 µs",
+        "cpu µs",
         "ratio"
     );
     let mut hits = Vec::new();

@@ -81,6 +81,17 @@ impl Tables {
         }
     }
 
+    /// `f` of the table named `name`, if declared and checked: as [`Tables::named`], without
+    /// cloning it or naming why not (the request fast path's, which leaves errors to the
+    /// general one).
+    pub fn with_ready<R>(&self, name: &str, f: impl FnOnce(&Table) -> R) -> Option<R> {
+        let at = self.names.iter().position(|n| n == name)?;
+        match &self.checked.read().expect("not poisoned")[at] {
+            Slot::Ready(table) => Some(f(table)),
+            _ => None,
+        }
+    }
+
     /// The checked table `id`.
     pub fn get(&self, id: TableId) -> Option<Arc<Table>> {
         let at = (id.0 as usize).checked_sub(1)?;

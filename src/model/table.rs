@@ -83,23 +83,56 @@ impl Table {
                 reason: "is not a column of this key".into(),
             });
         }
-        let mut parts = Vec::with_capacity(columns.len());
-        for column in columns {
-            let value = given.get(&column.name).ok_or_else(|| KeyError {
+        self.encode_columns(lookup, |name| given.get(name).map(Scalar::of))
+    }
+
+    /// [`Table::key_of`] for a key object read as scalars (the request fast path's): `None`
+    /// unless it names exactly the key's (or `lookup`'s) columns, each once, with values the
+    /// columns take.
+    pub fn key_of_scalars(
+        &self,
+        given: &[(&str, Scalar)],
+        lookup: Option<&Lookup>,
+    ) -> Option<String> {
+        let columns = lookup.map_or(&self.key, |l| &l.columns);
+        if given.len() != columns.len() {
+            return None;
+        }
+        let found = |name: &str| given.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+        self.encode_columns(lookup, found).ok()
+    }
+
+    /// The key text of the columns of the key (or of `lookup`) whose values `value` gives by
+    /// name, encoded as [`encode_key`] and [`encode_lookup`] do, written in one pass.
+    fn encode_columns<'v>(
+        &self,
+        lookup: Option<&Lookup>,
+        value: impl Fn(&str) -> Option<Scalar<'v>>,
+    ) -> Result<String, KeyError> {
+        let columns = lookup.map_or(&self.key, |l| &l.columns);
+        let escape = lookup.is_some() || !(self.plain() && columns.len() == 1);
+        let mut out = String::with_capacity(32);
+        if let Some(l) = lookup {
+            out.push_str(&l.name);
+            out.push('=');
+        }
+        for (i, column) in columns.iter().enumerate() {
+            if i > 0 {
+                out.push(':');
+            }
+            let value = value(&column.name).ok_or_else(|| KeyError {
                 column: column.name.clone(),
                 reason: "is missing".into(),
             })?;
-            let text = column.kind.canonical(value).map_err(|reason| KeyError {
-                column: column.name.clone(),
-                reason,
-            })?;
-            parts.push(text);
+            column
+                .kind
+                .canonical_into(value, &mut out, escape)
+                .map_err(|reason| KeyError {
+                    column: column.name.clone(),
+                    reason,
+                })?;
         }
-        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-        Ok(match lookup {
-            Some(l) => encode_lookup(&l.name, &parts),
-            None => self.key_text(&parts),
-        })
+        Ok(out)
     }
 
     pub fn lookup(&self, name: &str) -> Option<&Lookup> {
@@ -170,23 +203,98 @@ impl KeyType {
     /// The column's text as PostgreSQL would print the value `value` converts to, or why
     /// PostgreSQL would refuse it.
     pub fn canonical(self, value: &Value) -> Result<String, String> {
-        match self {
-            KeyType::Int2 => integer(value, i16::MIN.into(), i16::MAX.into(), "smallint"),
-            KeyType::Int4 => integer(value, i32::MIN.into(), i32::MAX.into(), "integer"),
-            KeyType::Int8 => integer(value, i64::MIN, i64::MAX, "bigint"),
-            KeyType::Text => match value {
-                Value::String(s) if s.contains('\0') => {
-                    Err("text cannot hold the character NUL".into())
+        let mut out = String::new();
+        self.canonical_into(Scalar::of(value), &mut out, false)?;
+        Ok(out)
+    }
+
+    /// [`KeyType::canonical`] written at the end of `out`, percent-encoded as a key's part when
+    /// `escape` (only text can need it: integers and uuids print none of `%`, `:`, `=`).
+    pub fn canonical_into(
+        self,
+        value: Scalar,
+        out: &mut String,
+        escape: bool,
+    ) -> Result<(), String> {
+        use std::fmt::Write;
+        let integer = |min: i64, max: i64, name: &str| -> Result<i64, String> {
+            let parsed = match value {
+                Scalar::Int(n) => n,
+                Scalar::Str(s) => s
+                    .trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("invalid input syntax for type {name}: {s:?}"))?,
+                Scalar::Json(Value::Number(n)) => return Err(format!("{n} is not a {name}")),
+                Scalar::Json(other) => {
+                    return Err(format!("expected a {name}, got {}", type_name(other)))
                 }
-                Value::String(s) => Ok(s.clone()),
-                Value::Number(n) => Ok(n.to_string()),
-                Value::Bool(b) => Ok(b.to_string()),
-                other => Err(format!("expected text, got {}", type_name(other))),
-            },
-            KeyType::Uuid => match value {
-                Value::String(s) => uuid(s).ok_or_else(|| format!("invalid uuid: {s:?}")),
-                other => Err(format!("expected a uuid, got {}", type_name(other))),
-            },
+            };
+            match (min..=max).contains(&parsed) {
+                true => Ok(parsed),
+                false => Err(format!("{parsed} is out of range for type {name}")),
+            }
+        };
+        let n = match self {
+            KeyType::Int2 => integer(i16::MIN.into(), i16::MAX.into(), "smallint")?,
+            KeyType::Int4 => integer(i32::MIN.into(), i32::MAX.into(), "integer")?,
+            KeyType::Int8 => integer(i64::MIN, i64::MAX, "bigint")?,
+            KeyType::Text => {
+                match value {
+                    Scalar::Str(s) if s.contains('\0') => {
+                        return Err("text cannot hold the character NUL".into())
+                    }
+                    Scalar::Str(s) if escape => escape_into(out, s),
+                    Scalar::Str(s) => out.push_str(s),
+                    Scalar::Int(n) => write!(out, "{n}").expect("a String takes any text"),
+                    // A number's or a boolean's text needs no escaping either.
+                    Scalar::Json(Value::Number(n)) => {
+                        write!(out, "{n}").expect("a String takes any text")
+                    }
+                    Scalar::Json(Value::Bool(b)) => {
+                        write!(out, "{b}").expect("a String takes any text")
+                    }
+                    Scalar::Json(other) => {
+                        return Err(format!("expected text, got {}", type_name(other)))
+                    }
+                }
+                return Ok(());
+            }
+            KeyType::Uuid => {
+                return match value {
+                    Scalar::Str(s) => match uuid(s) {
+                        Some(text) => {
+                            out.push_str(&text);
+                            Ok(())
+                        }
+                        None => Err(format!("invalid uuid: {s:?}")),
+                    },
+                    Scalar::Int(_) => Err("expected a uuid, got a number".into()),
+                    Scalar::Json(other) => {
+                        Err(format!("expected a uuid, got {}", type_name(other)))
+                    }
+                }
+            }
+        };
+        write!(out, "{n}").expect("a String takes any text");
+        Ok(())
+    }
+}
+
+/// A key column's value as a client gave it: a string or an integer, read without building a
+/// JSON value (the request fast path), or any other JSON value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scalar<'a> {
+    Str(&'a str),
+    Int(i64),
+    Json(&'a Value),
+}
+
+impl<'a> Scalar<'a> {
+    pub fn of(value: &'a Value) -> Scalar<'a> {
+        match value {
+            Value::String(s) => Scalar::Str(s),
+            Value::Number(n) if n.as_i64().is_some() => Scalar::Int(n.as_i64().expect("checked")),
+            other => Scalar::Json(other),
         }
     }
 }
@@ -201,23 +309,6 @@ pub fn type_name(value: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-/// An integer in [min, max] given as a JSON integer or as text PostgreSQL's integer input takes
-/// (surrounding whitespace, a sign).
-fn integer(value: &Value, min: i64, max: i64, name: &str) -> Result<String, String> {
-    let parsed = match value {
-        Value::Number(n) => n.as_i64().ok_or_else(|| format!("{n} is not a {name}"))?,
-        Value::String(s) => s
-            .trim()
-            .parse::<i64>()
-            .map_err(|_| format!("invalid input syntax for type {name}: {s:?}"))?,
-        other => return Err(format!("expected a {name}, got {}", type_name(other))),
-    };
-    if parsed < min || parsed > max {
-        return Err(format!("{parsed} is out of range for type {name}"));
-    }
-    Ok(parsed.to_string())
 }
 
 /// A uuid as PostgreSQL's input takes it (hex digits, optionally braced, a hyphen allowed after

@@ -2,16 +2,53 @@
 //! the seed corpus in every `cargo test`): the request parser and the line framer, fed arbitrary
 //! bytes. Each checks the invariants a hostile client must not break, and panics if one fails.
 
+use std::sync::OnceLock;
+
+use crate::model::key::TableId;
+use crate::model::registry::Tables;
+use crate::model::table::{Column, KeyType, Lookup, Table};
 use crate::rpc::encode::{encode_error, encode_user_into, Id};
 use crate::rpc::framing::{Frame, LineBuffer};
 use crate::rpc::methods::get::Target;
 use crate::rpc::methods::{params::validate_username, Call};
 use crate::rpc::protocol::{self, Incoming};
 
-/// One request line, as any client may send it: parsing never panics, and every answer it leads
-/// to (an error, or a result for a parsed call) is one line of valid JSON-RPC.
+/// The declared tables requests are read against: `orders`, keyed by `(region text, id bigint)`
+/// with a lookup `by_ref` on `(ref uuid)`, checked.
+pub fn declared() -> &'static Tables {
+    static TABLES: OnceLock<Tables> = OnceLock::new();
+    TABLES.get_or_init(|| {
+        let column = |name: &str, kind| Column {
+            name: name.into(),
+            kind,
+        };
+        let tables = Tables::new(vec![("orders".into(), false)]);
+        tables.checked(Table {
+            id: TableId(1),
+            name: "orders".into(),
+            source: "\"orders\"".into(),
+            prefix: "orders:".into(),
+            ttl_secs: 0,
+            writable: true,
+            key: vec![column("region", KeyType::Text), column("id", KeyType::Int8)],
+            lookups: vec![Lookup {
+                name: "by_ref".into(),
+                columns: vec![column("ref", KeyType::Uuid)],
+            }],
+            projection: vec!["region".into(), "id".into(), "ref".into()],
+            types: vec!["text".into(), "int8".into(), "uuid".into()],
+            timestamps: vec![],
+        });
+        tables
+    })
+}
+
+/// One request line, as any client may send it: parsing never panics, a key resolved at once
+/// decodes to the key or lookup it was read from, and every answer it leads to (an error, or a
+/// result for a parsed call) is one line of valid JSON-RPC.
 pub fn request(data: &[u8]) {
-    let Some(incoming) = protocol::parse_line(data) else {
+    let tables = declared();
+    let Some(incoming) = protocol::parse_line(data, tables) else {
         assert!(
             data.iter().all(u8::is_ascii_whitespace),
             "only a blank line is skipped"
@@ -29,6 +66,25 @@ pub fn request(data: &[u8]) {
             | Call::Put { username } = &call
             {
                 assert!(validate_username(username).is_ok(), "{username:?}");
+            }
+            if let Call::Get {
+                target: Target::Key(key),
+                ..
+            } = &call
+            {
+                match key.table() {
+                    TableId::USERS => assert!(validate_username(key.as_str()).is_ok(), "{key:?}"),
+                    id => {
+                        let table = tables.get(id).expect("a declared table's key");
+                        let (lookup, parts) = table.decode(key.as_str()).expect("it decodes");
+                        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+                        let again = match lookup {
+                            Some(l) => crate::model::table::encode_lookup(&l.name, &parts),
+                            None => table.key_text(&parts),
+                        };
+                        assert_eq!(again, key.as_str(), "{key:?} encodes what it decodes to");
+                    }
+                }
             }
             let id: Id = id.unwrap_or(serde_json::Value::Null);
             let mut out = Vec::new();

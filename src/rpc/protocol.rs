@@ -11,6 +11,9 @@ use super::error::{ErrorKind, RpcError};
 use super::methods::get::Target;
 use super::methods::params::{type_name, validate_username};
 use super::methods::{self, Call};
+use crate::model::key::Key;
+use crate::model::registry::Tables;
+use crate::model::table::Scalar;
 
 /// What one request line turned into.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,12 +26,13 @@ pub enum Incoming {
     Ignore,
 }
 
-/// Parses one request line (without its `\n`). Blank lines are `None`.
-pub fn parse_line(line: &[u8]) -> Option<Incoming> {
+/// Parses one request line (without its `\n`). Blank lines are `None`. `tables`: the declared
+/// tables, whose keys a plain get's key object is resolved against at once.
+pub fn parse_line(line: &[u8], tables: &Tables) -> Option<Incoming> {
     if line.iter().all(u8::is_ascii_whitespace) {
         return None;
     }
-    if let Some(get) = parse_plain_get(line) {
+    if let Some(get) = parse_plain_get(line, tables) {
         return Some(get);
     }
     let value: Value = match serde_json::from_slice::<Strict>(line) {
@@ -142,7 +146,7 @@ struct PlainParams<'a> {
     #[serde(default, borrow, deserialize_with = "present")]
     lookup: Option<&'a RawValue>,
     #[serde(default, borrow)]
-    key: Option<&'a RawValue>,
+    key: Option<Scalars<'a>>,
     #[serde(default)]
     min_version: Option<i64>,
 }
@@ -153,39 +157,95 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
     <&RawValue>::deserialize(d).map(Some)
 }
 
-/// The target of a plain get's params: a user, or a declared table's row (only its small key
-/// object is built as a `Value`).
-fn plain_target(params: &str) -> Option<(Target, Option<i64>)> {
+/// The key a plain get's params name: a user's, or a declared table's row's (its key object read
+/// as scalars, resolved against the checked table). `None` for anything else, an error included:
+/// the general path reads it again and names what is wrong.
+fn plain_target(params: &str, tables: &Tables) -> Option<(Target, Option<i64>)> {
     let p: PlainParams = serde_json::from_str(params).ok()?;
-    let target = match (p.username, p.table, p.lookup, p.key) {
+    let key = match (p.username, p.table, p.lookup, p.key) {
         (Some(username), None, None, None) => {
             validate_username(username).ok()?;
-            Target::User(username.to_owned())
+            Key::user(username)
         }
         (None, Some(table), lookup, Some(key)) => {
             // `"lookup": null` is refused by the general path: only a string takes this one.
             let lookup = match lookup {
                 None => None,
-                Some(raw) => Some(serde_json::from_str::<&str>(raw.get()).ok()?.to_owned()),
+                Some(raw) => Some(serde_json::from_str::<&str>(raw.get()).ok()?),
             };
-            let Strict(Value::Object(key)) = serde_json::from_str(key.get()).ok()? else {
-                return None;
-            };
-            Target::Row {
-                table: table.to_owned(),
-                lookup,
-                key,
-            }
+            let Scalars(given) = key;
+            tables.with_ready(table, |table| {
+                let by = match lookup {
+                    None => None,
+                    Some(name) => Some(table.lookup(name)?),
+                };
+                Some(table.key(&table.key_of_scalars(&given, by)?))
+            })??
         }
         _ => return None,
     };
-    Some((target, p.min_version))
+    Some((Target::Key(key), p.min_version))
+}
+
+/// A key object whose members are strings without escapes or integers, borrowed from the line;
+/// anything else fails, to be read by the general path.
+struct Scalars<'a>(Vec<(&'a str, Scalar<'a>)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Scalars<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Members<'a> {
+            type Value = Scalars<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of strings and integers")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut given = Vec::with_capacity(4);
+                while let Some(name) = map.next_key::<&str>()? {
+                    if given.len() == 16 {
+                        return Err(serde::de::Error::custom("more members than a key has"));
+                    }
+                    given.push((name, map.next_value::<ScalarValue>()?.0));
+                }
+                Ok(Scalars(given))
+            }
+        }
+        d.deserialize_map(Members(std::marker::PhantomData))
+    }
+}
+
+struct ScalarValue<'a>(Scalar<'a>);
+
+impl<'de> Deserialize<'de> for ScalarValue<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct One;
+        impl<'de> serde::de::Visitor<'de> for One {
+            type Value = ScalarValue<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an integer")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(ScalarValue(Scalar::Str(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(ScalarValue(Scalar::Int(v)))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                let v = i64::try_from(v).map_err(|_| E::custom("past i64"))?;
+                Ok(ScalarValue(Scalar::Int(v)))
+            }
+        }
+        d.deserialize_any(One)
+    }
 }
 
 /// A valid `get` with a number or string id and no escapes in its strings, read without building
-/// a `Value` (but a declared table's key object). Anything else (and anything invalid) is `None` and takes the general path, which
+/// a `Value`. Anything else (and anything invalid) is `None` and takes the general path, which
 /// gives it the same meaning or the precise error.
-fn parse_plain_get(line: &[u8]) -> Option<Incoming> {
+fn parse_plain_get(line: &[u8], tables: &Tables) -> Option<Incoming> {
     // serde reads a struct from an array too: only objects qualify, at both levels.
     let is_object = |text: &[u8]| text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
     if !is_object(line) {
@@ -198,7 +258,7 @@ fn parse_plain_get(line: &[u8]) -> Option<Incoming> {
     {
         return None;
     }
-    let (target, min_version) = plain_target(request.params.get())?;
+    let (target, min_version) = plain_target(request.params.get(), tables)?;
     let id = match request.id.get().as_bytes().first()? {
         b'"' | b'-' | b'0'..=b'9' => serde_json::from_str(request.id.get()).ok()?,
         _ => return None,
@@ -300,6 +360,7 @@ fn parse_request(value: Value) -> Incoming {
 mod tests {
     use super::*;
     use crate::rpc::encode::{encode_error, encode_result, encode_user_into};
+    use crate::rpc::fuzzing::declared;
     use serde::Serialize;
     use serde_json::json;
 
@@ -317,7 +378,7 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"get","params":{"username":"a"}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"put","method":"delete","params":{"username":"a"}}"#,
         ] {
-            match parse_line(line.as_bytes()) {
+            match parse_line(line.as_bytes(), declared()) {
                 Some(Incoming::Reject { error, .. }) => {
                     assert_eq!(error.kind, ErrorKind::InvalidRequest, "{line}");
                     assert!(error.message.contains("appears twice"), "{}", error.message);
@@ -327,7 +388,7 @@ mod tests {
         }
         // Not JSON at all stays a parse error; the same member in two objects is fine.
         assert!(matches!(
-            parse_line(b"{\"a\":"),
+            parse_line(b"{\"a\":", declared()),
             Some(Incoming::Reject {
                 error: RpcError {
                     kind: ErrorKind::ParseError,
@@ -337,7 +398,10 @@ mod tests {
             })
         ));
         assert!(matches!(
-            parse_line(br#"{"jsonrpc":"2.0","id":{"x":1},"method":"get","params":{"x":1}}"#),
+            parse_line(
+                br#"{"jsonrpc":"2.0","id":{"x":1},"method":"get","params":{"x":1}}"#,
+                declared()
+            ),
             Some(Incoming::Reject {
                 error: RpcError {
                     kind: ErrorKind::InvalidRequest,
@@ -347,19 +411,58 @@ mod tests {
             })
         ));
         assert!(matches!(
-            parse_line(br#"{"jsonrpc":"2.0","id":7,"method":"rename","params":{"username":"a","new_username":"b"}}"#),
+            parse_line(br#"{"jsonrpc":"2.0","id":7,"method":"rename","params":{"username":"a","new_username":"b"}}"#, declared()),
             Some(Incoming::Call { .. })
         ));
     }
 
     fn parse(text: &str) -> Incoming {
-        parse_line(text.as_bytes()).expect("not blank")
+        parse_line(text.as_bytes(), declared()).expect("not blank")
     }
 
     fn rejected(text: &str) -> (Id, ErrorKind) {
         match parse(text) {
             Incoming::Reject { id, error } => (id, error.kind),
             other => panic!("{text} was not rejected: {other:?}"),
+        }
+    }
+
+    /// `incoming` with a get's target resolved to its key, as `get` resolves it when it runs
+    /// (left as it is when it names none).
+    fn resolved(incoming: Incoming) -> Incoming {
+        let Incoming::Call {
+            id,
+            call: Call::Get {
+                target,
+                min_version,
+            },
+        } = incoming
+        else {
+            return incoming;
+        };
+        let target = match target {
+            Target::User(name) => Target::Key(Key::user(&name)),
+            Target::Row { table, lookup, key } => {
+                let found = declared().named(&table).ok().and_then(|t| {
+                    let by = match &lookup {
+                        None => None,
+                        Some(name) => Some(t.lookup(name)?),
+                    };
+                    Some(t.key(&t.key_of(&key, by).ok()?))
+                });
+                match found {
+                    Some(key) => Target::Key(key),
+                    None => Target::Row { table, lookup, key },
+                }
+            }
+            key => key,
+        };
+        Incoming::Call {
+            id,
+            call: Call::Get {
+                target,
+                min_version,
+            },
         }
     }
 
@@ -380,30 +483,55 @@ mod tests {
             r#"{"jsonrpc":"1.0","id":1,"method":"get","params":{"username":"a"}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"put","params":{"username":"a"}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a"},"extra":0}"#,
-            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"t","key":{"id":1}}}"#,
-            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"t","lookup":"l","key":{"e":"x"},"min_version":3}}"#,
-            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"t","lookup":null,"key":{"id":1}}}"#,
-            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"t","key":[1]}}"#,
-            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"t","key":{"id":1},"min_version":-1}}"#,
-            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"t","username":"a","key":{}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":"eu:1=%","id":1}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"id":" 7","region":"x"}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","lookup":"by_ref","key":{"ref":"{A0EEBC99-9C0B4EF8-BB6D6BB9-BD380A11}"},"min_version":3}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":"eu\u003a1","id":1}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":true,"id":1}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":"x","id":1.5}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":"x"}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":"x","id":1,"note":1}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","lookup":"by_x","key":{"ref":1}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"nope","key":{"id":1}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","lookup":null,"key":{"id":1}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":[1]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":"x","id":1},"min_version":-1}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","username":"a","key":{}}}"#,
         ];
         let mut plain = 0;
         for line in lines {
-            let general = parse_request(serde_json::from_str(line).unwrap());
-            if let Some(fast) = parse_plain_get(line.as_bytes()) {
+            let general = resolved(parse_request(serde_json::from_str(line).unwrap()));
+            if let Some(fast) = parse_plain_get(line.as_bytes(), declared()) {
                 plain += 1;
+                assert!(
+                    matches!(
+                        &fast,
+                        Incoming::Call {
+                            call: Call::Get {
+                                target: Target::Key(_),
+                                ..
+                            },
+                            ..
+                        }
+                    ),
+                    "{line}: {fast:?}"
+                );
                 assert_eq!(fast, general, "{line}");
             }
-            assert_eq!(parse(line), general, "{line}");
+            assert_eq!(resolved(parse(line)), general, "{line}");
         }
         assert_eq!(
-            plain, 5,
-            "three users' gets and two tables' take the plain path"
+            plain, 6,
+            "three users' gets and three tables' take the plain path"
         );
         // A key naming a column twice is refused by the fast path's own strict reading too.
-        let twice = r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"t","key":{"id":1,"id":2}}}"#;
-        assert_eq!(parse_plain_get(twice.as_bytes()), None);
-        assert!(matches!(parse(twice), Incoming::Reject { .. }));
+        for twice in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"id":1,"id":2}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"id":1,"region":"x","id":2}}}"#,
+        ] {
+            assert_eq!(parse_plain_get(twice.as_bytes(), declared()), None);
+            assert!(matches!(parse(twice), Incoming::Reject { .. }));
+        }
     }
 
     #[test]
@@ -459,21 +587,21 @@ mod tests {
             (
                 r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"user01"}}"#,
                 Call::Get {
-                    target: Target::User("user01".into()),
+                    target: Target::Key(Key::user("user01")),
                     min_version: None,
                 },
             ),
             (
                 r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a","min_version":42}}"#,
                 Call::Get {
-                    target: Target::User("a".into()),
+                    target: Target::Key(Key::user("a")),
                     min_version: Some(42),
                 },
             ),
             (
                 r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"min_version":null,"username":"a"}}"#,
                 Call::Get {
-                    target: Target::User("a".into()),
+                    target: Target::Key(Key::user("a")),
                     min_version: None,
                 },
             ),
@@ -504,7 +632,7 @@ mod tests {
         ];
         for (text, call) in cases {
             assert_eq!(
-                parse(text),
+                resolved(parse(text)),
                 Incoming::Call {
                     id: Some(json!(1)),
                     call
@@ -555,7 +683,7 @@ mod tests {
             (Value::Null, ErrorKind::ParseError)
         );
         assert_eq!(
-            parse_line(b"\xff\xfe{").map(|i| matches!(i, Incoming::Reject { .. })),
+            parse_line(b"\xff\xfe{", declared()).map(|i| matches!(i, Incoming::Reject { .. })),
             Some(true)
         );
         assert_eq!(rejected("[]"), (Value::Null, ErrorKind::InvalidRequest));
@@ -615,7 +743,7 @@ mod tests {
             assert_eq!(error.kind, ErrorKind::InvalidParams, "{line}");
             assert!(error.message.contains("min_version"), "{}", error.message);
         }
-        assert!(parse_line(b"   \r").is_none());
+        assert!(parse_line(b"   \r", declared()).is_none());
     }
 
     #[test]

@@ -476,7 +476,7 @@ impl Connection {
                 return;
             }
         };
-        let Some(incoming) = protocol::parse_line(&line) else {
+        let Some(incoming) = protocol::parse_line(&line, &self.service.tables) else {
             return;
         };
         let size = line.len() + 1;

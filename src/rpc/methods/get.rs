@@ -20,6 +20,20 @@ pub enum Target {
         lookup: Option<String>,
         key: Params,
     },
+    /// A user or a row whose key the request fast path already resolved
+    /// (`protocol::parse_line`).
+    Key(Key),
+}
+
+impl Target {
+    /// Whether it names a user (answered as `{"user": …}`), not a declared table's row.
+    fn is_user(&self) -> bool {
+        match self {
+            Target::User(_) => true,
+            Target::Row { .. } => false,
+            Target::Key(key) => key.is_user(),
+        }
+    }
 }
 
 pub fn parse(params: &mut Params) -> Result<Call, RpcError> {
@@ -44,6 +58,7 @@ pub type GetItem = (Option<Id>, Target, Option<i64>);
 fn key_of(service: &Service, target: &Target) -> Result<Key, RpcError> {
     match target {
         Target::User(name) => Ok(Key::user(name)),
+        Target::Key(key) => Ok(key.clone()),
         Target::Row { table, lookup, key } => {
             let table = params::table(service, table)?;
             let text = params::key_text(&table, key, lookup.as_deref())?;
@@ -85,9 +100,9 @@ pub async fn batch(service: &Arc<Service>, gets: Vec<GetItem>) -> Vec<u8> {
         }
         match (id, answer) {
             (None, _) => {}
-            (Some(id), Ok((json, source))) => match target {
-                Target::User(_) => encode::encode_user_into(&mut out, id, &json, source.as_str()),
-                Target::Row { .. } => encode::encode_row_into(&mut out, id, &json, source.as_str()),
+            (Some(id), Ok((json, source))) => match target.is_user() {
+                true => encode::encode_user_into(&mut out, id, &json, source.as_str()),
+                false => encode::encode_row_into(&mut out, id, &json, source.as_str()),
             },
             (Some(id), Err(error)) => out.extend_from_slice(&encode::encode_error(id, &error)),
         }
