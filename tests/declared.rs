@@ -687,6 +687,22 @@ async fn schema_changes_while_running_reach_the_cache_and_a_dropped_table_stalls
             .is_none_or(|e| e.get("tombstone").is_some() || e["row"]["region"] == "eu"),
         "no entry of the old shape: {entry:?}"
     );
+    // The change stream reads the new shape too (its statement for the table prepared again).
+    pg.batch_execute("UPDATE accounts SET region = 'us' WHERE id = 2")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let entry = cached(&env, "accounts:2").await;
+        if entry.as_ref().is_some_and(|e| e["row"]["region"] == "us") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cdc never wrote the new shape: {entry:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // A column dropped: never served again.
     pg.batch_execute("ALTER TABLE accounts DROP COLUMN plan")
         .await

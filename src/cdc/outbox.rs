@@ -71,6 +71,8 @@ pub struct Statements {
     own_xid: Statement,
     store_cursor: Statement,
     horizon: Statement,
+    /// The declared tables' reads, prepared as batches need them.
+    tables: tables::TableStatements,
 }
 
 impl Statements {
@@ -112,6 +114,7 @@ impl Statements {
             own_xid,
             store_cursor,
             horizon,
+            tables: Default::default(),
         })
     }
 }
@@ -412,21 +415,18 @@ pub async fn read(
                 .map(|row| Some(row.get(0))),
         }
     };
-    // Declared tables' rows are read table after table, all before the COMMIT (in the
-    // snapshot): a batch that mentions some pays one more round trip.
-    let (rows, own_xid, table_rows) = if declared.keys.is_empty() {
-        let (rows, own_xid, _) = tokio::try_join!(rows, own_xid, client.batch_execute("COMMIT"))?;
-        (rows, own_xid, Vec::new())
-    } else {
-        let table_rows = tables::current_rows(client, declared_tables, &declared);
-        let (rows, own_xid, table_rows) = tokio::try_join!(
-            async { Ok::<_, CdcError>(rows.await?) },
-            async { Ok::<_, CdcError>(own_xid.await?) },
-            table_rows
-        )?;
-        client.batch_execute("COMMIT").await?;
-        (rows, own_xid, table_rows)
-    };
+    // Declared tables' rows are read in the same round trip, before the COMMIT (in the
+    // snapshot): the requests go out in the order the futures are first polled (their
+    // statements were prepared above: a read that had to prepare first would go out after the
+    // COMMIT, outside the snapshot).
+    let reads = tables::prepare_reads(client, &st.tables, declared_tables, &declared).await?;
+    let table_rows = tables::current_rows(client, declared_tables, &reads);
+    let (rows, own_xid, table_rows, _) = tokio::try_join!(
+        async { Ok::<_, CdcError>(rows.await?) },
+        async { Ok::<_, CdcError>(own_xid.await?) },
+        table_rows,
+        async { Ok::<_, CdcError>(client.batch_execute("COMMIT").await?) },
+    )?;
     // A row that cannot be served is skipped, once per change, and its name gets a tombstone (the
     // plan treats it as missing): the rest of the batch is applied.
     let (rows, broken) = User::from_rows(&rows);

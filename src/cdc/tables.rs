@@ -2,11 +2,11 @@
 //! (each row's key, the keys rows left, the lookup values they no longer have), their TRUNCATEs,
 //! and the current rows of those keys, read in the batch's snapshot.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use super::CdcError;
 use crate::model::key::{Key, TableId};
@@ -105,16 +105,26 @@ impl TableChanges {
     }
 }
 
-/// The current rows of the declared tables' keys `changes` mentions, read on `client` (in the
-/// batch's snapshot), table by table. A table that is not served now (not checked against the
-/// catalog yet, or found not to match it) is passed over: its keys get tombstones below their
-/// change's version (see `plan`). A table whose read fails is marked unavailable before the
-/// batch fails, so that the batch read again passes it over and no other table waits on it.
-pub async fn current_rows(
+/// One declared table's read in a batch: its statement, prepared, and the texts of its keys'
+/// columns (one list per key column).
+pub struct TableRead {
+    id: TableId,
+    table: Arc<Table>,
+    statement: Statement,
+    columns: Vec<Vec<String>>,
+}
+
+/// The reads of the declared tables' keys `changes` mentions, a statement per table prepared on
+/// `client` now if it was not already (so that the reads themselves go out in the batch's one
+/// pipelined round trip, before its COMMIT: see [`current_rows`]). A table that is not served now
+/// (not checked against the catalog yet, or found not to match it) is passed over: its keys get
+/// tombstones below their change's version (see `plan`).
+pub async fn prepare_reads(
     client: &Client,
+    statements: &TableStatements,
     tables: &Tables,
     changes: &TableChanges,
-) -> Result<Vec<(Arc<Table>, Vec<TableRow>)>, CdcError> {
+) -> Result<Vec<TableRead>, CdcError> {
     let mut by_table: BTreeMap<TableId, (Arc<Table>, Vec<Vec<String>>)> = BTreeMap::new();
     for key in changes.keys.keys() {
         let Some(table) = tables.get(key.table()) else {
@@ -128,38 +138,94 @@ pub async fn current_rows(
                 .push(parts);
         }
     }
-    let mut out = Vec::with_capacity(by_table.len());
-    for (id, (table, keys)) in by_table {
-        let columns: Vec<Vec<&str>> = (0..table.key.len())
-            .map(|i| keys.iter().map(|k| k[i].as_str()).collect())
+    let reads = by_table.into_iter().map(|(id, (table, keys))| async move {
+        let statement = statements
+            .get(client, id, select_sql(&table, None), table.key.len())
+            .await
+            .map_err(|e| unreadable(tables, id, &table, e))?;
+        let columns = (0..table.key.len())
+            .map(|i| keys.iter().map(|k| k[i].clone()).collect())
             .collect();
-        let params: Vec<(&(dyn ToSql + Sync), Type)> = columns
-            .iter()
-            .map(|c| (c as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
-            .collect();
-        let rows = match client.query_typed(&select_sql(&table, None), &params).await {
-            Ok(rows) => rows,
-            Err(e) if e.as_db_error().is_some() => {
-                // The table no longer reads as it was checked (a column dropped, the table gone).
-                tables.unavailable(id, format!("reading it failed: {e}"));
-                tracing::error!(table = %table.name, error = %e, "declared table unavailable");
-                return Err(e.into());
-            }
-            Err(e) => return Err(e.into()),
-        };
+        Ok::<_, CdcError>(TableRead {
+            id,
+            table,
+            statement,
+            columns,
+        })
+    });
+    futures::future::try_join_all(reads).await
+}
+
+/// The current rows of `reads`, read on `client` (in the batch's snapshot): every read is sent
+/// when this is first polled. A table whose read fails is marked unavailable before the batch
+/// fails, so that the batch read again passes it over and no other table waits on it.
+pub async fn current_rows(
+    client: &Client,
+    tables: &Tables,
+    reads: &[TableRead],
+) -> Result<Vec<(Arc<Table>, Vec<TableRow>)>, CdcError> {
+    let reads = reads.iter().map(|r| async move {
+        let params: Vec<&(dyn ToSql + Sync)> =
+            r.columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let rows = client
+            .query(&r.statement, &params)
+            .await
+            .map_err(|e| unreadable(tables, r.id, &r.table, e))?;
         let mut read = Vec::with_capacity(rows.len());
         for row in &rows {
-            match table_row(&table, row) {
+            match table_row(&r.table, row) {
                 Ok(row) => read.push(row),
                 // Treated as missing (a tombstone), as users' rows that cannot be served are.
                 Err(e) => {
-                    tracing::warn!(table = %table.name, error = %e, "cdc skipped a row that cannot be served")
+                    tracing::warn!(table = %r.table.name, error = %e, "cdc skipped a row that cannot be served")
                 }
             }
         }
-        out.push((table, read));
+        Ok::<_, CdcError>((r.table.clone(), read))
+    });
+    futures::future::try_join_all(reads).await
+}
+
+/// `e`, met preparing or reading table `id`: a database error means the table no longer reads as
+/// it was checked (a column dropped, the table gone), and makes it unavailable.
+fn unreadable(tables: &Tables, id: TableId, table: &Table, e: tokio_postgres::Error) -> CdcError {
+    if e.as_db_error().is_some() {
+        tables.unavailable(id, format!("reading it failed: {e}"));
+        tracing::error!(table = %table.name, error = %e, "declared table unavailable");
     }
-    Ok(out)
+    e.into()
+}
+
+/// Each declared table's statement reading its rows by key, prepared on the session's connection
+/// when a batch first needs it (and again once the table's shape, so its statement, changed): a
+/// statement parsed and planned for every batch costs PostgreSQL more than the read itself.
+#[derive(Default)]
+pub struct TableStatements(Mutex<HashMap<TableId, (String, Statement)>>);
+
+impl TableStatements {
+    /// The statement `sql` of table `id` (`width` text[] parameters), prepared now unless it
+    /// was already.
+    async fn get(
+        &self,
+        client: &Client,
+        id: TableId,
+        sql: String,
+        width: usize,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if let Some((kept, statement)) = self.0.lock().expect("not poisoned").get(&id) {
+            if *kept == sql {
+                return Ok(statement.clone());
+            }
+        }
+        let statement = client
+            .prepare_typed(&sql, &vec![Type::TEXT_ARRAY; width])
+            .await?;
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .insert(id, (sql, statement.clone()));
+        Ok(statement)
+    }
 }
 
 #[cfg(test)]
