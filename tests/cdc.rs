@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use cacheward::config::CdcMode;
 use cacheward::dev::RedisOptions;
+use common::subject::Subject;
 use common::{kind, wait_until, DaemonProcess, Rpc, TestEnv};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -105,27 +106,36 @@ async fn insert_rename_delete_and_truncate_each_converge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_committed_after_a_later_numbered_one_is_applied() {
+    committed_after_a_later_numbered_one(Subject::Users).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_table_s_change_committed_after_a_later_numbered_one_is_applied() {
+    committed_after_a_later_numbered_one(Subject::Orders).await;
+}
+
+async fn committed_after_a_later_numbered_one(subject: Subject) {
     let env = TestEnv::start().await;
-    let daemon = env.start_daemon(env.config()).await;
+    let config = subject.prepare(&env, env.config()).await;
+    let daemon = env.start_daemon(config).await;
     let mut c = daemon.client().await;
-    for name in ["a", "b"] {
-        c.call("put", json!({"username": name})).await;
-    }
+    subject.served(&mut c).await;
+    subject.put(&mut c, &["a", "b"]).await;
 
     // A takes the lower outbox id and stays open.
     let mut held = env.pg().await;
     let a = held.transaction().await.unwrap();
-    a.execute("UPDATE users SET username = 'a2' WHERE username = 'a'", &[])
+    a.execute(&subject.rename_sql("a", "a2"), &[])
         .await
         .unwrap();
     // B takes a higher id and commits first.
     env.pg()
         .await
-        .execute("UPDATE users SET username = 'b2' WHERE username = 'b'", &[])
+        .execute(&subject.rename_sql("b", "b2"), &[])
         .await
         .unwrap();
     wait_until("the applier passed B", CONVERGE, || async {
-        live(&env, "b2").await.is_some()
+        subject.live(&env, "b2").await.is_some()
     })
     .await;
     let a_id: i64 = env
@@ -141,13 +151,13 @@ async fn a_change_committed_after_a_later_numbered_one_is_applied() {
     })
     .await;
     assert!(
-        live(&env, "a").await.is_some(),
+        subject.live(&env, "a").await.is_some(),
         "A is not applied yet: it has not committed"
     );
 
     a.commit().await.unwrap();
-    renamed_a_reaches_redis(&env).await;
-    assert_eq!(kind(&c.get("a").await), "not_found");
+    subject.renamed(&env, "a", "a2").await;
+    assert_eq!(kind(&c.call("get", subject.params("a")).await), "not_found");
     daemon.stop().await;
 }
 
@@ -157,25 +167,35 @@ async fn a_change_committed_after_a_later_numbered_one_is_applied() {
 /// sees B follows a busy one (the applier draws its own transaction id with the snapshot).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_commit_with_a_newer_transaction_id_than_any_finished_one_is_applied() {
-    late_commit_with_a_newer_transaction_id(false).await;
+    late_commit_with_a_newer_transaction_id(Subject::Users, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_table_s_late_commit_with_a_newer_transaction_id_is_applied() {
+    late_commit_with_a_newer_transaction_id(Subject::Orders, false).await;
 }
 
 /// The same, with the applier idle before B commits (it draws its own transaction id only once
 /// it has found changes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_commit_with_a_newer_transaction_id_is_applied_after_an_idle_poll() {
-    late_commit_with_a_newer_transaction_id(true).await;
+    late_commit_with_a_newer_transaction_id(Subject::Users, true).await;
 }
 
-async fn late_commit_with_a_newer_transaction_id(idle_first: bool) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_table_s_late_commit_with_a_newer_transaction_id_is_applied_after_an_idle_poll()
+{
+    late_commit_with_a_newer_transaction_id(Subject::Orders, true).await;
+}
+
+async fn late_commit_with_a_newer_transaction_id(subject: Subject, idle_first: bool) {
     let env = TestEnv::start().await;
-    let mut config = env.config();
+    let mut config = subject.prepare(&env, env.config()).await;
     config.cdc.poll_interval_ms = 50;
     let daemon = env.start_daemon(config).await;
     let mut c = daemon.client().await;
-    for name in ["a", "b"] {
-        c.call("put", json!({"username": name})).await;
-    }
+    subject.served(&mut c).await;
+    subject.put(&mut c, &["a", "b"]).await;
     if idle_first {
         // Polls every 50 ms: once the puts' changes are applied, the batches find nothing.
         wait_until("the puts' changes applied", CONVERGE, || async {
@@ -205,21 +225,24 @@ async fn late_commit_with_a_newer_transaction_id(idle_first: bool) {
         .unwrap());
     assert!(a_xid > b_xid);
     // A takes the lower outbox id, B the higher; B commits, A stays open.
-    a.execute("UPDATE users SET username = 'a2' WHERE username = 'a'", &[])
+    a.execute(&subject.rename_sql("a", "a2"), &[])
         .await
         .unwrap();
-    b.execute("UPDATE users SET username = 'b2' WHERE username = 'b'", &[])
+    b.execute(&subject.rename_sql("b", "b2"), &[])
         .await
         .unwrap();
     b.commit().await.unwrap();
     wait_until("the applier passed B", CONVERGE, || async {
-        live(&env, "b2").await.is_some()
+        subject.live(&env, "b2").await.is_some()
     })
     .await;
-    assert!(live(&env, "a").await.is_some(), "A has not committed yet");
+    assert!(
+        subject.live(&env, "a").await.is_some(),
+        "A has not committed yet"
+    );
 
     a.commit().await.unwrap();
-    renamed_a_reaches_redis(&env).await;
+    subject.renamed(&env, "a", "a2").await;
     daemon.stop().await;
 }
 
@@ -255,31 +278,43 @@ async fn a_transaction_in_flight_when_a_cache_first_starts_is_applied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_the_daemon_was_killed_are_applied_after_restart() {
+    changes_while_killed(Subject::Users).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_table_s_changes_made_while_the_daemon_was_killed_are_applied_after_restart() {
+    changes_while_killed(Subject::Orders).await;
+}
+
+async fn changes_while_killed(subject: Subject) {
     let env = TestEnv::start().await;
+    subject.prepare(&env, env.config()).await;
     let mut daemon = DaemonProcess::spawn(&env, "cdc");
     daemon.wait_ready().await;
-    let users: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+    let rows: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+    let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
     let mut c = Rpc::connect(&daemon.socket).await;
-    for name in &users {
-        c.call("put", json!({"username": name})).await;
-    }
+    subject.served(&mut c).await;
+    subject.put(&mut c, &rows).await;
     drop(c);
     daemon.signal(libc::SIGKILL);
     daemon.wait_exit(Duration::from_secs(5));
 
-    let pg = env.pg().await;
-    pg.batch_execute(
-        "UPDATE users SET username = 'k0-renamed' WHERE username = 'k0';
-         UPDATE users SET username = 'k1-renamed' WHERE username = 'k1';
-         DELETE FROM users WHERE username IN ('k2', 'k3', 'k4');
-         UPDATE users SET created_at = created_at - interval '1 day' WHERE username IN ('k5', 'k6', 'k7', 'k8', 'k9');",
-    )
-    .await
-    .unwrap();
-    let mut all = users.clone();
-    all.extend(names(&["k0-renamed", "k1-renamed"]));
+    let mut changes = vec![
+        subject.rename_sql("k0", "k0-renamed"),
+        subject.rename_sql("k1", "k1-renamed"),
+    ];
+    changes.extend(["k2", "k3", "k4"].map(|n| subject.delete_sql(n)));
+    changes.extend(["k5", "k6", "k7", "k8", "k9"].map(|n| subject.touch_sql(n)));
+    env.pg()
+        .await
+        .batch_execute(&changes.join(";"))
+        .await
+        .unwrap();
+    let mut all = rows.clone();
+    all.extend(["k0-renamed", "k1-renamed"]);
     assert!(
-        !env.agrees(&all).await,
+        !subject.agrees(&env, &all).await,
         "the cache is stale before the restart"
     );
 
@@ -288,7 +323,7 @@ async fn changes_made_while_the_daemon_was_killed_are_applied_after_restart() {
     wait_until(
         "no stale entry within 3 s",
         Duration::from_secs(3),
-        || async { env.agrees(&all).await },
+        || async { subject.agrees(&env, &all).await },
     )
     .await;
 }

@@ -7,93 +7,128 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cacheward::service::hooks::{FillHook, Hooks};
+use common::subject::Subject;
 use common::{hold_fills, kind, wait_until, Rpc, TestEnv};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::{mpsc, Semaphore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_that_read_before_a_delete_and_reinsert_cannot_overwrite_the_new_row() {
+    fill_before_delete_and_reinsert(Subject::Users).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_table_s_fill_that_read_before_a_delete_and_reinsert_cannot_overwrite_the_new_row(
+) {
+    fill_before_delete_and_reinsert(Subject::Orders).await;
+}
+
+async fn fill_before_delete_and_reinsert(subject: Subject) {
     let env = TestEnv::start().await;
+    let config = subject.prepare(&env, env.config()).await;
     env.pg()
         .await
-        .execute("INSERT INTO users (username) VALUES ('racer')", &[])
+        .execute(&subject.insert_sql(&["racer"]), &[])
         .await
         .unwrap();
-    let old = env.row_json("racer").await.unwrap();
-    let (hooks, mut reached, go) = hold_fills(Some("racer"));
-    let daemon = env.start_daemon_with(env.config(), hooks).await;
+    let old = subject.row_json(&env, "racer").await.unwrap();
+    let (hooks, mut reached, go) = hold_fills(Some(&subject.key_text("racer")));
+    let daemon = env.start_daemon_with(config, hooks).await;
+    let mut writer = daemon.client().await;
+    subject.served(&mut writer).await;
 
     // Reader: misses, reads the old row, and is held before writing Redis.
     let socket = daemon.socket.clone();
-    let reader = tokio::spawn(async move { Rpc::connect(&socket).await.get("racer").await });
+    let reader = tokio::spawn(async move {
+        Rpc::connect(&socket)
+            .await
+            .call("get", subject.params("racer"))
+            .await
+    });
     reached.recv().await.expect("fill reached the pause");
 
-    // Meanwhile the row is deleted and a new one takes the name.
-    let mut writer = daemon.client().await;
-    assert_eq!(
-        writer.call("delete", json!({"username": "racer"})).await["result"]["deleted"],
-        json!(true)
-    );
-    let created = writer.call("put", json!({"username": "racer"})).await;
-    assert_eq!(created["result"]["created"], json!(true));
-    let new = env.row_json("racer").await.unwrap();
-    assert_ne!(new["id"], old["id"]);
+    // Meanwhile the row is deleted and a new one takes its key.
+    assert!(subject.delete(&mut writer, "racer").await);
+    subject.put(&mut writer, &["racer"]).await;
+    let new = subject.row_json(&env, "racer").await.unwrap();
+    assert_ne!(new, old);
 
     // Now the stale fill runs.
     go.add_permits(1);
     let stale_read = reader.await.unwrap();
     assert_eq!(
-        stale_read["result"]["user"], old,
+        subject.answered(&stale_read),
+        old,
         "the paused read answers what it read"
     );
 
-    let cached: Value = serde_json::from_str(&env.cached("racer").await.expect("entry")).unwrap();
-    assert_eq!(cached, new, "the newer row survives the late fill");
+    assert_eq!(
+        subject.live(&env, "racer").await,
+        Some(new.clone()),
+        "the newer row survives the late fill"
+    );
     assert_eq!(
         daemon.stats().await["stale_writes_refused"],
         json!(1),
         "the refused fill is counted"
     );
+    let again = writer.call("get", subject.params("racer")).await;
     assert_eq!(
-        writer.get("racer").await["result"],
-        json!({"user": new, "source": "cache"})
+        (subject.answered(&again), &again["result"]["source"]),
+        (new, &json!("cache"))
     );
     daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_that_read_before_a_rename_cannot_resurrect_the_old_name() {
+    fill_before_rename(Subject::Users).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_table_s_fill_that_read_before_a_key_change_cannot_resurrect_the_old_key() {
+    fill_before_rename(Subject::Orders).await;
+}
+
+async fn fill_before_rename(subject: Subject) {
     let env = TestEnv::start().await;
+    let config = subject.prepare(&env, env.config()).await;
     env.pg()
         .await
-        .execute("INSERT INTO users (username) VALUES ('before')", &[])
+        .execute(&subject.insert_sql(&["before"]), &[])
         .await
         .unwrap();
-    let (hooks, mut reached, go) = hold_fills(Some("before"));
-    let daemon = env.start_daemon_with(env.config(), hooks).await;
+    let (hooks, mut reached, go) = hold_fills(Some(&subject.key_text("before")));
+    let daemon = env.start_daemon_with(config, hooks).await;
+    let mut writer = daemon.client().await;
+    subject.served(&mut writer).await;
 
     let socket = daemon.socket.clone();
-    let reader = tokio::spawn(async move { Rpc::connect(&socket).await.get("before").await });
+    let reader = tokio::spawn(async move {
+        Rpc::connect(&socket)
+            .await
+            .call("get", subject.params("before"))
+            .await
+    });
     reached.recv().await.expect("fill reached the pause");
-    let mut writer = daemon.client().await;
-    let renamed = writer
-        .call(
-            "rename",
-            json!({"username": "before", "new_username": "after"}),
-        )
-        .await;
-    assert_eq!(renamed["result"]["user"]["username"], json!("after"));
+    subject.rename(&mut writer, "before", "after").await;
     go.add_permits(1);
     reader.await.unwrap();
 
-    let raw = env.cached("before").await.expect("a tombstone is left");
+    let raw = subject
+        .cached(&env, "before")
+        .await
+        .expect("a tombstone is left");
     assert!(
         !cacheward::model::entry::is_live(&raw),
-        "old name must not be live again: {raw}"
+        "old key must not be live again: {raw}"
     );
-    assert_eq!(kind(&writer.get("before").await), "not_found");
     assert_eq!(
-        writer.get("after").await["result"]["source"],
+        kind(&writer.call("get", subject.params("before")).await),
+        "not_found"
+    );
+    assert_eq!(
+        writer.call("get", subject.params("after")).await["result"]["source"],
         json!("cache")
     );
     daemon.stop().await;

@@ -5,9 +5,9 @@
 
 mod common;
 
-/// `TRUNCATE users`; returns the version horizon just after it.
-async fn truncate(pg: &tokio_postgres::Client) -> i64 {
-    pg.batch_execute("TRUNCATE users").await.unwrap();
+/// `TRUNCATE` of `subject`'s table; returns the version horizon just after it.
+async fn truncate(pg: &tokio_postgres::Client, subject: Subject) -> i64 {
+    pg.batch_execute(subject.truncate_sql()).await.unwrap();
     pg.query_one("SELECT last_value FROM cacheward_version_seq", &[])
         .await
         .unwrap()
@@ -16,6 +16,7 @@ async fn truncate(pg: &tokio_postgres::Client) -> i64 {
 
 use std::time::Duration;
 
+use common::subject::{Subject, ORDERS_TOML};
 use common::{hold_fills, kind, wait_until, TestEnv};
 use serde_json::{json, Value};
 
@@ -29,6 +30,15 @@ async fn held(reached: &mut tokio::sync::mpsc::Receiver<()>) {
 
 fn names(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("fenced{i:02}")).collect()
+}
+
+async fn insert_rows(env: &TestEnv, subject: Subject, names: &[String]) {
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    env.pg()
+        .await
+        .batch_execute(&subject.insert_sql(&names))
+        .await
+        .unwrap();
 }
 
 async fn insert(env: &TestEnv, names: &[String]) {
@@ -61,6 +71,27 @@ fn pipelined_gets(
     tokio::spawn(async move { common::Rpc::connect(&socket).await.get_all(&names).await })
 }
 
+/// [`pipelined_gets`] of `subject`'s rows.
+fn pipelined_row_gets(
+    subject: Subject,
+    socket: std::path::PathBuf,
+    names: Vec<String>,
+) -> tokio::task::JoinHandle<Vec<Value>> {
+    tokio::spawn(async move {
+        let mut c = common::Rpc::connect(&socket).await;
+        for (i, name) in names.iter().enumerate() {
+            let request =
+                json!({"jsonrpc": "2.0", "id": i, "method": "get", "params": subject.params(name)});
+            c.send(&request).await;
+        }
+        let mut answers = Vec::new();
+        for _ in &names {
+            answers.push(c.recv().await);
+        }
+        answers
+    })
+}
+
 /// A daemon whose fills are held, and `n` users it has not cached being read through it, pipelined:
 /// every get missed, read its row, and the first fill is held when this returns.
 struct Held {
@@ -73,12 +104,19 @@ struct Held {
 }
 
 async fn cold_gets_held(n: usize) -> Held {
+    cold_rows_held(Subject::Users, n).await
+}
+
+/// [`cold_gets_held`] of `subject`'s rows.
+async fn cold_rows_held(subject: Subject, n: usize) -> Held {
     let env = TestEnv::start().await;
+    let config = subject.prepare(&env, env.config()).await;
     let names = names(n);
-    insert(&env, &names).await;
+    insert_rows(&env, subject, &names).await;
     let (hooks, mut reached, go) = hold_fills(None);
-    let daemon = env.start_daemon_with(env.config(), hooks).await;
-    let gets = pipelined_gets(daemon.socket.clone(), names.clone());
+    let daemon = env.start_daemon_with(config, hooks).await;
+    subject.served(&mut daemon.client().await).await;
+    let gets = pipelined_row_gets(subject, daemon.socket.clone(), names.clone());
     held(&mut reached).await;
     Held {
         env,
@@ -93,6 +131,34 @@ async fn cold_gets_held(n: usize) -> Held {
 /// After the held fills were let go and answered: no name has a live entry in Redis, every get
 /// answers not found, and `verify` finds nothing.
 async fn assert_nothing_stale(env: &TestEnv, daemon: &common::Daemon, names: &[String]) {
+    assert_no_stale_row(env, Subject::Users, daemon, names).await;
+}
+
+/// [`assert_nothing_stale`] of `subject`'s rows.
+async fn assert_no_stale_row(
+    env: &TestEnv,
+    subject: Subject,
+    daemon: &common::Daemon,
+    names: &[String],
+) {
+    if subject == Subject::Users {
+        return assert_no_stale_user(env, daemon, names).await;
+    }
+    let mut c = daemon.client().await;
+    for name in names {
+        let got = c.call("get", subject.params(name)).await;
+        assert_eq!(kind(&got), "not_found", "{name} was removed: {got}");
+        let raw = subject.cached(env, name).await;
+        assert!(
+            !raw.as_deref().is_some_and(cacheward::model::entry::is_live),
+            "{name} is cached although its row is gone: {raw:?}"
+        );
+    }
+    let (code, said) = env.verify_tables(ORDERS_TOML);
+    assert_eq!(code, Some(0), "verify: {said}");
+}
+
+async fn assert_no_stale_user(env: &TestEnv, daemon: &common::Daemon, names: &[String]) {
     let mut c = daemon.client().await;
     for name in names {
         let got = c.get(name).await;
@@ -114,6 +180,15 @@ async fn assert_nothing_stale(env: &TestEnv, daemon: &common::Daemon, names: &[S
 /// all 30 deleted rows would stay cached for the TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fills_that_read_before_a_truncate_never_land() {
+    fills_before_a_truncate(Subject::Users).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_table_s_fills_that_read_before_its_truncate_never_land() {
+    fills_before_a_truncate(Subject::Orders).await;
+}
+
+async fn fills_before_a_truncate(subject: Subject) {
     let Held {
         env,
         names,
@@ -121,10 +196,10 @@ async fn fills_that_read_before_a_truncate_never_land() {
         gets,
         reached: _,
         go,
-    } = cold_gets_held(30).await;
+    } = cold_rows_held(subject, 30).await;
     let before = fence(&env).await.expect("the daemon set a fence");
     let pg = env.pg().await;
-    let truncated_at = truncate(&pg).await;
+    let truncated_at = truncate(&pg, subject).await;
     wait_until(
         "the CDC worker applied the TRUNCATE",
         Duration::from_secs(5),
@@ -147,7 +222,7 @@ async fn fills_that_read_before_a_truncate_never_land() {
         );
     }
     assert_eq!(answers[0]["result"]["source"], json!("db"), "the held read");
-    assert_nothing_stale(&env, &daemon, &names).await;
+    assert_no_stale_row(&env, subject, &daemon, &names).await;
     daemon.stop().await;
 }
 
@@ -414,21 +489,31 @@ async fn the_write_script_honours_the_fence_and_leaves_foreign_values_alone() {
 /// with the CDC worker off) and arrives last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fence_holds_across_a_kill_between_a_truncate_and_its_application() {
+    fence_across_a_kill(Subject::Users).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_holds_across_a_kill_between_a_declared_table_s_truncate_and_its_application() {
+    fence_across_a_kill(Subject::Orders).await;
+}
+
+async fn fence_across_a_kill(subject: Subject) {
     let env = TestEnv::start().await;
+    let mut config = subject.prepare(&env, env.config()).await;
     let names = names(10);
-    insert(&env, &names).await;
+    insert_rows(&env, subject, &names).await;
     let mut leader = common::DaemonProcess::spawn(&env, "leader");
     leader.wait_ready().await;
     let (hooks, mut reached, go) = hold_fills(None);
-    let mut config = env.config();
     config.cdc.enabled = false;
     let sidecar = env.start_daemon_with(config, hooks).await;
+    subject.served(&mut sidecar.client().await).await;
 
-    let gets = pipelined_gets(sidecar.socket.clone(), names.clone());
+    let gets = pipelined_row_gets(subject, sidecar.socket.clone(), names.clone());
     held(&mut reached).await;
     leader.signal(libc::SIGSTOP);
     let pg = env.pg().await;
-    let truncated_at = truncate(&pg).await;
+    let truncated_at = truncate(&pg, subject).await;
     leader.signal(libc::SIGKILL);
     leader.wait_exit(Duration::from_secs(5));
     assert!(
@@ -446,7 +531,7 @@ async fn the_fence_holds_across_a_kill_between_a_truncate_and_its_application() 
 
     go.add_permits(1000);
     gets.await.unwrap();
-    assert_nothing_stale(&env, &sidecar, &names).await;
+    assert_no_stale_row(&env, subject, &sidecar, &names).await;
     sidecar.stop().await;
     drop(leader);
 }
@@ -579,7 +664,7 @@ async fn a_row_with_a_tombstone_column_is_dropped_like_any_other() {
         json!(true),
         "{cached}"
     );
-    truncate(&pg).await;
+    truncate(&pg, Subject::Users).await;
     wait_until("the truncate applied", Duration::from_secs(5), || async {
         let mut c = daemon.client().await;
         kind(&c.get("marked").await) == "not_found"

@@ -2,10 +2,10 @@
 //! [`TableId`] each has, and how their key texts are encoded) and, once checked against the
 //! catalog, their compiled [`Table`]. The request path and the CDC worker share one.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use super::key::{Key, TableId};
-use super::table::{encode_key, Table};
+use super::table::{encode_key, Column, KeyType, Lookup, Table};
 
 #[derive(Default)]
 pub struct Tables {
@@ -140,4 +140,34 @@ impl Tables {
     pub fn names(&self) -> &[String] {
         &self.names
     }
+}
+
+/// Declared tables for the request parser's tests and its fuzz target (`rpc::fuzzing`): `orders`,
+/// keyed by `(region text, id bigint)` with a lookup `by_ref` on `(ref uuid)`, checked.
+pub fn declared_fixture() -> &'static Tables {
+    static TABLES: OnceLock<Tables> = OnceLock::new();
+    TABLES.get_or_init(|| {
+        let column = |name: &str, kind| Column {
+            name: name.into(),
+            kind,
+        };
+        let tables = Tables::new(vec![("orders".into(), false)]);
+        tables.checked(Table {
+            id: TableId(1),
+            name: "orders".into(),
+            source: "\"orders\"".into(),
+            prefix: "orders:".into(),
+            ttl_secs: 0,
+            writable: true,
+            key: vec![column("region", KeyType::Text), column("id", KeyType::Int8)],
+            lookups: vec![Lookup {
+                name: "by_ref".into(),
+                columns: vec![column("ref", KeyType::Uuid)],
+            }],
+            projection: vec!["region".into(), "id".into(), "ref".into()],
+            types: vec!["text".into(), "int8".into(), "uuid".into()],
+            timestamps: vec![],
+        });
+        tables
+    })
 }

@@ -2,52 +2,19 @@
 //! the seed corpus in every `cargo test`): the request parser and the line framer, fed arbitrary
 //! bytes. Each checks the invariants a hostile client must not break, and panics if one fails.
 
-use std::sync::OnceLock;
-
 use crate::model::key::TableId;
-use crate::model::registry::Tables;
-use crate::model::table::{Column, KeyType, Lookup, Table};
+use crate::model::registry::declared_fixture;
 use crate::rpc::encode::{encode_error, encode_user_into, Id};
 use crate::rpc::framing::{Frame, LineBuffer};
 use crate::rpc::methods::get::Target;
 use crate::rpc::methods::{params::validate_username, Call};
 use crate::rpc::protocol::{self, Incoming};
 
-/// The declared tables requests are read against: `orders`, keyed by `(region text, id bigint)`
-/// with a lookup `by_ref` on `(ref uuid)`, checked.
-pub fn declared() -> &'static Tables {
-    static TABLES: OnceLock<Tables> = OnceLock::new();
-    TABLES.get_or_init(|| {
-        let column = |name: &str, kind| Column {
-            name: name.into(),
-            kind,
-        };
-        let tables = Tables::new(vec![("orders".into(), false)]);
-        tables.checked(Table {
-            id: TableId(1),
-            name: "orders".into(),
-            source: "\"orders\"".into(),
-            prefix: "orders:".into(),
-            ttl_secs: 0,
-            writable: true,
-            key: vec![column("region", KeyType::Text), column("id", KeyType::Int8)],
-            lookups: vec![Lookup {
-                name: "by_ref".into(),
-                columns: vec![column("ref", KeyType::Uuid)],
-            }],
-            projection: vec!["region".into(), "id".into(), "ref".into()],
-            types: vec!["text".into(), "int8".into(), "uuid".into()],
-            timestamps: vec![],
-        });
-        tables
-    })
-}
-
 /// One request line, as any client may send it: parsing never panics, a key resolved at once
 /// decodes to the key or lookup it was read from, and every answer it leads to (an error, or a
 /// result for a parsed call) is one line of valid JSON-RPC.
 pub fn request(data: &[u8]) {
-    let tables = declared();
+    let tables = declared_fixture();
     let Some(incoming) = protocol::parse_line(data, tables) else {
         assert!(
             data.iter().all(u8::is_ascii_whitespace),

@@ -359,8 +359,8 @@ fn parse_request(value: Value) -> Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::registry::declared_fixture as declared;
     use crate::rpc::encode::{encode_error, encode_result, encode_user_into};
-    use crate::rpc::fuzzing::declared;
     use serde::Serialize;
     use serde_json::json;
 

@@ -6,7 +6,8 @@
 #[cfg(feature = "test-hooks")]
 use std::{future::Future, pin::Pin, sync::Arc};
 
-/// A pause point: called with a username, the request waits until the returned future is done.
+/// A pause point: called with a key's text (a username, or a declared table's key text), the
+/// request waits until the returned future is done.
 #[cfg(feature = "test-hooks")]
 pub type FillHook = Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 

@@ -244,6 +244,10 @@ impl Service {
         if !rows.is_empty() {
             let keys: Vec<&Key> = rows.iter().map(|&i| batch.key(i)).collect();
             let (answers, writes) = self.read_rows(&keys).await;
+            #[cfg(feature = "test-hooks")]
+            self.hooks
+                .pause_before_fill(&writes.iter().map(|w| w.key().as_str()).collect::<Vec<_>>())
+                .await;
             // Queued before the waiters are answered (read-your-fill, above).
             self.fill_rows(writes);
             for (&i, answer) in rows.iter().zip(answers) {

@@ -24,6 +24,7 @@ use cacheward::store::pg;
 
 pub mod certs;
 pub mod history;
+pub mod subject;
 
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
@@ -596,15 +597,16 @@ impl UsersLock {
 /// A hook that holds the fill of `only` (or of every name) after its database read until the test
 /// adds permits to the semaphore; each hold is announced on the receiver (without waiting when
 /// nobody listens).
-pub fn hold_fills(only: Option<&'static str>) -> (Hooks, mpsc::Receiver<()>, Arc<Semaphore>) {
+pub fn hold_fills(only: Option<&str>) -> (Hooks, mpsc::Receiver<()>, Arc<Semaphore>) {
+    let only: Option<Arc<str>> = only.map(Arc::from);
     let (reached_tx, reached_rx) = mpsc::channel(1);
     let go = Arc::new(Semaphore::new(0));
     let hook: FillHook = {
         let go = go.clone();
         Arc::new(move |username: String| {
-            let (reached, go) = (reached_tx.clone(), go.clone());
+            let (reached, go, only) = (reached_tx.clone(), go.clone(), only.clone());
             Box::pin(async move {
-                if only.is_none_or(|name| name == username) {
+                if only.is_none_or(|name| *name == *username) {
                     let _ = reached.try_send(());
                     go.acquire().await.expect("never closed").forget();
                 }
