@@ -1,6 +1,7 @@
 //! Cluster mode (`redis.mode = "cluster"`) on the harness's six-node Redis Cluster, one cluster
 //! for the whole binary, its phases in turn: every request kind with gets pipelined across every
-//! slot, CDC, TRUNCATE and `verify`; resharding under load; and a failover that loses writes.
+//! slot, CDC, TRUNCATE and `verify`; resharding under load; and a failover that loses writes (of
+//! users and of a declared table, by key and by lookup).
 
 mod common;
 
@@ -26,8 +27,13 @@ async fn connect(cluster: &RedisCluster) -> ClusterConnection {
 
 /// What the cluster holds at `user:<name>`, asked through a cluster-aware connection.
 async fn cached(conn: &mut ClusterConnection, name: &str) -> Option<String> {
+    get_key(conn, &format!("user:{name}")).await
+}
+
+/// What the cluster holds at `key`.
+async fn get_key(conn: &mut ClusterConnection, key: &str) -> Option<String> {
     redis::cmd("GET")
-        .arg(format!("user:{name}"))
+        .arg(key)
         .query_async(conn)
         .await
         .expect("cluster GET")
@@ -61,6 +67,20 @@ async fn await_agreement(env: &TestEnv, cluster: &RedisCluster, names: &[String]
         agrees(env, cluster, names)
     })
     .await;
+}
+
+/// Whether the declared table's entry at each of `keys` holds the row at the same index in `rows`,
+/// or is not live when that is `None`.
+async fn entries_agree(cluster: &RedisCluster, keys: &[String], rows: &[Option<Value>]) -> bool {
+    let mut conn = connect(cluster).await;
+    for (key, row) in keys.iter().zip(rows) {
+        let live = get_key(&mut conn, key).await.filter(|v| is_live(v));
+        let live = live.map(|v| serde_json::from_str::<Value>(&v).unwrap()["row"].clone());
+        if live.is_some() && live != *row {
+            return false;
+        }
+    }
+    true
 }
 
 /// Live entries under `user:` on every primary (SCAN on each).
@@ -132,7 +152,12 @@ async fn slot_owners(conn: &mut ClusterConnection) -> Vec<(u16, u16, u16)> {
 }
 
 fn owner(owners: &[(u16, u16, u16)], name: &str) -> u16 {
-    let slot = slot_of(format!("user:{name}").as_bytes());
+    owner_of(owners, &format!("user:{name}"))
+}
+
+/// The port of the primary serving Redis key `key`.
+fn owner_of(owners: &[(u16, u16, u16)], key: &str) -> u16 {
+    let slot = slot_of(key.as_bytes());
     owners
         .iter()
         .find(|(from, to, _)| (*from..=*to).contains(&slot))
@@ -463,6 +488,48 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     for name in doomed.iter().chain(&keepers) {
         client.call("put", json!({"username": name})).await;
     }
+    // Declared rows too: ten whose key lives on the victim, ten whose lookup's copy does (their
+    // key elsewhere), cached by CDC.
+    pg.execute(
+        "INSERT INTO accounts SELECT g, 'f' || g || '@x', 'free' FROM generate_series(1001, 1400) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let by_key = |i: &i64| format!("accounts:{i}");
+    let by_email = |i: &i64| format!("accounts:by_email=f{i}@x");
+    let on_victim = |key: String| owner_of(&owners, &key) == victim;
+    let mut accounts: Vec<i64> = (1001..=1400)
+        .filter(|i| on_victim(by_key(i)))
+        .take(10)
+        .collect();
+    accounts.extend(
+        (1001..=1400)
+            .filter(|i| !on_victim(by_key(i)) && on_victim(by_email(i)))
+            .take(10),
+    );
+    assert_eq!(accounts.len(), 20, "accounts on the victim's slots");
+    let victim_keys: Vec<String> = accounts
+        .iter()
+        .map(|i| match on_victim(by_key(i)) {
+            true => by_key(i),
+            false => by_email(i),
+        })
+        .collect();
+    wait_until(
+        "CDC cached the accounts",
+        Duration::from_secs(10),
+        || async {
+            let mut conn = connect(&cluster).await;
+            for key in &victim_keys {
+                if !get_key(&mut conn, key).await.is_some_and(|v| is_live(&v)) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
     let kept: Vec<Option<String>> = {
         let mut conn = connect(&cluster).await;
         let mut kept = Vec::new();
@@ -493,6 +560,51 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
         "the primary holds the newest versions",
     )
     .await;
+    // The same for the accounts: every other one updated out of band, the rest deleted through
+    // the daemon. What each get must answer from now on: the row as it is (`None`: deleted).
+    for (n, i) in accounts.iter().enumerate() {
+        match n % 2 {
+            0 => {
+                pg.execute("UPDATE accounts SET plan = 'pro' WHERE id = $1", &[i])
+                    .await
+                    .unwrap();
+            }
+            _ => {
+                let answer = client
+                    .call("delete", json!({"table": "accounts", "key": {"id": i}}))
+                    .await;
+                assert_eq!(answer["result"]["deleted"], json!(true), "{answer}");
+            }
+        }
+    }
+    let mut table_rows: Vec<(Value, Option<Value>)> = Vec::new();
+    for i in &accounts {
+        let row = pg
+            .query_opt(
+                "SELECT row_to_json(a)::text FROM accounts a WHERE id = $1",
+                &[i],
+            )
+            .await
+            .unwrap()
+            .map(|r| serde_json::from_str::<Value>(r.get(0)).unwrap());
+        let email = format!("f{i}@x");
+        table_rows.push((json!({"table": "accounts", "key": {"id": i}}), row.clone()));
+        table_rows.push((
+            json!({"table": "accounts", "lookup": "by_email", "key": {"email": email}}),
+            row,
+        ));
+    }
+    let victim_rows: Vec<Option<Value>> = table_rows
+        .iter()
+        .step_by(2)
+        .map(|(_, r)| r.clone())
+        .collect();
+    wait_until(
+        "the primary holds the accounts' newest versions",
+        Duration::from_secs(10),
+        || entries_agree(&cluster, &victim_keys, &victim_rows),
+    )
+    .await;
     // The replica really lacks them: what it would serve is stale.
     let mut stale = 0;
     let mut on_replica = direct(replica).await;
@@ -516,13 +628,33 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
         doomed.len(),
         "the replica holds the old version of every name"
     );
+    for key in &victim_keys {
+        let held: Option<String> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut on_replica)
+            .await
+            .unwrap();
+        assert!(
+            held.is_some_and(|v| is_live(&v) && v.contains("\"free\"")),
+            "the replica holds the old version of {key}"
+        );
+    }
     let killed_at = Instant::now();
     cluster.kill(cluster.node(victim).unwrap());
     // Through the failover the daemon answers every get with the row (or not_found), never with
     // the promoted replica's older entry, and soon every entry equals its row again.
-    let repaired_after = through_failover(&mut client, &doomed, &rows, killed_at, || async {
-        cluster.primaries().len() == 3 && agrees(&env, &cluster, &doomed).await
-    })
+    let repaired_after = through_failover_with(
+        &mut client,
+        &doomed,
+        &rows,
+        &table_rows,
+        killed_at,
+        || async {
+            cluster.primaries().len() == 3
+                && agrees(&env, &cluster, &doomed).await
+                && entries_agree(&cluster, &victim_keys, &victim_rows).await
+        },
+    )
     .await;
     eprintln!("failover: every entry equal to its row {repaired_after:?} after the kill");
     // Only the slots that changed hands were dropped: the other primaries' entries are untouched.

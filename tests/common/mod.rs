@@ -553,6 +553,23 @@ pub async fn through_failover<F, Fut>(
     names: &[String],
     rows: &[Option<Value>],
     killed_at: std::time::Instant,
+    repaired: F,
+) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    through_failover_with(client, names, rows, &[], killed_at, repaired).await
+}
+
+/// [`through_failover`], with declared tables' gets too: each one's params and the row it must
+/// answer (`None`: deleted).
+pub async fn through_failover_with<F, Fut>(
+    client: &mut Rpc,
+    names: &[String],
+    rows: &[Option<Value>],
+    table_rows: &[(Value, Option<Value>)],
+    killed_at: std::time::Instant,
     mut repaired: F,
 ) -> Duration
 where
@@ -561,9 +578,21 @@ where
 {
     let mut repaired_after: Option<Duration> = None;
     while killed_at.elapsed() < Duration::from_secs(30) {
+        let mut answers: Vec<(String, Value, &Option<Value>)> = Vec::new();
         for ((name, row), answer) in names.iter().zip(rows).zip(client.get_all(names).await) {
+            answers.push((name.clone(), answer, row));
+        }
+        for (params, row) in table_rows {
+            let answer = client.call("get", params.clone()).await;
+            answers.push((params.to_string(), answer, row));
+        }
+        for (name, answer, row) in answers {
+            let served = match answer["result"].get("user") {
+                Some(user) => user,
+                None => &answer["result"]["row"],
+            };
             match row {
-                Some(row) if answer["result"]["user"] != *row => assert_eq!(
+                Some(row) if served != row => assert_eq!(
                     answer["error"]["data"]["kind"],
                     json!("unavailable"),
                     "{name} through the failover: {answer}"
