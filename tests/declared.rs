@@ -846,3 +846,65 @@ async fn the_live_checker_samples_declared_tables_and_reports_an_entry_that_stay
     }
     assert_eq!(good["note"], "n8");
 }
+
+/// A text key may be empty: its entry is the table's prefix alone, an entry like any other (for
+/// `users` the prefix alone is the fence, but usernames are never empty). A TRUNCATE drops it,
+/// `verify` compares it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_text_key_is_an_entry_like_any_other() {
+    let env = TestEnv::start().await;
+    let mut config = env.config();
+    config
+        .tables
+        .insert("tags".into(), TableConfig::keyed(&["name"]));
+    let mut pg = env.pg().await;
+    pg.batch_execute(
+        "CREATE TABLE tags (name text PRIMARY KEY, n integer NOT NULL);
+         INSERT INTO tags VALUES ('', 1), ('a', 2);",
+    )
+    .await
+    .unwrap();
+    let checked = tables::resolve_all(&pg, &config).await.unwrap();
+    tables::install(&mut pg, &checked).await.unwrap();
+    let daemon = env.start_daemon(config).await;
+    let mut client = daemon.client().await;
+    let empty = json!({"table": "tags", "key": {"name": ""}});
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kind(&get(&mut client, empty.clone()).await) == "unavailable" {
+        assert!(Instant::now() < deadline, "tags never checked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(row(&mut client, empty.clone()).await.unwrap().1, "cache");
+    assert_eq!(
+        cached(&env, "tags:").await,
+        Some(json!({"version": 0, "row": {"name": "", "n": 1}}))
+    );
+    // verify sees it: made stale behind cacheward's back, it is a mismatch.
+    let toml = "[tables.tags]\nkey = [\"name\"]\n";
+    let stale = r#"{"version":0,"row":{"name":"","n":99}}"#;
+    let mut conn = env.redis().await;
+    let () = redis::cmd("SET")
+        .arg("tags:")
+        .arg(stale)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (code, said) = env.verify_tables(toml);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("mismatch tags:"), "{said}");
+    // A TRUNCATE drops it with the table's other entries.
+    row(&mut client, json!({"table": "tags", "key": {"name": "a"}}))
+        .await
+        .unwrap();
+    pg.batch_execute("TRUNCATE tags").await.unwrap();
+    converges(&mut client, empty, Err("not_found")).await;
+    let raw: Option<String> = redis::cmd("GET")
+        .arg("tags:")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !raw.as_deref().is_some_and(cacheward::model::entry::is_live),
+        "the empty key's entry survived the TRUNCATE: {raw:?}"
+    );
+}

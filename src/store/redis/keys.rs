@@ -106,14 +106,19 @@ impl Keys {
         redis_key
     }
 
-    /// The entry's key a Redis key names, if it is one under a table's prefix (not the prefix
-    /// alone, a fence or an epoch: those follow it with nothing or with NUL).
+    /// The entry's key a Redis key names, if it is one under a table's prefix: not users' prefix
+    /// alone, a fence or an epoch (those follow it with nothing or with NUL; no username is empty
+    /// or holds NUL). A declared table's prefix alone is the entry of an empty text key (its
+    /// fences and epochs are users').
     pub fn key_of(&self, redis_key: &[u8]) -> Option<Key> {
         self.tables.iter().enumerate().find_map(|(table, prefix)| {
             let rest = redis_key.strip_prefix(prefix.as_bytes())?;
             let text = std::str::from_utf8(rest).ok()?;
-            (!text.is_empty() && !text.starts_with('\0'))
-                .then(|| Key::new(TableId(table as u16), text))
+            let entry = match TableId(table as u16) {
+                TableId::USERS => !text.is_empty() && !text.starts_with('\0'),
+                _ => !text.starts_with('\0'),
+            };
+            entry.then(|| Key::new(TableId(table as u16), text))
         })
     }
 
@@ -281,16 +286,19 @@ mod tests {
         let single = Keys::new("user:", &["acc:".into()], false);
         assert_eq!(single.fence(single.slot("user:a")), "user:");
         assert_eq!(single.epoch(0), "user:\0epoch");
-        // What follows the prefix names an entry; the prefix alone, a fence or an epoch do not.
+        // What follows the prefix names an entry; users' prefix alone, a fence or an epoch do
+        // not. A declared table's prefix alone is the entry of its empty text key.
         assert_eq!(single.key_of(b"user:ann"), Some(Key::user("ann")));
         assert_eq!(single.key_of(b"acc:42"), Some(Key::new(TableId(1), "42")));
         assert_eq!(single.entry(&Key::new(TableId(1), "42")), "acc:42");
+        assert_eq!(single.key_of(b"acc:"), Some(Key::new(TableId(1), "")));
+        assert_eq!(single.entry(&Key::new(TableId(1), "")), "acc:");
         for not_an_entry in [
             &b"user:"[..],
             b"user:\0epoch",
             b"other:ann",
             b"user:\xff",
-            b"acc:",
+            b"acc:\0x",
         ] {
             assert_eq!(single.key_of(not_an_entry), None);
         }
