@@ -774,21 +774,10 @@ async fn verify_compares_every_table_s_entries_and_lookups_with_their_rows() {
         "{said}"
     );
     // A lookup's copy made stale behind cacheward's back, and an entry for a row that is gone.
-    let mut conn = env.redis().await;
     let stale = r#"{"version":1,"row":{"id":2,"email":"b@x","plan":"old"}}"#;
-    let () = redis::cmd("SET")
-        .arg("accounts:by_email=b@x")
-        .arg(stale)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    env.redis_set("accounts:by_email=b@x", stale).await;
     let ghost = r#"{"version":1,"row":{"region":"nowhere","id":1}}"#;
-    let () = redis::cmd("SET")
-        .arg("orders:nowhere:1")
-        .arg(ghost)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    env.redis_set("orders:nowhere:1", ghost).await;
     let (code, said) = verify();
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("mismatch accounts:by_email=b@x"), "{said}");
@@ -881,14 +870,8 @@ async fn an_empty_text_key_is_an_entry_like_any_other() {
     );
     // verify sees it: made stale behind cacheward's back, it is a mismatch.
     let toml = "[tables.tags]\nkey = [\"name\"]\n";
-    let stale = r#"{"version":0,"row":{"name":"","n":99}}"#;
-    let mut conn = env.redis().await;
-    let () = redis::cmd("SET")
-        .arg("tags:")
-        .arg(stale)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    env.redis_set("tags:", r#"{"version":0,"row":{"name":"","n":99}}"#)
+        .await;
     let (code, said) = env.verify_tables(toml);
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("mismatch tags:"), "{said}");
@@ -900,7 +883,7 @@ async fn an_empty_text_key_is_an_entry_like_any_other() {
     converges(&mut client, empty, Err("not_found")).await;
     let raw: Option<String> = redis::cmd("GET")
         .arg("tags:")
-        .query_async(&mut conn)
+        .query_async(&mut env.redis().await)
         .await
         .unwrap();
     assert!(

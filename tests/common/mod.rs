@@ -110,6 +110,16 @@ impl TestEnv {
             .expect("connect to redis")
     }
 
+    /// Sets Redis key `key` to `value` behind cacheward's back.
+    pub async fn redis_set(&self, key: &str, value: &str) {
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut self.redis().await)
+            .await
+            .expect("redis SET");
+    }
+
     /// The raw value at `user:<name>`.
     pub async fn cached(&self, username: &str) -> Option<String> {
         let mut conn = self.redis().await;
