@@ -284,9 +284,24 @@ async fn a_truncate_of_one_table_drops_only_its_entries() {
         row(&mut client, params.clone()).await.unwrap();
     }
     client.call("get", user.clone()).await;
+    let fence = |key: &'static str| {
+        let env = &env;
+        async move {
+            let value: Option<String> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut env.redis().await)
+                .await
+                .unwrap();
+            value.map(|v| v.parse::<i64>().unwrap())
+        }
+    };
+    let shared = fence("user:").await.expect("users' fence");
     let pg = env.pg().await;
     pg.batch_execute("TRUNCATE orders").await.unwrap();
     converges(&mut client, order.clone(), Err("not_found")).await;
+    // Only the table's own fence rose: fills of users and of other tables are not refused.
+    assert!(fence("orders:\0fence").await.is_some_and(|f| f > shared));
+    assert_eq!(fence("user:").await, Some(shared), "users' fence untouched");
     assert_eq!(
         row(&mut client, account).await.unwrap().1,
         "cache",

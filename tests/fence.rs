@@ -54,9 +54,14 @@ async fn insert(env: &TestEnv, names: &[String]) {
 
 /// The fence's value in Redis.
 async fn fence(env: &TestEnv) -> Option<i64> {
+    fence_of(env, Subject::Users).await
+}
+
+/// The value of the fence `subject`'s TRUNCATE raises.
+async fn fence_of(env: &TestEnv, subject: Subject) -> Option<i64> {
     let mut conn = env.redis().await;
     let value: Option<String> = redis::cmd("GET")
-        .arg("user:")
+        .arg(subject.fence_key())
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -197,19 +202,27 @@ async fn fills_before_a_truncate(subject: Subject) {
         reached: _,
         go,
     } = cold_rows_held(subject, 30).await;
-    let before = fence(&env).await.expect("the daemon set a fence");
+    let shared = fence(&env).await.expect("the daemon set a fence");
+    let before = fence_of(&env, subject).await.unwrap_or(0);
     let pg = env.pg().await;
     let truncated_at = truncate(&pg, subject).await;
     wait_until(
         "the CDC worker applied the TRUNCATE",
         Duration::from_secs(5),
         || async {
-            fence(&env)
+            fence_of(&env, subject)
                 .await
                 .is_some_and(|f| f > before && f > truncated_at)
         },
     )
     .await;
+    if subject != Subject::Users {
+        assert_eq!(
+            fence(&env).await,
+            Some(shared),
+            "a declared table's TRUNCATE raises its own fence only"
+        );
+    }
 
     go.add_permits(1000);
     let answers = gets.await.unwrap();
@@ -517,7 +530,9 @@ async fn fence_across_a_kill(subject: Subject) {
     leader.signal(libc::SIGKILL);
     leader.wait_exit(Duration::from_secs(5));
     assert!(
-        fence(&env).await.is_some_and(|f| f <= truncated_at),
+        fence_of(&env, subject)
+            .await
+            .is_none_or(|f| f <= truncated_at),
         "the killed daemon did not apply the TRUNCATE"
     );
     let leader = common::DaemonProcess::spawn(&env, "leader");
@@ -525,7 +540,11 @@ async fn fence_across_a_kill(subject: Subject) {
     wait_until(
         "the restarted daemon applied the TRUNCATE",
         Duration::from_secs(10),
-        || async { fence(&env).await.is_some_and(|f| f > truncated_at) },
+        || async {
+            fence_of(&env, subject)
+                .await
+                .is_some_and(|f| f > truncated_at)
+        },
     )
     .await;
 

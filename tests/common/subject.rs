@@ -143,6 +143,15 @@ impl Subject {
         }
     }
 
+    /// The fence its TRUNCATE raises: users' (which guards every table's entries besides), or
+    /// the declared table's own.
+    pub fn fence_key(self) -> &'static str {
+        match self {
+            Subject::Users => "user:",
+            Subject::Orders => "orders:\0fence",
+        }
+    }
+
     pub fn truncate_sql(self) -> &'static str {
         match self {
             Subject::Users => "TRUNCATE users",

@@ -34,15 +34,32 @@ impl Router {
         within: impl Fn(u16) -> bool,
         tables: &[TableId],
     ) -> Result<u64, CacheError> {
+        // One declared table alone (its TRUNCATE, its shape changed): its own fences are raised,
+        // once the shared ones are seen there (raising them to 0 changes none).
+        let own = match tables {
+            [table] if *table != TableId::USERS => Some(*table),
+            _ => None,
+        };
         for primary in self.primaries().await? {
             let slots: Vec<u16> = primary.slots(&self.keys).filter(|&s| within(s)).collect();
+            let shared = |slot| self.keys.fence(slot);
+            let raise_to = if own.is_some() { 0 } else { fence };
             for now in self
-                .fence_scripts(&primary, &slots, scripts::RAISE_FENCE, fence)
+                .fence_scripts(&primary, &slots, scripts::RAISE_FENCE, raise_to, shared)
                 .await?
             {
                 if now < 0 {
                     return Err(CacheError::said(CacheErrorKind::Unfenced, "no fence"));
                 }
+            }
+            if let Some(table) = own {
+                let key = |slot| {
+                    self.keys
+                        .table_fence(table, slot)
+                        .expect("a declared table")
+                };
+                self.fence_scripts(&primary, &slots, scripts::RAISE_TABLE_FENCE, fence, key)
+                    .await?;
             }
         }
         let mut dropped = 0u64;
@@ -69,14 +86,15 @@ impl Router {
         Ok(dropped)
     }
 
-    /// Runs a fence script (ARGV[1] = `value`) on the fence of each of `slots`, all served by
-    /// `primary`, in one pipeline; returns what each answered.
+    /// Runs a fence script (ARGV[1] = `value`) on the fence `fence_of` each of `slots`, all
+    /// served by `primary`, in one pipeline; returns what each answered.
     pub async fn fence_scripts(
         &self,
         primary: &Primary,
         slots: &[u16],
         script: &str,
         value: i64,
+        fence_of: impl Fn(u16) -> String,
     ) -> Result<Vec<i64>, CacheError> {
         if slots.is_empty() {
             return Ok(Vec::new());
@@ -86,7 +104,7 @@ impl Router {
             pipe.cmd("EVAL")
                 .arg(script)
                 .arg(1)
-                .arg(self.keys.fence(slot))
+                .arg(fence_of(slot))
                 .arg(value);
         }
         let values = self
@@ -199,7 +217,9 @@ impl Router {
     ) -> Result<usize, CacheError> {
         let slots: Vec<u16> = primary.slots(&self.keys).collect();
         let now = self
-            .fence_scripts(primary, &slots, scripts::ESTABLISH_FENCE, horizon)
+            .fence_scripts(primary, &slots, scripts::ESTABLISH_FENCE, horizon, |slot| {
+                self.keys.fence(slot)
+            })
             .await?;
         Ok(now.into_iter().filter(|&f| f == horizon).count())
     }

@@ -1,25 +1,38 @@
 -- The one script every cache write goes through (store::redis::scripts::apply).
--- KEYS[1]: the fence. KEYS[i+1]: the key of write i. Write i takes ARGV[4i-3]: its version,
--- ARGV[4i-2]: its read_at ('' for a tombstone), ARGV[4i-1]: what to store (the live JSON, or the
--- tombstone's JSON as model::entry::tombstone_json built it), ARGV[4i]: its TTL in seconds (its
--- table's).
--- A live write applies when newer than what is stored and read at or after the fence; a tombstone
--- when at least as new (it removes the row of that very version). A value that is not
--- cacheward's (another type, or a string that is neither a live entry nor a tombstone) is left
--- alone. Returns per key: 1 applied, 0 refused (Redis holds a newer version, or a tombstone of
--- this one), 2 nothing to do (this very version is live there already), 3 fenced (read before
--- the fence, or no fence), 4 foreign (the key holds a value that is not cacheward's).
-local fence = redis.pcall('GET', KEYS[1])
-if type(fence) == 'string' then fence = tonumber(fence) else fence = nil end
+-- KEYS[1]: the fence (users', guarding every table's entries). KEYS[2..1+k]: the own fences of the
+-- k declared tables among the writes (raised by their TRUNCATEs). KEYS[1+k+i]: the key of write i.
+-- ARGV[1]: k. Write i takes ARGV[5i-3]: the index (1..k) of its table's own fence (0: users'
+-- entries have none), ARGV[5i-2]: its version, ARGV[5i-1]: its read_at ('' for a tombstone),
+-- ARGV[5i]: what to store (the live JSON, or the tombstone's JSON as model::entry::tombstone_json
+-- built it), ARGV[5i+1]: its TTL in seconds (its table's).
+-- A live write applies when newer than what is stored and read at or after the fence and its
+-- table's own fence; a tombstone when at least as new (it removes the row of that very version).
+-- A value that is not cacheward's (another type, or a string that is neither a live entry nor a
+-- tombstone) is left alone. Returns per key: 1 applied, 0 refused (Redis holds a newer version,
+-- or a tombstone of this one), 2 nothing to do (this very version is live there already), 3
+-- fenced (read before a fence, or no fence), 4 foreign (the key holds a value that is not
+-- cacheward's).
+local function number_at(key)
+  local value = redis.pcall('GET', key)
+  if type(value) == 'string' then return tonumber(value) end
+  return nil
+end
+local fence = number_at(KEYS[1])
+local k = tonumber(ARGV[1])
+local own_fences = {}
+for j = 1, k do own_fences[j] = number_at(KEYS[1 + j]) end
 local out = {}
-for i = 2, #KEYS do
-  local key = KEYS[i]
-  local n = i - 1
-  local incoming = tonumber(ARGV[4 * n - 3])
-  local live = ARGV[4 * n - 2] ~= ''
-  local value = ARGV[4 * n - 1]
-  local ttl = ARGV[4 * n]
-  if live and (fence == nil or tonumber(ARGV[4 * n - 2]) < fence) then
+for n = 1, #KEYS - 1 - k do
+  local key = KEYS[1 + k + n]
+  local own = tonumber(ARGV[5 * n - 3])
+  local incoming = tonumber(ARGV[5 * n - 2])
+  local live = ARGV[5 * n - 1] ~= ''
+  local value = ARGV[5 * n]
+  local ttl = ARGV[5 * n + 1]
+  local own_fence = nil
+  if own > 0 then own_fence = own_fences[own] end
+  local read_at = tonumber(ARGV[5 * n - 1])
+  if live and (fence == nil or read_at < fence or (own_fence ~= nil and read_at < own_fence)) then
     out[n] = 3
   else
     local current = redis.pcall('GET', key)

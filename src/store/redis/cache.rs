@@ -292,8 +292,9 @@ impl Cache {
         self.drop_where(fence, |_| true, &[TableId::USERS]).await
     }
 
-    /// [`Cache::drop_all`] for one declared table's entries only (its TRUNCATE): every fence is
-    /// raised (they are shared), the other tables' entries stay.
+    /// [`Cache::drop_all`] for one declared table's entries only (its TRUNCATE, its shape
+    /// changed): its own fences are raised (`Keys::table_fence`), users' and the other tables'
+    /// entries and fills are left alone.
     pub async fn drop_table(&self, fence: i64, table: TableId) -> Result<u64, CacheError> {
         self.drop_where(fence, |_| true, &[table]).await
     }

@@ -42,6 +42,8 @@ pub struct Keys {
 struct SlotKeys {
     fence: Box<[u32]>,
     epoch: Box<[u32]>,
+    /// Each declared table's own fence numbering, by [`TableId`] from 1.
+    table_fences: Box<[Box<[u32]>]>,
 }
 
 /// No key of cacheward's can hash to this slot (the prefix carries a hash tag of its own).
@@ -63,6 +65,7 @@ impl Keys {
                 Arc::new(SlotKeys {
                     fence: numbering(prefix, "fence"),
                     epoch: numbering(prefix, "epoch"),
+                    table_fences: tables.iter().map(|t| numbering(t, "fence")).collect(),
                 })
             }),
         }
@@ -137,6 +140,22 @@ impl Keys {
             None => self.prefix.to_string(),
             Some(keys) => format!("{}\0fence:{}", self.prefix, keys.fence[slot as usize]),
         }
+    }
+
+    /// A declared table's own fence in `slot`, raised by its TRUNCATE (and when its shape
+    /// changed) so that only its own fills that read before are refused: its prefix + NUL +
+    /// `fence` (`fence:N` in the slot on a Cluster). `None` for users, whose fence is
+    /// [`Keys::fence`], which guards every table's entries besides (a lost Redis, lost history).
+    pub fn table_fence(&self, table: TableId, slot: u16) -> Option<String> {
+        let at = (table.0 as usize).checked_sub(1)?;
+        let prefix = self.tables.get(table.0 as usize)?;
+        Some(match &self.slotted {
+            None => format!("{prefix}\0fence"),
+            Some(keys) => format!(
+                "{prefix}\0fence:{}",
+                keys.table_fences.get(at)?[slot as usize]
+            ),
+        })
     }
 
     /// The epoch of the node holding `slot`: the prefix + NUL + `epoch` (`epoch:N` in the slot on
@@ -292,6 +311,18 @@ mod tests {
         assert_eq!(single.key_of(b"acc:42"), Some(Key::new(TableId(1), "42")));
         assert_eq!(single.entry(&Key::new(TableId(1), "42")), "acc:42");
         assert_eq!(single.key_of(b"acc:"), Some(Key::new(TableId(1), "")));
+        // A declared table's own fence: after its prefix, NUL; no entry's key.
+        assert_eq!(single.table_fence(TableId::USERS, 0), None);
+        let own = single.table_fence(TableId(1), 0).unwrap();
+        assert_eq!(own, "acc:\0fence");
+        assert_eq!(single.key_of(own.as_bytes()), None);
+        let clustered = Keys::new("user:", &["acc:".into()], true);
+        for slot in [0, 77, 16383] {
+            let own = clustered.table_fence(TableId(1), slot).unwrap();
+            assert_eq!(slot_of(own.as_bytes()), slot);
+            assert!(own.starts_with("acc:\0fence:"));
+            assert_eq!(clustered.key_of(own.as_bytes()), None);
+        }
         assert_eq!(single.entry(&Key::new(TableId(1), "")), "acc:");
         for not_an_entry in [
             &b"user:"[..],

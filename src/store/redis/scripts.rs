@@ -5,6 +5,7 @@
 
 use super::keys::Keys;
 use crate::model::entry::{tombstone_json, Write};
+use crate::model::key::TableId;
 
 /// See `apply.lua`.
 const APPLY: &str = concat!(include_str!("entry.lua"), include_str!("apply.lua"));
@@ -14,6 +15,8 @@ const DROP: &str = concat!(include_str!("entry.lua"), include_str!("drop.lua"));
 pub const ESTABLISH_FENCE: &str = include_str!("establish_fence.lua");
 /// See `raise_fence.lua`.
 pub const RAISE_FENCE: &str = include_str!("raise_fence.lua");
+/// See `raise_table_fence.lua`.
+pub const RAISE_TABLE_FENCE: &str = include_str!("raise_table_fence.lua");
 
 /// What one versioned write found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,12 +51,33 @@ pub fn outcomes(flags: Vec<i64>) -> Vec<Outcome> {
 /// than EVALSHA: the script is small, Redis caches it by digest, and no call ever fails with
 /// NOSCRIPT (after a restart, a failover, or inside a pipeline).
 pub fn apply(keys: &Keys, slot: u16, writes: &[&Write]) -> redis::Cmd {
+    // The declared tables among the writes, each with its own fence in the slot.
+    let mut tables: Vec<TableId> = writes
+        .iter()
+        .map(|w| w.key().table())
+        .filter(|&t| t != TableId::USERS)
+        .collect();
+    tables.sort_unstable();
+    tables.dedup();
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(APPLY).arg(writes.len() + 1).arg(keys.fence(slot));
+    cmd.arg(APPLY)
+        .arg(1 + tables.len() + writes.len())
+        .arg(keys.fence(slot));
+    for &table in &tables {
+        cmd.arg(keys.table_fence(table, slot).expect("a declared table"));
+    }
     for write in writes {
         cmd.arg(keys.entry(write.key()));
     }
+    cmd.arg(tables.len());
     for write in writes {
+        let table = write.key().table();
+        cmd.arg(
+            tables
+                .iter()
+                .position(|&t| t == table)
+                .map_or(0, |at| at + 1),
+        );
         match write {
             Write::Live {
                 version,
