@@ -173,13 +173,12 @@ fn plain_target(params: &str, tables: &Tables) -> Option<(Target, Option<i64>)> 
                 None => None,
                 Some(raw) => Some(serde_json::from_str::<&str>(raw.get()).ok()?),
             };
-            let Scalars(given) = key;
             tables.with_ready(table, |table| {
                 let by = match lookup {
                     None => None,
                     Some(name) => Some(table.lookup(name)?),
                 };
-                Some(table.key(&table.key_of_scalars(&given, by)?))
+                Some(table.key(&table.key_of_scalars(&key.0, by)?))
             })??
         }
         _ => return None,
@@ -188,7 +187,8 @@ fn plain_target(params: &str, tables: &Tables) -> Option<(Target, Option<i64>)> 
 }
 
 /// A key object whose members are strings without escapes or integers, borrowed from the line;
-/// anything else fails, to be read by the general path.
+/// anything else fails, to be read by the general path. (A `Vec`: an inline array would be
+/// copied whole at every move of the parsed params, which measured slower than the allocation.)
 struct Scalars<'a>(Vec<(&'a str, Scalar<'a>)>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Scalars<'a> {
@@ -203,7 +203,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Scalars<'a> {
                 self,
                 mut map: A,
             ) -> Result<Self::Value, A::Error> {
-                let mut given = Vec::with_capacity(4);
+                let mut given = Vec::with_capacity(2);
                 while let Some(name) = map.next_key::<&str>()? {
                     if given.len() == 16 {
                         return Err(serde::de::Error::custom("more members than a key has"));

@@ -71,14 +71,20 @@ impl Service {
         let misses: Vec<usize> = (0..keys.len()).filter(|&i| answers[i].is_none()).collect();
         let hits = keys.len() - misses.len();
         self.stats.cache_hits.fetch_add(hits as u64, Relaxed);
-        if !self.stats.tables.is_empty() {
-            for (i, answer) in answers.iter().enumerate() {
-                if let Some(counters) = self.stats.table(keys[i].table()) {
-                    let counter = match answer {
-                        Some(_) => &counters.cache_hits,
-                        None => &counters.cache_misses,
-                    };
-                    counter.fetch_add(1, Relaxed);
+        if keys.iter().any(|k| !k.is_user()) {
+            // Counted once per table and batch: one atomic add each, not one per key.
+            let mut counts = vec![[0u64; 2]; self.stats.tables.len()];
+            for (key, answer) in keys.iter().zip(&answers) {
+                if let Some(at) = (key.table().0 as usize).checked_sub(1) {
+                    counts[at][answer.is_none() as usize] += 1;
+                }
+            }
+            for (counters, [hits, misses]) in self.stats.tables.iter().zip(counts) {
+                if hits > 0 {
+                    counters.cache_hits.fetch_add(hits, Relaxed);
+                }
+                if misses > 0 {
+                    counters.cache_misses.fetch_add(misses, Relaxed);
                 }
             }
         }
