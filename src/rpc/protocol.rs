@@ -130,8 +130,32 @@ struct PlainGet<'a> {
     #[serde(borrow)]
     id: &'a RawValue,
     method: &'a str,
+    /// Read in the same pass as the rest of the line, from an object only.
     #[serde(borrow)]
-    params: &'a RawValue,
+    params: Object<PlainParams<'a>>,
+}
+
+/// `T` read from a JSON object only: serde reads a struct from an array too, and a plain get's
+/// params positional (`["a"]`) are the general path's to refuse.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Fields<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        d.deserialize_map(Fields(std::marker::PhantomData))
+    }
 }
 
 /// A plain `get`'s params, users' and declared tables' alike, read in one pass (a failed attempt
@@ -160,8 +184,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 /// The key a plain get's params name: a user's, or a declared table's row's (its key object read
 /// as scalars, resolved against the checked table). `None` for anything else, an error included:
 /// the general path reads it again and names what is wrong.
-fn plain_target(params: &str, tables: &Tables) -> Option<(Target, Option<i64>)> {
-    let p: PlainParams = serde_json::from_str(params).ok()?;
+fn plain_target(p: PlainParams, tables: &Tables) -> Option<(Target, Option<i64>)> {
     let key = match (p.username, p.table, p.lookup, p.key) {
         (Some(username), None, None, None) => {
             validate_username(username).ok()?;
@@ -246,19 +269,15 @@ impl<'de> Deserialize<'de> for ScalarValue<'de> {
 /// a `Value`. Anything else (and anything invalid) is `None` and takes the general path, which
 /// gives it the same meaning or the precise error.
 fn parse_plain_get(line: &[u8], tables: &Tables) -> Option<Incoming> {
-    // serde reads a struct from an array too: only objects qualify, at both levels.
-    let is_object = |text: &[u8]| text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if !is_object(line) {
+    // serde reads a struct from an array too: only objects qualify (the params: see `Object`).
+    if line.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return None;
     }
     let request: PlainGet = serde_json::from_slice(line).ok()?;
-    if request.jsonrpc != "2.0"
-        || request.method != "get"
-        || !is_object(request.params.get().as_bytes())
-    {
+    if request.jsonrpc != "2.0" || request.method != "get" {
         return None;
     }
-    let (target, min_version) = plain_target(request.params.get(), tables)?;
+    let (target, min_version) = plain_target(request.params.0, tables)?;
     let id = match request.id.get().as_bytes().first()? {
         b'"' | b'-' | b'0'..=b'9' => serde_json::from_str(request.id.get()).ok()?,
         _ => return None,
