@@ -43,29 +43,30 @@ impl Service {
         }
         for ((id, lookup), members) in groups {
             let table = self.tables.get(id).expect("checked above");
-            let by = lookup.map(|l| &table.lookups[l]);
-            let wanted: Vec<Vec<String>> = members.iter().map(|(_, p)| p.clone()).collect();
+            let (members, wanted): (Vec<usize>, Vec<Vec<String>>) = members.into_iter().unzip();
             self.stats.db_queries.fetch_add(1, Relaxed);
-            let found = match db_result(self.db.find_rows(&table, by, &wanted).await, &self.health)
-            {
+            let found = match db_result(
+                self.db.find_rows(&table, lookup, &wanted).await,
+                &self.health,
+            ) {
                 Ok(found) => found,
                 Err(e) => {
-                    for (i, _) in &members {
-                        answers[*i] = Err(e.clone());
+                    for &i in &members {
+                        answers[i] = Err(e.clone());
                     }
                     continue;
                 }
             };
-            let text_of = |row: &'_ TableRow| -> String {
-                match lookup {
-                    None => row.key.clone(),
-                    Some(l) => row.lookups[l].clone(),
-                }
-            };
-            let by_text: HashMap<String, &TableRow> =
-                found.rows.iter().map(|r| (text_of(r), r)).collect();
-            for (i, _) in &members {
-                let key = keys[*i];
+            let by_text: HashMap<&str, &TableRow> = found
+                .rows
+                .iter()
+                .map(|row| match lookup {
+                    None => (row.key.as_str(), row),
+                    Some(l) => (row.lookups[l].as_str(), row),
+                })
+                .collect();
+            for &i in &members {
+                let key = keys[i];
                 let Some(row) = by_text.get(key.as_str()) else {
                     continue;
                 };
@@ -80,7 +81,7 @@ impl Service {
                 } else {
                     self.stats.rows_too_large.fetch_add(1, Relaxed);
                 }
-                answers[*i] = Ok(Some((entry, Source::Db)));
+                answers[i] = Ok(Some((entry, Source::Db)));
             }
         }
         (answers, writes)

@@ -148,6 +148,8 @@ pub struct Db {
     target: PgTarget,
     /// Client-side bound on one call (pool wait + query), beyond the server's statement timeout.
     call_timeout: Duration,
+    /// The statements reading declared tables' rows, built once per table shape.
+    selects: Arc<rows::Selects>,
 }
 
 impl Db {
@@ -181,6 +183,7 @@ impl Db {
             pool,
             target,
             call_timeout,
+            selects: Default::default(),
         })
     }
 

@@ -2,11 +2,15 @@
 //! (from `cacheward_row_versions`; 0 for a row no change has touched since the table was
 //! declared) and its ROW JSON, after the version horizon (their `read_at`).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Row;
 
 use super::tables::quote_ident;
 use super::{query_after_horizon, Db, DbError, DbErrorKind};
+use crate::model::key::TableId;
 use crate::model::table::{Column, Lookup, Table};
 use crate::model::user::normalize_timestamps;
 
@@ -129,16 +133,40 @@ pub fn table_row(table: &Table, row: &Row) -> Result<TableRow, DbError> {
     })
 }
 
+/// The text of each declared table's reads (by key, by each lookup), built once per table shape
+/// (a `Table` checked again is another `Arc`) rather than at every read.
+#[derive(Default)]
+pub struct Selects(Mutex<HashMap<(TableId, Option<usize>), Built>>);
+
+/// A statement's text and the table shape it was built for.
+type Built = (Arc<Table>, Arc<str>);
+
+impl Selects {
+    /// [`select_sql`] of `table` by its key (`lookup` = None) or by its lookup at that index.
+    fn of(&self, table: &Arc<Table>, lookup: Option<usize>) -> Arc<str> {
+        let mut built = self.0.lock().expect("not poisoned");
+        match built.get(&(table.id, lookup)) {
+            Some((shape, sql)) if Arc::ptr_eq(shape, table) => sql.clone(),
+            _ => {
+                let sql: Arc<str> = select_sql(table, lookup.map(|l| &table.lookups[l])).into();
+                built.insert((table.id, lookup), (table.clone(), sql.clone()));
+                sql
+            }
+        }
+    }
+}
+
 impl Db {
-    /// The rows of `table` whose key (or lookup `by`) is one of `keys` (each the columns' texts),
-    /// in one query, after the version horizon.
+    /// The rows of `table` whose key (or the lookup at index `lookup`) is one of `keys` (each the
+    /// columns' texts), in one query, after the version horizon.
     pub async fn find_rows(
         &self,
-        table: &Table,
-        by: Option<&Lookup>,
+        table: &Arc<Table>,
+        lookup: Option<usize>,
         keys: &[Vec<String>],
     ) -> Result<FoundRows, DbError> {
-        let sql = select_sql(table, by);
+        let sql = self.selects.of(table, lookup);
+        let by = lookup.map(|l| &table.lookups[l]);
         let width = by.map_or(table.key.len(), |l| l.columns.len());
         let columns: Vec<Vec<&str>> = (0..width)
             .map(|i| keys.iter().map(|k| k[i].as_str()).collect())
