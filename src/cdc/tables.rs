@@ -2,8 +2,8 @@
 //! (each row's key, the keys rows left, the lookup values they no longer have), their TRUNCATEs,
 //! and the current rows of those keys, read in the batch's snapshot.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
@@ -12,7 +12,7 @@ use super::CdcError;
 use crate::model::key::{Key, TableId};
 use crate::model::registry::Tables;
 use crate::model::table::{encode_lookup, Table};
-use crate::store::pg::rows::{select_sql, table_row, TableRow};
+use crate::store::pg::rows::{select_sql, table_row, ByShape, TableRow};
 
 /// One outbox row of a declared table, as [`TableChanges::add`] reads it.
 pub struct TableChange<'a> {
@@ -139,13 +139,25 @@ pub async fn prepare_reads(
         }
     }
     let reads = by_table.into_iter().map(|(id, (table, keys))| async move {
-        let statement = statements
-            .get(client, id, select_sql(&table, None), table.key.len())
-            .await
-            .map_err(|e| unreadable(tables, id, &table, e))?;
-        let columns = (0..table.key.len())
-            .map(|i| keys.iter().map(|k| k[i].clone()).collect())
-            .collect();
+        let statement = match statements.get(&table, None) {
+            Some(statement) => statement,
+            None => {
+                let types = vec![Type::TEXT_ARRAY; table.key.len()];
+                let statement = client
+                    .prepare_typed(&select_sql(&table, None), &types)
+                    .await
+                    .map_err(|e| unreadable(tables, id, &table, e))?;
+                statements.put(&table, None, statement.clone());
+                statement
+            }
+        };
+        // One list per key column, the n-th key's text at index n of each.
+        let mut columns = vec![Vec::with_capacity(keys.len()); table.key.len()];
+        for parts in keys {
+            for (column, part) in columns.iter_mut().zip(parts) {
+                column.push(part);
+            }
+        }
         Ok::<_, CdcError>(TableRead {
             id,
             table,
@@ -197,36 +209,9 @@ fn unreadable(tables: &Tables, id: TableId, table: &Table, e: tokio_postgres::Er
 }
 
 /// Each declared table's statement reading its rows by key, prepared on the session's connection
-/// when a batch first needs it (and again once the table's shape, so its statement, changed): a
-/// statement parsed and planned for every batch costs PostgreSQL more than the read itself.
-#[derive(Default)]
-pub struct TableStatements(Mutex<HashMap<TableId, (String, Statement)>>);
-
-impl TableStatements {
-    /// The statement `sql` of table `id` (`width` text[] parameters), prepared now unless it
-    /// was already.
-    async fn get(
-        &self,
-        client: &Client,
-        id: TableId,
-        sql: String,
-        width: usize,
-    ) -> Result<Statement, tokio_postgres::Error> {
-        if let Some((kept, statement)) = self.0.lock().expect("not poisoned").get(&id) {
-            if *kept == sql {
-                return Ok(statement.clone());
-            }
-        }
-        let statement = client
-            .prepare_typed(&sql, &vec![Type::TEXT_ARRAY; width])
-            .await?;
-        self.0
-            .lock()
-            .expect("not poisoned")
-            .insert(id, (sql, statement.clone()));
-        Ok(statement)
-    }
-}
+/// when a batch first needs it (and again once the table's shape changed): a statement parsed and
+/// planned for every batch costs PostgreSQL more than the read itself.
+pub type TableStatements = ByShape<Statement>;
 
 #[cfg(test)]
 mod tests {

@@ -293,7 +293,7 @@ impl<'a> Scalar<'a> {
     pub fn of(value: &'a Value) -> Scalar<'a> {
         match value {
             Value::String(s) => Scalar::Str(s),
-            Value::Number(n) if n.as_i64().is_some() => Scalar::Int(n.as_i64().expect("checked")),
+            Value::Number(n) => n.as_i64().map_or(Scalar::Json(value), Scalar::Int),
             other => Scalar::Json(other),
         }
     }

@@ -177,15 +177,7 @@ impl Subject {
 
     /// Deletes row `name` through the daemon; whether it was there.
     pub async fn delete(self, client: &mut Rpc, name: &str) -> bool {
-        let params = match self {
-            Subject::Users => json!({"username": name}),
-            Subject::Orders => {
-                let mut params = self.params(name);
-                params.as_object_mut().unwrap().remove("lookup");
-                params
-            }
-        };
-        let answer = client.call("delete", params).await;
+        let answer = client.call("delete", self.params(name)).await;
         answer["result"]["deleted"]
             .as_bool()
             .expect("a delete's answer")

@@ -133,27 +133,48 @@ pub fn table_row(table: &Table, row: &Row) -> Result<TableRow, DbError> {
     })
 }
 
-/// The text of each declared table's reads (by key, by each lookup), built once per table shape
-/// (a `Table` checked again is another `Arc`) rather than at every read.
-#[derive(Default)]
-pub struct Selects(Mutex<HashMap<(TableId, Option<usize>), Built>>);
+/// Values built for a declared table's shape, by its key (`None`) or by the lookup at an index:
+/// kept until the table is checked again after a change (another `Arc`), so that what depends
+/// only on the shape (a statement's text, a prepared statement) is not built at every read.
+pub struct ByShape<V>(Mutex<HashMap<Read, (Arc<Table>, V)>>);
 
-/// A statement's text and the table shape it was built for.
-type Built = (Arc<Table>, Arc<str>);
+/// A table's read: by its key (`None`) or by the lookup at an index.
+type Read = (TableId, Option<usize>);
 
-impl Selects {
-    /// [`select_sql`] of `table` by its key (`lookup` = None) or by its lookup at that index.
-    fn of(&self, table: &Arc<Table>, lookup: Option<usize>) -> Arc<str> {
-        let mut built = self.0.lock().expect("not poisoned");
-        match built.get(&(table.id, lookup)) {
-            Some((shape, sql)) if Arc::ptr_eq(shape, table) => sql.clone(),
-            _ => {
-                let sql: Arc<str> = select_sql(table, lookup.map(|l| &table.lookups[l])).into();
-                built.insert((table.id, lookup), (table.clone(), sql.clone()));
-                sql
-            }
+impl<V> Default for ByShape<V> {
+    fn default() -> Self {
+        ByShape(Mutex::default())
+    }
+}
+
+impl<V: Clone> ByShape<V> {
+    /// The value kept for `table`'s shape, if any.
+    pub fn get(&self, table: &Arc<Table>, lookup: Option<usize>) -> Option<V> {
+        let kept = self.0.lock().expect("not poisoned");
+        match kept.get(&(table.id, lookup)) {
+            Some((shape, value)) if Arc::ptr_eq(shape, table) => Some(value.clone()),
+            _ => None,
         }
     }
+
+    /// Keeps `value` for `table`'s shape (replacing what an older shape had).
+    pub fn put(&self, table: &Arc<Table>, lookup: Option<usize>, value: V) {
+        let mut kept = self.0.lock().expect("not poisoned");
+        kept.insert((table.id, lookup), (table.clone(), value));
+    }
+}
+
+/// [`select_sql`] of `table` by its key or by the lookup at index `lookup`, kept in `built`.
+pub fn select_sql_of(
+    built: &ByShape<Arc<str>>,
+    table: &Arc<Table>,
+    lookup: Option<usize>,
+) -> Arc<str> {
+    built.get(table, lookup).unwrap_or_else(|| {
+        let sql: Arc<str> = select_sql(table, lookup.map(|l| &table.lookups[l])).into();
+        built.put(table, lookup, sql.clone());
+        sql
+    })
 }
 
 impl Db {
@@ -165,7 +186,7 @@ impl Db {
         lookup: Option<usize>,
         keys: &[Vec<String>],
     ) -> Result<FoundRows, DbError> {
-        let sql = self.selects.of(table, lookup);
+        let sql = select_sql_of(&self.selects, table, lookup);
         let by = lookup.map(|l| &table.lookups[l]);
         let width = by.map_or(table.key.len(), |l| l.columns.len());
         let columns: Vec<Vec<&str>> = (0..width)

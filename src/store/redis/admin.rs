@@ -26,8 +26,9 @@ pub struct NodeState {
 impl Router {
     /// Raises the fences of the slots `within` selects to `fence`, then drops every live entry
     /// of those slots (see `Cache::drop_all`). Fails, changing nothing, while Redis has no fence.
-    /// Raises the fences of the slots `within` to `fence`, then drops the live entries of
-    /// `tables` in those slots.
+    /// Raises the fences guarding `tables` in the slots `within` to `fence`, then drops the live
+    /// entries of `tables` in those slots. One declared table alone is guarded by its own fences;
+    /// any other set by users' (which guard every table).
     pub async fn drop_where(
         &self,
         fence: i64,
