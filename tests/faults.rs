@@ -6,27 +6,28 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cacheward::config::Config;
 use cacheward::dev::RedisOptions;
-use common::{kind, wait_until, Rpc, TestEnv};
-use serde_json::json;
+use common::subject::Subject;
+use common::{kind, wait_until, Daemon, Rpc, TestEnv};
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-/// Reads `username` in a loop until stopped; every read must succeed. Returns (reads, from cache).
+/// Reads row `name` in a loop until stopped; every read must answer `row`. Returns (reads, from
+/// cache).
 fn hammer(
     socket: PathBuf,
-    username: &'static str,
+    subject: Subject,
+    name: &'static str,
+    row: Value,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<(u32, u32)> {
     tokio::spawn(async move {
         let mut c = Rpc::connect(&socket).await;
         let (mut reads, mut cached) = (0, 0);
         while !stop.is_cancelled() {
-            let r = c.get(username).await;
-            assert_eq!(
-                r["result"]["user"]["username"],
-                json!(username),
-                "read failed mid-fault: {r}"
-            );
+            let r = subject.get(&mut c, name).await;
+            assert_eq!(subject.answered(&r), row, "read failed mid-fault: {r}");
             reads += 1;
             cached += u32::from(r["result"]["source"] == json!("cache"));
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -35,24 +36,47 @@ fn hammer(
     })
 }
 
+/// A daemon serving `subject` in `env`, and a client of it.
+async fn serving(env: &TestEnv, subject: Subject, config: Config) -> (Daemon, Rpc) {
+    let config = subject.prepare(env, config).await;
+    let daemon = env.start_daemon(config).await;
+    let mut c = daemon.client().await;
+    subject.served(&mut c).await;
+    (daemon, c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_mid_traffic() {
+    redis_killed_and_restarted(Subject::Users).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_mid_traffic_of_a_declared_table() {
+    redis_killed_and_restarted(Subject::Orders).await;
+}
+
+async fn redis_killed_and_restarted(subject: Subject) {
     let mut env = TestEnv::start().await;
-    let daemon = env.start_daemon(env.config()).await;
-    let mut c = daemon.client().await;
-    c.call("put", json!({"username": "steady"})).await;
+    let (daemon, mut c) = serving(&env, subject, env.config()).await;
+    subject.put(&mut c, &["steady"]).await;
+    let steady = subject.row_json(&env, "steady").await.unwrap();
     let stop = CancellationToken::new();
-    let reader = hammer(daemon.socket.clone(), "steady", stop.clone());
+    let reader = hammer(
+        daemon.socket.clone(),
+        subject,
+        "steady",
+        steady.clone(),
+        stop.clone(),
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     env.redis.kill();
     // Until the daemon hears its connection drop, the near cache may still answer (exactly: a dead
     // Redis changes nothing); then reads fall back to PostgreSQL.
-    let steady = env.row_json("steady").await.unwrap();
     let started = std::time::Instant::now();
     loop {
-        let during = c.get("steady").await;
-        assert_eq!(during["result"]["user"], steady, "{during}");
+        let during = subject.get(&mut c, "steady").await;
+        assert_eq!(subject.answered(&during), steady, "{during}");
         if during["result"]["source"] == json!("db") {
             break;
         }
@@ -61,19 +85,20 @@ async fn redis_killed_and_restarted_mid_traffic() {
             "reads fall back to PostgreSQL: {during}"
         );
     }
-    let put = c.call("put", json!({"username": "while-down"})).await;
+    let (method, params) = subject.put_call("while-down");
+    let put = c.call(method, params).await;
     assert_eq!(
         put["result"]["created"],
         json!(true),
         "writes succeed without Redis: {put}"
     );
-    let renamed = c
-        .call(
-            "rename",
-            json!({"username": "while-down", "new_username": "renamed-down"}),
-        )
-        .await;
-    assert_eq!(renamed["result"]["user"]["username"], json!("renamed-down"));
+    let (method, params) = subject.rename_call("while-down", "renamed-down");
+    let renamed = c.call(method, params).await;
+    assert_eq!(
+        subject.answered(&renamed),
+        subject.row_json(&env, "renamed-down").await.unwrap(),
+        "{renamed}"
+    );
     wait_until(
         "health reports redis down",
         Duration::from_secs(5),
@@ -95,15 +120,18 @@ async fn redis_killed_and_restarted_mid_traffic() {
         "reads come from the cache again",
         Duration::from_secs(5),
         || async {
-            daemon.client().await.get("steady").await["result"]["source"] == json!("cache")
+            let answer = subject.get(&mut daemon.client().await, "steady").await;
+            answer["result"]["source"] == json!("cache")
         },
     )
     .await;
+    let moved = subject.get(&mut c, "renamed-down").await;
     assert_eq!(
-        c.get("renamed-down").await["result"]["user"]["username"],
-        json!("renamed-down")
+        subject.answered(&moved),
+        subject.row_json(&env, "renamed-down").await.unwrap(),
+        "{moved}"
     );
-    assert_eq!(kind(&c.get("while-down").await), "not_found");
+    assert_eq!(kind(&subject.get(&mut c, "while-down").await), "not_found");
 
     stop.cancel();
     let (reads, cached) = reader.await.expect("every read succeeded");
@@ -114,72 +142,71 @@ async fn redis_killed_and_restarted_mid_traffic() {
     daemon.stop().await;
 }
 
-fn names(list: &[&str]) -> Vec<String> {
-    list.iter().map(|n| n.to_string()).collect()
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_made_while_redis_was_down_leave_no_stale_entry_behind() {
+    writes_while_redis_was_down(Subject::Users).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_made_while_redis_was_down_leave_no_stale_entry_behind() {
+async fn writes_to_a_declared_table_while_redis_was_down_leave_no_stale_entry_behind() {
+    writes_while_redis_was_down(Subject::Orders).await;
+}
+
+async fn writes_while_redis_was_down(subject: Subject) {
     // A Redis that keeps its data across the outage, as production ones do.
     let mut env = TestEnv::start_with(RedisOptions {
         persistent: true,
         ..Default::default()
     })
     .await;
-    let daemon = env.start_daemon(env.config()).await;
-    let mut c = daemon.client().await;
+    let (daemon, mut c) = serving(&env, subject, env.config()).await;
     for name in ["moved", "removed", "kept"] {
-        c.call("put", json!({"username": name})).await;
-        assert!(env.cached(name).await.is_some());
+        subject.put(&mut c, &[name]).await;
+        assert!(subject.live(&env, name).await.is_some());
     }
 
     env.redis.kill();
-    c.call(
-        "rename",
-        json!({"username": "moved", "new_username": "moved-to"}),
-    )
-    .await;
-    assert_eq!(
-        c.call("delete", json!({"username": "removed"})).await["result"]["deleted"],
-        json!(true)
-    );
+    subject.rename(&mut c, "moved", "moved-to").await;
+    assert!(subject.delete(&mut c, "removed").await);
     assert_eq!(
         daemon.stats().await["repairs_pending"],
         json!(3),
-        "three names in doubt"
+        "three keys in doubt"
     );
 
     // Redis comes back with the old entries for `moved` and `removed` still in it.
     env.redis.start_again().expect("restart redis");
-    assert!(cacheward::model::entry::is_live(
-        &env.cached("moved").await.expect("persisted")
-    ));
+    assert!(
+        subject.live(&env, "moved").await.is_some(),
+        "the old entry persisted"
+    );
 
     // Never served from the stale entries, not even before the repair ran.
-    assert_eq!(kind(&c.get("moved").await), "not_found");
-    assert_eq!(kind(&c.get("removed").await), "not_found");
+    assert_eq!(kind(&subject.get(&mut c, "moved").await), "not_found");
+    assert_eq!(kind(&subject.get(&mut c, "removed").await), "not_found");
     wait_until("repairs done", Duration::from_secs(5), || async {
         daemon.stats().await["repairs_pending"] == json!(0)
     })
     .await;
     for name in ["moved", "removed"] {
-        let raw = env.cached(name).await.unwrap_or_default();
+        let raw = subject.cached(&env, name).await;
         assert!(
-            !cacheward::model::entry::is_live(&raw),
-            "{name} still live in Redis: {raw}"
+            subject.live(&env, name).await.is_none(),
+            "{name} still live in Redis: {raw:?}"
         );
     }
     // The restarted Redis runs as another process: its data is distrusted and dropped as a whole
     // (tests/fence.rs), so an entry is either gone or equal to its row.
     assert!(
-        env.agrees(&names(&["moved", "removed", "kept", "moved-to"]))
+        subject
+            .agrees(&env, &["moved", "removed", "kept", "moved-to"])
             .await
     );
     for name in ["kept", "moved-to"] {
-        let answer = c.get(name).await;
+        let answer = subject.get(&mut c, name).await;
         assert_eq!(
-            answer["result"]["user"],
-            env.row_json(name).await.unwrap(),
+            subject.answered(&answer),
+            subject.row_json(&env, name).await.unwrap(),
             "{answer}"
         );
     }
@@ -188,20 +215,29 @@ async fn writes_made_while_redis_was_down_leave_no_stale_entry_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_costs_a_timeout_not_an_error() {
+    frozen_redis(Subject::Users).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_costs_a_declared_table_a_timeout_not_an_error() {
+    frozen_redis(Subject::Orders).await;
+}
+
+async fn frozen_redis(subject: Subject) {
     let env = TestEnv::start().await;
-    let daemon = env.start_daemon(env.config()).await;
-    let mut c = daemon.client().await;
-    c.call("put", json!({"username": "icy"})).await;
+    let (daemon, mut c) = serving(&env, subject, env.config()).await;
+    subject.put(&mut c, &["icy"]).await;
 
     env.redis.pause();
     let started = std::time::Instant::now();
-    let r = c.get("icy").await;
+    let r = subject.get(&mut c, "icy").await;
     assert_eq!(r["result"]["source"], json!("db"), "{r}");
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "bounded by redis.timeout_ms"
     );
-    let put = c.call("put", json!({"username": "icy2"})).await;
+    let (method, params) = subject.put_call("icy2");
+    let put = c.call(method, params).await;
     assert_eq!(put["result"]["created"], json!(true), "{put}");
     wait_until(
         "health reports redis down",
@@ -217,7 +253,10 @@ async fn a_frozen_redis_costs_a_timeout_not_an_error() {
     wait_until(
         "icy2 repaired into the cache",
         Duration::from_secs(5),
-        || async { daemon.client().await.get("icy2").await["result"]["source"] == json!("cache") },
+        || async {
+            let answer = subject.get(&mut daemon.client().await, "icy2").await;
+            answer["result"]["source"] == json!("cache")
+        },
     )
     .await;
     daemon.stop().await;
@@ -225,30 +264,42 @@ async fn a_frozen_redis_costs_a_timeout_not_an_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_and_restarted_mid_traffic() {
+    postgres_stopped_and_restarted(Subject::Users).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_and_restarted_mid_traffic_of_a_declared_table() {
+    postgres_stopped_and_restarted(Subject::Orders).await;
+}
+
+async fn postgres_stopped_and_restarted(subject: Subject) {
     let mut env = TestEnv::start().await;
+    let config = subject.prepare(&env, env.config()).await;
     env.pg()
         .await
-        .execute("INSERT INTO users (username) VALUES ('cold')", &[])
+        .batch_execute(&subject.insert_sql(&["cold"]))
         .await
         .unwrap();
-    let daemon = env.start_daemon(env.config()).await;
+    let daemon = env.start_daemon(config).await;
     let mut c = daemon.client().await;
-    c.call("put", json!({"username": "warm"})).await;
+    subject.served(&mut c).await;
+    subject.put(&mut c, &["warm"]).await;
+    let warm = subject.row_json(&env, "warm").await.unwrap();
     let stop = CancellationToken::new();
-    let reader = hammer(daemon.socket.clone(), "warm", stop.clone());
+    let reader = hammer(daemon.socket.clone(), subject, "warm", warm, stop.clone());
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     env.pg.stop();
     assert_eq!(
-        c.get("warm").await["result"]["source"],
+        subject.get(&mut c, "warm").await["result"]["source"],
         json!("cache"),
         "cached reads are served"
     );
     for (method, params) in [
-        ("put", json!({"username": "new"})),
-        ("rename", json!({"username": "warm", "new_username": "x"})),
-        ("delete", json!({"username": "warm"})),
-        ("get", json!({"username": "cold"})),
+        subject.put_call("new"),
+        subject.rename_call("warm", "x"),
+        ("delete", subject.params("warm")),
+        ("get", subject.params("cold")),
     ] {
         let r = c.call(method, params).await;
         assert_eq!(r["error"]["code"], json!(-32003), "{method} -> {r}");
@@ -270,22 +321,21 @@ async fn postgres_stopped_and_restarted_mid_traffic() {
 
     env.pg.start_again().expect("restart postgres");
     wait_until("writes work again", Duration::from_secs(10), || async {
-        daemon
-            .client()
-            .await
-            .call("put", json!({"username": "new"}))
-            .await["result"]["created"]
-            == json!(true)
+        let (method, params) = subject.put_call("new");
+        daemon.client().await.call(method, params).await["result"]["created"] == json!(true)
     })
     .await;
-    assert_eq!(c.get("cold").await["result"]["source"], json!("db"));
+    assert_eq!(
+        subject.get(&mut c, "cold").await["result"]["source"],
+        json!("db")
+    );
     assert_eq!(daemon.health().await["postgres"], json!("up"));
 
     stop.cancel();
     let (reads, cached) = reader.await.expect("every cached read succeeded");
     assert_eq!(
         reads, cached,
-        "all reads of a cached user came from the cache"
+        "all reads of a cached row came from the cache"
     );
     daemon.stop().await;
 }

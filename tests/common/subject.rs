@@ -159,18 +159,39 @@ impl Subject {
         }
     }
 
+    /// The request creating row `name` (`put` for users, `upsert` for a declared table).
+    pub fn put_call(self, name: &str) -> (&'static str, Value) {
+        match self {
+            Subject::Users => ("put", json!({"username": name})),
+            Subject::Orders => {
+                let row = json!({"region": Subject::region(name), "id": 1, "note": "put"});
+                ("upsert", json!({"table": "orders", "row": row}))
+            }
+        }
+    }
+
+    /// The request moving row `from` to key `to`.
+    pub fn rename_call(self, from: &str, to: &str) -> (&'static str, Value) {
+        match self {
+            Subject::Users => ("rename", json!({"username": from, "new_username": to})),
+            Subject::Orders => {
+                let key = json!({"region": Subject::region(from), "id": 1});
+                let set = json!({"region": Subject::region(to)});
+                ("update", json!({"table": "orders", "key": key, "set": set}))
+            }
+        }
+    }
+
+    /// Gets row `name` through the daemon: the whole answer.
+    pub async fn get(self, client: &mut Rpc, name: &str) -> Value {
+        client.call("get", self.params(name)).await
+    }
+
     /// Creates rows `names` through the daemon (a write, so cached at once).
     pub async fn put(self, client: &mut Rpc, names: &[&str]) {
         for name in names {
-            let answer = match self {
-                Subject::Users => client.call("put", json!({"username": name})).await,
-                Subject::Orders => {
-                    let row = json!({"region": Subject::region(name), "id": 1, "note": "put"});
-                    client
-                        .call("upsert", json!({"table": "orders", "row": row}))
-                        .await
-                }
-            };
+            let (method, params) = self.put_call(name);
+            let answer = client.call(method, params).await;
             assert!(answer.get("result").is_some(), "{answer}");
         }
     }
@@ -185,20 +206,8 @@ impl Subject {
 
     /// Moves row `from` to key `to` through the daemon.
     pub async fn rename(self, client: &mut Rpc, from: &str, to: &str) {
-        let answer = match self {
-            Subject::Users => {
-                client
-                    .call("rename", json!({"username": from, "new_username": to}))
-                    .await
-            }
-            Subject::Orders => {
-                let key = json!({"region": Subject::region(from), "id": 1});
-                let set = json!({"region": Subject::region(to)});
-                client
-                    .call("update", json!({"table": "orders", "key": key, "set": set}))
-                    .await
-            }
-        };
+        let (method, params) = self.rename_call(from, to);
+        let answer = client.call(method, params).await;
         assert!(answer.get("result").is_some(), "{answer}");
     }
 
