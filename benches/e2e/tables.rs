@@ -3,6 +3,7 @@
 //! users, cell by cell; then cold gets (each key read once: a miss, a database read and a fill)
 //! of both. The ratio is the table's throughput over users'.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -11,7 +12,7 @@ use cacheward::config::TableConfig;
 
 use crate::common::DaemonProcess;
 use crate::hit::{daemon_side, user_params, Params};
-use crate::measure::{call, Side};
+use crate::measure::{call, cpu_split, split_us_per_op, Side};
 use crate::Bench;
 
 const TABLE: &str = "
@@ -53,6 +54,19 @@ fn order(id: u64) -> String {
 
 fn row_params(ids: Arc<dyn Fn(u64) -> u64 + Send + Sync>) -> Params {
     Arc::new(move |n| order(ids(n)))
+}
+
+/// The daemon at `socket`'s database queries and cache hits so far (its `stats`).
+async fn counts(socket: &std::path::Path) -> [u64; 2] {
+    let stats = call(socket, "stats", json!({})).await;
+    let count = |name: &str| stats[name].as_u64().expect("stats count it");
+    [count("db_queries"), count("cache_hits")]
+}
+
+/// Numbers from `from` down, one per call, never below `floor` (where the keys run out).
+fn countdown(from: u64, floor: u64) -> Arc<dyn Fn(u64) -> u64 + Send + Sync> {
+    let next = AtomicU64::new(from);
+    Arc::new(move |_| next.fetch_sub(1, Ordering::Relaxed).max(floor + 1))
 }
 
 /// Prints and returns one comparison row.
@@ -145,21 +159,62 @@ pub async fn run(b: &Bench, report: &mut Value) {
         }
         hits.push(compare("hit", cell, &u, &t));
     }
-    // Cold: each slice reads keys no slice read before (users and rows past the hot ones).
+    // Cold: every get names a key no get named before, counted down from the last row (away from
+    // the users the miss part reads upward from `hot + 1`), in slices short enough not to run out.
+    // The daemon's own counters tell how many gets it answered from the cache meanwhile (none, if
+    // the slices are all misses) and how many keys each database query read.
     let mut misses = Vec::new();
-    let span = (b.users - hot) / (2 * b.rounds as u64 + 2);
+    let slice = b.slice / 4;
+    let (next_user, next_row) = (countdown(b.users, hot), countdown(b.users, hot));
     for cell in [(1, 1), (16, 1)] {
         let (mut u, mut t) = (Side::default(), Side::default());
-        for round in 0..b.rounds as u64 {
-            let base = hot + round * span;
-            let cold = move |n: u64| base + n % span + 1;
+        let (mut user_counts, mut table_counts) = ([0, 0], [0, 0]);
+        let (mut user_cpu, mut table_cpu) = ([0u64; 4], [0u64; 4]);
+        for _ in 0..b.rounds {
+            let user = next_user.clone();
             let users_cold: Params =
-                Arc::new(move |n| format!("{{\"username\":\"u{}\"}}", cold(n)));
-            let table_cold = row_params(Arc::new(cold));
-            daemon_side(&mut u, pid, &socket, cell, b.slice, &users_cold).await;
-            daemon_side(&mut t, pid, &socket, cell, b.slice, &table_cold).await;
+                Arc::new(move |n| format!("{{\"username\":\"u{}\"}}", user(n)));
+            let table_cold = row_params(next_row.clone());
+            let (before, cpu_before) = (counts(&socket).await, cpu_split(pid));
+            daemon_side(&mut u, pid, &socket, cell, slice, &users_cold).await;
+            let (between, cpu_between) = (counts(&socket).await, cpu_split(pid));
+            daemon_side(&mut t, pid, &socket, cell, slice, &table_cold).await;
+            let (after, cpu_after) = (counts(&socket).await, cpu_split(pid));
+            for i in 0..2 {
+                user_counts[i] += between[i] - before[i];
+                table_counts[i] += after[i] - between[i];
+            }
+            for i in 0..4 {
+                user_cpu[i] += cpu_between[i] - cpu_before[i];
+                table_cpu[i] += cpu_after[i] - cpu_between[i];
+            }
         }
-        misses.push(compare("miss", cell, &u, &t));
+        let mut row = compare("miss", cell, &u, &t);
+        let per_query =
+            |side: &Side, [queries, _]: [u64; 2]| side.ops as f64 / queries.max(1) as f64;
+        row["users"]["keys_per_query"] = json!(per_query(&u, user_counts));
+        row["table"]["keys_per_query"] = json!(per_query(&t, table_counts));
+        row["users"]["cache_hits"] = json!(user_counts[1]);
+        row["table"]["cache_hits"] = json!(table_counts[1]);
+        println!(
+            "      keys per database query: users {:.2}, table {:.2}{}",
+            per_query(&u, user_counts),
+            per_query(&t, table_counts),
+            match user_counts[1] + table_counts[1] {
+                0 => String::new(),
+                hits => format!(" (WARNING: {hits} gets were hits; raise CACHEWARD_BENCH_USERS)"),
+            }
+        );
+        let [ud, uc, ur, up] = split_us_per_op(user_cpu, u.ops);
+        let [td, tc, tr, tp] = split_us_per_op(table_cpu, t.ops);
+        println!(
+            "      CPU µs/op, daemon + client + redis + postgres: users {ud:.1} + {uc:.1} + {ur:.1} + {up:.1}, table {td:.1} + {tc:.1} + {tr:.1} + {tp:.1}"
+        );
+        row["users"]["cpu_us_per_op"] =
+            json!({"daemon": ud, "client": uc, "redis": ur, "postgres": up});
+        row["table"]["cpu_us_per_op"] =
+            json!({"daemon": td, "client": tc, "redis": tr, "postgres": tp});
+        misses.push(row);
     }
     report["declared_table"] = json!({"hit": hits, "miss": misses});
     drop(daemon);
