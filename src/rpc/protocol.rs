@@ -273,7 +273,10 @@ fn parse_plain_get(line: &[u8], tables: &Tables) -> Option<Incoming> {
     if line.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return None;
     }
-    let request: PlainGet = serde_json::from_slice(line).ok()?;
+    // Checked as UTF-8 once, here, not string by string as `from_slice` would (a line that is
+    // not is the general path's to refuse).
+    let text = std::str::from_utf8(line).ok()?;
+    let request: PlainGet = serde_json::from_str(text).ok()?;
     if request.jsonrpc != "2.0" || request.method != "get" {
         return None;
     }
@@ -705,6 +708,20 @@ mod tests {
             parse_line(b"\xff\xfe{", declared()).map(|i| matches!(i, Incoming::Reject { .. })),
             Some(true)
         );
+        // A plain get but for one byte that is not UTF-8, in a value or in a member's name.
+        for line in [
+            &b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{\"username\":\"a\xffb\"}}"[..],
+            &b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{\"user\xffname\":\"ab\"}}"[..],
+        ] {
+            assert!(
+                matches!(
+                    parse_line(line, declared()),
+                    Some(Incoming::Reject { error, .. }) if error.kind == ErrorKind::ParseError
+                ),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
         assert_eq!(rejected("[]"), (Value::Null, ErrorKind::InvalidRequest));
         assert_eq!(
             rejected(r#"[{"jsonrpc":"2.0","id":1,"method":"stats"}]"#),
