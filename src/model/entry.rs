@@ -43,7 +43,9 @@ pub fn live_version(value: &str) -> Option<i64> {
     }
 }
 
-/// The version a tombstone carries, if `value` is one of cacheward's.
+/// The version a tombstone carries, if `value` is one of cacheward's: `{"tombstone":true}` with an
+/// integer version, any (a drop of a row's first version, 1, leaves one of version 0; a declared
+/// table's row untouched since its declaration has version 0, and leaves one of version -1).
 pub fn tombstone_version(value: &str) -> Option<i64> {
     #[derive(Deserialize)]
     struct Tombstone {
@@ -55,7 +57,7 @@ pub fn tombstone_version(value: &str) -> Option<i64> {
     }
     serde_json::from_str::<Tombstone>(value)
         .ok()
-        .filter(|t| t.tombstone && t.version != 0)
+        .filter(|t| t.tombstone)
         .map(|t| t.version)
 }
 
@@ -200,8 +202,12 @@ mod tests {
         assert_eq!(tombstone_version(&tombstone_json(7)), Some(7));
         assert_eq!(tombstone_version(&tombstone_json(-1)), Some(-1));
         assert!(is_ours(&tombstone_json(7)));
-        // Version 0 is what nothing deleted carries: never a tombstone of cacheward's.
-        assert!(!is_ours(&tombstone_json(0)));
+        // A drop of a row's first version (1) leaves version_below(1) = 0: still cacheward's.
+        assert_eq!(
+            tombstone_version(&tombstone_json(version_below(1))),
+            Some(0)
+        );
+        assert!(!is_ours(r#"{"tombstone":true,"version":1.5}"#));
         assert!(!is_ours(r#"{"tombstone":false,"version":7}"#));
         assert!(!is_ours("7"));
         assert!(is_ours(r#"{"id":1,"version":3}"#));

@@ -5,8 +5,8 @@
 -- cacheward's. As model::entry has it: a live entry is an object with an integer version and an
 -- id (not null: a user's row) or a row that is an object (a declared table's {"version","row"};
 -- cjson makes arrays tables too), whatever else it holds (a row may have a column named
--- "tombstone"); a tombstone is {"tombstone":true} with an integer version other than 0; anything
--- else is foreign.
+-- "tombstone"); a tombstone is {"tombstone":true} with an integer version (any: a drop of a row's
+-- first version, 1, leaves one of version 0); anything else is foreign.
 local function read_entry(current)
   local ok, stored = pcall(cjson.decode, current)
   if not ok or type(stored) ~= 'table' then return nil, false end
@@ -15,7 +15,7 @@ local function read_entry(current)
   local id = stored['id']
   if id ~= nil and id ~= cjson.null then return v, false end
   if type(stored['row']) == 'table' then return v, false end
-  if stored['tombstone'] == true and v ~= 0 then return v, true end
+  if stored['tombstone'] == true then return v, true end
   return nil, false
 end
 
