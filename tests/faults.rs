@@ -1,5 +1,6 @@
 //! Guarantee 4, degraded not down: Redis and PostgreSQL killed, stopped, frozen and restarted under
 //! traffic; the daemon keeps answering what it can, leaves nothing stale, and recovers by itself.
+//! The outages run over users and over a declared table alike (`common::subject`).
 
 mod common;
 
