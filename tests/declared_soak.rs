@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cacheward::cli::client::{Client, ClientError};
 use cacheward::config::{Config, TableConfig};
 use cacheward::model::table::encode_key;
 use cacheward::store::pg::tables;
@@ -74,10 +75,10 @@ async fn daemon_client(
     stop: CancellationToken,
     seen: Arc<Mutex<Vec<Observation>>>,
 ) {
-    let mut client: Option<Rpc> = None;
+    let mut client: Option<Client> = None;
     while !stop.is_cancelled() {
         if client.is_none() {
-            client = Rpc::try_connect(&socket).await;
+            client = Client::connect(&socket).await.ok();
         }
         let Some(c) = client.as_mut() else {
             // The daemon is restarting.
@@ -130,22 +131,24 @@ async fn daemon_client(
             ),
         };
         let sent_us = now_us();
-        let Some(answer) = c.try_call(method, params, Duration::from_secs(5)).await else {
+        let answer = tokio::time::timeout(Duration::from_secs(5), c.call(method, params)).await;
+        let answered_us = now_us();
+        let answer = match answer {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(ClientError::Rpc(error))) => Err(error),
             // A stopping daemon closed the connection (or it stalled): what the lost answer said
             // is not known; the history holds what committed.
-            client = None;
-            continue;
+            Ok(Err(_)) | Err(_) => {
+                client = None;
+                continue;
+            }
         };
-        let answered_us = now_us();
         let Some(key) = key else { continue };
-        let seen_now = match (
-            &answer.get("result"),
-            answer["error"]["data"]["kind"].as_str(),
-        ) {
-            (Some(result), _) => Seen::Present(result["version"].as_i64().expect("a version")),
-            (None, Some("not_found")) => Seen::Absent,
+        let seen_now = match answer {
+            Ok(result) => Seen::Present(result["version"].as_i64().expect("a version")),
+            Err(error) if error["data"]["kind"] == "not_found" => Seen::Absent,
             // unavailable (a backend down), conflict…: nothing said about the row.
-            _ => continue,
+            Err(_) => continue,
         };
         seen.lock().expect("not poisoned").push(Observation {
             key,

@@ -261,39 +261,6 @@ impl Rpc {
         Rpc::from_stream(UnixStream::connect(path).await.expect("connect to daemon"))
     }
 
-    /// A connection, or `None` while nothing listens at `path` (a daemon restarting).
-    pub async fn try_connect(path: &std::path::Path) -> Option<Rpc> {
-        UnixStream::connect(path).await.ok().map(Rpc::from_stream)
-    }
-
-    /// One request and its response, or `None` if the connection broke (or `within` passed)
-    /// first: a daemon stopping drains and closes its connections.
-    pub async fn try_call(
-        &mut self,
-        method: &str,
-        params: Value,
-        within: Duration,
-    ) -> Option<Value> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut line = serde_json::to_vec(
-            &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
-        )
-        .expect("json");
-        line.push(b'\n');
-        self.writer.write_all(&line).await.ok()?;
-        let mut answer = String::new();
-        match tokio::time::timeout(within, self.reader.read_line(&mut answer)).await {
-            Ok(Ok(n)) if n > 0 => {
-                let response: Value = serde_json::from_str(&answer)
-                    .unwrap_or_else(|e| panic!("bad response {answer:?}: {e}"));
-                assert_eq!(response["id"], json!(id), "response to another request");
-                Some(response)
-            }
-            _ => None,
-        }
-    }
-
     fn from_stream(stream: UnixStream) -> Rpc {
         let (r, w) = stream.into_split();
         Rpc {
