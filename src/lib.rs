@@ -5,7 +5,8 @@
 //! Two data paths, each a walk through the rooms below:
 //! - a request: [`rpc::server`] (socket, framing, limits) → [`rpc::methods`] (method → use case)
 //!   → [`service`] (reads in [`service::read`], writes in `service`) → [`store`] (PostgreSQL in
-//!   [`store::pg`], Redis behind [`store::redis::Cache`]);
+//!   [`store::pg`], Redis behind [`store::redis::Cache`]); a Redis client's read takes [`resp`]
+//!   (the read-only Redis-protocol front end) to the same read path;
 //! - an out-of-band change: the trigger (`sql/0002_cdc.sql`) → [`cdc::outbox`] (read a batch) →
 //!   [`cdc::plan`] → [`cdc::apply`] → [`store::redis::Cache`], with the position kept by
 //!   [`cdc::cursor`].
@@ -22,6 +23,7 @@ pub mod config;
 #[cfg(feature = "dev")]
 pub mod dev;
 pub mod model;
+pub mod resp;
 pub mod rpc;
 pub mod runtime;
 pub mod service;

@@ -54,7 +54,7 @@ impl Common {
 enum Command {
     /// Run the daemon in the foreground (logs to stderr)
     Serve {
-        /// Throwaway PostgreSQL + Redis in a temp dir, seeded; socket ./cacheward.sock; Ctrl-C removes it all
+        /// Throwaway PostgreSQL + Redis in a temp dir, seeded; sockets ./cacheward.sock and ./cacheward-resp.sock (Redis protocol); Ctrl-C removes it all
         #[cfg(feature = "dev")]
         #[arg(long)]
         dev: bool,
@@ -299,6 +299,9 @@ async fn dev_stack(config: &mut Config, common: &Common) -> anyhow::Result<DevSe
     if common.socket.is_none() {
         config.socket.path = PathBuf::from("cacheward.sock");
     }
+    if config.resp.socket.is_none() {
+        config.resp.socket = Some(PathBuf::from("cacheward-resp.sock"));
+    }
     Ok(stack)
 }
 
@@ -315,14 +318,21 @@ fn dev_banner(stack: &DevServers, config: &Config) {
         "\ncacheward dev: PostgreSQL in {pg}, Redis in {redis}\n\
          database: {url}\n\
          seeded users: {users} ({first} already cached); declared table: accounts (ids 1, 2)\n\
-         socket: {socket}\n\n\
+         socket: {socket}; Redis protocol: {resp}\n\n\
          try:  cargo run -- get user02 --socket {socket}     (first read comes from the database)\n      \
          cargo run -- put alice --socket {socket}\n      \
          cargo run -- rename alice bob --socket {socket}\n      \
          cargo run -- stats --socket {socket}\n      \
          echo '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{{\"table\":\"accounts\",\"lookup\":\"by_email\",\"key\":{{\"email\":\"ada@example.com\"}}}}}}' | nc -UN {socket}\n      \
-         echo '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{{\"username\":\"user01\"}}}}' | nc -UN {socket}\n\
+         echo '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{{\"username\":\"user01\"}}}}' | nc -UN {socket}\n      \
+         redis-cli -s {resp} MGET user:user01 accounts:1 accounts:by_email=ada@example.com\n\
          Ctrl-C stops the daemon and removes both servers and their data.\n",
+        resp = config
+            .resp
+            .socket
+            .as_deref()
+            .unwrap_or(std::path::Path::new("-"))
+            .display(),
         pg = stack.postgres.dir().display(),
         url = stack.database_url,
         redis = stack.redis.socket().display(),

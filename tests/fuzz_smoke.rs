@@ -93,3 +93,8 @@ fn the_request_parser_holds_its_invariants_over_the_corpus_and_mutations() {
 fn the_line_framer_holds_its_invariants_over_the_corpus_and_mutations() {
     smoke("framer", cacheward::rpc::fuzzing::framer);
 }
+
+#[test]
+fn the_resp_request_reader_holds_its_invariants_over_the_corpus_and_mutations() {
+    smoke("resp_requests", cacheward::resp::fuzzing::requests);
+}

@@ -428,6 +428,20 @@ async fn serve_dev_seeds_the_article_users_and_ctrl_c_removes_everything() {
         assert_eq!(c.get(name).await["result"]["user"]["username"], json!(name));
     }
     drop(c);
+    // The Redis-protocol front end, as the banner and the README's tour use it.
+    let resp = cwd.path().join("cacheward-resp.sock");
+    let cli = tokio::process::Command::new("redis-cli")
+        .arg("-s")
+        .arg(&resp)
+        .args(["MGET", "user:user01", "accounts:by_email=ada@example.com"])
+        .output()
+        .await
+        .expect("redis-cli");
+    let out = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        out.contains("user01") && out.contains("ada@example.com"),
+        "{out}"
+    );
 
     let banner = std::fs::read_to_string(&log).unwrap();
     let pg_dir = banner
@@ -447,6 +461,7 @@ async fn serve_dev_seeds_the_article_users_and_ctrl_c_removes_everything() {
         std::fs::read_to_string(&log).unwrap()
     );
     assert!(!socket.exists(), "socket removed");
+    assert!(!resp.exists(), "the front end's socket removed");
     wait_until(
         "dev servers and their data removed",
         Duration::from_secs(5),

@@ -15,6 +15,7 @@ mod error;
 mod log;
 mod postgres;
 mod redis;
+mod resp;
 mod secret_url;
 mod socket;
 mod tables;
@@ -27,6 +28,7 @@ pub use self::error::ConfigError;
 pub use self::log::{LogConfig, LogFormat, MetricsConfig};
 pub use self::postgres::PostgresConfig;
 pub use self::redis::{RedisConfig, RedisMode};
+pub use self::resp::RespConfig;
 pub use self::secret_url::{redact_url, SecretUrl};
 pub use self::socket::{SocketConfig, SocketMode};
 pub use self::tables::TableConfig;
@@ -46,6 +48,8 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub consistency: ConsistencyConfig,
+    /// The read-only Redis-protocol front end.
+    pub resp: RespConfig,
     /// The declared tables, by their name in cacheward (`[tables.NAME]`).
     pub tables: BTreeMap<String, TableConfig>,
 }
@@ -161,6 +165,13 @@ impl Config {
         self.cdc.validate()?;
         self.log.validate()?;
         self.consistency.validate()?;
+        self.resp.validate()?;
+        if self.resp.socket.as_ref() == Some(&self.socket.path) {
+            return Err(invalid(
+                "resp.socket",
+                "must not be socket.path (the JSON-RPC socket)",
+            ));
+        }
         tables::validate(&self.tables, &self.cache.key_prefix)?;
         if self.redis.mode == RedisMode::Cluster
             && !self.tables.is_empty()

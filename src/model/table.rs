@@ -135,6 +135,33 @@ impl Table {
         Ok(out)
     }
 
+    /// A key text as a client wrote it (a Redis key after the prefix), checked to be the one the
+    /// row it names is cached under: `Ok` with that text, or which column's value no row can have
+    /// (`column` is empty when the text is no key of this table at all) — a text that
+    /// PostgreSQL would convert to another key's value (`007` for an integer) is refused with
+    /// the key it would be.
+    pub fn checked_text(&self, text: &str) -> Result<(), KeyError> {
+        let (lookup, parts) = self.decode(text).ok_or_else(|| KeyError {
+            column: String::new(),
+            reason: match self.lookups.is_empty() {
+                true => format!("is not {} key columns joined by ':'", self.key.len()),
+                false => "is not a key or a lookup (NAME=...) of this table".into(),
+            },
+        })?;
+        let columns = lookup.map_or(&self.key, |l| &l.columns);
+        let canonical = self.encode_columns(lookup, |name| {
+            let at = columns.iter().position(|c| c.name == name)?;
+            Some(Scalar::Str(&parts[at]))
+        })?;
+        match canonical == text {
+            true => Ok(()),
+            false => Err(KeyError {
+                column: String::new(),
+                reason: format!("is written {canonical:?} in its Redis key"),
+            }),
+        }
+    }
+
     pub fn lookup(&self, name: &str) -> Option<&Lookup> {
         self.lookups.iter().find(|l| l.name == name)
     }

@@ -81,6 +81,21 @@ fn cut_entry(entry: &str) -> Option<(&str, &str)> {
     (whole && !row.bytes().any(|b| b == b'\n' || b == b'\r')).then_some((version, row))
 }
 
+/// ROW out of an entry `{"version":N,"row":ROW}`: cut where cacheward wrote it, else parsed
+/// (another writer's spacing); `None` for anything that is not an entry.
+pub fn row_of(entry: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if let Some((_, row)) = cut_entry(entry) {
+        return Some(row.into());
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry<'a> {
+        #[serde(borrow)]
+        row: &'a serde_json::value::RawValue,
+    }
+    let row = serde_json::from_str::<Entry>(entry).ok()?.row.get();
+    Some(row.to_owned().into())
+}
+
 /// A declared table's `get` answer line: `{"row":ROW,"version":N,"source":S}` from its entry
 /// `{"version":N,"row":ROW}` as stored, `\n` included.
 pub fn encode_row_into(out: &mut Vec<u8>, id: &Id, entry: &str, source: &str) {

@@ -7,6 +7,7 @@ pub mod encode;
 pub mod error;
 pub mod framing;
 pub mod fuzzing;
+pub mod inflight;
 pub mod methods;
 pub mod peers;
 pub mod protocol;

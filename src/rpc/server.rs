@@ -6,15 +6,13 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::{FuturesOrdered, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -23,6 +21,7 @@ use crate::config::Config;
 use crate::rpc::encode::{encode_error, Id};
 use crate::rpc::error::{ErrorKind, RpcError};
 use crate::rpc::framing::{Frame, LineBuffer};
+use crate::rpc::inflight::{Idle, Inflight};
 use crate::rpc::methods::{self, get, Call};
 use crate::rpc::peers::{Peers, RateLimited, WARN_EVERY};
 use crate::rpc::protocol::{self, Incoming};
@@ -51,11 +50,16 @@ pub struct BoundSocket {
 }
 
 impl BoundSocket {
+    /// The next connection.
+    pub async fn accept(&self) -> io::Result<UnixStream> {
+        self.listener.accept().await.map(|(stream, _)| stream)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn remove_file(&self) {
+    pub fn remove_file(&self) {
         match std::fs::symlink_metadata(&self.path) {
             Ok(meta) if (meta.dev(), meta.ino()) == self.inode => {
                 if let Err(e) = std::fs::remove_file(&self.path) {
@@ -70,7 +74,12 @@ impl BoundSocket {
 /// Binds the socket at `config.socket.path` with `config.socket.mode`. A socket file left by a
 /// crashed daemon (nobody answers on it) is replaced; a live one is an error.
 pub fn bind(config: &Config) -> Result<BoundSocket, BindError> {
-    let path = config.socket.path.clone();
+    bind_at(&config.socket.path, config.socket.mode.0)
+}
+
+/// [`bind`] at `path` with `mode`.
+pub fn bind_at(path: &Path, mode: u32) -> Result<BoundSocket, BindError> {
+    let path = path.to_owned();
     let io_err = |source| BindError::Io {
         path: path.clone(),
         source,
@@ -107,7 +116,7 @@ pub fn bind(config: &Config) -> Result<BoundSocket, BindError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(e)),
     }
-    let listener = bind_private(parent, &path, config.socket.mode.0).map_err(io_err)?;
+    let listener = bind_private(parent, &path, mode).map_err(io_err)?;
     let meta = std::fs::symlink_metadata(&path).map_err(io_err)?;
     Ok(BoundSocket {
         listener,
@@ -163,51 +172,24 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 /// Serves connections until `shutdown` fires, then stops accepting, removes the socket file and
-/// waits up to `drain` for the open connections to finish their in-flight requests.
+/// waits up to `drain` for the open connections to finish their in-flight requests. A connection
+/// holds one of `permits` (`socket.max_connections`, shared with the RESP front end).
 pub async fn serve(
     socket: BoundSocket,
     service: Arc<Service>,
     config: Arc<Config>,
+    permits: Arc<Semaphore>,
     shutdown: CancellationToken,
     drain: Duration,
 ) {
-    let permits = Arc::new(Semaphore::new(config.socket.max_connections));
     let connections = TaskTracker::new();
     let mut next_id: u64 = 0;
     let peers = Peers::new(&config);
     let mut refusals = RateLimited::new(WARN_EVERY);
-    let mut accept_failures = RateLimited::new(WARN_EVERY);
-    // EMFILE and friends: wait, longer while it lasts, instead of spinning.
-    let mut accept_retry = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
-    loop {
-        // The permit is taken before accept: at the limit, new clients wait in the listen queue.
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
-        let stream = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            accepted = socket.listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    accept_retry.reset();
-                    stream
-                }
-                Err(e) => {
-                    // Said once in a while, not once per failure.
-                    accept_failures.say(|suppressed| {
-                        tracing::warn!(error = %e, suppressed, "accept failed");
-                    });
-                    if !accept_retry.wait(&shutdown).await {
-                        break;
-                    }
-                    continue;
-                }
-            },
-        };
+    let accept = || socket.accept();
+    accept_loop(&permits, &shutdown, accept, |stream, permit| {
         let Some(may_write) = peers.admit(&stream, &mut refusals) else {
-            continue;
+            return;
         };
         next_id += 1;
         let span = tracing::debug_span!("connection", conn = next_id);
@@ -226,14 +208,69 @@ pub async fn serve(
             }
             .instrument(span),
         );
-    }
+    })
+    .await;
     socket.remove_file();
     drop(socket);
+    crate::support::systemd::stopping(&format!(
+        "stopping: draining {} connections",
+        connections.len()
+    ));
+    drain_connections(connections, drain, "socket").await;
+}
+
+/// Accepts connections until `shutdown` fires, each once it holds a permit of `permits` (at the
+/// limit, new clients wait in the listen queue), and hands it to `handle` with its permit, which
+/// it must hold as long as the connection lives. An accept that fails (EMFILE and friends) is said
+/// once in a while, not once per failure, and retried after a wait that grows while it lasts.
+pub async fn accept_loop<S, F, Fut>(
+    permits: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    mut accept: F,
+    mut handle: impl FnMut(S, OwnedSemaphorePermit),
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = io::Result<S>>,
+{
+    let mut accept_failures = RateLimited::new(WARN_EVERY);
+    let mut accept_retry = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let stream = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            accepted = accept() => match accepted {
+                Ok(stream) => {
+                    accept_retry.reset();
+                    stream
+                }
+                Err(e) => {
+                    accept_failures.say(|suppressed| {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    });
+                    if !accept_retry.wait(shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            },
+        };
+        handle(stream, permit);
+    }
+}
+
+/// Waits up to `drain` for `connections` to finish their in-flight requests (`what`: which
+/// listener's, as the events say).
+pub async fn drain_connections(connections: TaskTracker, drain: Duration, what: &'static str) {
     connections.close();
     let open = connections.len();
-    crate::support::systemd::stopping(&format!("stopping: draining {open} connections"));
     tracing::info!(
         connections = open,
+        listener = what,
         "stopped accepting; draining connections"
     );
     if tokio::time::timeout(drain, connections.wait())
@@ -242,19 +279,16 @@ pub async fn serve(
     {
         tracing::warn!(
             connections = connections.len(),
+            listener = what,
             "drain timed out; closing remaining connections"
         );
     }
 }
 
 /// Request bytes a connection parses before it lets the other tasks run.
-const PARSE_SLICE: usize = 64 * 1024;
+pub const PARSE_SLICE: usize = 64 * 1024;
 /// Answer bytes buffered per connection before they are written.
-const WRITE_BUFFER: usize = 16 * 1024;
-
-/// Answers on their way: how many requests they answer, and the response lines (empty for
-/// notifications).
-type Pending = Pin<Box<dyn Future<Output = (usize, Vec<u8>)> + Send>>;
+pub const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Gets read together, answered together: (id, username, min_version), `None` id for a
 /// notification, and the request bytes they hold.
@@ -278,33 +312,30 @@ struct Connection {
     /// Whether the peer may call `put`, `rename` and `delete`.
     may_write: bool,
     /// Requests running, answered in arrival order.
-    inflight: FuturesOrdered<Pending>,
-    /// Requests in `inflight` (a batch of gets is one entry).
-    inflight_requests: usize,
-    /// The request bytes of each entry of `inflight`, in the same order, and their sum.
-    inflight_sizes: std::collections::VecDeque<usize>,
-    inflight_bytes: usize,
+    inflight: Inflight,
 }
 
 /// Why a connection was closed by the daemon.
-fn stalled(what: &str, after: Duration) -> io::Error {
+pub fn stalled(what: &str, after: Duration) -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
         format!("{what} for {after:?}: closing the connection"),
     )
 }
 
-type Writer = BufWriter<tokio::net::unix::OwnedWriteHalf>;
-
 /// Writes an answer; a client that does not read it within `socket.write_timeout_secs` loses its
 /// connection (and its slot).
-async fn write(writer: &mut Writer, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+pub async fn write<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    bytes: &[u8],
+    timeout: Duration,
+) -> io::Result<()> {
     tokio::time::timeout(timeout, writer.write_all(bytes))
         .await
         .map_err(|_| stalled("answers could not be written", timeout))?
 }
 
-async fn flush(writer: &mut Writer, timeout: Duration) -> io::Result<()> {
+pub async fn flush<W: AsyncWrite + Unpin>(writer: &mut W, timeout: Duration) -> io::Result<()> {
     tokio::time::timeout(timeout, writer.flush())
         .await
         .map_err(|_| stalled("answers could not be written", timeout))?
@@ -327,10 +358,7 @@ impl Connection {
             idle_timeout: config.idle_timeout(),
             write_timeout: config.write_timeout(),
             may_write,
-            inflight: FuturesOrdered::new(),
-            inflight_requests: 0,
-            inflight_sizes: std::collections::VecDeque::new(),
-            inflight_bytes: 0,
+            inflight: Inflight::default(),
         }
     }
 
@@ -340,13 +368,9 @@ impl Connection {
         let write_timeout = self.write_timeout;
         let mut reading = true;
         let mut unflushed = false;
-        let idle = self.idle_timeout.unwrap_or(Duration::MAX);
-        let idle_sleep = tokio::time::sleep(idle.min(Duration::from_secs(86400 * 365)));
-        tokio::pin!(idle_sleep);
-        // Only a complete request line (or an answer) moves this instant: a trickle of bytes
-        // that never ends a line does not keep the connection. The timer is re-armed when it
-        // fires, not per request.
-        let mut last_active = tokio::time::Instant::now();
+        // Only a complete request line (or an answer) moves it: a trickle of bytes that never
+        // ends a line does not keep the connection.
+        let mut idle = Idle::new(self.idle_timeout);
         let shutdown = self.shutdown.clone();
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
@@ -356,7 +380,7 @@ impl Connection {
                 let mut gets = Gets::default();
                 let mut started = false;
                 let mut parsed = 0;
-                while self.inflight_requests + gets.items.len() < self.max_inflight
+                while self.inflight.requests() + gets.items.len() < self.max_inflight
                     && parsed < PARSE_SLICE
                 {
                     match self.lines.next_frame() {
@@ -372,8 +396,8 @@ impl Connection {
                     }
                 }
                 self.start_gets(gets);
-                if started && self.idle_timeout.is_some() {
-                    last_active = tokio::time::Instant::now();
+                if started {
+                    idle.touch();
                 }
                 if parsed >= PARSE_SLICE {
                     // Parsing costs CPU that no I/O accounts for: let every other task (the Redis
@@ -387,26 +411,21 @@ impl Connection {
                 break;
             }
             let can_read = reading
-                && self.inflight_requests < self.max_inflight
-                && self.inflight_bytes + self.lines.buffered() < self.max_inflight_bytes;
+                && self.inflight.requests() < self.max_inflight
+                && self.inflight.bytes() + self.lines.buffered() < self.max_inflight_bytes;
             tokio::select! {
                 biased;
                 _ = &mut cancelled, if reading => {
                     // Finish what is in flight, read nothing more.
                     reading = false;
                 }
-                Some((answered, bytes)) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    self.inflight_requests -= answered;
-                    let size = self.inflight_sizes.pop_front().expect("one size per entry");
-                    self.inflight_bytes -= size;
+                bytes = self.inflight.next(), if !self.inflight.is_empty() => {
                     if !bytes.is_empty() {
                         write(&mut writer, &bytes, write_timeout).await?;
                         unflushed = true;
                     }
                     // Idle counts from the last answer too, not only the last request.
-                    if self.idle_timeout.is_some() {
-                        last_active = tokio::time::Instant::now();
-                    }
+                    idle.touch();
                 }
                 read = reader.read_buf(self.lines.spare()), if can_read => {
                     match read {
@@ -428,31 +447,15 @@ impl Connection {
                     flushed?;
                     unflushed = false;
                 }
-                _ = &mut idle_sleep, if self.idle_timeout.is_some() && self.inflight.is_empty() && reading => {
-                    let deadline = last_active + idle;
-                    if tokio::time::Instant::now() >= deadline {
-                        tracing::debug!("closing idle connection");
-                        reading = false;
-                    } else {
-                        idle_sleep.as_mut().reset(deadline);
-                    }
+                _ = idle.expired(), if idle.enabled() && self.inflight.is_empty() && reading => {
+                    tracing::debug!("closing idle connection");
+                    reading = false;
                 }
             }
         }
         flush(&mut writer, write_timeout).await?;
         writer.shutdown().await.ok();
         Ok(())
-    }
-
-    fn push(&mut self, requests: usize, bytes: usize, pending: Pending) {
-        self.inflight_requests += requests;
-        self.inflight_sizes.push_back(bytes);
-        self.inflight_bytes += bytes;
-        self.inflight.push_back(pending);
-    }
-
-    fn push_ready(&mut self, bytes: Vec<u8>) {
-        self.push(1, 0, Box::pin(futures::future::ready((1, bytes))));
     }
 
     /// Turns one frame into a pending answer, queued behind the earlier ones. Gets are collected
@@ -472,7 +475,7 @@ impl Connection {
                 self.service.stats.requests.fetch_add(1, Relaxed);
                 self.service.stats.errors.fetch_add(1, Relaxed);
                 self.start_gets(std::mem::take(gets));
-                self.push_ready(encode_error(&Id::Null, &error));
+                self.inflight.push_ready(encode_error(&Id::Null, &error));
                 return;
             }
         };
@@ -487,7 +490,7 @@ impl Connection {
                 stats.errors.fetch_add(1, Relaxed);
                 tracing::debug!(kind = error.kind.name(), message = %error.message, "request rejected");
                 self.start_gets(std::mem::take(gets));
-                self.push_ready(encode_error(&id, &error));
+                self.inflight.push_ready(encode_error(&id, &error));
             }
             Incoming::Ignore => {
                 stats.errors.fetch_add(1, Relaxed);
@@ -511,13 +514,13 @@ impl Connection {
                 methods::failed(&self.service, call.method(), &error);
                 self.start_gets(std::mem::take(gets));
                 if let Some(id) = id {
-                    self.push_ready(encode_error(&id, &error));
+                    self.inflight.push_ready(encode_error(&id, &error));
                 }
             }
             Incoming::Call { id, call } => {
                 self.start_gets(std::mem::take(gets));
                 let service = self.service.clone();
-                self.push(
+                self.inflight.push(
                     1,
                     size,
                     Box::pin(async move { (1, methods::run(&service, id, call).await) }),
@@ -533,7 +536,7 @@ impl Connection {
         }
         let service = self.service.clone();
         let (requests, bytes) = (gets.items.len(), gets.bytes);
-        self.push(
+        self.inflight.push(
             requests,
             bytes,
             Box::pin(async move { (requests, get::batch(&service, gets.items).await) }),

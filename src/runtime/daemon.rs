@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,7 +44,8 @@ pub async fn run(
         Service::new(db, cache, hooks, config.miss_loaders())
             .with_tables(tables, config.cache.max_entry_bytes),
     );
-    say_starting(&config, &socket);
+    let resp = crate::resp::server::bind(&config).await?;
+    say_starting(&config, &socket, &resp);
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
     spawn_background(&background, &service, &config, &stop_background).await?;
@@ -57,7 +59,26 @@ pub async fn run(
             stop_background.clone(),
         ));
     }
-    server::serve(socket, service.clone(), config, shutdown, DRAIN_TIMEOUT).await;
+    // One bound on connections for both front ends.
+    let permits = Arc::new(Semaphore::new(config.socket.max_connections));
+    tokio::join!(
+        server::serve(
+            socket,
+            service.clone(),
+            config.clone(),
+            permits.clone(),
+            shutdown.clone(),
+            DRAIN_TIMEOUT,
+        ),
+        crate::resp::server::serve(
+            resp,
+            service.clone(),
+            config.clone(),
+            permits,
+            shutdown,
+            DRAIN_TIMEOUT,
+        ),
+    );
     stop_background.cancel();
     background.close();
     background.wait().await;
@@ -77,9 +98,10 @@ pub async fn run(
 }
 
 /// `starting` with the effective configuration, and the warnings it deserves.
-fn say_starting(config: &Config, socket: &BoundSocket) {
+fn say_starting(config: &Config, socket: &BoundSocket, resp: &crate::resp::server::Listeners) {
     tracing::info!(
         socket = %socket.path().display(),
+        resp = %resp.describe(),
         postgres = %config.postgres.url.as_ref().expect("checked by require_backends"),
         redis = %config.redis_servers(),
         key_prefix = %config.cache.key_prefix,

@@ -327,6 +327,7 @@ impl Service {
                 .map(|(name, counters)| (name.clone(), counters.report()))
                 .collect(),
             repairs_pending: self.repairs.count() as u64,
+            resp: s.resp.report(),
             near_cache: self.cache.near_report(),
             consistency: self.consistency.report(),
             cdc: self.cdc.report(reset_lag),

@@ -26,6 +26,35 @@ pub struct Stats {
     pub rows_too_large: AtomicU64,
     /// Per declared table, by `TableId` from 1 (index 0 is table 1).
     pub tables: Box<[TableCounters]>,
+    /// The Redis-protocol front end.
+    pub resp: RespCounters,
+}
+
+/// The Redis-protocol front end's counters (its connections are not in `connections`).
+#[derive(Debug, Default)]
+pub struct RespCounters {
+    pub connections: AtomicU64,
+    pub requests: AtomicU64,
+    /// Requests answered with an error as a whole.
+    pub errors: AtomicU64,
+}
+
+/// The front end's counters as `stats` reports them.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct RespReport {
+    pub connections: u64,
+    pub requests: u64,
+    pub errors: u64,
+}
+
+impl RespCounters {
+    pub fn report(&self) -> RespReport {
+        RespReport {
+            connections: self.connections.load(Relaxed),
+            requests: self.requests.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+        }
+    }
 }
 
 /// One declared table's counters.
@@ -106,6 +135,8 @@ pub struct StatsReport {
     /// Per declared table, by name.
     pub tables: std::collections::BTreeMap<String, TableReport>,
     pub repairs_pending: u64,
+    /// The Redis-protocol front end.
+    pub resp: RespReport,
     /// The near cache (all zero when `cache.local_max_bytes` is 0).
     pub near_cache: NearReport,
     /// The live consistency checker (`service::consistency`).

@@ -103,6 +103,10 @@ impl PasswordFile {
                             error = %e,
                             "redis.password_file unreadable; the last password read is used"
                         ),
+                        "resp.password_file" => tracing::warn!(
+                            error = %e,
+                            "resp.password_file unreadable; the last password read is used"
+                        ),
                         _ => tracing::warn!(
                             error = %e,
                             "postgres.password_file unreadable; the last password read is used"

@@ -113,6 +113,12 @@ impl Cache {
         }
     }
 
+    /// The key of the entry a Redis key holds, if it is one: under a table's prefix, not a
+    /// fence or epoch of cacheward's.
+    pub fn key_of(&self, redis_key: &[u8]) -> Option<Key> {
+        self.router.keys.key_of(redis_key)
+    }
+
     /// The Redis key of an entry: `cache.key_prefix` + its key (a user's: the username).
     pub fn redis_key(&self, key: &Key) -> String {
         self.router.keys.entry(key)

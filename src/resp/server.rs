@@ -1,0 +1,307 @@
+//! The front end's listeners (`resp.socket`, `resp.listen`) and one task per connection, which
+//! reads requests, runs the reads a client pipelined as one batch, and answers in order, within
+//! the JSON-RPC socket's limits (`socket.*`: request size, in-flight requests and bytes, idle and
+//! write timeouts, and `max_connections`, whose permits both front ends share).
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::frame::Requests;
+use super::read::Reads;
+use super::session::{Action, Session};
+use crate::config::Config;
+use crate::rpc::inflight::{Idle, Inflight};
+use crate::rpc::peers::{Peers, RateLimited, WARN_EVERY};
+use crate::rpc::server::{
+    accept_loop, bind_at, drain_connections, flush, write, BindError, BoundSocket, PARSE_SLICE,
+    WRITE_BUFFER,
+};
+use crate::service::Service;
+use crate::support::secrets::PasswordFile;
+
+/// The front end's listeners, bound.
+pub struct Listeners {
+    socket: Option<BoundSocket>,
+    tcp: Option<TcpListener>,
+}
+
+/// Binds what `resp.socket` and `resp.listen` name (nothing when neither is set).
+pub async fn bind(config: &Config) -> Result<Listeners, BindError> {
+    let socket = match &config.resp.socket {
+        Some(path) => Some(bind_at(path, config.resp.mode.0)?),
+        None => None,
+    };
+    let tcp = match config.resp.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BindError::Io {
+                    path: addr.to_string().into(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    Ok(Listeners { socket, tcp })
+}
+
+impl Listeners {
+    /// What is listened on, for the `starting` event.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(socket) = &self.socket {
+            parts.push(socket.path().display().to_string());
+        }
+        if let Some(addr) = self.tcp.as_ref().and_then(|t| t.local_addr().ok()) {
+            parts.push(addr.to_string());
+        }
+        parts.join(" ")
+    }
+}
+
+/// Serves both listeners until `shutdown` fires, then removes the socket file and waits up to
+/// `drain` for the open connections.
+pub async fn serve(
+    listeners: Listeners,
+    service: Arc<Service>,
+    config: Arc<Config>,
+    permits: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let connections = TaskTracker::new();
+    let ids = AtomicU64::new(0);
+    let password = config
+        .resp
+        .password_file
+        .as_ref()
+        .map(|path| PasswordFile::new("resp.password_file", path));
+    let start = |stream: Box<dyn Stream>, addr: String, tcp: bool, permit| {
+        let id = ids.fetch_add(1, Relaxed) + 1;
+        let session = Session::new(id, addr, password.clone(), tcp && password.is_some());
+        let (service, config, shutdown) = (service.clone(), config.clone(), shutdown.clone());
+        connections.spawn(
+            async move {
+                service.stats.resp.connections.fetch_add(1, Relaxed);
+                if let Err(e) = Connection::new(&config, service.clone(), session, shutdown)
+                    .run(stream)
+                    .await
+                {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                service.stats.resp.connections.fetch_sub(1, Relaxed);
+                drop(permit);
+            }
+            .instrument(tracing::debug_span!("resp connection", conn = id)),
+        );
+    };
+    let unix = async {
+        let Some(socket) = &listeners.socket else {
+            return;
+        };
+        let peers = Peers::new(&config);
+        let mut refusals = RateLimited::new(WARN_EVERY);
+        accept_loop(
+            &permits,
+            &shutdown,
+            || socket.accept(),
+            |stream, permit| {
+                if peers.admit(&stream, &mut refusals).is_some() {
+                    start(Box::new(stream), "unix".into(), false, permit);
+                }
+            },
+        )
+        .await;
+        socket.remove_file();
+    };
+    let tcp = async {
+        let Some(listener) = &listeners.tcp else {
+            return;
+        };
+        let accept = || async { listener.accept().await };
+        accept_loop(&permits, &shutdown, accept, |(stream, addr), permit| {
+            let _ = stream.set_nodelay(true);
+            start(Box::new(stream), addr.to_string(), true, permit);
+        })
+        .await;
+    };
+    tokio::join!(unix, tcp);
+    drain_connections(connections, drain, "resp").await;
+}
+
+/// A connection's byte stream: a Unix or a TCP socket.
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<S: AsyncRead + AsyncWrite + Send + Unpin> Stream for S {}
+
+struct Connection {
+    service: Arc<Service>,
+    session: Session,
+    requests: Requests,
+    shutdown: CancellationToken,
+    max_inflight: usize,
+    max_inflight_bytes: usize,
+    idle_timeout: Option<Duration>,
+    write_timeout: Duration,
+    inflight: Inflight,
+    /// No more requests are read (QUIT, a protocol error, shutdown, the peer's end).
+    reading: bool,
+}
+
+impl Connection {
+    fn new(
+        config: &Config,
+        service: Arc<Service>,
+        session: Session,
+        shutdown: CancellationToken,
+    ) -> Connection {
+        Connection {
+            service,
+            session,
+            requests: Requests::new(config.socket.max_request_bytes),
+            shutdown,
+            max_inflight: config.socket.max_inflight,
+            max_inflight_bytes: config.socket.max_inflight_bytes,
+            idle_timeout: config.idle_timeout(),
+            write_timeout: config.write_timeout(),
+            inflight: Inflight::default(),
+            reading: true,
+        }
+    }
+
+    async fn run(mut self, stream: Box<dyn Stream>) -> io::Result<()> {
+        let (mut reader, writer) = tokio::io::split(stream);
+        let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
+        let write_timeout = self.write_timeout;
+        let mut unflushed = false;
+        // Only a complete request (or an answer) moves it.
+        let mut idle = Idle::new(self.idle_timeout);
+        let shutdown = self.shutdown.clone();
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let mut peer_done = false;
+        loop {
+            if self.reading {
+                let mut reads = (Reads::default(), 0);
+                let mut parsed = 0;
+                while self.reading
+                    && self.inflight.requests() + reads.0.items.len() < self.max_inflight
+                    && parsed < PARSE_SLICE
+                {
+                    match self.requests.next_request() {
+                        Ok(Some((args, size))) => {
+                            parsed += size;
+                            self.start(&args, size, &mut reads);
+                        }
+                        Ok(None) => {
+                            // The peer's last requests are all answered; an unfinished one is not.
+                            if peer_done {
+                                self.reading = false;
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            self.start_reads(std::mem::take(&mut reads));
+                            let mut out = Vec::new();
+                            self.session
+                                .reply
+                                .error(&mut out, &format!("ERR Protocol error: {}", e.0));
+                            self.service.stats.resp.errors.fetch_add(1, Relaxed);
+                            tracing::debug!(error = %e.0, "protocol error: closing the connection");
+                            self.inflight.push_ready(out);
+                            self.reading = false;
+                        }
+                    }
+                }
+                self.start_reads(reads);
+                if parsed > 0 {
+                    idle.touch();
+                }
+                if parsed >= PARSE_SLICE {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            }
+            if !self.reading && self.inflight.is_empty() {
+                break;
+            }
+            let can_read = self.reading
+                && !peer_done
+                && self.inflight.requests() < self.max_inflight
+                && self.inflight.bytes() + self.requests.buffered() < self.max_inflight_bytes;
+            tokio::select! {
+                biased;
+                _ = &mut cancelled, if self.reading => self.reading = false,
+                bytes = self.inflight.next(), if !self.inflight.is_empty() => {
+                    if !bytes.is_empty() {
+                        write(&mut writer, &bytes, write_timeout).await?;
+                        unflushed = true;
+                    }
+                    idle.touch();
+                }
+                read = reader.read_buf(self.requests.spare()), if can_read => {
+                    if read? == 0 {
+                        peer_done = true;
+                    }
+                }
+                flushed = flush(&mut writer, write_timeout), if unflushed => {
+                    flushed?;
+                    unflushed = false;
+                }
+                _ = idle.expired(), if idle.enabled() && self.inflight.is_empty() && self.reading => {
+                    tracing::debug!("closing idle connection");
+                    self.reading = false;
+                }
+            }
+        }
+        flush(&mut writer, write_timeout).await?;
+        writer.shutdown().await.ok();
+        Ok(())
+    }
+
+    /// Runs one request, or adds it to the reads collected so far (`reads`: them and their
+    /// request bytes); anything else first starts those, so that answers keep the requests' order.
+    fn start(&mut self, args: &[Bytes], size: usize, reads: &mut (Reads, usize)) {
+        self.service.stats.resp.requests.fetch_add(1, Relaxed);
+        match self.session.handle(&self.service, args) {
+            Action::Read { kind, keys, reply } => {
+                reads.0.push(kind, reply, keys);
+                reads.1 += size;
+            }
+            Action::Answer(bytes) => {
+                if bytes.first() == Some(&b'-') {
+                    self.service.stats.resp.errors.fetch_add(1, Relaxed);
+                }
+                self.start_reads(std::mem::take(reads));
+                self.inflight.push_ready(bytes);
+            }
+            Action::Close(bytes) => {
+                self.start_reads(std::mem::take(reads));
+                self.inflight.push_ready(bytes);
+                self.reading = false;
+            }
+        }
+    }
+
+    fn start_reads(&mut self, (reads, bytes): (Reads, usize)) {
+        if reads.is_empty() {
+            return;
+        }
+        let service = self.service.clone();
+        let requests = reads.items.len();
+        self.inflight.push(
+            requests,
+            bytes,
+            Box::pin(async move { (requests, reads.run(&service).await) }),
+        );
+    }
+}

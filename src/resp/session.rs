@@ -1,0 +1,727 @@
+//! One RESP connection's state (protocol version, authentication, name) and what each command
+//! does to it and answers. Reads (`GET`, `MGET`, `EXISTS`) are only resolved to keys here: the
+//! connection runs them on the read path (`resp::read`). No I/O here.
+
+use bytes::Bytes;
+
+use super::frame::Reply;
+use crate::model::key::Key;
+use crate::service::Service;
+
+/// The Redis version whose protocol the front end speaks, as `HELLO` and `INFO` say.
+pub const REDIS_VERSION: &str = "7.4.0";
+
+/// The longest client name, library name or version kept.
+const MAX_NAME: usize = 256;
+
+/// What a connection knows of its client.
+pub struct Session {
+    pub id: u64,
+    pub reply: Reply,
+    /// Whether the client still has to `AUTH` (a password is configured and this is TCP).
+    pub must_auth: bool,
+    authenticated: bool,
+    name: Option<String>,
+    lib_name: Option<String>,
+    lib_ver: Option<String>,
+    /// The peer, as `CLIENT INFO` shows it.
+    addr: String,
+    /// The password file, when one is configured.
+    password: Option<crate::support::secrets::PasswordFile>,
+}
+
+/// What a read asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadKind {
+    Get,
+    Mget,
+    Exists,
+}
+
+/// What the connection does with one command.
+pub enum Action {
+    /// Answer these bytes.
+    Answer(Vec<u8>),
+    /// Read these keys and answer in this protocol.
+    Read {
+        kind: ReadKind,
+        keys: Vec<Key>,
+        reply: Reply,
+    },
+    /// Answer these bytes, then close the connection.
+    Close(Vec<u8>),
+}
+
+/// A command whose arguments are all read: its name in lower case.
+fn name_of(arg: &[u8]) -> String {
+    String::from_utf8_lossy(&arg[..arg.len().min(64)]).to_ascii_lowercase()
+}
+
+/// Commands that change data in Redis: answered `-READONLY`.
+const WRITES: &[&str] = &[
+    "append",
+    "bitfield",
+    "blmove",
+    "blmpop",
+    "blpop",
+    "brpop",
+    "brpoplpush",
+    "bzmpop",
+    "bzpopmax",
+    "bzpopmin",
+    "copy",
+    "decr",
+    "decrby",
+    "del",
+    "eval",
+    "evalsha",
+    "expire",
+    "expireat",
+    "fcall",
+    "flushall",
+    "flushdb",
+    "geoadd",
+    "getdel",
+    "getex",
+    "getset",
+    "hdel",
+    "hexpire",
+    "hincrby",
+    "hincrbyfloat",
+    "hmset",
+    "hset",
+    "hsetnx",
+    "incr",
+    "incrby",
+    "incrbyfloat",
+    "linsert",
+    "lmove",
+    "lmpop",
+    "lpop",
+    "lpush",
+    "lpushx",
+    "lrem",
+    "lset",
+    "ltrim",
+    "migrate",
+    "move",
+    "mset",
+    "msetnx",
+    "persist",
+    "pexpire",
+    "pexpireat",
+    "pfadd",
+    "pfmerge",
+    "psetex",
+    "publish",
+    "rename",
+    "renamenx",
+    "restore",
+    "rpop",
+    "rpoplpush",
+    "rpush",
+    "rpushx",
+    "sadd",
+    "sdiffstore",
+    "set",
+    "setbit",
+    "setex",
+    "setnx",
+    "setrange",
+    "sinterstore",
+    "smove",
+    "spop",
+    "srem",
+    "sunionstore",
+    "swapdb",
+    "unlink",
+    "xack",
+    "xadd",
+    "xautoclaim",
+    "xclaim",
+    "xdel",
+    "xgroup",
+    "xtrim",
+    "zadd",
+    "zdiffstore",
+    "zincrby",
+    "zinterstore",
+    "zmpop",
+    "zpopmax",
+    "zpopmin",
+    "zrangestore",
+    "zrem",
+    "zremrangebylex",
+    "zremrangebyrank",
+    "zremrangebyscore",
+    "zunionstore",
+];
+
+/// A command served, as `COMMAND` describes it.
+struct Served {
+    name: &'static str,
+    /// Arguments with the name; negative: at least that many.
+    arity: i64,
+    flags: &'static [&'static str],
+    first_key: i64,
+    last_key: i64,
+    step: i64,
+    /// What `COMMAND DOCS` says of it.
+    summary: &'static str,
+}
+
+/// The commands served.
+const SERVED: &[Served] = &[
+    Served {
+        name: "get",
+        arity: 2,
+        flags: &["readonly", "fast"],
+        first_key: 1,
+        last_key: 1,
+        step: 1,
+        summary: "Returns a row's JSON (USER or ROW), read through cacheward.",
+    },
+    Served {
+        name: "mget",
+        arity: -2,
+        flags: &["readonly", "fast"],
+        first_key: 1,
+        last_key: -1,
+        step: 1,
+        summary: "Returns the JSON of several rows, read through cacheward.",
+    },
+    Served {
+        name: "exists",
+        arity: -2,
+        flags: &["readonly", "fast"],
+        first_key: 1,
+        last_key: -1,
+        step: 1,
+        summary: "Counts the keys that name an existing row.",
+    },
+    Served {
+        name: "ping",
+        arity: -1,
+        flags: &["fast"],
+        first_key: 0,
+        last_key: 0,
+        step: 0,
+        summary: "Returns the server's liveliness response.",
+    },
+    Served {
+        name: "echo",
+        arity: 2,
+        flags: &["fast"],
+        first_key: 0,
+        last_key: 0,
+        step: 0,
+        summary: "Returns the given string.",
+    },
+    Served {
+        name: "hello",
+        arity: -1,
+        flags: &["noscript", "loading", "stale", "fast", "no_auth"],
+        first_key: 0,
+        last_key: 0,
+        step: 0,
+        summary: "Handshakes with the server.",
+    },
+    Served {
+        name: "auth",
+        arity: -2,
+        flags: &["noscript", "loading", "stale", "fast", "no_auth"],
+        first_key: 0,
+        last_key: 0,
+        step: 0,
+        summary: "Authenticates the connection.",
+    },
+    Served {
+        name: "select",
+        arity: 2,
+        flags: &["loading", "stale", "fast"],
+        first_key: 0,
+        last_key: 0,
+        step: 0,
+        summary: "Changes the selected database (only 0).",
+    },
+    Served {
+        name: "quit",
+        arity: -1,
+        flags: &["noscript", "loading", "stale", "fast", "no_auth"],
+        first_key: 0,
+        last_key: 0,
+        step: 0,
+        summary: "Closes the connection.",
+    },
+    Served {
+        name: "reset",
+        arity: 1,
+        flags: &["noscript", "loading", "stale", "fast", "no_auth"],
+        first_key: 0,
+        last_key: 0,
+        step: 0,
+        summary: "Resets the connection.",
+    },
+    Served {
+        name: "client",
+        arity: -2,
+        flags: &["noscript", "loading", "stale"],
+        first_key: 0,
+        last_key: 0,
+        step: 0,
+        summary: "A container for client connection commands.",
+    },
+    Served {
+        name: "command",
+        arity: -1,
+        flags: &["loading", "stale"],
+        first_key: 0,
+        last_key: 0,
+        step: 0,
+        summary: "Returns detailed information about the commands served.",
+    },
+    Served {
+        name: "info",
+        arity: -1,
+        flags: &["loading", "stale"],
+        first_key: 0,
+        last_key: 0,
+        step: 0,
+        summary: "Returns information and statistics about the server.",
+    },
+];
+
+impl Session {
+    pub fn new(
+        id: u64,
+        addr: String,
+        password: Option<crate::support::secrets::PasswordFile>,
+        must_auth: bool,
+    ) -> Session {
+        Session {
+            id,
+            reply: Reply(2),
+            must_auth,
+            authenticated: false,
+            name: None,
+            lib_name: None,
+            lib_ver: None,
+            addr,
+            password,
+        }
+    }
+
+    /// What `args` (a whole request) does and answers.
+    pub fn handle(&mut self, service: &Service, args: &[Bytes]) -> Action {
+        let Some(first) = args.first() else {
+            return Action::Answer(Vec::new());
+        };
+        let name = name_of(first);
+        let mut out = Vec::new();
+        let reply = self.reply;
+        if self.must_auth
+            && !self.authenticated
+            && !matches!(name.as_str(), "auth" | "hello" | "quit" | "reset")
+        {
+            reply.error(&mut out, "NOAUTH Authentication required.");
+            return Action::Answer(out);
+        }
+        if let Some(arity) = SERVED.iter().find(|c| c.name == name).map(|c| c.arity) {
+            let n = args.len() as i64;
+            if (arity > 0 && n != arity) || (arity < 0 && n < -arity) {
+                reply.error(
+                    &mut out,
+                    &format!("ERR wrong number of arguments for '{name}' command"),
+                );
+                return Action::Answer(out);
+            }
+        }
+        match name.as_str() {
+            "get" | "mget" | "exists" => {
+                let kind = match name.as_str() {
+                    "get" => ReadKind::Get,
+                    "mget" => ReadKind::Mget,
+                    _ => ReadKind::Exists,
+                };
+                match args[1..].iter().map(|k| super::read::resolve(service, k)).collect() {
+                    Ok(keys) => return Action::Read { kind, keys, reply },
+                    Err(message) => reply.error(&mut out, &message),
+                }
+            }
+            "ping" => match args.get(1) {
+                Some(text) => reply.bulk(&mut out, text),
+                None => reply.simple(&mut out, "PONG"),
+            },
+            "echo" => reply.bulk(&mut out, &args[1]),
+            "select" => match &args[1][..] {
+                b"0" => reply.simple(&mut out, "OK"),
+                _ => reply.error(&mut out, "ERR DB index is out of range"),
+            },
+            "quit" => {
+                reply.simple(&mut out, "OK");
+                return Action::Close(out);
+            }
+            "reset" => {
+                let (id, addr, password, must_auth) =
+                    (self.id, std::mem::take(&mut self.addr), self.password.take(), self.must_auth);
+                *self = Session::new(id, addr, password, must_auth);
+                self.reply.simple(&mut out, "RESET");
+            }
+            "auth" => {
+                let (user, password) = match args.len() {
+                    2 => (&b"default"[..], &args[1]),
+                    3 => (&args[1][..], &args[2]),
+                    _ => {
+                        reply.error(&mut out, "ERR syntax error");
+                        return Action::Answer(out);
+                    }
+                };
+                match self.auth(user, password) {
+                    Ok(()) => reply.simple(&mut out, "OK"),
+                    Err(e) => reply.error(&mut out, &e),
+                }
+            }
+            "hello" => self.hello(&args[1..], &mut out),
+            "client" => self.client(&args[1..], &mut out),
+            "command" => command(reply, &args[1..], &mut out),
+            "info" => self.info(service, &args[1..], &mut out),
+            other if WRITES.contains(&other) => reply.error(
+                &mut out,
+                "READONLY cacheward serves reads only: write through cacheward's JSON-RPC socket (upsert, update, delete, put, rename) or to PostgreSQL",
+            ),
+            _ => reply.error(&mut out, &unknown(args)),
+        }
+        Action::Answer(out)
+    }
+
+    fn auth(&mut self, user: &[u8], password: &[u8]) -> Result<(), String> {
+        let Some(file) = &self.password else {
+            return Err("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?".into());
+        };
+        let expected = file.read().map_err(|e| {
+            tracing::warn!(error = %e, "resp.password_file unreadable: AUTH refused");
+            "ERR the password cannot be checked now".to_owned()
+        })?;
+        match user == b"default" && constant_time_eq(expected.as_bytes(), password) {
+            true => {
+                self.authenticated = true;
+                Ok(())
+            }
+            false => Err("WRONGPASS invalid username-password pair or user is disabled.".into()),
+        }
+    }
+
+    fn hello(&mut self, args: &[Bytes], out: &mut Vec<u8>) {
+        let mut proto = self.reply.0;
+        let mut rest = args;
+        if let Some(version) = rest.first() {
+            match &version[..] {
+                b"2" => proto = 2,
+                b"3" => proto = 3,
+                _ => match std::str::from_utf8(version)
+                    .ok()
+                    .and_then(|v| v.parse::<i64>().ok())
+                {
+                    Some(_) => {
+                        return self
+                            .reply
+                            .error(out, "NOPROTO unsupported protocol version")
+                    }
+                    None => {
+                        return self.reply.error(
+                            out,
+                            "ERR Protocol version is not an integer or out of range",
+                        )
+                    }
+                },
+            }
+            rest = &rest[1..];
+        }
+        let mut name = None;
+        while let Some(option) = rest.first() {
+            match (name_of(option).as_str(), rest.len()) {
+                ("auth", 3..) => {
+                    if let Err(e) = self.auth(&rest[1], &rest[2]) {
+                        return self.reply.error(out, &e);
+                    }
+                    rest = &rest[3..];
+                }
+                ("setname", 2..) => {
+                    match client_name(&rest[1]) {
+                        Ok(n) => name = Some(n),
+                        Err(e) => return self.reply.error(out, &e),
+                    }
+                    rest = &rest[2..];
+                }
+                (option, _) => {
+                    return self
+                        .reply
+                        .error(out, &format!("ERR Syntax error in HELLO option '{option}'"))
+                }
+            }
+        }
+        if self.must_auth && !self.authenticated {
+            return self.reply.error(out, "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
+        }
+        if let Some(name) = name {
+            self.name = name;
+        }
+        self.reply = Reply(proto);
+        let reply = self.reply;
+        reply.map(out, 7);
+        for (key, value) in [("server", "redis"), ("version", REDIS_VERSION)] {
+            reply.bulk(out, key.as_bytes());
+            reply.bulk(out, value.as_bytes());
+        }
+        reply.bulk(out, b"proto");
+        reply.int(out, proto.into());
+        reply.bulk(out, b"id");
+        reply.int(out, self.id as i64);
+        for (key, value) in [("mode", "standalone"), ("role", "master")] {
+            reply.bulk(out, key.as_bytes());
+            reply.bulk(out, value.as_bytes());
+        }
+        reply.bulk(out, b"modules");
+        reply.array(out, 0);
+    }
+
+    fn client(&mut self, args: &[Bytes], out: &mut Vec<u8>) {
+        let reply = self.reply;
+        let sub = name_of(&args[0]);
+        match (sub.as_str(), args.len()) {
+            ("id", 1) => reply.int(out, self.id as i64),
+            ("setname", 2) => match client_name(&args[1]) {
+                Ok(name) => {
+                    self.name = name;
+                    reply.simple(out, "OK");
+                }
+                Err(e) => reply.error(out, &e),
+            },
+            ("getname", 1) => match &self.name {
+                Some(name) => reply.bulk(out, name.as_bytes()),
+                None => reply.nil(out),
+            },
+            ("setinfo", 3) => {
+                let value = String::from_utf8_lossy(&args[2]);
+                if value.len() > MAX_NAME
+                    || value
+                        .chars()
+                        .any(|c| c == ' ' || c == '\n' || c.is_control())
+                {
+                    return reply.error(out, "ERR CLIENT SETINFO values may not contain spaces, newlines or control characters");
+                }
+                match name_of(&args[1]).as_str() {
+                    "lib-name" => self.lib_name = Some(value.into_owned()),
+                    "lib-ver" => self.lib_ver = Some(value.into_owned()),
+                    other => {
+                        return reply.error(out, &format!("ERR Unrecognized option '{other}'"))
+                    }
+                }
+                reply.simple(out, "OK");
+            }
+            ("info", 1) => {
+                let line = self.info_line();
+                reply.bulk(out, line.as_bytes());
+            }
+            ("getredir", 1) => reply.int(out, -1),
+            ("tracking", 2..) | ("caching", 2) => reply.error(
+                out,
+                "ERR client-side caching (CLIENT TRACKING) is not served by this cacheward yet",
+            ),
+            (other, _)
+                if matches!(
+                    other,
+                    "id" | "setname"
+                        | "getname"
+                        | "setinfo"
+                        | "info"
+                        | "getredir"
+                        | "tracking"
+                        | "caching"
+                ) =>
+            {
+                reply.error(
+                    out,
+                    &format!("ERR wrong number of arguments for 'client|{other}' command"),
+                )
+            }
+            (other, _) => reply.error(
+                out,
+                &format!(
+                    "ERR unknown subcommand '{}'. Try CLIENT HELP.",
+                    shown(other.as_bytes())
+                ),
+            ),
+        }
+    }
+
+    /// `CLIENT INFO`'s line.
+    fn info_line(&self) -> String {
+        format!(
+            "id={} addr={} name={} db=0 resp={} lib-name={} lib-ver={}\n",
+            self.id,
+            self.addr,
+            self.name.as_deref().unwrap_or(""),
+            self.reply.0,
+            self.lib_name.as_deref().unwrap_or(""),
+            self.lib_ver.as_deref().unwrap_or(""),
+        )
+    }
+
+    fn info(&self, service: &Service, args: &[Bytes], out: &mut Vec<u8>) {
+        let wanted: Vec<String> = args.iter().map(|a| name_of(a)).collect();
+        let all = wanted.is_empty()
+            || wanted
+                .iter()
+                .any(|w| matches!(w.as_str(), "all" | "everything" | "default"));
+        let want = |section: &str| all || wanted.iter().any(|w| w == section);
+        let stats = service.stats_report(false);
+        let mut text = String::new();
+        if want("server") {
+            text.push_str(&format!(
+                "# Server\r\nredis_version:{REDIS_VERSION}\r\nredis_mode:standalone\r\nserver_name:cacheward\r\ncacheward_version:{}\r\nprocess_id:{}\r\nuptime_in_seconds:{}\r\n\r\n",
+                env!("CARGO_PKG_VERSION"),
+                std::process::id(),
+                stats.uptime_secs,
+            ));
+        }
+        if want("clients") {
+            text.push_str(&format!(
+                "# Clients\r\nconnected_clients:{}\r\n\r\n",
+                stats.connections
+            ));
+        }
+        if want("stats") {
+            text.push_str(&format!(
+                "# Stats\r\ntotal_commands_processed:{}\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\n\r\n",
+                stats.requests, stats.cache_hits, stats.cache_misses,
+            ));
+        }
+        if want("keyspace") {
+            text.push_str("# Keyspace\r\n\r\n");
+        }
+        self.reply.bulk(out, text.trim_end().as_bytes());
+    }
+}
+
+/// `COMMAND`, `COMMAND COUNT|INFO|DOCS|LIST`.
+fn command(reply: Reply, args: &[Bytes], out: &mut Vec<u8>) {
+    let entry = |out: &mut Vec<u8>, c: &Served| {
+        reply.array(out, 10);
+        reply.bulk(out, c.name.as_bytes());
+        reply.int(out, c.arity);
+        reply.set(out, c.flags.len());
+        for flag in c.flags {
+            reply.simple(out, flag);
+        }
+        reply.int(out, c.first_key);
+        reply.int(out, c.last_key);
+        reply.int(out, c.step);
+        reply.set(out, 0);
+        reply.array(out, 0);
+        reply.array(out, 0);
+        reply.array(out, 0);
+    };
+    let named = |args: &[Bytes]| -> Vec<Option<&Served>> {
+        args.iter()
+            .map(|a| SERVED.iter().find(|c| c.name == name_of(a)))
+            .collect()
+    };
+    match args.first().map(|a| name_of(a)).as_deref() {
+        None => {
+            reply.array(out, SERVED.len());
+            for c in SERVED {
+                entry(out, c);
+            }
+        }
+        Some("count") => reply.int(out, SERVED.len() as i64),
+        Some("list") => {
+            reply.array(out, SERVED.len());
+            for c in SERVED {
+                reply.bulk(out, c.name.as_bytes());
+            }
+        }
+        Some("info") => {
+            let wanted = match args.len() {
+                1 => SERVED.iter().map(Some).collect(),
+                _ => named(&args[1..]),
+            };
+            reply.array(out, wanted.len());
+            for c in wanted {
+                match c {
+                    Some(c) => entry(out, c),
+                    None => reply.nil(out),
+                }
+            }
+        }
+        Some("docs") => {
+            let wanted: Vec<_> = match args.len() {
+                1 => SERVED.iter().collect(),
+                _ => named(&args[1..]).into_iter().flatten().collect(),
+            };
+            reply.map(out, wanted.len());
+            for c in wanted {
+                reply.bulk(out, c.name.as_bytes());
+                reply.map(out, 3);
+                for (key, value) in [
+                    ("summary", c.summary),
+                    ("since", "1.0.0"),
+                    ("group", "cacheward"),
+                ] {
+                    reply.bulk(out, key.as_bytes());
+                    reply.bulk(out, value.as_bytes());
+                }
+            }
+        }
+        Some(other) => reply.error(
+            out,
+            &format!(
+                "ERR unknown subcommand '{}'. Try COMMAND HELP.",
+                shown(other.as_bytes())
+            ),
+        ),
+    }
+}
+
+/// A client name as `CLIENT SETNAME` takes it (empty: none).
+fn client_name(name: &[u8]) -> Result<Option<String>, String> {
+    let text = std::str::from_utf8(name)
+        .ok()
+        .filter(|n| n.len() <= MAX_NAME && n.bytes().all(|b| (b'!'..=b'~').contains(&b)));
+    match text {
+        Some("") => Ok(None),
+        Some(name) => Ok(Some(name.to_owned())),
+        None => {
+            Err("ERR Client names cannot contain spaces, newlines or special characters.".into())
+        }
+    }
+}
+
+/// Redis's answer to a command it does not know.
+fn unknown(args: &[Bytes]) -> String {
+    let mut message = format!(
+        "ERR unknown command '{}', with args beginning with: ",
+        shown(&args[0])
+    );
+    for arg in args[1..].iter().take(3) {
+        message.push_str(&format!("'{}' ", shown(arg)));
+    }
+    message
+}
+
+/// At most 128 bytes of `bytes`, as text that fits on one line.
+pub fn shown(bytes: &[u8]) -> String {
+    let cut = &bytes[..bytes.len().min(128)];
+    String::from_utf8_lossy(cut)
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// Compares in a time that depends on the lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,109 @@
+//! What both front ends' connections keep the same way: the answers on their way, in request
+//! order, with what they count against the connection's limits; and the idle timer.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::time::{Instant, Sleep};
+
+/// An answer on its way: how many requests it answers, and its bytes (empty: nothing to write).
+pub type Pending = Pin<Box<dyn Future<Output = (usize, Vec<u8>)> + Send>>;
+
+/// Answers on their way, answered in the order they were pushed.
+#[derive(Default)]
+pub struct Inflight {
+    pending: FuturesOrdered<Pending>,
+    /// Requests they answer (a batch of reads is one entry and many requests).
+    requests: usize,
+    /// The request bytes of each entry, in the same order, and their sum.
+    sizes: VecDeque<usize>,
+    bytes: usize,
+}
+
+impl Inflight {
+    /// Queues `pending`, answering `requests` requests of `bytes` request bytes.
+    pub fn push(&mut self, requests: usize, bytes: usize, pending: Pending) {
+        self.requests += requests;
+        self.sizes.push_back(bytes);
+        self.bytes += bytes;
+        self.pending.push_back(pending);
+    }
+
+    /// Queues an answer known already.
+    pub fn push_ready(&mut self, bytes: Vec<u8>) {
+        self.push(1, 0, Box::pin(futures::future::ready((1, bytes))));
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The next answer in order, once ready (never, when none is queued).
+    pub async fn next(&mut self) -> Vec<u8> {
+        let Some((answered, bytes)) = self.pending.next().await else {
+            return std::future::pending().await;
+        };
+        self.requests -= answered;
+        self.bytes -= self.sizes.pop_front().expect("one size per entry");
+        bytes
+    }
+}
+
+/// A connection's idle timer: it expires once nothing moved it for its timeout. Moving it costs
+/// an instant, not a timer reset; the timer is re-armed when it fires.
+pub struct Idle {
+    timeout: Option<Duration>,
+    last_active: Instant,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Idle {
+    /// A timer of `timeout` (`None`: it never expires).
+    pub fn new(timeout: Option<Duration>) -> Idle {
+        let first = timeout
+            .unwrap_or(Duration::MAX)
+            .min(Duration::from_secs(86400 * 365));
+        Idle {
+            timeout,
+            last_active: Instant::now(),
+            sleep: Box::pin(tokio::time::sleep(first)),
+        }
+    }
+
+    /// Something happened: the timeout counts from now.
+    pub fn touch(&mut self) {
+        if self.timeout.is_some() {
+            self.last_active = Instant::now();
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.timeout.is_some()
+    }
+
+    /// Resolves once the timeout passed since the last [`Idle::touch`]. Cancel-safe.
+    pub async fn expired(&mut self) {
+        let Some(timeout) = self.timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            self.sleep.as_mut().await;
+            let deadline = self.last_active + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! The Redis-protocol front end (docs/reference.md, "Redis protocol front end") with real Redis
+//! clients: the `redis` crate in RESP2 and RESP3 over the Unix socket and over TCP with AUTH,
+//! `redis-cli`, and raw bytes for what no client sends (hostile frames, inline requests).
+
+mod common;
+
+use std::time::Duration;
+
+use cacheward::config::{Config, TableConfig};
+use cacheward::store::pg::tables;
+use common::{kind, TestEnv};
+use redis::{AsyncCommands, Value as R};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SCHEMA: &str = "
+    CREATE TABLE accounts (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, plan text,
+                           secret text);
+    CREATE TABLE orders (region text NOT NULL, id integer NOT NULL, note text,
+                         PRIMARY KEY (region, id));
+    INSERT INTO accounts VALUES (1, 'a@x', 'free', 's1'), (2, 'b@x', 'pro', 's2');
+    INSERT INTO orders VALUES ('e:u=1', 7, 'n7');
+    INSERT INTO users (username) VALUES ('alice');";
+
+const PASSWORD: &str = "front-end-Secret-7";
+
+struct Front {
+    env: TestEnv,
+    daemon: common::Daemon,
+    socket: std::path::PathBuf,
+    port: u16,
+}
+
+impl Front {
+    fn url(&self, protocol: u8) -> String {
+        format!(
+            "redis+unix://{}?protocol=resp{protocol}",
+            self.socket.display()
+        )
+    }
+
+    async fn conn(&self, protocol: u8) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url(protocol))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the front end")
+    }
+
+    /// A connection speaking raw bytes to the Unix socket.
+    async fn raw(&self) -> tokio::net::UnixStream {
+        tokio::net::UnixStream::connect(&self.socket).await.unwrap()
+    }
+}
+
+/// Servers, `accounts` and `orders` declared and captured, a daemon with both listeners.
+async fn start() -> Front {
+    let env = TestEnv::start().await;
+    let mut config: Config = env.config();
+    let accounts = TableConfig {
+        exclude: vec!["secret".into()],
+        ..TableConfig::keyed(&["id"]).lookup("by_email", &["email"])
+    };
+    config.tables.insert("accounts".into(), accounts);
+    config
+        .tables
+        .insert("orders".into(), TableConfig::keyed(&["region", "id"]));
+    let socket = env.dir.path().join("resp.sock");
+    let port = cacheward::dev::free_port().unwrap();
+    let password = env.dir.path().join("resp-password");
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    config.resp.socket = Some(socket.clone());
+    config.resp.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    config.resp.password_file = Some(password);
+    let mut pg = env.pg().await;
+    pg.batch_execute(SCHEMA).await.unwrap();
+    let checked = tables::resolve_all(&pg, &config).await.unwrap();
+    tables::install(&mut pg, &checked).await.unwrap();
+    let daemon = env.start_daemon(config).await;
+    // Until the daemon has checked the tables against the catalog, their rows are unavailable.
+    let mut client = daemon.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let probe = json!({"table": "orders", "key": {"region": "w", "id": 1}});
+    while kind(&client.call("get", probe.clone()).await) != "not_found" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tables were never checked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Front {
+        env,
+        daemon,
+        socket,
+        port,
+    }
+}
+
+fn text(value: &R) -> String {
+    match value {
+        R::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
+        R::SimpleString(s) => s.clone(),
+        R::VerbatimString { text, .. } => text.clone(),
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+fn json_of(value: &R) -> Value {
+    serde_json::from_str(&text(value)).unwrap()
+}
+
+/// Sends `bytes`, reads what comes back until the daemon closes or `within` passes.
+async fn exchange(
+    stream: &mut tokio::net::UnixStream,
+    bytes: &[u8],
+    within: Duration,
+) -> (String, bool) {
+    // The daemon may close before it read everything (a protocol error): what it answered counts.
+    let _ = stream.write_all(bytes).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn reads_answer_users_and_declared_rows_as_the_json_rpc_get_does_in_resp2_and_resp3() {
+    let front = start().await;
+    let mut rpc = front.daemon.client().await;
+    let alice = rpc.call("get", json!({"username": "alice"})).await["result"]["user"].clone();
+    let account = rpc
+        .call("get", json!({"table": "accounts", "key": {"id": 1}}))
+        .await["result"]["row"]
+        .clone();
+    assert_eq!(account, json!({"id": 1, "email": "a@x", "plan": "free"}));
+    for protocol in [2, 3] {
+        let mut conn = front.conn(protocol).await;
+        let user: R = conn.get("user:alice").await.unwrap();
+        assert_eq!(json_of(&user), alice, "RESP{protocol}");
+        let row: R = conn.get("accounts:1").await.unwrap();
+        assert_eq!(json_of(&row), account);
+        // A lookup answers the row its key does; a composite key with ':' and '=' percent-encoded.
+        let by_email: R = conn.get("accounts:by_email=b@x").await.unwrap();
+        assert_eq!(json_of(&by_email)["plan"], "pro");
+        let order: R = conn.get("orders:e%3Au%3D1:7").await.unwrap();
+        assert_eq!(
+            json_of(&order),
+            json!({"region": "e:u=1", "id": 7, "note": "n7"})
+        );
+        // Missing rows are nil, in both protocols.
+        let missing: R = conn.get("accounts:3").await.unwrap();
+        assert_eq!(missing, R::Nil);
+        let missing: R = conn.get("user:nobody").await.unwrap();
+        assert_eq!(missing, R::Nil);
+        let many: Vec<Option<String>> = conn
+            .mget(&["user:alice", "accounts:9", "accounts:2", "orders:w:1"])
+            .await
+            .unwrap();
+        assert_eq!(
+            many.iter().map(Option::is_some).collect::<Vec<_>>(),
+            [true, false, true, false]
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(many[2].as_ref().unwrap()).unwrap()["id"],
+            2
+        );
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(&["user:alice", "accounts:1", "accounts:9", "user:alice"])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 3, "counted per key named, as Redis counts");
+    }
+    // A row changed out of band is answered changed (the change stream reached the cache).
+    front
+        .env
+        .pg()
+        .await
+        .batch_execute("UPDATE accounts SET plan = 'team' WHERE id = 1")
+        .await
+        .unwrap();
+    let mut conn = front.conn(3).await;
+    common::wait_until("the change is answered", Duration::from_secs(5), || {
+        let mut conn = conn.clone();
+        async move {
+            let row: R = conn.get("accounts:1").await.unwrap();
+            json_of(&row)["plan"] == "team"
+        }
+    })
+    .await;
+    let row: Option<String> = conn.get("accounts:1").await.unwrap();
+    assert!(row.unwrap().contains("team"));
+    let stats = front.daemon.stats().await;
+    assert!(stats["resp"]["requests"].as_u64().unwrap() >= 20, "{stats}");
+}
+
+#[tokio::test]
+async fn keys_that_name_no_row_are_errors_naming_them_and_writes_are_readonly() {
+    let front = start().await;
+    let mut conn = front.conn(3).await;
+    let error = |r: redis::RedisResult<R>| r.unwrap_err().to_string();
+    let e = error(conn.get("sessions:1").await);
+    assert!(e.contains("sessions:1") && e.contains("no table"), "{e}");
+    // Not the key its row is cached under: said with the one it is.
+    let e = error(conn.get("accounts:007").await);
+    assert!(e.contains("accounts:007") && e.contains("\"7\""), "{e}");
+    let e = error(conn.get("accounts:x").await);
+    assert!(e.contains("bigint") && e.contains("id"), "{e}");
+    let e = error(conn.get("accounts:by_phone=1").await);
+    assert!(e.contains("lookup"), "{e}");
+    let e = error(conn.get("orders:w").await);
+    assert!(e.contains("2 key columns"), "{e}");
+    // cacheward's own keys under the prefix are no row.
+    let e = error(conn.get("user:\0fence").await);
+    assert!(e.contains("no table") || e.contains("names no user"), "{e}");
+    // Writes and unknown commands.
+    let e = error(conn.set("user:alice", "x").await);
+    assert!(
+        e.to_uppercase().contains("READONLY") && e.contains("JSON-RPC"),
+        "{e}"
+    );
+    let e = error(
+        redis::cmd("DEL")
+            .arg("accounts:1")
+            .query_async(&mut conn)
+            .await,
+    );
+    assert!(e.to_uppercase().contains("READONLY"), "{e}");
+    let e = error(redis::cmd("FROB").arg("a").query_async(&mut conn).await);
+    assert!(
+        e.contains("unknown command 'FROB'") && e.contains("'a'"),
+        "{e}"
+    );
+    let e = error(redis::cmd("GET").query_async(&mut conn).await);
+    assert!(e.contains("wrong number of arguments for 'get'"), "{e}");
+    // The connection is still usable after every error.
+    let pong: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    assert_eq!(pong, "PONG");
+}
+
+#[tokio::test]
+async fn handshakes_of_common_clients_succeed() {
+    let front = start().await;
+    let mut raw = front.raw().await;
+    let (answer, _) = exchange(
+        &mut raw,
+        b"HELLO 3 SETNAME app\r\n",
+        Duration::from_millis(300),
+    )
+    .await;
+    assert!(answer.starts_with("%7\r\n"), "{answer}");
+    for part in [
+        "$6\r\nserver\r\n$5\r\nredis\r\n",
+        "$7\r\nversion\r\n$5\r\n7.4.0\r\n",
+        "$5\r\nproto\r\n:3\r\n",
+    ] {
+        assert!(answer.contains(part), "{answer}");
+    }
+    let script: &[(&str, &str)] = &[
+        ("CLIENT SETINFO LIB-NAME redis-py\r\n", "+OK\r\n"),
+        ("CLIENT SETINFO LIB-VER 5.2.1\r\n", "+OK\r\n"),
+        ("CLIENT GETNAME\r\n", "$3\r\napp\r\n"),
+        ("SELECT 0\r\n", "+OK\r\n"),
+        ("SELECT 1\r\n", "-ERR DB index is out of range\r\n"),
+        ("PING\r\n", "+PONG\r\n"),
+        ("ECHO hi\r\n", "$2\r\nhi\r\n"),
+        ("HELLO 4\r\n", "-NOPROTO unsupported protocol version\r\n"),
+        ("COMMAND COUNT\r\n", ":13\r\n"),
+        ("CLIENT GETREDIR\r\n", ":-1\r\n"),
+        (
+            "GET nothing:1\r\n",
+            "-ERR key 'nothing:1' is under no table's prefix",
+        ),
+    ];
+    for (request, expected) in script {
+        let (answer, closed) =
+            exchange(&mut raw, request.as_bytes(), Duration::from_millis(300)).await;
+        assert!(answer.starts_with(expected), "{request}: {answer}");
+        assert!(!closed);
+    }
+    let (answer, _) = exchange(&mut raw, b"CLIENT INFO\r\n", Duration::from_millis(300)).await;
+    assert!(
+        answer.contains("name=app")
+            && answer.contains("resp=3")
+            && answer.contains("lib-name=redis-py"),
+        "{answer}"
+    );
+    let (answer, _) = exchange(&mut raw, b"INFO server\r\n", Duration::from_millis(300)).await;
+    assert!(
+        answer.contains("redis_version:7.4.0") && answer.contains("cacheward_version:"),
+        "{answer}"
+    );
+    let (answer, _) = exchange(
+        &mut raw,
+        b"COMMAND DOCS get\r\n",
+        Duration::from_millis(300),
+    )
+    .await;
+    assert!(answer.starts_with("%1\r\n$3\r\nget\r\n%3\r\n"), "{answer}");
+    let (answer, _) = exchange(
+        &mut raw,
+        b"COMMAND INFO get nosuch\r\n",
+        Duration::from_millis(300),
+    )
+    .await;
+    assert!(
+        answer.starts_with("*2\r\n*10\r\n$3\r\nget\r\n:2\r\n") && answer.ends_with("_\r\n"),
+        "{answer}"
+    );
+    // RESET goes back to RESP2 and no name; QUIT answers and closes.
+    let (answer, _) = exchange(
+        &mut raw,
+        b"RESET\r\nCLIENT GETNAME\r\n",
+        Duration::from_millis(300),
+    )
+    .await;
+    assert_eq!(answer, "+RESET\r\n$-1\r\n");
+    let (answer, closed) = exchange(&mut raw, b"QUIT\r\nPING\r\n", Duration::from_secs(2)).await;
+    assert_eq!((answer.as_str(), closed), ("+OK\r\n", true));
+    // redis-cli, as people use it.
+    // Not std's Command: the daemon runs on this test's one thread.
+    let cli = tokio::process::Command::new("redis-cli")
+        .arg("-s")
+        .arg(&front.socket)
+        .args(["GET", "accounts:2"])
+        .output()
+        .await
+        .expect("redis-cli");
+    let out = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        out.contains("\"plan\":\"pro\"") || out.contains("\\\"plan\\\":\\\"pro\\\""),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn tcp_serves_only_clients_that_auth() {
+    let front = start().await;
+    let addr = format!("127.0.0.1:{}", front.port);
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(b"GET user:alice\r\nHELLO 3\r\nAUTH wrong\r\nAUTH default wrong\r\nPING\r\n")
+        .await
+        .unwrap();
+    let mut got = vec![0u8; 4096];
+    let mut answer = String::new();
+    while answer.matches("\r\n").count() < 5 {
+        let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {answer}");
+        answer.push_str(&String::from_utf8_lossy(&got[..n]));
+    }
+    let lines: Vec<&str> = answer.split("\r\n").collect();
+    assert_eq!(lines[0], "-NOAUTH Authentication required.");
+    assert!(
+        lines[1].starts_with("-NOAUTH HELLO must be called"),
+        "{answer}"
+    );
+    assert!(
+        lines[2].starts_with("-WRONGPASS") && lines[3].starts_with("-WRONGPASS"),
+        "{answer}"
+    );
+    assert_eq!(lines[4], "-NOAUTH Authentication required.");
+    // A client given the password (it sends HELLO 3 AUTH default … or AUTH) reads.
+    for protocol in [2, 3] {
+        let url = format!("redis://:{PASSWORD}@{addr}/?protocol=resp{protocol}");
+        let mut conn = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let row: Option<String> = conn.get("accounts:2").await.unwrap();
+        assert!(row.unwrap().contains("pro"));
+    }
+    // The Unix socket needs no AUTH (its peers are the file mode's and socket.allow_*'s).
+    let mut conn = front.conn(2).await;
+    let row: Option<String> = conn.get("accounts:2").await.unwrap();
+    assert!(row.is_some());
+}
+
+#[tokio::test]
+async fn hostile_frames_cost_their_connection_only() {
+    let front = start().await;
+    let mut good = front.conn(2).await;
+    let hostile: &[(&[u8], &str)] = &[
+        (
+            b"*1\r\n*1\r\n*1\r\n*1\r\n$1\r\na\r\n",
+            "expected '$', got '*'",
+        ),
+        (
+            b"*2\r\n$3\r\nGET\r\n$99999999999\r\n",
+            "invalid bulk length",
+        ),
+        (b"*2\r\n$3\r\nGET\r\n$70000\r\n", "invalid bulk length"),
+        (b"*99999999\r\n", "invalid multibulk length"),
+        (b"*1\r\n%1\r\n", "expected '$', got '%'"),
+    ];
+    for (bytes, error) in hostile {
+        let mut raw = front.raw().await;
+        let (answer, closed) = exchange(&mut raw, bytes, Duration::from_secs(2)).await;
+        assert!(
+            answer.starts_with("-ERR Protocol error: ") && answer.contains(error),
+            "{answer}"
+        );
+        assert!(closed, "a protocol error closes its connection");
+    }
+    // Deeply nested arrays: refused at the second header, nothing recursed into.
+    let mut deep = Vec::new();
+    for _ in 0..100_000 {
+        deep.extend_from_slice(b"*1\r\n");
+    }
+    let mut raw = front.raw().await;
+    let (answer, closed) = exchange(&mut raw, &deep, Duration::from_secs(2)).await;
+    assert!(
+        answer.contains("expected '$', got '*'") && closed,
+        "{answer}"
+    );
+    // A client that pipelines reads and never reads its answers: the daemon stops reading it
+    // (socket.max_inflight_bytes) instead of buffering; others are served meanwhile.
+    let mut greedy = front.raw().await;
+    let request = b"*2\r\n$3\r\nGET\r\n$10\r\naccounts:1\r\n".repeat(1000);
+    let writer = tokio::spawn(async move {
+        for _ in 0..200 {
+            if tokio::time::timeout(Duration::from_millis(200), greedy.write_all(&request))
+                .await
+                .is_err()
+            {
+                return true; // the daemon stopped reading: writes block
+            }
+        }
+        false
+    });
+    let row: Option<String> = good.get("accounts:1").await.unwrap();
+    assert!(row.is_some());
+    assert!(
+        writer.await.unwrap(),
+        "the daemon read everything a non-reading client sent"
+    );
+    let row: Option<String> = good.get("accounts:2").await.unwrap();
+    assert!(row.is_some());
+}
