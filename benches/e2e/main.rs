@@ -33,6 +33,7 @@ mod measure;
 mod memory;
 mod miss;
 mod near;
+mod resp;
 mod tables;
 mod trigger;
 
@@ -113,7 +114,15 @@ async fn main() {
         "a Unix socket"
     };
     println!("Redis reached over {transport} by the daemon and the raw side alike");
-    let daemon = DaemonProcess::start(dir.path(), &socket, &db_url, &redis_url, &[]).await;
+    let resp_socket = dir.path().join("resp.sock");
+    let daemon = DaemonProcess::start(
+        dir.path(),
+        &socket,
+        &db_url,
+        &redis_url,
+        &[("CACHEWARD__RESP__SOCKET", &resp_socket.to_string_lossy())],
+    )
+    .await;
     let pid = daemon.child.id();
     let rss_idle = rss_kib(pid);
     let mut report = json!({
@@ -172,6 +181,9 @@ async fn main() {
             b.hot,
         )
         .await;
+    }
+    if want("resp") {
+        resp::part(&b, &resp_socket, &mut report).await;
     }
     if want("miss") {
         miss::run(&b, pid, &mut report).await;

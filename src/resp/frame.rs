@@ -95,7 +95,7 @@ impl Requests {
                 if first != b'$' {
                     return Err(ProtocolError(format!(
                         "expected '$', got '{}'",
-                        shown(first)
+                        shown_byte(first)
                     )));
                 }
                 let Some(end) = find_crlf(&self.buffer, self.max) else {
@@ -200,11 +200,20 @@ fn parse_int(digits: &[u8]) -> Option<i64> {
     text.parse().ok()
 }
 
-fn shown(byte: u8) -> String {
+fn shown_byte(byte: u8) -> String {
     match byte {
         0x20..=0x7e => (byte as char).to_string(),
         other => format!("\\x{other:02x}"),
     }
+}
+
+/// At most 128 bytes of `bytes`, as text that fits on one line.
+pub fn shown(bytes: &[u8]) -> String {
+    let cut = &bytes[..bytes.len().min(128)];
+    String::from_utf8_lossy(cut)
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Writes replies in the protocol a connection speaks (2 or 3).

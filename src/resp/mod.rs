@@ -4,8 +4,9 @@
 //!
 //! A request walks [`server`] (listeners, limits, one task per connection) → [`frame`] (requests
 //! read, replies written) → [`session`] (what each command does to the connection and answers)
-//! → [`read`] (keys resolved and read on the service's read path, as the JSON-RPC `get`).
+//! and [`commands`] (what is served and refused) → [`read`] (keys resolved and read on the service's read path, as the JSON-RPC `get`).
 
+pub mod commands;
 pub mod frame;
 pub mod fuzzing;
 pub mod read;

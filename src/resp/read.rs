@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::frame::shown;
 use super::frame::Reply;
-use super::session::{shown, ReadKind};
 use crate::model::key::Key;
 use crate::rpc::methods::params::validate_username;
 use crate::service::{Service, ServiceError};
@@ -48,6 +48,14 @@ pub fn resolve(service: &Service, redis_key: &Bytes) -> Result<Key, String> {
             )),
         })?;
     Ok(key)
+}
+
+/// What a read asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadKind {
+    Get,
+    Mget,
+    Exists,
 }
 
 /// Reads that a client pipelined: each one's kind, protocol and keys.
