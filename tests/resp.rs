@@ -55,6 +55,11 @@ impl Front {
 
 /// Servers, `accounts` and `orders` declared and captured, a daemon with both listeners.
 async fn start() -> Front {
+    start_with(|_| {}).await
+}
+
+/// [`start`], the daemon's configuration adjusted by `adjust`.
+async fn start_with(adjust: impl FnOnce(&mut Config)) -> Front {
     let env = TestEnv::start().await;
     let mut config: Config = env.config();
     let accounts = TableConfig {
@@ -72,6 +77,7 @@ async fn start() -> Front {
     config.resp.socket = Some(socket.clone());
     config.resp.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
     config.resp.password_file = Some(password);
+    adjust(&mut config);
     let mut pg = env.pg().await;
     pg.batch_execute(SCHEMA).await.unwrap();
     let checked = tables::resolve_all(&pg, &config).await.unwrap();
@@ -445,4 +451,376 @@ async fn hostile_frames_cost_their_connection_only() {
     );
     let row: Option<String> = good.get("accounts:2").await.unwrap();
     assert!(row.is_some());
+}
+
+/// One RESP3 frame as a test reads it.
+#[derive(Debug, Clone, PartialEq)]
+enum F {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(String),
+    Null,
+    Array(Vec<F>),
+    Map(Vec<F>),
+    Push(Vec<F>),
+}
+
+/// A raw RESP3 connection: requests written as inline commands, replies read in order, pushes
+/// (which may come between them) kept aside.
+struct Raw {
+    reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+    pushes: std::collections::VecDeque<F>,
+}
+
+impl Raw {
+    async fn connect(front: &Front) -> Raw {
+        let (r, writer) = front.raw().await.into_split();
+        let mut raw = Raw {
+            reader: tokio::io::BufReader::new(r),
+            writer,
+            pushes: Default::default(),
+        };
+        assert!(matches!(raw.call("HELLO 3").await, F::Map(_)));
+        raw
+    }
+
+    async fn send(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .unwrap();
+    }
+
+    /// The reply to `line`; pushes before it are kept for [`Raw::push_within`].
+    async fn call(&mut self, line: &str) -> F {
+        self.send(line).await;
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut self.reader))
+                .await
+                .expect("a reply within 5 s");
+            match frame {
+                F::Push(_) => self.pushes.push_back(frame),
+                reply => return reply,
+            }
+        }
+    }
+
+    /// The next push, if one comes within `within`.
+    async fn push_within(&mut self, within: Duration) -> Option<F> {
+        if let Some(push) = self.pushes.pop_front() {
+            return Some(push);
+        }
+        let frame = tokio::time::timeout(within, read_frame(&mut self.reader))
+            .await
+            .ok()?;
+        assert!(
+            matches!(frame, F::Push(_)),
+            "a reply nobody asked for: {frame:?}"
+        );
+        Some(frame)
+    }
+
+    async fn push(&mut self) -> F {
+        self.push_within(Duration::from_secs(5))
+            .await
+            .expect("a push within 5 s")
+    }
+
+    /// The pushes that come within `within`.
+    async fn pushes_within(&mut self, within: Duration) -> Vec<F> {
+        let mut all = Vec::new();
+        while let Some(push) = self.push_within(within).await {
+            all.push(push);
+        }
+        all
+    }
+
+    /// Asserts that no push arrives for a while.
+    async fn quiet(&mut self) {
+        let got = self.push_within(Duration::from_millis(300)).await;
+        assert_eq!(got, None, "nothing was owed");
+    }
+}
+
+fn read_frame<'a>(
+    r: &'a mut tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = F> + Send + 'a>> {
+    use tokio::io::AsyncBufReadExt;
+    Box::pin(async move {
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        let line = line.trim_end_matches("\r\n");
+        let (kind, rest) = line.split_at(1);
+        let n = || rest.parse::<i64>().unwrap();
+        match kind {
+            "+" => F::Simple(rest.into()),
+            "-" => F::Error(rest.into()),
+            ":" => F::Int(n()),
+            "_" => F::Null,
+            "$" if n() < 0 => F::Null,
+            "$" => {
+                let mut buf = vec![0u8; n() as usize + 2];
+                r.read_exact(&mut buf).await.unwrap();
+                F::Bulk(String::from_utf8_lossy(&buf[..buf.len() - 2]).into_owned())
+            }
+            "*" | "%" | ">" | "~" => {
+                let count = if kind == "%" { 2 * n() } else { n() };
+                let mut items = Vec::new();
+                for _ in 0..count {
+                    items.push(read_frame(r).await);
+                }
+                match kind {
+                    "%" => F::Map(items),
+                    ">" => F::Push(items),
+                    _ => F::Array(items),
+                }
+            }
+            other => panic!("unexpected frame {other}{rest}"),
+        }
+    })
+}
+
+/// An `invalidate` push naming `keys` (`None`: the null-keys flush).
+fn invalidate(keys: Option<&[&str]>) -> F {
+    let keys = match keys {
+        Some(keys) => F::Array(keys.iter().map(|k| F::Bulk((*k).into())).collect()),
+        None => F::Null,
+    };
+    F::Push(vec![F::Bulk("invalidate".into()), keys])
+}
+
+/// The keys an `invalidate` push names (empty for a flush).
+fn keys_of(push: &F) -> Vec<String> {
+    match push {
+        F::Push(parts) => match parts.get(1) {
+            Some(F::Array(keys)) => keys
+                .iter()
+                .map(|k| match k {
+                    F::Bulk(k) => k.clone(),
+                    other => panic!("{other:?}"),
+                })
+                .collect(),
+            _ => Vec::new(),
+        },
+        other => panic!("not a push: {other:?}"),
+    }
+}
+
+/// Reads `key` until it is answered with nothing owed behind it: the near cache holds it as
+/// answered, so the client may cache it. The answer, and the keys of the pushes heard meanwhile.
+async fn read_watched(raw: &mut Raw, key: &str) -> (F, Vec<String>) {
+    let mut heard = Vec::new();
+    for _ in 0..5 {
+        for push in raw.pushes_within(Duration::from_millis(100)).await {
+            heard.extend(keys_of(&push));
+        }
+        let answer = raw.call(&format!("GET {key}")).await;
+        let behind = raw.pushes_within(Duration::from_millis(200)).await;
+        if behind.is_empty() {
+            return (answer, heard);
+        }
+        for push in behind {
+            heard.extend(keys_of(&push));
+        }
+    }
+    panic!("{key} was never answered watched");
+}
+
+#[tokio::test]
+async fn a_tracking_client_is_told_of_every_change_to_what_it_read() {
+    let mut front = start().await;
+    let mut raw = Raw::connect(&front).await;
+    assert_eq!(raw.call("CLIENT TRACKING ON").await, F::Simple("OK".into()));
+    assert_eq!(raw.call("CLIENT GETREDIR").await, F::Int(0));
+    // A cold read comes from PostgreSQL: nothing watches it yet, so it is voided right behind
+    // its reply; read again through Redis it is watched, and nothing follows.
+    let first = raw.call("GET accounts:1").await;
+    assert!(
+        matches!(&first, F::Bulk(row) if row.contains("free")),
+        "{first:?}"
+    );
+    assert_eq!(raw.push().await, invalidate(Some(&["accounts:1"])));
+    read_watched(&mut raw, "accounts:1").await;
+    raw.call("GET accounts:1").await;
+    raw.quiet().await;
+    // A missing row is never watched.
+    assert_eq!(raw.call("GET accounts:99").await, F::Null);
+    assert_eq!(raw.push().await, invalidate(Some(&["accounts:99"])));
+    let pg = front.env.pg().await;
+    // An out-of-band UPDATE (the change stream).
+    pg.batch_execute("UPDATE accounts SET plan = 'team' WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(raw.push().await, invalidate(Some(&["accounts:1"])));
+    let (row, _) = read_watched(&mut raw, "accounts:1").await;
+    assert!(matches!(&row, F::Bulk(r) if r.contains("team")), "{row:?}");
+    // A write through the daemon.
+    let mut rpc = front.daemon.client().await;
+    let updated = rpc
+        .call(
+            "update",
+            json!({"table": "accounts", "key": {"id": 1}, "set": {"plan": "pro"}}),
+        )
+        .await;
+    assert!(updated.get("result").is_some(), "{updated}");
+    assert_eq!(raw.push().await, invalidate(Some(&["accounts:1"])));
+    // A user renamed out of band: the old name's key.
+    read_watched(&mut raw, "user:alice").await;
+    pg.batch_execute("UPDATE users SET username = 'alicia' WHERE username = 'alice'")
+        .await
+        .unwrap();
+    assert_eq!(raw.push().await, invalidate(Some(&["user:alice"])));
+    // A TRUNCATE: the table's entries are dropped, and with them everything the client holds.
+    read_watched(&mut raw, "accounts:2").await;
+    pg.batch_execute("TRUNCATE accounts").await.unwrap();
+    let push = raw.push().await;
+    assert!(
+        push == invalidate(None) || push == invalidate(Some(&["accounts:2"])),
+        "{push:?}"
+    );
+    // Redis restarted: whatever it said meanwhile may be lost, so everything goes.
+    read_watched(&mut raw, "orders:e%3Au%3D1:7").await;
+    front.env.redis.kill();
+    front.env.redis.start_again().unwrap();
+    let mut flushed = false;
+    while let Some(push) = raw.push_within(Duration::from_secs(10)).await {
+        if push == invalidate(None) {
+            flushed = true;
+            break;
+        }
+    }
+    assert!(flushed, "a Redis restart flushes tracking clients");
+    let stats = front.daemon.stats().await;
+    assert_eq!(stats["resp"]["tracking_clients"], 1, "{stats}");
+    assert!(
+        stats["resp"]["invalidations"].as_u64().unwrap() >= 8,
+        "{stats}"
+    );
+    // Tracking off: nothing more.
+    assert_eq!(
+        raw.call("CLIENT TRACKING OFF").await,
+        F::Simple("OK".into())
+    );
+    read_watched(&mut raw, "orders:e%3Au%3D1:7").await;
+    pg.batch_execute("UPDATE orders SET note = 'x'")
+        .await
+        .unwrap();
+    raw.quiet().await;
+}
+
+#[tokio::test]
+async fn broadcast_optin_and_the_bound_track_as_redis_does() {
+    let front = start().await;
+    // BCAST with a prefix: every change under it, read or not; nothing else.
+    let mut bcast = Raw::connect(&front).await;
+    assert_eq!(
+        bcast
+            .call("CLIENT TRACKING ON BCAST PREFIX accounts:")
+            .await,
+        F::Simple("OK".into())
+    );
+    let pg = front.env.pg().await;
+    // The daemon hears of a change only to what it watches: read it through the daemon first.
+    let mut reader = Raw::connect(&front).await;
+    read_watched(&mut reader, "accounts:2").await;
+    read_watched(&mut reader, "user:alice").await;
+    pg.batch_execute("UPDATE accounts SET plan = 'x' WHERE id = 2; UPDATE users SET username = 'al' WHERE username = 'alice'")
+        .await
+        .unwrap();
+    // Once or twice (the daemon's write invalidates before it is sent and once it is answered).
+    let heard: Vec<String> = bcast
+        .pushes_within(Duration::from_millis(1500))
+        .await
+        .iter()
+        .flat_map(keys_of)
+        .collect();
+    assert!(heard.iter().any(|k| k == "accounts:2"), "{heard:?}");
+    // Its lookup's key too; never a user's.
+    assert!(
+        heard.iter().all(|k| k.starts_with("accounts:")),
+        "{heard:?}"
+    );
+    // OPTIN: only a read right after CLIENT CACHING yes is tracked.
+    let mut optin = Raw::connect(&front).await;
+    assert_eq!(
+        optin.call("CLIENT TRACKING ON OPTIN").await,
+        F::Simple("OK".into())
+    );
+    read_watched(&mut optin, "accounts:1").await;
+    optin.call("GET accounts:1").await;
+    pg.batch_execute("UPDATE accounts SET plan = 'y' WHERE id = 1")
+        .await
+        .unwrap();
+    optin.quiet().await;
+    assert_eq!(
+        optin.call("CLIENT CACHING yes").await,
+        F::Simple("OK".into())
+    );
+    optin.call("GET accounts:1").await;
+    // Read again (watched now) after CACHING yes, so the next change is owed.
+    let mut watched = false;
+    for _ in 0..5 {
+        optin.call("CLIENT CACHING yes").await;
+        optin.call("GET accounts:1").await;
+        if optin
+            .pushes_within(Duration::from_millis(200))
+            .await
+            .is_empty()
+        {
+            watched = true;
+            break;
+        }
+    }
+    assert!(watched);
+    pg.batch_execute("UPDATE accounts SET plan = 'z' WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(optin.push().await, invalidate(Some(&["accounts:1"])));
+    // What Redis refuses, and what this cacheward does not serve.
+    let mut plain = Raw::connect(&front).await;
+    let refused = [
+        ("CLIENT TRACKING ON PREFIX a:", "BCAST"),
+        ("CLIENT TRACKING ON OPTIN OPTOUT", "OPTIN and OPTOUT"),
+        (
+            "CLIENT TRACKING ON BCAST OPTIN",
+            "not compatible with BCAST",
+        ),
+        ("CLIENT TRACKING ON REDIRECT 5", "REDIRECT"),
+        ("CLIENT TRACKING MAYBE", "syntax"),
+        ("CLIENT CACHING yes", "OPTIN"),
+    ];
+    for (request, says) in refused {
+        match plain.call(request).await {
+            F::Error(e) => assert!(e.contains(says), "{request}: {e}"),
+            other => panic!("{request}: {other:?}"),
+        }
+    }
+    let mut resp2 = front.raw().await;
+    let (answer, _) = exchange(
+        &mut resp2,
+        b"CLIENT TRACKING ON\r\n",
+        Duration::from_millis(300),
+    )
+    .await;
+    assert!(
+        answer.starts_with("-ERR CLIENT TRACKING needs RESP3"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn the_keys_remembered_for_tracking_clients_are_bounded() {
+    let front = start_with(|config| config.resp.tracking_max_keys = 2).await;
+    let mut raw = Raw::connect(&front).await;
+    raw.call("CLIENT TRACKING ON").await;
+    read_watched(&mut raw, "accounts:1").await;
+    read_watched(&mut raw, "accounts:2").await;
+    // A third key: the oldest is forgotten, and the client told so.
+    let (_, heard) = read_watched(&mut raw, "orders:e%3Au%3D1:7").await;
+    assert!(heard.iter().any(|k| k == "accounts:1"), "{heard:?}");
+    assert!(!heard.iter().any(|k| k == "accounts:2"), "{heard:?}");
+    let stats = front.daemon.stats().await;
+    assert_eq!(stats["resp"]["tracked_keys"], 2, "{stats}");
 }

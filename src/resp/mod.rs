@@ -12,3 +12,4 @@ pub mod fuzzing;
 pub mod read;
 pub mod server;
 pub mod session;
+pub mod tracking;

@@ -58,18 +58,20 @@ pub enum ReadKind {
     Exists,
 }
 
-/// Reads that a client pipelined: each one's kind, protocol and keys.
+/// Reads that a client pipelined: each one's kind, protocol, keys, and whether its client
+/// caches the answer.
 #[derive(Default)]
 pub struct Reads {
-    pub items: Vec<(ReadKind, Reply, std::ops::Range<usize>)>,
+    pub items: Vec<(ReadKind, Reply, std::ops::Range<usize>, bool)>,
     pub keys: Vec<Key>,
 }
 
 impl Reads {
-    pub fn push(&mut self, kind: ReadKind, reply: Reply, keys: Vec<Key>) {
+    pub fn push(&mut self, kind: ReadKind, reply: Reply, keys: Vec<Key>, tracked: bool) {
         let from = self.keys.len();
         self.keys.extend(keys);
-        self.items.push((kind, reply, from..self.keys.len()));
+        self.items
+            .push((kind, reply, from..self.keys.len(), tracked));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -87,8 +89,18 @@ impl Reads {
             }
         };
         let mut out = Vec::with_capacity(self.keys.len() * 128);
-        for (kind, reply, range) in self.items {
+        // Answers a tracking client caches that nothing is known to watch: voided right behind
+        // their replies (see `resp::tracking`).
+        let mut unwatched = Vec::new();
+        for (kind, reply, range, tracked) in self.items {
             let answers = &found[range.clone()];
+            if tracked {
+                for (key, answer) in self.keys[range.clone()].iter().zip(answers) {
+                    if !watched(service, key, answer) {
+                        unwatched.push(bytes::Bytes::from(service.cache().redis_key(key)));
+                    }
+                }
+            }
             // A backend that failed fails the whole command, as one error.
             if let Some(Err(e)) = answers.iter().find(|a| matches!(a, Err(e) if !missing(e))) {
                 reply.error(&mut out, &format!("ERR {e}"));
@@ -108,7 +120,34 @@ impl Reads {
                 }
             }
         }
+        if !unwatched.is_empty() {
+            unwatched.dedup();
+            service
+                .stats
+                .resp
+                .invalidations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            super::tracking::encode(&super::tracking::Push::Keys(unwatched), &mut out);
+        }
         out
+    }
+}
+
+/// Whether what a tracked read answered is known to be watched: the near cache holds exactly it
+/// (it keeps only what Redis tracks for this daemon, and drops it at any change), so a change
+/// after it will be heard. A row that does not exist, one read from the database, one the near
+/// cache no longer (or never) held as answered is not.
+fn watched(
+    service: &Service,
+    key: &Key,
+    answer: &Result<(String, crate::service::Source), ServiceError>,
+) -> bool {
+    match answer {
+        Ok((json, _)) => service
+            .cache()
+            .near_peek(key)
+            .is_some_and(|held| held.json == *json),
+        Err(_) => false,
     }
 }
 

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use super::frame::Requests;
 use super::read::Reads;
 use super::session::{Action, Session};
+use super::tracking::{self, Tracker};
 use crate::config::Config;
 use crate::rpc::inflight::{Idle, Inflight};
 use crate::rpc::peers::{Peers, RateLimited, WARN_EVERY};
@@ -86,9 +87,15 @@ pub async fn serve(
         .password_file
         .as_ref()
         .map(|path| PasswordFile::new("resp.password_file", path));
+    let tracker = Tracker::new(
+        service.cache(),
+        config.resp.tracking_max_keys,
+        service.stats.clone(),
+    );
     let start = |stream: Box<dyn Stream>, addr: String, tcp: bool, permit| {
         let id = ids.fetch_add(1, Relaxed) + 1;
-        let session = Session::new(id, addr, password.clone(), tcp && password.is_some());
+        let must_auth = tcp && password.is_some();
+        let session = Session::new(id, addr, password.clone(), must_auth, tracker.clone());
         let (service, config, shutdown) = (service.clone(), config.clone(), shutdown.clone());
         connections.spawn(
             async move {
@@ -139,6 +146,14 @@ pub async fn serve(
     drain_connections(connections, drain, "resp").await;
 }
 
+/// Resolves when the session's tracking is owed a push.
+async fn owed(session: &Session) {
+    match session.sink() {
+        Some(sink) => sink.owed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A connection's byte stream: a Unix or a TCP socket.
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<S: AsyncRead + AsyncWrite + Send + Unpin> Stream for S {}
@@ -155,6 +170,8 @@ struct Connection {
     inflight: Inflight,
     /// No more requests are read (QUIT, a protocol error, shutdown, the peer's end).
     reading: bool,
+    /// Requests read so far (each is answered once: `Inflight::answered` counts the same).
+    seen: u64,
 }
 
 impl Connection {
@@ -175,6 +192,7 @@ impl Connection {
             write_timeout: config.write_timeout(),
             inflight: Inflight::default(),
             reading: true,
+            seen: 0,
         }
     }
 
@@ -246,7 +264,19 @@ impl Connection {
                         write(&mut writer, &bytes, write_timeout).await?;
                         unflushed = true;
                     }
+                    let pushes = self.pushes_ready();
+                    if !pushes.is_empty() {
+                        write(&mut writer, &pushes, write_timeout).await?;
+                        unflushed = true;
+                    }
                     idle.touch();
+                }
+                _ = owed(&self.session), if self.session.sink().is_some() => {
+                    let pushes = self.pushes_ready();
+                    if !pushes.is_empty() {
+                        write(&mut writer, &pushes, write_timeout).await?;
+                        unflushed = true;
+                    }
                 }
                 read = reader.read_buf(self.requests.spare()), if can_read => {
                     if read? == 0 {
@@ -272,9 +302,18 @@ impl Connection {
     /// request bytes); anything else first starts those, so that answers keep the requests' order.
     fn start(&mut self, args: &[Bytes], size: usize, reads: &mut (Reads, usize)) {
         self.service.stats.resp.requests.fetch_add(1, Relaxed);
+        self.seen += 1;
+        if let Some(sink) = self.session.sink() {
+            sink.saw(self.seen);
+        }
         match self.session.handle(&self.service, args) {
-            Action::Read { kind, keys, reply } => {
-                reads.0.push(kind, reply, keys);
+            Action::Read {
+                kind,
+                keys,
+                reply,
+                tracked,
+            } => {
+                reads.0.push(kind, reply, keys, tracked);
                 reads.1 += size;
             }
             Action::Answer(bytes) => {
@@ -290,6 +329,18 @@ impl Connection {
                 self.reading = false;
             }
         }
+    }
+
+    /// The invalidations owed to a tracking client that may be written now (after the answers
+    /// of every request read before each was heard), encoded; empty when none.
+    fn pushes_ready(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Some(sink) = self.session.sink() {
+            for push in sink.take_ready(self.inflight.answered()) {
+                tracking::encode(&push, &mut out);
+            }
+        }
+        out
     }
 
     fn start_reads(&mut self, (reads, bytes): (Reads, usize)) {

@@ -2,11 +2,14 @@
 //! does to it and answers. Reads (`GET`, `MGET`, `EXISTS`) are only resolved to keys here: the
 //! connection runs them on the read path (`resp::read`). No I/O here.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::commands::{command, name_of, unknown, SERVED, WRITES};
 use super::frame::{shown, Reply};
 use super::read::ReadKind;
+use super::tracking::{Mode, Sink, Tracker};
 use crate::model::key::Key;
 use crate::service::Service;
 
@@ -30,17 +33,33 @@ pub struct Session {
     addr: String,
     /// The password file, when one is configured.
     password: Option<crate::support::secrets::PasswordFile>,
+    /// Client-side caching's bookkeeping (`None` with the near cache off).
+    tracker: Option<Arc<Tracker>>,
+    /// `CLIENT TRACKING ON`'s state.
+    tracking: Option<Tracking>,
+}
+
+/// How a connection tracks (`CLIENT TRACKING ON …`).
+struct Tracking {
+    sink: Arc<Sink>,
+    broadcast: bool,
+    optin: bool,
+    optout: bool,
+    /// `CLIENT CACHING yes|no`, for the next command only.
+    caching: Option<bool>,
 }
 
 /// What the connection does with one command.
 pub enum Action {
     /// Answer these bytes.
     Answer(Vec<u8>),
-    /// Read these keys and answer in this protocol.
+    /// Read these keys and answer in this protocol; `tracked`: the client caches the answer
+    /// (an answer not known to be watched is invalidated right behind it).
     Read {
         kind: ReadKind,
         keys: Vec<Key>,
         reply: Reply,
+        tracked: bool,
     },
     /// Answer these bytes, then close the connection.
     Close(Vec<u8>),
@@ -52,6 +71,7 @@ impl Session {
         addr: String,
         password: Option<crate::support::secrets::PasswordFile>,
         must_auth: bool,
+        tracker: Option<Arc<Tracker>>,
     ) -> Session {
         Session {
             id,
@@ -63,6 +83,99 @@ impl Session {
             lib_ver: None,
             addr,
             password,
+            tracker,
+            tracking: None,
+        }
+    }
+
+    /// What the connection's tracking is owed, when it tracks.
+    pub fn sink(&self) -> Option<&Arc<Sink>> {
+        self.tracking.as_ref().map(|t| &t.sink)
+    }
+
+    /// Whether a read of `keys` is tracked (remembered for this connection first, in its default
+    /// mode), given the `CLIENT CACHING` that preceded it.
+    fn track(&self, keys: &[Key], caching: Option<bool>) -> bool {
+        let (Some(t), Some(tracker)) = (&self.tracking, &self.tracker) else {
+            return false;
+        };
+        let tracked = match (t.optin, t.optout) {
+            (true, _) => caching == Some(true),
+            (_, true) => caching != Some(false),
+            _ => true,
+        };
+        if tracked && !t.broadcast {
+            tracker.remember(self.id, keys);
+        }
+        tracked
+    }
+
+    /// `CLIENT TRACKING ON|OFF [REDIRECT id] [PREFIX p]… [BCAST] [OPTIN] [OPTOUT] [NOLOOP]`.
+    fn client_tracking(&mut self, args: &[Bytes]) -> Result<(), String> {
+        let on = match name_of(&args[0]).as_str() {
+            "on" => true,
+            "off" => false,
+            _ => return Err("ERR syntax error".into()),
+        };
+        let (mut broadcast, mut optin, mut optout, mut prefixes) =
+            (false, false, false, Vec::new());
+        let mut rest = &args[1..];
+        while let Some(option) = rest.first() {
+            match name_of(option).as_str() {
+                "bcast" => broadcast = true,
+                "optin" => optin = true,
+                "optout" => optout = true,
+                // Its clients cannot write: no change is ever theirs.
+                "noloop" => {}
+                "prefix" if rest.len() > 1 => {
+                    prefixes.push(rest[1].clone());
+                    rest = &rest[1..];
+                }
+                "redirect" if rest.len() > 1 => {
+                    return Err("ERR CLIENT TRACKING REDIRECT is not served: cacheward sends invalidations as RESP3 pushes on the same connection (HELLO 3)".into())
+                }
+                _ => return Err("ERR syntax error".into()),
+            }
+            rest = &rest[1..];
+        }
+        if !on {
+            self.stop_tracking();
+            return Ok(());
+        }
+        if !prefixes.is_empty() && !broadcast {
+            return Err("ERR PREFIX option requires BCAST mode to be enabled".into());
+        }
+        if optin && optout {
+            return Err("ERR You can't use OPTIN and OPTOUT at the same time".into());
+        }
+        if broadcast && (optin || optout) {
+            return Err("ERR OPTIN and OPTOUT are not compatible with BCAST".into());
+        }
+        if !self.reply.resp3() {
+            return Err("ERR CLIENT TRACKING needs RESP3 (HELLO 3): cacheward sends invalidations as pushes on the same connection, and serves no REDIRECT".into());
+        }
+        let Some(tracker) = &self.tracker else {
+            return Err("ERR CLIENT TRACKING needs the near cache (cache.local_max_bytes > 0): it is what tells this daemon of changes".into());
+        };
+        let sink = self.sink().cloned().unwrap_or_default();
+        let mode = match broadcast {
+            true => Mode::Broadcast(prefixes),
+            false => Mode::Reads,
+        };
+        tracker.start(self.id, sink.clone(), mode);
+        self.tracking = Some(Tracking {
+            sink,
+            broadcast,
+            optin,
+            optout,
+            caching: None,
+        });
+        Ok(())
+    }
+
+    fn stop_tracking(&mut self) {
+        if let (Some(_), Some(tracker)) = (self.tracking.take(), &self.tracker) {
+            tracker.stop(self.id);
         }
     }
 
@@ -74,6 +187,12 @@ impl Session {
         let name = name_of(first);
         let mut out = Vec::new();
         let reply = self.reply;
+        // CLIENT CACHING says what the next command does, whatever it is.
+        let caching_now = name == "client" && args.get(1).is_some_and(|a| name_of(a) == "caching");
+        let caching = match caching_now {
+            true => None,
+            false => self.tracking.as_mut().and_then(|t| t.caching.take()),
+        };
         if self.must_auth
             && !self.authenticated
             && !matches!(name.as_str(), "auth" | "hello" | "quit" | "reset")
@@ -98,8 +217,18 @@ impl Session {
                     "mget" => ReadKind::Mget,
                     _ => ReadKind::Exists,
                 };
-                match args[1..].iter().map(|k| super::read::resolve(service, k)).collect() {
-                    Ok(keys) => return Action::Read { kind, keys, reply },
+                let keys: Result<Vec<Key>, String> =
+                    args[1..].iter().map(|k| super::read::resolve(service, k)).collect();
+                match keys {
+                    Ok(keys) => {
+                        let tracked = self.track(&keys, caching);
+                        return Action::Read {
+                            kind,
+                            keys,
+                            reply,
+                            tracked,
+                        };
+                    }
                     Err(message) => reply.error(&mut out, &message),
                 }
             }
@@ -117,9 +246,15 @@ impl Session {
                 return Action::Close(out);
             }
             "reset" => {
-                let (id, addr, password, must_auth) =
-                    (self.id, std::mem::take(&mut self.addr), self.password.take(), self.must_auth);
-                *self = Session::new(id, addr, password, must_auth);
+                self.stop_tracking();
+                let (id, addr, password, must_auth, tracker) = (
+                    self.id,
+                    std::mem::take(&mut self.addr),
+                    self.password.take(),
+                    self.must_auth,
+                    self.tracker.take(),
+                );
+                *self = Session::new(id, addr, password, must_auth, tracker);
                 self.reply.simple(&mut out, "RESET");
             }
             "auth" => {
@@ -278,11 +413,25 @@ impl Session {
                 let line = self.info_line();
                 reply.bulk(out, line.as_bytes());
             }
-            ("getredir", 1) => reply.int(out, -1),
-            ("tracking", 2..) | ("caching", 2) => reply.error(
-                out,
-                "ERR client-side caching (CLIENT TRACKING) is not served by this cacheward yet",
-            ),
+            ("getredir", 1) => reply.int(out, if self.tracking.is_some() { 0 } else { -1 }),
+            ("tracking", 2..) => match self.client_tracking(&args[1..]) {
+                Ok(()) => reply.simple(out, "OK"),
+                Err(e) => reply.error(out, &e),
+            },
+            ("caching", 2) => {
+                let yes = match name_of(&args[1]).as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return reply.error(out, "ERR syntax error"),
+                };
+                match &mut self.tracking {
+                    Some(t) if yes && t.optin => t.caching = Some(true),
+                    Some(t) if !yes && t.optout => t.caching = Some(false),
+                    _ if yes => return reply.error(out, "ERR CLIENT CACHING YES is only valid when tracking is enabled in OPTIN mode."),
+                    _ => return reply.error(out, "ERR CLIENT CACHING NO is only valid when tracking is enabled in OPTOUT mode."),
+                }
+                reply.simple(out, "OK");
+            }
             (other, _)
                 if matches!(
                     other,
@@ -379,4 +528,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stop_tracking();
+    }
 }

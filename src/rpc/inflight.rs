@@ -21,6 +21,8 @@ pub struct Inflight {
     /// The request bytes of each entry, in the same order, and their sum.
     sizes: VecDeque<usize>,
     bytes: usize,
+    /// Requests answered so far.
+    answered: u64,
 }
 
 impl Inflight {
@@ -45,6 +47,11 @@ impl Inflight {
         self.bytes
     }
 
+    /// Requests answered so far (their answers handed out by [`Inflight::next`]).
+    pub fn answered(&self) -> u64 {
+        self.answered
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
@@ -55,6 +62,7 @@ impl Inflight {
             return std::future::pending().await;
         };
         self.requests -= answered;
+        self.answered += answered as u64;
         self.bytes -= self.sizes.pop_front().expect("one size per entry");
         bytes
     }

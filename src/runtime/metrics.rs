@@ -39,7 +39,7 @@ pub fn render(service: &Service) -> String {
         }
     };
     let up = |b| u64::from(service.health.is_up(b));
-    let plain: [(&str, &str, &str, u64); 23] = [
+    let plain: [(&str, &str, &str, u64); 29] = [
         (
             "cacheward_foreign_values_skipped_total",
             "counter",
@@ -135,6 +135,42 @@ pub fn render(service: &Service) -> String {
             "counter",
             "Times the whole near cache was dropped (its invalidation channel not known intact).",
             s.near_cache.flushes,
+        ),
+        (
+            "cacheward_resp_connections",
+            "gauge",
+            "Open connections to the Redis-protocol front end.",
+            s.resp.connections,
+        ),
+        (
+            "cacheward_resp_requests_total",
+            "counter",
+            "Commands the Redis-protocol front end received.",
+            s.resp.requests,
+        ),
+        (
+            "cacheward_resp_errors_total",
+            "counter",
+            "Front-end commands answered with an error.",
+            s.resp.errors,
+        ),
+        (
+            "cacheward_resp_tracking_clients",
+            "gauge",
+            "Front-end connections with CLIENT TRACKING on.",
+            s.resp.tracking_clients,
+        ),
+        (
+            "cacheward_resp_tracked_keys",
+            "gauge",
+            "Keys remembered for them (of resp.tracking_max_keys).",
+            s.resp.tracked_keys,
+        ),
+        (
+            "cacheward_resp_invalidations_total",
+            "counter",
+            "Invalidate messages owed to tracking clients.",
+            s.resp.invalidations,
         ),
         (
             "cacheward_consistency_checked_total",

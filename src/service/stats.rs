@@ -37,6 +37,12 @@ pub struct RespCounters {
     pub requests: AtomicU64,
     /// Requests answered with an error as a whole.
     pub errors: AtomicU64,
+    /// Connections with `CLIENT TRACKING` on.
+    pub tracking_clients: AtomicU64,
+    /// Keys remembered for them, one per connection that read it.
+    pub tracked_keys: AtomicU64,
+    /// `invalidate` messages owed to them so far.
+    pub invalidations: AtomicU64,
 }
 
 /// The front end's counters as `stats` reports them.
@@ -45,6 +51,9 @@ pub struct RespReport {
     pub connections: u64,
     pub requests: u64,
     pub errors: u64,
+    pub tracking_clients: u64,
+    pub tracked_keys: u64,
+    pub invalidations: u64,
 }
 
 impl RespCounters {
@@ -53,6 +62,9 @@ impl RespCounters {
             connections: self.connections.load(Relaxed),
             requests: self.requests.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            tracking_clients: self.tracking_clients.load(Relaxed),
+            tracked_keys: self.tracked_keys.load(Relaxed),
+            invalidations: self.invalidations.load(Relaxed),
         }
     }
 }

@@ -99,6 +99,12 @@ impl Cache {
             .map_or_else(Vec::new, |near| near.sample(n, seed))
     }
 
+    /// Tells `watcher` of every invalidation the near cache handles; `false` when it is off (then
+    /// nothing tells this daemon of changes it did not make).
+    pub fn watch_near(&self, watcher: Arc<dyn super::near::Watcher>) -> bool {
+        self.near.as_ref().is_some_and(|near| near.watch(watcher))
+    }
+
     /// Drops the near cache (Redis came back up: what it said meanwhile may be lost).
     pub fn flush_near(&self) {
         if let Some(near) = &self.near {

@@ -68,8 +68,18 @@ pub struct NearReport {
     pub flushes: u64,
 }
 
+/// Told of every invalidation the near cache handles, after it handled it: what depends on the
+/// same exactness (the Redis-protocol front end's client tracking) hears what it hears.
+pub trait Watcher: Send + Sync {
+    /// `name` changed, or is about to.
+    fn invalidated(&self, name: &Key);
+    /// Anything may have changed.
+    fn flushed(&self);
+}
+
 pub struct NearCache {
     shards: Box<[Mutex<Shard>]>,
+    watcher: std::sync::OnceLock<Arc<dyn Watcher>>,
     hasher: std::collections::hash_map::RandomState,
     shard_bytes: usize,
     generation: AtomicU64,
@@ -117,6 +127,7 @@ impl NearCache {
         let shards = (max_bytes / MIN_SHARD_BYTES).clamp(1, MAX_SHARDS);
         Some(NearCache {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
+            watcher: std::sync::OnceLock::new(),
             hasher: Default::default(),
             shard_bytes: max_bytes / shards,
             generation: AtomicU64::new(0),
@@ -245,6 +256,14 @@ impl NearCache {
         shard.remove(name);
         drop(shard);
         self.invalidations.fetch_add(1, Relaxed);
+        if let Some(watcher) = self.watcher.get() {
+            watcher.invalidated(name);
+        }
+    }
+
+    /// Tells `watcher` of every invalidation and flush from now on; `false` if one is set already.
+    pub fn watch(&self, watcher: Arc<dyn Watcher>) -> bool {
+        self.watcher.set(watcher).is_ok()
     }
 
     /// [`NearCache::invalidate`] for each of `names` (the daemon is about to write them, or
@@ -266,6 +285,9 @@ impl NearCache {
             };
         }
         self.flushes.fetch_add(1, Relaxed);
+        if let Some(watcher) = self.watcher.get() {
+            watcher.flushed();
+        }
     }
 
     pub fn report(&self) -> NearReport {
