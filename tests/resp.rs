@@ -824,3 +824,149 @@ async fn the_keys_remembered_for_tracking_clients_are_bounded() {
     let stats = front.daemon.stats().await;
     assert_eq!(stats["resp"]["tracked_keys"], 2, "{stats}");
 }
+
+/// redis-py with its client-side cache on, driven line by line (tests/clients/redis_py_cache.py).
+struct RedisPy {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl RedisPy {
+    fn start(front: &Front) -> RedisPy {
+        use cacheward::dev::install::{ensure, venv, Tool};
+        use tokio::io::AsyncBufReadExt;
+        ensure(Tool::RedisPy).expect("redis-py");
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/clients/redis_py_cache.py");
+        let mut child = tokio::process::Command::new(venv().join("bin/python"))
+            .arg(script)
+            .arg(&front.socket)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        RedisPy {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    async fn ask(&mut self, line: &str) -> Value {
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), self.stdout.next_line())
+            .await
+            .expect("redis-py answers within 10 s")
+            .unwrap()
+            .unwrap_or_else(|| panic!("redis-py exited: {:?}", self.child.try_wait()));
+        serde_json::from_str(&answer).unwrap()
+    }
+
+    async fn get(&mut self, key: &str) -> Option<String> {
+        self.ask(&format!("GET {key}")).await["value"]
+            .as_str()
+            .map(str::to_owned)
+    }
+}
+
+/// The front end's requests so far.
+async fn front_requests(front: &Front) -> u64 {
+    front.daemon.stats().await["resp"]["requests"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Gets `key` through `py` until a few gets in a row cost the daemon nothing: served from
+/// redis-py's own memory. The value.
+async fn cached_by_client(front: &Front, py: &mut RedisPy, key: &str) -> Option<String> {
+    for _ in 0..10 {
+        let before = front_requests(front).await;
+        let mut value = None;
+        for _ in 0..3 {
+            value = py.get(key).await;
+        }
+        // The stats call itself is not the front end's.
+        if front_requests(front).await == before {
+            return value;
+        }
+    }
+    panic!("redis-py never served {key} from its own cache");
+}
+
+/// Gets `key` through `py` until `check` holds, within 5 s.
+async fn until(py: &mut RedisPy, key: &str, what: &str, check: impl Fn(&Option<String>) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let value = py.get(key).await;
+        if check(&value) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: redis-py still answers {value:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_py_s_client_side_cache_serves_repeats_from_its_memory_and_stays_exact() {
+    let mut front = start().await;
+    let mut py = RedisPy::start(&front);
+    let row = cached_by_client(&front, &mut py, "accounts:1").await;
+    assert!(row.unwrap().contains("free"));
+    assert!(py.ask("SIZE").await["size"].as_u64().unwrap() >= 1);
+    let pg = front.env.pg().await;
+    // Out of band.
+    pg.batch_execute("UPDATE accounts SET plan = 'team' WHERE id = 1")
+        .await
+        .unwrap();
+    until(&mut py, "accounts:1", "an out-of-band UPDATE", |v| {
+        v.as_deref().is_some_and(|v| v.contains("team"))
+    })
+    .await;
+    // Through the daemon.
+    cached_by_client(&front, &mut py, "accounts:1").await;
+    let mut rpc = front.daemon.client().await;
+    rpc.call(
+        "update",
+        json!({"table": "accounts", "key": {"id": 1}, "set": {"plan": "pro"}}),
+    )
+    .await;
+    until(&mut py, "accounts:1", "a daemon write", |v| {
+        v.as_deref().is_some_and(|v| v.contains("\"pro\""))
+    })
+    .await;
+    // A rename: the old name is gone.
+    assert!(cached_by_client(&front, &mut py, "user:alice")
+        .await
+        .is_some());
+    pg.batch_execute("UPDATE users SET username = 'alicia' WHERE username = 'alice'")
+        .await
+        .unwrap();
+    until(&mut py, "user:alice", "a rename", Option::is_none).await;
+    // A TRUNCATE.
+    cached_by_client(&front, &mut py, "accounts:2").await;
+    pg.batch_execute("TRUNCATE accounts").await.unwrap();
+    until(&mut py, "accounts:2", "a TRUNCATE", Option::is_none).await;
+    // A Redis restart, then a change made while the client held the row.
+    let order = "orders:e%3Au%3D1:7";
+    cached_by_client(&front, &mut py, order).await;
+    front.env.redis.kill();
+    front.env.redis.start_again().unwrap();
+    pg.batch_execute("UPDATE orders SET note = 'after the restart'")
+        .await
+        .unwrap();
+    until(&mut py, order, "a change across a Redis restart", |v| {
+        v.as_deref()
+            .is_some_and(|v| v.contains("after the restart"))
+    })
+    .await;
+}

@@ -19,6 +19,8 @@ pub enum Tool {
     PgBouncer,
     SystemdAnalyze,
     KubernetesValidate,
+    /// redis-py with its client-side cache (in the same virtualenv).
+    RedisPy,
 }
 
 impl Tool {
@@ -29,6 +31,10 @@ impl Tool {
             Tool::PgBouncer => pgbouncer().is_some(),
             Tool::SystemdAnalyze => on_path("systemd-analyze").is_some(),
             Tool::KubernetesValidate => venv().join("bin/kubernetes-validate").is_file(),
+            Tool::RedisPy => std::fs::read_dir(venv().join("lib")).is_ok_and(|dirs| {
+                dirs.flatten()
+                    .any(|d| d.path().join("site-packages/redis/cache.py").is_file())
+            }),
         }
     }
 
@@ -39,6 +45,7 @@ impl Tool {
             Tool::PgBouncer => "pgbouncer",
             Tool::SystemdAnalyze => "systemd",
             Tool::KubernetesValidate => "kubernetes-validate (PyPI, in a virtualenv)",
+            Tool::RedisPy => "redis-py (PyPI, in a virtualenv)",
         }
     }
 }
