@@ -151,6 +151,17 @@ fn watched(
     }
 }
 
+/// A `GET` of `key` answered from the near cache alone (see [`Service::get_near`]), written to
+/// `out`; `false` (nothing written) when the read path must answer it. An answer the near cache
+/// holds is watched (see `resp::tracking`): nothing is owed behind it.
+pub fn get_near(service: &Service, reply: Reply, key: &Key, out: &mut Vec<u8>) -> bool {
+    let Some(json) = service.get_near(key) else {
+        return false;
+    };
+    live(reply, out, key, &json);
+    true
+}
+
 /// Whether the read path's error says only that the row does not exist.
 fn missing(e: &ServiceError) -> bool {
     matches!(
@@ -167,11 +178,18 @@ fn value(
     answer: &Result<(String, crate::service::Source), ServiceError>,
 ) {
     match answer {
-        Ok((json, _)) if key.is_user() => reply.bulk(out, json.as_bytes()),
-        Ok((entry, _)) => match crate::rpc::encode::row_of(entry) {
-            Some(row) => reply.bulk(out, row.as_bytes()),
-            None => reply.error(out, "ERR the cached entry cannot be read"),
-        },
+        Ok((json, _)) => live(reply, out, key, json),
         Err(_) => reply.nil(out),
+    }
+}
+
+/// A row's answer from what the read path answers for it: USER as it is, ROW cut out of an entry.
+fn live(reply: Reply, out: &mut Vec<u8>, key: &Key, json: &str) {
+    if key.is_user() {
+        return reply.bulk(out, json.as_bytes());
+    }
+    match crate::rpc::encode::row_of(json) {
+        Some(row) => reply.bulk(out, row.as_bytes()),
+        None => reply.error(out, "ERR the cached entry cannot be read"),
     }
 }

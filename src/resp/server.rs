@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::frame::Requests;
-use super::read::Reads;
+use super::read::{self, ReadKind, Reads};
 use super::session::{Action, Session};
 use super::tracking::{self, Tracker};
 use crate::config::Config;
@@ -172,6 +172,8 @@ struct Connection {
     reading: bool,
     /// Requests read so far (each is answered once: `Inflight::answered` counts the same).
     seen: u64,
+    /// Answers made at once (near-cache hits), not queued yet, and how many requests they answer.
+    ready: (Vec<u8>, usize),
 }
 
 impl Connection {
@@ -193,6 +195,7 @@ impl Connection {
             inflight: Inflight::default(),
             reading: true,
             seen: 0,
+            ready: (Vec::new(), 0),
         }
     }
 
@@ -212,7 +215,8 @@ impl Connection {
                 let mut reads = (Reads::default(), 0);
                 let mut parsed = 0;
                 while self.reading
-                    && self.inflight.requests() + reads.0.items.len() < self.max_inflight
+                    && self.inflight.requests() + reads.0.items.len() + self.ready.1
+                        < self.max_inflight
                     && parsed < PARSE_SLICE
                 {
                     match self.requests.next_request() {
@@ -229,6 +233,7 @@ impl Connection {
                         }
                         Err(e) => {
                             self.start_reads(std::mem::take(&mut reads));
+                            self.start_ready();
                             let mut out = Vec::new();
                             self.session
                                 .reply
@@ -241,6 +246,7 @@ impl Connection {
                     }
                 }
                 self.start_reads(reads);
+                self.start_ready();
                 if parsed > 0 {
                     idle.touch();
                 }
@@ -307,12 +313,25 @@ impl Connection {
             sink.saw(self.seen);
         }
         match self.session.handle(&self.service, args) {
+            // A get the near cache answers, with no read ahead of it to wait for: answered now,
+            // with the others answered so.
+            Action::Read {
+                kind: ReadKind::Get,
+                keys,
+                reply,
+                ..
+            } if reads.0.is_empty()
+                && read::get_near(&self.service, reply, &keys[0], &mut self.ready.0) =>
+            {
+                self.ready.1 += 1;
+            }
             Action::Read {
                 kind,
                 keys,
                 reply,
                 tracked,
             } => {
+                self.start_ready();
                 reads.0.push(kind, reply, keys, tracked);
                 reads.1 += size;
             }
@@ -321,10 +340,12 @@ impl Connection {
                     self.service.stats.resp.errors.fetch_add(1, Relaxed);
                 }
                 self.start_reads(std::mem::take(reads));
+                self.start_ready();
                 self.inflight.push_ready(bytes);
             }
             Action::Close(bytes) => {
                 self.start_reads(std::mem::take(reads));
+                self.start_ready();
                 self.inflight.push_ready(bytes);
                 self.reading = false;
             }
@@ -341,6 +362,18 @@ impl Connection {
             }
         }
         out
+    }
+
+    /// Queues the answers made at once so far (after everything queued before them).
+    fn start_ready(&mut self) {
+        let (bytes, requests) = std::mem::take(&mut self.ready);
+        if requests > 0 {
+            self.inflight.push(
+                requests,
+                0,
+                Box::pin(futures::future::ready((requests, bytes))),
+            );
+        }
     }
 
     fn start_reads(&mut self, (reads, bytes): (Reads, usize)) {

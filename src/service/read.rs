@@ -203,6 +203,21 @@ impl Service {
     }
 
     /// Whether Redis may answer for `key`: it is up, and no failed write left its entry in doubt.
+    /// A get of `key` (no `min_version`) answered from the near cache alone, when it holds the
+    /// key and the cache may be trusted for it, counted as [`Service::get_many`] counts a hit:
+    /// the JSON as `get_many` would answer it, shared, not copied. `None`: ask `get_many`.
+    pub fn get_near(&self, key: &Key) -> Option<std::sync::Arc<str>> {
+        if !self.cache_trusted_for(key) {
+            return None;
+        }
+        let json = self.cache.near_get(key)?;
+        self.stats.cache_hits.fetch_add(1, Relaxed);
+        if let Some(counters) = self.stats.table(key.table()) {
+            counters.cache_hits.fetch_add(1, Relaxed);
+        }
+        Some(json)
+    }
+
     pub(super) fn cache_trusted_for(&self, key: &Key) -> bool {
         if !self.health.is_up(Backend::Redis) {
             return false;

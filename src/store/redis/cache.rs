@@ -83,6 +83,11 @@ impl Cache {
             .unwrap_or_default()
     }
 
+    /// The near cache's entry of `key`, if it holds one (a hit counted): its JSON, shared.
+    pub fn near_get(&self, key: &Key) -> Option<Arc<str>> {
+        Some(self.near.as_ref()?.get(key, None)?.json)
+    }
+
     /// The near cache's entry of `key`, if it holds one (no hit counted).
     pub fn near_peek(&self, key: &Key) -> Option<Live> {
         let hit = self.near.as_ref()?.peek(key)?;
