@@ -242,15 +242,11 @@ impl Reply {
     }
 
     pub fn int(self, out: &mut Vec<u8>, n: i64) {
-        out.push(b':');
-        out.extend_from_slice(n.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        header(out, b':', n);
     }
 
     pub fn bulk(self, out: &mut Vec<u8>, bytes: &[u8]) {
-        out.push(b'$');
-        out.extend_from_slice(bytes.len().to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        header(out, b'$', bytes.len() as i64);
         out.extend_from_slice(bytes);
         out.extend_from_slice(b"\r\n");
     }
@@ -264,19 +260,13 @@ impl Reply {
     }
 
     pub fn array(self, out: &mut Vec<u8>, len: usize) {
-        out.push(b'*');
-        out.extend_from_slice(len.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        header(out, b'*', len as i64);
     }
 
     /// A map of `len` pairs: `%` in RESP3, a flat array in RESP2.
     pub fn map(self, out: &mut Vec<u8>, len: usize) {
         match self.resp3() {
-            true => {
-                out.push(b'%');
-                out.extend_from_slice(len.to_string().as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
+            true => header(out, b'%', len as i64),
             false => self.array(out, 2 * len),
         }
     }
@@ -284,21 +274,22 @@ impl Reply {
     /// A set: `~` in RESP3, an array in RESP2.
     pub fn set(self, out: &mut Vec<u8>, len: usize) {
         match self.resp3() {
-            true => {
-                out.push(b'~');
-                out.extend_from_slice(len.to_string().as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
+            true => header(out, b'~', len as i64),
             false => self.array(out, len),
         }
     }
 
     /// The header of an out-of-band message (RESP3 only): `>len`.
     pub fn push(self, out: &mut Vec<u8>, len: usize) {
-        out.push(b'>');
-        out.extend_from_slice(len.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        header(out, b'>', len as i64);
     }
+}
+
+/// A frame's type byte, a decimal number and CRLF, written without allocating.
+fn header(out: &mut Vec<u8>, kind: u8, n: i64) {
+    use std::io::Write;
+    out.push(kind);
+    write!(out, "{n}\r\n").expect("writing to a Vec cannot fail");
 }
 
 #[cfg(test)]

@@ -184,6 +184,27 @@ impl Session {
         let Some(first) = args.first() else {
             return Action::Answer(Vec::new());
         };
+        // The common case first, without the general path's allocations.
+        if let [get, key] = args {
+            if get.eq_ignore_ascii_case(b"get")
+                && (self.authenticated || !self.must_auth)
+                && self.tracking.is_none()
+            {
+                return match super::read::resolve(service, key) {
+                    Ok(key) => Action::Read {
+                        kind: ReadKind::Get,
+                        keys: vec![key],
+                        reply: self.reply,
+                        tracked: false,
+                    },
+                    Err(message) => {
+                        let mut out = Vec::new();
+                        self.reply.error(&mut out, &message);
+                        Action::Answer(out)
+                    }
+                };
+            }
+        }
         let name = name_of(first);
         let mut out = Vec::new();
         let reply = self.reply;
