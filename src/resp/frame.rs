@@ -21,6 +21,8 @@ pub struct Requests {
     /// The request being read, when its header was: its arguments so far and how many more.
     partial: Option<Partial>,
     max: usize,
+    /// An emptied argument list handed back ([`Requests::recycle`]), to hold the next request's.
+    spare: Vec<Bytes>,
 }
 
 struct Partial {
@@ -40,6 +42,7 @@ impl Requests {
             buffer: BytesMut::with_capacity(16 * 1024),
             partial: None,
             max,
+            spare: Vec::new(),
         }
     }
 
@@ -73,8 +76,10 @@ impl Requests {
                             if n > self.max / 6 + 1 {
                                 return Err(ProtocolError("invalid multibulk length".into()));
                             }
+                            let mut args = std::mem::take(&mut self.spare);
+                            args.reserve(n.min(RESERVE));
                             self.partial = Some(Partial {
-                                args: Vec::with_capacity(n.min(RESERVE)),
+                                args,
                                 missing: n,
                                 size,
                             });
@@ -130,6 +135,14 @@ impl Requests {
             }
             let done = self.partial.take().expect("read above");
             return Ok(Some((done.args, done.size)));
+        }
+    }
+
+    /// Takes back a request's argument list once it is handled: the next request reuses it.
+    pub fn recycle(&mut self, mut args: Vec<Bytes>) {
+        if args.capacity() <= RESERVE {
+            args.clear();
+            self.spare = args;
         }
     }
 

@@ -223,6 +223,7 @@ impl Connection {
                         Ok(Some((args, size))) => {
                             parsed += size;
                             self.start(&args, size, &mut reads);
+                            self.requests.recycle(args);
                         }
                         Ok(None) => {
                             // The peer's last requests are all answered; an unfinished one is not.
@@ -315,15 +316,16 @@ impl Connection {
         match self.session.handle(&self.service, args) {
             // A get the near cache answers, with no read ahead of it to wait for: answered now,
             // with the others answered so.
-            Action::Read {
-                kind: ReadKind::Get,
-                keys,
-                reply,
-                ..
-            } if reads.0.is_empty()
-                && read::get_near(&self.service, reply, &keys[0], &mut self.ready.0) =>
+            Action::Get { key, reply }
+                if reads.0.is_empty()
+                    && read::get_near(&self.service, reply, &key, &mut self.ready.0) =>
             {
                 self.ready.1 += 1;
+            }
+            Action::Get { key, reply } => {
+                self.start_ready();
+                reads.0.push(ReadKind::Get, reply, vec![key], false);
+                reads.1 += size;
             }
             Action::Read {
                 kind,

@@ -61,6 +61,8 @@ pub enum Action {
         reply: Reply,
         tracked: bool,
     },
+    /// A plain `GET` of this key (untracked), answered in this protocol.
+    Get { key: Key, reply: Reply },
     /// Answer these bytes, then close the connection.
     Close(Vec<u8>),
 }
@@ -191,11 +193,9 @@ impl Session {
                 && self.tracking.is_none()
             {
                 return match super::read::resolve(service, key) {
-                    Ok(key) => Action::Read {
-                        kind: ReadKind::Get,
-                        keys: vec![key],
+                    Ok(key) => Action::Get {
+                        key,
                         reply: self.reply,
-                        tracked: false,
                     },
                     Err(message) => {
                         let mut out = Vec::new();
