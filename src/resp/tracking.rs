@@ -80,7 +80,12 @@ impl Sink {
                     _ => owed.pushes.push_back((after, Push::Keys(keys))),
                 }
             }
-            Push::Flush => owed.pushes.push_back((after, Push::Flush)),
+            // Everything the client holds goes: what was owed before says nothing more.
+            Push::Flush => {
+                owed.pushes.clear();
+                owed.keys = 0;
+                owed.pushes.push_back((after, Push::Flush));
+            }
         }
         if owed.keys > MAX_OWED {
             // Never read: one flush says as much and costs nothing.
@@ -130,6 +135,8 @@ pub struct Tracker {
     cache: Cache,
     max_keys: usize,
     state: Mutex<State>,
+    /// Connections tracking now: with none, an invalidation costs no lock.
+    tracking: std::sync::atomic::AtomicUsize,
     /// Where its figures go (`stats.resp`).
     stats: Arc<Stats>,
 }
@@ -155,6 +162,7 @@ impl Tracker {
             cache: cache.clone(),
             max_keys,
             state: Mutex::default(),
+            tracking: Default::default(),
             stats,
         });
         cache.watch_near(tracker.clone()).then_some(tracker)
@@ -170,6 +178,7 @@ impl Tracker {
 
     /// Publishes the figures `stats` shows.
     fn count(&self, state: &State) {
+        self.tracking.store(state.clients.len(), Relaxed);
         let resp = &self.stats.resp;
         resp.tracking_clients
             .store(state.clients.len() as u64, Relaxed);
@@ -259,6 +268,11 @@ impl Tracker {
 
 impl Watcher for Tracker {
     fn invalidated(&self, name: &Key) {
+        // Set under the lock before a connection's first read is remembered: a read remembered
+        // before this invalidation is seen here.
+        if self.tracking.load(Relaxed) == 0 {
+            return;
+        }
         let mut state = self.state.lock().expect("not poisoned");
         if state.clients.is_empty() {
             return;
@@ -270,6 +284,9 @@ impl Watcher for Tracker {
     }
 
     fn flushed(&self) {
+        if self.tracking.load(Relaxed) == 0 {
+            return;
+        }
         let mut state = self.state.lock().expect("not poisoned");
         state.keys.clear();
         state.order.clear();
@@ -295,5 +312,51 @@ pub fn encode(push: &Push, out: &mut Vec<u8>) {
             }
         }
         Push::Flush => reply.nil(out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(names: &[&str]) -> Push {
+        Push::Keys(names.iter().map(|n| Bytes::from(n.to_string())).collect())
+    }
+
+    #[test]
+    fn a_push_waits_for_the_answers_of_the_requests_read_before_it_was_owed() {
+        let sink = Sink::default();
+        sink.saw(3);
+        sink.owe(keys(&["a"]));
+        sink.owe(keys(&["b"]));
+        sink.saw(5);
+        sink.owe(keys(&["c"]));
+        // Owed at the same moment: one message.
+        assert_eq!(sink.take_ready(2), vec![]);
+        assert_eq!(sink.take_ready(3), vec![keys(&["a", "b"])]);
+        assert_eq!(sink.take_ready(4), vec![]);
+        assert_eq!(sink.take_ready(9), vec![keys(&["c"])]);
+        assert_eq!(sink.take_ready(9), vec![]);
+    }
+
+    #[test]
+    fn what_a_client_is_owed_is_bounded_and_a_flush_voids_the_rest() {
+        let sink = Sink::default();
+        sink.saw(1);
+        sink.owe(keys(&["a"]));
+        sink.saw(2);
+        sink.owe(Push::Flush);
+        assert_eq!(sink.take_ready(2), vec![Push::Flush]);
+        for i in 0..=MAX_OWED {
+            sink.owe(keys(&[&i.to_string()]));
+        }
+        assert_eq!(sink.take_ready(2), vec![Push::Flush]);
+        let mut out = Vec::new();
+        encode(&Push::Flush, &mut out);
+        encode(&keys(&["user:a"]), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            ">2\r\n$10\r\ninvalidate\r\n_\r\n>2\r\n$10\r\ninvalidate\r\n*1\r\n$6\r\nuser:a\r\n"
+        );
     }
 }
