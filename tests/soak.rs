@@ -2,7 +2,9 @@
 //! users while faults of every kind the other tests inject hit the daemon, Redis and PostgreSQL.
 //! Every answer is checked against the commit history (the outbox, with PostgreSQL's commit
 //! timestamps): a `get` sent at t0 and answered at t1 must show a state of that user that was
-//! current at some moment in [t0, t1]. At the end the cache must converge and `verify` find
+//! current at some moment in [t0, t1]. Beside the JSON-RPC clients, a Redis client per daemon
+//! caches on its side (`CLIENT TRACKING` on the Redis-protocol socket): what it answers from its
+//! own memory is held to the same rule. At the end the cache must converge and `verify` find
 //! nothing.
 //!
 //! Seeded and replayable (as far as timing allows): `CACHEWARD_SOAK_SEED` (printed on every run,
@@ -227,6 +229,196 @@ async fn daemon_client(
         if rng.below(4) == 0 {
             tokio::time::sleep(Duration::from_millis(rng.below(5))).await;
         }
+    }
+}
+
+/// One RESP3 frame as the tracked client reads it.
+enum Frame {
+    Push(Vec<Frame>),
+    Array(Vec<Frame>),
+    Bulk(String),
+    Nil,
+    Other,
+}
+
+impl Frame {
+    /// The keys an `invalidate` push names: `Some(None)` for all of them (a flush), `None` when
+    /// this is not one.
+    fn invalidated(self) -> Option<Option<Vec<String>>> {
+        let Frame::Push(mut parts) = self else {
+            return None;
+        };
+        match parts.pop() {
+            Some(Frame::Array(keys)) => Some(Some(
+                keys.into_iter()
+                    .filter_map(|k| match k {
+                        Frame::Bulk(k) => Some(k),
+                        _ => None,
+                    })
+                    .collect(),
+            )),
+            _ => Some(None),
+        }
+    }
+}
+
+/// Reads one RESP3 frame; `None` when the connection fails.
+fn read_frame<'a>(
+    r: &'a mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Frame>> + Send + 'a>> {
+    Box::pin(async move {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end_matches("\r\n");
+        let (kind, rest) = line.split_at(1);
+        let n: i64 = rest.parse().unwrap_or(0);
+        Some(match kind {
+            "$" if n >= 0 => {
+                let mut buf = vec![0u8; n as usize + 2];
+                tokio::io::AsyncReadExt::read_exact(r, &mut buf)
+                    .await
+                    .ok()?;
+                Frame::Bulk(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+            }
+            "$" | "_" => Frame::Nil,
+            ">" | "*" | "%" | "~" => {
+                let count = if kind == "%" { 2 * n } else { n };
+                let mut items = Vec::new();
+                for _ in 0..count {
+                    items.push(read_frame(r).await?);
+                }
+                match kind {
+                    ">" => Frame::Push(items),
+                    _ => Frame::Array(items),
+                }
+            }
+            _ => Frame::Other,
+        })
+    })
+}
+
+/// A Redis client caching on its side, as redis-py's client-side cache does: `CLIENT TRACKING
+/// ON` over RESP3 on the daemon's Redis-protocol socket, `GET user:NAME` answered from its own
+/// memory while no `invalidate` push named the key, every push it has received applied before
+/// it serves from memory, everything dropped when the connection goes. Every answer, its own
+/// memory's included, is recorded and held to the commit history like any other.
+async fn tracked_client(
+    socket: PathBuf,
+    mut rng: Rng,
+    stop: CancellationToken,
+    seen: Arc<Mutex<Vec<Observation>>>,
+) {
+    while !stop.is_cancelled() {
+        let Ok(stream) = UnixStream::connect(&socket).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let (r, mut w) = stream.into_split();
+        let (frames, mut heard) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            let mut r = BufReader::new(r);
+            while let Some(frame) = read_frame(&mut r).await {
+                if frames.send(frame).is_err() {
+                    break;
+                }
+            }
+        });
+        if w.write_all(b"HELLO 3\r\nCLIENT TRACKING ON\r\n")
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        // The two replies.
+        let mut handshake = 0;
+        while handshake < 2 {
+            match tokio::time::timeout(Duration::from_secs(15), heard.recv()).await {
+                Ok(Some(Frame::Push(_))) => {}
+                Ok(Some(_)) => handshake += 1,
+                _ => break,
+            }
+        }
+        if handshake < 2 {
+            reader.abort();
+            continue;
+        }
+        let mut cache: HashMap<String, Seen> = HashMap::new();
+        let apply = |cache: &mut HashMap<String, Seen>, keys: Option<Vec<String>>| match keys {
+            Some(keys) => {
+                for key in keys {
+                    cache.remove(key.strip_prefix("user:").unwrap_or(&key));
+                }
+            }
+            None => cache.clear(),
+        };
+        'connection: while !stop.is_cancelled() {
+            // Pushes first, as redis-py reads them before it serves from its cache.
+            loop {
+                match heard.try_recv() {
+                    Ok(frame) => {
+                        if let Some(keys) = frame.invalidated() {
+                            apply(&mut cache, keys);
+                        }
+                    }
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                    Err(_) => break 'connection,
+                }
+            }
+            let name = if rng.below(10) < 4 {
+                rng.calm()
+            } else {
+                rng.name()
+            };
+            if let Some(held) = cache.get(&name) {
+                let now = now_us();
+                seen.lock().expect("not poisoned").push(Observation {
+                    name,
+                    sent_us: now,
+                    answered_us: now,
+                    seen: *held,
+                    source: "client cache".into(),
+                });
+            } else {
+                let sent_us = now_us();
+                if w.write_all(format!("GET user:{name}\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                let reply = loop {
+                    match tokio::time::timeout(Duration::from_secs(15), heard.recv()).await {
+                        Ok(Some(frame @ Frame::Push(_))) => {
+                            apply(&mut cache, frame.invalidated().expect("a push"))
+                        }
+                        Ok(Some(reply)) => break reply,
+                        _ => break 'connection,
+                    }
+                };
+                let answered_us = now_us();
+                let held = match reply {
+                    Frame::Bulk(user) => {
+                        let user: Value = serde_json::from_str(&user).expect("USER JSON");
+                        Seen::Present(user["version"].as_i64().expect("a version"))
+                    }
+                    Frame::Nil => Seen::Absent,
+                    // An error (a backend down): no claim about the data, nothing cached.
+                    _ => continue,
+                };
+                seen.lock().expect("not poisoned").push(Observation {
+                    name: name.clone(),
+                    sent_us,
+                    answered_us,
+                    seen: held,
+                    source: "resp".into(),
+                });
+                cache.insert(name, held);
+            }
+            tokio::time::sleep(Duration::from_micros(rng.below(3000))).await;
+        }
+        reader.abort();
     }
 }
 
@@ -525,6 +717,23 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
         ],
     ];
     let names = ["soak-a", "soak-b"];
+    // Each serves the Redis protocol too, for clients that cache on their side.
+    let resp_sockets: Vec<PathBuf> = names
+        .iter()
+        .map(|n| env.dir.path().join(format!("{n}-resp.sock")))
+        .collect();
+    let resp_paths: Vec<String> = resp_sockets
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let daemon_vars: Vec<Vec<(&str, &str)>> = daemon_vars
+        .into_iter()
+        .zip(&resp_paths)
+        .map(|(mut vars, path)| {
+            vars.push(("CACHEWARD__RESP__SOCKET", path.as_str()));
+            vars
+        })
+        .collect();
     let mut daemons: Vec<DaemonProcess> = (0..2)
         .map(|i| DaemonProcess::spawn_with(&env, names[i], &daemon_vars[i]))
         .collect();
@@ -537,6 +746,14 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
     for i in 0..4 {
         workers.push(tokio::spawn(daemon_client(
             daemons[i % 2].socket.clone(),
+            Rng(rng.next()),
+            stop.clone(),
+            seen.clone(),
+        )));
+    }
+    for socket in &resp_sockets {
+        workers.push(tokio::spawn(tracked_client(
+            socket.clone(),
             Rng(rng.next()),
             stop.clone(),
             seen.clone(),
@@ -721,6 +938,7 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
     let history = history(&env).await;
     let seen = seen.lock().expect("not poisoned").clone();
     let from_cache = seen.iter().filter(|o| o.source == "cache").count();
+    let from_client = seen.iter().filter(|o| o.source == "client cache").count();
     let wrong: Vec<&Observation> = seen
         .iter()
         .filter(|o| {
@@ -754,7 +972,7 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
         .filter(|o| o.name.starts_with("calm") && o.seen != Seen::Absent)
         .count();
     eprintln!(
-        "soak: {} answers checked ({from_cache} from the cache, {calm_present} calm rows), {} wrong",
+        "soak: {} answers checked ({from_cache} from the cache, {from_client} from a tracking client's own memory, {calm_present} calm rows), {} wrong",
         seen.len(),
         wrong.len()
     );
@@ -779,6 +997,10 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
         seen.len()
     );
     assert!(from_cache > 0, "nothing was answered from the cache");
+    assert!(
+        from_client > 0,
+        "no tracking client answered from its own memory"
+    );
     assert!(
         wrong.is_empty(),
         "{} answers showed a state that was not current while they were in flight (seed {seed}, faults {fault_names:?}): first {:?}",
