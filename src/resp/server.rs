@@ -172,8 +172,6 @@ struct Connection {
     reading: bool,
     /// Requests read so far (each is answered once: `Inflight::answered` counts the same).
     seen: u64,
-    /// Answers made at once (near-cache hits), not queued yet, and how many requests they answer.
-    ready: (Vec<u8>, usize),
 }
 
 impl Connection {
@@ -195,7 +193,6 @@ impl Connection {
             inflight: Inflight::default(),
             reading: true,
             seen: 0,
-            ready: (Vec::new(), 0),
         }
     }
 
@@ -215,8 +212,7 @@ impl Connection {
                 let mut reads = (Reads::default(), 0);
                 let mut parsed = 0;
                 while self.reading
-                    && self.inflight.requests() + reads.0.items.len() + self.ready.1
-                        < self.max_inflight
+                    && self.inflight.requests() + reads.0.items.len() < self.max_inflight
                     && parsed < PARSE_SLICE
                 {
                     match self.requests.next_request() {
@@ -234,7 +230,6 @@ impl Connection {
                         }
                         Err(e) => {
                             self.start_reads(std::mem::take(&mut reads));
-                            self.start_ready();
                             let mut out = Vec::new();
                             self.session
                                 .reply
@@ -247,7 +242,8 @@ impl Connection {
                     }
                 }
                 self.start_reads(reads);
-                self.start_ready();
+                // Answers made at once are queued by the next push, or here.
+                self.inflight.flush_ready();
                 if parsed > 0 {
                     idle.touch();
                 }
@@ -318,12 +314,11 @@ impl Connection {
             // with the others answered so.
             Action::Get { key, reply }
                 if reads.0.is_empty()
-                    && read::get_near(&self.service, reply, &key, &mut self.ready.0) =>
-            {
-                self.ready.1 += 1;
-            }
+                    && self
+                        .inflight
+                        .answer_now(|out| read::get_near(&self.service, reply, &key, out)) => {}
             Action::Get { key, reply } => {
-                self.start_ready();
+                self.inflight.flush_ready();
                 reads.0.push(ReadKind::Get, reply, vec![key], false);
                 reads.1 += size;
             }
@@ -333,7 +328,7 @@ impl Connection {
                 reply,
                 tracked,
             } => {
-                self.start_ready();
+                self.inflight.flush_ready();
                 reads.0.push(kind, reply, keys, tracked);
                 reads.1 += size;
             }
@@ -342,12 +337,10 @@ impl Connection {
                     self.service.stats.resp.errors.fetch_add(1, Relaxed);
                 }
                 self.start_reads(std::mem::take(reads));
-                self.start_ready();
                 self.inflight.push_ready(bytes);
             }
             Action::Close(bytes) => {
                 self.start_reads(std::mem::take(reads));
-                self.start_ready();
                 self.inflight.push_ready(bytes);
                 self.reading = false;
             }
@@ -364,18 +357,6 @@ impl Connection {
             }
         }
         out
-    }
-
-    /// Queues the answers made at once so far (after everything queued before them).
-    fn start_ready(&mut self) {
-        let (bytes, requests) = std::mem::take(&mut self.ready);
-        if requests > 0 {
-            self.inflight.push(
-                requests,
-                0,
-                Box::pin(futures::future::ready((requests, bytes))),
-            );
-        }
     }
 
     fn start_reads(&mut self, (reads, bytes): (Reads, usize)) {

@@ -513,7 +513,7 @@ impl Session {
         if want("clients") {
             text.push_str(&format!(
                 "# Clients\r\nconnected_clients:{}\r\n\r\n",
-                stats.connections
+                stats.resp.connections
             ));
         }
         if want("stats") {

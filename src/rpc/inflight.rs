@@ -23,11 +23,21 @@ pub struct Inflight {
     bytes: usize,
     /// Requests answered so far.
     answered: u64,
+    /// Answers made at once (near-cache hits), gathered until anything else is queued, and how
+    /// many requests they answer.
+    ready: Vec<u8>,
+    ready_requests: usize,
 }
 
 impl Inflight {
-    /// Queues `pending`, answering `requests` requests of `bytes` request bytes.
+    /// Queues `pending`, answering `requests` requests of `bytes` request bytes, behind the
+    /// answers made at once so far.
     pub fn push(&mut self, requests: usize, bytes: usize, pending: Pending) {
+        self.flush_ready();
+        self.push_now(requests, bytes, pending);
+    }
+
+    fn push_now(&mut self, requests: usize, bytes: usize, pending: Pending) {
         self.requests += requests;
         self.sizes.push_back(bytes);
         self.bytes += bytes;
@@ -39,8 +49,31 @@ impl Inflight {
         self.push(1, 0, Box::pin(futures::future::ready((1, bytes))));
     }
 
+    /// Answers one request at once if `answer` writes its answer (and says so): gathered with
+    /// the ones answered so before it, queued as one when anything else is, or at
+    /// [`Inflight::flush_ready`].
+    pub fn answer_now(&mut self, answer: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
+        let answered = answer(&mut self.ready);
+        self.ready_requests += usize::from(answered);
+        answered
+    }
+
+    /// Queues the answers made at once so far.
+    pub fn flush_ready(&mut self) {
+        if self.ready_requests > 0 {
+            let (bytes, requests) = (std::mem::take(&mut self.ready), self.ready_requests);
+            self.ready_requests = 0;
+            self.push_now(
+                requests,
+                0,
+                Box::pin(futures::future::ready((requests, bytes))),
+            );
+        }
+    }
+
+    /// Requests not answered yet, those answered at once but not queued included.
     pub fn requests(&self) -> usize {
-        self.requests
+        self.requests + self.ready_requests
     }
 
     pub fn bytes(&self) -> usize {

@@ -495,6 +495,19 @@ impl Connection {
             Incoming::Ignore => {
                 stats.errors.fetch_add(1, Relaxed);
             }
+            // A get the near cache answers, with no get ahead of it to wait for: answered now,
+            // with the others answered so.
+            Incoming::Call {
+                id: Some(id),
+                call:
+                    Call::Get {
+                        target: get::Target::Key(key),
+                        min_version: None,
+                    },
+            } if gets.items.is_empty()
+                && self
+                    .inflight
+                    .answer_now(|out| get::near(&self.service, &id, &key, out)) => {}
             Incoming::Call {
                 id,
                 call:
@@ -503,6 +516,7 @@ impl Connection {
                         min_version,
                     },
             } => {
+                self.inflight.flush_ready();
                 gets.items.push((id, target, min_version));
                 gets.bytes += size;
             }
@@ -531,6 +545,8 @@ impl Connection {
 
     /// Starts the gets collected so far as one batch: one Redis read, one answer write.
     fn start_gets(&mut self, gets: Gets) {
+        // Answers made at once go first: they answer requests read before any of `gets`.
+        self.inflight.flush_ready();
         if gets.items.is_empty() {
             return;
         }
