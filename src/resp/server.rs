@@ -80,6 +80,9 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain: Duration,
 ) {
+    if listeners.socket.is_none() && listeners.tcp.is_none() {
+        return;
+    }
     let connections = TaskTracker::new();
     let ids = AtomicU64::new(0);
     let password = config
