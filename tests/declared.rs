@@ -909,3 +909,53 @@ async fn an_empty_text_key_is_an_entry_like_any_other() {
         "the empty key's entry survived the TRUNCATE: {raw:?}"
     );
 }
+
+/// A daemon that starts behind changes made while none ran applies them only once its tables are
+/// checked: passed over (as a table not served), its rows would get tombstones at their keys and
+/// their lookups' copies would stay as they were — a stale lookup answered until its TTL (the
+/// declared soak found one after a daemon restart).
+#[tokio::test]
+async fn changes_read_before_the_tables_are_checked_wait_for_the_check_lookups_included() {
+    let (env, daemon, config) = start().await;
+    let mut client = daemon.client().await;
+    let by_email = json!({"table": "accounts", "lookup": "by_email", "key": {"email": "a@x"}});
+    warm(&mut client, &[&by_email]).await;
+    assert_eq!(
+        cached(&env, "accounts:by_email=a@x").await.unwrap()["row"]["plan"],
+        "free"
+    );
+    drop(client);
+    daemon.stop().await;
+    env.pg()
+        .await
+        .batch_execute("UPDATE accounts SET plan = 'team' WHERE id = 1")
+        .await
+        .unwrap();
+    // The next daemon's table check is held until released.
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let held = release.clone();
+    let hooks = cacheward::service::Hooks {
+        before_table_check: Some(std::sync::Arc::new(move |_| {
+            let held = held.clone();
+            Box::pin(async move {
+                held.acquire().await.unwrap().forget();
+            })
+        })),
+        ..Default::default()
+    };
+    let daemon = env.start_daemon_with(config, hooks).await;
+    // The change stream runs meanwhile: it must not pass the change over.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    release.add_permits(1_000_000);
+    let mut client = daemon.client().await;
+    converges(&mut client, by_email.clone(), Ok("team")).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cached(&env, "accounts:by_email=a@x")
+        .await
+        .is_some_and(|entry| entry["row"]["plan"] != "team")
+    {
+        assert!(Instant::now() < deadline, "the lookup's copy stayed stale");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.stop().await;
+}

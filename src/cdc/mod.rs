@@ -48,6 +48,11 @@ pub enum CdcError {
     /// Another worker took the lease over (this one was silent for too long): stand by.
     #[error("the cdc lease was taken over by another worker")]
     LeaseLost,
+    /// The batch changes a declared table not checked against the catalog yet (the daemon just
+    /// started): keep the cursor, retry the batch shortly. Passed over, its rows would get
+    /// tombstones at their keys only, and their lookups' copies would stay as they were.
+    #[error("declared table {0} is not checked against the catalog yet")]
+    Unchecked(String),
 }
 
 impl From<tokio_postgres::Error> for CdcError {
@@ -271,6 +276,13 @@ impl Applier {
                     Err(CdcError::Redis(e)) => {
                         // The cursor stays where it is; try again once Redis answers.
                         tracing::debug!(error = %e, "cdc batch not applied: redis");
+                        if !redis_retry.wait(stop).await {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    Err(e @ CdcError::Unchecked(_)) => {
+                        tracing::debug!(error = %e, "cdc batch not applied yet");
                         if !redis_retry.wait(stop).await {
                             return Ok(());
                         }

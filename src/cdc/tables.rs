@@ -116,9 +116,10 @@ pub struct TableRead {
 
 /// The reads of the declared tables' keys `changes` mentions, a statement per table prepared on
 /// `client` now if it was not already (so that the reads themselves go out in the batch's one
-/// pipelined round trip, before its COMMIT: see [`current_rows`]). A table that is not served now
-/// (not checked against the catalog yet, or found not to match it) is passed over: its keys get
-/// tombstones below their change's version (see `plan`).
+/// pipelined round trip, before its COMMIT: see [`current_rows`]). A table found not to match
+/// the catalog is passed over: its keys get tombstones below their change's version (see
+/// `plan`). A table not checked yet fails the batch ([`CdcError::Unchecked`]: it is read again
+/// once the table is checked), since passing it over would leave its lookups' copies as they were.
 pub async fn prepare_reads(
     client: &Client,
     statements: &TableStatements,
@@ -128,6 +129,9 @@ pub async fn prepare_reads(
     let mut by_table: BTreeMap<TableId, (Arc<Table>, Vec<Vec<String>>)> = BTreeMap::new();
     for key in changes.keys.keys() {
         let Some(table) = tables.get(key.table()) else {
+            if !tables.is_unavailable(key.table()) {
+                return Err(CdcError::Unchecked(tables.name(key.table()).to_owned()));
+            }
             continue;
         };
         if let Some((None, parts)) = table.decode(key.as_str()) {

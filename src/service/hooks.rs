@@ -20,6 +20,10 @@ pub struct Hooks {
     /// Runs after a `get` missed Redis and before it joins (or starts) the database read.
     #[cfg(feature = "test-hooks")]
     pub after_miss: Option<FillHook>,
+    /// Runs before each check of the declared tables against the catalog (with "first" or
+    /// "again"): holding it keeps them unchecked.
+    #[cfg(feature = "test-hooks")]
+    pub before_table_check: Option<FillHook>,
 }
 
 #[cfg(feature = "test-hooks")]
@@ -30,6 +34,13 @@ impl Hooks {
             for name in names {
                 hook(name.to_string()).await;
             }
+        }
+    }
+
+    /// Holds a check of the declared tables (`first`: the one at start).
+    pub(crate) async fn pause_before_table_check(&self, first: bool) {
+        if let Some(hook) = &self.before_table_check {
+            hook(if first { "first" } else { "again" }.into()).await;
         }
     }
 

@@ -110,7 +110,7 @@ pub struct Service {
     /// What the live consistency checker found.
     consistency: Arc<consistency::ConsistencyStats>,
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
-    hooks: Hooks,
+    pub(crate) hooks: Hooks,
     started: Instant,
 }
 

@@ -52,6 +52,8 @@ pub async fn watch(
             }
         };
         loop {
+            #[cfg(feature = "test-hooks")]
+            service.hooks.pause_before_table_check(first).await;
             let pass = tokio::time::timeout(bound, service.check_tables(&client, &config, first));
             match pass.await {
                 Ok(Ok(changed)) => {
@@ -113,7 +115,10 @@ impl Service {
                         tracing::info!(table = %name, "declared table changed: its cached rows are dropped");
                         changed.push(id);
                     } else if again {
+                        // Its changes were passed over meanwhile: tombstones at their keys, but
+                        // their lookups' copies were left as they were.
                         tracing::info!(table = %name, "declared table available again");
+                        changed.push(id);
                     }
                 }
                 Err(e @ TableError::Db { .. }) => return Err(e),
