@@ -779,4 +779,50 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_front_end_s_keys_are_checked_and_name_themselves() {
+        let refused = |file: &str, key: &str| {
+            let e = load(&[], Some(file)).unwrap_err().to_string();
+            assert!(e.contains(key), "{file}: {e}");
+        };
+        // TCP only with a password; a password file that cannot be read; not the JSON-RPC socket.
+        refused("[resp]\nlisten = \"127.0.0.1:6380\"\n", "resp.listen");
+        refused(
+            "[resp]\nlisten = \"127.0.0.1:6380\"\npassword_file = \"/nonexistent/pw\"\n",
+            "resp.password_file",
+        );
+        refused(
+            "[socket]\npath = \"/tmp/x.sock\"\n[resp]\nsocket = \"/tmp/x.sock\"\n",
+            "resp.socket",
+        );
+        refused(
+            &format!("[resp]\nsocket = \"/{}\"\n", "s".repeat(120)),
+            "resp.socket",
+        );
+        refused("[resp]\nlisten = \"not an address\"\n", "listen");
+        refused("[resp]\ntracking_max_keys = 0\n", "resp.tracking_max_keys");
+        refused("[resp]\nmode = 438\n", "mode");
+        refused("[resp]\nsocket_path = \"/tmp/y\"\n", "resp.socket_path");
+        // A password file's content never shows in the error of a key that refers to it.
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "line-one-Secret\nline-two\n").unwrap();
+        let file = format!(
+            "[resp]\nlisten = \"127.0.0.1:6380\"\npassword_file = \"{}\"\n",
+            pw.display()
+        );
+        let e = load(&[], Some(&file)).unwrap_err().to_string();
+        assert!(
+            e.contains("resp.password_file") && !e.contains("line-one-Secret"),
+            "{e}"
+        );
+        let ok = format!(
+            "[resp]\nsocket = \"/tmp/r.sock\"\nlisten = \"127.0.0.1:6380\"\npassword_file = \"{}\"\n",
+            pw.display()
+        );
+        std::fs::write(&pw, "only-Secret-7\n").unwrap();
+        let c = load(&[], Some(&ok)).expect("a valid front end");
+        assert!(c.resp.enabled());
+    }
 }
