@@ -277,7 +277,7 @@ async fn handshakes_of_common_clients_succeed() {
         ("PING\r\n", "+PONG\r\n"),
         ("ECHO hi\r\n", "$2\r\nhi\r\n"),
         ("HELLO 4\r\n", "-NOPROTO unsupported protocol version\r\n"),
-        ("COMMAND COUNT\r\n", ":13\r\n"),
+        ("COMMAND COUNT\r\n", ":15\r\n"),
         ("CLIENT GETREDIR\r\n", ":-1\r\n"),
         (
             "GET nothing:1\r\n",
@@ -476,14 +476,26 @@ struct Raw {
 
 impl Raw {
     async fn connect(front: &Front) -> Raw {
+        let mut raw = Raw::resp2(front).await;
+        assert!(matches!(raw.call("HELLO 3").await, F::Map(_)));
+        raw
+    }
+
+    /// A connection left in RESP2 (its messages are arrays: read them with [`Raw::frame`]).
+    async fn resp2(front: &Front) -> Raw {
         let (r, writer) = front.raw().await.into_split();
-        let mut raw = Raw {
+        Raw {
             reader: tokio::io::BufReader::new(r),
             writer,
             pushes: Default::default(),
-        };
-        assert!(matches!(raw.call("HELLO 3").await, F::Map(_)));
-        raw
+        }
+    }
+
+    /// The next frame, whatever it is, if one comes within `within`.
+    async fn frame(&mut self, within: Duration) -> Option<F> {
+        tokio::time::timeout(within, read_frame(&mut self.reader))
+            .await
+            .ok()
     }
 
     async fn send(&mut self, line: &str) {
@@ -502,6 +514,10 @@ impl Raw {
                 .expect("a reply within 5 s");
             match frame {
                 F::Push(_) => self.pushes.push_back(frame),
+                // A RESP2 subscriber's messages come between replies too.
+                F::Array(ref parts) if parts.first() == Some(&F::Bulk("message".into())) => {
+                    self.pushes.push_back(frame)
+                }
                 reply => return reply,
             }
         }
@@ -787,7 +803,8 @@ async fn broadcast_optin_and_the_bound_track_as_redis_does() {
             "CLIENT TRACKING ON BCAST OPTIN",
             "not compatible with BCAST",
         ),
-        ("CLIENT TRACKING ON REDIRECT 5", "REDIRECT"),
+        ("CLIENT TRACKING ON REDIRECT 999", "does not exist"),
+        ("CLIENT TRACKING ON REDIRECT x", "not an integer"),
         ("CLIENT TRACKING MAYBE", "syntax"),
         ("CLIENT CACHING yes", "OPTIN"),
     ];
@@ -805,7 +822,7 @@ async fn broadcast_optin_and_the_bound_track_as_redis_does() {
     )
     .await;
     assert!(
-        answer.starts_with("-ERR CLIENT TRACKING needs RESP3"),
+        answer.starts_with("-ERR CLIENT TRACKING in RESP2 needs REDIRECT"),
         "{answer}"
     );
 }
@@ -969,4 +986,160 @@ async fn redis_py_s_client_side_cache_serves_repeats_from_its_memory_and_stays_e
             .is_some_and(|v| v.contains("after the restart"))
     })
     .await;
+}
+
+/// A redirected invalidation as a RESP2 subscriber reads it (`None`: the flush's null).
+fn message(keys: Option<&[&str]>) -> F {
+    let keys = match keys {
+        Some(keys) => F::Array(keys.iter().map(|k| F::Bulk((*k).into())).collect()),
+        None => F::Null,
+    };
+    let head = ["message", "__redis__:invalidate"].map(|s| F::Bulk(s.into()));
+    F::Array(head.into_iter().chain([keys]).collect())
+}
+
+#[tokio::test]
+async fn tracking_redirected_to_another_connection_reaches_it_as_redis_sends_it() {
+    let mut front = start().await;
+    // The target: RESP2, subscribed to __redis__:invalidate, where Redis would send them too.
+    let mut target = Raw::resp2(&front).await;
+    let F::Int(target_id) = target.call("CLIENT ID").await else {
+        panic!("CLIENT ID")
+    };
+    let subscribed = ["subscribe", "__redis__:invalidate"].map(|s| F::Bulk(s.into()));
+    assert_eq!(
+        target.call("SUBSCRIBE __redis__:invalidate").await,
+        F::Array(subscribed.into_iter().chain([F::Int(1)]).collect())
+    );
+    // Subscribed in RESP2, a connection only (un)subscribes, pings, quits or resets.
+    let refused = target.call("GET accounts:1").await;
+    assert!(
+        matches!(&refused, F::Error(e) if e.contains("Can't execute 'get'")),
+        "{refused:?}"
+    );
+    let pong = ["pong", ""].map(|s| F::Bulk(s.into()));
+    assert_eq!(target.call("PING").await, F::Array(pong.to_vec()));
+    // Another channel would never carry anything.
+    let other = target.call("SUBSCRIBE news").await;
+    assert!(
+        matches!(&other, F::Error(e) if e.contains("'news'")),
+        "{other:?}"
+    );
+    // The tracking client: RESP2 too, which only REDIRECT makes possible.
+    let mut client = Raw::resp2(&front).await;
+    let on = format!("CLIENT TRACKING ON REDIRECT {target_id}");
+    assert_eq!(client.call(&on).await, F::Simple("OK".into()));
+    assert_eq!(client.call("CLIENT GETREDIR").await, F::Int(target_id));
+    let info = client.call("CLIENT TRACKINGINFO").await;
+    let expected = [
+        F::Bulk("flags".into()),
+        F::Array(vec![F::Bulk("on".into())]),
+        F::Bulk("redirect".into()),
+        F::Int(target_id),
+        F::Bulk("prefixes".into()),
+        F::Array(vec![]),
+    ];
+    assert_eq!(info, F::Array(expected.to_vec()));
+    // A cold read is voided at the target, after the client has its answer.
+    let row = client.call("GET accounts:1").await;
+    assert!(matches!(&row, F::Bulk(r) if r.contains("free")), "{row:?}");
+    let within = Duration::from_secs(5);
+    assert_eq!(
+        target.frame(within).await,
+        Some(message(Some(&["accounts:1"])))
+    );
+    // Read again until the near cache watches it (nothing reaches the target then).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        client.call("GET accounts:1").await;
+        if target.frame(Duration::from_millis(200)).await.is_none() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "accounts:1 was never answered watched"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // An out-of-band change reaches the target.
+    let pg = front.env.pg().await;
+    pg.batch_execute("UPDATE accounts SET plan = 'team' WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        target.frame(within).await,
+        Some(message(Some(&["accounts:1"])))
+    );
+    // A Redis restart: the flush, as a message whose payload is null.
+    front.env.redis.kill();
+    front.env.redis.start_again().unwrap();
+    let mut flushed = false;
+    while let Some(frame) = target.frame(Duration::from_secs(10)).await {
+        if frame == message(None) {
+            flushed = true;
+            break;
+        }
+    }
+    assert!(flushed, "a Redis restart flushes the redirected tracking");
+    // Unsubscribed, the target is an ordinary connection again.
+    let unsubscribed = ["unsubscribe", "__redis__:invalidate"].map(|s| F::Bulk(s.into()));
+    assert_eq!(
+        target.call("UNSUBSCRIBE").await,
+        F::Array(unsubscribed.into_iter().chain([F::Int(0)]).collect())
+    );
+    assert!(matches!(target.call("GET accounts:2").await, F::Bulk(_)));
+
+    // A RESP3 target takes them as `invalidate` pushes, subscribed or not.
+    let mut target3 = Raw::connect(&front).await;
+    let F::Int(target3_id) = target3.call("CLIENT ID").await else {
+        panic!("CLIENT ID")
+    };
+    let mut client3 = Raw::connect(&front).await;
+    let on = format!("CLIENT TRACKING ON REDIRECT {target3_id}");
+    assert_eq!(client3.call(&on).await, F::Simple("OK".into()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        client3.call("GET accounts:2").await;
+        if target3
+            .push_within(Duration::from_millis(200))
+            .await
+            .is_none()
+        {
+            break;
+        }
+        // Redis may still be coming back: until then every answer is read from PostgreSQL.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "accounts:2 was never answered watched"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pg.batch_execute("UPDATE accounts SET plan = 'x' WHERE id = 2")
+        .await
+        .unwrap();
+    assert_eq!(target3.push().await, invalidate(Some(&["accounts:2"])));
+    client3.quiet().await;
+    // The target gone, the RESP3 client is told its invalidations are lost, as Redis tells it.
+    drop(target3);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client3.call("GET accounts:2").await;
+    pg.batch_execute("UPDATE accounts SET plan = 'y' WHERE id = 2")
+        .await
+        .unwrap();
+    let broken = client3.push().await;
+    assert_eq!(
+        broken,
+        F::Push(vec![
+            F::Bulk("tracking-redir-broken".into()),
+            F::Int(target3_id)
+        ])
+    );
+    let info = client3.call("CLIENT TRACKINGINFO").await;
+    let F::Map(info) = info else {
+        panic!("{info:?}")
+    };
+    assert!(
+        matches!(&info[1], F::Array(flags) if flags.contains(&F::Bulk("broken_redirect".into()))),
+        "{info:?}"
+    );
 }

@@ -3,9 +3,10 @@
 //! `resp.listen`, in RESP2 or RESP3.
 //!
 //! A request walks [`server`] (listeners, limits, one task per connection) → [`frame`] (requests
-//! read, replies written) → [`session`] (what each command does to the connection and answers)
-//! and [`commands`] (what is served and refused) → [`read`] (keys resolved and read on the service's read path, as the JSON-RPC `get`).
+//! read, replies written) → [`session`] (what each command does to the connection and answers;
+//! [`client`]: `CLIENT`, tracking, `SUBSCRIBE`) and [`commands`] (what is served and refused) → [`read`] (keys resolved and read on the service's read path, as the JSON-RPC `get`).
 
+pub mod client;
 pub mod commands;
 pub mod frame;
 pub mod fuzzing;

@@ -64,6 +64,9 @@ pub enum ReadKind {
 pub struct Reads {
     pub items: Vec<(ReadKind, Reply, std::ops::Range<usize>, bool)>,
     pub keys: Vec<Key>,
+    /// Where the tracked answers that nothing is known to watch are voided: the connection's
+    /// tracking sink, which writes them after these answers (or redirects them).
+    pub voids: Option<Arc<super::tracking::Sink>>,
 }
 
 impl Reads {
@@ -89,8 +92,8 @@ impl Reads {
             }
         };
         let mut out = Vec::with_capacity(self.keys.len() * 128);
-        // Answers a tracking client caches that nothing is known to watch: voided right behind
-        // their replies (see `resp::tracking`).
+        // Answers a tracking client caches that nothing is known to watch: voided behind their
+        // replies (see `resp::tracking`).
         let mut unwatched = Vec::new();
         for (kind, reply, range, tracked) in self.items {
             let answers = &found[range.clone()];
@@ -120,14 +123,14 @@ impl Reads {
                 }
             }
         }
-        if !unwatched.is_empty() {
+        if let (false, Some(voids)) = (unwatched.is_empty(), &self.voids) {
             unwatched.dedup();
             service
                 .stats
                 .resp
                 .invalidations
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            super::tracking::encode(&super::tracking::Push::Keys(unwatched), &mut out);
+            voids.owe(super::tracking::Push::Keys(unwatched));
         }
         out
     }

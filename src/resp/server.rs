@@ -149,11 +149,23 @@ pub async fn serve(
     drain_connections(connections, drain, "resp").await;
 }
 
-/// Resolves when the session's tracking is owed a push.
+/// Resolves when a push is owed to the session's inbox, or to its redirected tracking.
 async fn owed(session: &Session) {
-    match session.sink() {
-        Some(sink) => sink.owed().await,
-        None => std::future::pending().await,
+    let inbox = async {
+        match session.inbox() {
+            Some(inbox) => inbox.owed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let redirected = async {
+        match session.redirected() {
+            Some((sink, _, _)) => sink.owed().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = inbox => {}
+        _ = redirected => {}
     }
 }
 
@@ -277,7 +289,7 @@ impl Connection {
                     }
                     idle.touch();
                 }
-                _ = owed(&self.session), if self.session.sink().is_some() => {
+                _ = owed(&self.session), if self.session.inbox().is_some() => {
                     let pushes = self.pushes_ready();
                     if !pushes.is_empty() {
                         write(&mut writer, &pushes, write_timeout).await?;
@@ -309,9 +321,7 @@ impl Connection {
     fn start(&mut self, args: &[Bytes], size: usize, reads: &mut (Reads, usize)) {
         self.service.stats.resp.requests.fetch_add(1, Relaxed);
         self.seen += 1;
-        if let Some(sink) = self.session.sink() {
-            sink.saw(self.seen);
-        }
+        self.session.saw(self.seen);
         match self.session.handle(&self.service, args) {
             // A get the near cache answers, with no read ahead of it to wait for: answered now,
             // with the others answered so.
@@ -350,22 +360,36 @@ impl Connection {
         }
     }
 
-    /// The invalidations owed to a tracking client that may be written now (after the answers
-    /// of every request read before each was heard), encoded; empty when none.
+    /// The invalidations owed to this connection that may be written now (after the answers of
+    /// every request read before each was heard), encoded; empty when none. Those of a tracking
+    /// redirected elsewhere go to the target's inbox at that same point (or, the target gone,
+    /// a RESP3 client is told `tracking-redir-broken`, as Redis does).
     fn pushes_ready(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        if let Some(sink) = self.session.sink() {
-            for push in sink.take_ready(self.inflight.answered()) {
-                tracking::encode(&push, &mut out);
+        let answered = self.inflight.answered();
+        if let Some(inbox) = self.session.inbox() {
+            for push in inbox.take_ready(answered) {
+                self.session.encode_push(&push, &mut out);
+            }
+        }
+        if let Some((sink, id, to)) = self.session.redirected() {
+            let pushes = sink.take_ready(answered);
+            match to.upgrade() {
+                Some(to) => pushes.into_iter().for_each(|push| to.owe(push)),
+                None if !pushes.is_empty() && self.session.reply.resp3() => {
+                    tracking::encode_broken_redirect(id, &mut out)
+                }
+                None => {}
             }
         }
         out
     }
 
-    fn start_reads(&mut self, (reads, bytes): (Reads, usize)) {
+    fn start_reads(&mut self, (mut reads, bytes): (Reads, usize)) {
         if reads.is_empty() {
             return;
         }
+        reads.voids = self.session.tracking_sink().cloned();
         let service = self.service.clone();
         let requests = reads.items.len();
         self.inflight.push(

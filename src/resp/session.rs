@@ -1,15 +1,16 @@
-//! One RESP connection's state (protocol version, authentication, name) and what each command
-//! does to it and answers. Reads (`GET`, `MGET`, `EXISTS`) are only resolved to keys here: the
-//! connection runs them on the read path (`resp::read`). No I/O here.
+//! One RESP connection's state (protocol version, authentication, name, tracking, subscription)
+//! and what each command does to it and answers (`CLIENT`, `SUBSCRIBE`: `resp::client`). Reads
+//! (`GET`, `MGET`, `EXISTS`) are only resolved to keys here: the connection runs them on the read
+//! path (`resp::read`). No I/O here.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 
 use super::commands::{command, name_of, unknown, SERVED, WRITES};
 use super::frame::{shown, Reply};
 use super::read::ReadKind;
-use super::tracking::{Mode, Sink, Tracker};
+use super::tracking::{self, Push, Sink, Tracker};
 use crate::model::key::Key;
 use crate::service::Service;
 
@@ -17,7 +18,7 @@ use crate::service::Service;
 pub const REDIS_VERSION: &str = "7.4.0";
 
 /// The longest client name, library name or version kept.
-const MAX_NAME: usize = 256;
+pub(super) const MAX_NAME: usize = 256;
 
 /// What a connection knows of its client.
 pub struct Session {
@@ -26,27 +27,36 @@ pub struct Session {
     /// Whether the client still has to `AUTH` (a password is configured and this is TCP).
     pub must_auth: bool,
     authenticated: bool,
-    name: Option<String>,
-    lib_name: Option<String>,
-    lib_ver: Option<String>,
+    pub(super) name: Option<String>,
+    pub(super) lib_name: Option<String>,
+    pub(super) lib_ver: Option<String>,
     /// The peer, as `CLIENT INFO` shows it.
     addr: String,
     /// The password file, when one is configured.
     password: Option<crate::support::secrets::PasswordFile>,
     /// Client-side caching's bookkeeping (`None` with the near cache off).
-    tracker: Option<Arc<Tracker>>,
+    pub(super) tracker: Option<Arc<Tracker>>,
+    /// The invalidations owed to this connection: for its own tracking, and those other
+    /// connections redirect to it (`None` with the near cache off).
+    pub(super) inbox: Option<Arc<Sink>>,
     /// `CLIENT TRACKING ON`'s state.
-    tracking: Option<Tracking>,
+    pub(super) tracking: Option<Tracking>,
+    /// Subscribed to [`tracking::CHANNEL`] (the only channel there is).
+    pub(super) subscribed: bool,
 }
 
 /// How a connection tracks (`CLIENT TRACKING ON …`).
-struct Tracking {
-    sink: Arc<Sink>,
-    broadcast: bool,
-    optin: bool,
-    optout: bool,
+pub(super) struct Tracking {
+    /// Where its invalidations are owed: its inbox, or with `REDIRECT` a sink of its own whose
+    /// pushes go to the target's inbox once this connection has answered what they follow.
+    pub(super) sink: Arc<Sink>,
+    pub(super) redirect: Option<(u64, Weak<Sink>)>,
+    pub(super) broadcast: bool,
+    pub(super) optin: bool,
+    pub(super) optout: bool,
+    pub(super) prefixes: Vec<Bytes>,
     /// `CLIENT CACHING yes|no`, for the next command only.
-    caching: Option<bool>,
+    pub(super) caching: Option<bool>,
 }
 
 /// What the connection does with one command.
@@ -75,6 +85,11 @@ impl Session {
         must_auth: bool,
         tracker: Option<Arc<Tracker>>,
     ) -> Session {
+        let inbox = tracker.as_ref().map(|tracker| {
+            let inbox = Arc::new(Sink::default());
+            tracker.open(id, &inbox);
+            inbox
+        });
         Session {
             id,
             reply: Reply(2),
@@ -86,13 +101,47 @@ impl Session {
             addr,
             password,
             tracker,
+            inbox,
             tracking: None,
+            subscribed: false,
         }
     }
 
-    /// What the connection's tracking is owed, when it tracks.
-    pub fn sink(&self) -> Option<&Arc<Sink>> {
+    /// The invalidations owed to this connection (`None` with the near cache off).
+    pub fn inbox(&self) -> Option<&Arc<Sink>> {
+        self.inbox.as_ref()
+    }
+
+    /// Where the invalidations of this connection's tracked reads are owed, when it tracks.
+    pub fn tracking_sink(&self) -> Option<&Arc<Sink>> {
         self.tracking.as_ref().map(|t| &t.sink)
+    }
+
+    /// With `REDIRECT`: the sink of this connection's own invalidations, the target's id, and
+    /// the target's inbox (gone when the target closed).
+    pub fn redirected(&self) -> Option<(&Arc<Sink>, u64, &Weak<Sink>)> {
+        let t = self.tracking.as_ref()?;
+        t.redirect.as_ref().map(|(id, to)| (&t.sink, *id, to))
+    }
+
+    /// The connection has read `requests` requests: what is owed from now on follows their answers.
+    pub fn saw(&self, requests: u64) {
+        if let Some(inbox) = &self.inbox {
+            inbox.saw(requests);
+        }
+        if let Some((sink, _, _)) = self.redirected() {
+            sink.saw(requests);
+        }
+    }
+
+    /// Writes `push`, owed to this connection, as it can take it: an `invalidate` push in RESP3,
+    /// a `message` on [`tracking::CHANNEL`] when subscribed in RESP2, else nothing (as Redis).
+    pub fn encode_push(&self, push: &Push, out: &mut Vec<u8>) {
+        if self.reply.resp3() {
+            tracking::encode(push, out);
+        } else if self.subscribed {
+            tracking::encode_message(push, out);
+        }
     }
 
     /// Whether a read of `keys` is tracked (remembered for this connection first, in its default
@@ -112,75 +161,6 @@ impl Session {
         tracked
     }
 
-    /// `CLIENT TRACKING ON|OFF [REDIRECT id] [PREFIX p]… [BCAST] [OPTIN] [OPTOUT] [NOLOOP]`.
-    fn client_tracking(&mut self, args: &[Bytes]) -> Result<(), String> {
-        let on = match name_of(&args[0]).as_str() {
-            "on" => true,
-            "off" => false,
-            _ => return Err("ERR syntax error".into()),
-        };
-        let (mut broadcast, mut optin, mut optout, mut prefixes) =
-            (false, false, false, Vec::new());
-        let mut rest = &args[1..];
-        while let Some(option) = rest.first() {
-            match name_of(option).as_str() {
-                "bcast" => broadcast = true,
-                "optin" => optin = true,
-                "optout" => optout = true,
-                // Its clients cannot write: no change is ever theirs.
-                "noloop" => {}
-                "prefix" if rest.len() > 1 => {
-                    prefixes.push(rest[1].clone());
-                    rest = &rest[1..];
-                }
-                "redirect" if rest.len() > 1 => {
-                    return Err("ERR CLIENT TRACKING REDIRECT is not served: cacheward sends invalidations as RESP3 pushes on the same connection (HELLO 3)".into())
-                }
-                _ => return Err("ERR syntax error".into()),
-            }
-            rest = &rest[1..];
-        }
-        if !on {
-            self.stop_tracking();
-            return Ok(());
-        }
-        if !prefixes.is_empty() && !broadcast {
-            return Err("ERR PREFIX option requires BCAST mode to be enabled".into());
-        }
-        if optin && optout {
-            return Err("ERR You can't use OPTIN and OPTOUT at the same time".into());
-        }
-        if broadcast && (optin || optout) {
-            return Err("ERR OPTIN and OPTOUT are not compatible with BCAST".into());
-        }
-        if !self.reply.resp3() {
-            return Err("ERR CLIENT TRACKING needs RESP3 (HELLO 3): cacheward sends invalidations as pushes on the same connection, and serves no REDIRECT".into());
-        }
-        let Some(tracker) = &self.tracker else {
-            return Err("ERR CLIENT TRACKING needs the near cache (cache.local_max_bytes > 0): it is what tells this daemon of changes".into());
-        };
-        let sink = self.sink().cloned().unwrap_or_default();
-        let mode = match broadcast {
-            true => Mode::Broadcast(prefixes),
-            false => Mode::Reads,
-        };
-        tracker.start(self.id, sink.clone(), mode);
-        self.tracking = Some(Tracking {
-            sink,
-            broadcast,
-            optin,
-            optout,
-            caching: None,
-        });
-        Ok(())
-    }
-
-    fn stop_tracking(&mut self) {
-        if let (Some(_), Some(tracker)) = (self.tracking.take(), &self.tracker) {
-            tracker.stop(self.id);
-        }
-    }
-
     /// What `args` (a whole request) does and answers.
     pub fn handle(&mut self, service: &Service, args: &[Bytes]) -> Action {
         let Some(first) = args.first() else {
@@ -191,6 +171,7 @@ impl Session {
             if get.eq_ignore_ascii_case(b"get")
                 && (self.authenticated || !self.must_auth)
                 && self.tracking.is_none()
+                && !self.subscribed
             {
                 return match super::read::resolve(service, key) {
                     Ok(key) => Action::Get {
@@ -219,6 +200,24 @@ impl Session {
             && !matches!(name.as_str(), "auth" | "hello" | "quit" | "reset")
         {
             reply.error(&mut out, "NOAUTH Authentication required.");
+            return Action::Answer(out);
+        }
+        if self.subscribed
+            && !reply.resp3()
+            && !matches!(
+                name.as_str(),
+                "subscribe"
+                    | "unsubscribe"
+                    | "psubscribe"
+                    | "punsubscribe"
+                    | "ssubscribe"
+                    | "sunsubscribe"
+                    | "ping"
+                    | "quit"
+                    | "reset"
+            )
+        {
+            reply.error(&mut out, &format!("ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context", shown(name.as_bytes())));
             return Action::Answer(out);
         }
         if let Some(arity) = SERVED.iter().find(|c| c.name == name).map(|c| c.arity) {
@@ -253,6 +252,12 @@ impl Session {
                     Err(message) => reply.error(&mut out, &message),
                 }
             }
+            // Subscribed in RESP2, a ping is answered as a message would be.
+            "ping" if self.subscribed && !reply.resp3() => {
+                reply.array(&mut out, 2);
+                reply.bulk(&mut out, b"pong");
+                reply.bulk(&mut out, args.get(1).map_or(&b""[..], |a| &a[..]));
+            }
             "ping" => match args.get(1) {
                 Some(text) => reply.bulk(&mut out, text),
                 None => reply.simple(&mut out, "PONG"),
@@ -268,16 +273,14 @@ impl Session {
             }
             "reset" => {
                 self.stop_tracking();
-                let (id, addr, password, must_auth, tracker) = (
-                    self.id,
-                    std::mem::take(&mut self.addr),
-                    self.password.take(),
-                    self.must_auth,
-                    self.tracker.take(),
-                );
-                *self = Session::new(id, addr, password, must_auth, tracker);
+                self.subscribed = false;
+                self.reply = Reply(2);
+                self.authenticated = false;
+                (self.name, self.lib_name, self.lib_ver) = (None, None, None);
                 self.reply.simple(&mut out, "RESET");
             }
+            "subscribe" => self.subscribe(&args[1..], &mut out),
+            "unsubscribe" => self.unsubscribe(&args[1..], &mut out),
             "auth" => {
                 let (user, password) = match args.len() {
                     2 => (&b"default"[..], &args[1]),
@@ -396,92 +399,8 @@ impl Session {
         reply.array(out, 0);
     }
 
-    fn client(&mut self, args: &[Bytes], out: &mut Vec<u8>) {
-        let reply = self.reply;
-        let sub = name_of(&args[0]);
-        match (sub.as_str(), args.len()) {
-            ("id", 1) => reply.int(out, self.id as i64),
-            ("setname", 2) => match client_name(&args[1]) {
-                Ok(name) => {
-                    self.name = name;
-                    reply.simple(out, "OK");
-                }
-                Err(e) => reply.error(out, &e),
-            },
-            ("getname", 1) => match &self.name {
-                Some(name) => reply.bulk(out, name.as_bytes()),
-                None => reply.nil(out),
-            },
-            ("setinfo", 3) => {
-                let value = String::from_utf8_lossy(&args[2]);
-                if value.len() > MAX_NAME
-                    || value
-                        .chars()
-                        .any(|c| c == ' ' || c == '\n' || c.is_control())
-                {
-                    return reply.error(out, "ERR CLIENT SETINFO values may not contain spaces, newlines or control characters");
-                }
-                match name_of(&args[1]).as_str() {
-                    "lib-name" => self.lib_name = Some(value.into_owned()),
-                    "lib-ver" => self.lib_ver = Some(value.into_owned()),
-                    other => {
-                        return reply.error(out, &format!("ERR Unrecognized option '{other}'"))
-                    }
-                }
-                reply.simple(out, "OK");
-            }
-            ("info", 1) => {
-                let line = self.info_line();
-                reply.bulk(out, line.as_bytes());
-            }
-            ("getredir", 1) => reply.int(out, if self.tracking.is_some() { 0 } else { -1 }),
-            ("tracking", 2..) => match self.client_tracking(&args[1..]) {
-                Ok(()) => reply.simple(out, "OK"),
-                Err(e) => reply.error(out, &e),
-            },
-            ("caching", 2) => {
-                let yes = match name_of(&args[1]).as_str() {
-                    "yes" => true,
-                    "no" => false,
-                    _ => return reply.error(out, "ERR syntax error"),
-                };
-                match &mut self.tracking {
-                    Some(t) if yes && t.optin => t.caching = Some(true),
-                    Some(t) if !yes && t.optout => t.caching = Some(false),
-                    _ if yes => return reply.error(out, "ERR CLIENT CACHING YES is only valid when tracking is enabled in OPTIN mode."),
-                    _ => return reply.error(out, "ERR CLIENT CACHING NO is only valid when tracking is enabled in OPTOUT mode."),
-                }
-                reply.simple(out, "OK");
-            }
-            (other, _)
-                if matches!(
-                    other,
-                    "id" | "setname"
-                        | "getname"
-                        | "setinfo"
-                        | "info"
-                        | "getredir"
-                        | "tracking"
-                        | "caching"
-                ) =>
-            {
-                reply.error(
-                    out,
-                    &format!("ERR wrong number of arguments for 'client|{other}' command"),
-                )
-            }
-            (other, _) => reply.error(
-                out,
-                &format!(
-                    "ERR unknown subcommand '{}'. Try CLIENT HELP.",
-                    shown(other.as_bytes())
-                ),
-            ),
-        }
-    }
-
     /// `CLIENT INFO`'s line.
-    fn info_line(&self) -> String {
+    pub(super) fn info_line(&self) -> String {
         format!(
             "id={} addr={} name={} db=0 resp={} lib-name={} lib-ver={}\n",
             self.id,
@@ -530,7 +449,7 @@ impl Session {
 }
 
 /// A client name as `CLIENT SETNAME` takes it (empty: none).
-fn client_name(name: &[u8]) -> Result<Option<String>, String> {
+pub(super) fn client_name(name: &[u8]) -> Result<Option<String>, String> {
     let text = std::str::from_utf8(name)
         .ok()
         .filter(|n| n.len() <= MAX_NAME && n.bytes().all(|b| (b'!'..=b'~').contains(&b)));
@@ -554,5 +473,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl Drop for Session {
     fn drop(&mut self) {
         self.stop_tracking();
+        if let Some(tracker) = &self.tracker {
+            tracker.close(self.id);
+        }
     }
 }

@@ -23,7 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -68,7 +68,8 @@ impl Sink {
         self.seen.store(requests, Relaxed);
     }
 
-    fn owe(&self, push: Push) {
+    /// Owes `push`, after the answers of the requests read so far.
+    pub fn owe(&self, push: Push) {
         let after = self.seen.load(Relaxed);
         let mut owed = self.owed.lock().expect("not poisoned");
         match push {
@@ -106,9 +107,12 @@ impl Sink {
             .front()
             .is_some_and(|(after, _)| *after <= answered)
         {
-            let (_, push) = owed.pushes.pop_front().expect("checked");
-            if let Push::Keys(keys) = &push {
+            let (_, mut push) = owed.pushes.pop_front().expect("checked");
+            if let Push::Keys(keys) = &mut push {
                 owed.keys -= keys.len();
+                // A key heard twice at one moment is named once.
+                keys.sort_unstable();
+                keys.dedup();
             }
             ready.push(push);
         }
@@ -135,6 +139,8 @@ pub struct Tracker {
     cache: Cache,
     max_keys: usize,
     state: Mutex<State>,
+    /// Every open connection's inbox, by id: where `CLIENT TRACKING … REDIRECT id` sends.
+    inboxes: Mutex<HashMap<u64, Weak<Sink>>>,
     /// Connections tracking now: with none, an invalidation costs no lock.
     tracking: std::sync::atomic::AtomicUsize,
     /// Where its figures go (`stats.resp`).
@@ -162,10 +168,28 @@ impl Tracker {
             cache: cache.clone(),
             max_keys,
             state: Mutex::default(),
+            inboxes: Mutex::default(),
             tracking: Default::default(),
             stats,
         });
         cache.watch_near(tracker.clone()).then_some(tracker)
+    }
+
+    /// Connection `id` is open, its pushes owed to `inbox` (its own, and those redirected to it).
+    pub fn open(&self, id: u64, inbox: &Arc<Sink>) {
+        let mut inboxes = self.inboxes.lock().expect("not poisoned");
+        inboxes.insert(id, Arc::downgrade(inbox));
+    }
+
+    /// Connection `id` is closed.
+    pub fn close(&self, id: u64) {
+        self.inboxes.lock().expect("not poisoned").remove(&id);
+    }
+
+    /// The inbox of open connection `id`.
+    pub fn inbox(&self, id: u64) -> Option<Weak<Sink>> {
+        let inboxes = self.inboxes.lock().expect("not poisoned");
+        inboxes.get(&id).filter(|i| i.strong_count() > 0).cloned()
     }
 
     /// Starts (or changes) tracking for connection `id`.
@@ -299,11 +323,37 @@ impl Watcher for Tracker {
     }
 }
 
+/// The channel a RESP2 connection subscribes to for the invalidations redirected to it.
+pub const CHANNEL: &[u8] = b"__redis__:invalidate";
+
 /// Writes `push` as RESP3 sends it: `>2`, `invalidate`, then the keys or null.
 pub fn encode(push: &Push, out: &mut Vec<u8>) {
     let reply = super::frame::Reply(3);
     reply.push(out, 2);
     reply.bulk(out, b"invalidate");
+    keys(reply, push, out);
+}
+
+/// Tells a RESP3 client whose `REDIRECT` target is gone that its invalidations are lost.
+pub fn encode_broken_redirect(target: u64, out: &mut Vec<u8>) {
+    let reply = super::frame::Reply(3);
+    reply.push(out, 2);
+    reply.bulk(out, b"tracking-redir-broken");
+    reply.int(out, target as i64);
+}
+
+/// Writes `push` as Redis sends a redirected invalidation to a RESP2 connection subscribed to
+/// [`CHANNEL`]: a `message` on that channel whose payload is the keys, or null for a flush.
+pub fn encode_message(push: &Push, out: &mut Vec<u8>) {
+    let reply = super::frame::Reply(2);
+    reply.array(out, 3);
+    reply.bulk(out, b"message");
+    reply.bulk(out, CHANNEL);
+    keys(reply, push, out);
+}
+
+/// The keys of an invalidation (an array), or the null of a flush.
+fn keys(reply: super::frame::Reply, push: &Push, out: &mut Vec<u8>) {
     match push {
         Push::Keys(keys) => {
             reply.array(out, keys.len());
@@ -329,6 +379,7 @@ mod tests {
         sink.saw(3);
         sink.owe(keys(&["a"]));
         sink.owe(keys(&["b"]));
+        sink.owe(keys(&["a"]));
         sink.saw(5);
         sink.owe(keys(&["c"]));
         // Owed at the same moment: one message.
@@ -357,6 +408,15 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             ">2\r\n$10\r\ninvalidate\r\n_\r\n>2\r\n$10\r\ninvalidate\r\n*1\r\n$6\r\nuser:a\r\n"
+        );
+        // Redirected to a RESP2 subscriber: messages on __redis__:invalidate, as Redis sends them.
+        let mut out = Vec::new();
+        encode_message(&keys(&["user:a"]), &mut out);
+        encode_message(&Push::Flush, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$6\r\nuser:a\r\n\
+             *3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n$-1\r\n"
         );
     }
 }
