@@ -23,6 +23,9 @@ pub struct Requests {
     max: usize,
     /// An emptied argument list handed back ([`Requests::recycle`]), to hold the next request's.
     spare: Vec<Bytes>,
+    /// How many bytes the buffer must hold for the bulk string being read to be whole (0: none
+    /// waited for): the room the next reads go to is made for it at once, not grown per read.
+    awaited: usize,
 }
 
 struct Partial {
@@ -43,13 +46,16 @@ impl Requests {
             partial: None,
             max,
             spare: Vec::new(),
+            awaited: 0,
         }
     }
 
     /// Where the next bytes read go.
     pub fn spare(&mut self) -> &mut BytesMut {
-        if self.buffer.capacity() - self.buffer.len() < 4096 {
-            self.buffer.reserve(16 * 1024);
+        let free = self.buffer.capacity() - self.buffer.len();
+        let missing = self.awaited.saturating_sub(self.buffer.len());
+        if free < 4096 || free < missing {
+            self.buffer.reserve(missing.max(16 * 1024));
         }
         &mut self.buffer
     }
@@ -121,8 +127,10 @@ impl Requests {
                     )));
                 }
                 if self.buffer.len() < size {
+                    self.awaited = size;
                     return Ok(None);
                 }
+                self.awaited = 0;
                 if &self.buffer[size - 2..size] != b"\r\n" {
                     return Err(ProtocolError("bulk string not followed by CRLF".into()));
                 }
@@ -373,6 +381,31 @@ mod tests {
                 .len(),
             0
         );
+    }
+
+    #[test]
+    fn a_long_argument_gets_its_room_once_not_a_read_at_a_time() {
+        let mut requests = Requests::new(1 << 20);
+        let value = vec![b'v'; 300_000];
+        let mut stream = b"*2\r\n$4\r\nECHO\r\n$300000\r\n".to_vec();
+        stream.extend_from_slice(&value);
+        stream.extend_from_slice(b"\r\n");
+        let mut chunks = stream.chunks(16 * 1024);
+        requests.spare().extend_from_slice(chunks.next().unwrap());
+        assert_eq!(requests.next_request(), Ok(None));
+        let room = requests.spare().capacity();
+        assert!(room >= value.len(), "{room}");
+        for chunk in chunks {
+            let buffer = requests.spare();
+            assert_eq!(
+                buffer.capacity(),
+                room,
+                "no reallocation while the argument arrives"
+            );
+            buffer.extend_from_slice(chunk);
+        }
+        let (args, size) = requests.next_request().unwrap().unwrap();
+        assert_eq!((&args[1][..], size), (&value[..], stream.len()));
     }
 
     #[test]
