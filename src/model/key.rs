@@ -3,7 +3,9 @@
 //! and the text that follows that table's prefix in Redis (a username, or a declared table's key
 //! text as `model::table` encodes it).
 
+use std::borrow::Borrow;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 /// Which table a key belongs to: 0 is `users`; declared tables are numbered from 1 in the order
@@ -16,10 +18,77 @@ impl TableId {
 }
 
 /// The key of one cached row. Cheap to clone; ordered, hashed and compared by table, then text.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key {
     table: TableId,
     text: Arc<str>,
+}
+
+/// A key's table and text however they are held: a [`Key`], or a [`KeyRef`] borrowed from a
+/// request, which finds a map's entry keyed by [`Key`] without allocating one (`Key` borrows as
+/// `dyn KeyParts`, hashed and compared alike).
+pub trait KeyParts {
+    fn table(&self) -> TableId;
+    fn text(&self) -> &str;
+}
+
+/// A key's parts, borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyRef<'a> {
+    pub table: TableId,
+    pub text: &'a str,
+}
+
+impl KeyRef<'_> {
+    pub fn to_key(self) -> Key {
+        Key::new(self.table, self.text)
+    }
+}
+
+impl KeyParts for KeyRef<'_> {
+    fn table(&self) -> TableId {
+        self.table
+    }
+    fn text(&self) -> &str {
+        self.text
+    }
+}
+
+impl KeyParts for Key {
+    fn table(&self) -> TableId {
+        self.table
+    }
+    fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl Hash for dyn KeyParts + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.table().hash(state);
+        self.text().hash(state);
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.table() == other.table() && self.text() == other.text()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
+
+impl<'a> Borrow<dyn KeyParts + 'a> for Key {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
+/// As its parts are hashed (what [`Borrow`] requires).
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self as &dyn KeyParts).hash(state)
+    }
 }
 
 impl Key {
@@ -78,6 +147,12 @@ mod tests {
         let mut map = std::collections::HashMap::new();
         map.insert(key.clone(), 1);
         assert_eq!(map.get(&Key::user("alice")), Some(&1));
+        // Found by its borrowed parts too, and only by the same table's.
+        let parts = |table, text| KeyRef { table, text };
+        let found = |k: KeyRef| map.get(&k as &dyn KeyParts).copied();
+        assert_eq!(found(parts(TableId::USERS, "alice")), Some(1));
+        assert_eq!(found(parts(TableId(1), "alice")), None);
+        assert_eq!(found(parts(TableId::USERS, "alic")), None);
         assert_eq!(map.get(&Key::new(TableId(1), "alice")), None);
         assert!(Key::user("a") < Key::user("b"));
         assert!(Key::user("b") < Key::new(TableId(1), "a"));

@@ -10,13 +10,18 @@ use bytes::Bytes;
 
 use super::frame::shown;
 use super::frame::Reply;
-use crate::model::key::Key;
+use crate::model::key::{Key, KeyRef, TableId};
 use crate::rpc::methods::params::validate_username;
 use crate::service::{Service, ServiceError};
 
 /// The key a Redis key names, or the `-ERR` message saying why it names none.
 pub fn resolve(service: &Service, redis_key: &Bytes) -> Result<Key, String> {
-    let key = service.cache().key_of(redis_key).ok_or_else(|| {
+    resolve_ref(service, redis_key).map(KeyRef::to_key)
+}
+
+/// [`resolve`], borrowed from `redis_key` (nothing allocated unless it names no key).
+pub fn resolve_ref<'a>(service: &Service, redis_key: &'a [u8]) -> Result<KeyRef<'a>, String> {
+    let key = service.cache().key_ref_of(redis_key).ok_or_else(|| {
         format!(
             "ERR key '{}' is under no table's prefix (users: '{}'{})",
             shown(redis_key),
@@ -30,16 +35,16 @@ pub fn resolve(service: &Service, redis_key: &Bytes) -> Result<Key, String> {
         )
     })?;
     let invalid = |why: String| format!("ERR key '{}' {why}", shown(redis_key));
-    if key.is_user() {
-        validate_username(key.as_str())
+    if key.table == TableId::USERS {
+        validate_username(key.text)
             .map_err(|e| invalid(format!("names no user: the username {e}")))?;
         return Ok(key);
     }
-    let name = service.tables.name(key.table()).to_owned();
+    let name = service.tables.name(key.table).to_owned();
     let table = crate::rpc::methods::params::table(service, &name)
         .map_err(|e| format!("ERR {}", e.message))?;
     table
-        .checked_text(key.as_str())
+        .checked_text(key.text)
         .map_err(|e| match e.column.is_empty() {
             true => invalid(format!("names no row of table {name}: {}", e.reason)),
             false => invalid(format!(
@@ -157,12 +162,11 @@ fn watched(
 /// A `GET` of `key` answered from the near cache alone (see [`Service::get_near`]), written to
 /// `out`; `false` (nothing written) when the read path must answer it. An answer the near cache
 /// holds is watched (see `resp::tracking`): nothing is owed behind it.
-pub fn get_near(service: &Service, reply: Reply, key: &Key, out: &mut Vec<u8>) -> bool {
-    let Some(json) = service.get_near(key) else {
-        return false;
-    };
-    live(reply, out, key, &json);
-    true
+pub fn get_near(service: &Service, reply: Reply, key: KeyRef, out: &mut Vec<u8>) -> bool {
+    let users = key.table == TableId::USERS;
+    service
+        .get_near(&key, |json| live(reply, out, users, json))
+        .is_some()
 }
 
 /// Whether the read path's error says only that the row does not exist.
@@ -181,14 +185,14 @@ fn value(
     answer: &Result<(String, crate::service::Source), ServiceError>,
 ) {
     match answer {
-        Ok((json, _)) => live(reply, out, key, json),
+        Ok((json, _)) => live(reply, out, key.is_user(), json),
         Err(_) => reply.nil(out),
     }
 }
 
 /// A row's answer from what the read path answers for it: USER as it is, ROW cut out of an entry.
-fn live(reply: Reply, out: &mut Vec<u8>, key: &Key, json: &str) {
-    if key.is_user() {
+fn live(reply: Reply, out: &mut Vec<u8>, user: bool, json: &str) {
+    if user {
         return reply.bulk(out, json.as_bytes());
     }
     match crate::rpc::encode::row_of(json) {

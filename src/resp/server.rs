@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::frame::Requests;
+use super::frame::{Reply, Requests};
 use super::read::{self, ReadKind, Reads};
 use super::session::{Action, Session};
 use super::tracking::{self, Tracker};
@@ -323,18 +323,7 @@ impl Connection {
         self.seen += 1;
         self.session.saw(self.seen);
         match self.session.handle(&self.service, args) {
-            // A get the near cache answers, with no read ahead of it to wait for: answered now,
-            // with the others answered so.
-            Action::Get { key, reply }
-                if reads.0.is_empty()
-                    && self
-                        .inflight
-                        .answer_now(|out| read::get_near(&self.service, reply, &key, out)) => {}
-            Action::Get { key, reply } => {
-                self.inflight.flush_ready();
-                reads.0.push(ReadKind::Get, reply, vec![key], false);
-                reads.1 += size;
-            }
+            Action::Get { key, reply } => self.start_get(&key, reply, size, reads),
             Action::Read {
                 kind,
                 keys,
@@ -345,19 +334,49 @@ impl Connection {
                 reads.0.push(kind, reply, keys, tracked);
                 reads.1 += size;
             }
-            Action::Answer(bytes) => {
-                if bytes.first() == Some(&b'-') {
-                    self.service.stats.resp.errors.fetch_add(1, Relaxed);
-                }
-                self.start_reads(std::mem::take(reads));
-                self.inflight.push_ready(bytes);
-            }
+            Action::Answer(bytes) => self.answer(bytes, reads),
             Action::Close(bytes) => {
                 self.start_reads(std::mem::take(reads));
                 self.inflight.push_ready(bytes);
                 self.reading = false;
             }
         }
+    }
+
+    /// A plain `GET` of Redis key `key`: answered now if the near cache holds it and no read is
+    /// ahead of it to wait for (its key borrowed from the request, nothing allocated), else added
+    /// to the reads collected.
+    fn start_get(&mut self, key: &Bytes, reply: Reply, size: usize, reads: &mut (Reads, usize)) {
+        let key = match read::resolve_ref(&self.service, key) {
+            Ok(key) => key,
+            Err(message) => {
+                let mut out = Vec::new();
+                reply.error(&mut out, &message);
+                return self.answer(out, reads);
+            }
+        };
+        let service = &self.service;
+        if reads.0.is_empty()
+            && self
+                .inflight
+                .answer_now(|out| read::get_near(service, reply, key, out))
+        {
+            return;
+        }
+        self.inflight.flush_ready();
+        reads
+            .0
+            .push(ReadKind::Get, reply, vec![key.to_key()], false);
+        reads.1 += size;
+    }
+
+    /// Answers `bytes` once the reads collected so far are answered.
+    fn answer(&mut self, bytes: Vec<u8>, reads: &mut (Reads, usize)) {
+        if bytes.first() == Some(&b'-') {
+            self.service.stats.resp.errors.fetch_add(1, Relaxed);
+        }
+        self.start_reads(std::mem::take(reads));
+        self.inflight.push_ready(bytes);
     }
 
     /// The invalidations owed to this connection that may be written now (after the answers of

@@ -71,8 +71,8 @@ pub enum Action {
         reply: Reply,
         tracked: bool,
     },
-    /// A plain `GET` of this key (untracked), answered in this protocol.
-    Get { key: Key, reply: Reply },
+    /// A plain `GET` of this Redis key (untracked, not resolved yet), answered in this protocol.
+    Get { key: Bytes, reply: Reply },
     /// Answer these bytes, then close the connection.
     Close(Vec<u8>),
 }
@@ -173,16 +173,9 @@ impl Session {
                 && self.tracking.is_none()
                 && !self.subscribed
             {
-                return match super::read::resolve(service, key) {
-                    Ok(key) => Action::Get {
-                        key,
-                        reply: self.reply,
-                    },
-                    Err(message) => {
-                        let mut out = Vec::new();
-                        self.reply.error(&mut out, &message);
-                        Action::Answer(out)
-                    }
+                return Action::Get {
+                    key: key.clone(),
+                    reply: self.reply,
                 };
             }
         }

@@ -26,7 +26,7 @@ use super::flights::Claimed;
 use super::health::Backend;
 use super::{db_result, Service, ServiceError, Source};
 use crate::model::entry::Write;
-use crate::model::key::Key;
+use crate::model::key::{Key, KeyParts};
 use crate::model::user::User;
 use crate::store::pg::{DbError, Found};
 use crate::store::redis::{CacheError, Outcome};
@@ -206,23 +206,28 @@ impl Service {
     /// A get of `key` (no `min_version`) answered from the near cache alone, when it holds the
     /// key and the cache may be trusted for it, counted as [`Service::get_many`] counts a hit:
     /// the JSON as `get_many` would answer it, shared, not copied. `None`: ask `get_many`.
-    pub fn get_near(&self, key: &Key) -> Option<std::sync::Arc<str>> {
+    /// `answer` of the entry the near cache holds for `key` (borrowed: nothing is allocated to
+    /// look it up), as a cache hit, when nothing else is needed: the near cache holds it and the
+    /// cache is trusted for it. `None`: the read path must answer.
+    pub fn get_near<R>(&self, key: &dyn KeyParts, answer: impl FnOnce(&str) -> R) -> Option<R> {
         if !self.cache_trusted_for(key) {
             return None;
         }
-        let json = self.cache.near_get(key)?;
+        let answered = self.cache.near_with(key, |json| answer(json))?;
         self.stats.cache_hits.fetch_add(1, Relaxed);
         if let Some(counters) = self.stats.table(key.table()) {
             counters.cache_hits.fetch_add(1, Relaxed);
         }
-        Some(json)
+        Some(answered)
     }
 
-    pub(super) fn cache_trusted_for(&self, key: &Key) -> bool {
+    pub(super) fn cache_trusted_for(&self, key: &dyn KeyParts) -> bool {
         if !self.health.is_up(Backend::Redis) {
             return false;
         }
-        self.repairs.trusted(key, || self.cache.slot_of(key))
+        self.repairs.trusted(key, || {
+            self.cache.slot_of(&Key::new(key.table(), key.text()))
+        })
     }
 
     /// Starts a loader task if a slot is free; otherwise a running loader takes the queue next.

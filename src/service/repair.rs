@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{db_result, Service, ServiceError};
 use crate::model::entry::Write;
-use crate::model::key::Key;
+use crate::model::key::{Key, KeyParts};
 use crate::store::redis::Watch;
 
 /// Names queued for repair before the queue gives up on names and clears the whole cache instead.
@@ -110,7 +110,7 @@ impl Repairs {
 
     /// Whether Redis may answer for `key`, whose Redis key is in slot `slot()`, as far as repairs
     /// go.
-    pub fn trusted(&self, key: &Key, slot: impl FnOnce() -> u16) -> bool {
+    pub fn trusted(&self, key: &dyn KeyParts, slot: impl FnOnce() -> u16) -> bool {
         if !self.any() {
             return true;
         }

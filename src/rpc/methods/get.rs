@@ -70,14 +70,11 @@ fn key_of(service: &Service, target: &Target) -> Result<Key, RpcError> {
 /// A get of `key` answered from the near cache alone (see `Service::get_near`), its answer
 /// line written to `out`; `false` (nothing written) when the read path must answer it.
 pub fn near(service: &Service, id: &Id, key: &Key, out: &mut Vec<u8>) -> bool {
-    let Some(json) = service.get_near(key) else {
-        return false;
+    let answer = |json: &str| match key.is_user() {
+        true => encode::encode_user_into(out, id, json, "cache"),
+        false => encode::encode_row_into(out, id, json, "cache"),
     };
-    match key.is_user() {
-        true => encode::encode_user_into(out, id, &json, "cache"),
-        false => encode::encode_row_into(out, id, &json, "cache"),
-    }
-    true
+    service.get_near(key, answer).is_some()
 }
 
 /// Answers gets read together: one Redis read for all of them, one buffer of answer lines (none

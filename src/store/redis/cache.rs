@@ -18,7 +18,7 @@ use super::scripts::{self, outcomes, Outcome};
 use super::tracking::listen;
 use crate::config::{Config, RedisMode};
 use crate::model::entry::{Live, Write};
-use crate::model::key::{Key, TableId};
+use crate::model::key::{Key, KeyParts, KeyRef, TableId};
 
 /// The Redis side of the cache: one multiplexed, auto-reconnecting connection shared by all tasks.
 #[derive(Clone)]
@@ -83,9 +83,9 @@ impl Cache {
             .unwrap_or_default()
     }
 
-    /// The near cache's entry of `key`, if it holds one (a hit counted): its JSON, shared.
-    pub fn near_get(&self, key: &Key) -> Option<Arc<str>> {
-        Some(self.near.as_ref()?.get(key, None)?.json)
+    /// `answer` of the near cache's entry of `key` (its JSON), if it holds one (a hit counted).
+    pub fn near_with<R>(&self, key: &dyn KeyParts, answer: impl FnOnce(&str) -> R) -> Option<R> {
+        self.near.as_ref()?.with(key, None, |json, _| answer(json))
     }
 
     /// The near cache's entry of `key`, if it holds one (no hit counted).
@@ -128,6 +128,11 @@ impl Cache {
     /// fence or epoch of cacheward's.
     pub fn key_of(&self, redis_key: &[u8]) -> Option<Key> {
         self.router.keys.key_of(redis_key)
+    }
+
+    /// [`Cache::key_of`], borrowed from `redis_key`.
+    pub fn key_ref_of<'a>(&self, redis_key: &'a [u8]) -> Option<KeyRef<'a>> {
+        self.router.keys.key_ref_of(redis_key)
     }
 
     /// The Redis key of an entry: `cache.key_prefix` + its key (a user's: the username).

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::model::key::{Key, TableId};
+use crate::model::key::{Key, KeyRef, TableId};
 
 /// Slots in a Redis Cluster.
 pub const SLOTS: usize = 16384;
@@ -114,6 +114,11 @@ impl Keys {
     /// or holds NUL). A declared table's prefix alone is the entry of an empty text key (its
     /// fences and epochs are users').
     pub fn key_of(&self, redis_key: &[u8]) -> Option<Key> {
+        self.key_ref_of(redis_key).map(KeyRef::to_key)
+    }
+
+    /// [`Keys::key_of`], borrowed from `redis_key`.
+    pub fn key_ref_of<'a>(&self, redis_key: &'a [u8]) -> Option<KeyRef<'a>> {
         self.tables.iter().enumerate().find_map(|(table, prefix)| {
             let rest = redis_key.strip_prefix(prefix.as_bytes())?;
             let text = std::str::from_utf8(rest).ok()?;
@@ -121,7 +126,8 @@ impl Keys {
                 TableId::USERS => !text.is_empty() && !text.starts_with('\0'),
                 _ => !text.starts_with('\0'),
             };
-            entry.then(|| Key::new(TableId(table as u16), text))
+            let table = TableId(table as u16);
+            entry.then_some(KeyRef { table, text })
         })
     }
 

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 
 use crate::model::entry::satisfies;
-use crate::model::key::Key;
+use crate::model::key::{Key, KeyParts};
 
 /// What an entry costs beyond its name and JSON: the index slot, the ring slot, the allocations.
 const ENTRY_OVERHEAD: usize = 96;
@@ -137,7 +137,7 @@ impl NearCache {
         })
     }
 
-    fn shard(&self, name: &Key) -> MutexGuard<'_, Shard> {
+    fn shard(&self, name: &dyn KeyParts) -> MutexGuard<'_, Shard> {
         let at = (self.hasher.hash_one(name) as usize) % self.shards.len();
         self.shards[at]
             .lock()
@@ -146,6 +146,20 @@ impl NearCache {
 
     /// The entry of `name`, if held and at least `min_version` new.
     pub fn get(&self, name: &Key, min_version: Option<i64>) -> Option<NearHit> {
+        self.with(name, min_version, |json, version| NearHit {
+            json: json.clone(),
+            version,
+        })
+    }
+
+    /// `answer` of the entry of `name` (its JSON and version), if held and at least `min_version`
+    /// new: run under its shard's lock, so that nothing is copied or counted but what it makes.
+    pub fn with<R>(
+        &self,
+        name: &dyn KeyParts,
+        min_version: Option<i64>,
+        answer: impl FnOnce(&Arc<str>, i64) -> R,
+    ) -> Option<R> {
         let mut shard = self.shard(name);
         let &at = shard.index.get(name)?;
         let entry = shard.ring[at].as_mut().expect("indexed slots are full");
@@ -153,13 +167,10 @@ impl NearCache {
             return None;
         }
         entry.visited = true;
-        let hit = NearHit {
-            json: entry.json.clone(),
-            version: entry.version,
-        };
+        let answered = answer(&entry.json, entry.version);
         drop(shard);
         self.hits.fetch_add(1, Relaxed);
-        Some(hit)
+        Some(answered)
     }
 
     /// The entry of `name` as held, without counting a hit or marking it read (the consistency
@@ -207,7 +218,7 @@ impl NearCache {
         let generation = self.generation.load(Relaxed);
         Ticket {
             generation,
-            marks: names.iter().map(|name| self.shard(name).marks).collect(),
+            marks: names.iter().map(|name| self.shard(*name).marks).collect(),
         }
     }
 
