@@ -323,7 +323,7 @@ impl Connection {
         self.seen += 1;
         self.session.saw(self.seen);
         match self.session.handle(&self.service, args) {
-            Action::Get { key, reply } => self.start_get(&key, reply, size, reads),
+            Action::Get { reply } => self.start_get(&args[1], reply, size, reads),
             Action::Read {
                 kind,
                 keys,

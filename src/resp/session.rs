@@ -71,8 +71,9 @@ pub enum Action {
         reply: Reply,
         tracked: bool,
     },
-    /// A plain `GET` of this Redis key (untracked, not resolved yet), answered in this protocol.
-    Get { key: Bytes, reply: Reply },
+    /// A plain `GET` (untracked) of the request's second argument, a Redis key not resolved yet,
+    /// answered in this protocol.
+    Get { reply: Reply },
     /// Answer these bytes, then close the connection.
     Close(Vec<u8>),
 }
@@ -167,16 +168,13 @@ impl Session {
             return Action::Answer(Vec::new());
         };
         // The common case first, without the general path's allocations.
-        if let [get, key] = args {
+        if let [get, _] = args {
             if get.eq_ignore_ascii_case(b"get")
                 && (self.authenticated || !self.must_auth)
                 && self.tracking.is_none()
                 && !self.subscribed
             {
-                return Action::Get {
-                    key: key.clone(),
-                    reply: self.reply,
-                };
+                return Action::Get { reply: self.reply };
             }
         }
         let name = name_of(first);
