@@ -188,20 +188,91 @@ impl Requests {
             Some(b'\r') => text.slice(..text.len() - 1),
             _ => text,
         };
-        let mut args = Vec::new();
-        let mut at = 0;
-        while at < text.len() {
-            if text[at].is_ascii_whitespace() {
-                at += 1;
-                continue;
-            }
-            let from = at;
-            while at < text.len() && !text[at].is_ascii_whitespace() {
-                at += 1;
-            }
-            args.push(text.slice(from..at));
+        Ok(Some((split_inline(&text)?, end + 1)))
+    }
+}
+
+/// An inline request's words as Redis splits them (`sdssplitargs`): separated by spaces;
+/// `"…"` with the escapes `\n \r \t \b \a \xHH` and `\` before any other byte, `'…'` with
+/// `\'`; a closing quote must end its word. A word without quotes is a slice of `text`.
+fn split_inline(text: &Bytes) -> Result<Vec<Bytes>, ProtocolError> {
+    let unbalanced = || ProtocolError("unbalanced quotes in request".into());
+    let mut args = Vec::new();
+    let mut at = 0;
+    loop {
+        while text.get(at).is_some_and(|b| b.is_ascii_whitespace()) {
+            at += 1;
         }
-        Ok(Some((args, end + 1)))
+        if at == text.len() {
+            return Ok(args);
+        }
+        let from = at;
+        while text
+            .get(at)
+            .is_some_and(|b| !b.is_ascii_whitespace() && !matches!(b, b'"' | b'\''))
+        {
+            at += 1;
+        }
+        if !text.get(at).is_some_and(|b| matches!(b, b'"' | b'\'')) {
+            args.push(text.slice(from..at));
+            continue;
+        }
+        // A quote: this word is built byte by byte.
+        let mut word = text[from..at].to_vec();
+        loop {
+            match text.get(at) {
+                None => break,
+                Some(b) if b.is_ascii_whitespace() => break,
+                Some(&quote @ (b'"' | b'\'')) => {
+                    at += 1;
+                    loop {
+                        let &b = text.get(at).ok_or_else(unbalanced)?;
+                        at += 1;
+                        match (quote, b) {
+                            (_, b) if b == quote => break,
+                            (b'"', b'\\') => {
+                                let &next = text.get(at).ok_or_else(unbalanced)?;
+                                let hex = text
+                                    .get(at + 1..at + 3)
+                                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                                    .and_then(|h| {
+                                        let h = std::str::from_utf8(h).ok()?;
+                                        u8::from_str_radix(h, 16).ok()
+                                    });
+                                match (next, hex) {
+                                    (b'x', Some(byte)) => {
+                                        word.push(byte);
+                                        at += 3;
+                                        continue;
+                                    }
+                                    (b'n', _) => word.push(b'\n'),
+                                    (b'r', _) => word.push(b'\r'),
+                                    (b't', _) => word.push(b'\t'),
+                                    (b'b', _) => word.push(0x08),
+                                    (b'a', _) => word.push(0x07),
+                                    (other, _) => word.push(other),
+                                }
+                                at += 1;
+                            }
+                            (b'\'', b'\\') if text.get(at) == Some(&b'\'') => {
+                                word.push(b'\'');
+                                at += 1;
+                            }
+                            (_, b) => word.push(b),
+                        }
+                    }
+                    // A closing quote ends its word.
+                    if text.get(at).is_some_and(|b| !b.is_ascii_whitespace()) {
+                        return Err(unbalanced());
+                    }
+                }
+                Some(&b) => {
+                    word.push(b);
+                    at += 1;
+                }
+            }
+        }
+        args.push(Bytes::from(word));
     }
 }
 
@@ -381,6 +452,35 @@ mod tests {
                 .len(),
             0
         );
+    }
+
+    #[test]
+    fn inline_words_are_split_as_redis_splits_them_quotes_and_escapes_included() {
+        // Each answer checked against redis-server 7 (ECHO of the same line).
+        let words = |line: &str| {
+            read_all(1024, &[format!("{line}\r\n").as_bytes()]).map(|mut r| r.remove(0))
+        };
+        let cases = [
+            (r#"ECHO "a b""#, "a b"),
+            (r#"ECHO "x\x41\x4g\n""#, "xAx4g\n"),
+            (r#"ECHO 'it\'s'"#, "it's"),
+            (r#"ECHO 'a\nb'"#, "a\\nb"),
+            (r#"ECHO "\q\\""#, "q\\"),
+            ("ECHO   spaced   ", "spaced"),
+            (r#"ECHO """#, ""),
+            ("ECHO ''", ""),
+        ];
+        for (line, word) in cases {
+            assert_eq!(words(line), Ok(vec!["ECHO".into(), word.into()]), "{line}");
+        }
+        for line in [
+            r#"ECHO ab"cd ef"gh"#,
+            r#"ECHO "unterminated"#,
+            r#"ECHO "a"b"#,
+        ] {
+            let refused = words(line).unwrap_err();
+            assert_eq!(refused.0, "unbalanced quotes in request", "{line}");
+        }
     }
 
     #[test]

@@ -289,7 +289,7 @@ impl Connection {
                     }
                     idle.touch();
                 }
-                _ = owed(&self.session), if self.session.inbox().is_some() => {
+                _ = owed(&self.session), if self.session.takes_pushes() => {
                     let pushes = self.pushes_ready();
                     if !pushes.is_empty() {
                         write(&mut writer, &pushes, write_timeout).await?;

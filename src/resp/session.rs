@@ -113,6 +113,14 @@ impl Session {
         self.inbox.as_ref()
     }
 
+    /// Whether a push owed to this connection could be written now: it tracks (its own, or
+    /// redirected), or is subscribed, or speaks RESP3 (a target of another's `REDIRECT`). A
+    /// RESP2 connection that does neither takes none ([`Session::encode_push`]), and its loop
+    /// need not wait for them.
+    pub fn takes_pushes(&self) -> bool {
+        self.inbox.is_some() && (self.tracking.is_some() || self.subscribed || self.reply.resp3())
+    }
+
     /// Where the invalidations of this connection's tracked reads are owed, when it tracks.
     pub fn tracking_sink(&self) -> Option<&Arc<Sink>> {
         self.tracking.as_ref().map(|t| &t.sink)
