@@ -25,7 +25,6 @@
 //! the hand last passed survives one more round, which keeps the hot names of a skewed read
 //! pattern (the benchmark's Zipf part measures its hit ratio).
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -90,7 +89,8 @@ pub struct NearCache {
 
 #[derive(Default)]
 struct Shard {
-    index: HashMap<Key, usize>,
+    /// The ring slot of each entry, found by the entry's hash (see [`NearCache::locate`]).
+    index: hashbrown::HashTable<usize>,
     ring: Vec<Option<Entry>>,
     free: Vec<usize>,
     hand: usize,
@@ -101,6 +101,8 @@ struct Shard {
 
 struct Entry {
     name: Key,
+    /// Its name's hash, which picked its shard and finds it in the shard's index.
+    hash: u64,
     json: Arc<str>,
     version: i64,
     /// Read since the hand last passed.
@@ -137,11 +139,15 @@ impl NearCache {
         })
     }
 
-    fn shard(&self, name: &dyn KeyParts) -> MutexGuard<'_, Shard> {
-        let at = (self.hasher.hash_one(name) as usize) % self.shards.len();
-        self.shards[at]
+    /// `name`'s hash and its shard, locked: the shard is picked from the hash's middle bits (the
+    /// index uses its low bits for a bucket, its top 7 as a tag), computed once per lookup.
+    fn locate(&self, name: &dyn KeyParts) -> (u64, MutexGuard<'_, Shard>) {
+        let hash = self.hasher.hash_one(name);
+        let at = ((hash >> 32) as usize) % self.shards.len();
+        let shard = self.shards[at]
             .lock()
-            .expect("near cache lock is never poisoned")
+            .expect("near cache lock is never poisoned");
+        (hash, shard)
     }
 
     /// The entry of `name`, if held and at least `min_version` new.
@@ -160,8 +166,8 @@ impl NearCache {
         min_version: Option<i64>,
         answer: impl FnOnce(&Arc<str>, i64) -> R,
     ) -> Option<R> {
-        let mut shard = self.shard(name);
-        let &at = shard.index.get(name)?;
+        let (hash, mut shard) = self.locate(name);
+        let at = shard.find(hash, name)?;
         let entry = shard.ring[at].as_mut().expect("indexed slots are full");
         if !satisfies(entry.version, min_version) {
             return None;
@@ -176,8 +182,8 @@ impl NearCache {
     /// The entry of `name` as held, without counting a hit or marking it read (the consistency
     /// checker's look).
     pub fn peek(&self, name: &Key) -> Option<NearHit> {
-        let shard = self.shard(name);
-        let &at = shard.index.get(name)?;
+        let (hash, shard) = self.locate(name);
+        let at = shard.find(hash, name)?;
         let entry = shard.ring[at].as_ref().expect("indexed slots are full");
         Some(NearHit {
             json: entry.json.clone(),
@@ -218,7 +224,10 @@ impl NearCache {
         let generation = self.generation.load(Relaxed);
         Ticket {
             generation,
-            marks: names.iter().map(|name| self.shard(*name).marks).collect(),
+            marks: names
+                .iter()
+                .map(|name| self.locate(*name).1.marks)
+                .collect(),
         }
     }
 
@@ -230,18 +239,19 @@ impl NearCache {
         if size > self.shard_bytes {
             return false;
         }
-        let mut shard = self.shard(name);
+        let (hash, mut shard) = self.locate(name);
         // Read under the shard's lock: a flush bumps the generation before it empties the shards,
         // so an entry kept here with the old generation is emptied by it.
         if self.generation.load(Relaxed) != ticket.generation || shard.marks != ticket.marks[at] {
             return false;
         }
-        shard.remove(name);
+        shard.remove(hash, name);
         while shard.bytes + size > self.shard_bytes {
             shard.evict_one();
         }
         let entry = Entry {
             name: name.clone(),
+            hash,
             json: json.into(),
             version,
             visited: false,
@@ -254,17 +264,18 @@ impl NearCache {
             }
         };
         shard.bytes += size;
-        shard.index.insert(name.clone(), at);
         shard.ring[at] = Some(entry);
+        let Shard { index, ring, .. } = &mut *shard;
+        index.insert_unique(hash, at, |&at| ring[at].as_ref().map_or(0, |e| e.hash));
         true
     }
 
     /// Redis says `name` changed (or the daemon is about to change it): drops its entry and
     /// refuses every read of its shard asked for before now.
     pub fn invalidate(&self, name: &Key) {
-        let mut shard = self.shard(name);
+        let (hash, mut shard) = self.locate(name);
         shard.marks += 1;
-        shard.remove(name);
+        shard.remove(hash, name);
         drop(shard);
         self.invalidations.fetch_add(1, Relaxed);
         if let Some(watcher) = self.watcher.get() {
@@ -320,9 +331,28 @@ impl NearCache {
 }
 
 impl Shard {
-    fn remove(&mut self, name: &Key) {
-        if let Some(at) = self.index.remove(name) {
+    /// The ring slot of `name`, whose hash is `hash`.
+    fn find(&self, hash: u64, name: &dyn KeyParts) -> Option<usize> {
+        let ring = &self.ring;
+        let named = |&at: &usize| {
+            ring[at]
+                .as_ref()
+                .is_some_and(|e| e.hash == hash && (&e.name as &dyn KeyParts) == name)
+        };
+        self.index.find(hash, named).copied()
+    }
+
+    fn remove(&mut self, hash: u64, name: &dyn KeyParts) {
+        if let Some(at) = self.find(hash, name) {
+            self.unindex(hash, at);
             self.take(at);
+        }
+    }
+
+    /// Drops ring slot `at` (of an entry whose hash is `hash`) from the index.
+    fn unindex(&mut self, hash: u64, at: usize) {
+        if let Ok(found) = self.index.find_entry(hash, |&i| i == at) {
+            found.remove();
         }
     }
 
@@ -348,9 +378,8 @@ impl Shard {
                 Some(entry) => std::mem::replace(&mut entry.visited, false),
             };
             if !visited {
-                if let Some(entry) = &self.ring[at] {
-                    let name = entry.name.clone();
-                    self.index.remove(&name);
+                if let Some(hash) = self.ring[at].as_ref().map(|e| e.hash) {
+                    self.unindex(hash, at);
                 }
                 self.take(at);
                 return;
