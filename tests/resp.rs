@@ -842,6 +842,31 @@ async fn the_keys_remembered_for_tracking_clients_are_bounded() {
     assert_eq!(stats["resp"]["tracked_keys"], 2, "{stats}");
 }
 
+#[tokio::test]
+async fn redis_py_runs_every_command_served_in_resp2_and_resp3_over_unix_and_tcp() {
+    use cacheward::dev::install::{ensure, venv, Tool};
+    let front = start().await;
+    ensure(Tool::RedisPy).expect("redis-py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/redis_py_commands.py");
+    let run = tokio::process::Command::new(venv().join("bin/python"))
+        .arg(script)
+        .arg(&front.socket)
+        .arg(front.port.to_string())
+        .arg(PASSWORD)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("redis-py within 60 s")
+        .expect("python");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim() == "ok", "{said}");
+}
+
 /// redis-py with its client-side cache on, driven line by line (tests/clients/redis_py_cache.py).
 struct RedisPy {
     child: tokio::process::Child,
