@@ -149,7 +149,7 @@ pub struct Db {
     /// Client-side bound on one call (pool wait + query), beyond the server's statement timeout.
     call_timeout: Duration,
     /// The statements reading declared tables' rows, built once per table shape.
-    selects: Arc<rows::ByShape<Arc<str>>>,
+    selects: Arc<rows::ByShape<rows::Selects>>,
 }
 
 impl Db {

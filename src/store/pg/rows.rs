@@ -54,16 +54,6 @@ fn text_array(columns: &[Column]) -> String {
 /// parameter per column of that key, the n-th key being the n-th element of each.
 pub fn select_sql(table: &Table, by: Option<&Lookup>) -> String {
     let columns = by.map_or(&table.key, |l| &l.columns);
-    let projected: Vec<String> = table
-        .projection
-        .iter()
-        .map(|c| format!("t.{}", quote_ident(c)))
-        .collect();
-    let lookups: Vec<String> = table
-        .lookups
-        .iter()
-        .map(|l| format!(", {}", text_array(&l.columns)))
-        .collect();
     let wanted: Vec<String> = columns
         .iter()
         .map(|c| format!("t.{}", quote_ident(&c.name)))
@@ -77,21 +67,52 @@ pub fn select_sql(table: &Table, by: Option<&Lookup>) -> String {
         .map(|i| format!("${i}::text[]"))
         .collect();
     let names: Vec<String> = (0..columns.len()).map(|i| format!("c{i}")).collect();
+    let filter = format!(
+        "({}) IN (SELECT {} FROM unnest({}) AS u({}))",
+        wanted.join(", "),
+        given.join(", "),
+        unnest.join(", "),
+        names.join(", "),
+    );
+    select_where(table, &filter)
+}
+
+/// [`select_sql`] for one key: one `text` parameter per column, compared by equality (the plan
+/// a single cold key takes, cheaper than the set's semi-join).
+pub fn select_one_sql(table: &Table, by: Option<&Lookup>) -> String {
+    let columns = by.map_or(&table.key, |l| &l.columns);
+    let equal: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("t.{} = ${}::text::{}", quote_ident(&c.name), i + 1, c.kind.sql()))
+        .collect();
+    select_where(table, &equal.join(" AND "))
+}
+
+/// The rows of `table` that `filter` (over `t`) selects, each with its version, key texts, ROW and
+/// lookups' texts, as [`table_row`] reads them.
+fn select_where(table: &Table, filter: &str) -> String {
+    let projected: Vec<String> = table
+        .projection
+        .iter()
+        .map(|c| format!("t.{}", quote_ident(c)))
+        .collect();
+    let lookups: Vec<String> = table
+        .lookups
+        .iter()
+        .map(|l| format!(", {}", text_array(&l.columns)))
+        .collect();
     format!(
         "SELECT coalesce(v.version, 0), {key}, \
                 (SELECT row_to_json(p) FROM (SELECT {projected}) p)::text{lookups} \
          FROM {source} t \
          LEFT JOIN cacheward_row_versions v ON v.tbl = '{name}' AND v.key = {key} \
-         WHERE ({wanted}) IN (SELECT {given} FROM unnest({unnest}) AS u({names}))",
+         WHERE {filter}",
         key = text_array(&table.key),
         projected = projected.join(", "),
         lookups = lookups.concat(),
         source = table.source,
         name = table.name,
-        wanted = wanted.join(", "),
-        given = given.join(", "),
-        unnest = unnest.join(", "),
-        names = names.join(", "),
     )
 }
 
@@ -164,14 +185,19 @@ impl<V: Clone> ByShape<V> {
     }
 }
 
-/// [`select_sql`] of `table` by its key or by the lookup at index `lookup`, kept in `built`.
+/// The statements reading a table's rows by one read's columns: [`select_sql`] for a set of
+/// keys, [`select_one_sql`] for one.
+pub type Selects = [Arc<str>; 2];
+
+/// [`Selects`] of `table` by its key or by the lookup at index `lookup`, kept in `built`.
 pub fn select_sql_of(
-    built: &ByShape<Arc<str>>,
+    built: &ByShape<Selects>,
     table: &Arc<Table>,
     lookup: Option<usize>,
-) -> Arc<str> {
+) -> Selects {
     built.get(table, lookup).unwrap_or_else(|| {
-        let sql: Arc<str> = select_sql(table, lookup.map(|l| &table.lookups[l])).into();
+        let by = lookup.map(|l| &table.lookups[l]);
+        let sql: Selects = [select_sql(table, by).into(), select_one_sql(table, by).into()];
         built.put(table, lookup, sql.clone());
         sql
     })
@@ -186,7 +212,7 @@ impl Db {
         lookup: Option<usize>,
         keys: &[Vec<String>],
     ) -> Result<FoundRows, DbError> {
-        let sql = select_sql_of(&self.selects, table, lookup);
+        let [set, one] = select_sql_of(&self.selects, table, lookup);
         let by = lookup.map(|l| &table.lookups[l]);
         let width = by.map_or(table.key.len(), |l| l.columns.len());
         let columns: Vec<Vec<&str>> = (0..width)
@@ -194,11 +220,23 @@ impl Db {
             .collect();
         self.bounded("select rows", async {
             let client = self.pool.get().await?;
-            let params: Vec<(&(dyn ToSql + Sync), Type)> = columns
-                .iter()
-                .map(|c| (c as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
-                .collect();
-            let (rows, read_at) = query_after_horizon(&client, &self.target, &sql, &params).await?;
+            // One key (a single cold get, the common case) by equality; more as a set.
+            let (sql, params): (&str, Vec<(&(dyn ToSql + Sync), Type)>) = match keys {
+                [key] => (
+                    &one,
+                    key.iter()
+                        .map(|c| (c as &(dyn ToSql + Sync), Type::TEXT))
+                        .collect(),
+                ),
+                _ => (
+                    &set,
+                    columns
+                        .iter()
+                        .map(|c| (c as &(dyn ToSql + Sync), Type::TEXT_ARRAY))
+                        .collect(),
+                ),
+            };
+            let (rows, read_at) = query_after_horizon(&client, &self.target, sql, &params).await?;
             let rows = rows
                 .iter()
                 .map(|r| table_row(table, r))
