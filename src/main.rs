@@ -69,6 +69,16 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Check the configuration as `serve` loads it (every wrong section named); with --connect
+    /// also reach both backends and look at what the daemon needs there; exit 1 on any problem
+    Check {
+        /// Also reach PostgreSQL and Redis (TLS, password files) and check the migrations and
+        /// each declared table's capture
+        #[arg(long)]
+        connect: bool,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Compare every cached entry with the database; exit 1 if any differs
     Verify {
         #[command(flatten)]
@@ -182,6 +192,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve { common } => serve(false, common).await,
         Command::Migrate { prune, common } => migrate(common, prune).await,
         Command::Verify { common } => verify(common).await,
+        Command::Check { connect, common } => check(common, connect).await,
         Command::Get {
             args,
             table,
@@ -396,6 +407,37 @@ fn target(args: &[String], table: Option<String>) -> anyhow::Result<Value> {
             [username] => json!({ "username": username }),
             _ => anyhow::bail!("expected one USERNAME (or --table TABLE and COLUMN=VALUE pairs)"),
         },
+    })
+}
+
+async fn check(common: Common, connect: bool) -> anyhow::Result<ExitCode> {
+    let config = match common.load() {
+        Ok(config) => config,
+        Err(e) => {
+            for line in cacheward::support::secrets::scrub(&format!("{e:#}")).lines() {
+                println!("config: {line}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!("config: ok");
+    if !connect {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Err(e) = config.require_backends() {
+        println!("config: {e}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let found = cacheward::cli::check::backends(&config).await;
+    for fine in &found.ok {
+        println!("{fine}");
+    }
+    for problem in &found.problems {
+        println!("problem: {problem}");
+    }
+    Ok(match found.problems.is_empty() {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::FAILURE,
     })
 }
 

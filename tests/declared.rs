@@ -959,3 +959,109 @@ async fn changes_read_before_the_tables_are_checked_wait_for_the_check_lookups_i
     }
     daemon.stop().await;
 }
+
+/// Runs `cacheward ARGS` with `env` (and nothing of the test's own CACHEWARD_/URL variables):
+/// its exit code and what it printed.
+fn cacheward(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cacheward"));
+    command.args(args).env_remove("RUST_LOG");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CACHEWARD__") || key == "DATABASE_URL" || key == "REDIS_URL" {
+            command.env_remove(key);
+        }
+    }
+    let out = command.envs(env.iter().copied()).output().expect("run");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), said)
+}
+
+#[tokio::test]
+async fn check_names_every_wrong_section_and_what_the_backends_lack() {
+    let env = TestEnv::start().await;
+    let dir = env.dir.path();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    // Two wrong sections: both named, exit 1.
+    let bad = file(
+        "bad.toml",
+        "[socket]\nmax_connections = 0\n[cdc]\nbatch_size = 0\n",
+    );
+    let (code, said) = cacheward(&["check", "--config", &bad], &[]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("socket.max_connections") && said.contains("cdc.batch_size"),
+        "{said}"
+    );
+    // A right one: exit 0, without reaching anything.
+    let good = file("good.toml", "[tables.things]\nkey = [\"id\"]\n");
+    let (code, said) = cacheward(&["check", "--config", &good], &[]);
+    assert_eq!((code, said.trim()), (Some(0), "config: ok"));
+    // A database nothing was installed in: the migrations are named, with what to run.
+    env.pg()
+        .await
+        .batch_execute("CREATE DATABASE check_fresh")
+        .await
+        .unwrap();
+    let (base, query) = env.db_url.split_once('?').unwrap();
+    let fresh = format!("{}/check_fresh?{query}", base.rsplit_once('/').unwrap().0);
+    let backends = [
+        ("DATABASE_URL", fresh.as_str()),
+        ("REDIS_URL", env.redis_url.as_str()),
+    ];
+    let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("migrations not applied: 1 (users)") && said.contains("cacheward migrate"),
+        "{said}"
+    );
+    assert!(
+        said.contains("postgres: reached") && said.contains("reached"),
+        "{said}"
+    );
+    // Migrated, with the declared table's capture: nothing to say but what holds.
+    let (fresh_pg, connection) = tokio_postgres::connect(&fresh, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    fresh_pg
+        .batch_execute("CREATE TABLE things (id bigint PRIMARY KEY, n integer)")
+        .await
+        .unwrap();
+    let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
+    assert_eq!(code, Some(1), "{said}");
+    let (code, migrated) = cacheward(&["migrate", "--config", &good], &backends);
+    assert_eq!(code, Some(0), "{migrated}");
+    let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("table things: capture installed"), "{said}");
+    // The capture dropped behind cacheward's back: named, with the remedy.
+    fresh_pg
+        .batch_execute("DROP TRIGGER cacheward_things_update ON things")
+        .await
+        .unwrap();
+    let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("problem: table things:"), "{said}");
+    // A Redis nobody listens on.
+    let port = cacheward::dev::free_port().unwrap();
+    let nowhere = format!("redis://127.0.0.1:{port}");
+    let (code, said) = cacheward(
+        &["check", "--connect", "--config", &good],
+        &[
+            ("DATABASE_URL", fresh.as_str()),
+            ("REDIS_URL", nowhere.as_str()),
+        ],
+    );
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains(&format!("redis redis://127.0.0.1:{port}: cannot reach")),
+        "{said}"
+    );
+}

@@ -23,6 +23,9 @@ pub enum ConfigError {
         key: Cow<'static, str>,
         reason: String,
     },
+    /// Several sections are wrong: each one's error, one per line.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<ConfigError>),
 }
 
 /// What a config-rs error may say: where a file failed to parse, never the text there; anything

@@ -155,36 +155,53 @@ impl Config {
         Ok(config)
     }
 
-    /// Range and format checks that serde's types cannot express, section by section. Backend
-    /// URLs are checked by [`Config::require_backends`], since client commands do not need them.
+    /// Range and format checks that serde's types cannot express, section by section: every
+    /// section is checked, and each wrong one named (`ConfigError::Several` when more than one).
+    /// Backend URLs are checked by [`Config::require_backends`], since client commands do not
+    /// need them.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.socket.validate()?;
-        self.postgres.validate()?;
-        self.redis.validate()?;
-        self.cache.validate()?;
-        self.cdc.validate()?;
-        self.log.validate()?;
-        self.consistency.validate()?;
-        self.resp.validate()?;
-        if self.resp.socket.as_ref() == Some(&self.socket.path) {
-            return Err(invalid(
+        let resp_socket = || match self.resp.socket.as_ref() == Some(&self.socket.path) {
+            true => Err(invalid(
                 "resp.socket",
                 "must not be socket.path (the JSON-RPC socket)",
-            ));
-        }
-        tables::validate(&self.tables, &self.cache.key_prefix)?;
-        if self.redis.mode == RedisMode::Cluster
-            && !self.tables.is_empty()
-            && has_hash_tag(&self.cache.key_prefix)
-        {
+            )),
+            false => Ok(()),
+        };
+        let cluster_prefix = || {
             // The fences live under users' prefix, one per slot: a hash tag there puts them all
             // in one slot, and a declared table's keys in other slots would have none.
-            return Err(invalid(
-                "cache.key_prefix",
-                "may not carry a hash tag ({...}) when tables are declared in cluster mode",
-            ));
+            match self.redis.mode == RedisMode::Cluster
+                && !self.tables.is_empty()
+                && has_hash_tag(&self.cache.key_prefix)
+            {
+                true => Err(invalid(
+                    "cache.key_prefix",
+                    "may not carry a hash tag ({...}) when tables are declared in cluster mode",
+                )),
+                false => Ok(()),
+            }
+        };
+        let mut errors: Vec<ConfigError> = [
+            self.socket.validate(),
+            self.postgres.validate(),
+            self.redis.validate(),
+            self.cache.validate(),
+            self.cdc.validate(),
+            self.log.validate(),
+            self.consistency.validate(),
+            self.resp.validate(),
+            resp_socket(),
+            tables::validate(&self.tables, &self.cache.key_prefix),
+            cluster_prefix(),
+        ]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Several(errors)),
         }
-        Ok(())
     }
 
     /// The daemon, `migrate` and `verify` need both URLs; client commands do not.

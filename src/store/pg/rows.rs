@@ -84,7 +84,14 @@ pub fn select_one_sql(table: &Table, by: Option<&Lookup>) -> String {
     let equal: Vec<String> = columns
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("t.{} = ${}::text::{}", quote_ident(&c.name), i + 1, c.kind.sql()))
+        .map(|(i, c)| {
+            format!(
+                "t.{} = ${}::text::{}",
+                quote_ident(&c.name),
+                i + 1,
+                c.kind.sql()
+            )
+        })
         .collect();
     select_where(table, &equal.join(" AND "))
 }
@@ -197,7 +204,10 @@ pub fn select_sql_of(
 ) -> Selects {
     built.get(table, lookup).unwrap_or_else(|| {
         let by = lookup.map(|l| &table.lookups[l]);
-        let sql: Selects = [select_sql(table, by).into(), select_one_sql(table, by).into()];
+        let sql: Selects = [
+            select_sql(table, by).into(),
+            select_one_sql(table, by).into(),
+        ];
         built.put(table, lookup, sql.clone());
         sql
     })

@@ -1,0 +1,125 @@
+//! `cacheward check [--connect]`: the configuration is loaded and checked as `serve` would
+//! (every wrong section named, by the caller); with `--connect` the backends are reached the way
+//! the daemon reaches them (TLS, password files) and what the daemon needs of them is looked at:
+//! the migrations applied, each declared table's capture installed as declared. Each finding
+//! says what to do about it.
+
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::store::pg::{self as db, tables};
+use crate::store::redis::client;
+
+/// How long one backend may take to answer.
+const BOUND: Duration = Duration::from_secs(5);
+
+/// What `check --connect` found: what holds, and what does not (each with its remedy).
+#[derive(Debug, Default)]
+pub struct Findings {
+    pub ok: Vec<String>,
+    pub problems: Vec<String>,
+}
+
+impl Findings {
+    fn say(&mut self, result: Result<String, String>) {
+        match result {
+            Ok(fine) => self.ok.push(fine),
+            Err(problem) => self.problems.push(problem),
+        }
+    }
+}
+
+/// Reaches both backends as `config` says and looks at what the daemon needs there.
+pub async fn backends(config: &Config) -> Findings {
+    let mut found = Findings::default();
+    postgres(config, &mut found).await;
+    for result in redis(config).await {
+        found.say(result);
+    }
+    found
+}
+
+async fn postgres(config: &Config, found: &mut Findings) {
+    let target = match db::connect::pg_target(config) {
+        Ok(target) => target,
+        Err(e) => return found.say(Err(format!("postgres: {e}"))),
+    };
+    let client = match tokio::time::timeout(BOUND, target.connect()).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => return found.say(Err(format!("postgres: cannot connect: {e}"))),
+        Err(_) => return found.say(Err(format!("postgres: no answer within {BOUND:?}"))),
+    };
+    found.say(Ok("postgres: reached".into()));
+    // The migrations recorded (none if the record itself is missing).
+    let applied: Vec<i32> = match client
+        .query(
+            "SELECT version FROM cacheward_migrations WHERE to_regclass('cacheward_migrations') IS NOT NULL",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(_) => Vec::new(),
+    };
+    let missing: Vec<String> = db::MIGRATIONS
+        .iter()
+        .filter(|(version, _, _)| !applied.contains(version))
+        .map(|(version, name, _)| format!("{version} ({name})"))
+        .collect();
+    found.say(match missing.is_empty() {
+        true => Ok(format!(
+            "postgres: schema up to date ({} migrations)",
+            db::MIGRATIONS.len()
+        )),
+        false => Err(format!(
+            "postgres: migrations not applied: {} (run `cacheward migrate`)",
+            missing.join(", ")
+        )),
+    });
+    if !missing.is_empty() {
+        return;
+    }
+    let declared = match tables::resolve_all(&client, config).await {
+        Ok(declared) => declared,
+        Err(e) => return found.say(Err(format!("postgres: {e}"))),
+    };
+    for table in &declared {
+        found.say(match tables::installed(&client, table).await {
+            Ok(()) => Ok(format!("table {}: capture installed", table.name)),
+            Err(e) => Err(format!(
+                "table {}: {e} (run `cacheward migrate`)",
+                table.name
+            )),
+        });
+    }
+}
+
+/// Each Redis server the configuration names (the URL, the seeds of a Cluster, the sentinels),
+/// reached as the daemon reaches it and asked for a PING.
+async fn redis(config: &Config) -> Vec<Result<String, String>> {
+    let urls: Vec<(&str, &crate::config::SecretUrl)> = config
+        .redis
+        .url
+        .iter()
+        .map(|u| ("redis.url", u))
+        .chain(config.redis.urls.iter().map(|u| ("redis.urls", u)))
+        .collect();
+    let mut said = Vec::new();
+    for (key, url) in urls {
+        let shown = url.redacted();
+        let reached = async {
+            let info = client::connection_info(url, key)?;
+            let mut conn = client::manager(config, info, Some(BOUND), None)?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        said.push(match tokio::time::timeout(BOUND, reached).await {
+            Ok(Ok(_)) => Ok(format!("redis {shown}: reached")),
+            Ok(Err(e)) => Err(format!("redis {shown}: cannot reach: {e}")),
+            Err(_) => Err(format!("redis {shown}: no answer within {BOUND:?}")),
+        });
+    }
+    said
+}
