@@ -1041,6 +1041,31 @@ async fn check_names_every_wrong_section_and_what_the_backends_lack() {
     let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
     assert_eq!(code, Some(0), "{said}");
     assert!(said.contains("table things: capture installed"), "{said}");
+    assert!(said.contains("has the rights the daemon needs"), "{said}");
+    // A role with some of the daemon's rights only: each missing one named with its GRANT.
+    fresh_pg
+        .batch_execute(
+            "CREATE ROLE check_runtime LOGIN;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON users TO check_runtime;
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO check_runtime;",
+        )
+        .await
+        .unwrap();
+    let as_runtime = fresh.replacen("postgres@", "check_runtime@", 1);
+    let limited = [
+        ("DATABASE_URL", as_runtime.as_str()),
+        ("REDIS_URL", env.redis_url.as_str()),
+    ];
+    let (code, said) = cacheward(&["check", "--connect", "--config", &good], &limited);
+    assert_eq!(code, Some(1), "{said}");
+    for grant in [
+        "lacks DELETE on cacheward_outbox: GRANT DELETE ON TABLE cacheward_outbox TO \"check_runtime\";",
+        "GRANT USAGE ON SEQUENCE cacheward_version_seq TO \"check_runtime\";",
+        "GRANT INSERT ON TABLE public.things TO \"check_runtime\";",
+    ] {
+        assert!(said.contains(grant), "{grant} in {said}");
+    }
+    assert!(!said.contains("ON TABLE users"), "{said}");
     // The capture dropped behind cacheward's back: named, with the remedy.
     fresh_pg
         .batch_execute("DROP TRIGGER cacheward_things_update ON things")

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::model::table::Table;
 use crate::store::pg::{self as db, tables};
 use crate::store::redis::client;
 
@@ -91,6 +92,73 @@ async fn postgres(config: &Config, found: &mut Findings) {
                 table.name
             )),
         });
+    }
+    grants(&client, &declared, found).await;
+}
+
+/// The rights the daemon's role needs (sql/roles.sql's `cacheward_runtime`), on cacheward's
+/// objects and on each declared table: each one the connecting role lacks is named with the
+/// statement that grants it.
+async fn grants(client: &tokio_postgres::Client, declared: &[Table], found: &mut Findings) {
+    let mut wanted: Vec<(&str, String, &str)> = vec![
+        ("TABLE", "users".into(), "SELECT, INSERT, UPDATE, DELETE"),
+        ("TABLE", "cacheward_outbox".into(), "SELECT, DELETE"),
+        ("TABLE", "cacheward_cdc_settings".into(), "SELECT, UPDATE"),
+        (
+            "TABLE",
+            "cacheward_cdc_cursors".into(),
+            "SELECT, INSERT, UPDATE",
+        ),
+        (
+            "TABLE",
+            "cacheward_cdc_leases".into(),
+            "SELECT, INSERT, UPDATE, DELETE",
+        ),
+        ("TABLE", "cacheward_row_versions".into(), "SELECT"),
+        ("TABLE", "cacheward_tables".into(), "SELECT"),
+        ("SEQUENCE", "cacheward_version_seq".into(), "SELECT, USAGE"),
+    ];
+    for table in declared {
+        let rights = match table.writable {
+            true => "SELECT, INSERT, UPDATE, DELETE",
+            false => "SELECT",
+        };
+        wanted.push(("TABLE", table.source.clone(), rights));
+    }
+    let role: String = match client.query_one("SELECT current_user::text", &[]).await {
+        Ok(row) => row.get(0),
+        Err(e) => return found.say(Err(format!("postgres: cannot read the role: {e}"))),
+    };
+    let mut missing = Vec::new();
+    for (kind, object, rights) in &wanted {
+        let function = match *kind {
+            "TABLE" => "has_table_privilege",
+            _ => "has_sequence_privilege",
+        };
+        for right in rights.split(", ") {
+            let sql = format!("SELECT {function}($1, $2)");
+            let has: bool = match client.query_one(&sql, &[object, &right]).await {
+                Ok(row) => row.get(0),
+                Err(e) => {
+                    missing.push(format!("{right} on {object} cannot be checked: {e}"));
+                    continue;
+                }
+            };
+            if !has {
+                missing.push(format!(
+                    "lacks {right} on {object}: GRANT {right} ON {kind} {object} TO {};",
+                    tables::quote_ident(&role)
+                ));
+            }
+        }
+    }
+    if missing.is_empty() {
+        found.say(Ok(format!(
+            "postgres: role {role} has the rights the daemon needs"
+        )));
+    }
+    for lack in missing {
+        found.say(Err(format!("postgres: role {role} {lack}")));
     }
 }
 
