@@ -1073,7 +1073,37 @@ async fn check_names_every_wrong_section_and_what_the_backends_lack() {
         .unwrap();
     let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
     assert_eq!(code, Some(1), "{said}");
-    assert!(said.contains("problem: table things:"), "{said}");
+    assert!(
+        said.contains("problem: table things: its capture is not installed"),
+        "{said}"
+    );
+    // A Redis user that may read cacheward's keys but not write them, nor run scripts.
+    let () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "checker", "on", ">pw", "~*", "+ping", "+get", "+mget", "+type",
+        ])
+        .arg(&["+scan", "+info", "+client", "+hello", "+auth", "+select"])
+        .query_async(&mut env.redis().await)
+        .await
+        .unwrap();
+    let as_checker = format!("{}&user=checker&pass=pw", env.redis_url);
+    let (code, said) = cacheward(
+        &["check", "--connect", "--config", &good],
+        &[
+            ("DATABASE_URL", fresh.as_str()),
+            ("REDIS_URL", as_checker.as_str()),
+        ],
+    );
+    assert_eq!(code, Some(1), "{said}");
+    for refused in [
+        "user checker may not write keys under 'user:' (SET)",
+        "ACL SETUSER checker +set '~user:*'",
+        "user checker may not write keys under 'things:' from a script (EVAL)",
+        "ACL SETUSER checker +eval '~things:*'",
+    ] {
+        assert!(said.contains(refused), "{refused} in {said}");
+    }
+    assert!(!said.contains("may not read keys"), "{said}");
     // A Redis nobody listens on.
     let port = cacheward::dev::free_port().unwrap();
     let nowhere = format!("redis://127.0.0.1:{port}");

@@ -87,10 +87,8 @@ async fn postgres(config: &Config, found: &mut Findings) {
     for table in &declared {
         found.say(match tables::installed(&client, table).await {
             Ok(()) => Ok(format!("table {}: capture installed", table.name)),
-            Err(e) => Err(format!(
-                "table {}: {e} (run `cacheward migrate`)",
-                table.name
-            )),
+            // It names the table and says what to run.
+            Err(e) => Err(e.to_string()),
         });
     }
     grants(&client, &declared, found).await;
@@ -177,17 +175,120 @@ async fn redis(config: &Config) -> Vec<Result<String, String>> {
         let shown = url.redacted();
         let reached = async {
             let info = client::connection_info(url, key)?;
+            let user = info
+                .redis_settings()
+                .username()
+                .unwrap_or("default")
+                .to_owned();
             let mut conn = client::manager(config, info, Some(BOUND), None)?;
             redis::cmd("PING")
                 .query_async::<String>(&mut conn)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((conn, user))
         };
-        said.push(match tokio::time::timeout(BOUND, reached).await {
-            Ok(Ok(_)) => Ok(format!("redis {shown}: reached")),
-            Ok(Err(e)) => Err(format!("redis {shown}: cannot reach: {e}")),
-            Err(_) => Err(format!("redis {shown}: no answer within {BOUND:?}")),
-        });
+        let (mut conn, user) = match tokio::time::timeout(BOUND, reached).await {
+            Ok(Ok(reached)) => reached,
+            Ok(Err(e)) => {
+                said.push(Err(format!("redis {shown}: cannot reach: {e}")));
+                continue;
+            }
+            Err(_) => {
+                said.push(Err(format!("redis {shown}: no answer within {BOUND:?}")));
+                continue;
+            }
+        };
+        said.push(Ok(format!("redis {shown}: reached")));
+        // Sentinels serve no data: only the servers the daemon reads and writes are probed.
+        if config.redis.mode != crate::config::RedisMode::Sentinel {
+            let refused = acl(config, &mut conn).await;
+            if refused.is_empty() {
+                said.push(Ok(format!(
+                    "redis {shown}: user {user} may run what the daemon runs"
+                )));
+            }
+            for (what, grant, e) in refused {
+                said.push(Err(format!(
+                    "redis {shown}: user {user} may not {what}: {e}: ACL SETUSER {user} {grant}"
+                )));
+            }
+        }
     }
     said
+}
+
+/// What the daemon runs on a data server, each tried in a form that changes nothing (a `SET …
+/// XX` of a key that does not exist) on a key under each prefix cacheward writes: those Redis
+/// refuses (an ACL's `NOPERM`), with the ACL rules that allow it and Redis's error.
+async fn acl(
+    config: &Config,
+    conn: &mut redis::aio::ConnectionManager,
+) -> Vec<(String, String, String)> {
+    let mut prefixes = vec![config.cache.key_prefix.clone()];
+    for (name, table) in &config.tables {
+        prefixes.push(table.prefix(name));
+    }
+    let mut refused = Vec::new();
+    let mut tries: Vec<(String, String, redis::Cmd)> = vec![("run INFO".into(), "+info".into(), {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("server");
+        cmd
+    })];
+    if config.cache.local_max_bytes > 0 {
+        let mut on = redis::cmd("CLIENT");
+        on.arg("TRACKING").arg("ON").arg("OPTIN").arg("NOLOOP");
+        let mut off = redis::cmd("CLIENT");
+        off.arg("TRACKING").arg("OFF");
+        let (what, grant) = ("run CLIENT TRACKING (the near cache)", "+client|tracking");
+        tries.push((what.into(), grant.into(), on));
+        tries.push((what.into(), grant.into(), off));
+    }
+    for prefix in &prefixes {
+        let probe = format!("{prefix}\0check");
+        let shown = prefix.escape_debug();
+        let mut get = redis::cmd("MGET");
+        get.arg(&probe).arg(&probe);
+        let keys = format!("'~{shown}*'");
+        tries.push((
+            format!("read keys under '{shown}' (MGET)"),
+            format!("+mget {keys}"),
+            get,
+        ));
+        let mut kind = redis::cmd("TYPE");
+        kind.arg(&probe);
+        tries.push((
+            format!("run TYPE on keys under '{shown}'"),
+            format!("+type {keys}"),
+            kind,
+        ));
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(0).arg("MATCH").arg(&probe).arg("COUNT").arg(1);
+        tries.push((
+            format!("SCAN keys under '{shown}'"),
+            format!("+scan {keys}"),
+            scan,
+        ));
+        let mut set = redis::cmd("SET");
+        set.arg(&probe).arg("").arg("XX").arg("PX").arg(1);
+        tries.push((
+            format!("write keys under '{shown}' (SET)"),
+            format!("+set {keys}"),
+            set,
+        ));
+        let mut eval = redis::cmd("EVAL");
+        eval.arg("return redis.call('SET', KEYS[1], '', 'XX', 'PX', 1)")
+            .arg(1)
+            .arg(&probe);
+        let what = format!("write keys under '{shown}' from a script (EVAL)");
+        tries.push((what, format!("+eval {keys}"), eval));
+    }
+    for (what, grant, cmd) in tries {
+        if let Err(e) = cmd.query_async::<redis::Value>(conn).await {
+            let denied = e.code() == Some("NOPERM") || e.to_string().contains("NoPerm");
+            if denied && !refused.iter().any(|(w, _, _)| *w == what) {
+                refused.push((what, grant, e.to_string()));
+            }
+        }
+    }
+    refused
 }
