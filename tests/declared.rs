@@ -993,6 +993,16 @@ async fn check_names_every_wrong_section_and_what_the_backends_lack() {
         "bad.toml",
         "[socket]\nmax_connections = 0\n[cdc]\nbatch_size = 0\n",
     );
+    let typos = file(
+        "typos.toml",
+        "[socket]\nmax_conections = 1\n[cahce]\nttl_secs = 1\n",
+    );
+    let (code, said) = cacheward(&["check", "--config", &typos], &[]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("`socket.max_conections`") && said.contains("`cahce`"),
+        "{said}"
+    );
     let (code, said) = cacheward(&["check", "--config", &bad], &[]);
     assert_eq!(code, Some(1), "{said}");
     assert!(

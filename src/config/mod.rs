@@ -341,27 +341,35 @@ fn check_known_keys(layered: &config::Config, origin: &str) -> Result<(), Config
     let Some(sections) = given.as_object() else {
         return Ok(());
     };
+    // Every unknown key is named, not just the first.
+    let mut errors = Vec::new();
     for (section, keys) in sections {
         if section == "tables" {
-            check_table_keys(keys, &unknown)?;
+            errors.extend(check_table_keys(keys, &unknown).err());
             continue;
         }
         let Some(known_keys) = known.get(section).and_then(|v| v.as_object()) else {
-            return Err(unknown(section.clone()));
+            errors.push(unknown(section.clone()));
+            continue;
         };
         let Some(keys) = keys.as_object() else {
-            return Err(invalid(
+            errors.push(invalid(
                 "config",
                 format!("`{section}` must be a table of keys"),
             ));
+            continue;
         };
         for key in keys.keys() {
             if !known_keys.contains_key(key) {
-                return Err(unknown(format!("{section}.{key}")));
+                errors.push(unknown(format!("{section}.{key}")));
             }
         }
     }
-    Ok(())
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        _ => Err(ConfigError::Several(errors)),
+    }
 }
 
 /// Refuses any key of a `[tables.NAME]` section that a table does not have.
