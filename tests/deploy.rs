@@ -220,3 +220,96 @@ fn memory_limits_hold_the_worst_case_of_the_shipped_configuration() {
     let worst = config.worst_case_client_memory() + BASE_MEMORY;
     assert!(worst <= bytes(limit), "sidecar: {worst} > {limit}");
 }
+
+/// `promtool`, installed first if missing.
+fn promtool() -> Command {
+    install::ensure(Tool::Promtool).expect("promtool");
+    Command::new(install::tools().join("promtool"))
+}
+
+#[test]
+fn the_alerting_rules_pass_promtool_and_their_unit_tests() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    for args in [
+        ["check", "rules", "cacheward.rules.yml"],
+        ["test", "rules", "cacheward.rules.test.yml"],
+    ] {
+        let out = promtool().args(args).current_dir(&dir).output().unwrap();
+        assert!(out.status.success(), "promtool {args:?}: {}", said(&out));
+    }
+}
+
+/// The metric names `text` uses (`cacheward_…`, a histogram's series by their metric's name).
+fn metrics_in(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("cacheward_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| b.ends_with("_seconds")))
+            .unwrap_or(&name);
+        found.push(base.to_owned());
+    }
+    found
+}
+
+#[test]
+fn the_dashboard_and_the_rules_query_only_metrics_the_daemon_serves() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The documented list, which tests/process.rs holds to what a running daemon serves.
+    let docs = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let served: Vec<String> = docs
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `cacheward_"))
+        .map(|l| format!("cacheward_{}", &l[..l.find('`').unwrap()]))
+        .collect();
+    assert!(served.len() >= 30, "{served:?}");
+    let rules =
+        std::fs::read_to_string(root.join("deploy/prometheus/cacheward.rules.yml")).unwrap();
+    let exprs: String = rules
+        .lines()
+        .filter(|l| l.trim_start().starts_with("expr:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/cacheward.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            queries.push(target["expr"].as_str().expect("an expr").to_owned());
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        if variable["type"] == "query" {
+            queries.push(variable["query"].as_str().unwrap().to_owned());
+        }
+    }
+    for (what, text) in [("rules", exprs), ("dashboard", queries.join("\n"))] {
+        let used = metrics_in(&text);
+        assert!(used.len() >= 9, "{what}: {used:?}");
+        for metric in used {
+            assert!(
+                served.contains(&metric),
+                "{what} queries {metric}, which the daemon does not serve"
+            );
+        }
+    }
+    // Every alert the issue asks for is there.
+    for alert in [
+        "CachewardCdcLagHigh",
+        "CachewardConsistencyMismatch",
+        "CachewardBackendDown",
+        "CachewardRepairOverflow",
+        "CachewardForeignValues",
+        "CachewardNearCacheFlushStorm",
+    ] {
+        assert!(rules.contains(&format!("alert: {alert}")), "{alert}");
+    }
+}

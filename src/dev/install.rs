@@ -21,6 +21,8 @@ pub enum Tool {
     KubernetesValidate,
     /// redis-py with its client-side cache (in the same virtualenv).
     RedisPy,
+    /// Prometheus's `promtool`, taken out of Debian's package into [`tools`].
+    Promtool,
 }
 
 impl Tool {
@@ -35,6 +37,7 @@ impl Tool {
                 dirs.flatten()
                     .any(|d| d.path().join("site-packages/redis/cache.py").is_file())
             }),
+            Tool::Promtool => tools().join("promtool").is_file(),
         }
     }
 
@@ -46,6 +49,7 @@ impl Tool {
             Tool::SystemdAnalyze => "systemd",
             Tool::KubernetesValidate => "kubernetes-validate (PyPI, in a virtualenv)",
             Tool::RedisPy => "redis-py (PyPI, in a virtualenv)",
+            Tool::Promtool => "promtool (Debian's prometheus package, extracted)",
         }
     }
 }
@@ -76,6 +80,14 @@ pub fn venv() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
     cache.join("cacheward/venv")
+}
+
+/// Where tools taken out of packages go (`CACHEWARD_TOOLS`, else beside the virtualenv).
+pub fn tools() -> PathBuf {
+    match std::env::var_os("CACHEWARD_TOOLS") {
+        Some(dir) => PathBuf::from(dir),
+        None => venv().with_file_name("tools"),
+    }
 }
 
 /// Makes sure `tool` is installed: if it is missing, runs the install script (once per process)
@@ -110,6 +122,7 @@ fn run_script() -> Result<(), String> {
         .arg("-c")
         .arg(INSTALL_DEPS)
         .env("CACHEWARD_VENV", venv())
+        .env("CACHEWARD_TOOLS", tools())
         .output()
         .map_err(|e| format!("bash: {e}"))?;
     if out.status.success() {
