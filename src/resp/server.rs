@@ -228,6 +228,7 @@ impl Connection {
                 let mut parsed = 0;
                 while self.reading
                     && self.inflight.requests() + reads.0.items.len() < self.max_inflight
+                    && self.inflight.held() < self.max_inflight_bytes
                     && parsed < PARSE_SLICE
                 {
                     match self.requests.next_request() {
@@ -273,7 +274,7 @@ impl Connection {
             let can_read = self.reading
                 && !peer_done
                 && self.inflight.requests() < self.max_inflight
-                && self.inflight.bytes() + self.requests.buffered() < self.max_inflight_bytes;
+                && self.inflight.held() + self.requests.buffered() < self.max_inflight_bytes;
             tokio::select! {
                 biased;
                 _ = &mut cancelled, if self.reading => self.reading = false,

@@ -58,26 +58,35 @@ impl Inflight {
         answered
     }
 
-    /// Queues the answers made at once so far.
+    /// Queues the answers made at once so far; their bytes count against the in-flight bytes
+    /// until written (an answer made at once holds as much memory as a request waiting for one).
     pub fn flush_ready(&mut self) {
         if self.ready_requests > 0 {
-            let (bytes, requests) = (std::mem::take(&mut self.ready), self.ready_requests);
+            let (mut bytes, requests) = (std::mem::take(&mut self.ready), self.ready_requests);
             self.ready_requests = 0;
+            // Grown by doubling: give back what it does not hold before it waits to be written.
+            if bytes.capacity() > 2 * bytes.len() + 4096 {
+                bytes.shrink_to_fit();
+            }
+            let held = bytes.len();
             self.push_now(
                 requests,
-                0,
+                held,
                 Box::pin(futures::future::ready((requests, bytes))),
             );
         }
     }
 
+    /// The bytes the connection holds for its requests in flight: their request bytes, and the
+    /// answers made at once that wait to be written. Checked against `socket.max_inflight_bytes`
+    /// before reading or parsing more.
+    pub fn held(&self) -> usize {
+        self.bytes + self.ready.len()
+    }
+
     /// Requests not answered yet, those answered at once but not queued included.
     pub fn requests(&self) -> usize {
         self.requests + self.ready_requests
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.bytes
     }
 
     /// Requests answered so far (their answers handed out by [`Inflight::next`]).

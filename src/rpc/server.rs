@@ -381,6 +381,7 @@ impl Connection {
                 let mut started = false;
                 let mut parsed = 0;
                 while self.inflight.requests() + gets.items.len() < self.max_inflight
+                    && self.inflight.held() < self.max_inflight_bytes
                     && parsed < PARSE_SLICE
                 {
                     match self.lines.next_frame() {
@@ -412,7 +413,7 @@ impl Connection {
             }
             let can_read = reading
                 && self.inflight.requests() < self.max_inflight
-                && self.inflight.bytes() + self.lines.buffered() < self.max_inflight_bytes;
+                && self.inflight.held() + self.lines.buffered() < self.max_inflight_bytes;
             tokio::select! {
                 biased;
                 _ = &mut cancelled, if reading => {
