@@ -80,20 +80,24 @@ pub fn select_sql(table: &Table, by: Option<&Lookup>) -> String {
 /// [`select_sql`] for one key: one `text` parameter per column, compared by equality (the plan
 /// a single cold key takes, cheaper than the set's semi-join).
 pub fn select_one_sql(table: &Table, by: Option<&Lookup>) -> String {
-    let columns = by.map_or(&table.key, |l| &l.columns);
-    let equal: Vec<String> = columns
+    select_where(table, &key_match(by.map_or(&table.key, |l| &l.columns), 1))
+}
+
+/// `t."a" = $n::type AND …` for `columns`, their parameters from `$first` on.
+pub(super) fn key_match(columns: &[Column], first: usize) -> String {
+    let parts: Vec<String> = columns
         .iter()
         .enumerate()
         .map(|(i, c)| {
             format!(
                 "t.{} = ${}::text::{}",
                 quote_ident(&c.name),
-                i + 1,
+                first + i,
                 c.kind.sql()
             )
         })
         .collect();
-    select_where(table, &equal.join(" AND "))
+    parts.join(" AND ")
 }
 
 /// The rows of `table` that `filter` (over `t`) selects, each with its version, key texts, ROW and

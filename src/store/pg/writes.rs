@@ -9,7 +9,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Transaction;
 
-use super::rows::{lookup_texts, select_sql, table_row, TableRow};
+use super::rows::{key_match, lookup_texts, select_sql, table_row, TableRow};
 use super::tables::quote_ident;
 use super::{Db, DbError, DbErrorKind};
 use crate::model::table::{Column, Table};
@@ -49,23 +49,6 @@ pub struct Written {
     pub created: bool,
     pub before: Option<(String, Vec<String>)>,
     pub version: i64,
-}
-
-/// `t."a" = $n::type AND …` for `columns`, their parameters from `$first` on.
-fn key_match(columns: &[Column], first: usize) -> String {
-    let parts: Vec<String> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            format!(
-                "t.{} = ${}::text::{}",
-                quote_ident(&c.name),
-                first + i,
-                c.kind.sql()
-            )
-        })
-        .collect();
-    parts.join(" AND ")
 }
 
 /// `ARRAY[t."a"::text, …]` and the lookups' arrays: the key and lookup texts of the row `t`.
