@@ -1129,4 +1129,20 @@ async fn check_names_every_wrong_section_and_what_the_backends_lack() {
         said.contains(&format!("redis redis://127.0.0.1:{port}: cannot reach")),
         "{said}"
     );
+    // Unreachable backends whose URLs carry passwords: named, the passwords never printed.
+    let pg_nowhere = format!("postgresql://someone:pg-Secret-9@127.0.0.1:{port}/db");
+    let redis_nowhere = format!("redis://:redis-Secret-9@127.0.0.1:{port}");
+    let (code, said) = cacheward(
+        &["check", "--connect", "--config", &good],
+        &[
+            ("DATABASE_URL", pg_nowhere.as_str()),
+            ("REDIS_URL", redis_nowhere.as_str()),
+        ],
+    );
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("problem: postgres: cannot connect") && said.contains("cannot reach"),
+        "{said}"
+    );
+    assert!(!said.contains("Secret-9"), "a password was printed: {said}");
 }
