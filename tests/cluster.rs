@@ -233,8 +233,11 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     // Cold reads fill every slot, and a read right after each answer sees its fill. The near cache
     // holds every name now: Redis's invalidations of the deletes reach the daemon on its own
     // connections, after the deletes' replies reach the test, so the test waits for them.
-    let invalidations =
-        || async { daemon.stats().await["near_cache"]["invalidations"].as_u64().unwrap() };
+    let invalidations = || async {
+        daemon.stats().await["near_cache"]["invalidations"]
+            .as_u64()
+            .unwrap()
+    };
     let before = invalidations().await;
     for name in people.iter().take(40) {
         redis::cmd("DEL")
@@ -243,9 +246,11 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
             .await
             .unwrap();
     }
-    wait_until("the deletes' invalidations", Duration::from_secs(10), || async {
-        invalidations().await - before >= 40
-    })
+    wait_until(
+        "the deletes' invalidations",
+        Duration::from_secs(10),
+        || async { invalidations().await - before >= 40 },
+    )
     .await;
     let first = client.get_all(&people[..40]).await;
     assert!(

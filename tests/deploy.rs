@@ -17,9 +17,9 @@ fn units(dir: &Path) -> Vec<std::path::PathBuf> {
         .iter()
         .map(|unit| {
             let text = std::fs::read_to_string(source.join(unit)).expect("unit file");
-            assert!(text.contains("/usr/local/bin/cacheward"), "{unit}");
+            assert!(text.contains("/usr/bin/cacheward"), "{unit}");
             let path = dir.join(unit);
-            std::fs::write(&path, text.replace("/usr/local/bin/cacheward", BIN)).unwrap();
+            std::fs::write(&path, text.replace("/usr/bin/cacheward", BIN)).unwrap();
             path
         })
         .collect()
@@ -72,8 +72,9 @@ fn the_service_is_sandboxed() {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in: {text}"));
-    // 0 is fully locked down, 10 is unprotected; systemd calls up to 2.0 "OK".
-    assert!(exposure <= 2.0, "exposure {exposure}:\n{text}");
+    // 0 is fully locked down, 10 is unprotected; systemd calls up to 2.0 "OK". It is 1.2 today:
+    // no change may loosen it.
+    assert!(exposure <= 1.2, "exposure {exposure}:\n{text}");
 }
 
 #[test]

@@ -23,6 +23,10 @@ pub enum Tool {
     RedisPy,
     /// Prometheus's `promtool`, taken out of Debian's package into [`tools`].
     Promtool,
+    /// `cargo deb` (crates.io, pinned, installed into [`tools`]): the package test builds with it.
+    CargoDeb,
+    /// Debian's package checker.
+    Lintian,
 }
 
 impl Tool {
@@ -38,7 +42,15 @@ impl Tool {
                     .any(|d| d.path().join("site-packages/redis/cache.py").is_file())
             }),
             Tool::Promtool => tools().join("promtool").is_file(),
+            Tool::CargoDeb => cargo_deb().is_file(),
+            Tool::Lintian => on_path("lintian").is_some(),
         }
+    }
+
+    /// Packaging tools are installed only when a test asks for them: `serve --dev` and the other
+    /// tests never wait for them.
+    fn packaging(self) -> bool {
+        matches!(self, Tool::CargoDeb | Tool::Lintian)
     }
 
     fn package(self) -> &'static str {
@@ -50,6 +62,8 @@ impl Tool {
             Tool::KubernetesValidate => "kubernetes-validate (PyPI, in a virtualenv)",
             Tool::RedisPy => "redis-py (PyPI, in a virtualenv)",
             Tool::Promtool => "promtool (Debian's prometheus package, extracted)",
+            Tool::CargoDeb => "cargo-deb (crates.io, with cargo install)",
+            Tool::Lintian => "lintian",
         }
     }
 }
@@ -90,20 +104,27 @@ pub fn tools() -> PathBuf {
     }
 }
 
-/// Makes sure `tool` is installed: if it is missing, runs the install script (once per process)
-/// and checks again. The error names the package when it still is not there.
+/// `cargo deb`, as the install script puts it into [`tools`].
+pub fn cargo_deb() -> PathBuf {
+    tools().join("bin/cargo-deb")
+}
+
+/// Makes sure `tool` is installed: if it is missing, runs the install script (once per process,
+/// and once more for the packaging tools) and checks again. The error names the package when it
+/// still is not there.
 pub fn ensure(tool: Tool) -> Result<(), DevError> {
     if tool.present() {
         return Ok(());
     }
-    static RAN: Mutex<Option<Result<(), String>>> = Mutex::new(None);
-    let mut ran = RAN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    static RAN: Mutex<[Option<Result<(), String>>; 2]> = Mutex::new([None, None]);
+    let mut runs = RAN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let ran = &mut runs[usize::from(tool.packaging())];
     if ran.is_none() {
         eprintln!(
             "cacheward: {} is missing; installing what is missing (scripts/install-deps)",
             tool.package()
         );
-        *ran = Some(run_script());
+        *ran = Some(run_script(tool.packaging()));
     }
     if let Some(Err(e)) = ran.as_ref() {
         return Err(failed(format!("installing {}", tool.package()), e.clone()));
@@ -117,10 +138,15 @@ pub fn ensure(tool: Tool) -> Result<(), DevError> {
     }
 }
 
-fn run_script() -> Result<(), String> {
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(INSTALL_DEPS)
+fn run_script(packaging: bool) -> Result<(), String> {
+    let mut script = Command::new("bash");
+    if packaging {
+        // `bash -c SCRIPT NAME ARG`: the script's $1.
+        script.args(["-c", INSTALL_DEPS, "install-deps", "--packaging"]);
+    } else {
+        script.args(["-c", INSTALL_DEPS]);
+    }
+    let out = script
         .env("CACHEWARD_VENV", venv())
         .env("CACHEWARD_TOOLS", tools())
         .output()
