@@ -195,6 +195,7 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
             .await
             .unwrap();
     }
+    check_reaches_every_primary_from_one_seed(&cluster, &config).await;
     let daemon = env.start_daemon(config).await;
     let mut conn = connect(&cluster).await;
     let pg = env.pg().await;
@@ -685,6 +686,65 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     }
     assert_eq!(cluster.primaries().len(), 3, "the replica was promoted");
     daemon.stop().await;
+}
+
+/// `check --connect` seeded by one node reaches every primary the cluster names and probes its
+/// user's rights there: a right one primary lacks (ACL users are per node) is named, with the
+/// node and the rule that grants it.
+async fn check_reaches_every_primary_from_one_seed(
+    cluster: &RedisCluster,
+    config: &cacheward::config::Config,
+) {
+    let acl = |port: u16, rules: &'static [&'static str]| async move {
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("checker")
+            .arg(rules)
+            .query_async::<()>(&mut direct(port).await)
+            .await
+            .unwrap();
+    };
+    for &port in cluster.ports() {
+        acl(port, &["on", ">pw", "~*", "&*", "+@all"]).await;
+    }
+    let seed = cluster.ports()[0];
+    let primaries = cluster.primaries();
+    assert_eq!(primaries.len(), 3);
+    let lacking = *primaries.iter().find(|&&p| p != seed).unwrap();
+    acl(lacking, &["-type"]).await;
+    let mut checked = config.clone();
+    checked.redis.url = Some(SecretUrl::new(format!(
+        "redis://checker:pw@127.0.0.1:{seed}"
+    )));
+    checked.redis.urls = Vec::new();
+    let found = cacheward::cli::check::backends(&checked).await;
+    let problems = found.problems_with("redis");
+    // One line per prefix (users', the declared table's), each naming the node and the rule.
+    assert_eq!(problems.len(), 2, "{found:#?}");
+    for (problem, prefix) in problems.iter().zip(["user:", "accounts:"]) {
+        assert!(
+            problem.contains(&format!("127.0.0.1:{lacking}"))
+                && problem.contains(&format!("ACL SETUSER checker +type '~{prefix}*'")),
+            "{found:#?}"
+        );
+    }
+    for port in primaries {
+        assert!(
+            found
+                .ok
+                .iter()
+                .any(|ok| ok.contains(&format!(":{port}")) && ok.ends_with("reached")),
+            "primary {port} not reached: {found:#?}"
+        );
+    }
+    for &port in cluster.ports() {
+        redis::cmd("ACL")
+            .arg("DELUSER")
+            .arg("checker")
+            .query_async::<()>(&mut direct(port).await)
+            .await
+            .unwrap();
+    }
 }
 
 async fn direct(port: u16) -> redis::aio::MultiplexedConnection {

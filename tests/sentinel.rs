@@ -43,6 +43,7 @@ async fn a_promoted_replica_that_missed_writes_is_followed_and_repaired() {
         .collect();
     config.redis.sentinel_master = Some(MASTER.into());
     config.redis.timeout_ms = 500;
+    check_probes_the_master_the_sentinels_name(&group, &config).await;
     let daemon = env.start_daemon(config).await;
     let mut client = daemon.client().await;
 
@@ -123,4 +124,50 @@ async fn a_promoted_replica_that_missed_writes_is_followed_and_repaired() {
     assert!(near["hits"].as_u64().unwrap() > 0, "{near}");
     assert!(near["flushes"].as_u64().unwrap() >= 2, "{near}");
     daemon.stop().await;
+}
+
+/// `check --connect` under Sentinel reaches the sentinels, then the master they name with
+/// `redis.url`'s user, and names a right that user lacks there with the rule that grants it.
+async fn check_probes_the_master_the_sentinels_name(
+    group: &RedisSentinels,
+    config: &cacheward::config::Config,
+) {
+    let primary = group.primary().expect("a primary");
+    let mut on_primary = redis::Client::open(format!("redis://127.0.0.1:{primary}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let acl = |args: &'static [&'static str]| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg(args);
+        cmd
+    };
+    acl(&[
+        "SETUSER", "checker", "on", ">pw", "~*", "&*", "+@all", "-scan",
+    ])
+    .query_async::<()>(&mut on_primary)
+    .await
+    .unwrap();
+    let mut checked = config.clone();
+    // Under Sentinel, redis.url lends its user (and TLS) to the master; its host is not used.
+    checked.redis.url = Some(SecretUrl::new("redis://checker:pw@127.0.0.1:1"));
+    let found = cacheward::cli::check::backends(&checked).await;
+    let problems = found.problems_with("redis");
+    assert_eq!(problems.len(), 1, "{found:#?}");
+    assert!(
+        problems[0].starts_with(&format!("redis master {MASTER} at 127.0.0.1:{primary}"))
+            && problems[0].contains("ACL SETUSER checker +scan"),
+        "{found:#?}"
+    );
+    let reached = found
+        .ok
+        .iter()
+        .filter(|ok| ok.starts_with("redis") && ok.ends_with(": reached"))
+        .count();
+    assert_eq!(reached, config.redis.urls.len() + 1, "{found:#?}");
+    acl(&["DELUSER", "checker"])
+        .query_async::<()>(&mut on_primary)
+        .await
+        .unwrap();
 }

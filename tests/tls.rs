@@ -126,6 +126,19 @@ async fn a_wrong_ca_names_the_certificate_and_the_daemon_is_not_ready() {
         "{e}"
     );
     assert!(e.contains("UnknownIssuer"), "{e}");
+    // `check --connect` says the same, as the problem it is.
+    let found = cacheward::cli::check::backends(&config).await;
+    let problem = *found
+        .problems_with("postgres")
+        .first()
+        .unwrap_or_else(|| panic!("{found:#?}"));
+    for part in [
+        "certificate of localhost",
+        &other.ca_file.display().to_string(),
+        "UnknownIssuer",
+    ] {
+        assert!(problem.contains(part), "{part} not in {problem}");
+    }
 
     let daemon = env.spawn_daemon(config, Hooks::default());
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -219,6 +232,18 @@ async fn rediss_with_a_ca_file_and_with_client_certificates() {
     assert!(
         e.contains("TLS") && e.contains("CertificateRequired"),
         "{e}"
+    );
+    // `check --connect` names it too: the server wants a client certificate.
+    let found = cacheward::cli::check::backends(&config).await;
+    let problem = *found
+        .problems_with("redis")
+        .first()
+        .unwrap_or_else(|| panic!("{found:#?}"));
+    assert!(
+        problem.contains("TLS failed")
+            && problem.contains("CertificateRequired")
+            && problem.contains(&format!("redis.tls_ca_file {}", ca.ca_file.display())),
+        "{problem}"
     );
 
     let (cert, key) = clients.issue("daemon", &["cacheward"], true);

@@ -22,6 +22,12 @@ pub struct Findings {
 }
 
 impl Findings {
+    /// The problems found with one backend (`"postgres"`, `"redis"`).
+    pub fn problems_with(&self, backend: &str) -> Vec<&str> {
+        let found = self.problems.iter().filter(|p| p.starts_with(backend));
+        found.map(String::as_str).collect()
+    }
+
     fn say(&mut self, result: Result<String, String>) {
         match result {
             Ok(fine) => self.ok.push(fine),
@@ -161,8 +167,11 @@ async fn grants(client: &tokio_postgres::Client, declared: &[Table], found: &mut
 }
 
 /// Each Redis server the configuration names (the URL, the seeds of a Cluster, the sentinels),
-/// reached as the daemon reaches it and asked for a PING.
+/// reached as the daemon reaches it and asked for a PING; then every server the daemon reads and
+/// writes, with what its user may run there: the URL's, every primary of a Cluster (its seeds
+/// and those they name), the master the sentinels name.
 async fn redis(config: &Config) -> Vec<Result<String, String>> {
+    use crate::config::RedisMode;
     let urls: Vec<(&str, &crate::config::SecretUrl)> = config
         .redis
         .url
@@ -171,59 +180,244 @@ async fn redis(config: &Config) -> Vec<Result<String, String>> {
         .chain(config.redis.urls.iter().map(|u| ("redis.urls", u)))
         .collect();
     let mut said = Vec::new();
+    // A reached seed of a Cluster, to ask for the others; the addresses probed already.
+    let mut seed = None;
+    let mut probed = Vec::new();
     for (key, url) in urls {
+        // Under Sentinel, redis.url only lends its settings (user, TLS) to the master.
+        if config.redis.mode == RedisMode::Sentinel && key == "redis.url" {
+            continue;
+        }
         let shown = url.redacted();
-        let reached = async {
-            let info = client::connection_info(url, key)?;
-            let user = info
-                .redis_settings()
-                .username()
-                .unwrap_or("default")
-                .to_owned();
-            let mut conn = client::manager(config, info, Some(BOUND), None)?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((conn, user))
-        };
-        let (mut conn, user) = match tokio::time::timeout(BOUND, reached).await {
-            Ok(Ok(reached)) => reached,
-            Ok(Err(e)) => {
-                said.push(Err(format!("redis {shown}: cannot reach: {e}")));
-                continue;
-            }
-            Err(_) => {
-                said.push(Err(format!("redis {shown}: no answer within {BOUND:?}")));
+        let info = match client::connection_info(url, key) {
+            Ok(info) => info,
+            Err(e) => {
+                said.push(Err(format!("redis {shown}: {e}")));
                 continue;
             }
         };
-        said.push(Ok(format!("redis {shown}: reached")));
+        let Some(conn) = reach(config, &info, &shown, &mut said).await else {
+            continue;
+        };
         // Sentinels serve no data: only the servers the daemon reads and writes are probed.
-        if config.redis.mode != crate::config::RedisMode::Sentinel {
-            let refused = acl(config, &mut conn).await;
-            if refused.is_empty() {
-                said.push(Ok(format!(
-                    "redis {shown}: user {user} may run what the daemon runs"
-                )));
-            }
-            for (what, grant, e) in refused {
-                said.push(Err(format!(
-                    "redis {shown}: user {user} may not {what}: {e}: ACL SETUSER {user} {grant}"
-                )));
-            }
+        if config.redis.mode != RedisMode::Sentinel {
+            probe(config, &conn, &shown, &user_of(&info), &mut said).await;
+            probed.push(info.addr().clone());
+        }
+        if config.redis.mode == RedisMode::Cluster && seed.is_none() {
+            seed = Some((info, conn));
         }
     }
+    match config.redis.mode {
+        RedisMode::Cluster => {
+            if let Some((info, conn)) = seed {
+                primaries(config, &info, conn, &probed, &mut said).await;
+            }
+        }
+        RedisMode::Sentinel => master(config, &mut said).await,
+        RedisMode::Standalone => {}
+    }
     said
+}
+
+/// The user a connection's settings log in as.
+fn user_of(info: &redis::ConnectionInfo) -> String {
+    info.redis_settings()
+        .username()
+        .unwrap_or("default")
+        .to_owned()
+}
+
+/// A connection to the server at `info`, if it answers a PING within [`BOUND`]; says which.
+async fn reach(
+    config: &Config,
+    info: &redis::ConnectionInfo,
+    shown: &str,
+    said: &mut Vec<Result<String, String>>,
+) -> Option<redis::aio::ConnectionManager> {
+    let reached = async {
+        let mut conn = client::manager(config, info.clone(), Some(BOUND), None)?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(|e| why(config, e))?;
+        Ok::<_, String>(conn)
+    };
+    match tokio::time::timeout(BOUND, reached).await {
+        Ok(Ok(conn)) => {
+            said.push(Ok(format!("redis {shown}: reached")));
+            Some(conn)
+        }
+        Ok(Err(e)) => {
+            said.push(Err(format!("redis {shown}: cannot reach: {e}")));
+            None
+        }
+        Err(_) => {
+            said.push(Err(format!("redis {shown}: no answer within {BOUND:?}")));
+            None
+        }
+    }
+}
+
+/// What a failed connection says, as the daemon says it ("TLS failed", "refused the
+/// connection"), and for TLS the files it was made with (the system's roots when none).
+fn why(config: &Config, e: redis::RedisError) -> String {
+    let e = crate::store::redis::CacheError::from(e);
+    let r = &config.redis;
+    let custom = r.tls_ca_file.is_some() || r.tls_cert_file.is_some();
+    match e.kind() {
+        crate::store::redis::CacheErrorKind::Tls if custom => client::tls_files_failed(config, &e),
+        crate::store::redis::CacheErrorKind::Tls => format!("{e} (the system's roots)"),
+        _ => e.to_string(),
+    }
+}
+
+/// Every primary of the Cluster `seed` belongs to that was not probed as a seed: reached with
+/// the seed's settings, and probed.
+async fn primaries(
+    config: &Config,
+    info: &redis::ConnectionInfo,
+    mut seed: redis::aio::ConnectionManager,
+    probed: &[redis::ConnectionAddr],
+    said: &mut Vec<Result<String, String>>,
+) {
+    let nodes = match redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async::<String>(&mut seed)
+        .await
+    {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            let shown = address(info.addr());
+            return said.push(Err(format!(
+                "redis {shown}: CLUSTER NODES failed, the other primaries are not checked: {e}"
+            )));
+        }
+    };
+    for (host, port) in primary_addresses(&nodes) {
+        let Ok(node) = client::at_address(Some(info), &host, port) else {
+            continue;
+        };
+        if probed.contains(node.addr()) {
+            continue;
+        }
+        let shown = format!("{} (a primary of the cluster)", address(node.addr()));
+        if let Some(conn) = reach(config, &node, &shown, said).await {
+            probe(config, &conn, &shown, &user_of(&node), said).await;
+        }
+    }
+}
+
+/// The `host:port` of every primary `CLUSTER NODES` lists that is not failed or without address.
+fn primary_addresses(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+            let serving = flags.contains(&"master")
+                && !flags
+                    .iter()
+                    .any(|f| matches!(*f, "fail" | "fail?" | "noaddr" | "handshake"));
+            // ip:port@cport[,hostname]
+            let addr = fields.get(1)?.split(['@', ',']).next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            serving.then(|| Some((host.to_owned(), port.parse().ok()?)))?
+        })
+        .collect()
+}
+
+fn address(addr: &redis::ConnectionAddr) -> String {
+    match addr {
+        redis::ConnectionAddr::Tcp(host, port)
+        | redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
+        redis::ConnectionAddr::Unix(path) => path.display().to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The master the sentinels name, reached as the daemon reaches it, and probed.
+async fn master(config: &Config, said: &mut Vec<Result<String, String>>) {
+    let name = config.redis.sentinel_master.clone().unwrap_or_default();
+    let sentinel = match crate::store::redis::sentinel::SentinelConn::new(config, None) {
+        Ok(sentinel) => sentinel,
+        Err(e) => return said.push(Err(format!("redis master {name}: {e}"))),
+    };
+    let asked = async {
+        let (host, port) = sentinel.ask_sentinels().await?;
+        sentinel.command(&redis::cmd("PING")).await?;
+        Ok::<_, redis::RedisError>(format!("{host}:{port}"))
+    };
+    let at = match tokio::time::timeout(BOUND, asked).await {
+        Ok(Ok(at)) => at,
+        Ok(Err(e)) => {
+            return said.push(Err(format!(
+                "redis master {name}: cannot reach it through the sentinels: {e}"
+            )))
+        }
+        Err(_) => {
+            return said.push(Err(format!(
+                "redis master {name}: no answer within {BOUND:?}"
+            )))
+        }
+    };
+    let shown = format!("master {name} at {at}");
+    said.push(Ok(format!("redis {shown}: reached")));
+    let user = match &config.redis.url {
+        Some(url) => client::connection_info(url, "redis.url")
+            .map(|info| user_of(&info))
+            .unwrap_or_else(|_| "default".into()),
+        None => "default".into(),
+    };
+    let run = |cmd: redis::Cmd| {
+        let sentinel = sentinel.clone();
+        async move { sentinel.command(&cmd).await }
+    };
+    tell(refused(config, run).await, &shown, &user, said);
+}
+
+/// Whether the user of `conn` may run what the daemon runs on its server; says so, or names
+/// each right it lacks.
+async fn probe(
+    config: &Config,
+    conn: &redis::aio::ConnectionManager,
+    shown: &str,
+    user: &str,
+    said: &mut Vec<Result<String, String>>,
+) {
+    let run = |cmd: redis::Cmd| {
+        let mut conn = conn.clone();
+        async move { cmd.query_async::<redis::Value>(&mut conn).await }
+    };
+    tell(refused(config, run).await, shown, user, said);
+}
+
+fn tell(
+    refused: Vec<(String, String, String)>,
+    shown: &str,
+    user: &str,
+    said: &mut Vec<Result<String, String>>,
+) {
+    if refused.is_empty() {
+        said.push(Ok(format!(
+            "redis {shown}: user {user} may run what the daemon runs"
+        )));
+    }
+    for (what, grant, e) in refused {
+        said.push(Err(format!(
+            "redis {shown}: user {user} may not {what}: {e}: ACL SETUSER {user} {grant}"
+        )));
+    }
 }
 
 /// What the daemon runs on a data server, each tried in a form that changes nothing (a `SET …
 /// XX` of a key that does not exist) on a key under each prefix cacheward writes: those Redis
 /// refuses (an ACL's `NOPERM`), with the ACL rules that allow it and Redis's error.
-async fn acl(
-    config: &Config,
-    conn: &mut redis::aio::ConnectionManager,
-) -> Vec<(String, String, String)> {
+async fn refused<F, Fut>(config: &Config, mut run: F) -> Vec<(String, String, String)>
+where
+    F: FnMut(redis::Cmd) -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<redis::Value>>,
+{
     let mut prefixes = vec![config.cache.key_prefix.clone()];
     for (name, table) in &config.tables {
         prefixes.push(table.prefix(name));
@@ -283,10 +477,17 @@ async fn acl(
         tries.push((what, format!("+eval {keys}"), eval));
     }
     for (what, grant, cmd) in tries {
-        if let Err(e) = cmd.query_async::<redis::Value>(conn).await {
-            let denied = e.code() == Some("NOPERM") || e.to_string().contains("NoPerm");
-            if denied && !refused.iter().any(|(w, _, _)| *w == what) {
-                refused.push((what, grant, e.to_string()));
+        // A refusal comes as an error, or (through the Sentinel connection) as an error value.
+        let denied = match run(cmd).await {
+            Err(e) if e.code() == Some("NOPERM") || e.to_string().contains("NoPerm") => {
+                Some(e.to_string())
+            }
+            Ok(redis::Value::ServerError(e)) if e.code() == "NOPERM" => Some(e.to_string()),
+            _ => None,
+        };
+        if let Some(e) = denied {
+            if !refused.iter().any(|(w, _, _)| *w == what) {
+                refused.push((what, grant, e));
             }
         }
     }

@@ -143,7 +143,10 @@ impl Config {
             None => "the environment".to_owned(),
         };
         check_known_keys(&layered, &origin)?;
-        let config: Config = layered.try_deserialize()?;
+        let config: Config = layered
+            .clone()
+            .try_deserialize()
+            .map_err(|first| every_type_error(&layered, first))?;
         // Known before anything can fail on them, so that no log line or error shows them.
         crate::support::secrets::register(
             config
@@ -372,6 +375,35 @@ fn check_known_keys(layered: &config::Config, origin: &str) -> Result<(), Config
     }
 }
 
+/// config-rs stops at the first value of the wrong type: this names every one, each key (each
+/// declared table as a whole) deserialized alone over the defaults. `first` when none fails alone.
+fn every_type_error(layered: &config::Config, first: config::ConfigError) -> ConfigError {
+    let given: serde_json::Value = match layered.clone().try_deserialize() {
+        Ok(given) => given,
+        Err(_) => return first.into(),
+    };
+    let keys = given
+        .as_object()
+        .into_iter()
+        .flatten()
+        .flat_map(|(section, entries)| {
+            let names = entries.as_object().into_iter().flat_map(|e| e.keys());
+            names.map(move |name| format!("{section}.{name}"))
+        });
+    let alone = |key: &str| -> Option<ConfigError> {
+        let value: config::Value = layered.get(key).ok()?;
+        let layer = config::Config::builder().set_override(key, value).ok()?;
+        let error = layer.build().ok()?.try_deserialize::<Config>().err()?;
+        Some(error.into())
+    };
+    let mut errors: Vec<ConfigError> = keys.filter_map(|key| alone(&key)).collect();
+    match errors.len() {
+        0 => first.into(),
+        1 => errors.remove(0),
+        _ => ConfigError::Several(errors),
+    }
+}
+
 /// Refuses any key of a `[tables.NAME]` section that a table does not have.
 fn check_table_keys(
     tables: &serde_json::Value,
@@ -528,6 +560,34 @@ mod tests {
         assert_eq!(c.cache.ttl_secs, 10);
         assert_eq!(c.socket.max_connections, 7);
         assert_eq!(c.postgres.url.unwrap().expose(), "postgresql://plain@h/db");
+    }
+
+    #[test]
+    fn every_value_of_the_wrong_type_is_named_not_just_the_first() {
+        let file = "[socket]\nmax_connections = \"many\"\nmode = 660\n\
+                    [cache]\nttl_secs = \"an hour\"\n\
+                    [tables.accounts]\nkey = \"id\"\n";
+        let said = load(&[], Some(file)).unwrap_err().to_string();
+        for key in [
+            "socket.max_connections",
+            "socket.mode",
+            "cache.ttl_secs",
+            "tables.accounts",
+        ] {
+            assert!(
+                said.contains(&format!("`{key}")),
+                "{key} not named in:\n{said}"
+            );
+        }
+        assert_eq!(said.lines().count(), 4, "{said}");
+        // Right types everywhere else: the one wrong value alone.
+        let said = load(&[], Some("[cache]\nttl_secs = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            said.contains("`cache.ttl_secs`") && !said.contains('\n'),
+            "{said}"
+        );
     }
 
     #[test]
