@@ -283,3 +283,23 @@ fn the_dashboard_and_the_rules_query_only_metrics_the_daemon_serves() {
         assert!(rules.contains(&format!("alert: {alert}")), "{alert}");
     }
 }
+
+/// `serve --dev` installs only what it runs: the install script's `servers` group (with both
+/// servers present, as here) fetches none of the tests' tools, no virtualenv and no kubectl.
+#[test]
+fn the_servers_group_installs_nothing_the_tests_alone_need() {
+    install::ensure(Tool::Postgres).expect("postgres");
+    install::ensure(Tool::Redis).expect("redis");
+    let dir = tempfile::tempdir().unwrap();
+    let (venv, tools) = (dir.path().join("venv"), dir.path().join("tools"));
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-deps"))
+        .arg("servers")
+        .env("CACHEWARD_VENV", &venv)
+        .env("CACHEWARD_TOOLS", &tools)
+        .output()
+        .expect("bash");
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(!venv.exists() && !tools.exists(), "{}", said(&out));
+    assert!(said(&out).trim().is_empty(), "{}", said(&out));
+}

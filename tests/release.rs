@@ -185,6 +185,37 @@ async fn the_debian_package_is_lintian_clean_installs_works_and_purges() {
         "the changelog's first entry is not this version's"
     );
 
+    // The maintainer scripts start nothing and enable nothing: an upgrade restarts what runs
+    // (try-restart), removal stops it.
+    let control = out.path().join("control");
+    run(
+        "dpkg-deb -e",
+        Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control),
+    );
+    let postinst = std::fs::read_to_string(control.join("postinst")).expect("a postinst");
+    let invoked: Vec<&str> = postinst
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("deb-systemd-invoke") || l.starts_with("systemctl"))
+        .collect();
+    assert_eq!(
+        invoked,
+        [
+            "systemctl --system daemon-reload >/dev/null || true",
+            "deb-systemd-invoke try-restart cacheward-migrate.service cacheward.service >/dev/null || true"
+        ],
+        "{postinst}"
+    );
+    assert!(
+        postinst.contains("if deb-systemd-helper --quiet was-enabled cacheward.service; then"),
+        "enabling is only ever restoring what the operator enabled:\n{postinst}"
+    );
+    let prerm = std::fs::read_to_string(control.join("prerm")).expect("a prerm");
+    assert!(
+        prerm.contains("deb-systemd-invoke stop cacheward-migrate.service cacheward.service"),
+        "{prerm}"
+    );
+
     // lintian: no error, no warning; an override that no longer matches anything is one too.
     let lint = Command::new("lintian")
         .args(["--info", "--display-level", ">=info"])
@@ -198,6 +229,17 @@ async fn the_debian_package_is_lintian_clean_installs_works_and_purges() {
         .collect();
     assert!(lint.status.success() && bad.is_empty(), "{findings}");
 
+    // The test installs and purges its own package: it must not take an operator's with it.
+    assert_eq!(
+        dpkg_status(),
+        "not-installed",
+        "cacheward is installed on this machine (or its configuration is left): the package test \
+         would replace and purge it; run `dpkg --purge cacheward` first, or test elsewhere"
+    );
+    assert!(
+        !Path::new("/etc/cacheward").exists(),
+        "/etc/cacheward exists on this machine: the package test would purge it; move it away first"
+    );
     // Installed with dpkg: the binary, the units, the user and group, the conffiles; nothing
     // enabled or started.
     let _purge = Installed;

@@ -1,6 +1,7 @@
 //! Provisioning: what the dev servers and the tests run, installed the first time it is missing,
-//! by `scripts/install-deps` (embedded here, run once per process, under its own lock): so that
-//! `serve --dev` and `cargo test` need nothing but a Rust toolchain on a Debian machine.
+//! by `scripts/install-deps` (embedded here, run once per process and group, under its own lock):
+//! so that `serve --dev` and `cargo test` need nothing but a Rust toolchain on a Debian machine,
+//! and `serve --dev` installs only the servers it runs.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -52,10 +53,14 @@ impl Tool {
         }
     }
 
-    /// Packaging tools are installed only when a test asks for them: `serve --dev` and the other
-    /// tests never wait for them.
-    fn packaging(self) -> bool {
-        matches!(self, Tool::CargoDeb | Tool::Lintian)
+    /// The install script's group that installs it: `serve --dev` needs only the servers, and
+    /// the package test's tools are installed only when it runs.
+    fn group(self) -> Group {
+        match self {
+            Tool::Postgres | Tool::Redis => Group::Servers,
+            Tool::CargoDeb | Tool::Lintian => Group::Packaging,
+            _ => Group::Tests,
+        }
     }
 
     fn package(self) -> &'static str {
@@ -120,27 +125,47 @@ pub fn tools() -> PathBuf {
     }
 }
 
+/// The install script's groups (its arguments).
+#[derive(Debug, Clone, Copy)]
+enum Group {
+    Servers = 0,
+    Tests = 1,
+    Packaging = 2,
+}
+
+impl Group {
+    fn name(self) -> &'static str {
+        match self {
+            Group::Servers => "servers",
+            Group::Tests => "tests",
+            Group::Packaging => "packaging",
+        }
+    }
+}
+
 /// `cargo deb`, as the install script puts it into [`tools`].
 pub fn cargo_deb() -> PathBuf {
     tools().join("bin/cargo-deb")
 }
 
-/// Makes sure `tool` is installed: if it is missing, runs the install script (once per process,
-/// and once more for the packaging tools) and checks again. The error names the package when it
+/// Makes sure `tool` is installed: if it is missing, runs the install script for its group (once
+/// per process and group) and checks again. The error names the package when it
 /// still is not there.
 pub fn ensure(tool: Tool) -> Result<(), DevError> {
     if tool.present() {
         return Ok(());
     }
-    static RAN: Mutex<[Option<Result<(), String>>; 2]> = Mutex::new([None, None]);
+    static RAN: Mutex<[Option<Result<(), String>>; 3]> = Mutex::new([None, None, None]);
     let mut runs = RAN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let ran = &mut runs[usize::from(tool.packaging())];
+    let group = tool.group();
+    let ran = &mut runs[group as usize];
     if ran.is_none() {
         eprintln!(
-            "cacheward: {} is missing; installing what is missing (scripts/install-deps)",
-            tool.package()
+            "cacheward: {} is missing; installing what is missing (scripts/install-deps {})",
+            tool.package(),
+            group.name()
         );
-        *ran = Some(run_script(tool.packaging()));
+        *ran = Some(run_script(group));
     }
     if let Some(Err(e)) = ran.as_ref() {
         return Err(failed(format!("installing {}", tool.package()), e.clone()));
@@ -154,14 +179,10 @@ pub fn ensure(tool: Tool) -> Result<(), DevError> {
     }
 }
 
-fn run_script(packaging: bool) -> Result<(), String> {
+fn run_script(group: Group) -> Result<(), String> {
     let mut script = Command::new("bash");
-    if packaging {
-        // `bash -c SCRIPT NAME ARG`: the script's $1.
-        script.args(["-c", INSTALL_DEPS, "install-deps", "--packaging"]);
-    } else {
-        script.args(["-c", INSTALL_DEPS]);
-    }
+    // `bash -c SCRIPT NAME ARG`: the script's $1.
+    script.args(["-c", INSTALL_DEPS, "install-deps", group.name()]);
     let out = script
         .env("CACHEWARD_VENV", venv())
         .env("CACHEWARD_TOOLS", tools())
