@@ -742,3 +742,99 @@ async fn a_row_with_a_tombstone_column_is_dropped_like_any_other() {
     );
     daemon.stop().await;
 }
+
+/// The audit's fence forgeries: from any client allowed the prefix, the fence key is set to a
+/// number above anything the version sequence has drawn, to something that is not a number, or
+/// deleted, and every row is changed at once. No answer may stay at the old version: a write the
+/// fence refuses drops the older entry it would have replaced, and the daemon replaces a forged
+/// fence (counting what it refused meanwhile) so the cache fills again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_or_deleted_fence_never_keeps_a_stale_entry_served() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let mut client = daemon.client().await;
+    let names = names(10);
+    insert(&env, &names).await;
+    let pg = env.pg().await;
+    for forgery in [Some("9223372036854775807"), Some("notanumber"), None] {
+        // Warm: every name cached at its current version.
+        for name in &names {
+            client.get(name).await;
+        }
+        for name in &names {
+            assert_eq!(client.get(name).await["result"]["source"], json!("cache"));
+        }
+        let mut redis = env.redis().await;
+        let mut forge = match forgery {
+            Some(_) => redis::cmd("SET"),
+            None => redis::cmd("DEL"),
+        };
+        forge.arg("user:");
+        if let Some(value) = forgery {
+            forge.arg(value);
+        }
+        forge.query_async::<()>(&mut redis).await.unwrap();
+        // Every row changes (a new version each), at once.
+        pg.execute(
+            "UPDATE users SET username = username WHERE username = ANY($1)",
+            &[&names],
+        )
+        .await
+        .unwrap();
+        wait_until(
+            &format!("every answer at the new version after {forgery:?}"),
+            Duration::from_secs(3),
+            || async {
+                for name in &names {
+                    let answer = daemon.client().await.get(name).await;
+                    if Some(&answer["result"]["user"]) != env.row_json(name).await.as_ref() {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
+        // The fence is the daemon's again, and the cache fills.
+        wait_until(
+            &format!("the fence replaced after {forgery:?}"),
+            Duration::from_secs(3),
+            || async {
+                let fence: Option<String> = redis::cmd("GET")
+                    .arg("user:")
+                    .query_async(&mut env.redis().await)
+                    .await
+                    .unwrap();
+                fence
+                    .and_then(|f| f.parse::<i64>().ok())
+                    .is_some_and(|f| f < i64::MAX)
+            },
+        )
+        .await;
+        let name = &names[0];
+        wait_until(
+            &format!("the cache fills again after {forgery:?}"),
+            Duration::from_secs(3),
+            || async {
+                let mut c = daemon.client().await;
+                c.get(name).await;
+                c.get(name).await["result"]["source"] == json!("cache")
+            },
+        )
+        .await;
+        // And nothing answers older than its row from then on.
+        for name in &names {
+            let answer = client.get(name).await;
+            assert_eq!(
+                Some(&answer["result"]["user"]),
+                env.row_json(name).await.as_ref(),
+                "{name} after {forgery:?}"
+            );
+        }
+    }
+    let refused = daemon.stats().await["fenced_writes_refused"]
+        .as_u64()
+        .unwrap();
+    assert!(refused >= 10, "refused writes are counted: {refused}");
+    daemon.stop().await;
+}

@@ -231,6 +231,7 @@ async fn stats_line(service: Arc<Service>, every: Duration, stop: CancellationTo
             cache_misses = s.cache_misses,
             db_queries = s.db_queries,
             stale_writes_refused = s.stale_writes_refused,
+            fenced_writes_refused = s.fenced_writes_refused,
             foreign_values_skipped = s.foreign_values_skipped,
             repairs_pending = s.repairs_pending,
             near_hits = s.near_cache.hits,

@@ -39,7 +39,7 @@ pub fn render(service: &Service) -> String {
         }
     };
     let up = |b| u64::from(service.health.is_up(b));
-    let plain: [(&str, &str, &str, u64); 29] = [
+    let plain: [(&str, &str, &str, u64); 30] = [
         (
             "cacheward_foreign_values_skipped_total",
             "counter",
@@ -51,6 +51,12 @@ pub fn render(service: &Service) -> String {
             "counter",
             "Cache writes refused because Redis held a newer version.",
             s.stale_writes_refused,
+        ),
+        (
+            "cacheward_fenced_writes_refused_total",
+            "counter",
+            "Live cache writes refused by a fence (read before it, or no usable fence).",
+            s.fenced_writes_refused,
         ),
         (
             "cacheward_ready",

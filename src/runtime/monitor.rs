@@ -16,6 +16,9 @@ use crate::support::time::within;
 
 /// How often the monitor checks both backends (and drains the repair queue).
 const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
+/// The least time between two looks when writes refused by a fence call for one sooner than the
+/// tick (while Redis has no fence, every write is refused).
+const ALARM_GAP: Duration = Duration::from_millis(20);
 /// Consecutive failed checks of a Cluster after which its connection is made anew (see
 /// `topology::ClusterConn`).
 const RENEW_AFTER: u32 = 4;
@@ -32,13 +35,17 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
     // What the monitor keeps between its looks at Redis.
     let mut watch = Watch::default();
     let mut ticker = tokio::time::interval(MONITOR_INTERVAL);
+    let mut last = tokio::time::Instant::now();
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
+            // A write refused by a fence: if the fence is wrong, the sooner it is seen the better.
+            _ = service.cache().fence_alarm().notified(), if last.elapsed() >= ALARM_GAP => {}
         }
+        last = tokio::time::Instant::now();
         if wedge_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
             tracing::warn!("test wedge: the health monitor stops here");
             stop.cancelled().await;
@@ -50,13 +57,18 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
             ping_postgres(&target, &mut probe)
         );
         let redis = match look {
-            Ok(look) => {
+            Ok(mut look) => {
                 if !look.distrust.is_empty() {
-                    service.repairs.distrust_slots(look.distrust);
+                    service
+                        .repairs
+                        .distrust_slots(std::mem::take(&mut look.distrust));
                 }
                 // Until PostgreSQL answers no fence can be drawn: writes are refused meanwhile.
                 if look.unfenced && postgres.is_ok() {
                     service.restore_fences(&watch).await;
+                }
+                if (look.forged || look.suspect) && postgres.is_ok() {
+                    service.replace_forged_fences(&mut watch, &look).await;
                 }
                 Ok(())
             }

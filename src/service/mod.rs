@@ -317,6 +317,7 @@ impl Service {
             cache_misses: s.cache_misses.load(Relaxed),
             db_queries: s.db_queries.load(Relaxed),
             stale_writes_refused: s.stale_writes_refused.load(Relaxed),
+            fenced_writes_refused: self.cache.fenced_refused(),
             foreign_values_skipped: s.foreign_values_skipped.load(Relaxed),
             rows_too_large: s.rows_too_large.load(Relaxed),
             tables: self

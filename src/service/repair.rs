@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use super::{db_result, Service, ServiceError};
 use crate::model::entry::Write;
 use crate::model::key::{Key, KeyParts};
-use crate::store::redis::Watch;
+use crate::store::redis::{Look, Watch};
 
 /// Names queued for repair before the queue gives up on names and clears the whole cache instead.
 pub const REPAIR_CAPACITY: usize = 100_000;
@@ -189,6 +189,33 @@ impl Service {
         let set = self.cache.restore_fences(watch, horizon).await;
         if set > 0 {
             tracing::info!(fence = horizon, slots = set, "cache fence set");
+        }
+    }
+
+    /// A fence that cannot be right (not a number, or above anything the version sequence has
+    /// drawn: someone else wrote it) keeps every change out of the cache; the entries there are
+    /// suspect too. The last look's suspects are checked against a horizon drawn now; each forged
+    /// fence is set to a fresh horizon and its primary's slots are distrusted (reads go to
+    /// PostgreSQL, the entries are dropped behind a fence drawn after). Called by the monitor.
+    pub async fn replace_forged_fences(&self, watch: &mut Watch, look: &Look) {
+        let mut forged = look.forged;
+        if look.suspect {
+            match self.db.fresh_horizon().await {
+                Ok(drawn) => forged |= self.cache.fences_above(watch, drawn),
+                Err(e) => return tracing::debug!(error = %e, "cannot check the cache fence yet"),
+            }
+        }
+        if !forged {
+            return;
+        }
+        let horizon = match self.db.fresh_horizon().await {
+            Ok(horizon) => horizon,
+            Err(e) => return tracing::debug!(error = %e, "cannot replace the cache fence yet"),
+        };
+        let slots = self.cache.reset_forged(watch, horizon).await;
+        if !slots.is_empty() {
+            tracing::warn!(fence = horizon, slots = slots.len(), "cache fence replaced");
+            self.repairs.distrust_slots(slots);
         }
     }
 

@@ -140,6 +140,8 @@ pub struct StatsReport {
     pub db_queries: u64,
     /// Cache writes refused because Redis held a newer version.
     pub stale_writes_refused: u64,
+    /// Live cache writes refused by a fence (read before it, or no fence or a wrong one there).
+    pub fenced_writes_refused: u64,
     /// Cache writes not made because the key held a value that is not cacheward's.
     pub foreign_values_skipped: u64,
     /// Declared tables' rows served but not cached: larger than `cache.max_entry_bytes`.

@@ -209,6 +209,22 @@ impl Router {
         }
     }
 
+    /// Sets every fence of `primary` that cannot be right (see `reset_fence.lua`) to `horizon`,
+    /// which must have been drawn after it was seen; returns every slot `primary` serves, all of
+    /// whose entries are suspect once one of its fences was forged.
+    pub async fn reset_fences(
+        &self,
+        primary: &Primary,
+        horizon: i64,
+    ) -> Result<Vec<u16>, CacheError> {
+        let slots: Vec<u16> = primary.slots(&self.keys).collect();
+        self.fence_scripts(primary, &slots, scripts::RESET_FENCE, horizon, |slot| {
+            self.keys.fence(slot)
+        })
+        .await?;
+        Ok(slots)
+    }
+
     /// Sets every missing fence of `primary` to `horizon`; returns how many it set. `horizon`
     /// must have been drawn after a fence was seen missing.
     pub async fn establish_fences(

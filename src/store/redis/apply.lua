@@ -10,8 +10,8 @@
 -- A value that is not cacheward's (another type, or a string that is neither a live entry nor a
 -- tombstone) is left alone. Returns per key: 1 applied, 0 refused (Redis holds a newer version,
 -- or a tombstone of this one), 2 nothing to do (this very version is live there already), 3
--- fenced (read before a fence, or no fence), 4 foreign (the key holds a value that is not
--- cacheward's).
+-- fenced (read before a fence, or no fence; an older live entry there is dropped all the same), 4
+-- foreign (the key holds a value that is not cacheward's).
 local function number_at(key)
   local value = redis.pcall('GET', key)
   if type(value) == 'string' then return tonumber(value) end
@@ -34,6 +34,16 @@ for n = 1, #KEYS - 1 - k do
   local read_at = tonumber(ARGV[5 * n - 1])
   if live and (fence == nil or read_at < fence or (own_fence ~= nil and read_at < own_fence)) then
     out[n] = 3
+    -- Refused, yet a newer version than a live entry there: that entry is stale for certain.
+    -- It goes (a tombstone one below this version), so that a fence that is wrong (set by
+    -- someone else, or deleted) can keep changes out of the cache but never keep stale ones in.
+    local current = redis.pcall('GET', key)
+    if type(current) == 'string' then
+      local v, tomb = read_entry(current)
+      if v ~= nil and not tomb and v < incoming then
+        redis.call('SET', key, tombstone(incoming - 1), 'EX', ttl)
+      end
+    end
   else
     local current = redis.pcall('GET', key)
     local apply = true

@@ -28,6 +28,15 @@ pub struct Cache {
     requests: Arc<Requests>,
     /// The near cache (`cache.local_max_bytes`), if on.
     near: Option<Arc<NearCache>>,
+    /// Live writes the fence refused, and the health monitor's alarm: a refusal may mean a fence
+    /// that cannot be right, which the monitor then looks at without waiting for its tick.
+    fenced: Arc<Fenced>,
+}
+
+#[derive(Default)]
+struct Fenced {
+    refused: std::sync::atomic::AtomicU64,
+    alarm: tokio::sync::Notify,
 }
 
 impl Cache {
@@ -72,7 +81,21 @@ impl Cache {
             requests: Arc::new(Requests::new(router.clone(), near.clone())),
             router,
             near,
+            fenced: Arc::default(),
         })
+    }
+
+    /// Live writes refused by a fence so far (a fill that read before a TRUNCATE; every write
+    /// while a fence is missing or wrong).
+    pub fn fenced_refused(&self) -> u64 {
+        self.fenced
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Notified when a write was refused by a fence (one permit however many).
+    pub fn fence_alarm(&self) -> &tokio::sync::Notify {
+        &self.fenced.alarm
     }
 
     /// The near cache's figures (all zero when it is off).
@@ -276,6 +299,12 @@ impl Cache {
                 all[i] = outcome;
             }
         }
+        let fenced = all.iter().filter(|o| **o == Outcome::Fenced).count() as u64;
+        if fenced > 0 {
+            let refused = &self.fenced.refused;
+            refused.fetch_add(fenced, std::sync::atomic::Ordering::Relaxed);
+            self.fenced.alarm.notify_one();
+        }
         Ok(all)
     }
 
@@ -370,6 +399,15 @@ impl Cache {
         horizon: i64,
     ) -> Result<usize, CacheError> {
         self.router.establish_fences(primary, horizon).await
+    }
+
+    /// See [`Router::reset_fences`].
+    pub(super) async fn reset_fences(
+        &self,
+        primary: &Primary,
+        horizon: i64,
+    ) -> Result<Vec<u16>, CacheError> {
+        self.router.reset_fences(primary, horizon).await
     }
 
     /// Takes the cache as it is now (the dev seed's first write): sets every missing fence from

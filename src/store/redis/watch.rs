@@ -15,10 +15,33 @@ pub struct Watch {
     epochs: Epochs,
     /// The primaries seen without a fence at the last look.
     unfenced: Vec<Primary>,
-    /// Whether `cache fence unusable` was said (once).
-    fence_broken: bool,
+    /// The fences seen at the last look, by primary.
+    fences: Vec<(Primary, i64)>,
+    /// The primaries whose fence cannot be right: not a number, or above anything the version
+    /// sequence has drawn (see [`Cache::fences_above`]).
+    forged: Vec<Primary>,
+    /// The highest horizon known drawn from the version sequence: a fence above it is looked at.
+    drawn: i64,
+    /// When `cache fence forged` was last said (at most every [`FORGED_SAY_EVERY`]).
+    forged_said: Option<std::time::Instant>,
     /// Whether Redis's eviction policy was looked at (once, at the first contact).
     policy_checked: bool,
+}
+
+/// While a forged fence cannot be replaced (PostgreSQL down), it is said at most this often.
+const FORGED_SAY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Watch {
+    /// Whether to say `cache fence forged` now; if so, it counts as said.
+    fn say_forged(&mut self) -> bool {
+        let due = self
+            .forged_said
+            .is_none_or(|at| at.elapsed() >= FORGED_SAY_EVERY);
+        if due {
+            self.forged_said = Some(std::time::Instant::now());
+        }
+        due
+    }
 }
 
 /// What one look at Redis found, in the terms the daemon acts on.
@@ -29,6 +52,12 @@ pub struct Look {
     /// Some primary has no fence (a first start, a restart, a FLUSHALL): draw a horizon now and
     /// hand it to [`Cache::restore_fences`].
     pub unfenced: bool,
+    /// Some fence is above the highest horizon known drawn: draw one now and hand it to
+    /// [`Cache::fences_above`] (above that too, it is forged).
+    pub suspect: bool,
+    /// Some fence holds a value that is not a number: draw a horizon and hand it to
+    /// [`Cache::reset_forged`].
+    pub forged: bool,
 }
 
 impl Cache {
@@ -51,28 +80,60 @@ impl Cache {
         }
         let distrust = watch.epochs.check(self.keys(), &nodes);
         watch.unfenced.clear();
-        let mut broken = None;
+        watch.fences.clear();
+        watch.forged.clear();
         for (primary, state) in nodes.iter().filter(|(_, state)| !state.elsewhere) {
             match &state.fence {
-                Ok(Some(_)) => {}
+                Ok(Some(fence)) => watch.fences.push((primary.clone(), *fence)),
                 Ok(None) => watch.unfenced.push(primary.clone()),
                 // Redis answered: it is up, but a fence key holds something not ours.
-                Err(reason) => broken = Some((primary, reason)),
+                Err(reason) => {
+                    if watch.say_forged() {
+                        let key = self.fence_key_of(primary);
+                        tracing::error!(key = %key.escape_debug(), error = %reason, "cache fence forged: the cache there is cleared and the fence set anew");
+                    }
+                    watch.forged.push(primary.clone());
+                }
             }
-        }
-        match broken {
-            Some((primary, reason)) if !watch.fence_broken => {
-                let key = self.fence_key_of(primary);
-                tracing::error!(key = %key.escape_debug(), error = %reason, "cache fence unusable: the cache is not filled until the key is removed");
-                watch.fence_broken = true;
-            }
-            Some(_) => {}
-            None => watch.fence_broken = false,
         }
         Ok(Look {
             distrust,
             unfenced: !watch.unfenced.is_empty(),
+            suspect: watch.fences.iter().any(|(_, f)| *f > watch.drawn),
+            forged: !watch.forged.is_empty(),
         })
+    }
+
+    /// Marks as forged every primary whose fence at the last look was above `drawn`, a horizon
+    /// drawn after that look: no fence of cacheward's is (each was drawn before it was set).
+    /// Returns whether any was.
+    pub fn fences_above(&self, watch: &mut Watch, drawn: i64) -> bool {
+        watch.drawn = watch.drawn.max(drawn);
+        for (primary, fence) in watch.fences.clone() {
+            if fence > drawn {
+                if watch.say_forged() {
+                    let key = self.fence_key_of(&primary);
+                    tracing::error!(key = %key.escape_debug(), fence, drawn, "cache fence forged: the cache there is cleared and the fence set anew");
+                }
+                watch.forged.push(primary);
+            }
+        }
+        !watch.forged.is_empty()
+    }
+
+    /// Sets the fences of the primaries the last look found forged to `horizon` (drawn after that
+    /// look), in every slot they serve; returns those slots, whose entries cannot be trusted (a
+    /// forged fence may have let stale writes in). A primary that cannot be reached now is tried
+    /// at the next look.
+    pub async fn reset_forged(&self, watch: &Watch, horizon: i64) -> Vec<u16> {
+        let mut slots = Vec::new();
+        for primary in &watch.forged {
+            match self.reset_fences(primary, horizon).await {
+                Ok(reset) => slots.extend(reset),
+                Err(e) => tracing::debug!(error = %e, "cannot reset the cache fence yet"),
+            }
+        }
+        slots
     }
 
     /// Sets the missing fences the last look found to `horizon`, which must have been drawn after
