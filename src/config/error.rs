@@ -11,9 +11,10 @@ pub enum ConfigError {
     #[error("config file {0} does not exist")]
     FileNotFound(PathBuf),
     /// A file could not be read or parsed, or a value has the wrong type (config-rs names the key).
-    /// Never echoes the file's text: a line that fails to parse may hold a password.
+    /// Never echoes the file's text: a line that fails to parse may hold a password. Not a
+    /// `source`: config-rs's own error quotes the line, and an error chain would print it.
     #[error("{}", load_error(.0))]
-    Load(#[from] config::ConfigError),
+    Load(config::ConfigError),
     /// A key that cacheward does not know: almost always a typo.
     #[error("unknown configuration key `{key}` (from {origin})")]
     UnknownKey { key: String, origin: String },
@@ -26,6 +27,12 @@ pub enum ConfigError {
     /// Several sections are wrong: each one's error, one per line.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Several(Vec<ConfigError>),
+}
+
+impl From<config::ConfigError> for ConfigError {
+    fn from(e: config::ConfigError) -> Self {
+        ConfigError::Load(e)
+    }
 }
 
 /// What a config-rs error may say: where a file failed to parse, never the text there; anything

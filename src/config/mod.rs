@@ -563,6 +563,27 @@ mod tests {
     }
 
     #[test]
+    fn a_line_that_fails_to_parse_is_never_quoted_not_even_down_the_error_chain() {
+        // Passwords with a quote or a backslash break the TOML line they are on.
+        for line in [
+            r#"url = "postgresql://u:se"cr\et@h/db""#,
+            r#"url = "postgresql://u:se\qcret@h/db""#,
+        ] {
+            let e = load(&[], Some(&format!("[postgres]\n{line}\n"))).unwrap_err();
+            let mut said = e.to_string();
+            let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                said.push_str(&format!("\n{c}"));
+                cause = c.source();
+            }
+            assert!(said.contains("line 2"), "{said}");
+            for secret in ["cr\\et", "qcret", "se\""] {
+                assert!(!said.contains(secret), "{secret} in {said}");
+            }
+        }
+    }
+
+    #[test]
     fn every_value_of_the_wrong_type_is_named_not_just_the_first() {
         let file = "[socket]\nmax_connections = \"many\"\nmode = 660\n\
                     [cache]\nttl_secs = \"an hour\"\n\
