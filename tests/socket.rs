@@ -18,6 +18,15 @@ const NOBODY: u32 = 65534;
 /// Forks a child that becomes `nobody` and runs `body` with the write end of a pipe, then exits.
 /// Returns the child's pid and the pipe's read end.
 fn fork_as_nobody(body: impl FnOnce(libc::c_int)) -> (libc::pid_t, std::fs::File) {
+    fork_as(NOBODY, &[], body)
+}
+
+/// [`fork_as_nobody`], as user nobody with primary group `gid` and supplementary `groups`.
+fn fork_as(
+    gid: libc::gid_t,
+    groups: &[libc::gid_t],
+    body: impl FnOnce(libc::c_int),
+) -> (libc::pid_t, std::fs::File) {
     let mut fds = [0; 2];
     // SAFETY: a plain pipe(2) into a two-element array.
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
@@ -27,8 +36,8 @@ fn fork_as_nobody(body: impl FnOnce(libc::c_int)) -> (libc::pid_t, std::fs::File
     if pid == 0 {
         unsafe {
             libc::close(fds[0]);
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(NOBODY) != 0
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
                 || libc::setuid(NOBODY) != 0
             {
                 libc::_exit(2);
@@ -198,7 +207,12 @@ async fn another_uid_never_reaches_the_socket_across_restarts_under_umask_000() 
 
 /// Runs `f` in a forked child that has become `nobody`; returns what it wrote back.
 fn as_nobody(f: impl FnOnce() -> Vec<u8>) -> Vec<u8> {
-    let (pid, mut read) = fork_as_nobody(|out| {
+    as_member(NOBODY, &[], f)
+}
+
+/// [`as_nobody`], with primary group `gid` and supplementary `groups`.
+fn as_member(gid: libc::gid_t, groups: &[libc::gid_t], f: impl FnOnce() -> Vec<u8>) -> Vec<u8> {
+    let (pid, mut read) = fork_as(gid, groups, |out| {
         let said = f();
         // SAFETY: writing our own buffer to our own pipe.
         unsafe { libc::write(out, said.as_ptr().cast(), said.len()) };
@@ -327,11 +341,50 @@ async fn peers_are_admitted_and_limited_by_their_credentials() {
         json!("forbidden"),
         "{text}"
     );
-    let answer: Value = serde_json::from_slice(&exchange(&socket, &[put])).unwrap();
+    let answer: Value =
+        serde_json::from_slice(&exchange(&socket, std::slice::from_ref(&put))).unwrap();
     assert_eq!(
         answer["result"]["created"],
         json!(false),
         "root may write: {answer}"
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.wait_exit(Duration::from_secs(15));
+
+    // Groups count whether primary or supplementary: a member of the read-only group 4242 that
+    // made another group its primary one (`sg`, `newgrp`) is still read-only; only members of
+    // 4343 (and root, the test) may connect, by a supplementary group too.
+    let mut daemon = common::DaemonProcess::spawn_with(
+        &env,
+        "groups",
+        &[
+            ("CACHEWARD__SOCKET__PATH", socket.to_str().unwrap()),
+            ("CACHEWARD__SOCKET__MODE", "0666"),
+            ("CACHEWARD__SOCKET__ALLOW_GIDS", "4343,0"),
+            ("CACHEWARD__SOCKET__READONLY_GIDS", "4242"),
+        ],
+    );
+    daemon.socket = socket.clone();
+    daemon.wait_ready().await;
+    let ask = |gid: u32, groups: &'static [u32]| {
+        let said = as_member(gid, groups, || {
+            exchange(&socket_for_child, std::slice::from_ref(&put))
+        });
+        let text = String::from_utf8_lossy(&said).into_owned();
+        serde_json::from_str::<Value>(text.trim()).unwrap_or(Value::Null)
+    };
+    let sg = ask(4343, &[4242, 4343]);
+    assert_eq!(sg["error"]["data"]["kind"], json!("forbidden"), "{sg}");
+    let member = ask(NOBODY, &[4343]);
+    assert!(
+        member["result"].is_object(),
+        "a supplementary member: {member}"
+    );
+    let stranger = ask(NOBODY, &[4242]);
+    assert_eq!(
+        stranger,
+        Value::Null,
+        "not a member of 4343: closed at accept"
     );
     daemon.signal(libc::SIGTERM);
     daemon.wait_exit(Duration::from_secs(15));
