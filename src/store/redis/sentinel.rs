@@ -50,6 +50,7 @@ impl SentinelConn {
             .as_ref()
             .map(|url| connection_info(url, "redis.url"))
             .transpose()?;
+        let template = master_template(template, &sentinels);
         Ok(SentinelConn {
             inner: Arc::new(SentinelInner {
                 config: config.clone(),
@@ -259,5 +260,52 @@ impl SentinelConn {
             }
         }
         result
+    }
+}
+
+/// The settings the primary is reached with: `redis.url`'s when set (its host unused); else,
+/// when the sentinels are reached over TLS, TLS with no user of its own, so that a password
+/// (`redis.password_file`) never crosses the network in the clear where the sentinels' did not.
+fn master_template(
+    template: Option<ConnectionInfo>,
+    sentinels: &[ConnectionInfo],
+) -> Option<ConnectionInfo> {
+    template.or_else(|| {
+        let tls = sentinels
+            .iter()
+            .find(|s| matches!(s.addr(), redis::ConnectionAddr::TcpTls { .. }))?;
+        Some(
+            tls.clone()
+                .set_redis_settings(redis::RedisConnectionInfo::default()),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(url: &str) -> ConnectionInfo {
+        redis::IntoConnectionInfo::into_connection_info(url).unwrap()
+    }
+
+    #[test]
+    fn the_primary_is_reached_over_tls_when_the_sentinels_are() {
+        let tls = |i: &ConnectionInfo| matches!(i.addr(), redis::ConnectionAddr::TcpTls { .. });
+        let sentinels = [info("rediss://s:pw@sentinel1:26379")];
+        let template = master_template(None, &sentinels);
+        let primary =
+            crate::store::redis::client::at_address(template.as_ref(), "10.0.0.5", 6379).unwrap();
+        assert!(tls(&primary), "{:?}", primary.addr());
+        // The sentinels' user and password are theirs alone.
+        assert_eq!(primary.redis_settings().username(), None);
+        assert_eq!(primary.redis_settings().password(), None);
+        // Plain sentinels, no redis.url: plain; redis.url set: its settings, whatever the sentinels'.
+        let plain = master_template(None, &[info("redis://sentinel1:26379")]);
+        let primary = crate::store::redis::client::at_address(plain.as_ref(), "h", 1).unwrap();
+        assert!(!tls(&primary));
+        let given = master_template(Some(info("redis://u:p@ignored:1")), &sentinels);
+        let primary = crate::store::redis::client::at_address(given.as_ref(), "h", 1).unwrap();
+        assert!(!tls(&primary) && primary.redis_settings().username() == Some("u"));
     }
 }
