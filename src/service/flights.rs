@@ -20,6 +20,10 @@ pub type Loaded = Result<Option<(String, Source)>, ServiceError>;
 pub struct Flight {
     result: OnceLock<Loaded>,
     done: Notify,
+    /// A loader took it: its database read may have begun.
+    claimed: std::sync::atomic::AtomicBool,
+    /// A read-your-writes get joined it: it must be answered by the database, not by Redis.
+    from_db: std::sync::atomic::AtomicBool,
 }
 
 impl Flight {
@@ -102,11 +106,31 @@ impl Flights {
     /// Joins the flight on `key`, or starts one and queues it (then returns true: the caller
     /// makes sure a loader runs). `asked_at` is when the caller's Redis read began.
     pub fn join(&self, key: &Key, asked_at: Instant) -> (Arc<Flight>, bool) {
+        self.join_where(key, asked_at, false)
+    }
+
+    /// [`Flights::join`], of a flight no loader took yet, else a new one (which takes the
+    /// flight's place for later joiners). For a get with a `min_version`: a flight whose
+    /// database read starts after the get arrived reads every write acknowledged before, and it
+    /// is answered by the database even where Redis was filled since (Redis may lag it).
+    pub fn join_fresh(&self, key: &Key, asked_at: Instant) -> (Arc<Flight>, bool) {
+        self.join_where(key, asked_at, true)
+    }
+
+    fn join_where(&self, key: &Key, asked_at: Instant, fresh: bool) -> (Arc<Flight>, bool) {
+        use std::sync::atomic::Ordering::SeqCst;
         let mut by_name = self.by_name.lock().expect("flight lock is never poisoned");
         if let Some(flight) = by_name.get(key) {
-            return (flight.clone(), false);
+            if !fresh {
+                return (flight.clone(), false);
+            }
+            if !flight.claimed.load(SeqCst) {
+                flight.from_db.store(true, SeqCst);
+                return (flight.clone(), false);
+            }
         }
         let flight = Arc::new(Flight::default());
+        flight.from_db.store(fresh, SeqCst);
         by_name.insert(key.clone(), flight.clone());
         drop(by_name);
         self.queue.push(Queued {
@@ -124,9 +148,15 @@ impl Flights {
 
     /// Up to `max` queued flights, oldest first, gathered as [`WorkQueue::gather`] does.
     pub async fn gather(self: &Arc<Self>, max: usize) -> Claimed {
+        let items = self.queue.gather(max).await;
+        for item in &items {
+            item.flight
+                .claimed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         Claimed {
             flights: self.clone(),
-            items: self.queue.gather(max).await,
+            items,
         }
     }
 }
@@ -159,6 +189,13 @@ impl Claimed {
     /// filled since, so it is worth reading again before the database.
     pub fn filled_since_asked(&self, i: usize) -> bool {
         let item = &self.items[i];
+        if item
+            .flight
+            .from_db
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return false;
+        }
         self.flights
             .completed
             .lock()
@@ -236,6 +273,31 @@ mod tests {
         // Old entries age out even below the capacity.
         c.record(&Key::user("late"), t0 + 2 * COMPLETED_MEMORY);
         assert_eq!(c.order.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_join_takes_only_a_flight_whose_read_has_not_begun() {
+        let flights = Arc::new(Flights::new(2));
+        let now = Instant::now();
+        let a = Key::user("a");
+        let (queued, started) = flights.join(&a, now);
+        assert!(started);
+        // Not taken yet: joined, and answered by the database from now on.
+        let (fresh, started) = flights.join_fresh(&a, now);
+        assert!(!started && Arc::ptr_eq(&queued, &fresh));
+        let _slot = flights.claim().unwrap();
+        let taken = flights.gather(10).await;
+        assert!(
+            !taken.filled_since_asked(0),
+            "a fresh flight never answers from Redis"
+        );
+        // Taken (its read may have begun): a fresh join starts its own, which later plain joins
+        // share, and which the old one's end does not remove.
+        let (second, started) = flights.join_fresh(&a, now);
+        assert!(started && !Arc::ptr_eq(&queued, &second));
+        assert!(Arc::ptr_eq(&flights.join(&a, now).0, &second));
+        taken.finish(0, Ok(None));
+        assert!(Arc::ptr_eq(&flights.join(&a, now).0, &second));
     }
 
     #[tokio::test]

@@ -38,8 +38,9 @@ impl Service {
     /// Cache-aside read of the gets a client pipelined together: Redis, else PostgreSQL (one
     /// query however many ask at once, and the misses that arrive meanwhile share it), then fill.
     /// A get with a `min_version` (read-your-writes) takes a cached entry only if it is at least
-    /// that new; otherwise it reads the database itself, never joining a read that may have
-    /// started before the write it waits for. One answer per name, in order.
+    /// that new; otherwise the database answers it, in a read shared with the other misses on
+    /// the name that begins after it arrived (never one that may have begun before the write it
+    /// waits for). One answer per name, in order.
     /// Keys of declared tables are answered with their entry (`{"version","row"}`), users' with
     /// the user's JSON.
     pub async fn get_many(
@@ -96,13 +97,17 @@ impl Service {
             self.hooks
                 .pause_after_miss(&misses.iter().map(|&i| keys[i].as_str()).collect::<Vec<_>>())
                 .await;
-            let (exact, shared): (Vec<usize>, Vec<usize>) =
-                misses.iter().partition(|&&i| min_version(i).is_some());
+            // A get with a min_version joins only a flight whose database read has not begun
+            // (and which the database answers): one that began may have read before the write
+            // it waits for.
             let mut queued = false;
-            let flights: Vec<_> = shared
+            let flights: Vec<_> = misses
                 .iter()
                 .map(|&i| {
-                    let (flight, started) = self.flights.join(&keys[i], asked_at);
+                    let (flight, started) = match min_version(i) {
+                        Some(_) => self.flights.join_fresh(&keys[i], asked_at),
+                        None => self.flights.join(&keys[i], asked_at),
+                    };
                     queued |= started;
                     flight
                 })
@@ -110,13 +115,7 @@ impl Service {
             if queued {
                 self.start_loader();
             }
-            if !exact.is_empty() {
-                let wanted: Vec<&Key> = exact.iter().map(|&i| &keys[i]).collect();
-                for (&i, found) in exact.iter().zip(self.read_now(&wanted).await) {
-                    answers[i] = Some(found);
-                }
-            }
-            for (&i, flight) in shared.iter().zip(flights) {
+            for (&i, flight) in misses.iter().zip(flights) {
                 answers[i] = Some(
                     flight
                         .wait()
@@ -128,36 +127,6 @@ impl Service {
         answers
             .into_iter()
             .map(|a| a.expect("every name answered"))
-            .collect()
-    }
-
-    /// Reads `keys` from the database in queries of their own (no flight), fills Redis with what
-    /// it found, and answers each: the row, or `not_found`.
-    async fn read_now(
-        self: &Arc<Self>,
-        keys: &[&Key],
-    ) -> Vec<Result<(String, Source), ServiceError>> {
-        let (users, rows): (Vec<usize>, Vec<usize>) =
-            (0..keys.len()).partition(|&i| keys[i].is_user());
-        let mut answers: Vec<Option<Result<(String, Source), ServiceError>>> =
-            vec![None; keys.len()];
-        if !rows.is_empty() {
-            let wanted: Vec<&Key> = rows.iter().map(|&i| keys[i]).collect();
-            let (found, writes) = self.read_rows(&wanted).await;
-            self.fill_rows(writes);
-            for (&i, answer) in rows.iter().zip(found) {
-                answers[i] = Some(answer.and_then(|a| a.ok_or_else(|| self.not_found(keys[i]))));
-            }
-        }
-        if !users.is_empty() {
-            let names: Vec<&str> = users.iter().map(|&i| keys[i].as_str()).collect();
-            for (&i, answer) in users.iter().zip(self.read_users_now(&names).await) {
-                answers[i] = Some(answer);
-            }
-        }
-        answers
-            .into_iter()
-            .map(|a| a.expect("every key answered"))
             .collect()
     }
 
@@ -174,32 +143,6 @@ impl Service {
                 Err(e) => service.cache_failed(&e, "fill"),
             }
         });
-    }
-
-    /// [`Service::read_now`] of users' names.
-    async fn read_users_now(
-        self: &Arc<Self>,
-        names: &[&str],
-    ) -> Vec<Result<(String, Source), ServiceError>> {
-        self.stats.db_queries.fetch_add(1, Relaxed);
-        let found = match db_result(self.db.find_users(names).await, &self.health) {
-            Ok(found) => found,
-            Err(e) => return names.iter().map(|_| Err(e.clone())).collect(),
-        };
-        let (answers, users, fill) = self.settle(names, found);
-        if let Some(fill) = fill {
-            let service = self.clone();
-            tokio::spawn(async move { service.filled(&users, fill.await) });
-        }
-        names
-            .iter()
-            .zip(answers)
-            .map(|(name, answer)| {
-                answer.and_then(|found| {
-                    found.ok_or_else(|| ServiceError::NotFound((*name).to_owned()))
-                })
-            })
-            .collect()
     }
 
     /// Whether Redis may answer for `key`: it is up, and no failed write left its entry in doubt.

@@ -39,6 +39,17 @@ struct Fenced {
     alarm: tokio::sync::Notify,
 }
 
+impl Fenced {
+    fn count(&self, outcomes: &[Outcome]) {
+        let fenced = outcomes.iter().filter(|o| **o == Outcome::Fenced).count() as u64;
+        if fenced > 0 {
+            self.refused
+                .fetch_add(fenced, std::sync::atomic::Ordering::Relaxed);
+            self.alarm.notify_one();
+        }
+    }
+}
+
 impl Cache {
     /// Prepares the connection; it is made lazily, so a Redis that is down now is not an error.
     /// With the near cache on, a task (spawned here: call it within the runtime) hands it what
@@ -141,9 +152,13 @@ impl Cache {
     }
 
     /// Invalidates the near cache's entries of `keys` (the daemon writes them).
-    fn invalidate_near<'a>(&self, keys: impl Iterator<Item = &'a Key>) {
+    /// Invalidates the near entries `writes` may change: those older than what each leaves.
+    fn invalidate_near_older(&self, writes: &[Write]) {
         if let Some(near) = &self.near {
-            near.invalidate_many(keys);
+            for write in writes {
+                let tombstone = matches!(write, Write::Tombstone { .. });
+                near.invalidate_older(write.key(), write.version(), tombstone);
+            }
         }
     }
 
@@ -262,8 +277,16 @@ impl Cache {
         writes: Vec<Write>,
     ) -> impl std::future::Future<Output = Result<Vec<Outcome>, CacheError>> {
         // A near entry older than the fill must not answer the gets that follow this one's answer.
-        self.invalidate_near(writes.iter().map(Write::key));
-        self.requests.fill(writes)
+        self.invalidate_near_older(&writes);
+        let fill = self.requests.fill(writes);
+        let fenced = self.fenced.clone();
+        async move {
+            let outcomes = fill.await;
+            if let Ok(outcomes) = &outcomes {
+                fenced.count(outcomes);
+            }
+            outcomes
+        }
     }
 
     /// Applies `writes` in one script call per slot (all at once); returns what each did.
@@ -273,9 +296,9 @@ impl Cache {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        self.invalidate_near(writes.iter().map(Write::key));
+        self.invalidate_near_older(writes);
         let applied = self.apply_now(writes).await;
-        self.invalidate_near(writes.iter().map(Write::key));
+        self.invalidate_near_older(writes);
         applied
     }
 
@@ -299,12 +322,7 @@ impl Cache {
                 all[i] = outcome;
             }
         }
-        let fenced = all.iter().filter(|o| **o == Outcome::Fenced).count() as u64;
-        if fenced > 0 {
-            let refused = &self.fenced.refused;
-            refused.fetch_add(fenced, std::sync::atomic::Ordering::Relaxed);
-            self.fenced.alarm.notify_one();
-        }
+        self.fenced.count(&all);
         Ok(all)
     }
 

@@ -283,17 +283,28 @@ impl NearCache {
         }
     }
 
+    /// [`NearCache::invalidate`], unless the entry held is at least as new as a write of
+    /// `version` leaves it (newer than a tombstone of `version`, which removes that very
+    /// version): such a write changes nothing the entry says. Without an entry, it invalidates
+    /// (a read on its way may hold an older value).
+    pub fn invalidate_older(&self, name: &Key, version: i64, tombstone: bool) {
+        let (hash, shard) = self.locate(name);
+        let held = shard
+            .find(hash, name)
+            .and_then(|at| shard.ring[at].as_ref());
+        let current = held.is_some_and(|e| match tombstone {
+            true => e.version > version,
+            false => e.version >= version,
+        });
+        drop(shard);
+        if !current {
+            self.invalidate(name);
+        }
+    }
+
     /// Tells `watcher` of every invalidation and flush from now on; `false` if one is set already.
     pub fn watch(&self, watcher: Arc<dyn Watcher>) -> bool {
         self.watcher.set(watcher).is_ok()
-    }
-
-    /// [`NearCache::invalidate`] for each of `names` (the daemon is about to write them, or
-    /// wrote them).
-    pub fn invalidate_many<'a>(&self, names: impl Iterator<Item = &'a Key>) {
-        for name in names {
-            self.invalidate(name);
-        }
     }
 
     /// Drops every entry and refuses every read asked for before now.

@@ -163,9 +163,13 @@ impl Requests {
                 }
                 Op::Fill { writes, reply } => {
                     // Refuses the near cache every read asked for before now: one ahead of the
-                    // fill in this pipeline reads what the fill replaces.
+                    // fill in this pipeline reads what the fill replaces (unless the entry held
+                    // is as new as the fill: then so is what that read finds).
                     if let Some(near) = &self.near {
-                        near.invalidate_many(writes.iter().map(Write::key));
+                        for write in writes.iter() {
+                            let tombstone = matches!(write, Write::Tombstone { .. });
+                            near.invalidate_older(write.key(), write.version(), tombstone);
+                        }
                     }
                     for (slot, at) in self.router.by_slot(writes.iter().map(Write::key)) {
                         let pipe = slots.entry(slot).or_default();
