@@ -209,6 +209,7 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
                 .is_some_and(|(version, _)| now.cached.version < *version);
             if older_than_the_row || now == suspect.first {
                 service.consistency.mismatched.fetch_add(1, Relaxed);
+                let repaired = repair(&service, &suspect.name, suspect.source, &now).await;
                 let table = service.tables.name(suspect.name.table());
                 tracing::warn!(
                     table,
@@ -217,6 +218,7 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
                     cached_version = now.cached.version,
                     row_version = now.row.as_ref().map(|(v, _)| *v),
                     window_ms = config.window_ms,
+                    repaired,
                     "cache entry differs from its row beyond the convergence window"
                 );
                 if outstanding.len() < MAX_HELD {
@@ -239,6 +241,34 @@ pub async fn run(service: Arc<Service>, config: ConsistencyConfig, stop: Cancell
         }
         *service.consistency.oldest.lock().expect("never poisoned") =
             outstanding.values().min().copied();
+    }
+}
+
+/// Drops an entry found wrong beyond the window, so that it is read from the database and filled
+/// anew: in Redis, replaced by a tombstone one below its row's version (or, with no row, at a
+/// fresh horizon), unless a write changed it since; in the near cache, dropped. Whatever version
+/// the wrong entry claims (one no row has, written around the daemon, included). Returns whether
+/// it was dropped.
+async fn repair(service: &Service, key: &Key, source: Source, now: &Look) -> bool {
+    match source {
+        Source::Near => {
+            service.cache.forget_near(key);
+            true
+        }
+        Source::Redis => {
+            let version = match &now.row {
+                Some((version, _)) => crate::model::entry::version_below(*version),
+                None => match service.db.fresh_horizon().await {
+                    Ok(horizon) => horizon,
+                    Err(_) => return false,
+                },
+            };
+            let replaced = service
+                .cache
+                .replace_wrong(key, &now.cached.json, version)
+                .await;
+            replaced.unwrap_or(false)
+        }
     }
 }
 

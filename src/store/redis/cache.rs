@@ -476,4 +476,43 @@ impl Cache {
     pub async fn get_raw(&self, keys: &[Key]) -> Result<Vec<Stored>, CacheError> {
         self.router.get_raw(keys).await
     }
+
+    /// Drops the near cache's entry of `key` (the consistency checker found it wrong).
+    pub fn forget_near(&self, key: &Key) {
+        if let Some(near) = &self.near {
+            near.invalidate(key);
+        }
+    }
+
+    /// Replaces the entry of `key` with a tombstone of `version` if Redis still holds exactly
+    /// `found` there (a write since makes the replacement moot), and drops the near entry. The
+    /// consistency checker's repair of an entry it found wrong beyond the window: a lost change,
+    /// or a value written around the daemon (a version no row has included). Returns whether
+    /// it replaced it.
+    pub async fn replace_wrong(
+        &self,
+        key: &Key,
+        found: &str,
+        version: i64,
+    ) -> Result<bool, CacheError> {
+        let keys = &self.router.keys;
+        let cmd = scripts::replace(
+            keys.entry(key),
+            found,
+            &crate::model::entry::tombstone_json(version),
+            keys.ttl(key.table()),
+        );
+        let slot = self.router.slot_of(key);
+        let answer = self
+            .router
+            .send_per_slot(vec![(slot, vec![cmd])], self.router.timeout)
+            .await
+            .pop()
+            .expect("one slot, one answer")?;
+        let replaced = decode::<i64>(answer.into_iter().next().expect("one answer"))? == 1;
+        if let Some(near) = &self.near {
+            near.invalidate(key);
+        }
+        Ok(replaced)
+    }
 }

@@ -19,6 +19,20 @@ pub const RAISE_FENCE: &str = include_str!("raise_fence.lua");
 pub const RAISE_TABLE_FENCE: &str = include_str!("raise_table_fence.lua");
 /// See `reset_fence.lua`.
 pub const RESET_FENCE: &str = include_str!("reset_fence.lua");
+/// See `replace.lua`.
+const REPLACE: &str = include_str!("replace.lua");
+
+/// The script call replacing `key`'s `expected` value with `value` (see `replace.lua`).
+pub fn replace(key: String, expected: &str, value: &str, ttl_secs: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(REPLACE)
+        .arg(1)
+        .arg(key)
+        .arg(expected)
+        .arg(value)
+        .arg(ttl_secs);
+    cmd
+}
 
 /// What one versioned write found and did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
