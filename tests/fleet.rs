@@ -101,3 +101,41 @@ async fn the_stream_moves_to_a_stand_by_within_the_bound_and_loses_nothing() {
         "one applier, the new one"
     );
 }
+
+/// The CDC worker's identities (the audit's shared lease): the consumer is the cache's id, kept
+/// in Redis, so that two daemons reaching one Redis by two URLs share one applier (before: two
+/// appliers on one cache, one per URL text), and a daemon on another cache gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_applier_per_cache_however_its_redis_is_named() {
+    let env = TestEnv::start().await;
+    // One Redis, two names for it (its socket's path spelled two ways).
+    let socket = env.redis.socket();
+    let other_name = format!(
+        "redis+unix://{}/./{}?db=3",
+        socket.parent().unwrap().display(),
+        socket.file_name().unwrap().to_string_lossy()
+    );
+    assert_ne!(other_name, env.redis_url);
+    let first = DaemonProcess::spawn_with(&env, "first", &[]);
+    first.wait_ready().await;
+    let dir = env.dir.path();
+    let second_socket = dir.join("second.sock");
+    let second = DaemonProcess::serve(dir, &second_socket, &env.db_url, &other_name, &[]);
+    second.wait_ready().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        listening(&first).await != listening(&second).await,
+        "exactly one applier for one cache"
+    );
+
+    // Another cache (another Redis): an applier of its own.
+    let other = cacheward::dev::Redis::start().expect("another redis");
+    let third_socket = dir.join("third.sock");
+    let third = DaemonProcess::serve(dir, &third_socket, &env.db_url, &other.url(3), &[]);
+    third.wait_ready().await;
+    assert!(
+        listening(&third).await,
+        "a cache of its own, an applier of its own"
+    );
+    drop((first, second, third));
+}

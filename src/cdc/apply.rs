@@ -64,7 +64,8 @@ impl Applier {
         st: &Statements,
         cursor: &Cursor,
     ) -> Result<(), CdcError> {
-        let store = outbox::store_cursor(client, st, &self.consumer, &self.holder, cursor);
+        let consumer = self.consumer();
+        let store = outbox::store_cursor(client, st, &consumer, &self.holder, cursor);
         self.bounded("cursor store", store).await?;
         self.stats.cursor.store(cursor.position, Relaxed);
         Ok(())

@@ -25,6 +25,7 @@ use crate::support::time::{within, Backoff};
 
 pub mod apply;
 pub mod cursor;
+pub mod identity;
 pub mod lease;
 pub mod outbox;
 pub mod plan;
@@ -67,14 +68,15 @@ pub struct Applier {
     cache: Cache,
     stats: Arc<CdcStats>,
     tables: Arc<Tables>,
-    /// The cache this worker keeps: one cursor, and one active worker, per consumer.
-    consumer: String,
+    /// The cache this worker keeps (`cache:` + the cache's id in Redis, asked at every session):
+    /// one cursor, and one active worker, per consumer.
+    consumer: Mutex<String>,
     /// When `cdc lagging` was last said, while the lag lasts.
     lag_warned: Mutex<Option<Instant>>,
     /// Undeclared tables whose changes this worker said it passes over (once each).
     undeclared_said: Mutex<std::collections::BTreeSet<String>>,
-    /// This worker's name in the lease table: its host and socket path, unique among live daemons
-    /// and kept across reconnections and restarts.
+    /// This worker's name in the lease table (see [`identity`]): unique among daemons, kept
+    /// across reconnections and restarts.
     holder: String,
     /// Client-side bound on every PostgreSQL call of a session (a frozen server never answers).
     query_bound: Duration,
@@ -109,28 +111,24 @@ impl Applier {
         stats: Arc<CdcStats>,
         tables: Arc<Tables>,
     ) -> Applier {
-        let redis = config
-            .redis
-            .url
-            .as_ref()
-            .map(|u| u.redacted())
-            .unwrap_or_default();
-        let consumer = format!("{}{}", redis, config.cache.key_prefix);
-        // One live daemon per host and socket path (binding refuses a live socket): a restarted
-        // daemon takes its own lease back at once instead of waiting for it to expire.
-        let holder = format!("{}:{}", hostname(), config.socket.path.display());
+        let holder = identity::holder(&config.socket.path);
         let query_bound = config.statement_timeout() + Duration::from_secs(1);
         Applier {
             config,
             cache,
             stats,
             tables,
-            consumer,
+            consumer: Mutex::default(),
             lag_warned: Mutex::new(None),
             undeclared_said: Mutex::default(),
             holder,
             query_bound,
         }
+    }
+
+    /// The consumer of the current session (see [`Applier::consumer`]'s field).
+    fn consumer(&self) -> String {
+        self.consumer.lock().expect("never poisoned").clone()
     }
 
     /// Runs until `stop`: sessions on a dedicated connection, reconnecting with back-off.
@@ -213,13 +211,18 @@ impl Applier {
         });
         let _abort_driver = AbortOnDrop(driver);
 
+        // Which cache this is: asked of Redis at every session (a Redis that lost its data is
+        // another cache, with a new id).
+        let id = self.cache.cache_id().await?;
+        *self.consumer.lock().expect("never poisoned") = format!("cache:{id}");
         if !self.lead(&client, stop).await? {
             return Ok(());
         }
         let outcome = self.lead_session(&client, &wake, stop).await;
         if outcome.is_ok() {
             // Stopping: a standby takes over at once instead of after the lease expires.
-            let release = lease::release(&client, &self.consumer, &self.holder);
+            let consumer = self.consumer();
+            let release = lease::release(&client, &consumer, &self.holder);
             let _ = self.bounded("lease release", release).await;
         }
         outcome
@@ -330,7 +333,8 @@ impl Applier {
         if renewed.elapsed() < lease::HEARTBEAT {
             return Ok(());
         }
-        let renew = lease::renew(client, &self.consumer, &self.holder);
+        let consumer = self.consumer();
+        let renew = lease::renew(client, &consumer, &self.holder);
         if !self.bounded("lease renewal", renew).await? {
             return Err(CdcError::LeaseLost);
         }
@@ -356,12 +360,13 @@ impl Applier {
         let poll = Duration::from_millis(self.config.cdc.poll_interval_ms);
         let mut retry = Backoff::fixed(poll.min(lease::HEARTBEAT));
         loop {
-            let acquire = lease::acquire(client, &self.consumer, &self.holder);
+            let consumer = self.consumer();
+            let acquire = lease::acquire(client, &consumer, &self.holder);
             if self.bounded("lease", acquire).await? {
                 return Ok(true);
             }
             if !said {
-                tracing::info!(consumer = %self.consumer, "cdc standby: another daemon applies changes for this cache");
+                tracing::info!(consumer = %self.consumer(), "cdc standby: another daemon applies changes for this cache");
                 said = true;
             }
             if !retry.wait(stop).await {
@@ -372,7 +377,8 @@ impl Applier {
 
     /// Loads this consumer's cursor; decides on a first start or a gap whether to replay or resync.
     async fn load_cursor(&self, client: &Client, st: &Statements) -> Result<Cursor, CdcError> {
-        let load = outbox::load_cursor(client, &self.consumer);
+        let consumer = self.consumer();
+        let load = outbox::load_cursor(client, &consumer);
         let (stored, pruned_upto) = self.bounded("cursor load", load).await?;
         let cursor = match stored {
             Some(cursor) => cursor,
@@ -389,7 +395,7 @@ impl Applier {
                 };
                 self.store_cursor(client, st, &cursor).await?;
                 if cached && pruned_upto == 0 {
-                    tracing::info!(consumer = %self.consumer, "cdc first start: replaying the retained outbox");
+                    tracing::info!(consumer = %self.consumer(), "cdc first start: replaying the retained outbox");
                 }
                 cursor
             }
@@ -417,14 +423,14 @@ impl Applier {
         pruned_upto: i64,
         reason: &str,
     ) -> Result<Cursor, CdcError> {
-        tracing::warn!(consumer = %self.consumer, reason, "cdc resync: dropping every cached user entry");
+        tracing::warn!(consumer = %self.consumer(), reason, "cdc resync: dropping every cached user entry");
         let head = outbox::head(client, pruned_upto);
         let (cursor, horizon) = self.bounded("outbox head", head).await?;
         let dropped = self.cache.drop_all(horizon).await?;
         let position = cursor.position;
         self.store_cursor(client, st, &cursor).await?;
         self.stats.resyncs.fetch_add(1, Relaxed);
-        tracing::warn!(consumer = %self.consumer, dropped, position, "cdc resync done");
+        tracing::warn!(consumer = %self.consumer(), dropped, position, "cdc resync done");
         Ok(cursor)
     }
 
@@ -459,12 +465,6 @@ impl Applier {
 }
 
 /// This host's name, to tell the lease holders of a fleet apart (`?` if it cannot be read).
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_owned())
-        .unwrap_or_else(|_| "?".into())
-}
-
 /// Aborts the connection driver when the session ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

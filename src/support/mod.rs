@@ -1,8 +1,9 @@
 //! Cross-cutting pieces every room may use and that use no room: [`secrets`] (nothing secret
 //! reaches a log), [`tls`] (rustls for both backends), [`workqueue`] (batched work),
-//! [`systemd`] (`sd_notify`), [`time`] (timeouts and backoff). They import nothing of the crate outside `support`.
+//! [`systemd`] (`sd_notify`), [`time`] (timeouts and backoff), [`ids`] (random identities). They import nothing of the crate outside `support`.
 
 pub mod error;
+pub mod ids;
 pub mod secrets;
 pub mod systemd;
 pub mod time;

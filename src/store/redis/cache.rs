@@ -477,6 +477,36 @@ impl Cache {
         self.router.get_raw(keys).await
     }
 
+    /// The id of the cache this Redis holds (prefix + NUL + `id`, a random id stored by the
+    /// first daemon that asks): the CDC worker's consumer, so that daemons on one cache share
+    /// one change stream however they reach it (two URLs to one server), and daemons on two
+    /// caches never do. A Redis that lost its data gets a new one.
+    pub async fn cache_id(&self) -> Result<String, CacheError> {
+        let keys = &self.router.keys;
+        let key = keys.cache_id();
+        let slot = match keys.is_cluster() {
+            true => super::keys::slot_of(key.as_bytes()),
+            false => 0,
+        };
+        let cmd = scripts::cache_id(key, &crate::support::ids::random_id());
+        self.one_in_slot(slot, cmd).await
+    }
+
+    /// Sends `cmd`, whose keys are all in `slot`, and decodes its answer.
+    async fn one_in_slot<T: redis::FromRedisValue>(
+        &self,
+        slot: u16,
+        cmd: redis::Cmd,
+    ) -> Result<T, CacheError> {
+        let answer = self
+            .router
+            .send_per_slot(vec![(slot, vec![cmd])], self.router.timeout)
+            .await
+            .pop()
+            .expect("one slot, one answer")?;
+        decode::<T>(answer.into_iter().next().expect("one command, one answer"))
+    }
+
     /// Drops the near cache's entry of `key` (the consistency checker found it wrong).
     pub fn forget_near(&self, key: &Key) {
         if let Some(near) = &self.near {
@@ -502,14 +532,10 @@ impl Cache {
             &crate::model::entry::tombstone_json(version),
             keys.ttl(key.table()),
         );
-        let slot = self.router.slot_of(key);
-        let answer = self
-            .router
-            .send_per_slot(vec![(slot, vec![cmd])], self.router.timeout)
-            .await
-            .pop()
-            .expect("one slot, one answer")?;
-        let replaced = decode::<i64>(answer.into_iter().next().expect("one answer"))? == 1;
+        let replaced = self
+            .one_in_slot::<i64>(self.router.slot_of(key), cmd)
+            .await?
+            == 1;
         if let Some(near) = &self.near {
             near.invalidate(key);
         }

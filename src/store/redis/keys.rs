@@ -173,6 +173,11 @@ impl Keys {
         }
     }
 
+    /// The id of the cache this Redis holds: the prefix + NUL + `id` (see `Cache::cache_id`).
+    pub fn cache_id(&self) -> String {
+        format!("{}\0id", self.prefix)
+    }
+
     /// Whether a key of cacheward's can live in `slot`.
     pub fn in_use(&self, slot: u16) -> bool {
         match &self.slotted {

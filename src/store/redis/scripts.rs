@@ -21,6 +21,15 @@ pub const RAISE_TABLE_FENCE: &str = include_str!("raise_table_fence.lua");
 pub const RESET_FENCE: &str = include_str!("reset_fence.lua");
 /// See `replace.lua`.
 const REPLACE: &str = include_str!("replace.lua");
+/// See `cache_id.lua`.
+const CACHE_ID: &str = include_str!("cache_id.lua");
+
+/// The script call that reads the cache's id at `key`, storing `fresh` first if there is none.
+pub fn cache_id(key: String, fresh: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(CACHE_ID).arg(1).arg(key).arg(fresh);
+    cmd
+}
 
 /// The script call replacing `key`'s `expected` value with `value` (see `replace.lua`).
 pub fn replace(key: String, expected: &str, value: &str, ttl_secs: u64) -> redis::Cmd {
