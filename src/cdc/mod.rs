@@ -82,13 +82,6 @@ pub struct Applier {
     query_bound: Duration,
 }
 
-/// Empty wake-ups in a row (a notification whose change an earlier read took, or a NOTIFY from
-/// anyone) after which the next read waits until [`EMPTY_GAP`] after the last: a flood of
-/// notifications costs at most this many reads per gap, and real changes, which end the streak,
-/// are read at once.
-const EMPTY_READS: u32 = 2;
-const EMPTY_GAP: Duration = Duration::from_millis(20);
-
 /// How often processed outbox rows are pruned, at most.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -273,28 +266,13 @@ impl Applier {
         let mut redis_retry = Backoff::new(Duration::from_millis(50), poll);
         // Whether the last batch found changes: the next one likely will too.
         let mut busy = false;
-        // Wake-ups in a row that found nothing, and when the last one read: anyone may NOTIFY
-        // the channel, and a flood of empty wake-ups is read at most EMPTY_READS per EMPTY_GAP.
-        let mut empty = (0u32, Instant::now());
         loop {
-            if empty.0 >= EMPTY_READS {
-                let resume = tokio::time::Instant::from_std(empty.1 + EMPTY_GAP);
-                tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep_until(resume) => {}
-                }
-            }
             // Catch up: batch after batch until one comes back short.
             loop {
                 self.heartbeat(client, &mut renewed).await?;
                 match self.batch(client, &statements, &mut cursor, busy).await {
                     Ok(fresh) if fresh < cdc.batch_size || stop.is_cancelled() => {
                         busy = fresh > 0;
-                        empty = match busy {
-                            true => (0, Instant::now()),
-                            false => (empty.0.saturating_add(1), Instant::now()),
-                        };
                         break;
                     }
                     Ok(_) => busy = true,
@@ -486,6 +464,7 @@ impl Applier {
     }
 }
 
+/// This host's name, to tell the lease holders of a fleet apart (`?` if it cannot be read).
 /// Aborts the connection driver when the session ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
