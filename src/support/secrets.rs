@@ -33,9 +33,25 @@ pub fn register_password(password: &str) {
     remember(vec![password.to_owned()]);
 }
 
+/// The largest password file read.
+const MAX_PASSWORD_FILE: u64 = 64 * 1024;
+
 /// Reads a password file: its one line, a trailing newline ignored. The password is remembered
 /// for [`scrub`]; an error names the file, never the content.
 pub fn read_password_file(path: &std::path::Path) -> Result<String, String> {
+    // Only a regular file (a symlink to one, as Kubernetes mounts secrets): reading a FIFO would
+    // wait for a writer, and a device never ends.
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    if meta.len() > MAX_PASSWORD_FILE {
+        return Err(format!(
+            "{}: {} bytes, more than a password ({MAX_PASSWORD_FILE} at most)",
+            path.display(),
+            meta.len()
+        ));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let password = text
         .strip_suffix('\n')
@@ -62,13 +78,30 @@ pub struct PasswordFile {
     /// The configuration key that names it.
     key: &'static str,
     path: std::path::PathBuf,
-    /// The password read last: one per file in the process, whoever reads it.
-    last: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// The password read last, and the warnings about the file: one per file in the process,
+    /// whoever reads it.
+    last: std::sync::Arc<std::sync::Mutex<LastRead>>,
 }
+
+/// What one password file's readers share.
+#[derive(Default)]
+struct LastRead {
+    password: Option<String>,
+    /// When `… unreadable; the last password read is used` was last said, and how many went
+    /// unsaid since (said at most every [`WARN_EVERY`]: a connection is made every 250 ms while a
+    /// backend is down).
+    warned: Option<std::time::Instant>,
+    unsaid: u64,
+    /// Whether the password's trailing whitespace was said (once).
+    trailing_said: bool,
+}
+
+/// How often an unreadable password file is said at most.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl PasswordFile {
     pub fn new(key: &'static str, path: &std::path::Path) -> PasswordFile {
-        type Last = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+        type Last = std::sync::Arc<std::sync::Mutex<LastRead>>;
         static READ: std::sync::Mutex<Vec<(std::path::PathBuf, Last)>> =
             std::sync::Mutex::new(Vec::new());
         let mut read = READ.lock().expect("password files lock is never poisoned");
@@ -93,22 +126,39 @@ impl PasswordFile {
         let mut last = self.last.lock().expect("password lock is never poisoned");
         match read_password_file(&self.path) {
             Ok(password) => {
-                *last = Some(password.clone());
+                if password.ends_with(char::is_whitespace) && !last.trailing_said {
+                    last.trailing_said = true;
+                    tracing::warn!(
+                        key = self.key,
+                        "password file's line ends with whitespace, which is part of the password"
+                    );
+                }
+                last.password = Some(password.clone());
+                last.warned = None;
                 Ok(password)
             }
-            Err(e) => match last.clone() {
+            Err(e) => match last.password.clone() {
                 Some(password) => {
+                    if last.warned.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+                        last.unsaid += 1;
+                        return Ok(password);
+                    }
+                    let suppressed = std::mem::take(&mut last.unsaid);
+                    last.warned = Some(std::time::Instant::now());
                     match self.key {
                         "redis.password_file" => tracing::warn!(
                             error = %e,
+                            suppressed,
                             "redis.password_file unreadable; the last password read is used"
                         ),
                         "resp.password_file" => tracing::warn!(
                             error = %e,
+                            suppressed,
                             "resp.password_file unreadable; the last password read is used"
                         ),
                         _ => tracing::warn!(
                             error = %e,
+                            suppressed,
                             "postgres.password_file unreadable; the last password read is used"
                         ),
                     }
@@ -330,6 +380,61 @@ impl Write for ScrubbingStderr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_file_that_is_no_regular_file_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let e = read_password_file(&fifo).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.path().join("big");
+        std::fs::write(&big, "x".repeat(100_000)).unwrap();
+        assert!(read_password_file(&big)
+            .unwrap_err()
+            .contains("more than a password"));
+    }
+
+    #[test]
+    fn an_unreadable_password_file_is_said_at_most_every_ten_seconds() {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "rotating-secret \n").unwrap();
+        let file = PasswordFile::new("redis.password_file", &path);
+        tracing::subscriber::with_default(subscriber, || {
+            assert_eq!(file.read().unwrap(), "rotating-secret ");
+            std::fs::remove_file(&path).unwrap();
+            for _ in 0..40 {
+                assert_eq!(file.read().unwrap(), "rotating-secret ");
+            }
+        });
+        let said = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            said.matches("unreadable; the last password read is used")
+                .count(),
+            1,
+            "{said}"
+        );
+        assert_eq!(said.matches("ends with whitespace").count(), 1, "{said}");
+    }
 
     #[test]
     fn a_password_file_is_its_one_line_and_is_scrubbed_from_then_on() {
