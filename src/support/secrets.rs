@@ -399,34 +399,17 @@ mod tests {
 
     #[test]
     fn an_unreadable_password_file_is_said_at_most_every_ten_seconds() {
-        #[derive(Clone, Default)]
-        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .finish();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pw");
         std::fs::write(&path, "rotating-secret \n").unwrap();
         let file = PasswordFile::new("redis.password_file", &path);
-        tracing::subscriber::with_default(subscriber, || {
+        let said = crate::support::captured::logs(|| {
             assert_eq!(file.read().unwrap(), "rotating-secret ");
             std::fs::remove_file(&path).unwrap();
             for _ in 0..40 {
                 assert_eq!(file.read().unwrap(), "rotating-secret ");
             }
         });
-        let said = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
         assert_eq!(
             said.matches("unreadable; the last password read is used")
                 .count(),

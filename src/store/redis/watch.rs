@@ -196,7 +196,21 @@ struct Epochs {
     /// The `run_id` each primary (by node id; `""` for the one server) answered with at the last
     /// look.
     seen: std::collections::HashMap<String, String>,
+    /// A change of topology under way (a resharding moves slots look after look): said once when
+    /// it starts and once when it settles, not at every look.
+    changing: Option<Changing>,
 }
+
+/// A change of topology under way: since when, how many slots changed hands so far, and how many
+/// looks in a row found nothing more.
+struct Changing {
+    since: std::time::Instant,
+    slots: usize,
+    stable: u32,
+}
+
+/// Looks in a row without a change after which a change of topology is said to have settled.
+const SETTLED_AFTER: u32 = 4;
 
 impl Epochs {
     /// Looks at what `nodes` answered; returns the slots whose cached entries cannot be trusted.
@@ -208,13 +222,41 @@ impl Epochs {
             .collect();
         if let Some(seen) = self.topology.as_ref().filter(|seen| **seen != topology) {
             let changed = changed_hands(seen, &topology);
-            tracing::warn!(
-                primaries = topology.len(),
-                slots = changed.len(),
-                "redis cluster topology changed (a failover, or slots moved): dropping the cached entries of the slots that changed hands, reads of those go to postgres until then"
-            );
+            match &mut self.changing {
+                None => {
+                    tracing::warn!(
+                        primaries = topology.len(),
+                        slots = changed.len(),
+                        "redis cluster topology changed (a failover, or slots moved): dropping the cached entries of the slots that changed hands, reads of those go to postgres until then"
+                    );
+                    self.changing = Some(Changing {
+                        since: std::time::Instant::now(),
+                        slots: changed.len(),
+                        stable: 0,
+                    });
+                }
+                Some(under_way) => {
+                    tracing::debug!(
+                        slots = changed.len(),
+                        "redis cluster topology still changing"
+                    );
+                    under_way.slots += changed.len();
+                    under_way.stable = 0;
+                }
+            }
             distrust.extend(changed);
             self.pending.clear();
+        } else if let Some(under_way) = &mut self.changing {
+            under_way.stable += 1;
+            if under_way.stable >= SETTLED_AFTER {
+                tracing::info!(
+                    primaries = topology.len(),
+                    slots = under_way.slots,
+                    took_ms = under_way.since.elapsed().as_millis() as u64,
+                    "redis cluster topology settled"
+                );
+                self.changing = None;
+            }
         }
         self.topology = Some(topology);
         for (primary, state) in nodes.iter().filter(|(_, state)| !state.elsewhere) {
@@ -290,6 +332,51 @@ async fn warn_if_evicting(cache: &Cache, primary: &Primary) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resharding_is_said_once_when_it_starts_and_once_when_it_settles() {
+        let keys = Keys::new("user:", &[], true);
+        let nodes = |moved: u16| -> Vec<(Primary, NodeState)> {
+            let mut third = vec![(10923, 16383)];
+            if moved > 0 {
+                third.insert(0, (0, moved - 1));
+            }
+            let ranges = [vec![(moved, 5460)], vec![(5461, 10922)], third];
+            ranges
+                .into_iter()
+                .enumerate()
+                .map(|(i, ranges)| {
+                    let primary = Primary {
+                        address: format!("n{i}"),
+                        id: format!("n{i}"),
+                        ranges,
+                    };
+                    let state = NodeState {
+                        run_id: Some("r".into()),
+                        recorded: Some("r".into()),
+                        fence: Ok(Some(1)),
+                        elsewhere: false,
+                    };
+                    (primary, state)
+                })
+                .collect()
+        };
+        let mut epochs = Epochs::default();
+        let mut distrusted = 0;
+        let said = crate::support::captured::logs(|| {
+            // Slots move look after look (10 at a time), then nothing more for a while.
+            for moved in [0, 10, 20, 30, 30, 30, 30, 30, 30] {
+                distrusted += epochs.check(&keys, &nodes(moved)).len();
+            }
+        });
+        assert_eq!(
+            distrusted, 30,
+            "every slot that changed hands is distrusted"
+        );
+        assert_eq!(said.matches("topology changed").count(), 1, "{said}");
+        assert_eq!(said.matches("topology settled").count(), 1, "{said}");
+        assert!(said.contains("slots=30"), "{said}");
+    }
 
     #[test]
     fn only_slots_that_changed_hands_are_distrusted() {
