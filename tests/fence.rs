@@ -838,3 +838,81 @@ async fn a_forged_or_deleted_fence_never_keeps_a_stale_entry_served() {
     assert!(refused >= 10, "refused writes are counted: {refused}");
     daemon.stop().await;
 }
+
+/// Two caches on one Redis server, in two databases, and an operator swaps them (`SWAPDB`): the
+/// database the daemon reads now holds the other cache's entries, under the same server's epoch
+/// and a fence of their own, older than the rows. None is served: the swap is seen (the cache's
+/// id there is another) and every entry dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_database_is_not_trusted() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let mut client = daemon.client().await;
+    let names = names(1);
+    let name = &names[0];
+    insert(&env, &names).await;
+    client.get(name).await;
+    assert_eq!(client.get(name).await["result"]["source"], json!("cache"));
+    let get = |db: u32, key: &'static str| {
+        let url = env.redis.url(db);
+        async move {
+            let mut conn = redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    wait_until("the cache has an id", Duration::from_secs(5), || async {
+        get(3, "user:\0id").await.is_some()
+    })
+    .await;
+    // The other cache, in database 4: this server's epoch, a fence, an id of its own, and an
+    // entry of the same name older than its row.
+    let row = env.row_json(name).await.unwrap();
+    let mut old = row.clone();
+    old["version"] = json!(row["version"].as_i64().unwrap() - 1);
+    old["created_at"] = json!("2001-01-01T00:00:00Z");
+    let mut other = redis::Client::open(env.redis.url(4))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::pipe()
+        .cmd("SET")
+        .arg("user:\0epoch")
+        .arg(get(3, "user:\0epoch").await.expect("an epoch"))
+        .cmd("SET")
+        .arg("user:")
+        .arg(get(3, "user:").await.expect("a fence"))
+        .cmd("SET")
+        .arg("user:\0id")
+        .arg("0123456789abcdef0123456789abcdef")
+        .cmd("SET")
+        .arg(format!("user:{name}"))
+        .arg(old.to_string())
+        .query_async::<()>(&mut other)
+        .await
+        .unwrap();
+    redis::cmd("SWAPDB")
+        .arg(3)
+        .arg(4)
+        .query_async::<()>(&mut other)
+        .await
+        .unwrap();
+    wait_until(
+        "the swapped-in entry is never served",
+        Duration::from_secs(3),
+        || async { daemon.client().await.get(name).await["result"]["user"] == row },
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(client.get(name).await["result"]["user"], row);
+    }
+    daemon.stop().await;
+}

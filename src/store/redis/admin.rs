@@ -21,6 +21,9 @@ pub struct NodeState {
     /// Another node answered (the anchor slot moved while the monitor looked): nothing of the
     /// above is this primary's; the next look tells.
     pub elsewhere: bool,
+    /// The cache's id there (`Cache::cache_id`; looked at on one server and under Sentinel,
+    /// where a database can be swapped: `None` on a Cluster, or when there is none).
+    pub cache_id: Option<String>,
 }
 
 impl Router {
@@ -125,6 +128,9 @@ impl Router {
             .arg(self.keys.epoch(anchor))
             .cmd("GET")
             .arg(self.keys.fence(anchor));
+        if !self.keys.is_cluster() {
+            pipe.cmd("GET").arg(self.keys.cache_id());
+        }
         if self.keys.is_cluster() {
             // A slot that moved makes the driver send the whole pipeline to its new owner: the
             // node id tells who answered.
@@ -145,6 +151,13 @@ impl Router {
                 matches!(v, redis::Value::ServerError(e)
                     if matches!(e.code(), "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN"))
             });
+        let cache_id = match self.keys.is_cluster() {
+            true => None,
+            false => values
+                .pop()
+                .and_then(|id| redis::from_redis_value::<Option<String>>(id).ok())
+                .flatten(),
+        };
         let [info, recorded, fence]: [redis::Value; 3] =
             values.try_into().map_err(|v: Vec<_>| {
                 CacheError::said(
@@ -181,6 +194,7 @@ impl Router {
             recorded,
             fence,
             elsewhere,
+            cache_id,
         })
     }
 

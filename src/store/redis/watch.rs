@@ -22,6 +22,9 @@ pub struct Watch {
     forged: Vec<Primary>,
     /// The highest horizon known drawn from the version sequence: a fence above it is looked at.
     drawn: i64,
+    /// The cache's id seen at the last look (one server, Sentinel): another one, or none, means
+    /// the database was swapped (`SWAPDB`) or the key rewritten.
+    cache_id: Option<String>,
     /// When `cache fence forged` was last said (at most every [`FORGED_SAY_EVERY`]).
     forged_said: Option<std::time::Instant>,
     /// Whether Redis's eviction policy was looked at (once, at the first contact).
@@ -78,7 +81,27 @@ impl Cache {
                 warn_if_evicting(self, primary).await;
             }
         }
-        let distrust = watch.epochs.check(self.keys(), &nodes);
+        let mut distrust = watch.epochs.check(self.keys(), &nodes);
+        if !self.keys().is_cluster() {
+            if let Some((primary, state)) = nodes.iter().find(|(_, s)| !s.elsewhere) {
+                let before = watch.cache_id.take();
+                if before.is_some() && state.cache_id != before {
+                    tracing::warn!(
+                        before = before.as_deref().unwrap_or(""),
+                        now = state.cache_id.as_deref().unwrap_or(""),
+                        "redis database holds another cache (SWAPDB, or the id key rewritten): dropping every cached entry, reads go to postgres until then"
+                    );
+                    distrust.extend(primary.slots(self.keys()));
+                    self.flush_near();
+                }
+                // The id is made at the first look if there is none yet, so that the next look
+                // has one to compare with.
+                watch.cache_id = match &state.cache_id {
+                    Some(id) => Some(id.clone()),
+                    None => self.cache_id().await.ok(),
+                };
+            }
+        }
         watch.unfenced.clear();
         watch.fences.clear();
         watch.forged.clear();
@@ -356,6 +379,7 @@ mod tests {
                         recorded: Some("r".into()),
                         fence: Ok(Some(1)),
                         elsewhere: false,
+                        cache_id: None,
                     };
                     (primary, state)
                 })
