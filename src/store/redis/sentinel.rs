@@ -194,6 +194,7 @@ impl SentinelConn {
     pub async fn watch(self, stop: tokio_util::sync::CancellationToken) {
         use futures::StreamExt;
         let master = self.inner.master.clone();
+        let mut switches = Switches::default();
         loop {
             for sentinel in &self.inner.sentinels {
                 let subscribed = async {
@@ -216,8 +217,10 @@ impl SentinelConn {
                     let text: String = message.get_payload().unwrap_or_default();
                     let words: Vec<&str> = text.split(' ').collect();
                     if let [name, _, _, ip, port] = words[..] {
-                        if name == master {
-                            tracing::warn!(master = %format!("{ip}:{port}"), "sentinel names a new redis master: following it");
+                        let now_at = self.current().map(|(_, address)| address);
+                        let named = format!("{ip}:{port}");
+                        if name == master && switches.follow(&named, now_at.as_deref()) {
+                            tracing::warn!(master = %named, suppressed = switches.take_unsaid(), "sentinel names a new redis master: following it");
                             self.forget();
                         }
                     }
@@ -263,6 +266,36 @@ impl SentinelConn {
     }
 }
 
+/// What `+switch-master` messages are acted on: a hostile or broken sentinel may send them by
+/// the million. One naming where the connection already goes changes nothing; the others drop
+/// the connection (and the near cache) at most once per [`SWITCH_GAP`] (the monitor asks the
+/// sentinels every 250 ms anyway, so no real switch is missed for long), and are said with how
+/// many were not.
+#[derive(Default)]
+struct Switches {
+    last: Option<std::time::Instant>,
+    unsaid: u64,
+}
+
+/// The least time between two switches followed.
+const SWITCH_GAP: Duration = Duration::from_millis(500);
+
+impl Switches {
+    /// Whether to follow a switch to `named` while the connection goes to `now_at`.
+    fn follow(&mut self, named: &str, now_at: Option<&str>) -> bool {
+        if now_at == Some(named) || self.last.is_some_and(|at| at.elapsed() < SWITCH_GAP) {
+            self.unsaid += 1;
+            return false;
+        }
+        self.last = Some(std::time::Instant::now());
+        true
+    }
+
+    fn take_unsaid(&mut self) -> u64 {
+        std::mem::take(&mut self.unsaid)
+    }
+}
+
 /// The settings the primary is reached with: `redis.url`'s when set (its host unused); else,
 /// when the sentinels are reached over TLS, TLS with no user of its own, so that a password
 /// (`redis.password_file`) never crosses the network in the clear where the sentinels' did not.
@@ -287,6 +320,21 @@ mod tests {
 
     fn info(url: &str) -> ConnectionInfo {
         redis::IntoConnectionInfo::into_connection_info(url).unwrap()
+    }
+
+    #[test]
+    fn a_flood_of_switches_is_followed_at_most_every_half_second() {
+        let mut switches = Switches::default();
+        // Where the connection already goes: nothing to do.
+        assert!(!switches.follow("10.0.0.1:6379", Some("10.0.0.1:6379")));
+        assert!(switches.follow("10.0.0.2:6379", Some("10.0.0.1:6379")));
+        let followed = (0..100_000)
+            .filter(|i| switches.follow(&format!("10.0.{}.{}:6379", i / 250, i % 250), None))
+            .count();
+        assert_eq!(followed, 0, "a flood within the gap is not followed");
+        assert_eq!(switches.take_unsaid(), 100_001);
+        switches.last = Some(std::time::Instant::now() - SWITCH_GAP);
+        assert!(switches.follow("10.0.0.3:6379", None));
     }
 
     #[test]
