@@ -316,11 +316,22 @@ pub async fn serve(listener: TcpListener, service: Arc<Service>, stop: Cancellat
     }
 }
 
+/// Whether `head` holds the blank line that ends a request head, searching from `searched` (what
+/// an earlier call looked at, less the three bytes a terminator may straddle), which it moves on.
+fn ends_head(head: &[u8], searched: &mut usize) -> bool {
+    let from = searched.saturating_sub(3);
+    *searched = head.len();
+    head[from..].windows(4).any(|w| w == b"\r\n\r\n")
+}
+
 async fn answer(mut stream: TcpStream, service: &Service) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     let head_deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    // Only what arrived since the last look is searched (and the three bytes before it): a
+    // client trickling its head a byte at a time costs linear work, not quadratic.
+    let mut searched = 0;
+    while !ends_head(&head, &mut searched) {
         let n = match tokio::time::timeout_at(head_deadline, stream.read(&mut buf)).await {
             Ok(read) => read?,
             // Idle: close it rather than hold a slot.
@@ -344,4 +355,27 @@ async fn answer(mut stream: TcpStream, service: &Service) -> std::io::Result<()>
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_trickled_a_byte_at_a_time_is_found_where_it_ends() {
+        let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (mut head, mut searched) = (Vec::new(), 0);
+        for (i, &byte) in request.iter().enumerate() {
+            assert!(!ends_head(&head, &mut searched), "ended early, at {i}");
+            head.push(byte);
+        }
+        assert!(ends_head(&head, &mut searched));
+        // Split anywhere across two reads.
+        for cut in 0..request.len() {
+            let (mut head, mut searched) = (request[..cut].to_vec(), 0);
+            assert!(!ends_head(&head, &mut searched));
+            head.extend_from_slice(&request[cut..]);
+            assert!(ends_head(&head, &mut searched), "cut at {cut}");
+        }
+    }
 }
