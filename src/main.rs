@@ -286,9 +286,14 @@ async fn serve(dev: bool, common: Common) -> anyhow::Result<ExitCode> {
     );
     let shutdown = CancellationToken::new();
     let signals = signals::watch(shutdown.clone(), reloader)?;
+    // `serve --dev` leaves nothing behind: not even the CDC worker's id beside the socket.
+    let holder_file = dev.then(|| cacheward::cdc::identity::holder_file(&config.socket.path));
     let result = daemon::run(config, socket, shutdown, Hooks::default()).await;
     signals.close();
     drop(stack);
+    if let Some(file) = holder_file {
+        let _ = std::fs::remove_file(file);
+    }
     result.map(|()| ExitCode::SUCCESS)
 }
 

@@ -462,6 +462,13 @@ async fn serve_dev_seeds_the_article_users_and_ctrl_c_removes_everything() {
     );
     assert!(!socket.exists(), "socket removed");
     assert!(!resp.exists(), "the front end's socket removed");
+    // Nothing left in the working directory but the test's own log.
+    let left: Vec<_> = std::fs::read_dir(cwd.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name != "dev.log")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
     wait_until(
         "dev servers and their data removed",
         Duration::from_secs(5),
