@@ -71,6 +71,9 @@ pub struct Applier {
     /// The cache this worker keeps (`cache:` + the cache's id in Redis, asked at every session):
     /// one cursor, and one active worker, per consumer.
     consumer: Mutex<String>,
+    /// The consumer this worker applied for before its cache got a new id, whose cursor the
+    /// new one starts from.
+    inherited: Mutex<Option<String>>,
     /// When `cdc lagging` was last said, while the lag lasts.
     lag_warned: Mutex<Option<Instant>>,
     /// Undeclared tables whose changes this worker said it passes over (once each).
@@ -119,6 +122,7 @@ impl Applier {
             stats,
             tables,
             consumer: Mutex::default(),
+            inherited: Mutex::default(),
             lag_warned: Mutex::new(None),
             undeclared_said: Mutex::default(),
             holder,
@@ -214,7 +218,16 @@ impl Applier {
         // Which cache this is: asked of Redis at every session (a Redis that lost its data is
         // another cache, with a new id).
         let id = self.cache.cache_id().await?;
-        *self.consumer.lock().expect("never poisoned") = format!("cache:{id}");
+        let consumer = format!("cache:{id}");
+        let before = std::mem::replace(
+            &mut *self.consumer.lock().expect("never poisoned"),
+            consumer.clone(),
+        );
+        if !before.is_empty() && before != consumer {
+            // The same cache under a new id (Redis lost its data): its cursor goes on from the
+            // old one's, so that no change this worker had not applied yet is skipped.
+            *self.inherited.lock().expect("never poisoned") = Some(before);
+        }
         if !self.lead(&client, stop).await? {
             return Ok(());
         }
@@ -380,18 +393,33 @@ impl Applier {
         let consumer = self.consumer();
         let load = outbox::load_cursor(client, &consumer);
         let (stored, pruned_upto) = self.bounded("cursor load", load).await?;
-        let cursor = match stored {
-            Some(cursor) => cursor,
+        let inherited = self.inherited.lock().expect("never poisoned").take();
+        let inherited = match (&stored, inherited) {
+            (None, Some(before)) => {
+                let load = outbox::load_cursor(client, &before);
+                self.bounded("cursor load", load).await?.0
+            }
+            _ => None,
+        };
+        let cursor = match stored.or(inherited) {
+            Some(cursor) => {
+                self.store_cursor(client, st, &cursor).await?;
+                cursor
+            }
             None => {
-                // First start for this cache. An empty cache needs no history; one with entries
-                // replays what the outbox retains (its TTL bounds anything older).
+                // First start for this cache. One with entries replays what the outbox retains
+                // (its TTL bounds anything older). An empty one starts at the head, behind a
+                // fence at the head's horizon, every entry a fill made meanwhile dropped: a
+                // fill that read a row before a change the cursor passes over cannot land.
                 let cached = self.cache.any_entry().await?;
                 let cursor = if cached {
                     Cursor::default()
                 } else {
                     // Transactions in flight may still commit changes below the head.
                     let head = outbox::head(client, pruned_upto);
-                    self.bounded("outbox head", head).await?.0
+                    let (cursor, horizon) = self.bounded("outbox head", head).await?;
+                    self.cache.drop_all(horizon).await?;
+                    cursor
                 };
                 self.store_cursor(client, st, &cursor).await?;
                 if cached && pruned_upto == 0 {
