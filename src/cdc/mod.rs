@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::model::registry::Tables;
 use crate::store::pg::connect;
 use crate::store::pg::{DbError, DbErrorKind};
-use crate::store::redis::{Cache, CacheError};
+use crate::store::redis::{Cache, CacheError, CacheErrorKind};
 use crate::support::time::{within, Backoff};
 
 pub mod apply;
@@ -418,7 +418,7 @@ impl Applier {
                     // Transactions in flight may still commit changes below the head.
                     let head = outbox::head(client, pruned_upto);
                     let (cursor, horizon) = self.bounded("outbox head", head).await?;
-                    self.cache.drop_all(horizon).await?;
+                    self.fence_empty_cache(horizon).await?;
                     cursor
                 };
                 self.store_cursor(client, st, &cursor).await?;
@@ -439,6 +439,22 @@ impl Applier {
                 .await;
         }
         Ok(cursor)
+    }
+
+    /// Raises the fence to `horizon` and drops what was filled meanwhile. On a first start the
+    /// health monitor may not have set the fence yet (it does within 250 ms while PostgreSQL
+    /// answers): waited for, up to 3 s, rather than a reconnection.
+    async fn fence_empty_cache(&self, horizon: i64) -> Result<(), CdcError> {
+        let mut tries = 0;
+        loop {
+            match self.cache.drop_all(horizon).await {
+                Err(e) if e.kind() == CacheErrorKind::Unfenced && tries < 30 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                result => return result.map(|_| ()).map_err(Into::into),
+            }
+        }
     }
 
     /// Starts over from the head of the outbox after history was lost: the cache is fenced at a
