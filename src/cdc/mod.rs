@@ -401,12 +401,14 @@ impl Applier {
             }
             _ => None,
         };
-        let cursor = match stored.or(inherited) {
-            Some(cursor) => {
+        let cursor = match (stored, inherited) {
+            (Some(cursor), _) => cursor,
+            (None, Some(cursor)) => {
+                // Kept under the new consumer from now on.
                 self.store_cursor(client, st, &cursor).await?;
                 cursor
             }
-            None => {
+            (None, None) => {
                 // First start for this cache. One with entries replays what the outbox retains
                 // (its TTL bounds anything older). An empty one starts at the head, behind a
                 // fence at the head's horizon, every entry a fill made meanwhile dropped: a

@@ -156,8 +156,7 @@ impl Cache {
     fn invalidate_near_older(&self, writes: &[Write]) {
         if let Some(near) = &self.near {
             for write in writes {
-                let tombstone = matches!(write, Write::Tombstone { .. });
-                near.invalidate_older(write.key(), write.version(), tombstone);
+                near.invalidate_written(write);
             }
         }
     }

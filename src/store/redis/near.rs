@@ -283,11 +283,17 @@ impl NearCache {
         }
     }
 
+    /// [`NearCache::invalidate_older`] for what `write` leaves.
+    pub fn invalidate_written(&self, write: &crate::model::entry::Write) {
+        let tombstone = matches!(write, crate::model::entry::Write::Tombstone { .. });
+        self.invalidate_older(write.key(), write.version(), tombstone);
+    }
+
     /// [`NearCache::invalidate`], unless the entry held is at least as new as a write of
     /// `version` leaves it (newer than a tombstone of `version`, which removes that very
     /// version): such a write changes nothing the entry says. Without an entry, it invalidates
     /// (a read on its way may hold an older value).
-    pub fn invalidate_older(&self, name: &Key, version: i64, tombstone: bool) {
+    fn invalidate_older(&self, name: &Key, version: i64, tombstone: bool) {
         let (hash, shard) = self.locate(name);
         let held = shard
             .find(hash, name)

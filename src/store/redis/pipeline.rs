@@ -167,8 +167,7 @@ impl Requests {
                     // is as new as the fill: then so is what that read finds).
                     if let Some(near) = &self.near {
                         for write in writes.iter() {
-                            let tombstone = matches!(write, Write::Tombstone { .. });
-                            near.invalidate_older(write.key(), write.version(), tombstone);
+                            near.invalidate_written(write);
                         }
                     }
                     for (slot, at) in self.router.by_slot(writes.iter().map(Write::key)) {
