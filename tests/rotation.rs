@@ -214,6 +214,19 @@ async fn the_documented_redis_acl_is_all_the_daemon_needs() {
     );
     let health = daemon.health().await;
     assert_eq!(health["redis"], json!("up"), "{health}");
+    // The monitor names the connections it looked at (CLIENT SETNAME allowed): reads are checked
+    // to come from them.
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(
+        clients
+            .lines()
+            .any(|c| c.contains(" name=cacheward-") && c.contains(" user=cacheward ")),
+        "{clients}"
+    );
     // The epoch check runs under the ACL too (INFO allowed): the epoch is recorded.
     wait_until(
         "the redis epoch recorded",

@@ -28,8 +28,35 @@ async fn live_on(port: u16, name: &str) -> Option<Value> {
         .map(|v| serde_json::from_str(&v).unwrap())
 }
 
+/// How the primary is replaced.
+#[derive(Clone, Copy, PartialEq)]
+enum Failover {
+    /// SIGKILL: the sentinels see it down and promote the replica.
+    Kill,
+    /// `SENTINEL FAILOVER` while the primary runs: the replica is promoted at once, the primary
+    /// demoted; the daemon's connection moves with no error in between.
+    Forced,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_promoted_replica_that_missed_writes_is_followed_and_repaired() {
+    lossy_failover(Failover::Kill).await;
+}
+
+/// The window a forced failover used to leave: the daemon followed `+switch-master` to the
+/// promoted replica and read its stale entries until the monitor's next look (up to 250 ms).
+/// Reads are refused from a connection the monitor has not looked at: none is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forced_failover_to_a_replica_that_missed_writes_serves_nothing_stale() {
+    lossy_failover(Failover::Forced).await;
+}
+
+/// One Sentinel group at a time: groups starting side by side on a busy machine were seen to
+/// miss the harness's 30 s for their sentinels to find each other.
+static ONE_GROUP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn lossy_failover(how: Failover) {
+    let _alone = ONE_GROUP.lock().await;
     let env = TestEnv::start().await;
     // On the test's own thread: the servers die with the thread that started them.
     let mut group = RedisSentinels::start().expect("start sentinels");
@@ -43,7 +70,9 @@ async fn a_promoted_replica_that_missed_writes_is_followed_and_repaired() {
         .collect();
     config.redis.sentinel_master = Some(MASTER.into());
     config.redis.timeout_ms = 500;
-    check_probes_the_master_the_sentinels_name(&group, &config).await;
+    if how == Failover::Kill {
+        check_probes_the_master_the_sentinels_name(&group, &config).await;
+    }
     let daemon = env.start_daemon(config).await;
     let mut client = daemon.client().await;
 
@@ -95,9 +124,12 @@ async fn a_promoted_replica_that_missed_writes_is_followed_and_repaired() {
         "the replica holds the old version of every name"
     );
 
-    let killed_at = Instant::now();
-    group.kill(primary);
-    let repaired_after = through_failover(&mut client, &names, &rows, killed_at, || async {
+    let failed_at = Instant::now();
+    match how {
+        Failover::Kill => group.kill(primary),
+        Failover::Forced => group.force_failover().expect("SENTINEL FAILOVER"),
+    }
+    let repaired_after = through_failover(&mut client, &names, &rows, failed_at, || async {
         if group.sentinels_say() != Some(replica) || group.primary() != Some(replica) {
             return false;
         }
@@ -110,7 +142,7 @@ async fn a_promoted_replica_that_missed_writes_is_followed_and_repaired() {
         true
     })
     .await;
-    eprintln!("sentinel failover: every entry equal to its row {repaired_after:?} after the kill");
+    eprintln!("sentinel failover: every entry equal to its row {repaired_after:?} after it began");
     // The daemon writes to the new primary.
     let put = client.call("put", json!({"username": "after"})).await;
     assert_eq!(put["result"]["created"], json!(true), "{put}");

@@ -428,6 +428,24 @@ where
         cmd.arg("server");
         cmd
     })];
+    for (sub, what) in [
+        (
+            "GETNAME",
+            "run CLIENT GETNAME (reads wait for a look at a new connection)",
+        ),
+        (
+            "SETNAME",
+            "run CLIENT SETNAME (reads wait for a look at a new connection)",
+        ),
+    ] {
+        let mut cmd = redis::cmd("CLIENT");
+        cmd.arg(sub);
+        if sub == "SETNAME" {
+            cmd.arg("cacheward-check");
+        }
+        let grant = format!("+client|{}", sub.to_lowercase());
+        tries.push((what.into(), grant, cmd));
+    }
     if config.cache.local_max_bytes > 0 {
         let mut on = redis::cmd("CLIENT");
         on.arg("TRACKING").arg("ON").arg("OPTIN").arg("NOLOOP");

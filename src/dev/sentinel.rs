@@ -163,6 +163,20 @@ impl RedisSentinels {
         cut_replication(primary)
     }
 
+    /// `SENTINEL FAILOVER`: the sentinels promote the replica while the primary runs (retried
+    /// for up to 10 s while a sentinel finds no replica good enough yet).
+    pub fn force_failover(&self) -> Result<(), DevError> {
+        let mut last = String::new();
+        let asked = poll_until("a forced failover", Duration::from_secs(10), || {
+            let Some(&sentinel) = self.sentinel_ports.first() else {
+                return false;
+            };
+            last = ask(sentinel, &format!("SENTINEL FAILOVER {MASTER}")).unwrap_or_default();
+            last.starts_with("+OK")
+        });
+        asked.map_err(|_| failed("SENTINEL FAILOVER", last))
+    }
+
     /// SIGKILL of the node on `port`.
     pub fn kill(&mut self, port: u16) {
         if let Some(n) = self.nodes.iter().position(|&p| p == port) {

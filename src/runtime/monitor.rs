@@ -16,8 +16,8 @@ use crate::support::time::within;
 
 /// How often the monitor checks both backends (and drains the repair queue).
 const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
-/// The least time between two looks when writes refused by a fence call for one sooner than the
-/// tick (while Redis has no fence, every write is refused).
+/// The least time between two looks when refusals call for one sooner than the tick (while Redis
+/// has no fence, every write is refused; while a connection is not looked at, every read).
 const ALARM_GAP: Duration = Duration::from_millis(20);
 /// Consecutive failed checks of a Cluster after which its connection is made anew (see
 /// `topology::ClusterConn`).
@@ -42,8 +42,12 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
             biased;
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
-            // A write refused by a fence: if the fence is wrong, the sooner it is seen the better.
-            _ = service.cache().fence_alarm().notified(), if last.elapsed() >= ALARM_GAP => {}
+            // A write refused by a fence (if the fence is wrong, the sooner it is seen the better),
+            // a read refused by a connection not looked at yet: at most every ALARM_GAP.
+            _ = async {
+                tokio::time::sleep_until(last + ALARM_GAP).await;
+                service.cache().look_alarm().notified().await
+            } => {}
         }
         last = tokio::time::Instant::now();
         if wedge_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
@@ -70,6 +74,9 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
                 if (look.forged || look.suspect) && postgres.is_ok() {
                     service.replace_forged_fences(&mut watch, &look).await;
                 }
+                // Only now may the connections looked at for the first time answer reads: what
+                // their processes hold is distrusted where it must be.
+                service.cache().confirm_looked(&mut look);
                 Ok(())
             }
             Err(e) => Err(e.to_string()),

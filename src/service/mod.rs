@@ -295,6 +295,10 @@ impl Service {
             CacheErrorKind::Unfenced => {
                 tracing::debug!(during, "redis has no fence yet");
             }
+            // A new connection, looked at by the monitor at once: PostgreSQL answers meanwhile.
+            CacheErrorKind::Unconfirmed => {
+                tracing::debug!(during, error = %e, "redis connection not looked at yet");
+            }
             CacheErrorKind::Server | CacheErrorKind::Config => {
                 tracing::error!(during, error = %e, "redis refused a command");
             }

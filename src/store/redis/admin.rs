@@ -24,6 +24,12 @@ pub struct NodeState {
     /// The cache's id there (`Cache::cache_id`; looked at on one server and under Sentinel,
     /// where a database can be swapped: `None` on a Cluster, or when there is none).
     pub cache_id: Option<String>,
+    /// The name of the connection that answered (`CLIENT GETNAME`; `None` when it has none or
+    /// Redis refuses the command): whether it is the one confirmed (see `confirm`).
+    pub name: Option<String>,
+    /// Whether the name asked for was set, in the same pipeline as the rest (see
+    /// [`Router::look_at`]); false when none was asked for or Redis refused it.
+    pub named: bool,
 }
 
 impl Router {
@@ -117,11 +123,20 @@ impl Router {
         values.into_iter().map(decode).collect()
     }
 
-    /// What the health monitor looks at on `primary`, in one round trip: its `run_id`, the epoch
-    /// recorded there, and its fence.
-    pub async fn look_at(&self, primary: &Primary) -> Result<NodeState, CacheError> {
+    /// What the health monitor looks at on `primary`, in one round trip: the connection's name
+    /// (after setting it to `name`, if given), its `run_id`, the epoch recorded there, and its
+    /// fence.
+    pub async fn look_at(
+        &self,
+        primary: &Primary,
+        name: Option<&str>,
+    ) -> Result<NodeState, CacheError> {
         let anchor = primary.anchor(&self.keys).unwrap_or(0);
         let mut pipe = redis::pipe();
+        if let Some(name) = name {
+            pipe.cmd("CLIENT").arg("SETNAME").arg(name);
+        }
+        pipe.cmd("CLIENT").arg("GETNAME");
         pipe.cmd("INFO")
             .arg("server")
             .cmd("GET")
@@ -158,13 +173,22 @@ impl Router {
                 .and_then(|id| redis::from_redis_value::<Option<String>>(id).ok())
                 .flatten(),
         };
-        let [info, recorded, fence]: [redis::Value; 3] =
-            values.try_into().map_err(|v: Vec<_>| {
-                CacheError::said(
-                    CacheErrorKind::Server,
-                    format!("3 commands answered {} values", v.len()),
-                )
-            })?;
+        let named = match name {
+            Some(_) => values.first() == Some(&redis::Value::Okay),
+            None => false,
+        };
+        let expected = 4 + name.is_some() as usize;
+        if values.len() != expected {
+            return Err(CacheError::said(
+                CacheErrorKind::Server,
+                format!("{expected} commands answered {} values", values.len()),
+            ));
+        }
+        let [answered_name, info, recorded, fence]: [redis::Value; 4] = values
+            .split_off(expected - 4)
+            .try_into()
+            .expect("four values are left");
+        let name = redis::from_redis_value::<Option<String>>(answered_name).unwrap_or(None);
         // Anything but a string there (another type, put by someone else) records nothing: the
         // data is distrusted once and the key overwritten.
         let recorded = redis::from_redis_value::<Option<String>>(recorded).unwrap_or(None);
@@ -195,6 +219,8 @@ impl Router {
             fence,
             elsewhere,
             cache_id,
+            name,
+            named,
         })
     }
 

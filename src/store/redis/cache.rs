@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::admin::NodeState;
+use super::confirm::{Confirmations, Confirmed};
 use super::conn::{self, Conn};
 use super::error::decode;
 use super::error::{CacheError, CacheErrorKind};
@@ -33,10 +34,10 @@ pub struct Cache {
     fenced: Arc<Fenced>,
 }
 
-#[derive(Default)]
 struct Fenced {
     refused: std::sync::atomic::AtomicU64,
-    alarm: tokio::sync::Notify,
+    /// The health monitor's alarm (`Confirmations::alarm`).
+    alarm: Arc<tokio::sync::Notify>,
 }
 
 impl Fenced {
@@ -88,11 +89,15 @@ impl Cache {
             tokio::spawn(listen(near.clone(), keys.clone(), heard));
         }
         let router = Router::new(conn, keys, config.redis_timeout());
+        let fenced = Arc::new(Fenced {
+            refused: Default::default(),
+            alarm: router.confirmed.alarm().clone(),
+        });
         Ok(Cache {
             requests: Arc::new(Requests::new(router.clone(), near.clone())),
             router,
             near,
-            fenced: Arc::default(),
+            fenced,
         })
     }
 
@@ -104,8 +109,10 @@ impl Cache {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Notified when a write was refused by a fence (one permit however many).
-    pub fn fence_alarm(&self) -> &tokio::sync::Notify {
+    /// Notified when the health monitor should look before its tick (one permit however many): a
+    /// write was refused by a fence (which may be wrong), or a read by a connection not looked at
+    /// since it was made.
+    pub fn look_alarm(&self) -> &tokio::sync::Notify {
         &self.fenced.alarm
     }
 
@@ -388,9 +395,36 @@ impl Cache {
     }
 
     /// What the health monitor looks at on `primary`, in one round trip: its `run_id`, the epoch
-    /// recorded there, and its fence.
-    pub(super) async fn look_at(&self, primary: &Primary) -> Result<NodeState, CacheError> {
-        self.router.look_at(primary).await
+    /// recorded there, and its fence. When the connection that answered is not the one confirmed
+    /// (see `confirm`), it is looked at again and named in the same pipeline: the name to confirm
+    /// once the monitor has acted on the look comes with it.
+    pub(super) async fn look_at(
+        &self,
+        primary: &Primary,
+    ) -> Result<(NodeState, Option<Confirmed>), CacheError> {
+        let state = self.router.look_at(primary, None).await?;
+        let confirmations = &self.router.confirmed;
+        if confirmations.still(&primary.address, state.name.as_deref()) {
+            return Ok((state, None));
+        }
+        let name = Confirmations::fresh_name();
+        let state = self.router.look_at(primary, Some(&name)).await?;
+        let confirmed = match state.named {
+            true => Confirmed::Name(name),
+            false => Confirmed::Ungated,
+        };
+        Ok((state, Some(confirmed)))
+    }
+
+    /// Lets the connections named by a look (`confirmed`) answer reads.
+    pub(super) fn confirm(&self, confirmed: Vec<(String, Confirmed)>) {
+        self.router.confirmed.confirm(confirmed);
+    }
+
+    /// Forgets the confirmations of every node but `primaries`.
+    pub(super) fn confirm_only(&self, primaries: &[Primary]) {
+        let current: Vec<&str> = primaries.iter().map(|p| p.address.as_str()).collect();
+        self.router.confirmed.keep_only(&current);
     }
 
     /// Records `run_id` as the process the cached data of `primary` is written under.
@@ -432,7 +466,7 @@ impl Cache {
     pub async fn claim(&self, horizon: i64) -> Result<(), CacheError> {
         for primary in self.primaries().await? {
             self.establish_fences(&primary, horizon).await?;
-            if let Some(run_id) = self.look_at(&primary).await?.run_id {
+            if let Some(run_id) = self.router.look_at(&primary, None).await?.run_id {
                 self.record_epoch(&primary, &run_id).await?;
             }
         }

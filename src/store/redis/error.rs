@@ -28,6 +28,9 @@ pub enum CacheErrorKind {
     Abandoned,
     /// The connection cannot be made as configured (a URL, a file): retrying cannot help.
     Config,
+    /// The node's connection was made since the health monitor last looked at the process behind
+    /// it (a restart, a promoted replica): its answers wait for that look (see `confirm`).
+    Unconfirmed,
 }
 
 /// Why a Redis call failed.
@@ -97,6 +100,7 @@ impl std::fmt::Display for CacheError {
             ),
             CacheErrorKind::Abandoned => "the redis call was abandoned",
             CacheErrorKind::Config => "redis cannot be used as configured",
+            CacheErrorKind::Unconfirmed => "redis not looked at since it connected",
         };
         write!(f, "{kind}: {}", causes::with_causes(&*self.source))
     }

@@ -2,7 +2,7 @@
 //! bottom up: [`keys`] (pure: key names, slots), [`client`] / [`cluster`] / [`sentinel`] /
 //! [`conn`] (reaching whatever `redis.mode` names), [`routing`] (which pipeline a command goes
 //! on, every call bounded), [`scripts`] (the Lua scripts, `*.lua`), [`near`] and [`tracking`]
-//! (the near cache and what keeps it exact), [`pipeline`] (the request path's queue), [`scan`]
+//! (the near cache and what keeps it exact), [`confirm`] (which connections may answer reads), [`pipeline`] (the request path's queue), [`scan`]
 //! and [`admin`] (walking the cache; fences and epochs), [`watch`] (what the health monitor learns
 //! each tick, in terms that name no primary).
 
@@ -10,6 +10,7 @@ pub mod admin;
 pub mod cache;
 pub mod client;
 pub mod cluster;
+pub mod confirm;
 pub mod conn;
 pub mod error;
 pub mod keys;

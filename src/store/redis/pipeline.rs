@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::error::{abandoned, decode, CacheError};
+use super::error::{abandoned, decode, CacheError, CacheErrorKind};
 use super::near::NearCache;
 use super::routing::Router;
 use super::scripts::{self, outcomes, Outcome};
@@ -106,6 +106,9 @@ impl Requests {
         /// Where one command's answer goes: the (op, index) of each key an MGET read, or the
         /// writes of one op a fill script carried.
         enum Part {
+            /// `CLIENT GETNAME`, first in a pipeline that reads: whether the connection is the one
+            /// the monitor confirmed (see `confirm`).
+            Name,
             /// `CLIENT TRACKING ON ...`, ahead of a slot's first read when the near cache is on.
             Track,
             /// `CLIENT CACHING YES`, right ahead of each of those reads.
@@ -182,6 +185,24 @@ impl Requests {
                 }
             }
         }
+        // Which node each slot's pipeline goes to, as the confirmations know it (`None`: the
+        // Cluster driver routes it, to a node the monitor may never have looked at).
+        let node_of = |slot: u16| -> Option<String> {
+            match &routes {
+                _ if !self.router.keys.is_cluster() => Some(String::new()),
+                Some(r) => r.owner(slot).map(|p| r.primaries[p].address.clone()),
+                None => None,
+            }
+        };
+        for (_, pipe) in slots.iter_mut() {
+            if pipe.parts.iter().any(|p| matches!(p, Part::Read(_))) {
+                let mut name = redis::cmd("CLIENT");
+                name.arg("GETNAME");
+                pipe.cmds.insert(0, name);
+                pipe.parts.insert(0, Part::Name);
+            }
+        }
+        let nodes: Vec<Option<String>> = slots.keys().map(|&slot| node_of(slot)).collect();
         let (parts, cmds): (Vec<_>, Vec<_>) = slots
             .into_iter()
             .map(|(slot, pipe)| (pipe.parts, (slot, pipe.cmds)))
@@ -190,13 +211,13 @@ impl Requests {
             .router
             .send_per_slot_via(cmds, routes, self.router.timeout)
             .await;
-        for (parts, (values, pushed)) in parts.into_iter().zip(sent) {
+        for ((parts, (values, pushed)), node) in parts.into_iter().zip(sent).zip(nodes) {
             let values = match values {
                 Ok(values) => values,
                 Err(e) => {
                     for part in parts {
                         match part {
-                            Part::Track | Part::Caching => {}
+                            Part::Name | Part::Track | Part::Caching => {}
                             Part::Read(targets) => {
                                 for (op, _) in targets {
                                     answers[op].1.get_or_insert_with(|| e.clone());
@@ -212,9 +233,26 @@ impl Requests {
             };
             // Whether this slot's connection tracks for the near cache, and the next read.
             let (mut tracking, mut caching) = (false, false);
+            // Whether this slot's reads may be answered: a pipeline without reads checks nothing.
+            let mut confirmed = true;
             for (part, value) in parts.into_iter().zip(values) {
                 let tracked = std::mem::take(&mut caching) && tracking;
                 match part {
+                    Part::Name => {
+                        confirmed = self.router.confirmed.accepts(node.as_deref(), &value)
+                    }
+                    Part::Read(targets) if !confirmed => {
+                        let e = CacheError::said(
+                            CacheErrorKind::Unconfirmed,
+                            format!(
+                                "the connection to {} was made since the last look",
+                                node.as_deref().filter(|n| !n.is_empty()).unwrap_or("redis")
+                            ),
+                        );
+                        for (op, _) in targets {
+                            answers[op].1.get_or_insert_with(|| e.clone());
+                        }
+                    }
                     Part::Track => {
                         tracking = pushed && value == redis::Value::Okay;
                         if let redis::Value::ServerError(e) = &value {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::confirm::Confirmations;
 use super::conn::Conn;
 use super::error::{CacheError, CacheErrorKind};
 use super::keys::{Keys, Primary, Routes};
@@ -28,6 +29,8 @@ pub struct Router {
     routes: Arc<Mutex<Option<Arc<Routes>>>>,
     /// `redis.timeout_ms`: the bound of every request-path call.
     pub timeout: Duration,
+    /// Which nodes' connections the request path may take answers from.
+    pub confirmed: Arc<Confirmations>,
 }
 
 impl Router {
@@ -37,6 +40,7 @@ impl Router {
             keys,
             routes: Arc::default(),
             timeout,
+            confirmed: Arc::default(),
         }
     }
 

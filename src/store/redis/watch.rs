@@ -6,6 +6,7 @@
 
 use super::admin::NodeState;
 use super::cache::Cache;
+use super::confirm::Confirmed;
 use super::error::CacheError;
 use super::keys::{Keys, Primary, SLOTS};
 
@@ -61,6 +62,9 @@ pub struct Look {
     /// Some fence holds a value that is not a number: draw a horizon and hand it to
     /// [`Cache::reset_forged`].
     pub forged: bool,
+    /// The connections named by this look, to confirm ([`Cache::confirm`]) once the rest is
+    /// acted on.
+    pub confirm: Vec<(String, Confirmed)>,
 }
 
 impl Cache {
@@ -72,9 +76,18 @@ impl Cache {
             tracing::debug!(error = %e, "cannot ask the sentinels");
         }
         let primaries = self.primaries().await?;
+        self.confirm_only(&primaries);
         let looks = primaries.iter().map(|primary| self.look_at(primary));
         let states = futures::future::try_join_all(looks).await?;
-        let nodes: Vec<(Primary, NodeState)> = primaries.into_iter().zip(states).collect();
+        let mut confirm = Vec::new();
+        let mut nodes: Vec<(Primary, NodeState)> = Vec::with_capacity(primaries.len());
+        for (primary, (state, confirmed)) in primaries.into_iter().zip(states) {
+            // Another node answered for it: nothing to confirm there until the next look.
+            if let Some(confirmed) = confirmed.filter(|_| !state.elsewhere) {
+                confirm.push((primary.address.clone(), confirmed));
+            }
+            nodes.push((primary, state));
+        }
         if !watch.policy_checked {
             watch.policy_checked = true;
             if let Some((primary, _)) = nodes.first() {
@@ -120,6 +133,7 @@ impl Cache {
             }
         }
         Ok(Look {
+            confirm,
             distrust,
             unfenced: !watch.unfenced.is_empty(),
             suspect: watch.fences.iter().any(|(_, f)| *f > watch.drawn),
@@ -171,6 +185,12 @@ impl Cache {
             }
         }
         set
+    }
+
+    /// Lets the connections `look` named answer reads: call once what it found is acted on
+    /// (distrusted slots handed to the repairs).
+    pub fn confirm_looked(&self, look: &mut Look) {
+        self.confirm(std::mem::take(&mut look.confirm));
     }
 
     /// Records the epochs the looks found pending: call once the cache holds nothing from before
@@ -380,6 +400,8 @@ mod tests {
                         fence: Ok(Some(1)),
                         elsewhere: false,
                         cache_id: None,
+                        name: None,
+                        named: false,
                     };
                     (primary, state)
                 })
