@@ -52,6 +52,7 @@ impl Service {
         let min_version = |i: usize| min_versions.get(i).copied().flatten();
         let mut answers: Vec<Option<Result<(String, Source), ServiceError>>> =
             vec![None; keys.len()];
+        let distrusts = self.repairs.distrusts();
         let trusted: Vec<usize> = (0..keys.len())
             .filter(|&i| self.cache_trusted_for(&keys[i]))
             .collect();
@@ -59,6 +60,8 @@ impl Service {
             let asked: Vec<Key> = trusted.iter().map(|&i| keys[i].clone()).collect();
             let wanted: Vec<Option<i64>> = trusted.iter().map(|&i| min_version(i)).collect();
             match self.cache.get_live_many(&asked, &wanted).await {
+                // Trust was withdrawn while the read was on its way: PostgreSQL answers.
+                Ok(_) if self.repairs.distrusts() != distrusts => {}
                 Ok(values) => {
                     for (&i, value) in trusted.iter().zip(values) {
                         if let Some(live) = value {
@@ -145,10 +148,6 @@ impl Service {
         });
     }
 
-    /// Whether Redis may answer for `key`: it is up, and no failed write left its entry in doubt.
-    /// A get of `key` (no `min_version`) answered from the near cache alone, when it holds the
-    /// key and the cache may be trusted for it, counted as [`Service::get_many`] counts a hit:
-    /// the JSON as `get_many` would answer it, shared, not copied. `None`: ask `get_many`.
     /// `answer` of the entry the near cache holds for `key` (borrowed: nothing is allocated to
     /// look it up), as a cache hit, when nothing else is needed: the near cache holds it and the
     /// cache is trusted for it. `None`: the read path must answer.
@@ -164,6 +163,8 @@ impl Service {
         Some(answered)
     }
 
+    /// Whether Redis may answer for `key`: it is up, and nothing left its entry in doubt (a
+    /// failed write, a distrusted slot).
     pub(super) fn cache_trusted_for(&self, key: &dyn KeyParts) -> bool {
         if !self.health.is_up(Backend::Redis) {
             return false;
@@ -194,12 +195,14 @@ impl Service {
     async fn load_batch(self: Arc<Self>, slot: OwnedSemaphorePermit, batch: Claimed) {
         // A flight on the name that completed after the caller's Redis read has filled Redis: a
         // caller arriving just too late to join it reads Redis again instead of the database.
+        let distrusts = self.repairs.distrusts();
         let late: Vec<usize> = (0..batch.len())
             .filter(|&i| batch.filled_since_asked(i) && self.cache_trusted_for(batch.key(i)))
             .collect();
         if !late.is_empty() && self.health.is_up(Backend::Redis) {
             let keys: Vec<Key> = late.iter().map(|&i| batch.key(i).clone()).collect();
-            if let Ok(values) = self.cache.get_live_many(&keys, &[]).await {
+            let read = self.cache.get_live_many(&keys, &[]).await.ok();
+            if let Some(values) = read.filter(|_| self.repairs.distrusts() == distrusts) {
                 for (&i, value) in late.iter().zip(values) {
                     if let Some(live) = value {
                         batch.finish(i, Ok(Some((live.json, Source::Cache))));

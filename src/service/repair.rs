@@ -3,7 +3,8 @@
 //! in line with its row (or, past the capacity, drops the whole cache behind a fresh fence).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{db_result, Service, ServiceError};
@@ -40,6 +41,10 @@ pub struct Repairs {
     state: Mutex<RepairQueue>,
     /// True while the queue holds a name or has overflowed (written under the lock).
     pending: AtomicBool,
+    /// Bumped (under the lock) whenever slots are distrusted or the queue overflows: a read that
+    /// checked trust before and finds another count once Redis answered may have read what was
+    /// distrusted meanwhile (see [`Repairs::distrusts`]).
+    distrusts: AtomicU64,
 }
 
 impl Repairs {
@@ -67,6 +72,7 @@ impl Repairs {
                     );
                     queue.overflowed = true;
                     queue.names.clear();
+                    self.distrusts.fetch_add(1, Ordering::SeqCst);
                     break;
                 }
                 queue.names.insert(name.clone(), generation);
@@ -83,7 +89,16 @@ impl Repairs {
         let mut queue = self.lock();
         queue.slot_generation += 1;
         queue.slots.extend(slots);
+        self.distrusts.fetch_add(1, Ordering::SeqCst);
         self.settle(&queue);
+    }
+
+    /// How often trust was withdrawn so far. A read takes it before it checks trust and again
+    /// once Redis answered: if it changed, the answer may come from data distrusted while the read
+    /// was on its way (a read queued before the monitor's look reached a restarted Redis after
+    /// it), and is not served.
+    pub fn distrusts(&self) -> u64 {
+        self.distrusts.load(Ordering::SeqCst)
     }
 
     /// The distrusted slots and their generation, to drop and then pass to

@@ -24,6 +24,16 @@ pub struct NodeState {
     /// The cache's id there (`Cache::cache_id`; looked at on one server and under Sentinel,
     /// where a database can be swapped: `None` on a Cluster, or when there is none).
     pub cache_id: Option<String>,
+    /// Whether it keeps every write on disk before answering (`appendonly yes`, `appendfsync
+    /// always`; false where `CONFIG GET` is refused).
+    pub durable: bool,
+    /// Whether it was promoted from a replica since it started (or `INFO replication` is refused).
+    pub promoted: bool,
+    /// Its heartbeat, just raised (`Keys::beat`; `None` when the key holds another value).
+    pub beat: Option<i64>,
+    /// Which server it is across restarts: the node id on a Cluster, the address Sentinel names,
+    /// empty for the one server.
+    pub at: String,
     /// The name of the connection that answered (`CLIENT GETNAME`; `None` when it has none or
     /// Redis refuses the command): whether it is the one confirmed (see `confirm`).
     pub name: Option<String>,
@@ -124,8 +134,8 @@ impl Router {
     }
 
     /// What the health monitor looks at on `primary`, in one round trip: the connection's name
-    /// (after setting it to `name`, if given), its `run_id`, the epoch recorded there, and its
-    /// fence.
+    /// (after setting it to `name`, if given), its `run_id`, the epoch recorded there, its fence,
+    /// whether it keeps every write on disk and was promoted, and its heartbeat (raised).
     pub async fn look_at(
         &self,
         primary: &Primary,
@@ -137,12 +147,16 @@ impl Router {
             pipe.cmd("CLIENT").arg("SETNAME").arg(name);
         }
         pipe.cmd("CLIENT").arg("GETNAME");
-        pipe.cmd("INFO")
-            .arg("server")
-            .cmd("GET")
-            .arg(self.keys.epoch(anchor))
-            .cmd("GET")
-            .arg(self.keys.fence(anchor));
+        pipe.cmd("INFO").arg("server");
+        pipe.cmd("GET").arg(self.keys.epoch(anchor));
+        pipe.cmd("GET").arg(self.keys.fence(anchor));
+        pipe.cmd("INFO").arg("replication");
+        pipe.cmd("CONFIG").arg("GET").arg("appendonly");
+        pipe.cmd("CONFIG").arg("GET").arg("appendfsync");
+        pipe.cmd("EVAL")
+            .arg(scripts::BEAT)
+            .arg(1)
+            .arg(self.keys.beat(anchor));
         if !self.keys.is_cluster() {
             pipe.cmd("GET").arg(self.keys.cache_id());
         }
@@ -151,58 +165,34 @@ impl Router {
             // node id tells who answered.
             pipe.cmd("CLUSTER").arg("MYID");
         }
-        let mut values = self.on(primary, &pipe, self.timeout).await?;
-        let elsewhere = match self.keys.is_cluster() {
-            true => values
-                .pop()
-                .and_then(|id| redis::from_redis_value::<String>(id).ok())
-                .is_none_or(|id| id != primary.id),
-            false => false,
-        };
-        // The anchor slot is moving or moved away: the epoch and fence there are not this
-        // primary's to judge now.
-        let elsewhere = elsewhere
-            || values.iter().any(|v| {
-                matches!(v, redis::Value::ServerError(e)
-                    if matches!(e.code(), "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN"))
-            });
-        let cache_id = match self.keys.is_cluster() {
-            true => None,
-            false => values
-                .pop()
-                .and_then(|id| redis::from_redis_value::<Option<String>>(id).ok())
-                .flatten(),
-        };
-        let named = match name {
-            Some(_) => values.first() == Some(&redis::Value::Okay),
-            None => false,
-        };
-        let expected = 4 + name.is_some() as usize;
-        if values.len() != expected {
+        let count = pipe.cmd_iter().count();
+        let values = self.on(primary, &pipe, self.timeout).await?;
+        if values.len() != count {
             return Err(CacheError::said(
                 CacheErrorKind::Server,
-                format!("{expected} commands answered {} values", values.len()),
+                format!("{count} commands answered {} values", values.len()),
             ));
         }
-        let [answered_name, info, recorded, fence]: [redis::Value; 4] = values
-            .split_off(expected - 4)
-            .try_into()
-            .expect("four values are left");
-        let name = redis::from_redis_value::<Option<String>>(answered_name).unwrap_or(None);
+        // The anchor slot is moving or moved away: the epoch and fence there are not this
+        // primary's to judge now.
+        let moved = values.iter().any(|v| {
+            matches!(v, redis::Value::ServerError(e)
+                if matches!(e.code(), "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN"))
+        });
+        let mut values = values.into_iter();
+        let mut next = || values.next().expect("counted above");
+        let text = |value: redis::Value| {
+            redis::from_redis_value::<Option<String>>(value)
+                .ok()
+                .flatten()
+        };
+        let named = name.is_some() && next() == redis::Value::Okay;
+        let name = text(next());
+        let run_id = text(next()).and_then(|info| field(&info, "run_id"));
         // Anything but a string there (another type, put by someone else) records nothing: the
         // data is distrusted once and the key overwritten.
-        let recorded = redis::from_redis_value::<Option<String>>(recorded).unwrap_or(None);
-        let run_id = match info {
-            redis::Value::ServerError(_) => None,
-            info => redis::from_redis_value::<String>(info)
-                .ok()
-                .and_then(|text| {
-                    text.lines()
-                        .find_map(|l| l.strip_prefix("run_id:"))
-                        .map(|id| id.trim().to_owned())
-                }),
-        };
-        let fence = match fence {
+        let recorded = text(next());
+        let fence = match next() {
             redis::Value::ServerError(e) => Err(e.to_string()),
             value => match redis::from_redis_value::<Option<String>>(value) {
                 Ok(None) => Ok(None),
@@ -213,6 +203,22 @@ impl Router {
                 Err(_) => Err("the fence key holds a value of another type".to_owned()),
             },
         };
+        // A replica promoted since its start keeps its old master's history: a second id and
+        // the offset it took over at (-1 when none). Unknown counts as promoted.
+        let promoted = text(next())
+            .and_then(|info| field(&info, "second_repl_offset"))
+            .is_none_or(|offset| offset != "-1");
+        let appendonly = config_value(next());
+        let appendfsync = config_value(next());
+        let durable =
+            appendonly.as_deref() == Some("yes") && appendfsync.as_deref() == Some("always");
+        let beat = redis::from_redis_value::<i64>(next()).ok();
+        let cache_id = match self.keys.is_cluster() {
+            true => None,
+            false => text(next()),
+        };
+        let elsewhere =
+            moved || (self.keys.is_cluster() && text(next()).is_none_or(|id| id != primary.id));
         Ok(NodeState {
             run_id,
             recorded,
@@ -221,6 +227,10 @@ impl Router {
             cache_id,
             name,
             named,
+            durable,
+            promoted,
+            beat,
+            at: primary.id.clone(),
         })
     }
 
@@ -238,15 +248,7 @@ impl Router {
     pub async fn eviction_policy(&self, primary: &Primary) -> Option<String> {
         let mut cmd = redis::cmd("CONFIG");
         cmd.arg("GET").arg("maxmemory-policy");
-        let value = self.on_one(primary, &cmd).await.ok()?;
-        // A map in RESP3 (the near cache's connections), a flat list in RESP2.
-        match value {
-            redis::Value::Map(pairs) => pairs
-                .into_iter()
-                .next()
-                .and_then(|(_, policy)| decode(policy).ok()),
-            value => decode::<Vec<String>>(value).ok()?.into_iter().nth(1),
-        }
+        config_value(self.on_one(primary, &cmd).await.ok()?)
     }
 
     /// Sets every fence of `primary` that cannot be right (see `reset_fence.lua`) to `horizon`,
@@ -280,4 +282,23 @@ impl Router {
             .await?;
         Ok(now.into_iter().filter(|&f| f == horizon).count())
     }
+}
+
+/// The value a `CONFIG GET` of one parameter answered (`None`: refused, or none): a map in RESP3
+/// (the near cache's connections), a flat list in RESP2.
+fn config_value(value: redis::Value) -> Option<String> {
+    match value {
+        redis::Value::Map(pairs) => pairs
+            .into_iter()
+            .next()
+            .and_then(|(_, value)| decode(value).ok()),
+        value => decode::<Vec<String>>(value).ok()?.into_iter().nth(1),
+    }
+}
+
+/// The value of `name` in an `INFO` section's text.
+fn field(info: &str, name: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_owned())
 }

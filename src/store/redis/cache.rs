@@ -402,13 +402,15 @@ impl Cache {
         &self,
         primary: &Primary,
     ) -> Result<(NodeState, Option<Confirmed>), CacheError> {
-        let state = self.router.look_at(primary, None).await?;
+        let mut state = self.router.look_at(primary, None).await?;
         let confirmations = &self.router.confirmed;
         if confirmations.still(&primary.address, state.name.as_deref()) {
+            state.at = self.router.conn.server_of(primary);
             return Ok((state, None));
         }
         let name = Confirmations::fresh_name();
-        let state = self.router.look_at(primary, Some(&name)).await?;
+        let mut state = self.router.look_at(primary, Some(&name)).await?;
+        state.at = self.router.conn.server_of(primary);
         let confirmed = match state.named {
             true => Confirmed::Name(name),
             false => Confirmed::Ungated,

@@ -67,6 +67,15 @@ impl Conn {
         }
     }
 
+    /// Which server `primary` is across its restarts: the node id on a Cluster, the address of
+    /// the master Sentinel named (connected to now), empty for the one server.
+    pub fn server_of(&self, primary: &Primary) -> String {
+        match self {
+            Conn::Sentinel(c) => c.address().unwrap_or_default(),
+            _ => primary.id.clone(),
+        }
+    }
+
     /// The primaries: the one server (standalone, Sentinel's current master), or every Cluster
     /// primary as `CLUSTER SLOTS` says, sorted by their first slot.
     pub async fn primaries(&mut self) -> redis::RedisResult<Vec<Primary>> {

@@ -42,6 +42,7 @@ pub struct Keys {
 struct SlotKeys {
     fence: Box<[u32]>,
     epoch: Box<[u32]>,
+    beat: Box<[u32]>,
     /// Each declared table's own fence numbering, by [`TableId`] from 1.
     table_fences: Box<[Box<[u32]>]>,
 }
@@ -65,6 +66,7 @@ impl Keys {
                 Arc::new(SlotKeys {
                     fence: numbering(prefix, "fence"),
                     epoch: numbering(prefix, "epoch"),
+                    beat: numbering(prefix, "beat"),
                     table_fences: tables.iter().map(|t| numbering(t, "fence")).collect(),
                 })
             }),
@@ -170,6 +172,16 @@ impl Keys {
         match &self.slotted {
             None => format!("{}\0epoch", self.prefix),
             Some(keys) => format!("{}\0epoch:{}", self.prefix, keys.epoch[slot as usize]),
+        }
+    }
+
+    /// The heartbeat of the primary whose anchor is `slot`: a counter each look of the health
+    /// monitor raises, so that a restarted Redis shows whether its data holds the last look's
+    /// (prefix + NUL + `beat`, `beat:N` in the slot on a Cluster).
+    pub fn beat(&self, slot: u16) -> String {
+        match &self.slotted {
+            None => format!("{}\0beat", self.prefix),
+            Some(keys) => format!("{}\0beat:{}", self.prefix, keys.beat[slot as usize]),
         }
     }
 

@@ -17,6 +17,8 @@ pub const ESTABLISH_FENCE: &str = include_str!("establish_fence.lua");
 pub const RAISE_FENCE: &str = include_str!("raise_fence.lua");
 /// See `raise_table_fence.lua`.
 pub const RAISE_TABLE_FENCE: &str = include_str!("raise_table_fence.lua");
+/// See `beat.lua`.
+pub const BEAT: &str = include_str!("beat.lua");
 /// See `reset_fence.lua`.
 pub const RESET_FENCE: &str = include_str!("reset_fence.lua");
 /// See `replace.lua`.

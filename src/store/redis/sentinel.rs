@@ -72,6 +72,11 @@ impl SentinelConn {
             .clone()
     }
 
+    /// Where the primary connected to is (`host:port`), if connected.
+    pub fn address(&self) -> Option<String> {
+        self.current().map(|(_, at)| at)
+    }
+
     /// Where the sentinels say the primary is: the first sentinel that answers.
     pub async fn ask_sentinels(&self) -> redis::RedisResult<(String, u16)> {
         let timeout = self

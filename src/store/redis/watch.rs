@@ -242,6 +242,40 @@ struct Epochs {
     /// A change of topology under way (a resharding moves slots look after look): said once when
     /// it starts and once when it settles, not at every look.
     changing: Option<Changing>,
+    /// What the last look found of each primary (by node id; `""` for the one server): whether a
+    /// process that replaced it may keep the cache (see [`Kept`]).
+    last: std::collections::HashMap<String, Kept>,
+}
+
+/// What a restarted Redis must show for its data to be kept rather than distrusted: the process it
+/// replaced kept every write on disk before answering (`appendonly yes`, `appendfsync always`),
+/// so did it, it is the same server (node id, the address Sentinel names), no replica promoted
+/// since it started, and its heartbeat is above the one the replaced process answered at the last
+/// look (a restore of an older file, or of a copy, is not). Anything else is distrusted.
+#[derive(Clone, Debug, PartialEq)]
+struct Kept {
+    durable: bool,
+    at: String,
+    beat: Option<i64>,
+}
+
+impl Kept {
+    fn of(state: &NodeState) -> Kept {
+        Kept {
+            durable: state.durable,
+            at: state.at.clone(),
+            beat: state.beat,
+        }
+    }
+
+    /// Whether `now`, another process, holds every write the process seen as `self` answered.
+    fn holds_all_of(&self, now: &NodeState) -> bool {
+        self.durable
+            && now.durable
+            && !now.promoted
+            && self.at == now.at
+            && matches!((self.beat, now.beat), (Some(then), Some(now)) if now > then)
+    }
 }
 
 /// A change of topology under way: since when, how many slots changed hands so far, and how many
@@ -302,6 +336,12 @@ impl Epochs {
             }
         }
         self.topology = Some(topology);
+        let kept = nodes
+            .iter()
+            .filter(|(_, state)| !state.elsewhere && state.run_id.is_some())
+            .map(|(primary, state)| (primary.id.clone(), Kept::of(state)))
+            .collect();
+        let last = std::mem::replace(&mut self.last, kept);
         for (primary, state) in nodes.iter().filter(|(_, state)| !state.elsewhere) {
             let Some(run_id) = &state.run_id else {
                 if !self.unknowable {
@@ -330,7 +370,17 @@ impl Epochs {
                 self.pending.push((primary.clone(), run_id.clone()));
                 continue;
             }
-            if matches!(state.fence, Ok(Some(_))) {
+            let kept = last
+                .get(&primary.id)
+                .is_some_and(|before| before.holds_all_of(state));
+            if kept && matches!(state.fence, Ok(Some(_))) {
+                tracing::info!(
+                    run_id = %run_id,
+                    recorded = state.recorded.as_deref().unwrap_or(""),
+                    node = %primary.address,
+                    "redis restarted with every write on disk: the cache is kept"
+                );
+            } else if matches!(state.fence, Ok(Some(_))) {
                 tracing::warn!(
                     run_id = %run_id,
                     recorded = state.recorded.as_deref().unwrap_or(""),
@@ -402,6 +452,10 @@ mod tests {
                         cache_id: None,
                         name: None,
                         named: false,
+                        durable: false,
+                        promoted: false,
+                        beat: None,
+                        at: String::new(),
                     };
                     (primary, state)
                 })
