@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use cacheward::config::CdcMode;
-use cacheward::dev::RedisOptions;
 use common::subject::Subject;
 use common::{kind, wait_until, DaemonProcess, Rpc, TestEnv};
 use serde_json::{json, Value};
@@ -391,11 +390,7 @@ async fn terminated_connections_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_a_persistent_redis_was_down_are_applied_when_it_returns() {
-    let mut env = TestEnv::start_with(RedisOptions {
-        persistent: true,
-        ..Default::default()
-    })
-    .await;
+    let mut env = TestEnv::start_persistent().await;
     let daemon = env.start_daemon(env.config()).await;
     let mut c = daemon.client().await;
     for name in ["r1", "r2", "r3"] {

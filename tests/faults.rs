@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cacheward::config::Config;
-use cacheward::dev::RedisOptions;
 use common::subject::Subject;
 use common::{kind, wait_until, Daemon, Rpc, TestEnv};
 use serde_json::{json, Value};
@@ -155,11 +154,7 @@ async fn writes_to_a_declared_table_while_redis_was_down_leave_no_stale_entry_be
 
 async fn writes_while_redis_was_down(subject: Subject) {
     // A Redis that keeps its data across the outage, as production ones do.
-    let mut env = TestEnv::start_with(RedisOptions {
-        persistent: true,
-        ..Default::default()
-    })
-    .await;
+    let mut env = TestEnv::start_persistent().await;
     let (daemon, mut c) = serving(&env, subject, env.config()).await;
     for name in ["moved", "removed", "kept"] {
         subject.put(&mut c, &[name]).await;

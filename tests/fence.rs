@@ -16,7 +16,6 @@ async fn truncate(pg: &tokio_postgres::Client, subject: Subject) -> i64 {
 
 use std::time::Duration;
 
-use cacheward::dev::redis::RedisOptions;
 use common::subject::{Subject, ORDERS_TOML};
 use common::{hold_fills, kind, wait_until, TestEnv};
 use serde_json::{json, Value};
@@ -938,13 +937,7 @@ async fn run_id(env: &TestEnv) -> String {
 async fn epoch_recorded(env: &TestEnv) {
     let now = run_id(env).await;
     wait_until("the new epoch recorded", Duration::from_secs(5), || async {
-        let mut redis = env.redis().await;
-        let epoch: Option<String> = redis::cmd("GET")
-            .arg("user:\0epoch")
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        epoch.as_deref() == Some(now.as_str())
+        env.epoch().await.as_deref() == Some(now.as_str())
     })
     .await;
 }
@@ -956,11 +949,7 @@ async fn epoch_recorded(env: &TestEnv) {
 /// lacks a tombstone for is never served, and dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_restarts_with_every_write_on_disk_keeps_its_cache_and_no_other() {
-    let mut env = TestEnv::start_with(RedisOptions {
-        persistent: true,
-        ..Default::default()
-    })
-    .await;
+    let mut env = TestEnv::start_persistent().await;
     let daemon = env.start_daemon(env.config()).await;
     let mut c = daemon.client().await;
     let names: Vec<String> = (0..10).map(|i| format!("durable{i}")).collect();

@@ -231,15 +231,7 @@ async fn the_documented_redis_acl_is_all_the_daemon_needs() {
     wait_until(
         "the redis epoch recorded",
         Duration::from_secs(3),
-        || async {
-            let mut redis = env.redis().await;
-            let epoch: Option<String> = redis::cmd("GET")
-                .arg("user:\0epoch")
-                .query_async(&mut redis)
-                .await
-                .unwrap();
-            epoch.is_some()
-        },
+        || async { env.epoch().await.is_some() },
     )
     .await;
     daemon.stop().await;

@@ -47,6 +47,16 @@ impl TestEnv {
         TestEnv::start_with(RedisOptions::default()).await
     }
 
+    /// [`TestEnv::start`] with a Redis that keeps its data across a kill, as production ones do
+    /// (`appendonly yes`, `appendfsync always`).
+    pub async fn start_persistent() -> TestEnv {
+        TestEnv::start_with(RedisOptions {
+            persistent: true,
+            ..Default::default()
+        })
+        .await
+    }
+
     /// Fresh servers, the schema migrated, `pg_stat_statements` installed.
     pub async fn start_with(redis: RedisOptions) -> TestEnv {
         TestEnv::start_servers(PostgresOptions::default(), redis).await
@@ -118,6 +128,16 @@ impl TestEnv {
             .query_async(&mut self.redis().await)
             .await
             .expect("redis SET");
+    }
+
+    /// The epoch recorded in Redis (the `run_id` of the process its data was written under).
+    pub async fn epoch(&self) -> Option<String> {
+        let mut conn = self.redis().await;
+        redis::cmd("GET")
+            .arg("user:\0epoch")
+            .query_async(&mut conn)
+            .await
+            .expect("redis GET")
     }
 
     /// The raw value at `user:<name>`.
