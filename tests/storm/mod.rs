@@ -1,0 +1,745 @@
+//! The storm shared by the fault soaks (tests/soak.rs on one Redis, tests/topology_soak.rs on a
+//! Redis Cluster and a Sentinel group): daemon clients and plain-SQL writers change and read a
+//! small set of users while faults hit the daemons and the servers, and every answer is checked
+//! against the commit history (the outbox, with PostgreSQL's commit timestamps): a `get` sent at t0
+//! and answered at t1 must show a state of that user that was current at some moment in
+//! [t0 - allowance, t1]. Beside the JSON-RPC clients, Redis clients that cache on their side
+//! (`CLIENT TRACKING` on the daemon's Redis-protocol socket) are held to the same rule.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::history::{self, now_us, Rng, Seen, State};
+use crate::common::TestEnv;
+
+/// The soak's names, picked by the shared generator.
+pub trait Names {
+    fn name(&mut self) -> String;
+    fn calm(&mut self) -> String;
+}
+
+impl Names for Rng {
+    /// A hot name: changed all the time.
+    fn name(&mut self) -> String {
+        format!("soak{:02}", self.below(NAMES))
+    }
+
+    /// A calm name: read often, changed only by a TRUNCATE and a rare `put`, so that a stale entry
+    /// left by a race stays there to be seen instead of being overwritten by the next change.
+    fn calm(&mut self) -> String {
+        format!("calm{:02}", self.below(NAMES))
+    }
+}
+
+/// How many hot (and calm) usernames the storm plays with: few, so that changes collide.
+pub const NAMES: u64 = 48;
+
+pub fn all_names() -> Vec<String> {
+    (0..NAMES)
+        .flat_map(|i| [format!("soak{i:02}"), format!("calm{i:02}")])
+        .collect()
+}
+
+/// One answered `get`.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub name: String,
+    pub sent_us: i64,
+    pub answered_us: i64,
+    pub seen: Seen,
+    pub source: String,
+}
+
+/// A JSON-RPC client that reports failures instead of panicking: the daemon may be killed at any
+/// moment.
+pub struct Client {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+    next_id: u64,
+}
+
+impl Client {
+    async fn connect(socket: &Path) -> Option<Client> {
+        let stream = UnixStream::connect(socket).await.ok()?;
+        let (r, w) = stream.into_split();
+        Some(Client {
+            reader: BufReader::new(r),
+            writer: w,
+            next_id: 0,
+        })
+    }
+
+    /// Sends the requests pipelined; returns each answer with the time it arrived, or `None` if
+    /// the connection failed.
+    async fn pipeline(&mut self, requests: &[(&str, Value)]) -> Option<Vec<(Value, i64)>> {
+        let mut out = Vec::new();
+        for (method, params) in requests {
+            self.next_id += 1;
+            let mut line = serde_json::to_vec(
+                &json!({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params}),
+            )
+            .expect("json");
+            line.push(b'\n');
+            out.extend_from_slice(&line);
+        }
+        self.writer.write_all(&out).await.ok()?;
+        let mut answers = Vec::new();
+        for _ in requests {
+            let mut line = String::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(15), self.reader.read_line(&mut line));
+            match read.await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+            answers.push((
+                serde_json::from_str(&line).expect("a JSON answer"),
+                now_us(),
+            ));
+        }
+        Some(answers)
+    }
+}
+
+impl Client {
+    /// Sends `requests` pipelined and records what every `get` answered; false if the connection
+    /// failed.
+    async fn exchange(
+        &mut self,
+        requests: &[(&str, Value)],
+        seen: &Mutex<Vec<Observation>>,
+    ) -> bool {
+        let sent_us = now_us();
+        let Some(answers) = self.pipeline(requests).await else {
+            return false;
+        };
+        let mut observed = Vec::new();
+        for ((method, params), (answer, answered_us)) in requests.iter().zip(answers) {
+            if *method != "get" {
+                continue;
+            }
+            let seen = if let Some(version) = answer["result"]["user"]["version"].as_i64() {
+                Seen::Present(version)
+            } else if answer["error"]["data"]["kind"] == json!("not_found") {
+                Seen::Absent
+            } else {
+                // Unavailable during a fault: no claim about the data.
+                continue;
+            };
+            observed.push(Observation {
+                name: params["username"].as_str().expect("a name").to_owned(),
+                sent_us,
+                answered_us,
+                seen,
+                source: answer["result"]["source"].as_str().unwrap_or("").to_owned(),
+            });
+        }
+        seen.lock().expect("not poisoned").extend(observed);
+        true
+    }
+}
+
+/// Every calm name.
+pub fn calm_names() -> Vec<String> {
+    (0..NAMES).map(|i| format!("calm{i:02}")).collect()
+}
+
+/// Inserts the calm users that are missing.
+pub async fn bring_back(
+    pg: &tokio_postgres::Client,
+    calm: &[String],
+) -> Result<u64, tokio_postgres::Error> {
+    pg.execute(
+        "INSERT INTO users (username) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+        &[&calm],
+    )
+    .await
+}
+
+/// Gets of every calm name, pipelined on a new connection to `socket`, recorded.
+pub async fn read_calm(socket: &Path, seen: &Mutex<Vec<Observation>>) {
+    let requests: Vec<(&str, Value)> = (0..NAMES)
+        .map(|i| ("get", json!({ "username": format!("calm{i:02}") })))
+        .collect();
+    if let Some(mut c) = Client::connect(socket).await {
+        c.exchange(&requests, seen).await;
+    }
+}
+
+/// A daemon client: pipelined gets (recorded), puts, renames and deletes, reconnecting whenever
+/// the daemon goes away.
+pub async fn daemon_client(
+    socket: PathBuf,
+    mut rng: Rng,
+    stop: CancellationToken,
+    seen: Arc<Mutex<Vec<Observation>>>,
+) {
+    let mut client: Option<Client> = None;
+    while !stop.is_cancelled() {
+        let Some(c) = client.as_mut() else {
+            client = Client::connect(&socket).await;
+            if client.is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            continue;
+        };
+        let op = rng.below(100);
+        let requests: Vec<(&str, Value)> = match op {
+            0..=59 => (0..1 + rng.below(8))
+                .map(|_| {
+                    let name = if rng.below(10) < 4 {
+                        rng.calm()
+                    } else {
+                        rng.name()
+                    };
+                    ("get", json!({ "username": name }))
+                })
+                .collect(),
+            60..=74 => {
+                let name = if rng.below(50) == 0 {
+                    rng.calm()
+                } else {
+                    rng.name()
+                };
+                vec![("put", json!({ "username": name }))]
+            }
+            75..=84 => vec![(
+                "rename",
+                json!({"username": rng.name(), "new_username": rng.name()}),
+            )],
+            _ => vec![("delete", json!({"username": rng.name()}))],
+        };
+        if !c.exchange(&requests, &seen).await {
+            client = None;
+            continue;
+        }
+        if rng.below(4) == 0 {
+            tokio::time::sleep(Duration::from_millis(rng.below(5))).await;
+        }
+    }
+}
+
+/// One RESP3 frame as the tracked client reads it.
+pub enum Frame {
+    Push(Vec<Frame>),
+    Array(Vec<Frame>),
+    Bulk(String),
+    Nil,
+    Other,
+}
+
+impl Frame {
+    /// The keys an `invalidate` push names: `Some(None)` for all of them (a flush), `None` when
+    /// this is not one.
+    fn invalidated(self) -> Option<Option<Vec<String>>> {
+        let Frame::Push(mut parts) = self else {
+            return None;
+        };
+        match parts.pop() {
+            Some(Frame::Array(keys)) => Some(Some(
+                keys.into_iter()
+                    .filter_map(|k| match k {
+                        Frame::Bulk(k) => Some(k),
+                        _ => None,
+                    })
+                    .collect(),
+            )),
+            _ => Some(None),
+        }
+    }
+}
+
+/// Reads one RESP3 frame; `None` when the connection fails.
+pub fn read_frame<'a>(
+    r: &'a mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Frame>> + Send + 'a>> {
+    Box::pin(async move {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end_matches("\r\n");
+        let (kind, rest) = line.split_at(1);
+        let n: i64 = rest.parse().unwrap_or(0);
+        Some(match kind {
+            "$" if n >= 0 => {
+                let mut buf = vec![0u8; n as usize + 2];
+                tokio::io::AsyncReadExt::read_exact(r, &mut buf)
+                    .await
+                    .ok()?;
+                Frame::Bulk(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+            }
+            "$" | "_" => Frame::Nil,
+            ">" | "*" | "%" | "~" => {
+                let count = if kind == "%" { 2 * n } else { n };
+                let mut items = Vec::new();
+                for _ in 0..count {
+                    items.push(read_frame(r).await?);
+                }
+                match kind {
+                    ">" => Frame::Push(items),
+                    _ => Frame::Array(items),
+                }
+            }
+            _ => Frame::Other,
+        })
+    })
+}
+
+/// A Redis client caching on its side, as redis-py's client-side cache does: `CLIENT TRACKING
+/// ON` over RESP3 on the daemon's Redis-protocol socket, `GET user:NAME` answered from its own
+/// memory while no `invalidate` push named the key, every push it has received applied before
+/// it serves from memory, everything dropped when the connection goes. Every answer, its own
+/// memory's included, is recorded and held to the commit history like any other.
+pub async fn tracked_client(
+    socket: PathBuf,
+    mut rng: Rng,
+    stop: CancellationToken,
+    seen: Arc<Mutex<Vec<Observation>>>,
+) {
+    while !stop.is_cancelled() {
+        let Ok(stream) = UnixStream::connect(&socket).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let (r, mut w) = stream.into_split();
+        let (frames, mut heard) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            let mut r = BufReader::new(r);
+            while let Some(frame) = read_frame(&mut r).await {
+                if frames.send(frame).is_err() {
+                    break;
+                }
+            }
+        });
+        if w.write_all(b"HELLO 3\r\nCLIENT TRACKING ON\r\n")
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        // The two replies.
+        let mut handshake = 0;
+        while handshake < 2 {
+            match tokio::time::timeout(Duration::from_secs(15), heard.recv()).await {
+                Ok(Some(Frame::Push(_))) => {}
+                Ok(Some(_)) => handshake += 1,
+                _ => break,
+            }
+        }
+        if handshake < 2 {
+            reader.abort();
+            continue;
+        }
+        let mut cache: HashMap<String, Seen> = HashMap::new();
+        let apply = |cache: &mut HashMap<String, Seen>, keys: Option<Vec<String>>| match keys {
+            Some(keys) => {
+                for key in keys {
+                    cache.remove(key.strip_prefix("user:").unwrap_or(&key));
+                }
+            }
+            None => cache.clear(),
+        };
+        'connection: while !stop.is_cancelled() {
+            // Pushes first, as redis-py reads them before it serves from its cache.
+            loop {
+                match heard.try_recv() {
+                    Ok(frame) => {
+                        if let Some(keys) = frame.invalidated() {
+                            apply(&mut cache, keys);
+                        }
+                    }
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                    Err(_) => break 'connection,
+                }
+            }
+            let name = if rng.below(10) < 4 {
+                rng.calm()
+            } else {
+                rng.name()
+            };
+            if let Some(held) = cache.get(&name) {
+                let now = now_us();
+                seen.lock().expect("not poisoned").push(Observation {
+                    name,
+                    sent_us: now,
+                    answered_us: now,
+                    seen: *held,
+                    source: "client cache".into(),
+                });
+            } else {
+                let sent_us = now_us();
+                if w.write_all(format!("GET user:{name}\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                let reply = loop {
+                    match tokio::time::timeout(Duration::from_secs(15), heard.recv()).await {
+                        Ok(Some(frame @ Frame::Push(_))) => {
+                            apply(&mut cache, frame.invalidated().expect("a push"))
+                        }
+                        Ok(Some(reply)) => break reply,
+                        _ => break 'connection,
+                    }
+                };
+                let answered_us = now_us();
+                let held = match reply {
+                    Frame::Bulk(user) => {
+                        let user: Value = serde_json::from_str(&user).expect("USER JSON");
+                        Seen::Present(user["version"].as_i64().expect("a version"))
+                    }
+                    Frame::Nil => Seen::Absent,
+                    // An error (a backend down): no claim about the data, nothing cached.
+                    _ => continue,
+                };
+                seen.lock().expect("not poisoned").push(Observation {
+                    name: name.clone(),
+                    sent_us,
+                    answered_us,
+                    seen: held,
+                    source: "resp".into(),
+                });
+                cache.insert(name, held);
+            }
+            tokio::time::sleep(Duration::from_micros(rng.below(3000))).await;
+        }
+        reader.abort();
+    }
+}
+
+/// A program changing `users` with plain SQL: inserts, renames, deletes, touches, multi-row
+/// updates, transactions held open across others (commit order is not id order), and TRUNCATE.
+pub async fn sql_writer(db_url: String, mut rng: Rng, stop: CancellationToken) {
+    let pg: tokio_postgres::Config = db_url.parse().expect("url");
+    let mut client: Option<tokio_postgres::Client> = None;
+    while !stop.is_cancelled() {
+        let Some(c) = client.as_ref().filter(|c| !c.is_closed()) else {
+            client = cacheward::store::pg::connect(&pg).await.ok();
+            if client.is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            continue;
+        };
+        let (a, b) = (rng.name(), rng.name());
+        let op = rng.below(1000);
+        let result = match op {
+            0..=249 => c
+                .execute(
+                    "INSERT INTO users (username) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[&a],
+                )
+                .await
+                .map(drop),
+            250..=449 => c
+                .execute("UPDATE users SET username = $2 WHERE username = $1", &[&a, &b])
+                .await
+                .map(drop),
+            450..=599 => c
+                .execute("DELETE FROM users WHERE username = $1", &[&a])
+                .await
+                .map(drop),
+            600..=799 => c
+                .execute(
+                    "UPDATE users SET created_at = created_at + interval '1 second' WHERE username = ANY($1)",
+                    &[&vec![a.clone(), b.clone()]],
+                )
+                .await
+                .map(drop),
+            800..=998 => {
+                // Held open while others commit around it.
+                let hold = Duration::from_millis(20 + rng.below(300));
+                let db_url = db_url.clone();
+                tokio::spawn(async move {
+                    let pg: tokio_postgres::Config = db_url.parse().expect("url");
+                    let Ok(c) = cacheward::store::pg::connect(&pg).await else {
+                        return;
+                    };
+                    let _ = c
+                        .batch_execute(&format!(
+                            "BEGIN; UPDATE users SET created_at = now() WHERE username = '{a}'"
+                        ))
+                        .await;
+                    tokio::time::sleep(hold).await;
+                    let _ = c.batch_execute("COMMIT").await;
+                });
+                Ok(())
+            }
+            _ => {
+                // Now and then the whole table goes, and the calm names come back.
+                let calm = calm_names();
+                let again = rng.below(2) == 0;
+                c.batch_execute("TRUNCATE users").await.and(match again {
+                    true => bring_back(c, &calm).await.map(drop),
+                    false => Ok(()),
+                })
+            }
+        };
+        if let Err(e) = result {
+            if e.code().is_none() {
+                client = None;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.below(40))).await;
+    }
+}
+
+/// Freezes a random daemon for a few milliseconds, often: a paused process (a GC pause, a noisy
+/// neighbour, a slow network) holding a fill after its database read while the other daemon
+/// applies changes. Returns the freezes, as faults.
+pub async fn freezer(
+    pids: Arc<Mutex<[u32; 2]>>,
+    mut rng: Rng,
+    stop: CancellationToken,
+) -> Vec<Fault> {
+    let mut freezes = Vec::new();
+    while !stop.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(30 + rng.below(200))).await;
+        let pid = pids.lock().expect("not poisoned")[rng.below(2) as usize] as i32;
+        let began_us = now_us();
+        // SAFETY: signals to our own children's pids (a pid replaced meanwhile is another child
+        // of ours: still harmless).
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        tokio::time::sleep(Duration::from_millis(5 + rng.below(60))).await;
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        freezes.push(Fault {
+            name: "daemon frozen briefly",
+            began_us,
+            ended_us: now_us(),
+            stalls_cdc: true,
+        });
+    }
+    freezes
+}
+
+/// Every username's states, from the outbox and PostgreSQL's commit timestamps.
+pub async fn history(env: &TestEnv) -> HashMap<String, Vec<State>> {
+    let rows = env
+        .pg()
+        .await
+        .query(
+            "SELECT op, username, old_username, version,
+                    (extract(epoch FROM pg_xact_commit_timestamp(
+                        ((txid::text::numeric % 4294967296)::bigint)::text::xid)) * 1000000)::bigint
+             FROM cacheward_outbox ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("read the history");
+    let mut states: HashMap<String, Vec<State>> = HashMap::new();
+    let mut truncates = Vec::new();
+    for row in rows {
+        let op: String = row.get(0);
+        let username: Option<String> = row.get(1);
+        let old: Option<String> = row.get(2);
+        let version: i64 = row.get(3);
+        let committed_us: i64 = row.get(4);
+        let mut push = |name: String, present| {
+            states.entry(name).or_default().push(State {
+                committed_us,
+                version,
+                present,
+            })
+        };
+        match op.as_str() {
+            "truncate" => truncates.push((committed_us, version)),
+            "delete" => push(old.expect("a delete names its row"), false),
+            _ => {
+                push(username.expect("an insert or update names its row"), true);
+                if let Some(old) = old {
+                    push(old, false);
+                }
+            }
+        }
+    }
+    for name in all_names() {
+        let list = states.entry(name).or_default();
+        for &(committed_us, version) in &truncates {
+            list.push(State {
+                committed_us,
+                version,
+                present: false,
+            });
+        }
+    }
+    for list in states.values_mut() {
+        list.sort_by_key(|s| (s.committed_us, s.version, s.present));
+    }
+    states
+}
+
+/// How stale an answer may be: out-of-band changes reach Redis through the CDC worker, so a cached
+/// entry may show a state superseded this shortly before the request. Guarantee 1 (docs/reference.md) says 1 s
+/// once writes stop; in the storm, with two debug-build daemons, writers and faults on two cores,
+/// the CDC worker is given twice that (measured: answers up to 1.35 s old right after faults).
+/// Also covers a commit becoming visible a moment after its timestamp is taken.
+pub const STALENESS_US: i64 = 2_000_000;
+
+/// Waits until the CDC worker applies a change made now (a probe row, outside the checked names),
+/// 30 s at most: the end of a fault that stopped it.
+pub async fn caught_up(env: &TestEnv, n: u64) {
+    caught_up_in(env, n, |key| async move {
+        env.cached(&key["user:".len()..]).await
+    })
+    .await
+}
+
+/// [`caught_up`], reading the probe's entry with `cached`, given its Redis key (on a Cluster, a
+/// Sentinel master).
+pub async fn caught_up_in<F, Fut>(env: &TestEnv, n: u64, cached: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Option<String>>,
+{
+    let name = format!("probe{n}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Ok(pg) = cacheward::store::pg::connect(&env.db_url.parse().expect("url")).await {
+            // Again each time: a TRUNCATE may have taken it.
+            let _ = pg
+                .execute(
+                    "INSERT INTO users (username) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[&name],
+                )
+                .await;
+        }
+        if cached(format!("user:{name}"))
+            .await
+            .is_some_and(|v| cacheward::model::entry::is_live(&v))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the CDC worker did not catch up within 30 s of a fault");
+}
+
+/// A fault, as wall-clock microseconds.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub name: &'static str,
+    pub began_us: i64,
+    pub ended_us: i64,
+    /// Whether it stops the CDC worker (then `ended_us` is when it had caught up again).
+    pub stalls_cdc: bool,
+}
+
+/// How stale `o` may be, given the faults around it: a fault that stops the CDC worker from
+/// `began` until it has caught up (`ended`) delays changes by at most that long, so answers during
+/// it and up to the staleness bound after it may be that much staler.
+pub fn allowance(o: &Observation, faults: &[Fault]) -> i64 {
+    faults
+        .iter()
+        .filter(|f| {
+            f.stalls_cdc && o.sent_us >= f.began_us && o.sent_us <= f.ended_us + STALENESS_US
+        })
+        .map(|f| o.sent_us.min(f.ended_us) - f.began_us)
+        .max()
+        .unwrap_or(0)
+        + STALENESS_US
+}
+
+/// Whether `o` shows a state that was current at some moment in [sent - allowance, answered].
+pub fn explained(o: &Observation, states: &[State], allowance_us: i64) -> bool {
+    history::explained(o.sent_us, o.answered_us, o.seen, states, allowance_us)
+}
+
+/// Checks every answer in `seen` against the commit history, given the `faults`; prints what it
+/// found (how many, how stale, from where) and fails on any answer no moment explains.
+pub async fn judge(
+    env: &TestEnv,
+    label: &str,
+    seed: u64,
+    seen: &Mutex<Vec<Observation>>,
+    faults: &[Fault],
+) {
+    let fault_names: Vec<&str> = faults
+        .iter()
+        .map(|f| f.name)
+        .filter(|name| *name != "daemon frozen briefly")
+        .collect();
+    eprintln!("{label}: faults injected: {fault_names:?}");
+    let history = history(env).await;
+    let seen = seen.lock().expect("not poisoned").clone();
+    let from_cache = seen.iter().filter(|o| o.source == "cache").count();
+    let from_client = seen.iter().filter(|o| o.source == "client cache").count();
+    let wrong: Vec<&Observation> = seen
+        .iter()
+        .filter(|o| {
+            let states = history.get(&o.name).map_or(&[][..], Vec::as_slice);
+            !explained(o, states, allowance(o, faults))
+        })
+        .collect();
+    // How stale the answers were (0: current when sent), for the record.
+    let mut stale_ms: Vec<i64> = seen
+        .iter()
+        .filter(|o| !explained(o, history.get(&o.name).map_or(&[][..], Vec::as_slice), 0))
+        .map(|o| {
+            let states = history.get(&o.name).map_or(&[][..], Vec::as_slice);
+            (1..=60)
+                .map(|step| step * 50_000)
+                .find(|&allow| explained(o, states, allow))
+                .unwrap_or(3_000_000)
+                / 1000
+        })
+        .collect();
+    stale_ms.sort_unstable();
+    eprintln!(
+        "{label}: {} answers older than their request: p50 {} ms, p99 {} ms, max {} ms",
+        stale_ms.len(),
+        stale_ms.get(stale_ms.len() / 2).unwrap_or(&0),
+        stale_ms.get(stale_ms.len() * 99 / 100).unwrap_or(&0),
+        stale_ms.last().unwrap_or(&0)
+    );
+    let calm_present = seen
+        .iter()
+        .filter(|o| o.name.starts_with("calm") && o.seen != Seen::Absent)
+        .count();
+    eprintln!(
+        "{label}: {} answers checked ({from_cache} from the cache, {from_client} from a tracking client's own memory, {calm_present} calm rows), {} wrong",
+        seen.len(),
+        wrong.len()
+    );
+    for o in wrong.iter().take(10) {
+        let around: Vec<&State> = history
+            .get(&o.name)
+            .into_iter()
+            .flatten()
+            .filter(|s| {
+                (o.sent_us - 3_000_000..=o.answered_us + 1_000_000).contains(&s.committed_us)
+            })
+            .collect();
+        let during: Vec<&Fault> = faults
+            .iter()
+            .filter(|f| f.began_us <= o.answered_us && f.ended_us + STALENESS_US >= o.sent_us)
+            .collect();
+        eprintln!(
+            "{label}: wrong answer {o:?}\n  states around it: {around:?}\n  faults: {during:?}"
+        );
+    }
+    assert!(
+        seen.len() > 100,
+        "the storm answered too little: {}",
+        seen.len()
+    );
+    assert!(from_cache > 0, "nothing was answered from the cache");
+    assert!(
+        from_client > 0,
+        "no tracking client answered from its own memory"
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} answers showed a state that was not current while they were in flight (seed {seed}, faults {fault_names:?}): first {:?}",
+        wrong.len(),
+        wrong.first()
+    );
+}
