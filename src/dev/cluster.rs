@@ -147,6 +147,38 @@ impl RedisCluster {
         self.start_node(node)
     }
 
+    /// Kills one node and starts it again from `snapshot` (an RDB file, as `SAVE` left it): a
+    /// restart from older persisted data. The file is removed once loaded, so that a later
+    /// restart does not load it again.
+    pub fn restart_from(&mut self, node: usize, snapshot: &Path) -> Result<(), DevError> {
+        self.kill(node);
+        let dump = self
+            .dir
+            .path()
+            .join(format!("dump-{}.rdb", self.ports[node]));
+        std::fs::copy(snapshot, &dump).map_err(io_err("copy the snapshot"))?;
+        let started = self.start_node(node);
+        let _ = std::fs::remove_file(&dump);
+        started
+    }
+
+    /// `SAVE` on the node on `port`; returns a copy of the RDB file it wrote, kept in `to`.
+    pub fn snapshot(&self, port: u16, to: &Path) -> Result<PathBuf, DevError> {
+        let answer = ask(port, "SAVE").unwrap_or_default();
+        if !answer.starts_with("+OK") {
+            return Err(failed("SAVE", answer));
+        }
+        let dump = self.dir.path().join(format!("dump-{port}.rdb"));
+        let copy = to.join(format!("snapshot-{port}.rdb"));
+        std::fs::rename(&dump, &copy).map_err(io_err("keep the snapshot"))?;
+        Ok(copy)
+    }
+
+    /// Runs `command` on the node on `port`; its raw answer (empty if none came).
+    pub fn ask(&self, port: u16, command: &str) -> String {
+        ask(port, command).unwrap_or_default()
+    }
+
     /// Freezes one node (SIGSTOP); [`RedisCluster::resume`] thaws it.
     pub fn pause(&self, node: usize) {
         if let Some(child) = &self.children[node] {
@@ -235,6 +267,8 @@ pub(super) fn redis_node(dir: &Path, port: u16, args: &[String]) -> Result<Child
     let child = command(&binary, None, libc::SIGKILL)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dbfilename")
+        .arg(format!("dump-{port}.rdb"))
         .args([
             "--masteruser",
             REPLICATION_USER,

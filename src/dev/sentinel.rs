@@ -79,8 +79,66 @@ impl RedisSentinels {
     }
 
     fn start_sentinel(&mut self) -> Result<(), DevError> {
-        let binary = on_path("redis-server").ok_or(DevError::MissingBinary("redis-server", ""))?;
         let port = free_port()?;
+        let child = self.spawn_sentinel(port, true)?;
+        self.sentinel_ports.push(port);
+        self.sentinels.push(child);
+        Ok(())
+    }
+
+    /// SIGKILL of sentinel `n`.
+    pub fn kill_sentinel(&mut self, n: usize) {
+        if let Some(child) = self.sentinels.get_mut(n) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts sentinel `n` again (after [`RedisSentinels::kill_sentinel`]) from the
+    /// configuration it rewrote.
+    pub fn start_sentinel_again(&mut self, n: usize) -> Result<(), DevError> {
+        let child = self.spawn_sentinel(self.sentinel_ports[n], false)?;
+        self.sentinels[n] = child;
+        Ok(())
+    }
+
+    /// Starts the killed node on `port` again, as a replica of the primary now (the sentinels
+    /// would make it one anyway).
+    pub fn start_again(&mut self, port: u16) -> Result<(), DevError> {
+        let Some(n) = self.nodes.iter().position(|&p| p == port) else {
+            return Err(failed("restarting a node", format!("no node on {port}")));
+        };
+        if self.children[n].is_some() {
+            return Ok(());
+        }
+        let primary = self
+            .primary()
+            .ok_or_else(|| failed("restarting a node", "no primary"))?;
+        let replicaof = [
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
+            primary.to_string(),
+        ];
+        self.children[n] = Some(redis_node(self.dir.path(), port, &replicaof)?);
+        Ok(())
+    }
+
+    /// Freezes the node on `port` (SIGSTOP), or thaws it (SIGCONT).
+    pub fn freeze(&self, port: u16, frozen: bool) {
+        let n = self.nodes.iter().position(|&p| p == port);
+        if let Some(child) = n.and_then(|n| self.children[n].as_ref()) {
+            let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            super::process::signal(child, sig);
+        }
+    }
+
+    /// Runs `command` on the node (or sentinel) on `port`; its raw answer (empty if none came).
+    pub fn ask(&self, port: u16, command: &str) -> String {
+        ask(port, command).unwrap_or_default()
+    }
+
+    fn spawn_sentinel(&self, port: u16, fresh: bool) -> Result<Child, DevError> {
+        let binary = on_path("redis-server").ok_or(DevError::MissingBinary("redis-server", ""))?;
         // A sentinel rewrites its configuration file: it must be its own and writable.
         let conf = self.dir.path().join(format!("sentinel-{port}.conf"));
         let text = format!(
@@ -92,7 +150,9 @@ impl RedisSentinels {
             dir = self.dir.path().display(),
             primary = self.nodes[0],
         );
-        std::fs::write(&conf, text).map_err(io_err("write sentinel.conf"))?;
+        if fresh {
+            std::fs::write(&conf, text).map_err(io_err("write sentinel.conf"))?;
+        }
         let log = self.dir.path().join(format!("sentinel-{port}.log"));
         let child = command(&binary, None, libc::SIGKILL)
             .arg(&conf)
@@ -102,16 +162,13 @@ impl RedisSentinels {
             .stderr(Stdio::null())
             .spawn()
             .map_err(io_err("spawn redis-server --sentinel"))?;
-        let child = await_ready(
+        await_ready(
             child,
             "redis sentinel",
             &log,
             Duration::from_secs(10),
             || ask(port, "PING").is_some_and(|answer| answer.starts_with("+PONG")),
-        )?;
-        self.sentinel_ports.push(port);
-        self.sentinels.push(child);
-        Ok(())
+        )
     }
 
     /// Waits until the replica on `port` says its link to the primary is up.
@@ -168,11 +225,10 @@ impl RedisSentinels {
     pub fn force_failover(&self) -> Result<(), DevError> {
         let mut last = String::new();
         let asked = poll_until("a forced failover", Duration::from_secs(10), || {
-            let Some(&sentinel) = self.sentinel_ports.first() else {
-                return false;
-            };
-            last = ask(sentinel, &format!("SENTINEL FAILOVER {MASTER}")).unwrap_or_default();
-            last.starts_with("+OK")
+            self.sentinel_ports.iter().any(|&sentinel| {
+                last = ask(sentinel, &format!("SENTINEL FAILOVER {MASTER}")).unwrap_or_default();
+                last.starts_with("+OK")
+            })
         });
         asked.map_err(|_| failed("SENTINEL FAILOVER", last))
     }
