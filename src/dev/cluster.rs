@@ -174,6 +174,40 @@ impl RedisCluster {
         Ok(copy)
     }
 
+    /// Whether some slot is left migrating or importing (a resharding cut short: a node killed or
+    /// failed over while it moved keys), which only `redis-cli --cluster fix` ends.
+    pub fn has_open_slots(&self) -> bool {
+        self.ports.iter().any(|&p| {
+            ask(p, "CLUSTER NODES")
+                .is_some_and(|nodes| nodes.contains("->-") || nodes.contains("-<-"))
+        })
+    }
+
+    /// `redis-cli --cluster fix`: open slots closed, uncovered slots given a primary.
+    pub fn fix(&self) -> Result<(), DevError> {
+        let cli = on_path("redis-cli").ok_or(DevError::MissingBinary("redis-cli", ""))?;
+        let Some(&port) = self.primaries().first() else {
+            return Err(failed("fixing the redis cluster", "no primary"));
+        };
+        let out = Command::new(cli)
+            .args([
+                "--cluster",
+                "fix",
+                &format!("127.0.0.1:{port}"),
+                "--cluster-yes",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err("redis-cli --cluster fix"))?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(failed(
+                "fixing the redis cluster",
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )),
+        }
+    }
+
     /// Runs `command` on the node on `port`; its raw answer (empty if none came).
     pub fn ask(&self, port: u16, command: &str) -> String {
         ask(port, command).unwrap_or_default()

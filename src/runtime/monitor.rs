@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::rpc::peers::{RateLimited, WARN_EVERY};
 use crate::service::hooks::monitor_wedge;
 use crate::service::{Backend, Service};
 use crate::store::pg::{connect, DbError};
@@ -19,6 +20,9 @@ const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
 /// The least time between two looks when refusals call for one sooner than the tick (while Redis
 /// has no fence, every write is refused; while a connection is not looked at, every read).
 const ALARM_GAP: Duration = Duration::from_millis(20);
+/// While Redis is down, the least time between two looks (rather than the tick): a Redis back
+/// from a restart serves again within this, once looked at.
+const DOWN_RETRY: Duration = Duration::from_millis(50);
 /// Consecutive failed checks of a Cluster after which its connection is made anew (see
 /// `topology::ClusterConn`).
 const RENEW_AFTER: u32 = 4;
@@ -34,21 +38,26 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
     let mut failures = [0u32; 2];
     // What the monitor keeps between its looks at Redis.
     let mut watch = Watch::default();
+    let mut repair_failures = RateLimited::new(WARN_EVERY);
     let mut ticker = tokio::time::interval(MONITOR_INTERVAL);
     let mut last = tokio::time::Instant::now();
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        // While Redis is down, looked at more often: it serves again soon after it is back.
+        let redis_down = !service.health.is_up(Backend::Redis);
+        // Whether the tick came (the counts of failed checks go by ticks, whatever else wakes).
+        let tick = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
+            _ = ticker.tick() => true,
+            _ = tokio::time::sleep_until(last + DOWN_RETRY), if redis_down => false,
             // A write refused by a fence (if the fence is wrong, the sooner it is seen the better),
             // a read refused by a connection not looked at yet: at most every ALARM_GAP.
             _ = async {
                 tokio::time::sleep_until(last + ALARM_GAP).await;
                 service.cache().look_alarm().notified().await
-            } => {}
-        }
+            } => false,
+        };
         last = tokio::time::Instant::now();
         if wedge_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
             tracing::warn!("test wedge: the health monitor stops here");
@@ -94,17 +103,24 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
                 }
                 Err(reason) => {
                     // A transition is logged by `set`; a backend never reached yet is reported on
-                    // the first failure and then every UNREACHABLE_REPORT_EVERY checks.
-                    if !health.ever_reached(backend) && *failed % UNREACHABLE_REPORT_EVERY == 0 {
-                        tracing::warn!(backend = backend.name(), reason, "backend unreachable");
+                    // the first failure and then every UNREACHABLE_REPORT_EVERY ticks.
+                    if tick || *failed == 0 {
+                        if !health.ever_reached(backend) && *failed % UNREACHABLE_REPORT_EVERY == 0
+                        {
+                            tracing::warn!(backend = backend.name(), reason, "backend unreachable");
+                        }
+                        *failed += 1;
                     }
-                    *failed += 1;
                     health.set(backend, false, &reason);
                 }
             }
         }
         // A Cluster connection that keeps failing may be stalled in the driver's recovery.
-        if failures[0] > 0 && failures[0] % RENEW_AFTER == 0 && service.cache().renew_connection() {
+        if tick
+            && failures[0] > 0
+            && failures[0] % RENEW_AFTER == 0
+            && service.cache().renew_connection()
+        {
             tracing::info!(
                 failed_checks = failures[0],
                 "redis cluster connection renewed"
@@ -116,7 +132,10 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
         }
         if health.is_up(Backend::Redis) && health.is_up(Backend::Postgres) {
             if let Err(e) = service.run_repairs().await {
-                tracing::warn!(error = %e, "cache repair failed; will retry");
+                // At every look while it fails (a Cluster down for minutes): said every 10 s.
+                repair_failures.say(|suppressed| {
+                    tracing::warn!(error = %e, suppressed, "cache repair failed; will retry")
+                });
             }
             if !service.repairs.any() {
                 service.cache().record_epochs(&mut watch).await;

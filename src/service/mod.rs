@@ -299,6 +299,11 @@ impl Service {
             CacheErrorKind::Unconfirmed => {
                 tracing::debug!(during, error = %e, "redis connection not looked at yet");
             }
+            // A failover or a resharding under way (said by the monitor, once per change of
+            // topology, not once per request): PostgreSQL answers until it is over.
+            CacheErrorKind::Elsewhere => {
+                tracing::debug!(during, error = %e, "redis does not serve that key now");
+            }
             CacheErrorKind::Server | CacheErrorKind::Config => {
                 tracing::error!(during, error = %e, "redis refused a command");
             }

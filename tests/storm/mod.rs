@@ -587,15 +587,18 @@ pub const STALENESS_US: i64 = 2_000_000;
 /// Waits until the CDC worker applies a change made now (a probe row, outside the checked names),
 /// 30 s at most: the end of a fault that stopped it.
 pub async fn caught_up(env: &TestEnv, n: u64) {
-    caught_up_in(env, n, |key| async move {
+    let caught = caught_up_in(env, n, |key| async move {
         env.cached(&key["user:".len()..]).await
-    })
-    .await
+    });
+    assert!(
+        caught.await,
+        "the CDC worker did not catch up within 30 s of a fault"
+    );
 }
 
 /// [`caught_up`], reading the probe's entry with `cached`, given its Redis key (on a Cluster, a
-/// Sentinel master).
-pub async fn caught_up_in<F, Fut>(env: &TestEnv, n: u64, cached: F)
+/// Sentinel master); false if it did not within 30 s.
+pub async fn caught_up_in<F, Fut>(env: &TestEnv, n: u64, cached: F) -> bool
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Option<String>>,
@@ -616,11 +619,11 @@ where
             .await
             .is_some_and(|v| cacheward::model::entry::is_live(&v))
         {
-            return;
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the CDC worker did not catch up within 30 s of a fault");
+    false
 }
 
 /// A fault, as wall-clock microseconds.

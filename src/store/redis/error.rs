@@ -31,6 +31,18 @@ pub enum CacheErrorKind {
     /// The node's connection was made since the health monitor last looked at the process behind
     /// it (a restart, a promoted replica): its answers wait for that look (see `confirm`).
     Unconfirmed,
+    /// The node does not serve the key now (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `LOADING`,
+    /// `MASTERDOWN`, `READONLY`): the topology is changing, which the monitor's next look sees.
+    Elsewhere,
+}
+
+/// Whether a Redis error code says the node does not serve the key now (see
+/// [`CacheErrorKind::Elsewhere`]), rather than that the command was wrong.
+pub fn is_elsewhere(code: &str) -> bool {
+    matches!(
+        code,
+        "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "LOADING" | "MASTERDOWN" | "READONLY"
+    )
 }
 
 /// Why a Redis call failed.
@@ -71,7 +83,11 @@ impl CacheError {
 
     /// What Redis answered as an error in place of a value.
     pub fn server(e: redis::ServerError) -> CacheError {
-        CacheError::new(CacheErrorKind::Server, Arc::new(e))
+        let kind = match is_elsewhere(e.code()) {
+            true => CacheErrorKind::Elsewhere,
+            false => CacheErrorKind::Server,
+        };
+        CacheError::new(kind, Arc::new(e))
     }
 
     pub fn kind(&self) -> CacheErrorKind {
@@ -101,6 +117,7 @@ impl std::fmt::Display for CacheError {
             CacheErrorKind::Abandoned => "the redis call was abandoned",
             CacheErrorKind::Config => "redis cannot be used as configured",
             CacheErrorKind::Unconfirmed => "redis not looked at since it connected",
+            CacheErrorKind::Elsewhere => "redis does not serve that key now",
         };
         write!(f, "{kind}: {}", causes::with_causes(&*self.source))
     }
@@ -114,7 +131,9 @@ impl std::error::Error for CacheError {
 
 impl From<redis::RedisError> for CacheError {
     fn from(e: redis::RedisError) -> Self {
-        let kind = if matches!(
+        let kind = if e.code().is_some_and(is_elsewhere) {
+            CacheErrorKind::Elsewhere
+        } else if matches!(
             e.kind(),
             redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
         ) {
