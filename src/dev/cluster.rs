@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::install::{self, Tool};
-use super::process::{await_ready, command, failed, free_port, io_err, on_path, signal, DevError};
+use super::process::{
+    await_ready, command, failed, free_cluster_port, io_err, on_path, signal, DevError,
+};
 
 /// Nodes in the cluster: three primaries and their replicas.
 pub const NODES: usize = 6;
@@ -37,7 +39,7 @@ impl RedisCluster {
             .tempdir()
             .map_err(io_err("create temp dir"))?;
         let ports = (0..NODES)
-            .map(|_| free_port())
+            .map(|_| free_cluster_port())
             .collect::<Result<Vec<_>, _>>()?;
         let mut cluster = RedisCluster {
             dir,

@@ -209,6 +209,22 @@ pub fn free_port() -> Result<u16, DevError> {
         .port())
 }
 
+/// A free port for a Redis Cluster node whose cluster bus port (the port + 10 000) is free too:
+/// a node whose bus port is taken exits at start.
+pub fn free_cluster_port() -> Result<u16, DevError> {
+    for _ in 0..100 {
+        let port = free_port()?;
+        let bus = port.checked_add(10_000).filter(|_| port < 55_000);
+        if bus.is_some_and(|bus| std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok()) {
+            return Ok(port);
+        }
+    }
+    Err(failed(
+        "finding a free port",
+        "no port whose cluster bus port was free too",
+    ))
+}
+
 /// A server's certificate and key (PEM files), for the TLS a test asks for.
 #[derive(Debug, Clone)]
 pub struct ServerTls {
