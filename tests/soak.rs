@@ -125,30 +125,8 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
     }
     let stop = CancellationToken::new();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let mut workers = Vec::new();
-    for i in 0..4 {
-        workers.push(tokio::spawn(daemon_client(
-            daemons[i % 2].socket.clone(),
-            Rng(rng.next()),
-            stop.clone(),
-            seen.clone(),
-        )));
-    }
-    for socket in &resp_sockets {
-        workers.push(tokio::spawn(tracked_client(
-            socket.clone(),
-            Rng(rng.next()),
-            stop.clone(),
-            seen.clone(),
-        )));
-    }
-    for _ in 0..2 {
-        workers.push(tokio::spawn(sql_writer(
-            env.db_url.clone(),
-            Rng(rng.next()),
-            stop.clone(),
-        )));
-    }
+    let sockets: Vec<PathBuf> = daemons.iter().map(|d| d.socket.clone()).collect();
+    let workers = start_clients(&sockets, &resp_sockets, &env.db_url, &mut rng, &stop, &seen);
 
     let pids = Arc::new(Mutex::new([daemons[0].child.id(), daemons[1].child.id()]));
     let freezes = tokio::spawn(freezer(pids.clone(), Rng(rng.next()), stop.clone()));

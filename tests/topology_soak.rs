@@ -230,30 +230,14 @@ async fn storm(label: &str, mut servers: Servers) {
 
     let stop = CancellationToken::new();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let mut workers = Vec::new();
-    for i in 0..4 {
-        workers.push(tokio::spawn(daemon_client(
-            daemons.sockets[i % 2].clone(),
-            Rng(rng.next()),
-            stop.clone(),
-            seen.clone(),
-        )));
-    }
-    for socket in &resp_sockets {
-        workers.push(tokio::spawn(tracked_client(
-            socket.clone(),
-            Rng(rng.next()),
-            stop.clone(),
-            seen.clone(),
-        )));
-    }
-    for _ in 0..2 {
-        workers.push(tokio::spawn(sql_writer(
-            env.db_url.clone(),
-            Rng(rng.next()),
-            stop.clone(),
-        )));
-    }
+    let workers = start_clients(
+        &daemons.sockets,
+        &resp_sockets,
+        &env.db_url,
+        &mut rng,
+        &stop,
+        &seen,
+    );
     let pids = Arc::new(Mutex::new([
         daemons.running[0].child.id(),
         daemons.running[1].child.id(),

@@ -746,3 +746,31 @@ pub async fn judge(
         wrong.first()
     );
 }
+
+/// Starts the storm's clients: four JSON-RPC clients taking turns over `sockets`, a tracked
+/// Redis client on each of `resp_sockets`, and two plain-SQL writers on `db_url`; all run until
+/// `stop`.
+pub fn start_clients(
+    sockets: &[PathBuf],
+    resp_sockets: &[PathBuf],
+    db_url: &str,
+    rng: &mut Rng,
+    stop: &CancellationToken,
+    seen: &Arc<Mutex<Vec<Observation>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut workers = Vec::new();
+    for i in 0..4 {
+        let socket = sockets[i % sockets.len()].clone();
+        let client = daemon_client(socket, Rng(rng.next()), stop.clone(), seen.clone());
+        workers.push(tokio::spawn(client));
+    }
+    for socket in resp_sockets {
+        let client = tracked_client(socket.clone(), Rng(rng.next()), stop.clone(), seen.clone());
+        workers.push(tokio::spawn(client));
+    }
+    for _ in 0..2 {
+        let writer = sql_writer(db_url.to_owned(), Rng(rng.next()), stop.clone());
+        workers.push(tokio::spawn(writer));
+    }
+    workers
+}

@@ -187,10 +187,10 @@ impl Requests {
         }
         // Which node each slot's pipeline goes to, as the confirmations know it (`None`: the
         // Cluster driver routes it, to a node the monitor may never have looked at).
-        let node_of = |slot: u16| -> Option<String> {
+        let node_of = |slot: u16| -> Option<&str> {
             match &routes {
-                _ if !self.router.keys.is_cluster() => Some(String::new()),
-                Some(r) => r.owner(slot).map(|p| r.primaries[p].address.clone()),
+                _ if !self.router.keys.is_cluster() => Some(""),
+                Some(r) => r.owner(slot).map(|p| r.primaries[p].address.as_str()),
                 None => None,
             }
         };
@@ -202,15 +202,16 @@ impl Requests {
                 pipe.parts.insert(0, Part::Name);
             }
         }
-        let nodes: Vec<Option<String>> = slots.keys().map(|&slot| node_of(slot)).collect();
+        let slot_list: Vec<u16> = slots.keys().copied().collect();
         let (parts, cmds): (Vec<_>, Vec<_>) = slots
             .into_iter()
             .map(|(slot, pipe)| (pipe.parts, (slot, pipe.cmds)))
             .unzip();
         let sent = self
             .router
-            .send_per_slot_via(cmds, routes, self.router.timeout)
+            .send_per_slot_via(cmds, routes.clone(), self.router.timeout)
             .await;
+        let nodes = slot_list.into_iter().map(node_of);
         for ((parts, (values, pushed)), node) in parts.into_iter().zip(sent).zip(nodes) {
             let values = match values {
                 Ok(values) => values,
@@ -238,15 +239,13 @@ impl Requests {
             for (part, value) in parts.into_iter().zip(values) {
                 let tracked = std::mem::take(&mut caching) && tracking;
                 match part {
-                    Part::Name => {
-                        confirmed = self.router.confirmed.accepts(node.as_deref(), &value)
-                    }
+                    Part::Name => confirmed = self.router.confirmed.accepts(node, &value),
                     Part::Read(targets) if !confirmed => {
                         let e = CacheError::said(
                             CacheErrorKind::Unconfirmed,
                             format!(
                                 "the connection to {} was made since the last look",
-                                node.as_deref().filter(|n| !n.is_empty()).unwrap_or("redis")
+                                node.filter(|n| !n.is_empty()).unwrap_or("redis")
                             ),
                         );
                         for (op, _) in targets {
