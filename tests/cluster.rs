@@ -481,6 +481,11 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     let verified = cluster_verify(&env, &urls[0]);
     assert!(String::from_utf8_lossy(&verified.stdout).contains("0 mismatches"));
 
+    // 2b. A partial outage: one primary frozen, its replica kept from taking over, the cluster
+    // serving the rest. Only that primary's names go to PostgreSQL; the others stay cached and
+    // keep getting changes; once it is back, no read answers a change it missed.
+    partial_outage(&env, &cluster, &daemon).await;
+
     // 3. A failover that loses writes. The replica of one primary is cut off, the daemon writes
     // newer versions and tombstones to that primary's keys, the primary dies, and the stale
     // replica is promoted: the daemon must not serve what it holds, and must repair it.
@@ -745,6 +750,166 @@ async fn check_reaches_every_primary_from_one_seed(
             .await
             .unwrap();
     }
+}
+
+/// Phase 2b of the test above (see there).
+async fn partial_outage(env: &TestEnv, cluster: &RedisCluster, daemon: &Daemon) {
+    let owners = slot_owners(&mut connect(cluster).await).await;
+    let victim = owners.last().unwrap().2;
+    cluster.hold_failover(victim, true);
+    let pg = env.pg().await;
+    let everyone = names("o", 120);
+    pg.execute(
+        "INSERT INTO users (username) SELECT 'o' || g FROM generate_series(0, 119) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let (on_victim, elsewhere): (Vec<String>, Vec<String>) = everyone
+        .iter()
+        .cloned()
+        .partition(|n| owner(&owners, n) == victim);
+    assert!(on_victim.len() >= 15 && elsewhere.len() >= 15);
+    let mut client = daemon.client().await;
+    wait_until("every name cached", Duration::from_secs(10), || async {
+        let mut client = daemon.client().await;
+        let answers = client.get_all(&everyone).await;
+        answers
+            .iter()
+            .all(|a| a["result"]["source"] == json!("cache"))
+    })
+    .await;
+    let versions = |answers: &[Value]| -> Vec<i64> {
+        answers
+            .iter()
+            .map(|a| a["result"]["user"]["version"].as_i64().unwrap_or(-1))
+            .collect()
+    };
+    let before = versions(&client.get_all(&on_victim).await);
+
+    cluster.pause(cluster.node(victim).unwrap());
+    let named = wait_until(
+        "health names the frozen primary",
+        Duration::from_secs(10),
+        || async {
+            let health = daemon.health().await;
+            health["redis_unreachable"].as_array().is_some_and(|down| {
+                down.iter()
+                    .any(|d| d.as_str().unwrap().ends_with(&format!(":{victim}")))
+            })
+        },
+    );
+    named.await;
+    // Past the node timeout: the others mark it failed and serve on (full coverage not required).
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let health = daemon.health().await;
+    assert_eq!(health["redis"], json!("up"), "{health}");
+    // The others answer from the cache, the victim's names from PostgreSQL.
+    let sources = |answers: &[Value]| -> BTreeSet<String> {
+        answers
+            .iter()
+            .map(|a| a["result"]["source"].as_str().unwrap_or("error").to_owned())
+            .collect()
+    };
+    assert_eq!(
+        sources(&client.get_all(&elsewhere).await),
+        BTreeSet::from(["cache".to_owned()])
+    );
+    assert_eq!(
+        sources(&client.get_all(&on_victim).await),
+        BTreeSet::from(["db".to_owned()])
+    );
+    // Changes while it is frozen: the others' entries get them, the victim's cannot.
+    let missed_before = daemon.stats().await["cdc"]["missed"].as_u64().unwrap();
+    pg.batch_execute(
+        "UPDATE users SET created_at = created_at - interval '1 day' WHERE username LIKE 'o%'",
+    )
+    .await
+    .unwrap();
+    let deleted = on_victim[0].clone();
+    assert_eq!(
+        client.call("delete", json!({"username": deleted})).await["result"]["deleted"],
+        json!(true)
+    );
+    let rows = |names: &[String]| {
+        let names = names.to_vec();
+        async move {
+            let mut rows = Vec::new();
+            for name in &names {
+                rows.push(env.row_json(name).await);
+            }
+            rows
+        }
+    };
+    let current = |answers: &[Value], rows: &[Option<Value>]| {
+        answers.iter().zip(rows).all(|(a, row)| match row {
+            Some(row) => a["result"]["user"] == *row,
+            None => a["error"]["data"]["kind"] == json!("not_found"),
+        })
+    };
+    let elsewhere_rows = rows(&elsewhere).await;
+    wait_until(
+        "the others' entries got the changes, served from the cache",
+        Duration::from_secs(10),
+        || async {
+            let mut client = daemon.client().await;
+            let answers = client.get_all(&elsewhere).await;
+            current(&answers, &elsewhere_rows)
+                && sources(&answers) == BTreeSet::from(["cache".to_owned()])
+        },
+    )
+    .await;
+    let victim_rows = rows(&on_victim).await;
+    let answers = client.get_all(&on_victim).await;
+    assert!(current(&answers, &victim_rows), "{answers:?}");
+    assert_eq!(sources(&answers[1..]), BTreeSet::from(["db".to_owned()]));
+    let missed = daemon.stats().await["cdc"]["missed"].as_u64().unwrap() - missed_before;
+    assert!(missed >= on_victim.len() as u64 - 1, "missed {missed}");
+
+    // Back: from its first answer on, no read answers what it missed (every old version is
+    // older than its row now), and its names come back to the cache.
+    cluster.resume(cluster.node(victim).unwrap());
+    let thawed = Instant::now();
+    let mut served_from_cache = false;
+    while thawed.elapsed() < Duration::from_secs(10) {
+        let answers = client.get_all(&on_victim).await;
+        for ((answer, row), old) in answers.iter().zip(&victim_rows).zip(&before) {
+            let version = answer["result"]["user"]["version"].as_i64().unwrap_or(-1);
+            assert_ne!(
+                version, *old,
+                "a change the primary missed was served: {answer} (row {row:?})"
+            );
+        }
+        assert!(current(&answers, &victim_rows), "{answers:?}");
+        if answers[1..]
+            .iter()
+            .all(|a| a["result"]["source"] == json!("cache"))
+            && daemon.health().await["redis_unreachable"] == json!([])
+        {
+            served_from_cache = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(served_from_cache, "the victim's names are cached again");
+    let mut on_node = direct(victim).await;
+    for (name, row) in on_victim.iter().zip(&victim_rows).skip(1) {
+        let entry: Option<String> = redis::cmd("GET")
+            .arg(format!("user:{name}"))
+            .query_async(&mut on_node)
+            .await
+            .unwrap();
+        let entry: Value = serde_json::from_str(&entry.expect("repaired")).unwrap();
+        assert_eq!(Some(entry), *row, "{name} repaired on its primary");
+    }
+    // Its replica may take over again only once no node flags it failed (else it would).
+    cluster
+        .await_no_failure_flags(Duration::from_secs(20))
+        .expect("the thawed primary is no longer flagged");
+    cluster.hold_failover(victim, false);
+    cluster
+        .await_state_ok(Duration::from_secs(20))
+        .expect("the cluster is whole again");
 }
 
 async fn direct(port: u16) -> redis::aio::MultiplexedConnection {

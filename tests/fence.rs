@@ -669,6 +669,137 @@ async fn a_redis_restored_from_an_older_snapshot_is_not_trusted() {
     daemon.stop().await;
 }
 
+/// A primary demoted by a failover (made a replica of a server with an older copy of its data,
+/// its clients killed, as Sentinel does) and promoted again: the same process all along, its epoch
+/// even its own (copied back), but not its data. No get answers from the copy: not while it is a
+/// replica, not after it is a primary again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_demoted_and_promoted_again_serves_nothing_from_the_copy_it_took() {
+    use cacheward::dev::redis::{Redis, RedisOptions};
+    let tcp = RedisOptions {
+        tcp: true,
+        ..Default::default()
+    };
+    let env = TestEnv::start_with(tcp.clone()).await;
+    let copy = Redis::start_with(tcp).expect("start the second redis");
+    // `redis://127.0.0.1:PORT/0`.
+    let port = |url: Option<String>| {
+        let url = url.expect("tcp");
+        url.trim_start_matches("redis://127.0.0.1:")
+            .trim_end_matches("/0")
+            .to_owned()
+    };
+    let (primary_port, copy_port) = (port(env.redis.tcp_url(0)), port(copy.tcp_url(0)));
+    let daemon = env.start_daemon(env.config()).await;
+    let names: Vec<String> = (0..20).map(|i| format!("demoted{i}")).collect();
+    let mut c = daemon.client().await;
+    for name in &names {
+        c.call("put", json!({"username": name})).await;
+    }
+    wait_until("every name cached", Duration::from_secs(10), || async {
+        let mut c = daemon.client().await;
+        c.get_all(&names)
+            .await
+            .iter()
+            .all(|a| a["result"]["source"] == json!("cache"))
+    })
+    .await;
+    // The copy: a replica of the primary until it holds everything (the epoch key too), then
+    // cut off.
+    let mut to_copy = redis::Client::open(copy.url(0))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let info = |conn: redis::aio::MultiplexedConnection| async move {
+        let mut conn = conn;
+        redis::cmd("INFO")
+            .arg("replication")
+            .query_async::<String>(&mut conn)
+            .await
+            .unwrap_or_default()
+    };
+    redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(&primary_port)
+        .query_async::<()>(&mut to_copy)
+        .await
+        .unwrap();
+    wait_until("the copy is in sync", Duration::from_secs(10), || {
+        let replication = info(to_copy.clone());
+        async move { replication.await.contains("master_link_status:up") }
+    })
+    .await;
+    redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async::<()>(&mut to_copy)
+        .await
+        .unwrap();
+    // Deleted through the daemon: tombstones on the primary, live entries in the copy.
+    for name in &names {
+        c.call("delete", json!({"username": name})).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let socket = daemon.socket.clone();
+        let names = names.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut served = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut c = common::Rpc::connect(&socket).await;
+                for answer in c.get_all(&names).await {
+                    if answer.get("result").is_some() {
+                        served.push((started.elapsed(), answer));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            served
+        })
+    };
+    // Demoted, as Sentinel does it: made a replica and its clients killed in one transaction;
+    // it then loads the copy.
+    let sentinel_like = |target: Option<(&str, &str)>| {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match target {
+            Some((host, port)) => pipe.cmd("REPLICAOF").arg(host).arg(port),
+            None => pipe.cmd("REPLICAOF").arg("NO").arg("ONE"),
+        };
+        pipe.cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal");
+        pipe
+    };
+    let mut primary = env.redis().await;
+    let _ = sentinel_like(Some(("127.0.0.1", &copy_port)))
+        .query_async::<()>(&mut primary)
+        .await;
+    wait_until(
+        "the demoted primary loaded the copy",
+        Duration::from_secs(10),
+        || async {
+            let info = info(env.redis().await).await;
+            info.contains("role:slave") && info.contains("master_link_status:up")
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut primary = env.redis().await;
+    let _ = sentinel_like(None).query_async::<()>(&mut primary).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let served = reader.await.unwrap();
+    assert!(
+        served.is_empty(),
+        "a deleted user was served: {:?}",
+        served.first()
+    );
+    assert!(env.agrees(&names).await);
+    daemon.stop().await;
+}
+
 /// The epoch key holding a value of another type (put there by someone else): the daemon
 /// distrusts the data once, overwrites the key with its epoch, and serves from the cache again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

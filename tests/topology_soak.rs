@@ -455,13 +455,26 @@ async fn cluster_fault(
                 false => "primary without a replica killed and restarted empty",
             }
         }
-        1 => {
+        1 if rng.below(2) == 0 => {
             // Short of the node timeout (1.5 s) or past it.
             let frozen = Duration::from_millis(300 + rng.below(2500));
             cluster.pause(node);
             tokio::time::sleep(frozen).await;
             cluster.resume(node);
             "primary frozen"
+        }
+        1 => {
+            // A partial outage: frozen past the node timeout, its replica kept from taking over,
+            // the others serving on.
+            tokio::task::block_in_place(|| cluster.hold_failover(primary, true));
+            cluster.pause(node);
+            tokio::time::sleep(Duration::from_millis(2000 + rng.below(2000))).await;
+            cluster.resume(node);
+            tokio::task::block_in_place(|| {
+                let _ = cluster.await_no_failure_flags(Duration::from_secs(30));
+                cluster.hold_failover(primary, false);
+            });
+            "primary frozen past the node timeout, its replica kept from taking over"
         }
         2..=4 => {
             let Some(replica) = tokio::task::block_in_place(|| cluster.replica_of(primary)) else {

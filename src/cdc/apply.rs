@@ -32,7 +32,14 @@ impl Applier {
                 "cdc applied a TRUNCATE of a declared table: its cached rows dropped"
             );
         }
-        self.cache.apply(&plan.writes).await?;
+        let missed = self.cache.apply_or_miss(&plan.writes).await?;
+        if missed > 0 {
+            self.stats.missed.fetch_add(missed as u64, Relaxed);
+            tracing::debug!(
+                missed,
+                "cdc passed over changes whose redis node does not answer"
+            );
+        }
         Ok(())
     }
 

@@ -15,6 +15,9 @@ pub struct CdcStats {
     pub polls: AtomicU64,
     pub reconnects: AtomicU64,
     pub resyncs: AtomicU64,
+    /// Changes passed over because their Redis primary did not answer (their names are read
+    /// from PostgreSQL until repaired).
+    pub missed: AtomicU64,
     pub listening: AtomicBool,
     pub cursor: AtomicI64,
     /// Largest lag of the last batch; 0 once a poll finds nothing new.
@@ -38,6 +41,7 @@ impl Default for CdcStats {
             polls: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
+            missed: AtomicU64::new(0),
             listening: AtomicBool::new(false),
             cursor: AtomicI64::new(0),
             last_lag_ms: AtomicU64::new(0),
@@ -85,6 +89,7 @@ impl CdcStats {
             polls: self.polls.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
             resyncs: self.resyncs.load(Relaxed),
+            missed: self.missed.load(Relaxed),
             lag_ms: self.lag(reset_lag),
         }
     }
@@ -105,6 +110,7 @@ pub struct CdcReport {
     pub polls: u64,
     pub reconnects: u64,
     pub resyncs: u64,
+    pub missed: u64,
     pub lag_ms: LagReport,
 }
 

@@ -112,6 +112,47 @@ impl RedisCluster {
         )
     }
 
+    /// Waits until no running node flags another as failing (`fail`, `fail?`): a primary frozen
+    /// past the node timeout is flagged until it has answered for twice that long, and a replica
+    /// allowed to take over meanwhile would.
+    pub fn await_no_failure_flags(&self, limit: Duration) -> Result<(), DevError> {
+        poll_until(
+            "waiting for no redis cluster node to flag another as failing",
+            limit,
+            || {
+                (0..NODES).filter(|&n| self.children[n].is_some()).all(|n| {
+                    ask(self.ports[n], "CLUSTER NODES").is_some_and(|nodes| {
+                        !nodes.lines().any(|node| {
+                            let flags = node.split_whitespace().nth(2).unwrap_or("");
+                            flags.split(',').any(|f| f == "fail" || f == "fail?")
+                        })
+                    })
+                })
+            },
+        )
+    }
+
+    /// Makes the primary on `port` one whose outage costs only its own slots: the others serve
+    /// on without full coverage, and its replica may not take over (`partial`); or undoes it.
+    pub fn hold_failover(&self, port: u16, partial: bool) {
+        let yes_no = |on: bool| if on { "yes" } else { "no" };
+        for &node in &self.ports {
+            ask(
+                node,
+                &format!(
+                    "CONFIG SET cluster-require-full-coverage {}",
+                    yes_no(!partial)
+                ),
+            );
+        }
+        if let Some(replica) = self.replica_of(port) {
+            ask(
+                replica,
+                &format!("CONFIG SET cluster-replica-no-failover {}", yes_no(partial)),
+            );
+        }
+    }
+
     /// The nodes' ports, in start order.
     pub fn ports(&self) -> &[u16] {
         &self.ports

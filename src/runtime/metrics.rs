@@ -39,7 +39,7 @@ pub fn render(service: &Service) -> String {
         }
     };
     let up = |b| u64::from(service.health.is_up(b));
-    let plain: [(&str, &str, &str, u64); 30] = [
+    let plain: [(&str, &str, &str, u64); 31] = [
         (
             "cacheward_foreign_values_skipped_total",
             "counter",
@@ -219,6 +219,12 @@ pub fn render(service: &Service) -> String {
             "counter",
             "CDC resyncs (every cached entry dropped).",
             s.cdc.resyncs,
+        ),
+        (
+            "cacheward_cdc_missed_total",
+            "counter",
+            "Changes not written to a Redis primary that did not answer (read from PostgreSQL until repaired).",
+            s.cdc.missed,
         ),
     ];
     for (name, kind, help, value) in plain {

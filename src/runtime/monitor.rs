@@ -83,6 +83,7 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
                 if (look.forged || look.suspect) && postgres.is_ok() {
                     service.replace_forged_fences(&mut watch, &look).await;
                 }
+                service.queue_missed();
                 // Only now may the connections looked at for the first time answer reads: what
                 // their processes hold is distrusted where it must be.
                 service.cache().confirm_looked(&mut look);

@@ -265,7 +265,8 @@ impl Service {
     /// The Redis half of a write. A failure never fails the request (the row is the truth): the
     /// names are queued and repaired from the database once Redis answers again.
     async fn write_through(&self, writes: Vec<Write>) {
-        if self.health.is_up(Backend::Redis) {
+        let reachable = || writes.iter().all(|w| self.cache.reachable(w.key()));
+        if self.health.is_up(Backend::Redis) && reachable() {
             match self.cache.apply(&writes).await {
                 Ok(outcomes) => {
                     self.stats.count_outcomes(&outcomes);
@@ -282,9 +283,13 @@ impl Service {
     fn cache_failed(&self, e: &CacheError, during: &'static str) {
         match e.kind() {
             CacheErrorKind::Refused | CacheErrorKind::Lost | CacheErrorKind::Tls => {
-                self.health.set(Backend::Redis, false, &e.to_string());
+                if self.cache.node_failed() {
+                    self.health.set(Backend::Redis, false, &e.to_string());
+                }
             }
             CacheErrorKind::Timeout => {
+                // On a Cluster, one primary may be down: the monitor looks at once.
+                self.cache.node_failed();
                 let after = e.bound().unwrap_or_default();
                 tracing::warn!(
                     during,
@@ -350,6 +355,7 @@ impl Service {
             ready: self.health.ready(),
             postgres: state(Backend::Postgres),
             redis: state(Backend::Redis),
+            redis_unreachable: self.cache.unreachable(),
             cdc: self.cdc.health(),
         }
     }

@@ -134,7 +134,8 @@ impl Service {
     }
 
     /// Queues the fill of declared tables' rows (not awaited: see read-your-fill above).
-    fn fill_rows(self: &Arc<Self>, writes: Vec<crate::model::entry::Write>) {
+    fn fill_rows(self: &Arc<Self>, mut writes: Vec<crate::model::entry::Write>) {
+        writes.retain(|write| self.cache.may_fill(|| write.key().clone()));
         if writes.is_empty() || !self.health.is_up(Backend::Redis) {
             return;
         }
@@ -163,15 +164,15 @@ impl Service {
         Some(answered)
     }
 
-    /// Whether Redis may answer for `key`: it is up, and nothing left its entry in doubt (a
-    /// failed write, a distrusted slot).
+    /// Whether Redis may answer for `key`: it is up, its primary too, and nothing left its entry
+    /// in doubt (a failed write, a distrusted slot, a change passed over).
     pub(super) fn cache_trusted_for(&self, key: &dyn KeyParts) -> bool {
         if !self.health.is_up(Backend::Redis) {
             return false;
         }
         self.repairs.trusted(key, || {
             self.cache.slot_of(&Key::new(key.table(), key.text()))
-        })
+        }) && self.cache.reachable(key)
     }
 
     /// Starts a loader task if a slot is free; otherwise a running loader takes the queue next.
@@ -280,18 +281,10 @@ impl Service {
         >,
     ) {
         let Found {
-            users,
+            mut users,
             broken,
             read_at,
         } = found;
-        let fill = (self.health.is_up(Backend::Redis) && !users.is_empty()).then(|| {
-            self.cache.fill(
-                users
-                    .iter()
-                    .map(|user| Write::live(user, read_at))
-                    .collect(),
-            )
-        });
         let by_name: HashMap<&str, &str> = users
             .iter()
             .map(|user| (user.username.as_str(), user.json.as_str()))
@@ -307,6 +300,15 @@ impl Service {
                 Ok(json.map(|json| (json, Source::Db)))
             })
             .collect();
+        users.retain(|user| self.cache.may_fill(|| Key::user(&user.username)));
+        let fill = (self.health.is_up(Backend::Redis) && !users.is_empty()).then(|| {
+            self.cache.fill(
+                users
+                    .iter()
+                    .map(|user| Write::live(user, read_at))
+                    .collect(),
+            )
+        });
         (answers, users, fill)
     }
 

@@ -161,11 +161,12 @@ impl Repairs {
         !queue.overflowed
     }
 
-    /// Up to `max` queued names with their generations.
-    pub fn batch(&self, max: usize) -> Vec<(Key, u64)> {
+    /// Up to `max` queued names with their generations, of those that `may` repair now.
+    pub fn batch(&self, max: usize, may: impl Fn(&Key) -> bool) -> Vec<(Key, u64)> {
         self.lock()
             .names
             .iter()
+            .filter(|(n, _)| may(n))
             .take(max)
             .map(|(n, g)| (n.clone(), *g))
             .collect()
@@ -234,6 +235,17 @@ impl Service {
         }
     }
 
+    /// Queues for repair the names whose change the change stream passed over (their Redis
+    /// primary did not answer): until repaired they are read from PostgreSQL. Called by the
+    /// monitor at every look.
+    pub fn queue_missed(&self) {
+        let missed = self.cache.missed();
+        if !missed.is_empty() {
+            self.repairs.queue(&missed);
+            self.cache.handed_over(&missed);
+        }
+    }
+
     /// Brings every queued name's entry in line with its row (or clears the cache after an
     /// overflow). Returns how many names were repaired. Called by the health monitor while both
     /// backends are up.
@@ -241,7 +253,13 @@ impl Service {
         if !self.repairs.any() {
             return Ok(0);
         }
-        if let Some((generation, slots)) = self.repairs.untrusted_slots() {
+        let reachable = |slot: u16| self.cache.slot_reachable(slot);
+        let untrusted = self
+            .repairs
+            .untrusted_slots()
+            // A primary down keeps them (and the trust) until it answers.
+            .filter(|(_, slots)| slots.iter().all(|&s| reachable(s)));
+        if let Some((generation, slots)) = untrusted {
             // Every entry there may be stale: a fence at a fresh horizon keeps out every write
             // that read before now, and every entry written before it is dropped.
             let fence = db_result(self.db.fresh_horizon().await, &self.health)?;
@@ -274,7 +292,10 @@ impl Service {
         }
         let mut repaired = 0;
         loop {
-            let batch = self.repairs.batch(REPAIR_BATCH);
+            // The names of a primary down wait until it answers.
+            let batch = self
+                .repairs
+                .batch(REPAIR_BATCH, |key| reachable(self.cache.slot_of(key)));
             if batch.is_empty() {
                 break;
             }
@@ -346,7 +367,7 @@ mod tests {
                 && repairs.trusted(&Key::user("c"), || 0)
         );
         assert_eq!(repairs.count(), 2);
-        let batch = repairs.batch(10);
+        let batch = repairs.batch(10, |_| true);
         // "a" fails again while the batch is repaired: it stays.
         repairs.queue(&keys(["a"]));
         assert_eq!(repairs.repaired(&batch), 1);

@@ -164,5 +164,8 @@ pub struct HealthReport {
     pub ready: bool,
     pub postgres: &'static str,
     pub redis: &'static str,
+    /// The Redis primaries (`host:port`) that did not answer at the last look while others did:
+    /// their slots' reads go to PostgreSQL.
+    pub redis_unreachable: Vec<String>,
     pub cdc: CdcHealth,
 }

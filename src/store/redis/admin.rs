@@ -29,6 +29,11 @@ pub struct NodeState {
     pub durable: bool,
     /// Whether it was promoted from a replica since it started (or `INFO replication` is refused).
     pub promoted: bool,
+    /// Whether it says it is a replica: a primary demoted since the topology was read.
+    pub replica: bool,
+    /// Its replication id (`master_replid`; `None` where `INFO replication` is refused): a
+    /// promotion or a sync from another master changes it.
+    pub replid: Option<String>,
     /// Its heartbeat, just raised (`Keys::beat`; `None` when the key holds another value).
     pub beat: Option<i64>,
     /// Which server it is across restarts: the node id on a Cluster, the address Sentinel names,
@@ -205,9 +210,20 @@ impl Router {
         };
         // A replica promoted since its start keeps its old master's history: a second id and
         // the offset it took over at (-1 when none). Unknown counts as promoted.
-        let promoted = text(next())
-            .and_then(|info| field(&info, "second_repl_offset"))
+        let replication = text(next());
+        let promoted = replication
+            .as_deref()
+            .and_then(|info| field(info, "second_repl_offset"))
             .is_none_or(|offset| offset != "-1");
+        // A demoted primary answers reads as a replica, with whatever its new master synced to
+        // it (a connection remade to it since is not even told by its name).
+        let replica = replication
+            .as_deref()
+            .and_then(|info| field(info, "role"))
+            .is_some_and(|role| role == "slave");
+        let replid = replication
+            .as_deref()
+            .and_then(|info| field(info, "master_replid"));
         let appendonly = config_value(next());
         let appendfsync = config_value(next());
         let durable =
@@ -229,6 +245,8 @@ impl Router {
             named,
             durable,
             promoted,
+            replica,
+            replid,
             beat,
             at: primary.id.clone(),
         })

@@ -13,6 +13,7 @@ use super::error::{CacheError, CacheErrorKind};
 use super::keys::{Keys, Primary};
 use super::near::{NearCache, NearReport};
 use super::pipeline::Requests;
+use super::reach::Reach;
 use super::routing::Router;
 use super::scan::{Scan, Stored};
 use super::scripts::{self, outcomes, Outcome};
@@ -32,6 +33,8 @@ pub struct Cache {
     /// Live writes the fence refused, and the health monitor's alarm: a refusal may mean a fence
     /// that cannot be right, which the monitor then looks at without waiting for its tick.
     fenced: Arc<Fenced>,
+    /// The primaries down now and the changes that missed them (see [`Reach`]).
+    reach: Arc<Reach>,
 }
 
 struct Fenced {
@@ -98,7 +101,25 @@ impl Cache {
             router,
             near,
             fenced,
+            reach: Arc::default(),
         })
+    }
+
+    pub(super) fn reach(&self) -> &Reach {
+        &self.reach
+    }
+
+    /// Under Sentinel, drops the connection to the primary (found demoted): the next call asks
+    /// the sentinels anew.
+    pub(super) fn forget_primary(&self) {
+        self.router.conn.forget_primary();
+    }
+
+    /// Forgets the confirmations of `down` (see `confirm`): once they answer again, they are
+    /// looked at before they answer reads.
+    pub(super) fn forget_confirmed(&self, down: &[Primary]) {
+        let down: Vec<&str> = down.iter().map(|p| p.address.as_str()).collect();
+        self.router.confirmed.forget(&down);
     }
 
     /// Live writes refused by a fence so far (a fill that read before a TRUNCATE; every write
@@ -160,7 +181,7 @@ impl Cache {
 
     /// Invalidates the near cache's entries of `keys` (the daemon writes them).
     /// Invalidates the near entries `writes` may change: those older than what each leaves.
-    fn invalidate_near_older(&self, writes: &[Write]) {
+    pub(super) fn invalidate_near_of<'a>(&self, writes: impl IntoIterator<Item = &'a Write>) {
         if let Some(near) = &self.near {
             for write in writes {
                 near.invalidate_written(write);
@@ -283,7 +304,7 @@ impl Cache {
         writes: Vec<Write>,
     ) -> impl std::future::Future<Output = Result<Vec<Outcome>, CacheError>> {
         // A near entry older than the fill must not answer the gets that follow this one's answer.
-        self.invalidate_near_older(&writes);
+        self.invalidate_near_of(&writes);
         let fill = self.requests.fill(writes);
         let fenced = self.fenced.clone();
         async move {
@@ -302,9 +323,9 @@ impl Cache {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        self.invalidate_near_older(writes);
+        self.invalidate_near_of(writes);
         let applied = self.apply_now(writes).await;
-        self.invalidate_near_older(writes);
+        self.invalidate_near_of(writes);
         applied
     }
 

@@ -108,6 +108,15 @@ impl ClusterConn {
         parse_cluster_slots(reply)
     }
 
+    /// [`ClusterConn::primaries`] as the node at `address` answers it.
+    pub async fn primaries_at(&self, address: &str) -> redis::RedisResult<Vec<Primary>> {
+        let reply = self
+            .node(address)?
+            .req_packed_command(redis::cmd("CLUSTER").arg("SLOTS"))
+            .await?;
+        parse_cluster_slots(reply)
+    }
+
     /// The connection to the node at `address` (`host:port`), made on first use.
     pub fn node(&self, address: &str) -> redis::RedisResult<ConnectionManager> {
         let mut nodes = self

@@ -92,6 +92,12 @@ impl Confirmations {
             .retain(|node, _| current.contains(&node.as_str()));
     }
 
+    /// Forgets what was confirmed of `nodes` (they stopped answering).
+    pub fn forget(&self, nodes: &[&str]) {
+        self.lock()
+            .retain(|node, _| !nodes.contains(&node.as_str()));
+    }
+
     /// A name no connection has had: `cacheward-` and a random id.
     pub fn fresh_name() -> String {
         format!("cacheward-{}", crate::support::ids::random_id())

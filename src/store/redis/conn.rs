@@ -67,6 +67,15 @@ impl Conn {
         }
     }
 
+    /// Under Sentinel, drops the connection to the primary (it was found demoted): the next call
+    /// asks the sentinels where the primary is now. Elsewhere nothing: the topology is read anew
+    /// at each look.
+    pub fn forget_primary(&self) {
+        if let Conn::Sentinel(c) = self {
+            c.forget();
+        }
+    }
+
     /// Which server `primary` is across its restarts: the node id on a Cluster, the address of
     /// the master Sentinel named (connected to now), empty for the one server.
     pub fn server_of(&self, primary: &Primary) -> String {

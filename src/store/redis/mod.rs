@@ -2,9 +2,10 @@
 //! bottom up: [`keys`] (pure: key names, slots), [`client`] / [`cluster`] / [`sentinel`] /
 //! [`conn`] (reaching whatever `redis.mode` names), [`routing`] (which pipeline a command goes
 //! on, every call bounded), [`scripts`] (the Lua scripts, `*.lua`), [`near`] and [`tracking`]
-//! (the near cache and what keeps it exact), [`confirm`] (which connections may answer reads), [`pipeline`] (the request path's queue), [`scan`]
+//! (the near cache and what keeps it exact), [`confirm`] (which connections may answer reads), [`reach`] and [`partial`] (partial outages), [`pipeline`] (the request path's queue), [`scan`]
 //! and [`admin`] (walking the cache; fences and epochs), [`watch`] (what the health monitor learns
-//! each tick, in terms that name no primary).
+//! each tick, in terms that name no primary) and [`epochs`] (which process and topology the data
+//! was written under).
 
 pub mod admin;
 pub mod cache;
@@ -12,10 +13,13 @@ pub mod client;
 pub mod cluster;
 pub mod confirm;
 pub mod conn;
+pub mod epochs;
 pub mod error;
 pub mod keys;
 pub mod near;
+pub mod partial;
 pub mod pipeline;
+pub mod reach;
 pub mod routing;
 pub mod scan;
 pub mod scripts;

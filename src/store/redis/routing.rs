@@ -79,7 +79,22 @@ impl Router {
     /// Cluster, what they serve becomes the routes.
     pub async fn primaries(&self) -> Result<Vec<Primary>, CacheError> {
         let mut conn = self.conn.clone();
-        let primaries = self.bounded(conn.primaries()).await?;
+        let primaries = match (self.bounded(conn.primaries()).await, &self.conn) {
+            (Ok(primaries), _) => primaries,
+            // The driver asked a node that does not answer: ask the others known.
+            (Err(e), Conn::Cluster(cluster)) => {
+                let known = self.routes().map_or_else(Vec::new, |r| r.primaries.clone());
+                let mut asked = None;
+                for primary in &known {
+                    if let Ok(answer) = self.bounded(cluster.primaries_at(&primary.address)).await {
+                        asked = Some(answer);
+                        break;
+                    }
+                }
+                asked.ok_or(e)?
+            }
+            (Err(e), _) => return Err(e),
+        };
         if self.keys.is_cluster() {
             let routes = Routes::new(&primaries);
             *self.routes.lock().expect("routes lock is never poisoned") = Some(Arc::new(routes));

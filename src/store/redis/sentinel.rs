@@ -168,7 +168,9 @@ impl SentinelConn {
         }
     }
 
-    fn forget(&self) {
+    /// Drops the connection to the primary (and, with it, the near cache): the next call asks
+    /// the sentinels where the primary is.
+    pub fn forget(&self) {
         let was = self
             .inner
             .current

@@ -7,8 +7,9 @@
 use super::admin::NodeState;
 use super::cache::Cache;
 use super::confirm::Confirmed;
-use super::error::CacheError;
-use super::keys::{Keys, Primary, SLOTS};
+use super::epochs::Epochs;
+use super::error::{CacheError, CacheErrorKind};
+use super::keys::Primary;
 
 /// What the monitor keeps between its looks at Redis.
 #[derive(Default)]
@@ -77,24 +78,60 @@ impl Cache {
         }
         let primaries = self.primaries().await?;
         self.confirm_only(&primaries);
+        let topology = Epochs::topology_of(&primaries);
         let looks = primaries.iter().map(|primary| self.look_at(primary));
-        let states = futures::future::try_join_all(looks).await?;
+        let states = futures::future::join_all(looks).await;
+        if states.is_empty() {
+            return Ok(Look::default());
+        }
+        let mut failed = None;
+        let addresses: Vec<String> = primaries.iter().map(|p| p.address.clone()).collect();
         let mut confirm = Vec::new();
         let mut nodes: Vec<(Primary, NodeState)> = Vec::with_capacity(primaries.len());
-        for (primary, (state, confirmed)) in primaries.into_iter().zip(states) {
+        let mut down = Vec::new();
+        for (primary, state) in primaries.into_iter().zip(states) {
+            let (state, confirmed) = match state {
+                Ok((state, _)) if state.replica => {
+                    // Demoted (a failover under way): not read until the primary is found anew.
+                    tracing::debug!(node = %primary.address, "the redis primary is a replica now");
+                    self.forget_primary();
+                    failed.get_or_insert_with(|| {
+                        CacheError::said(
+                            CacheErrorKind::Lost,
+                            "the redis primary is a replica now (demoted): looking for the new one",
+                        )
+                    });
+                    down.push(primary);
+                    continue;
+                }
+                Ok(answered) => answered,
+                Err(e) => {
+                    tracing::debug!(node = %primary.address, error = %e, "redis node does not answer");
+                    failed.get_or_insert(e);
+                    down.push(primary);
+                    continue;
+                }
+            };
             // Another node answered for it: nothing to confirm there until the next look.
             if let Some(confirmed) = confirmed.filter(|_| !state.elsewhere) {
                 confirm.push((primary.address.clone(), confirmed));
             }
             nodes.push((primary, state));
         }
+        if let (true, Some(e)) = (nodes.is_empty(), failed) {
+            // None answers as a primary: Redis is down.
+            return Err(e);
+        }
+        // One primary down of several (a Cluster): only its slots' reads go to PostgreSQL.
+        let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+        self.note_down(&down, &addresses);
         if !watch.policy_checked {
             watch.policy_checked = true;
             if let Some((primary, _)) = nodes.first() {
                 warn_if_evicting(self, primary).await;
             }
         }
-        let mut distrust = watch.epochs.check(self.keys(), &nodes);
+        let mut distrust = watch.epochs.check(self.keys(), topology, &nodes);
         if !self.keys().is_cluster() {
             if let Some((primary, state)) = nodes.iter().find(|(_, s)| !s.elsewhere) {
                 let before = watch.cache_id.take();
@@ -200,215 +237,6 @@ impl Cache {
     }
 }
 
-/// Which primary (by node id) serves which slot ranges.
-type Topology = Vec<(String, Vec<(u16, u16)>)>;
-
-/// The slots served by another primary (or by none, or newly by one) in `now` than in `before`.
-fn changed_hands(before: &Topology, now: &Topology) -> Vec<u16> {
-    fn owners(topology: &Topology) -> Vec<Option<&str>> {
-        let mut owner = vec![None; SLOTS];
-        for (id, ranges) in topology {
-            for &(from, to) in ranges {
-                for slot in from as usize..=(to as usize).min(owner.len() - 1) {
-                    owner[slot] = Some(id.as_str());
-                }
-            }
-        }
-        owner
-    }
-    let (before, now) = (owners(before), owners(now));
-    (0..before.len())
-        .filter(|&slot| before[slot] != now[slot])
-        .map(|slot| slot as u16)
-        .collect()
-}
-
-/// Which Redis process the cached data of each primary was written under (see
-/// `Cache::epoch_key`), and which primary serves which slots: data from another process (a
-/// restart from persisted data, a promoted replica, a restore) or a changed topology (a failover,
-/// slots moved) may lack the newest writes, so the cache is distrusted and dropped before the new
-/// epochs are recorded.
-#[derive(Default)]
-struct Epochs {
-    /// The `run_id`s to record, per primary, once the cache holds nothing from before them.
-    pending: Vec<(Primary, String)>,
-    /// Whether `INFO` was refused (said once: a replaced Redis then goes unnoticed).
-    unknowable: bool,
-    /// Who served which slots at the last look (node ids and ranges).
-    topology: Option<Topology>,
-    /// The `run_id` each primary (by node id; `""` for the one server) answered with at the last
-    /// look.
-    seen: std::collections::HashMap<String, String>,
-    /// A change of topology under way (a resharding moves slots look after look): said once when
-    /// it starts and once when it settles, not at every look.
-    changing: Option<Changing>,
-    /// What the last look found of each primary (by node id; `""` for the one server): whether a
-    /// process that replaced it may keep the cache (see [`Kept`]).
-    last: std::collections::HashMap<String, Kept>,
-}
-
-/// What a restarted Redis must show for its data to be kept rather than distrusted: the process it
-/// replaced kept every write on disk before answering (`appendonly yes`, `appendfsync always`),
-/// so did it, it is the same server (node id, the address Sentinel names), no replica promoted
-/// since it started, and its heartbeat is above the one the replaced process answered at the last
-/// look (a restore of an older file, or of a copy, is not). Anything else is distrusted.
-#[derive(Clone, Debug, PartialEq)]
-struct Kept {
-    durable: bool,
-    at: String,
-    beat: Option<i64>,
-}
-
-impl Kept {
-    fn of(state: &NodeState) -> Kept {
-        Kept {
-            durable: state.durable,
-            at: state.at.clone(),
-            beat: state.beat,
-        }
-    }
-
-    /// Whether `now`, another process, holds every write the process seen as `self` answered.
-    fn holds_all_of(&self, now: &NodeState) -> bool {
-        self.durable
-            && now.durable
-            && !now.promoted
-            && self.at == now.at
-            && matches!((self.beat, now.beat), (Some(then), Some(now)) if now > then)
-    }
-}
-
-/// A change of topology under way: since when, how many slots changed hands so far, and how many
-/// looks in a row found nothing more.
-struct Changing {
-    since: std::time::Instant,
-    slots: usize,
-    stable: u32,
-}
-
-/// Looks in a row without a change after which a change of topology is said to have settled.
-const SETTLED_AFTER: u32 = 4;
-
-impl Epochs {
-    /// Looks at what `nodes` answered; returns the slots whose cached entries cannot be trusted.
-    fn check(&mut self, keys: &Keys, nodes: &[(Primary, NodeState)]) -> Vec<u16> {
-        let mut distrust = Vec::new();
-        let topology: Topology = nodes
-            .iter()
-            .map(|(p, _)| (p.id.clone(), p.ranges.clone()))
-            .collect();
-        if let Some(seen) = self.topology.as_ref().filter(|seen| **seen != topology) {
-            let changed = changed_hands(seen, &topology);
-            match &mut self.changing {
-                None => {
-                    tracing::warn!(
-                        primaries = topology.len(),
-                        slots = changed.len(),
-                        "redis cluster topology changed (a failover, or slots moved): dropping the cached entries of the slots that changed hands, reads of those go to postgres until then"
-                    );
-                    self.changing = Some(Changing {
-                        since: std::time::Instant::now(),
-                        slots: changed.len(),
-                        stable: 0,
-                    });
-                }
-                Some(under_way) => {
-                    tracing::debug!(
-                        slots = changed.len(),
-                        "redis cluster topology still changing"
-                    );
-                    under_way.slots += changed.len();
-                    under_way.stable = 0;
-                }
-            }
-            distrust.extend(changed);
-            self.pending.clear();
-        } else if let Some(under_way) = &mut self.changing {
-            under_way.stable += 1;
-            if under_way.stable >= SETTLED_AFTER {
-                tracing::info!(
-                    primaries = topology.len(),
-                    slots = under_way.slots,
-                    took_ms = under_way.since.elapsed().as_millis() as u64,
-                    "redis cluster topology settled"
-                );
-                self.changing = None;
-            }
-        }
-        self.topology = Some(topology);
-        let kept = nodes
-            .iter()
-            .filter(|(_, state)| !state.elsewhere && state.run_id.is_some())
-            .map(|(primary, state)| (primary.id.clone(), Kept::of(state)))
-            .collect();
-        let last = std::mem::replace(&mut self.last, kept);
-        for (primary, state) in nodes.iter().filter(|(_, state)| !state.elsewhere) {
-            let Some(run_id) = &state.run_id else {
-                if !self.unknowable {
-                    self.unknowable = true;
-                    tracing::warn!("redis refuses INFO: a restart from persisted data or a failover goes unnoticed; allow INFO (docs/operations.md)");
-                }
-                continue;
-            };
-            let same_process = self
-                .seen
-                .insert(primary.id.clone(), run_id.clone())
-                .as_ref()
-                == Some(run_id);
-            if state.recorded.as_ref() == Some(run_id)
-                || self
-                    .pending
-                    .iter()
-                    .any(|(p, id)| p == primary && id == run_id)
-            {
-                continue;
-            }
-            if same_process {
-                // The process answered at the last look too: its anchor slot moved (the epoch
-                // there is another primary's, or none), its data did not change hands.
-                self.pending.retain(|(p, _)| p != primary);
-                self.pending.push((primary.clone(), run_id.clone()));
-                continue;
-            }
-            let kept = last
-                .get(&primary.id)
-                .is_some_and(|before| before.holds_all_of(state));
-            if kept && matches!(state.fence, Ok(Some(_))) {
-                tracing::info!(
-                    run_id = %run_id,
-                    recorded = state.recorded.as_deref().unwrap_or(""),
-                    node = %primary.address,
-                    "redis restarted with every write on disk: the cache is kept"
-                );
-            } else if matches!(state.fence, Ok(Some(_))) {
-                tracing::warn!(
-                    run_id = %run_id,
-                    recorded = state.recorded.as_deref().unwrap_or(""),
-                    node = %primary.address,
-                    "redis holds data written under another redis process: dropping every cached entry, reads go to postgres until then"
-                );
-                distrust.extend(primary.slots(keys));
-            }
-            // Without a fence Redis lost everything there, which the fence already handles.
-            self.pending.retain(|(p, _)| p != primary);
-            self.pending.push((primary.clone(), run_id.clone()));
-        }
-        distrust
-    }
-
-    /// Records the pending epochs (once nothing from before them is trusted any more).
-    async fn record(&mut self, cache: &Cache) {
-        let mut left = Vec::new();
-        for (primary, run_id) in self.pending.drain(..) {
-            if let Err(e) = cache.record_epoch(&primary, &run_id).await {
-                tracing::debug!(error = %e, "cannot record the redis epoch yet");
-                left.push((primary, run_id));
-            }
-        }
-        self.pending = left;
-    }
-}
-
 /// An `allkeys-*` eviction policy may evict a tombstone or a newer entry while a slow fill of an
 /// older row is on its way, and the fence itself (it has no TTL, unlike every entry): say so.
 async fn warn_if_evicting(cache: &Cache, primary: &Primary) {
@@ -419,83 +247,5 @@ async fn warn_if_evicting(cache: &Cache, primary: &Primary) {
                 "redis may evict what keeps the cache exact: use noeviction or a volatile policy"
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_resharding_is_said_once_when_it_starts_and_once_when_it_settles() {
-        let keys = Keys::new("user:", &[], true);
-        let nodes = |moved: u16| -> Vec<(Primary, NodeState)> {
-            let mut third = vec![(10923, 16383)];
-            if moved > 0 {
-                third.insert(0, (0, moved - 1));
-            }
-            let ranges = [vec![(moved, 5460)], vec![(5461, 10922)], third];
-            ranges
-                .into_iter()
-                .enumerate()
-                .map(|(i, ranges)| {
-                    let primary = Primary {
-                        address: format!("n{i}"),
-                        id: format!("n{i}"),
-                        ranges,
-                    };
-                    let state = NodeState {
-                        run_id: Some("r".into()),
-                        recorded: Some("r".into()),
-                        fence: Ok(Some(1)),
-                        elsewhere: false,
-                        cache_id: None,
-                        name: None,
-                        named: false,
-                        durable: false,
-                        promoted: false,
-                        beat: None,
-                        at: String::new(),
-                    };
-                    (primary, state)
-                })
-                .collect()
-        };
-        let mut epochs = Epochs::default();
-        let mut distrusted = 0;
-        let said = crate::support::captured::logs(|| {
-            // Slots move look after look (10 at a time), then nothing more for a while.
-            for moved in [0, 10, 20, 30, 30, 30, 30, 30, 30] {
-                distrusted += epochs.check(&keys, &nodes(moved)).len();
-            }
-        });
-        assert_eq!(
-            distrusted, 30,
-            "every slot that changed hands is distrusted"
-        );
-        assert_eq!(said.matches("topology changed").count(), 1, "{said}");
-        assert_eq!(said.matches("topology settled").count(), 1, "{said}");
-        assert!(said.contains("slots=30"), "{said}");
-    }
-
-    #[test]
-    fn only_slots_that_changed_hands_are_distrusted() {
-        let before: Topology = vec![
-            ("a".into(), vec![(0, 5460)]),
-            ("b".into(), vec![(5461, 10922)]),
-            ("c".into(), vec![(10923, 16383)]),
-        ];
-        // b's replica d was promoted; 100 slots moved from a to c.
-        let now: Topology = vec![
-            ("a".into(), vec![(100, 5460)]),
-            ("d".into(), vec![(5461, 10922)]),
-            ("c".into(), vec![(0, 99), (10923, 16383)]),
-        ];
-        let changed = changed_hands(&before, &now);
-        assert_eq!(changed.len(), 100 + 5462);
-        assert!(changed.contains(&0) && changed.contains(&99) && !changed.contains(&100));
-        assert!(changed.contains(&5461) && changed.contains(&10922));
-        assert!(!changed.contains(&10923));
-        assert!(changed_hands(&now, &now).is_empty());
     }
 }
