@@ -1135,3 +1135,61 @@ async fn a_forged_lease_does_not_stop_the_stream() {
     .await;
     daemon.stop().await;
 }
+
+/// Any role may `NOTIFY` the channel. A flood of notifications that bring nothing costs a bounded
+/// number of outbox reads (after a run of empty ones, the next is heeded only after a gap), and a
+/// change made during the flood is still applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_empty_notifications_costs_bounded_reads_and_hides_no_change() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let polls = || async { daemon.stats().await["cdc"]["polls"].as_u64().unwrap() };
+    let before = polls().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, url) = (stop.clone(), env.db_url.clone());
+            tokio::spawn(async move {
+                let pg = cacheward::store::pg::connect(&url.parse().unwrap())
+                    .await
+                    .unwrap();
+                let mut sent = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    pg.batch_execute("NOTIFY cacheward_users").await.unwrap();
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // A real change in the middle of it.
+    env.pg()
+        .await
+        .execute(
+            "INSERT INTO users (username) VALUES ('amid-the-flood')",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_until("the change is applied", Duration::from_secs(5), || async {
+        env.cached("amid-the-flood")
+            .await
+            .is_some_and(|v| cacheward::model::entry::is_live(&v))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    for flooder in flooders {
+        sent += flooder.await.unwrap();
+    }
+    let reads = polls().await - before;
+    assert!(sent > 2000, "the flood was a flood: {sent} notifications");
+    // About 2 s at one read per 50 ms at most, plus the runs before each gap and the change.
+    assert!(
+        reads < 300,
+        "{sent} notifications cost {reads} outbox reads"
+    );
+    daemon.stop().await;
+}

@@ -11,6 +11,16 @@ use super::outbox::{self, Batch, Statements};
 use super::plan::{fence_after, Plan};
 use super::{Applier, CdcError};
 
+/// Whether the cursor moved since it was last stored. A moved cursor is stored in the first round
+/// trip of the next batch's read (no round trip of its own while changes keep coming), or after
+/// [`SAVE_AFTER`] without one, before a prune, and before the session ends. A cursor stored late
+/// only replays changes already applied (every write is versioned).
+#[derive(Default)]
+pub(super) struct Unsaved(pub bool);
+
+/// How long a moved cursor waits for the next batch to carry it before it is stored alone.
+pub(super) const SAVE_AFTER: Duration = Duration::from_millis(50);
+
 /// A change applied later than this after it was made is worth a warning.
 const LAG_WARN_MS: u64 = 5_000;
 /// How often `cdc lagging` repeats while the lag lasts.
@@ -43,25 +53,18 @@ impl Applier {
         Ok(())
     }
 
-    /// Moves `cursor` past the applied `batch`, and stores it when it moved.
-    pub(super) async fn advance(
-        &self,
-        client: &Client,
-        st: &Statements,
-        cursor: &mut Cursor,
-        batch: &Batch,
-    ) -> Result<(), CdcError> {
+    /// Moves `cursor` past the applied `batch`; returns whether it moved (it is stored with the
+    /// next batch's read, or once no batch follows soon: see [`Unsaved`]).
+    pub(super) fn advance(&self, cursor: &mut Cursor, batch: &Batch) -> bool {
         let next = cursor.advance(
             &batch.snapshot,
             batch.fresh.last().map(|c| c.id),
             batch.late_complete,
             batch.late.last().map_or(0, |c| c.id),
         );
-        if next != *cursor {
-            self.store_cursor(client, st, &next).await?;
-            *cursor = next;
-        }
-        Ok(())
+        let moved = next != *cursor;
+        *cursor = next;
+        moved
     }
 
     /// Stores `cursor` and reports its position.
@@ -72,9 +75,28 @@ impl Applier {
         cursor: &Cursor,
     ) -> Result<(), CdcError> {
         let consumer = self.consumer();
-        let store = outbox::store_cursor(client, st, &consumer, &self.holder, cursor);
+        let by = outbox::Holder {
+            consumer: &consumer,
+            holder: &self.holder,
+        };
+        let store = outbox::store_cursor(client, st, by, cursor);
         self.bounded("cursor store", store).await?;
         self.stats.cursor.store(cursor.position, Relaxed);
+        Ok(())
+    }
+
+    /// Stores `cursor` if it moved since it was last stored.
+    pub(super) async fn save(
+        &self,
+        client: &Client,
+        st: &Statements,
+        cursor: &Cursor,
+        unsaved: &mut Unsaved,
+    ) -> Result<(), CdcError> {
+        if unsaved.0 {
+            self.store_cursor(client, st, cursor).await?;
+            unsaved.0 = false;
+        }
         Ok(())
     }
 

@@ -31,11 +31,14 @@ pub mod outbox;
 pub mod plan;
 pub mod stats;
 pub mod tables;
+pub mod wake;
 
+use apply::Unsaved;
 use cursor::Cursor;
 use outbox::Statements;
 use plan::Plan;
 use stats::CdcStats;
+use wake::Spurious;
 
 /// Why a CDC step failed.
 #[derive(Debug, thiserror::Error)]
@@ -268,24 +271,55 @@ impl Applier {
             .bounded("prepare", async { Ok(Statements::prepare(client).await?) })
             .await?;
         let mut cursor = self.load_cursor(client, &statements).await?;
-        let mut last_prune: Option<Instant> = None;
-        let mut renewed = Instant::now();
         self.stats.listening.store(true, Relaxed);
         self.stats.cursor.store(cursor.position, Relaxed);
         tracing::info!(channel = %cdc.channel, position = cursor.position, pending = cursor.pending.len(), "cdc listening");
+        let mut unsaved = Unsaved::default();
+        let following = Following {
+            client,
+            statements: &statements,
+            wake,
+            stop,
+        };
+        let result = self.follow(following, &mut cursor, &mut unsaved).await;
+        if result.is_ok() {
+            // Stopping: the cursor is stored before the session ends.
+            self.save(client, &statements, &cursor, &mut unsaved)
+                .await?;
+        }
+        result
+    }
 
+    /// The session's loop: catches up, prunes, waits for a notification or the next poll.
+    async fn follow(
+        &self,
+        following: Following<'_>,
+        cursor: &mut Cursor,
+        unsaved: &mut Unsaved,
+    ) -> Result<(), CdcError> {
+        let Following {
+            client,
+            statements,
+            wake,
+            stop,
+        } = following;
+        let cdc = &self.config.cdc;
+        // Whether the last batch found changes: the next one likely will too.
+        let mut busy = false;
+        let mut renewed = Instant::now();
+        let mut last_prune: Option<Instant> = None;
         let poll = Duration::from_millis(cdc.poll_interval_ms);
         let prune_every = PRUNE_EVERY.min(Duration::from_secs(cdc.retention_secs));
         let mut redis_retry = Backoff::new(Duration::from_millis(50), poll);
-        // Whether the last batch found changes: the next one likely will too.
-        let mut busy = false;
+        let mut spurious = Spurious::default();
         loop {
             // Catch up: batch after batch until one comes back short.
             loop {
                 self.heartbeat(client, &mut renewed).await?;
-                match self.batch(client, &statements, &mut cursor, busy).await {
+                match self.batch(client, statements, cursor, busy, unsaved).await {
                     Ok(fresh) if fresh < cdc.batch_size || stop.is_cancelled() => {
                         busy = fresh > 0;
+                        spurious.after_batch(fresh);
                         break;
                     }
                     Ok(_) => busy = true,
@@ -309,7 +343,9 @@ impl Applier {
                 redis_retry.reset();
             }
             if last_prune.is_none_or(|at| at.elapsed() >= prune_every) {
-                let prune = outbox::prune(client, &cursor, cdc.retention_secs);
+                // Nothing the stored cursor has not passed is pruned.
+                self.save(client, statements, cursor, unsaved).await?;
+                let prune = outbox::prune(client, cursor, cdc.retention_secs);
                 let pruned = self.bounded("prune", prune).await?;
                 if pruned > 0 {
                     tracing::debug!(pruned, "cdc outbox pruned");
@@ -318,12 +354,27 @@ impl Applier {
             }
             // Wait for a notification or the next poll, renewing the lease meanwhile.
             let next_poll = tokio::time::Instant::now() + poll;
+            // A moved cursor not carried by a next batch soon is stored alone.
+            let save_at = tokio::time::Instant::now() + apply::SAVE_AFTER;
+            // After a run of notifications that brought nothing, the next waits a little: a
+            // flood of NOTIFYs from any role costs a bounded number of reads.
+            let heed_at = tokio::time::Instant::now() + spurious.gap().min(poll);
+            spurious.woke = false;
             loop {
                 let next_beat = tokio::time::Instant::from_std(renewed + lease::HEARTBEAT);
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => return Ok(()),
-                    _ = wake.notified() => break,
+                    _ = async {
+                        tokio::time::sleep_until(heed_at).await;
+                        wake.notified().await
+                    } => {
+                        spurious.woke = true;
+                        break;
+                    }
+                    _ = tokio::time::sleep_until(save_at), if unsaved.0 => {
+                        self.save(client, statements, cursor, unsaved).await?;
+                    }
                     _ = tokio::time::sleep_until(next_poll.min(next_beat)) => {}
                 }
                 if client.is_closed() {
@@ -487,15 +538,21 @@ impl Applier {
         st: &Statements,
         cursor: &mut Cursor,
         busy: bool,
+        unsaved: &mut Unsaved,
     ) -> Result<usize, CdcError> {
         let started = Instant::now();
         let limit = self.config.cdc.batch_size as i64;
-        let batch = self
-            .bounded(
-                "batch read",
-                outbox::read(client, st, cursor, limit, busy, &self.tables),
-            )
-            .await?;
+        let consumer = self.consumer();
+        let store = unsaved.0.then_some(outbox::Holder {
+            consumer: &consumer,
+            holder: &self.holder,
+        });
+        let read = outbox::read(client, st, cursor, limit, busy, &self.tables, store);
+        let batch = self.bounded("batch read", read).await?;
+        if unsaved.0 {
+            unsaved.0 = false;
+            self.stats.cursor.store(cursor.position, Relaxed);
+        }
         self.stats.polls.fetch_add(1, Relaxed);
         self.say_undeclared(&batch.declared.undeclared);
         let plan = Plan::of(
@@ -504,10 +561,19 @@ impl Applier {
             self.config.cache.max_entry_bytes,
         );
         self.apply(&plan).await?;
-        self.advance(client, st, cursor, &batch).await?;
+        unsaved.0 |= self.advance(cursor, &batch);
         self.record(&batch, &plan, cursor, started);
         Ok(batch.fresh.len())
     }
+}
+
+/// What a session's loop works with.
+struct Following<'a> {
+    client: &'a Client,
+    statements: &'a Statements,
+    /// Notified by the connection driver on every `NOTIFY` of the channel.
+    wake: &'a Notify,
+    stop: &'a CancellationToken,
 }
 
 /// This host's name, to tell the lease holders of a fleet apart (`?` if it cannot be read).

@@ -244,18 +244,25 @@ pub async fn prune(client: &Client, cursor: &Cursor, retention_secs: u64) -> Res
 }
 
 /// Stores `cursor` as `consumer`'s position, if `holder` holds its lease.
+/// Whose cursor a store is, and by which lease holder (a store by another than the holder
+/// stores nothing: the lease was lost).
+#[derive(Clone, Copy)]
+pub struct Holder<'a> {
+    pub consumer: &'a str,
+    pub holder: &'a str,
+}
+
 pub async fn store_cursor(
     client: &Client,
     st: &Statements,
-    consumer: &str,
-    holder: &str,
+    by: Holder<'_>,
     cursor: &Cursor,
 ) -> Result<(), CdcError> {
     let pending = serde_json::to_string(&cursor.pending).expect("pending list serializes");
     let stored = client
         .execute(
             &st.store_cursor,
-            &[&consumer, &cursor.position, &pending, &holder],
+            &[&by.consumer, &cursor.position, &pending, &by.holder],
         )
         .await?;
     match stored {
@@ -349,19 +356,38 @@ pub async fn read(
     limit: i64,
     busy: bool,
     declared_tables: &Tables,
+    store: Option<Holder<'_>>,
 ) -> Result<Batch, CdcError> {
     let fresh_params: [&(dyn ToSql + Sync); 2] = [&cursor.position, &limit];
     let snapshot_statement = match busy {
         true => &st.snapshot_and_xid,
         false => &st.snapshot,
     };
+    // The cursor the last batch moved, stored in the same round trip (before the transaction).
+    let pending =
+        store.map(|_| serde_json::to_string(&cursor.pending).expect("pending list serializes"));
+    let stored = async {
+        match (store, &pending) {
+            (Some(holder), Some(pending)) => {
+                let params: [&(dyn ToSql + Sync); 4] =
+                    [&holder.consumer, &cursor.position, pending, &holder.holder];
+                client.execute(&st.store_cursor, &params).await
+            }
+            _ => Ok(1),
+        }
+    };
     // The version horizon is read first, in a statement of its own before the snapshot.
-    let (horizon, _, snap, fresh) = tokio::try_join!(
+    let (stored, horizon, _, snap, fresh) = tokio::try_join!(
+        stored,
         client.query_one(&st.horizon, &[]),
         client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
         client.query_one(snapshot_statement, &[]),
         client.query(&st.fresh, &fresh_params),
     )?;
+    if stored == 0 {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(CdcError::LeaseLost);
+    }
     let read_at: i64 = horizon.get(0);
     let early_xid: Option<String> = busy.then(|| snap.get(3));
     let mut snapshot = Snapshot {

@@ -1,0 +1,68 @@
+//! When the CDC worker acts on a notification: at once, unless a run of notifications brought
+//! nothing to read (someone flooding the channel), then after a growing gap.
+
+use std::time::Duration;
+
+/// Notifications that brought nothing to read, in a row. A change's own notification may find it
+/// read already by the batch before (so a busy stream sees a few), but a run of them is someone
+/// sending `NOTIFY` on the channel (any role may): past [`SPURIOUS_RUN`], the next notification is
+/// heeded only after a gap that doubles up to [`SPURIOUS_GAP_MAX`]; any change read ends it.
+#[derive(Default)]
+pub struct Spurious {
+    run: u32,
+    /// Whether the last wait ended on a notification.
+    pub woke: bool,
+}
+
+/// Notifications in a row that read nothing before the next waits.
+const SPURIOUS_RUN: u32 = 8;
+/// The longest wait before a notification is heeded during a flood.
+const SPURIOUS_GAP_MAX: Duration = Duration::from_millis(50);
+
+impl Spurious {
+    pub fn after_batch(&mut self, fresh: usize) {
+        match (self.woke, fresh) {
+            (_, 1..) => self.run = 0,
+            (true, 0) => self.run = self.run.saturating_add(1),
+            (false, 0) => {}
+        }
+    }
+
+    pub fn gap(&self) -> Duration {
+        match self.run.checked_sub(SPURIOUS_RUN) {
+            None => Duration::ZERO,
+            Some(past) => Duration::from_millis(1 << past.min(6)).min(SPURIOUS_GAP_MAX),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_empty_notifications_opens_a_growing_gap_that_a_change_closes() {
+        let mut spurious = Spurious::default();
+        let woke_empty = |s: &mut Spurious| {
+            s.woke = true;
+            s.after_batch(0);
+        };
+        for _ in 0..SPURIOUS_RUN {
+            assert_eq!(spurious.gap(), Duration::ZERO);
+            woke_empty(&mut spurious);
+        }
+        assert_eq!(spurious.gap(), Duration::from_millis(1));
+        woke_empty(&mut spurious);
+        assert_eq!(spurious.gap(), Duration::from_millis(2));
+        for _ in 0..20 {
+            woke_empty(&mut spurious);
+        }
+        assert_eq!(spurious.gap(), SPURIOUS_GAP_MAX);
+        // A poll that finds nothing changes nothing; a change read ends the run.
+        spurious.woke = false;
+        spurious.after_batch(0);
+        assert_eq!(spurious.gap(), SPURIOUS_GAP_MAX);
+        spurious.after_batch(1);
+        assert_eq!(spurious.gap(), Duration::ZERO);
+    }
+}
