@@ -1,42 +1,11 @@
 //! Who may use the socket: the peer lists of `socket.*` checked against each connection's
-//! credentials (SO_PEERCRED), and the rate limit on the warnings a refused crowd would cause.
-
-use std::time::Duration;
+//! credentials (SO_PEERCRED); the warnings a refused crowd would cause are rate-limited
+//! (`support::time::RateLimited`).
 
 use tokio::net::UnixStream;
 
 use crate::config::Config;
-
-/// How often a repeated warning (refused peers, failing accepts) is said at most.
-pub const WARN_EVERY: Duration = Duration::from_secs(10);
-
-/// A warning said at most once per period, with how many were left unsaid since.
-pub struct RateLimited {
-    every: Duration,
-    last: Option<std::time::Instant>,
-    suppressed: u64,
-}
-
-impl RateLimited {
-    pub fn new(every: Duration) -> Self {
-        RateLimited {
-            every,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Calls `say` with the number suppressed since the last time, unless that was too recent.
-    pub fn say(&mut self, say: impl FnOnce(u64)) {
-        if self.last.is_some_and(|at| at.elapsed() < self.every) {
-            self.suppressed += 1;
-            return;
-        }
-        say(self.suppressed);
-        self.suppressed = 0;
-        self.last = Some(std::time::Instant::now());
-    }
-}
+pub use crate::support::time::{RateLimited, WARN_EVERY};
 
 /// Who may connect and who may write, by the peer's credentials (SO_PEERCRED).
 pub struct Peers {

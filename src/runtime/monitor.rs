@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::rpc::peers::{RateLimited, WARN_EVERY};
 use crate::service::hooks::monitor_wedge;
 use crate::service::{Backend, Service};
 use crate::store::pg::{connect, DbError};
 use crate::store::redis::Watch;
 use crate::support::systemd::{self, Heartbeats};
 use crate::support::time::within;
+use crate::support::time::{RateLimited, WARN_EVERY};
 
 /// How often the monitor checks both backends (and drains the repair queue).
 const MONITOR_INTERVAL: Duration = Duration::from_millis(250);

@@ -11,6 +11,7 @@ use super::{db_result, Service, ServiceError};
 use crate::model::entry::Write;
 use crate::model::key::{Key, KeyParts};
 use crate::store::redis::{Look, Watch};
+use crate::support::time::{RateLimited, WARN_EVERY};
 
 /// Names queued for repair before the queue gives up on names and clears the whole cache instead.
 pub const REPAIR_CAPACITY: usize = 100_000;
@@ -36,7 +37,6 @@ struct RepairQueue {
 /// The repair state, one object that owns its counts: the queue, the overflow, and the read path's
 /// lock-free "anything pending?" flag, all changed together under one lock, so `stats`, the read
 /// path and the monitor never disagree.
-#[derive(Default)]
 pub struct Repairs {
     state: Mutex<RepairQueue>,
     /// True while the queue holds a name or has overflowed (written under the lock).
@@ -45,6 +45,19 @@ pub struct Repairs {
     /// checked trust before and finds another count once Redis answered may have read what was
     /// distrusted meanwhile (see [`Repairs::distrusts`]).
     distrusts: AtomicU64,
+    /// When `cache cleared: redis holds another process's data` was last said.
+    cleared_said: Mutex<RateLimited>,
+}
+
+impl Default for Repairs {
+    fn default() -> Self {
+        Repairs {
+            state: Mutex::default(),
+            pending: AtomicBool::default(),
+            distrusts: AtomicU64::default(),
+            cleared_said: Mutex::new(RateLimited::new(WARN_EVERY)),
+        }
+    }
 }
 
 impl Repairs {
@@ -268,11 +281,18 @@ impl Service {
                 .drop_slots(fence, &slots)
                 .await
                 .map_err(|e| ServiceError::Redis(Arc::new(e)))?;
-            tracing::warn!(
-                removed,
-                slots = slots.len(),
-                "cache cleared: redis holds another process's data"
-            );
+            // A topology that keeps changing (nodes that disagree on who serves what) would say
+            // it at every look: said at most every 10 s, with how many drops went unsaid.
+            let mut said = self.repairs.cleared_said.lock().expect("never poisoned");
+            said.say(|suppressed| {
+                tracing::warn!(
+                    removed,
+                    slots = slots.len(),
+                    suppressed,
+                    "cache cleared: redis holds another process's data"
+                )
+            });
+            drop(said);
             self.repairs.slots_dropped(generation);
         }
         if let Some(generation) = self.repairs.overflowed() {

@@ -70,6 +70,37 @@ impl Backoff {
     }
 }
 
+/// How often a repeated warning (refused peers, failing accepts, repeated drops) is said at most.
+pub const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// A warning said at most once per period, with how many were left unsaid since.
+pub struct RateLimited {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    pub fn new(every: Duration) -> Self {
+        RateLimited {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Calls `say` with the number suppressed since the last time, unless that was too recent.
+    pub fn say(&mut self, say: impl FnOnce(u64)) {
+        if self.last.is_some_and(|at| at.elapsed() < self.every) {
+            self.suppressed += 1;
+            return;
+        }
+        say(self.suppressed);
+        self.suppressed = 0;
+        self.last = Some(std::time::Instant::now());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
