@@ -865,6 +865,49 @@ async fn partial_outage(env: &TestEnv, cluster: &RedisCluster, daemon: &Daemon) 
     assert_eq!(sources(&answers[1..]), BTreeSet::from(["db".to_owned()]));
     let missed = daemon.stats().await["cdc"]["missed"].as_u64().unwrap() - missed_before;
     assert!(missed >= on_victim.len() as u64 - 1, "missed {missed}");
+    // Another primary's fence forged meanwhile: its entries are dropped and it serves again, the
+    // frozen one notwithstanding (the drop walks only the primaries it concerns).
+    let other = owners.iter().map(|o| o.2).find(|&p| p != victim).unwrap();
+    let anchor = owners
+        .iter()
+        .filter(|o| o.2 == other)
+        .map(|o| o.0)
+        .min()
+        .unwrap();
+    let fence = cacheward::store::redis::keys::Keys::new("user:", &[], true).fence(anchor);
+    redis::cmd("SET")
+        .arg(&fence)
+        .arg("forged")
+        .query_async::<()>(&mut direct(other).await)
+        .await
+        .unwrap();
+    let on_other: Vec<String> = elsewhere
+        .iter()
+        .filter(|n| owner(&owners, n) == other)
+        .cloned()
+        .collect();
+    // Distrusted and dropped (read from PostgreSQL at least once), then cached again.
+    for (what, source, all) in [
+        ("the forged primary's names distrusted", "db", false),
+        ("the forged primary's names cached again", "cache", true),
+    ] {
+        wait_until(what, Duration::from_secs(10), || async {
+            let answers = daemon.client().await.get_all(&on_other).await;
+            let from = |a: &Value| a["result"]["source"] == json!(source);
+            match all {
+                true => answers.iter().all(from),
+                false => answers.iter().any(from),
+            }
+        })
+        .await;
+    }
+    let health = daemon.health().await;
+    assert!(
+        health["redis_unreachable"]
+            .as_array()
+            .is_some_and(|d| d.len() == 1),
+        "the victim was down all along: {health}"
+    );
 
     // Back: from its first answer on, no read answers what it missed (every old version is
     // older than its row now), and its names come back to the cache.

@@ -56,7 +56,7 @@ impl Router {
     pub async fn drop_where(
         &self,
         fence: i64,
-        within: impl Fn(u16) -> bool,
+        within: impl Fn(u16) -> bool + Sync,
         tables: &[TableId],
     ) -> Result<u64, CacheError> {
         // One declared table alone (its TRUNCATE, its shape changed): its own fences are raised,
@@ -67,6 +67,10 @@ impl Router {
         };
         for primary in self.primaries().await? {
             let slots: Vec<u16> = primary.slots(&self.keys).filter(|&s| within(s)).collect();
+            if slots.is_empty() {
+                // Nothing of it to drop: it need not even answer.
+                continue;
+            }
             let shared = |slot| self.keys.fence(slot);
             let raise_to = if own.is_some() { 0 } else { fence };
             for now in self
@@ -88,8 +92,9 @@ impl Router {
             }
         }
         let mut dropped = 0u64;
+        let serves = |p: &Primary| p.slots(&self.keys).any(&within);
         for &table in tables {
-            let mut scan = self.scan_table(table);
+            let mut scan = self.scan_table(table).only(serves);
             while let Some(names) = scan.next_page().await? {
                 let cmds = self
                     .by_slot(names.iter())

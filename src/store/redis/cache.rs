@@ -406,7 +406,7 @@ impl Cache {
     async fn drop_where(
         &self,
         fence: i64,
-        within: impl Fn(u16) -> bool,
+        within: impl Fn(u16) -> bool + Sync,
         tables: &[TableId],
     ) -> Result<u64, CacheError> {
         self.flush_near();

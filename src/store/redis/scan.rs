@@ -6,6 +6,9 @@ use super::keys::Primary;
 use super::routing::Router;
 use crate::model::key::{Key, TableId};
 
+/// Which primaries a [`Scan`] walks.
+type Keep<'a> = Box<dyn Fn(&Primary) -> bool + Send + Sync + 'a>;
+
 /// A SCAN over every primary, page by page (see [`Router::scan`]), of one table's keys.
 pub struct Scan<'a> {
     router: &'a Router,
@@ -15,6 +18,17 @@ pub struct Scan<'a> {
     primaries: Option<std::vec::IntoIter<Primary>>,
     /// The primary being walked and the cursor to go on from.
     at: Option<(Primary, u64)>,
+    /// Which primaries to walk (all when `None`).
+    only: Option<Keep<'a>>,
+}
+
+impl<'a> Scan<'a> {
+    /// Walks only the primaries `keep` names (a drop of some slots need not reach the others,
+    /// one of which may be down).
+    pub fn only(mut self, keep: impl Fn(&Primary) -> bool + Send + Sync + 'a) -> Scan<'a> {
+        self.only = Some(Box::new(keep));
+        self
+    }
 }
 
 impl Scan<'_> {
@@ -30,7 +44,12 @@ impl Scan<'_> {
                 break at;
             }
             match self.primaries.as_mut().and_then(Iterator::next) {
-                Some(p) if p.anchor(&router.keys).is_some() => break (p, 0),
+                Some(p)
+                    if p.anchor(&router.keys).is_some()
+                        && self.only.as_ref().is_none_or(|keep| keep(&p)) =>
+                {
+                    break (p, 0)
+                }
                 Some(_) => continue,
                 None => return Ok(None),
             }
@@ -95,6 +114,7 @@ impl Router {
             pattern: format!("{}*", glob_escape(self.keys.prefix_of(table))),
             primaries: None,
             at: None,
+            only: None,
         }
     }
 
