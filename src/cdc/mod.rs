@@ -549,10 +549,7 @@ impl Applier {
         });
         let read = outbox::read(client, st, cursor, limit, busy, &self.tables, store);
         let batch = self.bounded("batch read", read).await?;
-        if unsaved.0 {
-            unsaved.0 = false;
-            self.stats.cursor.store(cursor.position, Relaxed);
-        }
+        unsaved.0 = false;
         self.stats.polls.fetch_add(1, Relaxed);
         self.say_undeclared(&batch.declared.undeclared);
         let plan = Plan::of(
@@ -561,7 +558,11 @@ impl Applier {
             self.config.cache.max_entry_bytes,
         );
         self.apply(&plan).await?;
-        unsaved.0 |= self.advance(cursor, &batch);
+        if self.advance(cursor, &batch) {
+            unsaved.0 = true;
+            // Reported as applied (it is stored with the next read, or soon after).
+            self.stats.cursor.store(cursor.position, Relaxed);
+        }
         self.record(&batch, &plan, cursor, started);
         Ok(batch.fresh.len())
     }

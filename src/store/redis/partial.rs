@@ -11,7 +11,8 @@ use crate::model::entry::Write;
 use crate::model::key::{Key, KeyParts};
 
 impl Cache {
-    /// Whether Redis may answer for `key` as far as partial outages go (see [`Reach`]).
+    /// Whether Redis may answer for `key` as far as partial outages go (see
+    /// [`Reach`](super::reach::Reach)).
     pub fn reachable(&self, key: &dyn KeyParts) -> bool {
         self.reach()
             .reachable(key, || self.slot_of(&Key::new(key.table(), key.text())))
@@ -51,9 +52,16 @@ impl Cache {
     /// is tried once more if a primary was found down meanwhile. Returns how many were passed
     /// over.
     pub async fn apply_or_miss(&self, writes: &[Write]) -> Result<usize, CacheError> {
+        let mut failed = None;
+        if !self.reach().any.load(Relaxed) {
+            // Every primary answered at the last look: all go, nothing copied.
+            match self.apply(writes).await {
+                Ok(_) => return Ok(0),
+                Err(e) => failed = Some(e),
+            }
+        }
         let slots: Vec<u16> = writes.iter().map(|w| self.slot_of(w.key())).collect();
         let mut missed = Vec::new();
-        let mut failed = None;
         loop {
             match self.reach().miss(writes, &slots) {
                 Some(now) if now.len() > missed.len() => {
@@ -67,11 +75,18 @@ impl Cache {
                     }
                 }
             }
-            let rest: Vec<Write> = (0..writes.len())
-                .filter(|i| missed.binary_search(i).is_err())
-                .map(|i| writes[i].clone())
-                .collect();
-            match self.apply(&rest).await {
+            let rest: Vec<Write>;
+            let to_apply = match missed.is_empty() {
+                true => writes,
+                false => {
+                    rest = (0..writes.len())
+                        .filter(|i| missed.binary_search(i).is_err())
+                        .map(|i| writes[i].clone())
+                        .collect();
+                    &rest
+                }
+            };
+            match self.apply(to_apply).await {
                 Ok(_) => return Ok(missed.len()),
                 Err(e) => failed = Some(e),
             }
@@ -90,8 +105,8 @@ impl Cache {
     }
 
     /// Records the primaries a look found not answering (`down`, of `primaries`), says which
-    /// stopped or started answering, and forgets the confirmations of those down (a primary back is looked at again
-    /// before it answers reads).
+    /// stopped or started answering, and forgets the confirmations of those down (a primary back
+    /// is looked at again before it answers reads).
     pub(super) fn note_down(&self, down: &[Primary], primaries: &[&str]) {
         let keys = self.keys();
         let changed = self.reach().set_down(down, primaries, |s| keys.in_use(s));
