@@ -317,9 +317,9 @@ impl Applier {
             loop {
                 self.heartbeat(client, &mut renewed).await?;
                 match self.batch(client, statements, cursor, busy, unsaved).await {
-                    Ok(fresh) if fresh < cdc.batch_size || stop.is_cancelled() => {
+                    Ok((fresh, read)) if fresh < cdc.batch_size || stop.is_cancelled() => {
                         busy = fresh > 0;
-                        spurious.after_batch(fresh);
+                        spurious.after_batch(read);
                         break;
                     }
                     Ok(_) => busy = true,
@@ -531,7 +531,8 @@ impl Applier {
         Ok(cursor)
     }
 
-    /// Reads, applies and records one batch; returns how many fresh rows it read.
+    /// Reads, applies and records one batch; returns how many fresh rows it read, and how many
+    /// changes (late ones too).
     async fn batch(
         &self,
         client: &Client,
@@ -539,7 +540,7 @@ impl Applier {
         cursor: &mut Cursor,
         busy: bool,
         unsaved: &mut Unsaved,
-    ) -> Result<usize, CdcError> {
+    ) -> Result<(usize, usize), CdcError> {
         let started = Instant::now();
         let limit = self.config.cdc.batch_size as i64;
         let consumer = self.consumer();
@@ -564,7 +565,7 @@ impl Applier {
             self.stats.cursor.store(cursor.position, Relaxed);
         }
         self.record(&batch, &plan, cursor, started);
-        Ok(batch.fresh.len())
+        Ok((batch.fresh.len(), batch.changes().count()))
     }
 }
 

@@ -1,18 +1,24 @@
 //! When the CDC worker acts on a notification: at once, unless a run of notifications brought
 //! nothing to read (someone flooding the channel), then after a growing gap.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Notifications that brought nothing to read, in a row. A change's own notification may find it
 /// read already by the batch before (so a busy stream sees a few), but a run of them is someone
-/// sending `NOTIFY` on the channel (any role may): past [`SPURIOUS_RUN`], the next notification is
-/// heeded only after a gap that doubles up to [`SPURIOUS_GAP_MAX`]; any change read ends it.
+/// sending `NOTIFY` on the channel (any role may): past [`SPURIOUS_RUN`], and no change read for
+/// [`FLOWING`], the next notification is heeded only after a gap that doubles up to
+/// [`SPURIOUS_GAP_MAX`]; any change read ends it.
 #[derive(Default)]
 pub struct Spurious {
     run: u32,
     /// Whether the last wait ended on a notification.
     pub woke: bool,
+    /// When a batch last read a change: while changes flow, no notification waits.
+    last_read: Option<Instant>,
 }
+
+/// How long after a change was read notifications are heeded at once, whatever came between.
+const FLOWING: Duration = Duration::from_millis(100);
 
 /// Notifications in a row that read nothing before the next waits.
 const SPURIOUS_RUN: u32 = 8;
@@ -20,15 +26,22 @@ const SPURIOUS_RUN: u32 = 8;
 const SPURIOUS_GAP_MAX: Duration = Duration::from_millis(50);
 
 impl Spurious {
-    pub fn after_batch(&mut self, fresh: usize) {
-        match (self.woke, fresh) {
-            (_, 1..) => self.run = 0,
+    /// After the last batch of a catch-up, which read `read` changes (late ones too).
+    pub fn after_batch(&mut self, read: usize) {
+        match (self.woke, read) {
+            (_, 1..) => {
+                self.run = 0;
+                self.last_read = Some(Instant::now());
+            }
             (true, 0) => self.run = self.run.saturating_add(1),
             (false, 0) => {}
         }
     }
 
     pub fn gap(&self) -> Duration {
+        if self.last_read.is_some_and(|at| at.elapsed() < FLOWING) {
+            return Duration::ZERO;
+        }
         match self.run.checked_sub(SPURIOUS_RUN) {
             None => Duration::ZERO,
             Some(past) => Duration::from_millis(1 << past.min(6)).min(SPURIOUS_GAP_MAX),
@@ -63,6 +76,11 @@ mod tests {
         spurious.after_batch(0);
         assert_eq!(spurious.gap(), SPURIOUS_GAP_MAX);
         spurious.after_batch(1);
+        assert_eq!(spurious.gap(), Duration::ZERO);
+        // Right after a change was read, even a run of empty ones waits for nothing.
+        for _ in 0..SPURIOUS_RUN + 4 {
+            woke_empty(&mut spurious);
+        }
         assert_eq!(spurious.gap(), Duration::ZERO);
     }
 }
