@@ -358,7 +358,8 @@ impl Applier {
             let save_at = tokio::time::Instant::now() + apply::SAVE_AFTER;
             // After a run of notifications that brought nothing, the next waits a little: a
             // flood of NOTIFYs from any role costs a bounded number of reads.
-            let heed_at = tokio::time::Instant::now() + spurious.gap().min(poll);
+            let gap = spurious.gap().min(poll);
+            let heed_at = tokio::time::Instant::now() + gap;
             spurious.woke = false;
             loop {
                 let next_beat = tokio::time::Instant::from_std(renewed + lease::HEARTBEAT);
@@ -366,7 +367,10 @@ impl Applier {
                     biased;
                     _ = stop.cancelled() => return Ok(()),
                     _ = async {
-                        tokio::time::sleep_until(heed_at).await;
+                        // No timer unless a gap is due: one costs up to a tick of the driver (1 ms).
+                        if !gap.is_zero() {
+                            tokio::time::sleep_until(heed_at).await;
+                        }
                         wake.notified().await
                     } => {
                         spurious.woke = true;
