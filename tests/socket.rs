@@ -487,7 +487,12 @@ async fn a_pipelining_flood_costs_bounded_memory_and_does_not_degrade_others() {
     let daemon = common::DaemonProcess::spawn_with(
         &env,
         "flood",
-        &[("CACHEWARD__SOCKET__WRITE_TIMEOUT_SECS", "3")],
+        &[
+            ("CACHEWARD__SOCKET__WRITE_TIMEOUT_SECS", "3"),
+            // A debug build parsing the flood on two busy cores can hold a Redis answer past the
+            // default bound: the gets would go to PostgreSQL for that, not for the flood's memory.
+            ("CACHEWARD__REDIS__TIMEOUT_MS", "1000"),
+        ],
     );
     daemon.wait_ready().await;
     let mut c = Rpc::connect(&daemon.socket).await;
@@ -535,8 +540,8 @@ async fn a_pipelining_flood_costs_bounded_memory_and_does_not_degrade_others() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("{from_cache} of {asked_total} gets from the cache");
-    // A debug build parses the first burst (64 x 1 MiB of requests) slowly enough that one Redis
-    // call may pass `redis.timeout_ms` and be answered from PostgreSQL; never more than that.
+    // A debug build parses the first burst (64 x 1 MiB of requests) slowly enough that a Redis
+    // call may still pass `redis.timeout_ms` and be answered from PostgreSQL; never more than two.
     assert!(
         from_cache + 2 >= asked_total,
         "only {from_cache} of {asked_total} gets were answered from the cache during the flood"
