@@ -995,30 +995,63 @@ async fn late_rows_are_read_by_id_range_whatever_the_outbox_size() {
         &env,
         &format!(
             "PREPARE late(text[], bigint[], bigint[], bigint) AS {}",
-            cacheward::cdc::outbox::late_query()
+            cacheward::cdc::statements::late_query()
         ),
     )
     .await;
-    for mode in ["force_generic_plan", "force_custom_plan"] {
-        pg.batch_execute(&format!("SET plan_cache_mode = {mode}"))
-            .await
-            .unwrap();
-        // Two finished transactions, each with 500 ids to look through.
-        let plan: Value = pg
-            .query_one(
-                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE late(ARRAY['123', '456'],
-                     ARRAY[100000, 150000]::bigint[], ARRAY[100500, 150500]::bigint[], 500)",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+    // Two finished transactions, each with 500 ids to look through.
+    let execute = "EXECUTE late(ARRAY['123', '456'],
+                     ARRAY[100000, 150000]::bigint[], ARRAY[100500, 150500]::bigint[], 500)";
+    for (mode, plan) in plans_in_both_modes(&pg, execute).await {
         let touched = outbox_rows_touched(&plan[0]["Plan"]);
         assert!(
             touched <= 2 * 2 * 500,
             "{mode}: {touched} outbox rows read: {plan}"
         );
     }
+}
+
+/// The users a batch's changes name are read with the changes, in the same round trip (the
+/// names derived in SQL from the same outbox rows): by the outbox's primary key and the users'
+/// unique index, whatever either table's size, in both plan modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_a_batch_names_are_read_by_index_whatever_the_table_sizes() {
+    let env = TestEnv::start().await;
+    let setup = env.pg().await;
+    setup
+        .batch_execute(
+            "INSERT INTO users (username) SELECT 'n' || g FROM generate_series(1, 50000) g;
+             ANALYZE users;",
+        )
+        .await
+        .unwrap();
+    let sequence = cacheward::cdc::statements::outbox_sequence(&setup)
+        .await
+        .unwrap();
+    let pg = large_outbox_with(
+        &env,
+        &format!(
+            "PREPARE rows(bigint, bigint, text[], bigint[], bigint[]) AS {}",
+            cacheward::cdc::statements::rows_query(sequence)
+        ),
+    )
+    .await;
+    // 500 fresh changes after id 40 000 (users n40001..), and a finished transaction's 500.
+    let execute =
+        "EXECUTE rows(40000, 500, ARRAY['123'], ARRAY[10000]::bigint[], ARRAY[10500]::bigint[])";
+    for (mode, plan) in plans_in_both_modes(&pg, execute).await {
+        let outbox = outbox_rows_touched(&plan[0]["Plan"]);
+        assert!(
+            outbox <= 2 * 2 * 500,
+            "{mode}: {outbox} outbox rows read: {plan}"
+        );
+        let users = rows_touched(&plan[0]["Plan"], "users", "users_username_key");
+        assert!(users <= 2 * 500, "{mode}: {users} users read: {plan}");
+    }
+    // And the rows are those of the names: 500 fresh ones (the late transaction is not the
+    // inserts' own, so it names nobody).
+    let found = pg.query(execute, &[]).await.unwrap();
+    assert_eq!(found.len(), 500);
 }
 
 /// Pruning looks at the oldest chunk of the outbox by primary key, never at the whole outbox: it
@@ -1083,18 +1116,43 @@ async fn large_outbox_with(env: &TestEnv, prepare: &str) -> tokio_postgres::Clie
     pg
 }
 
+/// `EXPLAIN ANALYZE` of `execute` (a prepared statement's EXECUTE) in each of PostgreSQL's plan
+/// modes for prepared statements, with the mode's name.
+async fn plans_in_both_modes(
+    pg: &tokio_postgres::Client,
+    execute: &str,
+) -> Vec<(&'static str, Value)> {
+    let mut plans = Vec::new();
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        pg.batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .await
+            .unwrap();
+        let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) {execute}");
+        plans.push((mode, pg.query_one(&explain, &[]).await.unwrap().get(0)));
+    }
+    plans
+}
+
 /// Rows that the plan's scans of the outbox read (returned or filtered out), over all loops.
 fn outbox_rows_touched(node: &Value) -> u64 {
-    let on_outbox = node["Relation Name"] == json!("cacheward_outbox")
-        || node["Index Name"] == json!("cacheward_outbox_pkey");
+    rows_touched(node, "cacheward_outbox", "cacheward_outbox_pkey")
+}
+
+/// Rows that the plan's scans of `relation` (or of its `index`) read, returned or filtered out,
+/// over all loops.
+fn rows_touched(node: &Value, relation: &str, index: &str) -> u64 {
+    let on = node["Relation Name"] == json!(relation) || node["Index Name"] == json!(index);
     let count = |key: &str| node[key].as_f64().unwrap_or(0.0);
-    let own = if on_outbox {
+    let own = if on {
         ((count("Actual Rows") + count("Rows Removed by Filter")) * count("Actual Loops")) as u64
     } else {
         0
     };
     let children = node["Plans"].as_array().map_or(0, |plans| {
-        plans.iter().map(outbox_rows_touched).sum::<u64>()
+        plans
+            .iter()
+            .map(|plan| rows_touched(plan, relation, index))
+            .sum::<u64>()
     });
     own + children
 }

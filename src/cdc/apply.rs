@@ -7,19 +7,40 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::cursor::Cursor;
-use super::outbox::{self, Batch, Statements};
+use super::outbox::{self, Batch};
 use super::plan::{fence_after, Plan};
+use super::statements::Statements;
 use super::{Applier, CdcError};
 
-/// Whether the cursor moved since it was last stored. A moved cursor is stored in the first round
-/// trip of the next batch's read (no round trip of its own while changes keep coming), or after
-/// [`SAVE_AFTER`] without one, before a prune, and before the session ends. A cursor stored late
-/// only replays changes already applied (every write is versioned).
+/// Whether the cursor moved since it was last stored, and when it was. A moved cursor is stored
+/// in the first round trip of a batch's read at most every [`CARRY_EVERY`] (no round trip, and
+/// no write per batch, while changes keep coming), or after [`SAVE_AFTER`] without a batch, before
+/// a prune, and before the session ends. A cursor stored late only replays changes already
+/// applied (every write is versioned).
 #[derive(Default)]
-pub(super) struct Unsaved(pub bool);
+pub(super) struct Unsaved {
+    pub moved: bool,
+    stored: Option<Instant>,
+}
+
+impl Unsaved {
+    /// Whether the next batch's read carries the cursor.
+    pub fn carry(&self) -> bool {
+        self.moved && self.stored.is_none_or(|at| at.elapsed() >= CARRY_EVERY)
+    }
+
+    /// The cursor was stored (or its store sent, in a read that then succeeded).
+    pub fn stored(&mut self) {
+        self.moved = false;
+        self.stored = Some(Instant::now());
+    }
+}
 
 /// How long a moved cursor waits for the next batch to carry it before it is stored alone.
 pub(super) const SAVE_AFTER: Duration = Duration::from_millis(50);
+/// The least time between two stores carried by batches: a store is a write (and a commit) in
+/// PostgreSQL, the costliest statement of a batch's read.
+const CARRY_EVERY: Duration = Duration::from_millis(50);
 
 /// A change applied later than this after it was made is worth a warning.
 const LAG_WARN_MS: u64 = 5_000;
@@ -93,9 +114,9 @@ impl Applier {
         cursor: &Cursor,
         unsaved: &mut Unsaved,
     ) -> Result<(), CdcError> {
-        if unsaved.0 {
+        if unsaved.moved {
             self.store_cursor(client, st, cursor).await?;
-            unsaved.0 = false;
+            unsaved.stored();
         }
         Ok(())
     }

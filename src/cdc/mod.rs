@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::model::registry::Tables;
 use crate::store::pg::connect;
 use crate::store::pg::{DbError, DbErrorKind};
-use crate::store::redis::{Cache, CacheError, CacheErrorKind};
+use crate::store::redis::{Cache, CacheError};
 use crate::support::time::{within, Backoff};
 
 pub mod apply;
@@ -29,14 +29,16 @@ pub mod identity;
 pub mod lease;
 pub mod outbox;
 pub mod plan;
+mod start;
+pub mod statements;
 pub mod stats;
 pub mod tables;
 pub mod wake;
 
 use apply::Unsaved;
 use cursor::Cursor;
-use outbox::Statements;
 use plan::Plan;
+use statements::Statements;
 use stats::CdcStats;
 use wake::Spurious;
 
@@ -316,7 +318,9 @@ impl Applier {
             // Catch up: batch after batch until one comes back short.
             loop {
                 self.heartbeat(client, &mut renewed).await?;
-                match self.batch(client, statements, cursor, busy, unsaved).await {
+                // A notification says a change is likely there too.
+                let early = busy || spurious.woke;
+                match self.batch(client, statements, cursor, early, unsaved).await {
                     Ok((fresh, read)) if fresh < cdc.batch_size || stop.is_cancelled() => {
                         busy = fresh > 0;
                         spurious.after_batch(read);
@@ -376,7 +380,7 @@ impl Applier {
                         spurious.woke = true;
                         break;
                     }
-                    _ = tokio::time::sleep_until(save_at), if unsaved.0 => {
+                    _ = tokio::time::sleep_until(save_at), if unsaved.moved => {
                         self.save(client, statements, cursor, unsaved).await?;
                     }
                     _ = tokio::time::sleep_until(next_poll.min(next_beat)) => {}
@@ -443,118 +447,28 @@ impl Applier {
         }
     }
 
-    /// Loads this consumer's cursor; decides on a first start or a gap whether to replay or resync.
-    async fn load_cursor(&self, client: &Client, st: &Statements) -> Result<Cursor, CdcError> {
-        let consumer = self.consumer();
-        let load = outbox::load_cursor(client, &consumer);
-        let (stored, pruned_upto) = self.bounded("cursor load", load).await?;
-        let inherited = self.inherited.lock().expect("never poisoned").take();
-        let inherited = match (&stored, inherited) {
-            (None, Some(before)) => {
-                let load = outbox::load_cursor(client, &before);
-                self.bounded("cursor load", load).await?.0
-            }
-            _ => None,
-        };
-        let cursor = match (stored, inherited) {
-            (Some(cursor), _) => cursor,
-            (None, Some(cursor)) => {
-                // Kept under the new consumer from now on.
-                self.store_cursor(client, st, &cursor).await?;
-                cursor
-            }
-            (None, None) => {
-                // First start for this cache. One with entries replays what the outbox retains
-                // (its TTL bounds anything older). An empty one starts at the head, behind a
-                // fence at the head's horizon, every entry a fill made meanwhile dropped: a
-                // fill that read a row before a change the cursor passes over cannot land.
-                let cached = self.cache.any_entry().await?;
-                let cursor = if cached {
-                    Cursor::default()
-                } else {
-                    // Transactions in flight may still commit changes below the head.
-                    let head = outbox::head(client, pruned_upto);
-                    let (cursor, horizon) = self.bounded("outbox head", head).await?;
-                    self.fence_empty_cache(horizon).await?;
-                    cursor
-                };
-                self.store_cursor(client, st, &cursor).await?;
-                if cached && pruned_upto == 0 {
-                    tracing::info!(consumer = %self.consumer(), "cdc first start: replaying the retained outbox");
-                }
-                cursor
-            }
-        };
-        if cursor.low_water() < pruned_upto {
-            return self
-                .resync(
-                    client,
-                    st,
-                    pruned_upto,
-                    "changes newer than the cursor were pruned from the outbox",
-                )
-                .await;
-        }
-        Ok(cursor)
-    }
-
-    /// Raises the fence to `horizon` and drops what was filled meanwhile. On a first start the
-    /// health monitor may not have set the fence yet (it does within 250 ms while PostgreSQL
-    /// answers): waited for, up to 3 s, rather than a reconnection.
-    async fn fence_empty_cache(&self, horizon: i64) -> Result<(), CdcError> {
-        let mut tries = 0;
-        loop {
-            match self.cache.drop_all(horizon).await {
-                Err(e) if e.kind() == CacheErrorKind::Unfenced && tries < 30 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                result => return result.map(|_| ()).map_err(Into::into),
-            }
-        }
-    }
-
-    /// Starts over from the head of the outbox after history was lost: the cache is fenced at a
-    /// fresh version horizon and every cached entry dropped (so no entry older than now survives,
-    /// and no write that read before now can land), and the cursor jumps to the newest change.
-    async fn resync(
-        &self,
-        client: &Client,
-        st: &Statements,
-        pruned_upto: i64,
-        reason: &str,
-    ) -> Result<Cursor, CdcError> {
-        tracing::warn!(consumer = %self.consumer(), reason, "cdc resync: dropping every cached user entry");
-        let head = outbox::head(client, pruned_upto);
-        let (cursor, horizon) = self.bounded("outbox head", head).await?;
-        let dropped = self.cache.drop_all(horizon).await?;
-        let position = cursor.position;
-        self.store_cursor(client, st, &cursor).await?;
-        self.stats.resyncs.fetch_add(1, Relaxed);
-        tracing::warn!(consumer = %self.consumer(), dropped, position, "cdc resync done");
-        Ok(cursor)
-    }
-
     /// Reads, applies and records one batch; returns how many fresh rows it read, and how many
-    /// changes (late ones too).
+    /// changes (late ones too). `early`: changes are likely (see [`outbox::read`]).
     async fn batch(
         &self,
         client: &Client,
         st: &Statements,
         cursor: &mut Cursor,
-        busy: bool,
+        early: bool,
         unsaved: &mut Unsaved,
     ) -> Result<(usize, usize), CdcError> {
         let started = Instant::now();
         let limit = self.config.cdc.batch_size as i64;
         let consumer = self.consumer();
-        let store = unsaved.0.then_some(outbox::Holder {
+        let store = unsaved.carry().then_some(outbox::Holder {
             consumer: &consumer,
             holder: &self.holder,
         });
-        let read = outbox::read(client, st, cursor, limit, busy, &self.tables, store);
-        let batch = self.bounded("batch read", read).await?;
-        unsaved.0 = false;
+        let read = outbox::read(client, st, cursor, limit, early, &self.tables, store);
+        let outbox::Read { batch, open } = self.bounded("batch read", read).await?;
+        if store.is_some() {
+            unsaved.stored();
+        }
         self.stats.polls.fetch_add(1, Relaxed);
         self.say_undeclared(&batch.declared.undeclared);
         let plan = Plan::of(
@@ -562,9 +476,17 @@ impl Applier {
             &batch,
             self.config.cache.max_entry_bytes,
         );
-        self.apply(&plan).await?;
+        if open {
+            // The read-only transaction ends while Redis applies: one round trip less to wait.
+            let commit = self.bounded("commit", async { Ok(outbox::commit(client).await?) });
+            let (applied, committed) = tokio::join!(self.apply(&plan), commit);
+            committed?;
+            applied?;
+        } else {
+            self.apply(&plan).await?;
+        }
         if self.advance(cursor, &batch) {
-            unsaved.0 = true;
+            unsaved.moved = true;
             // Reported as applied (it is stored with the next read, or soon after).
             self.stats.cursor.store(cursor.position, Relaxed);
         }

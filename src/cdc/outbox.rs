@@ -6,9 +6,10 @@
 use std::collections::{BTreeMap, HashSet};
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::Client;
 
 use super::cursor::{in_flight, parse_xid, Cursor, Pending, Snapshot};
+use super::statements::{Statements, OUTBOX_ID_HORIZON};
 use super::tables::{self, TableChange, TableChanges};
 use super::CdcError;
 use crate::model::key::Key;
@@ -58,103 +59,6 @@ impl Change {
         }
     }
 }
-
-/// The statements of the batch loop, prepared once per session: each then costs one round trip
-/// (an unprepared query costs two).
-pub struct Statements {
-    snapshot: Statement,
-    /// The snapshot and, drawn right after it in the same statement, our own transaction id.
-    snapshot_and_xid: Statement,
-    fresh: Statement,
-    late: Statement,
-    rows: Statement,
-    own_xid: Statement,
-    store_cursor: Statement,
-    horizon: Statement,
-    /// The declared tables' reads, prepared as batches need them.
-    tables: tables::TableStatements,
-}
-
-impl Statements {
-    pub async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
-        let fresh = format!(
-            "SELECT {columns} FROM cacheward_outbox o
-             WHERE o.id > $1 AND o.id <= ({OUTBOX_ID_HORIZON}) ORDER BY o.id LIMIT $2",
-            columns = change_columns()
-        );
-        let late = late_query();
-        let rows = db::FIND_USERS;
-        const SNAPSHOT: &str = "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
-                        ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x)";
-        let snapshot = format!("{SNAPSHOT} FROM pg_current_snapshot() s");
-        let snapshot_and_xid =
-            format!("{SNAPSHOT}, pg_current_xact_id()::text FROM pg_current_snapshot() s");
-        let (snapshot, snapshot_and_xid, fresh, late, rows, own_xid, store_cursor, horizon) = tokio::try_join!(
-            client.prepare(&snapshot),
-            client.prepare(&snapshot_and_xid),
-            client.prepare(&fresh),
-            client.prepare(&late),
-            client.prepare(rows),
-            client.prepare("SELECT pg_current_xact_id()::text"),
-            // Only the lease's holder ($4) stores: a worker that lost it stores nothing.
-            client.prepare(
-                "INSERT INTO cacheward_cdc_cursors (consumer, position, pending)
-                 SELECT $1, $2, $3::text::jsonb
-                  WHERE EXISTS (SELECT 1 FROM cacheward_cdc_leases WHERE consumer = $1 AND holder = $4)
-                 ON CONFLICT (consumer) DO UPDATE SET position = $2, pending = $3::text::jsonb, updated_at = now()",
-            ),
-            client.prepare(db::HORIZON),
-        )?;
-        Ok(Statements {
-            snapshot,
-            snapshot_and_xid,
-            fresh,
-            late,
-            rows,
-            own_xid,
-            store_cursor,
-            horizon,
-            tables: Default::default(),
-        })
-    }
-}
-
-/// The rows of finished pending transactions: `$1` txids, `$2` afters, `$3` uptos (one each),
-/// `$4` the row limit. One primary-key range scan per transaction, whatever the outbox's size:
-/// the LIMIT inside the LATERAL keeps PostgreSQL from flattening it into a hash join over a
-/// sequential scan of the whole outbox (what it chose without it: 30 ms at 300 000 rows, and
-/// every batch after a busy one paid it).
-pub fn late_query() -> String {
-    format!(
-        "SELECT {columns}
-         FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS p(txid, after, upto)
-         CROSS JOIN LATERAL (
-             SELECT * FROM cacheward_outbox x
-             WHERE x.id > p.after AND x.id <= p.upto AND x.txid = p.txid::xid8
-             ORDER BY x.id LIMIT $4
-         ) o
-         ORDER BY o.id LIMIT $4",
-        columns = change_columns()
-    )
-}
-
-/// The columns of [`change`]. The lag is clamped to [0, one day]: `changed_at` is what the outbox
-/// row says, and no value there (`infinity`, a year 294276 AD) may fail the read. The last column
-/// says whether the version sequence can have drawn the row's version (see [`Change::malformed`]).
-fn change_columns() -> String {
-    format!(
-        "o.id, o.op, o.username, o.old_username, o.version, o.tbl, o.row_key, o.old_key, o.old_lookups, \
-         least(greatest((extract(epoch FROM clock_timestamp()) - extract(epoch FROM o.changed_at)) \
-                        * 1000, 0), 86400000)::bigint, \
-         o.version <= ({horizon})",
-        horizon = db::HORIZON
-    )
-}
-
-/// The largest outbox id the identity has handed out: a row above it was forged (inserted with
-/// OVERRIDING SYSTEM VALUE), and is never read (it would move the cursor past every real change).
-const OUTBOX_ID_HORIZON: &str = "SELECT coalesce(pg_sequence_last_value(\
-     pg_get_serial_sequence('cacheward_outbox', 'id')::regclass), 0)";
 
 fn change(row: &tokio_postgres::Row) -> Change {
     Change {
@@ -337,29 +241,30 @@ impl Batch {
 }
 
 /// Reads one batch after `cursor`: at most `limit` fresh and `limit` late changes, and the rows
-/// they mention, all in one snapshot. `busy`: the last batch found changes, so this one likely
-/// will too.
+/// they mention, all in one snapshot. `early`: the batch likely finds changes (the last one did,
+/// or a notification came), so our own transaction id is drawn with the snapshot.
 ///
-/// Requests are pipelined: BEGIN and the first two reads cost one round trip, the rows and COMMIT
-/// another. Any database error ends the session (and the connection with it), so the transaction
-/// never outlives a failure.
+/// Requests are pipelined: BEGIN, the changes and the users' rows cost one round trip; the
+/// transaction is then left open ([`Read::open`]) for the caller to commit while it applies the
+/// batch. A batch that also needs our transaction id (drawn late) or declared tables' rows reads
+/// them in a second round trip, with the COMMIT. Any database error ends the session (and the
+/// connection with it), so the transaction never outlives a failure.
 ///
 /// The transactions that may hide rows below the new position are those running at the snapshot
 /// and every id from its xmax up to one of our own (see [`in_flight`]): the later ours is drawn,
 /// the more ids land in that range, each to be remembered and looked up. While changes keep
 /// coming, ours is drawn in the snapshot's own statement; an idle poll draws none, and a batch
-/// that finds changes after one draws it with the rows instead.
+/// that finds changes after one draws it in the second round trip.
 pub async fn read(
     client: &Client,
     st: &Statements,
     cursor: &Cursor,
     limit: i64,
-    busy: bool,
+    early: bool,
     declared_tables: &Tables,
     store: Option<Holder<'_>>,
-) -> Result<Batch, CdcError> {
-    let fresh_params: [&(dyn ToSql + Sync); 2] = [&cursor.position, &limit];
-    let snapshot_statement = match busy {
+) -> Result<Read, CdcError> {
+    let snapshot_statement = match early {
         true => &st.snapshot_and_xid,
         false => &st.snapshot,
     };
@@ -376,20 +281,37 @@ pub async fn read(
             _ => Ok(1),
         }
     };
+    // Every pending transaction is asked for: those that finished in the snapshot answer.
+    let txids: Vec<String> = cursor.pending.iter().map(|p| p.txid.to_string()).collect();
+    let afters: Vec<i64> = cursor.pending.iter().map(|p| p.after).collect();
+    let uptos: Vec<i64> = cursor.pending.iter().map(|p| p.upto).collect();
+    let late = async {
+        match txids.is_empty() {
+            true => Ok(Vec::new()),
+            false => {
+                let params: [&(dyn ToSql + Sync); 4] = [&txids, &afters, &uptos, &limit];
+                client.query(&st.late, &params).await
+            }
+        }
+    };
+    let fresh_params: [&(dyn ToSql + Sync); 2] = [&cursor.position, &limit];
+    let rows_params: [&(dyn ToSql + Sync); 5] = [&cursor.position, &limit, &txids, &afters, &uptos];
     // The version horizon is read first, in a statement of its own before the snapshot.
-    let (stored, horizon, _, snap, fresh) = tokio::try_join!(
+    let (stored, horizon, _, snap, fresh, late, rows) = tokio::try_join!(
         stored,
         client.query_one(&st.horizon, &[]),
         client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
         client.query_one(snapshot_statement, &[]),
         client.query(&st.fresh, &fresh_params),
+        late,
+        client.query(&st.rows, &rows_params),
     )?;
     if stored == 0 {
         let _ = client.batch_execute("ROLLBACK").await;
         return Err(CdcError::LeaseLost);
     }
     let read_at: i64 = horizon.get(0);
-    let early_xid: Option<String> = busy.then(|| snap.get(3));
+    let early_xid: Option<String> = early.then(|| snap.get(3));
     let mut snapshot = Snapshot {
         xmin: parse_xid(snap.get(0))?,
         xmax: parse_xid(snap.get(1))?,
@@ -400,59 +322,46 @@ pub async fn read(
             .collect::<Result<_, _>>()?,
     };
     let fresh: Vec<Change> = fresh.iter().map(change).collect();
-    // Only finished transactions are asked for: a long-running one's range keeps growing.
-    let finished: Vec<&Pending> = cursor
-        .pending
-        .iter()
-        .filter(|p| snapshot.finished(p.txid))
-        .collect();
-    let late: Vec<Change> = if finished.is_empty() {
-        Vec::new()
-    } else {
-        let txids: Vec<String> = finished.iter().map(|p| p.txid.to_string()).collect();
-        let afters: Vec<i64> = finished.iter().map(|p| p.after).collect();
-        let uptos: Vec<i64> = finished.iter().map(|p| p.upto).collect();
-        client
-            .query(&st.late, &[&txids, &afters, &uptos, &limit])
-            .await?
-            .iter()
-            .map(change)
-            .collect()
-    };
+    let late: Vec<Change> = late.iter().map(change).collect();
     let (mentioned, truncate, declared) = mentions(fresh.iter().chain(&late), declared_tables);
+    // Only the rows of names a well-formed change mentions (the query may have read more).
+    let rows: Vec<tokio_postgres::Row> = rows
+        .into_iter()
+        .filter(|row| {
+            row.try_get::<_, &str>("username")
+                .is_ok_and(|name| mentioned.contains_key(&Key::user(name)))
+        })
+        .collect();
 
-    let names: Vec<&str> = mentioned.keys().map(Key::as_str).collect();
-    let rows_params: [&(dyn ToSql + Sync); 1] = [&names];
-    let rows = async {
-        match names.is_empty() {
-            true => Ok(Vec::new()),
-            false => client.query(&st.rows, &rows_params).await,
-        }
-    };
     // The position moves past the fresh rows: the transactions that may still hide rows below it
     // must all be known (see `in_flight`), which takes a transaction id of our own.
-    let own_xid = async {
-        match (fresh.is_empty(), early_xid) {
-            (true, _) => Ok(None),
-            (false, Some(own)) => Ok(Some(own)),
-            (false, None) => client
-                .query_one(&st.own_xid, &[])
-                .await
-                .map(|row| Some(row.get(0))),
-        }
+    let early_xid = early_xid.filter(|_| !fresh.is_empty());
+    let need_xid = !fresh.is_empty() && early_xid.is_none();
+    let (own_xid, table_rows, open) = if need_xid || !declared.is_empty() {
+        let own_xid = async {
+            match need_xid {
+                false => Ok(early_xid.clone()),
+                true => client
+                    .query_one(&st.own_xid, &[])
+                    .await
+                    .map(|row| Some(row.get(0))),
+            }
+        };
+        // Declared tables' rows are read in the same round trip, before the COMMIT (in the
+        // snapshot): the requests go out in the order the futures are first polled (their
+        // statements were prepared above: a read that had to prepare first would go out after
+        // the COMMIT, outside the snapshot).
+        let reads = tables::prepare_reads(client, &st.tables, declared_tables, &declared).await?;
+        let table_rows = tables::current_rows(client, declared_tables, &reads);
+        let (own_xid, table_rows, _) = tokio::try_join!(
+            async { Ok::<_, CdcError>(own_xid.await?) },
+            table_rows,
+            async { Ok::<_, CdcError>(commit(client).await?) },
+        )?;
+        (own_xid, table_rows, false)
+    } else {
+        (early_xid, Vec::new(), true)
     };
-    // Declared tables' rows are read in the same round trip, before the COMMIT (in the
-    // snapshot): the requests go out in the order the futures are first polled (their
-    // statements were prepared above: a read that had to prepare first would go out after the
-    // COMMIT, outside the snapshot).
-    let reads = tables::prepare_reads(client, &st.tables, declared_tables, &declared).await?;
-    let table_rows = tables::current_rows(client, declared_tables, &reads);
-    let (rows, own_xid, table_rows, _) = tokio::try_join!(
-        async { Ok::<_, CdcError>(rows.await?) },
-        async { Ok::<_, CdcError>(own_xid.await?) },
-        table_rows,
-        async { Ok::<_, CdcError>(client.batch_execute("COMMIT").await?) },
-    )?;
     // A row that cannot be served is skipped, once per change, and its name gets a tombstone (the
     // plan treats it as missing): the rest of the batch is applied.
     let (rows, broken) = User::from_rows(&rows);
@@ -463,7 +372,7 @@ pub async fn read(
         let own = parse_xid(own)?;
         snapshot.running = in_flight(snapshot.xmax, snapshot.running, own);
     }
-    Ok(Batch {
+    let batch = Batch {
         read_at,
         snapshot,
         late_complete: (late.len() as i64) < limit,
@@ -474,7 +383,21 @@ pub async fn read(
         rows,
         declared,
         table_rows,
-    })
+    };
+    Ok(Read { batch, open })
+}
+
+/// Ends a batch's read-only transaction.
+pub async fn commit(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute("COMMIT").await
+}
+
+/// One batch as [`read`] returns it.
+pub struct Read {
+    pub batch: Batch,
+    /// Whether its transaction is still open: the caller commits it (see [`commit`]), which it
+    /// may do while it applies the batch: the transaction only read.
+    pub open: bool,
 }
 
 /// The names `changes` mention, each with the largest version recorded for it, the largest

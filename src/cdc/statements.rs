@@ -1,0 +1,146 @@
+//! The SQL of the batch loop: each statement's text once, prepared once per session.
+
+use tokio_postgres::{Client, Statement};
+
+use super::tables;
+use crate::store::pg as db;
+
+/// The statements of the batch loop, prepared once per session: each then costs one round trip
+/// (an unprepared query costs two).
+pub struct Statements {
+    pub(super) snapshot: Statement,
+    /// The snapshot and, drawn right after it in the same statement, our own transaction id.
+    pub(super) snapshot_and_xid: Statement,
+    pub(super) fresh: Statement,
+    pub(super) late: Statement,
+    pub(super) rows: Statement,
+    pub(super) own_xid: Statement,
+    pub(super) store_cursor: Statement,
+    pub(super) horizon: Statement,
+    /// The declared tables' reads, prepared as batches need them.
+    pub(super) tables: tables::TableStatements,
+}
+
+impl Statements {
+    pub async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+        let sequence = outbox_sequence(client).await?;
+        let fresh = fresh_query(&change_columns(), sequence);
+        let late = late_query();
+        let rows = rows_query(sequence);
+        const SNAPSHOT: &str = "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
+                        ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x)";
+        let snapshot = format!("{SNAPSHOT} FROM pg_current_snapshot() s");
+        let snapshot_and_xid =
+            format!("{SNAPSHOT}, pg_current_xact_id()::text FROM pg_current_snapshot() s");
+        let (snapshot, snapshot_and_xid, fresh, late, rows, own_xid, store_cursor, horizon) = tokio::try_join!(
+            client.prepare(&snapshot),
+            client.prepare(&snapshot_and_xid),
+            client.prepare(&fresh),
+            client.prepare(&late),
+            client.prepare(&rows),
+            client.prepare("SELECT pg_current_xact_id()::text"),
+            // Only the lease's holder ($4) stores: a worker that lost it stores nothing.
+            client.prepare(
+                "INSERT INTO cacheward_cdc_cursors (consumer, position, pending)
+                 SELECT $1, $2, $3::text::jsonb
+                  WHERE EXISTS (SELECT 1 FROM cacheward_cdc_leases WHERE consumer = $1 AND holder = $4)
+                 ON CONFLICT (consumer) DO UPDATE SET position = $2, pending = $3::text::jsonb, updated_at = now()",
+            ),
+            client.prepare(db::HORIZON),
+        )?;
+        Ok(Statements {
+            snapshot,
+            snapshot_and_xid,
+            fresh,
+            late,
+            rows,
+            own_xid,
+            store_cursor,
+            horizon,
+            tables: Default::default(),
+        })
+    }
+}
+
+/// The changes after the cursor: `$1` its position, `$2` the row limit; `sequence` is the outbox
+/// ids' (see [`outbox_sequence`]).
+fn fresh_query(columns: &str, sequence: i64) -> String {
+    format!(
+        "SELECT {columns} FROM cacheward_outbox o
+         WHERE o.id > $1 AND o.id <= coalesce(pg_sequence_last_value({sequence}::oid), 0)
+         ORDER BY o.id LIMIT $2"
+    )
+}
+
+/// The oid of the sequence behind the outbox's ids, found once per session: a lookup by name at
+/// every batch costs a fifth of a read.
+pub async fn outbox_sequence(client: &Client) -> Result<i64, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_get_serial_sequence('cacheward_outbox', 'id')::regclass::oid::bigint",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The rows of pending transactions that have finished in the transaction's snapshot: `$1`
+/// txids, `$2` afters, `$3` uptos (one each), `$4` the row limit. One primary-key range scan per
+/// transaction, whatever the outbox's size: the LIMIT inside the LATERAL keeps PostgreSQL from
+/// flattening it into a hash join over a sequential scan of the whole outbox (what it chose
+/// without it: 30 ms at 300 000 rows, and every batch after a busy one paid it).
+pub fn late_query() -> String {
+    late_from(&change_columns(), ["$1", "$2", "$3", "$4"])
+}
+
+/// [`late_query`] selecting `columns`, with its parameters numbered as `params` says.
+fn late_from(columns: &str, [txids, afters, uptos, limit]: [&str; 4]) -> String {
+    format!(
+        "SELECT {columns}
+         FROM unnest({txids}::text[], {afters}::bigint[], {uptos}::bigint[]) AS p(txid, after, upto)
+         CROSS JOIN LATERAL (
+             SELECT * FROM cacheward_outbox x
+             WHERE x.id > p.after AND x.id <= p.upto AND x.txid = p.txid::xid8
+             ORDER BY x.id LIMIT {limit}
+         ) o
+         WHERE pg_visible_in_snapshot(p.txid::xid8, pg_current_snapshot())
+         ORDER BY o.id LIMIT {limit}"
+    )
+}
+
+/// The current rows of every user the fresh and late changes name (`$1`, `$2` as the fresh
+/// query's, `$3`..`$5` the late query's txids, afters and uptos), read in the same snapshot as
+/// they are: one round trip less than reading the changes first. The names are those of the same
+/// changes, or more (the outbox id horizon can only have grown since the fresh query), never fewer.
+/// An array, not a join, so that the users are found by their index whatever the estimates.
+pub fn rows_query(sequence: i64) -> String {
+    let names = "o.username, o.old_username";
+    format!(
+        "SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = ANY(ARRAY(
+             SELECT n FROM ({fresh}) f CROSS JOIN LATERAL (VALUES (f.username), (f.old_username)) v(n)
+             UNION
+             SELECT n FROM ({late}) l CROSS JOIN LATERAL (VALUES (l.username), (l.old_username)) v(n)
+         ))",
+        fresh = fresh_query(names, sequence),
+        late = late_from(names, ["$3", "$4", "$5", "$2"]),
+    )
+}
+
+/// The columns of an outbox `Change`. The lag is clamped to [0, one day]: `changed_at` is what
+/// the outbox row says, and no value there (`infinity`, a year 294276 AD) may fail the read. The
+/// last column says whether the version sequence can have drawn the row's version (see
+/// `Change::malformed`).
+fn change_columns() -> String {
+    format!(
+        "o.id, o.op, o.username, o.old_username, o.version, o.tbl, o.row_key, o.old_key, o.old_lookups, \
+         least(greatest((extract(epoch FROM clock_timestamp()) - extract(epoch FROM o.changed_at)) \
+                        * 1000, 0), 86400000)::bigint, \
+         o.version <= ({horizon})",
+        horizon = db::HORIZON
+    )
+}
+
+/// The largest outbox id the identity has handed out: a row above it was forged (inserted with
+/// OVERRIDING SYSTEM VALUE), and is never read (it would move the cursor past every real change).
+pub(super) const OUTBOX_ID_HORIZON: &str = "SELECT coalesce(pg_sequence_last_value(\
+     pg_get_serial_sequence('cacheward_outbox', 'id')::regclass), 0)";
