@@ -21,8 +21,9 @@ const MONITOR_INTERVAL: Duration = Duration::from_millis(250);
 /// has no fence, every write is refused; while a connection is not looked at, every read).
 const ALARM_GAP: Duration = Duration::from_millis(20);
 /// While Redis is down, the least time between two looks (rather than the tick): a Redis back
-/// from a restart serves again within this, once looked at.
-const DOWN_RETRY: Duration = Duration::from_millis(50);
+/// from a restart serves again within this, once looked at (a look, not a request, brings it up:
+/// what a restarted process holds must be judged before it answers a read).
+const DOWN_RETRY: Duration = Duration::from_millis(20);
 /// Consecutive failed checks of a Cluster after which its connection is made anew (see
 /// `topology::ClusterConn`).
 const RENEW_AFTER: u32 = 4;
@@ -65,10 +66,15 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
             return;
         }
         beats.monitor.fetch_add(1, Relaxed);
-        let (look, postgres) = tokio::join!(
-            service.cache().look(&mut watch),
-            ping_postgres(&target, &mut probe)
-        );
+        // PostgreSQL is pinged at the tick (or while down), not at every look Redis's outage
+        // calls for.
+        let ping = tick || !service.health.is_up(Backend::Postgres);
+        let (look, postgres) = tokio::join!(service.cache().look(&mut watch), async {
+            match ping {
+                true => ping_postgres(&target, &mut probe).await,
+                false => Ok(()),
+            }
+        });
         let redis = match look {
             Ok(mut look) => {
                 if !look.distrust.is_empty() {
