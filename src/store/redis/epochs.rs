@@ -242,6 +242,16 @@ impl Epochs {
             self.pending.retain(|(p, _)| p != primary);
             self.pending.push((primary.clone(), run_id.clone()));
         }
+        // Only primaries that serve slots now are remembered (node ids come from the Cluster's
+        // answers: a churning or hostile one must not grow these). One that serves again later is
+        // a process not seen before, judged as such (its slots changed hands anyway).
+        let serves = |id: &String| {
+            self.topology
+                .as_ref()
+                .is_some_and(|t| t.iter().any(|(p, _)| p == id))
+        };
+        self.seen.retain(|id, _| serves(id));
+        self.replids.retain(|id, _| serves(id));
         distrust
     }
 
@@ -364,5 +374,35 @@ mod tests {
         // Its epoch is its own (copied back from the master it synced from): not enough.
         assert_eq!(look("r2"), 1, "the one server's slot, distrusted");
         assert_eq!(look("r2"), 0);
+    }
+
+    #[test]
+    fn only_the_primaries_serving_now_are_remembered() {
+        let keys = Keys::new("user:", &[], true);
+        let mut epochs = Epochs::default();
+        // A thousand primaries come and go (a churning or hostile Cluster), two at a time.
+        for i in 0..1000 {
+            let nodes: Vec<(Primary, NodeState)> = [(0, 8191), (8192, 16383)]
+                .into_iter()
+                .enumerate()
+                .map(|(half, range)| {
+                    let id = format!("n{i}-{half}");
+                    let primary = Primary {
+                        address: id.clone(),
+                        id,
+                        ranges: vec![range],
+                    };
+                    (primary, answered("r", Some("l")))
+                })
+                .collect();
+            let primaries: Vec<Primary> = nodes.iter().map(|(p, _)| p.clone()).collect();
+            let topology = Epochs::topology_of(&primaries);
+            crate::support::captured::logs(|| {
+                epochs.check(&keys, topology, &nodes);
+            });
+        }
+        assert_eq!(epochs.seen.len(), 2);
+        assert_eq!(epochs.replids.len(), 2);
+        assert!(epochs.seen.contains_key("n999-0") && epochs.seen.contains_key("n999-1"));
     }
 }
