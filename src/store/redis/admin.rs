@@ -325,3 +325,27 @@ fn field(info: &str, name: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map(|v| v.trim().to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::field;
+
+    /// `INFO` is what the server says, hostile or odd: fields are found by their whole name on a
+    /// line of their own, CRLF or not, and anything else is no answer rather than a wrong one.
+    #[test]
+    fn an_info_field_is_its_whole_name_on_a_line_of_its_own() {
+        let info = "# Replication\r\nmaster_replid2:0000\r\nrole:master\r\nroles:slave\r\n\
+                    x_role:slave\r\nmaster_replid:abc \r\nsecond_repl_offset:-1\r\n";
+        assert_eq!(field(info, "master_replid").as_deref(), Some("abc"));
+        assert_eq!(field(info, "role").as_deref(), Some("master"));
+        assert_eq!(field(info, "second_repl_offset").as_deref(), Some("-1"));
+        assert_eq!(field(info, "run_id"), None);
+        assert_eq!(field("role", "role"), None, "a name without a value");
+        assert_eq!(field("", "role"), None);
+        // The first of two answers counts (a forged second line changes nothing).
+        assert_eq!(
+            field("role:slave\nrole:master", "role").as_deref(),
+            Some("slave")
+        );
+    }
+}
