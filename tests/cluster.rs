@@ -196,7 +196,7 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
             .unwrap();
     }
     check_reaches_every_primary_from_one_seed(&cluster, &config).await;
-    let daemon = env.start_daemon(config).await;
+    let daemon = env.start_daemon(config.clone()).await;
     let mut conn = connect(&cluster).await;
     let pg = env.pg().await;
 
@@ -485,6 +485,9 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     // serving the rest. Only that primary's names go to PostgreSQL; the others stay cached and
     // keep getting changes; once it is back, no read answers a change it missed.
     partial_outage(&env, &cluster, &daemon).await;
+    // 2c. Again, with the daemon stopped during the outage and another started.
+    let daemon = partial_outage_across_a_restart(&env, &cluster, daemon, config).await;
+    let mut client = daemon.client().await;
 
     // 3. A failover that loses writes. The replica of one primary is cut off, the daemon writes
     // newer versions and tombstones to that primary's keys, the primary dies, and the stale
@@ -754,31 +757,15 @@ async fn check_reaches_every_primary_from_one_seed(
 
 /// Phase 2b of the test above (see there).
 async fn partial_outage(env: &TestEnv, cluster: &RedisCluster, daemon: &Daemon) {
-    let owners = slot_owners(&mut connect(cluster).await).await;
-    let victim = owners.last().unwrap().2;
-    cluster.hold_failover(victim, true);
+    let Outage {
+        owners,
+        victim,
+        on_victim,
+        elsewhere,
+        ..
+    } = Outage::prepare(env, cluster, daemon, "o").await;
     let pg = env.pg().await;
-    let everyone = names("o", 120);
-    pg.execute(
-        "INSERT INTO users (username) SELECT 'o' || g FROM generate_series(0, 119) g",
-        &[],
-    )
-    .await
-    .unwrap();
-    let (on_victim, elsewhere): (Vec<String>, Vec<String>) = everyone
-        .iter()
-        .cloned()
-        .partition(|n| owner(&owners, n) == victim);
-    assert!(on_victim.len() >= 15 && elsewhere.len() >= 15);
     let mut client = daemon.client().await;
-    wait_until("every name cached", Duration::from_secs(10), || async {
-        let mut client = daemon.client().await;
-        let answers = client.get_all(&everyone).await;
-        answers
-            .iter()
-            .all(|a| a["result"]["source"] == json!("cache"))
-    })
-    .await;
     let versions = |answers: &[Value]| -> Vec<i64> {
         answers
             .iter()
@@ -787,19 +774,7 @@ async fn partial_outage(env: &TestEnv, cluster: &RedisCluster, daemon: &Daemon) 
     };
     let before = versions(&client.get_all(&on_victim).await);
 
-    cluster.pause(cluster.node(victim).unwrap());
-    let named = wait_until(
-        "health names the frozen primary",
-        Duration::from_secs(10),
-        || async {
-            let health = daemon.health().await;
-            health["redis_unreachable"].as_array().is_some_and(|down| {
-                down.iter()
-                    .any(|d| d.as_str().unwrap().ends_with(&format!(":{victim}")))
-            })
-        },
-    );
-    named.await;
+    freeze(cluster, daemon, victim).await;
     // Past the node timeout: the others mark it failed and serve on (full coverage not required).
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let health = daemon.health().await;
@@ -945,7 +920,78 @@ async fn partial_outage(env: &TestEnv, cluster: &RedisCluster, daemon: &Daemon) 
         let entry: Value = serde_json::from_str(&entry.expect("repaired")).unwrap();
         assert_eq!(Some(entry), *row, "{name} repaired on its primary");
     }
-    // Its replica may take over again only once no node flags it failed (else it would).
+    end_outage(cluster, victim);
+}
+
+/// A primary to freeze, its replica kept from taking over, and 120 users (named by a prefix),
+/// inserted and cached: those it serves, and the others.
+struct Outage {
+    owners: Vec<(u16, u16, u16)>,
+    victim: u16,
+    on_victim: Vec<String>,
+    elsewhere: Vec<String>,
+}
+
+impl Outage {
+    async fn prepare(
+        env: &TestEnv,
+        cluster: &RedisCluster,
+        daemon: &Daemon,
+        prefix: &str,
+    ) -> Outage {
+        let owners = slot_owners(&mut connect(cluster).await).await;
+        let victim = owners.last().unwrap().2;
+        cluster.hold_failover(victim, true);
+        let everyone = names(prefix, 120);
+        env.pg()
+            .await
+            .execute(
+                "INSERT INTO users (username) SELECT $1 || g FROM generate_series(0, 119) g",
+                &[&prefix],
+            )
+            .await
+            .unwrap();
+        let (on_victim, elsewhere): (Vec<String>, Vec<String>) = everyone
+            .iter()
+            .cloned()
+            .partition(|n| owner(&owners, n) == victim);
+        assert!(on_victim.len() >= 15 && elsewhere.len() >= 15);
+        wait_until("every name cached", Duration::from_secs(10), || async {
+            let answers = daemon.client().await.get_all(&everyone).await;
+            answers
+                .iter()
+                .all(|a| a["result"]["source"] == json!("cache"))
+        })
+        .await;
+        Outage {
+            owners,
+            victim,
+            on_victim,
+            elsewhere,
+        }
+    }
+}
+
+/// Freezes the primary at port `victim` and waits for `daemon`'s health to name it.
+async fn freeze(cluster: &RedisCluster, daemon: &Daemon, victim: u16) {
+    cluster.pause(cluster.node(victim).unwrap());
+    wait_until(
+        "health names the frozen primary",
+        Duration::from_secs(10),
+        || async {
+            let health = daemon.health().await;
+            health["redis_unreachable"].as_array().is_some_and(|down| {
+                down.iter()
+                    .any(|d| d.as_str().unwrap().ends_with(&format!(":{victim}")))
+            })
+        },
+    )
+    .await;
+}
+
+/// After a thaw: its replica may take over again only once no node flags it failed (else it
+/// would), and the cluster is whole again.
+fn end_outage(cluster: &RedisCluster, victim: u16) {
     cluster
         .await_no_failure_flags(Duration::from_secs(20))
         .expect("the thawed primary is no longer flagged");
@@ -953,6 +999,60 @@ async fn partial_outage(env: &TestEnv, cluster: &RedisCluster, daemon: &Daemon) 
     cluster
         .await_state_ok(Duration::from_secs(20))
         .expect("the cluster is whole again");
+}
+
+/// The changes a frozen primary missed are durable: the daemon whose CDC worker passed them over
+/// is stopped while the primary is still frozen and another is started; once the primary is
+/// back, its names are served from the cache at their rows' versions (the new daemon replays
+/// them from the cursor stored before them; with the newer cursor stored, it would serve what the
+/// primary held before the outage for good).
+async fn partial_outage_across_a_restart(
+    env: &TestEnv,
+    cluster: &RedisCluster,
+    daemon: Daemon,
+    config: cacheward::config::Config,
+) -> Daemon {
+    let Outage {
+        victim, on_victim, ..
+    } = Outage::prepare(env, cluster, &daemon, "r").await;
+    let pg = env.pg().await;
+    freeze(cluster, &daemon, victim).await;
+    let missed = || async { daemon.stats().await["cdc"]["missed"].as_u64().unwrap() };
+    let missed_before = missed().await;
+    pg.batch_execute(
+        "UPDATE users SET created_at = created_at - interval '1 day' WHERE username LIKE 'r%'",
+    )
+    .await
+    .unwrap();
+    wait_until(
+        "the frozen primary's changes passed over",
+        Duration::from_secs(10),
+        || async { missed().await - missed_before >= on_victim.len() as u64 },
+    )
+    .await;
+    // Past a store of the cursor (at most 50 ms after a batch), then stopped.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    daemon.stop().await;
+    let daemon = env.start_daemon(config).await;
+    cluster.resume(cluster.node(victim).unwrap());
+    let mut rows = Vec::new();
+    for name in &on_victim {
+        rows.push(env.row_json(name).await);
+    }
+    wait_until(
+        "the frozen primary's names served from the cache at their rows' versions",
+        Duration::from_secs(15),
+        || async {
+            let answers = daemon.client().await.get_all(&on_victim).await;
+            answers.iter().zip(&rows).all(|(a, row)| {
+                a["result"]["source"] == json!("cache")
+                    && Some(&a["result"]["user"]) == row.as_ref()
+            })
+        },
+    )
+    .await;
+    end_outage(cluster, victim);
+    daemon
 }
 
 async fn direct(port: u16) -> redis::aio::MultiplexedConnection {

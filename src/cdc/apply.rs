@@ -17,13 +17,42 @@ use super::{Applier, CdcError};
 /// no write per batch, while changes keep coming), or after [`SAVE_AFTER`] without a batch, before
 /// a prune, and before the session ends. A cursor stored late only replays changes already
 /// applied (every write is versioned).
+///
+/// While changes that a Redis node missed are not applied yet (their primary did not answer: see
+/// `Cache::apply_or_miss`), the cursor from before the first of them, the *floor*, is stored
+/// instead: a daemon that stops or dies meanwhile, or the next leader, replays them, and this one
+/// replays them from it once every primary answers again ([`Unsaved::replay`]).
 #[derive(Default)]
 pub(super) struct Unsaved {
     pub moved: bool,
     stored: Option<Instant>,
+    floor: Option<Cursor>,
 }
 
 impl Unsaved {
+    /// The batch after `before` passed over changes: stores go no further than `before` until
+    /// they are replayed.
+    pub fn hold(&mut self, before: &Cursor) {
+        if self.floor.is_none() {
+            self.floor = Some(before.clone());
+            self.moved = true;
+        }
+    }
+
+    /// What a store stores: the floor while there is one, else `cursor`.
+    pub fn storable<'a>(&'a self, cursor: &'a Cursor) -> &'a Cursor {
+        self.floor.as_ref().unwrap_or(cursor)
+    }
+
+    /// The floor to replay from, once `answering` (every primary answers): the cursor goes back
+    /// to it and the changes since are applied again (every write is versioned).
+    pub fn replay(&mut self, answering: bool) -> Option<Cursor> {
+        match answering {
+            true => self.floor.take(),
+            false => None,
+        }
+    }
+
     /// Whether the next batch's read carries the cursor.
     pub fn carry(&self) -> bool {
         self.moved && self.stored.is_none_or(|at| at.elapsed() >= CARRY_EVERY)
@@ -49,7 +78,8 @@ const LAG_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl Applier {
     /// Writes `plan` to Redis: a TRUNCATE's fence and drop first, then the writes in one call.
-    pub(super) async fn apply(&self, plan: &Plan) -> Result<(), CdcError> {
+    /// Returns how many changes were passed over (their primary does not answer).
+    pub(super) async fn apply(&self, plan: &Plan) -> Result<usize, CdcError> {
         if let Some(fence) = plan.truncate_fence() {
             let dropped = self.cache.drop_users(fence).await?;
             tracing::info!(dropped, "cdc applied a TRUNCATE: every cached user dropped");
@@ -71,7 +101,7 @@ impl Applier {
                 "cdc passed over changes whose redis node does not answer"
             );
         }
-        Ok(())
+        Ok(missed)
     }
 
     /// Moves `cursor` past the applied `batch`; returns whether it moved (it is stored with the
@@ -102,7 +132,8 @@ impl Applier {
         };
         let store = outbox::store_cursor(client, st, by, cursor);
         self.bounded("cursor store", store).await?;
-        self.stats.cursor.store(cursor.position, Relaxed);
+        // The applied position may be past it (a floor is stored: see `Unsaved`).
+        self.stats.cursor.fetch_max(cursor.position, Relaxed);
         Ok(())
     }
 
@@ -115,7 +146,8 @@ impl Applier {
         unsaved: &mut Unsaved,
     ) -> Result<(), CdcError> {
         if unsaved.moved {
-            self.store_cursor(client, st, cursor).await?;
+            self.store_cursor(client, st, unsaved.storable(cursor))
+                .await?;
             unsaved.stored();
         }
         Ok(())

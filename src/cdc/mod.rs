@@ -318,6 +318,16 @@ impl Applier {
             // Catch up: batch after batch until one comes back short.
             loop {
                 self.heartbeat(client, &mut renewed).await?;
+                // Every primary answers again: what one missed is applied again from the floor.
+                if let Some(floor) = unsaved.replay(self.cache.unreachable().is_empty()) {
+                    tracing::info!(
+                        from = floor.position,
+                        to = cursor.position,
+                        "cdc replays the changes a redis node missed"
+                    );
+                    *cursor = floor;
+                    busy = true;
+                }
                 // A notification says a change is likely there too.
                 let early = busy || spurious.woke;
                 match self.batch(client, statements, cursor, early, unsaved).await {
@@ -349,7 +359,7 @@ impl Applier {
             if last_prune.is_none_or(|at| at.elapsed() >= prune_every) {
                 // Nothing the stored cursor has not passed is pruned.
                 self.save(client, statements, cursor, unsaved).await?;
-                let prune = outbox::prune(client, cursor, cdc.retention_secs);
+                let prune = outbox::prune(client, unsaved.storable(cursor), cdc.retention_secs);
                 let pruned = self.bounded("prune", prune).await?;
                 if pruned > 0 {
                     tracing::debug!(pruned, "cdc outbox pruned");
@@ -460,13 +470,17 @@ impl Applier {
         let started = Instant::now();
         let limit = self.config.cdc.batch_size as i64;
         let consumer = self.consumer();
-        let store = unsaved.carry().then_some(outbox::Holder {
+        let holder = outbox::Holder {
             consumer: &consumer,
             holder: &self.holder,
-        });
+        };
+        let store = unsaved
+            .carry()
+            .then(|| (holder, unsaved.storable(cursor).clone()));
+        let carried = store.is_some();
         let read = outbox::read(client, st, cursor, limit, early, &self.tables, store);
         let outbox::Read { batch, open } = self.bounded("batch read", read).await?;
-        if store.is_some() {
+        if carried {
             unsaved.stored();
         }
         self.stats.polls.fetch_add(1, Relaxed);
@@ -476,14 +490,17 @@ impl Applier {
             &batch,
             self.config.cache.max_entry_bytes,
         );
-        if open {
+        let missed = if open {
             // The read-only transaction ends while Redis applies: one round trip less to wait.
             let commit = self.bounded("commit", async { Ok(outbox::commit(client).await?) });
             let (applied, committed) = tokio::join!(self.apply(&plan), commit);
             committed?;
-            applied?;
+            applied?
         } else {
-            self.apply(&plan).await?;
+            self.apply(&plan).await?
+        };
+        if missed > 0 {
+            unsaved.hold(cursor);
         }
         if self.advance(cursor, &batch) {
             unsaved.moved = true;

@@ -262,23 +262,26 @@ pub async fn read(
     limit: i64,
     early: bool,
     declared_tables: &Tables,
-    store: Option<Holder<'_>>,
+    store: Option<(Holder<'_>, Cursor)>,
 ) -> Result<Read, CdcError> {
     let snapshot_statement = match early {
         true => &st.snapshot_and_xid,
         false => &st.snapshot,
     };
-    // The cursor the last batch moved, stored in the same round trip (before the transaction).
-    let pending =
-        store.map(|_| serde_json::to_string(&cursor.pending).expect("pending list serializes"));
+    // The cursor to store (the last batch moved it), in the same round trip, before the
+    // transaction.
+    let store = store.map(|(holder, stored)| {
+        let pending = serde_json::to_string(&stored.pending).expect("pending list serializes");
+        (holder, stored.position, pending)
+    });
     let stored = async {
-        match (store, &pending) {
-            (Some(holder), Some(pending)) => {
+        match &store {
+            Some((holder, position, pending)) => {
                 let params: [&(dyn ToSql + Sync); 4] =
-                    [&holder.consumer, &cursor.position, pending, &holder.holder];
+                    [&holder.consumer, position, pending, &holder.holder];
                 client.execute(&st.store_cursor, &params).await
             }
-            _ => Ok(1),
+            None => Ok(1),
         }
     };
     // Every pending transaction is asked for: those that finished in the snapshot answer.
