@@ -395,6 +395,18 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
         )
         .await;
     assert_eq!(old["error"]["data"]["kind"], json!("not_found"), "{old}");
+    // A primary whose anchor slot keeps its fence but another slot lost its own (as one restarted
+    // from a snapshot older than slots it serves now): the TRUNCATE's drop finds it missing, the
+    // monitor sets it, and the drop goes through (else the change stream waits on it for good).
+    let owners = slot_owners(&mut conn).await;
+    let (first, _, port) = owners[0];
+    let fences = cacheward::store::redis::keys::Keys::new("user:", &[], true);
+    let removed: i64 = redis::cmd("DEL")
+        .arg(fences.fence(first + 1))
+        .query_async(&mut direct(port).await)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "the fence of slot {} was there", first + 1);
     pg.batch_execute("TRUNCATE accounts").await.unwrap();
     wait_until(
         "the table's TRUNCATE reached every primary",

@@ -10,6 +10,7 @@ use super::confirm::{Confirmations, Confirmed};
 use super::conn::{self, Conn};
 use super::error::decode;
 use super::error::{CacheError, CacheErrorKind};
+use super::fenced::Fenced;
 use super::keys::{Keys, Primary};
 use super::near::{NearCache, NearReport};
 use super::pipeline::Requests;
@@ -32,26 +33,9 @@ pub struct Cache {
     near: Option<Arc<NearCache>>,
     /// Live writes the fence refused, and the health monitor's alarm: a refusal may mean a fence
     /// that cannot be right, which the monitor then looks at without waiting for its tick.
-    fenced: Arc<Fenced>,
+    pub(super) fenced: Arc<Fenced>,
     /// The primaries down now and the changes that missed them (see [`Reach`]).
     reach: Arc<Reach>,
-}
-
-struct Fenced {
-    refused: std::sync::atomic::AtomicU64,
-    /// The health monitor's alarm (`Confirmations::alarm`).
-    alarm: Arc<tokio::sync::Notify>,
-}
-
-impl Fenced {
-    fn count(&self, outcomes: &[Outcome]) {
-        let fenced = outcomes.iter().filter(|o| **o == Outcome::Fenced).count() as u64;
-        if fenced > 0 {
-            self.refused
-                .fetch_add(fenced, std::sync::atomic::Ordering::Relaxed);
-            self.alarm.notify_one();
-        }
-    }
 }
 
 impl Cache {
@@ -92,10 +76,7 @@ impl Cache {
             tokio::spawn(listen(near.clone(), keys.clone(), heard));
         }
         let router = Router::new(conn, keys, config.redis_timeout());
-        let fenced = Arc::new(Fenced {
-            refused: Default::default(),
-            alarm: router.confirmed.alarm().clone(),
-        });
+        let fenced = Arc::new(Fenced::new(router.confirmed.alarm().clone()));
         Ok(Cache {
             requests: Arc::new(Requests::new(router.clone(), near.clone())),
             router,
@@ -125,9 +106,7 @@ impl Cache {
     /// Live writes refused by a fence so far (a fill that read before a TRUNCATE; every write
     /// while a fence is missing or wrong).
     pub fn fenced_refused(&self) -> u64 {
-        self.fenced
-            .refused
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.fenced.refused()
     }
 
     /// Notified when the health monitor should look before its tick (one permit however many): a
@@ -412,6 +391,12 @@ impl Cache {
         self.flush_near();
         let dropped = self.router.drop_where(fence, within, tables).await;
         self.flush_near();
+        if dropped
+            .as_ref()
+            .is_err_and(|e| e.kind() == CacheErrorKind::Unfenced)
+        {
+            self.fenced.missing_seen();
+        }
         dropped
     }
 

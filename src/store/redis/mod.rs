@@ -15,6 +15,7 @@ pub mod confirm;
 pub mod conn;
 pub mod epochs;
 pub mod error;
+pub mod fenced;
 pub mod keys;
 pub mod near;
 pub mod partial;

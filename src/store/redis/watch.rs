@@ -155,9 +155,16 @@ impl Cache {
         watch.unfenced.clear();
         watch.fences.clear();
         watch.forged.clear();
+        // A drop found a slot without its fence: every primary's missing fences are set.
+        let missing = self.fenced.take_missing();
         for (primary, state) in nodes.iter().filter(|(_, state)| !state.elsewhere) {
             match &state.fence {
-                Ok(Some(fence)) => watch.fences.push((primary.clone(), *fence)),
+                Ok(Some(fence)) => {
+                    watch.fences.push((primary.clone(), *fence));
+                    if missing {
+                        watch.unfenced.push(primary.clone());
+                    }
+                }
                 Ok(None) => watch.unfenced.push(primary.clone()),
                 // Redis answered: it is up, but a fence key holds something not ours.
                 Err(reason) => {
