@@ -44,10 +44,11 @@ impl Unsaved {
         self.floor.as_ref().unwrap_or(cursor)
     }
 
-    /// The floor to replay from, once `answering` (every primary answers): the cursor goes back
-    /// to it and the changes since are applied again (every write is versioned).
-    pub fn replay(&mut self, answering: bool) -> Option<Cursor> {
-        match answering {
+    /// The floor to replay from, once `answering()` (every primary answers; asked only while
+    /// there is a floor): the cursor goes back to it and the changes since are applied again
+    /// (every write is versioned).
+    pub fn replay(&mut self, answering: impl FnOnce() -> bool) -> Option<Cursor> {
+        match self.floor.is_some() && answering() {
             true => self.floor.take(),
             false => None,
         }

@@ -319,7 +319,7 @@ impl Applier {
             loop {
                 self.heartbeat(client, &mut renewed).await?;
                 // Every primary answers again: what one missed is applied again from the floor.
-                if let Some(floor) = unsaved.replay(self.cache.unreachable().is_empty()) {
+                if let Some(floor) = unsaved.replay(|| self.cache.unreachable().is_empty()) {
                     tracing::info!(
                         from = floor.position,
                         to = cursor.position,
