@@ -265,9 +265,13 @@ async fn a_transaction_in_flight_when_a_cache_first_starts_is_applied() {
 
     let daemon = env.start_daemon(env.config()).await;
     let mut c = daemon.client().await;
-    // Cached while A is open: the row as it was before A.
+    // Cached while A is open: the row as it was before A (the fill is queued behind the answer,
+    // so another connection may look before it lands).
     assert_eq!(c.get("a").await["result"]["source"], json!("db"));
-    assert!(live(&env, "a").await.is_some());
+    wait_until("a filled while A is open", CONVERGE, || async {
+        live(&env, "a").await.is_some()
+    })
+    .await;
 
     a.commit().await.unwrap();
     renamed_a_reaches_redis(&env).await;
