@@ -3,17 +3,13 @@
 //! method reads its own parameters (`methods`). No I/O here.
 
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::encode::Id;
 use super::error::{ErrorKind, RpcError};
-use super::methods::get::Target;
-use super::methods::params::{type_name, validate_username};
+use super::methods::params::type_name;
 use super::methods::{self, Call};
-use crate::model::key::Key;
 use crate::model::registry::Tables;
-use crate::model::table::Scalar;
 
 /// What one request line turned into.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,172 +118,9 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     }
 }
 
-/// The request the hot path sees: `get` with exactly the members the protocol requires.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PlainGet<'a> {
-    jsonrpc: &'a str,
-    #[serde(borrow)]
-    id: &'a RawValue,
-    method: &'a str,
-    /// Read in the same pass as the rest of the line, from an object only.
-    #[serde(borrow)]
-    params: Object<PlainParams<'a>>,
-}
-
-/// `T` read from a JSON object only: serde reads a struct from an array too, and a plain get's
-/// params positional (`["a"]`) are the general path's to refuse.
-struct Object<T>(T);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Fields<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Fields<T> {
-            type Value = Object<T>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                map: A,
-            ) -> Result<Self::Value, A::Error> {
-                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
-            }
-        }
-        d.deserialize_map(Fields(std::marker::PhantomData))
-    }
-}
-
-/// A plain `get`'s params, users' and declared tables' alike, read in one pass (a failed attempt
-/// at one shape before the other would cost an error's allocation on every table get).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PlainParams<'a> {
-    #[serde(default)]
-    username: Option<&'a str>,
-    #[serde(default)]
-    table: Option<&'a str>,
-    #[serde(default, borrow, deserialize_with = "present")]
-    lookup: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    key: Option<Scalars<'a>>,
-    #[serde(default)]
-    min_version: Option<i64>,
-}
-
-/// A member that is there, whatever it holds (`null` included: serde's `Option` would read it as
-/// absent).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
-}
-
-/// The key a plain get's params name: a user's, or a declared table's row's (its key object read
-/// as scalars, resolved against the checked table). `None` for anything else, an error included:
-/// the general path reads it again and names what is wrong.
-fn plain_target(p: PlainParams, tables: &Tables) -> Option<(Target, Option<i64>)> {
-    let key = match (p.username, p.table, p.lookup, p.key) {
-        (Some(username), None, None, None) => {
-            validate_username(username).ok()?;
-            Key::user(username)
-        }
-        (None, Some(table), lookup, Some(key)) => {
-            // `"lookup": null` is refused by the general path: only a string takes this one.
-            let lookup = match lookup {
-                None => None,
-                Some(raw) => Some(serde_json::from_str::<&str>(raw.get()).ok()?),
-            };
-            tables.with_ready(table, |table| {
-                let by = match lookup {
-                    None => None,
-                    Some(name) => Some(table.lookup(name)?),
-                };
-                Some(table.key(&table.key_of_scalars(&key.0, by)?))
-            })??
-        }
-        _ => return None,
-    };
-    Some((Target::Key(key), p.min_version))
-}
-
-/// A key object whose members are strings without escapes or integers, borrowed from the line;
-/// anything else fails, to be read by the general path. (A `Vec`: an inline array would be
-/// copied whole at every move of the parsed params, which measured slower than the allocation.)
-struct Scalars<'a>(Vec<(&'a str, Scalar<'a>)>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Scalars<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Members<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Members<'a> {
-            type Value = Scalars<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object of strings and integers")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut given = Vec::with_capacity(2);
-                while let Some(name) = map.next_key::<&str>()? {
-                    if given.len() == 16 {
-                        return Err(serde::de::Error::custom("more members than a key has"));
-                    }
-                    given.push((name, map.next_value::<ScalarValue>()?.0));
-                }
-                Ok(Scalars(given))
-            }
-        }
-        d.deserialize_map(Members(std::marker::PhantomData))
-    }
-}
-
-struct ScalarValue<'a>(Scalar<'a>);
-
-impl<'de> Deserialize<'de> for ScalarValue<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct One;
-        impl<'de> serde::de::Visitor<'de> for One {
-            type Value = ScalarValue<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or an integer")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(ScalarValue(Scalar::Str(v)))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(ScalarValue(Scalar::Int(v)))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                let v = i64::try_from(v).map_err(|_| E::custom("past i64"))?;
-                Ok(ScalarValue(Scalar::Int(v)))
-            }
-        }
-        d.deserialize_any(One)
-    }
-}
-
-/// A valid `get` with a number or string id and no escapes in its strings, read without building
-/// a `Value`. Anything else (and anything invalid) is `None` and takes the general path, which
-/// gives it the same meaning or the precise error.
+/// A valid plain `get`, read by the fast path ([`super::plain`]); anything else is `None`.
 fn parse_plain_get(line: &[u8], tables: &Tables) -> Option<Incoming> {
-    // serde reads a struct from an array too: only objects qualify (the params: see `Object`).
-    if line.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return None;
-    }
-    // Checked as UTF-8 once, here, not string by string as `from_slice` would (a line that is
-    // not is the general path's to refuse).
-    let text = std::str::from_utf8(line).ok()?;
-    let request: PlainGet = serde_json::from_str(text).ok()?;
-    if request.jsonrpc != "2.0" || request.method != "get" {
-        return None;
-    }
-    let (target, min_version) = plain_target(request.params.0, tables)?;
-    let id = match request.id.get().as_bytes().first()? {
-        b'"' | b'-' | b'0'..=b'9' => serde_json::from_str(request.id.get()).ok()?,
-        _ => return None,
-    };
-    if min_version.is_some_and(|v| v < 0) {
-        return None;
-    }
+    let (id, target, min_version) = super::plain::parse_plain_get(line, tables)?;
     Some(Incoming::Call {
         id: Some(id),
         call: Call::Get {
@@ -381,10 +214,14 @@ fn parse_request(value: Value) -> Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::key::Key;
     use crate::model::registry::declared_fixture as declared;
     use crate::rpc::encode::{encode_error, encode_result, encode_user_into};
+    use crate::rpc::methods::get::Target;
+    use crate::rpc::methods::params::validate_username;
     use serde::Serialize;
     use serde_json::json;
+    use serde_json::value::RawValue;
 
     /// The result of `get`, as serde would write it: what [`encode_user_into`] writes by hand.
     #[derive(Serialize)]
@@ -519,6 +356,15 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":[1]}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":"x","id":1},"min_version":-1}}"#,
             r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","username":"a","key":{}}}"#,
+            // The fast path's own scanner: whitespace anywhere, an id with escapes, numbers at
+            // their edges.
+            " { \"jsonrpc\" : \"2.0\" ,\t\"id\" : \"a\\\"b\" , \"method\" : \"get\" , \"params\" : { \"table\" : \"orders\" , \"key\" : { \"region\" : \"x\" , \"id\" : 0 } , \"min_version\" : 0 } } ",
+            r#"{"jsonrpc":"2.0","id":1E2,"method":"get","params":{"table":"orders","key":{"region":"x","id":-9223372036854775808}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":"x","id":-0}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":"x","id":9223372036854775808}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":"x","id":1e0}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a","min_version":null}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a","min_version":-0}}"#,
         ];
         let mut plain = 0;
         for line in lines {
@@ -543,9 +389,21 @@ mod tests {
             assert_eq!(resolved(parse(line)), general, "{line}");
         }
         assert_eq!(
-            plain, 6,
-            "three users' gets and three tables' take the plain path"
+            plain, 8,
+            "three users' gets and five tables' take the plain path"
         );
+        // Invalid JSON (a leading zero, a raw control character, trailing bytes) is the
+        // general path's to refuse.
+        for invalid in [
+                r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"region":"x","id":01}}}"#,
+                "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get\",\"params\":{\"username\":\"a\u{1}\"}}",
+                r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a"}}}"#,
+                r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"username":"a"},}"#,
+                r#"{"jsonrpc":"2.0","id":01,"method":"get","params":{"username":"a"}}"#,
+        ] {
+            assert_eq!(parse_plain_get(invalid.as_bytes(), declared()), None, "{invalid}");
+            assert!(matches!(parse(invalid), Incoming::Reject { .. }), "{invalid}");
+        }
         // A key naming a column twice is refused by the fast path's own strict reading too.
         for twice in [
             r#"{"jsonrpc":"2.0","id":1,"method":"get","params":{"table":"orders","key":{"id":1,"id":2}}}"#,
