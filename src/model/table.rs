@@ -272,7 +272,7 @@ impl KeyType {
                     }
                     Scalar::Str(s) if escape => escape_into(out, s),
                     Scalar::Str(s) => out.push_str(s),
-                    Scalar::Int(n) => write!(out, "{n}").expect("a String takes any text"),
+                    Scalar::Int(n) => out.push_str(itoa::Buffer::new().format(n)),
                     // A number's or a boolean's text needs no escaping either.
                     Scalar::Json(Value::Number(n)) => {
                         write!(out, "{n}").expect("a String takes any text")
@@ -302,7 +302,7 @@ impl KeyType {
                 }
             }
         };
-        write!(out, "{n}").expect("a String takes any text");
+        out.push_str(itoa::Buffer::new().format(n));
         Ok(())
     }
 }
