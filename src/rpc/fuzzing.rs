@@ -10,11 +10,16 @@ use crate::rpc::methods::get::Target;
 use crate::rpc::methods::{params::validate_username, Call};
 use crate::rpc::protocol::{self, Incoming};
 
-/// One request line, as any client may send it: parsing never panics, a key resolved at once
-/// decodes to the key or lookup it was read from, and every answer it leads to (an error, or a
+/// One request line, as any client may send it: parsing never panics, the fast path agrees with
+/// the general one, a key resolved at once decodes to the key or lookup it was read from, and every answer it leads to (an error, or a
 /// result for a parsed call) is one line of valid JSON-RPC.
 pub fn request(data: &[u8]) {
     let tables = declared_fixture();
+    // The fast path reads a plain get exactly as the general path does, or leaves it to it.
+    if let Some(fast) = protocol::parse_plain_get(data, tables) {
+        let general = protocol::resolved(protocol::parse_general(data), tables);
+        assert_eq!(fast, general, "{:?}", String::from_utf8_lossy(data));
+    }
     let Some(incoming) = protocol::parse_line(data, tables) else {
         assert!(
             data.iter().all(u8::is_ascii_whitespace),

@@ -7,8 +7,10 @@ use serde_json::{Map, Value};
 
 use super::encode::Id;
 use super::error::{ErrorKind, RpcError};
+use super::methods::get::Target;
 use super::methods::params::type_name;
 use super::methods::{self, Call};
+use crate::model::key::Key;
 use crate::model::registry::Tables;
 
 /// What one request line turned into.
@@ -31,23 +33,68 @@ pub fn parse_line(line: &[u8], tables: &Tables) -> Option<Incoming> {
     if let Some(get) = parse_plain_get(line, tables) {
         return Some(get);
     }
+    Some(parse_general(line))
+}
+
+/// A request line read by the general path alone (serde_json, every method, the precise errors).
+pub fn parse_general(line: &[u8]) -> Incoming {
     let value: Value = match serde_json::from_slice::<Strict>(line) {
         Ok(Strict(v)) => v,
         // Valid JSON, but an object names a member twice: which one is meant is anyone's guess.
         Err(e) if e.is_data() => {
-            return Some(Incoming::Reject {
+            return Incoming::Reject {
                 id: Value::Null,
                 error: RpcError::new(ErrorKind::InvalidRequest, format!("invalid request: {e}")),
-            })
+            }
         }
         Err(e) => {
-            return Some(Incoming::Reject {
+            return Incoming::Reject {
                 id: Value::Null,
                 error: RpcError::new(ErrorKind::ParseError, format!("parse error: {e}")),
-            })
+            }
         }
     };
-    Some(parse_request(value))
+    parse_request(value)
+}
+
+/// `incoming` with a get's target resolved to its key, as `get` resolves it when it runs
+/// (left as it is when it names none): what the fast path's answer is compared with
+/// ([`parse_plain_get`] against [`parse_general`]).
+pub fn resolved(incoming: Incoming, tables: &Tables) -> Incoming {
+    let Incoming::Call {
+        id,
+        call: Call::Get {
+            target,
+            min_version,
+        },
+    } = incoming
+    else {
+        return incoming;
+    };
+    let target = match target {
+        Target::User(name) => Target::Key(Key::user(&name)),
+        Target::Row { table, lookup, key } => {
+            let found = tables.named(&table).ok().and_then(|t| {
+                let by = match &lookup {
+                    None => None,
+                    Some(name) => Some(t.lookup(name)?),
+                };
+                Some(t.key(&t.key_of(&key, by).ok()?))
+            });
+            match found {
+                Some(key) => Target::Key(key),
+                None => Target::Row { table, lookup, key },
+            }
+        }
+        key => key,
+    };
+    Incoming::Call {
+        id,
+        call: Call::Get {
+            target,
+            min_version,
+        },
+    }
 }
 
 /// A JSON value in which no object names a member twice (serde_json alone keeps the last).
@@ -119,7 +166,7 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
 }
 
 /// A valid plain `get`, read by the fast path ([`super::plain`]); anything else is `None`.
-fn parse_plain_get(line: &[u8], tables: &Tables) -> Option<Incoming> {
+pub fn parse_plain_get(line: &[u8], tables: &Tables) -> Option<Incoming> {
     let (id, target, min_version) = super::plain::parse_plain_get(line, tables)?;
     Some(Incoming::Call {
         id: Some(id),
@@ -286,45 +333,6 @@ mod tests {
         }
     }
 
-    /// `incoming` with a get's target resolved to its key, as `get` resolves it when it runs
-    /// (left as it is when it names none).
-    fn resolved(incoming: Incoming) -> Incoming {
-        let Incoming::Call {
-            id,
-            call: Call::Get {
-                target,
-                min_version,
-            },
-        } = incoming
-        else {
-            return incoming;
-        };
-        let target = match target {
-            Target::User(name) => Target::Key(Key::user(&name)),
-            Target::Row { table, lookup, key } => {
-                let found = declared().named(&table).ok().and_then(|t| {
-                    let by = match &lookup {
-                        None => None,
-                        Some(name) => Some(t.lookup(name)?),
-                    };
-                    Some(t.key(&t.key_of(&key, by).ok()?))
-                });
-                match found {
-                    Some(key) => Target::Key(key),
-                    None => Target::Row { table, lookup, key },
-                }
-            }
-            key => key,
-        };
-        Incoming::Call {
-            id,
-            call: Call::Get {
-                target,
-                min_version,
-            },
-        }
-    }
-
     #[test]
     fn the_plain_get_path_agrees_with_the_general_one() {
         let lines = [
@@ -368,7 +376,10 @@ mod tests {
         ];
         let mut plain = 0;
         for line in lines {
-            let general = resolved(parse_request(serde_json::from_str(line).unwrap()));
+            let general = resolved(
+                parse_request(serde_json::from_str(line).unwrap()),
+                declared(),
+            );
             if let Some(fast) = parse_plain_get(line.as_bytes(), declared()) {
                 plain += 1;
                 assert!(
@@ -386,7 +397,7 @@ mod tests {
                 );
                 assert_eq!(fast, general, "{line}");
             }
-            assert_eq!(resolved(parse(line)), general, "{line}");
+            assert_eq!(resolved(parse(line), declared()), general, "{line}");
         }
         assert_eq!(
             plain, 8,
@@ -512,7 +523,7 @@ mod tests {
         ];
         for (text, call) in cases {
             assert_eq!(
-                resolved(parse(text)),
+                resolved(parse(text), declared()),
                 Incoming::Call {
                     id: Some(json!(1)),
                     call
