@@ -323,6 +323,32 @@ async fn a_truncate_of_one_table_drops_only_its_entries() {
     assert_eq!(row(&mut client, order).await.unwrap().1, "cache");
 }
 
+/// Outbox rows are input like any other: one forged with a key its table's columns cannot hold
+/// is skipped (and said), and costs neither its batch (the row changed beside it is applied) nor
+/// its table (served on, from the cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_key_in_the_outbox_is_skipped_and_its_batch_applied() {
+    let (env, daemon, _) = start().await;
+    let mut client = daemon.client().await;
+    let order = json!({"table": "orders", "key": {"region": "w", "id": 8}});
+    warm(&mut client, &[&order]).await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "BEGIN;
+         INSERT INTO cacheward_outbox (op, tbl, row_key, version)
+             VALUES ('update', 'orders', ARRAY['w', 'not a number'], 1),
+                    ('update', 'orders', ARRAY['w', '99999999999'], 1),
+                    ('update', 'orders', ARRAY['w', ' 8'], 1);
+         UPDATE orders SET note = 'after' WHERE region = 'w' AND id = 8;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    converges(&mut client, order.clone(), Ok("after")).await;
+    row(&mut client, order.clone()).await.unwrap();
+    assert_eq!(row(&mut client, order).await.unwrap().1, "cache");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_go_through_postgresql_then_redis_with_postgresqls_errors() {
     let (env, daemon, _) = start().await;
