@@ -1035,14 +1035,14 @@ async fn the_users_a_batch_names_are_read_by_index_whatever_the_table_sizes() {
     let pg = large_outbox_with(
         &env,
         &format!(
-            "PREPARE rows(bigint, bigint, text[], bigint[], bigint[]) AS {}",
-            cacheward::cdc::statements::rows_query(sequence)
+            "PREPARE batch(bigint, bigint, text[], bigint[], bigint[], bool) AS {}",
+            cacheward::cdc::statements::batch_query(sequence)
         ),
     )
     .await;
     // 500 fresh changes after id 40 000 (users n40001..), and a finished transaction's 500.
-    let execute =
-        "EXECUTE rows(40000, 500, ARRAY['123'], ARRAY[10000]::bigint[], ARRAY[10500]::bigint[])";
+    let execute = "EXECUTE batch(40000, 500, ARRAY['123'], ARRAY[10000]::bigint[],
+                                 ARRAY[10500]::bigint[], true)";
     for (mode, plan) in plans_in_both_modes(&pg, execute).await {
         let outbox = outbox_rows_touched(&plan[0]["Plan"]);
         assert!(
@@ -1053,9 +1053,12 @@ async fn the_users_a_batch_names_are_read_by_index_whatever_the_table_sizes() {
         assert!(users <= 2 * 500, "{mode}: {users} users read: {plan}");
     }
     // And the rows are those of the names: 500 fresh ones (the late transaction is not the
-    // inserts' own, so it names nobody).
+    // inserts' own, so it names nobody), then the batch's own row.
     let found = pg.query(execute, &[]).await.unwrap();
-    assert_eq!(found.len(), 500);
+    assert_eq!(found.len(), 501);
+    let batch: serde_json::Value = serde_json::from_str(found[500].get(0)).unwrap();
+    assert_eq!(batch["fresh"].as_array().map(Vec::len), Some(500));
+    assert!(batch["xid"].is_string(), "{batch}");
 }
 
 /// Pruning looks at the oldest chunk of the outbox by primary key, never at the whole outbox: it

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use serde::Deserialize;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
@@ -39,6 +40,8 @@ pub struct Change {
     pub lag_ms: i64,
     /// Whether the version is one the version sequence can have drawn.
     pub version_drawn: bool,
+    /// What of the row could not be read, if anything.
+    pub defect: Option<&'static str>,
 }
 
 impl Change {
@@ -46,6 +49,9 @@ impl Change {
     /// like any other: a row forged by a role that may insert there must not stop the stream,
     /// fence the cache off for good or make it drop everything at will.
     pub fn malformed(&self) -> Option<&'static str> {
+        if self.defect.is_some() {
+            return self.defect;
+        }
         if !self.version_drawn {
             return Some("its version is newer than any the version sequence drew");
         }
@@ -60,19 +66,70 @@ impl Change {
     }
 }
 
-fn change(row: &tokio_postgres::Row) -> Change {
-    Change {
-        id: row.get(0),
-        op: row.get(1),
-        username: row.get(2),
-        old_username: row.get(3),
-        version: row.get(4),
-        table: row.get(5),
-        row_key: row.get(6),
-        old_key: row.get(7),
-        old_lookups: row.get(8),
-        lag_ms: row.get(9),
-        version_drawn: row.get(10),
+/// The part of a batch's read that is not users' rows: see [`super::statements::batch_query`].
+#[derive(Deserialize)]
+struct BatchJson {
+    xmin: String,
+    xmax: String,
+    running: Vec<String>,
+    xid: Option<String>,
+    fresh: Vec<ChangeJson>,
+    late: Vec<ChangeJson>,
+}
+
+/// One outbox row as the batch's read renders it. The outbox is input like any other: whatever
+/// a forged row holds (a key array with NULLs or two dimensions, lookups nested past any parser's
+/// depth) is read, and judged later (see [`Change::malformed`]), never a failed batch.
+#[derive(Deserialize)]
+struct ChangeJson {
+    id: i64,
+    op: String,
+    username: Option<String>,
+    old_username: Option<String>,
+    version: i64,
+    tbl: Option<String>,
+    row_key: Option<serde_json::Value>,
+    old_key: Option<serde_json::Value>,
+    old_lookups: Option<String>,
+    lag_ms: i64,
+    drawn: bool,
+}
+
+impl From<ChangeJson> for Change {
+    fn from(c: ChangeJson) -> Change {
+        let mut defect = None;
+        let mut key = |value: Option<serde_json::Value>| {
+            let parts = value?;
+            let parts = parts.as_array().and_then(|parts| {
+                parts
+                    .iter()
+                    .map(|p| p.as_str().map(String::from))
+                    .collect::<Option<Vec<String>>>()
+            });
+            if parts.is_none() {
+                defect = Some("a key is not a one-dimensional array of text");
+            }
+            parts
+        };
+        let (row_key, old_key) = (key(c.row_key), key(c.old_key));
+        // Lookups that do not parse (nested past serde_json's depth) are no object of text arrays.
+        let old_lookups = c
+            .old_lookups
+            .map(|text| serde_json::from_str(&text).unwrap_or(serde_json::Value::Null));
+        Change {
+            id: c.id,
+            op: c.op,
+            username: c.username,
+            old_username: c.old_username,
+            table: c.tbl,
+            row_key,
+            old_key,
+            old_lookups,
+            version: c.version,
+            lag_ms: c.lag_ms,
+            version_drawn: c.drawn,
+            defect,
+        }
     }
 }
 
@@ -244,8 +301,8 @@ impl Batch {
 /// they mention, all in one snapshot. `early`: the batch likely finds changes (the last one did,
 /// or a notification came), so our own transaction id is drawn with the snapshot.
 ///
-/// Requests are pipelined: BEGIN, the changes and the users' rows cost one round trip; the
-/// transaction is then left open ([`Read::open`]) for the caller to commit while it applies the
+/// Requests are pipelined: BEGIN and one statement for the snapshot, the changes and the users'
+/// rows ([`super::statements::batch_query`]) cost one round trip; the transaction is then left open ([`Read::open`]) for the caller to commit while it applies the
 /// batch. A batch that also needs our transaction id (drawn late) or declared tables' rows reads
 /// them in a second round trip, with the COMMIT. Any database error ends the session (and the
 /// connection with it), so the transaction never outlives a failure.
@@ -264,10 +321,6 @@ pub async fn read(
     declared_tables: &Tables,
     store: Option<(Holder<'_>, Cursor)>,
 ) -> Result<Read, CdcError> {
-    let snapshot_statement = match early {
-        true => &st.snapshot_and_xid,
-        false => &st.snapshot,
-    };
     // The cursor to store (the last batch moved it), in the same round trip, before the
     // transaction.
     let store = store.map(|(holder, stored)| {
@@ -288,44 +341,43 @@ pub async fn read(
     let txids: Vec<String> = cursor.pending.iter().map(|p| p.txid.to_string()).collect();
     let afters: Vec<i64> = cursor.pending.iter().map(|p| p.after).collect();
     let uptos: Vec<i64> = cursor.pending.iter().map(|p| p.upto).collect();
-    let late = async {
-        match txids.is_empty() {
-            true => Ok(Vec::new()),
-            false => {
-                let params: [&(dyn ToSql + Sync); 4] = [&txids, &afters, &uptos, &limit];
-                client.query(&st.late, &params).await
-            }
-        }
-    };
-    let fresh_params: [&(dyn ToSql + Sync); 2] = [&cursor.position, &limit];
-    let rows_params: [&(dyn ToSql + Sync); 5] = [&cursor.position, &limit, &txids, &afters, &uptos];
+    let params: [&(dyn ToSql + Sync); 6] =
+        [&cursor.position, &limit, &txids, &afters, &uptos, &early];
     // The version horizon is read first, in a statement of its own before the snapshot.
-    let (stored, horizon, _, snap, fresh, late, rows) = tokio::try_join!(
+    let (stored, horizon, _, mut rows) = tokio::try_join!(
         stored,
         client.query_one(&st.horizon, &[]),
         client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
-        client.query_one(snapshot_statement, &[]),
-        client.query(&st.fresh, &fresh_params),
-        late,
-        client.query(&st.rows, &rows_params),
+        client.query(&st.batch, &params),
     )?;
     if stored == 0 {
         let _ = client.batch_execute("ROLLBACK").await;
         return Err(CdcError::LeaseLost);
     }
     let read_at: i64 = horizon.get(0);
-    let early_xid: Option<String> = early.then(|| snap.get(3));
+    // The batch's own row comes last (a UNION ALL's branches come in order).
+    let json: BatchJson = match rows.pop().map(|row| row.try_get::<_, String>(0)) {
+        Some(Ok(text)) => serde_json::from_str(&text).map_err(|e| {
+            db::DbError::said(db::DbErrorKind::Server, format!("cdc batch read: {e}"))
+        })?,
+        _ => {
+            return Err(
+                db::DbError::said(db::DbErrorKind::Server, "cdc batch read: no batch row").into(),
+            )
+        }
+    };
+    let early_xid = json.xid;
     let mut snapshot = Snapshot {
-        xmin: parse_xid(snap.get(0))?,
-        xmax: parse_xid(snap.get(1))?,
-        running: snap
-            .get::<_, Vec<String>>(2)
+        xmin: parse_xid(json.xmin)?,
+        xmax: parse_xid(json.xmax)?,
+        running: json
+            .running
             .into_iter()
             .map(parse_xid)
             .collect::<Result<_, _>>()?,
     };
-    let fresh: Vec<Change> = fresh.iter().map(change).collect();
-    let late: Vec<Change> = late.iter().map(change).collect();
+    let fresh: Vec<Change> = json.fresh.into_iter().map(Change::from).collect();
+    let late: Vec<Change> = json.late.into_iter().map(Change::from).collect();
     let (mentioned, truncate, declared) = mentions(fresh.iter().chain(&late), declared_tables);
     // Only the rows of names a well-formed change mentions (the query may have read more).
     let rows: Vec<tokio_postgres::Row> = rows
@@ -416,6 +468,7 @@ fn mentions<'a>(
     for c in changes {
         if let Some(name) = &c.table {
             let malformed = match c.version_drawn {
+                _ if c.defect.is_some() => c.defect,
                 false => Some("its version is newer than any the version sequence drew"),
                 true => {
                     let change = TableChange {
@@ -475,6 +528,7 @@ mod tests {
             version,
             lag_ms: 0,
             version_drawn: version < 100,
+            defect: None,
         }
     }
 

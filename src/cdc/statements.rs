@@ -8,12 +8,8 @@ use crate::store::pg as db;
 /// The statements of the batch loop, prepared once per session: each then costs one round trip
 /// (an unprepared query costs two).
 pub struct Statements {
-    pub(super) snapshot: Statement,
-    /// The snapshot and, drawn right after it in the same statement, our own transaction id.
-    pub(super) snapshot_and_xid: Statement,
-    pub(super) fresh: Statement,
-    pub(super) late: Statement,
-    pub(super) rows: Statement,
+    /// A batch's read: see [`batch_query`].
+    pub(super) batch: Statement,
     pub(super) own_xid: Statement,
     pub(super) store_cursor: Statement,
     pub(super) horizon: Statement,
@@ -24,20 +20,9 @@ pub struct Statements {
 impl Statements {
     pub async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
         let sequence = outbox_sequence(client).await?;
-        let fresh = fresh_query(&change_columns(), sequence);
-        let late = late_query();
-        let rows = rows_query(sequence);
-        const SNAPSHOT: &str = "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
-                        ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x)";
-        let snapshot = format!("{SNAPSHOT} FROM pg_current_snapshot() s");
-        let snapshot_and_xid =
-            format!("{SNAPSHOT}, pg_current_xact_id()::text FROM pg_current_snapshot() s");
-        let (snapshot, snapshot_and_xid, fresh, late, rows, own_xid, store_cursor, horizon) = tokio::try_join!(
-            client.prepare(&snapshot),
-            client.prepare(&snapshot_and_xid),
-            client.prepare(&fresh),
-            client.prepare(&late),
-            client.prepare(&rows),
+        let batch = batch_query(sequence);
+        let (batch, own_xid, store_cursor, horizon) = tokio::try_join!(
+            client.prepare(&batch),
             client.prepare("SELECT pg_current_xact_id()::text"),
             // Only the lease's holder ($4) stores: a worker that lost it stores nothing.
             client.prepare(
@@ -49,11 +34,7 @@ impl Statements {
             client.prepare(db::HORIZON),
         )?;
         Ok(Statements {
-            snapshot,
-            snapshot_and_xid,
-            fresh,
-            late,
-            rows,
+            batch,
             own_xid,
             store_cursor,
             horizon,
@@ -108,21 +89,38 @@ fn late_from(columns: &str, [txids, afters, uptos, limit]: [&str; 4]) -> String 
     )
 }
 
-/// The current rows of every user the fresh and late changes name (`$1`, `$2` as the fresh
-/// query's, `$3`..`$5` the late query's txids, afters and uptos), read in the same snapshot as
-/// they are: one round trip less than reading the changes first. The names are those of the same
-/// changes, or more (the outbox id horizon can only have grown since the fresh query), never fewer.
-/// An array, not a join, so that the users are found by their index whatever the estimates.
-pub fn rows_query(sequence: i64) -> String {
-    let names = "o.username, o.old_username";
+/// A batch's read, in one statement and so in one snapshot: the changes after the cursor (`$1`
+/// its position, `$2` the row limit), the late ones of pending transactions that finished in the
+/// snapshot (`$3`..`$5` their txids, afters and uptos), and the current rows of every user either
+/// names. One statement, not one each: every statement in a pipeline costs the backend its own
+/// execution and a flush on the batch's critical path (~20 µs each, measured).
+///
+/// Its rows are the users' (`NULL`, `u.*`, the row's JSON), then one more whose first column,
+/// `cacheward_batch`, is the rest as JSON: the snapshot (`xmin`, `xmax`, `running`), our own
+/// transaction id when `$6` asks for it (drawn after the snapshot), and the `fresh` and `late`
+/// changes, each an object of [`change_columns`] in id order. The users are found by an array,
+/// not a join, so that their unique index is used whatever the estimates.
+pub fn batch_query(sequence: i64) -> String {
+    let columns = change_columns();
     format!(
-        "SELECT u.*, row_to_json(u)::text FROM users u WHERE u.username = ANY(ARRAY(
-             SELECT n FROM ({fresh}) f CROSS JOIN LATERAL (VALUES (f.username), (f.old_username)) v(n)
-             UNION
-             SELECT n FROM ({late}) l CROSS JOIN LATERAL (VALUES (l.username), (l.old_username)) v(n)
-         ))",
-        fresh = fresh_query(names, sequence),
-        late = late_from(names, ["$3", "$4", "$5", "$2"]),
+        "WITH f AS MATERIALIZED ({fresh}), l AS MATERIALIZED ({late})
+         SELECT NULL::text AS cacheward_batch, u.*, row_to_json(u)::text FROM users u
+          WHERE u.username = ANY(ARRAY(
+              SELECT n FROM (SELECT username, old_username FROM f
+                             UNION ALL SELECT username, old_username FROM l) c
+              CROSS JOIN LATERAL (VALUES (c.username), (c.old_username)) v(n)))
+         UNION ALL
+         SELECT json_build_object(
+                    'xmin', pg_snapshot_xmin(s)::text,
+                    'xmax', pg_snapshot_xmax(s)::text,
+                    'running', ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x),
+                    'xid', CASE WHEN $6 THEN pg_current_xact_id()::text END,
+                    'fresh', (SELECT coalesce(json_agg(f ORDER BY f.id), '[]') FROM f),
+                    'late', (SELECT coalesce(json_agg(l ORDER BY l.id), '[]') FROM l))::text,
+                (NULL::users).*, NULL
+           FROM pg_current_snapshot() s",
+        fresh = fresh_query(&columns, sequence),
+        late = late_from(&columns, ["$3", "$4", "$5", "$2"]),
     )
 }
 
@@ -132,10 +130,11 @@ pub fn rows_query(sequence: i64) -> String {
 /// `Change::malformed`).
 fn change_columns() -> String {
     format!(
-        "o.id, o.op, o.username, o.old_username, o.version, o.tbl, o.row_key, o.old_key, o.old_lookups, \
+        "o.id, o.op, o.username, o.old_username, o.version, o.tbl, o.row_key, o.old_key, \
+         o.old_lookups::text AS old_lookups, \
          least(greatest((extract(epoch FROM clock_timestamp()) - extract(epoch FROM o.changed_at)) \
-                        * 1000, 0), 86400000)::bigint, \
-         o.version <= ({horizon})",
+                        * 1000, 0), 86400000)::bigint AS lag_ms, \
+         o.version <= ({horizon}) AS drawn",
         horizon = db::HORIZON
     )
 }
