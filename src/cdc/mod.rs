@@ -21,6 +21,7 @@ use crate::model::registry::Tables;
 use crate::store::pg::connect;
 use crate::store::pg::{DbError, DbErrorKind};
 use crate::store::redis::{Cache, CacheError};
+use crate::support::error::caught;
 use crate::support::time::{within, Backoff};
 
 pub mod apply;
@@ -59,6 +60,9 @@ pub enum CdcError {
     /// tombstones at their keys only, and their lookups' copies would stay as they were.
     #[error("declared table {0} is not checked against the catalog yet")]
     Unchecked(String),
+    /// A bug: the session panicked (said at error); it starts over like after a lost connection.
+    #[error("the cdc session panicked: {0}")]
+    Panicked(String),
 }
 
 impl From<tokio_postgres::Error> for CdcError {
@@ -145,7 +149,10 @@ impl Applier {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let started = Instant::now();
-            let outcome = self.session(&stop).await;
+            let outcome = caught(self.session(&stop)).await.unwrap_or_else(|message| {
+                tracing::error!(%message, "cdc session panicked");
+                Err(CdcError::Panicked(message))
+            });
             self.stats.listening.store(false, Relaxed);
             let error = match outcome {
                 Ok(()) => return,

@@ -6,6 +6,23 @@ use std::error::Error;
 use std::fmt;
 use std::sync::Arc;
 
+/// `future`'s output, or the message it panicked with: a task that starts its work over (the CDC
+/// worker's sessions) says a bug's panic and goes on, rather than dying without a word while
+/// everything around it goes on as if it ran.
+pub async fn caught<F: std::future::Future>(future: F) -> Result<F::Output, String> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(future)
+        .catch_unwind()
+        .await
+        .map_err(|panic| match panic.downcast::<String>() {
+            Ok(message) => *message,
+            Err(panic) => match panic.downcast::<&'static str>() {
+                Ok(message) => (*message).to_owned(),
+                Err(_) => "a panic without a message".to_owned(),
+            },
+        })
+}
+
 /// A cause, shared.
 pub type Cause = Arc<dyn Error + Send + Sync + 'static>;
 
@@ -82,6 +99,16 @@ impl Error for Message {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panic_is_caught_with_its_message() {
+        assert_eq!(caught(async { 7 }).await, Ok(7));
+        let index = 9;
+        let formatted = caught(async move { panic!("column {index}") }).await;
+        assert_eq!(formatted, Err::<(), _>("column 9".to_owned()));
+        let literal = caught(async { panic!("plain") }).await;
+        assert_eq!(literal, Err::<(), _>("plain".to_owned()));
+    }
 
     #[test]
     fn tls_and_io_kinds_are_found_behind_wrappers() {
