@@ -984,8 +984,23 @@ async fn changes_read_before_the_tables_are_checked_wait_for_the_check_lookups_i
         ..Default::default()
     };
     let daemon = env.start_daemon_with(config, hooks).await;
-    // The change stream runs meanwhile: it must not pass the change over.
+    // The change stream runs meanwhile: it must not pass the change over, nor hold a
+    // transaction open from one try to the next (its old snapshot would serve the next read,
+    // whose version horizon is newer than the rows it reads, and hold back vacuum meanwhile).
     tokio::time::sleep(Duration::from_millis(700)).await;
+    let held_open: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE application_name = 'cacheward-cdc'
+                AND xact_start < now() - interval '300 milliseconds'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held_open, 0, "the change stream kept a transaction open");
     release.add_permits(1_000_000);
     let mut client = daemon.client().await;
     converges(&mut client, by_email.clone(), Ok("team")).await;

@@ -406,7 +406,17 @@ pub async fn read(
         // snapshot): the requests go out in the order the futures are first polled (their
         // statements were prepared above: a read that had to prepare first would go out after
         // the COMMIT, outside the snapshot).
-        let reads = tables::prepare_reads(client, &st.tables, declared_tables, &declared).await?;
+        let reads =
+            match tables::prepare_reads(client, &st.tables, declared_tables, &declared).await {
+                Ok(reads) => reads,
+                Err(e) => {
+                    // Read again later (a table not checked yet), in a snapshot of its own: a
+                    // transaction left open would hand its old snapshot to the next read, whose
+                    // version horizon is newer than the rows it would read.
+                    commit(client).await?;
+                    return Err(e);
+                }
+            };
         let table_rows = tables::current_rows(client, declared_tables, &reads);
         let (own_xid, table_rows, _) = tokio::try_join!(
             async { Ok::<_, CdcError>(own_xid.await?) },
