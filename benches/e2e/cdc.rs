@@ -11,12 +11,15 @@ use crate::common::DaemonProcess;
 use crate::measure::{env_or, histogram};
 use crate::Bench;
 
-/// Which users each CDC run renames (`u1..`): paced with NOTIFY, paced poll-only, then the rest
+/// Which users each CDC run renames (`u1..`): paced with NOTIFY (twice: the second time with
+/// PostgreSQL's own floor measured beside it), paced poll-only, then the rest
 /// split between an unpaced run and a backlog committed while the daemon is stopped.
 pub struct Runs {
     pub rate: u64,
     pub seconds: u64,
     pub paced: std::ops::RangeInclusive<u64>,
+    /// Paced again, each rename also telling a client of the bench's own (see [`cdc_lag`]).
+    pub floor: std::ops::RangeInclusive<u64>,
     pub poll: std::ops::RangeInclusive<u64>,
     pub max: std::ops::RangeInclusive<u64>,
     pub backlog: std::ops::RangeInclusive<u64>,
@@ -27,7 +30,8 @@ impl Runs {
         let rate: u64 = env_or("CACHEWARD_BENCH_CDC_RATE", 1000);
         let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_SECS", 10);
         let paced = 1..=(rate * seconds).min(users);
-        let poll = paced.end() + 1..=(paced.end() + rate * seconds).min(users);
+        let floor = paced.end() + 1..=(paced.end() + rate * seconds).min(users);
+        let poll = floor.end() + 1..=(floor.end() + rate * seconds).min(users);
         // The rest: half unpaced with the daemon running, half committed while it is stopped.
         let middle = poll.end() + (users - poll.end()) / 2;
         Runs {
@@ -36,6 +40,7 @@ impl Runs {
             max: poll.end() + 1..=middle,
             backlog: middle + 1..=users,
             paced,
+            floor,
             poll,
         }
     }
@@ -51,7 +56,7 @@ pub async fn run(b: &Bench, runs: &Runs, pid: u32, report: &mut Value) {
         runs.seconds,
         runs.paced.clone(),
         "c",
-        None,
+        Alongside::Nothing,
     )
     .await;
     println!(
@@ -61,6 +66,26 @@ pub async fn run(b: &Bench, runs: &Runs, pid: u32, report: &mut Value) {
         paced.summary()
     );
     report["cdc"] = paced.json();
+    // The same again, each rename also notifying a client of the bench's own in its transaction:
+    // how long PostgreSQL takes to tell any LISTENing client of a commit, under the same load —
+    // the part of the lag no change consumer can take off.
+    if !runs.floor.is_empty() {
+        let floored = cdc_lag(
+            &b.pg_config,
+            &b.redis_client,
+            Some(runs.rate),
+            runs.seconds,
+            runs.floor.clone(),
+            "f",
+            Alongside::Floor,
+        )
+        .await;
+        println!(
+            "cdc: the same, with a LISTENing client of the bench's own told of each commit beside it: {}",
+            floored.summary()
+        );
+        report["cdc_floor"] = floored.json();
+    }
     // The highest rate: 4 connections renaming as fast as PostgreSQL commits them.
     let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_MAX_SECS", 5);
     if !runs.max.is_empty() {
@@ -71,7 +96,7 @@ pub async fn run(b: &Bench, runs: &Runs, pid: u32, report: &mut Value) {
             seconds,
             runs.max.clone(),
             "m",
-            None,
+            Alongside::Nothing,
         )
         .await;
         println!("cdc: unpaced renames for {seconds} s from 4 connections (as fast as PostgreSQL commits): {}", max.summary());
@@ -85,7 +110,7 @@ pub async fn run(b: &Bench, runs: &Runs, pid: u32, report: &mut Value) {
                 seconds,
                 runs.backlog.clone(),
                 "b",
-                Some(pid),
+                Alongside::StoppedDaemon(pid),
             )
             .await;
             let drain_rate = backlog.changes as f64 / backlog.drained_in.as_secs_f64().max(1e-3);
@@ -123,7 +148,7 @@ pub async fn poll_only(b: &Bench, runs: &Runs, report: &mut Value) {
         runs.seconds,
         runs.poll.clone(),
         "p",
-        None,
+        Alongside::Nothing,
     )
     .await;
     println!(
@@ -205,9 +230,18 @@ pub async fn cdc_lag(
     seconds: u64,
     names: std::ops::RangeInclusive<u64>,
     prefix: &'static str,
-    stopped_daemon: Option<u32>,
+    alongside: Alongside,
 ) -> CdcRun {
+    let stopped_daemon = match alongside {
+        Alongside::StoppedDaemon(pid) => Some(pid),
+        _ => None,
+    };
+    let floor = matches!(alongside, Alongside::Floor);
     use std::collections::HashMap;
+    let told = match floor {
+        true => Some(listen(pg, FLOOR_CHANNEL).await),
+        false => None,
+    };
     let mut conn = redis_client
         .get_multiplexed_async_connection()
         .await
@@ -230,10 +264,14 @@ pub async fn cdc_lag(
         let (pg, committed) = (pg.clone(), committed.clone());
         writers.push(tokio::spawn(async move {
             let client = cacheward::store::pg::connect(&pg).await.expect("pg");
-            let stmt = client
-                .prepare("UPDATE users SET username = $2 WHERE username = $1")
-                .await
-                .expect("prepare");
+            let sql = match floor {
+                false => "UPDATE users SET username = $2 WHERE username = $1".to_owned(),
+                true => format!(
+                    "WITH u AS (UPDATE users SET username = $2 WHERE username = $1 RETURNING 1)
+                     SELECT pg_notify('{FLOOR_CHANNEL}', $2) FROM u"
+                ),
+            };
+            let stmt = client.prepare(&sql).await.expect("prepare");
             let mut i = first + w;
             while i <= last && start.elapsed() < Duration::from_secs(seconds) {
                 if let Some(rate) = rate {
@@ -322,13 +360,80 @@ pub async fn cdc_lag(
         }
     }
     let changes = committed.lock().unwrap().len() as u64;
+    let floor = told.map(|(told, listener)| {
+        listener.abort();
+        let told = told.lock().unwrap();
+        let mut floor = histogram();
+        for (key, at) in committed.lock().unwrap().iter() {
+            if let Some(told_at) = told.get(key.trim_start_matches("user:")) {
+                floor.saturating_record(told_at.saturating_duration_since(*at).as_micros() as u64);
+            }
+        }
+        floor
+    });
     CdcRun {
         changes,
         elapsed,
         lag,
         lost,
         drained_in,
+        floor,
     }
+}
+
+/// What a [`cdc_lag`] run does besides its renames.
+pub enum Alongside {
+    Nothing,
+    /// The daemon (its pid) is stopped (SIGSTOP) while the writers run: it finds the whole run
+    /// as a backlog.
+    StoppedDaemon(u32),
+    /// Each rename also sends a NOTIFY of its own, in its own transaction, to a connection of the
+    /// bench's, timed the same way (the run's `floor`).
+    Floor,
+}
+
+/// The channel the floor's renames notify (see [`cdc_lag`]).
+const FLOOR_CHANNEL: &str = "cacheward_bench_floor";
+
+/// A connection LISTENing on `channel`: when each payload first arrived, as the task it returns
+/// (abort it when done) records it.
+async fn listen(
+    pg: &tokio_postgres::Config,
+    channel: &str,
+) -> (
+    Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use futures::StreamExt;
+    let (client, mut connection) = pg.connect(tokio_postgres::NoTls).await.expect("pg");
+    let told: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let (listening, listened) = tokio::sync::oneshot::channel();
+    let listen = format!("LISTEN {channel}");
+    let task = tokio::spawn({
+        let told = told.clone();
+        async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            let drive = async {
+                while let Some(Ok(message)) = messages.next().await {
+                    if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                        told.lock()
+                            .unwrap()
+                            .entry(n.payload().to_owned())
+                            .or_insert_with(Instant::now);
+                    }
+                }
+            };
+            let listen = async {
+                client.batch_execute(&listen).await.expect("LISTEN");
+                let _ = listening.send(());
+                // The client lives as long as its connection is driven.
+                std::future::pending::<()>().await
+            };
+            tokio::join!(drive, listen);
+        }
+    });
+    listened.await.expect("listening");
+    (told, task)
 }
 
 /// Out-of-band changes committed, and how long each took to show in Redis.
@@ -339,6 +444,8 @@ pub struct CdcRun {
     lost: u64,
     /// From the daemon resuming (or the last commit) to the last change showing in Redis.
     drained_in: Duration,
+    /// From each commit to the bench's own LISTENing client being told of it (µs), if measured.
+    floor: Option<Histogram<u64>>,
 }
 
 impl CdcRun {
@@ -348,8 +455,15 @@ impl CdcRun {
 
     pub fn summary(&self) -> String {
         let ms = |us: u64| us as f64 / 1000.0;
+        let floor = self.floor.as_ref().map_or(String::new(), |floor| {
+            format!(
+                "; the bench's client told p50 {} ms, p99 {} ms (PostgreSQL's floor for any consumer)",
+                ms(floor.value_at_quantile(0.5)),
+                ms(floor.value_at_quantile(0.99))
+            )
+        });
         format!(
-            "{} changes at {:.0}/s: lag p50 {} ms, p99 {} ms, max {} ms; lost {}",
+            "{} changes at {:.0}/s: lag p50 {} ms, p99 {} ms, max {} ms; lost {}{floor}",
             self.changes,
             self.rate(),
             ms(self.lag.value_at_quantile(0.5)),
@@ -360,7 +474,11 @@ impl CdcRun {
     }
 
     pub fn json(&self) -> Value {
-        json!({"changes": self.changes, "rate": self.rate(), "lost": self.lost,
-            "lag_us": {"p50": self.lag.value_at_quantile(0.5), "p99": self.lag.value_at_quantile(0.99), "max": self.lag.max()}})
+        let mut json = json!({"changes": self.changes, "rate": self.rate(), "lost": self.lost,
+            "lag_us": {"p50": self.lag.value_at_quantile(0.5), "p99": self.lag.value_at_quantile(0.99), "max": self.lag.max()}});
+        if let Some(floor) = &self.floor {
+            json["floor_us"] = json!({"p50": floor.value_at_quantile(0.5), "p99": floor.value_at_quantile(0.99)});
+        }
+        json
     }
 }
