@@ -477,7 +477,8 @@ impl CdcRun {
         let mut json = json!({"changes": self.changes, "rate": self.rate(), "lost": self.lost,
             "lag_us": {"p50": self.lag.value_at_quantile(0.5), "p99": self.lag.value_at_quantile(0.99), "max": self.lag.max()}});
         if let Some(floor) = &self.floor {
-            json["floor_us"] = json!({"p50": floor.value_at_quantile(0.5), "p99": floor.value_at_quantile(0.99)});
+            json["floor_us"] =
+                json!({"p50": floor.value_at_quantile(0.5), "p99": floor.value_at_quantile(0.99)});
         }
         json
     }
