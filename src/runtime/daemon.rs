@@ -1,6 +1,7 @@
 //! Wires the daemon together: pool, cache, service, the background tasks (CDC, health monitor,
 //! watchdog, metrics, stats line) and the socket server; then drains and stops them.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use crate::rpc::server::{self, BoundSocket};
 use crate::service::{schema, Hooks, Service};
 use crate::store::pg::Db;
 use crate::store::redis::Cache;
+use crate::support::error::caught;
 use crate::support::systemd::{self, Heartbeats};
 
 /// How long shutdown waits for open connections to finish their in-flight requests.
@@ -46,18 +48,27 @@ pub async fn run(
     );
     let resp = crate::resp::server::bind(&config).await?;
     say_starting(&config, &socket, &resp);
-    let background = TaskTracker::new();
+    // Why the daemon stops on its own, if it does: a declared table it cannot serve, a task that
+    // panicked.
+    let unservable = schema::Unservable::default();
+    let background = Background {
+        tracker: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+        failed: unservable.clone(),
+    };
     let stop_background = CancellationToken::new();
     spawn_background(&background, &service, &config, &stop_background).await?;
-    let unservable = schema::Unservable::default();
     if !config.tables.is_empty() {
-        background.spawn(schema::watch(
-            service.clone(),
-            config.clone(),
-            unservable.clone(),
-            shutdown.clone(),
-            stop_background.clone(),
-        ));
+        background.spawn(
+            "schema",
+            schema::watch(
+                service.clone(),
+                config.clone(),
+                unservable.clone(),
+                shutdown.clone(),
+                stop_background.clone(),
+            ),
+        );
     }
     // One bound on connections for both front ends.
     let permits = Arc::new(Semaphore::new(config.socket.max_connections));
@@ -80,8 +91,8 @@ pub async fn run(
         ),
     );
     stop_background.cancel();
-    background.close();
-    background.wait().await;
+    background.tracker.close();
+    background.tracker.wait().await;
     let pending = service.repairs_pending();
     if pending > 0 {
         tracing::warn!(
@@ -121,10 +132,39 @@ fn say_starting(config: &Config, socket: &BoundSocket, resp: &crate::resp::serve
     }
 }
 
+/// The tasks that run beside the socket. One that panics (a bug) is said at error and stops the
+/// daemon, which exits with an error naming it: run on without it, the daemon would keep serving
+/// with no monitor judging Redis, no schema check or no watchdog, and say nothing. (The CDC worker
+/// starts a session that panicked over itself: see `cdc::Applier::run`.)
+struct Background {
+    tracker: TaskTracker,
+    /// Stops the daemon.
+    shutdown: CancellationToken,
+    /// Why it stopped on its own.
+    failed: schema::Unservable,
+}
+
+impl Background {
+    fn spawn(&self, task: &'static str, future: impl Future<Output = ()> + Send + 'static) {
+        let shutdown = self.shutdown.clone();
+        let failed = self.failed.clone();
+        self.tracker.spawn(async move {
+            if let Err(message) = caught(future).await {
+                tracing::error!(task, %message, "background task panicked; stopping");
+                failed
+                    .lock()
+                    .expect("not poisoned")
+                    .get_or_insert_with(|| format!("the {task} task panicked: {message}"));
+                shutdown.cancel();
+            }
+        });
+    }
+}
+
 /// Starts the tasks that run beside the socket until `stop`: metrics, the CDC worker, the health
 /// monitor, the systemd watchdog and the stats line.
 async fn spawn_background(
-    background: &TaskTracker,
+    background: &Background,
     service: &Arc<Service>,
     config: &Arc<Config>,
     stop: &CancellationToken,
@@ -134,7 +174,10 @@ async fn spawn_background(
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on metrics.listen {addr}: {e}"))?;
         tracing::info!(%addr, "metrics listening");
-        background.spawn(metrics::serve(listener, service.clone(), stop.clone()));
+        background.spawn(
+            "metrics",
+            metrics::serve(listener, service.clone(), stop.clone()),
+        );
     }
     if config.cdc.enabled {
         let applier = Applier::new(
@@ -143,31 +186,36 @@ async fn spawn_background(
             service.cdc.clone(),
             service.tables.clone(),
         );
-        background.spawn(applier.run(stop.clone()));
+        background.spawn("cdc", applier.run(stop.clone()));
     }
     if let Some(watch) = service.cache().watch_sentinels(stop.clone()) {
-        background.spawn(watch);
+        background.spawn("sentinel watch", watch);
     }
-    background.spawn(crate::service::consistency::run(
-        service.clone(),
-        config.consistency.clone(),
-        stop.clone(),
-    ));
+    background.spawn(
+        "consistency checker",
+        crate::service::consistency::run(service.clone(), config.consistency.clone(), stop.clone()),
+    );
     let beats = Arc::new(Heartbeats::default());
-    background.spawn(monitor::run(service.clone(), beats.clone(), stop.clone()));
+    background.spawn(
+        "monitor",
+        monitor::run(service.clone(), beats.clone(), stop.clone()),
+    );
     if let Some(period) = systemd::watchdog_period() {
         tracing::info!(
             period_ms = period.as_millis() as u64,
             "systemd watchdog enabled"
         );
-        background.spawn(systemd::watchdog(period, beats, stop.clone()));
+        background.spawn("watchdog", systemd::watchdog(period, beats, stop.clone()));
     }
     if config.log.stats_interval_secs > 0 {
-        background.spawn(stats_line(
-            service.clone(),
-            Duration::from_secs(config.log.stats_interval_secs),
-            stop.clone(),
-        ));
+        background.spawn(
+            "stats",
+            stats_line(
+                service.clone(),
+                Duration::from_secs(config.log.stats_interval_secs),
+                stop.clone(),
+            ),
+        );
     }
     Ok(())
 }
@@ -255,5 +303,34 @@ async fn stats_line(service: Arc<Service>, every: Duration, stop: CancellationTo
             "{} connections, {} requests ({} errors), {} hits, {} misses, cdc lag p99 {} ms",
             s.connections, s.requests, s.errors, s.cache_hits, s.cache_misses, s.cdc.lag_ms.p99
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_background_task_that_panics_stops_the_daemon_and_says_which() {
+        let background = Background {
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            failed: Default::default(),
+        };
+        background.spawn("fine", async {});
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !background.shutdown.is_cancelled(),
+            "a task that ends is no failure"
+        );
+        background.spawn("doomed", async { panic!("at the seam") });
+        tokio::time::timeout(Duration::from_secs(5), background.shutdown.cancelled())
+            .await
+            .expect("the daemon is stopped");
+        assert_eq!(
+            background.failed.lock().unwrap().as_deref(),
+            Some("the doomed task panicked: at the seam")
+        );
     }
 }
