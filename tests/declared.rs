@@ -323,6 +323,38 @@ async fn a_truncate_of_one_table_drops_only_its_entries() {
     assert_eq!(row(&mut client, order).await.unwrap().1, "cache");
 }
 
+/// Redis values are input like any other: an entry written around the daemon with members beside
+/// `version` and `row` (here a `source` of its own) is served as its row and version, and the
+/// answer holds `row`, `version` and `source` once each, whether it comes from Redis or from the
+/// near cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_written_around_the_daemon_beside_a_row_never_reach_the_answer() {
+    let (env, daemon, _) = start().await;
+    let mut client = daemon.client().await;
+    let account = json!({"table": "accounts", "key": {"id": 1}});
+    warm(&mut client, &[&account]).await;
+    let entry = cached(&env, "accounts:1").await.unwrap();
+    let forged = format!(
+        r#"{{"version":{},"row":{},"source":"db","x":{{"y":1}}}}"#,
+        entry["version"], entry["row"]
+    );
+    env.redis_set("accounts:1", &forged).await;
+    // The near cache hears of the SET (tracking) well within this.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let request = json!({"jsonrpc": "2.0", "id": 1, "method": "get", "params": account});
+    for read in ["from redis", "from the near cache"] {
+        client.send(&request).await;
+        let line = client.recv_line().await;
+        let answer: Value = serde_json::from_str(&line).unwrap();
+        let result = answer["result"].as_object().unwrap();
+        let members: Vec<&str> = result.keys().map(String::as_str).collect();
+        assert_eq!(members, ["row", "version", "source"], "{read}: {line}");
+        assert_eq!(line.matches(r#""source""#).count(), 1, "{read}: {line}");
+        assert_eq!(result["row"], entry["row"], "{read}: {line}");
+        assert_eq!(result["source"], "cache", "{read}: {line}");
+    }
+}
+
 /// Outbox rows are input like any other: one forged with a key its table's columns cannot hold,
 /// a key array no key can be (a NULL part, two dimensions) or lookups nested past any JSON
 /// parser's depth is skipped (and said), and costs neither its batch (the row changed beside it is applied) nor

@@ -28,18 +28,38 @@ pub fn is_live(value: &str) -> bool {
 
 /// The version of a stored value that is a live user entry; `None` for anything else.
 pub fn live_version(value: &str) -> Option<i64> {
+    live(value).map(|(version, _)| version)
+}
+
+/// The version of a live entry, and for a declared table's entry that is not in the form
+/// cacheward writes (`{"version":N,"row":ROW}` exactly: other spacing or order, or members of
+/// someone else's beside them), that form: answers cut the row out of an entry where it says
+/// (`rpc::encode`), and a member after ROW must not become a member of the answer.
+fn live(value: &str) -> Option<(i64, Option<String>)> {
     // serde would also read a struct from an array: only an object counts.
     if !value.trim_start().starts_with('{') {
         return None;
     }
     let probe = serde_json::from_str::<LiveProbe>(value).ok()?;
-    let row = probe
-        .row
-        .is_some_and(|r| r.get().starts_with('{') || r.get().starts_with('['));
-    if probe.id.is_some() || row {
-        probe.version
-    } else {
-        None
+    let version = probe.version?;
+    if probe.id.is_some() {
+        return Some((version, None));
+    }
+    let row = probe.row?.get();
+    if !(row.starts_with('{') || row.starts_with('[')) {
+        return None;
+    }
+    let cut = value
+        .strip_prefix(r#"{"version":"#)
+        .and_then(|rest| rest.strip_prefix(itoa::Buffer::new().format(version)))
+        .and_then(|rest| rest.strip_prefix(r#","row":"#))
+        .and_then(|rest| rest.strip_suffix('}'));
+    match cut == Some(row) {
+        true => Some((version, None)),
+        false => Some((
+            version,
+            Some(format!(r#"{{"version":{version},"row":{row}}}"#)),
+        )),
     }
 }
 
@@ -93,9 +113,9 @@ pub struct Live {
 impl Live {
     /// `value` if it is a live entry.
     pub fn of(value: String) -> Option<Live> {
-        let version = live_version(&value)?;
+        let (version, canonical) = live(&value)?;
         Some(Live {
-            json: value,
+            json: canonical.unwrap_or(value),
             version,
         })
     }
@@ -174,6 +194,25 @@ impl Write {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_entry_is_held_in_the_form_cacheward_writes() {
+        let json = |value: &str| Live::of(value.to_owned()).map(|live| live.json);
+        let canonical = r#"{"version":3,"row":{"a":[1,"x}"]}}"#;
+        assert_eq!(json(canonical).as_deref(), Some(canonical));
+        for other in [
+            r#"{ "version": 3, "row": {"a":[1,"x}"]} }"#,
+            r#"{"row":{"a":[1,"x}"]},"version":3}"#,
+            // Members of someone else's after ROW would become members of the answer.
+            r#"{"version":3,"row":{"a":[1,"x}"]},"source":"db","x":{}}"#,
+            r#"{"version":3,"row":{"a":[1,"x}"]},"x":{"b":2}}"#,
+        ] {
+            assert_eq!(json(other).as_deref(), Some(canonical), "{other}");
+        }
+        // A user's entry is kept as it is, whatever it holds.
+        let user = r#"{"id":1,"row":{"b":1},"x":2,"version":3}"#;
+        assert_eq!(json(user).as_deref(), Some(user));
+    }
 
     #[test]
     fn live_entries_are_objects_with_an_id_and_a_version() {
