@@ -41,7 +41,7 @@ pub fn resolve_ref<'a>(service: &Service, redis_key: &'a [u8]) -> Result<KeyRef<
         return Ok(key);
     }
     let name = service.tables.name(key.table).to_owned();
-    let table = crate::rpc::methods::params::table(service, &name)
+    let table = crate::rpc::methods::params::table(&service.tables, &name)
         .map_err(|e| format!("ERR {}", e.message))?;
     table
         .checked_text(key.text)

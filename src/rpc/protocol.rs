@@ -10,7 +10,6 @@ use super::error::{ErrorKind, RpcError};
 use super::methods::get::Target;
 use super::methods::params::type_name;
 use super::methods::{self, Call};
-use crate::model::key::Key;
 use crate::model::registry::Tables;
 
 /// What one request line turned into.
@@ -57,8 +56,9 @@ pub fn parse_general(line: &[u8]) -> Incoming {
     parse_request(value)
 }
 
-/// `incoming` with a get's target resolved to its key, as `get` resolves it when it runs
-/// (left as it is when it names none): what the fast path's answer is compared with
+/// `incoming` with a get's target resolved to its key by the resolver `get` runs
+/// ([`get::key_of`](super::methods::get::key_of); left as it is when it names none): what the
+/// fast path's answer is compared with
 /// ([`parse_plain_get`] against [`parse_general`]).
 pub fn resolved(incoming: Incoming, tables: &Tables) -> Incoming {
     let Incoming::Call {
@@ -71,22 +71,9 @@ pub fn resolved(incoming: Incoming, tables: &Tables) -> Incoming {
     else {
         return incoming;
     };
-    let target = match target {
-        Target::User(name) => Target::Key(Key::user(&name)),
-        Target::Row { table, lookup, key } => {
-            let found = tables.named(&table).ok().and_then(|t| {
-                let by = match &lookup {
-                    None => None,
-                    Some(name) => Some(t.lookup(name)?),
-                };
-                Some(t.key(&t.key_of(&key, by).ok()?))
-            });
-            match found {
-                Some(key) => Target::Key(key),
-                None => Target::Row { table, lookup, key },
-            }
-        }
-        key => key,
+    let target = match super::methods::get::key_of(tables, &target) {
+        Ok(key) => Target::Key(key),
+        Err(_) => target,
     };
     Incoming::Call {
         id,

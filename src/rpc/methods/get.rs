@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::params::{self, take_object, take_string, take_username, take_version, Params};
 use super::{failed, Call};
 use crate::model::key::Key;
+use crate::model::registry::Tables;
 use crate::rpc::encode::{self, Id};
 use crate::rpc::error::RpcError;
 use crate::service::Service;
@@ -55,12 +56,12 @@ pub fn parse(params: &mut Params) -> Result<Call, RpcError> {
 pub type GetItem = (Option<Id>, Target, Option<i64>);
 
 /// The key `target` names, or why it names none.
-fn key_of(service: &Service, target: &Target) -> Result<Key, RpcError> {
+pub fn key_of(tables: &Tables, target: &Target) -> Result<Key, RpcError> {
     match target {
         Target::User(name) => Ok(Key::user(name)),
         Target::Key(key) => Ok(key.clone()),
         Target::Row { table, lookup, key } => {
-            let table = params::table(service, table)?;
+            let table = params::table(tables, table)?;
             let text = params::key_text(&table, key, lookup.as_deref())?;
             Ok(table.key(&text))
         }
@@ -85,7 +86,7 @@ pub async fn batch(service: &Arc<Service>, gets: Vec<GetItem>) -> Vec<u8> {
     let named: Vec<Result<usize, RpcError>> = gets
         .iter()
         .map(|(_, target, min)| {
-            let key = key_of(service, target)?;
+            let key = key_of(&service.tables, target)?;
             keys.push(key);
             min_versions.push(*min);
             Ok(keys.len() - 1)

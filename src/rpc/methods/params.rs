@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use crate::model::registry::TableLookup;
+use crate::model::registry::{TableLookup, Tables};
 use crate::model::table::Table;
 use crate::rpc::error::ErrorKind;
 use crate::service::Service;
@@ -106,9 +106,9 @@ pub fn take_object(params: &mut Params, name: &str) -> Result<Params, RpcError> 
 
 /// The declared table named `name`, or why a request cannot use it: not declared
 /// (`invalid_params`), not checked against the catalog yet (`unavailable`).
-pub fn table(service: &Service, name: &str) -> Result<Arc<Table>, RpcError> {
+pub fn table(tables: &Tables, name: &str) -> Result<Arc<Table>, RpcError> {
     let shown: String = name.chars().take(64).collect();
-    service.tables.named(name).map_err(|why| match why {
+    tables.named(name).map_err(|why| match why {
         TableLookup::Unknown => {
             RpcError::invalid_params(format!("invalid params: no table {shown:?} is declared"))
         }
@@ -127,7 +127,7 @@ pub fn table(service: &Service, name: &str) -> Result<Arc<Table>, RpcError> {
 
 /// The declared table named `name`, if the daemon may write it.
 pub fn writable_table(service: &Service, name: &str) -> Result<Arc<Table>, RpcError> {
-    let table = table(service, name)?;
+    let table = table(&service.tables, name)?;
     match table.writable {
         true => Ok(table),
         false => Err(RpcError::new(
