@@ -98,7 +98,7 @@ fn late_from(columns: &str, [txids, afters, uptos, limit]: [&str; 4]) -> String 
 /// Its rows are the users' (`NULL`, `u.*`, the row's JSON), then one more whose first column,
 /// `cacheward_batch`, is the rest as JSON: the snapshot (`xmin`, `xmax`, `running`), our own
 /// transaction id when `$6` asks for it (drawn after the snapshot), and the `fresh` and `late`
-/// changes, each an object of [`change_columns`] in id order. The users are found by an array,
+/// changes, each an object of `change_columns` in id order. The users are found by an array,
 /// not a join, so that their unique index is used whatever the estimates.
 pub fn batch_query(sequence: i64) -> String {
     let columns = change_columns();
