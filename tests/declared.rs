@@ -117,6 +117,15 @@ async fn cached(env: &TestEnv, key: &str) -> Option<Value> {
     value.map(|v| serde_json::from_str(&v).unwrap())
 }
 
+/// The text Redis holds at `key`.
+async fn cached_text(env: &TestEnv, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut env.redis().await)
+        .await
+        .unwrap()
+}
+
 /// Waits until `get` answers `want` (a row's `plan`, or an error kind) for `params`.
 async fn converges(client: &mut Rpc, params: Value, want: Result<&str, &str>) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -321,6 +330,49 @@ async fn a_truncate_of_one_table_drops_only_its_entries() {
     converges(&mut client, order.clone(), Ok("again")).await;
     row(&mut client, order.clone()).await.unwrap();
     assert_eq!(row(&mut client, order).await.unwrap().1, "cache");
+}
+
+/// A declared table's own fence forged (above anything the version sequence drew, or not a
+/// number) is found at the monitor's next look and set anew, as users' is: it would otherwise
+/// refuse every write of the table for good, and the table would be read from PostgreSQL only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_table_fence_is_found_and_set_anew() {
+    let (env, daemon, _) = start().await;
+    let mut client = daemon.client().await;
+    let order = json!({"table": "orders", "key": {"region": "w", "id": 8}});
+    let pg = env.pg().await;
+    for (round, forgery) in ["9223372036854775807", "notanumber"]
+        .into_iter()
+        .enumerate()
+    {
+        warm(&mut client, &[&order]).await;
+        env.redis_set("orders:\0fence", forgery).await;
+        let note = format!("forged {round}");
+        pg.execute(
+            "UPDATE orders SET note = $1 WHERE region = 'w' AND id = 8",
+            &[&note],
+        )
+        .await
+        .unwrap();
+        converges(&mut client, order.clone(), Ok(&note)).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let fence = cached_text(&env, "orders:\0fence").await;
+            let set_anew = fence
+                .as_deref()
+                .and_then(|f| f.parse::<i64>().ok())
+                .is_some_and(|f| f < i64::MAX);
+            let (row, source) = row(&mut client, order.clone()).await.unwrap();
+            if set_anew && source == "cache" && row["note"] == json!(note) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{forgery}: fence {fence:?}, the row answered from {source}: {row}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Redis values are input like any other: an entry written around the daemon with members beside

@@ -18,6 +18,9 @@ pub struct NodeState {
     /// Its fence (the one at its anchor slot): `None` when missing (it lost its data); an error
     /// when the key holds a value that is not cacheward's.
     pub fence: Result<Option<i64>, String>,
+    /// The declared tables' own fences at its anchor slot, each with its key, read alike (each
+    /// is missing until the table's first TRUNCATE or change of shape).
+    pub table_fences: Vec<(String, Result<Option<i64>, String>)>,
     /// Another node answered (the anchor slot moved while the monitor looked): nothing of the
     /// above is this primary's; the next look tells.
     pub elsewhere: bool,
@@ -175,6 +178,15 @@ impl Router {
             // node id tells who answered.
             pipe.cmd("CLUSTER").arg("MYID");
         }
+        let table_fences: Vec<String> = self
+            .keys
+            .tables()
+            .into_iter()
+            .filter_map(|table| self.keys.table_fence(table, anchor))
+            .collect();
+        for key in &table_fences {
+            pipe.cmd("GET").arg(key);
+        }
         let count = pipe.cmd_iter().count();
         let values = self.on(primary, &pipe, self.timeout).await?;
         if values.len() != count {
@@ -202,17 +214,7 @@ impl Router {
         // Anything but a string there (another type, put by someone else) records nothing: the
         // data is distrusted once and the key overwritten.
         let recorded = text(next());
-        let fence = match next() {
-            redis::Value::ServerError(e) => Err(e.to_string()),
-            value => match redis::from_redis_value::<Option<String>>(value) {
-                Ok(None) => Ok(None),
-                Ok(Some(v)) => v
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| "the fence key holds a value that is not cacheward's".to_owned()),
-                Err(_) => Err("the fence key holds a value of another type".to_owned()),
-            },
-        };
+        let fence = fence_value(next());
         // A replica promoted since its start keeps its old master's history: a second id and
         // the offset it took over at (-1 when none). Unknown counts as promoted.
         let replication = text(next());
@@ -240,10 +242,15 @@ impl Router {
         };
         let elsewhere =
             moved || (self.keys.is_cluster() && text(next()).is_none_or(|id| id != primary.id));
+        let table_fences = table_fences
+            .into_iter()
+            .map(|key| (key, fence_value(next())))
+            .collect();
         Ok(NodeState {
             run_id,
             recorded,
             fence,
+            table_fences,
             elsewhere,
             cache_id,
             name,
@@ -287,6 +294,18 @@ impl Router {
             self.keys.fence(slot)
         })
         .await?;
+        // The declared tables' own fences alike (the script leaves every right one as it is).
+        for table in self.keys.tables() {
+            if self.keys.table_fence(table, 0).is_none() {
+                continue;
+            }
+            self.fence_scripts(primary, &slots, scripts::RESET_FENCE, horizon, |slot| {
+                self.keys
+                    .table_fence(table, slot)
+                    .expect("a declared table")
+            })
+            .await?;
+        }
         Ok(slots)
     }
 
@@ -324,6 +343,22 @@ fn field(info: &str, name: &str) -> Option<String> {
     info.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map(|v| v.trim().to_owned())
+}
+
+/// A fence as a look reads it: `None` when missing, an error when the key holds a value that is
+/// not cacheward's.
+fn fence_value(value: redis::Value) -> Result<Option<i64>, String> {
+    match value {
+        redis::Value::ServerError(e) => Err(e.to_string()),
+        value => match redis::from_redis_value::<Option<String>>(value) {
+            Ok(None) => Ok(None),
+            Ok(Some(v)) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| "the fence key holds a value that is not cacheward's".to_owned()),
+            Err(_) => Err("the fence key holds a value of another type".to_owned()),
+        },
+    }
 }
 
 #[cfg(test)]

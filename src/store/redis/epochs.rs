@@ -278,6 +278,7 @@ mod tests {
             run_id: Some(run_id.into()),
             recorded: Some(run_id.into()),
             fence: Ok(Some(1)),
+            table_fences: Vec::new(),
             elsewhere: false,
             cache_id: None,
             name: None,

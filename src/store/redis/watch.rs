@@ -17,8 +17,9 @@ pub struct Watch {
     epochs: Epochs,
     /// The primaries seen without a fence at the last look.
     unfenced: Vec<Primary>,
-    /// The fences seen at the last look, by primary.
-    fences: Vec<(Primary, i64)>,
+    /// The fences seen at the last look (users' and the declared tables' own), by primary, each
+    /// with its key.
+    fences: Vec<(Primary, String, i64)>,
     /// The primaries whose fence cannot be right: not a number, or above anything the version
     /// sequence has drawn (see [`Cache::fences_above`]).
     forged: Vec<Primary>,
@@ -37,6 +38,16 @@ pub struct Watch {
 const FORGED_SAY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Watch {
+    /// A fence of `primary` at `key` holds something not cacheward's (`reason`).
+    fn found_forged(&mut self, primary: &Primary, key: &str, reason: &str) {
+        if self.say_forged() {
+            tracing::error!(key = %key.escape_debug(), error = %reason, "cache fence forged: the cache there is cleared and the fence set anew");
+        }
+        if !self.forged.contains(primary) {
+            self.forged.push(primary.clone());
+        }
+    }
+
     /// Whether to say `cache fence forged` now; if so, it counts as said.
     fn say_forged(&mut self) -> bool {
         let due = self
@@ -160,19 +171,24 @@ impl Cache {
         for (primary, state) in nodes.iter().filter(|(_, state)| !state.elsewhere) {
             match &state.fence {
                 Ok(Some(fence)) => {
-                    watch.fences.push((primary.clone(), *fence));
+                    watch
+                        .fences
+                        .push((primary.clone(), self.fence_key_of(primary), *fence));
                     if missing {
                         watch.unfenced.push(primary.clone());
                     }
                 }
                 Ok(None) => watch.unfenced.push(primary.clone()),
                 // Redis answered: it is up, but a fence key holds something not ours.
-                Err(reason) => {
-                    if watch.say_forged() {
-                        let key = self.fence_key_of(primary);
-                        tracing::error!(key = %key.escape_debug(), error = %reason, "cache fence forged: the cache there is cleared and the fence set anew");
-                    }
-                    watch.forged.push(primary.clone());
+                Err(reason) => watch.found_forged(primary, &self.fence_key_of(primary), reason),
+            }
+            // A table's own fence may be missing (it has had no TRUNCATE); one that cannot be
+            // right refuses every write of that table.
+            for (key, fence) in &state.table_fences {
+                match fence {
+                    Ok(Some(fence)) => watch.fences.push((primary.clone(), key.clone(), *fence)),
+                    Ok(None) => {}
+                    Err(reason) => watch.found_forged(primary, key, reason),
                 }
             }
         }
@@ -180,7 +196,7 @@ impl Cache {
             confirm,
             distrust,
             unfenced: !watch.unfenced.is_empty(),
-            suspect: watch.fences.iter().any(|(_, f)| *f > watch.drawn),
+            suspect: watch.fences.iter().any(|(_, _, f)| *f > watch.drawn),
             forged: !watch.forged.is_empty(),
         })
     }
@@ -190,13 +206,14 @@ impl Cache {
     /// Returns whether any was.
     pub fn fences_above(&self, watch: &mut Watch, drawn: i64) -> bool {
         watch.drawn = watch.drawn.max(drawn);
-        for (primary, fence) in watch.fences.clone() {
+        for (primary, key, fence) in watch.fences.clone() {
             if fence > drawn {
                 if watch.say_forged() {
-                    let key = self.fence_key_of(&primary);
                     tracing::error!(key = %key.escape_debug(), fence, drawn, "cache fence forged: the cache there is cleared and the fence set anew");
                 }
-                watch.forged.push(primary);
+                if !watch.forged.contains(&primary) {
+                    watch.forged.push(primary);
+                }
             }
         }
         !watch.forged.is_empty()
