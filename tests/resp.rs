@@ -349,21 +349,9 @@ async fn handshakes_of_common_clients_succeed() {
 async fn tcp_serves_only_clients_that_auth() {
     let front = start().await;
     let addr = format!("127.0.0.1:{}", front.port);
-    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    tcp.write_all(b"GET user:alice\r\nHELLO 3\r\nAUTH wrong\r\nAUTH default wrong\r\nPING\r\n")
-        .await
-        .unwrap();
-    let mut got = vec![0u8; 4096];
-    let mut answer = String::new();
-    while answer.matches("\r\n").count() < 5 {
-        let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed: {answer}");
-        answer.push_str(&String::from_utf8_lossy(&got[..n]));
-    }
-    let lines: Vec<&str> = answer.split("\r\n").collect();
+    let requests = "GET user:alice\r\nHELLO 3\r\nAUTH wrong\r\nAUTH default wrong\r\nPING\r\n";
+    let lines = answered(front.port, "127.0.0.1", requests, 5).await;
+    let answer = lines.join("\r\n");
     assert_eq!(lines[0], "-NOAUTH Authentication required.");
     assert!(
         lines[1].starts_with("-NOAUTH HELLO must be called"),
@@ -389,6 +377,60 @@ async fn tcp_serves_only_clients_that_auth() {
     let mut conn = front.conn(2).await;
     let row: Option<String> = conn.get("accounts:2").await.unwrap();
     assert!(row.is_some());
+}
+
+/// Wrong passwords are counted per address: past the burst, that address's tries (the right
+/// password too) are refused unchecked, on any connection, until one comes back a second later;
+/// another address is not held up.
+#[tokio::test]
+async fn wrong_passwords_hold_up_their_address_only() {
+    let front = start().await;
+    let wrong = "AUTH wrong\r\n".repeat(10);
+    let right = format!("AUTH {PASSWORD}\r\n");
+    let lines = answered(front.port, "127.0.0.1", &format!("{wrong}{right}"), 11).await;
+    assert!(
+        lines[..10].iter().all(|l| l.starts_with("-WRONGPASS")),
+        "{lines:?}"
+    );
+    let refused = "-ERR too many failed AUTH attempts from this address: try again later";
+    assert_eq!(lines[10], refused);
+    let again = answered(front.port, "127.0.0.1", &right, 1).await;
+    assert_eq!(
+        again,
+        [refused],
+        "a new connection from the address waits too"
+    );
+    let other = answered(front.port, "127.0.0.2", &right, 1).await;
+    assert_eq!(other, ["+OK"], "another address is not held up");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let later = answered(front.port, "127.0.0.1", &right, 1).await;
+    assert_eq!(later, ["+OK"], "a second later, one try is back");
+}
+
+/// The first `count` lines answered to `requests`, sent on a new TCP connection from `local`.
+async fn answered(port: u16, local: &str, requests: &str, count: usize) -> Vec<String> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let mut tcp = socket
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    tcp.write_all(requests.as_bytes()).await.unwrap();
+    let mut got = vec![0u8; 4096];
+    let mut answer = String::new();
+    while answer.matches("\r\n").count() < count {
+        let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {answer}");
+        answer.push_str(&String::from_utf8_lossy(&got[..n]));
+    }
+    answer
+        .split("\r\n")
+        .take(count)
+        .map(str::to_owned)
+        .collect()
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ pub mod client;
 pub mod commands;
 pub mod frame;
 pub mod fuzzing;
+pub mod guard;
 pub mod read;
 pub mod server;
 pub mod session;

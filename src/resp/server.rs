@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::frame::{Reply, Requests};
+use super::guard::AuthGuard;
 use super::read::{self, ReadKind, Reads};
 use super::session::{Action, Session};
 use super::tracking::{self, Tracker};
@@ -95,10 +96,20 @@ pub async fn serve(
         config.resp.tracking_max_keys,
         service.stats.clone(),
     );
+    let guard = Arc::new(AuthGuard::default());
     let start = |stream: Box<dyn Stream>, addr: String, tcp: bool, permit| {
         let id = ids.fetch_add(1, Relaxed) + 1;
-        let must_auth = tcp && password.is_some();
-        let session = Session::new(id, addr, password.clone(), must_auth, tracker.clone());
+        // Over TCP with a password, clients AUTH, and wrong passwords count per address.
+        let guard = match tcp && password.is_some() {
+            true => {
+                let ip = addr
+                    .parse::<std::net::SocketAddr>()
+                    .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+                Some((guard.clone(), ip))
+            }
+            false => None,
+        };
+        let session = Session::new(id, addr, password.clone(), guard, tracker.clone());
         let (service, config, shutdown) = (service.clone(), config.clone(), shutdown.clone());
         connections.spawn(
             async move {

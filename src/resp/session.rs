@@ -3,12 +3,14 @@
 //! (`GET`, `MGET`, `EXISTS`) are only resolved to keys here: the connection runs them on the read
 //! path (`resp::read`). No I/O here.
 
+use std::net::IpAddr;
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 
 use super::commands::{command, name_of, unknown, SERVED, WRITES};
 use super::frame::{shown, Reply};
+use super::guard::AuthGuard;
 use super::read::ReadKind;
 use super::tracking::{self, Push, Sink, Tracker};
 use crate::model::key::Key;
@@ -34,6 +36,8 @@ pub struct Session {
     addr: String,
     /// The password file, when one is configured.
     password: Option<crate::support::secrets::PasswordFile>,
+    /// Where this peer's wrong passwords are counted (TCP with a password), and its address.
+    guard: Option<(Arc<AuthGuard>, IpAddr)>,
     /// Client-side caching's bookkeeping (`None` with the near cache off).
     pub(super) tracker: Option<Arc<Tracker>>,
     /// The invalidations owed to this connection: for its own tracking, and those other
@@ -83,9 +87,10 @@ impl Session {
         id: u64,
         addr: String,
         password: Option<crate::support::secrets::PasswordFile>,
-        must_auth: bool,
+        guard: Option<(Arc<AuthGuard>, IpAddr)>,
         tracker: Option<Arc<Tracker>>,
     ) -> Session {
+        let must_auth = guard.is_some();
         let inbox = tracker.as_ref().map(|tracker| {
             let inbox = Arc::new(Sink::default());
             tracker.open(id, &inbox);
@@ -101,6 +106,7 @@ impl Session {
             lib_ver: None,
             addr,
             password,
+            guard,
             tracker,
             inbox,
             tracking: None,
@@ -311,6 +317,11 @@ impl Session {
         let Some(file) = &self.password else {
             return Err("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?".into());
         };
+        if let Some((guard, ip)) = &self.guard {
+            if !guard.may_try(*ip) {
+                return Err(super::guard::REFUSED.into());
+            }
+        }
         let expected = file.read().map_err(|e| {
             tracing::warn!(error = %e, "resp.password_file unreadable: AUTH refused");
             "ERR the password cannot be checked now".to_owned()
@@ -320,7 +331,12 @@ impl Session {
                 self.authenticated = true;
                 Ok(())
             }
-            false => Err("WRONGPASS invalid username-password pair or user is disabled.".into()),
+            false => {
+                if let Some((guard, ip)) = &self.guard {
+                    guard.failed(*ip);
+                }
+                Err("WRONGPASS invalid username-password pair or user is disabled.".into())
+            }
         }
     }
 
