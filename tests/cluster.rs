@@ -498,7 +498,10 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     // keep getting changes; once it is back, no read answers a change it missed.
     partial_outage(&env, &cluster, &daemon).await;
     // 2c. Again, with the daemon stopped during the outage and another started.
-    let daemon = partial_outage_across_a_restart(&env, &cluster, daemon, config).await;
+    let daemon = partial_outage_across_a_restart(&env, &cluster, daemon, config.clone()).await;
+    // 2d. Again, seen by a second daemon that reads the same cache while the worker that passed
+    // the changes over is gone.
+    let daemon = partial_outage_seen_by_another_daemon(&env, &cluster, daemon, config).await;
     let mut client = daemon.client().await;
 
     // 3. A failover that loses writes. The replica of one primary is cut off, the daemon writes
@@ -1027,21 +1030,7 @@ async fn partial_outage_across_a_restart(
     let Outage {
         victim, on_victim, ..
     } = Outage::prepare(env, cluster, &daemon, "r").await;
-    let pg = env.pg().await;
-    freeze(cluster, &daemon, victim).await;
-    let missed = || async { daemon.stats().await["cdc"]["missed"].as_u64().unwrap() };
-    let missed_before = missed().await;
-    pg.batch_execute(
-        "UPDATE users SET created_at = created_at - interval '1 day' WHERE username LIKE 'r%'",
-    )
-    .await
-    .unwrap();
-    wait_until(
-        "the frozen primary's changes passed over",
-        Duration::from_secs(10),
-        || async { missed().await - missed_before >= on_victim.len() as u64 },
-    )
-    .await;
+    changes_passed_over(env, cluster, &daemon, victim, "r", on_victim.len()).await;
     // Past a store of the cursor (at most 50 ms after a batch), then stopped.
     tokio::time::sleep(Duration::from_millis(300)).await;
     daemon.stop().await;
@@ -1051,18 +1040,134 @@ async fn partial_outage_across_a_restart(
     for name in &on_victim {
         rows.push(env.row_json(name).await);
     }
+    served_from_the_cache(&daemon, &on_victim, &rows).await;
+    end_outage(cluster, victim);
+    daemon
+}
+
+/// Freezes the primary at port `victim`, changes every user named with `prefix`, and waits until
+/// `daemon`'s CDC worker has passed over the `count` changes of the primary's names.
+async fn changes_passed_over(
+    env: &TestEnv,
+    cluster: &RedisCluster,
+    daemon: &Daemon,
+    victim: u16,
+    prefix: &str,
+    count: usize,
+) {
+    freeze(cluster, daemon, victim).await;
+    let missed = || async { daemon.stats().await["cdc"]["missed"].as_u64().unwrap() };
+    let missed_before = missed().await;
+    env.pg()
+        .await
+        .execute(
+            "UPDATE users SET created_at = created_at - interval '1 day' WHERE username LIKE $1",
+            &[&format!("{prefix}%")],
+        )
+        .await
+        .unwrap();
+    wait_until(
+        "the frozen primary's changes passed over",
+        Duration::from_secs(10),
+        || async { missed().await - missed_before >= count as u64 },
+    )
+    .await;
+}
+
+/// Waits until `daemon` answers every one of `names` from the cache at its row (`rows`).
+async fn served_from_the_cache(daemon: &Daemon, names: &[String], rows: &[Option<Value>]) {
     wait_until(
         "the frozen primary's names served from the cache at their rows' versions",
         Duration::from_secs(15),
         || async {
-            let answers = daemon.client().await.get_all(&on_victim).await;
-            answers.iter().zip(&rows).all(|(a, row)| {
+            let answers = daemon.client().await.get_all(names).await;
+            answers.iter().zip(rows).all(|(a, row)| {
                 a["result"]["source"] == json!("cache")
                     && Some(&a["result"]["user"]) == row.as_ref()
             })
         },
     )
     .await;
+}
+
+/// The changes a frozen primary missed are known to every daemon on the cache, not only to the one
+/// whose CDC worker passed them over: that worker stores their slots with its cursor, and a second
+/// daemon (no CDC worker of its own, the names in its near cache) holds those slots back once the
+/// primary answers it again, until a worker has applied them. Here the worker's daemon is stopped
+/// during the outage, so nothing applies them until another starts: without the stored slots the
+/// second daemon would answer what the primary held before the outage for as long as that lasts.
+async fn partial_outage_seen_by_another_daemon(
+    env: &TestEnv,
+    cluster: &RedisCluster,
+    daemon: Daemon,
+    config: cacheward::config::Config,
+) -> Daemon {
+    let Outage {
+        victim, on_victim, ..
+    } = Outage::prepare(env, cluster, &daemon, "s").await;
+    let mut reader_config = config.clone();
+    reader_config.cdc.enabled = false;
+    reader_config.socket.path = config.socket.path.with_file_name("reader.sock");
+    reader_config.metrics.listen = None;
+    reader_config.resp = Default::default();
+    let reader = env.start_daemon(reader_config).await;
+    let old_rows: Vec<Value> = reader
+        .client()
+        .await
+        .get_all(&on_victim)
+        .await
+        .iter()
+        .map(|a| a["result"]["user"].clone())
+        .collect();
+    changes_passed_over(env, cluster, &daemon, victim, "s", on_victim.len()).await;
+    let pg = env.pg().await;
+    wait_until(
+        "the slots passed over stored with the cursor",
+        Duration::from_secs(10),
+        || async {
+            let stored: Vec<Vec<i32>> = pg
+                .query("SELECT missed_slots FROM cacheward_cdc_cursors", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            stored.iter().any(|slots| !slots.is_empty())
+        },
+    )
+    .await;
+    daemon.stop().await;
+    let mut rows = Vec::new();
+    for name in &on_victim {
+        rows.push(env.row_json(name).await);
+    }
+    // Back, with no CDC worker running: once the reader has looked at the primary again (no read
+    // of it meanwhile: a read from PostgreSQL would fill its entry anew), it answers the rows,
+    // never what the primary missed.
+    cluster.resume(cluster.node(victim).unwrap());
+    wait_until(
+        "the reader looked at the thawed primary",
+        Duration::from_secs(10),
+        || async { reader.health().await["redis_unreachable"] == json!([]) },
+    )
+    .await;
+    let looked = Instant::now();
+    let mut client = reader.client().await;
+    while looked.elapsed() < Duration::from_millis(1000) {
+        let answers = client.get_all(&on_victim).await;
+        for ((answer, row), old) in answers.iter().zip(&rows).zip(&old_rows) {
+            assert_ne!(
+                &answer["result"]["user"], old,
+                "the reader served what the primary missed: {answer}"
+            );
+            assert_eq!(Some(&answer["result"]["user"]), row.as_ref(), "{answer}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A worker starts again: it applies them, and the reader serves them from the cache.
+    let daemon = env.start_daemon(config).await;
+    served_from_the_cache(&reader, &on_victim, &rows).await;
+    reader.stop().await;
     end_outage(cluster, victim);
     daemon
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use super::cursor::Cursor;
+use super::cursor::{Cursor, Missed};
 use super::outbox::{self, Batch};
 use super::plan::{fence_after, Plan};
 use super::statements::Statements;
@@ -22,19 +22,36 @@ use super::{Applier, CdcError};
 /// `Cache::apply_or_miss`), the cursor from before the first of them, the *floor*, is stored
 /// instead: a daemon that stops or dies meanwhile, or the next leader, replays them, and this one
 /// replays them from it once every primary answers again ([`Unsaved::replay`]).
+///
+/// The slots of the changes passed over are stored with it ([`Missed`]) until everything up to
+/// the position read when the last was passed over is applied: every daemon's monitor reads them
+/// and sends those slots' reads to PostgreSQL meanwhile.
 #[derive(Default)]
 pub(super) struct Unsaved {
     pub moved: bool,
     stored: Option<Instant>,
     floor: Option<Cursor>,
+    pub missed: Missed,
 }
 
 impl Unsaved {
-    /// The batch after `before` passed over changes: stores go no further than `before` until
-    /// they are replayed.
-    pub fn hold(&mut self, before: &Cursor) {
+    /// The batch after `before`, read up to outbox id `upto`, passed over changes in `slots`:
+    /// stores go no further than `before` until they are replayed, and say the slots missed.
+    pub fn hold(&mut self, before: &Cursor, slots: &[u16], upto: i64) {
         if self.floor.is_none() {
             self.floor = Some(before.clone());
+        }
+        self.missed.slots.extend(slots.iter().copied());
+        self.missed.upto = self.missed.upto.max(upto);
+        self.moved = true;
+    }
+
+    /// The cursor is at `position`: once nothing waits to be replayed and everything up to the
+    /// last change passed over is applied, no slot is missed any more (stored with the next
+    /// store).
+    pub fn settle_missed(&mut self, position: i64) {
+        if self.floor.is_none() && !self.missed.slots.is_empty() && position >= self.missed.upto {
+            self.missed = Missed::default();
             self.moved = true;
         }
     }
@@ -79,8 +96,8 @@ const LAG_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl Applier {
     /// Writes `plan` to Redis: a TRUNCATE's fence and drop first, then the writes in one call.
-    /// Returns how many changes were passed over (their primary does not answer).
-    pub(super) async fn apply(&self, plan: &Plan) -> Result<usize, CdcError> {
+    /// Returns the slots of the changes passed over (their primary does not answer).
+    pub(super) async fn apply(&self, plan: &Plan) -> Result<Vec<u16>, CdcError> {
         if let Some(fence) = plan.truncate_fence() {
             let dropped = self.cache.drop_users(fence).await?;
             tracing::info!(dropped, "cdc applied a TRUNCATE: every cached user dropped");
@@ -94,7 +111,7 @@ impl Applier {
                 "cdc applied a TRUNCATE of a declared table: its cached rows dropped"
             );
         }
-        let missed = self.cache.apply_or_miss(&plan.writes).await?;
+        let (missed, slots) = self.cache.apply_or_miss(&plan.writes).await?;
         if missed > 0 {
             self.stats.missed.fetch_add(missed as u64, Relaxed);
             tracing::debug!(
@@ -102,7 +119,7 @@ impl Applier {
                 "cdc passed over changes whose redis node does not answer"
             );
         }
-        Ok(missed)
+        Ok(slots)
     }
 
     /// Moves `cursor` past the applied `batch`; returns whether it moved (it is stored with the
@@ -125,13 +142,14 @@ impl Applier {
         client: &Client,
         st: &Statements,
         cursor: &Cursor,
+        missed: &Missed,
     ) -> Result<(), CdcError> {
         let consumer = self.consumer();
         let by = outbox::Holder {
             consumer: &consumer,
             holder: &self.holder,
         };
-        let store = outbox::store_cursor(client, st, by, cursor);
+        let store = outbox::store_cursor(client, st, by, cursor, missed);
         self.bounded("cursor store", store).await?;
         // The applied position may be past it (a floor is stored: see `Unsaved`).
         self.stats.cursor.fetch_max(cursor.position, Relaxed);
@@ -147,7 +165,7 @@ impl Applier {
         unsaved: &mut Unsaved,
     ) -> Result<(), CdcError> {
         if unsaved.moved {
-            self.store_cursor(client, st, unsaved.storable(cursor))
+            self.store_cursor(client, st, unsaved.storable(cursor), &unsaved.missed)
                 .await?;
             unsaved.stored();
         }

@@ -30,6 +30,23 @@ pub struct Cursor {
     pub pending: Vec<Pending>,
 }
 
+/// The Redis Cluster slots whose changes a worker passed over (their primary did not answer it),
+/// and the outbox position it had read up to when it last did: stored with the cursor until a
+/// worker has applied everything up to it, so that every daemon sends those slots' reads to
+/// PostgreSQL meanwhile (see `apply::Unsaved`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Missed {
+    pub slots: std::collections::BTreeSet<u16>,
+    pub upto: i64,
+}
+
+impl Missed {
+    /// The slots as stored (`integer[]`).
+    pub fn stored_slots(&self) -> Vec<i32> {
+        self.slots.iter().map(|&s| i32::from(s)).collect()
+    }
+}
+
 /// The transactions a snapshot saw as running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {

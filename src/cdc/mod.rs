@@ -283,7 +283,11 @@ impl Applier {
         self.stats.listening.store(true, Relaxed);
         self.stats.cursor.store(cursor.position, Relaxed);
         tracing::info!(channel = %cdc.channel, position = cursor.position, pending = cursor.pending.len(), "cdc listening");
+        // What the last worker passed over stays missed until this one has applied it.
+        let consumer = self.consumer();
+        let missed = outbox::load_missed(client, &consumer);
         let mut unsaved = Unsaved::default();
+        unsaved.missed = self.bounded("cursor load", missed).await?;
         let following = Following {
             client,
             statements: &statements,
@@ -481,9 +485,10 @@ impl Applier {
             consumer: &consumer,
             holder: &self.holder,
         };
-        let store = unsaved
-            .carry()
-            .then(|| (holder, unsaved.storable(cursor).clone()));
+        let store = unsaved.carry().then(|| {
+            let stored = unsaved.storable(cursor).clone();
+            (holder, stored, unsaved.missed.clone())
+        });
         let carried = store.is_some();
         let read = outbox::read(client, st, cursor, limit, early, &self.tables, store);
         let outbox::Read { batch, open } = self.bounded("batch read", read).await?;
@@ -506,14 +511,20 @@ impl Applier {
         } else {
             self.apply(&plan).await?
         };
-        if missed > 0 {
-            unsaved.hold(cursor);
+        if !missed.is_empty() {
+            let upto = batch
+                .changes()
+                .map(|c| c.id)
+                .max()
+                .unwrap_or(cursor.position);
+            unsaved.hold(cursor, &missed, upto);
         }
         if self.advance(cursor, &batch) {
             unsaved.moved = true;
             // Reported as applied (it is stored with the next read, or soon after).
             self.stats.cursor.store(cursor.position, Relaxed);
         }
+        unsaved.settle_missed(cursor.position);
         self.record(&batch, &plan, cursor, started);
         Ok((batch.fresh.len(), batch.changes().count()))
     }

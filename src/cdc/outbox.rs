@@ -9,7 +9,7 @@ use serde::Deserialize;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
-use super::cursor::{in_flight, parse_xid, Cursor, Pending, Snapshot};
+use super::cursor::{in_flight, parse_xid, Cursor, Missed, Pending, Snapshot};
 use super::statements::{Statements, OUTBOX_ID_HORIZON};
 use super::tables::{self, TableChange, TableChanges};
 use super::CdcError;
@@ -218,12 +218,20 @@ pub async fn store_cursor(
     st: &Statements,
     by: Holder<'_>,
     cursor: &Cursor,
+    missed: &Missed,
 ) -> Result<(), CdcError> {
     let pending = serde_json::to_string(&cursor.pending).expect("pending list serializes");
     let stored = client
         .execute(
             &st.store_cursor,
-            &[&by.consumer, &cursor.position, &pending, &by.holder],
+            &[
+                &by.consumer,
+                &cursor.position,
+                &pending,
+                &by.holder,
+                &missed.stored_slots(),
+                &missed.upto,
+            ],
         )
         .await?;
     match stored {
@@ -263,6 +271,25 @@ pub async fn load_cursor(
         None => None,
     };
     Ok((cursor, pruned_upto))
+}
+
+/// What `consumer`'s last worker stored as missed (see [`Missed`]): a worker that takes over
+/// keeps it until it has applied up to it.
+pub async fn load_missed(client: &Client, consumer: &str) -> Result<Missed, CdcError> {
+    let row = client
+        .query_opt(
+            "SELECT missed_slots, missed_upto FROM cacheward_cdc_cursors WHERE consumer = $1",
+            &[&consumer],
+        )
+        .await?;
+    Ok(row.map_or_else(Missed::default, |row| Missed {
+        slots: row
+            .get::<_, Vec<i32>>(0)
+            .into_iter()
+            .filter_map(|s| u16::try_from(s).ok())
+            .collect(),
+        upto: row.get(1),
+    }))
 }
 
 /// One batch as read in one snapshot.
@@ -319,19 +346,31 @@ pub async fn read(
     limit: i64,
     early: bool,
     declared_tables: &Tables,
-    store: Option<(Holder<'_>, Cursor)>,
+    store: Option<(Holder<'_>, Cursor, Missed)>,
 ) -> Result<Read, CdcError> {
     // The cursor to store (the last batch moved it), in the same round trip, before the
     // transaction.
-    let store = store.map(|(holder, stored)| {
+    let store = store.map(|(holder, stored, missed)| {
         let pending = serde_json::to_string(&stored.pending).expect("pending list serializes");
-        (holder, stored.position, pending)
+        (
+            holder,
+            stored.position,
+            pending,
+            missed.stored_slots(),
+            missed.upto,
+        )
     });
     let stored = async {
         match &store {
-            Some((holder, position, pending)) => {
-                let params: [&(dyn ToSql + Sync); 4] =
-                    [&holder.consumer, position, pending, &holder.holder];
+            Some((holder, position, pending, slots, upto)) => {
+                let params: [&(dyn ToSql + Sync); 6] = [
+                    &holder.consumer,
+                    position,
+                    pending,
+                    &holder.holder,
+                    slots,
+                    upto,
+                ];
                 client.execute(&st.store_cursor, &params).await
             }
             None => Ok(1),

@@ -34,7 +34,8 @@ impl Applier {
             (Some(cursor), _) => cursor,
             (None, Some(cursor)) => {
                 // Kept under the new consumer from now on.
-                self.store_cursor(client, st, &cursor).await?;
+                self.store_cursor(client, st, &cursor, &Default::default())
+                    .await?;
                 cursor
             }
             (None, None) => {
@@ -52,7 +53,8 @@ impl Applier {
                     self.fence_empty_cache(horizon).await?;
                     cursor
                 };
-                self.store_cursor(client, st, &cursor).await?;
+                self.store_cursor(client, st, &cursor, &Default::default())
+                    .await?;
                 if cached && pruned_upto == 0 {
                     tracing::info!(consumer = %self.consumer(), "cdc first start: replaying the retained outbox");
                 }
@@ -103,7 +105,8 @@ impl Applier {
         let (cursor, horizon) = self.bounded("outbox head", head).await?;
         let dropped = self.cache.drop_all(horizon).await?;
         let position = cursor.position;
-        self.store_cursor(client, st, &cursor).await?;
+        self.store_cursor(client, st, &cursor, &Default::default())
+            .await?;
         self.stats.resyncs.fetch_add(1, Relaxed);
         tracing::warn!(consumer = %self.consumer(), dropped, position, "cdc resync done");
         Ok(cursor)

@@ -26,10 +26,11 @@ impl Statements {
             client.prepare("SELECT pg_current_xact_id()::text"),
             // Only the lease's holder ($4) stores: a worker that lost it stores nothing.
             client.prepare(
-                "INSERT INTO cacheward_cdc_cursors (consumer, position, pending)
-                 SELECT $1, $2, $3::text::jsonb
+                "INSERT INTO cacheward_cdc_cursors (consumer, position, pending, missed_slots, missed_upto)
+                 SELECT $1, $2, $3::text::jsonb, $5, $6
                   WHERE EXISTS (SELECT 1 FROM cacheward_cdc_leases WHERE consumer = $1 AND holder = $4)
-                 ON CONFLICT (consumer) DO UPDATE SET position = $2, pending = $3::text::jsonb, updated_at = now()",
+                 ON CONFLICT (consumer) DO UPDATE SET position = $2, pending = $3::text::jsonb,
+                     missed_slots = $5, missed_upto = $6, updated_at = now()",
             ),
             client.prepare(db::HORIZON),
         )?;

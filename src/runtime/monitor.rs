@@ -40,6 +40,7 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
     // What the monitor keeps between its looks at Redis.
     let mut watch = Watch::default();
     let mut repair_failures = RateLimited::new(WARN_EVERY);
+    let mut held = Held::default();
     let mut ticker = tokio::time::interval(MONITOR_INTERVAL);
     let mut last = tokio::time::Instant::now();
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -66,6 +67,11 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
             return;
         }
         beats.monitor.fetch_add(1, Relaxed);
+        // On a Cluster, the slots the change stream passed over are held back before the look
+        // (a primary the look finds back must not serve them first).
+        if tick && service.cache().is_cluster() {
+            held.refresh(&service, probe.as_ref()).await;
+        }
         // PostgreSQL is pinged at the tick (or while down), not at every look Redis's outage
         // calls for.
         let ping = tick || !service.health.is_up(Backend::Postgres);
@@ -169,4 +175,68 @@ async fn ping_postgres(
         *probe = None;
         e.to_string()
     })
+}
+
+/// The slots this cache's change stream passed over (a primary did not answer its worker, which
+/// may be another daemon's) and has not applied yet, as the worker stored them with its cursor
+/// (`sql/0006_missed_slots.sql`): read at every tick and held back from Redis, so that a primary
+/// this daemon reaches never serves what the stream could not write there.
+#[derive(Default)]
+struct Held {
+    /// The stream's consumer (`cache:` + the cache's id in Redis), asked again every
+    /// [`CONSUMER_EVERY`].
+    consumer: Option<(String, tokio::time::Instant)>,
+    failed: Option<RateLimited>,
+}
+
+/// How long the cache's id is taken as known (it changes only when Redis lost its data).
+const CONSUMER_EVERY: Duration = Duration::from_secs(10);
+
+impl Held {
+    async fn refresh(&mut self, service: &Service, probe: Option<&tokio_postgres::Client>) {
+        let Some(client) = probe.filter(|c| !c.is_closed()) else {
+            return;
+        };
+        if self
+            .consumer
+            .as_ref()
+            .is_none_or(|(_, at)| at.elapsed() >= CONSUMER_EVERY)
+        {
+            match service.cache().cache_id().await {
+                Ok(id) => {
+                    self.consumer = Some((format!("cache:{id}"), tokio::time::Instant::now()))
+                }
+                Err(e) => {
+                    return tracing::debug!(error = %e, "cache id not read: missed slots not checked")
+                }
+            }
+        }
+        let Some((consumer, _)) = &self.consumer else {
+            return;
+        };
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [consumer];
+        let query = client.query_opt(
+            "SELECT missed_slots FROM cacheward_cdc_cursors WHERE consumer = $1",
+            &params,
+        );
+        let bound = Duration::from_secs(1);
+        match within(bound, query, |b| DbError::timeout("missed slots", b)).await {
+            Ok(row) => {
+                let slots = row
+                    .map(|row| row.get::<_, Vec<i32>>(0))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|s| u16::try_from(s).ok())
+                    .collect();
+                service.cache().hold_slots(slots);
+            }
+            // Kept as they were: a slot is released only by the stream's own word.
+            Err(e) => self
+                .failed
+                .get_or_insert_with(|| RateLimited::new(WARN_EVERY))
+                .say(|suppressed| {
+                    tracing::warn!(error = %e, suppressed, "missed slots not read; the ones held stay held")
+                }),
+        }
+    }
 }

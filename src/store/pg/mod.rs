@@ -345,6 +345,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "declared tables",
         include_str!("../../../sql/0005_tables.sql"),
     ),
+    (
+        6,
+        "missed slots",
+        include_str!("../../../sql/0006_missed_slots.sql"),
+    ),
 ];
 
 /// Applies every migration not yet recorded in `cacheward_migrations`. Safe to run concurrently

@@ -18,6 +18,22 @@ impl Cache {
             .reachable(key, || self.slot_of(&Key::new(key.table(), key.text())))
     }
 
+    /// Whether this is a Redis Cluster (a change can be passed over for some slots only).
+    pub fn is_cluster(&self) -> bool {
+        self.keys().is_cluster()
+    }
+
+    /// Holds back from Redis the slots whose changes the change stream passed over and has not
+    /// applied yet (`slots`, as its worker stored them: see `cdc::cursor::Missed`). Released
+    /// slots are served again, the near cache emptied first (what it holds of them may predate
+    /// what was missed).
+    pub fn hold_slots(&self, slots: std::collections::BTreeSet<u16>) {
+        if self.reach().releases(&slots) {
+            self.flush_near();
+        }
+        self.reach().hold(slots);
+    }
+
     /// Whether the primary of `slot` answered at the last look (missed names aside).
     pub fn slot_reachable(&self, slot: u16) -> bool {
         self.reach().slot_reachable(slot)
@@ -50,13 +66,13 @@ impl Cache {
     /// found down are passed over, their names missed (read from PostgreSQL until repaired), and
     /// the others applied, so one primary down does not stop the stream for the rest. A failure
     /// is tried once more if a primary was found down meanwhile. Returns how many were passed
-    /// over.
-    pub async fn apply_or_miss(&self, writes: &[Write]) -> Result<usize, CacheError> {
+    /// over, and their slots.
+    pub async fn apply_or_miss(&self, writes: &[Write]) -> Result<(usize, Vec<u16>), CacheError> {
         let mut failed = None;
         if !self.reach().any.load(Relaxed) {
             // Every primary answered at the last look: all go, nothing copied.
             match self.apply(writes).await {
-                Ok(_) => return Ok(0),
+                Ok(_) => return Ok((0, Vec::new())),
                 Err(e) => failed = Some(e),
             }
         }
@@ -87,7 +103,12 @@ impl Cache {
                 }
             };
             match self.apply(to_apply).await {
-                Ok(_) => return Ok(missed.len()),
+                Ok(_) => {
+                    let mut passed: Vec<u16> = missed.iter().map(|&i| slots[i]).collect();
+                    passed.sort_unstable();
+                    passed.dedup();
+                    return Ok((missed.len(), passed));
+                }
                 Err(e) => failed = Some(e),
             }
         }

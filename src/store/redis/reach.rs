@@ -37,6 +37,10 @@ struct ReachState {
     slots: BTreeSet<u16>,
     /// Names whose change the change stream could not write (their primary did not answer).
     missed: HashSet<Key>,
+    /// Slots whose changes the change stream (this daemon's or another's) passed over and has
+    /// not applied yet, as stored with its cursor: held back from Redis even where their primary
+    /// answers this daemon.
+    held: BTreeSet<u16>,
 }
 
 /// Which primaries stopped answering, and which answer again, since the look before.
@@ -52,8 +56,8 @@ impl Reach {
     }
 
     fn settle(&self, state: &ReachState) {
-        self.any
-            .store(!state.slots.is_empty() || !state.missed.is_empty(), Relaxed);
+        let any = !state.slots.is_empty() || !state.missed.is_empty() || !state.held.is_empty();
+        self.any.store(any, Relaxed);
     }
 
     /// Whether Redis may answer for `key` (in slot `slot()`): its primary answered at the last
@@ -63,12 +67,36 @@ impl Reach {
             return true;
         }
         let state = self.lock();
-        !state.missed.contains(key) && (state.slots.is_empty() || !state.slots.contains(&slot()))
+        if state.missed.contains(key) {
+            return false;
+        }
+        if state.slots.is_empty() && state.held.is_empty() {
+            return true;
+        }
+        let slot = slot();
+        !state.slots.contains(&slot) && !state.held.contains(&slot)
     }
 
-    /// Whether `slot`'s primary answered at the last look.
+    /// Whether `slot`'s primary answered at the last look and no change of it waits to be applied.
     pub fn slot_reachable(&self, slot: u16) -> bool {
-        !self.any.load(Relaxed) || !self.lock().slots.contains(&slot)
+        if !self.any.load(Relaxed) {
+            return true;
+        }
+        let state = self.lock();
+        !state.slots.contains(&slot) && !state.held.contains(&slot)
+    }
+
+    /// Whether holding `held` would release slots held now.
+    pub fn releases(&self, held: &BTreeSet<u16>) -> bool {
+        self.any.load(Relaxed) && self.lock().held.iter().any(|s| !held.contains(s))
+    }
+
+    /// The slots the change stream passed over and has not applied yet are `held` (all of them,
+    /// as last stored).
+    pub fn hold(&self, held: BTreeSet<u16>) {
+        let mut state = self.lock();
+        state.held = held;
+        self.settle(&state);
     }
 
     /// The primaries that did not answer at the last look are `down` (their slots are those of
