@@ -355,23 +355,18 @@ async fn a_forged_table_fence_is_found_and_set_anew() {
         .await
         .unwrap();
         converges(&mut client, order.clone(), Ok(&note)).await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        let what = format!("{forgery}: the fence set anew, the row cached again");
+        common::wait_until(&what, Duration::from_secs(5), || async {
             let fence = cached_text(&env, "orders:\0fence").await;
             let set_anew = fence
                 .as_deref()
                 .and_then(|f| f.parse::<i64>().ok())
                 .is_some_and(|f| f < i64::MAX);
+            let mut client = daemon.client().await;
             let (row, source) = row(&mut client, order.clone()).await.unwrap();
-            if set_anew && source == "cache" && row["note"] == json!(note) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{forgery}: fence {fence:?}, the row answered from {source}: {row}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            set_anew && source == "cache" && row["note"] == json!(note)
+        })
+        .await;
     }
 }
 

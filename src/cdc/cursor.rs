@@ -45,6 +45,17 @@ impl Missed {
     pub fn stored_slots(&self) -> Vec<i32> {
         self.slots.iter().map(|&s| i32::from(s)).collect()
     }
+
+    /// What a stored row says, read as input: a number that is no Cluster slot is dropped.
+    pub fn from_stored(slots: Vec<i32>, upto: i64) -> Missed {
+        Missed {
+            slots: slots
+                .into_iter()
+                .filter_map(|s| u16::try_from(s).ok().filter(|&s| s < 16384))
+                .collect(),
+            upto,
+        }
+    }
 }
 
 /// The transactions a snapshot saw as running.
@@ -137,6 +148,13 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_missed_slots_are_read_as_input() {
+        let missed = Missed::from_stored(vec![-1, 0, 16383, 16384, 70000, i32::MAX, 0], 9);
+        assert_eq!(missed.slots.into_iter().collect::<Vec<_>>(), [0, 16383]);
+        assert_eq!(missed.upto, 9);
+    }
 
     fn snapshot(xmin: u64, xmax: u64, running: &[u64]) -> Snapshot {
         Snapshot {

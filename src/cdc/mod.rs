@@ -71,6 +71,12 @@ impl From<tokio_postgres::Error> for CdcError {
     }
 }
 
+/// The consumer of the change stream that keeps the cache whose id in Redis is `cache_id`: one
+/// cursor, and one active worker, per consumer.
+pub fn consumer_of(cache_id: &str) -> String {
+    format!("cache:{cache_id}")
+}
+
 /// The CDC worker of one daemon.
 pub struct Applier {
     config: Arc<Config>,
@@ -230,7 +236,7 @@ impl Applier {
         // Which cache this is: asked of Redis at every session (a Redis that lost its data is
         // another cache, with a new id).
         let id = self.cache.cache_id().await?;
-        let consumer = format!("cache:{id}");
+        let consumer = consumer_of(&id);
         let before = std::mem::replace(
             &mut *self.consumer.lock().expect("never poisoned"),
             consumer.clone(),

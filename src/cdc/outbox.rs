@@ -220,24 +220,31 @@ pub async fn store_cursor(
     cursor: &Cursor,
     missed: &Missed,
 ) -> Result<(), CdcError> {
-    let pending = serde_json::to_string(&cursor.pending).expect("pending list serializes");
-    let stored = client
-        .execute(
-            &st.store_cursor,
-            &[
-                &by.consumer,
-                &cursor.position,
-                &pending,
-                &by.holder,
-                &missed.stored_slots(),
-                &missed.upto,
-            ],
-        )
-        .await?;
-    match stored {
+    match write_cursor(client, st, by, cursor, missed).await? {
         0 => Err(CdcError::LeaseLost),
         _ => Ok(()),
     }
+}
+
+/// Stores `cursor` and `missed` as `by.consumer`'s, if `by.holder` holds its lease: how many rows
+/// it stored (0: the lease was lost). The request goes out when the future is first polled.
+async fn write_cursor(
+    client: &Client,
+    st: &Statements,
+    by: Holder<'_>,
+    cursor: &Cursor,
+    missed: &Missed,
+) -> Result<u64, tokio_postgres::Error> {
+    let pending = serde_json::to_string(&cursor.pending).expect("pending list serializes");
+    let params: [&(dyn ToSql + Sync); 6] = [
+        &by.consumer,
+        &cursor.position,
+        &pending,
+        &by.holder,
+        &missed.stored_slots(),
+        &missed.upto,
+    ];
+    client.execute(&st.store_cursor, &params).await
 }
 
 /// `consumer`'s stored cursor, if it has one, and how far the outbox was pruned.
@@ -282,13 +289,8 @@ pub async fn load_missed(client: &Client, consumer: &str) -> Result<Missed, CdcE
             &[&consumer],
         )
         .await?;
-    Ok(row.map_or_else(Missed::default, |row| Missed {
-        slots: row
-            .get::<_, Vec<i32>>(0)
-            .into_iter()
-            .filter_map(|s| u16::try_from(s).ok())
-            .collect(),
-        upto: row.get(1),
+    Ok(row.map_or_else(Missed::default, |row| {
+        Missed::from_stored(row.get(0), row.get(1))
     }))
 }
 
@@ -329,8 +331,8 @@ impl Batch {
 /// or a notification came), so our own transaction id is drawn with the snapshot.
 ///
 /// Requests are pipelined: BEGIN and one statement for the snapshot, the changes and the users'
-/// rows ([`super::statements::batch_query`]) cost one round trip; the transaction is then left open ([`Read::open`]) for the caller to commit while it applies the
-/// batch. A batch that also needs our transaction id (drawn late) or declared tables' rows reads
+/// rows ([`super::statements::batch_query`]) cost one round trip; the transaction is then left
+/// open ([`Read::open`]) for the caller to commit while it applies the batch. A batch that also needs our transaction id (drawn late) or declared tables' rows reads
 /// them in a second round trip, with the COMMIT. Any database error ends the session (and the
 /// connection with it), so the transaction never outlives a failure.
 ///
@@ -350,28 +352,10 @@ pub async fn read(
 ) -> Result<Read, CdcError> {
     // The cursor to store (the last batch moved it), in the same round trip, before the
     // transaction.
-    let store = store.map(|(holder, stored, missed)| {
-        let pending = serde_json::to_string(&stored.pending).expect("pending list serializes");
-        (
-            holder,
-            stored.position,
-            pending,
-            missed.stored_slots(),
-            missed.upto,
-        )
-    });
     let stored = async {
         match &store {
-            Some((holder, position, pending, slots, upto)) => {
-                let params: [&(dyn ToSql + Sync); 6] = [
-                    &holder.consumer,
-                    position,
-                    pending,
-                    &holder.holder,
-                    slots,
-                    upto,
-                ];
-                client.execute(&st.store_cursor, &params).await
+            Some((holder, stored, missed)) => {
+                write_cursor(client, st, *holder, stored, missed).await
             }
             None => Ok(1),
         }

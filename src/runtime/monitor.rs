@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::cdc::outbox::load_missed;
+use crate::cdc::{consumer_of, CdcError};
 use crate::service::hooks::monitor_wedge;
 use crate::service::{Backend, Service};
 use crate::store::pg::{connect, DbError};
@@ -203,9 +205,7 @@ impl Held {
             .is_none_or(|(_, at)| at.elapsed() >= CONSUMER_EVERY)
         {
             match service.cache().cache_id().await {
-                Ok(id) => {
-                    self.consumer = Some((format!("cache:{id}"), tokio::time::Instant::now()))
-                }
+                Ok(id) => self.consumer = Some((consumer_of(&id), tokio::time::Instant::now())),
                 Err(e) => {
                     return tracing::debug!(error = %e, "cache id not read: missed slots not checked")
                 }
@@ -214,22 +214,10 @@ impl Held {
         let Some((consumer, _)) = &self.consumer else {
             return;
         };
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [consumer];
-        let query = client.query_opt(
-            "SELECT missed_slots FROM cacheward_cdc_cursors WHERE consumer = $1",
-            &params,
-        );
         let bound = Duration::from_secs(1);
-        match within(bound, query, |b| DbError::timeout("missed slots", b)).await {
-            Ok(row) => {
-                let slots = row
-                    .map(|row| row.get::<_, Vec<i32>>(0))
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|s| u16::try_from(s).ok())
-                    .collect();
-                service.cache().hold_slots(slots);
-            }
+        let read = load_missed(client, consumer);
+        match within(bound, read, |b| CdcError::from(DbError::timeout("missed slots", b))).await {
+            Ok(missed) => service.cache().hold_slots(missed.slots),
             // Kept as they were: a slot is released only by the stream's own word.
             Err(e) => self
                 .failed
