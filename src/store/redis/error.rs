@@ -138,6 +138,10 @@ impl From<redis::RedisError> for CacheError {
             redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
         ) {
             CacheErrorKind::Server
+        } else if e.is_timeout() {
+            // The driver's own response or connection bound: a slow answer, not a broken
+            // connection (the monitor looks at once and judges the server).
+            CacheErrorKind::Timeout
         } else if causes::is_tls(&e) {
             CacheErrorKind::Tls
         } else if e.is_connection_refusal() {
@@ -183,6 +187,11 @@ mod tests {
         let e = CacheError::from(redis::RedisError::from(tls));
         assert_eq!(e.kind(), CacheErrorKind::Tls);
         assert!(e.to_string().contains("TLS"), "{e}");
+        // The driver's response bound is a timeout like the daemon's own: not a lost connection.
+        let slow = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        let e = CacheError::from(redis::RedisError::from(slow));
+        assert_eq!(e.kind(), CacheErrorKind::Timeout);
+        assert!(!e.is_down());
         // An abandoned call is the daemon's own doing: Redis is not down for it.
         assert!(!abandoned().is_down());
         assert_eq!(
