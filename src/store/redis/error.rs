@@ -1,6 +1,6 @@
-//! Why a Redis call failed: a kind, asked of the driver's error (`is_connection_refusal`,
-//! `is_timeout`, the TLS error in its chain), never read from its text; the error itself kept as
-//! the source. And how a reply is read as a value.
+//! Why a Redis call failed: a kind, asked of the driver's error (`is_connection_refusal`, the TLS
+//! error in its chain), never read from its text; the error itself kept as the source. And how a
+//! reply is read as a value.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,15 +138,14 @@ impl From<redis::RedisError> for CacheError {
             redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
         ) {
             CacheErrorKind::Server
-        } else if e.is_timeout() {
-            // The driver's own response or connection bound: a slow answer, not a broken
-            // connection (the monitor looks at once and judges the server).
-            CacheErrorKind::Timeout
         } else if causes::is_tls(&e) {
             CacheErrorKind::Tls
         } else if e.is_connection_refusal() {
             CacheErrorKind::Refused
         } else {
+            // The driver's own response bound too: a connection that does not answer fails fast
+            // (Redis down until the monitor's next look answers), rather than every request
+            // waiting out its bound while writes hang (a `CLIENT PAUSE WRITE`, a partition).
             CacheErrorKind::Lost
         };
         CacheError::new(kind, Arc::new(e))
@@ -187,11 +186,8 @@ mod tests {
         let e = CacheError::from(redis::RedisError::from(tls));
         assert_eq!(e.kind(), CacheErrorKind::Tls);
         assert!(e.to_string().contains("TLS"), "{e}");
-        // The driver's response bound is a timeout like the daemon's own: not a lost connection.
         let slow = std::io::Error::from(std::io::ErrorKind::TimedOut);
-        let e = CacheError::from(redis::RedisError::from(slow));
-        assert_eq!(e.kind(), CacheErrorKind::Timeout);
-        assert!(!e.is_down());
+        assert!(CacheError::from(redis::RedisError::from(slow)).is_down());
         // An abandoned call is the daemon's own doing: Redis is not down for it.
         assert!(!abandoned().is_down());
         assert_eq!(
