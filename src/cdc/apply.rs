@@ -13,8 +13,8 @@ use super::statements::Statements;
 use super::{Applier, CdcError};
 
 /// Whether the cursor moved since it was last stored, and when it was. A moved cursor is stored
-/// in the first round trip of a batch's read at most every [`CARRY_EVERY`] (no round trip, and
-/// no write per batch, while changes keep coming), or after [`SAVE_AFTER`] without a batch, before
+/// while a batch is applied to Redis, at most every [`CARRY_EVERY`] (no round trip of its own, none
+/// on the way of a change to Redis, and no write per batch, while changes keep coming), or after [`SAVE_AFTER`] without a batch, before
 /// a prune, and before the session ends. A cursor stored late only replays changes already
 /// applied (every write is versioned).
 ///
@@ -71,12 +71,12 @@ impl Unsaved {
         }
     }
 
-    /// Whether the next batch's read carries the cursor.
+    /// Whether the next batch carries the cursor's store.
     pub fn carry(&self) -> bool {
         self.moved && self.stored.is_none_or(|at| at.elapsed() >= CARRY_EVERY)
     }
 
-    /// The cursor was stored (or its store sent, in a read that then succeeded).
+    /// The cursor was stored.
     pub fn stored(&mut self) {
         self.moved = false;
         self.stored = Some(Instant::now());
@@ -86,7 +86,7 @@ impl Unsaved {
 /// How long a moved cursor waits for the next batch to carry it before it is stored alone.
 pub(super) const SAVE_AFTER: Duration = Duration::from_millis(50);
 /// The least time between two stores carried by batches: a store is a write (and a commit) in
-/// PostgreSQL, the costliest statement of a batch's read.
+/// PostgreSQL, the costliest statement a batch sends.
 const CARRY_EVERY: Duration = Duration::from_millis(50);
 
 /// A change applied later than this after it was made is worth a warning.

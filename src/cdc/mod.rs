@@ -491,16 +491,8 @@ impl Applier {
             consumer: &consumer,
             holder: &self.holder,
         };
-        let store = unsaved.carry().then(|| {
-            let stored = unsaved.storable(cursor).clone();
-            (holder, stored, unsaved.missed.clone())
-        });
-        let carried = store.is_some();
-        let read = outbox::read(client, st, cursor, limit, early, &self.tables, store);
+        let read = outbox::read(client, st, cursor, limit, early, &self.tables);
         let outbox::Read { batch, open } = self.bounded("batch read", read).await?;
-        if carried {
-            unsaved.stored();
-        }
         self.stats.polls.fetch_add(1, Relaxed);
         self.say_undeclared(&batch.declared.undeclared);
         let plan = Plan::of(
@@ -508,15 +500,34 @@ impl Applier {
             &batch,
             self.config.cache.max_entry_bytes,
         );
-        let missed = if open {
-            // The read-only transaction ends while Redis applies: one round trip less to wait.
-            let commit = self.bounded("commit", async { Ok(outbox::commit(client).await?) });
-            let (applied, committed) = tokio::join!(self.apply(&plan), commit);
-            committed?;
-            applied?
-        } else {
-            self.apply(&plan).await?
+        // While Redis applies, off the changes' way to it: the read-only transaction ends, and a
+        // moved cursor is stored (see `Unsaved`), in one round trip.
+        let store = unsaved
+            .carry()
+            .then(|| (unsaved.storable(cursor).clone(), unsaved.missed.clone()));
+        let finish = async {
+            let commit = async {
+                match open {
+                    true => Ok(outbox::commit(client).await?),
+                    false => Ok(()),
+                }
+            };
+            let stored = async {
+                match &store {
+                    Some((stored, missed)) => {
+                        outbox::store_cursor(client, st, holder, stored, missed).await
+                    }
+                    None => Ok(()),
+                }
+            };
+            tokio::try_join!(commit, stored).map(|_| ())
         };
+        let (applied, finished) = tokio::join!(self.apply(&plan), self.bounded("commit", finish));
+        finished?;
+        if store.is_some() {
+            unsaved.stored();
+        }
+        let missed = applied?;
         if !missed.is_empty() {
             let upto = batch
                 .changes()

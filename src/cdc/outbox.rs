@@ -330,11 +330,12 @@ impl Batch {
 /// they mention, all in one snapshot. `early`: the batch likely finds changes (the last one did,
 /// or a notification came), so our own transaction id is drawn with the snapshot.
 ///
-/// Requests are pipelined: BEGIN and one statement for the snapshot, the changes and the users'
-/// rows ([`super::statements::batch_query`]) cost one round trip; the transaction is then left
-/// open ([`Read::open`]) for the caller to commit while it applies the batch. A batch that also needs our transaction id (drawn late) or declared tables' rows reads
-/// them in a second round trip, with the COMMIT. Any database error ends the session (and the
-/// connection with it), so the transaction never outlives a failure.
+/// Requests are pipelined: one statement for the snapshot, the changes and the users' rows
+/// ([`super::statements::batch_query`]) costs one round trip. With tables declared it runs in a
+/// transaction (BEGIN in the same round trip) then left open ([`Read::open`]) for the caller to
+/// commit while it applies the batch. A batch that also needs our transaction id (drawn late) or
+/// declared tables' rows reads them in a second round trip, with the COMMIT. Any database error
+/// ends the session (and the connection with it), so the transaction never outlives a failure.
 ///
 /// The transactions that may hide rows below the new position are those running at the snapshot
 /// and every id from its xmax up to one of our own (see [`in_flight`]): the later ours is drawn,
@@ -348,35 +349,33 @@ pub async fn read(
     limit: i64,
     early: bool,
     declared_tables: &Tables,
-    store: Option<(Holder<'_>, Cursor, Missed)>,
 ) -> Result<Read, CdcError> {
-    // The cursor to store (the last batch moved it), in the same round trip, before the
-    // transaction.
-    let stored = async {
-        match &store {
-            Some((holder, stored, missed)) => {
-                write_cursor(client, st, *holder, stored, missed).await
-            }
-            None => Ok(1),
-        }
-    };
     // Every pending transaction is asked for: those that finished in the snapshot answer.
     let txids: Vec<String> = cursor.pending.iter().map(|p| p.txid.to_string()).collect();
     let afters: Vec<i64> = cursor.pending.iter().map(|p| p.after).collect();
     let uptos: Vec<i64> = cursor.pending.iter().map(|p| p.upto).collect();
     let params: [&(dyn ToSql + Sync); 6] =
         [&cursor.position, &limit, &txids, &afters, &uptos, &early];
+    // Declared tables' rows are read in a second statement, in the batch's snapshot: that takes a
+    // transaction. With no table declared the batch's one statement is its snapshot, and BEGIN and
+    // COMMIT would be two statements more for the backend to run.
+    let transaction = !declared_tables.names().is_empty();
+    let begin = async {
+        match transaction {
+            true => {
+                client
+                    .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await
+            }
+            false => Ok(()),
+        }
+    };
     // The version horizon is read first, in a statement of its own before the snapshot.
-    let (stored, horizon, _, mut rows) = tokio::try_join!(
-        stored,
+    let (horizon, _, mut rows) = tokio::try_join!(
         client.query_one(&st.horizon, &[]),
-        client.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+        begin,
         client.query(&st.batch, &params),
     )?;
-    if stored == 0 {
-        let _ = client.batch_execute("ROLLBACK").await;
-        return Err(CdcError::LeaseLost);
-    }
     let read_at: i64 = horizon.get(0);
     // The batch's own row comes last (a UNION ALL's branches come in order).
     let json: BatchJson = match rows.pop().map(|row| row.try_get::<_, String>(0)) {
@@ -436,7 +435,9 @@ pub async fn read(
                     // Read again later (a table not checked yet), in a snapshot of its own: a
                     // transaction left open would hand its old snapshot to the next read, whose
                     // version horizon is newer than the rows it would read.
-                    commit(client).await?;
+                    if transaction {
+                        commit(client).await?;
+                    }
                     return Err(e);
                 }
             };
@@ -444,11 +445,16 @@ pub async fn read(
         let (own_xid, table_rows, _) = tokio::try_join!(
             async { Ok::<_, CdcError>(own_xid.await?) },
             table_rows,
-            async { Ok::<_, CdcError>(commit(client).await?) },
+            async {
+                if transaction {
+                    commit(client).await?;
+                }
+                Ok::<_, CdcError>(())
+            },
         )?;
         (own_xid, table_rows, false)
     } else {
-        (early_xid, Vec::new(), true)
+        (early_xid, Vec::new(), transaction)
     };
     // A row that cannot be served is skipped, once per change, and its name gets a tombstone (the
     // plan treats it as missing): the rest of the batch is applied.
