@@ -246,15 +246,41 @@ async fn rediss_with_a_ca_file_and_with_client_certificates() {
         "{problem}"
     );
 
+    // The sentinels' connections, which the daemon makes itself (their answers bounded), reach a
+    // TLS server as the driver's do: the chain checked against redis.tls_ca_file, the certificate
+    // sent.
+    let url = env.redis.tls_url(3).unwrap();
+    let e = bounded_ping(&config, &url).await.unwrap_err();
+    assert!(e.contains("CertificateRequired"), "{e}");
     let (cert, key) = clients.issue("daemon", &["cacheward"], true);
     config.redis.tls_cert_file = Some(cert);
     config.redis.tls_key_file = Some(key);
+    assert_eq!(bounded_ping(&config, &url).await, Ok("PONG".to_owned()));
+    let mut wrong_roots = config.clone();
+    wrong_roots.redis.tls_ca_file = Some(clients.ca_file.clone());
+    let e = bounded_ping(&wrong_roots, &url).await.unwrap_err();
+    assert!(e.contains("UnknownIssuer"), "{e}");
+
     let daemon = env.start_daemon(config).await;
     let mut client = daemon.client().await;
     client.call("put", json!({"username": "r1"})).await;
     assert_eq!(client.get("r1").await["result"]["source"], json!("cache"));
     assert!(env.cached("r1").await.is_some(), "written over TLS");
     daemon.stop().await;
+}
+
+/// `PING` over a connection made as the daemon makes the sentinels' ([`bounded::connection`]).
+async fn bounded_ping(config: &cacheward::config::Config, url: &str) -> Result<String, String> {
+    use cacheward::store::redis::bounded;
+    let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| e.to_string())?;
+    let (mut conn, driver) = bounded::connection(config, &info)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(driver);
+    redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// `sslcert` + `sslkey`: PostgreSQL's `cert` authentication (the certificate's CN is the user),

@@ -1,6 +1,6 @@
 //! Redis behind one facade, [`Cache`] (`cache.rs`): what the rest of the daemon sees. Below it,
 //! bottom up: [`keys`] (pure: key names, slots), [`client`] / [`cluster`] / [`sentinel`] /
-//! [`conn`] (reaching whatever `redis.mode` names), [`routing`] (which pipeline a command goes
+//! [`conn`] (reaching whatever `redis.mode` names; [`bounded`]: the sentinels' answers bounded), [`routing`] (which pipeline a command goes
 //! on, every call bounded), [`scripts`] (the Lua scripts, `*.lua`), [`near`] and [`tracking`]
 //! (the near cache and what keeps it exact), [`confirm`] (which connections may answer reads), [`reach`] and [`partial`] (partial outages), [`pipeline`] (the request path's queue), [`scan`]
 //! and [`admin`] (walking the cache; fences and epochs), [`watch`] (what the health monitor learns
@@ -8,6 +8,7 @@
 //! was written under).
 
 pub mod admin;
+pub mod bounded;
 pub mod cache;
 pub mod client;
 pub mod cluster;

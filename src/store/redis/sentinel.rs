@@ -7,7 +7,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::{Cmd, ConnectionInfo, Pipeline, Value};
 
-use super::client::{at_address, connection_info, lost, manager, single_client, Pushes};
+use super::bounded;
+use super::client::{at_address, connection_info, lost, manager, Pushes};
 use crate::config::Config;
 use crate::support::time::Backoff;
 
@@ -87,15 +88,18 @@ impl SentinelConn {
         let mut last = None;
         for sentinel in &self.inner.sentinels {
             let asked = async {
-                let client = single_client(&self.inner.config, sentinel.clone()).map_err(|e| {
-                    redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "sentinel", e))
-                })?;
-                let mut conn = client.get_multiplexed_async_connection().await?;
-                redis::cmd("SENTINEL")
-                    .arg("get-master-addr-by-name")
-                    .arg(&self.inner.master)
-                    .query_async::<Option<(String, u16)>>(&mut conn)
-                    .await
+                // Its answer bounded: a sentinel that sends more is dropped (see `bounded`).
+                let (mut conn, driver) = bounded::connection(&self.inner.config, sentinel).await?;
+                let mut ask = redis::cmd("SENTINEL");
+                ask.arg("get-master-addr-by-name").arg(&self.inner.master);
+                let ask = ask.query_async::<Option<(String, u16)>>(&mut conn);
+                tokio::select! {
+                    answer = ask => answer,
+                    () = driver => Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "the sentinel's connection ended",
+                    ))),
+                }
             };
             match tokio::time::timeout(timeout, asked).await {
                 Ok(Ok(Some(address))) => return Ok(address),
@@ -205,8 +209,7 @@ impl SentinelConn {
         loop {
             for sentinel in &self.inner.sentinels {
                 let subscribed = async {
-                    let client = single_client(&self.inner.config, sentinel.clone()).ok()?;
-                    let mut pubsub = client.get_async_pubsub().await.ok()?;
+                    let mut pubsub = bounded::pubsub(&self.inner.config, sentinel).await.ok()?;
                     pubsub.subscribe("+switch-master").await.ok()?;
                     Some(pubsub.into_on_message())
                 };
@@ -342,6 +345,43 @@ mod tests {
         assert_eq!(switches.take_unsaid(), 100_001);
         switches.last = Some(std::time::Instant::now() - SWITCH_GAP);
         assert!(switches.follow("10.0.0.3:6379", None));
+    }
+
+    /// A sentinel that answers every request with 50 MB: the daemon reads no more than the
+    /// bound, drops the connection (the sentinel's write of the rest fails), and says why.
+    #[tokio::test]
+    async fn a_sentinel_that_answers_too_much_is_dropped_at_the_bound() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hostile = tokio::spawn(async move {
+            let (mut peer, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = peer.read(&mut request).await;
+            const ANSWER: usize = 50 << 20;
+            peer.write_all(format!("${ANSWER}\r\n").as_bytes()).await?;
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..ANSWER / chunk.len() {
+                peer.write_all(&chunk).await?;
+            }
+            Ok::<(), std::io::Error>(())
+        });
+        let mut config = Config::default();
+        config.redis.mode = crate::config::RedisMode::Sentinel;
+        config.redis.urls = vec![crate::config::SecretUrl::new(format!(
+            "redis://127.0.0.1:{port}"
+        ))];
+        config.redis.sentinel_master = Some("m".into());
+        config.redis.timeout_ms = 5_000;
+        let sentinels = SentinelConn::new(&config, None).unwrap();
+        let e = sentinels.ask_sentinels().await.unwrap_err();
+        assert!(e.to_string().contains("more than 65536 bytes"), "{e}");
+        // The daemon hung up long before the 50 MB were sent.
+        let written = tokio::time::timeout(Duration::from_secs(10), hostile)
+            .await
+            .expect("the hostile sentinel finishes")
+            .unwrap();
+        assert!(written.is_err(), "the whole answer was taken");
     }
 
     #[test]
