@@ -3,7 +3,7 @@
 //!
 //!     cargo bench --bench e2e                      # 200 000 users, 1 s slices x 3 rounds
 //!     CACHEWARD_BENCH_USERS=20000 CACHEWARD_BENCH_SLICE_MS=300 cargo bench --bench e2e
-//!     CACHEWARD_BENCH_ONLY=hit,miss cargo bench --bench e2e   # parts: hit near miss tables herd cdc memory trigger cluster
+//!     CACHEWARD_BENCH_ONLY=hit,miss cargo bench --bench e2e   # parts: hit near miss tables herd cdc memory trigger recovery cluster
 //!     CACHEWARD_BENCH_ONLY=hit CACHEWARD_BENCH_CELLS=1x16,16x1 cargo bench --bench e2e   # some hit cells
 //!
 //! Measures the hit path (6 cells), the miss path, the thundering herd, CDC lag (1 000 renames/s
@@ -33,6 +33,7 @@ mod measure;
 mod memory;
 mod miss;
 mod near;
+mod recovery;
 mod resp;
 mod tables;
 mod trigger;
@@ -216,6 +217,9 @@ async fn main() {
     }
     if want("trigger") {
         trigger::run(&b, &mut report).await;
+    }
+    if want("recovery") {
+        recovery::run(&b, &mut report).await;
     }
     if want("cluster") {
         report["cluster"] =
