@@ -1048,6 +1048,77 @@ async fn a_swapped_database_is_not_trusted() {
     daemon.stop().await;
 }
 
+/// A foreign value at the cache's id (not an id: a 1 MB string, or another type) is replaced by a
+/// fresh id at the next look, and the cache distrusted as after a swap: an entry put beside it is
+/// dropped. Before, a string stayed there (looked at whole every 250 ms) and was taken for the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_value_at_the_cache_id_is_replaced_and_the_cache_distrusted() {
+    let env = TestEnv::start().await;
+    let daemon = env.start_daemon(env.config()).await;
+    let mut client = daemon.client().await;
+    let names = names(1);
+    let name = &names[0];
+    insert(&env, &names).await;
+    let row = env.row_json(name).await.unwrap();
+    let mut redis = env.redis().await;
+    let id = || async {
+        let mut redis = env.redis().await;
+        redis::cmd("GET")
+            .arg("user:\0id")
+            .query_async::<Option<String>>(&mut redis)
+            .await
+            .ok()
+            .flatten()
+    };
+    wait_until("the cache has an id", Duration::from_secs(5), || async {
+        id().await.is_some()
+    })
+    .await;
+    let mut old = row.clone();
+    old["version"] = json!(row["version"].as_i64().unwrap() - 1);
+    for foreign in ["string", "list"] {
+        let before = id().await.expect("an id");
+        client.get(name).await;
+        // The foreign value and an entry older than its row, at once.
+        let mut tamper = redis::pipe();
+        tamper.atomic().cmd("DEL").arg("user:\0id");
+        match foreign {
+            "string" => tamper.cmd("SET").arg("user:\0id").arg("x".repeat(1 << 20)),
+            _ => tamper.cmd("RPUSH").arg("user:\0id").arg(&before),
+        };
+        tamper
+            .cmd("SET")
+            .arg(format!("user:{name}"))
+            .arg(old.to_string());
+        tamper.query_async::<()>(&mut redis).await.unwrap();
+        wait_until(
+            &format!("a fresh id over the foreign {foreign}"),
+            Duration::from_secs(5),
+            || async {
+                let mut redis = env.redis().await;
+                let now: Result<Option<String>, _> = redis::cmd("GET")
+                    .arg("user:\0id")
+                    .query_async(&mut redis)
+                    .await;
+                matches!(now, Ok(Some(now)) if now.len() == 32 && now != before)
+            },
+        )
+        .await;
+        wait_until(
+            "the entry put beside it dropped",
+            Duration::from_secs(5),
+            || async {
+                env.cached(name)
+                    .await
+                    .is_none_or(|entry| entry != old.to_string())
+            },
+        )
+        .await;
+        assert_eq!(client.get(name).await["result"]["user"], row);
+    }
+    daemon.stop().await;
+}
+
 /// The `run_id` of the Redis process answering now.
 async fn run_id(env: &TestEnv) -> String {
     let mut redis = env.redis().await;

@@ -25,7 +25,8 @@ pub struct NodeState {
     /// above is this primary's; the next look tells.
     pub elsewhere: bool,
     /// The cache's id there (`Cache::cache_id`; looked at on one server and under Sentinel,
-    /// where a database can be swapped: `None` on a Cluster, or when there is none).
+    /// where a database can be swapped: `None` on a Cluster, or when there is none or what is
+    /// there is no id).
     pub cache_id: Option<String>,
     /// Whether it keeps every write on disk before answering (`appendonly yes`, `appendfsync
     /// always`; false where `CONFIG GET` is refused).
@@ -236,9 +237,11 @@ impl Router {
         let durable =
             appendonly.as_deref() == Some("yes") && appendfsync.as_deref() == Some("always");
         let beat = redis::from_redis_value::<i64>(next()).ok();
+        // Anything but an id there (a foreign value, another type) is no id: the look makes one
+        // (`Cache::cache_id` stores it over the value), and a cache whose id it knew distrusts it.
         let cache_id = match self.keys.is_cluster() {
             true => None,
-            false => text(next()),
+            false => text(next()).filter(|id| crate::support::ids::is_id(id)),
         };
         let elsewhere =
             moved || (self.keys.is_cluster() && text(next()).is_none_or(|id| id != primary.id));
