@@ -52,6 +52,33 @@ async fn insert(env: &TestEnv, names: &[String]) {
         .unwrap();
 }
 
+/// A daemon with one user inserted, its row, and an entry one version older than the row (what a
+/// forgery puts in Redis).
+struct OneName {
+    daemon: common::Daemon,
+    client: common::Rpc,
+    name: String,
+    row: Value,
+    older: Value,
+}
+
+async fn one_name(env: &TestEnv) -> OneName {
+    let daemon = env.start_daemon(env.config()).await;
+    let client = daemon.client().await;
+    let name = names(1).remove(0);
+    insert(env, std::slice::from_ref(&name)).await;
+    let row = env.row_json(&name).await.unwrap();
+    let mut older = row.clone();
+    older["version"] = json!(row["version"].as_i64().unwrap() - 1);
+    OneName {
+        daemon,
+        client,
+        name,
+        row,
+        older,
+    }
+}
+
 /// The fence's value in Redis.
 async fn fence(env: &TestEnv) -> Option<i64> {
     fence_of(env, Subject::Users).await
@@ -977,11 +1004,14 @@ async fn a_forged_or_deleted_fence_never_keeps_a_stale_entry_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swapped_database_is_not_trusted() {
     let env = TestEnv::start().await;
-    let daemon = env.start_daemon(env.config()).await;
-    let mut client = daemon.client().await;
-    let names = names(1);
-    let name = &names[0];
-    insert(&env, &names).await;
+    let OneName {
+        daemon,
+        mut client,
+        name,
+        row,
+        older: mut old,
+    } = one_name(&env).await;
+    let name = &name;
     client.get(name).await;
     assert_eq!(client.get(name).await["result"]["source"], json!("cache"));
     let get = |db: u32, key: &'static str| {
@@ -1005,9 +1035,6 @@ async fn a_swapped_database_is_not_trusted() {
     .await;
     // The other cache, in database 4: this server's epoch, a fence, an id of its own, and an
     // entry of the same name older than its row.
-    let row = env.row_json(name).await.unwrap();
-    let mut old = row.clone();
-    old["version"] = json!(row["version"].as_i64().unwrap() - 1);
     old["created_at"] = json!("2001-01-01T00:00:00Z");
     let mut other = redis::Client::open(env.redis.url(4))
         .unwrap()
@@ -1054,12 +1081,15 @@ async fn a_swapped_database_is_not_trusted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_value_at_the_cache_id_is_replaced_and_the_cache_distrusted() {
     let env = TestEnv::start().await;
-    let daemon = env.start_daemon(env.config()).await;
-    let mut client = daemon.client().await;
-    let names = names(1);
-    let name = &names[0];
-    insert(&env, &names).await;
-    let row = env.row_json(name).await.unwrap();
+    let OneName {
+        daemon,
+        mut client,
+        name,
+        row,
+        older: old,
+    } = one_name(&env).await;
+    let name = &name;
+    let old_text = old.to_string();
     let mut redis = env.redis().await;
     let id = || async {
         let mut redis = env.redis().await;
@@ -1074,8 +1104,6 @@ async fn a_foreign_value_at_the_cache_id_is_replaced_and_the_cache_distrusted() 
         id().await.is_some()
     })
     .await;
-    let mut old = row.clone();
-    old["version"] = json!(row["version"].as_i64().unwrap() - 1);
     for foreign in ["string", "list"] {
         let before = id().await.expect("an id");
         client.get(name).await;
@@ -1086,10 +1114,7 @@ async fn a_foreign_value_at_the_cache_id_is_replaced_and_the_cache_distrusted() 
             "string" => tamper.cmd("SET").arg("user:\0id").arg("x".repeat(1 << 20)),
             _ => tamper.cmd("RPUSH").arg("user:\0id").arg(&before),
         };
-        tamper
-            .cmd("SET")
-            .arg(format!("user:{name}"))
-            .arg(old.to_string());
+        tamper.cmd("SET").arg(format!("user:{name}")).arg(&old_text);
         tamper.query_async::<()>(&mut redis).await.unwrap();
         wait_until(
             &format!("a fresh id over the foreign {foreign}"),
@@ -1107,11 +1132,7 @@ async fn a_foreign_value_at_the_cache_id_is_replaced_and_the_cache_distrusted() 
         wait_until(
             "the entry put beside it dropped",
             Duration::from_secs(5),
-            || async {
-                env.cached(name)
-                    .await
-                    .is_none_or(|entry| entry != old.to_string())
-            },
+            || async { env.cached(name).await.is_none_or(|entry| entry != old_text) },
         )
         .await;
         assert_eq!(client.get(name).await["result"]["user"], row);
