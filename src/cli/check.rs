@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::model::table::Table;
 use crate::store::pg::{self as db, tables};
-use crate::store::redis::client;
+use crate::store::redis::{bounded, client};
 
 /// How long one backend may take to answer.
 const BOUND: Duration = Duration::from_secs(5);
@@ -196,14 +196,17 @@ async fn redis(config: &Config) -> Vec<Result<String, String>> {
                 continue;
             }
         };
+        // Sentinels serve no data: reached as the daemon reaches them (their answers bounded),
+        // never probed; only the servers the daemon reads and writes are.
+        if config.redis.mode == RedisMode::Sentinel {
+            reach_sentinel(config, &info, &shown, &mut said).await;
+            continue;
+        }
         let Some(conn) = reach(config, &info, &shown, &mut said).await else {
             continue;
         };
-        // Sentinels serve no data: only the servers the daemon reads and writes are probed.
-        if config.redis.mode != RedisMode::Sentinel {
-            probe(config, &conn, &shown, &user_of(&info), &mut said).await;
-            probed.push(info.addr().clone());
-        }
+        probe(config, &conn, &shown, &user_of(&info), &mut said).await;
+        probed.push(info.addr().clone());
         if config.redis.mode == RedisMode::Cluster && seed.is_none() {
             seed = Some((info, conn));
         }
@@ -243,6 +246,37 @@ async fn reach(
             .map_err(|e| why(config, e))?;
         Ok::<_, String>(conn)
     };
+    reached_within(reached, shown, said).await
+}
+
+/// The sentinel at `info` answers a PING within [`BOUND`], over the bounded connection the daemon
+/// uses for sentinels (see `store::redis::bounded`); says which.
+async fn reach_sentinel(
+    config: &Config,
+    info: &redis::ConnectionInfo,
+    shown: &str,
+    said: &mut Vec<Result<String, String>>,
+) {
+    let reached = async {
+        let (mut conn, driver) = bounded::connection(config, info)
+            .await
+            .map_err(|e| why(config, e))?;
+        let ping = redis::cmd("PING");
+        let ping = ping.query_async::<String>(&mut conn);
+        tokio::select! {
+            answer = ping => answer.map(|_| ()).map_err(|e| why(config, e)),
+            () = driver => Err("the connection ended".to_owned()),
+        }
+    };
+    reached_within(reached, shown, said).await;
+}
+
+/// What `reached` gives within [`BOUND`], said as reached or not.
+async fn reached_within<T>(
+    reached: impl std::future::Future<Output = Result<T, String>>,
+    shown: &str,
+    said: &mut Vec<Result<String, String>>,
+) -> Option<T> {
     match tokio::time::timeout(BOUND, reached).await {
         Ok(Ok(conn)) => {
             said.push(Ok(format!("redis {shown}: reached")));
