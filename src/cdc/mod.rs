@@ -506,12 +506,7 @@ impl Applier {
             .carry()
             .then(|| (unsaved.storable(cursor).clone(), unsaved.missed.clone()));
         let finish = async {
-            let commit = async {
-                match open {
-                    true => Ok(outbox::commit(client).await?),
-                    false => Ok(()),
-                }
-            };
+            let commit = async { Ok(outbox::end(client, open).await?) };
             let stored = async {
                 match &store {
                     Some((stored, missed)) => {

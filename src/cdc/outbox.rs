@@ -204,7 +204,6 @@ pub async fn prune(client: &Client, cursor: &Cursor, retention_secs: u64) -> Res
     }
 }
 
-/// Stores `cursor` as `consumer`'s position, if `holder` holds its lease.
 /// Whose cursor a store is, and by which lease holder (a store by another than the holder
 /// stores nothing: the lease was lost).
 #[derive(Clone, Copy)]
@@ -213,6 +212,8 @@ pub struct Holder<'a> {
     pub holder: &'a str,
 }
 
+/// Stores `cursor` and `missed` as `by.consumer`'s, if `by.holder` holds its lease (else the
+/// lease was lost: [`CdcError::LeaseLost`]).
 pub async fn store_cursor(
     client: &Client,
     st: &Statements,
@@ -220,21 +221,6 @@ pub async fn store_cursor(
     cursor: &Cursor,
     missed: &Missed,
 ) -> Result<(), CdcError> {
-    match write_cursor(client, st, by, cursor, missed).await? {
-        0 => Err(CdcError::LeaseLost),
-        _ => Ok(()),
-    }
-}
-
-/// Stores `cursor` and `missed` as `by.consumer`'s, if `by.holder` holds its lease: how many rows
-/// it stored (0: the lease was lost). The request goes out when the future is first polled.
-async fn write_cursor(
-    client: &Client,
-    st: &Statements,
-    by: Holder<'_>,
-    cursor: &Cursor,
-    missed: &Missed,
-) -> Result<u64, tokio_postgres::Error> {
     let pending = serde_json::to_string(&cursor.pending).expect("pending list serializes");
     let params: [&(dyn ToSql + Sync); 6] = [
         &by.consumer,
@@ -244,7 +230,10 @@ async fn write_cursor(
         &missed.stored_slots(),
         &missed.upto,
     ];
-    client.execute(&st.store_cursor, &params).await
+    match client.execute(&st.store_cursor, &params).await? {
+        0 => Err(CdcError::LeaseLost),
+        _ => Ok(()),
+    }
 }
 
 /// `consumer`'s stored cursor, if it has one, and how far the outbox was pruned.
@@ -435,9 +424,7 @@ pub async fn read(
                     // Read again later (a table not checked yet), in a snapshot of its own: a
                     // transaction left open would hand its old snapshot to the next read, whose
                     // version horizon is newer than the rows it would read.
-                    if transaction {
-                        commit(client).await?;
-                    }
+                    end(client, transaction).await?;
                     return Err(e);
                 }
             };
@@ -445,12 +432,7 @@ pub async fn read(
         let (own_xid, table_rows, _) = tokio::try_join!(
             async { Ok::<_, CdcError>(own_xid.await?) },
             table_rows,
-            async {
-                if transaction {
-                    commit(client).await?;
-                }
-                Ok::<_, CdcError>(())
-            },
+            async { Ok::<_, CdcError>(end(client, transaction).await?) },
         )?;
         (own_xid, table_rows, false)
     } else {
@@ -481,15 +463,18 @@ pub async fn read(
     Ok(Read { batch, open })
 }
 
-/// Ends a batch's read-only transaction.
-pub async fn commit(client: &Client) -> Result<(), tokio_postgres::Error> {
-    client.batch_execute("COMMIT").await
+/// Ends a batch's read-only transaction, if it took one (`open`).
+pub async fn end(client: &Client, open: bool) -> Result<(), tokio_postgres::Error> {
+    match open {
+        true => client.batch_execute("COMMIT").await,
+        false => Ok(()),
+    }
 }
 
 /// One batch as [`read`] returns it.
 pub struct Read {
     pub batch: Batch,
-    /// Whether its transaction is still open: the caller commits it (see [`commit`]), which it
+    /// Whether its transaction is still open: the caller commits it (see [`end`]), which it
     /// may do while it applies the batch: the transaction only read.
     pub open: bool,
 }
