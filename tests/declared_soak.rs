@@ -4,8 +4,11 @@
 //! killed, flushed and frozen, PostgreSQL crashes and the daemon is stopped and started again.
 //! Every `get` by key is checked against the
 //! commit history (the outbox, with PostgreSQL's commit timestamps): it must show a state of that
-//! key that was current at some moment in [sent − allowance, answered]. At the end every key
-//! answers its row and `verify` finds nothing.
+//! key that was current at some moment in [sent − allowance, answered]. A Redis client caching on
+//! its side (`CLIENT TRACKING` on the daemon's Redis-protocol socket) reads the same keys and
+//! lookups; ROW carries no version, so its answers, its own memory's included, are held by their
+//! content to the rows' history the soak's own trigger keeps. At the end every key answers its
+//! row and `verify` finds nothing.
 //!
 //! Seeded: `CACHEWARD_SOAK_SEED` (printed, and in every failure), `CACHEWARD_SOAK_SECS` (default 12).
 
@@ -17,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use cacheward::cli::client::{Client, ClientError};
 use cacheward::config::{Config, TableConfig};
-use cacheward::model::table::encode_key;
+use cacheward::model::table::{encode_key, encode_lookup};
 use cacheward::store::pg::tables;
-use common::history::{self, now_us, Rng, Seen, State};
+use common::history::{self, now_us, Rng, Seen, State, COMMITTED_US};
+use common::tracked::{self, Answer, Frame};
 use common::{Rpc, TestEnv};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -27,7 +31,32 @@ use tokio_util::sync::CancellationToken;
 const SCHEMA: &str = "
     CREATE TABLE items (region text NOT NULL, id integer NOT NULL, n integer NOT NULL,
                         PRIMARY KEY (region, id));
-    CREATE TABLE people (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, n integer NOT NULL);";
+    CREATE TABLE people (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, n integer NOT NULL);
+    -- Every row's content as it committed: what a Redis-protocol answer (ROW, no version) is
+    -- checked against.
+    CREATE TABLE soak_rows (seq bigserial PRIMARY KEY, tbl text NOT NULL, old jsonb, new jsonb,
+                            txid bigint NOT NULL DEFAULT txid_current());
+    CREATE FUNCTION soak_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'TRUNCATE' THEN
+            INSERT INTO soak_rows (tbl) VALUES (TG_TABLE_NAME);
+        ELSIF TG_OP = 'INSERT' THEN
+            INSERT INTO soak_rows (tbl, new) VALUES (TG_TABLE_NAME, to_jsonb(NEW));
+        ELSIF TG_OP = 'UPDATE' THEN
+            INSERT INTO soak_rows (tbl, old, new) VALUES (TG_TABLE_NAME, to_jsonb(OLD), to_jsonb(NEW));
+        ELSE
+            INSERT INTO soak_rows (tbl, old) VALUES (TG_TABLE_NAME, to_jsonb(OLD));
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER soak_rows AFTER INSERT OR UPDATE OR DELETE ON items
+        FOR EACH ROW EXECUTE FUNCTION soak_rows();
+    CREATE TRIGGER soak_rows_truncate AFTER TRUNCATE ON items
+        FOR EACH STATEMENT EXECUTE FUNCTION soak_rows();
+    CREATE TRIGGER soak_rows AFTER INSERT OR UPDATE OR DELETE ON people
+        FOR EACH ROW EXECUTE FUNCTION soak_rows();
+    CREATE TRIGGER soak_rows_truncate AFTER TRUNCATE ON people
+        FOR EACH STATEMENT EXECUTE FUNCTION soak_rows();";
 
 /// Keys per table: few, so that changes collide.
 const KEYS: u64 = 12;
@@ -58,6 +87,77 @@ struct Observation {
     seen: Seen,
 }
 
+/// What a Redis-protocol answer showed: the row's content (ROW carries no version), or none.
+#[derive(Debug, Clone)]
+struct RowObservation {
+    key: String,
+    sent_us: i64,
+    answered_us: i64,
+    row: Option<Value>,
+    source: &'static str,
+}
+
+/// The Redis keys a row is cached under: its key's, and its lookups'.
+fn redis_keys(tbl: &str, row: &Value) -> Vec<String> {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match tbl {
+        "items" => {
+            let (region, id) = (text(&row["region"]), text(&row["id"]));
+            vec![format!("items:{}", encode_key(&[&region, &id], true))]
+        }
+        _ => vec![
+            format!("people:{}", encode_key(&[&text(&row["id"])], false)),
+            format!(
+                "people:{}",
+                encode_lookup("by_email", &[&text(&row["email"])])
+            ),
+        ],
+    }
+}
+
+/// A client caching on its side through the daemon's Redis-protocol socket (`CLIENT TRACKING`):
+/// items by key, people by key and by lookup; every answer, its memory's too, is observed.
+async fn tracked_client(
+    socket: std::path::PathBuf,
+    rng: Rng,
+    stop: CancellationToken,
+    seen: Arc<Mutex<Vec<RowObservation>>>,
+) {
+    let pick = |rng: &mut Rng| {
+        let id = rng.below(KEYS);
+        match rng.below(3) {
+            0 => format!(
+                "items:{}",
+                encode_key(&[&region(id), &id.to_string()], true)
+            ),
+            1 => format!("people:{id}"),
+            _ => format!(
+                "people:{}",
+                encode_lookup("by_email", &[&format!("p{id}@x")])
+            ),
+        }
+    };
+    let read = |reply: Frame| match reply {
+        Frame::Bulk(row) => Some(Some(serde_json::from_str(&row).expect("ROW JSON"))),
+        Frame::Nil => Some(None),
+        // An error (a backend down): no claim about the data, nothing cached.
+        _ => None,
+    };
+    let record = |answer: Answer<'_, Option<Value>>| {
+        seen.lock().expect("not poisoned").push(RowObservation {
+            key: answer.key.to_owned(),
+            sent_us: answer.sent_us,
+            answered_us: answer.answered_us,
+            row: answer.shown.clone(),
+            source: answer.source,
+        })
+    };
+    tracked::tracked_client(socket, rng, stop, pick, read, record).await
+}
+
 fn config(env: &TestEnv) -> Config {
     let mut config = env.config();
     config
@@ -65,6 +165,7 @@ fn config(env: &TestEnv) -> Config {
         .insert("items".into(), TableConfig::keyed(&["region", "id"]));
     let people = TableConfig::keyed(&["id"]).lookup("by_email", &["email"]);
     config.tables.insert("people".into(), people);
+    config.resp.socket = Some(env.dir.path().join("declared-resp.sock"));
     config
 }
 
@@ -201,10 +302,10 @@ async fn history(env: &TestEnv) -> HashMap<(String, String), Vec<State>> {
         .pg()
         .await
         .query(
-            "SELECT op, tbl, row_key, old_key, version,
-                    (extract(epoch FROM pg_xact_commit_timestamp(
-                        ((txid::text::numeric % 4294967296)::bigint)::text::xid)) * 1000000)::bigint
-             FROM cacheward_outbox WHERE tbl IS NOT NULL ORDER BY id",
+            &format!(
+                "SELECT op, tbl, row_key, old_key, version, {COMMITTED_US}
+                 FROM cacheward_outbox WHERE tbl IS NOT NULL ORDER BY id"
+            ),
             &[],
         )
         .await
@@ -256,6 +357,61 @@ async fn history(env: &TestEnv) -> HashMap<(String, String), Vec<State>> {
         list.sort_by_key(|s| (s.committed_us, s.version, s.present));
     }
     states
+}
+
+/// Every Redis key's states by content, from the soak's own trigger (`soak_rows`) and PostgreSQL's
+/// commit timestamps: a state's version is its `seq`, whose row is in the second map.
+async fn row_history(env: &TestEnv) -> (HashMap<String, Vec<State>>, HashMap<i64, Value>) {
+    let rows = env
+        .pg()
+        .await
+        .query(
+            &format!(
+                "SELECT seq, tbl, old, new, {COMMITTED_US}
+                 FROM soak_rows ORDER BY seq"
+            ),
+            &[],
+        )
+        .await
+        .expect("read the rows' history");
+    let mut states: HashMap<String, Vec<State>> = HashMap::new();
+    let mut contents = HashMap::new();
+    let mut truncates = Vec::new();
+    for row in rows {
+        let (seq, tbl): (i64, String) = (row.get(0), row.get(1));
+        let (old, new): (Option<Value>, Option<Value>) = (row.get(2), row.get(3));
+        let committed_us: i64 = row.get(4);
+        let state = |present| State {
+            committed_us,
+            version: seq,
+            present,
+        };
+        if old.is_none() && new.is_none() {
+            truncates.push((format!("{tbl}:"), state(false)));
+            continue;
+        }
+        let now = new.as_ref().map_or(vec![], |n| redis_keys(&tbl, n));
+        for key in old.as_ref().map_or(vec![], |o| redis_keys(&tbl, o)) {
+            if !now.contains(&key) {
+                states.entry(key).or_default().push(state(false));
+            }
+        }
+        for key in now {
+            states.entry(key).or_default().push(state(true));
+        }
+        if let Some(new) = new {
+            contents.insert(seq, new);
+        }
+    }
+    for (key, list) in states.iter_mut() {
+        for (prefix, truncate) in &truncates {
+            if key.starts_with(prefix.as_str()) {
+                list.push(truncate.clone());
+            }
+        }
+        list.sort_by_key(|s| (s.committed_us, s.version));
+    }
+    (states, contents)
 }
 
 /// Waits until the CDC worker applies a change made now (a probe row outside the checked keys).
@@ -318,6 +474,18 @@ async fn declared_tables_stay_exact_through_a_seeded_storm_of_writes_and_faults(
         let (s, stop, seen) = (socket.clone(), stop.clone(), seen.clone());
         workers.push(tokio::spawn(daemon_client(s, Rng(rng.next()), stop, seen)));
     }
+    let rows_seen = Arc::new(Mutex::new(Vec::new()));
+    let resp_socket = config
+        .resp
+        .socket
+        .clone()
+        .expect("the Redis-protocol socket");
+    workers.push(tokio::spawn(tracked_client(
+        resp_socket,
+        Rng(rng.next()),
+        stop.clone(),
+        rows_seen.clone(),
+    )));
     workers.push(tokio::spawn(sql_writer(
         env.db_url.clone(),
         Rng(rng.next()),
@@ -372,15 +540,20 @@ async fn declared_tables_stay_exact_through_a_seeded_storm_of_writes_and_faults(
         "too few answers: {}",
         observations.len()
     );
-    let mut unexplained = Vec::new();
-    for o in &observations {
-        let allowance = faults
+    // While a fault lasts, and until the CDC worker has caught up with it, answers may be as
+    // stale as the fault is long.
+    let allowance = |sent_us: i64| {
+        faults
             .iter()
-            .filter(|(_, began, ended)| o.sent_us >= *began && o.sent_us <= ended + STALENESS_US)
-            .map(|(_, began, ended)| o.sent_us.min(*ended) - began)
+            .filter(|(_, began, ended)| sent_us >= *began && sent_us <= ended + STALENESS_US)
+            .map(|(_, began, ended)| sent_us.min(*ended) - began)
             .max()
             .unwrap_or(0)
-            + STALENESS_US;
+            + STALENESS_US
+    };
+    let mut unexplained = Vec::new();
+    for o in &observations {
+        let allowance = allowance(o.sent_us);
         let states = history.get(&o.key).map(Vec::as_slice).unwrap_or(&[]);
         if !history::explained(o.sent_us, o.answered_us, o.seen, states, allowance) {
             let drawn = match o.seen {
@@ -437,6 +610,68 @@ async fn declared_tables_stay_exact_through_a_seeded_storm_of_writes_and_faults(
             .cloned()
             .collect::<Vec<_>>()
             .join("\n")
+    );
+
+    // Every Redis-protocol answer, a tracking client's own memory's included, by its content.
+    let (row_states, contents) = row_history(&env).await;
+    let rows_seen = rows_seen.lock().expect("not poisoned").clone();
+    let from_memory = rows_seen
+        .iter()
+        .filter(|o| o.source == "client cache")
+        .count();
+    let wrong: Vec<String> = rows_seen
+        .iter()
+        .filter(|o| {
+            let states = row_states.get(&o.key).map(Vec::as_slice).unwrap_or(&[]);
+            let shows = |s: &State| match &o.row {
+                None => !s.present,
+                Some(row) => s.present && contents.get(&s.version) == Some(row),
+            };
+            let (sent, answered) = (o.sent_us, o.answered_us);
+            !history::explained_by(
+                sent,
+                answered,
+                states,
+                allowance(sent),
+                o.row.is_none(),
+                shows,
+            )
+        })
+        .map(|o| {
+            let states = row_states.get(&o.key).map(Vec::as_slice).unwrap_or(&[]);
+            let near: Vec<String> = states
+                .iter()
+                .filter(|s| (s.committed_us - o.sent_us).abs() < 600_000)
+                .map(|s| {
+                    let row = contents.get(&s.version).filter(|_| s.present);
+                    format!("{:+}ms {row:?}", (s.committed_us - o.sent_us) / 1000)
+                })
+                .collect();
+            format!(
+                "{} from the {} showed {:?} (took {} us); states near: {near:?}",
+                o.key,
+                o.source,
+                o.row,
+                o.answered_us - o.sent_us
+            )
+        })
+        .collect();
+    eprintln!(
+        "declared soak: {} answers by version, {} by the Redis protocol ({from_memory} from a tracking client's own memory)",
+        observations.len(),
+        rows_seen.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "seed {seed}: {} of {} Redis-protocol answers no moment explains:\n{}",
+        wrong.len(),
+        rows_seen.len(),
+        wrong.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
+    );
+    assert!(
+        rows_seen.len() > 100 && from_memory > 0,
+        "too few Redis-protocol answers: {} ({from_memory} from a client's memory)",
+        rows_seen.len()
     );
 
     // Converged: every key answers its row, and verify finds nothing.

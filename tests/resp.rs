@@ -586,6 +586,16 @@ impl Raw {
             .expect("a push within 5 s")
     }
 
+    /// Waits for a push that names `key` (others may come first: each key read is told of).
+    async fn told_of(&mut self, key: &str) {
+        let mut heard = Vec::new();
+        while !heard.iter().any(|k| k == key) {
+            let push = self.push_within(Duration::from_secs(5)).await;
+            let push = push.unwrap_or_else(|| panic!("no push named {key}: heard {heard:?}"));
+            heard.extend(keys_of(&push));
+        }
+    }
+
     /// The pushes that come within `within`.
     async fn pushes_within(&mut self, within: Duration) -> Vec<F> {
         let mut all = Vec::new();
@@ -714,6 +724,25 @@ async fn a_tracking_client_is_told_of_every_change_to_what_it_read() {
     assert_eq!(raw.push().await, invalidate(Some(&["accounts:1"])));
     let (row, _) = read_watched(&mut raw, "accounts:1").await;
     assert!(matches!(&row, F::Bulk(r) if r.contains("team")), "{row:?}");
+    // A lookup answers its row: a change to that row, and the row moving away from the looked-up
+    // value, each reach the client under the lookup's key.
+    let (row, _) = read_watched(&mut raw, "accounts:by_email=a@x").await;
+    assert!(matches!(&row, F::Bulk(r) if r.contains("team")), "{row:?}");
+    pg.batch_execute("UPDATE accounts SET plan = 'gold' WHERE id = 1")
+        .await
+        .unwrap();
+    raw.told_of("accounts:by_email=a@x").await;
+    let (row, _) = read_watched(&mut raw, "accounts:by_email=a@x").await;
+    assert!(matches!(&row, F::Bulk(r) if r.contains("gold")), "{row:?}");
+    pg.batch_execute("UPDATE accounts SET email = 'moved@x' WHERE id = 1")
+        .await
+        .unwrap();
+    raw.told_of("accounts:by_email=a@x").await;
+    assert_eq!(raw.call("GET accounts:by_email=a@x").await, F::Null);
+    pg.batch_execute("UPDATE accounts SET email = 'a@x' WHERE id = 1")
+        .await
+        .unwrap();
+    read_watched(&mut raw, "accounts:1").await;
     // A write through the daemon.
     let mut rpc = front.daemon.client().await;
     let updated = rpc

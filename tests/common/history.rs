@@ -29,6 +29,11 @@ pub fn now_us() -> i64 {
         .as_micros() as i64
 }
 
+/// SQL for the commit time, in microseconds since the epoch, of a row's `txid` (a `bigint` from
+/// `txid_current()`): what a history orders its states by (`track_commit_timestamp` on).
+pub const COMMITTED_US: &str = "(extract(epoch FROM pg_xact_commit_timestamp(\
+    ((txid::text::numeric % 4294967296)::bigint)::text::xid)) * 1000000)::bigint";
+
 /// What an answer showed of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
@@ -53,23 +58,43 @@ pub fn explained(
     states: &[State],
     allowance_us: i64,
 ) -> bool {
+    let absent = matches!(seen, Seen::Absent);
+    explained_by(
+        sent_us,
+        answered_us,
+        states,
+        allowance_us,
+        absent,
+        |s| match seen {
+            Seen::Absent => !s.present,
+            Seen::Present(v) => s.present && s.version == v,
+        },
+    )
+}
+
+/// [`explained`] for answers told from states by `shows` (whether the answer shows that state),
+/// such as a row's content where the answer carries no version; `absent`: the answer showed no
+/// row, which the key's state before its first change explains too.
+pub fn explained_by(
+    sent_us: i64,
+    answered_us: i64,
+    states: &[State],
+    allowance_us: i64,
+    absent: bool,
+    shows: impl Fn(&State) -> bool,
+) -> bool {
     let from = sent_us - allowance_us;
     let current_after_from = |i: usize| {
         states
             .get(i + 1)
             .is_none_or(|next| next.committed_us > from)
     };
-    let initial = matches!(seen, Seen::Absent)
-        && states.first().is_none_or(|first| first.committed_us > from);
+    let initial = absent && states.first().is_none_or(|first| first.committed_us > from);
     initial
-        || states.iter().enumerate().any(|(i, s)| {
-            s.committed_us <= answered_us
-                && current_after_from(i)
-                && match seen {
-                    Seen::Absent => !s.present,
-                    Seen::Present(v) => s.present && s.version == v,
-                }
-        })
+        || states
+            .iter()
+            .enumerate()
+            .any(|(i, s)| s.committed_us <= answered_us && current_after_from(i) && shows(s))
 }
 
 /// The seed and length of a soak: `CACHEWARD_SOAK_SEED` (else the clock) and `CACHEWARD_SOAK_SECS`

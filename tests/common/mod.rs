@@ -25,6 +25,7 @@ use cacheward::store::pg;
 pub mod certs;
 pub mod history;
 pub mod subject;
+pub mod tracked;
 
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()

@@ -17,7 +17,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::history::{self, now_us, Rng, Seen, State};
+use crate::common::history::{self, now_us, Rng, Seen, State, COMMITTED_US};
+use crate::common::tracked::{self, Answer, Frame};
 use crate::common::TestEnv;
 
 /// The soak's names, picked by the shared generator.
@@ -227,194 +228,42 @@ pub async fn daemon_client(
     }
 }
 
-/// One RESP3 frame as the tracked client reads it.
-pub enum Frame {
-    Push(Vec<Frame>),
-    Array(Vec<Frame>),
-    Bulk(String),
-    Nil,
-    Other,
-}
-
-impl Frame {
-    /// The keys an `invalidate` push names: `Some(None)` for all of them (a flush), `None` when
-    /// this is not one.
-    fn invalidated(self) -> Option<Option<Vec<String>>> {
-        let Frame::Push(mut parts) = self else {
-            return None;
-        };
-        match parts.pop() {
-            Some(Frame::Array(keys)) => Some(Some(
-                keys.into_iter()
-                    .filter_map(|k| match k {
-                        Frame::Bulk(k) => Some(k),
-                        _ => None,
-                    })
-                    .collect(),
-            )),
-            _ => Some(None),
-        }
-    }
-}
-
-/// Reads one RESP3 frame; `None` when the connection fails.
-pub fn read_frame<'a>(
-    r: &'a mut BufReader<tokio::net::unix::OwnedReadHalf>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Frame>> + Send + 'a>> {
-    Box::pin(async move {
-        let mut line = String::new();
-        if r.read_line(&mut line).await.ok()? == 0 {
-            return None;
-        }
-        let line = line.trim_end_matches("\r\n");
-        let (kind, rest) = line.split_at(1);
-        let n: i64 = rest.parse().unwrap_or(0);
-        Some(match kind {
-            "$" if n >= 0 => {
-                let mut buf = vec![0u8; n as usize + 2];
-                tokio::io::AsyncReadExt::read_exact(r, &mut buf)
-                    .await
-                    .ok()?;
-                Frame::Bulk(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
-            }
-            "$" | "_" => Frame::Nil,
-            ">" | "*" | "%" | "~" => {
-                let count = if kind == "%" { 2 * n } else { n };
-                let mut items = Vec::new();
-                for _ in 0..count {
-                    items.push(read_frame(r).await?);
-                }
-                match kind {
-                    ">" => Frame::Push(items),
-                    _ => Frame::Array(items),
-                }
-            }
-            _ => Frame::Other,
-        })
-    })
-}
-
-/// A Redis client caching on its side, as redis-py's client-side cache does: `CLIENT TRACKING
-/// ON` over RESP3 on the daemon's Redis-protocol socket, `GET user:NAME` answered from its own
-/// memory while no `invalidate` push named the key, every push it has received applied before
-/// it serves from memory, everything dropped when the connection goes. Every answer, its own
-/// memory's included, is recorded and held to the commit history like any other.
+/// A Redis client caching on its side (`common::tracked`), reading `user:NAME` on the daemon's
+/// Redis-protocol socket: every answer, its own memory's included, is recorded and held to the
+/// commit history like any other.
 pub async fn tracked_client(
     socket: PathBuf,
-    mut rng: Rng,
+    rng: Rng,
     stop: CancellationToken,
     seen: Arc<Mutex<Vec<Observation>>>,
 ) {
-    while !stop.is_cancelled() {
-        let Ok(stream) = UnixStream::connect(&socket).await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
+    let pick = |rng: &mut Rng| {
+        let name = if rng.below(10) < 4 {
+            rng.calm()
+        } else {
+            rng.name()
         };
-        let (r, mut w) = stream.into_split();
-        let (frames, mut heard) = tokio::sync::mpsc::unbounded_channel();
-        let reader = tokio::spawn(async move {
-            let mut r = BufReader::new(r);
-            while let Some(frame) = read_frame(&mut r).await {
-                if frames.send(frame).is_err() {
-                    break;
-                }
-            }
-        });
-        if w.write_all(b"HELLO 3\r\nCLIENT TRACKING ON\r\n")
-            .await
-            .is_err()
-        {
-            continue;
+        format!("user:{name}")
+    };
+    let read = |reply: Frame| match reply {
+        Frame::Bulk(user) => {
+            let user: Value = serde_json::from_str(&user).expect("USER JSON");
+            Some(Seen::Present(user["version"].as_i64().expect("a version")))
         }
-        // The two replies.
-        let mut handshake = 0;
-        while handshake < 2 {
-            match tokio::time::timeout(Duration::from_secs(15), heard.recv()).await {
-                Ok(Some(Frame::Push(_))) => {}
-                Ok(Some(_)) => handshake += 1,
-                _ => break,
-            }
-        }
-        if handshake < 2 {
-            reader.abort();
-            continue;
-        }
-        let mut cache: HashMap<String, Seen> = HashMap::new();
-        let apply = |cache: &mut HashMap<String, Seen>, keys: Option<Vec<String>>| match keys {
-            Some(keys) => {
-                for key in keys {
-                    cache.remove(key.strip_prefix("user:").unwrap_or(&key));
-                }
-            }
-            None => cache.clear(),
-        };
-        'connection: while !stop.is_cancelled() {
-            // Pushes first, as redis-py reads them before it serves from its cache.
-            loop {
-                match heard.try_recv() {
-                    Ok(frame) => {
-                        if let Some(keys) = frame.invalidated() {
-                            apply(&mut cache, keys);
-                        }
-                    }
-                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
-                    Err(_) => break 'connection,
-                }
-            }
-            let name = if rng.below(10) < 4 {
-                rng.calm()
-            } else {
-                rng.name()
-            };
-            if let Some(held) = cache.get(&name) {
-                let now = now_us();
-                seen.lock().expect("not poisoned").push(Observation {
-                    name,
-                    sent_us: now,
-                    answered_us: now,
-                    seen: *held,
-                    source: "client cache".into(),
-                });
-            } else {
-                let sent_us = now_us();
-                if w.write_all(format!("GET user:{name}\r\n").as_bytes())
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                let reply = loop {
-                    match tokio::time::timeout(Duration::from_secs(15), heard.recv()).await {
-                        Ok(Some(frame @ Frame::Push(_))) => {
-                            apply(&mut cache, frame.invalidated().expect("a push"))
-                        }
-                        Ok(Some(reply)) => break reply,
-                        _ => break 'connection,
-                    }
-                };
-                let answered_us = now_us();
-                let held = match reply {
-                    Frame::Bulk(user) => {
-                        let user: Value = serde_json::from_str(&user).expect("USER JSON");
-                        Seen::Present(user["version"].as_i64().expect("a version"))
-                    }
-                    Frame::Nil => Seen::Absent,
-                    // An error (a backend down): no claim about the data, nothing cached.
-                    _ => continue,
-                };
-                seen.lock().expect("not poisoned").push(Observation {
-                    name: name.clone(),
-                    sent_us,
-                    answered_us,
-                    seen: held,
-                    source: "resp".into(),
-                });
-                cache.insert(name, held);
-            }
-            tokio::time::sleep(Duration::from_micros(rng.below(3000))).await;
-        }
-        reader.abort();
-    }
+        Frame::Nil => Some(Seen::Absent),
+        // An error (a backend down): no claim about the data, nothing cached.
+        _ => None,
+    };
+    let record = |answer: Answer<'_, Seen>| {
+        seen.lock().expect("not poisoned").push(Observation {
+            name: answer.key.trim_start_matches("user:").to_owned(),
+            sent_us: answer.sent_us,
+            answered_us: answer.answered_us,
+            seen: *answer.shown,
+            source: answer.source.into(),
+        })
+    };
+    tracked::tracked_client(socket, rng, stop, pick, read, record).await
 }
 
 /// A program changing `users` with plain SQL: inserts, renames, deletes, touches, multi-row
@@ -527,10 +376,10 @@ pub async fn history(env: &TestEnv) -> HashMap<String, Vec<State>> {
         .pg()
         .await
         .query(
-            "SELECT op, username, old_username, version,
-                    (extract(epoch FROM pg_xact_commit_timestamp(
-                        ((txid::text::numeric % 4294967296)::bigint)::text::xid)) * 1000000)::bigint
-             FROM cacheward_outbox ORDER BY id",
+            &format!(
+                "SELECT op, username, old_username, version, {COMMITTED_US}
+                 FROM cacheward_outbox ORDER BY id"
+            ),
             &[],
         )
         .await
