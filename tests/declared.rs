@@ -431,6 +431,9 @@ async fn a_forged_key_in_the_outbox_is_skipped_and_its_batch_applied() {
     .await
     .unwrap();
     converges(&mut client, order.clone(), Ok("after")).await;
+    // Its table was never taken for unreadable, nor the stream started over.
+    let stats = daemon.stats().await;
+    assert_eq!(stats["cdc"]["reconnects"], 0, "{stats}");
     row(&mut client, order.clone()).await.unwrap();
     assert_eq!(row(&mut client, order.clone()).await.unwrap().1, "cache");
     // The stream goes on past them: the next change is applied too.
