@@ -918,6 +918,8 @@ async fn verify_compares_every_table_s_entries_and_lookups_with_their_rows() {
     env.redis_set("accounts:by_email=b@x", stale).await;
     let ghost = r#"{"version":1,"row":{"region":"nowhere","id":1}}"#;
     env.redis_set("orders:nowhere:1", ghost).await;
+    // And one under a key no row can have (`x` is no bigint): compared like any, not a failure.
+    env.redis_set("orders:nowhere:x", ghost).await;
     let (code, said) = verify();
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("mismatch accounts:by_email=b@x"), "{said}");
@@ -925,6 +927,7 @@ async fn verify_compares_every_table_s_entries_and_lookups_with_their_rows() {
         said.contains("mismatch orders:nowhere:1") && said.contains("(no row)"),
         "{said}"
     );
+    assert!(said.contains("mismatch orders:nowhere:x"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -961,18 +964,34 @@ async fn the_live_checker_samples_declared_tables_and_reports_an_entry_that_stay
         .query_async(&mut conn)
         .await
         .unwrap();
+    // Beside it, an entry under a key no row can have (`x` is no bigint), sampled with it: it
+    // names no row (its read must not fail the look, and with it every key sampled beside it).
+    let () = redis::cmd("SET")
+        .arg("orders:w:x")
+        .arg(entry.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let seen = daemon.stats().await["consistency"].clone();
-        if seen["mismatched"].as_u64() >= Some(1) {
+        if seen["mismatched"].as_u64() >= Some(2) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the wrong entry was never reported: {seen}"
+            "the wrong entries were never both reported: {seen}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Both repaired: neither is served as it was written.
+    let tampered = cached(&env, "orders:w:8").await;
+    assert!(
+        tampered.as_ref().is_none_or(|v| v["row"] != wrong["row"]),
+        "{tampered:?}"
+    );
+    let junk = cached(&env, "orders:w:x").await;
+    assert!(junk.as_ref().is_none_or(|v| v["row"].is_null()), "{junk:?}");
     assert_eq!(good["note"], "n8");
 }
 
