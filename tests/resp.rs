@@ -182,6 +182,42 @@ async fn reads_answer_users_and_declared_rows_as_the_json_rpc_get_does_in_resp2_
             .await
             .unwrap();
         assert_eq!(n, 3, "counted per key named, as Redis counts");
+        // Once the near cache holds every key, MGET and EXISTS are answered from it alone
+        // (its hits count them), the same as the read path answers them.
+        let held = ["user:alice", "accounts:1", "accounts:2", "user:alice"];
+        let first: Vec<Option<String>> = conn.mget(&held).await.unwrap();
+        common::wait_until(
+            "an MGET answered by the near cache",
+            Duration::from_secs(5),
+            || {
+                let (mut conn, daemon, first) = (conn.clone(), &front.daemon, first.clone());
+                async move {
+                    let hits = |s: Value| s["near_cache"]["hits"].as_u64().unwrap();
+                    let before = hits(daemon.stats().await);
+                    let again: Vec<Option<String>> = conn.mget(&held).await.unwrap();
+                    assert_eq!(again, first);
+                    hits(daemon.stats().await) == before + 4
+                }
+            },
+        )
+        .await;
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(&held)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 4);
+        // A key the near cache lacks, or one that names no row, after held ones: the read path
+        // answers the whole command, nothing of the held ones' answers written twice.
+        let many: Vec<Option<String>> = conn.mget(&[held[0], held[1], "accounts:9"]).await.unwrap();
+        assert_eq!(many[..2], first[..2]);
+        assert_eq!(many[2], None);
+        let e = conn
+            .mget::<_, Vec<Option<String>>>(&[held[0], "accounts:x"])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("accounts:x"), "{e}");
     }
     // A row changed out of band is answered changed (the change stream reached the cache).
     front

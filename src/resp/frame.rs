@@ -379,9 +379,9 @@ impl Reply {
 
 /// A frame's type byte, a decimal number and CRLF, written without allocating.
 fn header(out: &mut Vec<u8>, kind: u8, n: i64) {
-    use std::io::Write;
     out.push(kind);
-    write!(out, "{n}\r\n").expect("writing to a Vec cannot fail");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]

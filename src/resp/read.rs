@@ -19,6 +19,11 @@ pub fn resolve(service: &Service, redis_key: &Bytes) -> Result<Key, String> {
     resolve_ref(service, redis_key).map(KeyRef::to_key)
 }
 
+/// The keys Redis keys name, or the `-ERR` message of the first that names none.
+pub fn resolve_all(service: &Service, redis_keys: &[Bytes]) -> Result<Vec<Key>, String> {
+    redis_keys.iter().map(|k| resolve(service, k)).collect()
+}
+
 /// [`resolve`], borrowed from `redis_key` (nothing allocated unless it names no key).
 pub fn resolve_ref<'a>(service: &Service, redis_key: &'a [u8]) -> Result<KeyRef<'a>, String> {
     let key = service.cache().key_ref_of(redis_key).ok_or_else(|| {
@@ -167,6 +172,36 @@ pub fn get_near(service: &Service, reply: Reply, key: KeyRef, out: &mut Vec<u8>)
     service
         .get_near(&key, |json| live(reply, out, users, json))
         .is_some()
+}
+
+/// An `MGET` or `EXISTS` of `redis_keys` answered from the near cache alone, written to `out`,
+/// when it holds every one of them (each key borrowed from the request, nothing allocated);
+/// `false` (nothing written) when any is the read path's to answer — one it lacks, or one that
+/// names no key (whose error the general path words).
+pub fn many_near(
+    service: &Service,
+    kind: ReadKind,
+    reply: Reply,
+    redis_keys: &[Bytes],
+    out: &mut Vec<u8>,
+) -> bool {
+    let start = out.len();
+    let held = |key: &Bytes, out: &mut Vec<u8>| match resolve_ref(service, key) {
+        Ok(key) if kind == ReadKind::Exists => service.get_near(&key, |_| ()).is_some(),
+        Ok(key) => get_near(service, reply, key, out),
+        Err(_) => false,
+    };
+    if kind != ReadKind::Exists {
+        reply.array(out, redis_keys.len());
+    }
+    if !redis_keys.iter().all(|key| held(key, out)) {
+        out.truncate(start);
+        return false;
+    }
+    if kind == ReadKind::Exists {
+        reply.int(out, redis_keys.len() as i64);
+    }
+    true
 }
 
 /// Whether the read path's error says only that the row does not exist.

@@ -336,6 +336,7 @@ impl Connection {
         self.session.saw(self.seen);
         match self.session.handle(&self.service, args) {
             Action::Get { reply } => self.start_get(&args[1], reply, size, reads),
+            Action::Many { kind, reply } => self.start_many(kind, &args[1..], reply, size, reads),
             Action::Read {
                 kind,
                 keys,
@@ -380,6 +381,38 @@ impl Connection {
             .0
             .push(ReadKind::Get, reply, vec![key.to_key()], false);
         reads.1 += size;
+    }
+
+    /// A plain `MGET` or `EXISTS` of Redis keys `keys`: answered now if the near cache holds
+    /// every one and no read is ahead of it to wait for, else added to the reads collected.
+    fn start_many(
+        &mut self,
+        kind: ReadKind,
+        keys: &[Bytes],
+        reply: Reply,
+        size: usize,
+        reads: &mut (Reads, usize),
+    ) {
+        let service = &self.service;
+        if reads.0.is_empty()
+            && self
+                .inflight
+                .answer_now(|out| read::many_near(service, kind, reply, keys, out))
+        {
+            return;
+        }
+        match read::resolve_all(service, keys) {
+            Ok(keys) => {
+                self.inflight.flush_ready();
+                reads.0.push(kind, reply, keys, false);
+                reads.1 += size;
+            }
+            Err(message) => {
+                let mut out = Vec::new();
+                reply.error(&mut out, &message);
+                self.answer(out, reads);
+            }
+        }
     }
 
     /// Answers `bytes` once the reads collected so far are answered.

@@ -78,6 +78,9 @@ pub enum Action {
     /// A plain `GET` (untracked) of the request's second argument, a Redis key not resolved yet,
     /// answered in this protocol.
     Get { reply: Reply },
+    /// A plain `MGET` or `EXISTS` (untracked) of the request's arguments after the first, Redis
+    /// keys not resolved yet, answered in this protocol.
+    Many { kind: ReadKind, reply: Reply },
     /// Answer these bytes, then close the connection.
     Close(Vec<u8>),
 }
@@ -181,14 +184,23 @@ impl Session {
         let Some(first) = args.first() else {
             return Action::Answer(Vec::new());
         };
-        // The common case first, without the general path's allocations.
-        if let [get, _] = args {
-            if get.eq_ignore_ascii_case(b"get")
-                && (self.authenticated || !self.must_auth)
-                && self.tracking.is_none()
-                && !self.subscribed
-            {
+        // The common cases first, without the general path's allocations.
+        if (self.authenticated || !self.must_auth) && self.tracking.is_none() && !self.subscribed {
+            if args.len() == 2 && first.eq_ignore_ascii_case(b"get") {
                 return Action::Get { reply: self.reply };
+            }
+            if args.len() >= 2 {
+                for (name, kind) in [
+                    (&b"mget"[..], ReadKind::Mget),
+                    (b"exists", ReadKind::Exists),
+                ] {
+                    if first.eq_ignore_ascii_case(name) {
+                        return Action::Many {
+                            kind,
+                            reply: self.reply,
+                        };
+                    }
+                }
             }
         }
         let name = name_of(first);
@@ -242,9 +254,7 @@ impl Session {
                     "mget" => ReadKind::Mget,
                     _ => ReadKind::Exists,
                 };
-                let keys: Result<Vec<Key>, String> =
-                    args[1..].iter().map(|k| super::read::resolve(service, k)).collect();
-                match keys {
+                match super::read::resolve_all(service, &args[1..]) {
                     Ok(keys) => {
                         let tracked = self.track(&keys, caching);
                         return Action::Read {
