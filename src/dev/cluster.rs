@@ -226,28 +226,62 @@ impl RedisCluster {
         })
     }
 
-    /// `redis-cli --cluster fix`: open slots closed, uncovered slots given a primary.
+    /// `redis-cli --cluster fix`: open slots closed, uncovered slots given a primary. A key
+    /// found on both sides of an open slot with different values (one node restarted from an
+    /// older snapshot while the slot moved) stops the fix: as docs/operations.md tells operators,
+    /// both copies are deleted (a cache entry or a fence, which cacheward makes again) and the fix
+    /// run again, slot after slot.
     pub fn fix(&self) -> Result<(), DevError> {
         let cli = on_path("redis-cli").ok_or(DevError::MissingBinary("redis-cli", ""))?;
         let Some(&port) = self.primaries().first() else {
             return Err(failed("fixing the redis cluster", "no primary"));
         };
-        let out = Command::new(cli)
-            .args([
-                "--cluster",
-                "fix",
-                &format!("127.0.0.1:{port}"),
-                "--cluster-yes",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(io_err("redis-cli --cluster fix"))?;
-        match out.status.success() {
-            true => Ok(()),
-            false => Err(failed(
-                "fixing the redis cluster",
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-            )),
+        let mut attempts = 0;
+        loop {
+            let out = Command::new(&cli)
+                .args([
+                    "--cluster",
+                    "fix",
+                    &format!("127.0.0.1:{port}"),
+                    "--cluster-yes",
+                ])
+                .stdin(Stdio::null())
+                .output()
+                .map_err(io_err("redis-cli --cluster fix"))?;
+            if out.status.success() {
+                return Ok(());
+            }
+            let said = String::from_utf8_lossy(&out.stdout).into_owned();
+            attempts += 1;
+            let Some((slot, nodes)) = differing_copies(&said).filter(|_| attempts < 20) else {
+                return Err(failed("fixing the redis cluster", said));
+            };
+            // The keys of that slot both nodes hold (redis-cli prints a key only up to a NUL, and
+            // cacheward's own keys hold one): read from the nodes themselves.
+            let held = |node: u16| -> Vec<Vec<u8>> {
+                let slot = slot.to_string();
+                let asked = [
+                    &b"CLUSTER"[..],
+                    b"GETKEYSINSLOT",
+                    slot.as_bytes(),
+                    b"100000",
+                ];
+                commands(node, &[&asked]).into_iter().flatten().collect()
+            };
+            let on_target = held(nodes[1]);
+            let both: Vec<Vec<u8>> = held(nodes[0])
+                .into_iter()
+                .filter(|k| on_target.contains(k))
+                .collect();
+            if both.is_empty() {
+                return Err(failed("fixing the redis cluster", said));
+            }
+            for node in nodes {
+                for key in &both {
+                    // ASKING: an importing node serves the key only when asked so.
+                    commands(node, &[&[b"ASKING"], &[b"DEL", key]]);
+                }
+            }
         }
     }
 
@@ -405,6 +439,92 @@ pub(super) fn poll_until(
 
 /// Sends one inline command to a node over TCP and returns its raw answer (`None` if the node
 /// does not answer within a second).
+/// What `redis-cli --cluster fix` said stopped it on keys with different values on both sides of
+/// an open slot: that slot, and the source's and the target's ports.
+fn differing_copies(said: &str) -> Option<(u16, [u16; 2])> {
+    let (before, after) = said.split_once("having different values")?;
+    let slot = before
+        .rsplit_once("Moving slot ")?
+        .1
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let port = |label: &str| -> Option<u16> {
+        let (_, rest) = after.split_once(label)?;
+        let address = rest.split_whitespace().next()?;
+        address.rsplit_once(':')?.1.parse().ok()
+    };
+    Some((slot, [port("Source node:")?, port("Target node:")?]))
+}
+
+/// Sends `commands` to the node on `port` (each an argument list, binary-safe) and reads one
+/// reply per command: an array of bulk strings as its items, any other reply as one item (an
+/// error or status line as its text); empty when the node does not answer.
+fn commands(port: u16, commands: &[&[&[u8]]]) -> Vec<Vec<Vec<u8>>> {
+    use std::io::{BufRead, BufReader};
+    let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return Vec::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut request = Vec::new();
+    for args in commands {
+        request.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for arg in *args {
+            request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            request.extend_from_slice(arg);
+            request.extend_from_slice(b"\r\n");
+        }
+    }
+    let mut writer = &stream;
+    if writer.write_all(&request).is_err() {
+        return Vec::new();
+    }
+    let mut reader = BufReader::new(&stream);
+    let mut line = Vec::new();
+    let mut next_line = |reader: &mut BufReader<&std::net::TcpStream>| -> Option<Vec<u8>> {
+        line.clear();
+        reader
+            .read_until(b'\n', &mut line)
+            .ok()
+            .filter(|n| *n > 0)?;
+        Some(line.strip_suffix(b"\r\n").unwrap_or(&line).to_vec())
+    };
+    let bulk = |reader: &mut BufReader<&std::net::TcpStream>, header: &[u8]| {
+        let n: usize = std::str::from_utf8(header.get(1..)?).ok()?.parse().ok()?;
+        let mut value = vec![0u8; n + 2];
+        std::io::Read::read_exact(reader, &mut value).ok()?;
+        value.truncate(n);
+        Some(value)
+    };
+    let mut replies = Vec::new();
+    for _ in commands {
+        let Some(header) = next_line(&mut reader) else {
+            break;
+        };
+        let reply = match header.first() {
+            Some(b'*') => {
+                let n: usize = std::str::from_utf8(&header[1..])
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let Some(item) = next_line(&mut reader) else {
+                        break;
+                    };
+                    items.extend(bulk(&mut reader, &item));
+                }
+                items
+            }
+            Some(b'$') => bulk(&mut reader, &header).into_iter().collect(),
+            _ => vec![header],
+        };
+        replies.push(reply);
+    }
+    replies
+}
+
 pub(super) fn ask(port: u16, command: &str) -> Option<String> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
@@ -412,4 +532,61 @@ pub(super) fn ask(port: u16, command: &str) -> Option<String> {
     let mut answer = vec![0u8; 64 * 1024];
     let n = stream.read(&mut answer).ok()?;
     Some(String::from_utf8_lossy(&answer[..n]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fix_stopped_by_differing_copies_names_the_slot_and_the_nodes() {
+        // As redis-cli 7 prints it, colours included.
+        let said = "\u{1b}[29;1m>>> Case 2: Moving all the 11679 slot keys to its owner \
+            127.0.0.1:45033\n\u{1b}[0mMoving slot 11679 from 127.0.0.1:45017 to 127.0.0.1:45033: \
+            \u{1b}[33;1m\n*** Target key exists\n\u{1b}[0m\u{1b}[31;1m*** Found 1 key(s) in both \
+            source node and target node having different values.\n    Source node: \
+            127.0.0.1:45017\n    Target node: 127.0.0.1:45033\n    Keys(s):\n\u{1b}[0m\u{1b}[31;1m    \
+            - user:\n\u{1b}[0m";
+        assert_eq!(differing_copies(said), Some((11679, [45017, 45033])));
+        assert_eq!(
+            differing_copies("*** Target key exists\n[ERR] Not all slots covered"),
+            None
+        );
+    }
+
+    #[test]
+    fn commands_reach_keys_with_a_nul_and_read_every_reply() {
+        let options = crate::dev::RedisOptions {
+            tcp: true,
+            ..Default::default()
+        };
+        let redis = crate::dev::Redis::start_with(options).expect("a throwaway redis");
+        let url = redis.tcp_url(0).expect("tcp");
+        let port: u16 = url
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let key = &b"user:\0fence:7"[..];
+        let replies = commands(
+            port,
+            &[
+                &[b"SET", key, b"x"],
+                &[b"KEYS", b"*"],
+                &[b"DEL", key],
+                &[b"GET", key],
+            ],
+        );
+        let want: Vec<Vec<Vec<u8>>> = vec![
+            vec![b"+OK".to_vec()],
+            vec![key.to_vec()],
+            vec![b":1".to_vec()],
+            vec![],
+        ];
+        assert_eq!(replies, want);
+    }
 }
