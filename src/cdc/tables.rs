@@ -137,10 +137,7 @@ pub async fn prepare_reads(
         // A key no row can have (an outbox row forged with a text its column's type never
         // prints: `x` or `99999999999` for an integer, ` 8`) is not read: its cast would fail the
         // whole read, and the table with it. Found by no read, it is dropped as a missing row is.
-        if table.checked_text(key.as_str()).is_err() {
-            continue;
-        }
-        if let Some((None, parts)) = table.decode(key.as_str()) {
+        if let Some((None, parts)) = table.decode_canonical(key.as_str()) {
             by_table
                 .entry(key.table())
                 .or_insert_with(|| (table.clone(), Vec::new()))

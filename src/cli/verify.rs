@@ -89,8 +89,7 @@ async fn table_rows(
                 .filter(|(_, k)| k.table() == table.id)
                 // A key whose values no row can hold (`x` for an integer) names no row: read,
                 // its cast would fail the whole query.
-                .filter(|(_, k)| table.checked_text(k.as_str()).is_ok())
-                .filter_map(|(i, k)| match table.decode(k.as_str()) {
+                .filter_map(|(i, k)| match table.decode_canonical(k.as_str()) {
                     Some((by, parts)) if by == lookup => Some((i, parts)),
                     _ => None,
                 })

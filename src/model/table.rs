@@ -141,6 +141,17 @@ impl Table {
     /// PostgreSQL would convert to another key's value (`007` for an integer) is refused with
     /// the key it would be.
     pub fn checked_text(&self, text: &str) -> Result<(), KeyError> {
+        self.canonical_parts(text).map(drop)
+    }
+
+    /// What a key's text names, as [`Table::decode`] reads it, when it is the text the row it
+    /// names is cached under (see [`Table::checked_text`]); `None` for any other text. A Redis
+    /// key or an outbox row's key that no row can have (`x` for an integer) is never cast.
+    pub fn decode_canonical(&self, text: &str) -> Option<(Option<&Lookup>, Vec<String>)> {
+        self.canonical_parts(text).ok()
+    }
+
+    fn canonical_parts(&self, text: &str) -> Result<(Option<&Lookup>, Vec<String>), KeyError> {
         let (lookup, parts) = self.decode(text).ok_or_else(|| KeyError {
             column: String::new(),
             reason: match self.lookups.is_empty() {
@@ -154,7 +165,7 @@ impl Table {
             Some(Scalar::Str(&parts[at]))
         })?;
         match canonical == text {
-            true => Ok(()),
+            true => Ok((lookup, parts)),
             false => Err(KeyError {
                 column: String::new(),
                 reason: format!("is written {canonical:?} in its Redis key"),

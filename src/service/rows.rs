@@ -35,10 +35,7 @@ impl Service {
             // A text that no key of the table encodes to names no row, nor one whose values no
             // row can hold (a Redis key written around the daemon, `x` for an integer, which the
             // consistency checker samples): read, its cast would fail its whole group.
-            if table.checked_text(key.as_str()).is_err() {
-                continue;
-            }
-            if let Some((lookup, parts)) = table.decode(key.as_str()) {
+            if let Some((lookup, parts)) = table.decode_canonical(key.as_str()) {
                 let at = lookup.and_then(|l| table.lookups.iter().position(|m| m == l));
                 groups
                     .entry((key.table(), at))
