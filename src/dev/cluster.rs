@@ -259,14 +259,14 @@ impl RedisCluster {
             // The keys of that slot both nodes hold (redis-cli prints a key only up to a NUL, and
             // cacheward's own keys hold one): read from the nodes themselves.
             let held = |node: u16| -> Vec<Vec<u8>> {
-                let slot = slot.to_string();
-                let asked = [
-                    &b"CLUSTER"[..],
-                    b"GETKEYSINSLOT",
-                    slot.as_bytes(),
-                    b"100000",
-                ];
-                commands(node, &[&asked]).into_iter().flatten().collect()
+                let asked = redis::cmd("CLUSTER")
+                    .arg("GETKEYSINSLOT")
+                    .arg(slot)
+                    .arg(100_000)
+                    .clone();
+                connect(node)
+                    .and_then(|mut c| asked.query(&mut c).ok())
+                    .unwrap_or_default()
             };
             let on_target = held(nodes[1]);
             let both: Vec<Vec<u8>> = held(nodes[0])
@@ -279,7 +279,10 @@ impl RedisCluster {
             for node in nodes {
                 for key in &both {
                     // ASKING: an importing node serves the key only when asked so.
-                    commands(node, &[&[b"ASKING"], &[b"DEL", key]]);
+                    let delete = redis::pipe().cmd("ASKING").ignore().del(key).clone();
+                    if let Some(mut c) = connect(node) {
+                        let _: redis::RedisResult<()> = delete.query(&mut c);
+                    }
                 }
             }
         }
@@ -458,71 +461,12 @@ fn differing_copies(said: &str) -> Option<(u16, [u16; 2])> {
     Some((slot, [port("Source node:")?, port("Target node:")?]))
 }
 
-/// Sends `commands` to the node on `port` (each an argument list, binary-safe) and reads one
-/// reply per command: an array of bulk strings as its items, any other reply as one item (an
-/// error or status line as its text); empty when the node does not answer.
-fn commands(port: u16, commands: &[&[&[u8]]]) -> Vec<Vec<Vec<u8>>> {
-    use std::io::{BufRead, BufReader};
-    let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return Vec::new();
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut request = Vec::new();
-    for args in commands {
-        request.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-        for arg in *args {
-            request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-            request.extend_from_slice(arg);
-            request.extend_from_slice(b"\r\n");
-        }
-    }
-    let mut writer = &stream;
-    if writer.write_all(&request).is_err() {
-        return Vec::new();
-    }
-    let mut reader = BufReader::new(&stream);
-    let mut line = Vec::new();
-    let mut next_line = |reader: &mut BufReader<&std::net::TcpStream>| -> Option<Vec<u8>> {
-        line.clear();
-        reader
-            .read_until(b'\n', &mut line)
-            .ok()
-            .filter(|n| *n > 0)?;
-        Some(line.strip_suffix(b"\r\n").unwrap_or(&line).to_vec())
-    };
-    let bulk = |reader: &mut BufReader<&std::net::TcpStream>, header: &[u8]| {
-        let n: usize = std::str::from_utf8(header.get(1..)?).ok()?.parse().ok()?;
-        let mut value = vec![0u8; n + 2];
-        std::io::Read::read_exact(reader, &mut value).ok()?;
-        value.truncate(n);
-        Some(value)
-    };
-    let mut replies = Vec::new();
-    for _ in commands {
-        let Some(header) = next_line(&mut reader) else {
-            break;
-        };
-        let reply = match header.first() {
-            Some(b'*') => {
-                let n: usize = std::str::from_utf8(&header[1..])
-                    .ok()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0);
-                let mut items = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let Some(item) = next_line(&mut reader) else {
-                        break;
-                    };
-                    items.extend(bulk(&mut reader, &item));
-                }
-                items
-            }
-            Some(b'$') => bulk(&mut reader, &header).into_iter().collect(),
-            _ => vec![header],
-        };
-        replies.push(reply);
-    }
-    replies
+/// A connection of its own to the node on `port`; `None` when it does not answer.
+fn connect(port: u16) -> Option<redis::Connection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .ok()
 }
 
 pub(super) fn ask(port: u16, command: &str) -> Option<String> {
@@ -555,7 +499,7 @@ mod tests {
     }
 
     #[test]
-    fn commands_reach_keys_with_a_nul_and_read_every_reply() {
+    fn keys_with_a_nul_are_listed_and_deleted_whole() {
         let options = crate::dev::RedisOptions {
             tcp: true,
             ..Default::default()
@@ -572,21 +516,16 @@ mod tests {
             .parse()
             .unwrap();
         let key = &b"user:\0fence:7"[..];
-        let replies = commands(
-            port,
-            &[
-                &[b"SET", key, b"x"],
-                &[b"KEYS", b"*"],
-                &[b"DEL", key],
-                &[b"GET", key],
-            ],
-        );
-        let want: Vec<Vec<Vec<u8>>> = vec![
-            vec![b"+OK".to_vec()],
-            vec![key.to_vec()],
-            vec![b":1".to_vec()],
-            vec![],
-        ];
-        assert_eq!(replies, want);
+        let mut c = connect(port).expect("a connection");
+        let () = redis::cmd("SET").arg(key).arg("x").query(&mut c).unwrap();
+        let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut c).unwrap();
+        assert_eq!(keys, [key]);
+        let deleted: (i64,) = redis::pipe()
+            .cmd("PING")
+            .ignore()
+            .del(key)
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(deleted, (1,));
     }
 }
