@@ -107,6 +107,15 @@ async fn row(client: &mut Rpc, params: Value) -> Result<(Value, String), String>
     }
 }
 
+/// Whether one get of `params` was answered from the near cache (its hits rose by one).
+async fn near_hit(client: &mut Rpc, params: &Value) -> bool {
+    let hits = |stats: Value| stats["result"]["near_cache"]["hits"].as_u64().unwrap();
+    let before = hits(client.call("stats", json!({})).await);
+    let answer = client.call("get", params.clone()).await;
+    assert!(answer.get("result").is_some(), "{answer}");
+    hits(client.call("stats", json!({})).await) == before + 1
+}
+
 async fn cached(env: &TestEnv, key: &str) -> Option<Value> {
     let mut conn = env.redis().await;
     let value: Option<String> = redis::cmd("GET")
@@ -310,9 +319,34 @@ async fn a_truncate_of_one_table_drops_only_its_entries() {
         }
     };
     let shared = fence("user:").await.expect("users' fence");
+    // Held in the near cache, all three: a read of each is a near hit.
+    for params in [&order, &account, &user] {
+        let mut held = false;
+        for _ in 0..50 {
+            if near_hit(&mut client, params).await {
+                held = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(held, "{params} never held in the near cache");
+    }
+    let near_before = client.call("stats", json!({})).await["result"]["near_cache"].clone();
     let pg = env.pg().await;
     pg.batch_execute("TRUNCATE orders").await.unwrap();
     converges(&mut client, order.clone(), Err("not_found")).await;
+    // The near cache dropped the table's entries only: users' and accounts' are still held.
+    for params in [&account, &user] {
+        assert!(near_hit(&mut client, params).await, "{params} dropped");
+    }
+    let near = client.call("stats", json!({})).await["result"]["near_cache"].clone();
+    assert_eq!(near["flushes"], near_before["flushes"], "{near}");
+    // Both tables whose source is `orders` (it and `frozen`), before and after each drop.
+    assert_eq!(
+        near["table_flushes"].as_u64().unwrap(),
+        near_before["table_flushes"].as_u64().unwrap() + 4,
+        "{near}"
+    );
     // Only the table's own fence rose: fills of users and of other tables are not refused.
     assert!(fence("orders:\0fence").await.is_some_and(|f| f > shared));
     assert_eq!(fence("user:").await, Some(shared), "users' fence untouched");

@@ -274,7 +274,7 @@ async fn a_near_cache_of_zero_bytes_is_off() {
     let stats = near(&daemon).await;
     assert_eq!(
         stats,
-        json!({"max_bytes": 0, "hits": 0, "entries": 0, "bytes": 0, "invalidations": 0, "flushes": 0})
+        json!({"max_bytes": 0, "hits": 0, "entries": 0, "bytes": 0, "invalidations": 0, "flushes": 0, "table_flushes": 0})
     );
 }
 

@@ -4,7 +4,8 @@
 //! ([`Watcher`]), so every invalidation it handles — Redis saying a key changed (another daemon's
 //! write, an expiry, an eviction), the daemon's own writes (before they are sent and once they are
 //! answered), a flush (a lost connection, a failover, a drop, Redis's "everything") — reaches the
-//! connections that read the key, or all of them.
+//! connections that read the key, or all of them; one table's drop (its TRUNCATE) reaches those
+//! that read its keys, as those keys.
 //!
 //! **Exactness, as Redis has it**: a connection's read registers its keys *before* the read is
 //! asked for, so a change that its answer may not show is heard after the registration; and a
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::model::key::Key;
+use crate::model::key::{Key, TableId};
 use crate::service::Stats;
 use crate::store::redis::near::Watcher;
 use crate::store::redis::Cache;
@@ -304,6 +305,50 @@ impl Watcher for Tracker {
         let readers = state.keys.remove(name).unwrap_or_default();
         state.remembered -= readers.len();
         self.owe_key(&state, name, &readers);
+        self.count(&state);
+    }
+
+    fn dropped(&self, table: TableId) {
+        if self.tracking.load(Relaxed) == 0 {
+            return;
+        }
+        let mut state = self.state.lock().expect("not poisoned");
+        let gone: Vec<Key> = (state.keys.keys())
+            .filter(|k| k.table() == table)
+            .cloned()
+            .collect();
+        // A reader is told of the keys of the table it read, in one message; the others hear
+        // nothing.
+        let mut owed: HashMap<u64, Vec<Bytes>> = HashMap::new();
+        for key in gone {
+            let readers = state.keys.remove(&key).unwrap_or_default();
+            state.remembered -= readers.len();
+            let name = Bytes::from(self.cache.redis_key(&key));
+            for id in readers {
+                owed.entry(id).or_default().push(name.clone());
+            }
+        }
+        state.order.retain(|k| k.table() != table);
+        let prefix = self.cache.prefix_of(table).as_bytes();
+        for (id, (sink, mode)) in &state.clients {
+            let push = match mode {
+                Mode::Reads => owed.remove(id).map(Push::Keys),
+                // What a broadcast client holds under the table is not known: if its prefixes
+                // reach into the table, all of it goes.
+                Mode::Broadcast(prefixes) => {
+                    let within = |p: &Bytes| p.starts_with(prefix) || prefix.starts_with(p);
+                    (prefixes.is_empty() || prefixes.iter().any(within)).then_some(Push::Flush)
+                }
+            };
+            if let Some(push) = push {
+                let told = match &push {
+                    Push::Keys(keys) => keys.len() as u64,
+                    Push::Flush => 1,
+                };
+                sink.owe(push);
+                self.stats.resp.invalidations.fetch_add(told, Relaxed);
+            }
+        }
         self.count(&state);
     }
 

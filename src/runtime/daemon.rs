@@ -287,6 +287,7 @@ async fn stats_line(service: Arc<Service>, every: Duration, stop: CancellationTo
             near_bytes = s.near_cache.bytes,
             near_invalidations = s.near_cache.invalidations,
             near_flushes = s.near_cache.flushes,
+            near_table_flushes = s.near_cache.table_flushes,
             consistency_checked = s.consistency.checked,
             consistency_mismatched = s.consistency.mismatched,
             consistency_oldest_mismatch_ms = s.consistency.oldest_mismatch_ms,

@@ -39,7 +39,7 @@ pub fn render(service: &Service) -> String {
         }
     };
     let up = |b| u64::from(service.health.is_up(b));
-    let plain: [(&str, &str, &str, u64); 31] = [
+    let plain: [(&str, &str, &str, u64); 32] = [
         (
             "cacheward_foreign_values_skipped_total",
             "counter",
@@ -141,6 +141,12 @@ pub fn render(service: &Service) -> String {
             "counter",
             "Times the whole near cache was dropped (its invalidation channel not known intact).",
             s.near_cache.flushes,
+        ),
+        (
+            "cacheward_near_cache_table_flushes_total",
+            "counter",
+            "Times one table's near-cache entries were dropped, the others' kept (its TRUNCATE).",
+            s.near_cache.table_flushes,
         ),
         (
             "cacheward_resp_connections",

@@ -184,6 +184,11 @@ impl Cache {
         self.router.keys.entry(key)
     }
 
+    /// The prefix of `table`'s Redis keys.
+    pub fn prefix_of(&self, table: TableId) -> &str {
+        self.router.keys.prefix_of(table)
+    }
+
     /// Where this cache's keys live.
     pub(super) fn keys(&self) -> &Keys {
         &self.router.keys
@@ -388,9 +393,15 @@ impl Cache {
         within: impl Fn(u16) -> bool + Sync,
         tables: &[TableId],
     ) -> Result<u64, CacheError> {
-        self.flush_near();
+        // Before, so that nothing read meanwhile is kept; after, so that nothing the drop's
+        // invalidations have not reached yet is served.
+        let flush = || match (&self.near, tables) {
+            (Some(near), [table]) => near.flush_table(*table),
+            _ => self.flush_near(),
+        };
+        flush();
         let dropped = self.router.drop_where(fence, within, tables).await;
-        self.flush_near();
+        flush();
         if dropped
             .as_ref()
             .is_err_and(|e| e.kind() == CacheErrorKind::Unfenced)

@@ -16,7 +16,8 @@
 //! ([`NearCache::flush`], which also bumps the generation, so every read in flight is refused):
 //! a connection lost or replaced (its tracking and its undelivered messages go with it: Redis
 //! restarts, failovers, a Sentinel switch, a renewed Cluster connection), Redis coming back up, a
-//! resync or drop of the cache, and Redis's own "invalidate everything".
+//! resync or drop of the cache, and Redis's own "invalidate everything". A drop of one table's
+//! entries (its TRUNCATE, its shape changed) drops that table's only ([`NearCache::flush_table`]).
 //!
 //! The daemon's own writes invalidate their names before they are sent and again once they are
 //! answered (see `Cache::apply`), so a request answered after a write never finds an older entry.
@@ -32,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 
 use crate::model::entry::satisfies;
-use crate::model::key::{Key, KeyParts};
+use crate::model::key::{Key, KeyParts, TableId};
 
 /// What an entry costs beyond its name and JSON: the index slot, the ring slot, the allocations.
 const ENTRY_OVERHEAD: usize = 96;
@@ -65,6 +66,8 @@ pub struct NearReport {
     pub bytes: u64,
     pub invalidations: u64,
     pub flushes: u64,
+    /// Times one table's entries were dropped, the others' kept.
+    pub table_flushes: u64,
 }
 
 /// Told of every invalidation the near cache handles, after it handled it: what depends on the
@@ -74,6 +77,9 @@ pub trait Watcher: Send + Sync {
     fn invalidated(&self, name: &Key);
     /// Anything may have changed.
     fn flushed(&self);
+    /// Any entry of `table` may have changed (its TRUNCATE, its shape changed); the other tables'
+    /// did not.
+    fn dropped(&self, table: TableId);
 }
 
 pub struct NearCache {
@@ -85,6 +91,7 @@ pub struct NearCache {
     hits: AtomicU64,
     invalidations: AtomicU64,
     flushes: AtomicU64,
+    table_flushes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -136,6 +143,7 @@ impl NearCache {
             hits: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            table_flushes: AtomicU64::new(0),
         })
     }
 
@@ -329,6 +337,31 @@ impl NearCache {
         }
     }
 
+    /// [`NearCache::flush`] of `table`'s entries only: users' and the other tables' stay (a
+    /// TRUNCATE of one table must not send every reader of the others back to Redis, nor every
+    /// tracking client of the front end back to the daemon). Every read asked for before now is
+    /// refused all the same: telling them apart would cost more than the fills it saves.
+    pub fn flush_table(&self, table: TableId) {
+        self.generation.fetch_add(1, Relaxed);
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().expect("near cache lock is never poisoned");
+            shard.marks += 1;
+            let doomed: Vec<(usize, u64)> = (shard.ring.iter().enumerate())
+                .filter_map(|(at, e)| Some((at, e.as_ref()?)))
+                .filter(|(_, e)| e.name.table() == table)
+                .map(|(at, e)| (at, e.hash))
+                .collect();
+            for (at, hash) in doomed {
+                shard.unindex(hash, at);
+                shard.take(at);
+            }
+        }
+        self.table_flushes.fetch_add(1, Relaxed);
+        if let Some(watcher) = self.watcher.get() {
+            watcher.dropped(table);
+        }
+    }
+
     pub fn report(&self) -> NearReport {
         let (mut entries, mut bytes) = (0u64, 0u64);
         for shard in self.shards.iter() {
@@ -343,6 +376,7 @@ impl NearCache {
             bytes,
             invalidations: self.invalidations.load(Relaxed),
             flushes: self.flushes.load(Relaxed),
+            table_flushes: self.table_flushes.load(Relaxed),
         }
     }
 }
@@ -441,6 +475,63 @@ mod tests {
         assert!(near.get(&k("b"), None).is_none());
         let report = near.report();
         assert_eq!((report.entries, report.bytes, report.flushes), (0, 0, 2));
+    }
+
+    #[test]
+    fn a_table_flush_drops_that_tables_entries_only_and_refuses_every_read_in_flight() {
+        #[derive(Default)]
+        struct Heard(Mutex<Vec<String>>);
+        impl Watcher for Heard {
+            fn invalidated(&self, name: &Key) {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(format!("key {}", name.as_str()));
+            }
+            fn flushed(&self) {
+                self.0.lock().unwrap().push("all".into());
+            }
+            fn dropped(&self, table: TableId) {
+                self.0.lock().unwrap().push(format!("table {}", table.0));
+            }
+        }
+        let near = NearCache::new(1 << 20).unwrap();
+        let heard = Arc::new(Heard::default());
+        assert!(near.watch(heard.clone()));
+        let (orders, accounts) = (TableId(1), TableId(2));
+        let names: Vec<Key> = (0..200)
+            .flat_map(|i| {
+                let text = format!("k{i}");
+                [k(&text), Key::new(orders, &text), Key::new(accounts, &text)]
+            })
+            .collect();
+        for name in &names {
+            let ticket = near.ticket(&[name]);
+            assert!(near.keep(&ticket, 0, name, &user(1), 1));
+        }
+        let in_flight = near.ticket(&[&k("late")]);
+        near.flush_table(orders);
+        for name in &names {
+            let held = near.get(name, None).is_some();
+            assert_eq!(held, name.table() != orders, "{:?}", name.as_str());
+        }
+        // A read of any table asked for before it is not kept (it may have read a dropped row).
+        assert!(!near.keep(&in_flight, 0, &k("late"), &user(1), 1));
+        let report = near.report();
+        assert_eq!(
+            (report.entries, report.flushes, report.table_flushes),
+            (400, 0, 1)
+        );
+        let kept = names.iter().filter(|n| n.table() != orders);
+        let bytes: usize = kept.map(|n| cost(n.as_str(), &user(1))).sum();
+        assert_eq!(report.bytes, bytes as u64);
+        assert_eq!(*heard.0.lock().unwrap(), ["table 1"]);
+        // Its slots are used again.
+        for name in names.iter().filter(|n| n.table() == orders) {
+            let ticket = near.ticket(&[name]);
+            assert!(near.keep(&ticket, 0, name, &user(2), 2));
+        }
+        assert_eq!(near.report().entries, 600);
     }
 
     #[test]

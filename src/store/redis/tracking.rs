@@ -45,7 +45,7 @@ pub async fn listen(
 /// table grows with every name the daemon ever wrote, and each script call got 5 times slower
 /// (a CDC backlog drained at 10 k/s instead of 65 k/s). NOLOOP: every write of a user's key the
 /// daemon makes invalidates the near cache's entry itself, before it is sent and once it is
-/// answered (`Cache::apply`, `Cache::fill`; a drop flushes everything), so it need not hear of it
+/// answered (`Cache::apply`, `Cache::fill`; a drop flushes what it drops), so it need not hear of it
 /// again.
 pub fn track() -> redis::Cmd {
     let mut cmd = redis::cmd("CLIENT");
