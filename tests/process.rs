@@ -798,7 +798,7 @@ async fn the_prometheus_endpoint_serves_every_documented_metric() {
         .filter_map(|l| l.strip_prefix("| `cacheward_"))
         .filter_map(|rest| rest.split_once('`').map(|(name, _)| name))
         .collect();
-    assert_eq!(documented.len(), 36, "{documented:?}");
+    assert_eq!(documented.len(), 37, "{documented:?}");
     for name in documented {
         assert!(
             response.contains(&format!("# TYPE cacheward_{name} ")),
