@@ -89,6 +89,13 @@ CREATE OR REPLACE TRIGGER cacheward_{{name}}_delete
 CREATE OR REPLACE TRIGGER cacheward_{{name}}_truncate
     BEFORE TRUNCATE ON {{source}}
     FOR EACH STATEMENT EXECUTE FUNCTION {{function}}();
+-- In every session, replicas' too (session_replication_role = replica: a bulk load, pg_restore, a
+-- logical replication subscriber): see sql/0007_capture_always.sql.
+ALTER TABLE {{source}}
+    ENABLE ALWAYS TRIGGER cacheward_{{name}}_insert,
+    ENABLE ALWAYS TRIGGER cacheward_{{name}}_update,
+    ENABLE ALWAYS TRIGGER cacheward_{{name}}_delete,
+    ENABLE ALWAYS TRIGGER cacheward_{{name}}_truncate;
 
 INSERT INTO cacheward_tables (name, source, source_name, key, lookups)
 VALUES ('{{name}}', {{source_literal}}::regclass::oid, {{source_literal}}, {{key_literal}}, {{lookups_literal}})

@@ -280,6 +280,55 @@ async fn a_transaction_in_flight_when_a_cache_first_starts_is_applied() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_in_a_replica_session_are_applied() {
+    changes_in_a_replica_session(Subject::Users).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_table_s_changes_made_in_a_replica_session_are_applied() {
+    changes_in_a_replica_session(Subject::Orders).await;
+}
+
+/// `session_replication_role = replica` (a bulk load skipping foreign-key checks, pg_restore, a
+/// logical replication subscriber's apply worker) skips every trigger not enabled ALWAYS: the
+/// captures are, so what such a session changes reaches the cache, users' versions drawn as ever.
+async fn changes_in_a_replica_session(subject: Subject) {
+    let env = TestEnv::start().await;
+    subject.prepare(&env, env.config()).await;
+    let daemon = DaemonProcess::spawn(&env, "cdc");
+    daemon.wait_ready().await;
+    let rows = ["k0", "k1", "k2", "k3"];
+    let mut c = Rpc::connect(&daemon.socket).await;
+    subject.served(&mut c).await;
+    subject.put(&mut c, &rows).await;
+    let changes = [
+        subject.rename_sql("k0", "k0-renamed"),
+        subject.delete_sql("k1"),
+        subject.touch_sql("k2"),
+        subject.insert_sql(&["k4"]),
+    ];
+    env.pg()
+        .await
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL session_replication_role = replica; {}; COMMIT",
+            changes.join(";")
+        ))
+        .await
+        .unwrap();
+    let all = ["k0", "k1", "k2", "k3", "k4", "k0-renamed"];
+    wait_until(
+        "the replica session's changes in the cache within 3 s",
+        Duration::from_secs(3),
+        || async { subject.agrees(&env, &all).await },
+    )
+    .await;
+    // And so the daemon answers.
+    let answer = subject.get(&mut c, "k0-renamed").await;
+    assert!(answer.get("result").is_some(), "{answer}");
+    assert!(subject.get(&mut c, "k0").await.get("error").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_the_daemon_was_killed_are_applied_after_restart() {
     changes_while_killed(Subject::Users).await;
 }

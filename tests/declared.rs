@@ -1241,7 +1241,60 @@ async fn check_names_every_wrong_section_and_what_the_backends_lack() {
     let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
     assert_eq!(code, Some(0), "{said}");
     assert!(said.contains("table things: capture installed"), "{said}");
+    assert!(said.contains("users' capture installed"), "{said}");
     assert!(said.contains("has the rights the daemon needs"), "{said}");
+    // A capture trigger disabled (the table's capture is not installed: `migrate` installs it
+    // again), another enabled the default way (it would not fire in a replica session: named
+    // with the statement that puts it right, which does).
+    fresh_pg
+        .batch_execute(
+            "ALTER TABLE things DISABLE TRIGGER cacheward_things_update;
+             ALTER TABLE users ENABLE TRIGGER cacheward_capture_insert;",
+        )
+        .await
+        .unwrap();
+    let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("table things: its capture is not installed (3 of its 4 triggers are there and enabled): run `cacheward migrate`"),
+        "{said}"
+    );
+    let fix = "postgres: users' capture: trigger cacheward_capture_insert on users does not fire in replica sessions (session_replication_role = replica): ALTER TABLE users ENABLE ALWAYS TRIGGER cacheward_capture_insert";
+    assert!(said.contains(fix), "{said}");
+    let statement = fix.rsplit_once(": ").unwrap().1;
+    fresh_pg.batch_execute(statement).await.unwrap();
+    let (code, migrated) = cacheward(&["migrate", "--config", &good], &backends);
+    assert_eq!(code, Some(0), "{migrated}");
+    let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
+    assert_eq!(code, Some(0), "{said}");
+    // Captures installed before migration 7 fired in origin sessions only: it makes them fire
+    // always, users' and every declared table's.
+    fresh_pg
+        .batch_execute(
+            "ALTER TABLE things ENABLE TRIGGER cacheward_things_insert, ENABLE TRIGGER cacheward_things_truncate;
+             ALTER TABLE users ENABLE TRIGGER cacheward_users_version;
+             DELETE FROM cacheward_migrations WHERE version = 7;",
+        )
+        .await
+        .unwrap();
+    let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("migrations not applied: 7"), "{said}");
+    let (code, migrated) = cacheward(&["migrate", "--config", &good], &backends);
+    assert_eq!(code, Some(0), "{migrated}");
+    let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
+    assert_eq!(code, Some(0), "{said}");
+    let modes = fresh_pg
+        .query(
+            "SELECT tgname::text, tgenabled::text FROM pg_trigger
+             WHERE tgname LIKE 'cacheward%' AND tgrelid IN ('users'::regclass, 'things'::regclass)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let modes: Vec<(String, String)> = modes.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(modes.len(), 9, "{modes:?}");
+    assert!(modes.iter().all(|(_, mode)| mode == "A"), "{modes:?}");
     // A role with some of the daemon's rights only: each missing one named with its GRANT.
     fresh_pg
         .batch_execute(

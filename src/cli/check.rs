@@ -86,18 +86,53 @@ async fn postgres(config: &Config, found: &mut Findings) {
     if !missing.is_empty() {
         return;
     }
+    let users = USERS_TRIGGERS.map(String::from);
+    always(&client, "users", "postgres: users' capture", &users, found).await;
     let declared = match tables::resolve_all(&client, config).await {
         Ok(declared) => declared,
         Err(e) => return found.say(Err(format!("postgres: {e}"))),
     };
     for table in &declared {
-        found.say(match tables::installed(&client, table).await {
-            Ok(()) => Ok(format!("table {}: capture installed", table.name)),
+        match tables::installed(&client, table).await {
+            Ok(()) => {
+                let what = format!("table {}: capture", table.name);
+                let triggers = tables::capture_triggers(&table.name);
+                always(&client, &table.source, &what, &triggers, found).await;
+            }
             // It names the table and says what to run.
-            Err(e) => Err(e.to_string()),
-        });
+            Err(e) => found.say(Err(e.to_string())),
+        }
     }
     grants(&client, &declared, found).await;
+}
+
+/// The triggers of users' version and capture (sql/0001_users.sql, sql/0002_cdc.sql).
+const USERS_TRIGGERS: [&str; 5] = [
+    "cacheward_users_version",
+    "cacheward_capture_insert",
+    "cacheward_capture_update",
+    "cacheward_capture_delete",
+    "cacheward_capture_truncate",
+];
+
+/// Says whether every trigger of `what` (on `source`, named `names`) fires in every session: a
+/// problem for each that does not (see `tables::not_always`).
+async fn always(
+    client: &tokio_postgres::Client,
+    source: &str,
+    what: &str,
+    names: &[String],
+    found: &mut Findings,
+) {
+    match tables::not_always(client, source, names).await {
+        Ok(wrong) if wrong.is_empty() => found.say(Ok(format!("{what} installed"))),
+        Ok(wrong) => {
+            for problem in wrong {
+                found.say(Err(format!("{what}: {problem}")));
+            }
+        }
+        Err(e) => found.say(Err(format!("{what}: cannot read its triggers: {e}"))),
+    }
 }
 
 /// The rights the daemon's role needs (sql/roles.sql's `cacheward_runtime`), on cacheward's

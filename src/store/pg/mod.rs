@@ -350,6 +350,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "missed slots",
         include_str!("../../../sql/0006_missed_slots.sql"),
     ),
+    (
+        7,
+        "captures fire always",
+        include_str!("../../../sql/0007_capture_always.sql"),
+    ),
 ];
 
 /// Applies every migration not yet recorded in `cacheward_migrations`. Safe to run concurrently

@@ -387,6 +387,52 @@ fn capture_function(name: &str) -> String {
 /// The trigger events of a capture, as they end its triggers' names.
 const EVENTS: [&str; 4] = ["insert", "update", "delete", "truncate"];
 
+/// The triggers named `names` on `source` (a table's name, as the search path finds it) that are
+/// not there or do not fire in every session, each said with what to run; empty when all do.
+/// A trigger enabled the default way does not fire where `session_replication_role` is `replica`
+/// (a bulk load, pg_restore, a logical replication subscriber): a change made there would pass
+/// the cache by (sql/0007_capture_always.sql).
+pub async fn not_always(
+    client: &impl GenericClient,
+    source: &str,
+    names: &[String],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.name, g.tgenabled::text
+             FROM unnest($2::text[]) AS n(name)
+             LEFT JOIN pg_trigger g ON g.tgrelid = $1::text::regclass AND g.tgname = n.name",
+            &[&source, &names],
+        )
+        .await?;
+    let wrong = rows.iter().filter_map(|row| {
+        let (name, enabled): (String, Option<String>) = (row.get(0), row.get(1));
+        let how = match enabled.as_deref() {
+            Some("A") => return None,
+            None => {
+                return Some(format!(
+                    "trigger {name} on {source} is missing (run `cacheward migrate`)"
+                ))
+            }
+            Some("D") => "is disabled",
+            Some("R") => "fires only in replica sessions",
+            Some(_) => "does not fire in replica sessions (session_replication_role = replica)",
+        };
+        Some(format!(
+            "trigger {name} on {source} {how}: ALTER TABLE {source} ENABLE ALWAYS TRIGGER {name}"
+        ))
+    });
+    Ok(wrong.collect())
+}
+
+/// The names of the capture triggers of the table named `name`.
+pub fn capture_triggers(name: &str) -> Vec<String> {
+    EVENTS
+        .iter()
+        .map(|e| format!("cacheward_{name}_{e}"))
+        .collect()
+}
+
 /// Whether `table`'s capture is installed as it is declared now: registered for the same table
 /// and keys, its four triggers in place. Says what differs when not.
 pub async fn installed(client: &impl GenericClient, table: &Table) -> Result<(), TableError> {
@@ -410,10 +456,7 @@ pub async fn installed(client: &impl GenericClient, table: &Table) -> Result<(),
                 &table.source,
                 &key,
                 &lookups.to_string(),
-                &EVENTS
-                    .iter()
-                    .map(|e| format!("cacheward_{}_{e}", table.name))
-                    .collect::<Vec<_>>(),
+                &capture_triggers(&table.name),
             ],
         )
         .await;
