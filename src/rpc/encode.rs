@@ -54,7 +54,7 @@ pub fn encode_user_into(out: &mut Vec<u8>, id: &Id, user: &str, source: &str) {
     out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
     serde_json::to_writer(&mut *out, id).expect("ids always serialize");
     out.extend_from_slice(br#","result":{"user":"#);
-    if user.bytes().any(|b| b == b'\n' || b == b'\r') {
+    if !one_line(user) {
         match serde_json::from_str::<Value>(user) {
             Ok(value) => serde_json::to_writer(&mut *out, &value).expect("values serialize"),
             Err(_) => out.extend_from_slice(b"null"),
@@ -65,6 +65,12 @@ pub fn encode_user_into(out: &mut Vec<u8>, id: &Id, user: &str, source: &str) {
     out.extend_from_slice(br#","source":""#);
     out.extend_from_slice(source.as_bytes());
     out.extend_from_slice(b"\"}}\n");
+}
+
+/// Whether `json` holds no line break (an answer is one line): asked at every hit, so searched a
+/// word at a time, not byte by byte.
+fn one_line(json: &str) -> bool {
+    memchr::memchr2(b'\n', b'\r', json.as_bytes()).is_none()
 }
 
 /// `{"version":N,"row":ROW}` as `TableRow::entry` writes it: N and ROW, when ROW is on one line.
@@ -78,7 +84,7 @@ fn cut_entry(entry: &str) -> Option<(&str, &str)> {
         .strip_prefix(r#","row":"#)?
         .strip_suffix('}')?;
     let whole = row.starts_with('{') && row.ends_with('}');
-    (whole && !row.bytes().any(|b| b == b'\n' || b == b'\r')).then_some((version, row))
+    (whole && one_line(row)).then_some((version, row))
 }
 
 /// ROW out of an entry `{"version":N,"row":ROW}`: cut where cacheward wrote it, else parsed
@@ -122,7 +128,7 @@ pub fn encode_row_into(out: &mut Vec<u8>, id: &Id, entry: &str, source: &str) {
         Ok(e) => {
             // A raw value may span lines; an answer is one line.
             let row = e.row.get();
-            if row.bytes().any(|b| b == b'\n' || b == b'\r') {
+            if !one_line(row) {
                 let value: Value = serde_json::from_str(row).unwrap_or(Value::Null);
                 serde_json::to_writer(&mut *out, &value).expect("values serialize");
             } else {
@@ -156,4 +162,45 @@ pub fn encode_error(id: &Id, error: &RpcError) -> Vec<u8> {
     let mut out = serde_json::to_vec(&frame).expect("responses always serialize");
     out.push(b'\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each answer as one line, `\n` last, and the JSON it says.
+    fn answer(encode: impl FnOnce(&mut Vec<u8>)) -> Value {
+        let mut out = Vec::new();
+        encode(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        let line = text.strip_suffix('\n').expect("ends its line");
+        assert!(!line.contains(['\n', '\r']), "one line: {text:?}");
+        serde_json::from_str(line).unwrap()
+    }
+
+    #[test]
+    fn stored_json_spanning_lines_is_answered_on_one_line_and_the_rest_as_stored() {
+        let id = Value::from(7);
+        // As cacheward stores it: embedded as it is (an escaped line break is no line break).
+        let user = r#"{"id":1,"username":"a","bio":"x\ny"}"#;
+        let said = answer(|out| encode_user_into(out, &id, user, "cache"));
+        assert_eq!(said["result"]["user"]["bio"], "x\ny");
+        let entry = r#"{"version":3,"row":{"id":1,"note":"a\r\nb"}}"#;
+        let said = answer(|out| encode_row_into(out, &id, entry, "cache"));
+        assert_eq!(said["result"]["row"]["note"], "a\r\nb");
+        assert_eq!(said["result"]["version"], 3);
+        // Another writer's spacing, over lines: rewritten compactly.
+        let user = "{\n  \"id\": 1,\r\n  \"username\": \"a\"\n}";
+        let said = answer(|out| encode_user_into(out, &id, user, "cache"));
+        assert_eq!(said["result"]["user"]["username"], "a");
+        let entry = "{\"version\":4,\"row\":{\n\"id\": 2}}";
+        let said = answer(|out| encode_row_into(out, &id, entry, "cache"));
+        assert_eq!(
+            (&said["result"]["row"]["id"], &said["result"]["version"]),
+            (&Value::from(2), &Value::from(4))
+        );
+        let entry = "{\"version\":5,\r\"row\":{\"id\": 3}}";
+        let said = answer(|out| encode_row_into(out, &id, entry, "cache"));
+        assert_eq!(said["result"]["row"]["id"], 3);
+    }
 }
