@@ -18,7 +18,7 @@ use cacheward::rpc::server;
 use cacheward::runtime::signals::{self, Reloader};
 use cacheward::runtime::{daemon, telemetry};
 use cacheward::service::Hooks;
-use cacheward::store::pg::{self as db, connect, tables};
+use cacheward::store::pg::{self as db, capture, connect, tables};
 
 #[derive(Parser)]
 #[command(
@@ -379,17 +379,17 @@ async fn migrate(common: Common, prune: bool) -> anyhow::Result<ExitCode> {
         println!("applied migrations: {applied:?}");
     }
     let declared = tables::resolve_all(&client, &config).await?;
-    let installed = tables::install(&mut client, &declared).await?;
+    let installed = capture::install(&mut client, &declared).await?;
     if !installed.is_empty() {
         println!("installed the capture of: {}", installed.join(", "));
     }
     if prune {
-        let pruned = tables::prune(&mut client, &config).await?;
+        let pruned = capture::prune(&mut client, &config).await?;
         if !pruned.is_empty() {
             println!("dropped the capture of: {}", pruned.join(", "));
         }
     } else {
-        let left = tables::undeclared(&client, &config).await?;
+        let left = capture::undeclared(&client, &config).await?;
         if !left.is_empty() {
             println!(
                 "captures of tables no longer declared are left in place (drop them with \

@@ -191,7 +191,7 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
         let declared = cacheward::store::pg::tables::resolve_all(&pg, &config)
             .await
             .unwrap();
-        cacheward::store::pg::tables::install(&mut pg, &declared)
+        cacheward::store::pg::capture::install(&mut pg, &declared)
             .await
             .unwrap();
     }

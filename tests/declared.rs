@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use cacheward::config::{Config, TableConfig};
-use cacheward::store::pg::tables;
+use cacheward::store::pg::{capture, tables};
 use common::{kind, Rpc, TestEnv};
 use serde_json::{json, Value};
 
@@ -56,7 +56,7 @@ async fn start_with(adjust: impl FnOnce(&mut Config)) -> (TestEnv, common::Daemo
     let mut pg = env.pg().await;
     pg.batch_execute(SCHEMA).await.unwrap();
     let checked = tables::resolve_all(&pg, &config).await.unwrap();
-    tables::install(&mut pg, &checked).await.unwrap();
+    capture::install(&mut pg, &checked).await.unwrap();
     pg.batch_execute(
         "INSERT INTO accounts (id, email, plan, secret) VALUES (1, 'a@x', 'free', 's1'), (2, 'b@x', 'pro', 's2');
          INSERT INTO orders VALUES ('e:u=1', 7, 'n7'), ('w', 8, 'n8');",
@@ -917,7 +917,7 @@ async fn schema_changes_while_running_reach_the_cache_and_a_dropped_table_stalls
     declared(&mut config);
     let mut admin = env.pg().await;
     let checked = tables::resolve_all(&admin, &config).await.unwrap();
-    tables::install(&mut admin, &checked).await.unwrap();
+    capture::install(&mut admin, &checked).await.unwrap();
     pg.batch_execute("INSERT INTO orders VALUES ('w', 8, 'back')")
         .await
         .unwrap();
@@ -1047,7 +1047,7 @@ async fn an_empty_text_key_is_an_entry_like_any_other() {
     .await
     .unwrap();
     let checked = tables::resolve_all(&pg, &config).await.unwrap();
-    tables::install(&mut pg, &checked).await.unwrap();
+    capture::install(&mut pg, &checked).await.unwrap();
     let daemon = env.start_daemon(config).await;
     let mut client = daemon.client().await;
     let empty = json!({"table": "tags", "key": {"name": ""}});

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use cacheward::cli::client::{Client, ClientError};
 use cacheward::config::{Config, TableConfig};
 use cacheward::model::table::{encode_key, encode_lookup};
-use cacheward::store::pg::tables;
+use cacheward::store::pg::{capture, tables};
 use common::history::{self, now_us, Rng, Seen, State, COMMITTED_US};
 use common::tracked::{self, Answer, Frame};
 use common::{Rpc, TestEnv};
@@ -452,7 +452,7 @@ async fn declared_tables_stay_exact_through_a_seeded_storm_of_writes_and_faults(
     pg.batch_execute(SCHEMA).await.unwrap();
     let config = config(&env);
     let checked = tables::resolve_all(&pg, &config).await.unwrap();
-    tables::install(&mut pg, &checked).await.unwrap();
+    capture::install(&mut pg, &checked).await.unwrap();
     drop(pg);
     let mut daemon = env.start_daemon(config.clone()).await;
     let sync: String = env

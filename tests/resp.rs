@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use cacheward::config::{Config, TableConfig};
-use cacheward::store::pg::tables;
+use cacheward::store::pg::{capture, tables};
 use common::{kind, TestEnv};
 use redis::{AsyncCommands, Value as R};
 use serde_json::{json, Value};
@@ -81,7 +81,7 @@ async fn start_with(adjust: impl FnOnce(&mut Config)) -> Front {
     let mut pg = env.pg().await;
     pg.batch_execute(SCHEMA).await.unwrap();
     let checked = tables::resolve_all(&pg, &config).await.unwrap();
-    tables::install(&mut pg, &checked).await.unwrap();
+    capture::install(&mut pg, &checked).await.unwrap();
     let daemon = env.start_daemon(config).await;
     // Until the daemon has checked the tables against the catalog, their rows are unavailable.
     let mut client = daemon.client().await;

@@ -10,6 +10,7 @@ use std::process::Command;
 
 use cacheward::config::Config;
 use cacheward::model::table::KeyType;
+use cacheward::store::pg::capture;
 use cacheward::store::pg::tables::{self, TableError};
 use common::{DaemonProcess, TestEnv};
 use serde_json::json;
@@ -126,7 +127,7 @@ async fn migrate_installs_each_capture_once_and_changes_no_application_table() {
         .await
         .unwrap()
     {
-        tables::installed(&pg, &table).await.unwrap();
+        capture::installed(&pg, &table).await.unwrap();
     }
     assert_eq!(columns(&env).await, before);
 }
@@ -306,16 +307,16 @@ async fn every_check_at_start_names_the_table_and_the_key() {
     // Declared but not migrated: the check names `cacheward migrate`.
     let c = config(&env, DECLARED);
     let declared = tables::resolve_all(&pg, &c).await.unwrap();
-    let error = tables::installed(&pg, &declared[0]).await.unwrap_err();
+    let error = capture::installed(&pg, &declared[0]).await.unwrap_err();
     assert!(matches!(error, TableError::NotInstalled { .. }), "{error}");
     assert!(error.to_string().contains("cacheward migrate"), "{error}");
     migrate(&env, DECLARED, &[]);
-    tables::installed(&pg, &declared[0]).await.unwrap();
+    capture::installed(&pg, &declared[0]).await.unwrap();
     // A lookup declared after the capture was made: the capture is outdated until migrate.
     let fewer = DECLARED.replace("lookups = { by_email = [\"email\"] }", "");
     let c = config(&env, &fewer);
     let changed = tables::resolve_all(&pg, &c).await.unwrap();
-    let error = tables::installed(&pg, &changed[0])
+    let error = capture::installed(&pg, &changed[0])
         .await
         .unwrap_err()
         .to_string();
@@ -324,13 +325,13 @@ async fn every_check_at_start_names_the_table_and_the_key() {
     pg.batch_execute("DROP TRIGGER cacheward_accounts_update ON accounts")
         .await
         .unwrap();
-    let error = tables::installed(&pg, &declared[0])
+    let error = capture::installed(&pg, &declared[0])
         .await
         .unwrap_err()
         .to_string();
     assert!(error.contains("3 of its 4 triggers"), "{error}");
     migrate(&env, DECLARED, &[]);
-    tables::installed(&pg, &declared[0]).await.unwrap();
+    capture::installed(&pg, &declared[0]).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

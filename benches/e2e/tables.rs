@@ -42,7 +42,7 @@ pub async fn capture(b: &Bench, config: &cacheward::config::Config) {
     let checked = cacheward::store::pg::tables::resolve_all(&client, config)
         .await
         .expect("the declared tables check");
-    cacheward::store::pg::tables::install(&mut client, &checked)
+    cacheward::store::pg::capture::install(&mut client, &checked)
         .await
         .expect("install the captures");
 }

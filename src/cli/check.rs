@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::model::table::Table;
-use crate::store::pg::{self as db, tables};
+use crate::store::pg::{self as db, capture, tables};
 use crate::store::redis::{bounded, client};
 
 /// How long one backend may take to answer.
@@ -93,10 +93,10 @@ async fn postgres(config: &Config, found: &mut Findings) {
         Err(e) => return found.say(Err(format!("postgres: {e}"))),
     };
     for table in &declared {
-        match tables::installed(&client, table).await {
+        match capture::installed(&client, table).await {
             Ok(()) => {
                 let what = format!("table {}: capture", table.name);
-                let triggers = tables::capture_triggers(&table.name);
+                let triggers = capture::capture_triggers(&table.name);
                 always(&client, &table.source, &what, &triggers, found).await;
             }
             // It names the table and says what to run.
@@ -116,7 +116,7 @@ const USERS_TRIGGERS: [&str; 5] = [
 ];
 
 /// Says whether every trigger of `what` (on `source`, named `names`) fires in every session: a
-/// problem for each that does not (see `tables::not_always`).
+/// problem for each that does not (see `capture::not_always`).
 async fn always(
     client: &tokio_postgres::Client,
     source: &str,
@@ -124,7 +124,7 @@ async fn always(
     names: &[String],
     found: &mut Findings,
 ) {
-    match tables::not_always(client, source, names).await {
+    match capture::not_always(client, source, names).await {
         Ok(wrong) if wrong.is_empty() => found.say(Ok(format!("{what} installed"))),
         Ok(wrong) => {
             for problem in wrong {

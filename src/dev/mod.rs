@@ -21,7 +21,7 @@ pub use redis::{Redis, RedisOptions};
 
 use crate::config::{Config, SecretUrl, TableConfig};
 use crate::model::entry::Write;
-use crate::store::pg::{self as db, connect, tables};
+use crate::store::pg::{self as db, capture, connect, tables};
 use crate::store::redis::Cache;
 use process::failed;
 
@@ -99,7 +99,7 @@ impl DevStack {
         let declared = tables::resolve_all(&client, &config)
             .await
             .map_err(|e| failed("declaring accounts", e.to_string()))?;
-        tables::install(&mut client, &declared)
+        capture::install(&mut client, &declared)
             .await
             .map_err(|e| failed("capturing accounts", e.to_string()))?;
         for name in SEED_USERS {

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Backend, Service};
 use crate::config::Config;
 use crate::model::key::TableId;
+use crate::store::pg::capture;
 use crate::store::pg::tables::{self, TableError};
 use crate::support::time::Backoff;
 
@@ -100,7 +101,7 @@ impl Service {
         for (name, section) in &config.tables {
             let id = self.tables.id(name).expect("declared");
             let checked = match tables::resolve(client, name, section, config).await {
-                Ok(table) => tables::installed(client, &table).await.map(|()| table),
+                Ok(table) => capture::installed(client, &table).await.map(|()| table),
                 Err(e) => Err(e),
             };
             match checked {

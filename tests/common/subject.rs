@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::{wait_until, Rpc, TestEnv};
 use cacheward::config::{Config, TableConfig};
-use cacheward::store::pg::tables;
+use cacheward::store::pg::{capture, tables};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Subject {
@@ -41,7 +41,7 @@ impl Subject {
         let mut pg = env.pg().await;
         pg.batch_execute(ORDERS).await.unwrap();
         let checked = tables::resolve_all(&pg, &config).await.unwrap();
-        tables::install(&mut pg, &checked).await.unwrap();
+        capture::install(&mut pg, &checked).await.unwrap();
         let dir = env.dir.path().join("config");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("cacheward.toml"), ORDERS_TOML).unwrap();

@@ -8,6 +8,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
+pub mod capture;
 pub mod connect;
 pub mod error;
 pub mod rows;
