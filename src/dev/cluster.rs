@@ -236,7 +236,10 @@ impl RedisCluster {
         let Some(&port) = self.primaries().first() else {
             return Err(failed("fixing the redis cluster", "no primary"));
         };
-        let mut attempts = 0;
+        // A resharding cut short leaves every slot it had opened with copies on both sides (the
+        // slot's fence among them): one slot fixed per attempt, as long as each attempt stops at
+        // a slot not seen before.
+        let mut fixed = std::collections::BTreeSet::new();
         loop {
             let out = Command::new(&cli)
                 .args([
@@ -252,8 +255,8 @@ impl RedisCluster {
                 return Ok(());
             }
             let said = String::from_utf8_lossy(&out.stdout).into_owned();
-            attempts += 1;
-            let Some((slot, nodes)) = differing_copies(&said).filter(|_| attempts < 20) else {
+            let stopped = differing_copies(&said).filter(|(slot, _)| fixed.insert(*slot));
+            let Some((slot, nodes)) = stopped else {
                 return Err(failed("fixing the redis cluster", said));
             };
             // The keys of that slot both nodes hold (redis-cli prints a key only up to a NUL, and
