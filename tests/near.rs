@@ -238,7 +238,15 @@ async fn what_redis_could_not_tell_while_it_was_gone_is_never_answered_from_memo
         .query_async(&mut redis)
         .await
         .unwrap();
-    answered_within(&mut c, "ann", BOUND, |a| a["result"]["user"] == foreign).await;
+    // Until the daemon has looked at its new connection, reads go to PostgreSQL (the row, which
+    // is no older than the entry); never to the entry held from the lost one. How soon the look
+    // comes depends on the machine's load (CI runs these tests side by side): bounded loosely.
+    answered_within(&mut c, "ann", Duration::from_secs(5), |a| {
+        let (user, source) = (&a["result"]["user"], &a["result"]["source"]);
+        assert!(*user == foreign || *source == "db", "{a}");
+        *user == foreign
+    })
+    .await;
     for _ in 0..50 {
         assert_eq!(c.get("ann").await["result"]["user"], foreign);
     }
