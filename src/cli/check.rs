@@ -86,7 +86,7 @@ async fn postgres(config: &Config, found: &mut Findings) {
     if !missing.is_empty() {
         return;
     }
-    let users = USERS_TRIGGERS.map(String::from);
+    let users = capture::USERS_TRIGGERS.map(String::from);
     always(&client, "users", "postgres: users' capture", &users, found).await;
     let declared = match tables::resolve_all(&client, config).await {
         Ok(declared) => declared,
@@ -96,7 +96,7 @@ async fn postgres(config: &Config, found: &mut Findings) {
         match capture::installed(&client, table).await {
             Ok(()) => {
                 let what = format!("table {}: capture", table.name);
-                let triggers = capture::capture_triggers(&table.name);
+                let triggers = capture::triggers(&table.name);
                 always(&client, &table.source, &what, &triggers, found).await;
             }
             // It names the table and says what to run.
@@ -105,15 +105,6 @@ async fn postgres(config: &Config, found: &mut Findings) {
     }
     grants(&client, &declared, found).await;
 }
-
-/// The triggers of users' version and capture (sql/0001_users.sql, sql/0002_cdc.sql).
-const USERS_TRIGGERS: [&str; 5] = [
-    "cacheward_users_version",
-    "cacheward_capture_insert",
-    "cacheward_capture_update",
-    "cacheward_capture_delete",
-    "cacheward_capture_truncate",
-];
 
 /// Says whether every trigger of `what` (on `source`, named `names`) fires in every session: a
 /// problem for each that does not (see `capture::not_always`).

@@ -157,8 +157,18 @@ pub async fn not_always(
     Ok(wrong.collect())
 }
 
+/// The triggers of users' version and capture (sql/0001_users.sql, sql/0002_cdc.sql), which
+/// sql/0007_capture_always.sql makes fire in every session as [`triggers`] are.
+pub const USERS_TRIGGERS: [&str; 5] = [
+    "cacheward_users_version",
+    "cacheward_capture_insert",
+    "cacheward_capture_update",
+    "cacheward_capture_delete",
+    "cacheward_capture_truncate",
+];
+
 /// The names of the capture triggers of the table named `name`.
-pub fn capture_triggers(name: &str) -> Vec<String> {
+pub fn triggers(name: &str) -> Vec<String> {
     EVENTS
         .iter()
         .map(|e| format!("cacheward_{name}_{e}"))
@@ -188,7 +198,7 @@ pub async fn installed(client: &impl GenericClient, table: &Table) -> Result<(),
                 &table.source,
                 &key,
                 &lookups.to_string(),
-                &capture_triggers(&table.name),
+                &triggers(&table.name),
             ],
         )
         .await;
