@@ -535,6 +535,50 @@ async fn polling_alone_converges_when_notifications_are_lost() {
     daemon.stop().await;
 }
 
+/// The worker's own writes (its cursor, its lease, the transaction id an early batch draws) never
+/// wait for a flush or a standby: on a server whose every commit waits for a synchronous standby
+/// that never answers, a change committed by a session that does not wait still reaches Redis.
+/// (A worker that waited would hang at its lease, or at its first batch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_never_waits_for_its_own_commits_to_be_flushed() {
+    let env = TestEnv::start().await;
+    // Started first: the request path's own writes (the cache's fence, a write-through) do wait,
+    // as they must.
+    let daemon = env.start_daemon(env.config()).await;
+    let pg = env.pg().await;
+    // The harness's server commits without waiting (synchronous_commit=off on its command line):
+    // this database's sessions wait, as production ones do, for a standby that never comes. The
+    // worker's session is cut, so that the next one is such a session.
+    for statement in [
+        "ALTER DATABASE cw SET synchronous_commit = on",
+        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+        "SELECT pg_reload_conf()",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE application_name = 'cacheward-cdc'",
+    ] {
+        pg.batch_execute(statement).await.unwrap();
+    }
+    let writer = env.pg().await;
+    writer
+        .batch_execute("SET synchronous_commit = local")
+        .await
+        .unwrap();
+    for (i, name) in ["flushed", "flushed2", "flushed3"].iter().enumerate() {
+        let sql = match i {
+            0 => "INSERT INTO users (username) VALUES ('flushed')".to_owned(),
+            _ => format!("UPDATE users SET username = '{name}' WHERE username LIKE 'flushed%'"),
+        };
+        writer.batch_execute(&sql).await.unwrap();
+        wait_until(
+            "the change reaches Redis",
+            Duration::from_secs(5),
+            || async { live(&env, name).await.is_some() },
+        )
+        .await;
+    }
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_and_out_of_band_writers_race_then_verify_finds_nothing() {
     let env = TestEnv::start().await;

@@ -69,6 +69,7 @@ async fn rotated_passwords_are_read_for_new_connections_without_a_restart() {
     let pg = PostgresOptions {
         tls: Some(ca.server("pg", None)),
         tcp_auth: Some("scram-sha-256".into()),
+        ..Default::default()
     };
     let env = TestEnv::start_servers(pg, RedisOptions::default()).await;
     env.pg()

@@ -295,6 +295,7 @@ async fn a_client_certificate_authenticates_to_postgres() {
     let pg = PostgresOptions {
         tls: Some(ca.server("pg", Some(&clients))),
         tcp_auth: Some("cert".into()),
+        ..Default::default()
     };
     let env = TestEnv::start_servers(pg, RedisOptions::default()).await;
     let (cert, key) = clients.issue("postgres-user", &["postgres"], true);

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
+use cacheward::dev::{Postgres, PostgresOptions, Redis, RedisOptions};
+
 use crate::common::DaemonProcess;
 use crate::measure::{env_or, histogram};
 use crate::Bench;
@@ -25,7 +27,35 @@ pub struct Runs {
     pub backlog: std::ops::RangeInclusive<u64>,
 }
 
+/// How a run's renames are made: `rate` per second (as fast as PostgreSQL commits when `None`)
+/// for `seconds`, from `connections` sessions.
+pub struct Load {
+    pub rate: Option<u64>,
+    pub seconds: u64,
+    pub connections: u64,
+}
+
+impl Load {
+    /// Four sessions renaming as fast as PostgreSQL commits, for `seconds`.
+    pub fn unpaced(seconds: u64) -> Load {
+        Load {
+            rate: None,
+            seconds,
+            connections: 4,
+        }
+    }
+}
+
 impl Runs {
+    /// Four sessions renaming at the runs' rate for their seconds.
+    pub fn load(&self) -> Load {
+        Load {
+            rate: Some(self.rate),
+            seconds: self.seconds,
+            connections: 4,
+        }
+    }
+
     pub fn of(users: u64) -> Runs {
         let rate: u64 = env_or("CACHEWARD_BENCH_CDC_RATE", 1000);
         let seconds: u64 = env_or("CACHEWARD_BENCH_CDC_SECS", 10);
@@ -52,8 +82,7 @@ pub async fn run(b: &Bench, runs: &Runs, pid: u32, report: &mut Value) {
     let paced = cdc_lag(
         &b.pg_config,
         &b.redis_client,
-        Some(runs.rate),
-        runs.seconds,
+        runs.load(),
         runs.paced.clone(),
         "c",
         Alongside::Nothing,
@@ -73,8 +102,7 @@ pub async fn run(b: &Bench, runs: &Runs, pid: u32, report: &mut Value) {
         let floored = cdc_lag(
             &b.pg_config,
             &b.redis_client,
-            Some(runs.rate),
-            runs.seconds,
+            runs.load(),
             runs.floor.clone(),
             "f",
             Alongside::Floor,
@@ -92,8 +120,7 @@ pub async fn run(b: &Bench, runs: &Runs, pid: u32, report: &mut Value) {
         let max = cdc_lag(
             &b.pg_config,
             &b.redis_client,
-            None,
-            seconds,
+            Load::unpaced(seconds),
             runs.max.clone(),
             "m",
             Alongside::Nothing,
@@ -106,8 +133,7 @@ pub async fn run(b: &Bench, runs: &Runs, pid: u32, report: &mut Value) {
             let backlog = cdc_lag(
                 &b.pg_config,
                 &b.redis_client,
-                None,
-                seconds,
+                Load::unpaced(seconds),
                 runs.backlog.clone(),
                 "b",
                 Alongside::StoppedDaemon(pid),
@@ -144,8 +170,7 @@ pub async fn poll_only(b: &Bench, runs: &Runs, report: &mut Value) {
     let polled = cdc_lag(
         &b.pg_config,
         &b.redis_client,
-        Some(runs.rate),
-        runs.seconds,
+        runs.load(),
         runs.poll.clone(),
         "p",
         Alongside::Nothing,
@@ -174,6 +199,57 @@ pub async fn poll_only(b: &Bench, runs: &Runs, report: &mut Value) {
         .batch_execute("UPDATE cacheward_cdc_settings SET notify = true")
         .await
         .expect("notify again");
+}
+
+/// The paced run once more, on servers of its own: a PostgreSQL that flushes every commit before
+/// it returns, as a production server does (the bench's own skips flushes), on a disk whose flush
+/// takes 0.5 ms (`commit_delay`: every flush a commit waits for sleeps that long first; a network
+/// disk's). What the change stream's own commits would add to the lag if the worker waited for
+/// their flush: an early batch draws a transaction id, so its read commits a write, and a stored
+/// cursor is one. Eight writers: four, each waiting for its own flush, fall short of the rate.
+pub async fn durable(runs: &Runs, report: &mut Value) {
+    let pg = Postgres::start_with(PostgresOptions {
+        durable: true,
+        ..Default::default()
+    })
+    .expect("postgres");
+    let redis = Redis::start_with(RedisOptions {
+        tcp: true,
+        ..Default::default()
+    })
+    .expect("redis");
+    let (db_url, pg_config, admin) = crate::seeded(&pg, *runs.paced.end()).await;
+    for setting in [
+        "ALTER SYSTEM SET commit_delay = 500",
+        "ALTER SYSTEM SET commit_siblings = 0",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(setting).await.expect(setting);
+    }
+    let redis_url = redis.tcp_url(0).expect("tcp");
+    let redis_client = redis::Client::open(redis_url.as_str()).expect("redis url");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("durable.sock");
+    let _daemon = DaemonProcess::start(dir.path(), &socket, &db_url, &redis_url, &[]).await;
+    let run = cdc_lag(
+        &pg_config,
+        &redis_client,
+        Load {
+            connections: 8,
+            ..runs.load()
+        },
+        runs.paced.clone(),
+        "d",
+        Alongside::Nothing,
+    )
+    .await;
+    println!(
+        "cdc on a durable PostgreSQL (every commit flushed, 0.5 ms per flush): {} renames/s for {} s from 8 connections: {}",
+        runs.rate,
+        runs.seconds,
+        run.summary()
+    );
+    report["cdc_durable"] = run.json();
 }
 
 /// When each key matching `pattern` was first written from now on (Redis keyspace
@@ -220,18 +296,22 @@ pub async fn watch_keys(
     (seen, listener)
 }
 
-/// Renames users `u1..` to `c1..` at `rate` per second for `seconds`, and times each new key's
+/// Renames users `u1..` to `c1..` at `rate` per second for `seconds` from `connections` sessions, and times each new key's
 /// appearance in Redis (keyspace notifications). Returns the lag histogram (µs) and how many
 /// renames never showed up.
 pub async fn cdc_lag(
     pg: &tokio_postgres::Config,
     redis_client: &redis::Client,
-    rate: Option<u64>,
-    seconds: u64,
+    load: Load,
     names: std::ops::RangeInclusive<u64>,
     prefix: &'static str,
     alongside: Alongside,
 ) -> CdcRun {
+    let Load {
+        rate,
+        seconds,
+        connections,
+    } = load;
     let stopped_daemon = match alongside {
         Alongside::StoppedDaemon(pid) => Some(pid),
         _ => None,
@@ -260,7 +340,7 @@ pub async fn cdc_lag(
     let mut writers = Vec::new();
     let first = *names.start();
     let last = *names.end();
-    for w in 0..4u64 {
+    for w in 0..connections {
         let (pg, committed) = (pg.clone(), committed.clone());
         writers.push(tokio::spawn(async move {
             let client = cacheward::store::pg::connect(&pg).await.expect("pg");
@@ -285,7 +365,7 @@ pub async fn cdc_lag(
                     .lock()
                     .unwrap()
                     .insert(format!("user:{to}"), Instant::now());
-                i += 4;
+                i += connections;
             }
         }));
     }

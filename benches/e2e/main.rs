@@ -64,6 +64,32 @@ pub struct Bench {
     pub cells: Vec<(usize, usize)>,
 }
 
+/// Database `bench` on `pg`, migrated, with users `u1..=users` (inserted past the capture: the
+/// outbox starts empty): its URL, config and an admin session.
+pub async fn seeded(
+    pg: &Postgres,
+    users: u64,
+) -> (String, tokio_postgres::Config, tokio_postgres::Client) {
+    let db_url = pg.create_database("bench").await.expect("database");
+    let pg_config: tokio_postgres::Config = db_url.parse().expect("url");
+    let mut admin = cacheward::store::pg::connect(&pg_config)
+        .await
+        .expect("connect");
+    cacheward::store::pg::migrate(&mut admin)
+        .await
+        .expect("migrate");
+    admin
+        .batch_execute(&format!(
+            "ALTER TABLE users DISABLE TRIGGER cacheward_capture_insert;
+             INSERT INTO users (username) SELECT 'u' || g FROM generate_series(1, {users}) g;
+             ALTER TABLE users ENABLE ALWAYS TRIGGER cacheward_capture_insert;
+             ANALYZE users;"
+        ))
+        .await
+        .expect("seed");
+    (db_url, pg_config, admin)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let users: u64 = env_or("CACHEWARD_BENCH_USERS", 200_000);
@@ -85,24 +111,11 @@ async fn main() {
         ..Default::default()
     })
     .expect("redis");
-    let db_url = pg.create_database("bench").await.expect("database");
-    let pg_config: tokio_postgres::Config = db_url.parse().expect("url");
-    let mut admin = cacheward::store::pg::connect(&pg_config)
-        .await
-        .expect("connect");
-    cacheward::store::pg::migrate(&mut admin)
-        .await
-        .expect("migrate");
+    let (db_url, pg_config, admin) = seeded(&pg, users).await;
     admin
-        .batch_execute(&format!(
-            "CREATE EXTENSION pg_stat_statements;
-             ALTER TABLE users DISABLE TRIGGER cacheward_capture_insert;
-             INSERT INTO users (username) SELECT 'u' || g FROM generate_series(1, {users}) g;
-             ALTER TABLE users ENABLE TRIGGER cacheward_capture_insert;
-             ANALYZE users;"
-        ))
+        .batch_execute("CREATE EXTENSION pg_stat_statements")
         .await
-        .expect("seed");
+        .expect("pg_stat_statements");
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("bench.sock");
     let redis_url = match over_tcp {
@@ -211,6 +224,9 @@ async fn main() {
     drop(daemon);
     if want("cdc") && !runs.poll.is_empty() {
         cdc::poll_only(&b, &runs, &mut report).await;
+    }
+    if want("cdc") && !runs.paced.is_empty() {
+        cdc::durable(&runs, &mut report).await;
     }
     if want("tables") {
         tables::cdc(&b, &mut report).await;

@@ -232,6 +232,13 @@ impl Applier {
             driver_wake.notify_one();
         });
         let _abort_driver = AbortOnDrop(driver);
+        // The session's writes are bookkeeping that a crash may undo at no cost: its cursor (a
+        // cursor that goes back re-applies changes, which versions make harmless), its lease, the
+        // transaction id a batch draws, a prune (undone with the rows it deleted). Waiting for
+        // their flush (or a synchronous standby) would hold every batch after them back by one:
+        // an early batch draws an id, so its read commits a write.
+        let settings = async { Ok(client.batch_execute("SET synchronous_commit = off").await?) };
+        self.bounded("session settings", settings).await?;
 
         // Which cache this is: asked of Redis at every session (a Redis that lost its data is
         // another cache, with a new id).

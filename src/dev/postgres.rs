@@ -76,6 +76,10 @@ pub struct PostgresOptions {
     pub tls: Option<ServerTls>,
     /// How TCP clients authenticate (`pg_hba` method; `trust` when unset).
     pub tcp_auth: Option<String>,
+    /// Flush every commit to disk before it returns, as a production server does. Unset, the
+    /// server skips flushes (`fsync`, `synchronous_commit` and `full_page_writes` off): tests
+    /// run faster, and a crash of the test's own server loses nothing a test needs.
+    pub durable: bool,
 }
 
 /// A throwaway PostgreSQL listening on a Unix socket in its own directory (and, if asked, on TCP
@@ -187,14 +191,17 @@ impl Postgres {
             .arg("-k")
             .arg(self.dir.path())
             .args(self.listen_args())
-            .args([
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-            ])
+            .args(match self.options.durable {
+                true => &[][..],
+                false => &[
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                ][..],
+            })
             .args([
                 "-c",
                 "shared_preload_libraries=pg_stat_statements",
