@@ -890,6 +890,64 @@ async fn the_periodic_stats_line_carries_cdc_lag() {
     .await;
 }
 
+/// Users' capture turned off (`ALTER TABLE users DISABLE TRIGGER …`): the daemon says so at once,
+/// naming the trigger; a change made meanwhile passes the cache by, and once the capture fires
+/// again every cached user is dropped, so the change is served. Without the drop the stale entry
+/// stays for good (the live checker, which would find it in time, is off here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_capture_turned_off_is_said_and_its_return_drops_every_cached_user() {
+    let env = TestEnv::start().await;
+    let daemon = DaemonProcess::spawn_with(
+        &env,
+        "capture",
+        &[("CACHEWARD__CONSISTENCY__SAMPLE_PER_SEC", "0")],
+    );
+    daemon.wait_ready().await;
+    let mut c = Rpc::connect(&daemon.socket).await;
+    let pg = env.pg().await;
+    pg.batch_execute("INSERT INTO users (username) VALUES ('kept')")
+        .await
+        .unwrap();
+    wait_until("cached", CONVERGE, || async {
+        live(&env, "kept").await.is_some()
+    })
+    .await;
+    pg.batch_execute("ALTER TABLE users DISABLE TRIGGER cacheward_capture_update")
+        .await
+        .unwrap();
+    wait_until("said", Duration::from_secs(5), || async {
+        daemon.logs().contains("users capture not firing")
+    })
+    .await;
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("trigger cacheward_capture_update on users is disabled"),
+        "{logs}"
+    );
+    pg.batch_execute("UPDATE users SET username = 'moved' WHERE username = 'kept'")
+        .await
+        .unwrap();
+    assert_eq!(c.get("kept").await["result"]["source"], json!("cache"));
+    pg.batch_execute("ALTER TABLE users ENABLE ALWAYS TRIGGER cacheward_capture_update")
+        .await
+        .unwrap();
+    wait_until(
+        "every cached user dropped",
+        Duration::from_secs(5),
+        || async { live(&env, "kept").await.is_none() },
+    )
+    .await;
+    assert!(
+        daemon
+            .logs()
+            .contains("users capture firing again: cached users dropped"),
+        "{}",
+        daemon.logs()
+    );
+    assert_eq!(kind(&c.get("kept").await), "not_found");
+    assert_eq!(c.get("moved").await["result"]["source"], json!("db"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_applied_late_is_warned_about_and_the_recovery_said() {
     let env = TestEnv::start().await;

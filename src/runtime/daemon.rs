@@ -58,18 +58,16 @@ pub async fn run(
     };
     let stop_background = CancellationToken::new();
     spawn_background(&background, &service, &config, &stop_background).await?;
-    if !config.tables.is_empty() {
-        background.spawn(
-            "schema",
-            schema::watch(
-                service.clone(),
-                config.clone(),
-                unservable.clone(),
-                shutdown.clone(),
-                stop_background.clone(),
-            ),
-        );
-    }
+    background.spawn(
+        "schema",
+        schema::watch(
+            service.clone(),
+            config.clone(),
+            unservable.clone(),
+            shutdown.clone(),
+            stop_background.clone(),
+        ),
+    );
     // One bound on connections for both front ends.
     let permits = Arc::new(Semaphore::new(config.socket.max_connections));
     tokio::join!(

@@ -1,4 +1,4 @@
-//! Declared tables kept in step with the catalog while the daemon runs. At start, every table is
+//! Declared tables, and users' capture, kept in step with the catalog while the daemon runs. At start, every table is
 //! checked once PostgreSQL answers, and one that cannot be served as configured (no such table, a
 //! key that is not unique, its capture not installed) stops the daemon, naming it. Then every
 //! [`EVERY`] each table is checked again, with the rights `serve` has (no event trigger, which
@@ -8,6 +8,12 @@
 //! - it stopped matching (dropped, a key column gone, its capture removed): it answers
 //!   `unavailable` and its entries are dropped; the other tables are unaffected;
 //! - it matches again: it is served again.
+//!
+//! Users' capture is checked as often (daemon or no declared table): a trigger of it disabled,
+//! dropped or made to fire in replica sessions only (`ALTER TABLE users DISABLE TRIGGER …`) is
+//! said at error, once; when all fire again, every cached user is dropped behind a fresh fence,
+//! since any may have missed a change made meanwhile. Users stay served from the cache while it
+//! is off (the reference says what that risks).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -41,6 +47,7 @@ pub async fn watch(
     let mut first = true;
     // Tables whose entries must be dropped (a drop that failed is tried again).
     let mut to_drop: BTreeSet<TableId> = BTreeSet::new();
+    let mut users = UsersCapture::default();
     loop {
         let bound = config.statement_timeout() * 4;
         let client = match tokio::time::timeout(bound, service.pg_target().connect()).await {
@@ -71,9 +78,19 @@ pub async fn watch(
                 // PostgreSQL down or slow: a new connection, later.
                 _ => break,
             }
+            match tokio::time::timeout(bound, capture::users_not_firing(&client)).await {
+                Ok(Ok(off)) => users.found(off, &mut to_drop),
+                _ => break,
+            }
             for table in std::mem::take(&mut to_drop) {
-                if service.drop_table_entries(table).await.is_err() {
-                    to_drop.insert(table);
+                match service.drop_table_entries(table).await {
+                    Ok(dropped) if table == TableId::USERS => {
+                        tracing::info!(dropped, "users capture firing again: cached users dropped");
+                    }
+                    Ok(_) => {}
+                    Err(()) => {
+                        to_drop.insert(table);
+                    }
                 }
             }
             tokio::select! {
@@ -83,6 +100,33 @@ pub async fn watch(
         }
         if !backoff.wait(&stop).await {
             return;
+        }
+    }
+}
+
+/// Whether users' capture fired at the last check.
+#[derive(Default)]
+struct UsersCapture {
+    off: bool,
+}
+
+impl UsersCapture {
+    /// Records what a check found (`off`: the triggers that do not fire). Once they fire again,
+    /// users' entries are queued in `to_drop`: any may have missed a change made meanwhile.
+    fn found(&mut self, off: Vec<String>, to_drop: &mut BTreeSet<TableId>) {
+        match (self.off, off.is_empty()) {
+            (false, false) => {
+                tracing::error!(
+                    problems = %off.join("; "),
+                    "users capture not firing: changes to users pass the cache by"
+                );
+                self.off = true;
+            }
+            (true, true) => {
+                self.off = false;
+                to_drop.insert(TableId::USERS);
+            }
+            _ => {}
         }
     }
 }

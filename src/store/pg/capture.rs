@@ -129,16 +129,8 @@ pub async fn not_always(
     source: &str,
     names: &[String],
 ) -> Result<Vec<String>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT n.name, g.tgenabled::text
-             FROM unnest($2::text[]) AS n(name)
-             LEFT JOIN pg_trigger g ON g.tgrelid = $1::text::regclass AND g.tgname = n.name",
-            &[&source, &names],
-        )
-        .await?;
-    let wrong = rows.iter().filter_map(|row| {
-        let (name, enabled): (String, Option<String>) = (row.get(0), row.get(1));
+    let modes = modes(client, source, names).await?;
+    let wrong = modes.into_iter().filter_map(|(name, enabled)| {
         let how = match enabled.as_deref() {
             Some("A") => return None,
             None => {
@@ -155,6 +147,43 @@ pub async fn not_always(
         ))
     });
     Ok(wrong.collect())
+}
+
+/// Users' capture triggers ([`USERS_TRIGGERS`]) that do not fire in an ordinary session: missing,
+/// disabled, or enabled for replica sessions only. Changes made meanwhile pass the cache by.
+pub async fn users_not_firing(
+    client: &impl GenericClient,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let names = USERS_TRIGGERS.map(String::from);
+    let modes = modes(client, "users", &names).await?;
+    let off = modes.into_iter().filter_map(|(name, enabled)| {
+        let how = match enabled.as_deref() {
+            None => "is missing",
+            Some("D") => "is disabled",
+            Some("R") => "fires only in replica sessions",
+            Some(_) => return None,
+        };
+        Some(format!("trigger {name} on users {how}"))
+    });
+    Ok(off.collect())
+}
+
+/// How each trigger named `names` on `source` is enabled (`pg_trigger.tgenabled`: `O` origin and
+/// local sessions, `A` always, `R` replica sessions, `D` never), `None` for one that is not there.
+async fn modes(
+    client: &impl GenericClient,
+    source: &str,
+    names: &[String],
+) -> Result<Vec<(String, Option<String>)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.name, g.tgenabled::text
+             FROM unnest($2::text[]) AS n(name)
+             LEFT JOIN pg_trigger g ON g.tgrelid = $1::text::regclass AND g.tgname = n.name",
+            &[&source, &names],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
 /// The triggers of users' version and capture (sql/0001_users.sql, sql/0002_cdc.sql), which
