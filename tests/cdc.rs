@@ -897,12 +897,23 @@ async fn the_periodic_stats_line_carries_cdc_lag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_capture_turned_off_is_said_and_its_return_drops_every_cached_user() {
     let env = TestEnv::start().await;
+    let listen = format!("127.0.0.1:{}", cacheward::dev::free_port().unwrap());
     let daemon = DaemonProcess::spawn_with(
         &env,
         "capture",
-        &[("CACHEWARD__CONSISTENCY__SAMPLE_PER_SEC", "0")],
+        &[
+            ("CACHEWARD__CONSISTENCY__SAMPLE_PER_SEC", "0"),
+            ("CACHEWARD__METRICS__LISTEN", &listen),
+        ],
     );
     daemon.wait_ready().await;
+    let firing = || async {
+        common::sample(
+            &common::scrape(&listen, "/metrics").await,
+            "cacheward_capture_firing{table=\"users\"}",
+        )
+    };
+    assert_eq!(firing().await, 1.0);
     let mut c = Rpc::connect(&daemon.socket).await;
     let pg = env.pg().await;
     pg.batch_execute("INSERT INTO users (username) VALUES ('kept')")
@@ -924,6 +935,7 @@ async fn users_capture_turned_off_is_said_and_its_return_drops_every_cached_user
         logs.contains("trigger cacheward_capture_update on users is disabled"),
         "{logs}"
     );
+    assert_eq!(firing().await, 0.0);
     pg.batch_execute("UPDATE users SET username = 'moved' WHERE username = 'kept'")
         .await
         .unwrap();
@@ -944,6 +956,7 @@ async fn users_capture_turned_off_is_said_and_its_return_drops_every_cached_user
         "{}",
         daemon.logs()
     );
+    assert_eq!(firing().await, 1.0);
     assert_eq!(kind(&c.get("kept").await), "not_found");
     assert_eq!(c.get("moved").await["result"]["source"], json!("db"));
 }

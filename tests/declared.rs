@@ -831,7 +831,21 @@ async fn the_command_line_reads_and_writes_declared_tables_with_column_value_pai
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_changes_while_running_reach_the_cache_and_a_dropped_table_stalls_no_other() {
-    let (env, daemon, _) = start().await;
+    let listen = format!("127.0.0.1:{}", cacheward::dev::free_port().unwrap());
+    let metrics = listen.parse().unwrap();
+    let (env, daemon, _) = start_with(|config| config.metrics.listen = Some(metrics)).await;
+    // Whether the metrics say the table's changes are captured.
+    let firing = |table: &'static str| {
+        let listen = listen.clone();
+        async move {
+            let text = common::scrape(&listen, "/metrics").await;
+            common::sample(
+                &text,
+                &format!("cacheward_capture_firing{{table=\"{table}\"}}"),
+            )
+        }
+    };
+    assert_eq!(firing("orders").await, 1.0);
     let mut client = daemon.client().await;
     let account = json!({"table": "accounts", "key": {"id": 2}});
     let order = json!({"table": "orders", "key": {"region": "w", "id": 8}});
@@ -900,6 +914,9 @@ async fn schema_changes_while_running_reach_the_cache_and_a_dropped_table_stalls
         assert!(Instant::now() < deadline, "a dropped table is still served");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(firing("orders").await, 0.0);
+    assert_eq!(firing("accounts").await, 1.0);
+    assert_eq!(firing("users").await, 1.0);
     pg.batch_execute("UPDATE accounts SET email = 'moved@x' WHERE id = 2")
         .await
         .unwrap();
@@ -922,6 +939,7 @@ async fn schema_changes_while_running_reach_the_cache_and_a_dropped_table_stalls
         .await
         .unwrap();
     converges(&mut client, order, Ok("back")).await;
+    assert_eq!(firing("orders").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -748,18 +748,7 @@ async fn the_prometheus_endpoint_serves_every_documented_metric() {
         )
         .await
         .unwrap();
-    let scrape = |path: &'static str| {
-        let listen = listen.clone();
-        async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut stream = tokio::net::TcpStream::connect(&listen).await.unwrap();
-            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-            stream.write_all(request.as_bytes()).await.unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await.unwrap();
-            response
-        }
-    };
+    let scrape = |path: &'static str| common::scrape(&listen, path);
     // Idle connections (opened, nothing sent) do not hold up a scrape.
     let mut idle = Vec::new();
     for _ in 0..20 {
@@ -775,17 +764,12 @@ async fn the_prometheus_endpoint_serves_every_documented_metric() {
         asked.elapsed()
     );
     drop(idle);
-    // A sample's value, by its full name (labels included).
-    let value = |text: &str, sample: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {sample} in:\n{text}"))
-    };
     wait_until(
         "the rename's lag is recorded",
         Duration::from_secs(5),
-        || async { value(&scrape("/metrics").await, "cacheward_cdc_lag_seconds_count") >= 1.0 },
+        || async {
+            common::sample(&scrape("/metrics").await, "cacheward_cdc_lag_seconds_count") >= 1.0
+        },
     )
     .await;
     let response = scrape("/metrics").await;
@@ -798,7 +782,7 @@ async fn the_prometheus_endpoint_serves_every_documented_metric() {
         .filter_map(|l| l.strip_prefix("| `cacheward_"))
         .filter_map(|rest| rest.split_once('`').map(|(name, _)| name))
         .collect();
-    assert_eq!(documented.len(), 37, "{documented:?}");
+    assert_eq!(documented.len(), 38, "{documented:?}");
     for name in documented {
         assert!(
             response.contains(&format!("# TYPE cacheward_{name} ")),
@@ -806,14 +790,14 @@ async fn the_prometheus_endpoint_serves_every_documented_metric() {
         );
     }
     // The readiness probe's health and the put.
-    assert!(value(&response, "cacheward_requests_total") >= 2.0);
+    assert!(common::sample(&response, "cacheward_requests_total") >= 2.0);
     assert_eq!(
-        value(&response, "cacheward_backend_up{backend=\"redis\"}"),
+        common::sample(&response, "cacheward_backend_up{backend=\"redis\"}"),
         1.0
     );
     assert_eq!(
-        value(&response, "cacheward_cdc_lag_seconds_bucket{le=\"+Inf\"}"),
-        value(&response, "cacheward_cdc_lag_seconds_count")
+        common::sample(&response, "cacheward_cdc_lag_seconds_bucket{le=\"+Inf\"}"),
+        common::sample(&response, "cacheward_cdc_lag_seconds_count")
     );
     assert!(scrape("/other").await.starts_with("HTTP/1.1 404"));
     daemon.signal(libc::SIGTERM);

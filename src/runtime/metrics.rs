@@ -263,6 +263,24 @@ pub fn render(service: &Service) -> String {
         let samples: Vec<(&str, u64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         metric(name, "counter", help, &samples);
     }
+    let mut firing = vec![(
+        "{table=\"users\"}".to_owned(),
+        u64::from(service.users_capture_firing()),
+    )];
+    for name in service.tables.names() {
+        let available = service
+            .tables
+            .id(name)
+            .is_some_and(|id| !service.tables.is_unavailable(id));
+        firing.push((format!("{{table=\"{name}\"}}"), u64::from(available)));
+    }
+    let firing: Vec<(&str, u64)> = firing.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        "cacheward_capture_firing",
+        "gauge",
+        "1 while the table's changes are captured (users' triggers fire; a declared table is available).",
+        &firing,
+    );
     metric(
         "cacheward_backend_up",
         "gauge",

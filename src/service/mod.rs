@@ -112,6 +112,8 @@ pub struct Service {
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     pub(crate) hooks: Hooks,
     started: Instant,
+    /// Whether the last check found a trigger of users' capture not firing (see `schema`).
+    users_capture_off: std::sync::atomic::AtomicBool,
 }
 
 /// Records the outcome of a database call in `health` and turns a failure into what the client is
@@ -161,6 +163,7 @@ impl Service {
             max_entry_bytes: u64::MAX,
             hooks,
             started: Instant::now(),
+            users_capture_off: Default::default(),
         }
     }
 

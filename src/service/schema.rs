@@ -47,7 +47,6 @@ pub async fn watch(
     let mut first = true;
     // Tables whose entries must be dropped (a drop that failed is tried again).
     let mut to_drop: BTreeSet<TableId> = BTreeSet::new();
-    let mut users = UsersCapture::default();
     loop {
         let bound = config.statement_timeout() * 4;
         let client = match tokio::time::timeout(bound, service.pg_target().connect()).await {
@@ -79,7 +78,7 @@ pub async fn watch(
                 _ => break,
             }
             match tokio::time::timeout(bound, capture::users_not_firing(&client)).await {
-                Ok(Ok(off)) => users.found(off, &mut to_drop),
+                Ok(Ok(off)) => service.users_capture_found(off, &mut to_drop),
                 _ => break,
             }
             for table in std::mem::take(&mut to_drop) {
@@ -104,30 +103,31 @@ pub async fn watch(
     }
 }
 
-/// Whether users' capture fired at the last check.
-#[derive(Default)]
-struct UsersCapture {
-    off: bool,
-}
+impl Service {
+    /// Whether the last check found every trigger of users' capture firing (true until checked).
+    pub fn users_capture_firing(&self) -> bool {
+        !self
+            .users_capture_off
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 
-impl UsersCapture {
-    /// Records what a check found (`off`: the triggers that do not fire). Once they fire again,
-    /// users' entries are queued in `to_drop`: any may have missed a change made meanwhile.
-    fn found(&mut self, off: Vec<String>, to_drop: &mut BTreeSet<TableId>) {
-        match (self.off, off.is_empty()) {
-            (false, false) => {
-                tracing::error!(
-                    problems = %off.join("; "),
-                    "users capture not firing: changes to users pass the cache by"
-                );
-                self.off = true;
-            }
-            (true, true) => {
-                self.off = false;
+    /// Records what a check of users' capture found (`off`: the triggers that do not fire). Once
+    /// they fire again, users' entries are queued in `to_drop`: any may have missed a change made
+    /// meanwhile.
+    fn users_capture_found(&self, off: Vec<String>, to_drop: &mut BTreeSet<TableId>) {
+        let firing = off.is_empty();
+        match (self.users_capture_firing(), firing) {
+            (true, false) => tracing::error!(
+                problems = %off.join("; "),
+                "users capture not firing: changes to users pass the cache by"
+            ),
+            (false, true) => {
                 to_drop.insert(TableId::USERS);
             }
-            _ => {}
+            _ => return,
         }
+        self.users_capture_off
+            .store(!firing, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

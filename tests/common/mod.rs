@@ -382,6 +382,25 @@ pub fn kind(response: &Value) -> &str {
     response["error"]["data"]["kind"].as_str().unwrap_or("")
 }
 
+/// The answer of the metrics endpoint at `listen` to `GET path`, head and body.
+pub async fn scrape(listen: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+/// A sample's value in a scrape's `text`, by its full name (labels included).
+pub fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
 /// Polls `check` until it holds; panics with `what` after `deadline`.
 pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut check: F)
 where
