@@ -177,24 +177,7 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
     config.redis.urls = urls[1..].iter().cloned().map(SecretUrl::new).collect();
     config.redis.timeout_ms = 500;
     // A declared table next to users, with a lookup.
-    config.tables.insert(
-        "accounts".into(),
-        cacheward::config::TableConfig::keyed(&["id"]).lookup("by_email", &["email"]),
-    );
-    {
-        let mut pg = env.pg().await;
-        pg.batch_execute(
-            "CREATE TABLE accounts (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, plan text)",
-        )
-        .await
-        .unwrap();
-        let declared = cacheward::store::pg::tables::resolve_all(&pg, &config)
-            .await
-            .unwrap();
-        cacheward::store::pg::capture::install(&mut pg, &declared)
-            .await
-            .unwrap();
-    }
+    declare_accounts(&env, &mut config).await;
     check_reaches_every_primary_from_one_seed(&cluster, &config).await;
     let daemon = env.start_daemon(config.clone()).await;
     let mut conn = connect(&cluster).await;
@@ -601,40 +584,8 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
         "the primary holds the newest versions",
     )
     .await;
-    // The same for the accounts: every other one updated out of band, the rest deleted through
-    // the daemon. What each get must answer from now on: the row as it is (`None`: deleted).
-    for (n, i) in accounts.iter().enumerate() {
-        match n % 2 {
-            0 => {
-                pg.execute("UPDATE accounts SET plan = 'pro' WHERE id = $1", &[i])
-                    .await
-                    .unwrap();
-            }
-            _ => {
-                let answer = client
-                    .call("delete", json!({"table": "accounts", "key": {"id": i}}))
-                    .await;
-                assert_eq!(answer["result"]["deleted"], json!(true), "{answer}");
-            }
-        }
-    }
-    let mut table_rows: Vec<(Value, Option<Value>)> = Vec::new();
-    for i in &accounts {
-        let row = pg
-            .query_opt(
-                "SELECT row_to_json(a)::text FROM accounts a WHERE id = $1",
-                &[i],
-            )
-            .await
-            .unwrap()
-            .map(|r| serde_json::from_str::<Value>(r.get(0)).unwrap());
-        let email = format!("f{i}@x");
-        table_rows.push((json!({"table": "accounts", "key": {"id": i}}), row.clone()));
-        table_rows.push((
-            json!({"table": "accounts", "lookup": "by_email", "key": {"email": email}}),
-            row,
-        ));
-    }
+    // The same for the accounts.
+    let table_rows = outdate_accounts(&env, &mut client, &accounts).await;
     let victim_rows: Vec<Option<Value>> = table_rows
         .iter()
         .step_by(2)

@@ -13,19 +13,36 @@ use serde_json::{json, Value};
 
 /// The live entry at `user:<name>` on the node on `port` (a replica too).
 async fn live_on(port: u16, name: &str) -> Option<Value> {
+    entry_on(port, &format!("user:{name}")).await
+}
+
+/// The live entry at `key` on the node on `port` (a replica too).
+async fn entry_on(port: u16, key: &str) -> Option<Value> {
     let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
     let value: Option<String> = redis::cmd("GET")
-        .arg(format!("user:{name}"))
+        .arg(key)
         .query_async(&mut conn)
         .await
         .unwrap();
     value
         .filter(|v| is_live(v))
         .map(|v| serde_json::from_str(&v).unwrap())
+}
+
+/// Whether the declared table's entry at each of `keys` on the node on `port` holds the row at
+/// the same index in `rows`, or is not live when that is `None`.
+async fn rows_on(port: u16, keys: &[String], rows: &[Option<Value>]) -> bool {
+    for (key, row) in keys.iter().zip(rows) {
+        let live = entry_on(port, key).await.map(|entry| entry["row"].clone());
+        if live.is_some() && live != *row {
+            return false;
+        }
+    }
+    true
 }
 
 /// How the primary is replaced.
@@ -70,6 +87,9 @@ async fn lossy_failover(how: Failover) {
         .collect();
     config.redis.sentinel_master = Some(MASTER.into());
     config.redis.timeout_ms = 500;
+    // A declared table next to users, with a lookup: its rows and lookups' copies go through the
+    // same failover.
+    declare_accounts(&env, &mut config).await;
     if how == Failover::Kill {
         check_probes_the_master_the_sentinels_name(&group, &config).await;
     }
@@ -85,6 +105,31 @@ async fn lossy_failover(how: Failover) {
     for name in &names {
         assert_eq!(client.get(name).await["result"]["source"], json!("cache"));
     }
+    // Ten accounts, cached by CDC under their key and their lookup's.
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "INSERT INTO accounts SELECT g, 'f' || g || '@x', 'free' FROM generate_series(1, 10) g",
+    )
+    .await
+    .unwrap();
+    let accounts: Vec<i64> = (1..=10).collect();
+    let keys: Vec<String> = accounts
+        .iter()
+        .flat_map(|i| [format!("accounts:{i}"), format!("accounts:by_email=f{i}@x")])
+        .collect();
+    wait_until(
+        "CDC cached the accounts",
+        Duration::from_secs(10),
+        || async {
+            for key in &keys {
+                if entry_on(primary, key).await.is_none() {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
     let mut on_primary = redis::Client::open(format!("redis://127.0.0.1:{primary}"))
         .unwrap()
         .get_multiplexed_async_connection()
@@ -113,6 +158,15 @@ async fn lossy_failover(how: Failover) {
         },
     )
     .await;
+    // The same for the accounts.
+    let table_rows = outdate_accounts(&env, &mut client, &accounts).await;
+    let key_rows: Vec<Option<Value>> = table_rows.iter().map(|(_, row)| row.clone()).collect();
+    wait_until(
+        "the primary holds the accounts' newest versions",
+        Duration::from_secs(10),
+        || rows_on(primary, &keys, &key_rows),
+    )
+    .await;
     let mut stale = 0;
     for (name, row) in names.iter().zip(&rows) {
         let held = live_on(replica, name).await;
@@ -123,24 +177,38 @@ async fn lossy_failover(how: Failover) {
         names.len(),
         "the replica holds the old version of every name"
     );
+    for key in &keys {
+        let held = entry_on(replica, key).await;
+        assert!(
+            held.is_some_and(|entry| entry["row"]["plan"] == "free"),
+            "the replica holds the old version of {key}"
+        );
+    }
 
     let failed_at = Instant::now();
     match how {
         Failover::Kill => group.kill(primary),
         Failover::Forced => group.force_failover().expect("SENTINEL FAILOVER"),
     }
-    let repaired_after = through_failover(&mut client, &names, &rows, failed_at, || async {
-        if group.sentinels_say() != Some(replica) || group.primary() != Some(replica) {
-            return false;
-        }
-        for (name, row) in names.iter().zip(&rows) {
-            let live = live_on(replica, name).await;
-            if live.is_some() && live != *row {
+    let repaired_after = through_failover_with(
+        &mut client,
+        &names,
+        &rows,
+        &table_rows,
+        failed_at,
+        || async {
+            if group.sentinels_say() != Some(replica) || group.primary() != Some(replica) {
                 return false;
             }
-        }
-        true
-    })
+            for (name, row) in names.iter().zip(&rows) {
+                let live = live_on(replica, name).await;
+                if live.is_some() && live != *row {
+                    return false;
+                }
+            }
+            rows_on(replica, &keys, &key_rows).await
+        },
+    )
     .await;
     eprintln!("sentinel failover: every entry equal to its row {repaired_after:?} after it began");
     // The daemon writes to the new primary.
@@ -186,12 +254,15 @@ async fn check_probes_the_master_the_sentinels_name(
     checked.redis.url = Some(SecretUrl::new("redis://checker:pw@127.0.0.1:1"));
     let found = cacheward::cli::check::backends(&checked).await;
     let problems = found.problems_with("redis");
-    assert_eq!(problems.len(), 1, "{found:#?}");
-    assert!(
-        problems[0].starts_with(&format!("redis master {MASTER} at 127.0.0.1:{primary}"))
-            && problems[0].contains("ACL SETUSER checker +scan"),
-        "{found:#?}"
-    );
+    // One per prefix: users' and the declared table's.
+    assert_eq!(problems.len(), 2, "{found:#?}");
+    for (problem, prefix) in problems.iter().zip(["user:", "accounts:"]) {
+        assert!(
+            problem.starts_with(&format!("redis master {MASTER} at 127.0.0.1:{primary}"))
+                && problem.contains(&format!("ACL SETUSER checker +scan '~{prefix}*'")),
+            "{found:#?}"
+        );
+    }
     let reached = found
         .ok
         .iter()

@@ -665,6 +665,70 @@ where
     panic!("the cache was not repaired within 30 s of the kill");
 }
 
+/// Declares table `accounts` (key `id`, lookup `by_email`) in `config`, creates it and installs its
+/// capture: the declared table the topology tests run next to users.
+pub async fn declare_accounts(env: &TestEnv, config: &mut cacheward::config::Config) {
+    config.tables.insert(
+        "accounts".into(),
+        cacheward::config::TableConfig::keyed(&["id"]).lookup("by_email", &["email"]),
+    );
+    let mut pg = env.pg().await;
+    pg.batch_execute(
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, plan text)",
+    )
+    .await
+    .unwrap();
+    let declared = cacheward::store::pg::tables::resolve_all(&pg, config)
+        .await
+        .unwrap();
+    cacheward::store::pg::capture::install(&mut pg, &declared)
+        .await
+        .unwrap();
+}
+
+/// Outdates rows `ids` of the table [`declare_accounts`] makes (their emails `f{id}@x`), as
+/// [`outdate`] does users: every other one updated out of band, the rest deleted through the
+/// daemon. Returns what a get of each by key, then by lookup, must answer from now on: the row as
+/// it is (`None`: deleted).
+pub async fn outdate_accounts(
+    env: &TestEnv,
+    client: &mut Rpc,
+    ids: &[i64],
+) -> Vec<(Value, Option<Value>)> {
+    let pg = env.pg().await;
+    let mut answers = Vec::new();
+    for (n, id) in ids.iter().enumerate() {
+        match n % 2 {
+            0 => {
+                pg.execute("UPDATE accounts SET plan = 'pro' WHERE id = $1", &[id])
+                    .await
+                    .unwrap();
+            }
+            _ => {
+                let answer = client
+                    .call("delete", json!({"table": "accounts", "key": {"id": id}}))
+                    .await;
+                assert_eq!(answer["result"]["deleted"], json!(true), "{answer}");
+            }
+        }
+        let row = pg
+            .query_opt(
+                "SELECT row_to_json(a)::text FROM accounts a WHERE id = $1",
+                &[id],
+            )
+            .await
+            .unwrap()
+            .map(|r| serde_json::from_str::<Value>(r.get(0)).unwrap());
+        let email = format!("f{id}@x");
+        answers.push((json!({"table": "accounts", "key": {"id": id}}), row.clone()));
+        answers.push((
+            json!({"table": "accounts", "lookup": "by_email", "key": {"email": email}}),
+            row,
+        ));
+    }
+    answers
+}
+
 /// A lock on `users` held by [`TestEnv::lock_users`].
 pub struct UsersLock(tokio_postgres::Client);
 
