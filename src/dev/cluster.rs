@@ -241,15 +241,28 @@ impl RedisCluster {
         // a slot not seen before.
         let mut fixed = std::collections::BTreeSet::new();
         loop {
-            let out = Command::new(&cli)
+            // Debian's redis-cli asks before covering a slot no node serves even with
+            // `--cluster-yes` ("Fix these slots by covering with a random node?"): every question
+            // is answered yes on its stdin.
+            let mut child = Command::new(&cli)
                 .args([
                     "--cluster",
                     "fix",
                     &format!("127.0.0.1:{port}"),
                     "--cluster-yes",
                 ])
-                .stdin(Stdio::null())
-                .output()
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(io_err("redis-cli --cluster fix"))?;
+            if let Some(mut stdin) = child.stdin.take() {
+                use std::io::Write as _;
+                // It may exit before reading them all: a broken pipe is no failure.
+                let _ = stdin.write_all("yes\n".repeat(64).as_bytes());
+            }
+            let out = child
+                .wait_with_output()
                 .map_err(io_err("redis-cli --cluster fix"))?;
             if out.status.success() {
                 return Ok(());
