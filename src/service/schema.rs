@@ -1,8 +1,8 @@
-//! Declared tables, and users' capture, kept in step with the catalog while the daemon runs. At start, every table is
-//! checked once PostgreSQL answers, and one that cannot be served as configured (no such table, a
-//! key that is not unique, its capture not installed) stops the daemon, naming it. Then every
-//! [`EVERY`] each table is checked again, with the rights `serve` has (no event trigger, which
-//! managed PostgreSQL does not allow):
+//! Declared tables, and users' capture, kept in step with the catalog while the daemon runs. At
+//! start, every table is checked once PostgreSQL answers, and one that cannot be served as
+//! configured (no such table, a key that is not unique, its capture not installed) stops the
+//! daemon, naming it. Then every [`EVERY`] each table is checked again, with the rights `serve`
+//! has (no event trigger, which managed PostgreSQL does not allow):
 //! - its shape changed (a column added or dropped, a type changed): the new shape is served, and
 //!   its cached entries are dropped behind a fresh fence, so no entry of the old shape survives;
 //! - it stopped matching (dropped, a key column gone, its capture removed): it answers
