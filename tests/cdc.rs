@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cacheward::config::CdcMode;
 use common::subject::Subject;
@@ -891,9 +891,10 @@ async fn the_periodic_stats_line_carries_cdc_lag() {
 }
 
 /// Users' capture turned off (`ALTER TABLE users DISABLE TRIGGER …`): the daemon says so at once,
-/// naming the trigger; a change made meanwhile passes the cache by, and once the capture fires
-/// again every cached user is dropped, so the change is served. Without the drop the stale entry
-/// stays for good (the live checker, which would find it in time, is off here).
+/// naming the trigger, and from then on reads users from PostgreSQL, so a change made meanwhile
+/// (which passes the cache by) is served at once; once the capture fires again every cached user
+/// is dropped, and only then is the cache read again. Without the drop the stale entry would stay
+/// for good (the live checker, which would find it in time, is off here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_capture_turned_off_is_said_and_its_return_drops_every_cached_user() {
     let env = TestEnv::start().await;
@@ -916,13 +917,17 @@ async fn users_capture_turned_off_is_said_and_its_return_drops_every_cached_user
     assert_eq!(firing().await, 1.0);
     let mut c = Rpc::connect(&daemon.socket).await;
     let pg = env.pg().await;
-    pg.batch_execute("INSERT INTO users (username) VALUES ('kept')")
+    pg.batch_execute("INSERT INTO users (username) VALUES ('kept'), ('steady')")
         .await
         .unwrap();
     wait_until("cached", CONVERGE, || async {
-        live(&env, "kept").await.is_some()
+        live(&env, "kept").await.is_some() && live(&env, "steady").await.is_some()
     })
     .await;
+    // Served from the cache (and its near copy) while the capture fires.
+    for _ in 0..2 {
+        assert_eq!(c.get("steady").await["result"]["source"], json!("cache"));
+    }
     pg.batch_execute("ALTER TABLE users DISABLE TRIGGER cacheward_capture_update")
         .await
         .unwrap();
@@ -939,26 +944,35 @@ async fn users_capture_turned_off_is_said_and_its_return_drops_every_cached_user
     pg.batch_execute("UPDATE users SET username = 'moved' WHERE username = 'kept'")
         .await
         .unwrap();
-    assert_eq!(c.get("kept").await["result"]["source"], json!("cache"));
+    // The stale entry is still in Redis, and never served: every user is read from PostgreSQL.
+    assert!(live(&env, "kept").await.is_some());
+    for _ in 0..2 {
+        assert_eq!(kind(&c.get("kept").await), "not_found");
+        assert_eq!(c.get("moved").await["result"]["source"], json!("db"));
+        assert_eq!(c.get("steady").await["result"]["source"], json!("db"));
+    }
     pg.batch_execute("ALTER TABLE users ENABLE ALWAYS TRIGGER cacheward_capture_update")
         .await
         .unwrap();
-    wait_until(
-        "every cached user dropped",
-        Duration::from_secs(5),
-        || async { live(&env, "kept").await.is_none() },
-    )
-    .await;
-    assert!(
+    wait_until("said", Duration::from_secs(5), || async {
         daemon
             .logs()
-            .contains("users capture firing again: cached users dropped"),
-        "{}",
-        daemon.logs()
-    );
+            .contains("users capture firing again: cached users dropped")
+    })
+    .await;
+    // Every cached user dropped (those filled while it was off too).
+    assert!(live(&env, "kept").await.is_none() && live(&env, "steady").await.is_none());
     assert_eq!(firing().await, 1.0);
     assert_eq!(kind(&c.get("kept").await), "not_found");
-    assert_eq!(c.get("moved").await["result"]["source"], json!("db"));
+    // Trusted again: a read fills the cache, and the next is answered from it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.get("moved").await["result"]["source"] != json!("cache") {
+        assert!(
+            Instant::now() < deadline,
+            "never served from the cache again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

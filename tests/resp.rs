@@ -840,6 +840,49 @@ async fn a_tracking_client_is_told_of_every_change_to_what_it_read() {
     raw.quiet().await;
 }
 
+/// Users' capture turned off: a tracking client that holds a user is told to forget it at once
+/// (no change to it would be heard), every user it reads meanwhile comes from PostgreSQL and is
+/// voided right behind its reply, so an out-of-band change is seen at the next read; once the
+/// capture fires again, what it reads is watched again. A declared table's keys are not touched.
+#[tokio::test]
+async fn while_users_capture_is_off_no_user_stays_cached_by_a_tracking_client() {
+    let front = start().await;
+    let mut raw = Raw::connect(&front).await;
+    assert_eq!(raw.call("CLIENT TRACKING ON").await, F::Simple("OK".into()));
+    read_watched(&mut raw, "user:alice").await;
+    read_watched(&mut raw, "accounts:2").await;
+    let pg = front.env.pg().await;
+    pg.batch_execute("ALTER TABLE users DISABLE TRIGGER cacheward_capture_update")
+        .await
+        .unwrap();
+    raw.told_of("user:alice").await;
+    // A change that passes the cache by, seen at the next read, each read voided behind it.
+    pg.batch_execute(
+        "UPDATE users SET created_at = '2001-02-03 04:05:06+00' WHERE username = 'alice'",
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let row = raw.call("GET user:alice").await;
+        assert!(
+            matches!(&row, F::Bulk(r) if r.contains("2001-02-03")),
+            "{row:?}"
+        );
+        assert_eq!(raw.push().await, invalidate(Some(&["user:alice"])));
+    }
+    // The declared table's key stays with the client.
+    raw.call("GET accounts:2").await;
+    raw.quiet().await;
+    pg.batch_execute("ALTER TABLE users ENABLE ALWAYS TRIGGER cacheward_capture_update")
+        .await
+        .unwrap();
+    let (row, _) = read_watched(&mut raw, "user:alice").await;
+    assert!(
+        matches!(&row, F::Bulk(r) if r.contains("2001-02-03")),
+        "{row:?}"
+    );
+}
+
 #[tokio::test]
 async fn broadcast_optin_and_the_bound_track_as_redis_does() {
     let front = start().await;

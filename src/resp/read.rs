@@ -149,13 +149,15 @@ impl Reads {
 /// Whether what a tracked read answered is known to be watched: the near cache holds exactly it
 /// (it keeps only what Redis tracks for this daemon, and drops it at any change), so a change
 /// after it will be heard. A row that does not exist, one read from the database, one the near
-/// cache no longer (or never) held as answered is not.
+/// cache no longer (or never) held as answered is not; nor is any of a key the cache is not
+/// trusted for (users' while their capture does not fire: a change would not be heard).
 fn watched(
     service: &Service,
     key: &Key,
     answer: &Result<(String, crate::service::Source), ServiceError>,
 ) -> bool {
     match answer {
+        Ok(_) if !service.cache_trusted_for(key) => false,
         Ok((json, _)) => service
             .cache()
             .near_peek(key)

@@ -166,7 +166,7 @@ impl Service {
 
     /// Whether Redis may answer for `key`: it is up, its primary too, and nothing left its entry
     /// in doubt (a failed write, a distrusted slot, a change passed over).
-    pub(super) fn cache_trusted_for(&self, key: &dyn KeyParts) -> bool {
+    pub fn cache_trusted_for(&self, key: &dyn KeyParts) -> bool {
         if !self.health.is_up(Backend::Redis) {
             return false;
         }

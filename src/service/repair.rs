@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{db_result, Service, ServiceError};
 use crate::model::entry::Write;
-use crate::model::key::{Key, KeyParts};
+use crate::model::key::{Key, KeyParts, TableId};
 use crate::store::redis::{Look, Watch};
 use crate::support::time::{RateLimited, WARN_EVERY};
 
@@ -47,6 +47,12 @@ pub struct Repairs {
     distrusts: AtomicU64,
     /// When `cache cleared: redis holds another process's data` was last said.
     cleared_said: Mutex<RateLimited>,
+    /// Tables none of whose entries may be read (users' while their capture does not fire: see
+    /// `service::schema`). Apart from the queue: nothing is repaired for them, and [`Repairs::any`]
+    /// does not count them.
+    tables: Mutex<BTreeSet<TableId>>,
+    /// True while `tables` holds one (the read path's check, without a lock).
+    any_table: AtomicBool,
 }
 
 impl Default for Repairs {
@@ -56,6 +62,8 @@ impl Default for Repairs {
             pending: AtomicBool::default(),
             distrusts: AtomicU64::default(),
             cleared_said: Mutex::new(RateLimited::new(WARN_EVERY)),
+            tables: Mutex::default(),
+            any_table: AtomicBool::default(),
         }
     }
 }
@@ -106,6 +114,30 @@ impl Repairs {
         self.settle(&queue);
     }
 
+    /// Nothing cached of `table` is trusted until [`Repairs::trust_table`]: its reads go to
+    /// PostgreSQL, and a read on its way now is not served from what it finds in Redis (see
+    /// [`Repairs::distrusts`]).
+    pub fn distrust_table(&self, table: TableId) {
+        let mut tables = self.tables.lock().expect("never poisoned");
+        tables.insert(table);
+        self.any_table.store(true, Ordering::SeqCst);
+        drop(tables);
+        self.distrusts.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// `table`'s entries may be read again (what was cached while it was distrusted is gone).
+    pub fn trust_table(&self, table: TableId) {
+        let mut tables = self.tables.lock().expect("never poisoned");
+        tables.remove(&table);
+        self.any_table.store(!tables.is_empty(), Ordering::SeqCst);
+    }
+
+    /// Whether `table`'s entries may be read (see [`Repairs::distrust_table`]).
+    pub fn table_trusted(&self, table: TableId) -> bool {
+        !self.any_table.load(Ordering::SeqCst)
+            || !self.tables.lock().expect("never poisoned").contains(&table)
+    }
+
     /// How often trust was withdrawn so far. A read takes it before it checks trust and again
     /// once Redis answered: if it changed, the answer may come from data distrusted while the read
     /// was on its way (a read queued before the monitor's look reached a restarted Redis after
@@ -139,6 +171,9 @@ impl Repairs {
     /// Whether Redis may answer for `key`, whose Redis key is in slot `slot()`, as far as repairs
     /// go.
     pub fn trusted(&self, key: &dyn KeyParts, slot: impl FnOnce() -> u16) -> bool {
+        if !self.table_trusted(key.table()) {
+            return false;
+        }
         if !self.any() {
             return true;
         }
@@ -414,6 +449,26 @@ mod tests {
         assert!(repairs.dropped(generation));
         assert_eq!(repairs.count(), 0);
         assert!(!repairs.any() && repairs.trusted(&Key::user("anyone"), || 0));
+    }
+
+    #[test]
+    fn a_distrusted_table_is_not_trusted_until_trusted_again_and_is_no_repair() {
+        let repairs = Repairs::default();
+        let before = repairs.distrusts();
+        repairs.distrust_table(TableId::USERS);
+        assert_ne!(
+            repairs.distrusts(),
+            before,
+            "reads on their way are not served"
+        );
+        assert!(!repairs.trusted(&Key::user("a"), || 0));
+        assert!(
+            repairs.trusted(&Key::new(TableId(1), "1"), || 0),
+            "another table"
+        );
+        assert!(!repairs.any() && repairs.count() == 0, "nothing to repair");
+        repairs.trust_table(TableId::USERS);
+        assert!(repairs.trusted(&Key::user("a"), || 0));
     }
 
     #[test]

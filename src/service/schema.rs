@@ -11,9 +11,11 @@
 //!
 //! Users' capture is checked as often (daemon or no declared table): a trigger of it disabled,
 //! dropped or made to fire in replica sessions only (`ALTER TABLE users DISABLE TRIGGER …`) is
-//! said at error, once; when all fire again, every cached user is dropped behind a fresh fence,
-//! since any may have missed a change made meanwhile. Users stay served from the cache while it
-//! is off (the reference says what that risks).
+//! said at error, once, and from then on no cached user is trusted: users are read from
+//! PostgreSQL (exact, if slower), and the near cache and tracking clients forget every user they
+//! hold, since none would hear of a change made now. When all fire again, every cached user is
+//! dropped behind a fresh fence (any may have missed a change made meanwhile), and only then is
+//! the cache trusted for users again.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -84,6 +86,10 @@ pub async fn watch(
             for table in std::mem::take(&mut to_drop) {
                 match service.drop_table_entries(table).await {
                     Ok(dropped) if table == TableId::USERS => {
+                        // Unless it stopped firing again meanwhile (then it stays distrusted).
+                        if service.users_capture_firing() {
+                            service.repairs.trust_table(TableId::USERS);
+                        }
                         tracing::info!(dropped, "users capture firing again: cached users dropped");
                     }
                     Ok(_) => {}
@@ -111,16 +117,21 @@ impl Service {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Records what a check of users' capture found (`off`: the triggers that do not fire). Once
-    /// they fire again, users' entries are queued in `to_drop`: any may have missed a change made
-    /// meanwhile.
+    /// Records what a check of users' capture found (`off`: the triggers that do not fire). While
+    /// one does not, no cached user is trusted (see the module's doc). Once they all fire again,
+    /// users' entries are queued in `to_drop` (any may have missed a change made meanwhile); the
+    /// cache is trusted for users again once they are dropped.
     fn users_capture_found(&self, off: Vec<String>, to_drop: &mut BTreeSet<TableId>) {
         let firing = off.is_empty();
         match (self.users_capture_firing(), firing) {
-            (true, false) => tracing::error!(
-                problems = %off.join("; "),
-                "users capture not firing: changes to users pass the cache by"
-            ),
+            (true, false) => {
+                self.repairs.distrust_table(TableId::USERS);
+                self.cache.forget_near_table(TableId::USERS);
+                tracing::error!(
+                    problems = %off.join("; "),
+                    "users capture not firing: changes to users pass the cache by"
+                )
+            }
             (false, true) => {
                 to_drop.insert(TableId::USERS);
             }

@@ -12,7 +12,7 @@ use super::error::decode;
 use super::error::{CacheError, CacheErrorKind};
 use super::fenced::Fenced;
 use super::keys::{Keys, Primary};
-use super::near::{NearCache, NearReport};
+use super::near::NearCache;
 use super::pipeline::Requests;
 use super::reach::Reach;
 use super::routing::Router;
@@ -21,7 +21,7 @@ use super::scripts::{self, outcomes, Outcome};
 use super::tracking::listen;
 use crate::config::{Config, RedisMode};
 use crate::model::entry::{Live, Write};
-use crate::model::key::{Key, KeyParts, KeyRef, TableId};
+use crate::model::key::{Key, KeyRef, TableId};
 
 /// The Redis side of the cache: one multiplexed, auto-reconnecting connection shared by all tasks.
 #[derive(Clone)]
@@ -29,8 +29,9 @@ pub struct Cache {
     router: Router,
     /// Request-path calls waiting to go to Redis together.
     requests: Arc<Requests>,
-    /// The near cache (`cache.local_max_bytes`), if on.
-    near: Option<Arc<NearCache>>,
+    /// The near cache (`cache.local_max_bytes`), if on (see `cache_near` for what the rest of
+    /// the daemon asks of it).
+    pub(super) near: Option<Arc<NearCache>>,
     /// Live writes the fence refused, and the health monitor's alarm: a refusal may mean a fence
     /// that cannot be right, which the monitor then looks at without waiting for its tick.
     pub(super) fenced: Arc<Fenced>,
@@ -114,58 +115,6 @@ impl Cache {
     /// since it was made.
     pub fn look_alarm(&self) -> &tokio::sync::Notify {
         &self.fenced.alarm
-    }
-
-    /// The near cache's figures (all zero when it is off).
-    pub fn near_report(&self) -> NearReport {
-        self.near
-            .as_ref()
-            .map(|near| near.report())
-            .unwrap_or_default()
-    }
-
-    /// `answer` of the near cache's entry of `key` (its JSON), if it holds one (a hit counted).
-    pub fn near_with<R>(&self, key: &dyn KeyParts, answer: impl FnOnce(&str) -> R) -> Option<R> {
-        self.near.as_ref()?.with(key, None, |json, _| answer(json))
-    }
-
-    /// The near cache's entry of `key`, if it holds one (no hit counted).
-    pub fn near_peek(&self, key: &Key) -> Option<Live> {
-        let hit = self.near.as_ref()?.peek(key)?;
-        Some(Live {
-            json: hit.json.to_string(),
-            version: hit.version,
-        })
-    }
-
-    /// Up to `n` keys the near cache holds, spread by `seed`.
-    pub fn near_sample(&self, n: usize, seed: u64) -> Vec<Key> {
-        self.near
-            .as_ref()
-            .map_or_else(Vec::new, |near| near.sample(n, seed))
-    }
-
-    /// Tells `watcher` of every invalidation the near cache handles; `false` when it is off (then
-    /// nothing tells this daemon of changes it did not make).
-    pub fn watch_near(&self, watcher: Arc<dyn super::near::Watcher>) -> bool {
-        self.near.as_ref().is_some_and(|near| near.watch(watcher))
-    }
-
-    /// Drops the near cache (Redis came back up: what it said meanwhile may be lost).
-    pub fn flush_near(&self) {
-        if let Some(near) = &self.near {
-            near.flush();
-        }
-    }
-
-    /// Invalidates the near cache's entries of `keys` (the daemon writes them).
-    /// Invalidates the near entries `writes` may change: those older than what each leaves.
-    pub(super) fn invalidate_near_of<'a>(&self, writes: impl IntoIterator<Item = &'a Write>) {
-        if let Some(near) = &self.near {
-            for write in writes {
-                near.invalidate_written(write);
-            }
-        }
     }
 
     /// The key of the entry a Redis key holds, if it is one: under a table's prefix, not a
@@ -559,13 +508,6 @@ impl Cache {
         decode::<T>(answer.into_iter().next().expect("one command, one answer"))
     }
 
-    /// Drops the near cache's entry of `key` (the consistency checker found it wrong).
-    pub fn forget_near(&self, key: &Key) {
-        if let Some(near) = &self.near {
-            near.invalidate(key);
-        }
-    }
-
     /// Replaces the entry of `key` with a tombstone of `version` if Redis still holds exactly
     /// `found` there (a write since makes the replacement moot), and drops the near entry. The
     /// consistency checker's repair of an entry it found wrong beyond the window: a lost change,
@@ -588,9 +530,7 @@ impl Cache {
             .one_in_slot::<i64>(self.router.slot_of(key), cmd)
             .await?
             == 1;
-        if let Some(near) = &self.near {
-            near.invalidate(key);
-        }
+        self.forget_near(key);
         Ok(replaced)
     }
 }

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod bounded;
 pub mod cache;
+pub mod cache_near;
 pub mod client;
 pub mod cluster;
 pub mod confirm;
