@@ -975,6 +975,58 @@ async fn users_capture_turned_off_is_said_and_its_return_drops_every_cached_user
     }
 }
 
+/// The `users` table renamed away: its capture can no longer be trusted to reach the cache (the
+/// table the daemon reads is not the one whose changes are captured), so it is said, and no user
+/// is answered from the cache until the table is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_renamed_away_is_said_and_no_user_is_answered_from_the_cache() {
+    let env = TestEnv::start().await;
+    let daemon = DaemonProcess::spawn_with(
+        &env,
+        "renamed",
+        &[("CACHEWARD__CONSISTENCY__SAMPLE_PER_SEC", "0")],
+    );
+    daemon.wait_ready().await;
+    let mut c = Rpc::connect(&daemon.socket).await;
+    let pg = env.pg().await;
+    pg.batch_execute("INSERT INTO users (username) VALUES ('here')")
+        .await
+        .unwrap();
+    wait_until("cached", CONVERGE, || async {
+        live(&env, "here").await.is_some()
+    })
+    .await;
+    assert_eq!(c.get("here").await["result"]["source"], json!("cache"));
+    pg.batch_execute("ALTER TABLE users RENAME TO users_away")
+        .await
+        .unwrap();
+    wait_until("said", Duration::from_secs(5), || async {
+        daemon.logs().contains("table users is missing")
+    })
+    .await;
+    for _ in 0..2 {
+        let answer = c.get("here").await;
+        assert_ne!(answer["result"]["source"], json!("cache"), "{answer}");
+    }
+    pg.batch_execute("ALTER TABLE users_away RENAME TO users")
+        .await
+        .unwrap();
+    wait_until("back", Duration::from_secs(5), || async {
+        daemon
+            .logs()
+            .contains("users capture firing again: cached users dropped")
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.get("here").await["result"]["source"] != json!("cache") {
+        assert!(
+            Instant::now() < deadline,
+            "never served from the cache again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_applied_late_is_warned_about_and_the_recovery_said() {
     let env = TestEnv::start().await;

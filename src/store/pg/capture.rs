@@ -150,10 +150,18 @@ pub async fn not_always(
 }
 
 /// Users' capture triggers ([`USERS_TRIGGERS`]) that do not fire in an ordinary session: missing,
-/// disabled, or enabled for replica sessions only. Changes made meanwhile pass the cache by.
+/// disabled, or enabled for replica sessions only; or the table itself, missing (renamed or
+/// dropped: what the cache holds of it is no table's any more). Changes made meanwhile pass the
+/// cache by.
 pub async fn users_not_firing(
     client: &impl GenericClient,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
+    let exists = client
+        .query_one("SELECT to_regclass('users') IS NOT NULL", &[])
+        .await?;
+    if !exists.get::<_, bool>(0) {
+        return Ok(vec!["table users is missing".to_owned()]);
+    }
     let names = USERS_TRIGGERS.map(String::from);
     let modes = modes(client, "users", &names).await?;
     let off = modes.into_iter().filter_map(|(name, enabled)| {
