@@ -928,13 +928,8 @@ async fn users_capture_turned_off_is_said_and_its_return_drops_every_cached_user
     for _ in 0..2 {
         assert_eq!(c.get("steady").await["result"]["source"], json!("cache"));
     }
-    pg.batch_execute("ALTER TABLE users DISABLE TRIGGER cacheward_capture_update")
-        .await
-        .unwrap();
-    wait_until("said", Duration::from_secs(5), || async {
-        daemon.logs().contains("users capture not firing")
-    })
-    .await;
+    let off = "ALTER TABLE users DISABLE TRIGGER cacheward_capture_update";
+    until_said(&pg, off, &daemon, "users capture not firing").await;
     let logs = daemon.logs();
     assert!(
         logs.contains("trigger cacheward_capture_update on users is disabled"),
@@ -951,25 +946,38 @@ async fn users_capture_turned_off_is_said_and_its_return_drops_every_cached_user
         assert_eq!(c.get("moved").await["result"]["source"], json!("db"));
         assert_eq!(c.get("steady").await["result"]["source"], json!("db"));
     }
-    pg.batch_execute("ALTER TABLE users ENABLE ALWAYS TRIGGER cacheward_capture_update")
-        .await
-        .unwrap();
-    wait_until("said", Duration::from_secs(5), || async {
-        daemon
-            .logs()
-            .contains("users capture firing again: cached users dropped")
-    })
+    let on = "ALTER TABLE users ENABLE ALWAYS TRIGGER cacheward_capture_update";
+    until_said(
+        &pg,
+        on,
+        &daemon,
+        "users capture firing again: cached users dropped",
+    )
     .await;
     // Every cached user dropped (those filled while it was off too).
     assert!(live(&env, "kept").await.is_none() && live(&env, "steady").await.is_none());
     assert_eq!(firing().await, 1.0);
     assert_eq!(kind(&c.get("kept").await), "not_found");
     // Trusted again: a read fills the cache, and the next is answered from it.
+    served_from_the_cache_again(&mut c, "moved").await;
+}
+
+/// Runs `sql`, then waits until the daemon's log says `said`.
+async fn until_said(pg: &tokio_postgres::Client, sql: &str, daemon: &DaemonProcess, said: &str) {
+    pg.batch_execute(sql).await.unwrap();
+    wait_until(said, Duration::from_secs(5), || async {
+        daemon.logs().contains(said)
+    })
+    .await;
+}
+
+/// Reads `name` until the cache answers it (a read after a drop fills it; the next hits).
+async fn served_from_the_cache_again(c: &mut Rpc, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while c.get("moved").await["result"]["source"] != json!("cache") {
+    while c.get(name).await["result"]["source"] != json!("cache") {
         assert!(
             Instant::now() < deadline,
-            "never served from the cache again"
+            "{name} never served from the cache again"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -997,34 +1005,21 @@ async fn users_renamed_away_is_said_and_no_user_is_answered_from_the_cache() {
     })
     .await;
     assert_eq!(c.get("here").await["result"]["source"], json!("cache"));
-    pg.batch_execute("ALTER TABLE users RENAME TO users_away")
-        .await
-        .unwrap();
-    wait_until("said", Duration::from_secs(5), || async {
-        daemon.logs().contains("table users is missing")
-    })
-    .await;
+    let away = "ALTER TABLE users RENAME TO users_away";
+    until_said(&pg, away, &daemon, "table users is missing").await;
     for _ in 0..2 {
         let answer = c.get("here").await;
         assert_ne!(answer["result"]["source"], json!("cache"), "{answer}");
     }
-    pg.batch_execute("ALTER TABLE users_away RENAME TO users")
-        .await
-        .unwrap();
-    wait_until("back", Duration::from_secs(5), || async {
-        daemon
-            .logs()
-            .contains("users capture firing again: cached users dropped")
-    })
+    let back = "ALTER TABLE users_away RENAME TO users";
+    until_said(
+        &pg,
+        back,
+        &daemon,
+        "users capture firing again: cached users dropped",
+    )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while c.get("here").await["result"]["source"] != json!("cache") {
-        assert!(
-            Instant::now() < deadline,
-            "never served from the cache again"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    served_from_the_cache_again(&mut c, "here").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
