@@ -81,6 +81,9 @@ enum Command {
     },
     /// Compare every cached entry with the database; exit 1 if any differs
     Verify {
+        /// Also drop each entry found wrong (the next read fills it from its row)
+        #[arg(long)]
+        repair: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -191,7 +194,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         #[cfg(not(feature = "dev"))]
         Command::Serve { common } => serve(false, common).await,
         Command::Migrate { prune, common } => migrate(common, prune).await,
-        Command::Verify { common } => verify(common).await,
+        Command::Verify { repair, common } => verify(common, repair).await,
         Command::Check { connect, common } => check(common, connect).await,
         Command::Get {
             args,
@@ -446,14 +449,19 @@ async fn check(common: Common, connect: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn verify(common: Common) -> anyhow::Result<ExitCode> {
+async fn verify(common: Common, repair: bool) -> anyhow::Result<ExitCode> {
     let config = common.load()?;
     config.require_backends()?;
-    let report = cacheward::cli::verify::verify(&config).await?;
+    let report = cacheward::cli::verify::verify(&config, repair).await?;
     use cacheward::cli::verify::printable;
     for m in &report.mismatches {
+        let repaired = match m.repaired {
+            None => "",
+            Some(true) => "; repaired: dropped, the next read fills it from its row",
+            Some(false) => "; not repaired: it changed since, left as it is",
+        };
         println!(
-            "mismatch {}: cached {} database {}",
+            "mismatch {}: cached {} database {}{repaired}",
             printable(&m.key),
             printable(&m.cached),
             printable(m.row.as_deref().unwrap_or("(no row)"))
@@ -465,8 +473,18 @@ async fn verify(common: Common) -> anyhow::Result<ExitCode> {
             printable(key)
         );
     }
+    let repaired = match repair {
+        true => {
+            let n = report
+                .mismatches
+                .iter()
+                .filter(|m| m.repaired == Some(true));
+            format!(" ({} repaired)", n.count())
+        }
+        false => String::new(),
+    };
     println!(
-        "checked {} cached entries: {} mismatches, {} foreign values",
+        "checked {} cached entries: {} mismatches{repaired}, {} foreign values",
         report.checked,
         report.mismatches.len(),
         report.foreign.len()

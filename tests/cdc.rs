@@ -674,6 +674,27 @@ async fn readers_and_out_of_band_writers_race_then_verify_finds_nothing() {
         "{text}"
     );
     assert!(text.contains(" 1 mismatches"), "{text}");
+    // `--repair` drops it (a version no write can beat is no obstacle): the daemon then answers
+    // the row, and a verify after finds nothing.
+    let out = env.verify_and_repair();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("mismatch user:{key_name}:"))
+            && text.contains("; repaired: dropped"),
+        "{text}"
+    );
+    assert!(text.contains(" 1 mismatches (1 repaired)"), "{text}");
+    let mut c = daemon.client().await;
+    let answer = c.call("get", json!({ "username": key_name })).await;
+    assert_eq!(
+        Some(&answer["result"]["user"]),
+        env.row_json(&key_name).await.as_ref(),
+        "{answer}"
+    );
+    let out = env.verify();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
     daemon.stop().await;
 }
 

@@ -980,6 +980,15 @@ async fn verify_compares_every_table_s_entries_and_lookups_with_their_rows() {
         "{said}"
     );
     assert!(said.contains("mismatch orders:nowhere:x"), "{said}");
+    // `--repair` drops all three; the lookup then answers its row, and nothing is left to find.
+    let (code, said) = env.verify_tables_with(toml, &["--repair"]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("3 mismatches (3 repaired)"), "{said}");
+    let by_email = json!({"table": "accounts", "lookup": "by_email", "key": {"email": "b@x"}});
+    let (answer, _) = row(&mut client, by_email).await.unwrap();
+    assert_eq!(answer["plan"], json!("pro"), "{answer}");
+    let (code, said) = verify();
+    assert_eq!(code, Some(0), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,7 +111,7 @@ async fn through_pgbouncer(ignore_options: bool) {
         || async { env.agrees(&names).await },
     )
     .await;
-    let report = cacheward::cli::verify::verify(&config)
+    let report = cacheward::cli::verify::verify(&config, false)
         .await
         .expect("verify through the pooler");
     assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);

@@ -203,7 +203,7 @@ async fn the_documented_redis_acl_is_all_the_daemon_needs() {
     )
     .await;
     client.call("put", json!({"username": "a4"})).await;
-    let report = cacheward::cli::verify::verify(&config)
+    let report = cacheward::cli::verify::verify(&config, false)
         .await
         .expect("verify under the ACL");
     assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);

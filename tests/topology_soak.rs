@@ -353,7 +353,7 @@ async fn storm(label: &str, mut servers: Servers) {
         },
     )
     .await;
-    let report = cacheward::cli::verify::verify(&servers.config(&env))
+    let report = cacheward::cli::verify::verify(&servers.config(&env), false)
         .await
         .expect("verify");
     assert!(

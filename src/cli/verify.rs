@@ -1,11 +1,12 @@
 //! `cacheward verify`: compares every cached entry (users' and every declared table's, their
 //! lookups' included) with its row, in SCAN-sized batches so that a live system is never blocked,
-//! and reports the entries that differ or whose row is gone.
+//! and reports the entries that differ or whose row is gone; with `--repair`, drops each of them
+//! as the live consistency checker does, so that the next read fills it from its row.
 
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::model::entry::{is_live, is_ours, same_json};
+use crate::model::entry::{is_live, is_ours, live_version, same_json, version_below};
 use crate::model::key::{Key, TableId};
 use crate::model::table::Table;
 use crate::store::pg::rows::{select_sql, table_row};
@@ -23,6 +24,9 @@ pub struct Mismatch {
     pub cached: String,
     /// The row's JSON, or `None` when no row has that username.
     pub row: Option<String>,
+    /// With `--repair`: whether the entry was dropped (`false`: it changed since it was compared,
+    /// and was left as it is now).
+    pub repaired: Option<bool>,
 }
 
 /// What a verification found.
@@ -40,8 +44,9 @@ pub struct Report {
 const RECHECK_AFTER: Duration = Duration::from_millis(1500);
 
 /// Compares every live entry under the prefix with its row. Differences are checked a second time
-/// after [`RECHECK_AFTER`], and only those that persist are reported.
-pub async fn verify(config: &Config) -> anyhow::Result<Report> {
+/// after [`RECHECK_AFTER`], and only those that persist are reported; with `repair`, each is then
+/// dropped (see [`repair`]).
+pub async fn verify(config: &Config, repair: bool) -> anyhow::Result<Report> {
     let cache = Cache::new(config)?;
     let client = connect::pg_target(config)?.connect().await?;
     let declared = tables::resolve_all(&client, config).await?;
@@ -62,15 +67,33 @@ pub async fn verify(config: &Config) -> anyhow::Result<Report> {
     if !suspects.is_empty() {
         tokio::time::sleep(RECHECK_AFTER).await;
         let found = compare(&cache, &client, &declared, suspects).await?.1;
-        report.mismatches = found
-            .into_iter()
-            .map(|(key, mut m)| {
-                m.key = cache.redis_key(&key);
-                m
-            })
-            .collect();
+        for (key, mut m) in found {
+            if repair {
+                m.repaired = Some(self::repair(&cache, &client, &key, &m).await?);
+            }
+            m.key = cache.redis_key(&key);
+            report.mismatches.push(m);
+        }
     }
     Ok(report)
+}
+
+/// Drops the entry of `key` that `m` found wrong, as the live consistency checker does: replaced
+/// by a tombstone one below its row's version (with no row, or one that cannot be served, at a
+/// fresh horizon), unless it changed since; the next read fills it from its row. Whatever
+/// version the wrong entry claims (one no row has, written around cacheward, included). Returns
+/// whether it was dropped.
+async fn repair(
+    cache: &Cache,
+    client: &tokio_postgres::Client,
+    key: &Key,
+    m: &Mismatch,
+) -> anyhow::Result<bool> {
+    let version = match m.row.as_deref().and_then(live_version) {
+        Some(version) => version_below(version),
+        None => client.query_one(db::FRESH_HORIZON, &[]).await?.get(0),
+    };
+    Ok(cache.replace_wrong(key, &m.cached, version).await?)
 }
 
 /// The rows of declared tables' `keys` (each live, with its cached value): per key, the entry its
@@ -174,6 +197,7 @@ async fn compare(
                 key: key.to_string(),
                 cached: cached.clone(),
                 row,
+                repaired: None,
             };
             mismatches.push((key.clone(), m));
         }
@@ -202,6 +226,7 @@ async fn compare(
                 key: name.to_string(),
                 cached: cached.clone(),
                 row: row.cloned(),
+                repaired: None,
             };
             mismatches.push((name.clone(), m));
         }

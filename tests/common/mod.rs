@@ -544,22 +544,35 @@ impl TestEnv {
 
     /// Runs `cacheward verify` against this environment.
     pub fn verify(&self) -> std::process::Output {
-        self.verify_with(None)
+        self.verify_with(None, &[])
+    }
+
+    /// Runs `cacheward verify --repair` against this environment.
+    pub fn verify_and_repair(&self) -> std::process::Output {
+        self.verify_with(None, &["--repair"])
     }
 
     /// Runs `cacheward verify` against this environment with `toml` (declared tables) as its
     /// configuration file: its exit code and what it printed.
     pub fn verify_tables(&self, toml: &str) -> (Option<i32>, String) {
-        let out = self.verify_with(Some(toml));
+        self.verify_tables_with(toml, &[])
+    }
+
+    /// [`TestEnv::verify_tables`] with more arguments (`--repair`).
+    pub fn verify_tables_with(&self, toml: &str, args: &[&str]) -> (Option<i32>, String) {
+        let out = self.verify_with(Some(toml), args);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).to_string(),
         )
     }
 
-    fn verify_with(&self, toml: Option<&str>) -> std::process::Output {
+    fn verify_with(&self, toml: Option<&str>, args: &[&str]) -> std::process::Output {
         let mut command = Command::new(BIN);
-        command.arg("verify").current_dir(self.dir.path());
+        command
+            .arg("verify")
+            .args(args)
+            .current_dir(self.dir.path());
         if let Some(toml) = toml {
             let file = self.dir.path().join("verify.toml");
             std::fs::write(&file, toml).expect("write the configuration");
