@@ -133,7 +133,7 @@ impl Repairs {
     }
 
     /// Whether `table`'s entries may be read (see [`Repairs::distrust_table`]).
-    pub fn table_trusted(&self, table: TableId) -> bool {
+    fn table_trusted(&self, table: TableId) -> bool {
         !self.any_table.load(Ordering::SeqCst)
             || !self.tables.lock().expect("never poisoned").contains(&table)
     }
