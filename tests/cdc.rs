@@ -27,6 +27,13 @@ async fn live(env: &TestEnv, name: &str) -> Option<Value> {
 
 /// The commit-order tests rename `a` to `a2` in the transaction that commits last: once it has,
 /// the old name is gone from Redis and the new one holds the row.
+/// The id of the newest outbox row.
+async fn last_outbox_id(env: &TestEnv) -> i64 {
+    let pg = env.pg().await;
+    let row = pg.query_one("SELECT max(id) FROM cacheward_outbox", &[]);
+    row.await.unwrap().get(0)
+}
+
 async fn renamed_a_reaches_redis(env: &TestEnv) {
     wait_until("A applied after all", CONVERGE, || async {
         live(env, "a").await.is_none() && live(env, "a2").await == env.row_json("a2").await
@@ -137,13 +144,7 @@ async fn committed_after_a_later_numbered_one(subject: Subject) {
         subject.live(&env, "b2").await.is_some()
     })
     .await;
-    let a_id: i64 = env
-        .pg()
-        .await
-        .query_one("SELECT max(id) FROM cacheward_outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let a_id = last_outbox_id(&env).await;
     // The cursor is stored right after Redis took the batch.
     wait_until("the cursor moved past A's slot", CONVERGE, || async {
         daemon.health().await["cdc"]["cursor"].as_i64().unwrap() >= a_id
@@ -443,8 +444,21 @@ async fn terminated_connections_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_made_while_a_persistent_redis_was_down_are_applied_when_it_returns() {
+    changes_while_redis_was_down(500).await;
+}
+
+/// In batches of one change each batch is full, so the next is read while Redis applies it: the
+/// apply refused, that read is dropped and the cursor stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_redis_was_down_are_applied_when_it_returns_in_batches_of_one() {
+    changes_while_redis_was_down(1).await;
+}
+
+async fn changes_while_redis_was_down(batch_size: usize) {
     let mut env = TestEnv::start_persistent().await;
-    let daemon = env.start_daemon(env.config()).await;
+    let mut config = env.config();
+    config.cdc.batch_size = batch_size;
+    let daemon = env.start_daemon(config).await;
     let mut c = daemon.client().await;
     for name in ["r1", "r2", "r3"] {
         c.call("put", json!({"username": name})).await;
@@ -1501,6 +1515,70 @@ async fn a_flood_of_empty_notifications_costs_bounded_reads_and_hides_no_change(
     assert!(
         reads < 300,
         "{sent} notifications cost {reads} outbox reads"
+    );
+    daemon.stop().await;
+}
+
+/// A full batch (batches of one change here), or a notification during an apply, has the next
+/// batch read while Redis applies the last. With a declared table configured, a batch of users'
+/// changes leaves that read's transaction open for the next batch to end: a stream longer than a
+/// lease renewal, drained batch after batch, loses nothing, moves the cursor to its end, and never
+/// fails the session (a renewal or a store sent inside that read-only transaction would: `cannot
+/// execute UPDATE in a read-only transaction`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_read_a_batch_ahead_loses_nothing_and_keeps_its_session() {
+    let env = TestEnv::start().await;
+    let mut config = Subject::Orders.prepare(&env, env.config()).await;
+    config.cdc.batch_size = 1;
+    let daemon = env.start_daemon(config).await;
+    let mut c = daemon.client().await;
+    Subject::Orders.served(&mut c).await;
+    let names: Vec<String> = (0..8).map(|i| format!("ahead{i}")).collect();
+    for name in &names {
+        c.call("put", json!({"username": name})).await;
+    }
+    // Two sessions changing users faster than batches of one drain them, for two lease renewals.
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (url, names) = (env.db_url.clone(), names.clone());
+            tokio::spawn(async move {
+                let pg = cacheward::store::pg::connect(&url.parse().unwrap())
+                    .await
+                    .unwrap();
+                let started = Instant::now();
+                let mut changes = 0usize;
+                while started.elapsed() < Duration::from_millis(2200) {
+                    let name = &names[(changes * 2 + w) % names.len()];
+                    pg.execute(
+                        "UPDATE users SET created_at = created_at - interval '1 second' WHERE username = $1",
+                        &[name],
+                    )
+                    .await
+                    .unwrap();
+                    changes += 1;
+                }
+                changes
+            })
+        })
+        .collect();
+    let mut changes = 0;
+    for writer in writers {
+        changes += writer.await.unwrap();
+    }
+    assert!(changes > 1000, "a stream: {changes} changes");
+    let last = last_outbox_id(&env).await;
+    wait_until(
+        "the cursor at the stream's end",
+        Duration::from_secs(10),
+        || async { daemon.health().await["cdc"]["cursor"].as_i64() == Some(last) },
+    )
+    .await;
+    assert!(env.agrees(&names).await, "every change applied");
+    let cdc = &daemon.stats().await["cdc"];
+    assert_eq!(
+        cdc["reconnects"],
+        json!(0),
+        "the session never failed: {cdc}"
     );
     daemon.stop().await;
 }

@@ -1,4 +1,4 @@
-//! The last two steps of a CDC batch: apply its plan to Redis, then move the cursor past it and
+//! The last steps of a CDC batch: apply its plan to Redis, store the cursor (see [`Unsaved`]),
 //! record its lag.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -120,20 +120,6 @@ impl Applier {
             );
         }
         Ok(slots)
-    }
-
-    /// Moves `cursor` past the applied `batch`; returns whether it moved (it is stored with the
-    /// next batch's read, or once no batch follows soon: see [`Unsaved`]).
-    pub(super) fn advance(&self, cursor: &mut Cursor, batch: &Batch) -> bool {
-        let next = cursor.advance(
-            &batch.snapshot,
-            batch.fresh.last().map(|c| c.id),
-            batch.late_complete,
-            batch.late.last().map_or(0, |c| c.id),
-        );
-        let moved = next != *cursor;
-        *cursor = next;
-        moved
     }
 
     /// Stores `cursor` and reports its position.

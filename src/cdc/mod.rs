@@ -4,7 +4,8 @@
 //! through the same versioned script as reads and writes, and only then moves the cursor.
 //!
 //! One batch is four steps, one room each: [`outbox::read`] → [`plan::Plan::of`] →
-//! [`Applier::apply`](apply) → [`Applier::advance`](apply), with the cursor algebra in [`cursor`].
+//! [`Applier::apply`](apply) → the cursor moved past it (the algebra in [`cursor`]); [`batch`]
+//! runs them, and reads the next batch while Redis applies one.
 //! This module runs sessions: connect, lead (one worker per cache), load the cursor, loop.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -25,6 +26,7 @@ use crate::support::error::caught;
 use crate::support::time::{within, Backoff};
 
 pub mod apply;
+mod batch;
 pub mod cursor;
 pub mod identity;
 pub mod lease;
@@ -38,7 +40,6 @@ pub mod wake;
 
 use apply::Unsaved;
 use cursor::Cursor;
-use plan::Plan;
 use statements::Statements;
 use stats::CdcStats;
 use wake::Spurious;
@@ -329,6 +330,8 @@ impl Applier {
             wake,
             stop,
         } = following;
+        // A batch read while the last one applied (see [`batch`]).
+        let mut ahead = None;
         let cdc = &self.config.cdc;
         // Whether the last batch found changes: the next one likely will too.
         let mut busy = false;
@@ -341,6 +344,12 @@ impl Applier {
         loop {
             // Catch up: batch after batch until one comes back short.
             loop {
+                if renewed.elapsed() >= lease::HEARTBEAT {
+                    // The renewal is a write: a read ahead's transaction (read only) ends first.
+                    if let Some(unused) = ahead.take() {
+                        self.discard(client, unused).await?;
+                    }
+                }
                 self.heartbeat(client, &mut renewed).await?;
                 // Every primary answers again: what one missed is applied again from the floor.
                 if let Some(floor) = unsaved.replay(|| self.cache.unreachable().is_empty()) {
@@ -354,8 +363,14 @@ impl Applier {
                 }
                 // A notification says a change is likely there too.
                 let early = busy || spurious.woke;
-                match self.batch(client, statements, cursor, early, unsaved).await {
-                    Ok((fresh, read)) if fresh < cdc.batch_size || stop.is_cancelled() => {
+                let batch = self.batch(&following, cursor, early, unsaved, &mut ahead);
+                match batch.await {
+                    Ok((fresh, read))
+                        if (fresh < cdc.batch_size && ahead.is_none()) || stop.is_cancelled() =>
+                    {
+                        if let Some(unused) = ahead.take() {
+                            self.discard(client, unused).await?;
+                        }
                         busy = fresh > 0;
                         spurious.after_batch(read);
                         break;
@@ -480,73 +495,6 @@ impl Applier {
             }
         }
     }
-
-    /// Reads, applies and records one batch; returns how many fresh rows it read, and how many
-    /// changes (late ones too). `early`: changes are likely (see [`outbox::read`]).
-    async fn batch(
-        &self,
-        client: &Client,
-        st: &Statements,
-        cursor: &mut Cursor,
-        early: bool,
-        unsaved: &mut Unsaved,
-    ) -> Result<(usize, usize), CdcError> {
-        let started = Instant::now();
-        let limit = self.config.cdc.batch_size as i64;
-        let consumer = self.consumer();
-        let holder = outbox::Holder {
-            consumer: &consumer,
-            holder: &self.holder,
-        };
-        let read = outbox::read(client, st, cursor, limit, early, &self.tables);
-        let outbox::Read { batch, open } = self.bounded("batch read", read).await?;
-        self.stats.polls.fetch_add(1, Relaxed);
-        self.say_undeclared(&batch.declared.undeclared);
-        let plan = Plan::of(
-            self.config.cdc.mode,
-            &batch,
-            self.config.cache.max_entry_bytes,
-        );
-        // While Redis applies, off the changes' way to it: the read-only transaction ends, and a
-        // moved cursor is stored (see `Unsaved`), in one round trip.
-        let store = unsaved
-            .carry()
-            .then(|| (unsaved.storable(cursor).clone(), unsaved.missed.clone()));
-        let finish = async {
-            let commit = async { Ok(outbox::end(client, open).await?) };
-            let stored = async {
-                match &store {
-                    Some((stored, missed)) => {
-                        outbox::store_cursor(client, st, holder, stored, missed).await
-                    }
-                    None => Ok(()),
-                }
-            };
-            tokio::try_join!(commit, stored).map(|_| ())
-        };
-        let (applied, finished) = tokio::join!(self.apply(&plan), self.bounded("commit", finish));
-        finished?;
-        if store.is_some() {
-            unsaved.stored();
-        }
-        let missed = applied?;
-        if !missed.is_empty() {
-            let upto = batch
-                .changes()
-                .map(|c| c.id)
-                .max()
-                .unwrap_or(cursor.position);
-            unsaved.hold(cursor, &missed, upto);
-        }
-        if self.advance(cursor, &batch) {
-            unsaved.moved = true;
-            // Reported as applied (it is stored with the next read, or soon after).
-            self.stats.cursor.store(cursor.position, Relaxed);
-        }
-        unsaved.settle_missed(cursor.position);
-        self.record(&batch, &plan, cursor, started);
-        Ok((batch.fresh.len(), batch.changes().count()))
-    }
 }
 
 /// What a session's loop works with.
@@ -558,7 +506,6 @@ struct Following<'a> {
     stop: &'a CancellationToken,
 }
 
-/// This host's name, to tell the lease holders of a fleet apart (`?` if it cannot be read).
 /// Aborts the connection driver when the session ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
