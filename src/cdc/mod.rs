@@ -342,7 +342,10 @@ impl Applier {
         let mut redis_retry = Backoff::new(Duration::from_millis(50), poll);
         let mut spurious = Spurious::default();
         loop {
-            // Catch up: batch after batch until one comes back short.
+            // Catch up: batch after batch until one comes back short. What it read in all: the
+            // last batch may find nothing when the one before read its changes (read ahead, or
+            // full), and the wake-up that started it was no spurious one.
+            let mut caught = 0;
             loop {
                 if renewed.elapsed() >= lease::HEARTBEAT {
                     // The renewal is a write: a read ahead's transaction (read only) ends first.
@@ -372,10 +375,13 @@ impl Applier {
                             self.discard(client, unused).await?;
                         }
                         busy = fresh > 0;
-                        spurious.after_batch(read);
+                        spurious.after_catch_up(caught + read);
                         break;
                     }
-                    Ok(_) => busy = true,
+                    Ok((_, read)) => {
+                        caught += read;
+                        busy = true;
+                    }
                     Err(CdcError::Redis(e)) => {
                         // The cursor stays where it is; try again once Redis answers.
                         tracing::debug!(error = %e, "cdc batch not applied: redis");

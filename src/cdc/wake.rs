@@ -26,8 +26,8 @@ const SPURIOUS_RUN: u32 = 8;
 const SPURIOUS_GAP_MAX: Duration = Duration::from_millis(50);
 
 impl Spurious {
-    /// After the last batch of a catch-up, which read `read` changes (late ones too).
-    pub fn after_batch(&mut self, read: usize) {
+    /// After a catch-up, whose batches read `read` changes in all (late ones too).
+    pub fn after_catch_up(&mut self, read: usize) {
         match (self.woke, read) {
             (_, 1..) => {
                 self.run = 0;
@@ -58,7 +58,7 @@ mod tests {
         let mut spurious = Spurious::default();
         let woke_empty = |s: &mut Spurious| {
             s.woke = true;
-            s.after_batch(0);
+            s.after_catch_up(0);
         };
         for _ in 0..SPURIOUS_RUN {
             assert_eq!(spurious.gap(), Duration::ZERO);
@@ -73,9 +73,9 @@ mod tests {
         assert_eq!(spurious.gap(), SPURIOUS_GAP_MAX);
         // A poll that finds nothing changes nothing; a change read ends the run.
         spurious.woke = false;
-        spurious.after_batch(0);
+        spurious.after_catch_up(0);
         assert_eq!(spurious.gap(), SPURIOUS_GAP_MAX);
-        spurious.after_batch(1);
+        spurious.after_catch_up(1);
         assert_eq!(spurious.gap(), Duration::ZERO);
         // Right after a change was read, even a run of empty ones waits for nothing.
         for _ in 0..SPURIOUS_RUN + 4 {
