@@ -907,6 +907,28 @@ async fn schema_changes_while_running_reach_the_cache_and_a_dropped_table_stalls
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A capture trigger made to fire in replica sessions only: the application's changes would
+    // pass the cache by, so the table is unavailable (never served stale) until it fires again.
+    pg.batch_execute("ALTER TABLE orders ENABLE REPLICA TRIGGER cacheward_orders_update")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while row(&mut client, order.clone()).await != Err("unavailable".into()) {
+        assert!(
+            Instant::now() < deadline,
+            "a table whose capture does not fire is still served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(firing("orders").await, 0.0);
+    pg.batch_execute("ALTER TABLE orders ENABLE ALWAYS TRIGGER cacheward_orders_update")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while row(&mut client, order.clone()).await.is_err() {
+        assert!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A table dropped: unavailable; the others go on, their changes applied.
     pg.batch_execute("DROP TABLE orders").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -1283,7 +1305,7 @@ async fn check_names_every_wrong_section_and_what_the_backends_lack() {
     let (code, said) = cacheward(&["check", "--connect", "--config", &good], &backends);
     assert_eq!(code, Some(1), "{said}");
     assert!(
-        said.contains("table things: its capture is not installed (3 of its 4 triggers are there and enabled): run `cacheward migrate`"),
+        said.contains("table things: its capture is not installed (3 of its 4 triggers are there and firing): run `cacheward migrate`"),
         "{said}"
     );
     let fix = "postgres: users' capture: trigger cacheward_capture_insert on users does not fire in replica sessions (session_replication_role = replica): ALTER TABLE users ENABLE ALWAYS TRIGGER cacheward_capture_insert";

@@ -213,7 +213,9 @@ pub fn triggers(name: &str) -> Vec<String> {
 }
 
 /// Whether `table`'s capture is installed as it is declared now: registered for the same table
-/// and keys, its four triggers in place. Says what differs when not.
+/// and keys, its four triggers in place and firing for the application's sessions (a trigger
+/// disabled, or enabled for replica sessions only, lets their changes pass the cache by). Says
+/// what differs when not.
 pub async fn installed(client: &impl GenericClient, table: &Table) -> Result<(), TableError> {
     let db = |source: tokio_postgres::Error| TableError::Db {
         table: table.name.clone(),
@@ -228,7 +230,7 @@ pub async fn installed(client: &impl GenericClient, table: &Table) -> Result<(),
         .query_opt(
             "SELECT t.source = $2::text::regclass::oid, t.key = $3, t.lookups = $4::text::jsonb,
                     (SELECT count(*) FROM pg_trigger g
-                     WHERE g.tgrelid = $2::text::regclass AND g.tgname = ANY($5) AND g.tgenabled <> 'D')
+                     WHERE g.tgrelid = $2::text::regclass AND g.tgname = ANY($5) AND g.tgenabled IN ('O', 'A'))
              FROM cacheward_tables t WHERE t.name = $1",
             &[
                 &table.name,
@@ -258,7 +260,7 @@ pub async fn installed(client: &impl GenericClient, table: &Table) -> Result<(),
     }
     if triggers != EVENTS.len() as i64 {
         return Err(missing(format!(
-            " ({triggers} of its {} triggers are there and enabled)",
+            " ({triggers} of its {} triggers are there and firing)",
             EVENTS.len()
         )));
     }
