@@ -342,10 +342,7 @@ impl Applier {
         let mut redis_retry = Backoff::new(Duration::from_millis(50), poll);
         let mut spurious = Spurious::default();
         loop {
-            // Catch up: batch after batch until one comes back short. What it read in all: the
-            // last batch may find nothing when the one before read its changes (read ahead, or
-            // full), and the wake-up that started it was no spurious one.
-            let mut caught = 0;
+            // Catch up: batch after batch until one comes back short.
             loop {
                 if renewed.elapsed() >= lease::HEARTBEAT {
                     // The renewal is a write: a read ahead's transaction (read only) ends first.
@@ -368,18 +365,17 @@ impl Applier {
                 let early = busy || spurious.woke;
                 let batch = self.batch(&following, cursor, early, unsaved, &mut ahead);
                 match batch.await {
-                    Ok((fresh, read))
-                        if (fresh < cdc.batch_size && ahead.is_none()) || stop.is_cancelled() =>
-                    {
-                        if let Some(unused) = ahead.take() {
-                            self.discard(client, unused).await?;
+                    Ok((fresh, read)) => {
+                        spurious.batch_read(read);
+                        let more = fresh >= cdc.batch_size || ahead.is_some();
+                        if !more || stop.is_cancelled() {
+                            if let Some(unused) = ahead.take() {
+                                self.discard(client, unused).await?;
+                            }
+                            busy = fresh > 0;
+                            spurious.after_catch_up();
+                            break;
                         }
-                        busy = fresh > 0;
-                        spurious.after_catch_up(caught + read);
-                        break;
-                    }
-                    Ok((_, read)) => {
-                        caught += read;
                         busy = true;
                     }
                     Err(CdcError::Redis(e)) => {

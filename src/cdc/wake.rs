@@ -13,6 +13,8 @@ pub struct Spurious {
     run: u32,
     /// Whether the last wait ended on a notification.
     pub woke: bool,
+    /// Changes the batches of the current catch-up read.
+    caught: usize,
     /// When a batch last read a change: while changes flow, no notification waits.
     last_read: Option<Instant>,
 }
@@ -26,8 +28,16 @@ const SPURIOUS_RUN: u32 = 8;
 const SPURIOUS_GAP_MAX: Duration = Duration::from_millis(50);
 
 impl Spurious {
-    /// After a catch-up, whose batches read `read` changes in all (late ones too).
-    pub fn after_catch_up(&mut self, read: usize) {
+    /// A batch of the current catch-up read `read` changes (late ones too).
+    pub fn batch_read(&mut self, read: usize) {
+        self.caught = self.caught.saturating_add(read);
+    }
+
+    /// After a catch-up: its wake-up was spurious if none of its batches read a change. Its last
+    /// batch alone may find nothing when the one before read the changes (read ahead while it
+    /// applied, or full).
+    pub fn after_catch_up(&mut self) {
+        let read = std::mem::take(&mut self.caught);
         match (self.woke, read) {
             (_, 1..) => {
                 self.run = 0;
@@ -58,7 +68,8 @@ mod tests {
         let mut spurious = Spurious::default();
         let woke_empty = |s: &mut Spurious| {
             s.woke = true;
-            s.after_catch_up(0);
+            s.batch_read(0);
+            s.after_catch_up();
         };
         for _ in 0..SPURIOUS_RUN {
             assert_eq!(spurious.gap(), Duration::ZERO);
@@ -73,14 +84,31 @@ mod tests {
         assert_eq!(spurious.gap(), SPURIOUS_GAP_MAX);
         // A poll that finds nothing changes nothing; a change read ends the run.
         spurious.woke = false;
-        spurious.after_catch_up(0);
+        spurious.after_catch_up();
         assert_eq!(spurious.gap(), SPURIOUS_GAP_MAX);
-        spurious.after_catch_up(1);
+        spurious.batch_read(1);
+        spurious.after_catch_up();
         assert_eq!(spurious.gap(), Duration::ZERO);
         // Right after a change was read, even a run of empty ones waits for nothing.
         for _ in 0..SPURIOUS_RUN + 4 {
             woke_empty(&mut spurious);
         }
+        assert_eq!(spurious.gap(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_catch_up_whose_last_batch_found_nothing_after_one_that_read_changes_was_no_spurious_one() {
+        let mut spurious = Spurious::default();
+        for _ in 0..SPURIOUS_RUN * 2 {
+            spurious.woke = true;
+            // The changes, then the batch read ahead while they applied: empty.
+            spurious.batch_read(3);
+            spurious.batch_read(0);
+            spurious.after_catch_up();
+        }
+        assert_eq!(spurious.run, 0);
+        // Long after, a wake-up still heeded at once.
+        spurious.last_read = None;
         assert_eq!(spurious.gap(), Duration::ZERO);
     }
 }
