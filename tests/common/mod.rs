@@ -779,3 +779,15 @@ pub fn hold_fills(only: Option<&str>) -> (Hooks, mpsc::Receiver<()>, Arc<Semapho
         go,
     )
 }
+
+/// `config` pointed at the Sentinel `group`: its sentinels, and the master they name.
+pub fn follow_sentinels(config: &mut Config, group: &cacheward::dev::sentinel::RedisSentinels) {
+    config.redis.mode = cacheward::config::RedisMode::Sentinel;
+    config.redis.url = None;
+    config.redis.urls = group
+        .sentinel_urls()
+        .into_iter()
+        .map(SecretUrl::new)
+        .collect();
+    config.redis.sentinel_master = Some(cacheward::dev::sentinel::MASTER.into());
+}

@@ -15,6 +15,8 @@ pub struct NodeState {
     pub run_id: Option<String>,
     /// The `run_id` recorded at its epoch key (see `Cache::epoch_key`).
     pub recorded: Option<String>,
+    /// The replication id recorded with it (`Keys::term`).
+    pub recorded_term: Option<String>,
     /// Its fence (the one at its anchor slot): `None` when missing (it lost its data); an error
     /// when the key holds a value that is not cacheward's.
     pub fence: Result<Option<i64>, String>,
@@ -163,6 +165,7 @@ impl Router {
         pipe.cmd("CLIENT").arg("GETNAME");
         pipe.cmd("INFO").arg("server");
         pipe.cmd("GET").arg(self.keys.epoch(anchor));
+        pipe.cmd("GET").arg(self.keys.term(anchor));
         pipe.cmd("GET").arg(self.keys.fence(anchor));
         pipe.cmd("INFO").arg("replication");
         pipe.cmd("CONFIG").arg("GET").arg("appendonly");
@@ -209,16 +212,46 @@ impl Router {
                 .ok()
                 .flatten()
         };
-        let named = name.is_some() && next() == redis::Value::Okay;
+        // Only a command the server refuses for good (the ACL, or a server without it) turns a
+        // check off (said once); any other error fails the look: a node answering errors now (its
+        // role changing, its connection being killed) is not trusted on that look.
+        let refused = |value: redis::Value, what: &str| match value {
+            redis::Value::ServerError(e) if refused_for_good(&e) => Ok(None),
+            redis::Value::ServerError(e) => Err(CacheError::said(
+                CacheErrorKind::Server,
+                format!(
+                    "{what} answered {}: {}",
+                    e.code(),
+                    e.details().unwrap_or("")
+                ),
+            )),
+            value => Ok(Some(value)),
+        };
+        let named = match name
+            .map(|_| refused(next(), "CLIENT SETNAME"))
+            .transpose()?
+        {
+            None | Some(None) => false,
+            Some(Some(redis::Value::Okay)) => true,
+            Some(Some(other)) => {
+                return Err(CacheError::said(
+                    CacheErrorKind::Server,
+                    format!("CLIENT SETNAME answered {other:?}"),
+                ))
+            }
+        };
         let name = text(next());
-        let run_id = text(next()).and_then(|info| field(&info, "run_id"));
+        let run_id = refused(next(), "INFO server")?
+            .and_then(text)
+            .and_then(|info| field(&info, "run_id"));
         // Anything but a string there (another type, put by someone else) records nothing: the
         // data is distrusted once and the key overwritten.
         let recorded = text(next());
+        let recorded_term = text(next());
         let fence = fence_value(next());
         // A replica promoted since its start keeps its old master's history: a second id and
         // the offset it took over at (-1 when none). Unknown counts as promoted.
-        let replication = text(next());
+        let replication = refused(next(), "INFO replication")?.and_then(text);
         let promoted = replication
             .as_deref()
             .and_then(|info| field(info, "second_repl_offset"))
@@ -252,6 +285,7 @@ impl Router {
         Ok(NodeState {
             run_id,
             recorded,
+            recorded_term,
             fence,
             table_fences,
             elsewhere,
@@ -267,11 +301,21 @@ impl Router {
         })
     }
 
-    /// Records `run_id` as the process the cached data of `primary` is written under.
-    pub async fn record_epoch(&self, primary: &Primary, run_id: &str) -> Result<(), CacheError> {
+    /// Records `run_id` as the process the cached data of `primary` is written under, and `term`
+    /// (its replication id then; `None`: unknown) as the term it was written in.
+    pub async fn record_epoch(
+        &self,
+        primary: &Primary,
+        run_id: &str,
+        term: Option<&str>,
+    ) -> Result<(), CacheError> {
         let anchor = primary.anchor(&self.keys).unwrap_or(0);
         let mut pipe = redis::pipe();
         pipe.cmd("SET").arg(self.keys.epoch(anchor)).arg(run_id);
+        match term {
+            Some(term) => pipe.cmd("SET").arg(self.keys.term(anchor)).arg(term),
+            None => pipe.cmd("DEL").arg(self.keys.term(anchor)),
+        };
         let values = self.on(primary, &pipe, self.timeout).await?;
         values.into_iter().try_for_each(decode::<()>)
     }
@@ -362,6 +406,16 @@ fn fence_value(value: redis::Value) -> Result<Option<i64>, String> {
             Err(_) => Err("the fence key holds a value of another type".to_owned()),
         },
     }
+}
+
+/// Whether a server's error says a command will never be answered here: refused by the ACL, or
+/// unknown to the server (renamed or missing on a managed service).
+fn refused_for_good(e: &redis::ServerError) -> bool {
+    let details = e.details().unwrap_or("");
+    e.code() == "NOPERM"
+        || (e.code() == "ERR"
+            && (details.starts_with("unknown command")
+                || details.starts_with("unknown subcommand")))
 }
 
 #[cfg(test)]

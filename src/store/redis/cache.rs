@@ -97,6 +97,21 @@ impl Cache {
         self.router.conn.forget_primary();
     }
 
+    /// Which connection the calls go through now (see `Conn::generation`).
+    pub(super) fn generation(&self) -> Option<u64> {
+        self.router.conn.generation()
+    }
+
+    /// How many times the connection went to another server (see `Conn::moves`).
+    pub(super) fn moves(&self) -> u64 {
+        self.router.conn.moves()
+    }
+
+    /// Under Sentinel, the connection to the primary, made now if there is none.
+    pub(super) async fn connect_primary(&self) -> Result<(), CacheError> {
+        self.router.bulk(self.router.conn.connect()).await
+    }
+
     /// Forgets the confirmations of `down` (see `confirm`): once they answer again, they are
     /// looked at before they answer reads.
     pub(super) fn forget_confirmed(&self, down: &[Primary]) {
@@ -395,13 +410,15 @@ impl Cache {
         self.router.confirmed.keep_only(&current);
     }
 
-    /// Records `run_id` as the process the cached data of `primary` is written under.
+    /// Records `run_id` as the process the cached data of `primary` is written under, in `term`
+    /// (see `Router::record_epoch`).
     pub(super) async fn record_epoch(
         &self,
         primary: &Primary,
         run_id: &str,
+        term: Option<&str>,
     ) -> Result<(), CacheError> {
-        self.router.record_epoch(primary, run_id).await
+        self.router.record_epoch(primary, run_id, term).await
     }
 
     /// The `maxmemory-policy` of `primary`, or `None` where CONFIG is not allowed (managed
@@ -434,8 +451,10 @@ impl Cache {
     pub async fn claim(&self, horizon: i64) -> Result<(), CacheError> {
         for primary in self.primaries().await? {
             self.establish_fences(&primary, horizon).await?;
-            if let Some(run_id) = self.router.look_at(&primary, None).await?.run_id {
-                self.record_epoch(&primary, &run_id).await?;
+            let state = self.router.look_at(&primary, None).await?;
+            if let Some(run_id) = state.run_id {
+                self.record_epoch(&primary, &run_id, state.replid.as_deref())
+                    .await?;
             }
         }
         Ok(())

@@ -76,6 +76,34 @@ impl Conn {
         }
     }
 
+    /// Which connection carries the calls (see [`SentinelConn::generation`]): under Sentinel the
+    /// current one's number (`None` while there is none); elsewhere always the same, since the
+    /// one server and each Cluster node stay at their addresses.
+    pub fn generation(&self) -> Option<u64> {
+        match self {
+            Conn::Sentinel(c) => c.generation(),
+            _ => Some(0),
+        }
+    }
+
+    /// Under Sentinel, how many times the connection went to another server (see
+    /// [`SentinelConn::moves`]); elsewhere 0.
+    pub fn moves(&self) -> u64 {
+        match self {
+            Conn::Sentinel(c) => c.moves(),
+            _ => 0,
+        }
+    }
+
+    /// Under Sentinel, connects to the primary now if there is no connection; elsewhere nothing
+    /// (connections are made as they are used).
+    pub async fn connect(&self) -> redis::RedisResult<()> {
+        match self {
+            Conn::Sentinel(c) => c.connect().await,
+            _ => Ok(()),
+        }
+    }
+
     /// Which server `primary` is across its restarts: the node id on a Cluster, the address of
     /// the master Sentinel named (connected to now), empty for the one server.
     pub fn server_of(&self, primary: &Primary) -> String {

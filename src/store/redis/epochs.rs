@@ -37,8 +37,9 @@ fn changed_hands(before: &Topology, now: &Topology) -> Vec<u16> {
 /// epochs are recorded.
 #[derive(Default)]
 pub(super) struct Epochs {
-    /// The `run_id`s to record, per primary, once the cache holds nothing from before them.
-    pending: Vec<(Primary, String)>,
+    /// The `run_id`s to record, per primary, with their terms (replication ids), once the cache
+    /// holds nothing from before them.
+    pending: Vec<(Primary, String, Option<String>)>,
     /// Whether `INFO` was refused (said once: a replaced Redis then goes unnoticed).
     unknowable: bool,
     /// Who served which slots at the last look (node ids and ranges).
@@ -108,12 +109,14 @@ impl Epochs {
     }
 
     /// Looks at what `nodes` answered (the primaries of `topology` that did); returns the slots
-    /// whose cached entries cannot be trusted.
+    /// whose cached entries cannot be trusted. `moved`: under Sentinel, the connection went to
+    /// another server since the last look (and maybe back).
     pub(super) fn check(
         &mut self,
         keys: &Keys,
         topology: Topology,
         nodes: &[(Primary, NodeState)],
+        moved: bool,
     ) -> Vec<u16> {
         let mut distrust = Vec::new();
         if let Some(seen) = self.topology.as_ref().filter(|seen| **seen != topology) {
@@ -200,23 +203,58 @@ impl Epochs {
                     );
                     distrust.extend(primary.slots(keys));
                 }
-                self.pending.retain(|(p, _)| p != primary);
-                self.pending.push((primary.clone(), run_id.clone()));
+                self.pend(primary, run_id, state);
                 continue;
             }
-            if state.recorded.as_ref() == Some(run_id)
+            // Its own epoch counts only from the term it was recorded in: a primary demoted since
+            // (a failover), made a replica that could not sync (cut off), and promoted again holds
+            // its own epoch from its first term over data that lacks every write of the other's.
+            let own_epoch = state.recorded.as_ref() == Some(run_id);
+            let same_term = match (&state.replid, &state.recorded_term) {
+                (None, _) => true,
+                (Some(now), Some(then)) => now == then,
+                // Recorded with no term (by an older cacheward): a primary never promoted since
+                // it started has had one term only.
+                (Some(_), None) => !state.promoted,
+            };
+            if own_epoch && same_term && moved {
+                // Its own, in this term; but since the last look the daemon was connected to
+                // another server, and what it wrote there this one lacks.
+                if matches!(state.fence, Ok(Some(_))) {
+                    tracing::warn!(
+                        run_id = %run_id,
+                        node = %primary.address,
+                        "redis primary is one the daemon left for another since the last look (the sentinels named another, then this one): dropping its cached entries, reads go to postgres until then"
+                    );
+                    distrust.extend(primary.slots(keys));
+                }
+                self.pend(primary, run_id, state);
+                continue;
+            }
+            if (own_epoch && same_term)
                 || self
                     .pending
                     .iter()
-                    .any(|(p, id)| p == primary && id == run_id)
+                    .any(|(p, id, term)| p == primary && id == run_id && *term == state.replid)
             {
+                continue;
+            }
+            if own_epoch {
+                if matches!(state.fence, Ok(Some(_))) {
+                    tracing::warn!(
+                        run_id = %run_id,
+                        node = %primary.address,
+                        "redis primary's data is from an earlier term of it (demoted and promoted again since its epoch was recorded): dropping its cached entries, reads go to postgres until then"
+                    );
+                    distrust.extend(primary.slots(keys));
+                }
+                self.pend(primary, run_id, state);
                 continue;
             }
             if same_process {
                 // The process answered at the last look too: its anchor slot moved (the epoch
                 // there is another primary's, or none), its data did not change hands.
-                self.pending.retain(|(p, _)| p != primary);
-                self.pending.push((primary.clone(), run_id.clone()));
+                self.pend(primary, run_id, state);
                 continue;
             }
             let kept = last
@@ -239,8 +277,7 @@ impl Epochs {
                 distrust.extend(primary.slots(keys));
             }
             // Without a fence Redis lost everything there, which the fence already handles.
-            self.pending.retain(|(p, _)| p != primary);
-            self.pending.push((primary.clone(), run_id.clone()));
+            self.pend(primary, run_id, state);
         }
         // Only primaries that serve slots now are remembered (node ids come from the Cluster's
         // answers: a churning or hostile one must not grow these). One that serves again later is
@@ -255,42 +292,67 @@ impl Epochs {
         distrust
     }
 
+    /// Records `run_id` (and the term `state` answered in) as `primary`'s epoch once the cache
+    /// holds nothing from before it.
+    fn pend(&mut self, primary: &Primary, run_id: &str, state: &NodeState) {
+        self.pending.retain(|(p, _, _)| p != primary);
+        self.pending
+            .push((primary.clone(), run_id.to_owned(), state.replid.clone()));
+    }
+
+    /// Forgets the processes seen behind the primaries (and their replication ids) and the epochs
+    /// not recorded yet: the next look judges what it finds as if for the first time (see
+    /// `Watch::through`). What was seen of the topology and the last looks' restarts is kept.
+    pub(super) fn forget_processes(&mut self) {
+        self.seen.clear();
+        self.replids.clear();
+        self.pending.clear();
+    }
+
+    #[cfg(test)]
+    pub(super) fn pending_is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     /// Records the pending epochs (once nothing from before them is trusted any more).
     pub(super) async fn record(&mut self, cache: &Cache) {
         let mut left = Vec::new();
-        for (primary, run_id) in self.pending.drain(..) {
-            if let Err(e) = cache.record_epoch(&primary, &run_id).await {
+        for (primary, run_id, term) in self.pending.drain(..) {
+            if let Err(e) = cache.record_epoch(&primary, &run_id, term.as_deref()).await {
                 tracing::debug!(error = %e, "cannot record the redis epoch yet");
-                left.push((primary, run_id));
+                left.push((primary, run_id, term));
             }
         }
         self.pending = left;
     }
 }
 
+/// A primary that answered with `run_id` and `replid` (its epoch too, recorded in this term),
+/// fenced: for the tests here and `watch`'s.
+#[cfg(test)]
+pub(super) fn answered(run_id: &str, replid: Option<&str>) -> NodeState {
+    NodeState {
+        run_id: Some(run_id.into()),
+        recorded: Some(run_id.into()),
+        recorded_term: replid.map(str::to_owned),
+        fence: Ok(Some(1)),
+        table_fences: Vec::new(),
+        elsewhere: false,
+        cache_id: None,
+        name: None,
+        named: false,
+        durable: false,
+        promoted: false,
+        replica: false,
+        replid: replid.map(str::to_owned),
+        beat: None,
+        at: String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A primary that answered with `run_id` (its epoch too) and `replid`, fenced.
-    fn answered(run_id: &str, replid: Option<&str>) -> NodeState {
-        NodeState {
-            run_id: Some(run_id.into()),
-            recorded: Some(run_id.into()),
-            fence: Ok(Some(1)),
-            table_fences: Vec::new(),
-            elsewhere: false,
-            cache_id: None,
-            name: None,
-            named: false,
-            durable: false,
-            promoted: false,
-            replica: false,
-            replid: replid.map(str::to_owned),
-            beat: None,
-            at: String::new(),
-        }
-    }
 
     #[test]
     fn a_resharding_is_said_once_when_it_starts_and_once_when_it_settles() {
@@ -322,7 +384,7 @@ mod tests {
                 let nodes = nodes(moved);
                 let primaries: Vec<Primary> = nodes.iter().map(|(p, _)| p.clone()).collect();
                 let topology = Epochs::topology_of(&primaries);
-                distrusted += epochs.check(&keys, topology, &nodes).len();
+                distrusted += epochs.check(&keys, topology, &nodes, false).len();
             }
         });
         assert_eq!(
@@ -368,13 +430,89 @@ mod tests {
         let mut look = |replid: &str| {
             let nodes = vec![(primary.clone(), state(replid))];
             let topology = Epochs::topology_of(std::slice::from_ref(&primary));
-            epochs.check(&keys, topology, &nodes).len()
+            epochs.check(&keys, topology, &nodes, false).len()
         };
         assert_eq!(look("r1"), 0);
         assert_eq!(look("r1"), 0, "a primary that kept its lineage is trusted");
         // Its epoch is its own (copied back from the master it synced from): not enough.
         assert_eq!(look("r2"), 1, "the one server's slot, distrusted");
         assert_eq!(look("r2"), 0);
+    }
+
+    #[test]
+    fn a_primary_promoted_again_over_its_own_epoch_from_an_earlier_term_is_distrusted() {
+        // Its epoch was recorded in its first term (replication id r1); since, it was demoted by a
+        // failover, could not sync from the new master (cut off), and was promoted again (r2). No
+        // look remembers it (the last ones were at the other server, or the daemon is new): only
+        // what it holds tells.
+        let keys = Keys::new("user:", &[], false);
+        let primary = Primary {
+            address: String::new(),
+            id: String::new(),
+            ranges: vec![(0, 16383)],
+        };
+        let look = |epochs: &mut Epochs, state: NodeState| {
+            let topology = Epochs::topology_of(std::slice::from_ref(&primary));
+            let nodes = [(primary.clone(), state)];
+            let mut distrusted = 0;
+            crate::support::captured::logs(|| {
+                distrusted = epochs.check(&keys, topology, &nodes, false).len();
+            });
+            distrusted
+        };
+        let again = || {
+            let mut state = answered("x", Some("r2"));
+            state.recorded_term = Some("r1".into());
+            state
+        };
+        let mut epochs = Epochs::default();
+        assert_eq!(look(&mut epochs, again()), 1, "distrusted");
+        assert_eq!(look(&mut epochs, again()), 0, "its drop is under way");
+        assert_eq!(
+            epochs.pending[0].2.as_deref(),
+            Some("r2"),
+            "recorded in this term"
+        );
+        // Recorded in this term: trusted, by any daemon.
+        assert_eq!(look(&mut Epochs::default(), answered("x", Some("r2"))), 0);
+        // The replication id unknown (INFO refused): the epoch alone.
+        let mut unknown = answered("x", None);
+        unknown.recorded_term = Some("r1".into());
+        assert_eq!(look(&mut Epochs::default(), unknown), 0);
+        // Recorded by a cacheward that kept no term: trusted if never promoted since its start
+        // (one term only), distrusted once if it was.
+        let legacy = |promoted: bool| {
+            let mut state = answered("x", Some("r2"));
+            state.recorded_term = None;
+            state.promoted = promoted;
+            state
+        };
+        assert_eq!(look(&mut Epochs::default(), legacy(false)), 0);
+        assert_eq!(look(&mut Epochs::default(), legacy(true)), 1);
+    }
+
+    #[test]
+    fn a_primary_the_daemon_left_for_another_and_came_back_to_is_distrusted() {
+        // Its own epoch, in this term: a master the sentinels named again after naming another
+        // for a while (it was never demoted). What the daemon wrote on the other, it lacks.
+        let keys = Keys::new("user:", &[], false);
+        let primary = Primary {
+            address: String::new(),
+            id: String::new(),
+            ranges: vec![(0, 16383)],
+        };
+        let topology = Epochs::topology_of(std::slice::from_ref(&primary));
+        let nodes = [(primary.clone(), answered("m", Some("r")))];
+        let mut epochs = Epochs::default();
+        assert_eq!(
+            epochs.check(&keys, topology.clone(), &nodes, false).len(),
+            0
+        );
+        let mut distrusted = 0;
+        crate::support::captured::logs(|| {
+            distrusted = epochs.check(&keys, topology.clone(), &nodes, true).len();
+        });
+        assert_eq!(distrusted, 1, "moved away and back: distrusted");
     }
 
     #[test]
@@ -399,7 +537,7 @@ mod tests {
             let primaries: Vec<Primary> = nodes.iter().map(|(p, _)| p.clone()).collect();
             let topology = Epochs::topology_of(&primaries);
             crate::support::captured::logs(|| {
-                epochs.check(&keys, topology, &nodes);
+                epochs.check(&keys, topology, &nodes, false);
             });
         }
         assert_eq!(epochs.seen.len(), 2);

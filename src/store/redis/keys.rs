@@ -42,6 +42,7 @@ pub struct Keys {
 struct SlotKeys {
     fence: Box<[u32]>,
     epoch: Box<[u32]>,
+    term: Box<[u32]>,
     beat: Box<[u32]>,
     /// Each declared table's own fence numbering, by [`TableId`] from 1.
     table_fences: Box<[Box<[u32]>]>,
@@ -66,6 +67,7 @@ impl Keys {
                 Arc::new(SlotKeys {
                     fence: numbering(prefix, "fence"),
                     epoch: numbering(prefix, "epoch"),
+                    term: numbering(prefix, "term"),
                     beat: numbering(prefix, "beat"),
                     table_fences: tables.iter().map(|t| numbering(t, "fence")).collect(),
                 })
@@ -172,6 +174,17 @@ impl Keys {
         match &self.slotted {
             None => format!("{}\0epoch", self.prefix),
             Some(keys) => format!("{}\0epoch:{}", self.prefix, keys.epoch[slot as usize]),
+        }
+    }
+
+    /// The term of the epoch of the node holding `slot`: the replication id (`master_replid`) its
+    /// primary had when the epoch was recorded (prefix + NUL + `term`, `term:N` in the slot on a
+    /// Cluster). A primary demoted and promoted again has another one, though its `run_id` is
+    /// the same.
+    pub fn term(&self, slot: u16) -> String {
+        match &self.slotted {
+            None => format!("{}\0term", self.prefix),
+            Some(keys) => format!("{}\0term:{}", self.prefix, keys.term[slot as usize]),
         }
     }
 
@@ -314,6 +327,7 @@ mod tests {
         for slot in [0u16, 1, 5461, 10923, 16383] {
             assert_eq!(slot_of(keys.fence(slot).as_bytes()), slot);
             assert_eq!(slot_of(keys.epoch(slot).as_bytes()), slot);
+            assert_eq!(slot_of(keys.term(slot).as_bytes()), slot);
             assert!(keys.fence(slot).starts_with("user:\0"));
         }
         assert_eq!(keys.slots().len(), SLOTS);
@@ -328,6 +342,7 @@ mod tests {
         let single = Keys::new("user:", &["acc:".into()], false);
         assert_eq!(single.fence(single.slot("user:a")), "user:");
         assert_eq!(single.epoch(0), "user:\0epoch");
+        assert_eq!(single.term(0), "user:\0term");
         // What follows the prefix names an entry; users' prefix alone, a fence or an epoch do
         // not. A declared table's prefix alone is the entry of its empty text key.
         assert_eq!(single.key_of(b"user:ann"), Some(Key::user("ann")));
@@ -350,6 +365,7 @@ mod tests {
         for not_an_entry in [
             &b"user:"[..],
             b"user:\0epoch",
+            b"user:\0term",
             b"other:ann",
             b"user:\xff",
             b"acc:\0x",

@@ -26,8 +26,14 @@ struct SentinelInner {
     master: String,
     /// The primary's settings but its address: `redis.url`'s user, password, database, TLS.
     template: Option<ConnectionInfo>,
-    /// The primary connected to, and where it is.
-    current: Mutex<Option<(ConnectionManager, String)>>,
+    /// The primary connected to, where it is, and which connection it is (see
+    /// [`SentinelConn::generation`]).
+    current: Mutex<Option<(ConnectionManager, String, u64)>>,
+    /// How many connections to a primary were made so far.
+    made: std::sync::atomic::AtomicU64,
+    /// Where the last connection to a primary went, and how many times a connection went to
+    /// another server than the one before (see [`SentinelConn::moves`]).
+    went: Mutex<(Option<String>, u64)>,
     /// One resolution at a time.
     resolving: tokio::sync::Mutex<()>,
     /// Where the primary's connection hands its push messages (the near cache's).
@@ -59,13 +65,15 @@ impl SentinelConn {
                 master,
                 template,
                 current: Mutex::new(None),
+                made: Default::default(),
+                went: Mutex::default(),
                 resolving: tokio::sync::Mutex::new(()),
                 pushes,
             }),
         })
     }
 
-    fn current(&self) -> Option<(ConnectionManager, String)> {
+    fn current(&self) -> Option<(ConnectionManager, String, u64)> {
         self.inner
             .current
             .lock()
@@ -75,7 +83,30 @@ impl SentinelConn {
 
     /// Where the primary connected to is (`host:port`), if connected.
     pub fn address(&self) -> Option<String> {
-        self.current().map(|(_, at)| at)
+        self.current().map(|(_, at, _)| at)
+    }
+
+    /// Which connection to a primary is the current one (a number no other has had), if any.
+    /// Every move to another primary (or back) makes a new one: what the health monitor judged
+    /// of the primary behind one connection says nothing of the server behind the next.
+    pub fn generation(&self) -> Option<u64> {
+        self.current().map(|(_, _, made)| made)
+    }
+
+    /// How many times a connection to a primary went to another server than the connection
+    /// before it: writes may have gone to one server that a server connected to later lacks
+    /// (the sentinels named one, then another, then the first again).
+    pub fn moves(&self) -> u64 {
+        self.inner
+            .went
+            .lock()
+            .expect("sentinel lock is never poisoned")
+            .1
+    }
+
+    /// The connection to the primary, made now if there is none (asking the sentinels).
+    pub async fn connect(&self) -> redis::RedisResult<()> {
+        self.connection().await.map(drop)
     }
 
     /// Where the sentinels say the primary is: the first sentinel that answers.
@@ -126,11 +157,11 @@ impl SentinelConn {
 
     /// The connection to the primary, resolved through the sentinels when there is none.
     async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        if let Some((conn, _)) = self.current() {
+        if let Some((conn, _, _)) = self.current() {
             return Ok(conn);
         }
         let _one = self.inner.resolving.lock().await;
-        if let Some((conn, _)) = self.current() {
+        if let Some((conn, _, _)) = self.current() {
             return Ok(conn);
         }
         let (host, port) = self.ask_sentinels().await?;
@@ -156,11 +187,27 @@ impl SentinelConn {
                 address,
             )));
         }
+        {
+            let mut went = self
+                .inner
+                .went
+                .lock()
+                .expect("sentinel lock is never poisoned");
+            if went.0.as_ref().is_some_and(|before| *before != address) {
+                went.1 += 1;
+            }
+            went.0 = Some(address.clone());
+        }
+        let made = self
+            .inner
+            .made
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         *self
             .inner
             .current
             .lock()
-            .expect("sentinel lock is never poisoned") = Some((conn.clone(), address));
+            .expect("sentinel lock is never poisoned") = Some((conn.clone(), address, made));
         Ok(conn)
     }
 
@@ -192,7 +239,7 @@ impl SentinelConn {
     pub async fn follow(&self) -> redis::RedisResult<String> {
         let (host, port) = self.ask_sentinels().await?;
         let address = format!("{host}:{port}");
-        if self.current().is_some_and(|(_, at)| at != address) {
+        if self.current().is_some_and(|(_, at, _)| at != address) {
             tracing::warn!(master = %address, "sentinel names a new redis master: following it");
             self.forget();
         }
@@ -227,7 +274,7 @@ impl SentinelConn {
                     let text: String = message.get_payload().unwrap_or_default();
                     let words: Vec<&str> = text.split(' ').collect();
                     if let [name, _, _, ip, port] = words[..] {
-                        let now_at = self.current().map(|(_, address)| address);
+                        let now_at = self.current().map(|(_, address, _)| address);
                         let named = format!("{ip}:{port}");
                         if name == master && switches.follow(&named, now_at.as_deref()) {
                             tracing::warn!(master = %named, suppressed = switches.take_unsaid(), "sentinel names a new redis master: following it");

@@ -32,6 +32,11 @@ pub struct Watch {
     forged_said: Option<std::time::Instant>,
     /// Whether Redis's eviction policy was looked at (once, at the first contact).
     policy_checked: bool,
+    /// The connection the last look went through (see `Conn::generation`).
+    generation: Option<u64>,
+    /// How many times the connection had gone to another server at the last look (see
+    /// `Conn::moves`).
+    moves: u64,
 }
 
 /// While a forged fence cannot be replaced (PostgreSQL down), it is said at most this often.
@@ -46,6 +51,31 @@ impl Watch {
         if !self.forged.contains(primary) {
             self.forged.push(primary.clone());
         }
+    }
+
+    /// A look went through connection `generation`: if the last one went through another, what
+    /// was seen of the primary then is forgotten, and what this one finds judged afresh. Under
+    /// Sentinel another connection may reach another server: during a failover the sentinels
+    /// disagree for a moment and the daemon may move to the old master and back, so a process seen
+    /// "again" may have had its cache dropped on the other server in between, not on itself.
+    fn through(&mut self, generation: Option<u64>) {
+        if self.generation != generation {
+            self.epochs.forget_processes();
+            self.generation = generation;
+        }
+    }
+
+    /// Whether the epochs the looks found pending may be recorded through connection `now`: only
+    /// through the one the last look went through, on which the drops since then went too (they
+    /// are made before the record). Otherwise they are forgotten (recorded nowhere: where they
+    /// would land now may not be where the cache was dropped), and the next look judges afresh.
+    fn may_record(&mut self, now: Option<u64>) -> bool {
+        if now.is_some() && now == self.generation {
+            return true;
+        }
+        self.epochs.forget_processes();
+        self.generation = None;
+        false
     }
 
     /// Whether to say `cache fence forged` now; if so, it counts as said.
@@ -87,6 +117,11 @@ impl Cache {
         if let Err(e) = self.follow_sentinels().await {
             tracing::debug!(error = %e, "cannot ask the sentinels");
         }
+        // Every look of this one through one connection (see `Watch::through`).
+        if let Err(e) = self.connect_primary().await {
+            tracing::debug!(error = %e, "cannot reach the redis primary");
+        }
+        let generation = self.generation();
         let primaries = self.primaries().await?;
         self.confirm_only(&primaries);
         let topology = Epochs::topology_of(&primaries);
@@ -95,6 +130,17 @@ impl Cache {
         if states.is_empty() {
             return Ok(Look::default());
         }
+        if self.generation() != generation {
+            // The daemon moved to another primary meanwhile: which server answered is unknown.
+            // Nothing is decided or confirmed; the next look, at once, takes the new connection.
+            tracing::debug!("the redis primary changed during the look: looking again");
+            self.look_alarm().notify_one();
+            return Ok(Look::default());
+        }
+        watch.through(generation);
+        // Gone to another server since the last look, and maybe back: writes went there.
+        let moves = self.moves();
+        let moved = std::mem::replace(&mut watch.moves, moves) != moves;
         let mut failed = None;
         let addresses: Vec<String> = primaries.iter().map(|p| p.address.clone()).collect();
         let mut confirm = Vec::new();
@@ -142,7 +188,7 @@ impl Cache {
                 warn_if_evicting(self, primary).await;
             }
         }
-        let mut distrust = watch.epochs.check(self.keys(), topology, &nodes);
+        let mut distrust = watch.epochs.check(self.keys(), topology, &nodes, moved);
         if !self.keys().is_cluster() {
             if let Some((primary, state)) = nodes.iter().find(|(_, s)| !s.elsewhere) {
                 let before = watch.cache_id.take();
@@ -257,7 +303,9 @@ impl Cache {
     /// Records the epochs the looks found pending: call once the cache holds nothing from before
     /// them (no repair pending).
     pub async fn record_epochs(&self, watch: &mut Watch) {
-        watch.epochs.record(self).await;
+        if watch.may_record(self.generation()) {
+            watch.epochs.record(self).await;
+        }
     }
 }
 
@@ -271,5 +319,65 @@ async fn warn_if_evicting(cache: &Cache, primary: &Primary) {
                 "redis may evict what keeps the cache exact: use noeviction or a volatile policy"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::redis::keys::{Keys, SLOTS};
+
+    /// The primary Sentinel names, answering as process `run_id` with the epoch `recorded`.
+    fn sentinel_primary(run_id: &str, recorded: &str) -> (Primary, NodeState) {
+        let primary = Primary {
+            address: String::new(),
+            id: String::new(),
+            ranges: vec![(0, (SLOTS - 1) as u16)],
+        };
+        let mut state = super::super::epochs::answered(run_id, Some(&format!("{run_id}-replid")));
+        state.recorded = Some(recorded.into());
+        state.recorded_term = Some(format!("{recorded}-replid"));
+        state.promoted = true;
+        (primary, state)
+    }
+
+    /// A look at `node` through connection `generation`: the slots it distrusts.
+    fn look(watch: &mut Watch, generation: u64, node: &(Primary, NodeState)) -> usize {
+        let keys = Keys::new("user:", &[], false);
+        watch.through(Some(generation));
+        let topology = Epochs::topology_of(std::slice::from_ref(&node.0));
+        watch
+            .epochs
+            .check(&keys, topology, std::slice::from_ref(node), false)
+            .len()
+    }
+
+    #[test]
+    fn a_primary_seen_again_through_another_connection_is_judged_afresh() {
+        // A promoted replica `x` still holds the epoch of the master it copied (`y`): distrusted.
+        let x = sentinel_primary("x", "y");
+        let mut watch = Watch::default();
+        assert!(look(&mut watch, 1, &x) > 0);
+        // Seen again through the same connection before its epoch is recorded: its drop is under
+        // way there, nothing more to distrust.
+        assert_eq!(look(&mut watch, 1, &x), 0);
+        // The daemon moved to the old master and back (the sentinels disagreed for a moment), so
+        // the drop may have gone to the other server: `x` seen through the new connection is
+        // distrusted again, as if for the first time.
+        assert!(look(&mut watch, 2, &x) > 0);
+    }
+
+    #[test]
+    fn an_epoch_is_recorded_only_through_the_connection_its_look_went_through() {
+        let x = sentinel_primary("x", "y");
+        let mut watch = Watch::default();
+        assert!(look(&mut watch, 1, &x) > 0);
+        assert!(watch.may_record(Some(1)));
+        assert!(!watch.epochs.pending_is_empty());
+        // Moved meanwhile: the record would land on whatever server the new connection reaches,
+        // maybe not where the drop went. It is forgotten, not recorded.
+        assert!(!watch.may_record(Some(2)));
+        assert!(watch.epochs.pending_is_empty());
+        assert!(!watch.may_record(None));
     }
 }
