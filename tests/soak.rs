@@ -170,6 +170,7 @@ async fn randomized_fault_storm_every_answer_matches_the_commit_history() {
                 let daemon = &mut daemons[which];
                 daemon.signal(sig);
                 daemon.wait_exit(Duration::from_secs(within));
+                keep_log(&daemon.log);
                 *daemon = DaemonProcess::spawn_with(&env, names[which], &daemon_vars[which]);
                 pids.lock().expect("not poisoned")[which] = daemon.child.id();
                 name

@@ -75,16 +75,7 @@ impl Servers {
                 config.redis.url = Some(SecretUrl::new(urls[0].clone()));
                 config.redis.urls = urls[1..].iter().cloned().map(SecretUrl::new).collect();
             }
-            Servers::Sentinel(group) => {
-                config.redis.mode = RedisMode::Sentinel;
-                config.redis.url = None;
-                config.redis.urls = group
-                    .sentinel_urls()
-                    .into_iter()
-                    .map(SecretUrl::new)
-                    .collect();
-                config.redis.sentinel_master = Some(MASTER.into());
-            }
+            Servers::Sentinel(group) => common::follow_sentinels(&mut config, group),
         }
         config
     }
@@ -167,6 +158,7 @@ impl Daemons {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        storm::keep_log(&self.sockets[i].with_extension("log"));
         DaemonProcess::serve(
             &self.env_dir,
             &self.sockets[i],

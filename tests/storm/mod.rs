@@ -456,10 +456,13 @@ where
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
         if let Ok(pg) = cacheward::store::pg::connect(&env.db_url.parse().expect("url")).await {
-            // Again each time: a TRUNCATE may have taken it.
+            // A change each time, not just once: a TRUNCATE may have taken the row, and a fence
+            // raised after the change was made (a promoted replica's cache dropped) rightly
+            // refuses to apply it: only a change made after the fence shows the worker caught up.
             let _ = pg
                 .execute(
-                    "INSERT INTO users (username) VALUES ($1) ON CONFLICT DO NOTHING",
+                    "INSERT INTO users (username) VALUES ($1)
+                     ON CONFLICT (username) DO UPDATE SET username = EXCLUDED.username",
                     &[&name],
                 )
                 .await;
@@ -588,6 +591,18 @@ pub async fn judge(
         from_client > 0,
         "no tracking client answered from its own memory"
     );
+    if let Some(first) = wrong.iter().min_by_key(|o| o.sent_us) {
+        let last = wrong.iter().map(|o| o.answered_us).max().unwrap_or(0);
+        let mut sources: HashMap<&str, usize> = HashMap::new();
+        for o in &wrong {
+            *sources.entry(o.source.as_str()).or_default() += 1;
+        }
+        eprintln!(
+            "{label}: wrong answers from {} to {} µs, by source {sources:?}",
+            first.sent_us, last
+        );
+        print_logs_around(env.dir.path(), label, first.sent_us);
+    }
     assert!(
         wrong.is_empty(),
         "{} answers showed a state that was not current while they were in flight (seed {seed}, faults {fault_names:?}): first {:?}",
@@ -622,4 +637,53 @@ pub fn start_clients(
         workers.push(tokio::spawn(writer));
     }
     workers
+}
+
+/// Before `daemon_log` is created anew by a daemon started again, what the one before wrote is
+/// kept beside it (`NAME.log.1`, `.2`, ...), for [`print_logs_around`].
+pub fn keep_log(daemon_log: &Path) {
+    if !daemon_log.exists() {
+        return;
+    }
+    let kept = (1..)
+        .map(|n| PathBuf::from(format!("{}.{n}", daemon_log.display())))
+        .find(|path| !path.exists())
+        .expect("a free name");
+    let _ = std::fs::rename(daemon_log, kept);
+}
+
+/// Prints every daemon log line in `dir` (every incarnation's, see [`keep_log`]) written from 10 s
+/// before `at_us` (wall-clock microseconds) to 1 s after, and every one that says a check is
+/// refused: what the daemons saw around a wrong answer.
+pub fn print_logs_around(dir: &Path, label: &str, at_us: i64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut logs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains(".log"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let near: Vec<&str> = text
+            .lines()
+            .filter(|line| {
+                let stamp = line.split_whitespace().next().unwrap_or("");
+                // And what was said once, whenever: a check found off.
+                line.contains("refuses")
+                    || chrono::DateTime::parse_from_rfc3339(stamp).is_ok_and(|t| {
+                        (at_us - 10_000_000..=at_us + 1_000_000).contains(&t.timestamp_micros())
+                    })
+            })
+            .collect();
+        if !near.is_empty() {
+            eprintln!(
+                "{label}: {} around the first wrong answer:\n{}",
+                log.display(),
+                near.join("\n")
+            );
+        }
+    }
 }
