@@ -1,7 +1,8 @@
 //! Cluster mode (`redis.mode = "cluster"`) on the harness's six-node Redis Cluster, one cluster
 //! for the whole binary, its phases in turn: every request kind with gets pipelined across every
-//! slot, CDC, TRUNCATE and `verify`; resharding under load; and a failover that loses writes (of
-//! users and of a declared table, by key and by lookup).
+//! slot, CDC, TRUNCATE and `verify`; resharding under load; a failover that loses writes (of
+//! users and of a declared table, by key and by lookup); and a primary restarted from a dump older
+//! than the slot it anchors on.
 
 mod common;
 
@@ -659,7 +660,86 @@ async fn a_daemon_on_a_redis_cluster_stays_exact_through_resharding_and_a_lossy_
         );
     }
     assert_eq!(cluster.primaries().len(), 3, "the replica was promoted");
+
+    // 4. A primary killed and restarted at once (before a replica could take over) from a dump
+    // older than the slot it anchors on now: nothing of what it holds is served.
+    restart_from_a_dump_older_than_its_anchor(&env, &mut cluster, &daemon).await;
     daemon.stop().await;
+}
+
+/// A primary restarts from a dump taken before slots below its own moved to it (as a node does
+/// from the file its last full sync left): its anchor slot (its lowest, where its epoch and fence
+/// are looked at) has no fence there, as if Redis had lost everything, but its other slots hold
+/// the entries of then, older than writes made since. Nothing of them may be served: the daemon
+/// answers every get with the row, and soon every entry equals its row.
+async fn restart_from_a_dump_older_than_its_anchor(
+    env: &TestEnv,
+    cluster: &mut RedisCluster,
+    daemon: &Daemon,
+) {
+    // The node killed before is back (a replica now): a resharding needs every node.
+    for node in 0..cluster.ports().len() {
+        cluster.start_again(node).expect("start the node again");
+    }
+    cluster
+        .await_state_ok(Duration::from_secs(30))
+        .expect("the cluster is whole");
+    let mut conn = connect(cluster).await;
+    let owners = slot_owners(&mut conn).await;
+    let lowest = owners.iter().min_by_key(|(from, _, _)| *from).unwrap().2;
+    let victim = owners.iter().map(|o| o.2).find(|&p| p != lowest).unwrap();
+    let doomed: Vec<String> = names("o", 400)
+        .into_iter()
+        .filter(|n| owner(&owners, n) == victim)
+        .take(30)
+        .collect();
+    assert!(doomed.len() >= 20, "names on the victim: {}", doomed.len());
+    let mut client = daemon.client().await;
+    for name in &doomed {
+        client.call("put", json!({"username": name})).await;
+    }
+    client.get_all(&doomed).await;
+    await_agreement(env, cluster, &doomed, "every name cached").await;
+    let snapshot = cluster
+        .snapshot(victim, env.dir.path())
+        .expect("the victim's dump");
+    // The lowest slots move to the victim: its anchor is now a slot the dump lacks.
+    cluster
+        .reshard(lowest, victim, 20)
+        .expect("reshard below the victim's slots");
+    let anchor = slot_owners(&mut conn)
+        .await
+        .into_iter()
+        .filter(|(_, _, port)| *port == victim)
+        .map(|(from, _, _)| from)
+        .min()
+        .unwrap();
+    assert!(
+        doomed
+            .iter()
+            .all(|n| slot_of(format!("user:{n}").as_bytes()) != anchor),
+        "the names live in slots the dump holds"
+    );
+    // Newer versions and tombstones, which the dump lacks.
+    let rows = outdate(env, &mut client, &doomed).await;
+    await_agreement(
+        env,
+        cluster,
+        &doomed,
+        "the victim holds the newest versions",
+    )
+    .await;
+    let node = cluster.node(victim).unwrap();
+    let killed_at = Instant::now();
+    cluster
+        .restart_from(node, &snapshot)
+        .expect("restart from the dump");
+    let cluster = &*cluster;
+    let repaired_after = through_failover(&mut client, &doomed, &rows, killed_at, || async {
+        agrees(env, cluster, &doomed).await
+    })
+    .await;
+    eprintln!("restart from an old dump: every entry equal to its row {repaired_after:?} after it");
 }
 
 /// `check --connect` seeded by one node reaches every primary the cluster names and probes its

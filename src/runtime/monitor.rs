@@ -141,10 +141,6 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
                 "redis cluster connection renewed"
             );
         }
-        if health.both_seen() && health.set_ready() {
-            tracing::info!("ready");
-            systemd::ready("ready: serving");
-        }
         if health.is_up(Backend::Redis) && health.is_up(Backend::Postgres) {
             if let Err(e) = service.run_repairs().await {
                 // At every look while it fails (a Cluster down for minutes): said every 10 s.
@@ -155,6 +151,12 @@ pub async fn run(service: Arc<Service>, beats: Arc<Heartbeats>, stop: Cancellati
             if !service.repairs.any() {
                 service.cache().record_epochs(&mut watch).await;
             }
+        }
+        // After the first look's drops (a Redis that came back without its fence, a topology
+        // changed since the last run): ready serves from a cache already judged.
+        if health.both_seen() && health.set_ready() {
+            tracing::info!("ready");
+            systemd::ready("ready: serving");
         }
     }
 }

@@ -316,18 +316,23 @@ impl Service {
                 .drop_slots(fence, &slots)
                 .await
                 .map_err(|e| ServiceError::Redis(Arc::new(e)))?;
-            // A topology that keeps changing (nodes that disagree on who serves what) would say
-            // it at every look: said at most every 10 s, with how many drops went unsaid.
-            let mut said = self.repairs.cleared_said.lock().expect("never poisoned");
-            said.say(|suppressed| {
-                tracing::warn!(
-                    removed,
-                    slots = slots.len(),
-                    suppressed,
-                    "cache cleared: redis holds another process's data"
-                )
-            });
-            drop(said);
+            if removed == 0 {
+                // A Redis that came back empty (a restart without persistence, a first start):
+                // nothing was served that could be stale, nothing to say.
+                tracing::debug!(slots = slots.len(), "distrusted slots held no entries");
+            } else {
+                // A topology that keeps changing (nodes that disagree on who serves what) would
+                // say it at every look: said at most every 10 s, with how many drops went unsaid.
+                let mut said = self.repairs.cleared_said.lock().expect("never poisoned");
+                said.say(|suppressed| {
+                    tracing::warn!(
+                        removed,
+                        slots = slots.len(),
+                        suppressed,
+                        "cache cleared: redis holds another process's data"
+                    )
+                });
+            }
             self.repairs.slots_dropped(generation);
         }
         if let Some(generation) = self.repairs.overflowed() {

@@ -260,23 +260,37 @@ impl Epochs {
             let kept = last
                 .get(&primary.id)
                 .is_some_and(|before| before.holds_all_of(state));
-            if kept && matches!(state.fence, Ok(Some(_))) {
-                tracing::info!(
+            match &state.fence {
+                Ok(Some(_)) if kept => tracing::info!(
                     run_id = %run_id,
                     recorded = state.recorded.as_deref().unwrap_or(""),
                     node = %primary.address,
                     "redis restarted with every write on disk: the cache is kept"
-                );
-            } else if matches!(state.fence, Ok(Some(_))) {
-                tracing::warn!(
-                    run_id = %run_id,
-                    recorded = state.recorded.as_deref().unwrap_or(""),
-                    node = %primary.address,
-                    "redis holds data written under another redis process: dropping every cached entry, reads go to postgres until then"
-                );
-                distrust.extend(primary.slots(keys));
+                ),
+                Ok(Some(_)) => {
+                    tracing::warn!(
+                        run_id = %run_id,
+                        recorded = state.recorded.as_deref().unwrap_or(""),
+                        node = %primary.address,
+                        "redis holds data written under another redis process: dropping every cached entry, reads go to postgres until then"
+                    );
+                    distrust.extend(primary.slots(keys));
+                }
+                // No fence at its anchor: Redis lost everything there, or (on a Cluster) it
+                // restarted from a dump older than the slot it anchors on now, whose other slots
+                // hold the entries of then. Dropped all the same (nothing to drop costs a scan of
+                // nothing); the drop says what it removed.
+                Ok(None) => {
+                    tracing::debug!(
+                        run_id = %run_id,
+                        node = %primary.address,
+                        "a new redis process without a fence: dropping its slots' entries"
+                    );
+                    distrust.extend(primary.slots(keys));
+                }
+                // Not cacheward's: the forged fence's reset drops its slots.
+                Err(_) => {}
             }
-            // Without a fence Redis lost everything there, which the fence already handles.
             self.pend(primary, run_id, state);
         }
         // Only primaries that serve slots now are remembered (node ids come from the Cluster's
@@ -513,6 +527,36 @@ mod tests {
             distrusted = epochs.check(&keys, topology.clone(), &nodes, true).len();
         });
         assert_eq!(distrusted, 1, "moved away and back: distrusted");
+    }
+
+    #[test]
+    fn a_new_process_without_a_fence_at_its_anchor_is_distrusted_all_the_same() {
+        // A Cluster primary restarted from a dump older than the slot it anchors on now (a
+        // resharding moved lower slots to it since): no fence and no epoch there, as if Redis had
+        // lost everything, but its other slots hold the entries of then.
+        let keys = Keys::new("user:", &[], true);
+        let primary = Primary {
+            address: "n:1".into(),
+            id: "n".into(),
+            ranges: vec![(0, 19), (5461, 10922)],
+        };
+        let topology = Epochs::topology_of(std::slice::from_ref(&primary));
+        let mut epochs = Epochs::default();
+        let nodes = [(primary.clone(), answered("before", Some("r")))];
+        assert!(epochs
+            .check(&keys, topology.clone(), &nodes, false)
+            .is_empty());
+        let mut restarted = answered("after", Some("r2"));
+        restarted.recorded = None;
+        restarted.recorded_term = None;
+        restarted.fence = Ok(None);
+        let nodes = [(primary.clone(), restarted)];
+        let distrusted = epochs.check(&keys, topology, &nodes, false);
+        assert_eq!(
+            distrusted.len(),
+            primary.slots(&keys).count(),
+            "every slot it serves"
+        );
     }
 
     #[test]
