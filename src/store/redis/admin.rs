@@ -420,7 +420,34 @@ fn refused_for_good(e: &redis::ServerError) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::field;
+    use super::{field, refused_for_good};
+
+    /// Only a refusal for good turns a look's check off: the ACL (NOPERM) or a server without the
+    /// command. Any other error (a node changing role, loading, its connection being killed) fails
+    /// the look instead.
+    #[test]
+    fn only_a_refusal_for_good_turns_a_check_off() {
+        let error = |reply: &str| match redis::parse_redis_value(reply.as_bytes()) {
+            Ok(redis::Value::ServerError(e)) => e,
+            other => panic!("{reply:?} parsed as {other:?}"),
+        };
+        for refused in [
+            "-NOPERM User cacheward has no permissions to run the 'info' command\r\n",
+            "-ERR unknown command 'INFO', with args beginning with: \r\n",
+            "-ERR unknown subcommand 'SETNAME'. Try CLIENT HELP.\r\n",
+        ] {
+            assert!(refused_for_good(&error(refused)), "{refused}");
+        }
+        for passing in [
+            "-LOADING Redis is loading the dataset in memory\r\n",
+            "-READONLY You can't write against a read only replica.\r\n",
+            "-ERR Protocol error\r\n",
+            "-MASTERDOWN Link with MASTER is down\r\n",
+            "-ERR something else unknown command\r\n",
+        ] {
+            assert!(!refused_for_good(&error(passing)), "{passing}");
+        }
+    }
 
     /// `INFO` is what the server says, hostile or odd: fields are found by their whole name on a
     /// line of their own, CRLF or not, and anything else is no answer rather than a wrong one.
