@@ -16,6 +16,26 @@ async fn live_on(port: u16, name: &str) -> Option<Value> {
     entry_on(port, &format!("user:{name}")).await
 }
 
+/// Writes every one of `names` through the daemon; each is then read from the cache.
+async fn put_and_cached(client: &mut Rpc, names: &[String]) {
+    for name in names {
+        client.call("put", json!({"username": name})).await;
+    }
+    for name in names {
+        assert_eq!(client.get(name).await["result"]["source"], json!("cache"));
+    }
+}
+
+/// How many of `names` the node on `port` holds live at another version than their `rows`.
+async fn stale_on(port: u16, names: &[String], rows: &[Option<Value>]) -> usize {
+    let mut stale = 0;
+    for (name, row) in names.iter().zip(rows) {
+        let held = live_on(port, name).await;
+        stale += (held.is_some() && held != *row) as usize;
+    }
+    stale
+}
+
 /// The live entry at `key` on the node on `port` (a replica too).
 async fn entry_on(port: u16, key: &str) -> Option<Value> {
     let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
@@ -102,12 +122,7 @@ async fn lossy_failover(how: Failover) {
     let primary = group.primary().expect("a primary");
     let replica = group.replica().expect("a replica");
     let names: Vec<String> = (0..30).map(|i| format!("s{i}")).collect();
-    for name in &names {
-        client.call("put", json!({"username": name})).await;
-    }
-    for name in &names {
-        assert_eq!(client.get(name).await["result"]["source"], json!("cache"));
-    }
+    put_and_cached(&mut client, &names).await;
     // Ten accounts, cached by CDC under their key and their lookup's.
     let pg = env.pg().await;
     pg.batch_execute(
@@ -162,13 +177,8 @@ async fn lossy_failover(how: Failover) {
         || rows_on(primary, &keys, &key_rows),
     )
     .await;
-    let mut stale = 0;
-    for (name, row) in names.iter().zip(&rows) {
-        let held = live_on(replica, name).await;
-        stale += (held.is_some() && held != *row) as usize;
-    }
     assert_eq!(
-        stale,
+        stale_on(replica, &names, &rows).await,
         names.len(),
         "the replica holds the old version of every name"
     );
@@ -243,12 +253,7 @@ async fn a_master_promoted_again_after_missing_the_other_s_writes_serves_nothing
     let first = group.primary().expect("a primary");
     let second = group.replica().expect("a replica");
     let names: Vec<String> = (0..30).map(|i| format!("b{i}")).collect();
-    for name in &names {
-        client.call("put", json!({"username": name})).await;
-    }
-    for name in &names {
-        assert_eq!(client.get(name).await["result"]["source"], json!("cache"));
-    }
+    put_and_cached(&mut client, &names).await;
     wait_until(
         "the entries reached the replica",
         Duration::from_secs(10),
@@ -295,13 +300,8 @@ async fn a_master_promoted_again_after_missing_the_other_s_writes_serves_nothing
         || async { role_is(&group, first, "slave") },
     )
     .await;
-    let mut stale = 0;
-    for (name, row) in names.iter().zip(&rows) {
-        let held = live_on(first, name).await;
-        stale += (held.is_some() && held != *row) as usize;
-    }
     assert_eq!(
-        stale,
+        stale_on(first, &names, &rows).await,
         names.len(),
         "the first holds the old version of every name"
     );

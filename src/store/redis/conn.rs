@@ -6,7 +6,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use super::client::{connection_info, manager, Pushes};
 use super::cluster::ClusterConn;
-use super::keys::{Primary, SLOTS};
+use super::keys::Primary;
 use super::sentinel::SentinelConn;
 use crate::config::{Config, RedisMode};
 
@@ -117,11 +117,7 @@ impl Conn {
     /// primary as `CLUSTER SLOTS` says, sorted by their first slot.
     pub async fn primaries(&mut self) -> redis::RedisResult<Vec<Primary>> {
         let Conn::Cluster(conn) = self else {
-            return Ok(vec![Primary {
-                address: String::new(),
-                id: String::new(),
-                ranges: vec![(0, (SLOTS - 1) as u16)],
-            }]);
+            return Ok(vec![Primary::one_server()]);
         };
         conn.primaries().await
     }

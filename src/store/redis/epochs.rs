@@ -195,13 +195,13 @@ impl Epochs {
                 None => None,
             };
             if same_process && replid_before.is_some_and(|before| Some(before) != state.replid) {
+                distrust.extend(primary.slots(keys));
                 if matches!(state.fence, Ok(Some(_))) {
                     tracing::warn!(
                         run_id = %run_id,
                         node = %primary.address,
                         "redis primary took its data from another since the last look (demoted and promoted again): dropping its cached entries, reads go to postgres until then"
                     );
-                    distrust.extend(primary.slots(keys));
                 }
                 self.pend(primary, run_id, state);
                 continue;
@@ -220,13 +220,13 @@ impl Epochs {
             if own_epoch && same_term && moved {
                 // Its own, in this term; but since the last look the daemon was connected to
                 // another server, and what it wrote there this one lacks.
+                distrust.extend(primary.slots(keys));
                 if matches!(state.fence, Ok(Some(_))) {
                     tracing::warn!(
                         run_id = %run_id,
                         node = %primary.address,
                         "redis primary is one the daemon left for another since the last look (the sentinels named another, then this one): dropping its cached entries, reads go to postgres until then"
                     );
-                    distrust.extend(primary.slots(keys));
                 }
                 self.pend(primary, run_id, state);
                 continue;
@@ -240,13 +240,13 @@ impl Epochs {
                 continue;
             }
             if own_epoch {
+                distrust.extend(primary.slots(keys));
                 if matches!(state.fence, Ok(Some(_))) {
                     tracing::warn!(
                         run_id = %run_id,
                         node = %primary.address,
                         "redis primary's data is from an earlier term of it (demoted and promoted again since its epoch was recorded): dropping its cached entries, reads go to postgres until then"
                     );
-                    distrust.extend(primary.slots(keys));
                 }
                 self.pend(primary, run_id, state);
                 continue;
@@ -260,36 +260,28 @@ impl Epochs {
             let kept = last
                 .get(&primary.id)
                 .is_some_and(|before| before.holds_all_of(state));
-            match &state.fence {
-                Ok(Some(_)) if kept => tracing::info!(
+            let fenced = matches!(state.fence, Ok(Some(_)));
+            if kept && fenced {
+                tracing::info!(
                     run_id = %run_id,
                     recorded = state.recorded.as_deref().unwrap_or(""),
                     node = %primary.address,
                     "redis restarted with every write on disk: the cache is kept"
-                ),
-                Ok(Some(_)) => {
+                );
+            } else {
+                // Without a fence at its anchor too: Redis lost everything there, or (on a
+                // Cluster) it restarted from a dump older than the slot it anchors on now, whose
+                // other slots hold the entries of then. Nothing to drop costs a scan of nothing,
+                // and the drop says what it removed.
+                distrust.extend(primary.slots(keys));
+                if fenced {
                     tracing::warn!(
                         run_id = %run_id,
                         recorded = state.recorded.as_deref().unwrap_or(""),
                         node = %primary.address,
                         "redis holds data written under another redis process: dropping every cached entry, reads go to postgres until then"
                     );
-                    distrust.extend(primary.slots(keys));
                 }
-                // No fence at its anchor: Redis lost everything there, or (on a Cluster) it
-                // restarted from a dump older than the slot it anchors on now, whose other slots
-                // hold the entries of then. Dropped all the same (nothing to drop costs a scan of
-                // nothing); the drop says what it removed.
-                Ok(None) => {
-                    tracing::debug!(
-                        run_id = %run_id,
-                        node = %primary.address,
-                        "a new redis process without a fence: dropping its slots' entries"
-                    );
-                    distrust.extend(primary.slots(keys));
-                }
-                // Not cacheward's: the forged fence's reset drops its slots.
-                Err(_) => {}
             }
             self.pend(primary, run_id, state);
         }
@@ -434,11 +426,7 @@ mod tests {
     #[test]
     fn the_same_process_with_another_replication_id_is_distrusted() {
         let keys = Keys::new("user:", &[], false);
-        let primary = Primary {
-            address: String::new(),
-            id: String::new(),
-            ranges: vec![(0, 16383)],
-        };
+        let primary = Primary::one_server();
         let state = |replid: &str| answered("a", Some(replid));
         let mut epochs = Epochs::default();
         let mut look = |replid: &str| {
@@ -460,11 +448,7 @@ mod tests {
         // look remembers it (the last ones were at the other server, or the daemon is new): only
         // what it holds tells.
         let keys = Keys::new("user:", &[], false);
-        let primary = Primary {
-            address: String::new(),
-            id: String::new(),
-            ranges: vec![(0, 16383)],
-        };
+        let primary = Primary::one_server();
         let look = |epochs: &mut Epochs, state: NodeState| {
             let topology = Epochs::topology_of(std::slice::from_ref(&primary));
             let nodes = [(primary.clone(), state)];
@@ -510,11 +494,7 @@ mod tests {
         // Its own epoch, in this term: a master the sentinels named again after naming another
         // for a while (it was never demoted). What the daemon wrote on the other, it lacks.
         let keys = Keys::new("user:", &[], false);
-        let primary = Primary {
-            address: String::new(),
-            id: String::new(),
-            ranges: vec![(0, 16383)],
-        };
+        let primary = Primary::one_server();
         let topology = Epochs::topology_of(std::slice::from_ref(&primary));
         let nodes = [(primary.clone(), answered("m", Some("r")))];
         let mut epochs = Epochs::default();

@@ -257,6 +257,16 @@ pub struct Primary {
 }
 
 impl Primary {
+    /// The one server (standalone, Sentinel's current master): every slot, no address or id of
+    /// its own.
+    pub fn one_server() -> Primary {
+        Primary {
+            address: String::new(),
+            id: String::new(),
+            ranges: vec![(0, (SLOTS - 1) as u16)],
+        }
+    }
+
     /// The lowest slot it serves where cacheward keeps keys: where its epoch is kept and its
     /// fence checked. `None`: none of cacheward's keys can live there.
     pub fn anchor(&self, keys: &Keys) -> Option<u16> {

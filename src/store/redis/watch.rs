@@ -325,15 +325,11 @@ async fn warn_if_evicting(cache: &Cache, primary: &Primary) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::redis::keys::{Keys, SLOTS};
+    use crate::store::redis::keys::Keys;
 
     /// The primary Sentinel names, answering as process `run_id` with the epoch `recorded`.
     fn sentinel_primary(run_id: &str, recorded: &str) -> (Primary, NodeState) {
-        let primary = Primary {
-            address: String::new(),
-            id: String::new(),
-            ranges: vec![(0, (SLOTS - 1) as u16)],
-        };
+        let primary = Primary::one_server();
         let mut state = super::super::epochs::answered(run_id, Some(&format!("{run_id}-replid")));
         state.recorded = Some(recorded.into());
         state.recorded_term = Some(format!("{recorded}-replid"));
